@@ -1,0 +1,25 @@
+// The Python extension module spectral_ext._C. Loading it runs the operator
+// registrations (TORCH_LIBRARY in ops.cpp, TORCH_LIBRARY_IMPL per kernel file);
+// it also reports what was compiled in, which only the build knows.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+#include <string>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "spectral_ext compiled operators (registered as torch.ops.spectral_ext.*)";
+  m.def("compiled_info", [] {
+    py::dict info;
+#ifdef SPECTRAL_EXT_WITH_CUDA
+    info["cuda_compiled"] = true;
+#else
+    info["cuda_compiled"] = false;
+#endif
+    info["built_with_torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                               std::to_string(TORCH_VERSION_MINOR) + "." +
+                               std::to_string(TORCH_VERSION_PATCH);
+    return info;
+  });
+}

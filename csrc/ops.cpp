@@ -1,0 +1,19 @@
+// The one place where every operator schema is declared. Kernels register per
+// device in cpu/<op>.cpp and cuda/<op>.cu; fake kernels and autograd are
+// registered from Python (spectral_ext/_ops.py); the plain-PyTorch definitions
+// live in spectral_ext/reference.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(spectral_ext, m) {
+  // U (B, c, M), V (B, c, K2, N) -> (B, N, M):
+  // a[n, m] = sum_z (sum_k U[k, m] V[k, z, n])^2
+  m.def("conv_adjacency(Tensor U, Tensor V) -> Tensor");
+  // x (B, C, H, W), V (C*kh*kw, r), s (r,) -> (B, r, H', W'), or (B, r) when reduce="mean"
+  m.def(
+      "signal_projection(Tensor x, Tensor V, Tensor s, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, str? reduce=None, int[2]? kernel_size=None) -> Tensor");
+  // `iters` rounds of: divide each column by its sum, then each row by its sum
+  m.def("sinkhorn(Tensor P, int iters=16) -> Tensor");
+  // X (N, C, S), Y (N', C, S) -> (N, N'): K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s]
+  m.def("max_kernel_gram(Tensor X, Tensor? Y=None) -> Tensor");
+}

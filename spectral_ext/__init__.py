@@ -1,0 +1,46 @@
+"""spectral_ext: spectral analysis of neural networks in weight and
+representation space, on compiled CPU and CUDA operators."""
+from __future__ import annotations
+
+import torch  # loads libtorch, which the compiled module links against
+
+try:
+    from . import _C
+except ImportError as error:  # no silent fallback to slow code
+    raise ImportError(
+        "spectral_ext's compiled module spectral_ext._C is missing or does not load "
+        f"({error}). Build it against the torch you run, from the repository root:\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(or `make build`; with a CUDA toolkit set CUDA_HOME=/usr/local/cuda). "
+        "After a torch upgrade, rebuild."
+    ) from error
+
+from . import reference
+from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, signal_projection,
+                   sinkhorn, use_backend)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What was compiled in and where each operator can run.
+
+    Keys: cuda_compiled (bool), built_with_torch (the version the extension was
+    compiled against), torch_version (the one running now), cuda_available,
+    operators ({name: ["CPU", "CUDA", ...]} from the dispatcher's registrations).
+    """
+    info = dict(_C.compiled_info())
+    info["torch_version"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    info["operators"] = {
+        name: [key for key in ("CPU", "CUDA")
+               if torch._C._dispatch_has_kernel_for_dispatch_key(f"spectral_ext::{name}", key)]
+        for name in OPERATORS
+    }
+    return info
+
+
+__all__ = [
+    "build_info", "conv_adjacency", "current_backend", "max_kernel_gram", "reference",
+    "signal_projection", "sinkhorn", "use_backend",
+]

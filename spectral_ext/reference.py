@@ -1,0 +1,47 @@
+"""Plain-PyTorch twins of the compiled operators: the specification each native
+kernel must reproduce (tests compare the two in float64), and the backend that
+`spectral_ext.use_backend("reference")` selects. Written the way a researcher
+would write them, intermediates and all."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def conv_adjacency(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """U (B, c, M), V (B, c, K2, N) -> a (B, N, M) with
+    a[n, m] = sum_z (sum_k U[k, m] V[k, z, n])^2."""
+    return torch.einsum("bkm,bkzn->bznm", U, V).square().sum(1)
+
+
+def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=(1, 1),
+                      padding=(0, 0), dilation=(1, 1), reduce: str | None = None,
+                      kernel_size=None) -> torch.Tensor:
+    """x (B, C, H, W), V (C*kh*kw, r), s (r,) -> s_i <v_i, receptive field> at
+    every output position (B, r, H', W'), or its mean over positions (B, r)."""
+    B, C = x.shape[:2]
+    if kernel_size is None:
+        k = round((V.shape[0] // C) ** 0.5)
+        kernel_size = (k, k)
+    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (B, CK, L)
+    out = (V * s).T @ cols  # (B, r, L)
+    if reduce == "mean":
+        return out.mean(-1)
+    Ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    Wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return out.reshape(B, V.shape[1], Ho, Wo)
+
+
+def sinkhorn(P: torch.Tensor, iters: int = 16) -> torch.Tensor:
+    """`iters` rounds of: divide each column by its sum, then each row by its sum
+    (seed 004 appendix D.2.1 order: columns first)."""
+    for _ in range(iters):
+        P = P / P.sum(-2, keepdim=True)
+        P = P / P.sum(-1, keepdim=True)
+    return P
+
+
+def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
+    """X (N, C, S), Y (N', C, S) -> K (N, N') with K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s]."""
+    Y = X if Y is None else Y
+    return torch.einsum("ics,jcs->ijc", X, Y).amax(-1)
