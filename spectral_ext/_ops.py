@@ -3,6 +3,7 @@ backend choice, fake kernels (for torch.compile) and autograd formulas."""
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 
 import torch
@@ -48,11 +49,11 @@ def _conv_geometry(x_shape, V_rows, stride, padding, dilation, kernel_size):
         raise ValueError(f"V.shape[0] = {V_rows} must be C*kh*kw for the C = {C} channels of x")
     area = V_rows // C
     if kernel_size is None:
-        k = round(area ** 0.5)
+        k = math.isqrt(int(area))  # int() specialises a symbolic size while tracing
         if k * k != area:
             raise ValueError(f"V.shape[0] / C = {area} is not a square kernel area; pass kernel_size")
         kernel_size = (k, k)
-    kh, kw = _checks.int_pair("kernel_size", kernel_size)
+    kh, kw = kernel_size
     if kh <= 0 or kw <= 0 or kh * kw != area:
         raise ValueError(f"kernel_size {(kh, kw)} does not match V.shape[0] / C = {area}")
     extent_h = H + 2 * padding[0] - dilation[0] * (kh - 1) - 1
@@ -230,6 +231,8 @@ def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=
     if min(stride) <= 0 or min(dilation) <= 0 or min(padding) < 0:
         raise ValueError(f"stride and dilation must be positive and padding non-negative, got stride "
                          f"{stride}, padding {padding}, dilation {dilation}")
+    if kernel_size is not None:
+        kernel_size = _checks.int_pair("kernel_size", kernel_size)
     kernel_size, _ = _conv_geometry(x.shape, V.shape[0], stride, padding, dilation, kernel_size)
     unbatched = x.dim() == 3
     if unbatched:

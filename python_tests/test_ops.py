@@ -1,0 +1,273 @@
+"""Every compiled operator against its plain-PyTorch twin (spectral_ext.reference),
+in float64 across many shapes, float32 within tolerance, autograd, opcheck and
+the error cases. CUDA cases run only where a GPU is present."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spectral_ext as se
+from spectral_ext import reference
+
+F64 = dict(rtol=1e-11, atol=1e-11)
+F32 = dict(rtol=2e-4, atol=2e-4)
+
+
+def rand(*shape, device="cpu", dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+
+def noncontiguous(t):
+    """The same values in a transposed-then-transposed-back layout."""
+    flipped = t.transpose(0, -1).contiguous().transpose(0, -1)
+    assert t.dim() < 2 or not flipped.is_contiguous() or t.shape[0] == 1 or t.shape[-1] == 1
+    return flipped
+
+
+# ---------------------------------------------------------------- conv_adjacency
+
+ADJ_SHAPES = [  # B, c, M, K2, N
+    (1, 1, 1, 1, 1),
+    (2, 3, 5, 1, 4),
+    (3, 7, 9, 9, 11),
+    (1, 16, 65, 4, 70),  # crosses the 64-wide CUDA tile
+    (2, 5, 3, 49, 2),    # large K2 (conv -> flatten -> Linear)
+    (1, 33, 17, 25, 13),
+]
+
+
+@pytest.mark.parametrize("B,c,M,K2,N", ADJ_SHAPES)
+def test_conv_adjacency_matches_reference(device, B, c, M, K2, N):
+    U, V = rand(B, c, M, device=device), rand(B, c, K2, N, device=device, seed=1)
+    torch.testing.assert_close(se.conv_adjacency(U, V), reference.conv_adjacency(U, V), **F64)
+    torch.testing.assert_close(se.conv_adjacency(noncontiguous(U), noncontiguous(V)),
+                               reference.conv_adjacency(U, V), **F64)
+    U32, V32 = U.float(), V.float()
+    torch.testing.assert_close(se.conv_adjacency(U32, V32), reference.conv_adjacency(U, V).float(), **F32)
+
+
+def test_conv_adjacency_by_hand_and_unbatched():
+    # One tap, orthonormal U and V: a[n, m] = (v_n . u_m)^2, a doubly stochastic matrix.
+    U = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    c, s = 0.6, 0.8
+    V = torch.tensor([[c, -s], [s, c]], dtype=torch.float64).unsqueeze(1)  # (c=2, K2=1, N=2)
+    expected = torch.tensor([[c * c, s * s], [s * s, c * c]], dtype=torch.float64)
+    torch.testing.assert_close(se.conv_adjacency(U, V), expected, **F64)
+    # Two taps sum their squared overlaps.
+    V2 = torch.cat([V, V], dim=1)
+    torch.testing.assert_close(se.conv_adjacency(U, V2), 2 * expected, **F64)
+
+
+def test_conv_adjacency_empty_channels_gives_zeros():
+    out = se.conv_adjacency(torch.zeros(2, 0, 3, dtype=torch.float64), torch.zeros(2, 0, 4, 5, dtype=torch.float64))
+    assert out.shape == (2, 5, 3) and not out.any()
+
+
+# ---------------------------------------------------------------- signal_projection
+
+SIGNAL_CASES = [  # B, C, H, W, kernel, r, stride, padding, dilation
+    (1, 1, 1, 1, (1, 1), 1, 1, 0, 1),
+    (2, 3, 9, 8, (3, 3), 5, 1, 0, 1),
+    (1, 4, 11, 7, (3, 3), 7, 2, 1, 1),
+    (3, 2, 12, 13, (3, 3), 4, 1, 2, 2),
+    (2, 3, 10, 9, (2, 3), 3, (2, 1), (1, 0), (1, 2)),  # non-square everything
+    (1, 5, 16, 16, (5, 5), 70, 3, 2, 1),               # r crosses the 64-wide tile
+    (2, 2, 7, 7, (7, 7), 6, 1, 3, 1),
+]
+
+
+@pytest.mark.parametrize("reduce", [None, "mean"])
+@pytest.mark.parametrize("B,C,H,W,k,r,stride,padding,dilation", SIGNAL_CASES)
+def test_signal_projection_matches_reference(device, B, C, H, W, k, r, stride, padding, dilation, reduce):
+    x = rand(B, C, H, W, device=device)
+    V = rand(C * k[0] * k[1], r, device=device, seed=1)
+    s = rand(r, device=device, seed=2).abs()
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, reduce=reduce, kernel_size=k)
+    native = se.signal_projection(x, V, s, **kwargs)
+    with se.use_backend("reference"):
+        expected = se.signal_projection(x, V, s, **kwargs)
+    torch.testing.assert_close(native, expected, **F64)
+    torch.testing.assert_close(se.signal_projection(noncontiguous(x), noncontiguous(V), s, **kwargs), expected, **F64)
+    torch.testing.assert_close(se.signal_projection(x.float(), V.float(), s.float(), **kwargs), expected.float(), **F32)
+
+
+def test_signal_projection_is_a_convolution_with_scaled_filters():
+    # Independent route: conv2d with the filters (V diag(s))^T.
+    x, V, s = rand(2, 3, 8, 8), rand(27, 4, seed=1), rand(4, seed=2)
+    weight = (V * s).T.reshape(4, 3, 3, 3)
+    expected = torch.nn.functional.conv2d(x, weight, padding=1)
+    torch.testing.assert_close(se.signal_projection(x, V, s, padding=1), expected, **F64)
+    torch.testing.assert_close(se.signal_projection(x, V, s, padding=1, reduce="mean"), expected.mean((2, 3)), **F64)
+    torch.testing.assert_close(se.signal_projection(x[0], V, s, padding=1), expected[0], **F64)
+
+
+# ---------------------------------------------------------------- sinkhorn
+
+@pytest.mark.parametrize("B,n,m", [(1, 1, 1), (3, 5, 5), (2, 7, 4), (1, 130, 130), (4, 3, 9)])
+@pytest.mark.parametrize("iters", [0, 1, 16])
+def test_sinkhorn_matches_reference(device, B, n, m, iters):
+    P = rand(B, n, m, device=device).abs() + 0.01
+    torch.testing.assert_close(se.sinkhorn(P, iters), reference.sinkhorn(P, iters), **F64)
+    torch.testing.assert_close(se.sinkhorn(noncontiguous(P), iters), reference.sinkhorn(P, iters), **F64)
+    torch.testing.assert_close(se.sinkhorn(P.float(), iters), reference.sinkhorn(P, iters).float(), **F32)
+
+
+def test_sinkhorn_converges_to_doubly_stochastic():
+    P = rand(6, 6).abs() + 0.1
+    D = se.sinkhorn(P, iters=200)
+    ones = torch.ones(6, dtype=torch.float64)
+    torch.testing.assert_close(D.sum(0), ones, rtol=0, atol=1e-10)
+    torch.testing.assert_close(D.sum(1), ones, rtol=0, atol=1e-10)
+    # A permutation matrix is a fixed point.
+    perm = torch.eye(5, dtype=torch.float64)[torch.tensor([3, 0, 4, 1, 2])]
+    torch.testing.assert_close(se.sinkhorn(perm), perm, **F64)
+
+
+# ---------------------------------------------------------------- max_kernel_gram
+
+@pytest.mark.parametrize("N,Np,C,S", [(1, 1, 1, 1), (5, 3, 2, 9), (37, 150, 5, 3), (130, 70, 4, 1), (17, 17, 3, 20)])
+def test_max_kernel_gram_matches_reference(device, N, Np, C, S):
+    X, Y = rand(N, C, S, device=device), rand(Np, C, S, device=device, seed=1)
+    torch.testing.assert_close(se.max_kernel_gram(X, Y), reference.max_kernel_gram(X, Y), **F64)
+    torch.testing.assert_close(se.max_kernel_gram(X), reference.max_kernel_gram(X), **F64)
+    torch.testing.assert_close(se.max_kernel_gram(noncontiguous(X), noncontiguous(Y)),
+                               reference.max_kernel_gram(X, Y), **F64)
+    torch.testing.assert_close(se.max_kernel_gram(X.float(), Y.float()), reference.max_kernel_gram(X, Y).float(), **F32)
+
+
+def test_max_kernel_gram_self_is_symmetric_and_by_hand():
+    K = se.max_kernel_gram(rand(70, 3, 4))
+    torch.testing.assert_close(K, K.T, rtol=0, atol=0)
+    X = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]], dtype=torch.float64)  # N=1, C=2, S=2
+    Y = torch.tensor([[[1.0, 1.0], [0.0, 1.0]], [[-1.0, 0.0], [-2.0, 0.0]]], dtype=torch.float64)
+    # channel sums: Y0 -> (3, -1) -> 3; Y1 -> (-1, -6) -> -1
+    torch.testing.assert_close(se.max_kernel_gram(X, Y), torch.tensor([[3.0, -1.0]], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- autograd and opcheck
+
+def test_gradcheck_all_operators():
+    torch.manual_seed(0)
+    req = dict(dtype=torch.float64, requires_grad=True)
+    U, V = torch.randn(2, 3, 4, **req), torch.randn(2, 3, 2, 5, **req)
+    assert torch.autograd.gradcheck(se.conv_adjacency, (U, V))
+    x = torch.randn(2, 2, 6, 5, **req)
+    Vs, s = torch.randn(18, 3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    for reduce in (None, "mean"):
+        assert torch.autograd.gradcheck(lambda t: se.signal_projection(t, Vs, s, stride=2, padding=1, reduce=reduce), (x,))
+    P = (torch.rand(2, 4, 4, dtype=torch.float64) + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: se.sinkhorn(p, 5), (P,))
+    X, Y = torch.randn(4, 3, 2, **req), torch.randn(5, 3, 2, **req)
+    assert torch.autograd.gradcheck(se.max_kernel_gram, (X, Y))
+    assert torch.autograd.gradcheck(lambda t: se.max_kernel_gram(t), (X,))
+
+
+def test_signal_projection_refuses_grad_for_V():
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    V = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
+    out = se.signal_projection(x, V, torch.ones(2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="with respect to x only"):
+        out.sum().backward()
+
+
+def _opcheck_cases(device):
+    d = dict(device=device, dtype=torch.float64)
+    return [
+        (torch.ops.spectral_ext.conv_adjacency.default, (torch.randn(2, 3, 4, **d), torch.randn(2, 3, 5, 6, **d))),
+        (torch.ops.spectral_ext.signal_projection.default,
+         (torch.randn(2, 2, 6, 5, **d), torch.randn(18, 3, **d), torch.rand(3, **d), [2, 2], [1, 1], [1, 1], None, [3, 3])),
+        (torch.ops.spectral_ext.signal_projection.default,
+         (torch.randn(2, 2, 6, 5, **d), torch.randn(18, 3, **d), torch.rand(3, **d), [1, 1], [0, 0], [1, 1], "mean", None)),
+        (torch.ops.spectral_ext.sinkhorn.default, (torch.rand(3, 4, 4, **d) + 0.1, 4)),
+        (torch.ops.spectral_ext.max_kernel_gram.default, (torch.randn(5, 3, 2, **d), torch.randn(4, 3, 2, **d))),
+        (torch.ops.spectral_ext.max_kernel_gram.default, (torch.randn(5, 3, 2, **d), None)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(device, case):
+    op, args = _opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
+    grad_args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and i == 0 else a
+                      for i, a in enumerate(args))
+    torch.library.opcheck(op, grad_args)
+
+
+# ---------------------------------------------------------------- errors and plumbing
+
+def test_errors_name_the_argument():
+    good_U, good_V = torch.randn(2, 3, 4), torch.randn(2, 3, 1, 5)
+    with pytest.raises(ValueError, match="U must have shape"):
+        se.conv_adjacency(torch.randn(3), good_V)
+    with pytest.raises(TypeError, match="V must be float32 or float64"):
+        se.conv_adjacency(good_U, good_V.int())
+    with pytest.raises(TypeError, match="V is torch.float64 but U is torch.float32"):
+        se.conv_adjacency(good_U, good_V.double())
+    with pytest.raises(ValueError, match="agree on B and c"):
+        se.conv_adjacency(good_U, torch.randn(2, 4, 1, 5))
+    with pytest.raises(ValueError, match="U contains NaN"):
+        se.conv_adjacency(torch.full((2, 3, 4), float("nan")), good_V)
+    with pytest.raises(TypeError, match="U must be a torch.Tensor"):
+        se.conv_adjacency([[1.0]], good_V)
+    x, V, s = torch.randn(1, 2, 5, 5), torch.randn(18, 3), torch.ones(3)
+    with pytest.raises(ValueError, match="s must have r"):
+        se.signal_projection(x, V, torch.ones(4))
+    with pytest.raises(ValueError, match="reduce must be"):
+        se.signal_projection(x, V, s, reduce="sum")
+    with pytest.raises(ValueError, match="kernel_size"):
+        se.signal_projection(x, V, s, kernel_size=(2, 3))
+    with pytest.raises(ValueError, match="not a square kernel area"):
+        se.signal_projection(x, torch.randn(12, 3), s)
+    with pytest.raises(ValueError, match="does not fit"):
+        se.signal_projection(torch.randn(1, 2, 2, 2), V, s)
+    with pytest.raises(TypeError, match="stride"):
+        se.signal_projection(x, V, s, stride=1.5)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        se.signal_projection(torch.full((1, 2, 5, 5), float("inf")), V, s)
+    with pytest.raises(ValueError, match="non-negative"):
+        se.sinkhorn(-torch.rand(3, 3))
+    with pytest.raises(ValueError, match="positive sum"):
+        se.sinkhorn(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="iters must be non-negative"):
+        se.sinkhorn(torch.rand(3, 3), -1)
+    with pytest.raises(ValueError, match="agree on C and S"):
+        se.max_kernel_gram(torch.randn(3, 2, 2), torch.randn(3, 2, 3))
+    with pytest.raises(ValueError, match="at least one channel"):
+        se.max_kernel_gram(torch.randn(3, 0, 2))
+
+
+def test_native_ops_check_shapes_when_called_directly():
+    with pytest.raises(RuntimeError, match="disagree on B or c"):
+        torch.ops.spectral_ext.conv_adjacency(torch.randn(2, 3, 4), torch.randn(2, 2, 1, 4))
+    with pytest.raises(RuntimeError, match="must be float32 or float64"):
+        torch.ops.spectral_ext.sinkhorn(torch.ones(1, 2, 2, dtype=torch.int64), 2)
+
+
+def test_use_backend_switches_and_restores():
+    U, V = rand(2, 3, 4), rand(2, 3, 2, 5, seed=1)
+    assert se.current_backend() == "native"
+    with se.use_backend("reference"):
+        assert se.current_backend() == "reference"
+        torch.testing.assert_close(se.conv_adjacency(U, V), reference.conv_adjacency(U, V), rtol=0, atol=0)
+    assert se.current_backend() == "native"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with se.use_backend("fast"):
+            pass
+
+
+def test_build_info_reports_kernels():
+    info = se.build_info()
+    assert info["built_with_torch"] == torch.__version__.split("+")[0]
+    assert set(info["operators"]) == {"conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram"}
+    for op in info["operators"]:
+        assert "CPU" in info["operators"][op]
+        assert ("CUDA" in info["operators"][op]) == info["cuda_compiled"]
+
+
+def test_missing_extension_says_how_to_build():
+    code = "import sys; sys.modules['spectral_ext._C'] = None; import spectral_ext"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "pip install --no-build-isolation -e ." in result.stderr
