@@ -29,7 +29,9 @@ def want_cuda() -> bool:
 
 def extension():
     cpu_sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-g0"]
+    # -fopenmp: at::parallel_for is inline OpenMP; without it our loops run on one core.
+    # -Wno-psabi: 64-byte vector types in the runtime-dispatched kernels (csrc/cpu/simd.h).
+    cxx = ["-O3", "-g0", "-fopenmp", "-Wno-psabi"]
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         return cpp_extension.CUDAExtension(
@@ -37,9 +39,10 @@ def extension():
             cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
             define_macros=[("SPECTRAL_EXT_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(
-        "spectral_ext._C", cpu_sources, extra_compile_args={"cxx": cxx}
+        "spectral_ext._C", cpu_sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
     )
 
 

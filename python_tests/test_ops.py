@@ -209,6 +209,10 @@ def test_errors_name_the_argument():
         se.conv_adjacency(good_U, torch.randn(2, 4, 1, 5))
     with pytest.raises(ValueError, match="U contains NaN"):
         se.conv_adjacency(torch.full((2, 3, 4), float("nan")), good_V)
+    bad_V = good_V.clone()
+    bad_V[1, 2, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match="V contains NaN or infinite"):
+        se.conv_adjacency(good_U, bad_V)
     with pytest.raises(TypeError, match="U must be a torch.Tensor"):
         se.conv_adjacency([[1.0]], good_V)
     x, V, s = torch.randn(1, 2, 5, 5), torch.randn(18, 3), torch.ones(3)
@@ -271,3 +275,10 @@ def test_missing_extension_says_how_to_build():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "pip install --no-build-isolation -e ." in result.stderr
+
+
+def test_finite_check_survives_an_overflowing_sum():
+    # Finite entries whose float32 sum overflows are still valid input.
+    X = torch.full((2, 1, 2), 3e38)
+    assert torch.isinf(X.sum())
+    torch.testing.assert_close(se.max_kernel_gram(X), reference.max_kernel_gram(X))

@@ -21,9 +21,30 @@ def tensor(name: str, value, *, ndims: Sequence[int], shape: str, finite: bool =
         names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must be {names}, got {str(value.dtype).replace('torch.', '')}")
     # Data-dependent checks cannot run while torch.compile traces with fake tensors.
-    if finite and not torch.compiler.is_compiling() and value.numel() and not torch.isfinite(value).all():
+    if finite and not torch.compiler.is_compiling() and not all_finite(value):
         raise ValueError(f"{name} contains NaN or infinite values")
     return value
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """True when no entry is NaN or infinite. A NaN or infinity makes the sum
+    non-finite, so one fast reduction settles the common case; only a sum that
+    overflowed needs the elementwise test."""
+    if value.numel() == 0:
+        return True
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+
+
+def finite_inputs_behind(output: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """For operators whose output is non-finite whenever an input is (a NaN or
+    infinity reaches every output it feeds, with no max or mask to hide it):
+    validate the inputs only when the smaller output shows a problem. An output
+    that overflowed from finite inputs is returned as it is."""
+    if torch.compiler.is_compiling() or all_finite(output):
+        return
+    for name, value in inputs.items():
+        if not all_finite(value):
+            raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def same_device_dtype(**tensors: torch.Tensor) -> None:

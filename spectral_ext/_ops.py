@@ -192,8 +192,8 @@ def conv_adjacency(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     the fully connected case, K2 = kernel area the conv case, K2 = H*W the
     conv -> flatten -> Linear case.
     """
-    _checks.tensor("U", U, ndims=(2, 3), shape="(B, c, M) or (c, M)")
-    _checks.tensor("V", V, ndims=(3, 4), shape="(B, c, K2, N) or (c, K2, N)")
+    _checks.tensor("U", U, ndims=(2, 3), shape="(B, c, M) or (c, M)", finite=False)
+    _checks.tensor("V", V, ndims=(3, 4), shape="(B, c, K2, N) or (c, K2, N)", finite=False)
     _checks.same_device_dtype(U=U, V=V)
     if V.dim() != U.dim() + 1:
         raise ValueError(f"V must have one more dimension than U (U {tuple(U.shape)}, V {tuple(V.shape)})")
@@ -205,6 +205,7 @@ def conv_adjacency(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
                          f"and V {tuple(V.shape)}")
     op = torch.ops.spectral_ext.conv_adjacency if _native() else reference.conv_adjacency
     out = op(U, V)
+    _checks.finite_inputs_behind(out, U=U, V=V)  # a NaN in U or V reaches the output
     return out.squeeze(0) if unbatched else out
 
 
