@@ -22,9 +22,9 @@ def want_cuda() -> bool:
         return False
     import torch
 
-    return torch.version.cuda is not None and (
-        cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
-    )
+    home = cpp_extension.CUDA_HOME
+    has_nvcc = (home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))) or shutil.which("nvcc")
+    return torch.version.cuda is not None and bool(has_nvcc)
 
 
 def extension():

@@ -1,0 +1,49 @@
+# Two commands on a fresh machine:  make demo  (the main job)  and  make test.
+# Each sets up what it needs (virtual environment, torch, the compiled
+# extension) and skips what is already done.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+export CCACHE_BASEDIR ?= $(CURDIR)
+
+.PHONY: setup build demo test pytest ctest bench clean
+
+$(VENV)/.deps: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q "$(TORCH)" numpy scipy pandas networkx matplotlib tqdm safetensors \
+		pytest pytest-benchmark pybind11 ninja scikit-learn cmake
+	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/spectral_ext_dev.pth', 'w').write('$(CURDIR)\n')"
+	touch $@
+
+setup: $(VENV)/.deps
+
+# Incremental (ninja, and ccache when installed); compiles the CUDA kernels
+# whenever torch is a CUDA build and a toolkit is present.
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(PY) -m spectral_ext demo
+
+ctest: setup
+	$(VENV)/bin/cmake -S . -B build-cmake -G Ninja \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+		-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
+		-DCUDA_nvrtc_LIBRARY="$$($(PY) -c 'import glob, site; print((glob.glob(site.getsitepackages()[0] + "/nvidia/cu*/lib/libnvrtc.so*") + [""])[0])')"
+	$(VENV)/bin/cmake --build build-cmake
+	cd build-cmake && $(CURDIR)/$(VENV)/bin/ctest --output-on-failure
+
+pytest: build
+	$(PY) -m pytest -q python_tests
+
+test: build ctest pytest
+
+bench: build
+	$(PY) -m pytest -q benchmarks
+
+clean:
+	rm -rf build build-cmake spectral_ext/*.so

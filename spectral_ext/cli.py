@@ -1,0 +1,102 @@
+"""The `spectral-ext` command (also `python -m spectral_ext`).
+
+    spectral-ext info       what was compiled in, devices
+    spectral-ext selfcheck  every operator against its reference, on every device
+    spectral-ext bench      the benchmark suite with native-versus-reference ratios
+    spectral-ext demo       the main job (see README)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+
+def _info(args) -> int:
+    import spectral_ext
+
+    info = spectral_ext.build_info()
+    info["devices"] = ["cpu"] + [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _selfcheck(args) -> int:
+    """Each operator against spectral_ext.reference in float64 on random input,
+    with the time of each path."""
+    import spectral_ext as se
+    from spectral_ext import reference
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    failed = 0
+    print(f"{'operator':<28}{'device':<8}{'max |native - reference|':>26}{'native ms':>12}{'reference ms':>14}")
+    for device in devices:
+        g = torch.Generator().manual_seed(0)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
+
+        U, V = randn(8, 64, 64), randn(8, 64, 9, 64)
+        x, W, s = randn(16, 32, 24, 24), randn(288, 32), randn(32).abs()
+        P = randn(64, 64, 64).abs() + 0.01
+        X = randn(512, 64, 9)
+        cases = [
+            ("conv_adjacency", lambda: se.conv_adjacency(U, V), lambda: reference.conv_adjacency(U, V)),
+            ("signal_projection", lambda: se.signal_projection(x, W, s, padding=1),
+             lambda: reference.signal_projection(x, W, s, (1, 1), (1, 1), (1, 1), None, (3, 3))),
+            ("signal_projection mean", lambda: se.signal_projection(x, W, s, padding=1, reduce="mean"),
+             lambda: reference.signal_projection(x, W, s, (1, 1), (1, 1), (1, 1), "mean", (3, 3))),
+            ("sinkhorn", lambda: se.sinkhorn(P, 16), lambda: reference.sinkhorn(P, 16)),
+            ("max_kernel_gram", lambda: se.max_kernel_gram(X), lambda: reference.max_kernel_gram(X)),
+        ]
+        for name, native, ref in cases:
+            times = []
+            outs = []
+            for fn in (native, ref):
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                outs.append(fn())
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - start) * 1e3)
+            err = (outs[0] - outs[1]).abs().max().item()
+            scale = outs[1].abs().max().item() or 1.0
+            ok = err <= 1e-10 * scale
+            failed += not ok
+            print(f"{name:<28}{device:<8}{err:>26.3e}{times[0]:>12.2f}{times[1]:>14.2f}  {'ok' if ok else 'FAIL'}")
+    print("all operators agree with the reference" if not failed else f"{failed} operator(s) disagree")
+    return 1 if failed else 0
+
+
+def _bench(args) -> int:
+    import pytest
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    if not root.is_dir():
+        print(f"spectral-ext bench: no benchmarks folder at {root} (run from a source checkout)", file=sys.stderr)
+        return 2
+    return pytest.main(["-q", str(root), *args.pytest_args])
+
+
+def _demo(args) -> int:
+    return _selfcheck(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spectral-ext", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="build information and devices").set_defaults(run=_info)
+    sub.add_parser("selfcheck", help="operators against their references").set_defaults(run=_selfcheck)
+    bench = sub.add_parser("bench", help="run the benchmark suite")
+    bench.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
+    bench.set_defaults(run=_bench)
+    sub.add_parser("demo", help="the main job").set_defaults(run=_demo)
+    args = parser.parse_args(argv)
+    return args.run(args)
