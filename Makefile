@@ -4,6 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
+TORCHVISION ?= torchvision==0.29.1
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
@@ -14,7 +15,7 @@ export CCACHE_BASEDIR ?= $(CURDIR)
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q "$(TORCH)" numpy scipy pandas networkx matplotlib tqdm safetensors \
+	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas networkx matplotlib tqdm safetensors \
 		pytest pytest-benchmark pybind11 ninja scikit-learn cmake
 	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/spectral_ext_dev.pth', 'w').write('$(CURDIR)\n')"
 	touch $@

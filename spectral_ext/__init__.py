@@ -18,6 +18,8 @@ except ImportError as error:  # no silent fallback to slow code
 from . import reference
 from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, signal_projection,
                    sinkhorn, use_backend)
+from .layers import ModelGraph, discover
+from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_activations, svr
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "build_info", "conv_adjacency", "current_backend", "max_kernel_gram", "reference",
-    "signal_projection", "sinkhorn", "use_backend",
+    "ModelGraph", "SVR", "build_info", "co_svr", "conv_adjacency", "current_backend", "discover",
+    "kernel_connections", "max_kernel_gram", "reference", "signal_projection", "sinkhorn",
+    "sobel_similarity", "spectral_activations", "svr", "use_backend",
 ]

@@ -1,0 +1,34 @@
+"""Linear algebra shared by the method modules."""
+from __future__ import annotations
+
+import torch
+
+
+def signed_svd(W: torch.Tensor):
+    """Thin SVD W = U diag(S) V^T of a matrix or a batch (..., m, n), with the
+    project's deterministic sign (DESIGN.md): each right singular vector v_i
+    is flipped so that its entry of largest absolute value is positive (the
+    first such entry on ties), and u_i with it.
+
+    Returns U (..., m, k), S (..., k), V (..., n, k) with k = min(m, n)."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    V = Vh.transpose(-2, -1)
+    # argmax returns the first maximal index, which settles ties.
+    pivot = V.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.sign(torch.gather(V, -2, pivot))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign, S, V * sign
+
+
+def batched_signed_svd(matrices: dict) -> dict:
+    """signed_svd of many matrices, one batched call per distinct shape (and
+    dtype/device): {key: W} -> {key: (U, S, V)}."""
+    groups: dict = {}
+    for key, W in matrices.items():
+        groups.setdefault((tuple(W.shape), W.dtype, W.device), []).append(key)
+    out = {}
+    for keys in groups.values():
+        U, S, V = signed_svd(torch.stack([matrices[k] for k in keys]))
+        for i, k in enumerate(keys):
+            out[k] = (U[i], S[i], V[i])
+    return out

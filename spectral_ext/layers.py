@@ -1,0 +1,433 @@
+"""Layer discovery: every linear map of a model and how they connect, from the
+model's real dataflow (seed 000 sections 2.2 and 4.2).
+
+The model is traced with torch.fx and run once on an example input while
+every value also carries two integer *probes* per producing map: for each
+element, the producer's output channel it comes from and its spatial position.
+Reshapes, flattens, permutes, slices and concatenations are applied to the
+probes exactly as to the activations, so a Linear that reads a flattened conv
+output learns which of its inputs holds which channel and position, whatever
+the order; elementwise operations, activations, normalisation, dropout and
+residual additions pass probes through; pooling and resizing keep channels and
+renumber positions. Any other operation (a matmul, a softmax, an embedding)
+ends the flow. Where fx cannot trace the model, forward hooks give the maps in
+execution order, chained, and a warning says so.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_PASSTHROUGH_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Threshold, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Identity,
+)
+_RESIZE_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+)
+_RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+_PASSTHROUGH_NAMES = {
+    "relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "elu", "selu", "celu", "sigmoid", "tanh",
+    "hardswish", "hardsigmoid", "hardtanh", "mish", "softplus", "dropout", "dropout1d", "dropout2d",
+    "dropout3d", "alpha_dropout", "batch_norm", "layer_norm", "group_norm", "instance_norm", "add",
+    "add_", "sub", "mul", "mul_", "div", "truediv", "iadd", "isub", "imul", "itruediv", "neg", "clamp",
+    "clamp_", "abs", "contiguous", "to", "float", "double", "type_as", "clone", "detach",
+}
+_RESHAPE_NAMES = {
+    "flatten", "view", "reshape", "permute", "transpose", "squeeze", "unsqueeze", "getitem", "t",
+    "movedim", "swapaxes", "unflatten", "narrow", "chunk", "split", "unbind",
+}
+_CONCAT_NAMES = {"cat", "concat", "concatenate", "stack"}
+_RESIZE_NAMES = {"interpolate", "upsample", "mean", "amax", "amin"}
+
+
+@dataclass
+class LinearMap:
+    """One linear map of the model: a Linear or a ConvNd, flattened as
+    ``weight.reshape(out, -1)`` (grouped convolutions expanded to the full
+    block-structured map)."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "linear", "conv1d", "conv2d" or "conv3d"
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    batchnorm: nn.Module | None = None  # a BatchNorm reading this map's output directly
+
+    @property
+    def kernel_area(self) -> int:
+        return math.prod(self.kernel_size) if self.kernel_size else 1
+
+    def weight(self, fold_batchnorm: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as (out, in, *kernel), groups expanded, BatchNorm scales
+        folded in when asked (seed 000 B.3 compares both)."""
+        w = self.module.weight.detach()
+        w = w.to(dtype) if dtype is not None else w
+        groups = getattr(self.module, "groups", 1)
+        if groups > 1:
+            full = w.new_zeros((self.out_channels, self.in_channels, *self.kernel_size))
+            per_in, per_out = self.in_channels // groups, self.out_channels // groups
+            for g in range(groups):
+                full[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = w[g * per_out:(g + 1) * per_out]
+            w = full
+        if fold_batchnorm and self.batchnorm is not None and self.batchnorm.running_var is not None:
+            bn = self.batchnorm
+            scale = torch.rsqrt(bn.running_var.detach().to(w.dtype) + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.detach().to(w.dtype)
+            w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        return w
+
+    def matrix(self, fold_batchnorm: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The SVR flattening (out, in * K2) of seed 000 section 4.2."""
+        return self.weight(fold_batchnorm, dtype).reshape(self.out_channels, -1)
+
+    def co_matrix(self, fold_batchnorm: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The co-SVR flattening (out * K2, in) of seed 000 sections 4.4 and 5.2.1:
+        rows are (output channel, kernel position), columns input channels."""
+        w = self.weight(fold_batchnorm, dtype).reshape(self.out_channels, self.in_channels, -1)
+        return w.permute(0, 2, 1).reshape(-1, self.in_channels)
+
+
+@dataclass
+class Connection:
+    """The producer `previous` feeds the consumer `next`.
+
+    ``channels[s]`` is the s-th output channel of `previous` that `next`
+    reads, and ``rows[s, z]`` the row of next's flattened input (its right
+    singular vectors) that holds that channel at tap z; K2 = rows.shape[1]
+    (1 for fully connected, the kernel area for conv, the positions per
+    channel for conv -> flatten -> Linear)."""
+
+    previous: str
+    next: str
+    kind: str  # "fc", "conv" or "conv_linear"
+    channels: torch.Tensor
+    rows: torch.Tensor
+    previous_channels: int
+    next_channels: int
+
+    @property
+    def kernel_area(self) -> int:
+        return int(self.rows.shape[1])
+
+    @property
+    def shared(self) -> int:
+        return int(self.channels.numel())
+
+    @property
+    def null_dimension(self) -> float:
+        """n such that a random network's coefficients average 1/n: the shared
+        dimension (features for FC, channels for conv); with concatenations or
+        splits, previous_channels * next_channels / shared."""
+        return self.previous_channels * self.next_channels / self.shared
+
+
+@dataclass
+class ModelGraph:
+    maps: dict[str, LinearMap]
+    connections: list[Connection]
+    traced: bool = True
+    stopped_at: list[str] = field(default_factory=list)  # operations that ended a flow
+
+    def connection(self, previous: str, next: str) -> Connection:
+        for c in self.connections:
+            if c.previous == previous and c.next == next:
+                return c
+        raise KeyError(f"no connection from {previous!r} to {next!r}")
+
+
+# ---------------------------------------------------------------- discovery
+
+def _describe(name: str, module: nn.Module) -> LinearMap:
+    if isinstance(module, nn.Linear):
+        return LinearMap(name, module, "linear", module.in_features, module.out_features, ())
+    kind = f"conv{len(module.kernel_size)}d"
+    return LinearMap(name, module, kind, module.in_channels, module.out_channels, tuple(module.kernel_size))
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.lstrip("_")
+
+
+def _canonical(result: torch.Tensor, kind: str):
+    """Channel and position probes of a producer's output."""
+    shape = result.shape
+    if kind == "linear":  # features last; leading axes are samples or tokens
+        chan = torch.arange(shape[-1]).expand(shape).contiguous()
+        return chan, torch.zeros(shape, dtype=torch.long)
+    spatial = shape[2:]
+    chan = torch.arange(shape[1]).reshape(1, -1, *([1] * len(spatial))).expand(shape).contiguous()
+    pos = torch.arange(math.prod(spatial)).reshape(1, 1, *spatial).expand(shape).contiguous()
+    return chan, pos
+
+
+def _renumber_positions(chan: torch.Tensor) -> torch.Tensor:
+    """Positions as the rank of each element among those of its channel, in
+    the order of the first sample (after a resize the old ones mean nothing)."""
+    flat = chan[0].reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    sorted_chan = flat[order]
+    starts = torch.searchsorted(sorted_chan, sorted_chan, side="left")
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(flat.numel()) - starts
+    return rank.reshape(chan.shape[1:]).expand(chan.shape).contiguous()
+
+
+class _Flow(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, maps: dict[str, LinearMap]):
+        super().__init__(gm)
+        self.maps = maps
+        self.flow: dict[torch.fx.Node, dict] = {}
+        self.inputs_of: dict[str, tuple[dict, torch.Size]] = {}
+        self.direct: dict[torch.fx.Node, str] = {}
+        self.stopped: list[str] = []
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        self.flow[n] = self._propagate(n, result)
+        return result
+
+    def _flows_in(self, n):
+        return [a for a in n.all_input_nodes if self.flow.get(a)]
+
+    def _substitute(self, n, producer, which, fill=-1):
+        """n's arguments with each flowing tensor replaced by its probe for
+        `producer` (a -1 tensor where that producer does not reach)."""
+        def sub(a):
+            value = self.env[a]
+            if not isinstance(value, torch.Tensor):
+                return value
+            probes = self.flow.get(a, {}).get(producer)
+            if probes is None:
+                return torch.full(value.shape, fill, dtype=torch.long)
+            return probes[which]
+        return torch.fx.node.map_arg(n.args, sub), torch.fx.node.map_arg(n.kwargs, sub)
+
+    def _apply(self, n, producer, which, transform=None):
+        args, kwargs = self._substitute(n, producer, which)
+        if transform is not None:
+            args, kwargs = torch.fx.node.map_aggregate((args, kwargs), lambda v: transform(v) if isinstance(v, torch.Tensor) else v)
+        if n.op == "call_module":
+            return self.fetch_attr(n.target)(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        return n.target(*args, **kwargs)
+
+    def _propagate(self, n, result):
+        if n.op in ("placeholder", "get_attr", "output"):
+            return {}
+        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        if module is not None and n.target in self.maps:
+            source = n.args[0]
+            self.inputs_of[n.target] = (self.flow.get(source, {}), self.env[source].shape)
+            self.direct[n] = n.target
+            return {n.target: _canonical(result, self.maps[n.target].kind)}
+        inputs = self._flows_in(n)
+        if not inputs:
+            return {}
+        producers = list(dict.fromkeys(p for a in inputs for p in self.flow[a]))
+        name = _op_name(n)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and n.args[0] in self.direct:
+            self.maps[self.direct[n.args[0]]].batchnorm = module
+        if isinstance(module, _RESHAPE_MODULES) or (module is None and name in _RESHAPE_NAMES) or (
+                module is None and name in _CONCAT_NAMES):
+            return {p: (self._apply(n, p, 0), self._apply(n, p, 1)) for p in producers}
+        if isinstance(module, _RESIZE_MODULES) or (module is None and (name in _RESIZE_NAMES or "pool" in name)):
+            return self._resize(n, producers, result)
+        if isinstance(module, _PASSTHROUGH_MODULES) or (module is None and name in _PASSTHROUGH_NAMES):
+            if not isinstance(result, torch.Tensor):
+                return {}
+            merged = {}
+            for a in inputs:
+                for p, (chan, pos) in self.flow[a].items():
+                    if p not in merged and isinstance(chan, torch.Tensor):
+                        if chan.shape != result.shape:
+                            chan, pos = chan.expand(result.shape).contiguous(), pos.expand(result.shape).contiguous()
+                        merged[p] = (chan, pos)
+            return merged
+        self.stopped.append(f"{n.format_node()}")
+        return {}
+
+    def _resize(self, n, producers, result):
+        """Pooling, resizing, spatial means: channels must survive unmixed."""
+        if not isinstance(result, torch.Tensor):
+            return {}
+        out = {}
+        for p in producers:
+            c = self._apply(n, p, 0, transform=lambda t: t.double())
+            neg = self._apply(n, p, 0, transform=lambda t: -t.double())
+            sq = self._apply(n, p, 0, transform=lambda t: t.double() ** 2)
+            constant = torch.allclose(c, -neg) and torch.allclose(sq, c * c)
+            if not constant:
+                self.stopped.append(f"{n.format_node()} (mixes channels)")
+                continue
+            chan = c.round().long()
+            out[p] = (chan, _renumber_positions(chan))
+        return out
+
+
+def _default_input(first: LinearMap, model: nn.Module) -> list[torch.Tensor]:
+    device = first.module.weight.device
+    dtype = first.module.weight.dtype
+    if first.kind == "linear":
+        return [torch.randn(1, first.in_channels, device=device, dtype=dtype)]
+    dims = len(first.kernel_size)
+    return [torch.randn(1, first.in_channels, *([size] * dims), device=device, dtype=dtype)
+            for size in (32, 224, 28, 8, 64)]
+
+
+def discover(model: nn.Module, example_input=None) -> ModelGraph:
+    """Every linear map of `model` (Linear, Conv1d/2d/3d, in forward order)
+    and the connections between them, from one traced forward pass on
+    `example_input` (a tensor or a tuple of positional inputs; for a model
+    whose first map is a Linear one is made up, for a convolutional one a
+    few common image sizes are tried)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    if not maps:
+        raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
+    candidates = ([example_input] if example_input is not None
+                  else _default_input(next(iter(maps.values())), model))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                gm = torch.fx.symbolic_trace(model)
+            except Exception as error:  # fx cannot trace data-dependent control flow
+                warnings.warn(f"torch.fx could not trace the model ({type(error).__name__}: {error}); "
+                              "connecting its linear maps in execution order (forward hooks) instead",
+                              stacklevel=2)
+                return _discover_with_hooks(model, maps, candidates)
+            errors = []
+            for candidate in candidates:
+                args = candidate if isinstance(candidate, tuple) else (candidate,)
+                flow = _Flow(gm, maps)
+                try:
+                    flow.run(*[a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args])
+                except Exception as error:
+                    errors.append(f"{type(error).__name__}: {error}")
+                    continue
+                order = [name for name in maps if name in flow.inputs_of]
+                ordered = {name: maps[name] for name in order}
+                ordered.update({name: m for name, m in maps.items() if name not in ordered})  # unused maps last
+                connections = []
+                for name in order:
+                    incoming, shape = flow.inputs_of[name]
+                    for producer, probes in incoming.items():
+                        connections.append(_connect(maps[producer], maps[name], probes, shape))
+                return ModelGraph(ordered, connections, traced=True, stopped_at=flow.stopped)
+            hint = "" if example_input is not None else " (pass example_input)"
+            raise ValueError(f"model did not run on example_input{hint}: {errors[-1]}")
+    finally:
+        model.train(was_training)
+
+
+def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection:
+    chan, pos = probes
+    if nxt.kind == "linear":
+        # Features are the last axis; every leading index must read the same channels.
+        chan2 = chan.reshape(-1, chan.shape[-1])
+        pos2 = pos.reshape(-1, pos.shape[-1])
+        if not bool((chan2 == chan2[0]).all()):
+            raise ValueError(f"cannot determine which channel of {prev.name!r} each input of {nxt.name!r} "
+                             "reads: the mapping changes along the leading axes")
+        c, p = chan2[0], pos2[0]
+        mask = c >= 0
+        features = torch.nonzero(mask).squeeze(1)
+        channels = torch.unique(c[mask])
+        per_channel = [features[c[features] == ch] for ch in channels]
+        counts = {len(f) for f in per_channel}
+        if len(counts) != 1:
+            raise ValueError(f"cannot pair {prev.name!r} with {nxt.name!r}: its channels reach "
+                             f"{sorted(counts)} inputs each, not one common number of positions")
+        ordered = [f[torch.argsort(p[f], stable=True)] for f in per_channel]
+        reference = p[ordered[0]]
+        if any(not torch.equal(p[f], reference) for f in ordered):
+            raise ValueError(f"cannot pair {prev.name!r} with {nxt.name!r}: channels do not share positions")
+        rows = torch.stack(ordered)
+        kind = "fc" if prev.kind == "linear" else "conv_linear"
+        return Connection(prev.name, nxt.name, kind, channels, rows, prev.out_channels, nxt.in_channels)
+    # Conv consumer: the channel axis (1) must carry one producer channel per input channel.
+    per_channel = chan[0].reshape(chan.shape[1], -1)
+    if not bool((per_channel == per_channel[:, :1]).all()):
+        raise ValueError(f"cannot determine the channels of {prev.name!r} that {nxt.name!r} reads: "
+                         "its input is not laid out channel-first")
+    source = per_channel[:, 0]
+    inputs = torch.nonzero(source >= 0).squeeze(1)
+    K2 = nxt.kernel_area
+    rows = inputs.unsqueeze(1) * K2 + torch.arange(K2)
+    kind = "conv" if prev.kind != "linear" else "fc"
+    return Connection(prev.name, nxt.name, kind, source[inputs], rows, prev.out_channels, nxt.in_channels)
+
+
+def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
+    order, shapes = [], {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            if name not in shapes:
+                order.append(name)
+                shapes[name] = (inputs[0].shape, output.shape)
+        return record
+
+    handles = [maps[name].module.register_forward_hook(hook(name)) for name in maps]
+    try:
+        errors = []
+        for candidate in candidates:
+            args = candidate if isinstance(candidate, tuple) else (candidate,)
+            try:
+                model(*args)
+                break
+            except Exception as error:
+                errors.append(f"{type(error).__name__}: {error}")
+                order.clear()
+                shapes.clear()
+        else:
+            raise ValueError(f"model did not run on example_input: {errors[-1]}")
+    finally:
+        for h in handles:
+            h.remove()
+    connections = []
+    for a, b in zip(order, order[1:]):
+        prev, nxt = maps[a], maps[b]
+        if nxt.kind == "linear" and prev.kind != "linear":
+            per = nxt.in_channels // prev.out_channels
+            if per * prev.out_channels != nxt.in_channels:
+                raise ValueError(f"cannot pair {a!r} ({prev.out_channels} channels) with {b!r} "
+                                 f"({nxt.in_channels} inputs) without the model's dataflow")
+            warnings.warn(f"assuming {b!r} reads {a!r} flattened channel-major (torch.flatten order), "
+                          "since the model could not be traced", stacklevel=3)
+            rows = torch.arange(nxt.in_channels).reshape(prev.out_channels, per)
+            kind = "conv_linear"
+        else:
+            if nxt.in_channels != prev.out_channels:
+                raise ValueError(f"cannot pair {a!r} ({prev.out_channels} outputs) with {b!r} "
+                                 f"({nxt.in_channels} inputs) without the model's dataflow")
+            K2 = nxt.kernel_area
+            rows = torch.arange(nxt.in_channels).unsqueeze(1) * K2 + torch.arange(K2)
+            kind = "fc" if prev.kind == "linear" else "conv"
+        connections.append(Connection(a, b, kind, torch.arange(prev.out_channels), rows,
+                                      prev.out_channels, nxt.in_channels))
+    ordered = {name: maps[name] for name in order}
+    ordered.update({n: m for n, m in maps.items() if n not in ordered})
+    return ModelGraph(ordered, connections, traced=False)
