@@ -85,7 +85,46 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
-    return _selfcheck(args)
+    """Train a small CNN on scikit-learn's digits, print its SVR per edge,
+    compare with the same network at initialisation, save the figures."""
+    import copy
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import spectral_ext as se
+    from spectral_ext import datasets
+
+    torch.manual_seed(0)
+    x_train, y_train, x_test, y_test = datasets.digits()
+    model = datasets.digits_cnn()
+    initial = copy.deepcopy(model)
+    start = time.perf_counter()
+    datasets.train(model, x_train, y_train, epochs=args.epochs, progress=True)
+    acc = datasets.accuracy(model, x_test, y_test)
+    print(f"trained a digits CNN in {time.perf_counter() - start:.1f} s: test accuracy {acc:.3f}")
+    trained_svr = se.svr(model, x_test[:2], dtype=torch.float64)
+    initial_svr = se.svr(initial, x_test[:2], dtype=torch.float64)
+    table = trained_svr.to_frame()
+    top = 8
+    table[f"significant_top{top}"] = [int(trained_svr.significant(e)[:top, :top].sum()) for e in range(len(table))]
+    table[f"significant_top{top}_at_init"] = [int(initial_svr.significant(e)[:top, :top].sum())
+                                             for e in range(len(table))]
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table[["previous", "next", "kind", "kernel_area", "threshold", "significant_fraction", "d_out",
+                     "d_in", f"significant_top{top}", f"significant_top{top}_at_init"]].round(4).to_string(index=False))
+    compressed = trained_svr.compress("internal")
+    print(f"pruned to the internal dimensions: test accuracy {datasets.accuracy(compressed, x_test, y_test):.3f}")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trained_svr.plot(top=32).savefig(out / "svr_digits_cnn.png", dpi=120)
+    initial_svr.plot(top=32).savefig(out / "svr_digits_cnn_init.png", dpi=120)
+    trained_svr.plot_adjacency(len(table) - 1).savefig(out / "adjacency_digits_cnn.png", dpi=120)
+    print(f"figures: {out / 'svr_digits_cnn.png'} (trained), {out / 'svr_digits_cnn_init.png'} (initial), "
+          f"{out / 'adjacency_digits_cnn.png'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="run the benchmark suite")
     bench.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
     bench.set_defaults(run=_bench)
-    sub.add_parser("demo", help="the main job").set_defaults(run=_demo)
+    demo = sub.add_parser("demo", help="the main job: the SVR of a CNN trained on digits")
+    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--out", default="out", help="folder for the figures")
+    demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -366,7 +366,9 @@ def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection
             raise ValueError(f"cannot pair {prev.name!r} with {nxt.name!r}: channels do not share positions")
         rows = torch.stack(ordered)
         kind = "fc" if prev.kind == "linear" else "conv_linear"
-        return Connection(prev.name, nxt.name, kind, channels, rows, prev.out_channels, nxt.in_channels)
+        # The Linear's inputs come in groups of K2 positions: its "channels" are in_features / K2.
+        return Connection(prev.name, nxt.name, kind, channels, rows, prev.out_channels,
+                          nxt.in_channels // rows.shape[1])
     # Conv consumer: the channel axis (1) must carry one producer channel per input channel.
     per_channel = chan[0].reshape(chan.shape[1], -1)
     if not bool((per_channel == per_channel[:, :1]).all()):
@@ -427,7 +429,7 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
             rows = torch.arange(nxt.in_channels).unsqueeze(1) * K2 + torch.arange(K2)
             kind = "fc" if prev.kind == "linear" else "conv"
         connections.append(Connection(a, b, kind, torch.arange(prev.out_channels), rows,
-                                      prev.out_channels, nxt.in_channels))
+                                      prev.out_channels, nxt.in_channels // rows.shape[1]))
     ordered = {name: maps[name] for name in order}
     ordered.update({n: m for n, m in maps.items() if n not in ordered})
     return ModelGraph(ordered, connections, traced=False)

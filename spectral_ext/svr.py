@@ -102,6 +102,19 @@ def adjacency_threshold(p: float, kernel_area: int, n: float) -> float:
     return float(stats.chi2.isf(p, kernel_area) / (n * kernel_area))
 
 
+def internal_dimensions(A: torch.Tensor, n: float) -> tuple[int, int]:
+    """Internal dimensions (d_out, d_in) of an adjacency matrix A (rows: the
+    next map's spectral neurons, columns: the previous map's), as 1-based
+    counts: argmax over (i, j) of B_ij - ij/n, B_ij = sum_{k<=i, l<=j} A_kl
+    (seed 000 section 3.2; n makes 1/n a random coefficient's mean)."""
+    A = A.double()
+    B = A.cumsum(0).cumsum(1)
+    i = torch.arange(1, A.shape[0] + 1, dtype=A.dtype, device=A.device)
+    j = torch.arange(1, A.shape[1] + 1, dtype=A.dtype, device=A.device)
+    flat = int(torch.argmax(B - torch.outer(i, j) / n))
+    return flat // A.shape[1] + 1, flat % A.shape[1] + 1
+
+
 # ---------------------------------------------------------------- the SVR
 
 class SVR:
@@ -162,13 +175,7 @@ class SVR:
     def internal_dimensions(self, e) -> tuple[int, int]:
         """(d_out, d_in), 1-based counts: the (row, column) argmax of
         B_ij - ij/n with B the 2-D cumulative sum of the adjacency (section 3.2)."""
-        A = self.adjacency(e).double()
-        n = self.null_dimension(e)
-        B = A.cumsum(0).cumsum(1)
-        i = torch.arange(1, A.shape[0] + 1, dtype=A.dtype, device=A.device)
-        j = torch.arange(1, A.shape[1] + 1, dtype=A.dtype, device=A.device)
-        flat = int(torch.argmax(B - torch.outer(i, j) / n))
-        return flat // A.shape[1] + 1, flat % A.shape[1] + 1
+        return internal_dimensions(self.adjacency(e), self.null_dimension(e))
 
     def color_intensity(self, e, normalize: bool = False) -> torch.Tensor:
         """Per spectral neuron j of the edge's previous map: max_i (sum_{k<=i}

@@ -1,0 +1,369 @@
+"""The SVR (seed 000) and layer discovery, checked against independent numpy
+formulas, the paper's statements (bounds, invariance, appendix A, B.1, B.2)
+and a network trained on scikit-learn's digits."""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+import spectral_ext as se
+from spectral_ext import datasets
+from spectral_ext.svr import adjacency_threshold, internal_dimensions, r_squared_std, squared_overlap_moments
+
+
+def np_right_left(W):
+    U, S, Vh = np.linalg.svd(W, full_matrices=False)
+    return U, S, Vh.T
+
+
+def np_internal(A, n):
+    B = A.cumsum(0).cumsum(1)
+    i = np.arange(1, A.shape[0] + 1)[:, None]
+    j = np.arange(1, A.shape[1] + 1)[None, :]
+    r, c = np.unravel_index(np.argmax(B - i * j / n), A.shape)
+    return r + 1, c + 1
+
+
+def seeded(model, seed=0):
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        nn.init.normal_(p)
+    return model
+
+
+# ---------------------------------------------------------------- against numpy
+
+def test_mlp_against_numpy():
+    model = seeded(nn.Sequential(nn.Linear(7, 12, bias=False), nn.ReLU(), nn.Linear(12, 9, bias=False), nn.Tanh(),
+                                 nn.Linear(9, 4, bias=False)))
+    s = se.svr(model, dtype=torch.float64, p=0.2)
+    assert s.edges == [("0", "2"), ("2", "4")]
+    W = [m.weight.detach().double().numpy() for m in (model[0], model[2], model[4])]
+    for e, (a, b) in enumerate([(0, 1), (1, 2)]):
+        Ua = np_right_left(W[a])[0]
+        Vb = np_right_left(W[b])[2]
+        A = (Vb.T @ Ua) ** 2
+        np.testing.assert_allclose(s.adjacency(e).numpy(), A, atol=1e-12)
+        n = W[a].shape[0]
+        assert s.threshold(e) == pytest.approx(stats.chi2.ppf(1 - 0.2, 1) / n, rel=1e-12)
+        assert s.internal_dimensions(e) == np_internal(A, n)
+        np.testing.assert_array_equal(s.significant(e).numpy(), A > stats.chi2.ppf(0.8, 1) / n)
+        col = (A.cumsum(0) - np.arange(1, A.shape[0] + 1)[:, None] / n).max(0)
+        np.testing.assert_allclose(s.color_intensity(e).numpy(), col, atol=1e-12)
+
+
+def test_cnn_and_conv_to_linear_against_numpy():
+    model = seeded(nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(5, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 3 * 3, 8)))
+    s = se.svr(model, torch.randn(2, 3, 6, 6), dtype=torch.float64)
+    W0 = model[0].weight.detach().double().numpy().reshape(5, -1)
+    W3 = model[3].weight.detach().double().numpy()
+    W6 = model[6].weight.detach().double().numpy()
+    U0 = np_right_left(W0)[0]
+    U3, _, V3 = np_right_left(W3.reshape(6, -1))
+    V3 = V3.reshape(5, 9, -1)  # (c, K^2, M): weight.reshape(out, -1) is channel-major
+    A = np.einsum("km,kzn->nm", U0, V3) ** 2 * 0
+    A = sum((np.einsum("km,kn->nm", U0, V3[:, z, :])) ** 2 for z in range(9))
+    np.testing.assert_allclose(s.adjacency(0).numpy(), A, atol=1e-12)
+    assert s.threshold(0) == pytest.approx(stats.chi2.isf(0.15, 9) / (5 * 9), rel=1e-12)
+    V6 = np_right_left(W6)[2].reshape(6, 9, -1)  # nn.Flatten of (6, 3, 3): channel-major, 9 positions
+    A2 = sum(np.einsum("km,kn->nm", U3, V6[:, z, :]) ** 2 for z in range(9))
+    np.testing.assert_allclose(s.adjacency(1).numpy(), A2, atol=1e-12)
+    assert s.connection(1).kind == "conv_linear" and s.connection(1).kernel_area == 9
+    assert s.threshold(1) == pytest.approx(stats.chi2.isf(0.15, 9) / (6 * 9), rel=1e-12)
+    assert s.internal_dimensions(1) == np_internal(A2, 6)
+
+
+class PositionMajor(nn.Module):
+    """conv -> permute to (H, W, C) -> flatten -> Linear: position-major inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).permute(0, 2, 3, 1).flatten(1))
+
+
+def test_permuted_flatten_is_traced_exactly():
+    model = seeded(PositionMajor())
+    s = se.svr(model, torch.randn(1, 2, 5, 5), dtype=torch.float64)
+    U = np_right_left(model.conv.weight.detach().double().numpy().reshape(4, -1))[0]
+    V = np_right_left(model.fc.weight.detach().double().numpy())[2]  # rows p * C + c
+    V = V.reshape(25, 4, -1).transpose(1, 0, 2)  # (c, p, M)
+    A = sum(np.einsum("km,kn->nm", U, V[:, z, :]) ** 2 for z in range(25))
+    np.testing.assert_allclose(s.adjacency(0).numpy(), A, atol=1e-12)
+    # Reading channel-major instead would give a different matrix: the test can tell.
+    wrong = np_right_left(model.fc.weight.detach().double().numpy())[2].reshape(4, 25, -1)
+    assert not np.allclose(sum(np.einsum("km,kn->nm", U, wrong[:, z, :]) ** 2 for z in range(25)), A)
+
+
+# ---------------------------------------------------------------- seed statements
+
+def test_coefficients_bounded_and_scale_invariant():
+    model = seeded(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(8 * 4 * 4, 10)))
+    x = torch.randn(1, 3, 8, 8)
+    s = se.svr(model, x, dtype=torch.float64)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for factor, m in zip((0.0078125, 8.0, 4.0), (scaled[0], scaled[2], scaled[5])):  # powers of 2: exact in float32
+            m.weight.mul_(factor)
+    s2 = se.svr(scaled, x, dtype=torch.float64)
+    for e in range(len(s.edges)):
+        A = s.adjacency(e)
+        assert float(A.min()) >= 0 and float(A.max()) <= 1 + 1e-12
+        torch.testing.assert_close(s2.adjacency(e), A, rtol=1e-9, atol=1e-12)
+
+
+def test_appendix_a_moments_by_monte_carlo():
+    m = squared_overlap_moments(6)
+    assert m["fourth_moment"] == pytest.approx(3 / 48)
+    g = torch.Generator().manual_seed(0)
+    X = torch.nn.functional.normalize(torch.randn(200000, 6, generator=g, dtype=torch.float64), dim=1)
+    Y = torch.nn.functional.normalize(torch.randn(200000, 6, generator=g, dtype=torch.float64), dim=1)
+    dots = (X * Y).sum(1)
+    assert float((dots**2).mean()) == pytest.approx(m["mean"], rel=0.01)
+    assert float((dots**4).mean()) == pytest.approx(m["fourth_moment"], rel=0.03)
+    # Proposition A.2: std of r_1^2, the norm share of one kernel column.
+    c, k2 = 4, 9
+    Z = torch.nn.functional.normalize(torch.randn(200000, c * k2, generator=g, dtype=torch.float64), dim=1)
+    r1 = Z.reshape(-1, c, k2)[:, :, 0].square().sum(1)
+    assert float(r1.std()) == pytest.approx(r_squared_std(c, k2), rel=0.03)
+
+
+@pytest.mark.parametrize("p", [10, 25, 40])
+def test_b1_internal_dimension_recovers_block_size(p):
+    n = 100
+    g = torch.Generator().manual_seed(p)
+    Qp = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))[0]
+    Qq = torch.linalg.qr(torch.randn(n - p, n - p, generator=g, dtype=torch.float64))[0]
+    P = torch.block_diag(Qp, Qq)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    noisy = P @ torch.linalg.matrix_exp(0.01 * (A - A.T))
+    assert internal_dimensions(noisy.square(), n) == (p, p)
+    # And through an actual network: V_2^T U_1 = noisy when U_1 = I and V_2 = noisy^T.
+    model = nn.Sequential(nn.Linear(n, n, bias=False), nn.Linear(n, n, bias=False)).double()
+    S = torch.linspace(2, 1, n, dtype=torch.float64)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.diag(S))
+        model[1].weight.copy_(torch.diag(S) @ noisy)
+    s = se.svr(model, dtype=torch.float64)
+    assert s.internal_dimensions(0) == (p, p)
+
+
+@pytest.mark.parametrize("init", ["normal", "uniform"])
+def test_b2_survival_function_matches_scaled_chi2(init):
+    torch.manual_seed(0)
+    fill = nn.init.normal_ if init == "normal" else (lambda w: nn.init.uniform_(w, -1, 1))
+    fc = nn.Sequential(nn.Linear(300, 300, bias=False), nn.Linear(300, 300, bias=False)).double()
+    conv = nn.Sequential(nn.Conv2d(64, 96, 3, bias=False), nn.Conv2d(96, 128, 3, bias=False)).double()
+    for m in list(fc) + list(conv):
+        fill(m.weight.data)
+    a_fc = se.svr(fc, dtype=torch.float64).adjacency(0).reshape(-1).numpy()
+    ks_fc = stats.kstest(300 * a_fc, stats.chi2(1).cdf).statistic
+    a_conv = se.svr(conv, torch.randn(1, 64, 7, 7, dtype=torch.float64), dtype=torch.float64).adjacency(0)
+    ks_conv = stats.kstest(96 * 9 * a_conv.reshape(-1).numpy(), stats.chi2(9).cdf).statistic
+    assert ks_fc < 0.02, ks_fc
+    assert ks_conv < 0.03, ks_conv
+    # The threshold keeps about p of a random network's edges.
+    s = se.svr(conv, torch.randn(1, 64, 7, 7, dtype=torch.float64), dtype=torch.float64)
+    assert float(s.significant(0).double().mean()) == pytest.approx(0.15, abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def trained_digits():
+    torch.manual_seed(0)
+    x_train, y_train, x_test, y_test = datasets.digits()
+    model = datasets.digits_mlp()
+    initial = copy.deepcopy(model)
+    datasets.train(model, x_train, y_train, epochs=30, lr=1e-2)
+    return model, initial, x_test, y_test
+
+
+def test_trained_network_has_block_structure_and_compresses(trained_digits):
+    model, initial, x_test, y_test = trained_digits
+    acc = datasets.accuracy(model, x_test, y_test)
+    assert acc > 0.9
+    trained, random = se.svr(model, dtype=torch.float64), se.svr(initial, dtype=torch.float64)
+    top = 8
+    for e in range(len(trained.edges)):
+        assert int(trained.significant(e)[:top, :top].sum()) >= 2 * int(random.significant(e)[:top, :top].sum())
+    compressed = trained.compress("internal")
+    assert datasets.accuracy(compressed, x_test, y_test) >= acc - 0.02
+    # Compression really lowers the ranks.
+    for e, (a, _) in enumerate(trained.edges):
+        d_in = trained.internal_dimensions(e)[1]
+        w = dict(compressed.named_modules())[a].weight.detach()
+        assert torch.linalg.matrix_rank(w.double(), rtol=1e-5) <= d_in < min(w.shape)  # float32 weights
+
+
+# ---------------------------------------------------------------- discovery
+
+def test_branches_concat_and_residuals():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(3, 6, 1)
+            self.c = nn.Conv2d(10, 10, 3, padding=1)
+            self.d = nn.Conv2d(10, 10, 3, padding=1)
+            self.head1 = nn.Linear(10, 5)
+            self.head2 = nn.Linear(10, 7)
+
+        def forward(self, x):
+            y = torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1)
+            z = self.c(y)
+            z = self.d(torch.relu(z)) + z  # residual
+            pooled = z.mean((2, 3))
+            return self.head1(pooled), self.head2(pooled)
+
+    g = se.discover(Net(), torch.randn(1, 3, 6, 6))
+    pairs = [(c.previous, c.next) for c in g.connections]
+    assert pairs == [("a", "c"), ("b", "c"), ("c", "d"), ("d", "head1"), ("c", "head1"), ("d", "head2"), ("c", "head2")]
+    a_c, b_c = g.connection("a", "c"), g.connection("b", "c")
+    assert a_c.channels.tolist() == [0, 1, 2, 3] and a_c.rows[:, 0].tolist() == [0, 9, 18, 27]
+    assert b_c.channels.tolist() == list(range(6)) and b_c.rows[0, 0] == 4 * 9
+    assert a_c.null_dimension == pytest.approx(4 * 10 / 4)
+    assert g.connection("d", "head1").kind == "conv_linear" and g.connection("d", "head1").kernel_area == 1
+    s = se.svr(Net(), torch.randn(1, 3, 6, 6), dtype=torch.float64)
+    assert float(s.adjacency(("a", "c")).max()) <= 1
+
+
+@pytest.mark.parametrize("name,maps,edges,last_k2", [("vgg16", 16, 15, 49), ("vgg19_bn", 19, 18, 49),
+                                                     ("resnet18", 21, 38, 1)])
+def test_torchvision_models(name, maps, edges, last_k2):
+    torchvision = pytest.importorskip("torchvision")
+    model = getattr(torchvision.models, name)(weights=None)
+    g = se.discover(model, torch.randn(1, 3, 32, 32))
+    assert len(g.maps) == maps and len(g.connections) == edges
+    conv_to_fc = [c for c in g.connections if c.kind == "conv_linear"]
+    assert conv_to_fc and all(c.kernel_area == last_k2 for c in conv_to_fc)
+    if name == "vgg19_bn":
+        assert all(m.batchnorm is not None for m in g.maps.values() if m.kind == "conv2d")
+        conv = g.maps["features.0"]
+        bn = conv.batchnorm
+        with torch.no_grad():
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 2)
+        expected = conv.matrix() * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).unsqueeze(1)
+        torch.testing.assert_close(conv.matrix(fold_batchnorm=True), expected.detach())
+    if name == "resnet18":  # the skip path: a block's output reaches the next two blocks' first convs
+        pairs = {(c.previous, c.next) for c in g.connections}
+        assert {("layer1.0.conv2", "layer1.1.conv1"), ("conv1", "layer1.1.conv1"),
+                ("layer1.0.conv2", "layer2.0.downsample.0")} <= pairs
+
+
+def test_grouped_conv1d_and_untraceable_models():
+    model = seeded(nn.Sequential(nn.Conv1d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv1d(8, 6, 1)))
+    s = se.svr(model, torch.randn(1, 4, 10), dtype=torch.float64)
+    full = s.graph.maps["0"].weight()
+    assert full.shape == (8, 4, 3) and not full[:4, 2:].any() and not full[4:, :2].any()
+    assert s.connection(0).kernel_area == 1
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f1, self.f2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow defeats fx
+                x = x * 2
+            return self.f2(torch.relu(self.f1(x)))
+
+    with pytest.warns(UserWarning, match="execution order"):
+        s = se.svr(Branchy(), torch.ones(1, 5))
+    assert s.edges == [("f1", "f2")] and not s.graph.traced
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="no linear maps"):
+        se.svr(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match="model must be"):
+        se.svr("vgg16")
+    bad = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    with torch.no_grad():
+        bad[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight of '1' contains NaN"):
+        se.svr(bad)
+    good = se.svr(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="p must lie"):
+        se.svr(nn.Sequential(nn.Linear(3, 3)), p=1.5)
+    with pytest.raises(KeyError, match="no edge"):
+        good.adjacency(("1", "0"))
+    with pytest.raises(IndexError):
+        good.adjacency(3)
+    with pytest.raises(ValueError, match="did not run"):
+        se.svr(nn.Sequential(nn.Linear(3, 3)), torch.randn(1, 4))
+
+
+# ---------------------------------------------------------------- co-SVR, kernel connections, activations
+
+def test_co_svr_and_kernel_connections():
+    mlp = seeded(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)))
+    s, c = se.svr(mlp, dtype=torch.float64), se.co_svr(mlp, dtype=torch.float64)
+    torch.testing.assert_close(c.adjacency(0), s.adjacency(0))  # no kernels: the two coincide
+    kc = se.kernel_connections(mlp, dtype=torch.float64)
+    torch.testing.assert_close(kc[("0", "2")].square(), s.adjacency(0))
+    cnn = seeded(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3)))
+    x = torch.randn(1, 2, 7, 7)
+    c = se.co_svr(cnn, x, dtype=torch.float64)
+    W0 = cnn[0].weight.detach().double().numpy()
+    W2 = cnn[2].weight.detach().double().numpy()
+    U0 = np_right_left(W0.transpose(0, 2, 3, 1).reshape(4 * 9, 2))[0].reshape(4, 9, -1)  # (o, z, M)
+    V2 = np_right_left(W2.transpose(0, 2, 3, 1).reshape(5 * 9, 4))[2]  # (c, M~)
+    A = sum(np.einsum("kn,km->nm", V2, U0[:, z, :]) ** 2 for z in range(9))
+    np.testing.assert_allclose(c.adjacency(0).numpy(), A, atol=1e-12)
+    assert c.threshold(0) == pytest.approx(stats.chi2.isf(0.15, 9) / (4 * 9))
+    kc = se.kernel_connections(cnn, x, dtype=torch.float64)[("0", "2")]
+    Ubar = np_right_left(W0.reshape(4, -1))[0]
+    np.testing.assert_allclose(kc.numpy(), np.abs(V2.T @ Ubar), atol=1e-12)
+
+
+def test_spectral_activations_and_sobel():
+    model = seeded(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+                                 nn.Flatten(), nn.Linear(6 * 3 * 3, 5)))
+    x = torch.randn(2, 1, 8, 8)
+    s = se.svr(model, x)
+    acts = se.spectral_activations(model, s, x)
+    hidden = torch.relu(model[0](x))
+    V = s.layers["2"].V
+    expected = torch.nn.functional.conv2d(hidden, V.T.reshape(-1, 4, 3, 3), stride=2)
+    torch.testing.assert_close(acts["2"], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(acts["4"], model[3](model[2](hidden)) @ s.layers["4"].V, rtol=1e-4, atol=1e-5)
+    assert acts["0"].shape == (2, 4, 8, 8)
+    # A spectral image equal to the edge map of the input scores 1; its negative scores 1 too (|.|).
+    images = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    grey = images.mean(1, keepdim=True)
+    k = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=torch.float64)
+    edges = torch.nn.functional.conv2d(grey, torch.stack([k, k.T]).unsqueeze(1), padding=1).square().sum(1).sqrt()
+    spectral = torch.stack([edges, -edges, torch.rand_like(edges)], dim=1)
+    sim = se.sobel_similarity(spectral, images)
+    assert sim[0] == pytest.approx(1.0) and sim[1] == pytest.approx(1.0) and sim[2] < 0.99
+
+
+def test_outputs_tables_graph_and_figures(tmp_path):
+    model = seeded(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)))
+    s = se.svr(model, dtype=torch.float64)
+    edges = s.to_frame()
+    assert list(edges["previous"]) == ["0", "2"] and (edges["significant"] >= 0).all()
+    assert edges.loc[0, "significant"] == int(s.significant(0).sum())
+    neurons = s.to_frame("neurons")
+    assert len(neurons) == 5 + 4 + 3 and neurons["color_intensity"].between(0, 1).all()
+    coeffs = s.to_frame("coefficients")
+    assert len(coeffs) == 4 * 5 + 3 * 4
+    G = s.to_networkx()
+    assert G.number_of_nodes() == 12
+    assert G.number_of_edges() == int(s.significant(0).sum() + s.significant(1).sum())
+    for (a, m), (b, n), data in G.edges(data=True):
+        assert data["weight"] == pytest.approx(float(s.adjacency((a, b))[n, m]))
+    s.plot().savefig(tmp_path / "svr.png")
+    s.plot_adjacency(0).savefig(tmp_path / "adjacency.png")
+    assert (tmp_path / "svr.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="kind must be"):
+        s.to_frame("nodes")
