@@ -367,3 +367,22 @@ def test_outputs_tables_graph_and_figures(tmp_path):
     assert (tmp_path / "svr.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="kind must be"):
         s.to_frame("nodes")
+
+
+def test_svr_many_equals_separate_calls_and_refuses_mismatched_models():
+    torch.manual_seed(0)
+    models = [datasets.digits_cnn() for _ in range(3)]
+    x = torch.randn(1, 1, 8, 8)
+    many = se.svr_many(models, x, dtype=torch.float64)
+    for m, s in zip(models, many):
+        one = se.svr(m, x, dtype=torch.float64)
+        assert s.edges == one.edges
+        for e in range(len(one.edges)):
+            torch.testing.assert_close(s.adjacency(e), one.adjacency(e), rtol=0, atol=1e-13)
+        assert s.model is m
+    other = datasets.digits_cnn()
+    other[0] = nn.Conv2d(1, 8, 3, padding=1)
+    with pytest.raises(ValueError, match="cannot be paired: map '0'"):
+        se.svr_many([models[0], other], x)
+    with pytest.raises(ValueError, match="empty"):
+        se.svr_many([], x)

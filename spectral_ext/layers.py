@@ -67,6 +67,7 @@ class LinearMap:
     out_channels: int
     kernel_size: tuple[int, ...]
     batchnorm: nn.Module | None = None  # a BatchNorm reading this map's output directly
+    batchnorm_name: str | None = None
 
     @property
     def kernel_area(self) -> int:
@@ -143,6 +144,22 @@ class ModelGraph:
     connections: list[Connection]
     traced: bool = True
     stopped_at: list[str] = field(default_factory=list)  # operations that ended a flow
+
+    def for_model(self, model: nn.Module) -> "ModelGraph":
+        """The same graph over another model of this architecture (a zoo
+        member): its modules, checked to have the same maps and shapes."""
+        modules = dict(model.named_modules())
+        maps = {}
+        for name, m in self.maps.items():
+            other = modules.get(name)
+            if other is None or type(other) is not type(m.module) or other.weight.shape != m.module.weight.shape:
+                found = "missing" if other is None else f"{type(other).__name__} {tuple(other.weight.shape)}"
+                raise ValueError(f"the models cannot be paired: map {name!r} is {type(m.module).__name__} "
+                                 f"{tuple(m.module.weight.shape)} in the first model but {found} in this one")
+            bn = modules.get(m.batchnorm_name) if m.batchnorm_name is not None else None
+            maps[name] = LinearMap(name, other, m.kind, m.in_channels, m.out_channels, m.kernel_size, bn,
+                                   m.batchnorm_name)
+        return ModelGraph(maps, self.connections, self.traced, self.stopped_at)
 
     def connection(self, previous: str, next: str) -> Connection:
         for c in self.connections:
@@ -246,7 +263,9 @@ class _Flow(torch.fx.Interpreter):
         producers = list(dict.fromkeys(p for a in inputs for p in self.flow[a]))
         name = _op_name(n)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and n.args[0] in self.direct:
-            self.maps[self.direct[n.args[0]]].batchnorm = module
+            owner = self.maps[self.direct[n.args[0]]]
+            owner.batchnorm = module
+            owner.batchnorm_name = n.target
         if isinstance(module, _RESHAPE_MODULES) or (module is None and name in _RESHAPE_NAMES) or (
                 module is None and name in _CONCAT_NAMES):
             return {p: (self._apply(n, p, 0), self._apply(n, p, 1)) for p in producers}

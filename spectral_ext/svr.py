@@ -332,24 +332,31 @@ def _check_weights(graph: ModelGraph):
             raise ValueError(f"the weight of {name!r} contains NaN or infinite values")
 
 
-def _build(model, example_input, p, fold_batchnorm, dtype, flattening, graph=None) -> SVR:
+def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, graph=None) -> list[SVR]:
+    """SVRs of models sharing one architecture: one trace, then one batched
+    SVD per distinct matrix shape and one batched adjacency call per distinct
+    edge shape across all models."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must lie in (0, 1), got {p}")
-    graph = graph if graph is not None else discover(model, example_input)
-    _check_weights(graph)
-    if flattening == "svr":
-        matrices = {n: m.matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()}
-    else:
-        matrices = {n: m.co_matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()}
-    svds = batched_signed_svd(matrices)
-    layers = LayerList([SpectralLayer(n, graph.maps[n].kind, *svds[n]) for n in graph.maps])
+    if not models:
+        raise ValueError("models is empty: nothing to analyse")
+    first = graph if graph is not None else discover(models[0], example_input)
+    graphs = [first if i == 0 and graph is None else first.for_model(m) for i, m in enumerate(models)]
+    for g in graphs:
+        _check_weights(g)
+    flatten = (lambda m: m.matrix(fold_batchnorm, dtype)) if flattening == "svr" else (
+        lambda m: m.co_matrix(fold_batchnorm, dtype))
+    svds = batched_signed_svd({(i, n): flatten(m) for i, g in enumerate(graphs) for n, m in g.maps.items()})
+    all_layers = [LayerList([SpectralLayer(n, g.maps[n].kind, *svds[(i, n)]) for n in g.maps])
+                  for i, g in enumerate(graphs)]
     operands = {}
-    for k, c in enumerate(graph.connections):
-        prev, nxt = layers[c.previous], layers[c.next]
-        if flattening == "svr":
-            # U_prev rows are output channels; V_next rows the next map's flattened input.
-            operands[k] = (prev.U[c.channels], nxt.V[c.rows])
-        else:
+    for i, layers in enumerate(all_layers):
+        for k, c in enumerate(first.connections):
+            prev, nxt = layers[c.previous], layers[c.next]
+            if flattening == "svr":
+                # U_prev rows are output channels; V_next rows the next map's flattened input.
+                operands[(i, k)] = (prev.U[c.channels], nxt.V[c.rows])
+                continue
             # co-SVR (section 4.4): next's co-V rows are its input channels, prev's co-U
             # rows are (output channel, kernel position); the roles of U and V swap.
             if c.kind == "conv_linear" and c.kernel_area > 1:
@@ -357,10 +364,28 @@ def _build(model, example_input, p, fold_batchnorm, dtype, flattening, graph=Non
                                  f"{c.previous!r} -> {c.next!r} (seed 000 section 4.4 treats convolutions)")
             k2_prev = prev.U.shape[0] // c.previous_channels
             inputs = c.rows[:, 0] // c.kernel_area if c.kind != "conv_linear" else c.rows[:, 0]
-            operands[k] = (nxt.V[inputs], prev.U.reshape(c.previous_channels, k2_prev, -1)[c.channels])
+            operands[(i, k)] = (nxt.V[inputs], prev.U.reshape(c.previous_channels, k2_prev, -1)[c.channels])
     results = _stack_by_shape(operands, _ops.conv_adjacency)
-    adjacencies = [results[k] if flattening == "svr" else results[k].T for k in range(len(graph.connections))]
-    return SVR(model, graph, layers, adjacencies, p, fold_batchnorm, flattening)
+    out = []
+    for i, (model, g) in enumerate(zip(models, graphs)):
+        adjacencies = [results[(i, k)] if flattening == "svr" else results[(i, k)].T
+                       for k in range(len(first.connections))]
+        out.append(SVR(model, g, all_layers[i], adjacencies, p, fold_batchnorm, flattening))
+    return out
+
+
+def _build(model, example_input, p, fold_batchnorm, dtype, flattening, graph=None) -> SVR:
+    return _build_many([model], example_input, p, fold_batchnorm, dtype, flattening, graph)[0]
+
+
+def svr_many(models, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
+             dtype: torch.dtype | None = None, graph: ModelGraph | None = None) -> list[SVR]:
+    """The SVRs of many models of one architecture (a model zoo) in one go:
+    the dataflow is traced once on the first model, and every SVD and
+    adjacency runs batched across models. Models whose maps differ raise
+    ValueError naming the map."""
+    models = list(models)
+    return _build_many(models, example_input, p, fold_batchnorm, dtype, "svr", graph)
 
 
 def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
