@@ -1,0 +1,62 @@
+"""The full SVR: VGG16 (weights=None) with where the time goes, its
+adjacency phase native versus reference, and a zoo of 64 small CNNs in one
+batched call versus 64 separate calls."""
+import time
+
+import pytest
+import torch
+
+import spectral_ext as se
+from spectral_ext import datasets, reference
+from spectral_ext._linalg import batched_signed_svd
+from spectral_ext.svr import _stack_by_shape
+
+from conftest import timed
+
+
+@pytest.fixture(scope="module")
+def vgg16_phases():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.vgg16(weights=None)
+    x = torch.randn(1, 3, 32, 32)
+    t0 = time.perf_counter()
+    graph = se.discover(model, x)
+    t1 = time.perf_counter()
+    svds = batched_signed_svd({n: m.matrix() for n, m in graph.maps.items()})
+    t2 = time.perf_counter()
+    operands = {k: (svds[c.previous][0][c.channels], svds[c.next][2][c.rows]) for k, c in enumerate(graph.connections)}
+    t3 = time.perf_counter()
+    _stack_by_shape(operands, se.conv_adjacency)
+    t4 = time.perf_counter()
+    phases = {"discovery": t1 - t0, "svd": t2 - t1, "gather": t3 - t2, "adjacency": t4 - t3}
+    return model, graph, operands, phases
+
+
+def test_svr_vgg16_where_the_time_goes(vgg16_phases, benchmark):
+    model, graph, _, phases = vgg16_phases
+    total = sum(phases.values())
+    print("\nVGG16 SVR on the CPU: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in phases.items()))
+    benchmark.extra_info.update(phases)
+    benchmark.extra_info["impl"] = "native"
+    benchmark.group = "svr vgg16 full (discovery + SVDs + adjacencies) [cpu]"
+    benchmark.pedantic(lambda: se.svr(model, graph=graph), rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["native", "reference"])
+def test_svr_vgg16_adjacency_phase(vgg16_phases, benchmark, impl):
+    _, _, operands, _ = vgg16_phases
+    op = se.conv_adjacency if impl == "native" else reference.conv_adjacency
+    benchmark.group = "svr vgg16 adjacency phase (15 edges) [cpu]"
+    benchmark.extra_info["impl"] = impl
+    benchmark.pedantic(lambda: _stack_by_shape(operands, op), rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["native", "separate"])
+def test_svr_zoo_of_64_cnns(benchmark, device, impl):
+    torch.manual_seed(0)
+    models = [datasets.digits_cnn().to(device) for _ in range(64)]
+    x = torch.randn(1, 1, 8, 8, device=device)
+    fn = (lambda: se.svr_many(models, x)) if impl == "native" else (lambda: [se.svr(m, x) for m in models])
+    benchmark.group = f"svr zoo of 64 digits CNNs: one batched call vs 64 calls [{device}]"
+    benchmark.extra_info["impl"] = impl
+    benchmark.pedantic(timed(fn, device), rounds=3, warmup_rounds=1, iterations=1)
