@@ -66,7 +66,6 @@ def test_cnn_and_conv_to_linear_against_numpy():
     U0 = np_right_left(W0)[0]
     U3, _, V3 = np_right_left(W3.reshape(6, -1))
     V3 = V3.reshape(5, 9, -1)  # (c, K^2, M): weight.reshape(out, -1) is channel-major
-    A = np.einsum("km,kzn->nm", U0, V3) ** 2 * 0
     A = sum((np.einsum("km,kn->nm", U0, V3[:, z, :])) ** 2 for z in range(9))
     np.testing.assert_allclose(s.adjacency(0).numpy(), A, atol=1e-12)
     assert s.threshold(0) == pytest.approx(stats.chi2.isf(0.15, 9) / (5 * 9), rel=1e-12)
@@ -406,3 +405,20 @@ def test_pretrained_minilm_transformer():
         assert float(A.min()) >= 0 and float(A.max()) <= 1 + 1e-5
     out = model(ids)
     assert out.shape == (1, 10, 384) and torch.isfinite(out).all()
+
+
+def test_fold_batchnorm_end_to_end():
+    model = seeded(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3)))
+    with torch.no_grad():
+        model[1].running_var.copy_(torch.tensor([0.25, 1.0, 4.0, 9.0]))
+    x = torch.randn(1, 2, 7, 7)
+    plain, folded = se.svr(model, x, dtype=torch.float64), se.svr(model, x, dtype=torch.float64, fold_batchnorm=True)
+    W = model[0].weight.detach().double().reshape(4, -1)
+    bn = model[1]
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    torch.testing.assert_close(folded.layers["0"].S, torch.linalg.svdvals(W * scale[:, None]))
+    torch.testing.assert_close(plain.layers["0"].S, torch.linalg.svdvals(W))
+    assert not torch.allclose(plain.adjacency(0), folded.adjacency(0))
+    # The co-SVR is not defined across a flattening Linear: say so.
+    with pytest.raises(ValueError, match="co-SVR is not defined"):
+        se.co_svr(seeded(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))), torch.randn(1, 1, 6, 6))
