@@ -2,7 +2,6 @@
 formulas, the paper's statements (bounds, invariance, appendix A, B.1, B.2)
 and a network trained on scikit-learn's digits."""
 import copy
-import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 import spectral_ext as se
 from spectral_ext import datasets
-from spectral_ext.svr import adjacency_threshold, internal_dimensions, r_squared_std, squared_overlap_moments
+from spectral_ext.svr import internal_dimensions, r_squared_std, squared_overlap_moments
 
 
 def np_right_left(W):

@@ -16,9 +16,7 @@ execution order, chained, and a warning says so.
 from __future__ import annotations
 
 import math
-import operator
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
