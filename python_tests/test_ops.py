@@ -282,3 +282,17 @@ def test_finite_check_survives_an_overflowing_sum():
     X = torch.full((2, 1, 2), 3e38)
     assert torch.isinf(X.sum())
     torch.testing.assert_close(se.max_kernel_gram(X), reference.max_kernel_gram(X))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_large_shapes_take_the_other_paths():
+    # Sinkhorn scales that overflow shared memory live in a global workspace; many planes and
+    # batches exercise the grid-stride loops of the other kernels.
+    P = rand(1, 3100, 3100, device="cuda").abs() + 0.01
+    torch.testing.assert_close(se.sinkhorn(P, 4), reference.sinkhorn(P, 4), **F64)
+    x, V, s = rand(3, 40, 30, 30, device="cuda"), rand(360, 130, device="cuda", seed=1), rand(130, device="cuda", seed=2)
+    for reduce in (None, "mean"):
+        expected = reference.signal_projection(x, V, s, (1, 1), (1, 1), (1, 1), reduce, (3, 3))
+        torch.testing.assert_close(se.signal_projection(x, V, s, padding=1, reduce=reduce), expected, **F64)
+    X = rand(300, 7, 5, device="cuda")
+    torch.testing.assert_close(se.max_kernel_gram(X), reference.max_kernel_gram(X), **F64)

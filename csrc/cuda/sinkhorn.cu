@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kBlock)
                     at::acc_type<scalar_t, true>* workspace, int64_t B, int64_t n, int64_t m,
                     int64_t iters, bool use_shared) {
   using acc_t = at::acc_type<scalar_t, true>;
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(16) unsigned char shared_bytes[];  // holds acc_t (double) scales
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     acc_t* r = use_shared ? reinterpret_cast<acc_t*>(shared_bytes) : workspace + b * (n + m);
