@@ -42,6 +42,14 @@ def _native() -> bool:
 
 # ---------------------------------------------------------------- geometry
 
+def _as_pairs(stride, padding, dilation, kernel_size):
+    """The schema's int[2] arguments, which may arrive with one entry, as pairs."""
+    stride, padding, dilation = (tuple(v) * (2 // len(v)) for v in (stride, padding, dilation))
+    if kernel_size is not None:
+        kernel_size = tuple(kernel_size) * (2 // len(kernel_size))
+    return stride, padding, dilation, kernel_size
+
+
 def _conv_geometry(x_shape, V_rows, stride, padding, dilation, kernel_size):
     """Kernel size (square unless given) and output size of signal_projection."""
     C, H, W = x_shape[-3:]
@@ -74,9 +82,7 @@ def _conv_adjacency_fake(U, V):
 @torch.library.register_fake("spectral_ext::signal_projection")
 def _signal_projection_fake(x, V, s, stride=(1, 1), padding=(0, 0), dilation=(1, 1), reduce=None,
                             kernel_size=None):
-    stride, padding, dilation = (tuple(v) * (2 // len(v)) for v in (stride, padding, dilation))
-    if kernel_size is not None:
-        kernel_size = tuple(kernel_size) * (2 // len(kernel_size))
+    stride, padding, dilation, kernel_size = _as_pairs(stride, padding, dilation, kernel_size)
     _, (Ho, Wo) = _conv_geometry(x.shape, V.shape[0], stride, padding, dilation, kernel_size)
     if reduce == "mean":
         return x.new_empty((x.shape[0], V.shape[1]))
@@ -122,9 +128,7 @@ def _signal_projection_backward(ctx, grad):
         raise RuntimeError("signal_projection differentiates with respect to x only: detach V and s")
     V, s = ctx.saved_tensors
     stride, padding, dilation, reduce, kernel_size = ctx.args
-    stride, padding, dilation = (tuple(v) * (2 // len(v)) for v in (stride, padding, dilation))
-    if kernel_size is not None:
-        kernel_size = tuple(kernel_size) * (2 // len(kernel_size))
+    stride, padding, dilation, kernel_size = _as_pairs(stride, padding, dilation, kernel_size)
     (kh, kw), (Ho, Wo) = _conv_geometry(ctx.x_shape, V.shape[0], stride, padding, dilation, kernel_size)
     weight = (V * s).T.reshape(V.shape[1], ctx.x_shape[1], kh, kw)
     if reduce == "mean":

@@ -107,8 +107,8 @@ def _demo(args) -> int:
     initial_svr = se.svr(initial, x_test[:2], dtype=torch.float64)
     table = trained_svr.to_frame()
     top = 8
-    table[f"significant_top{top}"] = [int(trained_svr.significant(e)[:top, :top].sum()) for e in range(len(table))]
-    table[f"significant_top{top}_at_init"] = [int(initial_svr.significant(e)[:top, :top].sum())
+    table[f"significant_top{top}"] = [int(trained_svr.significant(e, top).sum()) for e in range(len(table))]
+    table[f"significant_top{top}_at_init"] = [int(initial_svr.significant(e, top).sum())
                                              for e in range(len(table))]
     import pandas as pd
 

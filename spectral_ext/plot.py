@@ -5,11 +5,8 @@ import numpy as np
 
 
 def _axes(ax, figsize):
-    import matplotlib
-
     if ax is not None:
         return ax.figure, ax
-    matplotlib.use(matplotlib.get_backend() if matplotlib.get_backend() else "Agg")
     import matplotlib.pyplot as plt
 
     return plt.subplots(figsize=figsize)
@@ -26,10 +23,7 @@ def svr_graph(svr, ax=None, top: int | None = 64, max_edges: int = 20000):
     segments, weights = [], []
     for k, (a, b) in enumerate(svr.edges):
         A = svr.adjacency(k).double().cpu()
-        mask = A > svr.threshold(k)
-        if top is not None:
-            mask[top:, :] = False
-            mask[:, top:] = False
+        mask = svr.significant(k, top).cpu()
         idx = np.argwhere(mask.numpy())
         vals = A.numpy()[mask.numpy()]
         if len(vals) > max_edges:  # keep the strongest when a figure would drown in lines

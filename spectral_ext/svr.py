@@ -169,8 +169,14 @@ class SVR:
         k2 = c.kernel_area if self.flattening == "svr" else self.layers[c.previous].U.shape[0] // c.previous_channels
         return adjacency_threshold(self.p, k2, c.null_dimension)
 
-    def significant(self, e) -> torch.Tensor:
-        return self.adjacency(e) > self.threshold(e)
+    def significant(self, e, top: int | None = None) -> torch.Tensor:
+        """Coefficients above the threshold; with `top`, only among the top
+        spectral neurons of both maps (the rest of the mask is False)."""
+        mask = self.adjacency(e) > self.threshold(e)
+        if top is not None:
+            mask[top:, :] = False
+            mask[:, top:] = False
+        return mask
 
     def internal_dimensions(self, e) -> tuple[int, int]:
         """(d_out, d_in), 1-based counts: the (row, column) argmax of
@@ -252,10 +258,7 @@ class SVR:
                            singular_value=float(layer.S[i]), color_intensity=float(intensity[i]))
         for k_edge, (a, b) in enumerate(self.edges):
             A = self.adjacency(k_edge).double().cpu()
-            mask = A > self.threshold(k_edge)
-            if top is not None:
-                mask[top:, :] = False
-                mask[:, top:] = False
+            mask = self.significant(k_edge, top).cpu()
             for n_, m_ in torch.nonzero(mask).tolist():
                 G.add_edge((a, m_), (b, n_), weight=float(A[n_, m_]))
         return G
