@@ -52,3 +52,306 @@ def test_errors():
         se.numerical_rank(torch.eye(2), eps=-1.0)
     with pytest.raises(TypeError, match="W must be float32 or float64"):
         se.numerical_rank(torch.eye(2, dtype=torch.int64))
+
+
+# --- partial rank of the Jacobian (section 3.2, Lemma 2) ---------------------------------------
+
+import math
+import warnings
+
+import numpy as np
+from torch import nn
+
+from spectral_ext import rank as R
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 3), nn.Flatten(),
+                         nn.Linear(2 * 6 * 6, 5)).double().eval()
+
+
+def explicit_ranks(model, x1, patch, names):
+    """Independent route: the whole Jacobian of each captured output by
+    torch.autograd.functional.jacobian, then the patch's columns."""
+    modules = dict(model.named_modules())
+    ranks = []
+    for name in names:
+        def f(inp, name=name):
+            out = {}
+            handle = modules[name].register_forward_hook(lambda m, a, o: out.__setitem__("o", o)) if name else None
+            y = model(inp)
+            if handle:
+                handle.remove()
+            return (out["o"] if name else y).reshape(-1)
+        J = torch.autograd.functional.jacobian(f, x1).reshape(-1, *x1.shape[1:])
+        columns = J[(slice(None), Ellipsis) + patch].reshape(J.shape[0], -1)
+        ranks.append(int(se.numerical_rank(columns)))
+    return ranks
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
+def test_partial_rank_equals_the_rank_of_the_explicit_jacobian(mode):
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    patches = [(slice(2, 6), slice(2, 6)), (slice(0, 3), slice(1, 8))]
+    df = se.jacobian_partial_rank(model, x, patches, layers=["0", "1", "2", "4"], mode=mode, progress=False)
+    assert list(df.columns[:6]) == ["sample", "patch", "layer", "rank", "features", "patch_size"]
+    assert list(df["layer"][:5]) == ["0", "1", "2", "4", "output"] and len(df) == 2 * 2 * 5
+    for n in range(2):
+        for patch in patches:
+            label = "[" + ", ".join(f"{s.start}:{s.stop}" for s in patch) + "]"
+            got = df[(df["sample"] == n) & (df["patch"] == label)]
+            expected = explicit_ranks(model, x[n:n + 1], patch, ["0", "1", "2", "4", ""])
+            assert got["rank"].tolist() == expected
+            assert int(got["patch_size"].iloc[0]) == 3 * (patch[0].stop - patch[0].start) * (patch[1].stop - patch[1].start)
+
+
+def test_partial_rank_does_not_increase_along_a_chain_and_sees_bottlenecks():
+    """Lemma 2 / Theorem 2 on a random MLP whose widths go up and down; a
+    width-3 bottleneck caps every later rank at 3."""
+    torch.manual_seed(2)
+    widths = [12, 10, 14, 3, 9, 11, 5]
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    model = nn.Sequential(*layers).double()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    for patch in (None, slice(0, 5), slice(4, 12)):
+        df = se.jacobian_partial_rank(model, x, patch, progress=False)
+        for _, part in df.groupby("sample"):
+            ranks = part["rank"].to_numpy()
+            assert (np.diff(ranks) <= 0).all(), ranks
+            assert ranks[0] == min(10, 12 if patch is None else patch.indices(12)[1] - patch.indices(12)[0])
+            assert (ranks[part["layer"].tolist().index("6"):] <= 3).all()
+
+
+def test_partial_rank_with_a_low_rank_map_and_a_tolerance():
+    U = torch.randn(20, 2, dtype=torch.float64) @ torch.randn(2, 16, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(16, 20, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(U)
+    df = se.jacobian_partial_rank(model, torch.randn(1, 16, dtype=torch.float64), None, progress=False)
+    assert df["rank"].tolist() == [2, 2]
+    assert se.jacobian_partial_rank(model, torch.randn(1, 16, dtype=torch.float64), None, eps=2.0,
+                                    progress=False)["rank"].tolist() == [0, 0]
+
+
+def test_partial_rank_errors():
+    model = small_cnn()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="layers names no submodule"):
+        se.jacobian_partial_rank(model, x, None, layers=["nope"])
+    with pytest.raises(TypeError, match=r"patch must be \(row_slice, col_slice\)"):
+        se.jacobian_partial_rank(model, x, slice(0, 2))
+    with pytest.raises(ValueError, match="non-empty contiguous"):
+        se.jacobian_partial_rank(model, x, (slice(4, 2), slice(0, 2)))
+    with pytest.raises(ValueError, match="mode must be"):
+        se.jacobian_partial_rank(model, x, None, mode="sideways")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        se.jacobian_partial_rank(model, torch.full_like(x, float("nan")), None)
+
+
+# --- perturbed PCA dimension (appendix E) ---------------------------------------------------------
+
+def test_perturbed_pca_dimension_of_a_linear_map_is_its_rank():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(12, 4, dtype=torch.float64, generator=g) @ torch.randn(4, 9, dtype=torch.float64, generator=g)
+    model = nn.Sequential(nn.Linear(9, 12), nn.Tanh(), nn.Linear(12, 6)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(0.05 * W)  # tanh stays near its linear range: no saturation
+        model[0].bias.zero_()
+    x = 0.1 * torch.randn(2, 9, dtype=torch.float64, generator=g)
+    df = se.perturbed_pca_dimension(model, x, n_perturbations=100, batch_size=30, generator=g, progress=False)
+    assert list(df.columns) == ["sample", "layer", "pca_dimension", "delta_dimension"]
+    for _, part in df.groupby("sample"):
+        assert part["layer"].tolist() == ["input", "0", "1", "2", "output"]
+        # a small neighbourhood is mapped linearly: rank 4 survives tanh and the last layer
+        assert part["pca_dimension"].tolist() == [9, 4, 4, 4, 4]
+        assert part["delta_dimension"].tolist() == [0, -5, -5, -5, -5]
+    fewer = se.perturbed_pca_dimension(model, x[:1], n_perturbations=5, generator=g, progress=False)
+    assert fewer["pca_dimension"].iloc[0] == 4  # 5 centred samples span at most 4 dimensions
+
+
+def test_pca_dimension_counts_eigenvalues_above_the_tolerance():
+    g = torch.Generator().manual_seed(4)
+    Z = torch.randn(500, 6, dtype=torch.float64, generator=g) * torch.tensor([1, 1, 1, 1e-2, 1e-5, 0], dtype=torch.float64)
+    # eigenvalues are variances: about 1, 1, 1, 1e-4, 1e-10, 0; default tolerance 6 x 1.19e-7
+    assert R.pca_dimension(Z) == 4
+    assert R.pca_dimension(Z, eps=1e-12) == 5 and R.pca_dimension(Z, eps=1e-3) == 3
+    eig = R.pca_eigenvalues(Z)
+    torch.testing.assert_close(eig, torch.linalg.eigvalsh(torch.cov(Z.T)).flip(0).clamp_min(0), atol=1e-12, rtol=1e-9)
+
+
+# --- classification dimension (section 3.3) ----------------------------------------------------------
+
+def classification_problem(d=24, N=600, classes=5, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(N, d, dtype=torch.float64, generator=g) * torch.logspace(0, -2, d, dtype=torch.float64)
+    head = nn.Linear(d, classes).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(classes, d, dtype=torch.float64, generator=g))
+        head.bias.zero_()
+    labels = head(F).argmax(-1)
+    flip = torch.rand(N, generator=g) < 0.1  # some errors, so the full accuracy is below 1
+    labels = torch.where(flip, (labels + 1) % classes, labels)
+    return F, labels, head
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_classification_dimension_matches_a_full_scan(center):
+    F, labels, head = classification_problem()
+    result = se.classification_dimension(F, labels, head, ratio=0.95, center=center)
+    curve = R.projection_accuracy(F, labels, head, range(1, F.shape[1] + 1), center=center)
+    full = float((head(F).argmax(-1) == labels).double().mean())
+    assert result.full_accuracy == pytest.approx(full) and 0.8 < full < 1
+    passing = curve[curve["accuracy"] >= 0.95 * full]["k"]
+    assert result.dimension == int(passing.min())
+    assert result.accuracy >= result.target == pytest.approx(0.95 * full)
+    assert len(result.evaluations) <= 2 * math.ceil(math.log2(F.shape[1])) + 2  # bisection, not a scan
+
+
+def test_classification_dimension_projects_onto_the_top_eigenvectors():
+    """Features living in a 3-dimensional subspace: 3 eigenvectors keep all of
+    the accuracy, and the projection is by hand Q Q^T f."""
+    g = torch.Generator().manual_seed(6)
+    basis = torch.linalg.qr(torch.randn(10, 3, dtype=torch.float64, generator=g))[0]
+    F = torch.randn(400, 3, dtype=torch.float64, generator=g) * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) @ basis.T
+    head = nn.Linear(10, 4).double()
+    labels = head(F).argmax(-1)
+    result = se.classification_dimension(F, labels, head, ratio=1.0)
+    assert result.dimension <= 3 and result.accuracy == 1.0
+
+
+def test_classification_dimension_verifies_monotonicity():
+    F, labels, _ = classification_problem(d=16)
+
+    def picky(features):  # right only at rank 1 or full rank: not monotone in k
+        good = int(torch.linalg.matrix_rank(features)) in (1, 16)
+        return nn.functional.one_hot(labels if good else (labels + 1) % 5, 5).double()
+
+    with pytest.warns(RuntimeWarning, match="not monotone"):
+        result = se.classification_dimension(F, labels, picky)
+    assert result.dimension == 1
+
+
+def test_classification_dimension_errors():
+    F, labels, head = classification_problem()
+    with pytest.raises(ValueError, match="labels has 3 entries"):
+        se.classification_dimension(F, labels[:3], head)
+    with pytest.raises(ValueError, match="ratio must be"):
+        se.classification_dimension(F, labels, head, ratio=1.5)
+    with pytest.raises(ValueError, match="classifier must map"):
+        se.classification_dimension(F, labels, lambda f: f.sum(-1))
+
+
+# --- independence deficit (section 5) -----------------------------------------------------------------
+
+def deficit_logits(N=2000, C=10, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(N, C, dtype=torch.float64, generator=g)
+    Z[:, 0] = 0.7 * Z[:, 3] - 0.4 * Z[:, 7]
+    return Z, Z.argmax(-1)
+
+
+def test_independence_deficit_finds_the_exact_combination_and_satisfies_kkt():
+    Z, labels = deficit_logits()
+    eta = 0.01
+    result = se.independence_deficit(Z, labels, eta=eta)
+    assert result.converged and result.support(0) == [3, 7]
+    a = result.coefficients[:, 0]
+    # KKT by hand for class 0: gradient of mean (z0 - Z a)^2 is -2 Z^T (z0 - Z a) / N
+    grad = -2 * Z.T @ (Z[:, 0] - Z @ a) / Z.shape[0]
+    on = a != 0
+    assert torch.allclose(grad[on], -eta * torch.sign(a[on]), atol=1e-6)
+    assert (grad[~on][1:].abs() <= eta + 1e-6).all()  # off the support (class 0 itself excluded)
+    assert a[3] == pytest.approx(0.7, abs=0.02) and a[7] == pytest.approx(-0.4, abs=0.02)
+    assert float(R.lasso_kkt_violation(Z.T @ Z / Z.shape[0], result.coefficients, eta).max()) <= 1e-6
+    assert (torch.diagonal(result.coefficients) == 0).all()
+    row = result.frame.iloc[0]
+    assert row["n_support"] == 2 and row["r2"] > 0.999
+
+
+def test_independence_deficit_without_penalty_is_least_squares():
+    g = torch.Generator().manual_seed(8)
+    Z = torch.randn(300, 5, dtype=torch.float64, generator=g)
+    result = se.independence_deficit(Z, Z.argmax(-1), eta=0.0, tol=1e-12)
+    for i in range(5):
+        others = [j for j in range(5) if j != i]
+        solution = torch.linalg.lstsq(Z[:, others], Z[:, i:i + 1]).solution[:, 0]
+        torch.testing.assert_close(result.coefficients[others, i], solution, atol=1e-7, rtol=1e-6)
+
+
+def test_independence_deficit_accuracies_match_a_loop():
+    Z, labels = deficit_logits(N=500, C=8, seed=9)
+    labels = torch.where(torch.arange(500) % 7 == 0, (labels + 1) % 8, labels)
+    result = se.independence_deficit(Z, labels, eta=0.05)
+    for i in range(8):
+        replaced = Z.clone()
+        replaced[:, i] = Z @ result.coefficients[:, i]
+        prediction = replaced.argmax(-1)
+        row = result.frame.iloc[i]
+        assert row["accuracy"] == pytest.approx(float((prediction == labels).double().mean()))
+        mask = labels == i
+        assert row["positive_accuracy"] == pytest.approx(float((prediction[mask] == i).double().mean()))
+        assert row["original_accuracy"] == pytest.approx(float((Z.argmax(-1) == labels).double().mean()))
+
+
+def test_independence_deficit_errors():
+    Z, labels = deficit_logits(N=50, C=8)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        se.independence_deficit(Z, labels + 8)
+    with pytest.raises(ValueError, match="eta must be"):
+        se.independence_deficit(Z, labels, eta=-1)
+    with pytest.warns(RuntimeWarning, match="the Lasso stopped"):
+        se.independence_deficit(Z, labels, eta=1e-3, max_iter=1, tol=1e-15)
+
+
+# --- structural impetus and Theorem 5 ----------------------------------------------------------------
+
+def test_structural_impetus_probe():
+    df = R.structural_impetus(channels=4, size=4, n_samples=300, progress=False)
+    assert set(df["component"]) == {"conv3x3", "fc", "batchnorm", "layernorm", "instancenorm", "groupnorm",
+                                    "attention", "relu"}
+    before = df[df["stage"] == "before"].set_index("component")
+    after = df[df["stage"] == "after"].set_index("component")
+    # the Jacobian of component o fc has rank at most that of fc (rank of a product)
+    assert (after["jacobian_rank"] <= before["jacobian_rank"]).all()
+    assert (df["pca_dimension"] <= 64).all() and (df["jacobian_rank"] <= 64).all()
+    # normalisations remove the mean (and scale) of each group: at least one dimension per group lost
+    assert after.loc["instancenorm", "jacobian_rank"] <= 64 - 4
+    assert after.loc["layernorm", "jacobian_rank"] <= 64 - 1
+
+
+def test_mlp_slopes_agree_with_theorem_5():
+    """Measured: the mean slope of log(sigma_k/sigma_1) over 10 Gaussian
+    products of depth 120 is within 0.006 of Theorem 5 (n = 6, k = 2, 3:
+    -0.113 vs -0.110, -0.244 vs -0.250); the per-run spread is about 0.04."""
+    n, theory = 6, R.theorem5_slopes(6)
+    assert theory[0] == 0 and bool((theory[1:] < theory[:-1]).all())
+    for k in (2, 3):
+        slopes = []
+        for seed in range(10):
+            df = R.mlp_rank_decay(depth=120, width=n, eps=0.0, ks=(k,), dtype=torch.float64,
+                                  generator=torch.Generator().manual_seed(seed), progress=False)
+            y, ok = df[f"log_ratio_{k}"].to_numpy(), df[f"log_ratio_{k}"].notna().to_numpy()
+            slopes.append(np.polyfit(df["layer"].to_numpy()[ok], y[ok], 1)[0])
+        assert abs(np.mean(slopes) - float(theory[k - 1])) < 0.03
+
+
+def test_mlp_rank_decay_is_monotone_and_plots():
+    df = R.mlp_rank_decay(depth=25, width=32, dtype=torch.float32, progress=False)
+    assert (np.diff(df["jacobian_rank"]) <= 0).all() and df["jacobian_rank"].iloc[-1] < 32
+    assert df["feature_dimension"].iloc[-1] < df["feature_dimension"].iloc[0] <= 32
+    # float32 rounding can move the feature dimension by one at the threshold; float64 cannot
+    exact = R.mlp_rank_decay(depth=25, width=32, dtype=torch.float64, progress=False)
+    assert (np.diff(exact["feature_dimension"]) <= 0).all() and (np.diff(exact["jacobian_rank"]) <= 0).all()
+    import matplotlib
+    matplotlib.use("Agg")
+    from spectral_ext import plot
+    assert plot.rank_decay(df).axes[0].get_yscale() == "log"
+    F, labels, head = classification_problem()
+    assert se.classification_dimension(F, labels, head).plot() is not None
+    frame = se.jacobian_partial_rank(small_cnn(), torch.randn(1, 3, 8, 8, dtype=torch.float64),
+                                     [(slice(0, 4), slice(0, 4)), (slice(4, 8), slice(4, 8))], progress=False)
+    assert len(plot.partial_rank(frame).axes[0].lines) == 2

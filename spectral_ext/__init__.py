@@ -19,7 +19,8 @@ from . import reference
 from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, signal_projection,
                    sinkhorn, use_backend)
 from .layers import ModelGraph, discover
-from .rank import numerical_rank, stable_rank
+from .rank import (classification_dimension, independence_deficit, jacobian_partial_rank, numerical_rank,
+                   perturbed_pca_dimension, stable_rank)
 from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_activations, svr, svr_many
 
 __version__ = "0.1.0"
@@ -44,7 +45,8 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "ModelGraph", "SVR", "build_info", "co_svr", "conv_adjacency", "current_backend", "discover",
-    "kernel_connections", "max_kernel_gram", "numerical_rank", "reference", "signal_projection", "sinkhorn",
+    "ModelGraph", "SVR", "build_info", "classification_dimension", "co_svr", "conv_adjacency", "current_backend",
+    "discover", "independence_deficit", "jacobian_partial_rank", "kernel_connections", "max_kernel_gram",
+    "numerical_rank", "perturbed_pca_dimension", "reference", "signal_projection", "sinkhorn",
     "sobel_similarity", "spectral_activations", "stable_rank", "svr", "svr_many", "use_backend",
 ]

@@ -69,3 +69,49 @@ def adjacency_heatmap(svr, e, ax=None):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def partial_rank(frame, ax=None):
+    """Seed 003 Fig. 1 (a-c): partial rank of the Jacobian per layer, one line
+    per patch (appendix D), averaged over samples."""
+    fig, ax = _axes(ax, (max(6, 0.45 * frame["layer"].nunique()), 4))
+    for patch, part in frame.groupby("patch", sort=False):
+        mean = part.groupby("layer", sort=False)["rank"].mean()
+        ax.plot(range(len(mean)), mean.to_numpy(), marker="o", ms=3, label=f"patch {patch}")
+        ax.set_xticks(range(len(mean)))
+        ax.set_xticklabels(mean.index, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("numerical rank of the partial Jacobian")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def classification_dimension(result, ax=None):
+    """Seed 003 Fig. 2: accuracy against the fraction of eigenvectors kept,
+    with the target and the classification dimension marked."""
+    fig, ax = _axes(ax, (5, 4))
+    ev = result.evaluations
+    ax.plot(ev["fraction"], ev["accuracy"], marker="o", ms=3)
+    ax.axhline(result.target, color="tab:red", lw=0.8, label=f"target {result.target:.3f}")
+    ax.axvline(ev["fraction"].iloc[0] * result.dimension / ev["k"].iloc[0], color="tab:green", lw=0.8,
+               label=f"ClsDim = {result.dimension}")
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of eigenvectors kept (k / d)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def rank_decay(frame, ax=None):
+    """Seed 003 Fig. 1 (d-f): Jacobian rank and feature dimension of the
+    Gaussian MLP against depth, on a log scale (Theorem 5's exponential law)."""
+    fig, ax = _axes(ax, (5, 4))
+    ax.plot(frame["layer"], frame["jacobian_rank"], label="rank of the Jacobian")
+    ax.plot(frame["layer"], frame["feature_dimension"], label="feature dimension")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("numerical rank")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
