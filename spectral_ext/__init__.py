@@ -21,6 +21,9 @@ from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, 
 from .layers import ModelGraph, discover
 from .rank import (classification_dimension, independence_deficit, jacobian_partial_rank, numerical_rank,
                    perturbed_pca_dimension, stable_rank)
+from .similarity import cka, procrustes, similarity_matrix
+from .stitching import stitch, stitching_penalty
+from .symmetry import apply_symmetry, intertwiner_group
 from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_activations, svr, svr_many
 
 __version__ = "0.1.0"
@@ -45,8 +48,9 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "ModelGraph", "SVR", "build_info", "classification_dimension", "co_svr", "conv_adjacency", "current_backend",
-    "discover", "independence_deficit", "jacobian_partial_rank", "kernel_connections", "max_kernel_gram",
-    "numerical_rank", "perturbed_pca_dimension", "reference", "signal_projection", "sinkhorn",
-    "sobel_similarity", "spectral_activations", "stable_rank", "svr", "svr_many", "use_backend",
+    "ModelGraph", "SVR", "apply_symmetry", "build_info", "cka", "classification_dimension", "co_svr", "conv_adjacency", "current_backend",
+    "discover", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections", "max_kernel_gram",
+    "numerical_rank", "perturbed_pca_dimension", "procrustes", "reference", "signal_projection", "sinkhorn",
+    "similarity_matrix", "sobel_similarity", "spectral_activations", "stable_rank", "stitch", "stitching_penalty",
+    "svr", "svr_many", "use_backend",
 ]

@@ -34,12 +34,13 @@ def digits_mlp(width: int = 64, bias: bool = False) -> nn.Sequential:
 
 
 def train(model: nn.Module, x, y, epochs: int = 30, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
-          progress: bool = False) -> nn.Module:
-    """Adam on cross-entropy; deterministic under `seed`."""
+          progress: bool = False, parameters=None) -> nn.Module:
+    """Adam on cross-entropy; deterministic under `seed`. parameters: what
+    to train (default all of the model's)."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters() if parameters is None else parameters, lr=lr)
     model.train()
     for _ in tqdm(range(epochs), desc="training", disable=not progress, leave=False):
         for batch in torch.randperm(len(y), generator=g).split(batch_size):

@@ -115,3 +115,23 @@ def rank_decay(frame, ax=None):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def similarity_heatmap(frame, ax=None, title: str | None = None):
+    """Seed 004 Fig. 2/5: similarity of every layer pair as a heatmap, model
+    a's layers as rows, model b's as columns."""
+    fig, ax = _axes(ax, (6, 5))
+    table = frame.pivot(index="layer_a", columns="layer_b", values="value")
+    table = table.loc[list(dict.fromkeys(frame["layer_a"])), list(dict.fromkeys(frame["layer_b"]))]
+    image = ax.imshow(table.to_numpy(), cmap="magma", vmin=0, vmax=1, origin="lower")
+    ax.set_xticks(range(table.shape[1]))
+    ax.set_xticklabels(table.columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(table.shape[0]))
+    ax.set_yticklabels(table.index, fontsize=7)
+    ax.set_xlabel("model b")
+    ax.set_ylabel("model a")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig

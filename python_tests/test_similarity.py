@@ -1,0 +1,192 @@
+"""Dissimilarity measures (seed 004 section 5, appendix D.7, E.8)."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spectral_ext as se
+from spectral_ext import similarity as S
+from spectral_ext.symmetry import element_matrix
+
+
+def features(n=120, c=8, hw=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, c, hw, hw, dtype=torch.float64, generator=g).relu()
+    return X, g
+
+
+def grelu_copy(X, g):
+    """X P D + 1 v': a permuted, positively scaled, shifted copy of the channels."""
+    c = X.shape[1]
+    perm = torch.randperm(c, generator=g)
+    scale = torch.exp(torch.randn(c, dtype=torch.float64, generator=g))
+    shift = torch.randn(c, dtype=torch.float64, generator=g)
+    A = element_matrix(perm, scale)
+    return torch.einsum("dc,nc...->nd...", A, X) + shift.reshape(1, c, *([1] * (X.dim() - 2)))
+
+
+def rotated(X, g):
+    Q = torch.linalg.qr(torch.randn(X.shape[1], X.shape[1], dtype=torch.float64, generator=g))[0]
+    return 2.5 * torch.einsum("dc,nc...->nd...", Q, X)
+
+
+def u_statistic_hsic(K, L):
+    """HSIC_1 written as the U-statistic it estimates (Song et al. 2012,
+    Theorem 2): an independent route by explicit sums over distinct indices."""
+    n = K.shape[0]
+    t1 = sum(K[i, j] * L[i, j] for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
+    t2 = sum(K[i, j] * L[q, r] for i, j, q, r in itertools.permutations(range(n), 4)) / (n * (n - 1) * (n - 2) * (n - 3))
+    t3 = sum(K[i, j] * L[i, q] for i, j, q in itertools.permutations(range(n), 3)) / (n * (n - 1) * (n - 2))
+    return float(t1 + t2 - 2 * t3)
+
+
+def test_unbiased_hsic_is_the_u_statistic_and_biased_is_the_trace_formula():
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(7, 3, dtype=torch.float64, generator=g), torch.randn(7, 2, dtype=torch.float64, generator=g)
+    K, L = A @ A.T, (B @ B.T).square()
+    assert float(S.hsic(K[None], L[None])[0, 0]) == pytest.approx(u_statistic_hsic(K, L), rel=1e-10)
+    H = torch.eye(7, dtype=torch.float64) - 1.0 / 7
+    biased = float(torch.trace(K @ H @ L @ H)) / 36
+    assert float(S.hsic(K[None], L[None], unbiased=False)[0, 0]) == pytest.approx(biased, rel=1e-12)
+
+
+def test_linear_cka_matches_the_feature_space_formula():
+    X, g = features()
+    Y = X + 0.5 * torch.randn(X.shape, dtype=torch.float64, generator=g)
+    Xc = X.reshape(len(X), -1) - X.reshape(len(X), -1).mean(0)
+    Yc = Y.reshape(len(Y), -1) - Y.reshape(len(Y), -1).mean(0)
+    expected = float((Yc.T @ Xc).norm() ** 2 / ((Xc.T @ Xc).norm() * (Yc.T @ Yc).norm()))
+    assert se.cka(X, Y, "linear", unbiased=False) == pytest.approx(expected, rel=1e-10)
+
+
+def test_max_kernel_is_the_paper_formula_without_the_nnc_tensor():
+    X, _ = features(n=30, c=5)
+    Xn = S.channel_normalize(X.reshape(30, 5, -1))
+    # appendix D.7.2 literally: the (N, N, C) tensor, then the max over channels
+    U = torch.einsum("mcs,ncs->mnc", Xn, Xn)
+    torch.testing.assert_close(S.kernel_matrix(X.reshape(30, 5, -1), "max"), U.amax(-1))
+    flat = X.reshape(30, 5, 9)[:, :, 4]  # (N, d) features: definition 5.3's max(x~_i * x~_j)
+    tilde = (flat - flat.mean(0)) / (flat - flat.mean(0)).norm(dim=0)
+    K = S.kernel_matrix(flat[:, :, None], "max")
+    assert float(K[2, 7]) == pytest.approx(float((tilde[2] * tilde[7]).max()))
+
+
+@pytest.mark.parametrize("kernel", ["max", "laplace"])
+def test_grelu_measures_are_one_on_a_grelu_copy_and_invariant(kernel):
+    X, g = features()
+    Y = grelu_copy(X, g)
+    assert se.cka(X, Y, kernel) == pytest.approx(1.0, abs=1e-9)
+    Z = torch.randn(X.shape, dtype=torch.float64, generator=g)
+    value = se.cka(X, Z, kernel)
+    assert se.cka(grelu_copy(X, g), grelu_copy(Z, g), kernel) == pytest.approx(value, abs=1e-9)
+    assert abs(value) < 0.2
+
+
+def test_orthogonal_measures_are_one_on_a_rotated_copy_and_the_max_kernel_is_not():
+    X, g = features()
+    R = rotated(X, g)
+    for kernel in ("linear", "rbf"):
+        assert se.cka(X, R, kernel) == pytest.approx(1.0, abs=1e-9)
+    assert se.procrustes(X, R, "orthogonal") == pytest.approx(1.0, abs=1e-12)
+    assert se.cka(X, R, "max") < 0.9  # not invariant to rotations
+    assert se.procrustes(X, R, "grelu") < 0.9
+
+
+def test_grelu_procrustes_matches_brute_force_over_permutations():
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(50, 4, dtype=torch.float64, generator=g), torch.randn(50, 4, dtype=torch.float64, generator=g)
+    similarity, delta = se.procrustes(X, Y, "grelu", return_distance=True)
+
+    def tilde(M):
+        M = M - M.mean(0)
+        return M / M.norm(dim=0)
+
+    Xt, Yt = tilde(X), tilde(Y)
+    best = min(float((Xt - Yt[:, list(p)]).norm()) for p in itertools.permutations(range(4)))
+    assert delta == pytest.approx(best, rel=1e-10)
+    assert similarity == pytest.approx(1 - best / (2 * 2.0), rel=1e-12)
+    assert se.procrustes(X, grelu_copy(X, g), "grelu") == 1.0  # clamped: exact at alignment
+
+
+def test_orthogonal_procrustes_matches_scipy():
+    from scipy.linalg import orthogonal_procrustes
+
+    X, g = features(n=80, c=6)
+    Y = X + torch.randn(X.shape, dtype=torch.float64, generator=g)
+    similarity, delta = se.procrustes(X, Y, "orthogonal", return_distance=True)
+
+    def unit(M):  # channels as columns, positions as extra rows (D.2 sums over n, h, w)
+        M = M.permute(0, 2, 3, 1).reshape(-1, M.shape[1])
+        M = M - M.mean(0)
+        return (M / M.norm()).numpy()
+
+    R, _ = orthogonal_procrustes(unit(Y), unit(X))
+    assert delta == pytest.approx(float(np.linalg.norm(unit(X) - unit(Y) @ R)), rel=1e-9)
+    assert 0 <= similarity <= 1
+
+
+def test_values_in_unit_interval_and_minibatches():
+    X, g = features(n=200)
+    Y = X + 2 * torch.randn(X.shape, dtype=torch.float64, generator=g)
+    for kernel in S.KERNELS:
+        for unbiased in (True, False):
+            assert 0 <= se.cka(X, Y, kernel, unbiased=unbiased) <= 1
+        full = se.cka(X, Y, kernel)
+        assert se.cka(X, Y, kernel, batch_size=200) == pytest.approx(full, abs=1e-12)
+        assert se.cka(X, Y, kernel, batch_size=50) == pytest.approx(full, abs=0.1)
+    for group in S.GROUPS:
+        assert 0 <= se.procrustes(X, Y, group) <= 1
+
+
+def test_example_e44_the_max_kernel_is_not_psd():
+    x = torch.tensor([[1.0, 1.0], [10.0, 1.0], [0.0, 5.0]], dtype=torch.float64)
+    K = se.max_kernel_gram(x[:, :, None])
+    c = torch.tensor([10.0, -1.0, -1.0], dtype=torch.float64)
+    assert float(c @ K @ c) == -65.0
+    assert float(torch.linalg.eigvalsh(K)[0]) < 0
+
+
+def test_similarity_matrix_of_a_model_and_its_grelu_twin():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 36, 4)).double()
+    x = torch.randn(64, 3, 6, 6, dtype=torch.float64)
+    twin, _ = se.apply_symmetry(model, x[:4], generator=torch.Generator().manual_seed(1))
+    loader = list(x.split(16))
+    layers = ["1", "3"]
+    df = se.similarity_matrix(model, twin, loader, layers, kernel="max", progress=False)
+    assert list(df.columns) == ["layer_a", "layer_b", "value"] and len(df) == 4
+    diagonal = df[df["layer_a"] == df["layer_b"]]["value"]
+    assert np.allclose(diagonal, 1.0, atol=1e-9)  # G_ReLU-CKA sees through the symmetry
+    linear = se.similarity_matrix(model, twin, loader, layers, kernel="linear", progress=False)
+    assert (linear[linear["layer_a"] == linear["layer_b"]]["value"] < 0.999).any()  # the scaling is not orthogonal
+    proc = se.similarity_matrix(model, twin, loader, layers, measure="procrustes", group="grelu", progress=False)
+    assert np.allclose(proc[proc["layer_a"] == proc["layer_b"]]["value"], 1.0)
+    assert proc.query("layer_a == '3' and layer_b == '1'")["value"].isna().all()  # 8 vs 6 channels
+    # one pass over the batches gives the whole-data Procrustes
+    orth = se.similarity_matrix(model, twin, loader, layers, measure="procrustes", progress=False)
+    with torch.no_grad():
+        whole = se.procrustes(model[:2](x), twin[:4](x), "orthogonal")
+    assert float(orth.query("layer_a == '1' and layer_b == '3'")["value"].iloc[0]) == pytest.approx(whole, abs=1e-10)
+    import matplotlib
+    matplotlib.use("Agg")
+    from spectral_ext import plot
+    assert plot.similarity_heatmap(df).axes
+
+
+def test_similarity_errors():
+    X, _ = features(n=10)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        se.cka(X, X, "cosine")
+    with pytest.raises(ValueError, match="same N samples"):
+        se.cka(X, X[:5])
+    with pytest.raises(ValueError, match="group must be one of"):
+        se.procrustes(X, X, "affine")
+    with pytest.raises(ValueError, match="X contains NaN"):
+        se.cka(torch.full_like(X, float("nan")), X)
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        se.cka(X[:3], X[:3])
+    with pytest.raises(ValueError, match="equal channel counts"):
+        se.procrustes(X, X[:, :4], "grelu")

@@ -1,0 +1,456 @@
+"""Intertwiner groups of activations and the weight-space symmetries they
+induce (seed 004 section 3, Table 1, appendix E.2, E.9)."""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from . import _checks
+from .layers import discover
+
+
+def sigma_of_matrix(activation: Callable, A: torch.Tensor) -> torch.Tensor:
+    """sigma(A): the activation applied to every entry of A."""
+    return activation(A)
+
+
+def phi(activation: Callable, A: torch.Tensor) -> torch.Tensor:
+    """phi_sigma(A) = sigma(A) sigma(I)^-1 (Lemma 3.1): the matrix with
+    sigma_n o A = phi_sigma(A) o sigma_n for A in the intertwiner group."""
+    _checks.tensor("A", A, ndims=(2,), shape="(n, n)")
+    if A.shape[0] != A.shape[1]:
+        raise ValueError(f"A must be square, got {tuple(A.shape)}")
+    identity = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    sigma_identity = sigma_of_matrix(activation, identity)
+    return torch.linalg.solve(sigma_identity, sigma_of_matrix(activation, A), left=False)
+
+
+def _is_generalized_permutation(A: torch.Tensor, atol: float):
+    """A = P D: exactly one entry of magnitude > atol per row and per column."""
+    big = A.abs() > atol
+    return bool((big.sum(0) == 1).all()) and bool((big.sum(1) == 1).all())
+
+
+@dataclass
+class IntertwinerGroup:
+    """G_sigma_n of an activation (Definition 3.2). kind is "general_linear"
+    (all of GL_n), "scaled_permutations" (P D) or "permutations" (Sigma_n);
+    scales says what D may hold: "any" (non-zero), "positive", "sign"
+    ({+-1}) or "one"."""
+    name: str
+    activation: Callable
+    kind: str
+    scales: str
+    phi_description: str
+
+    def __repr__(self) -> str:
+        return f"IntertwinerGroup({self.name}: {self.description})"
+
+    @property
+    def description(self) -> str:
+        if self.kind == "general_linear":
+            return "GL_n (every invertible matrix), phi(A) = A"
+        what = {"positive": "P D, D positive diagonal", "sign": "P D, D diagonal with entries +-1",
+                "any": "P D, D invertible diagonal", "one": "permutation matrices P"}[self.scales]
+        return f"{what}; phi(A) = {self.phi_description}"
+
+    def contains(self, A: torch.Tensor, atol: float = 1e-8) -> bool:
+        """Membership test of Table 1 (Theorem E.14: generalized permutations
+        whose scales lie in G_sigma_1)."""
+        _checks.tensor("A", A, ndims=(2,), shape="(n, n)")
+        if A.shape[0] != A.shape[1]:
+            return False
+        if self.kind == "general_linear":
+            return bool(torch.linalg.matrix_rank(A) == A.shape[0])
+        if not _is_generalized_permutation(A, atol):
+            return False
+        d = A[A.abs() > atol]
+        if self.scales == "positive":
+            return bool((d > 0).all())
+        if self.scales == "sign":
+            return bool(((d.abs() - 1).abs() <= atol).all())
+        if self.scales == "one":
+            return bool(((d - 1).abs() <= atol).all())
+        return True
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64) -> torch.Tensor:
+        """A random element: a random permutation times random admissible
+        scales (lognormal for positive ones, as in section 3.3)."""
+        n = _checks.positive_int("n", n)
+        if self.kind == "general_linear":
+            return torch.randn(n, n, generator=generator, dtype=dtype) + n ** 0.5 * torch.eye(n, dtype=dtype)
+        perm = torch.randperm(n, generator=generator)
+        magnitude = torch.exp(torch.randn(n, generator=generator, dtype=dtype))
+        sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).to(dtype)
+        d = {"positive": magnitude, "sign": sign, "any": sign * magnitude, "one": torch.ones(n, dtype=dtype)}
+        return element_matrix(perm, d[self.scales])
+
+    def phi(self, A: torch.Tensor) -> torch.Tensor:
+        """phi_sigma(A) by Lemma 3.1's formula sigma(A) sigma(I)^-1."""
+        return phi(self.activation, A)
+
+
+def element_matrix(perm: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The matrix A with (A y)_i = scale[perm[i]] y[perm[i]]: P D with
+    P[i, perm[i]] = 1 and D = diag(scale)."""
+    n = perm.numel()
+    A = torch.zeros(n, n, dtype=scale.dtype, device=scale.device)
+    A[torch.arange(n), perm] = scale[perm]
+    return A
+
+
+_TABLE = {
+    "identity": ("general_linear", "any", "A"),
+    "sigmoid": ("permutations", "one", "A"),
+    "relu": ("scaled_permutations", "positive", "A"),
+    "leaky_relu": ("scaled_permutations", "positive", "A"),
+    "rbf": ("scaled_permutations", "sign", "abs(A)"),
+    "polynomial": ("scaled_permutations", "any", "A^(elementwise d)"),
+    "gelu": ("permutations", "one", "A"),
+}
+
+
+def _rbf(x):
+    return torch.exp(-x.square() / 2) / math.sqrt(2 * math.pi)
+
+
+def intertwiner_group(activation, degree: int | None = None, negative_slope: float = 0.01,
+                      n_probe: int = 4, generator: torch.Generator | None = None) -> IntertwinerGroup:
+    """The intertwiner group of an elementwise activation (seed 004 Table 1).
+
+    activation: "identity", "sigmoid", "relu", "leaky_relu" (negative_slope;
+    slope 1 is the identity), "rbf", "polynomial" (degree d >= 2), "gelu"
+    (appendix E.2.1), the matching torch.nn modules, or any elementwise
+    callable, for which the group is computed numerically by the procedure of
+    appendix E.2: Lemma E.7's condition that sigma(I) be invertible, then the
+    n = 1 case (which scalars a have sigma(a x) = b sigma(x) for all x; by
+    Theorem E.14 the group is then the generalized permutations with those
+    scales)."""
+    name, act = _resolve(activation, degree, negative_slope)
+    if name in _TABLE:
+        kind, scales, description = _TABLE[name]
+        if name == "leaky_relu" and negative_slope == 1:
+            kind, scales, description = _TABLE["identity"]
+        return IntertwinerGroup(name, act, kind, scales, description)
+    return _numerical_group(act, n_probe, generator)
+
+
+def _resolve(activation, degree, negative_slope):
+    if isinstance(activation, str):
+        key = activation.lower().replace("-", "_")
+        if key == "polynomial":
+            if not isinstance(degree, int) or degree < 2:
+                raise ValueError(f"the polynomial activation needs an integer degree >= 2, got {degree!r}")
+            return key, (lambda x: x ** degree)
+        functions = {"identity": lambda x: x, "sigmoid": torch.sigmoid, "relu": torch.relu,
+                     "leaky_relu": lambda x: nn.functional.leaky_relu(x, negative_slope), "rbf": _rbf,
+                     "gelu": nn.functional.gelu}
+        if key not in functions:
+            raise ValueError(f"activation must be one of {sorted(_TABLE)}, an nn module or a callable, "
+                             f"got {activation!r}")
+        return key, functions[key]
+    modules = [(nn.Identity, "identity"), (nn.Sigmoid, "sigmoid"), (nn.ReLU, "relu"), (nn.GELU, "gelu")]
+    for cls, key in modules:
+        if type(activation) is cls:
+            return key, activation
+    if type(activation) is nn.LeakyReLU:
+        return ("leaky_relu" if activation.negative_slope != 1 else "identity"), activation
+    if callable(activation):
+        return None, activation
+    raise TypeError(f"activation must be a name, an nn module or a callable, got {type(activation).__name__}")
+
+
+def _numerical_group(act, n_probe, generator) -> IntertwinerGroup:
+    """Appendix E.2 done numerically for an arbitrary elementwise sigma."""
+    one, zero = float(act(torch.tensor(1.0, dtype=torch.float64))), float(act(torch.tensor(0.0, dtype=torch.float64)))
+    if one == zero or math.isclose(one, -(n_probe - 1) * zero):
+        raise ValueError(f"sigma(I) is not invertible (Lemma E.7: sigma(1) = {one}, sigma(0) = {zero}), so the "
+                         "intertwiner group is not defined for this activation")
+    x = torch.linspace(-4, 4, 801, dtype=torch.float64)
+    fx = act(x)
+    if not torch.isfinite(fx).all():
+        raise ValueError("the activation is not finite on [-4, 4]")
+    if torch.allclose(fx, fx[0].expand_as(fx)):
+        raise ValueError("the activation is constant: Theorem E.14 does not apply")
+
+    def scale_works(a: float) -> bool:  # sigma(a x) = b sigma(x) for one b, in least squares
+        fa = act(a * x)
+        denominator = float(fx.square().sum())
+        b = float((fa * fx).sum()) / denominator
+        return bool(torch.allclose(fa, b * fx, atol=1e-9, rtol=1e-7))
+
+    line = x.clone()
+    if torch.allclose(fx, (fx[-1] - fx[0]) / (x[-1] - x[0]) * (line - x[0]) + fx[0], atol=1e-9):
+        return IntertwinerGroup("numerical", act, "general_linear", "any", "A (sigma is affine)")
+    positive = all(scale_works(a) for a in (0.5, 2.0, 3.7))
+    negative_one = scale_works(-1.0)
+    negative = negative_one and all(scale_works(a) for a in (-0.5, -2.0))
+    if positive and negative:
+        scales = "any"
+    elif positive:
+        scales = "positive"
+    elif negative_one:
+        scales = "sign"
+    else:
+        scales = "one"
+    return IntertwinerGroup("numerical", act, "scaled_permutations" if scales != "one" else "permutations", scales,
+                            "sigma(A) sigma(I)^-1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Proposition 3.4 on a whole model
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent = {}
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a, b):
+        self.parent[self.find(a)] = self.find(b)
+
+
+def symmetry_classes(graph) -> list[list[str]]:
+    """Producers whose outputs must share one group element: those read by a
+    common consumer (residual streams and concatenation-free joins, Remark
+    3.6 / appendix E.9.2), in forward order."""
+    uf = _UnionFind()
+    by_consumer: dict[str, list[str]] = {}
+    for c in graph.connections:
+        by_consumer.setdefault(c.next, []).append(c.previous)
+        uf.find(c.previous)
+    for producers in by_consumer.values():
+        for p in producers[1:]:
+            uf.union(producers[0], p)
+    order = list(graph.maps)
+    classes: dict[str, list[str]] = {}
+    for p in sorted(uf.parent, key=order.index):
+        classes.setdefault(uf.find(p), []).append(p)
+    return list(classes.values())
+
+
+def apply_symmetry(model: nn.Module, example_input: torch.Tensor, elements: dict | None = None,
+                   group: str = "relu", generator: torch.Generator | None = None, check: bool = True,
+                   rtol: float = 1e-4, atol: float = 1e-5):
+    """Proposition 3.4 applied to every hidden layer of a model: a new model
+    computing the same function whose hidden features are transformed by
+    group elements, A = P D with P a permutation and D positive ("relu":
+    G_ReLU, Table 1) or D = 1 ("permutation": any elementwise activation).
+
+    A producer (Linear/Conv) followed by BatchNorm gets the appendix E.9.1
+    action: its rows and the BatchNorm statistics are permuted and the
+    scaling goes to the BatchNorm gain and bias (scaling the conv would be
+    normalised away). Consumers get W phi(A)^-1 = W D^-1 P^T on their input
+    columns, including conv -> flatten -> Linear. Producers read by one
+    consumer (a residual stream) share one element (Remark 3.6); the
+    model's final maps are left alone.
+
+    elements: optional {producer name: (perm, scale)} to impose, with
+    (A y)_i = scale[perm[i]] y[perm[i]]; unnamed classes get random elements
+    (lognormal scales). Returns (new_model, elements) where elements maps
+    every transformed producer to its (perm, scale). With check=True the
+    new model is run on example_input and must match the old one, else a
+    ValueError says the transformation cannot be applied to this
+    architecture."""
+    if group not in ("relu", "permutation"):
+        raise ValueError(f"group must be 'relu' or 'permutation', got {group!r}")
+    graph = discover(model, example_input)
+    new = copy.deepcopy(model)
+    new_graph = graph.for_model(new)
+    classes = symmetry_classes(graph)
+    elements = dict(elements or {})
+    unknown = [k for k in elements if k not in graph.maps]
+    if unknown:
+        raise ValueError(f"elements names no linear map of the model: {unknown}")
+    chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for members in classes:
+        sizes = {graph.maps[m].out_channels for m in members}
+        if len(sizes) != 1:
+            raise ValueError(f"maps {members} feed one consumer with different channel counts {sorted(sizes)}; "
+                             "they cannot share a group element")
+        n = sizes.pop()
+        given = [elements[m] for m in members if m in elements]
+        if given:
+            perm, scale = (torch.as_tensor(given[0][0]), torch.as_tensor(given[0][1], dtype=torch.float64))
+            for other in given[1:]:
+                if not (torch.equal(torch.as_tensor(other[0]), perm)
+                        and torch.allclose(torch.as_tensor(other[1], dtype=torch.float64), scale)):
+                    raise ValueError(f"maps {members} share a residual stream (Remark 3.6) and need one element; "
+                                     "elements gives them different ones")
+            if sorted(perm.tolist()) != list(range(n)) or scale.shape != (n,) or not bool((scale > 0).all()):
+                raise ValueError(f"the element for {members[0]} must be a permutation of {n} channels and "
+                                 f"{n} positive scales")
+        else:
+            perm = torch.randperm(n, generator=generator)
+            scale = (torch.exp(torch.randn(n, generator=generator, dtype=torch.float64)) if group == "relu"
+                     else torch.ones(n, dtype=torch.float64))
+        for m in members:
+            chosen[m] = (perm, scale)
+    with torch.no_grad():
+        for name, (perm, scale) in chosen.items():
+            _transform_producer(new_graph.maps[name], perm, scale)
+        done = set()  # a residual stream reaches a consumer once per producer, through the same columns
+        for c in new_graph.connections:
+            key = (c.next, tuple(c.rows.reshape(-1).tolist()))
+            if c.previous in chosen and key not in done:
+                done.add(key)
+                _transform_consumer(new_graph.maps[c.next], c, *chosen[c.previous])
+    if check:
+        with torch.no_grad():
+            was_training = model.training, new.training
+            model.eval(), new.eval()
+            before, after = model(example_input), new(example_input)
+            model.train(was_training[0]), new.train(was_training[1])
+        if not torch.allclose(before, after, rtol=rtol, atol=atol):
+            raise ValueError("apply_symmetry: the transformed model does not compute the same function "
+                             f"(max difference {float((before - after).abs().max()):.3g}); the activations "
+                             "between these maps are not equivariant under the chosen group (for example "
+                             "an activation other than ReLU with group='relu', or a flow that leaves the "
+                             "maps through an attention or matmul)")
+    return new, chosen
+
+
+def _groups(module) -> int:
+    return getattr(module, "groups", 1)
+
+
+def _transform_producer(linear_map, perm, scale):
+    module = linear_map.module
+    if _groups(module) != 1:
+        raise ValueError(f"{linear_map.name} is a grouped convolution: its channels cannot be permuted freely")
+    weight = module.weight
+    s = scale.to(weight.dtype).to(weight.device)[perm]
+    bn = linear_map.batchnorm
+    factor = torch.ones_like(s) if bn is not None else s  # BatchNorm would normalise a scaling away
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    weight.copy_(weight[perm] * factor.reshape(shape))
+    if module.bias is not None:
+        module.bias.copy_(module.bias[perm] * factor)
+    if bn is not None:
+        if bn.running_mean is not None:
+            bn.running_mean.copy_(bn.running_mean[perm])
+            bn.running_var.copy_(bn.running_var[perm])
+        if bn.weight is not None:
+            bn.weight.copy_(bn.weight[perm] * s)
+            bn.bias.copy_(bn.bias[perm] * s)
+        elif not torch.allclose(s, torch.ones_like(s)):
+            raise ValueError(f"the BatchNorm after {linear_map.name} has no affine parameters to carry the scaling")
+
+
+def _transform_consumer(linear_map, connection, perm, scale):
+    module = linear_map.module
+    if _groups(module) != 1:
+        raise ValueError(f"{linear_map.name} is a grouped convolution: its input channels cannot be permuted")
+    n = connection.previous_channels
+    channels = connection.channels.tolist()
+    if sorted(channels) != list(range(n)):
+        raise ValueError(f"{linear_map.name} reads only some channels of {connection.previous}; a permutation "
+                         "would move channels in and out of what it reads")
+    where = {c: k for k, c in enumerate(channels)}
+    matrix = module.weight.view(module.weight.shape[0], -1)
+    old = matrix.clone()
+    s = scale.to(matrix.dtype).to(matrix.device)
+    for i in range(n):
+        source = int(perm[i])
+        matrix[:, connection.rows[where[i]]] = old[:, connection.rows[where[source]]] / s[source]
+
+
+# ---------------------------------------------------------------------------------------------
+# The rotation-penalty experiment (section 3.3, Fig. 4)
+
+
+class ChannelMap(nn.Module):
+    """A fixed linear map of channels (axis 1), a 1x1 convolution for
+    (N, C, H, W) features."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, x):
+        y = torch.tensordot(x, self.matrix.to(x.dtype), dims=([1], [1]))  # (N, *, C)
+        return y.movedim(-1, 1)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _modules_in_order(model, x):
+    order = []
+    handles = [m.register_forward_hook(lambda mod, a, o, name=n: order.append(name))
+               for n, m in model.named_modules() if n and not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def rotation_penalty(model: nn.Module, layer: str, train_data, test_data, transform: str = "grelu",
+                     epochs: int = 5, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
+                     progress: bool = True) -> dict:
+    """Section 3.3's sanity test: at the pre-activation `layer` (a Linear or
+    Conv) apply A, a random G_ReLU element (lognormal scales) or a random
+    orthogonal matrix (Q of a Gaussian's QR), as a fixed channel map; freeze
+    every module up to and including it, fine-tune the later ones with Adam
+    on (x, y) train_data, and report the rotation penalty: test accuracy
+    before minus after. Returns a dict with accuracy_before,
+    accuracy_after, penalty, transform."""
+    if transform not in ("grelu", "orthogonal"):
+        raise ValueError(f"transform must be 'grelu' or 'orthogonal', got {transform!r}")
+    x_train, y_train = train_data
+    x_test, y_test = test_data
+    module = dict(model.named_modules()).get(layer)
+    if module is None or not hasattr(module, "weight"):
+        raise ValueError(f"layer must name a Linear or Conv module of the model, got {layer!r}")
+    n = module.weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    if transform == "grelu":
+        A = intertwiner_group("relu").sample(n, g)
+    else:
+        A = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    new = copy.deepcopy(model)
+    order = _modules_in_order(new, x_train[:2])
+    if layer not in order:
+        raise ValueError(f"layer {layer!r} did not run in the forward pass")
+    frozen = set(order[:order.index(layer) + 1])
+    _set_submodule(new, layer, nn.Sequential(new.get_submodule(layer), ChannelMap(A)))
+    for name, m in new.named_modules():
+        if name in frozen or name.startswith(layer + "."):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+    from . import datasets
+
+    before = datasets.accuracy(model, x_test, y_test)
+    trainable = [p for p in new.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"nothing after {layer!r} has parameters to fine-tune")
+    datasets.train(new, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                   progress=progress, parameters=trainable)
+    after = datasets.accuracy(new, x_test, y_test)
+    return {"transform": transform, "layer": layer, "accuracy_before": before, "accuracy_after": after,
+            "penalty": before - after}
+
+
+def rotation_penalties(model, layers, train_data, test_data, trials: int = 3, **kwargs) -> pd.DataFrame:
+    """Fig. 4: rotation_penalty for every layer, both transforms, several seeds."""
+    rows = [rotation_penalty(model, layer, train_data, test_data, transform, seed=seed, **kwargs)
+            for layer in layers for transform in ("grelu", "orthogonal") for seed in range(trials)]
+    return pd.DataFrame(rows)
