@@ -21,6 +21,8 @@ from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, 
 from .layers import ModelGraph, discover
 from .rank import (classification_dimension, independence_deficit, jacobian_partial_rank, numerical_rank,
                    perturbed_pca_dimension, stable_rank)
+from .signals import hypergraph, semantic_hierarchy, signals
+from .spectra import alpha_hat, layer_spectra
 from .similarity import cka, procrustes, similarity_matrix
 from .stitching import stitch, stitching_penalty
 from .symmetry import apply_symmetry, intertwiner_group
@@ -48,9 +50,9 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "ModelGraph", "SVR", "apply_symmetry", "build_info", "cka", "classification_dimension", "co_svr", "conv_adjacency", "current_backend",
-    "discover", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections", "max_kernel_gram",
-    "numerical_rank", "perturbed_pca_dimension", "procrustes", "reference", "signal_projection", "sinkhorn",
+    "ModelGraph", "SVR", "alpha_hat", "apply_symmetry", "build_info", "cka", "classification_dimension", "co_svr", "conv_adjacency", "current_backend",
+    "discover", "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections", "layer_spectra", "max_kernel_gram",
+    "numerical_rank", "perturbed_pca_dimension", "procrustes", "reference", "semantic_hierarchy", "signal_projection", "signals", "sinkhorn",
     "similarity_matrix", "sobel_similarity", "spectral_activations", "stable_rank", "stitch", "stitching_penalty",
     "svr", "svr_many", "use_backend",
 ]

@@ -135,3 +135,81 @@ def similarity_heatmap(frame, ax=None, title: str | None = None):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def signal_heatmaps(maps, singular_values=None, nodes=None, ncols: int = 8):
+    """Seed 001 Fig. 5: per-position signals of one image (r, H, W), one small
+    heatmap per singular vector, red = positive, blue = negative, on one
+    symmetric colour scale."""
+    import matplotlib.pyplot as plt
+
+    maps = np.asarray(maps.detach().double().cpu() if hasattr(maps, "detach") else maps)
+    nodes = list(range(maps.shape[0])) if nodes is None else list(nodes)
+    rows = max(1, int(np.ceil(len(nodes) / ncols)))
+    fig, axes = plt.subplots(rows, min(ncols, len(nodes)), figsize=(1.4 * min(ncols, len(nodes)), 1.5 * rows),
+                             squeeze=False)
+    limit = np.abs(maps[nodes]).max() or 1.0
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, nodes):
+        ax.imshow(maps[i], cmap="RdBu_r", vmin=-limit, vmax=limit)
+        title = f"v{i}" if singular_values is None else f"v{i} s={float(singular_values[i]):.2f}"
+        ax.set_title(title, fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def hypergraph(h, ax=None):
+    """Seed 001 Fig. 6/7: the hypergraph as an incidence matrix, classes as
+    rows, equivalence classes of singular vectors as columns."""
+    fig, ax = _axes(ax, (max(4, 0.6 * len(h.nodes)), max(3, 0.35 * len(h.classes))))
+    groups = h.equivalence_classes()
+    keys = sorted(groups, key=lambda s: (-len(s), groups[s][0]))
+    matrix = np.array([[c in key for key in keys] for c in h.classes], dtype=float)
+    ax.imshow(matrix, cmap="Greys", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"v{groups[k][0]} ({len(groups[k])})" for k in keys], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(h.classes)))
+    ax.set_yticklabels([str(c) for c in h.classes], fontsize=7)
+    ax.set_title(f"{h.layer} hypergraph: q = {h.q}, p = {h.p}")
+    fig.tight_layout()
+    return fig
+
+
+def semantic_hierarchy(graph, ax=None):
+    """Seed 001 Fig. 6/7 right: the Hasse diagram of equivalence classes, more
+    general (more classes) on top."""
+    import networkx as nx
+
+    fig, ax = _axes(ax, (6, 5))
+    levels: dict = {}
+    for node, data in graph.nodes(data=True):
+        levels.setdefault(len(data["classes"]), []).append(node)
+    pos = {}
+    for depth, (size, nodes) in enumerate(sorted(levels.items(), reverse=True)):
+        for i, node in enumerate(nodes):
+            pos[node] = (i - (len(nodes) - 1) / 2, -depth)
+    labels = {n: f"{d['label']}\n{','.join(map(str, d['classes']))}" for n, d in graph.nodes(data=True)}
+    nx.draw_networkx(graph, pos, ax=ax, labels=labels, node_color="#cde", node_size=900, font_size=6,
+                     arrows=True)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images, titles=None, ncols: int = 8):
+    """Exemplary images (seed 001 section 6) in a grid; images (N, C, H, W)."""
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images)
+    n = len(images)
+    rows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(rows, min(ncols, n), figsize=(1.3 * min(ncols, n), 1.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (ax, image) in enumerate(zip(axes.flat, images)):
+        ax.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0), cmap="gray")
+        if titles is not None:
+            ax.set_title(str(titles[k]), fontsize=6)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,394 @@
+"""Receptive-field signals, class hypergraphs and the semantic hierarchy
+(seed 001 sections 4.3, 5 and 6).
+
+The signal of a receptive field v along the right singular vector v_i of a
+layer's unfolded weight W1 = U S V^T is s_i <v, v_i> (section 4.3); the
+signal vector sigma_L(X) averages it over the receptive fields of an image.
+A singular vector is significant for an image above a per-layer threshold q
+(a high quantile of all signals), and for a class when significant for at
+least p of its images (section 5); classes are the hyperedges of a
+hypergraph on the singular vectors, whose equivalence classes are ordered by
+inclusion of their class sets (section 5.2)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import _checks
+from ._linalg import signed_svd
+from ._ops import signal_projection
+from .layers import discover
+
+
+@dataclass
+class LayerBasis:
+    """A linear map with its SVD (the project's sign convention)."""
+    name: str
+    module: nn.Module
+    kind: str
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+
+def layer_bases(model: nn.Module, layers=None, example_input=None) -> dict[str, LayerBasis]:
+    """SVDs of the chosen linear maps (default all) of W1 =
+    weight.reshape(out, -1), float64."""
+    graph = discover(model, example_input)
+    names = list(graph.maps) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+    unknown = [n for n in names if n not in graph.maps]
+    if unknown:
+        raise ValueError(f"layers names no Linear or Conv map of the model: {unknown}; "
+                         f"choose among {list(graph.maps)}")
+    out = {}
+    for name in names:
+        m = graph.maps[name]
+        if m.kind not in ("linear", "conv2d"):
+            raise ValueError(f"signals are implemented for Linear and Conv2d layers, {name} is {m.kind}")
+        U, S, V = signed_svd(m.matrix(dtype=torch.float64))
+        out[name] = LayerBasis(name, m.module, m.kind, U, S, V)
+    return out
+
+
+def _project(basis: LayerBasis, inputs: torch.Tensor, reduce):
+    """Signals of a captured layer input: (B, r) or (B, r, H', W')."""
+    V = basis.V.to(inputs.dtype).to(inputs.device)
+    s = basis.S.to(inputs.dtype).to(inputs.device)
+    if basis.kind == "linear":
+        flat = inputs.reshape(-1, inputs.shape[-1]) if inputs.dim() > 2 else inputs
+        return (flat @ V) * s
+    module = basis.module
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        if module.padding_mode != "zeros":
+            inputs = nn.functional.pad(inputs, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        else:  # padding="same"/"valid": the conv's own resolved amounts
+            padding = tuple(p // 2 for p in module._reversed_padding_repeated_twice[::2][::-1])
+    else:
+        padding = module.padding
+    return signal_projection(inputs, V, s, module.stride, padding, module.dilation, reduce,
+                             tuple(module.kernel_size))
+
+
+def _batches(data, batch_size: int):
+    """Yield (x, y or None) from a tensor, an (x, y) pair of tensors or a loader."""
+    if isinstance(data, torch.Tensor):
+        for start in range(0, data.shape[0], batch_size):
+            yield data[start:start + batch_size], None
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
+            and isinstance(data[1], torch.Tensor):
+        for start in range(0, data[0].shape[0], batch_size):
+            yield data[0][start:start + batch_size], data[1][start:start + batch_size]
+    else:
+        for batch in data:
+            if isinstance(batch, (tuple, list)):
+                yield batch[0], (batch[1] if len(batch) > 1 else None)
+            else:
+                yield batch, None
+
+
+def _stream(model, bases, data, reduce, batch_size, progress, consume):
+    from tqdm.auto import tqdm
+
+    modules = {name: b.module for name, b in bases.items()}
+    captured: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: captured.__setitem__(name, args[0]))
+               for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for x, y in tqdm(_batches(data, batch_size), desc="signals", disable=not progress, leave=False):
+                if not _checks.all_finite(x):
+                    raise ValueError("an input batch contains NaN or infinite values")
+                captured.clear()
+                model(x)
+                consume({name: _project(bases[name], captured[name], reduce) for name in bases}, y)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def signals(model: nn.Module, layer: str, x, reduce: str | None = "mean", batch_size: int = 256,
+            progress: bool = False) -> torch.Tensor:
+    """Signals s_i <v_i, receptive field> of the input of `layer` (seed 001
+    section 4.3, equation 16) for every right singular vector v_i: per
+    position (reduce=None: (N, r, H', W'), the heatmaps of Fig. 5) or
+    averaged over the receptive fields (reduce="mean": the signal vector
+    sigma_L(X), (N, r)). Linear layers give the plain projection (N, r).
+
+    x: a tensor of inputs, an (x, y) pair or a DataLoader (streamed batch by
+    batch; only the signals are kept). The layer input is captured with a
+    forward hook; conv signals come from the signal_projection operator,
+    never from the unfolded receptive-field matrix."""
+    if reduce not in (None, "mean"):
+        raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
+    bases = layer_bases(model, [layer], _example(x))
+    out = []
+    _stream(model, bases, x, reduce, batch_size, progress, lambda sig, y: out.append(sig[layer]))
+    if not out:
+        raise ValueError("x holds no sample")
+    return torch.cat(out)
+
+
+def _example(data):
+    if isinstance(data, torch.Tensor):
+        return data[:1]
+    if isinstance(data, (tuple, list)) and isinstance(data[0], torch.Tensor):
+        return data[0][:1]
+    return None  # a loader: discover builds its own example input
+
+
+def signal_vectors(model: nn.Module, data, layers=None, batch_size: int = 256, progress: bool = True):
+    """One pass over the data: {layer: sigma_L(X) for every sample (N, r)} and
+    the labels (N,) when the data carries them (else None)."""
+    bases = layer_bases(model, layers, _example(data))
+    out: dict[str, list] = {name: [] for name in bases}
+    labels: list = []
+
+    def consume(sig, y):
+        for name, value in sig.items():
+            out[name].append(value.detach().cpu())
+        if y is not None:
+            labels.append(y.cpu())
+
+    _stream(model, bases, data, "mean", batch_size, progress, consume)
+    vectors = {name: torch.cat(v) for name, v in out.items()}
+    return vectors, (torch.cat(labels) if labels else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypergraphs and the semantic hierarchy (section 5)
+
+
+@dataclass
+class Hypergraph:
+    """H^L of section 5.1: nodes are singular vectors (indices into the
+    layer's V), hyperedges are classes; incidence[c, k] says node nodes[k]
+    belongs to hyperedge classes[c]. Empty hyperedges and nodes significant
+    for no class are dropped."""
+    layer: str
+    q: float
+    p: float
+    threshold: float
+    classes: list
+    nodes: list
+    incidence: np.ndarray = field(repr=False)
+
+    def hyperedges(self) -> dict:
+        return {c: [n for n, on in zip(self.nodes, row) if on] for c, row in zip(self.classes, self.incidence)}
+
+    def equivalence_classes(self) -> dict[frozenset, list[int]]:
+        """Equation 17: nodes with the same set of hyperedges."""
+        groups: dict[frozenset, list[int]] = {}
+        for k, node in enumerate(self.nodes):
+            key = frozenset(c for c, on in zip(self.classes, self.incidence[:, k]) if on)
+            groups.setdefault(key, []).append(node)
+        return groups
+
+    def semantic_hierarchy(self) -> nx.DiGraph:
+        return semantic_hierarchy(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long incidence table: layer, class, node (one row per membership)."""
+        rows = [{"layer": self.layer, "class": c, "node": n} for c, members in self.hyperedges().items()
+                for n in members]
+        return pd.DataFrame(rows, columns=["layer", "class", "node"])
+
+    def plot(self, ax=None):
+        from .plot import hypergraph as figure
+
+        return figure(self, ax=ax)
+
+
+def _fraction(p: float) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:
+        raise ValueError(f"p must be a fraction in (0, 1] or a percentage in (1, 100], got {p!r}")
+    return p / 100 if p > 1 else float(p)
+
+
+def hypergraph(vectors: torch.Tensor, labels: torch.Tensor, q: float = 0.85, p: float = 0.75,
+               threshold: float | None = None, class_names=None, layer: str = "") -> Hypergraph:
+    """The hypergraph of section 5.1 from signal vectors (N, r) and labels.
+
+    q: the threshold is the q-quantile of all signals in `vectors` (the
+    representative sample; seed: 0.85 for conv2, 0.95 for fc1) unless an
+    absolute `threshold` is given. p: a node belongs to class c's hyperedge
+    when significant for at least p of the class's images (0.75 in the
+    seed; percentages accepted)."""
+    _checks.tensor("vectors", vectors, ndims=(2,), shape="(N, r)")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (vectors.shape[0],):
+        raise ValueError(f"labels must be a tensor of shape ({vectors.shape[0]},)")
+    if not 0 < q < 1:
+        raise ValueError(f"q must be a quantile in (0, 1), got {q!r}")
+    p = _fraction(p)
+    values = vectors.double().cpu().numpy()
+    cut = float(np.quantile(values, q)) if threshold is None else float(threshold)
+    significant = values > cut
+    y = labels.cpu().numpy()
+    classes = sorted(set(y.tolist()))
+    rates = np.stack([significant[y == c].mean(0) for c in classes])
+    incidence = rates >= p
+    keep_nodes = incidence.any(0)
+    keep_classes = incidence.any(1)
+    names = [class_names[c] if class_names is not None else c for c in classes]
+    return Hypergraph(layer, q, p, cut, [n for n, k in zip(names, keep_classes) if k],
+                      [int(i) for i in np.nonzero(keep_nodes)[0]], incidence[keep_classes][:, keep_nodes])
+
+
+def hypergraph_family(vectors: torch.Tensor, labels: torch.Tensor, qs, ps, layer: str = "") -> dict:
+    """Hypergraphs for every (q, p) from one set of signal vectors: the pass
+    over the data is shared, each member costs a quantile and a count."""
+    return {(q, p): hypergraph(vectors, labels, q, p, layer=layer) for q in qs for p in ps}
+
+
+def semantic_hierarchy(h: Hypergraph) -> nx.DiGraph:
+    """Section 5.2 as a DiGraph: one node per equivalence class, an edge A -> B
+    when A's class set strictly contains B's (A is more general, equation
+    18), reduced to its Hasse diagram (transitive reduction). Node
+    attributes: classes (sorted tuple), members (singular vectors), size,
+    label ("v<first> (<count>)" as in Fig. 6)."""
+    groups = h.equivalence_classes()
+    keys = sorted(groups, key=lambda s: (-len(s), sorted(map(str, s))))
+    order = nx.DiGraph()
+    for key in keys:
+        members = groups[key]
+        order.add_node(_label(members), classes=tuple(sorted(key, key=str)), members=members, size=len(members),
+                       label=_label(members))
+    for a in keys:
+        for b in keys:
+            if a != b and a > b:
+                order.add_edge(_label(groups[a]), _label(groups[b]))
+    hasse = nx.transitive_reduction(order)
+    hasse.add_nodes_from(order.nodes(data=True))
+    return hasse
+
+
+def _label(members: list[int]) -> str:
+    return f"v{members[0]} ({len(members)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Exemplary images (section 6) and feature visualisation (equations 19-20)
+
+
+def exemplary_images(model: nn.Module, layer: str, data, targets, k: int = 8, batch_size: int = 256,
+                     progress: bool = True) -> pd.DataFrame:
+    """The dataset images whose signal vectors most strongly activate each
+    target (section 6): a target is a singular-vector index or a list of
+    them (an equivalence class; its score is the sum of their signals).
+    Streams the data keeping a running top-k per target. Returns a
+    DataFrame with columns target, rank, index (position in the data
+    stream), score."""
+    k = _checks.positive_int("k", k)
+    targets = {(t if isinstance(t, int) else tuple(t)): ([t] if isinstance(t, int) else list(t)) for t in targets}
+    if not targets:
+        raise ValueError("targets is empty")
+    bases = layer_bases(model, [layer], _example(data))
+    best = {t: (torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long)) for t in targets}
+    seen = [0]
+
+    def consume(sig, y):
+        vectors = sig[layer].double().cpu()
+        index = torch.arange(seen[0], seen[0] + vectors.shape[0])
+        seen[0] += vectors.shape[0]
+        for t, members in targets.items():
+            if max(members) >= vectors.shape[1]:
+                raise ValueError(f"target {t} names a singular vector beyond the layer's {vectors.shape[1]}")
+            scores = torch.cat([best[t][0], vectors[:, members].sum(1)])
+            indices = torch.cat([best[t][1], index])
+            top = scores.topk(min(k, len(scores)))
+            best[t] = (top.values, indices[top.indices])
+
+    _stream(model, bases, data, "mean", batch_size, progress, consume)
+    rows = [{"target": t, "rank": r + 1, "index": int(i), "score": float(s)}
+            for t, (scores, indices) in best.items() for r, (s, i) in enumerate(zip(scores, indices))]
+    return pd.DataFrame(rows)
+
+
+def _fourier_image(spectrum: torch.Tensor, shape) -> torch.Tensor:
+    """Decorrelated parameterisation (Olah et al.): a spectrum scaled by
+    1/frequency, inverse FFT, then a sigmoid to [0, 1]."""
+    C, H, W = shape
+    fy = torch.fft.fftfreq(H, dtype=spectrum.dtype)[:, None]
+    fx = torch.fft.rfftfreq(W, dtype=spectrum.dtype)[None, :]
+    scale = 1.0 / torch.sqrt(fx ** 2 + fy ** 2).clamp_min(1.0 / max(H, W))
+    coefficients = torch.complex(spectrum[..., 0], spectrum[..., 1]) * scale
+    image = torch.fft.irfft2(coefficients, s=(H, W), norm="ortho")
+    return torch.sigmoid(image)
+
+
+def _robust_transform(image: torch.Tensor, generator: torch.Generator, jitter: int, scale: float,
+                      rotate: float) -> torch.Tensor:
+    """Random jitter (roll), scaling and rotation (Olah et al.'s transformation
+    robustness), drawn from `generator` so a seed fixes them."""
+    if jitter:
+        dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
+        image = torch.roll(image, shifts=(dy, dx), dims=(-2, -1))
+    if scale or rotate:
+        s = 1.0 + (2 * float(torch.rand((), generator=generator)) - 1) * scale
+        angle = math.radians((2 * float(torch.rand((), generator=generator)) - 1) * rotate)
+        theta = torch.tensor([[s * math.cos(angle), -s * math.sin(angle), 0.0],
+                              [s * math.sin(angle), s * math.cos(angle), 0.0]], dtype=image.dtype)
+        grid = nn.functional.affine_grid(theta[None], list(image.shape), align_corners=False)
+        image = nn.functional.grid_sample(image, grid, padding_mode="reflection", align_corners=False)
+    return image
+
+
+def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=None, steps: int = 256,
+                          lr: float = 0.05, parameterization: str = "fourier", jitter: int = 1,
+                          scale: float = 0.05, rotate: float = 5.0, seed: int = 0,
+                          progress: bool = False) -> torch.Tensor:
+    """An input maximising sum_i w_i sum_j s_i v_i^T Psi(T_L)[j] (seed 001
+    equations 19-20) over the singular vectors `nodes` of `layer`, with the
+    transformation-robustness regularisers of Olah et al. (random jitter,
+    scale and rotation each step) and a decorrelated Fourier
+    ("fourier") or plain ("pixel") parameterisation squashed to [0, 1].
+    Deterministic under `seed`. shape: (C, H, W). Returns (C, H, W)."""
+    if parameterization not in ("fourier", "pixel"):
+        raise ValueError(f"parameterization must be 'fourier' or 'pixel', got {parameterization!r}")
+    nodes = [nodes] if isinstance(nodes, int) else list(nodes)
+    C, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    bases = layer_bases(model, [layer], torch.zeros(1, C, H, W))
+    basis = bases[layer]
+    if max(nodes) >= basis.V.shape[1]:
+        raise ValueError(f"nodes must index the layer's {basis.V.shape[1]} singular vectors, got {nodes}")
+    w = torch.ones(len(nodes)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    if w.shape != (len(nodes),):
+        raise ValueError(f"weights must have one entry per node ({len(nodes)}), got shape {tuple(w.shape)}")
+    if parameterization == "fourier":
+        param = (0.01 * torch.randn(C, H, W // 2 + 1, 2, generator=g)).requires_grad_()
+        render = lambda: _fourier_image(param, shape)  # noqa: E731
+    else:
+        param = (0.01 * torch.randn(C, H, W, generator=g)).requires_grad_()
+        render = lambda: torch.sigmoid(param)  # noqa: E731
+    optimizer = torch.optim.Adam([param], lr=lr)
+    captured = {}
+    handle = basis.module.register_forward_hook(lambda m, a, o: captured.__setitem__("x", a[0]))
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    from tqdm.auto import tqdm
+
+    try:
+        for _ in tqdm(range(steps), desc="feature visualisation", disable=not progress, leave=False):
+            optimizer.zero_grad()
+            image = _robust_transform(render()[None], g, jitter, scale, rotate)
+            model(image)
+            sig = _project(basis, captured["x"], None)
+            per_node = sig[:, nodes].reshape(1, len(nodes), -1).sum(-1)[0]  # sum over positions j
+            (-(w.to(per_node.dtype) * per_node).sum()).backward()
+            optimizer.step()
+    finally:
+        handle.remove()
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return render().detach()
