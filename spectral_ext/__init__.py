@@ -18,6 +18,7 @@ except ImportError as error:  # no silent fallback to slow code
 from . import reference
 from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, signal_projection,
                    sinkhorn, use_backend)
+from .covariance import activation_covariance, align, clip, rainbow
 from .layers import ModelGraph, discover
 from .rank import (classification_dimension, independence_deficit, jacobian_partial_rank, numerical_rank,
                    perturbed_pca_dimension, stable_rank)
@@ -50,9 +51,9 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "ModelGraph", "SVR", "alpha_hat", "apply_symmetry", "build_info", "cka", "classification_dimension", "co_svr", "conv_adjacency", "current_backend",
+    "ModelGraph", "SVR", "activation_covariance", "align", "alpha_hat", "apply_symmetry", "build_info", "cka", "clip", "classification_dimension", "co_svr", "conv_adjacency", "current_backend",
     "discover", "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections", "layer_spectra", "max_kernel_gram",
-    "numerical_rank", "perturbed_pca_dimension", "procrustes", "reference", "semantic_hierarchy", "signal_projection", "signals", "sinkhorn",
+    "numerical_rank", "perturbed_pca_dimension", "procrustes", "rainbow", "reference", "semantic_hierarchy", "signal_projection", "signals", "sinkhorn",
     "similarity_matrix", "sobel_similarity", "spectral_activations", "stable_rank", "stitch", "stitching_penalty",
     "svr", "svr_many", "use_backend",
 ]

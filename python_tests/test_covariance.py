@@ -1,0 +1,191 @@
+"""Latent dimensions (seed 002): covariances, spectra, clipping, alignment,
+generated networks."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spectral_ext as se
+from spectral_ext import covariance as C
+from spectral_ext import datasets
+
+
+def conv_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 5)).double()
+
+
+@pytest.mark.parametrize("split", [1, 7, 40])
+def test_streaming_covariance_equals_the_batch_computation(split):
+    model, other = conv_model(), conv_model()
+    torch.manual_seed(1)
+    for p in other.parameters():
+        p.data.normal_()
+    x = torch.randn(40, 2, 6, 6, dtype=torch.float64)
+    cov = se.activation_covariance(model, x, ["2", "4"], other=other, batch_size=split, progress=False)
+    with torch.no_grad():
+        a2, b2 = model[:2](x), other[:2](x)  # inputs of "2": channels, positions as samples
+        a4, b4 = model[:4](x), other[:4](x)
+    A = a2.permute(0, 2, 3, 1).reshape(-1, 4)
+    B = b2.permute(0, 2, 3, 1).reshape(-1, 4)
+    torch.testing.assert_close(cov["2"].cross(), A.T @ B / len(A))
+    torch.testing.assert_close(cov["2"].cov_a(center=True), torch.cov(A.T, correction=0))
+    torch.testing.assert_close(cov["2"].cross(center=True), (A - A.mean(0)).T @ (B - B.mean(0)) / len(A))
+    torch.testing.assert_close(cov["4"].cov_b(), b4.T @ b4 / 40)
+    assert cov["2"].count == 40 * 36
+
+
+def rotated_pair():
+    torch.manual_seed(2)
+    a = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.Linear(5, 3)).double()
+    b = copy.deepcopy(a)
+    Q = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
+    with torch.no_grad():  # psi = Q phi at the input of "3"; "3" counter-rotates: same function
+        b[2].weight.copy_(Q @ a[2].weight)
+        b[2].bias.copy_(Q @ a[2].bias)
+        b[3].weight.copy_(a[3].weight @ Q.T)
+    return a, b, Q
+
+
+def test_alignment_recovers_a_known_rotation():
+    a, b, Q = rotated_pair()
+    x = torch.randn(300, 6, dtype=torch.float64)
+    torch.testing.assert_close(a(x), b(x))
+    cov = se.activation_covariance(a, x, ["3"], other=b, progress=False)["3"]
+    A, r2 = se.align(cov.cross(), cov.cov_a(), cov.cov_b())
+    torch.testing.assert_close(A, Q.T)  # a = A b
+    assert r2 == pytest.approx(1.0, abs=1e-10)
+    held_out = se.activation_covariance(a, torch.randn(100, 6, dtype=torch.float64), ["3"], other=b,
+                                        progress=False)["3"]
+    assert C.alignment_r2(A, held_out.cross(), held_out.cov_a(), held_out.cov_b()) == pytest.approx(1.0)
+
+
+def test_r2_lies_in_the_unit_interval_for_unrelated_networks():
+    a, _, _ = rotated_pair()
+    torch.manual_seed(5)
+    c = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.Linear(5, 3)).double()
+    x = torch.randn(300, 6, dtype=torch.float64)
+    cov = se.activation_covariance(a, x, ["3"], other=c, progress=False)["3"]
+    _, r2 = se.align(cov.cross(), cov.cov_a(), cov.cov_b())
+    assert 0 <= r2 < 1
+    _, none = se.align(cov.cross())
+    assert none is None
+
+
+def test_marchenko_pastur():
+    n, d, var = 400, 200, 0.01
+    lo, hi = C.marchenko_pastur_edges(n, d, var)
+    xs = np.linspace(lo, hi, 20001)
+    assert np.trapezoid(C.marchenko_pastur_density(xs, n, d, var), xs) == pytest.approx(1.0, abs=1e-3)
+    torch.manual_seed(3)
+    random_layer = nn.Linear(d, n)
+    nn.init.normal_(random_layer.weight, std=var ** 0.5)
+    df = C.weight_spectra(nn.Sequential(random_layer), variance=var)
+    assert df["n_learned"].iloc[0] <= 1  # Gaussian weights stay inside the bulk
+    x_train, y_train, _, _ = datasets.digits()
+    init = datasets.digits_mlp(width=64)
+    trained = datasets.train(copy.deepcopy(init), x_train, y_train, epochs=10)
+    spectra = C.weight_spectra(trained, init)
+    learned = spectra.groupby("layer", sort=False)["n_learned"].first()
+    assert (learned >= 3).all(), learned  # measured 7-11 per layer
+    assert C.weight_spectra(init, init).groupby("layer")["n_learned"].first().max() <= 1
+    import matplotlib
+    matplotlib.use("Agg")
+    assert C.plot_spectra(spectra, "1").axes
+
+
+def test_weight_spectrum_and_stability():
+    W = torch.randn(30, 12, dtype=torch.float64)
+    eig, vecs = C.weight_spectrum(W)
+    values, vectors = C.activation_spectrum(W.T @ W / 30)
+    torch.testing.assert_close(eig, values)
+    torch.testing.assert_close(C.stability(vecs, vectors), torch.eye(12, dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def trained_mlp():
+    x_train, y_train, x_test, y_test = datasets.digits()
+    torch.manual_seed(0)
+    return datasets.train(datasets.digits_mlp(width=64), x_train, y_train, epochs=15), (x_train, y_train), \
+        (x_test, y_test)
+
+
+def test_clipping_shares_the_prefix_and_matches_explicit_projections(trained_mlp):
+    model, _, test = trained_mlp
+    df = C.clip(model, "3", test, [1, 5, 64], progress=False)
+    full = datasets.accuracy(model, *test)
+    assert df["accuracy"].iloc[-1] == pytest.approx(full)
+    cov = se.activation_covariance(model, test[0], ["3"], progress=False)["3"].cov_a()
+    rows = C.activation_spectrum(cov)[1]
+    projected = copy.deepcopy(model)
+    P = (rows[:5].T @ rows[:5]).float()
+    projected[3] = nn.Sequential(C_Projection(P), projected[3])
+    assert df["accuracy"].iloc[1] == pytest.approx(datasets.accuracy(projected, *test))
+    # weight clipping is the seed's W @ projector
+    weights = C.clip(model, "3", test, [5], basis="weight", progress=False)
+    _, vh = C.weight_spectrum(model[3].weight)
+    clipped = copy.deepcopy(model)
+    with torch.no_grad():
+        clipped[3].weight.copy_(clipped[3].weight @ (vh[:5].T @ vh[:5]).float())
+    assert weights["accuracy"].iloc[0] == pytest.approx(datasets.accuracy(clipped, *test))
+
+
+class C_Projection(nn.Module):
+    def __init__(self, P):
+        super().__init__()
+        self.P = P
+
+    def forward(self, x):
+        return x @ self.P.T
+
+
+def test_clipping_conv_and_residual_fallback():
+    torch.manual_seed(0)
+    x = torch.randn(30, 2, 6, 6)
+    y = torch.randint(0, 5, (30,))
+    cnn = conv_model().float()
+    df = C.clip(cnn, "2", (x, y), [1, 4], progress=False)
+    assert df["accuracy"].iloc[-1] == pytest.approx(float((cnn(x).argmax(1) == y).double().mean()))
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 5)
+
+        def forward(self, v):
+            h = torch.relu(self.a(v))
+            return self.head(self.b(h) + h)  # b's input is also added after it
+
+    model = Residual()
+    v = torch.randn(30, 4)
+    with pytest.warns(RuntimeWarning, match="one k at a time"):
+        df = C.clip(model, "b", (v, y), [1, 4], progress=False)
+    assert df["accuracy"].iloc[-1] == pytest.approx(float((model(v).argmax(1) == y).double().mean()))
+
+
+def test_rainbow_network_recovers_most_of_the_accuracy(trained_mlp):
+    """Seed 002 reports 31% generated vs 43% trained on CIFAR-10; on digits we
+    measured 88-93% generated vs 96.7% trained for three seeds."""
+    model, train, test = trained_mlp
+    result = se.rainbow(model, train, test, seed=0, progress=False)
+    assert result["generated_accuracy"] >= 0.75 * result["reference_accuracy"]
+    assert all(0 < r <= 1 for r in result["r2"].values())
+    assert not torch.allclose(result["model"][1].weight, model[1].weight)
+    torch.testing.assert_close(result["model"][7].weight.norm(), model[7].weight.norm())  # classifier realigned
+
+
+def test_rainbow_cnn_with_biases_and_errors():
+    x_train, y_train, x_test, y_test = datasets.digits()
+    torch.manual_seed(0)
+    cnn = datasets.train(datasets.digits_cnn(), x_train, y_train, epochs=3)
+    result = se.rainbow(cnn, (x_train, y_train), (x_test, y_test), progress=False)
+    assert result["generated_accuracy"] > 0.5  # measured 0.87 vs 0.96 after 5 epochs
+    torchvision = pytest.importorskip("torchvision")
+    with pytest.raises(ValueError, match="chain of linear maps"):
+        se.rainbow(torchvision.models.resnet18(num_classes=10), (torch.randn(4, 3, 32, 32), torch.zeros(4).long()),
+                   progress=False)
+    with pytest.raises(ValueError, match="names no submodule"):
+        se.activation_covariance(cnn, x_test, ["nope"], progress=False)

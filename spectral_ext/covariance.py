@@ -1,0 +1,569 @@
+"""Latent dimensions (seed 002): activation and weight covariances, their
+spectra against initialisation and the Marchenko-Pastur law, clipping to
+the top-k principal components, orthogonal alignment of two networks, and
+generated ("rainbow") networks sampled from trained weight covariances.
+
+Representations are the inputs of named modules (the tensors their weights
+act on, as in the seed's hooks). Conv features are (B, C, H, W): channels
+are the feature axis, positions extra samples; token features (B, T, d)
+likewise take T as samples."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import _checks
+from .layers import discover
+
+
+def space_to_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) -> (B * prod(spatial), C); (B, d) unchanged; (B, T, d)
+    for Linear inputs -> (B T, d) (the seed's space_to_batch)."""
+    if x.dim() == 2:
+        return x
+    if x.dim() == 3:
+        return x.reshape(-1, x.shape[-1])
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+@dataclass
+class Covariance:
+    """Sums accumulated in float64 over a stream: count, the means and the
+    second moments of representation a, of b (b is a itself for one model)
+    and between them. Uncentred E[a b^T] as the seed by default; centred on
+    request."""
+    count: int
+    sum_a: torch.Tensor
+    sum_b: torch.Tensor
+    aa: torch.Tensor
+    bb: torch.Tensor
+    ab: torch.Tensor
+
+    def cross(self, center: bool = False) -> torch.Tensor:
+        """E[a b^T] (C_a, C_b), or the centred cross-covariance."""
+        m = self.ab / self.count
+        return m - torch.outer(self.sum_a, self.sum_b) / self.count ** 2 if center else m
+
+    def cov_a(self, center: bool = False) -> torch.Tensor:
+        m = self.aa / self.count
+        return m - torch.outer(self.sum_a, self.sum_a) / self.count ** 2 if center else m
+
+    def cov_b(self, center: bool = False) -> torch.Tensor:
+        m = self.bb / self.count
+        return m - torch.outer(self.sum_b, self.sum_b) / self.count ** 2 if center else m
+
+
+class _Accumulator:
+    """Products in `dtype` (default the activations' own, as the DESIGN asks:
+    every computation in the input dtype), summed in place in float64. For
+    one model the three second moments are one matrix. Batches wider than
+    tall are buffered up to BUFFER elements and multiplied together: one
+    larger GEMM and one float64 accumulation instead of many (the d x d
+    accumulation, not the GEMM, dominated at 4096 features)."""
+
+    BUFFER = 1 << 24
+
+    def __init__(self, dtype=None):
+        self.dtype = dtype
+        self.count = 0
+        self.sums = None  # [sum_a, sum_b, aa, bb, ab]
+        self.same = True
+        self.buffers = None  # (rows for a, rows for b): one copy of each batch, then one GEMM per fill
+        self.filled = 0
+
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        same = a is b
+        a = space_to_batch(a)
+        a = a.to(self.dtype) if self.dtype is not None else a
+        b = a if same else space_to_batch(b).to(a.dtype)
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"the two representations hold {a.shape[0]} and {b.shape[0]} samples: "
+                             "the models must see the same inputs and share the spatial layout")
+        if self.sums is None and self.buffers is None:
+            self.same = same
+        if a.shape[1] <= a.shape[0] and self.buffers is None:
+            # batches taller than wide: accumulating each product costs less than copying the batch
+            self._add(a, b, self.same)
+            return
+        if self.buffers is None:
+            rows = max(1, self.BUFFER // (a.shape[1] + (0 if same else b.shape[1])))
+            self.buffers = (a.new_empty(rows, a.shape[1]), None if same else b.new_empty(rows, b.shape[1]))
+        start = 0
+        while start < a.shape[0]:  # copies: a later in-place operation of the model cannot alter them
+            take = min(a.shape[0] - start, self.buffers[0].shape[0] - self.filled)
+            self.buffers[0][self.filled:self.filled + take] = a[start:start + take]
+            if not self.same:
+                self.buffers[1][self.filled:self.filled + take] = b[start:start + take]
+            self.filled += take
+            start += take
+            if self.filled == self.buffers[0].shape[0]:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.filled:
+            return
+        a = self.buffers[0][:self.filled]
+        self._add(a, a if self.same else self.buffers[1][:self.filled], self.same)
+        self.filled = 0
+
+    def _add(self, a: torch.Tensor, b: torch.Tensor, same: bool) -> None:
+        if self.sums is None:
+            zeros = lambda n, m=None: torch.zeros((n,) if m is None else (n, m), dtype=torch.float64,  # noqa: E731
+                                                  device=a.device)
+            sum_a, aa = zeros(a.shape[1]), zeros(a.shape[1], a.shape[1])
+            if same:
+                self.sums = [sum_a, sum_a, aa, aa, aa]
+            else:
+                self.sums = [sum_a, zeros(b.shape[1]), aa, zeros(b.shape[1], b.shape[1]),
+                             zeros(a.shape[1], b.shape[1])]
+        sum_a, sum_b, aa, bb, ab = self.sums
+        sum_a.add_(a.sum(0))  # torch sums float32 pairwise: accurate, and 20x faster than dtype=float64
+        aa.add_(a.T @ a)  # in place, promoted to float64: no float64 temporary of the Gram
+        if not self.same:
+            sum_b.add_(b.sum(0))
+            bb.add_(b.T @ b)
+            ab.add_(a.T @ b)
+        self.count += a.shape[0]
+
+    def result(self) -> Covariance:
+        self._flush()
+        if self.sums is None:
+            raise ValueError("the data produced no batch")
+        return Covariance(self.count, *self.sums)
+
+
+def _batches(data, batch_size=256):
+    if isinstance(data, torch.Tensor):
+        for start in range(0, data.shape[0], batch_size):
+            yield data[start:start + batch_size], None
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        for start in range(0, data[0].shape[0], batch_size):
+            yield data[0][start:start + batch_size], data[1][start:start + batch_size]
+    else:
+        for batch in data:
+            yield (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+
+
+def _capture_inputs(model, layers):
+    modules = dict(model.named_modules())
+    unknown = [n for n in layers if n not in modules or n == ""]
+    if unknown:
+        raise ValueError(f"layers names no submodule of the model: {unknown}")
+    captured: dict = {}
+    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(n, a[0])) for n in layers]
+    return captured, handles
+
+
+def activation_covariance(model: nn.Module, data, layers, other: nn.Module | None = None,
+                          other_layers=None, batch_size: int = 256, dtype=None,
+                          progress: bool = True) -> dict[str, Covariance]:
+    """Streaming (cross-)covariances of the inputs of `layers` (seed 002
+    compute_activation_covariances), accumulated in float64 in one pass over
+    a tensor, an (x, y) pair or a DataLoader. With `other`, the
+    cross-covariance between model's and other's representations at
+    `other_layers` (default the same names) on the same inputs. Each batch's
+    products run in the activations' dtype (dtype=torch.float64 to run them
+    in float64) and are summed in float64. Returns
+    {layer: Covariance}; call .cross(), .cov_a(), .cov_b() (center=True for
+    centred covariances)."""
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not layers:
+        raise ValueError("layers is empty")
+    other_layers = layers if other_layers is None else list(other_layers)
+    if len(other_layers) != len(layers):
+        raise ValueError("other_layers must pair one layer of `other` with each of `layers`")
+    from tqdm.auto import tqdm
+
+    accumulators = {n: _Accumulator(dtype) for n in layers}
+    cap_a, handles = _capture_inputs(model, layers)
+    cap_b, more = _capture_inputs(other, other_layers) if other is not None else (cap_a, [])
+    try:
+        with torch.no_grad():
+            for x, _ in tqdm(_batches(data, batch_size), desc="activation covariance", disable=not progress,
+                             leave=False):
+                model(x)
+                if other is not None:
+                    other(x)
+                for a_name, b_name in zip(layers, other_layers):
+                    accumulators[a_name].update(cap_a[a_name], cap_b[b_name])
+    finally:
+        for h in handles + more:
+            h.remove()
+    return {n: acc.result() for n, acc in accumulators.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectra and the Marchenko-Pastur law
+
+
+def activation_spectrum(cov: torch.Tensor):
+    """Eigenvalues (decreasing) and eigenvectors (rows) of a covariance."""
+    values, vectors = torch.linalg.eigh(cov.double())
+    return values.flip(0), vectors.flip(1).T
+
+
+def weight_spectrum(weight: torch.Tensor):
+    """Eigenvalues s^2 / n (decreasing) and eigenvectors (rows, input space)
+    of the weight covariance W^T W / n, W = weight.reshape(n, -1), from the
+    SVD (the seed's route when n << d)."""
+    W = weight.detach().reshape(weight.shape[0], -1).double()
+    _, s, vh = torch.linalg.svd(W, full_matrices=False)
+    return s.square() / W.shape[0], vh
+
+
+def marchenko_pastur_edges(n: int, d: int, variance: float) -> tuple[float, float]:
+    """Support [lambda_-, lambda_+] of the eigenvalues of W^T W / n for an n x d
+    matrix of i.i.d. entries of the given variance: variance (1 -+
+    sqrt(d / n))^2 (lambda_- = 0 when d > n, plus the zero eigenvalues)."""
+    ratio = d / n
+    return variance * max(0.0, 1 - math.sqrt(ratio)) ** 2, variance * (1 + math.sqrt(ratio)) ** 2
+
+
+def marchenko_pastur_density(x, n: int, d: int, variance: float) -> np.ndarray:
+    """Density of the non-zero part of the Marchenko-Pastur law for W^T W / n
+    (it integrates to min(1, n / d))."""
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = marchenko_pastur_edges(n, d, variance)
+    ratio = d / n
+    inside = (x > lo) & (x < hi)
+    density = np.zeros_like(x)
+    density[inside] = np.sqrt((hi - x[inside]) * (x[inside] - lo)) / (2 * math.pi * variance * ratio * x[inside])
+    return density
+
+
+def weight_spectra(model: nn.Module, init_model: nn.Module | None = None, example_input=None,
+                   variance="init") -> pd.DataFrame:
+    """Seed 002's weight-covariance analysis for every linear map: one row per
+    (layer, rank) with eigenvalue (s^2 / n), init_eigenvalue (same layer of
+    init_model), and per layer the Marchenko-Pastur upper edge for its aspect
+    ratio and n_learned, the count of eigenvalues above it (the "learned"
+    components). variance: "init" (the entry variance of init_model's layer,
+    or PyTorch's default 1 / (3 fan_in) without one), "empirical" (of the
+    layer itself) or a number."""
+    graph = discover(model, example_input)
+    init_graph = discover(init_model, example_input) if init_model is not None else None
+    rows = []
+    for name, m in graph.maps.items():
+        W = m.matrix(dtype=torch.float64)
+        n, d = W.shape
+        eig, _ = weight_spectrum(W)
+        init_eig = None
+        if init_graph is not None:
+            if name not in init_graph.maps or init_graph.maps[name].matrix().shape != W.shape:
+                raise ValueError(f"init_model has no layer {name!r} of shape {tuple(W.shape)}")
+            W0 = init_graph.maps[name].matrix(dtype=torch.float64)
+            init_eig, _ = weight_spectrum(W0)
+        if variance == "init":
+            var = float(W0.square().mean()) if init_graph is not None else 1.0 / (3 * d)
+        elif variance == "empirical":
+            var = float(W.square().mean())
+        else:
+            var = float(variance)
+        _, edge = marchenko_pastur_edges(n, d, var)
+        learned = int((eig > edge).sum())
+        for k, value in enumerate(eig.tolist()):
+            rows.append({"layer": name, "rank": k + 1, "eigenvalue": value,
+                         "init_eigenvalue": float(init_eig[k]) if init_eig is not None else float("nan"),
+                         "mp_upper_edge": edge, "n_learned": learned, "n": n, "d": d})
+    return pd.DataFrame(rows)
+
+
+def stability(E1: torch.Tensor, E2: torch.Tensor, alignment: torch.Tensor | None = None) -> torch.Tensor:
+    """|E1 A E2^T|: cosines between eigenvectors (rows) of two networks, after
+    the alignment A (identity when None), as in the seed's stability plots."""
+    E1, E2 = E1.double(), E2.double()
+    middle = E1 if alignment is None else E1 @ alignment.double()
+    return (middle @ E2.T).abs()
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment
+
+
+def align(cross_cov: torch.Tensor, cov_a: torch.Tensor | None = None, cov_b: torch.Tensor | None = None):
+    """The orthogonal alignment of seed 002: with E[a b^T] = U Sigma V^T,
+    A = U V^T minimises E|A^T a - b|^2 (equivalently a ~ A b), and
+    r^2 = tr Sigma / (sqrt(E|a|^2) sqrt(E|b|^2)) is the explained fraction
+    (needs cov_a = E[a a^T], cov_b = E[b b^T]). Returns (A (C_a, C_b), r2 or
+    None)."""
+    _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)")
+    U, S, Vh = torch.linalg.svd(cross_cov.double(), full_matrices=False)
+    A = U @ Vh
+    if cov_a is None or cov_b is None:
+        return A, None
+    return A, alignment_r2(A, cross_cov, cov_a, cov_b)
+
+
+def alignment_r2(A: torch.Tensor, cross_cov: torch.Tensor, cov_a: torch.Tensor, cov_b: torch.Tensor) -> float:
+    """r^2 of an alignment A on (possibly held-out) covariances:
+    tr(A^T E[a b^T]) / sqrt(tr E[a a^T] tr E[b b^T]); equals tr Sigma / ... on
+    the data A was fitted on, lies in [-1, 1] and in [0, 1] there."""
+    denominator = math.sqrt(float(torch.trace(cov_a.double())) * float(torch.trace(cov_b.double())))
+    if denominator == 0:
+        raise ValueError("a representation is identically zero: r^2 is undefined")
+    return float(torch.trace(A.double().T @ cross_cov.double())) / denominator
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipping
+
+
+def _accuracy_stream(model, data, batch_size):
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in _batches(data, batch_size):
+            if y is None:
+                raise ValueError("data must carry labels: (x, y) tensors or a loader of (x, y) batches")
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance: torch.Tensor | None = None,
+         batch_size: int = 256, max_copies: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Accuracy after projecting the representation at `layer` onto its top-k
+    principal components, for every k in ks (seed 002 clipping).
+
+    basis="activation": the input of `layer` is projected on the top-k
+    eigenvectors of its (uncentred) activation covariance over channels
+    (`covariance`, or computed from `data` in a first pass). basis="weight":
+    the layer's weight becomes W P_k with P_k the projector on its top-k
+    weight-covariance eigenvectors (input space; receptive fields for a
+    conv), exactly as the seed. A (d, d) tensor is taken as a ready basis
+    (rows = eigenvectors in order) for the activation clipping.
+
+    The forward pass up to the layer is shared by all k: each batch goes
+    through the prefix once and the layer's hook hands the rest of the
+    network up to max_copies stacked copies (one per k). Models whose later
+    layers also read earlier tensors (residual connections across the
+    layer) are evaluated one k at a time instead, with a warning. Returns a
+    DataFrame with columns k, accuracy."""
+    modules = dict(model.named_modules())
+    if layer not in modules or layer == "":
+        raise ValueError(f"layer {layer!r} names no submodule of the model")
+    module = modules[layer]
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("ks is empty")
+    if isinstance(basis, torch.Tensor):
+        rows, kind = basis.double(), "activation"
+    elif basis == "activation":
+        if covariance is None:
+            covariance = activation_covariance(model, data, [layer], batch_size=batch_size,
+                                               progress=progress)[layer].cov_a()
+        rows, kind = activation_spectrum(covariance)[1], "activation"
+    elif basis == "weight":
+        if not hasattr(module, "weight") or getattr(module, "groups", 1) != 1:
+            raise ValueError(f"basis='weight' needs a Linear or ungrouped Conv layer, got {layer!r}")
+        rows, kind = weight_spectrum(module.weight)[1], "weight"
+    else:
+        raise ValueError(f"basis must be 'activation', 'weight' or a tensor of rows, got {basis!r}")
+    if any(not 0 <= k <= rows.shape[0] for k in ks):
+        raise ValueError(f"ks must lie in [0, {rows.shape[0]}], got {ks}")
+    projectors = torch.stack([rows[:k].T @ rows[:k] for k in ks])  # (K, d, d)
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            accuracies = _clip_shared(model, module, kind, projectors, data, batch_size, max_copies)
+        except RuntimeError as error:  # a later layer reads a tensor from before the clipped one
+            warnings.warn(f"clip: the layers after {layer!r} could not run on stacked copies ({error}); "
+                          "evaluating one k at a time", RuntimeWarning, stacklevel=2)
+            accuracies = [_clip_shared(model, module, kind, projectors[i:i + 1], data, batch_size, 1)[0]
+                          for i in range(len(ks))]
+    finally:
+        model.train(was_training)
+    return pd.DataFrame({"k": ks, "accuracy": accuracies})
+
+
+def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies):
+    correct = torch.zeros(len(projectors), dtype=torch.long)
+    total = 0
+    for start in range(0, len(projectors), max_copies):
+        P = projectors[start:start + max_copies]
+        K = len(P)
+        if kind == "activation":
+            def hook(m, args, P=P, K=K):
+                x = args[0]
+                Pc = P.to(x.dtype).to(x.device)
+                moved = x.movedim(1, -1) if x.dim() > 2 else x  # channels last
+                projected = torch.einsum("...c,kdc->k...d", moved, Pc)
+                projected = projected.movedim(-1, 2) if x.dim() > 2 else projected
+                return (projected.reshape(K * x.shape[0], *x.shape[1:]),) + tuple(args[1:])
+            handle = module.register_forward_pre_hook(hook)
+        else:
+            def hook(m, args, output, P=P, K=K):
+                x = args[0]
+                W = m.weight.reshape(m.weight.shape[0], -1)
+                clipped = torch.einsum("od,kde->koe", W.double(), P).to(W.dtype).reshape(K * W.shape[0],
+                                                                                          *m.weight.shape[1:])
+                if isinstance(m, nn.Linear):
+                    out = torch.einsum("...i,koi->k...o", x, clipped.reshape(K, W.shape[0], -1))
+                else:
+                    conv = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}[x.dim() - 2]
+                    out = conv(x, clipped, None, m.stride, m.padding, m.dilation, m.groups)
+                    out = out.reshape(x.shape[0], K, W.shape[0], *out.shape[2:]).movedim(1, 0)
+                if m.bias is not None:
+                    out = out + m.bias.reshape((1, 1, -1) + (1,) * (out.dim() - 3))
+                return out.reshape(K * x.shape[0], *out.shape[2:])
+            handle = module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                for x, y in _batches(data, batch_size):
+                    if y is None:
+                        raise ValueError("data must carry labels: (x, y) tensors or a loader of (x, y) batches")
+                    logits = model(x)
+                    if logits.shape[0] != K * x.shape[0]:
+                        raise RuntimeError("the model's output does not carry the stacked copies")
+                    predictions = logits.reshape(K, x.shape[0], -1).argmax(-1)
+                    correct[start:start + K] += (predictions == y[None]).sum(1).cpu()
+                    if start == 0:
+                        total += len(y)
+        finally:
+            handle.remove()
+    return (correct.double() / total).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated ("rainbow") networks
+
+
+def _chain(graph):
+    """The linear maps in forward order, each reading only the previous one."""
+    names = list(graph.maps)
+    inputs: dict[str, list] = {}
+    for c in graph.connections:
+        inputs.setdefault(c.next, []).append(c)
+    for previous, name in zip(names, names[1:]):
+        sources = inputs.get(name, [])
+        if len(sources) != 1 or sources[0].previous != previous:
+            raise ValueError(f"rainbow networks need a chain of linear maps; {name!r} reads "
+                             f"{[c.previous for c in sources]} instead of just {previous!r} (residual or "
+                             "branching architectures are not supported)")
+    return names
+
+
+def _realign_columns(weight: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """W (out, reference inputs) -> W' (out, generated inputs) with the
+    alignment A (C_ref, C_gen) of the layer's input: W'[:, g] = sum_r W[:, r]
+    A[r, g] (the seed's contract(W, A^T, axis=1)). For a Linear, A covers
+    its input features (flattened conv features included, as in the seed);
+    for a conv, its input channels, at every kernel tap."""
+    if weight.dim() == 2:
+        return (weight.double() @ A.double()).to(weight.dtype)
+    blocks = weight.double().reshape(weight.shape[0], weight.shape[1], -1)
+    return torch.einsum("ork,rg->ogk", blocks, A.double()).reshape(weight.shape).to(weight.dtype)
+
+
+def _recalibrate_batchnorm(model, data, batch_size):
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for x, _ in _batches(data, batch_size):
+            model(x)
+    for m in norms:
+        m.eval()
+
+
+def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None, seed: int = 0,
+            batch_size: int = 256, progress: bool = True) -> dict:
+    """A generated network (seed 002): layer by layer, each hidden map's
+    neurons are drawn from N(0, W^T W / n), the trained weight covariance
+    (with the bias as an extra input column when present), realigned to the
+    generated inputs with the cross-covariance alignment of the previous
+    layer, BatchNorm statistics recomputed; the trained classifier (the last
+    map) is kept and realigned. train_data: (x, y) tensors or a loader, used
+    for the alignments; test_data: for the accuracies.
+
+    Returns {model, reference_accuracy, generated_accuracy, r2 (per aligned
+    layer, on the training data)}."""
+    graph = discover(reference, example_input if example_input is not None else
+                     next(iter(_batches(train_data, 2)))[0])
+    names = _chain(graph)
+    g = torch.Generator().manual_seed(seed)
+    generated = copy.deepcopy(reference).eval()
+    generated_graph = graph.for_model(generated)
+    alignment = None
+    r2 = {}
+    from tqdm.auto import tqdm
+
+    for j, name in enumerate(tqdm(names, desc="rainbow", disable=not progress, leave=False)):
+        module = generated_graph.maps[name].module
+        if getattr(module, "groups", 1) != 1:
+            raise ValueError(f"{name} is a grouped convolution: not supported by rainbow")
+        reference_module = graph.maps[name].module
+        weight = reference_module.weight.detach().double()
+        W = weight.reshape(weight.shape[0], -1)
+        bias = reference_module.bias.detach().double() if reference_module.bias is not None else None
+        if j < len(names) - 1:
+            joint = torch.cat([W, bias[:, None]], 1) if bias is not None else W
+            _, s, vh = torch.linalg.svd(joint, full_matrices=False)
+            white = torch.randn(joint.shape[0], s.shape[0], generator=g, dtype=torch.float64)
+            sampled = white @ ((s / math.sqrt(joint.shape[0]))[:, None] * vh)  # rows ~ N(0, W^T W / n)
+            new_weight = sampled[:, :W.shape[1]].reshape(weight.shape)
+            new_bias = sampled[:, -1] if bias is not None else None
+        else:
+            new_weight, new_bias = weight, bias
+        if alignment is not None:
+            new_weight = _realign_columns(new_weight, alignment)
+        with torch.no_grad():
+            module.weight.copy_(new_weight.to(module.weight.dtype))
+            if new_bias is not None:
+                module.bias.copy_(new_bias.to(module.bias.dtype))
+        _recalibrate_batchnorm(generated, train_data, batch_size)
+        if j < len(names) - 1:
+            following = names[j + 1]
+            cov = activation_covariance(reference, train_data, [following], other=generated, batch_size=batch_size,
+                                        progress=False)[following]
+            alignment, r2[following] = align(cov.cross(), cov.cov_a(), cov.cov_b())
+    result = {"model": generated, "r2": r2}
+    if test_data is not None:
+        result["reference_accuracy"] = _accuracy_stream(reference, test_data, batch_size)
+        result["generated_accuracy"] = _accuracy_stream(generated, test_data, batch_size)
+    return result
+
+
+def plot_spectra(frame: pd.DataFrame, layer: str, ax=None):
+    """Seed 002 spectra: trained and initial eigenvalues against rank on a log
+    scale, with the Marchenko-Pastur upper edge."""
+    from .plot import _axes
+
+    fig, ax = _axes(ax, (5, 4))
+    part = frame[frame["layer"] == layer]
+    ax.plot(part["rank"], part["eigenvalue"], label="trained")
+    if part["init_eigenvalue"].notna().any():
+        ax.plot(part["rank"], part["init_eigenvalue"], "--", label="initialisation")
+    ax.axhline(float(part["mp_upper_edge"].iloc[0]), color="tab:red", lw=0.8,
+               label=f"Marchenko-Pastur edge ({int(part['n_learned'].iloc[0])} above)")
+    ax.set_yscale("log")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("weight covariance eigenvalue")
+    ax.set_title(f"layer {layer}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_stability(matrix: torch.Tensor, ax=None, top: int = 50):
+    """The eigenvector-stability matrix |E1 A E2^T| (top-left block)."""
+    from .plot import _axes
+
+    fig, ax = _axes(ax, (5, 4))
+    image = ax.imshow(matrix[:top, :top].T.cpu().numpy(), cmap="cividis", vmin=0, vmax=1)
+    ax.set_xlabel("rank (network 1)")
+    ax.set_ylabel("rank (network 2)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
