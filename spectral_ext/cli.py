@@ -4,6 +4,11 @@
     spectral-ext selfcheck  every operator against its reference, on every device
     spectral-ext bench      the benchmark suite with native-versus-reference ratios
     spectral-ext demo       the main job (see README)
+    spectral-ext svr MODEL_OR_CHECKPOINT --arch ... [--plot out.png]
+    spectral-ext zoo DIR --arch ... --metrics rank,alpha,svr [--pairs cka --probe x.pt] --out results/
+
+Exit codes: 0 success, 1 a check failed, 2 bad command line, 3 bad input
+(missing path, unknown architecture, unusable checkpoint).
 """
 from __future__ import annotations
 
@@ -127,6 +132,77 @@ def _demo(args) -> int:
     return 0
 
 
+def _load_probe(spec):
+    """A probe input: a .pt/.safetensors tensor file, or digits[:N]."""
+    if spec is None:
+        return None
+    if spec.startswith("digits"):
+        from spectral_ext import datasets
+
+        count = int(spec.split(":")[1]) if ":" in spec else 256
+        return datasets.digits()[2][:count]
+    from spectral_ext.zoo import ZooError
+
+    path = pathlib.Path(spec)
+    if not path.exists():
+        raise ZooError(f"no such probe file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if len(tensors) != 1:
+            raise ZooError(f"the probe file {path} must hold one tensor, it holds {len(tensors)}")
+        return next(iter(tensors.values()))
+    tensor = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(tensor, torch.Tensor):
+        raise ZooError(f"the probe file {path} must hold a tensor")
+    return tensor
+
+
+def _zoo(args) -> int:
+    from spectral_ext import zoo
+
+    probe = _load_probe(args.probe)
+    metrics = [m for m in args.metrics.split(",") if m]
+    pairs = [m for m in args.pairs.split(",") if m] if args.pairs else []
+    tables = zoo.analyze(args.source, arch=args.arch, out=args.out, metrics=metrics, pairs=pairs, probe=probe,
+                         layers=args.layers.split(",") if args.layers else None, max_pairs=args.max_pairs,
+                         seed=args.seed, fmt=args.format, allow_pickle=args.allow_pickle,
+                         chunk_size=args.chunk_size, metadata=args.metadata, progress=not args.quiet,
+                         example_input=probe[:1] if probe is not None else None)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        models = tables["models"]
+        errors = int((models["error"].fillna("").astype(str) != "").sum()) if "error" in models else 0
+        print(f"{len(models)} members ({errors} with errors), {len(tables['layers'])} layer rows, "
+              f"{len(tables['pairs'])} pair rows -> {args.out}")
+    return 0
+
+
+def _svr(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import spectral_ext as se
+    from spectral_ext import zoo
+
+    factory = zoo.resolve_arch(args.arch)
+    try:
+        model = zoo.load_member(args.model, factory, args.allow_pickle)
+    except ValueError as error:
+        raise zoo.ZooError(f"{args.model}: {error}") from error
+    result = se.svr(model, _load_probe(args.probe)[:1] if args.probe else None, p=args.p)
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(result.to_frame().round(4).to_string(index=False))
+    if args.plot:
+        result.plot(top=args.top).savefig(args.plot, dpi=120)
+        print(f"figure: {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spectral-ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,5 +216,36 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--out", default="out", help="folder for the figures")
     demo.set_defaults(run=_demo)
+    svr = sub.add_parser("svr", help="the SVR of one model or checkpoint")
+    svr.add_argument("model", help="a checkpoint (.pt/.pth/.safetensors)")
+    svr.add_argument("--arch", help="'package.module:function' or a torchvision model name")
+    svr.add_argument("--probe", help="an example input file (default: the layer discovery's own)")
+    svr.add_argument("--p", type=float, default=0.15)
+    svr.add_argument("--top", type=int, default=32)
+    svr.add_argument("--plot", help="save the SVR graph figure here")
+    svr.add_argument("--allow-pickle", action="store_true", help="allow whole pickled modules (trusted files only)")
+    svr.set_defaults(run=_svr)
+    zoo = sub.add_parser("zoo", help="analyse a folder of checkpoints (resumable, torchrun-aware)")
+    zoo.add_argument("source", help="a folder of checkpoints")
+    zoo.add_argument("--arch", help="'package.module:function' or a torchvision model name")
+    zoo.add_argument("--metrics", default="rank,alpha", help="comma-separated: rank, alpha, svr")
+    zoo.add_argument("--pairs", default="", help="comma-separated: cka, grelu_cka, procrustes, grelu_procrustes")
+    zoo.add_argument("--probe", help="probe inputs: a tensor file, or digits[:N] as 'digits:256'")
+    zoo.add_argument("--layers", help="comma-separated module names for the pair measures")
+    zoo.add_argument("--max-pairs", type=int, default=None)
+    zoo.add_argument("--seed", type=int, default=0)
+    zoo.add_argument("--out", required=True, help="results folder (an interrupted run resumes there)")
+    zoo.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    zoo.add_argument("--chunk-size", type=int, default=16)
+    zoo.add_argument("--metadata", help="CSV with columns model, accuracy for the report")
+    zoo.add_argument("--allow-pickle", action="store_true", help="allow whole pickled modules (trusted files only)")
+    zoo.add_argument("--quiet", action="store_true", help="no progress bars")
+    zoo.set_defaults(run=_zoo)
     args = parser.parse_args(argv)
-    return args.run(args)
+    from spectral_ext.zoo import ZooError
+
+    try:
+        return args.run(args)
+    except ZooError as error:
+        print(f"spectral-ext {args.command}: {error}", file=sys.stderr)
+        return 3
