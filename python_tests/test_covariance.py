@@ -28,7 +28,7 @@ def test_streaming_covariance_equals_the_batch_computation(split):
     cov = se.activation_covariance(model, x, ["2", "4"], other=other, batch_size=split, progress=False)
     with torch.no_grad():
         a2, b2 = model[:2](x), other[:2](x)  # inputs of "2": channels, positions as samples
-        a4, b4 = model[:4](x), other[:4](x)
+        b4 = other[:4](x)
     A = a2.permute(0, 2, 3, 1).reshape(-1, 4)
     B = b2.permute(0, 2, 3, 1).reshape(-1, 4)
     torch.testing.assert_close(cov["2"].cross(), A.T @ B / len(A))
@@ -94,7 +94,8 @@ def test_marchenko_pastur():
     assert C.weight_spectra(init, init).groupby("layer")["n_learned"].first().max() <= 1
     import matplotlib
     matplotlib.use("Agg")
-    assert C.plot_spectra(spectra, "1").axes
+    from spectral_ext import plot
+    assert plot.weight_spectra(spectra, "1").axes
 
 
 def test_weight_spectrum_and_stability():
@@ -103,6 +104,10 @@ def test_weight_spectrum_and_stability():
     values, vectors = C.activation_spectrum(W.T @ W / 30)
     torch.testing.assert_close(eig, values)
     torch.testing.assert_close(C.stability(vecs, vectors), torch.eye(12, dtype=torch.float64))
+    import matplotlib
+    matplotlib.use("Agg")
+    from spectral_ext import plot
+    assert plot.stability(C.stability(vecs, vectors)).axes
 
 
 @pytest.fixture(scope="module")

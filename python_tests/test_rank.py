@@ -57,7 +57,6 @@ def test_errors():
 # --- partial rank of the Jacobian (section 3.2, Lemma 2) ---------------------------------------
 
 import math
-import warnings
 
 import numpy as np
 from torch import nn

@@ -128,7 +128,7 @@ def test_plots():
     assert h.plot().axes and plot.semantic_hierarchy(h.semantic_hierarchy()).axes
     assert plot.signal_heatmaps(torch.randn(4, 5, 5)).axes and plot.image_grid(torch.rand(3, 1, 8, 8)).axes
     eig = Sp.sample_power_law(3.0, 1.0, 500)
-    assert Sp.plot_esd(eig, fit=Sp.fit_power_law(eig)).axes
+    assert plot.esd(eig, fit=Sp.fit_power_law(eig)).axes
 
 
 # --- spectra -----------------------------------------------------------------------------------------

@@ -51,9 +51,11 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "ModelGraph", "SVR", "activation_covariance", "align", "alpha_hat", "apply_symmetry", "build_info", "cka", "clip", "classification_dimension", "co_svr", "conv_adjacency", "current_backend",
-    "discover", "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections", "layer_spectra", "max_kernel_gram",
-    "numerical_rank", "perturbed_pca_dimension", "procrustes", "rainbow", "reference", "semantic_hierarchy", "signal_projection", "signals", "sinkhorn",
-    "similarity_matrix", "sobel_similarity", "spectral_activations", "stable_rank", "stitch", "stitching_penalty",
-    "svr", "svr_many", "use_backend",
+    "activation_covariance", "align", "alpha_hat", "apply_symmetry", "build_info", "cka",
+    "classification_dimension", "clip", "co_svr", "conv_adjacency", "current_backend", "discover",
+    "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections",
+    "layer_spectra", "max_kernel_gram", "ModelGraph", "numerical_rank", "perturbed_pca_dimension",
+    "procrustes", "rainbow", "reference", "semantic_hierarchy", "signal_projection", "signals",
+    "similarity_matrix", "sinkhorn", "sobel_similarity", "spectral_activations", "stable_rank", "stitch",
+    "stitching_penalty", "SVR", "svr", "svr_many", "use_backend",
 ]

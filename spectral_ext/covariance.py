@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._data import accuracy as _accuracy
+from ._data import batches as _batches
 from .layers import discover
 
 
@@ -137,18 +139,6 @@ class _Accumulator:
         if self.sums is None:
             raise ValueError("the data produced no batch")
         return Covariance(self.count, *self.sums)
-
-
-def _batches(data, batch_size=256):
-    if isinstance(data, torch.Tensor):
-        for start in range(0, data.shape[0], batch_size):
-            yield data[start:start + batch_size], None
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        for start in range(0, data[0].shape[0], batch_size):
-            yield data[0][start:start + batch_size], data[1][start:start + batch_size]
-    else:
-        for batch in data:
-            yield (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
 
 
 def _capture_inputs(model, layers):
@@ -313,17 +303,6 @@ def alignment_r2(A: torch.Tensor, cross_cov: torch.Tensor, cov_a: torch.Tensor, 
 
 # ---------------------------------------------------------------------------------------------
 # Clipping
-
-
-def _accuracy_stream(model, data, batch_size):
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in _batches(data, batch_size):
-            if y is None:
-                raise ValueError("data must carry labels: (x, y) tensors or a loader of (x, y) batches")
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    return correct / total
 
 
 def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance: torch.Tensor | None = None,
@@ -530,40 +509,6 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
             alignment, r2[following] = align(cov.cross(), cov.cov_a(), cov.cov_b())
     result = {"model": generated, "r2": r2}
     if test_data is not None:
-        result["reference_accuracy"] = _accuracy_stream(reference, test_data, batch_size)
-        result["generated_accuracy"] = _accuracy_stream(generated, test_data, batch_size)
+        result["reference_accuracy"] = _accuracy(reference, test_data, batch_size)
+        result["generated_accuracy"] = _accuracy(generated, test_data, batch_size)
     return result
-
-
-def plot_spectra(frame: pd.DataFrame, layer: str, ax=None):
-    """Seed 002 spectra: trained and initial eigenvalues against rank on a log
-    scale, with the Marchenko-Pastur upper edge."""
-    from .plot import _axes
-
-    fig, ax = _axes(ax, (5, 4))
-    part = frame[frame["layer"] == layer]
-    ax.plot(part["rank"], part["eigenvalue"], label="trained")
-    if part["init_eigenvalue"].notna().any():
-        ax.plot(part["rank"], part["init_eigenvalue"], "--", label="initialisation")
-    ax.axhline(float(part["mp_upper_edge"].iloc[0]), color="tab:red", lw=0.8,
-               label=f"Marchenko-Pastur edge ({int(part['n_learned'].iloc[0])} above)")
-    ax.set_yscale("log")
-    ax.set_xlabel("rank")
-    ax.set_ylabel("weight covariance eigenvalue")
-    ax.set_title(f"layer {layer}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_stability(matrix: torch.Tensor, ax=None, top: int = 50):
-    """The eigenvector-stability matrix |E1 A E2^T| (top-left block)."""
-    from .plot import _axes
-
-    fig, ax = _axes(ax, (5, 4))
-    image = ax.imshow(matrix[:top, :top].T.cpu().numpy(), cmap="cividis", vmin=0, vmax=1)
-    ax.set_xlabel("rank (network 1)")
-    ax.set_ylabel("rank (network 2)")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig

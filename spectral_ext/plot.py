@@ -12,6 +12,20 @@ def _axes(ax, figsize):
     return plt.subplots(figsize=figsize)
 
 
+def _finish(fig, ax, xlabel, ylabel, xscale=None, yscale=None, legend=True):
+    """The common last steps of a line figure: labels, scales, legend, layout."""
+    if xscale:
+        ax.set_xscale(xscale)
+    if yscale:
+        ax.set_yscale(yscale)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if legend:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def svr_graph(svr, ax=None, top: int | None = 64, max_edges: int = 20000):
     """Seed 000 Fig. 2/5: one column per linear map (forward order), spectral
     neurons by singular-value rank (rank 1 on top), significant edges drawn in
@@ -95,12 +109,7 @@ def classification_dimension(result, ax=None):
     ax.axhline(result.target, color="tab:red", lw=0.8, label=f"target {result.target:.3f}")
     ax.axvline(ev["fraction"].iloc[0] * result.dimension / ev["k"].iloc[0], color="tab:green", lw=0.8,
                label=f"ClsDim = {result.dimension}")
-    ax.set_xscale("log")
-    ax.set_xlabel("fraction of eigenvectors kept (k / d)")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "fraction of eigenvectors kept (k / d)", "accuracy", xscale="log")
 
 
 def rank_decay(frame, ax=None):
@@ -109,12 +118,7 @@ def rank_decay(frame, ax=None):
     fig, ax = _axes(ax, (5, 4))
     ax.plot(frame["layer"], frame["jacobian_rank"], label="rank of the Jacobian")
     ax.plot(frame["layer"], frame["feature_dimension"], label="feature dimension")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("numerical rank")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "layer", "numerical rank", yscale="log")
 
 
 def similarity_heatmap(frame, ax=None, title: str | None = None):
@@ -211,5 +215,50 @@ def image_grid(images, titles=None, ncols: int = 8):
         ax.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0), cmap="gray")
         if titles is not None:
             ax.set_title(str(titles[k]), fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def esd(eigenvalues, ax=None, fit: dict | None = None, label: str | None = None):
+    """Seed 001 Fig. 3: histogram of an ESD on log-log axes with the fitted
+    power-law tail (spectra.fit_power_law's dict)."""
+    import math
+
+    import torch
+
+    fig, ax = _axes(ax, (5, 4))
+    eig = np.asarray(torch.as_tensor(eigenvalues).double().cpu())
+    eig = eig[eig > 0]
+    bins = np.logspace(math.log10(eig.min()), math.log10(eig.max()), 40)
+    ax.hist(eig, bins=bins, density=True, alpha=0.6, label=label or "ESD")
+    if fit and np.isfinite(fit["alpha"]):
+        xs = np.logspace(math.log10(fit["xmin"]), math.log10(eig.max()), 50)
+        share = fit["n_tail"] / len(eig)
+        ax.plot(xs, share * (fit["alpha"] - 1) / fit["xmin"] * (xs / fit["xmin"]) ** -fit["alpha"], "r-",
+                label=f"alpha = {fit['alpha']:.2f}")
+    return _finish(fig, ax, "eigenvalue of W W^T", "density", xscale="log", yscale="log")
+
+
+def weight_spectra(frame, layer: str, ax=None):
+    """Seed 002 spectra (covariance.weight_spectra's frame): trained and initial eigenvalues against rank on a log
+    scale, with the Marchenko-Pastur upper edge."""
+    fig, ax = _axes(ax, (5, 4))
+    part = frame[frame["layer"] == layer]
+    ax.plot(part["rank"], part["eigenvalue"], label="trained")
+    if part["init_eigenvalue"].notna().any():
+        ax.plot(part["rank"], part["init_eigenvalue"], "--", label="initialisation")
+    ax.axhline(float(part["mp_upper_edge"].iloc[0]), color="tab:red", lw=0.8,
+               label=f"Marchenko-Pastur edge ({int(part['n_learned'].iloc[0])} above)")
+    ax.set_title(f"layer {layer}")
+    return _finish(fig, ax, "rank", "weight covariance eigenvalue", yscale="log")
+
+
+def stability(matrix, ax=None, top: int = 50):
+    """The eigenvector-stability matrix |E1 A E2^T| (top-left block)."""
+    fig, ax = _axes(ax, (5, 4))
+    image = ax.imshow(matrix[:top, :top].T.cpu().numpy(), cmap="cividis", vmin=0, vmax=1)
+    ax.set_xlabel("rank (network 1)")
+    ax.set_ylabel("rank (network 2)")
+    fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig

@@ -711,7 +711,8 @@ def theorem5_slopes(n: int) -> torch.Tensor:
     of Ginibre products, equation A93); entry k-1 is the slope of sigma_k."""
     n = _checks.positive_int("n", n)
     k = torch.arange(1, n + 1, dtype=torch.float64)
-    return (torch.special.digamma((n - k + 1) / 2) - torch.special.digamma(torch.tensor(n / 2.0, dtype=torch.float64))) / 2
+    half_n = torch.tensor(n / 2.0, dtype=torch.float64)
+    return (torch.special.digamma((n - k + 1) / 2) - torch.special.digamma(half_n)) / 2
 
 
 def mlp_rank_decay(depth: int = 50, width: int = 1000, n_samples: int | None = None, eps: float | None = None,

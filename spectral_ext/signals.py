@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._data import batches as _batches
 from ._linalg import signed_svd
 from ._ops import signal_projection
 from .layers import discover
@@ -74,23 +75,6 @@ def _project(basis: LayerBasis, inputs: torch.Tensor, reduce):
         padding = module.padding
     return signal_projection(inputs, V, s, module.stride, padding, module.dilation, reduce,
                              tuple(module.kernel_size))
-
-
-def _batches(data, batch_size: int):
-    """Yield (x, y or None) from a tensor, an (x, y) pair of tensors or a loader."""
-    if isinstance(data, torch.Tensor):
-        for start in range(0, data.shape[0], batch_size):
-            yield data[start:start + batch_size], None
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
-            and isinstance(data[1], torch.Tensor):
-        for start in range(0, data[0].shape[0], batch_size):
-            yield data[0][start:start + batch_size], data[1][start:start + batch_size]
-    else:
-        for batch in data:
-            if isinstance(batch, (tuple, list)):
-                yield batch[0], (batch[1] if len(batch) > 1 else None)
-            else:
-                yield batch, None
 
 
 def _stream(model, bases, data, reduce, batch_size, progress, consume):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._data import batches
 from ._ops import max_kernel_gram
 
 KERNELS = ("linear", "rbf", "max", "laplace")
@@ -275,11 +276,6 @@ def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", retu
 # All layer pairs of two models
 
 
-def _batches(loader):
-    for batch in loader:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def _comparable(x, y, group) -> bool:
     x, y = x.reshape(x.shape[0], x.shape[1], -1), y.reshape(y.shape[0], y.shape[1], -1)
     return x.shape[2] == y.shape[2] and (group == "orthogonal" or x.shape[1] == y.shape[1])
@@ -318,7 +314,7 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
     moments = {(a, b): CrossMoments() for a in layers_a for b in layers_b} if measure == "procrustes" else None
     seen = 0
     with _capturing(model_a, layers_a) as (cap_a, _), _capturing(model_b, layers_b) as (cap_b, _), torch.no_grad():
-        for x in tqdm(_batches(loader), desc="similarity matrix", disable=not progress, leave=False):
+        for x, _ in tqdm(batches(loader), desc="similarity matrix", disable=not progress, leave=False):
             x = x.to(device) if device is not None else x
             cap_a.clear()
             cap_b.clear()

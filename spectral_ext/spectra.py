@@ -5,7 +5,6 @@ an m x m input (via the FFT, never built), power-law fits of the ESD tail and
 the capacity metric alpha-hat (equation 12)."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -157,26 +156,3 @@ def sample_power_law(alpha: float, xmin: float, n: int, generator: torch.Generat
     """n samples of p(x) ~ x^-alpha on [xmin, inf) by inverting the CDF."""
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     return xmin * (1 - u) ** (-1 / (alpha - 1))
-
-
-def plot_esd(frame_or_eigenvalues, ax=None, fit: dict | None = None, label: str | None = None):
-    """Histogram of an ESD on log-log axes with the fitted tail (Fig. 3)."""
-    from .plot import _axes
-
-    fig, ax = _axes(ax, (5, 4))
-    eig = np.asarray(torch.as_tensor(frame_or_eigenvalues).double().cpu())
-    eig = eig[eig > 0]
-    bins = np.logspace(math.log10(eig.min()), math.log10(eig.max()), 40)
-    ax.hist(eig, bins=bins, density=True, alpha=0.6, label=label or "ESD")
-    if fit and np.isfinite(fit["alpha"]):
-        xs = np.logspace(math.log10(fit["xmin"]), math.log10(eig.max()), 50)
-        share = fit["n_tail"] / len(eig)
-        ax.plot(xs, share * (fit["alpha"] - 1) / fit["xmin"] * (xs / fit["xmin"]) ** -fit["alpha"], "r-",
-                label=f"alpha = {fit['alpha']:.2f}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("eigenvalue of W W^T")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig

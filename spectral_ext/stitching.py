@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._data import accuracy as _accuracy
+from ._data import batches
 from ._ops import sinkhorn
 
 KINDS = ("affine", "lowrank", "grelu", "softsort", "l1")
@@ -201,34 +203,16 @@ class StitchResult:
     permutation: torch.Tensor | None = field(default=None, repr=False)
 
 
+def _train_batches(data, batch_size, generator):
+    for x, y in batches(data, batch_size, generator):
+        if y is None:
+            raise ValueError("train data must carry labels: (x, y) tensors or a loader of (x, y) batches")
+        yield x, y
+
+
 def stitching_penalty(accuracy_a: float, accuracy_b: float, accuracy_stitched: float) -> float:
     """Equation 4.3: (Acc(f) + Acc(f~)) / 2 - Acc(S(f, f~, l, phi))."""
     return (accuracy_a + accuracy_b) / 2 - accuracy_stitched
-
-
-def _batches(data, batch_size, generator):
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"train data has {x.shape[0]} inputs but {y.shape[0]} labels")
-        for batch in torch.randperm(len(y), generator=generator).split(batch_size):
-            yield x[batch], y[batch]
-    else:
-        for x, y in data:
-            yield x, y
-
-
-@torch.no_grad()
-def _accuracy(model, data, batch_size=1024):
-    correct = total = 0
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        data = zip(data[0].split(batch_size), data[1].split(batch_size))
-    for x, y in data:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    if total == 0:
-        raise ValueError("test data is empty")
-    return correct / total
 
 
 @torch.no_grad()
@@ -242,7 +226,7 @@ def _recalibrate_batchnorm(stitched: StitchedModel, data, batch_size, generator)
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the pass
         m.train()
-    for x, _ in _batches(data, batch_size, generator):
+    for x, _ in _train_batches(data, batch_size, generator):
         y = stitched.phi(stitched.features_a(x))
         handle = stitched.model_b.get_submodule(stitched.layer_b).register_forward_hook(lambda m, a, o: y)
         try:
@@ -297,7 +281,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, train_data, kind:
             raise ValueError(f"layer {lay!r} names no submodule of {name}")
     generator = torch.Generator().manual_seed(seed)
     a, b = copy.deepcopy(model_a).eval(), copy.deepcopy(model_b).eval()
-    x0 = next(iter(_batches(train_data, 2, torch.Generator().manual_seed(seed))))[0]
+    x0 = next(iter(_train_batches(train_data, 2, torch.Generator().manual_seed(seed))))[0]
     ya, yb = _channels_at(a, layer, x0), _channels_at(b, layer_b, x0)
     if ya.shape[1:] != yb.shape[1:]:
         raise ValueError(f"model_a's {layer!r} gives features {tuple(ya.shape[1:])} but model_b's {layer_b!r} "
@@ -325,7 +309,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, train_data, kind:
         if kind == "grelu":
             phi.D.requires_grad_(epoch >= head_start)
         total = correct = count = 0
-        for x, y in _batches(train_data, batch_size, generator):
+        for x, y in _train_batches(train_data, batch_size, generator):
             optimizer.zero_grad()
             logits = stitched(x)
             loss = nn.functional.cross_entropy(logits, y)
