@@ -121,6 +121,10 @@ def trained_mlp():
 def test_clipping_shares_the_prefix_and_matches_explicit_projections(trained_mlp):
     model, _, test = trained_mlp
     df = C.clip(model, "3", test, [1, 5, 64], progress=False)
+    import matplotlib
+    matplotlib.use("Agg")
+    from spectral_ext import plot
+    assert plot.clipping(df).axes
     full = datasets.accuracy(model, *test)
     assert df["accuracy"].iloc[-1] == pytest.approx(full)
     cov = se.activation_covariance(model, test[0], ["3"], progress=False)["3"].cov_a()

@@ -84,7 +84,8 @@ def test_batched_zoo_equals_per_model_results(zoo_dir):
         assert [tuple(r) for r in edges[["d_out", "d_in"]].to_numpy()] == \
             [single.internal_dimensions(k) for k in range(len(single.edges))]
     pairs = tables["pairs"]
-    assert len(pairs) == 5 * 5 * 2 and not pairs["model_a"].isin(["corrupt", "mismatch"]).any()
+    pairs = pairs[pairs["measure"] == "cka"]
+    assert len(tables["pairs"]) == 5 * 5 * 2 and not pairs["model_a"].isin(["corrupt", "mismatch"]).any()
     a, b = pairs.iloc[0][["model_a", "model_b"]]
     ma = zoo.load_member(zoo_dir / f"{a}{'.safetensors' if int(a[-2:]) % 2 else '.pt'}", datasets.digits_cnn)
     mb = zoo.load_member(zoo_dir / f"{b}{'.safetensors' if int(b[-2:]) % 2 else '.pt'}", datasets.digits_cnn)
@@ -92,6 +93,20 @@ def test_batched_zoo_equals_per_model_results(zoo_dir):
     with torch.no_grad():
         expected = se.cka(zoo._activations(ma, probe(), [layer])[layer], zoo._activations(mb, probe(), [layer])[layer])
     assert pairs.iloc[0]["value"] == pytest.approx(expected)
+
+
+def test_stitching_penalties_between_zoo_members(zoo_dir):
+    _, _, x_test, y_test = datasets.digits()
+    probe = (x_test[:200], y_test[:200])
+    models = {n: zoo.load_member(zoo_dir / f"{n}.pt", datasets.digits_cnn) for n in ("cnn_00", "cnn_02")}
+    frame = zoo.pair_metrics(models, [("cnn_00", "cnn_02")], probe, ["3"], ("stitching",),
+                             {"epochs": 2, "seed": 1})
+    result = se.stitch(models["cnn_00"], models["cnn_02"], "3", (probe[0][:100], probe[1][:100]),
+                       test_data=(probe[0][100:], probe[1][100:]), kind="affine", epochs=2, lr=0.01, seed=1,
+                       progress=False)
+    assert frame["value"].iloc[0] == pytest.approx(result.penalty)
+    with pytest.raises(zoo.ZooError, match="labelled probe"):
+        zoo.pair_metrics(models, [("cnn_00", "cnn_02")], probe[0], ["3"], ("stitching",))
 
 
 def test_interrupted_run_resumes_without_loss_or_duplicates(zoo_dir, tmp_path, monkeypatch):

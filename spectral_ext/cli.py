@@ -140,7 +140,8 @@ def _load_probe(spec):
         from spectral_ext import datasets
 
         count = int(spec.split(":")[1]) if ":" in spec else 256
-        return datasets.digits()[2][:count]
+        _, _, x_test, y_test = datasets.digits()
+        return x_test[:count], y_test[:count]  # labelled: the stitching measure can use it
     from spectral_ext.zoo import ZooError
 
     path = pathlib.Path(spec)
@@ -169,7 +170,7 @@ def _zoo(args) -> int:
                          layers=args.layers.split(",") if args.layers else None, max_pairs=args.max_pairs,
                          seed=args.seed, fmt=args.format, allow_pickle=args.allow_pickle,
                          chunk_size=args.chunk_size, metadata=args.metadata, progress=not args.quiet,
-                         example_input=probe[:1] if probe is not None else None)
+                         example_input=zoo.probe_parts(probe)[0][:1] if probe is not None else None)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
@@ -192,7 +193,7 @@ def _svr(args) -> int:
         model = zoo.load_member(args.model, factory, args.allow_pickle)
     except ValueError as error:
         raise zoo.ZooError(f"{args.model}: {error}") from error
-    result = se.svr(model, _load_probe(args.probe)[:1] if args.probe else None, p=args.p)
+    result = se.svr(model, zoo.probe_parts(_load_probe(args.probe))[0][:1] if args.probe else None, p=args.p)
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("source", help="a folder of checkpoints")
     zoo.add_argument("--arch", help="'package.module:function' or a torchvision model name")
     zoo.add_argument("--metrics", default="rank,alpha", help="comma-separated: rank, alpha, svr")
-    zoo.add_argument("--pairs", default="", help="comma-separated: cka, grelu_cka, procrustes, grelu_procrustes")
+    zoo.add_argument("--pairs", default="", help="comma-separated: cka, grelu_cka, procrustes, grelu_procrustes, "
+                     "stitching (needs a labelled probe such as digits:256)")
     zoo.add_argument("--probe", help="probe inputs: a tensor file, or digits[:N] as 'digits:256'")
     zoo.add_argument("--layers", help="comma-separated module names for the pair measures")
     zoo.add_argument("--max-pairs", type=int, default=None)

@@ -262,3 +262,11 @@ def stability(matrix, ax=None, top: int = 50):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def clipping(frame, ax=None, label: str | None = None):
+    """Seed 002: accuracy after clipping to the top-k principal components,
+    against k (covariance.clip's frame)."""
+    fig, ax = _axes(ax, (5, 4))
+    ax.plot(frame["k"], frame["accuracy"], marker="o", ms=3, color="tab:red", label=label or "clipped")
+    return _finish(fig, ax, "maximum rank k", "accuracy")

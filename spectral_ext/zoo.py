@@ -34,7 +34,7 @@ from .spectra import fit_power_law
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 TABLES = ("models", "layers", "edges", "pairs")
 METRICS = ("rank", "alpha", "svr")
-PAIR_MEASURES = ("cka", "grelu_cka", "procrustes", "grelu_procrustes")
+PAIR_MEASURES = ("cka", "grelu_cka", "procrustes", "grelu_procrustes", "stitching")
 
 
 class ZooError(ValueError):
@@ -241,27 +241,52 @@ def _activations(model, probe, layers):
         return {n: captured[n].detach().double() for n in layers}
 
 
-def pair_metrics(models: dict[str, nn.Module], pairs, probe: torch.Tensor, layers, measures=("cka",)) -> pd.DataFrame:
+def probe_parts(probe):
+    """(inputs, labels or None) of a probe given as a tensor or an (x, y) pair."""
+    if isinstance(probe, torch.Tensor):
+        return probe, None
+    if isinstance(probe, (tuple, list)) and len(probe) == 2 and all(isinstance(t, torch.Tensor) for t in probe):
+        return probe[0], probe[1]
+    raise ZooError("probe must be an input tensor or an (inputs, labels) pair of tensors")
+
+
+def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("cka",),
+                 stitch_options: dict | None = None) -> pd.DataFrame:
     """For each (a, b) in pairs and each layer, the chosen measures on the
-    probe inputs: "cka" (linear), "grelu_cka" (max kernel), "procrustes"
-    (orthogonal), "grelu_procrustes". Each model's activations are captured
-    once. Returns rows model_a, model_b, layer, measure, value."""
+    probe: "cka" (linear), "grelu_cka" (max kernel), "procrustes"
+    (orthogonal), "grelu_procrustes", and "stitching": the stitching penalty
+    (seed 004 equation 4.3) of a layer trained on the first half of a
+    labelled probe ((x, y)) and measured on the second half (stitch_options
+    go to stitching.stitch; default affine, 5 epochs, lr 0.01). Each model's
+    activations are captured once. Returns rows model_a, model_b, layer,
+    measure, value."""
     from .similarity import cka, procrustes
 
     unknown = [m for m in measures if m not in PAIR_MEASURES]
     if unknown:
         raise ZooError(f"unknown pair measures {unknown}; choose among {PAIR_MEASURES}")
+    x, y = probe_parts(probe)
+    if "stitching" in measures and y is None:
+        raise ZooError("the stitching measure needs a labelled probe: (inputs, labels)")
     needed = sorted({n for pair in pairs for n in pair})
-    acts = {n: _activations(models[n], probe, layers) for n in needed}
+    acts = {n: _activations(models[n], x, layers) for n in needed}
     functions = {"cka": lambda x, y: cka(x, y, "linear"), "grelu_cka": lambda x, y: cka(x, y, "max"),
                  "procrustes": lambda x, y: procrustes(x, y, "orthogonal"),
                  "grelu_procrustes": lambda x, y: procrustes(x, y, "grelu")}
+    options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
+    half = x.shape[0] // 2
     rows = []
     for a, b in pairs:
         for layer in acts[a]:
             for measure in measures:
-                rows.append({"model_a": a, "model_b": b, "layer": layer, "measure": measure,
-                             "value": float(functions[measure](acts[a][layer], acts[b][layer]))})
+                if measure == "stitching":
+                    from .stitching import stitch
+
+                    value = stitch(models[a], models[b], layer, (x[:half], y[:half]), test_data=(x[half:], y[half:]),
+                                   progress=False, **options).penalty
+                else:
+                    value = functions[measure](acts[a][layer], acts[b][layer])
+                rows.append({"model_a": a, "model_b": b, "layer": layer, "measure": measure, "value": float(value)})
     return pd.DataFrame(rows)
 
 
@@ -374,10 +399,12 @@ def _sample_pairs(names: list[str], max_pairs: int | None, seed: int) -> list[tu
 
 def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), probe=None, layers=None,
             max_pairs: int | None = None, seed: int = 0, fmt: str = "csv", allow_pickle: bool = False,
-            chunk_size: int = 16, example_input=None, metadata=None, progress: bool = True) -> dict[str, pd.DataFrame]:
+            chunk_size: int = 16, example_input=None, metadata=None, stitch_options: dict | None = None,
+            progress: bool = True) -> dict[str, pd.DataFrame]:
     """Analyse a zoo: every member's per-model metrics (batched per
-    architecture) and, with `pairs` measures and a `probe` input tensor, the
-    pairwise measures on all pairs or max_pairs sampled with `seed`.
+    architecture) and, with `pairs` measures and a `probe` (an input tensor,
+    or (inputs, labels) for the stitching penalty), the pairwise measures on
+    all pairs or max_pairs sampled with `seed`.
 
     source: a folder or list of checkpoints, or models. arch: the factory for
     state_dict checkpoints. out: the results folder (resumable; None keeps
@@ -395,6 +422,8 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
         raise ZooError(f"unknown metrics {unknown}; per model {METRICS}, per pair {PAIR_MEASURES}")
     if pairs and probe is None:
         raise ZooError("pair measures need a probe input tensor")
+    if pairs:
+        probe_parts(probe)
     factory = resolve_arch(arch)
     members = list_members(source)
     rank, world = _distributed()
@@ -420,7 +449,7 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
         for start in tqdm(range(0, len(todo), chunk_size), desc=f"pairs (rank {rank})", disable=not progress,
                           leave=False):
             batch = todo[start:start + chunk_size]
-            frame = _process_pairs(batch, dict(members), factory, allow_pickle, probe, layers, pairs)
+            frame = _process_pairs(batch, dict(members), factory, allow_pickle, probe, layers, pairs, stitch_options)
             done = pd.DataFrame(batch, columns=["model_a", "model_b"])
             _store(out_path, memory, f"pairs-{rank}-{batch[0][0]}-{batch[0][1]}",
                    {"pairs": frame, "pairs_done": done}, fmt)
@@ -457,7 +486,7 @@ def _process_chunk(chunk, factory, allow_pickle, metrics, example_input) -> dict
     return tables
 
 
-def _process_pairs(batch, sources, factory, allow_pickle, probe, layers, measures) -> pd.DataFrame:
+def _process_pairs(batch, sources, factory, allow_pickle, probe, layers, measures, stitch_options) -> pd.DataFrame:
     models, failed = {}, set()
     for name in sorted({n for pair in batch for n in pair}):
         try:
@@ -468,8 +497,8 @@ def _process_pairs(batch, sources, factory, allow_pickle, probe, layers, measure
     if not usable:
         return pd.DataFrame(columns=["model_a", "model_b", "layer", "measure", "value"])
     if layers is None:
-        layers = list(discover(next(iter(models.values())), probe[:1]).maps)
-    return pair_metrics(models, usable, probe, layers, measures)
+        layers = list(discover(next(iter(models.values())), probe_parts(probe)[0][:1]).maps)
+    return pair_metrics(models, usable, probe, layers, measures, stitch_options)
 
 
 # ---------------------------------------------------------------------------------------------
