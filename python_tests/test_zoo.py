@@ -138,10 +138,18 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(zoo_dir, tmp_path, m
     assert (out / "report.md").exists() and (out / "numerical_rank.png").exists()
 
 
-def test_parquet_output(zoo_dir, tmp_path):
-    tables = zoo.analyze(zoo_dir, arch=ARCH, out=tmp_path, metrics=("rank",), fmt="parquet", progress=False)
-    assert (tmp_path / "layers.parquet").exists()
-    assert len(pd.read_parquet(tmp_path / "layers.parquet")) == len(tables["layers"]) == 40 * 5
+def test_parquet_output_and_report_with_accuracies(zoo_dir, tmp_path):
+    metadata = tmp_path / "accuracies.csv"
+    pd.DataFrame({"model": [f"cnn_{i:02d}" for i in range(40)], "accuracy": [0.5 + i / 100 for i in range(40)]}) \
+        .to_csv(metadata, index=False)
+    out = tmp_path / "results"
+    tables = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank", "alpha"), fmt="parquet", metadata=metadata,
+                         progress=False)
+    assert (out / "layers.parquet").exists()
+    assert len(pd.read_parquet(out / "layers.parquet")) == len(tables["layers"]) == 40 * 5
+    report = (out / "report.md").read_text()
+    assert "- errors: 4" in report and "nan_weights" in report
+    assert (out / "alpha_hat_vs_accuracy.png").exists() and (out / "mean_numerical_rank_vs_accuracy.png").exists()
 
 
 def test_torchrun_two_processes_equal_one(zoo_dir, tmp_path):

@@ -545,16 +545,22 @@ def write_report(out: pathlib.Path, tables: dict[str, pd.DataFrame], metadata=No
         meta = pd.read_csv(metadata)
         if not {"model", "accuracy"} <= set(meta.columns):
             raise ZooError("metadata must be a CSV with columns model and accuracy")
-        joined = models.merge(meta[["model", "accuracy"]], on="model")
-        if "alpha_hat" in joined and len(joined):
+        per_model = models[["model"] + [c for c in ("alpha_hat",) if c in models]]
+        if "numerical_rank" in layers:
+            per_model = per_model.merge(layers.groupby("model")["numerical_rank"].mean().rename("mean_numerical_rank"),
+                                        left_on="model", right_index=True, how="left")
+        joined = per_model.merge(meta[["model", "accuracy"]].astype({"model": str}), on="model")
+        for column in [c for c in ("alpha_hat", "mean_numerical_rank") if c in joined]:
+            if not joined[column].notna().any():
+                continue
             fig, ax = plt.subplots(figsize=(4.5, 3.5))
-            ax.scatter(joined["alpha_hat"], joined["accuracy"], s=10)
-            ax.set_xlabel("alpha-hat")
+            ax.scatter(joined[column], joined["accuracy"], s=10)
+            ax.set_xlabel(column)
             ax.set_ylabel("accuracy")
             fig.tight_layout()
-            fig.savefig(out / "alpha_hat_vs_accuracy.png", dpi=100)
+            fig.savefig(out / f"{column}_vs_accuracy.png", dpi=100)
             plt.close(fig)
-            figures.append("alpha_hat_vs_accuracy")
+            figures.append(f"{column}_vs_accuracy")
     lines += ["## figures", ""] + [f"![{f}]({f}.png)" for f in figures]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
