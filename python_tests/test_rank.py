@@ -136,6 +136,15 @@ def test_partial_rank_with_a_low_rank_map_and_a_tolerance():
                                     progress=False)["rank"].tolist() == [0, 0]
 
 
+def test_partial_rank_accepts_an_unbatched_image():
+    model = small_cnn()
+    x = torch.randn(3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    patch = (slice(2, 6), slice(2, 6))
+    unbatched = se.jacobian_partial_rank(model, x, patch, progress=False)
+    batched = se.jacobian_partial_rank(model, x[None], patch, progress=False)
+    assert unbatched.equals(batched) and unbatched["layer"].iloc[-1] == "output"
+
+
 def test_partial_rank_errors():
     model = small_cnn()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)

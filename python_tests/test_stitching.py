@@ -30,7 +30,8 @@ def test_theorem_4_2_grelu_stitching_finds_the_true_permutation(digits_pair):
     scales exp(N(0, 1)) (0.1 to 20) 20 epochs do not find P: D has to travel
     too far from its head start at the identity."""
     model, twin, perm, scale, train, test = digits_pair
-    result = se.stitch(model, twin, "4", train, kind="grelu", test_data=test, epochs=10, lr=0.01, progress=False)
+    result = se.stitch(model, twin, "4", kind="grelu", train_data=train, test_data=test, epochs=10, lr=0.01,
+                       progress=False)
     assert torch.equal(result.permutation, perm)
     assert result.accuracy_a == result.accuracy_b  # the twin computes the same function
     assert result.penalty == pytest.approx(St.stitching_penalty(result.accuracy_a, result.accuracy_b, result.accuracy))
@@ -43,15 +44,16 @@ def test_theorem_4_2_grelu_stitching_finds_the_true_permutation(digits_pair):
 
 def test_affine_lowrank_l1_and_softsort_stitching(digits_pair):
     model, twin, _, _, train, test = digits_pair
-    affine = se.stitch(model, twin, "4", train, kind="affine", test_data=test, epochs=3, lr=0.05, progress=False)
+    affine = se.stitch(model, twin, "4", kind="affine", train_data=train, test_data=test, epochs=3, lr=0.05,
+                       progress=False)
     assert affine.penalty < 0.05  # the affine class contains phi(G_ReLU) (Theorem 4.2)
-    low = se.stitch(model, twin, "4", train, kind="lowrank", rank=3, test_data=test, epochs=2, lr=0.05,
+    low = se.stitch(model, twin, "4", train_data=train, kind="lowrank", rank=3, test_data=test, epochs=2, lr=0.05,
                     progress=False)
     assert int(torch.linalg.matrix_rank(low.matrix)) <= 3
-    sparse = se.stitch(model, twin, "4", train, kind="l1", l1=0.01, test_data=test, epochs=3, lr=0.05,
+    sparse = se.stitch(model, twin, "4", train_data=train, kind="l1", l1=0.01, test_data=test, epochs=3, lr=0.05,
                        progress=False)
     assert sparse.sparsity > affine.sparsity
-    soft = se.stitch(model, twin, "4", train, kind="softsort", test_data=test, epochs=2, lr=0.05, progress=False)
+    soft = se.stitch(model, twin, "4", train_data=train, kind="softsort", test_data=test, epochs=2, lr=0.05, progress=False)
     assert sorted(soft.permutation.tolist()) == list(range(32))
     for result in (affine, low, sparse, soft):
         assert 0 <= result.accuracy <= 1
@@ -96,7 +98,7 @@ def test_batchnorm_statistics_are_recalibrated_after_rounding():
     y = torch.randint(0, 3, (96,))
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     datasets.train(model, x, y, epochs=3)
-    result = se.stitch(model, model, "1", (x, y), kind="grelu", epochs=2, lr=0.01, progress=False)
+    result = se.stitch(model, model, "1", train_data=(x, y), kind="grelu", epochs=2, lr=0.01, progress=False)
     stitched = result.model
     with torch.no_grad():
         features = stitched.model_b[2](stitched.phi(stitched.model_a[:2](x)))
@@ -108,10 +110,12 @@ def test_stitch_errors(digits_pair):
     model, _, _, _, train, _ = digits_pair
     other = datasets.digits_mlp(width=16)
     with pytest.raises(ValueError, match="cannot be stitched"):
-        se.stitch(model, other, "4", train, progress=False)
+        se.stitch(model, other, "4", train_data=train, progress=False)
     with pytest.raises(ValueError, match="names no submodule"):
-        se.stitch(model, model, "nope", train, progress=False)
+        se.stitch(model, model, "nope", train_data=train, progress=False)
     with pytest.raises(ValueError, match="needs rank"):
-        se.stitch(model, model, "4", train, kind="lowrank", progress=False)
+        se.stitch(model, model, "4", train_data=train, kind="lowrank", progress=False)
     with pytest.raises(ValueError, match="kind must be one of"):
-        se.stitch(model, model, "4", train, kind="magic", progress=False)
+        se.stitch(model, model, "4", train_data=train, kind="magic", progress=False)
+    with pytest.raises(ValueError, match="train_data is required"):
+        se.stitch(model, model, "4", "grelu")

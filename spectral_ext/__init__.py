@@ -15,7 +15,7 @@ except ImportError as error:  # no silent fallback to slow code
         "After a torch upgrade, rebuild."
     ) from error
 
-from . import reference
+from . import reference, zoo
 from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, signal_projection,
                    sinkhorn, use_backend)
 from .covariance import activation_covariance, align, clip, rainbow
@@ -57,5 +57,5 @@ __all__ = [
     "layer_spectra", "max_kernel_gram", "ModelGraph", "numerical_rank", "perturbed_pca_dimension",
     "procrustes", "rainbow", "reference", "semantic_hierarchy", "signal_projection", "signals",
     "similarity_matrix", "sinkhorn", "sobel_similarity", "spectral_activations", "stable_rank", "stitch",
-    "stitching_penalty", "SVR", "svr", "svr_many", "use_backend",
+    "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo",
 ]

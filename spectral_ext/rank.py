@@ -202,7 +202,7 @@ def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=
     to a patch of the input (seed 003 section 3.2, equation 5, Algorithm A1).
 
     model: evaluated as it is (call model.eval() first for BatchNorm
-    statistics). x: one input with its batch axis, (1, C, H, W) or (1, d),
+    statistics). x: one input, (C, H, W) or (d,) or with a batch axis of 1,
     or several (N, ...) measured one at a time. patch: (row_slice, col_slice)
     over the spatial axes, all channels (a slice for flat inputs, None for
     the whole input), or a list of them (appendix D). layers: qualified module
@@ -219,7 +219,10 @@ def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=
     Returns a DataFrame with columns sample, patch, layer, rank, features
     (output size), patch_size; rows in forward order, model output last.
     Lemma 2: along a chain of layers the partial rank does not increase."""
-    _checks.tensor("x", x, ndims=range(2, 6), shape="(N, C, H, W) or (N, d)")
+    _checks.tensor("x", x, ndims=range(1, 6), shape="(N, C, H, W), (C, H, W), (N, d) or (d,)")
+    first_patch = patch[0] if isinstance(patch, list) and patch else patch
+    if x.dim() == 1 or (x.dim() == 3 and isinstance(first_patch, tuple) and len(first_patch) == 2):
+        x = x[None]  # one unbatched input
     if mode not in ("auto", "forward", "reverse"):
         raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
     _check_eps(eps)

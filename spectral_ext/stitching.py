@@ -252,14 +252,14 @@ def _channels_at(model, layer, x):
     return y
 
 
-def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, train_data, kind: str = "grelu",
+def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affine", train_data=None,
            test_data=None, layer_b: str | None = None, epochs: int = 20, lr: float = 1e-3,
            momentum: float = 0.9, batch_size: int = 32, rank: int | None = None, alpha: float = 0.1,
            head_start: int | None = None, l1: float = 0.01, tau: float | None = None, bias: bool = False,
            seed: int = 0, progress: bool = True) -> StitchResult:
     """Train a stitching layer phi from model_a's `layer` to model_b's
-    (`layer_b`, default the same name) on (x, y) tensors or a loader of
-    (x, y) batches, with SGD (lr, momentum; appendix D.2) on cross-entropy.
+    (`layer_b`, default the same name) on train_data, (x, y) tensors or a
+    loader of (x, y) batches, with SGD (lr, momentum; appendix D.2) on cross-entropy.
 
     kind: "affine" (all channel maps, bias optional), "lowrank" (rank r),
     "grelu" (P D: projected gradient with ReLU + Sinkhorn T = 16 after every
@@ -271,6 +271,8 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, train_data, kind:
     penalty (equation 4.3)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if train_data is None:
+        raise ValueError("train_data is required: (x, y) tensors or a loader of (x, y) batches to train phi on")
     epochs = _checks.positive_int("epochs", epochs)
     batch_size = _checks.positive_int("batch_size", batch_size)
     layer_b = layer if layer_b is None else layer_b

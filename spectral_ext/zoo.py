@@ -282,7 +282,8 @@ def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("
                 if measure == "stitching":
                     from .stitching import stitch
 
-                    value = stitch(models[a], models[b], layer, (x[:half], y[:half]), test_data=(x[half:], y[half:]),
+                    value = stitch(models[a], models[b], layer, train_data=(x[:half], y[:half]),
+                                   test_data=(x[half:], y[half:]),
                                    progress=False, **options).penalty
                 else:
                     value = functions[measure](acts[a][layer], acts[b][layer])
