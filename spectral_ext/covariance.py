@@ -9,6 +9,7 @@ are the feature axis, positions extra samples; token features (B, T, d)
 likewise take T as samples."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -22,6 +23,7 @@ from torch import nn
 from . import _checks
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
+from ._hooks import capturing, check_layers
 from .layers import discover
 
 
@@ -141,16 +143,6 @@ class _Accumulator:
         return Covariance(self.count, *self.sums)
 
 
-def _capture_inputs(model, layers):
-    modules = dict(model.named_modules())
-    unknown = [n for n in layers if n not in modules or n == ""]
-    if unknown:
-        raise ValueError(f"layers names no submodule of the model: {unknown}")
-    captured: dict = {}
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(n, a[0])) for n in layers]
-    return captured, handles
-
-
 def activation_covariance(model: nn.Module, data, layers, other: nn.Module | None = None,
                           other_layers=None, batch_size: int = 256, dtype=None,
                           progress: bool = True) -> dict[str, Covariance]:
@@ -172,20 +164,18 @@ def activation_covariance(model: nn.Module, data, layers, other: nn.Module | Non
     from tqdm.auto import tqdm
 
     accumulators = {n: _Accumulator(dtype) for n in layers}
-    cap_a, handles = _capture_inputs(model, layers)
-    cap_b, more = _capture_inputs(other, other_layers) if other is not None else (cap_a, [])
-    try:
-        with torch.no_grad():
-            for x, _ in tqdm(_batches(data, batch_size), desc="activation covariance", disable=not progress,
-                             leave=False):
-                model(x)
-                if other is not None:
-                    other(x)
-                for a_name, b_name in zip(layers, other_layers):
-                    accumulators[a_name].update(cap_a[a_name], cap_b[b_name])
-    finally:
-        for h in handles + more:
-            h.remove()
+    layers = check_layers(model, layers)
+    other_layers = check_layers(other, other_layers) if other is not None else layers
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        cap_a, _ = stack.enter_context(capturing(model, layers, inputs=True))
+        cap_b = stack.enter_context(capturing(other, other_layers, inputs=True))[0] if other is not None else cap_a
+        for x, _ in tqdm(_batches(data, batch_size), desc="activation covariance", disable=not progress,
+                         leave=False):
+            model(x)
+            if other is not None:
+                other(x)
+            for a_name, b_name in zip(layers, other_layers):
+                accumulators[a_name].update(cap_a[a_name], cap_b[b_name])
     return {n: acc.result() for n, acc in accumulators.items()}
 
 

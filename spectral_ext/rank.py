@@ -6,7 +6,6 @@ structural-impetus probes (section 4.3, Fig. 3) and the MLP-50 experiment of
 Theorem 5."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._hooks import capturing, check_layers, first_tensor
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 OUTPUT = "output"
@@ -82,63 +82,10 @@ def singular_values_of_rows(M: torch.Tensor) -> torch.Tensor:
 # Capturing the outputs of chosen sub-networks in one forward pass
 
 
-def _default_layers(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_children()]
-
-
-def _check_layers(model: nn.Module, layers) -> list[str]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if layers is None:
-        layers = _default_layers(model)
-    elif isinstance(layers, str):
-        layers = [layers]
-    layers = list(layers)
-    modules = dict(model.named_modules())
-    unknown = [name for name in layers if name not in modules or name == ""]
-    if unknown:
-        raise ValueError(f"layers names no submodule of the model: {unknown}; "
-                         f"choose among {[n for n in modules if n][:20]}...")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers lists a module twice: {layers}")
-    return layers
-
-
-def _first_tensor(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]  # e.g. nn.MultiheadAttention returns (output, weights)
-    raise TypeError(f"a captured layer returned {type(output).__name__}, not a tensor")
-
-
-@contextlib.contextmanager
-def _capturing(model: nn.Module, layers: list[str]):
-    """Forward hooks that record each chosen module's output (the last call
-    when a module runs twice) and the order in which the modules first ran."""
-    captured: dict[str, torch.Tensor] = {}
-    order: list[str] = []
-    modules = dict(model.named_modules())
-
-    def hook_for(name):
-        def hook(module, args, output):
-            if name not in captured:
-                order.append(name)
-            captured[name] = _first_tensor(output)
-        return hook
-
-    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
-    try:
-        yield captured, order
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _outputs(model, x, captured, order, layers):
     captured.clear()
     order.clear()
-    out = _first_tensor(model(x))
+    out = first_tensor(model(x))
     missing = [name for name in layers if name not in captured]
     if missing:
         raise ValueError(f"layers {missing} did not run in the model's forward pass")
@@ -226,7 +173,7 @@ def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=
     if mode not in ("auto", "forward", "reverse"):
         raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
     _check_eps(eps)
-    layers = _check_layers(model, layers)
+    layers = check_layers(model, layers)
     patches = list(patch) if isinstance(patch, list) else [patch]
     if not patches:
         raise ValueError("patch is an empty list")
@@ -235,7 +182,7 @@ def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=
 
     rows = []
     jobs = [(n, j) for n in range(x.shape[0]) for j in range(len(patches))]
-    with _capturing(model, layers) as (captured, order), torch.no_grad():
+    with capturing(model, layers) as (captured, order), torch.no_grad():
         for n, j in tqdm(jobs, desc="partial Jacobian rank", disable=not progress or len(jobs) < 2, leave=False):
             f, p0 = _patch_function(model, x[n:n + 1], patches[j], captured, order, layers)
             with torch.enable_grad():
@@ -313,11 +260,11 @@ def perturbed_pca_dimension(model: nn.Module, x: torch.Tensor, layers=None, n_pe
         raise ValueError(f"scale must be a positive number, got {scale!r}")
     _check_eps(eps)
     tolerance = FLOAT32_EPS * n_perturbations if eps is None else float(eps)
-    layers = _check_layers(model, layers)
+    layers = check_layers(model, layers)
     from tqdm.auto import tqdm
 
     rows = []
-    with _capturing(model, layers) as (captured, order), torch.no_grad():
+    with capturing(model, layers) as (captured, order), torch.no_grad():
         for n in tqdm(range(x.shape[0]), desc="perturbed PCA dimension", disable=not progress, leave=False):
             chunks: dict[str, list[torch.Tensor]] = {}
             names = []

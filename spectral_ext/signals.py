@@ -22,6 +22,7 @@ from torch import nn
 
 from . import _checks
 from ._data import batches as _batches
+from ._hooks import capturing
 from ._linalg import signed_svd
 from ._ops import signal_projection
 from .layers import discover
@@ -80,21 +81,13 @@ def _project(basis: LayerBasis, inputs: torch.Tensor, reduce):
 def _stream(model, bases, data, reduce, batch_size, progress, consume):
     from tqdm.auto import tqdm
 
-    modules = {name: b.module for name, b in bases.items()}
-    captured: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: captured.__setitem__(name, args[0]))
-               for name, m in modules.items()]
-    try:
-        with torch.no_grad():
-            for x, y in tqdm(_batches(data, batch_size), desc="signals", disable=not progress, leave=False):
-                if not _checks.all_finite(x):
-                    raise ValueError("an input batch contains NaN or infinite values")
-                captured.clear()
-                model(x)
-                consume({name: _project(bases[name], captured[name], reduce) for name in bases}, y)
-    finally:
-        for h in handles:
-            h.remove()
+    with capturing(model, list(bases), inputs=True) as (captured, _), torch.no_grad():
+        for x, y in tqdm(_batches(data, batch_size), desc="signals", disable=not progress, leave=False):
+            if not _checks.all_finite(x):
+                raise ValueError("an input batch contains NaN or infinite values")
+            captured.clear()
+            model(x)
+            consume({name: _project(bases[name], captured[name], reduce) for name in bases}, y)
 
 
 def signals(model: nn.Module, layer: str, x, reduce: str | None = "mean", batch_size: int = 256,

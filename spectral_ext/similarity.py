@@ -17,6 +17,7 @@ from torch import nn
 
 from . import _checks
 from ._data import batches
+from ._hooks import capturing, check_layers
 from ._ops import max_kernel_gram
 
 KERNELS = ("linear", "rbf", "max", "laplace")
@@ -295,8 +296,6 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
     whose position counts, or channel counts for G_ReLU, differ). Returns a tidy
     DataFrame with columns layer_a, layer_b, value (plot it with
     spectral_ext.plot.similarity_heatmap)."""
-    from .rank import _capturing, _check_layers
-
     if measure not in ("cka", "procrustes"):
         raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
     if measure == "cka":
@@ -307,13 +306,13 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
         layers_a, layers_b = list(layers[0]), list(layers[1])
     else:
         layers_a = layers_b = [layers] if isinstance(layers, str) else list(layers)
-    layers_a, layers_b = _check_layers(model_a, layers_a), _check_layers(model_b, layers_b)
+    layers_a, layers_b = check_layers(model_a, layers_a), check_layers(model_b, layers_b)
     from tqdm.auto import tqdm
 
     accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" else None
     moments = {(a, b): CrossMoments() for a in layers_a for b in layers_b} if measure == "procrustes" else None
     seen = 0
-    with _capturing(model_a, layers_a) as (cap_a, _), _capturing(model_b, layers_b) as (cap_b, _), torch.no_grad():
+    with capturing(model_a, layers_a) as (cap_a, _), capturing(model_b, layers_b) as (cap_b, _), torch.no_grad():
         for x, _ in tqdm(batches(loader), desc="similarity matrix", disable=not progress, leave=False):
             x = x.to(device) if device is not None else x
             cap_a.clear()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._hooks import capturing, check_layers
 from .layers import discover
 from .rank import _rank_of_singular_values
 from .spectra import fit_power_law
@@ -233,10 +234,8 @@ def _arch_id(graph) -> str:
 
 
 def _activations(model, probe, layers):
-    from .rank import _capturing, _check_layers
-
-    layers = _check_layers(model, layers)
-    with _capturing(model, layers) as (captured, _), torch.no_grad():
+    layers = check_layers(model, layers)
+    with capturing(model, layers) as (captured, _), torch.no_grad():
         model(probe)
         return {n: captured[n].detach().double() for n in layers}
 

@@ -1,0 +1,62 @@
+"""Forward hooks that capture what named modules see or produce: the one
+place every method module gets its activations from."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_children()]
+
+
+def check_layers(model: nn.Module, layers) -> list[str]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if layers is None:
+        layers = default_layers(model)
+    elif isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    modules = dict(model.named_modules())
+    unknown = [name for name in layers if name not in modules or name == ""]
+    if unknown:
+        raise ValueError(f"layers names no submodule of the model: {unknown}; "
+                         f"choose among {[n for n in modules if n][:20]}...")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers lists a module twice: {layers}")
+    return layers
+
+
+def first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]  # e.g. nn.MultiheadAttention returns (output, weights)
+    raise TypeError(f"a captured layer returned {type(output).__name__}, not a tensor")
+
+
+@contextlib.contextmanager
+def capturing(model: nn.Module, layers: list[str], inputs: bool = False):
+    """Forward hooks that record each chosen module's output (its input with
+    inputs=True; the last call when a module runs twice) and the order in
+    which the modules first ran. Yields (captured, order)."""
+    captured: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    modules = dict(model.named_modules())
+
+    def hook_for(name):
+        def hook(module, args, output):
+            if name not in captured:
+                order.append(name)
+            captured[name] = first_tensor(args[0] if inputs else output)
+        return hook
+
+    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
+    try:
+        yield captured, order
+    finally:
+        for handle in handles:
+            handle.remove()
