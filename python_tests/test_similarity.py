@@ -153,7 +153,7 @@ def test_similarity_matrix_of_a_model_and_its_grelu_twin():
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 36, 4)).double()
     x = torch.randn(64, 3, 6, 6, dtype=torch.float64)
-    twin, _ = se.apply_symmetry(model, x[:4], generator=torch.Generator().manual_seed(1))
+    twin, _ = se.apply_symmetry(model, example_input=x[:4], generator=torch.Generator().manual_seed(1))
     loader = list(x.split(16))
     layers = ["1", "3"]
     df = se.similarity_matrix(model, twin, loader, layers, kernel="max", progress=False)

@@ -17,7 +17,7 @@ def digits_pair():
     g = torch.Generator().manual_seed(3)
     perm = torch.randperm(32, generator=g)
     scale = torch.exp(0.3 * torch.randn(32, generator=g, dtype=torch.float64))
-    twin, _ = se.apply_symmetry(model, x_train[:8], elements={"3": (perm, scale)}, generator=g)
+    twin, _ = se.apply_symmetry(model, {"3": (perm, scale)}, example_input=x_train[:8], generator=g)
     return model, twin, perm, scale, (x_train, y_train), (x_test, y_test)
 
 

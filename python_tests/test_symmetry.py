@@ -84,7 +84,7 @@ def test_apply_symmetry_cnn_keeps_the_function_and_transforms_features():
     torch.manual_seed(0)
     model = datasets.digits_cnn().double()
     x = torch.rand(16, 1, 8, 8, dtype=torch.float64)
-    new, elements = se.apply_symmetry(model, x, generator=torch.Generator().manual_seed(1))
+    new, elements = se.apply_symmetry(model, example_input=x, generator=torch.Generator().manual_seed(1))
     assert set(elements) == {"0", "2", "5", "8"}  # every hidden map, not the logits
     torch.testing.assert_close(new(x), model(x))
     for producer, upto in (("2", 4), ("5", 7), ("8", 10)):
@@ -101,7 +101,7 @@ def test_apply_symmetry_resnet_shares_elements_along_residual_streams():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    new, elements = se.apply_symmetry(model, x, generator=torch.Generator().manual_seed(2))
+    new, elements = se.apply_symmetry(model, example_input=x, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(new(x), model(x))
     stream = ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
     assert all(torch.equal(elements[s][0], elements["conv1"][0]) for s in stream)
@@ -113,23 +113,35 @@ def test_apply_symmetry_resnet_shares_elements_along_residual_streams():
     torch.testing.assert_close(new.layer1[0].bn1.weight, model.layer1[0].bn1.weight[perm] * scale[perm])
 
 
+def test_apply_symmetry_with_given_elements_and_no_example_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    perm, scale = torch.tensor([4, 2, 0, 1, 3]), torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64)
+    new, elements = se.apply_symmetry(model, {"0": (perm, scale)})
+    torch.testing.assert_close(new[0].weight, model[0].weight[perm] * scale[perm][:, None])
+    torch.testing.assert_close(new[2].weight, model[2].weight[:, perm] / scale[perm])
+    x = torch.randn(7, 6, dtype=torch.float64)
+    torch.testing.assert_close(new(x), model(x))
+
+
 def test_apply_symmetry_errors():
     torch.manual_seed(0)
     x = torch.randn(4, 6, dtype=torch.float64)
     tanh_net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match="does not compute the same function"):
-        se.apply_symmetry(tanh_net, x, generator=torch.Generator().manual_seed(0))
-    new, _ = se.apply_symmetry(tanh_net, x, group="permutation")  # permutations intertwine every activation
+        se.apply_symmetry(tanh_net, example_input=x, generator=torch.Generator().manual_seed(0))
+    # permutations intertwine every activation
+    new, _ = se.apply_symmetry(tanh_net, example_input=x, group="permutation")
     torch.testing.assert_close(new(x), tanh_net(x))
     relu_net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match="must be a permutation of 5 channels"):
-        se.apply_symmetry(relu_net, x, elements={"0": (torch.tensor([0, 0, 1, 2, 3]), torch.ones(5))})
+        se.apply_symmetry(relu_net, {"0": (torch.tensor([0, 0, 1, 2, 3]), torch.ones(5))}, example_input=x)
     with pytest.raises(ValueError, match="elements names no linear map"):
-        se.apply_symmetry(relu_net, x, elements={"9": (torch.arange(5), torch.ones(5))})
+        se.apply_symmetry(relu_net, example_input=x, elements={"9": (torch.arange(5), torch.ones(5))})
     grouped = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1, groups=2), nn.ReLU(),
                             nn.Conv2d(4, 2, 1)).double()
     with pytest.raises(ValueError, match="grouped convolution"):
-        se.apply_symmetry(grouped, torch.randn(1, 4, 3, 3, dtype=torch.float64))
+        se.apply_symmetry(grouped, example_input=torch.randn(1, 4, 3, 3, dtype=torch.float64))
 
 
 def test_rotation_penalty_mechanics():

@@ -241,7 +241,7 @@ def symmetry_classes(graph) -> list[list[str]]:
     return list(classes.values())
 
 
-def apply_symmetry(model: nn.Module, example_input: torch.Tensor, elements: dict | None = None,
+def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input: torch.Tensor | None = None,
                    group: str = "relu", generator: torch.Generator | None = None, check: bool = True,
                    rtol: float = 1e-4, atol: float = 1e-5):
     """Proposition 3.4 applied to every hidden layer of a model: a new model
@@ -260,13 +260,16 @@ def apply_symmetry(model: nn.Module, example_input: torch.Tensor, elements: dict
     elements: optional {producer name: (perm, scale)} to impose, with
     (A y)_i = scale[perm[i]] y[perm[i]]; unnamed classes get random elements
     (lognormal scales). Returns (new_model, elements) where elements maps
-    every transformed producer to its (perm, scale). With check=True the
-    new model is run on example_input and must match the old one, else a
-    ValueError says the transformation cannot be applied to this
-    architecture."""
+    every transformed producer to its (perm, scale). example_input traces
+    the dataflow (default: the layer discovery's own made-up input). With
+    check=True the new model is run on that input and must match the old
+    one, else a ValueError says the transformation cannot be applied to
+    this architecture."""
     if group not in ("relu", "permutation"):
         raise ValueError(f"group must be 'relu' or 'permutation', got {group!r}")
     graph = discover(model, example_input)
+    if example_input is None:
+        example_input = _runnable_input(model, graph)
     new = copy.deepcopy(model)
     new_graph = graph.for_model(new)
     classes = symmetry_classes(graph)
@@ -320,6 +323,25 @@ def apply_symmetry(model: nn.Module, example_input: torch.Tensor, elements: dict
                              "an activation other than ReLU with group='relu', or a flow that leaves the "
                              "maps through an attention or matmul)")
     return new, chosen
+
+
+def _runnable_input(model: nn.Module, graph) -> torch.Tensor:
+    """The first of the layer discovery's made-up inputs that the model runs on."""
+    from .layers import _default_input
+
+    was_training = model.training
+    model.eval()
+    try:
+        for candidate in _default_input(next(iter(graph.maps.values())), model):
+            try:
+                with torch.no_grad():
+                    model(candidate)
+                return candidate
+            except Exception:  # the next size may fit
+                continue
+    finally:
+        model.train(was_training)
+    raise ValueError("no made-up input runs through the model: pass example_input")
 
 
 def _groups(module) -> int:
