@@ -95,6 +95,17 @@ def test_batched_zoo_equals_per_model_results(zoo_dir):
     assert pairs.iloc[0]["value"] == pytest.approx(expected)
 
 
+def test_each_model_runs_on_the_probe_once(zoo_dir, monkeypatch):
+    runs = []
+    original = zoo._activations
+    monkeypatch.setattr(zoo, "_activations", lambda model, x, layers: runs.append(1) or original(model, x, layers))
+    tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=12,
+                         chunk_size=2, progress=False)
+    pairs = tables["pairs"][["model_a", "model_b"]].drop_duplicates()
+    assert len(pairs) == 12
+    assert len(runs) == len(set(pairs["model_a"]) | set(pairs["model_b"]))  # not once per pair chunk
+
+
 def test_stitching_penalties_between_zoo_members(zoo_dir):
     _, _, x_test, y_test = datasets.digits()
     probe = (x_test[:200], y_test[:200])

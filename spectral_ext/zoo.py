@@ -249,16 +249,40 @@ def probe_parts(probe):
     raise ZooError("probe must be an input tensor or an (inputs, labels) pair of tensors")
 
 
+class ActivationCache:
+    """Probe activations per model, kept across pair chunks so each model is
+    run on the probe once per process, up to max_bytes (least recently
+    used entries go first)."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        from collections import OrderedDict
+
+        self.max_bytes, self.entries, self.size = max_bytes, OrderedDict(), 0
+
+    def get(self, name: str, compute) -> dict:
+        if name in self.entries:
+            self.entries.move_to_end(name)
+            return self.entries[name]
+        value = compute()
+        self.entries[name] = value
+        self.size += sum(t.numel() * t.element_size() for t in value.values())
+        while self.size > self.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.size -= sum(t.numel() * t.element_size() for t in old.values())
+        return value
+
+
 def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("cka",),
-                 stitch_options: dict | None = None) -> pd.DataFrame:
+                 stitch_options: dict | None = None, cache: ActivationCache | None = None) -> pd.DataFrame:
     """For each (a, b) in pairs and each layer, the chosen measures on the
     probe: "cka" (linear), "grelu_cka" (max kernel), "procrustes"
     (orthogonal), "grelu_procrustes", and "stitching": the stitching penalty
     (seed 004 equation 4.3) of a layer trained on the first half of a
     labelled probe ((x, y)) and measured on the second half (stitch_options
     go to stitching.stitch; default affine, 5 epochs, lr 0.01). Each model's
-    activations are captured once. Returns rows model_a, model_b, layer,
-    measure, value."""
+    activations are captured once (once per run with a shared cache; models
+    then need only be present for what the cache lacks). Returns rows
+    model_a, model_b, layer, measure, value."""
     from .similarity import cka, procrustes
 
     unknown = [m for m in measures if m not in PAIR_MEASURES]
@@ -268,7 +292,9 @@ def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("
     if "stitching" in measures and y is None:
         raise ZooError("the stitching measure needs a labelled probe: (inputs, labels)")
     needed = sorted({n for pair in pairs for n in pair})
-    acts = {n: _activations(models[n], x, layers) for n in needed}
+    cache = cache if cache is not None else ActivationCache()
+    key = tuple(layers)
+    acts = {n: cache.get((n, key), lambda n=n: _activations(models[n], x, layers)) for n in needed}
     functions = {"cka": lambda x, y: cka(x, y, "linear"), "grelu_cka": lambda x, y: cka(x, y, "max"),
                  "procrustes": lambda x, y: procrustes(x, y, "orthogonal"),
                  "grelu_procrustes": lambda x, y: procrustes(x, y, "grelu")}
@@ -446,10 +472,15 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
         loaded_ok = [n for n, _ in members if n not in failed]
         all_pairs = _sample_pairs(loaded_ok, max_pairs, seed)
         todo = [p for p in all_pairs[rank::world] if p not in done_pairs]
+        cache = ActivationCache()
+        if layers is None and loaded_ok:  # default: the outputs of every linear map of the first member
+            first = load_member(dict(members)[loaded_ok[0]], factory, allow_pickle)
+            layers = list(discover(first, probe_parts(probe)[0][:1]).maps)
         for start in tqdm(range(0, len(todo), chunk_size), desc=f"pairs (rank {rank})", disable=not progress,
                           leave=False):
             batch = todo[start:start + chunk_size]
-            frame = _process_pairs(batch, dict(members), factory, allow_pickle, probe, layers, pairs, stitch_options)
+            frame = _process_pairs(batch, dict(members), factory, allow_pickle, probe, layers, pairs, stitch_options,
+                                   cache)
             done = pd.DataFrame(batch, columns=["model_a", "model_b"])
             _store(out_path, memory, f"pairs-{rank}-{batch[0][0]}-{batch[0][1]}",
                    {"pairs": frame, "pairs_done": done}, fmt)
@@ -486,9 +517,12 @@ def _process_chunk(chunk, factory, allow_pickle, metrics, example_input) -> dict
     return tables
 
 
-def _process_pairs(batch, sources, factory, allow_pickle, probe, layers, measures, stitch_options) -> pd.DataFrame:
+def _process_pairs(batch, sources, factory, allow_pickle, probe, layers, measures, stitch_options,
+                   cache) -> pd.DataFrame:
     models, failed = {}, set()
     for name in sorted({n for pair in batch for n in pair}):
+        if "stitching" not in measures and (name, tuple(layers)) in cache.entries:
+            continue  # its activations are cached: no need to load it again
         try:
             models[name] = load_member(sources[name], factory, allow_pickle)
         except ValueError:
@@ -496,9 +530,7 @@ def _process_pairs(batch, sources, factory, allow_pickle, probe, layers, measure
     usable = [p for p in batch if p[0] not in failed and p[1] not in failed]
     if not usable:
         return pd.DataFrame(columns=["model_a", "model_b", "layer", "measure", "value"])
-    if layers is None:
-        layers = list(discover(next(iter(models.values())), probe_parts(probe)[0][:1]).maps)
-    return pair_metrics(models, usable, probe, layers, measures, stitch_options)
+    return pair_metrics(models, usable, probe, layers, measures, stitch_options, cache)
 
 
 # ---------------------------------------------------------------------------------------------
