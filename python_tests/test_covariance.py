@@ -151,6 +151,19 @@ class C_Projection(nn.Module):
         return x @ self.P.T
 
 
+def test_clipping_token_features_of_a_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.Flatten(), nn.Linear(5 * 6, 3))
+    x, y = torch.randn(20, 5, 4), torch.randint(0, 3, (20,))
+    df = C.clip(model, "2", (x, y), [2, 6], progress=False)
+    cov = se.activation_covariance(model, x, ["2"], progress=False)["2"].cov_a()  # tokens as samples
+    rows = C.activation_spectrum(cov)[1][:2].float()
+    with torch.no_grad():
+        h = model[1](model[0](x)) @ rows.T @ rows
+        expected = float((model[4](model[3](model[2](h))).argmax(1) == y).double().mean())
+    assert df["accuracy"].tolist() == pytest.approx([expected, float((model(x).argmax(1) == y).double().mean())])
+
+
 def test_clipping_conv_and_residual_fallback():
     torch.manual_seed(0)
     x = torch.randn(30, 2, 6, 6)

@@ -362,9 +362,11 @@ def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies):
             def hook(m, args, P=P, K=K):
                 x = args[0]
                 Pc = P.to(x.dtype).to(x.device)
-                moved = x.movedim(1, -1) if x.dim() > 2 else x  # channels last
+                # features: axis 1 of conv inputs, the last axis of Linear inputs (tokens included)
+                channel_first = x.dim() > 2 and not isinstance(m, nn.Linear)
+                moved = x.movedim(1, -1) if channel_first else x
                 projected = torch.einsum("...c,kdc->k...d", moved, Pc)
-                projected = projected.movedim(-1, 2) if x.dim() > 2 else projected
+                projected = projected.movedim(-1, 2) if channel_first else projected
                 return (projected.reshape(K * x.shape[0], *x.shape[1:]),) + tuple(args[1:])
             handle = module.register_forward_pre_hook(hook)
         else:
