@@ -40,3 +40,24 @@ def accuracy(model, data, batch_size: int = 1024) -> float:
     if total == 0:
         raise ValueError("the labelled data is empty")
     return correct / total
+
+
+@torch.no_grad()
+def recompute_batchnorm(norms_of, run, data, batch_size: int = 256) -> None:
+    """Reset the running statistics of every BatchNorm in `norms_of` and
+    recompute them as a cumulative average over one no-gradient pass of
+    run(x) over the data (seed 004 D.2.1, seed 002's generated networks);
+    the BatchNorms are left in eval mode."""
+    from torch import nn
+
+    norms = [m for m in norms_of.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+        m.train()
+    for x, _ in batches(data, batch_size):
+        run(x)
+    for m in norms:
+        m.eval()

@@ -23,6 +23,7 @@ from torch import nn
 from . import _checks
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
+from ._data import recompute_batchnorm
 from ._hooks import capturing, check_layers
 from .layers import discover
 
@@ -433,21 +434,6 @@ def _realign_columns(weight: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ork,rg->ogk", blocks, A.double()).reshape(weight.shape).to(weight.dtype)
 
 
-def _recalibrate_batchnorm(model, data, batch_size):
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
-        for x, _ in _batches(data, batch_size):
-            model(x)
-    for m in norms:
-        m.eval()
-
-
 def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None, seed: int = 0,
             batch_size: int = 256, progress: bool = True) -> dict:
     """A generated network (seed 002): layer by layer, each hidden map's
@@ -493,7 +479,7 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
             module.weight.copy_(new_weight.to(module.weight.dtype))
             if new_bias is not None:
                 module.bias.copy_(new_bias.to(module.bias.dtype))
-        _recalibrate_batchnorm(generated, train_data, batch_size)
+        recompute_batchnorm(generated, generated, train_data, batch_size)
         if j < len(names) - 1:
             following = names[j + 1]
             cov = activation_covariance(reference, train_data, [following], other=generated, batch_size=batch_size,

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import _checks
 from ._hooks import capturing, check_layers, first_tensor
+from ._linalg import gram_singular_values
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 OUTPUT = "output"
@@ -64,18 +65,12 @@ def stable_rank(W: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values_of_rows(M: torch.Tensor) -> torch.Tensor:
-    """Singular values of M (r, c) in float64, through the smaller Gram matrix
-    when one side is much longer (the J^T J trick of section 3.2): its
-    eigenvalues are sigma^2, so float64 resolves sigma_i down to about
-    1e-8 sigma_1, far below the float32 tolerance of equation 4."""
-    M = M.double()
-    r, c = M.shape
-    if min(r, c) == 0:
-        return M.new_zeros(0)
-    if max(r, c) <= 2 * min(r, c):
-        return torch.linalg.svdvals(M)
-    gram = M @ M.T if r < c else M.T @ M
-    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+    """Singular values of M (r, c) in float64: a direct SVD when M is nearly
+    square, the smaller Gram matrix (_linalg.gram_singular_values) when one
+    side is much longer."""
+    if max(M.shape) <= 2 * min(M.shape) and min(M.shape) > 0:
+        return torch.linalg.svdvals(M.double())
+    return gram_singular_values(M)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _checks
 from ._data import accuracy as _accuracy
-from ._data import batches
+from ._data import batches, recompute_batchnorm
 from ._ops import sinkhorn
 
 KINDS = ("affine", "lowrank", "grelu", "softsort", "l1")
@@ -215,27 +215,6 @@ def stitching_penalty(accuracy_a: float, accuracy_b: float, accuracy_stitched: f
     return (accuracy_a + accuracy_b) / 2 - accuracy_stitched
 
 
-@torch.no_grad()
-def _recalibrate_batchnorm(stitched: StitchedModel, data, batch_size, generator) -> None:
-    """D.2.1: one no-gradient pass over the training data so that model_b's
-    BatchNorm running statistics describe the features phi now produces."""
-    norms = [m for m in stitched.model_b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the pass
-        m.train()
-    for x, _ in _train_batches(data, batch_size, generator):
-        y = stitched.phi(stitched.features_a(x))
-        handle = stitched.model_b.get_submodule(stitched.layer_b).register_forward_hook(lambda m, a, o: y)
-        try:
-            stitched.model_b(x)
-        finally:
-            handle.remove()
-    stitched.model_b.eval()
-
-
 def _channels_at(model, layer, x):
     captured = {}
     handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: captured.setdefault("y", o))
@@ -334,7 +313,8 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
         phi.harden()
     stitched.eval()
     if kind == "grelu":
-        _recalibrate_batchnorm(stitched, train_data, batch_size, generator)
+        # D.2.1: model_b's BatchNorm statistics must describe the features the rounded phi produces
+        recompute_batchnorm(stitched.model_b, stitched.forward, train_data, batch_size)
     with torch.no_grad():
         matrix = phi.matrix().detach().clone()
     result = StitchResult(stitched, pd.DataFrame(rows), matrix, sparsity(matrix),
