@@ -18,7 +18,7 @@ export CCACHE_BASEDIR ?= $(CURDIR)
 
 $(VENV)/.deps: pyproject.toml benchmarks/peers/requirements.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -U pip setuptools
+	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas pyarrow networkx matplotlib tqdm safetensors \
 		pytest pytest-benchmark pybind11 ninja scikit-learn cmake
 	# Only its files (the pretrained all-MiniLM-L6-v2 weights), not its sentence-transformers stack.
