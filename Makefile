@@ -61,8 +61,9 @@ bench: build
 
 # On the lent GPU machine (its own torch, no venv, nothing downloadable): build with
 # every core, run the CUDA tests and the GPU benchmarks, write gpu-check-out/ (or $$OUT).
+GPU_CHECK_PYTHON ?= python3  # the device machine's python3 holds its torch
 gpu-check:
-	python3 scripts/gpu_check.py
+	$(GPU_CHECK_PYTHON) scripts/gpu_check.py
 
 clean:
 	rm -rf build build-cmake spectral_ext/*.so
