@@ -61,7 +61,8 @@ bench: build
 
 # On the lent GPU machine (its own torch, no venv, nothing downloadable): build with
 # every core, run the CUDA tests and the GPU benchmarks, write gpu-check-out/ (or $$OUT).
-GPU_CHECK_PYTHON ?= python3  # the device machine's python3 holds its torch
+# The device machine's python3 holds its torch.
+GPU_CHECK_PYTHON ?= python3
 gpu-check:
 	$(GPU_CHECK_PYTHON) scripts/gpu_check.py
 
