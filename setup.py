@@ -118,17 +118,21 @@ def extension():
     )
 
 
-# SPECTRAL_EXT_NO_BUILD=1: metadata and the `spectral-ext` command only (the Makefile's
-# editable install, whose compile `setup.py build_ext --inplace` then does incrementally).
-if os.environ.get("SPECTRAL_EXT_NO_BUILD") == "1":
-    ext_modules, cmdclass = [], {}
-else:
-    cpp_extension, ext = extension()
-    ext_modules = [ext]
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+def main():
+    # SPECTRAL_EXT_NO_BUILD=1: metadata and the `spectral-ext` command only (the Makefile's
+    # editable install, whose compile `setup.py build_ext --inplace` then does incrementally).
+    if os.environ.get("SPECTRAL_EXT_NO_BUILD") == "1":
+        ext_modules, cmdclass = [], {}
+    else:
+        cpp_extension, ext = extension()
+        ext_modules = [ext]
+        cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    setup(
+        packages=find_packages(include=["spectral_ext", "spectral_ext.*"]),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
 
-setup(
-    packages=find_packages(include=["spectral_ext", "spectral_ext.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+
+if __name__ == "__main__":  # also under pip (setuptools runs setup.py as __main__); tests import it
+    main()
