@@ -44,7 +44,7 @@ demo: build
 	$(VENV)/bin/spectral-ext demo
 
 ctest: setup
-	$(VENV)/bin/cmake -S . -B build-cmake -G Ninja \
+	CUDA_HOME=$(CUDA_HOME) $(VENV)/bin/cmake -S . -B build-cmake -G Ninja \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
 		-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
 		-DCUDA_nvrtc_LIBRARY="$$($(PY) -c 'import glob, site; print((glob.glob(site.getsitepackages()[0] + "/nvidia/cu*/lib/libnvrtc.so*") + [""])[0])')"
