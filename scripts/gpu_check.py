@@ -68,7 +68,7 @@ def run_logged(args, log_path: pathlib.Path, env=None, timeout=None) -> tuple[in
 
 # ---------------------------------------------------------------- step 1: build
 
-def build(out: pathlib.Path, has_gpu: bool) -> dict:
+def build(out: pathlib.Path, has_gpu: bool, timeout: float) -> dict:
     env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 1))
     env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     if has_gpu:
@@ -76,7 +76,7 @@ def build(out: pathlib.Path, has_gpu: bool) -> dict:
     log(f"[build] pip install --no-build-isolation --no-deps -e . (MAX_JOBS={env['MAX_JOBS']}, "
         f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}, FORCE_CUDA={env.get('FORCE_CUDA', 'auto')})")
     code, seconds, tail = run_logged([sys.executable, "-m", "pip", "install", "--no-index", "--no-build-isolation",
-                                      "--no-deps", "-v", "-e", "."], out / "build.log", env=env, timeout=900)
+                                      "--no-deps", "-v", "-e", "."], out / "build.log", env=env, timeout=timeout)
     log(f"[build] exit {code} in {seconds:.0f} s (log: {out / 'build.log'})")
     if code != 0:
         log(tail)
@@ -191,7 +191,7 @@ def measured_copy_bandwidth(torch):
     return 2 * a.numel() * 4 / seconds
 
 
-def roofline(out: pathlib.Path, device: str) -> dict:
+def roofline(out: pathlib.Path, device: str, time_left=lambda: float("inf")) -> dict:
     import torch
 
     if device == "cpu":
@@ -206,6 +206,10 @@ def roofline(out: pathlib.Path, device: str) -> dict:
         log(f"[bench] {device_name}: measured device copy {info['measured_copy_bandwidth'] / 1e12:.2f} TB/s")
     rows = []
     for kernel, shape, dtype, native, ref, nbytes, flops in cases(torch, device):
+        if time_left() < 20:
+            log(f"[bench] out of time: {kernel} {shape} {dtype} and the cases after it are left out")
+            info["truncated"] = True
+            break
         t0 = time.perf_counter()
         seconds, reps = timed_median(torch, native, device)
         row = {"kernel": kernel, "shape": shape, "dtype": dtype, "time_ms": seconds * 1e3, "reps": reps,
@@ -258,6 +262,8 @@ def markdown(report: dict) -> str:
                      f"FP32 {p['float32'] / 1e12:.0f} TFLOP/s, FP64 {p['float64'] / 1e12:.0f} TFLOP/s (no tensor cores)")
     if "measured_copy_bandwidth" in bench:
         lines.append(f"- measured device copy: {bench['measured_copy_bandwidth'] / 1e12:.2f} TB/s")
+    if bench.get("truncated"):
+        lines.append("- the time budget ran out: the table below lacks the last cases")
     lines.append(f"- total {report['seconds']:.0f} s")
     if bench.get("rows"):
         lines += ["", "| kernel | shape | dtype | time ms | MB moved | GFLOP | floor ms | bound | time / floor "
@@ -282,8 +288,15 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-bench-suite", action="store_true", help="only this script's roofline table")
     parser.add_argument("--tests-timeout", type=float, default=180)
     parser.add_argument("--bench-timeout", type=float, default=120)
+    parser.add_argument("--budget", type=float, default=540,
+                        help="seconds for the whole script (inside the device's 600 s a command): each step "
+                             "gets at most what is left, so the report is always written")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+
+    def left(reserve: float = 0.0) -> float:
+        return max(10.0, args.budget - (time.perf_counter() - start) - reserve)
+
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -293,7 +306,7 @@ def main(argv=None) -> int:
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if has_gpu else "no GPU"}
     code = 0
     if not args.skip_build:
-        report["build"] = build(out, has_gpu)
+        report["build"] = build(out, has_gpu, timeout=left(reserve=120))
         if report["build"]["exit_code"] != 0:
             code = 1
     if code == 0:
@@ -309,12 +322,12 @@ def main(argv=None) -> int:
         log("no GPU: the build is done; the CUDA tests and the GPU benchmarks need one (exit 0)")
     elif code == 0:
         if has_gpu and not args.skip_tests:
-            report["tests"] = tests(out, args.tests_timeout)
+            report["tests"] = tests(out, min(args.tests_timeout, left(reserve=90)))
             code |= report["tests"]["exit_code"] != 0
         sys.path.insert(0, str(ROOT))  # this checkout's spectral_ext, as built above
-        report["roofline"] = roofline(out, args.device)
-        if has_gpu and args.device == "cuda" and not args.skip_bench_suite:
-            report["bench_suite"] = bench_suite(out, args.bench_timeout)
+        report["roofline"] = roofline(out, args.device, time_left=lambda: left() - 10)
+        if has_gpu and args.device == "cuda" and not args.skip_bench_suite and left() > 30:
+            report["bench_suite"] = bench_suite(out, min(args.bench_timeout, left(reserve=10)))
             code |= report["bench_suite"]["exit_code"] != 0
     report["seconds"] = time.perf_counter() - start
     text = markdown(report)
