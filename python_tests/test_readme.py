@@ -88,7 +88,8 @@ def _cases(kind: str):
 def _env(folder: pathlib.Path) -> dict:
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     # This checkout's spectral_ext first (the tests' own), then the placeholders' package.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(folder)] + env.get("PYTHONPATH", "").split(os.pathsep))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(folder)] +
+                                        [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     bin_dir = folder / "bin"
     bin_dir.mkdir(exist_ok=True)
     installed = pathlib.Path(sys.executable).with_name("spectral-ext")
