@@ -16,4 +16,7 @@ TORCH_LIBRARY(spectral_ext, m) {
   m.def("sinkhorn(Tensor P, int iters=16) -> Tensor");
   // X (N, C, S), Y (N', C, S) -> (N, N'): K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s]
   m.def("max_kernel_gram(Tensor X, Tensor? Y=None) -> Tensor");
+  // cost (B, n, m) -> rows, cols (B, min(n, m)) int64: the optimal assignment of each
+  // problem, scipy.optimize.linear_sum_assignment's answer (CPU kernel only)
+  m.def("linear_sum_assignment(Tensor cost, bool maximize=False) -> (Tensor, Tensor)");
 }

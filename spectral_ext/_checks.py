@@ -20,10 +20,16 @@ def tensor(name: str, value, *, ndims: Sequence[int], shape: str, finite: bool =
     if value.dtype not in dtypes:
         names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must be {names}, got {str(value.dtype).replace('torch.', '')}")
-    # Data-dependent checks cannot run while torch.compile traces with fake tensors.
-    if finite and not torch.compiler.is_compiling() and not all_finite(value):
+    # Data-dependent checks cannot run while torch.compile traces with fake tensors,
+    # nor on meta tensors (shapes only; the fake kernels answer for them).
+    if finite and not data_free(value) and not all_finite(value):
         raise ValueError(f"{name} contains NaN or infinite values")
     return value
+
+
+def data_free(*values: torch.Tensor) -> bool:
+    """True when the values cannot be read: tracing under torch.compile, or meta tensors."""
+    return torch.compiler.is_compiling() or any(v.device.type == "meta" for v in values)
 
 
 def all_finite(value: torch.Tensor) -> bool:
@@ -40,7 +46,7 @@ def finite_inputs_behind(output: torch.Tensor, **inputs: torch.Tensor) -> None:
     infinity reaches every output it feeds, with no max or mask to hide it):
     validate the inputs only when the smaller output shows a problem. An output
     that overflowed from finite inputs is returned as it is."""
-    if torch.compiler.is_compiling() or all_finite(output):
+    if data_free(output) or all_finite(output):
         return
     for name, value in inputs.items():
         if not all_finite(value):

@@ -11,7 +11,7 @@ import torch
 from . import _checks, reference
 
 BACKENDS = ("native", "reference")
-OPERATORS = ("conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram")
+OPERATORS = ("conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram", "linear_sum_assignment")
 _backend = contextvars.ContextVar("spectral_ext_backend", default="native")
 
 
@@ -38,6 +38,17 @@ def current_backend() -> str:
 
 def _native() -> bool:
     return _backend.get() == "native"
+
+
+def _interruptible(op, *args):
+    """Call a compiled operator whose CPU loop polls for Ctrl-C (csrc/interrupt.h)
+    and turn its "interrupted" error back into KeyboardInterrupt."""
+    try:
+        return op(*args)
+    except RuntimeError as error:
+        if "spectral_ext: interrupted" in str(error):
+            raise KeyboardInterrupt from None
+        raise
 
 
 # ---------------------------------------------------------------- geometry
@@ -97,6 +108,13 @@ def _sinkhorn_fake(P, iters=16):
 @torch.library.register_fake("spectral_ext::max_kernel_gram")
 def _max_kernel_gram_fake(X, Y=None):
     return X.new_empty((X.shape[0], (X if Y is None else Y).shape[0]))
+
+
+@torch.library.register_fake("spectral_ext::linear_sum_assignment")
+def _linear_sum_assignment_fake(cost, maximize=False):
+    k = min(cost.shape[1], cost.shape[2])
+    return (cost.new_empty((cost.shape[0], k), dtype=torch.int64),
+            cost.new_empty((cost.shape[0], k), dtype=torch.int64))
 
 
 # ---------------------------------------------------------------- autograd
@@ -292,3 +310,45 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
         raise ValueError("X must have at least one channel (C > 0): the max runs over channels")
     op = torch.ops.spectral_ext.max_kernel_gram if _native() else reference.max_kernel_gram
     return op(X, Y)
+
+
+def linear_sum_assignment(cost, maximize: bool = False):
+    """Optimal assignments of a batch of problems: scipy.optimize.linear_sum_assignment
+    for each, solved in parallel across the batch on the CPU (the same shortest
+    augmenting path algorithm, Crouse 2016, started from Jonker-Volgenant's
+    initialisation; see csrc/cpu/linear_sum_assignment.cpp).
+
+    cost: (B, n, m) or (n, m), float32 or float64, finite (NaN or infinity is
+    refused); a numpy array is accepted too. maximize: maximise the total instead.
+    Returns (rows, cols), int64 of shape (B, min(n, m)) with rows sorted in each
+    problem, so cost[b, rows[b], cols[b]].sum() is the optimum; one (n, m) problem
+    gives scipy's pair of 1-D arrays (numpy in, numpy out). On ties the optimum
+    chosen may differ from scipy's; its cost does not. CUDA tensors are solved by
+    the CPU kernel (the algorithm is sequential) and the indices returned on the
+    input's device. Ctrl-C stops a long batch.
+    """
+    import numpy as np
+
+    as_numpy = isinstance(cost, np.ndarray)
+    if as_numpy:
+        if cost.dtype.kind not in "biuf":
+            raise TypeError(f"cost must be a numeric array, got dtype {cost.dtype}")
+        cost = torch.from_numpy(np.asarray(cost, dtype=np.float64))
+    _checks.tensor("cost", cost, ndims=(2, 3), shape="(B, n, m) or (n, m)")
+    if not isinstance(maximize, (bool, np.bool_)):
+        raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+    unbatched = cost.dim() == 2
+    batch = cost.unsqueeze(0) if unbatched else cost
+    if batch.device.type == "meta" or not _native():
+        op = torch.ops.spectral_ext.linear_sum_assignment if batch.device.type == "meta" else \
+            reference.linear_sum_assignment
+        rows, cols = op(batch, bool(maximize))
+    else:
+        rows, cols = _interruptible(torch.ops.spectral_ext.linear_sum_assignment, batch.detach().cpu(),
+                                    bool(maximize))
+        rows, cols = rows.to(cost.device), cols.to(cost.device)
+    if unbatched:
+        rows, cols = rows[0], cols[0]
+    if as_numpy:
+        return rows.numpy(), cols.numpy()
+    return rows, cols

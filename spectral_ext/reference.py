@@ -45,3 +45,19 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
     """X (N, C, S), Y (N', C, S) -> K (N, N') with K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s]."""
     Y = X if Y is None else Y
     return torch.einsum("ics,jcs->ijc", X, Y).amax(-1)
+
+
+def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False):
+    """cost (B, n, m) -> rows, cols (B, min(n, m)) int64: scipy's optimum for each
+    problem. The specification is scipy itself (a plain-PyTorch Hungarian solver
+    would only be a slower copy of it)."""
+    from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+    import numpy as np
+
+    k = min(cost.shape[1], cost.shape[2])
+    pairs = np.zeros((2, cost.shape[0], k), dtype=np.int64)
+    for b, c in enumerate(cost.detach().cpu().double().numpy()):
+        pairs[:, b] = scipy_lsa(c, maximize=maximize)
+    rows, cols = torch.from_numpy(pairs).to(cost.device)
+    return rows, cols
