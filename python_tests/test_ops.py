@@ -264,10 +264,12 @@ def test_use_backend_switches_and_restores():
 def test_build_info_reports_kernels():
     info = se.build_info()
     assert info["built_with_torch"] == torch.__version__.split("+")[0]
-    assert set(info["operators"]) == {"conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram"}
+    assert set(info["operators"]) == {"conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram",
+                                      "sinkhorn_scaling", "linear_sum_assignment"}
     for op in info["operators"]:
         assert "CPU" in info["operators"][op]
-        assert ("CUDA" in info["operators"][op]) == info["cuda_compiled"]
+        cuda = info["cuda_compiled"] and op not in ("sinkhorn_scaling", "linear_sum_assignment")
+        assert ("CUDA" in info["operators"][op]) == cuda
 
 
 def test_missing_extension_says_how_to_build():
