@@ -281,9 +281,19 @@ def test_missing_extension_says_how_to_build():
 
 def test_finite_check_survives_an_overflowing_sum():
     # Finite entries whose float32 sum overflows are still valid input.
-    X = torch.full((2, 1, 2), 3e38)
+    X, Y = torch.full((2, 1, 2), 3e38), torch.full((3, 1, 2), 1e-38)
     assert torch.isinf(X.sum())
-    torch.testing.assert_close(se.max_kernel_gram(X), reference.max_kernel_gram(X))
+    torch.testing.assert_close(se.max_kernel_gram(X, Y), reference.max_kernel_gram(X, Y))
+
+
+def test_finite_inputs_that_overflow_are_refused_by_name():
+    X = torch.full((2, 1, 2), 3e38)
+    with pytest.raises(ValueError, match="X are finite but the result overflows float32"):
+        se.max_kernel_gram(X)
+    with pytest.raises(ValueError, match="U and V are finite but the result overflows"):
+        se.conv_adjacency(torch.full((1, 2, 3), 1e30), torch.full((1, 2, 1, 2), 1e30))
+    # float64 holds the same numbers.
+    assert torch.isfinite(se.max_kernel_gram(X.double())).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
