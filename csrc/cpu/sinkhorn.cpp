@@ -41,7 +41,7 @@ struct Scaling {
   T logk(int64_t i, int64_t j) const { return log_domain ? K[i * m + j] : std::log(K[i * m + j]); }
 
   const T hi = std::ldexp(T(1), std::numeric_limits<T>::max_exponent / 4), lo = T(1) / hi;
-  bool in_range(T s) const { return s >= lo && s <= hi; }
+  SPECTRAL_EXT_ALWAYS_INLINE bool in_range(T s) const { return s >= lo && s <= hi; }
 
   void init() {
     su.assign(n, T(1)); sv.assign(m, T(1)); f.assign(n, T(0)); g.assign(m, T(0)); e.assign(m, T(0));
@@ -69,49 +69,56 @@ struct Scaling {
   }
 
   // sv = b / e, guarded.
-  void update_columns() {
+  SPECTRAL_EXT_ALWAYS_INLINE void update_columns() {
     for (int64_t j = 0; j < m; ++j) {
       const T s = b[j] / e[j];
-      if (in_range(s)) { sv[j] = s; continue; }
-      if (e[j] >= std::numeric_limits<T>::min() && std::isfinite(e[j])) {
-        for (int64_t i = 0; i < n; ++i) W[i * m + j] = W[i * m + j] / e[j] * b[j];
-        g[j] += std::log(b[j]) - std::log(e[j]);
-      } else {  // v_j = log b_j - logsumexp_i(log K_ij + log u_i)
-        T mx = -std::numeric_limits<T>::infinity();
-        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, logk(i, j) + f[i] + std::log(su[i]));
-        T acc = 0;
-        for (int64_t i = 0; i < n; ++i) acc += std::exp(logk(i, j) + f[i] + std::log(su[i]) - mx);
-        g[j] = std::log(b[j]) - mx - std::log(acc);
-        for (int64_t i = 0; i < n; ++i) W[i * m + j] = std::exp(logk(i, j) + f[i] + g[j]);
-      }
-      sv[j] = T(1);
+      if (__builtin_expect(in_range(s), 1)) sv[j] = s; else absorb_column(j);
     }
+  }
+
+  // The rare paths, out of line so the loops above stay tight.
+  __attribute__((noinline)) void absorb_column(int64_t j) {
+    if (e[j] >= std::numeric_limits<T>::min() && std::isfinite(e[j])) {
+      for (int64_t i = 0; i < n; ++i) W[i * m + j] = W[i * m + j] / e[j] * b[j];
+      g[j] += std::log(b[j]) - std::log(e[j]);
+    } else {  // v_j = log b_j - logsumexp_i(log K_ij + log u_i)
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, logk(i, j) + f[i] + std::log(su[i]));
+      T acc = 0;
+      for (int64_t i = 0; i < n; ++i) acc += std::exp(logk(i, j) + f[i] + std::log(su[i]) - mx);
+      g[j] = std::log(b[j]) - mx - std::log(acc);
+      for (int64_t i = 0; i < n; ++i) W[i * m + j] = std::exp(logk(i, j) + f[i] + g[j]);
+    }
+    sv[j] = T(1);
   }
 
   // su = a / (W sv), guarded.
-  void update_rows() {
+  SPECTRAL_EXT_ALWAYS_INLINE void update_rows() {
     for (int64_t i = 0; i < n; ++i) {
-      T* row = W + i * m;
-      const T d = dot_contiguous(row, sv.data(), m);
+      const T d = dot_contiguous(W + i * m, sv.data(), m);
       const T s = a[i] / d;
-      if (in_range(s)) { su[i] = s; continue; }
-      if (d >= std::numeric_limits<T>::min() && std::isfinite(d)) {
-        for (int64_t j = 0; j < m; ++j) row[j] = row[j] / d * a[i];
-        f[i] += std::log(a[i]) - std::log(d);
-      } else {
-        T mx = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j < m; ++j) mx = std::max(mx, logk(i, j) + g[j] + std::log(sv[j]));
-        T acc = 0;
-        for (int64_t j = 0; j < m; ++j) acc += std::exp(logk(i, j) + g[j] + std::log(sv[j]) - mx);
-        f[i] = std::log(a[i]) - mx - std::log(acc);
-        for (int64_t j = 0; j < m; ++j) row[j] = std::exp(logk(i, j) + f[i] + g[j]);
-      }
-      su[i] = T(1);
+      if (__builtin_expect(in_range(s), 1)) su[i] = s; else absorb_row(i, d);
     }
   }
 
+  __attribute__((noinline)) void absorb_row(int64_t i, T d) {
+    T* row = W + i * m;
+    if (d >= std::numeric_limits<T>::min() && std::isfinite(d)) {
+      for (int64_t j = 0; j < m; ++j) row[j] = row[j] / d * a[i];
+      f[i] += std::log(a[i]) - std::log(d);
+    } else {
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < m; ++j) mx = std::max(mx, logk(i, j) + g[j] + std::log(sv[j]));
+      T acc = 0;
+      for (int64_t j = 0; j < m; ++j) acc += std::exp(logk(i, j) + g[j] + std::log(sv[j]) - mx);
+      f[i] = std::log(a[i]) - mx - std::log(acc);
+      for (int64_t j = 0; j < m; ++j) row[j] = std::exp(logk(i, j) + f[i] + g[j]);
+    }
+    su[i] = T(1);
+  }
+
   // || plan^T 1 - b ||_2 from e = W^T su.
-  T column_error() const {
+  SPECTRAL_EXT_ALWAYS_INLINE T column_error() const {
     T acc = 0;
     for (int64_t j = 0; j < m; ++j) {
       const T d = sv[j] * e[j] - b[j];
