@@ -92,6 +92,26 @@ inline void check_sinkhorn(const at::Tensor& P, int64_t iters) {
   TORCH_CHECK(iters >= 0, "sinkhorn: iters must be non-negative, got ", iters);
 }
 
+inline int64_t sinkhorn_checks(int64_t iters, int64_t check_every) {
+  return iters == 0 ? 0 : (iters - 1) / check_every + 1;
+}
+
+inline void check_sinkhorn_scaling(const at::Tensor& K, const at::Tensor& a, const at::Tensor& b,
+                                   int64_t iters, int64_t check_every) {
+  TORCH_CHECK(K.dim() == 3, "sinkhorn_scaling: K must be (B, n, m), got ", K.sizes());
+  check_float(K, "sinkhorn_scaling: K");
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == K.size(0) && a.size(1) == K.size(1),
+              "sinkhorn_scaling: a must be (B, n) for K ", K.sizes(), ", got ", a.sizes());
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == K.size(0) && b.size(1) == K.size(2),
+              "sinkhorn_scaling: b must be (B, m) for K ", K.sizes(), ", got ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == K.scalar_type() && b.scalar_type() == K.scalar_type(),
+              "sinkhorn_scaling: K, a and b must share a dtype");
+  TORCH_CHECK(a.device() == K.device() && b.device() == K.device(),
+              "sinkhorn_scaling: K, a and b must be on one device");
+  TORCH_CHECK(iters >= 0, "sinkhorn_scaling: iters must be non-negative, got ", iters);
+  TORCH_CHECK(check_every > 0, "sinkhorn_scaling: check_every must be positive, got ", check_every);
+}
+
 inline void check_max_kernel_gram(const at::Tensor& X, const at::Tensor& Y) {
   TORCH_CHECK(X.dim() == 3, "max_kernel_gram: X must be (N, C, S), got ", X.sizes());
   TORCH_CHECK(Y.dim() == 3, "max_kernel_gram: Y must be (N', C, S), got ", Y.sizes());

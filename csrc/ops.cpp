@@ -14,6 +14,17 @@ TORCH_LIBRARY(spectral_ext, m) {
       "int[2] dilation=1, str? reduce=None, int[2]? kernel_size=None) -> Tensor");
   // `iters` rounds of: divide each column by its sum, then each row by its sum
   m.def("sinkhorn(Tensor P, int iters=16) -> Tensor");
+  // Sinkhorn-Knopp with marginals a (B, n), b (B, m) on a kernel K (B, n, m) (log K
+  // when log_domain): -> plan (B, n, m), log u (B, n), log v (B, m), rounds done (B,)
+  // int64, and ||plan^T 1 - b|| after rounds 0, check_every, ... (B, checks), NaN
+  // past the stop. stop_threshold > 0 stops a problem at the first check below it.
+  // CPU kernel only (CUDA runs the plain-PyTorch twin from the Python wrapper).
+  m.def(
+      "sinkhorn_scaling(Tensor K, Tensor a, Tensor b, int iters, float stop_threshold=0., "
+      "int check_every=10, bool log_domain=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // X (N, C, S), Y (N', C, S) -> (N, N'): K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s]
   m.def("max_kernel_gram(Tensor X, Tensor? Y=None) -> Tensor");
+  // cost (B, n, m) -> rows, cols (B, min(n, m)) int64: the optimal assignment of each
+  // problem, scipy.optimize.linear_sum_assignment's answer (CPU kernel only)
+  m.def("linear_sum_assignment(Tensor cost, bool maximize=False) -> (Tensor, Tensor)");
 }

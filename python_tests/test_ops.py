@@ -264,10 +264,12 @@ def test_use_backend_switches_and_restores():
 def test_build_info_reports_kernels():
     info = se.build_info()
     assert info["built_with_torch"] == torch.__version__.split("+")[0]
-    assert set(info["operators"]) == {"conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram"}
+    assert set(info["operators"]) == {"conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram",
+                                      "sinkhorn_scaling", "linear_sum_assignment"}
     for op in info["operators"]:
         assert "CPU" in info["operators"][op]
-        assert ("CUDA" in info["operators"][op]) == info["cuda_compiled"]
+        cuda = info["cuda_compiled"] and op not in ("sinkhorn_scaling", "linear_sum_assignment")
+        assert ("CUDA" in info["operators"][op]) == cuda
 
 
 def test_missing_extension_says_how_to_build():
@@ -279,9 +281,19 @@ def test_missing_extension_says_how_to_build():
 
 def test_finite_check_survives_an_overflowing_sum():
     # Finite entries whose float32 sum overflows are still valid input.
-    X = torch.full((2, 1, 2), 3e38)
+    X, Y = torch.full((2, 1, 2), 3e38), torch.full((3, 1, 2), 1e-38)
     assert torch.isinf(X.sum())
-    torch.testing.assert_close(se.max_kernel_gram(X), reference.max_kernel_gram(X))
+    torch.testing.assert_close(se.max_kernel_gram(X, Y), reference.max_kernel_gram(X, Y))
+
+
+def test_finite_inputs_that_overflow_are_refused_by_name():
+    X = torch.full((2, 1, 2), 3e38)
+    with pytest.raises(ValueError, match="X are finite but the result overflows float32"):
+        se.max_kernel_gram(X)
+    with pytest.raises(ValueError, match="U and V are finite but the result overflows"):
+        se.conv_adjacency(torch.full((1, 2, 3), 1e30), torch.full((1, 2, 1, 2), 1e30))
+    # float64 holds the same numbers.
+    assert torch.isfinite(se.max_kernel_gram(X.double())).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -296,3 +308,199 @@ def test_cuda_large_shapes_take_the_other_paths():
         torch.testing.assert_close(se.signal_projection(x, V, s, padding=1, reduce=reduce), expected, **F64)
     X = rand(300, 7, 5, device="cuda")
     torch.testing.assert_close(se.max_kernel_gram(X), reference.max_kernel_gram(X), **F64)
+
+
+# ---------------------------------------------------------------- sinkhorn with marginals (issue 13)
+
+def marginals(B, n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.1
+    return a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("B,n,m", [(1, 1, 1), (3, 5, 5), (2, 7, 4), (2, 70, 130), (4, 3, 17)])
+@pytest.mark.parametrize("log_domain", [False, True])
+@pytest.mark.parametrize("iters,thr", [(0, None), (1, None), (23, None), (500, 1e-8)])
+def test_sinkhorn_marginals_match_reference(B, n, m, log_domain, iters, thr):
+    M = rand(B, n, m, seed=3).abs()
+    a, b = marginals(B, n, m, seed=4)
+    kw = dict(reg=0.3, stop_threshold=thr, log_domain=log_domain, return_log=True)
+    plan, log = se.sinkhorn(M, iters, a, b, **kw)
+    with se.use_backend("reference"):
+        want, wlog = se.sinkhorn(M, iters, a, b, **kw)
+    torch.testing.assert_close(plan, want, **F64)
+    torch.testing.assert_close(log["rounds"], wlog["rounds"], rtol=0, atol=0)
+    torch.testing.assert_close(log["log_u"], wlog["log_u"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(log["err"], wlog["err"], rtol=1e-8, atol=1e-14, equal_nan=True)
+    if iters >= 1:  # rows always meet a after a round; columns meet b once converged
+        torch.testing.assert_close(plan.sum(-1), a, **F64)
+    if thr is not None:
+        assert (log["rounds"] < iters).all()
+        assert (torch.linalg.vector_norm(plan.sum(-2) - b, dim=-1) < thr).all()
+    plan32 = se.sinkhorn(M.float(), iters, a.float(), b.float(), reg=0.3, log_domain=log_domain,
+                         stop_threshold=thr)
+    torch.testing.assert_close(plan32, want.float(), rtol=2e-3, atol=2e-5)
+
+
+def test_sinkhorn_kernel_form_with_ones_is_the_papers_and_marginals_by_hand():
+    P = rand(3, 6, 4).abs() + 0.05
+    ones_n, ones_m = torch.ones(6, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    torch.testing.assert_close(se.sinkhorn(P, 9, ones_n, ones_m), reference.sinkhorn(P, 9), **F64)
+    # The limit has row sums a and column sums b (checked independently of the iteration).
+    a, b = marginals(1, 6, 4, seed=9)
+    plan = se.sinkhorn(P[0], 3000, a[0], b[0], stop_threshold=1e-13)
+    torch.testing.assert_close(plan.sum(1), a[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(plan.sum(0), b[0], rtol=0, atol=1e-12)
+    # diag(x) P diag(y) has the same Sinkhorn limit as P.
+    x, y = torch.rand(6, dtype=torch.float64) + 0.5, torch.rand(4, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(se.sinkhorn(x[:, None] * P[0] * y, 3000, a[0], b[0], stop_threshold=1e-13), plan,
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_sinkhorn_log_domain_survives_a_tiny_reg():
+    # exp(-M / reg) underflows to zero almost everywhere for reg = 1e-3; the log domain does not.
+    M = rand(2, 30, 25, seed=5).abs() * 3
+    a, b = marginals(2, 30, 25, seed=6)
+    plan = se.sinkhorn(M, 400, a, b, reg=1e-3, log_domain=True)
+    with se.use_backend("reference"):
+        want = se.sinkhorn(M, 400, a, b, reg=1e-3, log_domain=True)
+    assert torch.isfinite(plan).all()
+    torch.testing.assert_close(plan, want, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(plan.sum(-1), a, rtol=0, atol=1e-12)
+
+
+def test_sinkhorn_marginal_form_gradients_go_through_the_twin():
+    M = (torch.rand(2, 4, 3, dtype=torch.float64) + 0.1).requires_grad_()
+    a, b = marginals(2, 4, 3, seed=1)
+    assert torch.autograd.gradcheck(lambda t: se.sinkhorn(t, 6, a, b, reg=0.5), (M,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sinkhorn_tiny_and_huge_entries_give_the_reference(dtype):
+    info = torch.finfo(dtype)
+    cases = [
+        [[info.tiny / 16, 1.0], [info.tiny / 16, 1.0]],       # a column summing below 1/max
+        [[1.0, 1.0], [info.tiny / 8, info.tiny / 8]],         # a row far below its columns
+        [[info.max / 2, info.max / 3], [info.max / 4, info.max / 5]],  # sums overflow
+        [[info.max, 1.0], [1.0, info.max]],
+    ]
+    for P in cases:
+        P = torch.tensor(P, dtype=dtype)
+        want = reference.sinkhorn(P.double(), 16)
+        assert torch.isfinite(want).all()
+        got = se.sinkhorn(P, 16)
+        assert torch.isfinite(got).all(), P
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- issue 14: meta, interrupts, limits, memory
+
+def test_meta_tensors_use_the_fake_kernels():
+    meta = dict(device="meta", dtype=torch.float32)
+    assert se.sinkhorn(torch.empty(2, 5, 4, **meta)).shape == (2, 5, 4)
+    plan, log = se.sinkhorn(torch.empty(2, 5, 4, **meta), 25, torch.empty(5, **meta), torch.empty(4, **meta),
+                            reg=0.1, return_log=True)
+    assert plan.shape == (2, 5, 4) and log["err"].shape == (2, 3) and plan.device.type == "meta"
+    assert se.conv_adjacency(torch.empty(2, 3, 4, **meta), torch.empty(2, 3, 5, 6, **meta)).shape == (2, 6, 4)
+    assert se.max_kernel_gram(torch.empty(7, 3, 2, **meta)).shape == (7, 7)
+    out = se.signal_projection(torch.empty(2, 3, 8, 8, **meta), torch.empty(27, 5, **meta), torch.empty(5, **meta),
+                               padding=1)
+    assert out.shape == (2, 5, 8, 8)
+
+
+def test_huge_integers_are_clear_errors():
+    x, V, s = torch.randn(1, 2, 5, 5), torch.randn(18, 3), torch.ones(3)
+    with pytest.raises(ValueError, match="padding must be at most"):
+        se.signal_projection(x, V, s, padding=2**40)
+    with pytest.raises(ValueError, match="stride must be at most"):
+        se.signal_projection(x, V, s, stride=10**30)
+    with pytest.raises(ValueError, match="check padding"):
+        se.signal_projection(x, V, s, padding=2**30, reduce="mean")
+    with pytest.raises(ValueError, match="iters must be at most"):
+        se.sinkhorn(torch.rand(3, 3), 10**13)
+    with pytest.raises(ValueError, match="iters must be at most"):
+        se.sinkhorn(torch.rand(3, 3), 2**70)
+    with pytest.raises(ValueError, match="reg must be a finite number > 0"):
+        se.sinkhorn(torch.rand(3, 3), 5, reg=0.0)
+    with pytest.raises(ValueError, match="a must be finite and positive"):
+        se.sinkhorn(torch.rand(3, 3), 5, torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="b must have shape"):
+        se.sinkhorn(torch.rand(3, 3), 5, torch.ones(3), torch.ones(4))
+
+
+def test_max_kernel_gram_cpu_max_propagates_nan():
+    X = rand(5, 4, 2)
+    X[2, 1, 0] = float("nan")  # channel 1 of row 2 is NaN; later channels may be larger
+    got = torch.ops.spectral_ext.max_kernel_gram(X, None)
+    want = reference.max_kernel_gram(X)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[2]).all()
+    with pytest.raises(ValueError, match="X contains NaN"):
+        se.max_kernel_gram(X)
+
+
+_INTERRUPT = """
+import sys, torch, spectral_ext as se
+print("ready", flush=True)
+try:
+    se.sinkhorn(torch.rand(8, 8, dtype=torch.float64), iters=10**11)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(0)
+sys.exit(5)
+"""
+
+
+def test_sinkhorn_stops_on_ctrl_c_within_a_second():
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPT], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    line = proc.stdout.readline()
+    waited = time.perf_counter() - sent
+    proc.communicate(timeout=60)
+    assert line.strip() == "interrupted" and proc.returncode == 0
+    assert waited < 1.0, f"took {waited:.2f} s"
+
+
+_BACKWARD_PEAK = """
+import torch, spectral_ext as se
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+def peak(fn, *inputs):
+    inputs = [t.requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    grad = torch.ones_like(out)
+    open("/proc/self/clear_refs", "w").write("5")
+    before = rss("VmRSS:")
+    torch.autograd.grad(out, inputs, grad)
+    return rss("VmHWM:") - before
+
+torch.manual_seed(0)
+P = torch.rand(4, 256, 256, dtype=torch.float64) + 0.1
+print("sinkhorn", peak(lambda p: se.sinkhorn(p, 50), P))
+X = torch.randn(1024, 64, 1)
+print("max_kernel_gram", peak(se.max_kernel_gram, X))
+U, V = torch.randn(1, 8, 256, dtype=torch.float64), torch.randn(1, 8, 256, 256, dtype=torch.float64)
+print("conv_adjacency", peak(se.conv_adjacency, U, V))
+"""
+
+
+def test_backward_peak_memory_stays_bounded():
+    out = subprocess.run([sys.executable, "-c", _BACKWARD_PEAK], capture_output=True, text=True, check=True)
+    peaks = {name: int(v) / 2**20 for name, v in (line.split() for line in out.stdout.strip().splitlines())}
+    print(peaks)
+    # Keeping every iterate would cost 100 matrices of 2 MiB (200 MiB); a few remain.
+    assert peaks["sinkhorn"] < 100
+    # (N, N', C) in float32 is 256 MiB, and the one-hot routing as much again.
+    assert peaks["max_kernel_gram"] < 120
+    # (B, K2, N, M) in float64 is 128 MiB, built twice before.
+    assert peaks["conv_adjacency"] < 110

@@ -16,8 +16,8 @@ except ImportError as error:  # no silent fallback to slow code
     ) from error
 
 from . import plot, reference, zoo  # plot: matplotlib is imported by its functions only
-from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, signal_projection,
-                   sinkhorn, use_backend)
+from ._ops import (OPERATORS, conv_adjacency, current_backend, linear_sum_assignment, max_kernel_gram,
+                   signal_projection, sinkhorn, use_backend)
 from .covariance import activation_covariance, align, clip, rainbow
 from .layers import ModelGraph, discover
 from .rank import (classification_dimension, independence_deficit, jacobian_partial_rank, numerical_rank,
@@ -69,8 +69,9 @@ __all__ = [
     "activation_covariance", "align", "alpha_hat", "apply_symmetry", "build_info", "cka",
     "classification_dimension", "clip", "co_svr", "conv_adjacency", "current_backend", "discover",
     "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections",
-    "layer_spectra", "max_kernel_gram", "ModelGraph", "numerical_rank", "perturbed_pca_dimension",
-    "plot", "procrustes", "rainbow", "reference", "semantic_hierarchy", "signal_projection", "signals",
+    "layer_spectra", "linear_sum_assignment", "max_kernel_gram", "ModelGraph", "numerical_rank",
+    "perturbed_pca_dimension", "plot", "procrustes", "rainbow", "reference", "semantic_hierarchy",
+    "signal_projection", "signals",
     "similarity_matrix", "sinkhorn", "sobel_similarity", "spectral_activations", "stable_rank", "stitch",
     "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo",
 ]

@@ -20,10 +20,16 @@ def tensor(name: str, value, *, ndims: Sequence[int], shape: str, finite: bool =
     if value.dtype not in dtypes:
         names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must be {names}, got {str(value.dtype).replace('torch.', '')}")
-    # Data-dependent checks cannot run while torch.compile traces with fake tensors.
-    if finite and not torch.compiler.is_compiling() and not all_finite(value):
+    # Data-dependent checks cannot run while torch.compile traces with fake tensors,
+    # nor on meta tensors (shapes only; the fake kernels answer for them).
+    if finite and not data_free(value) and not all_finite(value):
         raise ValueError(f"{name} contains NaN or infinite values")
     return value
+
+
+def data_free(*values: torch.Tensor) -> bool:
+    """True when the values cannot be read: tracing under torch.compile, or meta tensors."""
+    return torch.compiler.is_compiling() or any(v.device.type == "meta" for v in values)
 
 
 def all_finite(value: torch.Tensor) -> bool:
@@ -35,16 +41,24 @@ def all_finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
 
 
-def finite_inputs_behind(output: torch.Tensor, **inputs: torch.Tensor) -> None:
-    """For operators whose output is non-finite whenever an input is (a NaN or
-    infinity reaches every output it feeds, with no max or mask to hide it):
-    validate the inputs only when the smaller output shows a problem. An output
-    that overflowed from finite inputs is returned as it is."""
-    if torch.compiler.is_compiling() or all_finite(output):
+def finite(output: torch.Tensor | None = None, **inputs: torch.Tensor) -> None:
+    """NaN and infinity in the inputs refused by name, and an output that overflowed
+    from finite inputs refused too (issue 14.5), with one host synchronisation for
+    all of them (issue 15): a finite sum of every sum means all is finite; only a
+    failure (or a sum that overflowed) looks closer."""
+    tensors = [t for t in (*inputs.values(), output) if t is not None and t.numel()]
+    if not tensors or data_free(*tensors):
+        return
+    total = torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()
+    if bool(torch.isfinite(total)):
         return
     for name, value in inputs.items():
         if not all_finite(value):
             raise ValueError(f"{name} contains NaN or infinite values")
+    if output is not None and not all_finite(output):
+        names = " and ".join(inputs)
+        raise ValueError(f"{names} are finite but the result overflows {str(output.dtype).replace('torch.', '')}: "
+                         "rescale them or use float64")
 
 
 def same_device_dtype(**tensors: torch.Tensor) -> None:
@@ -59,8 +73,18 @@ def same_device_dtype(**tensors: torch.Tensor) -> None:
             raise TypeError(f"{name} is {t.dtype} but {first_name} is {first.dtype}; use one dtype")
 
 
-def int_pair(name: str, value) -> tuple[int, int]:
-    """An int or a pair of ints, as torch.nn.Conv2d accepts."""
+INT32_MAX = 2**31 - 1
+
+
+def int_pair(name: str, value, maximum: int = INT32_MAX) -> tuple[int, int]:
+    """An int or a pair of ints, as torch.nn.Conv2d accepts, none above `maximum`."""
+    pair = _int_pair(name, value)
+    if max(abs(pair[0]), abs(pair[1])) > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
+    return pair
+
+
+def _int_pair(name: str, value) -> tuple[int, int]:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
@@ -71,9 +95,23 @@ def int_pair(name: str, value) -> tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
-def positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+def positive_int(name: str, value, *, allow_zero: bool = False, maximum: int | None = None,
+                 why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:.0e}, got {value}{why}")
+    return value
+
+
+def positive_float(name: str, value) -> float:
+    """A finite real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+            isinstance(value, torch.Tensor) and value.numel() == 1):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
+    value = float(value)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value

@@ -11,8 +11,12 @@ import torch
 from . import _checks, reference
 
 BACKENDS = ("native", "reference")
-OPERATORS = ("conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram")
+OPERATORS = ("conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram", "sinkhorn_scaling",
+             "linear_sum_assignment")
+CPU_ONLY = ("sinkhorn_scaling", "linear_sum_assignment")  # CUDA inputs: the twin, or the CPU kernel
 _backend = contextvars.ContextVar("spectral_ext_backend", default="native")
+MAX_ITERS = 10**12  # Sinkhorn rounds; beyond this a call would not end in a lifetime
+_CHUNK_ELEMENTS = 1 << 22  # the backward passes build temporaries of about this many elements
 
 
 @contextlib.contextmanager
@@ -38,6 +42,17 @@ def current_backend() -> str:
 
 def _native() -> bool:
     return _backend.get() == "native"
+
+
+def _interruptible(op, *args):
+    """Call a compiled operator whose CPU loop polls for Ctrl-C (csrc/interrupt.h)
+    and turn its "interrupted" error back into KeyboardInterrupt."""
+    try:
+        return op(*args)
+    except RuntimeError as error:
+        if "spectral_ext: interrupted" in str(error):
+            raise KeyboardInterrupt from None
+        raise
 
 
 # ---------------------------------------------------------------- geometry
@@ -94,9 +109,24 @@ def _sinkhorn_fake(P, iters=16):
     return torch.empty_like(P, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("spectral_ext::sinkhorn_scaling")
+def _sinkhorn_scaling_fake(K, a, b, iters, stop_threshold=0.0, check_every=10, log_domain=False):
+    B, n, m = K.shape
+    checks = 0 if iters == 0 else (iters - 1) // check_every + 1
+    return (torch.empty_like(K, memory_format=torch.contiguous_format), K.new_empty((B, n)), K.new_empty((B, m)),
+            K.new_empty((B,), dtype=torch.int64), K.new_empty((B, checks)))
+
+
 @torch.library.register_fake("spectral_ext::max_kernel_gram")
 def _max_kernel_gram_fake(X, Y=None):
     return X.new_empty((X.shape[0], (X if Y is None else Y).shape[0]))
+
+
+@torch.library.register_fake("spectral_ext::linear_sum_assignment")
+def _linear_sum_assignment_fake(cost, maximize=False):
+    k = min(cost.shape[1], cost.shape[2])
+    return (cost.new_empty((cost.shape[0], k), dtype=torch.int64),
+            cost.new_empty((cost.shape[0], k), dtype=torch.int64))
 
 
 # ---------------------------------------------------------------- autograd
@@ -108,11 +138,20 @@ def _conv_adjacency_setup(ctx, inputs, output):
 
 
 def _conv_adjacency_backward(ctx, grad):
+    # da/dU and da/dV through inner[b, z, n, m] = sum_k U V, built for a chunk of
+    # taps at a time and weighted in place: (B, K2, N, M) never exists (issue 14.17).
     U, V = ctx.saved_tensors
-    inner = torch.einsum("bkm,bkzn->bznm", U, V)
-    weighted = 2 * grad.unsqueeze(1) * inner
-    gU = torch.einsum("bznm,bkzn->bkm", weighted, V) if ctx.needs_input_grad[0] else None
-    gV = torch.einsum("bznm,bkm->bkzn", weighted, U) if ctx.needs_input_grad[1] else None
+    K2 = V.shape[2]
+    step = max(1, _CHUNK_ELEMENTS // max(1, grad.numel()))
+    gU = torch.zeros_like(U) if ctx.needs_input_grad[0] else None
+    gV = torch.empty_like(V) if ctx.needs_input_grad[1] else None
+    for z0 in range(0, K2, step):
+        Vz = V[:, :, z0:z0 + step]
+        weighted = torch.einsum("bkm,bkzn->bznm", U, Vz).mul_(grad.unsqueeze(1)).mul_(2)
+        if gU is not None:
+            gU += torch.einsum("bznm,bkzn->bkm", weighted, Vz)
+        if gV is not None:
+            gV[:, :, z0:z0 + step] = torch.einsum("bznm,bkm->bkzn", weighted, U)
     return gU, gV
 
 
@@ -143,19 +182,29 @@ def _sinkhorn_setup(ctx, inputs, output):
 
 
 def _sinkhorn_backward(ctx, grad):
-    # Replays the normalisations, then runs back through each: for Z = A / s
-    # with s the sums of A along d, dA = (dZ - sum_d(dZ * Z)) / s.
+    # Replays the normalisations keeping only vectors: every iterate is
+    # diag(r) X diag(c) with X = P over its column maxima (which changes nothing
+    # after a round, so their gradient is zero), then runs back through each step,
+    # rebuilding its iterate Z: for Z = A / s with s the sums of A along d,
+    # dA = (dZ - sum_d(dZ * Z)) / s. Memory: a few matrices whatever `iters` is,
+    # not two per round (issue 14.17).
     (P,) = ctx.saved_tensors
+    if ctx.iters == 0:
+        return grad, None
+    cmax = P.amax(-2, keepdim=True)
+    X = P / cmax
+    r, c = X.new_ones(X.shape[:-1] + (1,)), X.new_ones(X.shape[:-2] + (1, X.shape[-1]))
     steps = []
-    X = P
     for _ in range(ctx.iters):
-        for dim in (-2, -1):
-            sums = X.sum(dim, keepdim=True)
-            X = X / sums
-            steps.append((dim, sums, X))
-    for dim, sums, Z in reversed(steps):
-        grad = (grad - (grad * Z).sum(dim, keepdim=True)) / sums
-    return grad, None
+        sums = c * (X * r).sum(-2, keepdim=True)
+        c = c / sums
+        steps.append((-2, sums, r, c))
+        sums = r * (X * c).sum(-1, keepdim=True)
+        r = r / sums
+        steps.append((-1, sums, r, c))
+    for dim, sums, r, c in reversed(steps):
+        grad = (grad - (grad * (r * X * c)).sum(dim, keepdim=True)) / sums
+    return grad / cmax, None
 
 
 def _max_kernel_gram_setup(ctx, inputs, output):
@@ -165,12 +214,19 @@ def _max_kernel_gram_setup(ctx, inputs, output):
 
 
 def _max_kernel_gram_backward(ctx, grad):
-    # The max passes the gradient to the winning channel (the first on ties).
+    # The max passes the gradient to the winning channel (the first on ties). The
+    # winners are recomputed for a chunk of rows at a time, so only a
+    # (rows, N', C) slice of the products exists, never (N, N', C) (issue 14.17).
     X, Y = ctx.saved_tensors
-    winner = torch.einsum("ics,jcs->ijc", X, Y).argmax(-1)
-    routed = grad.unsqueeze(-1) * torch.nn.functional.one_hot(winner, X.shape[1]).to(grad.dtype)
-    gX = torch.einsum("ijc,jcs->ics", routed, Y)
-    gY = torch.einsum("ijc,ics->jcs", routed, X)
+    N, C = X.shape[:2]
+    step = max(1, _CHUNK_ELEMENTS // max(1, Y.shape[0] * C))
+    gX, gY = torch.empty_like(X), torch.zeros_like(Y)
+    for i0 in range(0, N, step):
+        Xc = X[i0:i0 + step]
+        winner = torch.einsum("ics,jcs->ijc", Xc, Y).argmax(-1)
+        routed = torch.nn.functional.one_hot(winner, C).to(grad.dtype).mul_(grad[i0:i0 + step].unsqueeze(-1))
+        gX[i0:i0 + step] = torch.einsum("ijc,jcs->ics", routed, Y)
+        gY += torch.einsum("ijc,ics->jcs", routed, Xc)
     if ctx.self_gram:
         return gX + gY, None
     return gX, gY
@@ -209,7 +265,7 @@ def conv_adjacency(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
                          f"and V {tuple(V.shape)}")
     op = torch.ops.spectral_ext.conv_adjacency if _native() else reference.conv_adjacency
     out = op(U, V)
-    _checks.finite_inputs_behind(out, U=U, V=V)  # a NaN in U or V reaches the output
+    _checks.finite(out, U=U, V=V)
     return out.squeeze(0) if unbatched else out
 
 
@@ -223,9 +279,9 @@ def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=
     (unbatched x drops B). The kernel is square unless `kernel_size` says
     otherwise. Differentiable with respect to x.
     """
-    _checks.tensor("x", x, ndims=(3, 4), shape="(B, C, H, W) or (C, H, W)")
-    _checks.tensor("V", V, ndims=(2,), shape="(C*kh*kw, r)")
-    _checks.tensor("s", s, ndims=(1,), shape="(r,)")
+    _checks.tensor("x", x, ndims=(3, 4), shape="(B, C, H, W) or (C, H, W)", finite=False)
+    _checks.tensor("V", V, ndims=(2,), shape="(C*kh*kw, r)", finite=False)
+    _checks.tensor("s", s, ndims=(1,), shape="(r,)", finite=False)
     _checks.same_device_dtype(x=x, V=V, s=s)
     if s.shape[0] != V.shape[1]:
         raise ValueError(f"s must have r = V.shape[1] = {V.shape[1]} entries, got {s.shape[0]}")
@@ -238,7 +294,10 @@ def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=
                          f"{stride}, padding {padding}, dilation {dilation}")
     if kernel_size is not None:
         kernel_size = _checks.int_pair("kernel_size", kernel_size)
-    kernel_size, _ = _conv_geometry(x.shape, V.shape[0], stride, padding, dilation, kernel_size)
+    kernel_size, (Ho, Wo) = _conv_geometry(x.shape, V.shape[0], stride, padding, dilation, kernel_size)
+    if Ho * Wo > 2**40:
+        raise ValueError(f"stride {stride}, padding {padding} and dilation {dilation} give {Ho} x {Wo} output "
+                         "positions, more than 2**40: check padding")
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -247,30 +306,128 @@ def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=
                                                        kernel_size)
     else:
         out = reference.signal_projection(x, V, s, stride, padding, dilation, reduce, kernel_size)
+    _checks.finite(out, x=x, V=V, s=s)
     return out.squeeze(0) if unbatched else out
 
 
-def sinkhorn(P: torch.Tensor, iters: int = 16) -> torch.Tensor:
-    """Sinkhorn normalisation (seed 004 appendix D.2.1): `iters` rounds of
-    dividing each column by its sum, then each row by its sum.
+def _marginal(name: str, value, batch: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """a or b as (B, size): ones when None (the paper's doubly stochastic target)."""
+    if value is None:
+        return like.new_ones((batch, size))
+    _checks.tensor(name, value, ndims=(1, 2), shape=f"({size},) or ({batch}, {size})", finite=False)
+    _checks.same_device_dtype(P=like, **{name: value})
+    if value.shape[-1] != size or (value.dim() == 2 and value.shape[0] != batch):
+        raise ValueError(f"{name} must have shape ({size},) or ({batch}, {size}) for P of shape "
+                         f"{tuple(like.shape)}, got {tuple(value.shape)}")
+    return value.expand(batch, size)
 
-    P: (B, n, m) or (n, m), non-negative, every row and column with a positive
-    sum. Differentiable with respect to P.
+
+def sinkhorn(P: torch.Tensor, iters: int = 16, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
+             reg: float | None = None, stop_threshold: float | None = None, check_every: int = 10,
+             log_domain: bool = False, return_log: bool = False):
+    """Sinkhorn normalisation (seed 004 appendix D.2.1): `iters` rounds of
+    dividing each column by its sum, then each row by its sum; with marginals,
+    Sinkhorn-Knopp scaling to row sums `a` and column sums `b` (Cuturi 2013, POT's
+    ``ot.sinkhorn(a, b, M, reg)``): v = b / (K^T u), then u = a / (K v).
+
+    P: (B, n, m) or (n, m). Without `reg` it is the non-negative kernel itself,
+    every row and column with a positive sum; with `reg` > 0 it is a cost matrix
+    M and the kernel is exp(-M / reg) (the entropic problem). a: (n,) or (B, n),
+    b: (m,) or (B, m), positive (default: ones, the paper's doubly stochastic
+    target; POT's default is uniform 1/n, 1/m). stop_threshold: stop a problem
+    after round 0, check_every, ... (POT's schedule) once ||plan^T 1 - b||_2 is
+    below it; `iters` is then the maximum. log_domain: keep the potentials in the
+    log domain, for badly scaled problems (small reg), at about the plain cost.
+    return_log: also return a dict with log_u, log_v (the potentials, from
+    u = 0), rounds (done per problem) and err (the errors checked, (B, checks),
+    NaN after a stop).
+
+    The paper's form (no a, b, reg, stop_threshold, log_domain) is differentiable
+    and has CPU and CUDA kernels. The other forms run a CPU kernel; CUDA tensors,
+    and inputs that need a gradient, go to the plain-PyTorch twin
+    (reference.sinkhorn_scaling). Every positive finite input gives the
+    explicit normalisation's answer (no overflow from tiny or huge entries); on
+    CUDA the paper's form checks for such inputs and then runs the twin. Ctrl-C
+    stops a long CPU run; iters above 1e12 are refused.
     """
-    _checks.tensor("P", P, ndims=(2, 3), shape="(B, n, m) or (n, m)")
-    _checks.positive_int("iters", iters, allow_zero=True)
-    if not torch.compiler.is_compiling() and P.numel():
-        if (P < 0).any():
+    _checks.tensor("P", P, ndims=(2, 3), shape="(B, n, m) or (n, m)", finite=False)
+    _checks.positive_int("iters", iters, allow_zero=True, maximum=MAX_ITERS,
+                         why=" (use stop_threshold to stop at convergence)")
+    check_every = _checks.positive_int("check_every", check_every)
+    if reg is not None:
+        reg = _checks.positive_float("reg", reg)
+    if stop_threshold is not None:
+        if isinstance(stop_threshold, bool) or not isinstance(stop_threshold, (int, float)) or \
+                not stop_threshold >= 0:
+            raise ValueError(f"stop_threshold must be a number >= 0, got {stop_threshold!r}")
+    for name, flag in (("log_domain", log_domain), ("return_log", return_log)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    unbatched = P.dim() == 2
+    Pb = P.unsqueeze(0) if unbatched else P
+    B, n, m = Pb.shape
+    paper = a is None and b is None and reg is None and stop_threshold is None and not log_domain \
+        and not return_log
+    av, bv = _marginal("a", a, B, n, Pb), _marginal("b", b, B, m, Pb)
+    badly_scaled = _sinkhorn_validate(Pb, av if a is not None else None, bv if b is not None else None,
+                                      cost=reg is not None, cuda_paper=paper and Pb.is_cuda and iters > 0)
+    if paper:
+        if _native() and not badly_scaled:
+            # The column maxima keep the CUDA kernel's sums finite (the CPU kernel does the same).
+            Pin = Pb / Pb.amax(-2, keepdim=True) if Pb.is_cuda and iters > 0 and Pb.numel() else Pb
+            out = _interruptible(torch.ops.spectral_ext.sinkhorn, Pin, iters)
+        else:
+            out = reference.sinkhorn(Pb, iters)
+        return out.squeeze(0) if unbatched else out
+    if reg is not None:
+        K = -Pb / reg if log_domain else torch.exp(-Pb / reg)
+    else:
+        K = Pb.log() if log_domain else Pb
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (K, av, bv))
+    args = (K, av, bv, iters, float(stop_threshold or 0.0), check_every, log_domain)
+    if _native() and not wants_grad and K.device.type in ("cpu", "meta"):
+        plan, log_u, log_v, rounds, err = _interruptible(torch.ops.spectral_ext.sinkhorn_scaling, *args)
+    else:
+        plan, log_u, log_v, rounds, err = reference.sinkhorn_scaling(*args)
+    if unbatched:
+        plan, log_u, log_v, rounds, err = plan[0], log_u[0], log_v[0], rounds[0], err[0]
+    if return_log:
+        return plan, {"log_u": log_u, "log_v": log_v, "rounds": rounds, "err": err}
+    return plan
+
+
+def _sinkhorn_validate(P, a, b, *, cost: bool, cuda_paper: bool) -> bool:
+    """Every check of sinkhorn's inputs in one host synchronisation (issue 15).
+    Returns whether a CUDA input is too badly scaled for the CUDA kernel."""
+    if not P.numel() or _checks.data_free(P):
+        return False
+    flags = [~torch.isfinite(P).all()]
+    if not cost:
+        cmax, rmax = P.amax(-2), P.amax(-1)
+        flags += [(P < 0).any(), (cmax <= 0).any() | (rmax <= 0).any()]
+    for t in (a, b):
+        if t is not None:
+            flags.append(~torch.isfinite(t).all() | (t <= 0).any())
+    if cuda_paper:  # a row far below its columns overflows the CUDA kernel's scalings
+        X = P / P.amax(-2, keepdim=True)
+        flags.append((X.sum(-1) < torch.finfo(P.dtype).tiny * 2**24).any())
+    flags = torch.stack(flags).tolist()
+    if flags[0]:
+        raise ValueError("P contains NaN or infinite values")
+    k = 1
+    if not cost:
+        if flags[1]:
             raise ValueError("P must be non-negative")
-        if (P.sum(-2) <= 0).any() or (P.sum(-1) <= 0).any():
+        if flags[2]:
             raise ValueError("every row and column of P needs a positive sum (a zero row or column "
                              "cannot be normalised)")
-    unbatched = P.dim() == 2
-    if unbatched:
-        P = P.unsqueeze(0)
-    op = torch.ops.spectral_ext.sinkhorn if _native() else reference.sinkhorn
-    out = op(P, iters)
-    return out.squeeze(0) if unbatched else out
+        k = 3
+    for name, t in (("a", a), ("b", b)):
+        if t is not None:
+            if flags[k]:
+                raise ValueError(f"{name} must be finite and positive")
+            k += 1
+    return bool(cuda_paper and flags[k])
 
 
 def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,9 +438,9 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
     symmetric). C is the channel axis the max runs over, S the spatial axis
     summed over (S = 1 for fully connected features). Returns (N, N').
     """
-    _checks.tensor("X", X, ndims=(3,), shape="(N, C, S)")
+    _checks.tensor("X", X, ndims=(3,), shape="(N, C, S)", finite=False)
     if Y is not None:
-        _checks.tensor("Y", Y, ndims=(3,), shape="(N', C, S)")
+        _checks.tensor("Y", Y, ndims=(3,), shape="(N', C, S)", finite=False)
         _checks.same_device_dtype(X=X, Y=Y)
         if Y.shape[1:] != X.shape[1:]:
             raise ValueError(f"X (N, C, S) and Y (N', C, S) must agree on C and S, got X {tuple(X.shape)} "
@@ -291,4 +448,48 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
     if X.shape[1] == 0:
         raise ValueError("X must have at least one channel (C > 0): the max runs over channels")
     op = torch.ops.spectral_ext.max_kernel_gram if _native() else reference.max_kernel_gram
-    return op(X, Y)
+    out = op(X, Y)
+    _checks.finite(out, X=X, **({} if Y is None else {"Y": Y}))
+    return out
+
+
+def linear_sum_assignment(cost, maximize: bool = False):
+    """Optimal assignments of a batch of problems: scipy.optimize.linear_sum_assignment
+    for each, solved in parallel across the batch on the CPU (the same shortest
+    augmenting path algorithm, Crouse 2016, started from Jonker-Volgenant's
+    initialisation; see csrc/cpu/linear_sum_assignment.cpp).
+
+    cost: (B, n, m) or (n, m), float32 or float64, finite (NaN or infinity is
+    refused); a numpy array is accepted too. maximize: maximise the total instead.
+    Returns (rows, cols), int64 of shape (B, min(n, m)) with rows sorted in each
+    problem, so cost[b, rows[b], cols[b]].sum() is the optimum; one (n, m) problem
+    gives scipy's pair of 1-D arrays (numpy in, numpy out). On ties the optimum
+    chosen may differ from scipy's; its cost does not. CUDA tensors are solved by
+    the CPU kernel (the algorithm is sequential) and the indices returned on the
+    input's device. Ctrl-C stops a long batch.
+    """
+    import numpy as np
+
+    as_numpy = isinstance(cost, np.ndarray)
+    if as_numpy:
+        if cost.dtype.kind not in "biuf":
+            raise TypeError(f"cost must be a numeric array, got dtype {cost.dtype}")
+        cost = torch.from_numpy(np.asarray(cost, dtype=np.float64))
+    _checks.tensor("cost", cost, ndims=(2, 3), shape="(B, n, m) or (n, m)")
+    if not isinstance(maximize, (bool, np.bool_)):
+        raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+    unbatched = cost.dim() == 2
+    batch = cost.unsqueeze(0) if unbatched else cost
+    if batch.device.type == "meta" or not _native():
+        op = torch.ops.spectral_ext.linear_sum_assignment if batch.device.type == "meta" else \
+            reference.linear_sum_assignment
+        rows, cols = op(batch, bool(maximize))
+    else:
+        rows, cols = _interruptible(torch.ops.spectral_ext.linear_sum_assignment, batch.detach().cpu(),
+                                    bool(maximize))
+        rows, cols = rows.to(cost.device), cols.to(cost.device)
+    if unbatched:
+        rows, cols = rows[0], cols[0]
+    if as_numpy:
+        return rows.numpy(), cols.numpy()
+    return rows, cols

@@ -34,7 +34,11 @@ def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=
 
 def sinkhorn(P: torch.Tensor, iters: int = 16) -> torch.Tensor:
     """`iters` rounds of: divide each column by its sum, then each row by its sum
-    (seed 004 appendix D.2.1 order: columns first)."""
+    (seed 004 appendix D.2.1 order: columns first). Dividing the columns by their
+    maxima first changes nothing after the first round and keeps sums of entries
+    near the dtype's maximum finite."""
+    if iters > 0:
+        P = P / P.amax(-2, keepdim=True)
     for _ in range(iters):
         P = P / P.sum(-2, keepdim=True)
         P = P / P.sum(-1, keepdim=True)
@@ -45,3 +49,53 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
     """X (N, C, S), Y (N', C, S) -> K (N, N') with K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s]."""
     Y = X if Y is None else Y
     return torch.einsum("ics,jcs->ijc", X, Y).amax(-1)
+
+
+def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False):
+    """cost (B, n, m) -> rows, cols (B, min(n, m)) int64: scipy's optimum for each
+    problem. The specification is scipy itself (a plain-PyTorch Hungarian solver
+    would only be a slower copy of it)."""
+    from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+    import numpy as np
+
+    k = min(cost.shape[1], cost.shape[2])
+    pairs = np.zeros((2, cost.shape[0], k), dtype=np.int64)
+    for b, c in enumerate(cost.detach().cpu().double().numpy()):
+        pairs[:, b] = scipy_lsa(c, maximize=maximize)
+    rows, cols = torch.from_numpy(pairs).to(cost.device)
+    return rows, cols
+
+
+def sinkhorn_scaling(K: torch.Tensor, a: torch.Tensor, b: torch.Tensor, iters: int, stop_threshold: float = 0.0,
+                     check_every: int = 10, log_domain: bool = False):
+    """Sinkhorn-Knopp with marginals, in the log domain whatever the input (POT's
+    sinkhorn_log; the plain iteration is the same map): K (B, n, m) is the kernel,
+    or log K when log_domain. Each round v = log b - logsumexp_i(log K + u), then
+    u = log a - logsumexp_j(log K + v), from u = 0. After rounds 0, check_every, ...
+    the error ||plan^T 1 - b||_2 is recorded and a problem stops once it is below
+    stop_threshold (> 0). Returns plan, log u, log v, rounds done, errors."""
+    L = K if log_domain else K.log()
+    B, n, m = K.shape
+    u, v = K.new_zeros(B, n), K.new_zeros(B, m)
+    la, lb = a.log(), b.log()
+    checks = 0 if iters == 0 else (iters - 1) // check_every + 1
+    err = K.new_full((B, checks), float("nan"))
+    rounds = torch.zeros(B, dtype=torch.int64, device=K.device)
+    active = torch.ones(B, dtype=torch.bool, device=K.device)
+    if iters == 0:
+        return L.exp(), u, v, rounds, err
+    for it in range(iters):
+        v_new = lb - torch.logsumexp(L + u[:, :, None], 1)
+        u_new = la - torch.logsumexp(L + v_new[:, None, :], 2)
+        v = torch.where(active[:, None], v_new, v)
+        u = torch.where(active[:, None], u_new, u)
+        rounds = rounds + active
+        if it % check_every == 0:
+            e = torch.linalg.vector_norm((L + u[:, :, None] + v[:, None, :]).exp().sum(1) - b, dim=1)
+            err[:, it // check_every] = torch.where(active, e, err[:, it // check_every])
+            if stop_threshold > 0:
+                active = active & ~(e < stop_threshold)
+                if not bool(active.any()):
+                    break
+    return (L + u[:, :, None] + v[:, None, :]).exp(), u, v, rounds, err

@@ -49,7 +49,8 @@ SPECTRAL_EXT_ALWAYS_INLINE void gram_tile_impl(const T* Xp, const T* Yp, T* K, i
           for (int v = 0; v < VecsPerRow; ++v) {
             T* b = best + (i + r) * kTile + j + v * kVecLanes;
             const V old = load64(b);
-            store64(b, old > acc[r][v] ? old : acc[r][v]);
+            // NaN-propagating max, as amax (issue 14.6): a NaN already held stays.
+            store64(b, (old > acc[r][v]) | (old != old) ? old : acc[r][v]);
           }
       }
     }

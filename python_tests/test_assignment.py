@@ -1,0 +1,170 @@
+"""linear_sum_assignment against scipy.optimize.linear_sum_assignment: the same
+optimal cost on random, weight-matching-like, rectangular and tied problems, the
+same indices where the optimum is unique, and the bad-input errors."""
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+import spectral_ext as se
+from spectral_ext import reference
+
+
+def total(cost, rows, cols):
+    return float(np.asarray(cost)[np.asarray(rows), np.asarray(cols)].sum())
+
+
+def weight_matching_cost(B, n, d, noise, seed):
+    """-A B^T with B a noisy row permutation of A, as in weight matching."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, n, d, generator=g, dtype=torch.float64)
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(B)])
+    Bm = torch.gather(A, 1, perm[:, :, None].expand(-1, -1, d)) + noise * torch.randn(B, n, d, generator=g,
+                                                                                       dtype=torch.float64)
+    return -(A @ Bm.transpose(1, 2)), perm
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (1, 7), (7, 1), (5, 5), (30, 30), (17, 40), (40, 17), (64, 65), (129, 129)])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_matches_scipy_on_random_costs(n, m, maximize):
+    g = torch.Generator().manual_seed(n * 1000 + m)
+    cost = torch.randn(4, n, m, generator=g, dtype=torch.float64)
+    rows, cols = se.linear_sum_assignment(cost, maximize=maximize)
+    assert rows.shape == cols.shape == (4, min(n, m)) and rows.dtype == torch.int64
+    for b in range(4):
+        want = scipy_lsa(cost[b].numpy(), maximize=maximize)
+        # Random real costs have one optimum: the very same indices.
+        np.testing.assert_array_equal(rows[b].numpy(), want[0])
+        np.testing.assert_array_equal(cols[b].numpy(), want[1])
+        # A valid assignment: distinct rows and columns.
+        assert len(set(cols[b].tolist())) == min(n, m) == len(set(rows[b].tolist()))
+
+
+def test_weight_matching_recovers_the_permutation_and_scipy():
+    cost, perm = weight_matching_cost(6, 150, 32, 0.1, seed=3)
+    rows, cols = se.linear_sum_assignment(cost)
+    inverse = torch.argsort(perm, dim=1)  # B[perm[k]] ~ A[k], so A row i matches B row inverse[i]
+    torch.testing.assert_close(cols, inverse, rtol=0, atol=0)
+    for b in range(6):
+        want = scipy_lsa(cost[b].numpy())
+        np.testing.assert_array_equal(cols[b].numpy(), want[1])
+
+
+@pytest.mark.parametrize("n,m", [(6, 6), (12, 12), (5, 9), (9, 5), (40, 40)])
+def test_ties_give_scipys_optimal_cost(n, m):
+    # Small integer costs: many optimal assignments; the total must be scipy's.
+    rng = np.random.default_rng(n + m)
+    cost = rng.integers(0, 3, size=(8, n, m)).astype(np.float64)
+    for maximize in (False, True):
+        rows, cols = se.linear_sum_assignment(torch.from_numpy(cost), maximize=maximize)
+        for b in range(8):
+            want = scipy_lsa(cost[b], maximize=maximize)
+            assert total(cost[b], rows[b], cols[b]) == total(cost[b], *want)
+            assert len(set(cols[b].tolist())) == min(n, m) == len(set(rows[b].tolist()))
+            assert rows[b].tolist() == sorted(rows[b].tolist())
+
+
+def test_constant_cost_and_float32():
+    rows, cols = se.linear_sum_assignment(torch.ones(5, 5))
+    assert sorted(cols.tolist()) == list(range(5))
+    g = torch.Generator().manual_seed(1)
+    cost = torch.rand(3, 20, 25, generator=g)
+    rows, cols = se.linear_sum_assignment(cost)
+    for b in range(3):
+        want = scipy_lsa(cost[b].double().numpy())
+        np.testing.assert_array_equal(cols[b].numpy(), want[1])
+
+
+def test_one_problem_is_scipys_pair_and_numpy_in_numpy_out():
+    cost = np.random.default_rng(0).standard_normal((6, 4))
+    rows, cols = se.linear_sum_assignment(cost)
+    assert isinstance(rows, np.ndarray) and rows.shape == (4,)
+    want = scipy_lsa(cost)
+    np.testing.assert_array_equal(rows, want[0])
+    np.testing.assert_array_equal(cols, want[1])
+    t_rows, t_cols = se.linear_sum_assignment(torch.from_numpy(cost))
+    assert isinstance(t_rows, torch.Tensor) and t_rows.tolist() == want[0].tolist()
+
+
+def test_native_equals_reference_backend_and_leaves_input_alone():
+    cost, _ = weight_matching_cost(3, 40, 8, 1.0, seed=5)
+    before = cost.clone()
+    native = se.linear_sum_assignment(cost, maximize=True)
+    with se.use_backend("reference"):
+        ref = se.linear_sum_assignment(cost, maximize=True)
+    torch.testing.assert_close(native, ref, rtol=0, atol=0)
+    torch.testing.assert_close(ref, reference.linear_sum_assignment(cost, True), rtol=0, atol=0)
+    assert torch.equal(cost, before)
+
+
+def test_empty_problems():
+    rows, cols = se.linear_sum_assignment(torch.zeros(2, 0, 5))
+    assert rows.shape == cols.shape == (2, 0)
+    rows, cols = se.linear_sum_assignment(torch.zeros(0, 3, 3))
+    assert rows.shape == (0, 3)
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="cost contains NaN"):
+        se.linear_sum_assignment(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="cost contains NaN or infinite"):
+        se.linear_sum_assignment(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="cost must have shape"):
+        se.linear_sum_assignment(torch.zeros(3))
+    with pytest.raises(TypeError, match="cost must be float32 or float64"):
+        se.linear_sum_assignment(torch.zeros(3, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="cost must be a torch.Tensor"):
+        se.linear_sum_assignment([[1.0]])
+    with pytest.raises(TypeError, match="maximize must be a bool"):
+        se.linear_sum_assignment(torch.zeros(3, 3), maximize="yes")
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        torch.ops.spectral_ext.linear_sum_assignment(torch.full((1, 2, 2), float("nan")), False)
+
+
+def test_meta_tensors_and_opcheck():
+    rows, cols = se.linear_sum_assignment(torch.empty(4, 7, 5, device="meta"))
+    assert rows.shape == (4, 5) and rows.device.type == "meta" and rows.dtype == torch.int64
+    torch.library.opcheck(torch.ops.spectral_ext.linear_sum_assignment.default,
+                          (torch.randn(3, 6, 4, dtype=torch.float64), True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_input_gives_indices_on_cuda():
+    cost = torch.randn(2, 9, 9, device="cuda")
+    rows, cols = se.linear_sum_assignment(cost)
+    assert cols.device.type == "cuda"
+    assert cols.cpu().tolist() == se.linear_sum_assignment(cost.cpu())[1].tolist()
+
+
+_SLOW = textwrap.dedent("""
+    import sys, time, torch, spectral_ext as se
+    torch.set_num_threads(1)
+    cost = torch.randn(20, 1000, 1000, dtype=torch.float64)  # seconds of work
+    print("ready", flush=True)
+    try:
+        se.linear_sum_assignment(cost)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(0)
+    sys.exit(5)
+""")
+
+
+def test_ctrl_c_stops_a_long_batch():
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    line = proc.stdout.readline()  # printed as soon as the call has unwound
+    waited = time.perf_counter() - sent
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0 and line.strip() == "interrupted"
+    assert waited < 2.0, f"took {waited:.1f} s to stop"
