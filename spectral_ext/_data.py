@@ -31,12 +31,15 @@ def batches(data, batch_size: int = 256, generator: torch.Generator | None = Non
 @torch.no_grad()
 def accuracy(model, data, batch_size: int = 1024) -> float:
     """Top-1 accuracy of model over labelled data (any form batches takes)."""
+    from ._hooks import evaluating
+
     correct = total = 0
-    for x, y in batches(data, batch_size):
-        if y is None:
-            raise ValueError("data must carry labels: (x, y) tensors or a loader of (x, y) batches")
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
+    with evaluating(model):
+        for x, y in batches(data, batch_size):
+            if y is None:
+                raise ValueError("data must carry labels: (x, y) tensors or a loader of (x, y) batches")
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
     if total == 0:
         raise ValueError("the labelled data is empty")
     return correct / total

@@ -24,7 +24,7 @@ from . import _checks
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
 from ._data import recompute_batchnorm
-from ._hooks import capturing, check_layers
+from ._hooks import capturing, check_layers, evaluating
 from .layers import discover
 
 
@@ -168,6 +168,7 @@ def activation_covariance(model: nn.Module, data, layers, other: nn.Module | Non
     layers = check_layers(model, layers)
     other_layers = check_layers(other, other_layers) if other is not None else layers
     with contextlib.ExitStack() as stack, torch.no_grad():
+        stack.enter_context(evaluating(model, other))
         cap_a, _ = stack.enter_context(capturing(model, layers, inputs=True))
         cap_b = stack.enter_context(capturing(other, other_layers, inputs=True))[0] if other is not None else cap_a
         for x, _ in tqdm(_batches(data, batch_size), desc="activation covariance", disable=not progress,
@@ -338,9 +339,7 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
     if any(not 0 <= k <= rows.shape[0] for k in ks):
         raise ValueError(f"ks must lie in [0, {rows.shape[0]}], got {ks}")
     projectors = torch.stack([rows[:k].T @ rows[:k] for k in ks])  # (K, d, d)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         try:
             accuracies = _clip_shared(model, module, kind, projectors, data, batch_size, max_copies)
         except RuntimeError as error:  # a later layer reads a tensor from before the clipped one
@@ -348,8 +347,6 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
                           "evaluating one k at a time", RuntimeWarning, stacklevel=2)
             accuracies = [_clip_shared(model, module, kind, projectors[i:i + 1], data, batch_size, 1)[0]
                           for i in range(len(ks))]
-    finally:
-        model.train(was_training)
     return pd.DataFrame({"k": ks, "accuracy": accuracies})
 
 

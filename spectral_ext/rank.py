@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from ._hooks import capturing, check_layers, first_tensor
+from ._hooks import capturing, check_layers, evaluating, first_tensor
 from ._linalg import gram_singular_values
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -177,7 +177,7 @@ def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=
 
     rows = []
     jobs = [(n, j) for n in range(x.shape[0]) for j in range(len(patches))]
-    with capturing(model, layers) as (captured, order), torch.no_grad():
+    with capturing(model, layers) as (captured, order), torch.no_grad(), evaluating(model):
         for n, j in tqdm(jobs, desc="partial Jacobian rank", disable=not progress or len(jobs) < 2, leave=False):
             f, p0 = _patch_function(model, x[n:n + 1], patches[j], captured, order, layers)
             with torch.enable_grad():
@@ -259,7 +259,7 @@ def perturbed_pca_dimension(model: nn.Module, x: torch.Tensor, layers=None, n_pe
     from tqdm.auto import tqdm
 
     rows = []
-    with capturing(model, layers) as (captured, order), torch.no_grad():
+    with capturing(model, layers) as (captured, order), torch.no_grad(), evaluating(model):
         for n in tqdm(range(x.shape[0]), desc="perturbed PCA dimension", disable=not progress, leave=False):
             chunks: dict[str, list[torch.Tensor]] = {}
             names = []
@@ -328,7 +328,7 @@ class _Projector:
 
 
 def _accuracy(classifier, features, labels) -> float:
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(classifier if isinstance(classifier, nn.Module) else None):
         logits = classifier(features)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
         raise ValueError("classifier must map features (N, d) to logits (N, classes)")

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import _checks
 from ._data import batches as _batches
-from ._hooks import capturing
+from ._hooks import capturing, evaluating, set_eval
 from ._linalg import signed_svd
 from ._ops import signal_projection
 from .layers import discover
@@ -81,7 +81,7 @@ def _project(basis: LayerBasis, inputs: torch.Tensor, reduce):
 def _stream(model, bases, data, reduce, batch_size, progress, consume):
     from tqdm.auto import tqdm
 
-    with capturing(model, list(bases), inputs=True) as (captured, _), torch.no_grad():
+    with capturing(model, list(bases), inputs=True) as (captured, _), torch.no_grad(), evaluating(model):
         for x, y in tqdm(_batches(data, batch_size), desc="signals", disable=not progress, leave=False):
             if not _checks.all_finite(x):
                 raise ValueError("an input batch contains NaN or infinite values")
@@ -350,8 +350,7 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
+    restore = set_eval(model)
     from tqdm.auto import tqdm
 
     try:
@@ -367,5 +366,5 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
         handle.remove()
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)
-        model.train(was_training)
+        restore()
     return render().detach()

@@ -17,6 +17,7 @@ from scipy import stats
 from torch import nn
 
 from . import _ops
+from ._hooks import evaluating
 from ._linalg import batched_signed_svd
 from .layers import Connection, ModelGraph, discover
 
@@ -455,7 +456,7 @@ def spectral_activations(model: nn.Module, svr: SVR, x, layers=None) -> dict:
         handles.append(modules[name].register_forward_hook(
             lambda m, inputs, output, name=name: captured.__setitem__(name, inputs[0].detach())))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             model(*(x if isinstance(x, tuple) else (x,)))
     finally:
         for h in handles:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._hooks import evaluating
 from .layers import discover
 
 
@@ -311,11 +312,8 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
                 done.add(key)
                 _transform_consumer(new_graph.maps[c.next], c, *chosen[c.previous])
     if check:
-        with torch.no_grad():
-            was_training = model.training, new.training
-            model.eval(), new.eval()
+        with torch.no_grad(), evaluating(model, new):
             before, after = model(example_input), new(example_input)
-            model.train(was_training[0]), new.train(was_training[1])
         if not torch.allclose(before, after, rtol=rtol, atol=atol):
             raise ValueError("apply_symmetry: the transformed model does not compute the same function "
                              f"(max difference {float((before - after).abs().max()):.3g}); the activations "
@@ -329,9 +327,7 @@ def _runnable_input(model: nn.Module, graph) -> torch.Tensor:
     """The first of the layer discovery's made-up inputs that the model runs on."""
     from .layers import _default_input
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for candidate in _default_input(next(iter(graph.maps.values())), model):
             try:
                 with torch.no_grad():
@@ -339,8 +335,6 @@ def _runnable_input(model: nn.Module, graph) -> torch.Tensor:
                 return candidate
             except Exception:  # the next size may fit
                 continue
-    finally:
-        model.train(was_training)
     raise ValueError("no made-up input runs through the model: pass example_input")
 
 
