@@ -23,7 +23,7 @@ from torch import nn
 from . import _checks
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
-from ._data import recompute_batchnorm
+from ._data import check_labels, first_batch, recompute_batchnorm
 from ._hooks import capturing, check_layers, evaluating
 from .layers import discover
 
@@ -385,12 +385,11 @@ def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies):
             handle = module.register_forward_hook(hook)
         try:
             with torch.no_grad():
-                for x, y in _batches(data, batch_size):
-                    if y is None:
-                        raise ValueError("data must carry labels: (x, y) tensors or a loader of (x, y) batches")
+                for x, y in _batches(data, batch_size, labels=True):
                     logits = model(x)
                     if logits.shape[0] != K * x.shape[0]:
                         raise RuntimeError("the model's output does not carry the stacked copies")
+                    check_labels(y, logits.shape[-1], "data")
                     predictions = logits.reshape(K, x.shape[0], -1).argmax(-1)
                     correct[start:start + K] += (predictions == y[None]).sum(1).cpu()
                     if start == 0:
@@ -443,8 +442,8 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
 
     Returns {model, reference_accuracy, generated_accuracy, r2 (per aligned
     layer, on the training data)}."""
-    graph = discover(reference, example_input if example_input is not None else
-                     next(iter(_batches(train_data, 2)))[0])
+    x0 = first_batch(train_data, name="train_data")[0]  # a clear error for empty or dict data
+    graph = discover(reference, example_input if example_input is not None else x0)
     names = _chain(graph)
     g = torch.Generator().manual_seed(seed)
     generated = copy.deepcopy(reference).eval()
@@ -476,7 +475,7 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
             module.weight.copy_(new_weight.to(module.weight.dtype))
             if new_bias is not None:
                 module.bias.copy_(new_bias.to(module.bias.dtype))
-        recompute_batchnorm(generated, generated, train_data, batch_size)
+        recompute_batchnorm(generated, generated, train_data, batch_size, name="train_data")
         if j < len(names) - 1:
             following = names[j + 1]
             cov = activation_covariance(reference, train_data, [following], other=generated, batch_size=batch_size,
@@ -484,6 +483,6 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
             alignment, r2[following] = align(cov.cross(), cov.cov_a(), cov.cov_b())
     result = {"model": generated, "r2": r2}
     if test_data is not None:
-        result["reference_accuracy"] = _accuracy(reference, test_data, batch_size)
-        result["generated_accuracy"] = _accuracy(generated, test_data, batch_size)
+        result["reference_accuracy"] = _accuracy(reference, test_data, batch_size, name="test_data")
+        result["generated_accuracy"] = _accuracy(generated, test_data, batch_size, name="test_data")
     return result

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import _checks
 from ._data import batches as _batches
+from ._data import first_batch
 from ._hooks import capturing, evaluating, set_eval
 from ._linalg import signed_svd
 from ._ops import signal_projection
@@ -78,13 +79,13 @@ def _project(basis: LayerBasis, inputs: torch.Tensor, reduce):
                              tuple(module.kernel_size))
 
 
-def _stream(model, bases, data, reduce, batch_size, progress, consume):
+def _stream(model, bases, data, reduce, batch_size, progress, consume, name="data"):
     from tqdm.auto import tqdm
 
     with capturing(model, list(bases), inputs=True) as (captured, _), torch.no_grad(), evaluating(model):
-        for x, y in tqdm(_batches(data, batch_size), desc="signals", disable=not progress, leave=False):
+        for x, y in tqdm(_batches(data, batch_size, name=name), desc="signals", disable=not progress, leave=False):
             if not _checks.all_finite(x):
-                raise ValueError("an input batch contains NaN or infinite values")
+                raise ValueError(f"{name} contains NaN or infinite values")
             captured.clear()
             model(x)
             consume({name: _project(bases[name], captured[name], reduce) for name in bases}, y)
@@ -104,20 +105,21 @@ def signals(model: nn.Module, layer: str, x, reduce: str | None = "mean", batch_
     never from the unfolded receptive-field matrix."""
     if reduce not in (None, "mean"):
         raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
-    bases = layer_bases(model, [layer], _example(x))
+    bases = layer_bases(model, [layer], _example(x, "x"))
     out = []
-    _stream(model, bases, x, reduce, batch_size, progress, lambda sig, y: out.append(sig[layer]))
-    if not out:
-        raise ValueError("x holds no sample")
+    _stream(model, bases, x, reduce, batch_size, progress, lambda sig, y: out.append(sig[layer]), name="x")
     return torch.cat(out)
 
 
-def _example(data):
-    if isinstance(data, torch.Tensor):
-        return data[:1]
-    if isinstance(data, (tuple, list)) and isinstance(data[0], torch.Tensor):
-        return data[0][:1]
-    return None  # a loader: discover builds its own example input
+def _example(data, name="data"):
+    """One input from tensor data (validated: empty data is refused here);
+    None for a loader, which is not consumed: discover makes up its own."""
+    if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and data
+                                          and isinstance(data[0], torch.Tensor)):
+        return first_batch(data, 1, name=name)[0]
+    if hasattr(data, "__iter__") and iter(data) is not data:  # a list or DataLoader: iterating twice is safe
+        return first_batch(data, 1, name=name)[0][:1]
+    return None
 
 
 def signal_vectors(model: nn.Module, data, layers=None, batch_size: int = 256, progress: bool = True):

@@ -314,7 +314,7 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
     seen = 0
     with capturing(model_a, layers_a) as (cap_a, _), capturing(model_b, layers_b) as (cap_b, _), torch.no_grad(), \
             evaluating(model_a, model_b):
-        for x, _ in tqdm(batches(loader), desc="similarity matrix", disable=not progress, leave=False):
+        for x, _ in tqdm(batches(loader, name="loader"), desc="similarity matrix", disable=not progress, leave=False):
             x = x.to(device) if device is not None else x
             cap_a.clear()
             cap_b.clear()
