@@ -2,7 +2,9 @@
 argument and says what was expected."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
+from numbers import Integral, Real
 
 import torch
 
@@ -33,6 +35,56 @@ def all_finite(value: torch.Tensor) -> bool:
     if value.numel() == 0:
         return True
     return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+
+
+def number(name: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (an int, float, numpy scalar or 0-d real tensor;
+    not a bool or a string) in [low, high] (ends open on request)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if (low is not None and (value < low or (low_open and value == low))) or (
+            high is not None and (value > high or (high_open and value == high))):
+        interval = f"{'(' if low_open else '['}{'-inf' if low is None else low}, " \
+                   f"{'inf' if high is None else high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+    return value
+
+
+def integer(name: str, value, *, low=None, high=None) -> int:
+    """An integral number (int, numpy integer or 0-d integer tensor; a float
+    such as 2.7, a bool or a string is refused) in [low, high]."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must lie in [{'-inf' if low is None else low}, "
+                         f"{'inf' if high is None else high}], got {value}")
+    return value
+
+
+def integers(name: str, values, *, low=None, high=None) -> list[int]:
+    """A non-empty sequence of integers, each in [low, high]."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__}")
+    values = list(values.tolist() if isinstance(values, torch.Tensor) else values)
+    if not values:
+        raise ValueError(f"{name} is empty")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, Integral):
+            raise TypeError(f"{name} must hold integers, got {type(v).__name__} {v!r}")
+        if (low is not None and v < low) or (high is not None and v > high):
+            raise ValueError(f"{name} must lie in [{'-inf' if low is None else low}, "
+                             f"{'inf' if high is None else high}], got {v}")
+        out.append(int(v))
+    return out
 
 
 def finite_inputs_behind(output: torch.Tensor, **inputs: torch.Tensor) -> None:

@@ -50,6 +50,9 @@ def _as_pairs(stride, padding, dilation, kernel_size):
     return stride, padding, dilation, kernel_size
 
 
+_INDEX_LIMIT = 2 ** 62  # position counts and padded sizes stay exact in int64 below this
+
+
 def _conv_geometry(x_shape, V_rows, stride, padding, dilation, kernel_size):
     """Kernel size (square unless given) and output size of signal_projection."""
     C, H, W = x_shape[-3:]
@@ -238,7 +241,13 @@ def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=
                          f"{stride}, padding {padding}, dilation {dilation}")
     if kernel_size is not None:
         kernel_size = _checks.int_pair("kernel_size", kernel_size)
-    kernel_size, _ = _conv_geometry(x.shape, V.shape[0], stride, padding, dilation, kernel_size)
+    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if max(value) >= _INDEX_LIMIT:  # the kernels index in int64: refuse rather than wrap around
+            raise ValueError(f"{name} must be below 2**62, got {value}")
+    kernel_size, (Ho, Wo) = _conv_geometry(x.shape, V.shape[0], stride, padding, dilation, kernel_size)
+    if Ho * Wo >= _INDEX_LIMIT or max(x.shape[-2:]) + 2 * max(padding) >= _INDEX_LIMIT:
+        raise ValueError(f"padding {padding} gives {Ho} x {Wo} output positions, beyond the 2**62 that the "
+                         "kernels count exactly in int64; use a smaller padding")
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)

@@ -324,6 +324,9 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
     maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
     if not maps:
         raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
+    empty = [name for name, m in maps.items() if m.module.weight.numel() == 0]
+    if empty:
+        raise ValueError(f"model has linear maps with a zero-size weight (no spectrum to analyse): {empty}")
     candidates = ([example_input] if example_input is not None
                   else _default_input(next(iter(maps.values())), model))
     restore = set_eval(model)

@@ -24,8 +24,8 @@ OUTPUT = "output"
 
 
 def _check_eps(eps):
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0):
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if eps is not None:
+        _checks.number("eps", eps, low=0)
 
 
 def _rank_of_singular_values(sigma: torch.Tensor, eps: float | None, count: int | None = None) -> torch.Tensor:
@@ -251,8 +251,7 @@ def perturbed_pca_dimension(model: nn.Module, x: torch.Tensor, layers=None, n_pe
     _checks.tensor("x", x, ndims=range(2, 6), shape="(N, ...)")
     n_perturbations = _checks.positive_int("n_perturbations", n_perturbations)
     batch_size = _checks.positive_int("batch_size", batch_size)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    scale = _checks.number("scale", scale, low=0, low_open=True)
     _check_eps(eps)
     tolerance = FLOAT32_EPS * n_perturbations if eps is None else float(eps)
     layers = check_layers(model, layers)
@@ -328,21 +327,34 @@ class _Projector:
 
 
 def _accuracy(classifier, features, labels) -> float:
-    with torch.no_grad(), evaluating(classifier if isinstance(classifier, nn.Module) else None):
-        logits = classifier(features)
+    if not callable(classifier):
+        raise TypeError(f"classifier must be a callable (an nn.Linear, say), got {type(classifier).__name__}")
+    try:
+        with torch.no_grad(), evaluating(classifier if isinstance(classifier, nn.Module) else None):
+            logits = classifier(features)
+    except RuntimeError as error:  # a shape mismatch inside the classifier
+        raise ValueError(f"classifier does not accept features of shape {tuple(features.shape)} "
+                         f"({features.dtype}): {error}") from error
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError("classifier must map features (N, d) to logits (N, classes)")
+        raise ValueError(f"classifier must map features (N, d) to logits (N, classes), got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]}) (the classifier's outputs), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
     return float((logits.argmax(-1) == labels).double().mean())
 
 
-def _check_features_labels(features, labels):
-    _checks.tensor("features", features, ndims=(2,), shape="(N, d)")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+def _check_features_labels(features, labels, name="features"):
+    _checks.tensor(name, features, ndims=(2,), shape="(N, d)")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point \
+            or labels.dtype == torch.bool:
         raise TypeError("labels must be an integer tensor of shape (N,)")
     if labels.shape[0] != features.shape[0]:
-        raise ValueError(f"labels has {labels.shape[0]} entries but features has {features.shape[0]} rows")
+        raise ValueError(f"labels has {labels.shape[0]} entries but {name} has {features.shape[0]} rows")
     if features.shape[0] < 2:
-        raise ValueError("features needs at least two samples")
+        raise ValueError(f"{name} needs at least two samples")
+    if features.shape[1] == 0:
+        raise ValueError(f"{name} has no feature column")
 
 
 def classification_dimension(features: torch.Tensor, labels: torch.Tensor, classifier, ratio: float = 0.95,
@@ -361,8 +373,7 @@ def classification_dimension(features: torch.Tensor, labels: torch.Tensor, class
     a smaller k that also reaches the target, and if one does (accuracy not
     monotone) the search goes on below it, with a warning."""
     _check_features_labels(features, labels)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    ratio = _checks.number("ratio", ratio, low=0, high=1, low_open=True)
     projector = _Projector(features, labels, classifier, center)
     d = features.shape[1]
     full = _accuracy(classifier, features, labels)
@@ -402,9 +413,7 @@ def projection_accuracy(features: torch.Tensor, labels: torch.Tensor, classifier
     _check_features_labels(features, labels)
     projector = _Projector(features, labels, classifier, center)
     d = features.shape[1]
-    ks = [int(k) for k in ks]
-    if any(not 1 <= k <= d for k in ks):
-        raise ValueError(f"ks must lie in [1, {d}], got {ks}")
+    ks = _checks.integers("ks", ks, low=1, high=d)
     return pd.DataFrame({"k": ks, "fraction": [k / d for k in ks], "accuracy": [projector.accuracy(k) for k in ks]})
 
 
@@ -493,10 +502,10 @@ def independence_deficit(logits: torch.Tensor, labels: torch.Tensor, eta: float 
     when logit_i is replaced by its reconstruction (equation 12), and the
     original accuracy and positive_accuracy (on samples of class i) as in
     Fig. 4 and appendix F."""
-    _check_features_labels(logits, labels)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta must be a non-negative number, got {eta!r}")
+    _check_features_labels(logits, labels, "logits")
+    eta = _checks.number("eta", eta, low=0)
     max_iter = _checks.positive_int("max_iter", max_iter)
+    tol = _checks.number("tol", tol, low=0, low_open=True)
     N, C = logits.shape
     if C < 2:
         raise ValueError(f"logits needs at least two classes, got {C}")
@@ -680,9 +689,7 @@ def mlp_rank_decay(depth: int = 50, width: int = 1000, n_samples: int | None = N
     depth = _checks.positive_int("depth", depth)
     width = _checks.positive_int("width", width)
     n_samples = 2 * width if n_samples is None else _checks.positive_int("n_samples", n_samples)
-    ks = [int(k) for k in ks]
-    if any(not 1 <= k <= width for k in ks):
-        raise ValueError(f"ks must lie in [1, {width}], got {ks}")
+    ks = _checks.integers("ks", ks, low=1, high=width)
     _check_eps(eps)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     floor = math.log(1e3 * torch.finfo(dtype).eps)
