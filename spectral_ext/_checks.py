@@ -87,6 +87,34 @@ def integers(name: str, values, *, low=None, high=None) -> list[int]:
     return out
 
 
+def free_memory(device) -> int | None:
+    """Bytes that can still be allocated on `device`: the free memory of a
+    CUDA device, MemAvailable (Linux) for the CPU; None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory(needed: int, device, what: str, advice: str) -> None:
+    """Refuse, before any work, a computation whose estimated peak `needed`
+    (bytes) exceeds the free memory of `device` (issue 18: better a
+    ValueError naming what to reduce than the process killed after minutes)."""
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise ValueError(f"{what} needs about {needed / 2 ** 30:.1f} GiB but {free / 2 ** 30:.1f} GiB are free "
+                         f"on {torch.device(device)}: {advice}")
+
+
 def finite_inputs_behind(output: torch.Tensor, **inputs: torch.Tensor) -> None:
     """For operators whose output is non-finite whenever an input is (a NaN or
     infinity reaches every output it feeds, with no max or mask to hide it):
