@@ -118,8 +118,8 @@ def _example(data, name="data"):
     if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and data
                                           and isinstance(data[0], torch.Tensor)):
         return first_batch(data, 1, name=name)[0]
-    if hasattr(data, "__iter__") and iter(data) is not data:  # a list or DataLoader: iterating twice is safe
-        return first_batch(data, 1, name=name)[0][:1]
+    if not hasattr(data, "__iter__") or isinstance(data, (dict, str, bytes)) or iter(data) is not data:
+        return first_batch(data, 1, name=name)[0][:1]  # refuses non-data; a list or DataLoader reads twice safely
     return None
 
 
