@@ -382,16 +382,18 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
     projectors = torch.stack([rows[:k].T @ rows[:k] for k in ks])  # (K, d, d)
     with evaluating(model):
         try:
-            accuracies = _clip_shared(model, module, kind, projectors, data, batch_size, max_copies)
+            accuracies = _clip_shared(model, module, kind, projectors, data, batch_size, max_copies, progress)
         except RuntimeError as error:  # a later layer reads a tensor from before the clipped one
             warnings.warn(f"clip: the layers after {layer!r} could not run on stacked copies ({error}); "
                           "evaluating one k at a time", RuntimeWarning, stacklevel=2)
-            accuracies = [_clip_shared(model, module, kind, projectors[i:i + 1], data, batch_size, 1)[0]
+            accuracies = [_clip_shared(model, module, kind, projectors[i:i + 1], data, batch_size, 1, progress)[0]
                           for i in range(len(ks))]
     return pd.DataFrame({"k": ks, "accuracy": accuracies})
 
 
-def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies):
+def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies, progress=False):
+    from tqdm.auto import tqdm
+
     correct = torch.zeros(len(projectors), dtype=torch.long)
     total = 0
     for start in range(0, len(projectors), max_copies):
@@ -429,7 +431,8 @@ def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies):
             handle = module.register_forward_hook(hook)
         try:
             with torch.no_grad():
-                for x, y in _batches(data, batch_size, labels=True):
+                for x, y in tqdm(_batches(data, batch_size, labels=True), desc=f"clip k={len(P)} at a time",
+                                 disable=not progress, leave=False):
                     logits = model(x)
                     if logits.shape[0] != K * x.shape[0]:
                         raise RuntimeError("the model's output does not carry the stacked copies")
