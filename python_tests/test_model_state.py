@@ -19,7 +19,7 @@ covariance, layers, rank, signals, similarity, spectra, stitching, svr, symmetry
     importlib.import_module(f"spectral_ext.{name}") for name in
     ("covariance", "layers", "rank", "signals", "similarity", "spectra", "stitching", "svr", "symmetry", "zoo"))
 
-MODEL_ARGUMENTS = {"model", "model_a", "model_b", "reference", "models", "classifier"}
+MODEL_ARGUMENTS = {"model", "model_a", "model_b", "reference", "models", "classifier", "model_or_frame"}
 MODULES = (covariance, layers, rank, signals, similarity, spectra, stitching, svr, symmetry, zoo)
 
 
@@ -131,7 +131,7 @@ CASES = {
     "feature_visualization": lambda m: signals.feature_visualization(m, "4", [0, 1], (3, 6, 6), steps=3),
     "similarity_matrix": lambda m: similarity.similarity_matrix(m, m, [X[:12], X[12:]], ["4", "9"], progress=False),
     "layer_spectra": lambda m: spectra.layer_spectra(m, EXAMPLE),
-    "alpha_hat": lambda m: spectra.layer_spectra(m, EXAMPLE, min_tail=2),  # alpha_hat reads this frame
+    "alpha_hat": lambda m: spectra.alpha_hat(m, EXAMPLE),
     "stitch": lambda m: stitching.stitch(m, m, "4", train_data=(X, Y), test_data=(X, Y), epochs=1,
                                          progress=False).matrix,
     "svr": lambda m: svr.svr(m, EXAMPLE),

@@ -160,7 +160,7 @@ def test_heavy_paths_refuse_before_running_out_of_memory():
     with pytest.raises(ValueError, match="needs about .* GiB .* free .*n_perturbations"):
         se.perturbed_pca_dimension(model, x, n_perturbations=50000, progress=False)
     # the estimate is an upper bound of what a small run really needs
-    small = R._pca_peak_bytes(100, [3 * 8 * 8, 8 * 6 * 6], 4, 250)
+    small = R._pca_peak_bytes(100, [3 * 8 * 8, 8 * 6 * 6], 4, 250, 2 * 8 * 6 * 6)
     assert small >= 100 * (3 * 8 * 8 + 8 * 6 * 6) * 4
 
 

@@ -141,13 +141,32 @@ def _patch_function(model, x1, patch, captured, order, layers, at):
     return f, p0
 
 
-def _jacobian_peak_bytes(K: int, sizes: list[int], itemsize: int, chunk: int) -> int:
+def _forward_elements(model, run) -> int:
+    """How many elements the leaf modules of model output during run(): the
+    activations one forward pass materialises, whether captured or not."""
+    count = [0]
+
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor):
+            count[0] += output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return count[0]
+
+
+def _jacobian_peak_bytes(K: int, sizes: list[int], itemsize: int, chunk: int, activations: int) -> int:
     """Peak memory of one partial Jacobian: the columns of every output (K x
-    features, in the input dtype), the tangents of one chunk, and the largest
+    features, in the input dtype), the primal and tangent activations of one
+    chunk's forward pass (`activations` elements per pass), and the largest
     float64 factorisation (a copy of J and its smaller Gram matrix)."""
     total = sum(sizes)
     factor = max(8 * K * F + 8 * min(K, F) ** 2 for F in sizes)
-    return K * total * itemsize + 2 * min(chunk, K) * total * itemsize + factor
+    return K * total * itemsize + 2 * min(chunk, K) * (activations + total) * itemsize + factor
 
 
 def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=None, eps: float | None = None,
@@ -214,13 +233,15 @@ def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=
             tqdm(total=0, desc="partial Jacobian rank", disable=not progress, leave=False) as bar:
         for n, j in jobs:
             f, p0 = _patch_function(model, x[n:n + 1], patches[j], captured, order, layers, at)
-            outs = f(p0)
+            result = []
+            activations = _forward_elements(model, lambda: result.append(f(p0)))
+            outs = result[0]
             names = list(order) + [OUTPUT]
             sizes = [o.numel() for o in outs]
             K = p0.numel()
             use_forward = mode == "forward" or (mode == "auto" and sum(sizes) >= K)
             chunk = chunk_size or (K if use_forward else max(sizes))
-            _checks.memory(_jacobian_peak_bytes(K, sizes, x.element_size(), chunk), x.device,
+            _checks.memory(_jacobian_peak_bytes(K, sizes, x.element_size(), chunk, activations), x.device,
                            f"the partial Jacobian of {K} patch entries into {sum(sizes)} output features",
                            "use a smaller patch (seed 003 uses the central 16 x 16) or fewer layers")
             steps = -(-(K if use_forward else sum(sizes)) // chunk)
@@ -330,8 +351,10 @@ def perturbed_pca_dimension(model: nn.Module, x: torch.Tensor, layers=None, n_pe
     rows = []
     steps = -(-n_perturbations // batch_size)
     with capturing(model, layers) as (captured, order), torch.no_grad(), evaluating(model):
-        sizes = [x[0].numel()] + [o[0].numel() for o in _outputs(model, x[:1], captured, order, layers)]
-        _checks.memory(_pca_peak_bytes(n_perturbations, sizes, x.element_size(), batch_size), x.device,
+        result = []
+        activations = _forward_elements(model, lambda: result.append(_outputs(model, x[:1], captured, order, layers)))
+        sizes = [x[0].numel()] + [o[0].numel() for o in result[0]]
+        _checks.memory(_pca_peak_bytes(n_perturbations, sizes, x.element_size(), batch_size, activations), x.device,
                        f"the perturbed PCA dimension of {n_perturbations} perturbations of {sum(sizes)} features",
                        "use fewer n_perturbations or fewer (or smaller) layers")
         with tqdm(total=x.shape[0] * steps, desc="perturbed PCA dimension", disable=not progress, leave=False) as bar:
@@ -357,13 +380,13 @@ def perturbed_pca_dimension(model: nn.Module, x: torch.Tensor, layers=None, n_pe
     return pd.DataFrame(rows)
 
 
-def _pca_peak_bytes(n: int, sizes: list[int], itemsize: int, batch_size: int) -> int:
+def _pca_peak_bytes(n: int, sizes: list[int], itemsize: int, batch_size: int, activations: int) -> int:
     """Peak memory of perturbed_pca_dimension for one sample: the stored
-    features of every layer (n x size), one batch's forward pass, and the
-    largest float64 PCA (the concatenated features, two float64 copies and
-    the smaller Gram matrix)."""
+    features of every layer (n x size), one batch's forward pass
+    (`activations` elements per input), and the largest float64 PCA (the
+    concatenated features, two float64 copies and the smaller Gram matrix)."""
     stored = n * sum(sizes) * itemsize
-    forward = 2 * min(batch_size, n) * sum(sizes) * itemsize
+    forward = 2 * min(batch_size, n) * (activations + sum(sizes)) * itemsize
     factor = max(n * F * itemsize + 16 * n * F + 8 * min(n, F) ** 2 for F in sizes)
     return stored + forward + factor
 
