@@ -41,8 +41,8 @@ IMAGE = torch.ones(1, 1, 2, 2, dtype=torch.float64)
 # (id, call, exception type, the argument the message must name)
 CASES = [
     # --- 14.4: numeric arguments (range, integrality, shape agreement) ---
-    ("signal_projection padding overflowing int64", lambda: se.signal_projection(IMAGE, V1, S1, padding=2 ** 31,
-                                                                                  reduce="mean"), ValueError, "padding"),
+    ("signal_projection padding overflowing int64",
+     lambda: se.signal_projection(IMAGE, V1, S1, padding=2 ** 31, reduce="mean"), ValueError, "padding"),
     ("signal_projection padding beyond int64", lambda: se.signal_projection(IMAGE, V1, S1, padding=2 ** 70),
      ValueError, "padding"),
     ("signal_projection stride beyond int64", lambda: se.signal_projection(IMAGE, V1, S1, stride=2 ** 64),

@@ -6,7 +6,6 @@ import importlib
 import inspect
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -78,7 +77,7 @@ def comparable(value):
 
 def assert_same(a, b, path="result"):
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)), path
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)
     elif isinstance(a, pd.DataFrame):
         pd.testing.assert_frame_equal(a, b, check_exact=True)
     elif isinstance(a, dict):
