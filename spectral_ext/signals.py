@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -113,12 +114,13 @@ def signals(model: nn.Module, layer: str, x, reduce: str | None = "mean", batch_
 
 
 def _example(data, name="data"):
-    """One input from tensor data (validated: empty data is refused here);
-    None for a loader, which is not consumed: discover makes up its own."""
+    """One input to trace the model with, from the data's first batch
+    (validated: empty or dict data is refused here); None for a one-shot
+    iterator, which must not be consumed: discover makes up its own input."""
     if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and data
                                           and isinstance(data[0], torch.Tensor)):
         return first_batch(data, 1, name=name)[0]
-    if not hasattr(data, "__iter__") or isinstance(data, (dict, str, bytes)) or iter(data) is not data:
+    if not isinstance(data, Iterator):
         return first_batch(data, 1, name=name)[0][:1]  # refuses non-data; a list or DataLoader reads twice safely
     return None
 
