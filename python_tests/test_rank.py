@@ -48,7 +48,7 @@ def test_errors():
         se.numerical_rank(torch.ones(3))
     with pytest.raises(ValueError, match="W contains NaN"):
         se.numerical_rank(torch.tensor([[1.0, float("nan")]]))
-    with pytest.raises(ValueError, match="eps must be"):
+    with pytest.raises(ValueError, match="eps must lie in"):
         se.numerical_rank(torch.eye(2), eps=-1.0)
     with pytest.raises(TypeError, match="W must be float32 or float64"):
         se.numerical_rank(torch.eye(2, dtype=torch.int64))
@@ -316,7 +316,7 @@ def test_classification_dimension_errors():
     F, labels, head = classification_problem()
     with pytest.raises(ValueError, match="labels has 3 entries"):
         se.classification_dimension(F, labels[:3], head)
-    with pytest.raises(ValueError, match="ratio must be"):
+    with pytest.raises(ValueError, match="ratio must lie in"):
         se.classification_dimension(F, labels, head, ratio=1.5)
     with pytest.raises(ValueError, match="classifier must map"):
         se.classification_dimension(F, labels, lambda f: f.sum(-1))
@@ -378,7 +378,7 @@ def test_independence_deficit_errors():
     Z, labels = deficit_logits(N=50, C=8)
     with pytest.raises(ValueError, match="labels must lie in"):
         se.independence_deficit(Z, labels + 8)
-    with pytest.raises(ValueError, match="eta must be"):
+    with pytest.raises(ValueError, match="eta must lie in"):
         se.independence_deficit(Z, labels, eta=-1)
     with pytest.warns(RuntimeWarning, match="the Lasso stopped"):
         se.independence_deficit(Z, labels, eta=1e-3, max_iter=1, tol=1e-15)

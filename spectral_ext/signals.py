@@ -352,7 +352,7 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
         raise ValueError(f"shape must be (C, H, W), got {shape!r}")
     C, H, W = _checks.integers("shape", shape, low=1)
     shape = (C, H, W)
-    steps = _checks.positive_int("steps", steps)
+    steps = _checks.positive_int("steps", steps, allow_zero=True)  # 0: the initial image
     lr = _checks.number("lr", lr, low=0, low_open=True)
     jitter = _checks.integer("jitter", jitter, low=0)
     scale = _checks.number("scale", scale, low=0, high=1, high_open=True)
