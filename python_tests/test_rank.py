@@ -48,7 +48,7 @@ def test_errors():
         se.numerical_rank(torch.ones(3))
     with pytest.raises(ValueError, match="W contains NaN"):
         se.numerical_rank(torch.tensor([[1.0, float("nan")]]))
-    with pytest.raises(ValueError, match="eps must be"):
+    with pytest.raises(ValueError, match="eps must lie in"):
         se.numerical_rank(torch.eye(2), eps=-1.0)
     with pytest.raises(TypeError, match="W must be float32 or float64"):
         se.numerical_rank(torch.eye(2, dtype=torch.int64))
@@ -70,10 +70,18 @@ def small_cnn():
                          nn.Linear(2 * 6 * 6, 5)).double().eval()
 
 
-def explicit_ranks(model, x1, patch, names):
-    """Independent route: the whole Jacobian of each captured output by
-    torch.autograd.functional.jacobian, then the patch's columns."""
+def explicit_ranks(model, x1, patch, names, at="image", rank_of="jacobian"):
+    """Ranks by brute force: the full Jacobian of each named module's output
+    (the model output for "") by torch.autograd.functional.jacobian, at x1
+    (at="image") or at x1 with everything outside the patch zeroed (at="patch",
+    Algorithm A1), then the patch's columns; their numerical rank (equation
+    4) or, as A1's matrix_rank, the rank of J^T J by torch.linalg.matrix_rank
+    (eigenvalues above float32 eps x K of the largest)."""
     modules = dict(model.named_modules())
+    if at == "patch":
+        inside = torch.zeros_like(x1)
+        inside[(Ellipsis,) + patch] = x1[(Ellipsis,) + patch]
+        x1 = inside
     ranks = []
     for name in names:
         def f(inp, name=name):
@@ -83,27 +91,88 @@ def explicit_ranks(model, x1, patch, names):
             if handle:
                 handle.remove()
             return (out["o"] if name else y).reshape(-1)
-        J = torch.autograd.functional.jacobian(f, x1).reshape(-1, *x1.shape[1:])
+        J = torch.autograd.functional.jacobian(f, x1, vectorize=True).reshape(-1, *x1.shape[1:])
         columns = J[(slice(None), Ellipsis) + patch].reshape(J.shape[0], -1)
-        ranks.append(int(se.numerical_rank(columns)))
+        if rank_of == "gram":
+            K = columns.shape[1]
+            ranks.append(int(torch.linalg.matrix_rank(columns.T @ columns, hermitian=True,
+                                                      rtol=R.FLOAT32_EPS * K)))
+        else:
+            ranks.append(int(se.numerical_rank(columns)))
     return ranks
 
 
-@pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
-def test_partial_rank_equals_the_rank_of_the_explicit_jacobian(mode):
+@pytest.mark.parametrize("mode,at,rank_of", [("auto", "patch", "gram"), ("forward", "patch", "gram"),
+                                             ("reverse", "patch", "gram"), ("auto", "image", "jacobian"),
+                                             ("reverse", "image", "gram")])
+def test_partial_rank_equals_the_rank_of_the_explicit_jacobian(mode, at, rank_of):
     model = small_cnn()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     patches = [(slice(2, 6), slice(2, 6)), (slice(0, 3), slice(1, 8))]
-    df = se.jacobian_partial_rank(model, x, patches, layers=["0", "1", "2", "4"], mode=mode, progress=False)
+    options = {} if at == "patch" and rank_of == "gram" else {"at": at, "rank_of": rank_of}  # A1 by default
+    df = se.jacobian_partial_rank(model, x, patches, layers=["0", "1", "2", "4"], mode=mode, progress=False,
+                                  chunk_size=7 if mode == "forward" else 256, **options)
     assert list(df.columns[:6]) == ["sample", "patch", "layer", "rank", "features", "patch_size"]
     assert list(df["layer"][:5]) == ["0", "1", "2", "4", "output"] and len(df) == 2 * 2 * 5
     for n in range(2):
         for patch in patches:
             label = "[" + ", ".join(f"{s.start}:{s.stop}" for s in patch) + "]"
             got = df[(df["sample"] == n) & (df["patch"] == label)]
-            expected = explicit_ranks(model, x[n:n + 1], patch, ["0", "1", "2", "4", ""])
+            expected = explicit_ranks(model, x[n:n + 1], patch, ["0", "1", "2", "4", ""], at, rank_of)
             assert got["rank"].tolist() == expected
             assert int(got["patch_size"].iloc[0]) == 3 * (patch[0].stop - patch[0].start) * (patch[1].stop - patch[1].start)
+
+
+def test_algorithm_a1_evaluates_at_the_zero_padded_patch():
+    """relu(A x) with A reading the patch (entries 0, 1) and, with weight -10,
+    the rest: at the real image (all ones) every unit is off and the rank is 0;
+    at the zero-padded patch (A1) both units are on and the rank is 2."""
+    model = nn.Sequential(nn.Linear(4, 2, bias=False), nn.ReLU()).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0, -10, 0], [0, 1.0, 0, -10]]))
+    x = torch.ones(1, 4, dtype=torch.float64)
+    a1 = se.jacobian_partial_rank(model, x, slice(0, 2), progress=False)
+    image = se.jacobian_partial_rank(model, x, slice(0, 2), at="image", progress=False)
+    assert a1["rank"].tolist()[-1] == 2 and image["rank"].tolist()[-1] == 0
+
+
+def test_algorithm_a1_thresholds_the_eigenvalues_of_jtj():
+    """J = diag(1, 1e-4): sigma_2 = 1e-4 is above float32 eps x 2 (equation 4
+    on J) but sigma_2^2 = 1e-8 is below it (A1's matrix_rank on J^T J)."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.diag(torch.tensor([1.0, 1e-4])))
+    x = torch.randn(1, 2, dtype=torch.float64)
+    assert se.jacobian_partial_rank(model, x, progress=False)["rank"].tolist() == [1, 1]
+    assert se.jacobian_partial_rank(model, x, rank_of="jacobian", progress=False)["rank"].tolist() == [2, 2]
+    J = model[0].weight.detach()
+    assert int(torch.linalg.matrix_rank(J.T @ J, hermitian=True, rtol=R.FLOAT32_EPS * 2)) == 1
+
+
+def test_heavy_paths_refuse_before_running_out_of_memory():
+    """Issue 18: at 224 x 224 the whole-image Jacobian of even one small conv
+    holds 150,528 x 394,272 entries (over 200 GiB): refused at once, naming
+    what to reduce, before any Jacobian column is computed."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    x = torch.randn(1, 3, 224, 224)
+    with pytest.raises(ValueError, match="needs about .* GiB .* free .* smaller patch"):
+        se.jacobian_partial_rank(model, x, None, progress=False)
+    with pytest.raises(ValueError, match="needs about .* GiB .* free .*n_perturbations"):
+        se.perturbed_pca_dimension(model, x, n_perturbations=50000, progress=False)
+    # the estimate is an upper bound of what a small run really needs
+    small = R._pca_peak_bytes(100, [3 * 8 * 8, 8 * 6 * 6], 4, 250, 2 * 8 * 6 * 6)
+    assert small >= 100 * (3 * 8 * 8 + 8 * 6 * 6) * 4
+
+
+def test_memory_check_compares_with_the_free_memory(monkeypatch):
+    from spectral_ext import _checks
+
+    monkeypatch.setattr(_checks, "free_memory", lambda device: 10_000)
+    with pytest.raises(ValueError, match="smaller patch"):
+        se.jacobian_partial_rank(small_cnn(), torch.randn(1, 3, 8, 8, dtype=torch.float64), None, progress=False)
+    monkeypatch.setattr(_checks, "free_memory", lambda device: None)  # unknown: no refusal
+    assert len(se.jacobian_partial_rank(small_cnn(), torch.randn(1, 3, 8, 8, dtype=torch.float64),
+                                        (slice(0, 2), slice(0, 2)), progress=False)) == 6
 
 
 def test_partial_rank_does_not_increase_along_a_chain_and_sees_bottlenecks():
@@ -247,7 +316,7 @@ def test_classification_dimension_errors():
     F, labels, head = classification_problem()
     with pytest.raises(ValueError, match="labels has 3 entries"):
         se.classification_dimension(F, labels[:3], head)
-    with pytest.raises(ValueError, match="ratio must be"):
+    with pytest.raises(ValueError, match="ratio must lie in"):
         se.classification_dimension(F, labels, head, ratio=1.5)
     with pytest.raises(ValueError, match="classifier must map"):
         se.classification_dimension(F, labels, lambda f: f.sum(-1))
@@ -309,7 +378,7 @@ def test_independence_deficit_errors():
     Z, labels = deficit_logits(N=50, C=8)
     with pytest.raises(ValueError, match="labels must lie in"):
         se.independence_deficit(Z, labels + 8)
-    with pytest.raises(ValueError, match="eta must be"):
+    with pytest.raises(ValueError, match="eta must lie in"):
         se.independence_deficit(Z, labels, eta=-1)
     with pytest.warns(RuntimeWarning, match="the Lasso stopped"):
         se.independence_deficit(Z, labels, eta=1e-3, max_iter=1, tol=1e-15)

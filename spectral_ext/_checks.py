@@ -2,7 +2,9 @@
 argument and says what was expected."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
+from numbers import Integral, Real
 
 import torch
 
@@ -39,6 +41,85 @@ def all_finite(value: torch.Tensor) -> bool:
     if value.numel() == 0:
         return True
     return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+
+
+def number(name: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (an int, float, numpy scalar or 0-d real tensor;
+    not a bool or a string) in [low, high] (ends open on request)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if (low is not None and (value < low or (low_open and value == low))) or (
+            high is not None and (value > high or (high_open and value == high))):
+        interval = f"{'(' if low_open else '['}{'-inf' if low is None else low}, " \
+                   f"{'inf' if high is None else high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+    return value
+
+
+def integer(name: str, value, *, low=None, high=None) -> int:
+    """An integral number (int, numpy integer or 0-d integer tensor; a float
+    such as 2.7, a bool or a string is refused) in [low, high]."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must lie in [{'-inf' if low is None else low}, "
+                         f"{'inf' if high is None else high}], got {value}")
+    return value
+
+
+def integers(name: str, values, *, low=None, high=None) -> list[int]:
+    """A non-empty sequence of integers, each in [low, high]."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__}")
+    values = list(values.tolist() if isinstance(values, torch.Tensor) else values)
+    if not values:
+        raise ValueError(f"{name} is empty")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, Integral):
+            raise TypeError(f"{name} must hold integers, got {type(v).__name__} {v!r}")
+        if (low is not None and v < low) or (high is not None and v > high):
+            raise ValueError(f"{name} must lie in [{'-inf' if low is None else low}, "
+                             f"{'inf' if high is None else high}], got {v}")
+        out.append(int(v))
+    return out
+
+
+def free_memory(device) -> int | None:
+    """Bytes that can still be allocated on `device`: the free memory of a
+    CUDA device, MemAvailable (Linux) for the CPU; None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory(needed: int, device, what: str, advice: str) -> None:
+    """Refuse, before any work, a computation whose estimated peak `needed`
+    (bytes) exceeds the free memory of `device` (issue 18: better a
+    ValueError naming what to reduce than the process killed after minutes)."""
+    free = free_memory(device)
+    needed = needed * 5 // 4  # slack: the estimates came within 25% of the measured peak (benchmarks/RESULTS.md)
+    if free is not None and needed > free:
+        raise ValueError(f"{what} needs about {needed / 2 ** 30:.1f} GiB but {free / 2 ** 30:.1f} GiB are free "
+                         f"on {torch.device(device)}: {advice}")
 
 
 def finite(output: torch.Tensor | None = None, **inputs: torch.Tensor) -> None:

@@ -6,44 +6,96 @@ from __future__ import annotations
 import torch
 
 
-def batches(data, batch_size: int = 256, generator: torch.Generator | None = None):
+def batches(data, batch_size: int = 256, generator: torch.Generator | None = None, name: str = "data",
+            labels: bool = False):
     """Yield (x, y or None). Tensors are cut into batch_size rows, shuffled
-    when a generator is given; an iterable's own batches pass through."""
+    when a generator is given; an iterable's own batches pass through.
+
+    Every failure names the argument (`name`): data that is not a tensor, a
+    pair or an iterable; batches that are dicts or hold no tensor; data that
+    yields no sample at all (an empty tensor or loader: a ValueError, never a
+    StopIteration); with labels=True, batches without labels."""
+    from . import _checks
+
+    batch_size = _checks.positive_int("batch_size", batch_size)
     if isinstance(data, torch.Tensor):
         data = (data, None)
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
-        if y is not None and (not isinstance(y, torch.Tensor) or y.shape[0] != x.shape[0]):
-            raise ValueError(f"data holds {x.shape[0]} inputs but labels of shape "
+        if y is not None and (not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]):
+            raise ValueError(f"{name} holds {x.shape[0] if x.dim() else 0} inputs but labels of shape "
                              f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"{name} holds no sample (inputs of shape {tuple(x.shape)})")
+        if labels and y is None:
+            raise ValueError(f"{name} must carry labels: (x, y) tensors or a loader of (x, y) batches")
         order = torch.randperm(x.shape[0], generator=generator) if generator is not None else None
         for start in range(0, x.shape[0], batch_size):
             index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
             yield x[index], (y[index] if y is not None else None)
         return
+    if isinstance(data, (dict, str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{name} must be a tensor of inputs, an (inputs, labels) pair of tensors or an iterable "
+                        f"of batches (a DataLoader), got {type(data).__name__}")
+    seen = 0
     for batch in data:
-        if isinstance(batch, (tuple, list)):
-            yield batch[0], (batch[1] if len(batch) > 1 else None)
+        if isinstance(batch, (tuple, list)) and batch:
+            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
         else:
-            yield batch, None
+            x, y = batch, None
+        if not isinstance(x, torch.Tensor):
+            keys = f" with keys {sorted(map(str, batch))}" if isinstance(batch, dict) else ""
+            raise TypeError(f"{name} must yield tensors or (inputs, labels) tuples of tensors, got a batch of "
+                            f"type {type(batch).__name__}{keys}; wrap the loader, e.g. "
+                            "((b['x'], b['y']) for b in loader)")
+        if y is not None and (not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]):
+            raise ValueError(f"{name} yields a batch of {x.shape[0] if x.dim() else 0} inputs with labels "
+                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        if labels and y is None:
+            raise ValueError(f"{name} must carry labels: (x, y) tensors or a loader of (x, y) batches")
+        if x.dim() == 0 or x.shape[0] == 0:
+            continue  # an empty batch adds nothing
+        seen += x.shape[0]
+        yield x, y
+    if not seen:
+        raise ValueError(f"{name} yields no sample (an empty loader or only empty batches)")
+
+
+def check_labels(y: torch.Tensor, classes: int, name: str = "data") -> None:
+    """Labels of a batch: integers in [0, classes), one per input."""
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.dim() != 1:
+        raise ValueError(f"{name} labels must be a 1-d integer tensor, got {y.dtype} of shape {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"{name} labels must lie in [0, {classes}) (the model's outputs), got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+
+
+def first_batch(data, batch_size: int = 2, name: str = "data", labels: bool = False):
+    """The first (x, y) of batches(data): a clear error for empty data."""
+    for batch in batches(data, batch_size, name=name, labels=labels):
+        return batch
+    raise ValueError(f"{name} yields no sample")  # unreachable: batches raises first
 
 
 @torch.no_grad()
-def accuracy(model, data, batch_size: int = 1024) -> float:
+def accuracy(model, data, batch_size: int = 1024, name: str = "data") -> float:
     """Top-1 accuracy of model over labelled data (any form batches takes)."""
+    from ._hooks import evaluating
+
     correct = total = 0
-    for x, y in batches(data, batch_size):
-        if y is None:
-            raise ValueError("data must carry labels: (x, y) tensors or a loader of (x, y) batches")
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
+    with evaluating(model):
+        for x, y in batches(data, batch_size, name=name, labels=True):
+            logits = model(x)
+            check_labels(y, logits.shape[-1], name)
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
     if total == 0:
         raise ValueError("the labelled data is empty")
     return correct / total
 
 
 @torch.no_grad()
-def recompute_batchnorm(norms_of, run, data, batch_size: int = 256) -> None:
+def recompute_batchnorm(norms_of, run, data, batch_size: int = 256, name: str = "data") -> None:
     """Reset the running statistics of every BatchNorm in `norms_of` and
     recompute them as a cumulative average over one no-gradient pass of
     run(x) over the data (seed 004 D.2.1, seed 002's generated networks);
@@ -57,7 +109,7 @@ def recompute_batchnorm(norms_of, run, data, batch_size: int = 256) -> None:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the pass
         m.train()
-    for x, _ in batches(data, batch_size):
+    for x, _ in batches(data, batch_size, name=name):
         run(x)
     for m in norms:
         m.eval()

@@ -8,13 +8,47 @@ import torch
 from torch import nn
 
 
+def set_eval(*models):
+    """Put the models in eval mode and return a function that gives back the
+    .training flag of every submodule as it was (for code that cannot be
+    one `with` block; prefer evaluating)."""
+    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    for model in models:
+        if model is not None:
+            model.eval()
+
+    def restore():
+        for m, flag in saved:
+            m.training = flag
+
+    return restore
+
+
+@contextlib.contextmanager
+def evaluating(*models):
+    """Run the models in eval mode (BatchNorm on its running statistics, no
+    dropout) and give each back as it came: the .training flag of every
+    submodule is restored on exit, errors included (issue 14.2). None
+    entries are skipped. The one place every analysis sets a model's mode."""
+    restore = set_eval(*models)
+    try:
+        yield
+    finally:
+        restore()
+
+
+def check_model(name: str, model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def default_layers(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_children()]
 
 
 def check_layers(model: nn.Module, layers) -> list[str]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model("model", model)
     if layers is None:
         layers = default_layers(model)
     elif isinstance(layers, str):

@@ -45,3 +45,24 @@ def gram_singular_values(M: torch.Tensor) -> torch.Tensor:
         return M.new_zeros(*M.shape[:-2], 0)
     gram = M @ M.mT if M.shape[-2] <= M.shape[-1] else M.mT @ M
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+
+
+def compute_dtype(dtype, weights) -> torch.dtype | None:
+    """The dtype to factorise weights in: `dtype` when given; float32, with a
+    warning, for float16/bfloat16 weights (no SVD kernel for them and too few
+    bits for the spectrum); else None (their own dtype)."""
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+        if dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype {dtype} is too narrow for an SVD; use torch.float32 or torch.float64")
+        return dtype
+    narrow = sorted({str(w.dtype).replace("torch.", "") for w in weights
+                     if w.dtype in (torch.float16, torch.bfloat16)})
+    if not narrow:
+        return None
+    import warnings
+
+    warnings.warn(f"the model's weights are {', '.join(narrow)}: computing the spectra in float32",
+                  RuntimeWarning, stacklevel=3)
+    return torch.float32

@@ -23,8 +23,8 @@ from torch import nn
 from . import _checks
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
-from ._data import recompute_batchnorm
-from ._hooks import capturing, check_layers
+from ._data import check_labels, first_batch, recompute_batchnorm
+from ._hooks import capturing, check_layers, check_model, evaluating
 from .layers import discover
 
 
@@ -156,18 +156,26 @@ def activation_covariance(model: nn.Module, data, layers, other: nn.Module | Non
     in float64) and are summed in float64. Returns
     {layer: Covariance}; call .cross(), .cov_a(), .cov_b() (center=True for
     centred covariances)."""
+    check_model("model", model)
+    if other is not None:
+        check_model("other", other)
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not layers:
         raise ValueError("layers is empty")
-    other_layers = layers if other_layers is None else list(other_layers)
+    other_layers = layers if other_layers is None else ([other_layers] if isinstance(other_layers, str)
+                                                        else list(other_layers))
     if len(other_layers) != len(layers):
         raise ValueError("other_layers must pair one layer of `other` with each of `layers`")
+    _checks.positive_int("batch_size", batch_size)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
     from tqdm.auto import tqdm
 
     accumulators = {n: _Accumulator(dtype) for n in layers}
     layers = check_layers(model, layers)
     other_layers = check_layers(other, other_layers) if other is not None else layers
     with contextlib.ExitStack() as stack, torch.no_grad():
+        stack.enter_context(evaluating(model, other))
         cap_a, _ = stack.enter_context(capturing(model, layers, inputs=True))
         cap_b = stack.enter_context(capturing(other, other_layers, inputs=True))[0] if other is not None else cap_a
         for x, _ in tqdm(_batches(data, batch_size), desc="activation covariance", disable=not progress,
@@ -203,6 +211,8 @@ def marchenko_pastur_edges(n: int, d: int, variance: float) -> tuple[float, floa
     """Support [lambda_-, lambda_+] of the eigenvalues of W^T W / n for an n x d
     matrix of i.i.d. entries of the given variance: variance (1 -+
     sqrt(d / n))^2 (lambda_- = 0 when d > n, plus the zero eigenvalues)."""
+    n, d = _checks.integer("n", n, low=1), _checks.integer("d", d, low=1)
+    variance = _checks.number("variance", variance, low=0, low_open=True)
     ratio = d / n
     return variance * max(0.0, 1 - math.sqrt(ratio)) ** 2, variance * (1 + math.sqrt(ratio)) ** 2
 
@@ -228,6 +238,10 @@ def weight_spectra(model: nn.Module, init_model: nn.Module | None = None, exampl
     components). variance: "init" (the entry variance of init_model's layer,
     or PyTorch's default 1 / (3 fan_in) without one), "empirical" (of the
     layer itself) or a number."""
+    if not (isinstance(variance, str) and variance in ("init", "empirical")):
+        if isinstance(variance, str):
+            raise ValueError(f"variance must be 'init', 'empirical' or a positive number, got {variance!r}")
+        variance = _checks.number("variance", variance, low=0, low_open=True)
     graph = discover(model, example_input)
     init_graph = discover(init_model, example_input) if init_model is not None else None
     rows = []
@@ -259,6 +273,16 @@ def weight_spectra(model: nn.Module, init_model: nn.Module | None = None, exampl
 def stability(E1: torch.Tensor, E2: torch.Tensor, alignment: torch.Tensor | None = None) -> torch.Tensor:
     """|E1 A E2^T|: cosines between eigenvectors (rows) of two networks, after
     the alignment A (identity when None), as in the seed's stability plots."""
+    _checks.tensor("E1", E1, ndims=(2,), shape="(k1, C_a)")
+    _checks.tensor("E2", E2, ndims=(2,), shape="(k2, C_b)")
+    width = E1.shape[1] if alignment is None else (_checks.tensor("alignment", alignment, ndims=(2,),
+                                                                   shape="(C_a, C_b)").shape)
+    if alignment is not None and width[0] != E1.shape[1]:
+        raise ValueError(f"alignment must have shape ({E1.shape[1]}, C_b) to act on E1's rows, "
+                         f"got {tuple(alignment.shape)}")
+    if (E1.shape[1] if alignment is None else width[1]) != E2.shape[1]:
+        raise ValueError(f"E2's rows have {E2.shape[1]} entries, E1's (after the alignment) "
+                         f"{E1.shape[1] if alignment is None else width[1]}")
     E1, E2 = E1.double(), E2.double()
     middle = E1 if alignment is None else E1 @ alignment.double()
     return (middle @ E2.T).abs()
@@ -275,9 +299,11 @@ def align(cross_cov: torch.Tensor, cov_a: torch.Tensor | None = None, cov_b: tor
     (needs cov_a = E[a a^T], cov_b = E[b b^T]). Returns (A (C_a, C_b), r2 or
     None)."""
     _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)")
+    if (cov_a is None) != (cov_b is None):
+        raise ValueError("cov_a and cov_b go together: pass both for r2, or neither")
     U, S, Vh = torch.linalg.svd(cross_cov.double(), full_matrices=False)
     A = U @ Vh
-    if cov_a is None or cov_b is None:
+    if cov_a is None:
         return A, None
     return A, alignment_r2(A, cross_cov, cov_a, cov_b)
 
@@ -286,6 +312,16 @@ def alignment_r2(A: torch.Tensor, cross_cov: torch.Tensor, cov_a: torch.Tensor, 
     """r^2 of an alignment A on (possibly held-out) covariances:
     tr(A^T E[a b^T]) / sqrt(tr E[a a^T] tr E[b b^T]); equals tr Sigma / ... on
     the data A was fitted on, lies in [-1, 1] and in [0, 1] there."""
+    _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)")
+    C_a, C_b = cross_cov.shape
+    for name, value, shape in (("A", A, (C_a, C_b)), ("cov_a", cov_a, (C_a, C_a)), ("cov_b", cov_b, (C_b, C_b))):
+        _checks.tensor(name, value, ndims=(2,), shape=str(shape))
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} to match cross_cov {(C_a, C_b)}, "
+                             f"got {tuple(value.shape)}")
+    for name, value in (("cov_a", cov_a), ("cov_b", cov_b)):
+        if float(torch.diagonal(value).min()) < 0:
+            raise ValueError(f"{name} must be a covariance E[x x^T]: its diagonal has a negative entry")
     denominator = math.sqrt(float(torch.trace(cov_a.double())) * float(torch.trace(cov_b.double())))
     if denominator == 0:
         raise ValueError("a representation is identically zero: r^2 is undefined")
@@ -315,14 +351,20 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
     layers also read earlier tensors (residual connections across the
     layer) are evaluated one k at a time instead, with a warning. Returns a
     DataFrame with columns k, accuracy."""
+    check_model("model", model)
     modules = dict(model.named_modules())
-    if layer not in modules or layer == "":
+    if not isinstance(layer, str) or layer not in modules or layer == "":
         raise ValueError(f"layer {layer!r} names no submodule of the model")
     module = modules[layer]
-    ks = [int(k) for k in ks]
-    if not ks:
-        raise ValueError("ks is empty")
+    ks = _checks.integers("ks", ks, low=0)
+    batch_size = _checks.positive_int("batch_size", batch_size)
+    max_copies = _checks.positive_int("max_copies", max_copies)
+    if covariance is not None:
+        _checks.tensor("covariance", covariance, ndims=(2,), shape="(d, d)")
+        if covariance.shape[0] != covariance.shape[1]:
+            raise ValueError(f"covariance must be square (d, d), got {tuple(covariance.shape)}")
     if isinstance(basis, torch.Tensor):
+        _checks.tensor("basis", basis, ndims=(2,), shape="(d, d) rows of eigenvectors")
         rows, kind = basis.double(), "activation"
     elif basis == "activation":
         if covariance is None:
@@ -338,22 +380,20 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
     if any(not 0 <= k <= rows.shape[0] for k in ks):
         raise ValueError(f"ks must lie in [0, {rows.shape[0]}], got {ks}")
     projectors = torch.stack([rows[:k].T @ rows[:k] for k in ks])  # (K, d, d)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         try:
-            accuracies = _clip_shared(model, module, kind, projectors, data, batch_size, max_copies)
+            accuracies = _clip_shared(model, module, kind, projectors, data, batch_size, max_copies, progress)
         except RuntimeError as error:  # a later layer reads a tensor from before the clipped one
             warnings.warn(f"clip: the layers after {layer!r} could not run on stacked copies ({error}); "
                           "evaluating one k at a time", RuntimeWarning, stacklevel=2)
-            accuracies = [_clip_shared(model, module, kind, projectors[i:i + 1], data, batch_size, 1)[0]
+            accuracies = [_clip_shared(model, module, kind, projectors[i:i + 1], data, batch_size, 1, progress)[0]
                           for i in range(len(ks))]
-    finally:
-        model.train(was_training)
     return pd.DataFrame({"k": ks, "accuracy": accuracies})
 
 
-def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies):
+def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies, progress=False):
+    from tqdm.auto import tqdm
+
     correct = torch.zeros(len(projectors), dtype=torch.long)
     total = 0
     for start in range(0, len(projectors), max_copies):
@@ -366,6 +406,9 @@ def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies):
                 # features: axis 1 of conv inputs, the last axis of Linear inputs (tokens included)
                 channel_first = x.dim() > 2 and not isinstance(m, nn.Linear)
                 moved = x.movedim(1, -1) if channel_first else x
+                if moved.shape[-1] != Pc.shape[-1]:
+                    raise ValueError(f"the basis or covariance is {Pc.shape[-1]} x {Pc.shape[-1]} but the "
+                                     f"input of the layer has {moved.shape[-1]} features")
                 projected = torch.einsum("...c,kdc->k...d", moved, Pc)
                 projected = projected.movedim(-1, 2) if channel_first else projected
                 return (projected.reshape(K * x.shape[0], *x.shape[1:]),) + tuple(args[1:])
@@ -388,12 +431,12 @@ def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies):
             handle = module.register_forward_hook(hook)
         try:
             with torch.no_grad():
-                for x, y in _batches(data, batch_size):
-                    if y is None:
-                        raise ValueError("data must carry labels: (x, y) tensors or a loader of (x, y) batches")
+                for x, y in tqdm(_batches(data, batch_size, labels=True), desc=f"clip k={len(P)} at a time",
+                                 disable=not progress, leave=False):
                     logits = model(x)
                     if logits.shape[0] != K * x.shape[0]:
                         raise RuntimeError("the model's output does not carry the stacked copies")
+                    check_labels(y, logits.shape[-1], "data")
                     predictions = logits.reshape(K, x.shape[0], -1).argmax(-1)
                     correct[start:start + K] += (predictions == y[None]).sum(1).cpu()
                     if start == 0:
@@ -446,8 +489,11 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
 
     Returns {model, reference_accuracy, generated_accuracy, r2 (per aligned
     layer, on the training data)}."""
-    graph = discover(reference, example_input if example_input is not None else
-                     next(iter(_batches(train_data, 2)))[0])
+    check_model("reference", reference)
+    seed = _checks.integer("seed", seed)
+    batch_size = _checks.positive_int("batch_size", batch_size)
+    x0 = first_batch(train_data, name="train_data")[0]  # a clear error for empty or dict data
+    graph = discover(reference, example_input if example_input is not None else x0)
     names = _chain(graph)
     g = torch.Generator().manual_seed(seed)
     generated = copy.deepcopy(reference).eval()
@@ -479,7 +525,7 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
             module.weight.copy_(new_weight.to(module.weight.dtype))
             if new_bias is not None:
                 module.bias.copy_(new_bias.to(module.bias.dtype))
-        recompute_batchnorm(generated, generated, train_data, batch_size)
+        recompute_batchnorm(generated, generated, train_data, batch_size, name="train_data")
         if j < len(names) - 1:
             following = names[j + 1]
             cov = activation_covariance(reference, train_data, [following], other=generated, batch_size=batch_size,
@@ -487,6 +533,6 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
             alignment, r2[following] = align(cov.cross(), cov.cov_a(), cov.cov_b())
     result = {"model": generated, "r2": r2}
     if test_data is not None:
-        result["reference_accuracy"] = _accuracy(reference, test_data, batch_size)
-        result["generated_accuracy"] = _accuracy(generated, test_data, batch_size)
+        result["reference_accuracy"] = _accuracy(reference, test_data, batch_size, name="test_data")
+        result["generated_accuracy"] = _accuracy(generated, test_data, batch_size, name="test_data")
     return result

@@ -53,8 +53,10 @@ def train(model: nn.Module, x, y, epochs: int = 30, lr: float = 3e-3, batch_size
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x, y) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).double().mean())
+    from ._hooks import evaluating
+
+    with evaluating(model):
+        return float((model(x).argmax(1) == y).double().mean())
 
 
 # ---------------------------------------------------------------- a real pretrained transformer

@@ -23,6 +23,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from ._hooks import set_eval
+
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 _PASSTHROUGH_MODULES = (
@@ -322,10 +324,12 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
     maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
     if not maps:
         raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
+    empty = [name for name, m in maps.items() if m.module.weight.numel() == 0]
+    if empty:
+        raise ValueError(f"model has linear maps with a zero-size weight (no spectrum to analyse): {empty}")
     candidates = ([example_input] if example_input is not None
                   else _default_input(next(iter(maps.values())), model))
-    was_training = model.training
-    model.eval()
+    restore = set_eval(model)
     try:
         with torch.no_grad():
             try:
@@ -356,7 +360,7 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
             hint = "" if example_input is not None else " (pass example_input)"
             raise ValueError(f"model did not run on example_input{hint}: {errors[-1]}")
     finally:
-        model.train(was_training)
+        restore()
 
 
 def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from ._hooks import capturing, check_layers, first_tensor
+from ._hooks import capturing, check_layers, evaluating, first_tensor
 from ._linalg import gram_singular_values
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -24,8 +24,8 @@ OUTPUT = "output"
 
 
 def _check_eps(eps):
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0):
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if eps is not None:
+        _checks.number("eps", eps, low=0)
 
 
 def _rank_of_singular_values(sigma: torch.Tensor, eps: float | None, count: int | None = None) -> torch.Tensor:
@@ -117,12 +117,15 @@ def _check_patch(patch, x: torch.Tensor):
     return tuple(normal)
 
 
-def _patch_function(model, x1, patch, captured, order, layers):
-    """f(p) = captured outputs of model(psi(p) + x with the patch zeroed):
-    the zero padding of section 3.2 (psi), written without in-place writes so
-    that vmap and jvp can trace it."""
+def _patch_function(model, x1, patch, captured, order, layers, at):
+    """f(p) = captured outputs of model(base + psi(p)), psi the zero padding of
+    section 3.2 (the patch's entries at their own positions, zeros around).
+    at="patch": base = 0, so f is evaluated at the zero-padded patch
+    psi(Sub(x)) as in Algorithm A1; at="image": base is x with the patch
+    zeroed, so f is evaluated at x itself. Written without in-place writes
+    so that vmap and jvp can trace it."""
     region = (Ellipsis,) + patch
-    base = x1.clone()
+    base = torch.zeros_like(x1) if at == "patch" else x1.clone()
     base[region] = 0
     p0 = x1[region].clone()
     if len(patch) == 2:
@@ -138,25 +141,66 @@ def _patch_function(model, x1, patch, captured, order, layers):
     return f, p0
 
 
+def _forward_elements(model, run) -> int:
+    """How many elements the leaf modules of model output during run(): the
+    activations one forward pass materialises, whether captured or not."""
+    count = [0]
+
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor):
+            count[0] += output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return count[0]
+
+
+def _jacobian_peak_bytes(K: int, sizes: list[int], itemsize: int, chunk: int, activations: int) -> int:
+    """Peak memory of one partial Jacobian: the columns of every output (K x
+    features, in the input dtype), the primal and tangent activations of one
+    chunk's forward pass (`activations` elements per pass), and the largest
+    float64 factorisation (a copy of J and its smaller Gram matrix)."""
+    total = sum(sizes)
+    factor = max(8 * K * F + 8 * min(K, F) ** 2 for F in sizes)
+    return K * total * itemsize + 2 * min(chunk, K) * (activations + total) * itemsize + factor
+
+
 def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=None, eps: float | None = None,
-                          mode: str = "auto", chunk_size: int | None = 64, progress: bool = True) -> pd.DataFrame:
+                          mode: str = "auto", chunk_size: int | None = 64, progress: bool = True,
+                          at: str = "patch", rank_of: str = "gram") -> pd.DataFrame:
     """Numerical rank of the Jacobian of each chosen sub-network with respect
     to a patch of the input (seed 003 section 3.2, equation 5, Algorithm A1).
 
-    model: evaluated as it is (call model.eval() first for BatchNorm
-    statistics). x: one input, (C, H, W) or (d,) or with a batch axis of 1,
-    or several (N, ...) measured one at a time. patch: (row_slice, col_slice)
-    over the spatial axes, all channels (a slice for flat inputs, None for
-    the whole input), or a list of them (appendix D). layers: qualified module
-    names (default: the model's top-level children); the model output is
-    always the last row. eps: equation 4's tolerance, default float32 eps x
-    the number of singular values (section 4.3).
+    By default as Algorithm A1 (appendix C): the Jacobian of f o psi, psi
+    the zero padding of the patch, taken at the zero-padded patch psi(Sub(x))
+    (at="patch"; A1 pads a central patch symmetrically, here the patch keeps
+    its own position, which is the same for the central patch of section
+    4.3), and the rank is that of J^T J (rank_of="gram"): its K eigenvalues
+    count when above eps x the largest, eps defaulting to float32 eps x K
+    (A1's matrix_rank, section 4.3). at="image" evaluates the Jacobian at x
+    itself (the columns of the full Jacobian at the real image); rank_of=
+    "jacobian" thresholds the singular values of J instead (equation 4,
+    eps x the number of singular values).
+
+    model: run in eval mode and given back unchanged. x: one input, (C, H,
+    W) or (d,) or with a batch axis of 1, or several (N, ...) measured one
+    at a time. patch: (row_slice, col_slice) over the spatial axes, all
+    channels (a slice for flat inputs, None for the whole input; the paper
+    uses the central 16 x 16 x 3 patch), or a list of them (appendix D).
+    layers: qualified module names (default: the model's top-level
+    children); the model output is always the last row.
 
     One pass gives every layer: the Jacobian columns for the K patch entries
     come from K forward-mode products (torch.func.jvp under vmap, chunk_size
-    at a time) or, when the outputs together are narrower than the patch,
-    from reverse mode (jacrev). The rank is that of J itself, through J^T J
-    in float64 when J is much taller than wide.
+    at a time, one progress step per chunk) or, when the outputs together
+    are narrower than the patch, from reverse mode (vjp, chunk_size output
+    rows at a time). The peak memory (K x the total output size, plus the
+    factorisation) is estimated first; when it exceeds the free memory a
+    ValueError asks for a smaller patch or fewer layers.
 
     Returns a DataFrame with columns sample, patch, layer, rank, features
     (output size), patch_size; rows in forward order, model output last.
@@ -165,8 +209,16 @@ def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=
     first_patch = patch[0] if isinstance(patch, list) and patch else patch
     if x.dim() == 1 or (x.dim() == 3 and isinstance(first_patch, tuple) and len(first_patch) == 2):
         x = x[None]  # one unbatched input
+    if x.shape[0] == 0:
+        raise ValueError("x holds no sample")
     if mode not in ("auto", "forward", "reverse"):
         raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
+    if at not in ("patch", "image"):
+        raise ValueError(f"at must be 'patch' (Algorithm A1: the zero-padded patch) or 'image', got {at!r}")
+    if rank_of not in ("gram", "jacobian"):
+        raise ValueError(f"rank_of must be 'gram' (Algorithm A1: rank of J^T J) or 'jacobian', got {rank_of!r}")
+    if chunk_size is not None:
+        chunk_size = _checks.positive_int("chunk_size", chunk_size)
     _check_eps(eps)
     layers = check_layers(model, layers)
     patches = list(patch) if isinstance(patch, list) else [patch]
@@ -177,21 +229,34 @@ def jacobian_partial_rank(model: nn.Module, x: torch.Tensor, patch=None, layers=
 
     rows = []
     jobs = [(n, j) for n in range(x.shape[0]) for j in range(len(patches))]
-    with capturing(model, layers) as (captured, order), torch.no_grad():
-        for n, j in tqdm(jobs, desc="partial Jacobian rank", disable=not progress or len(jobs) < 2, leave=False):
-            f, p0 = _patch_function(model, x[n:n + 1], patches[j], captured, order, layers)
-            with torch.enable_grad():
-                outs = f(p0)
+    with capturing(model, layers) as (captured, order), torch.no_grad(), evaluating(model), \
+            tqdm(total=0, desc="partial Jacobian rank", disable=not progress, leave=False) as bar:
+        for n, j in jobs:
+            f, p0 = _patch_function(model, x[n:n + 1], patches[j], captured, order, layers, at)
+            result = []
+            activations = _forward_elements(model, lambda: result.append(f(p0)))
+            outs = result[0]
             names = list(order) + [OUTPUT]
             sizes = [o.numel() for o in outs]
             K = p0.numel()
             use_forward = mode == "forward" or (mode == "auto" and sum(sizes) >= K)
+            chunk = chunk_size or (K if use_forward else max(sizes))
+            _checks.memory(_jacobian_peak_bytes(K, sizes, x.element_size(), chunk, activations), x.device,
+                           f"the partial Jacobian of {K} patch entries into {sum(sizes)} output features",
+                           "use a smaller patch (seed 003 uses the central 16 x 16) or fewer layers")
+            steps = -(-(K if use_forward else sum(sizes)) // chunk)
+            bar.total += steps
+            bar.refresh()
             with torch.enable_grad():
-                columns = _jacobian_columns(f, p0, use_forward, chunk_size)
+                columns = _jacobian_columns(f, p0, use_forward, chunk, sizes, bar.update)
             for name, size, J in zip(names, sizes, columns):
                 sigma = singular_values_of_rows(J)  # J is (K, features): J^T
+                if rank_of == "gram":  # eigenvalues of J^T J (K of them, zeros beyond the rank)
+                    rank = _rank_of_singular_values(sigma.square(), eps, count=K)
+                else:
+                    rank = _rank_of_singular_values(sigma, eps)
                 rows.append({"sample": n, "patch": _patch_label(patches[j]), "layer": name,
-                             "rank": int(_rank_of_singular_values(sigma, eps)), "features": size, "patch_size": K})
+                             "rank": int(rank), "features": size, "patch_size": K})
     return pd.DataFrame(rows)
 
 
@@ -199,17 +264,37 @@ def _patch_label(patch) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in patch) + "]"
 
 
-def _jacobian_columns(f, p0, use_forward: bool, chunk_size):
-    """The transposed Jacobians (K, features) of every output of f at p0."""
-    from torch.func import jacrev, jvp, vmap
+def _jacobian_columns(f, p0, use_forward: bool, chunk: int, sizes: list[int], step):
+    """The transposed Jacobians (K, features) of every output of f at p0,
+    chunk tangents (forward) or chunk output rows (reverse) at a time;
+    step(1) after each chunk."""
+    from torch.func import jvp, vjp, vmap
 
     K = p0.numel()
     if use_forward:
-        basis = torch.eye(K, dtype=p0.dtype, device=p0.device).reshape(K, *p0.shape)
-        columns = vmap(lambda t: jvp(f, (p0,), (t,))[1], chunk_size=chunk_size)(basis)
-        return [c.detach() for c in columns]
-    rows = jacrev(f, chunk_size=chunk_size)(p0)
-    return [r.detach().reshape(r.shape[0], K).T for r in rows]
+        parts = []
+        for start in range(0, K, chunk):
+            count = min(chunk, K - start)
+            basis = torch.zeros(count, K, dtype=p0.dtype, device=p0.device)
+            basis[torch.arange(count), torch.arange(start, start + count)] = 1
+            parts.append([c.detach() for c in vmap(lambda t: jvp(f, (p0,), (t,))[1])(basis.reshape(count, *p0.shape))])
+            step(1)
+        return [torch.cat([part[i] for part in parts]) for i in range(len(sizes))]
+    outputs, pullback = vjp(f, p0)
+    total = sum(sizes)
+    offsets = [0]
+    for F in sizes:
+        offsets.append(offsets[-1] + F)
+    rows = []
+    for start in range(0, total, chunk):  # one-hot cotangents over all outputs, chunk rows at a time
+        count = min(chunk, total - start)
+        eye = torch.zeros(count, total, dtype=outputs[0].dtype, device=outputs[0].device)
+        eye[torch.arange(count), torch.arange(start, start + count)] = 1
+        cotangents = tuple(eye[:, offsets[k]:offsets[k + 1]] for k in range(len(sizes)))
+        rows.append(vmap(pullback)(cotangents)[0].detach().reshape(count, K))
+        step(1)
+    J = torch.cat(rows)
+    return [J[offsets[k]:offsets[k + 1]].T for k in range(len(sizes))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,38 +332,63 @@ def perturbed_pca_dimension(model: nn.Module, x: torch.Tensor, layers=None, n_pe
     the model output last), pca_dimension and delta_dimension (the layer's
     dimension minus the input's: the Delta Dimension of Fig. A6, negative
     where dimensions are lost); average over samples with
-    df.groupby("layer", sort=False).mean()."""
+    df.groupby("layer", sort=False).mean(). The model runs in eval mode and
+    is given back unchanged. The features of all n_perturbations are kept
+    for the PCA: the peak memory is estimated from one forward pass first,
+    and a ValueError asks for fewer n_perturbations or layers when it
+    exceeds the free memory."""
     _checks.tensor("x", x, ndims=range(2, 6), shape="(N, ...)")
     n_perturbations = _checks.positive_int("n_perturbations", n_perturbations)
     batch_size = _checks.positive_int("batch_size", batch_size)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    scale = _checks.number("scale", scale, low=0, low_open=True)
     _check_eps(eps)
     tolerance = FLOAT32_EPS * n_perturbations if eps is None else float(eps)
     layers = check_layers(model, layers)
     from tqdm.auto import tqdm
 
+    if x.shape[0] == 0:
+        raise ValueError("x holds no sample")
     rows = []
-    with capturing(model, layers) as (captured, order), torch.no_grad():
-        for n in tqdm(range(x.shape[0]), desc="perturbed PCA dimension", disable=not progress, leave=False):
-            chunks: dict[str, list[torch.Tensor]] = {}
-            names = []
-            for start in range(0, n_perturbations, batch_size):
-                count = min(batch_size, n_perturbations - start)
-                noise = torch.randn((count, *x.shape[1:]), generator=generator, dtype=x.dtype,
-                                    device=x.device if generator is None else generator.device)
-                inputs = x[n:n + 1] + scale * noise.to(x.device)
-                outs = _outputs(model, inputs, captured, order, layers)
-                names = ["input"] + list(order) + [OUTPUT]
-                for name, out in zip(names, [inputs] + outs):
-                    chunks.setdefault(name, []).append(out.reshape(count, -1))
-            dims = {name: int(_rank_of_singular_values(pca_eigenvalues(torch.cat(chunks[name])), tolerance,
-                                                        count=1))
-                    for name in names}
-            for name in names:
-                rows.append({"sample": n, "layer": name, "pca_dimension": dims[name],
-                             "delta_dimension": dims[name] - dims["input"]})
+    steps = -(-n_perturbations // batch_size)
+    with capturing(model, layers) as (captured, order), torch.no_grad(), evaluating(model):
+        result = []
+        activations = _forward_elements(model, lambda: result.append(_outputs(model, x[:1], captured, order, layers)))
+        sizes = [x[0].numel()] + [o[0].numel() for o in result[0]]
+        _checks.memory(_pca_peak_bytes(n_perturbations, sizes, x.element_size(), batch_size, activations), x.device,
+                       f"the perturbed PCA dimension of {n_perturbations} perturbations of {sum(sizes)} features",
+                       "use fewer n_perturbations or fewer (or smaller) layers")
+        with tqdm(total=x.shape[0] * steps, desc="perturbed PCA dimension", disable=not progress, leave=False) as bar:
+            for n in range(x.shape[0]):
+                chunks: dict[str, list[torch.Tensor]] = {}
+                names = []
+                for start in range(0, n_perturbations, batch_size):
+                    count = min(batch_size, n_perturbations - start)
+                    noise = torch.randn((count, *x.shape[1:]), generator=generator, dtype=x.dtype,
+                                        device=x.device if generator is None else generator.device)
+                    inputs = x[n:n + 1] + scale * noise.to(x.device)
+                    outs = _outputs(model, inputs, captured, order, layers)
+                    names = ["input"] + list(order) + [OUTPUT]
+                    for name, out in zip(names, [inputs] + outs):
+                        chunks.setdefault(name, []).append(out.reshape(count, -1))
+                    bar.update(1)
+                dims = {name: int(_rank_of_singular_values(pca_eigenvalues(torch.cat(chunks[name])), tolerance,
+                                                            count=1))
+                        for name in names}
+                for name in names:
+                    rows.append({"sample": n, "layer": name, "pca_dimension": dims[name],
+                                 "delta_dimension": dims[name] - dims["input"]})
     return pd.DataFrame(rows)
+
+
+def _pca_peak_bytes(n: int, sizes: list[int], itemsize: int, batch_size: int, activations: int) -> int:
+    """Peak memory of perturbed_pca_dimension for one sample: the stored
+    features of every layer (n x size), one batch's forward pass
+    (`activations` elements per input), and the largest float64 PCA (the
+    concatenated features, two float64 copies and the smaller Gram matrix)."""
+    stored = n * sum(sizes) * itemsize
+    forward = 2 * min(batch_size, n) * (activations + sum(sizes)) * itemsize
+    factor = max(n * F * itemsize + 16 * n * F + 8 * min(n, F) ** 2 for F in sizes)
+    return stored + forward + factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,21 +438,34 @@ class _Projector:
 
 
 def _accuracy(classifier, features, labels) -> float:
-    with torch.no_grad():
-        logits = classifier(features)
+    if not callable(classifier):
+        raise TypeError(f"classifier must be a callable (an nn.Linear, say), got {type(classifier).__name__}")
+    try:
+        with torch.no_grad(), evaluating(classifier if isinstance(classifier, nn.Module) else None):
+            logits = classifier(features)
+    except RuntimeError as error:  # a shape mismatch inside the classifier
+        raise ValueError(f"classifier does not accept features of shape {tuple(features.shape)} "
+                         f"({features.dtype}): {error}") from error
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError("classifier must map features (N, d) to logits (N, classes)")
+        raise ValueError(f"classifier must map features (N, d) to logits (N, classes), got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]}) (the classifier's outputs), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
     return float((logits.argmax(-1) == labels).double().mean())
 
 
-def _check_features_labels(features, labels):
-    _checks.tensor("features", features, ndims=(2,), shape="(N, d)")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+def _check_features_labels(features, labels, name="features"):
+    _checks.tensor(name, features, ndims=(2,), shape="(N, d)")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point \
+            or labels.dtype == torch.bool:
         raise TypeError("labels must be an integer tensor of shape (N,)")
     if labels.shape[0] != features.shape[0]:
-        raise ValueError(f"labels has {labels.shape[0]} entries but features has {features.shape[0]} rows")
+        raise ValueError(f"labels has {labels.shape[0]} entries but {name} has {features.shape[0]} rows")
     if features.shape[0] < 2:
-        raise ValueError("features needs at least two samples")
+        raise ValueError(f"{name} needs at least two samples")
+    if features.shape[1] == 0:
+        raise ValueError(f"{name} has no feature column")
 
 
 def classification_dimension(features: torch.Tensor, labels: torch.Tensor, classifier, ratio: float = 0.95,
@@ -361,8 +484,7 @@ def classification_dimension(features: torch.Tensor, labels: torch.Tensor, class
     a smaller k that also reaches the target, and if one does (accuracy not
     monotone) the search goes on below it, with a warning."""
     _check_features_labels(features, labels)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    ratio = _checks.number("ratio", ratio, low=0, high=1, low_open=True)
     projector = _Projector(features, labels, classifier, center)
     d = features.shape[1]
     full = _accuracy(classifier, features, labels)
@@ -402,9 +524,7 @@ def projection_accuracy(features: torch.Tensor, labels: torch.Tensor, classifier
     _check_features_labels(features, labels)
     projector = _Projector(features, labels, classifier, center)
     d = features.shape[1]
-    ks = [int(k) for k in ks]
-    if any(not 1 <= k <= d for k in ks):
-        raise ValueError(f"ks must lie in [1, {d}], got {ks}")
+    ks = _checks.integers("ks", ks, low=1, high=d)
     return pd.DataFrame({"k": ks, "fraction": [k / d for k in ks], "accuracy": [projector.accuracy(k) for k in ks]})
 
 
@@ -493,10 +613,10 @@ def independence_deficit(logits: torch.Tensor, labels: torch.Tensor, eta: float 
     when logit_i is replaced by its reconstruction (equation 12), and the
     original accuracy and positive_accuracy (on samples of class i) as in
     Fig. 4 and appendix F."""
-    _check_features_labels(logits, labels)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta must be a non-negative number, got {eta!r}")
+    _check_features_labels(logits, labels, "logits")
+    eta = _checks.number("eta", eta, low=0)
     max_iter = _checks.positive_int("max_iter", max_iter)
+    tol = _checks.number("tol", tol, low=0, low_open=True)
     N, C = logits.shape
     if C < 2:
         raise ValueError(f"logits needs at least two classes, got {C}")
@@ -680,9 +800,7 @@ def mlp_rank_decay(depth: int = 50, width: int = 1000, n_samples: int | None = N
     depth = _checks.positive_int("depth", depth)
     width = _checks.positive_int("width", width)
     n_samples = 2 * width if n_samples is None else _checks.positive_int("n_samples", n_samples)
-    ks = [int(k) for k in ks]
-    if any(not 1 <= k <= width for k in ks):
-        raise ValueError(f"ks must lie in [1, {width}], got {ks}")
+    ks = _checks.integers("ks", ks, low=1, high=width)
     _check_eps(eps)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     floor = math.log(1e3 * torch.finfo(dtype).eps)

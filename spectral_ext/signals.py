@@ -12,6 +12,8 @@ inclusion of their class sets (section 5.2)."""
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -22,7 +24,8 @@ from torch import nn
 
 from . import _checks
 from ._data import batches as _batches
-from ._hooks import capturing
+from ._data import first_batch
+from ._hooks import capturing, evaluating, set_eval
 from ._linalg import signed_svd
 from ._ops import signal_projection
 from .layers import discover
@@ -78,20 +81,20 @@ def _project(basis: LayerBasis, inputs: torch.Tensor, reduce):
                              tuple(module.kernel_size))
 
 
-def _stream(model, bases, data, reduce, batch_size, progress, consume):
+def _stream(model, bases, data, reduce, batch_size, progress, consume, name="data"):
     from tqdm.auto import tqdm
 
-    with capturing(model, list(bases), inputs=True) as (captured, _), torch.no_grad():
-        for x, y in tqdm(_batches(data, batch_size), desc="signals", disable=not progress, leave=False):
+    with capturing(model, list(bases), inputs=True) as (captured, _), torch.no_grad(), evaluating(model):
+        for x, y in tqdm(_batches(data, batch_size, name=name), desc="signals", disable=not progress, leave=False):
             if not _checks.all_finite(x):
-                raise ValueError("an input batch contains NaN or infinite values")
+                raise ValueError(f"{name} contains NaN or infinite values")
             captured.clear()
             model(x)
             consume({name: _project(bases[name], captured[name], reduce) for name in bases}, y)
 
 
 def signals(model: nn.Module, layer: str, x, reduce: str | None = "mean", batch_size: int = 256,
-            progress: bool = False) -> torch.Tensor:
+            progress: bool = True) -> torch.Tensor:
     """Signals s_i <v_i, receptive field> of the input of `layer` (seed 001
     section 4.3, equation 16) for every right singular vector v_i: per
     position (reduce=None: (N, r, H', W'), the heatmaps of Fig. 5) or
@@ -104,20 +107,22 @@ def signals(model: nn.Module, layer: str, x, reduce: str | None = "mean", batch_
     never from the unfolded receptive-field matrix."""
     if reduce not in (None, "mean"):
         raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
-    bases = layer_bases(model, [layer], _example(x))
+    bases = layer_bases(model, [layer], _example(x, "x"))
     out = []
-    _stream(model, bases, x, reduce, batch_size, progress, lambda sig, y: out.append(sig[layer]))
-    if not out:
-        raise ValueError("x holds no sample")
+    _stream(model, bases, x, reduce, batch_size, progress, lambda sig, y: out.append(sig[layer]), name="x")
     return torch.cat(out)
 
 
-def _example(data):
-    if isinstance(data, torch.Tensor):
-        return data[:1]
-    if isinstance(data, (tuple, list)) and isinstance(data[0], torch.Tensor):
-        return data[0][:1]
-    return None  # a loader: discover builds its own example input
+def _example(data, name="data"):
+    """One input to trace the model with, from the data's first batch
+    (validated: empty or dict data is refused here); None for a one-shot
+    iterator, which must not be consumed: discover makes up its own input."""
+    if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and data
+                                          and isinstance(data[0], torch.Tensor)):
+        return first_batch(data, 1, name=name)[0]
+    if not isinstance(data, Iterator):
+        return first_batch(data, 1, name=name)[0][:1]  # refuses non-data; a list or DataLoader reads twice safely
+    return None
 
 
 def signal_vectors(model: nn.Module, data, layers=None, batch_size: int = 256, progress: bool = True):
@@ -183,9 +188,10 @@ class Hypergraph:
 
 
 def _fraction(p: float) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:
+    p = _checks.number("p", p)
+    if not 0 < p <= 100:
         raise ValueError(f"p must be a fraction in (0, 1] or a percentage in (1, 100], got {p!r}")
-    return p / 100 if p > 1 else float(p)
+    return p / 100 if p > 1 else p
 
 
 def hypergraph(vectors: torch.Tensor, labels: torch.Tensor, q: float = 0.85, p: float = 0.75,
@@ -198,16 +204,25 @@ def hypergraph(vectors: torch.Tensor, labels: torch.Tensor, q: float = 0.85, p: 
     when significant for at least p of the class's images (0.75 in the
     seed; percentages accepted)."""
     _checks.tensor("vectors", vectors, ndims=(2,), shape="(N, r)")
-    if not isinstance(labels, torch.Tensor) or labels.shape != (vectors.shape[0],):
-        raise ValueError(f"labels must be a tensor of shape ({vectors.shape[0]},)")
-    if not 0 < q < 1:
-        raise ValueError(f"q must be a quantile in (0, 1), got {q!r}")
+    if vectors.shape[0] == 0:
+        raise ValueError("vectors holds no sample")
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of shape ({vectors.shape[0]},), "
+                        f"got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.shape != (vectors.shape[0],):
+        raise ValueError(f"labels must have shape ({vectors.shape[0]},) to match vectors, got {tuple(labels.shape)}")
+    q = _checks.number("q", q, low=0, high=1, low_open=True, high_open=True)
+    if threshold is not None:
+        threshold = _checks.number("threshold", threshold)
     p = _fraction(p)
     values = vectors.double().cpu().numpy()
     cut = float(np.quantile(values, q)) if threshold is None else float(threshold)
     significant = values > cut
     y = labels.cpu().numpy()
     classes = sorted(set(y.tolist()))
+    if class_names is not None and (int(min(classes)) < 0 or int(max(classes)) >= len(class_names)):
+        raise ValueError(f"labels must index class_names ({len(class_names)} names), got values in "
+                         f"[{min(classes)}, {max(classes)}]")
     rates = np.stack([significant[y == c].mean(0) for c in classes])
     incidence = rates >= p
     keep_nodes = incidence.any(0)
@@ -262,7 +277,11 @@ def exemplary_images(model: nn.Module, layer: str, data, targets, k: int = 8, ba
     DataFrame with columns target, rank, index (position in the data
     stream), score."""
     k = _checks.positive_int("k", k)
-    targets = {(t if isinstance(t, int) else tuple(t)): ([t] if isinstance(t, int) else list(t)) for t in targets}
+    if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
+        raise TypeError(f"targets must be a list of singular-vector indices or lists of them, got {targets!r}")
+    targets = {(int(t) if isinstance(t, numbers.Integral) else tuple(_checks.integers("targets", t, low=0))):
+               ([_checks.integer("targets", t, low=0)] if isinstance(t, numbers.Integral)
+                else _checks.integers("targets", t, low=0)) for t in targets}
     if not targets:
         raise ValueError("targets is empty")
     bases = layer_bases(model, [layer], _example(data))
@@ -319,7 +338,7 @@ def _robust_transform(image: torch.Tensor, generator: torch.Generator, jitter: i
 def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=None, steps: int = 256,
                           lr: float = 0.05, parameterization: str = "fourier", jitter: int = 1,
                           scale: float = 0.05, rotate: float = 5.0, seed: int = 0,
-                          progress: bool = False) -> torch.Tensor:
+                          progress: bool = True) -> torch.Tensor:
     """An input maximising sum_i w_i sum_j s_i v_i^T Psi(T_L)[j] (seed 001
     equations 19-20) over the singular vectors `nodes` of `layer`, with the
     transformation-robustness regularisers of Olah et al. (random jitter,
@@ -328,8 +347,17 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
     Deterministic under `seed`. shape: (C, H, W). Returns (C, H, W)."""
     if parameterization not in ("fourier", "pixel"):
         raise ValueError(f"parameterization must be 'fourier' or 'pixel', got {parameterization!r}")
-    nodes = [nodes] if isinstance(nodes, int) else list(nodes)
-    C, H, W = shape
+    nodes = _checks.integers("nodes", [nodes] if isinstance(nodes, numbers.Integral) else nodes, low=0)
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 3:
+        raise ValueError(f"shape must be (C, H, W), got {shape!r}")
+    C, H, W = _checks.integers("shape", shape, low=1)
+    shape = (C, H, W)
+    steps = _checks.positive_int("steps", steps, allow_zero=True)  # 0: the initial image
+    lr = _checks.number("lr", lr, low=0, low_open=True)
+    jitter = _checks.integer("jitter", jitter, low=0)
+    scale = _checks.number("scale", scale, low=0, high=1, high_open=True)
+    rotate = _checks.number("rotate", rotate)
+    seed = _checks.integer("seed", seed)
     g = torch.Generator().manual_seed(seed)
     bases = layer_bases(model, [layer], torch.zeros(1, C, H, W))
     basis = bases[layer]
@@ -338,6 +366,8 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
     w = torch.ones(len(nodes)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if w.shape != (len(nodes),):
         raise ValueError(f"weights must have one entry per node ({len(nodes)}), got shape {tuple(w.shape)}")
+    if not _checks.all_finite(w):
+        raise ValueError("weights contains NaN or infinite values")
     if parameterization == "fourier":
         param = (0.01 * torch.randn(C, H, W // 2 + 1, 2, generator=g)).requires_grad_()
         render = lambda: _fourier_image(param, shape)  # noqa: E731
@@ -350,8 +380,7 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
+    restore = set_eval(model)
     from tqdm.auto import tqdm
 
     try:
@@ -367,5 +396,5 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
         handle.remove()
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)
-        model.train(was_training)
+        restore()
     return render().detach()

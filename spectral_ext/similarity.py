@@ -17,7 +17,7 @@ from torch import nn
 
 from . import _checks
 from ._data import batches
-from ._hooks import capturing, check_layers
+from ._hooks import capturing, check_layers, evaluating
 from ._ops import max_kernel_gram
 
 KERNELS = ("linear", "rbf", "max", "laplace")
@@ -312,8 +312,9 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
     accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" else None
     moments = {(a, b): CrossMoments() for a in layers_a for b in layers_b} if measure == "procrustes" else None
     seen = 0
-    with capturing(model_a, layers_a) as (cap_a, _), capturing(model_b, layers_b) as (cap_b, _), torch.no_grad():
-        for x, _ in tqdm(batches(loader), desc="similarity matrix", disable=not progress, leave=False):
+    with capturing(model_a, layers_a) as (cap_a, _), capturing(model_b, layers_b) as (cap_b, _), torch.no_grad(), \
+            evaluating(model_a, model_b):
+        for x, _ in tqdm(batches(loader, name="loader"), desc="similarity matrix", disable=not progress, leave=False):
             x = x.to(device) if device is not None else x
             cap_a.clear()
             cap_b.clear()

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _checks
 from ._data import accuracy as _accuracy
-from ._data import batches, recompute_batchnorm
+from ._data import batches, check_labels, recompute_batchnorm
 from ._ops import sinkhorn
 
 KINDS = ("affine", "lowrank", "grelu", "softsort", "l1")
@@ -203,10 +203,10 @@ class StitchResult:
     permutation: torch.Tensor | None = field(default=None, repr=False)
 
 
-def _train_batches(data, batch_size, generator):
-    for x, y in batches(data, batch_size, generator):
-        if y is None:
-            raise ValueError("train data must carry labels: (x, y) tensors or a loader of (x, y) batches")
+def _train_batches(data, batch_size, generator, classes=None):
+    for x, y in batches(data, batch_size, generator, name="train_data", labels=True):
+        if classes is not None:
+            check_labels(y, classes, "train_data")
         yield x, y
 
 
@@ -264,6 +264,8 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
     a, b = copy.deepcopy(model_a).eval(), copy.deepcopy(model_b).eval()
     x0 = next(iter(_train_batches(train_data, 2, torch.Generator().manual_seed(seed))))[0]
     ya, yb = _channels_at(a, layer, x0), _channels_at(b, layer_b, x0)
+    with torch.no_grad():
+        classes = b(x0).shape[-1]
     if ya.shape[1:] != yb.shape[1:]:
         raise ValueError(f"model_a's {layer!r} gives features {tuple(ya.shape[1:])} but model_b's {layer_b!r} "
                          f"expects {tuple(yb.shape[1:])}: the models cannot be stitched there")
@@ -290,7 +292,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
         if kind == "grelu":
             phi.D.requires_grad_(epoch >= head_start)
         total = correct = count = 0
-        for x, y in _train_batches(train_data, batch_size, generator):
+        for x, y in _train_batches(train_data, batch_size, generator, classes):
             optimizer.zero_grad()
             logits = stitched(x)
             loss = nn.functional.cross_entropy(logits, y)
@@ -320,8 +322,8 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
     result = StitchResult(stitched, pd.DataFrame(rows), matrix, sparsity(matrix),
                           permutation=phi.hard.clone() if kind in ("grelu", "softsort") else None)
     if test_data is not None:
-        result.accuracy_a = _accuracy(a, test_data)
-        result.accuracy_b = _accuracy(b, test_data)
-        result.accuracy = _accuracy(stitched, test_data)
+        result.accuracy_a = _accuracy(a, test_data, name="test_data")
+        result.accuracy_b = _accuracy(b, test_data, name="test_data")
+        result.accuracy = _accuracy(stitched, test_data, name="test_data")
         result.penalty = stitching_penalty(result.accuracy_a, result.accuracy_b, result.accuracy)
     return result

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from . import _ops
-from ._linalg import batched_signed_svd
+from . import _checks, _ops
+from ._hooks import evaluating
+from ._linalg import batched_signed_svd, compute_dtype
 from .layers import Connection, ModelGraph, discover
 
 
@@ -97,8 +98,7 @@ def adjacency_threshold(p: float, kernel_area: int, n: float) -> float:
     """The coefficient a random network exceeds with probability p: the upper
     p-quantile of chi2(K^2) / (n K^2) (seed 000 sections 2.4 and 4.3; K^2 = 1
     for fully connected layers, where it is chi2(1) / n)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must lie in (0, 1), got {p}")
+    p = _checks.number("p", p, low=0, high=1, low_open=True, high_open=True)
     return float(stats.chi2.isf(p, kernel_area) / (n * kernel_area))
 
 
@@ -339,14 +339,14 @@ def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, gra
     """SVRs of models sharing one architecture: one trace, then one batched
     SVD per distinct matrix shape and one batched adjacency call per distinct
     edge shape across all models."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must lie in (0, 1), got {p}")
+    p = _checks.number("p", p, low=0, high=1, low_open=True, high_open=True)
     if not models:
         raise ValueError("models is empty: nothing to analyse")
     first = graph if graph is not None else discover(models[0], example_input)
     graphs = [first if i == 0 and graph is None else first.for_model(m) for i, m in enumerate(models)]
     for g in graphs:
         _check_weights(g)
+    dtype = compute_dtype(dtype, [m.module.weight for g in graphs for m in g.maps.values()])
     flatten = (lambda m: m.matrix(fold_batchnorm, dtype)) if flattening == "svr" else (
         lambda m: m.co_matrix(fold_batchnorm, dtype))
     svds = batched_signed_svd({(i, n): flatten(m) for i, g in enumerate(graphs) for n, m in g.maps.items()})
@@ -424,6 +424,7 @@ def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: boo
     Returns {(previous, next): (k~_next, k_previous) tensor}."""
     graph = graph if graph is not None else discover(model, example_input)
     _check_weights(graph)
+    dtype = compute_dtype(dtype, [m.module.weight for m in graph.maps.values()])
     bar = batched_signed_svd({n: m.matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()})
     tilde = batched_signed_svd({n: m.co_matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()})
     out = {}
@@ -455,7 +456,7 @@ def spectral_activations(model: nn.Module, svr: SVR, x, layers=None) -> dict:
         handles.append(modules[name].register_forward_hook(
             lambda m, inputs, output, name=name: captured.__setitem__(name, inputs[0].detach())))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             model(*(x if isinstance(x, tuple) else (x,)))
     finally:
         for h in handles:

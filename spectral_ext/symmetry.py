@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._hooks import evaluating
 from .layers import discover
 
 
@@ -132,6 +133,8 @@ def intertwiner_group(activation, degree: int | None = None, negative_slope: flo
     n = 1 case (which scalars a have sigma(a x) = b sigma(x) for all x; by
     Theorem E.14 the group is then the generalized permutations with those
     scales)."""
+    negative_slope = _checks.number("negative_slope", negative_slope)
+    n_probe = _checks.positive_int("n_probe", n_probe)
     name, act = _resolve(activation, degree, negative_slope)
     if name in _TABLE:
         kind, scales, description = _TABLE[name]
@@ -145,7 +148,7 @@ def _resolve(activation, degree, negative_slope):
     if isinstance(activation, str):
         key = activation.lower().replace("-", "_")
         if key == "polynomial":
-            if not isinstance(degree, int) or degree < 2:
+            if isinstance(degree, bool) or not isinstance(degree, int) or degree < 2:
                 raise ValueError(f"the polynomial activation needs an integer degree >= 2, got {degree!r}")
             return key, (lambda x: x ** degree)
         functions = {"identity": lambda x: x, "sigmoid": torch.sigmoid, "relu": torch.relu,
@@ -267,6 +270,9 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
     this architecture."""
     if group not in ("relu", "permutation"):
         raise ValueError(f"group must be 'relu' or 'permutation', got {group!r}")
+    rtol, atol = _checks.number("rtol", rtol, low=0), _checks.number("atol", atol, low=0)
+    if elements is not None and not isinstance(elements, dict):
+        raise TypeError(f"elements must be a dict {{producer name: (perm, scale)}}, got {type(elements).__name__}")
     graph = discover(model, example_input)
     if example_input is None:
         example_input = _runnable_input(model, graph)
@@ -311,11 +317,8 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
                 done.add(key)
                 _transform_consumer(new_graph.maps[c.next], c, *chosen[c.previous])
     if check:
-        with torch.no_grad():
-            was_training = model.training, new.training
-            model.eval(), new.eval()
+        with torch.no_grad(), evaluating(model, new):
             before, after = model(example_input), new(example_input)
-            model.train(was_training[0]), new.train(was_training[1])
         if not torch.allclose(before, after, rtol=rtol, atol=atol):
             raise ValueError("apply_symmetry: the transformed model does not compute the same function "
                              f"(max difference {float((before - after).abs().max()):.3g}); the activations "
@@ -329,9 +332,7 @@ def _runnable_input(model: nn.Module, graph) -> torch.Tensor:
     """The first of the layer discovery's made-up inputs that the model runs on."""
     from .layers import _default_input
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for candidate in _default_input(next(iter(graph.maps.values())), model):
             try:
                 with torch.no_grad():
@@ -339,8 +340,6 @@ def _runnable_input(model: nn.Module, graph) -> torch.Tensor:
                 return candidate
             except Exception:  # the next size may fit
                 continue
-    finally:
-        model.train(was_training)
     raise ValueError("no made-up input runs through the model: pass example_input")
 
 
@@ -425,6 +424,19 @@ def _modules_in_order(model, x):
     return order
 
 
+def _labelled_pair(name, data):
+    """(x, y) tensors with one integer label per input, at least one."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+        raise TypeError(f"{name} must be an (x, y) pair of tensors, got {type(data).__name__}")
+    x, y = data
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} holds no sample")
+    if y.shape != (x.shape[0],) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"{name} labels must be an integer tensor of shape ({x.shape[0]},), got {y.dtype} "
+                         f"{tuple(y.shape)}")
+    return x, y
+
+
 def rotation_penalty(model: nn.Module, layer: str, train_data, test_data, transform: str = "grelu",
                      epochs: int = 5, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
                      progress: bool = True) -> dict:
@@ -437,8 +449,12 @@ def rotation_penalty(model: nn.Module, layer: str, train_data, test_data, transf
     accuracy_after, penalty, transform."""
     if transform not in ("grelu", "orthogonal"):
         raise ValueError(f"transform must be 'grelu' or 'orthogonal', got {transform!r}")
-    x_train, y_train = train_data
-    x_test, y_test = test_data
+    epochs = _checks.positive_int("epochs", epochs)
+    batch_size = _checks.positive_int("batch_size", batch_size)
+    lr = _checks.number("lr", lr, low=0, low_open=True)
+    seed = _checks.integer("seed", seed)
+    x_train, y_train = _labelled_pair("train_data", train_data)
+    x_test, y_test = _labelled_pair("test_data", test_data)
     module = dict(model.named_modules()).get(layer)
     if module is None or not hasattr(module, "weight"):
         raise ValueError(f"layer must name a Linear or Conv module of the model, got {layer!r}")
@@ -473,6 +489,10 @@ def rotation_penalty(model: nn.Module, layer: str, train_data, test_data, transf
 
 def rotation_penalties(model, layers, train_data, test_data, trials: int = 3, **kwargs) -> pd.DataFrame:
     """Fig. 4: rotation_penalty for every layer, both transforms, several seeds."""
+    trials = _checks.positive_int("trials", trials)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not layers:
+        raise ValueError("layers is empty")
     rows = [rotation_penalty(model, layer, train_data, test_data, transform, seed=seed, **kwargs)
             for layer in layers for transform in ("grelu", "orthogonal") for seed in range(trials)]
     return pd.DataFrame(rows)

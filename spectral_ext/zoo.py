@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from ._hooks import capturing, check_layers
+from ._hooks import capturing, check_layers, evaluating
 from ._linalg import gram_singular_values
 from .layers import discover
 from .rank import _rank_of_singular_values
@@ -225,7 +225,7 @@ def _arch_id(graph) -> str:
 
 def _activations(model, probe, layers):
     layers = check_layers(model, layers)
-    with capturing(model, layers) as (captured, _), torch.no_grad():
+    with capturing(model, layers) as (captured, _), torch.no_grad(), evaluating(model):
         model(probe)
         return {n: captured[n].detach().double() for n in layers}
 

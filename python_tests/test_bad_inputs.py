@@ -1,0 +1,213 @@
+"""Issue 14 (items 4 and 18 and its closing paragraph): every public function
+on its bad inputs raises a TypeError or ValueError whose message names the
+argument, before any silent wrong number, crash or StopIteration."""
+import importlib
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import spectral_ext as se
+
+rank = importlib.import_module("spectral_ext.rank")
+signals_module = importlib.import_module("spectral_ext.signals")
+covariance = importlib.import_module("spectral_ext.covariance")
+symmetry = importlib.import_module("spectral_ext.symmetry")
+
+NAN = float("nan")
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def mlp(width=5, out=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, width), nn.ReLU(), nn.Linear(width, out))
+
+
+X = torch.randn(12, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+Y = torch.arange(12) % 3
+F = torch.randn(20, 5, generator=torch.Generator().manual_seed(2))
+L = torch.arange(20) % 3
+EMPTY = torch.empty(0, 3, 6, 6)
+DICTS = [{"x": X, "y": Y}]
+C = torch.eye(4, dtype=torch.float64)
+V1, S1 = torch.ones(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+IMAGE = torch.ones(1, 1, 2, 2, dtype=torch.float64)
+
+# (id, call, exception type, the argument the message must name)
+CASES = [
+    # --- 14.4: numeric arguments (range, integrality, shape agreement) ---
+    ("signal_projection padding overflowing int64",
+     lambda: se.signal_projection(IMAGE, V1, S1, padding=2 ** 31, reduce="mean"), ValueError, "padding"),
+    ("signal_projection padding beyond int64", lambda: se.signal_projection(IMAGE, V1, S1, padding=2 ** 70),
+     ValueError, "padding"),
+    ("signal_projection stride beyond int64", lambda: se.signal_projection(IMAGE, V1, S1, stride=2 ** 64),
+     ValueError, "stride"),
+    ("align cov_a of the wrong shape", lambda: se.align(torch.ones(4, 3, dtype=torch.float64), C[:3, :3], C[:3, :3]),
+     ValueError, "cov_a"),
+    ("align cov_b of the wrong shape", lambda: se.align(torch.ones(4, 3, dtype=torch.float64), C, C),
+     ValueError, "cov_b"),
+    ("align only cov_a", lambda: se.align(C, C), ValueError, "cov_b"),
+    ("clip ks not integral", lambda: se.clip(cnn(), "3", (X, Y), ks=[2.7], progress=False), TypeError, "ks"),
+    ("clip ks negative", lambda: se.clip(cnn(), "3", (X, Y), ks=[-1], progress=False), ValueError, "ks"),
+    ("clip ks empty", lambda: se.clip(cnn(), "3", (X, Y), ks=[], progress=False), ValueError, "ks"),
+    ("clip ks beyond the features", lambda: se.clip(cnn(), "3", (X, Y), ks=[65], progress=False), ValueError, "ks"),
+    ("clip covariance of the wrong size", lambda: se.clip(cnn(), "3", (X, Y), ks=[1], covariance=C, progress=False),
+     ValueError, "covariance"),
+    ("clip max_copies zero", lambda: se.clip(cnn(), "3", (X, Y), ks=[1], max_copies=0, progress=False),
+     ValueError, "max_copies"),
+    ("hypergraph threshold nan", lambda: se.hypergraph(F.abs(), L, threshold=NAN), ValueError, "threshold"),
+    ("hypergraph threshold string", lambda: se.hypergraph(F.abs(), L, threshold="0.5"), TypeError, "threshold"),
+    ("hypergraph q nan", lambda: se.hypergraph(F.abs(), L, q=NAN), ValueError, "q"),
+    ("hypergraph q one", lambda: se.hypergraph(F.abs(), L, q=1.0), ValueError, "q"),
+    ("hypergraph p zero", lambda: se.hypergraph(F.abs(), L, p=0), ValueError, "p"),
+    ("hypergraph float labels", lambda: se.hypergraph(F.abs(), L.double()), TypeError, "labels"),
+    ("hypergraph labels of another length", lambda: se.hypergraph(F.abs(), L[:5]), ValueError, "labels"),
+    ("hypergraph empty vectors", lambda: se.hypergraph(F[:0], L[:0]), ValueError, "vectors"),
+    ("hypergraph class_names too short", lambda: se.hypergraph(F.abs(), L, class_names=["a"]), ValueError,
+     "class_names"),
+    ("numerical_rank eps nan", lambda: se.numerical_rank(C, eps=NAN), ValueError, "eps"),
+    ("numerical_rank eps string", lambda: se.numerical_rank(C, eps="1e-3"), TypeError, "eps"),
+    ("perturbed scale zero", lambda: se.perturbed_pca_dimension(mlp(), F[:1], scale=0, progress=False),
+     ValueError, "scale"),
+    ("perturbed n_perturbations float", lambda: se.perturbed_pca_dimension(mlp(), F[:1], n_perturbations=10.5,
+                                                                           progress=False), TypeError,
+     "n_perturbations"),
+    ("perturbed empty x", lambda: se.perturbed_pca_dimension(mlp(), F[:0], progress=False), ValueError, "x"),
+    ("jacobian chunk_size zero", lambda: se.jacobian_partial_rank(mlp(), F[:1], chunk_size=0, progress=False),
+     ValueError, "chunk_size"),
+    ("jacobian at unknown", lambda: se.jacobian_partial_rank(mlp(), F[:1], at="edge", progress=False),
+     ValueError, "at"),
+    ("jacobian rank_of unknown", lambda: se.jacobian_partial_rank(mlp(), F[:1], rank_of="trace", progress=False),
+     ValueError, "rank_of"),
+    ("jacobian empty x", lambda: se.jacobian_partial_rank(mlp(), F[:0], progress=False), ValueError, "x"),
+    ("classification ratio nan", lambda: se.classification_dimension(F, L, nn.Linear(5, 3), ratio=NAN),
+     ValueError, "ratio"),
+    ("independence eta negative", lambda: se.independence_deficit(F, L, eta=-1), ValueError, "eta"),
+    ("independence tol zero", lambda: se.independence_deficit(F, L, tol=0), ValueError, "tol"),
+    ("mlp_rank_decay ks float", lambda: rank.mlp_rank_decay(depth=2, width=4, ks=[1.5], progress=False),
+     TypeError, "ks"),
+    ("projection_accuracy ks beyond d", lambda: rank.projection_accuracy(F, L, nn.Linear(5, 3), ks=[6]),
+     ValueError, "ks"),
+    ("exemplary_images target float", lambda: signals_module.exemplary_images(cnn(), "3", X, [1.5], progress=False),
+     TypeError, "targets"),
+    ("exemplary_images k zero", lambda: signals_module.exemplary_images(cnn(), "3", X, [1], k=0, progress=False),
+     ValueError, "k"),
+    ("feature_visualization steps negative", lambda: signals_module.feature_visualization(cnn(), "0", 0, (3, 6, 6),
+                                                                                          steps=-1, progress=False),
+     ValueError, "steps"),
+    ("feature_visualization lr nan", lambda: signals_module.feature_visualization(cnn(), "0", 0, (3, 6, 6), lr=NAN,
+                                                                                  progress=False), ValueError, "lr"),
+    ("feature_visualization shape of two", lambda: signals_module.feature_visualization(cnn(), "0", 0, (6, 6),
+                                                                                        progress=False),
+     ValueError, "shape"),
+    ("feature_visualization node float", lambda: signals_module.feature_visualization(cnn(), "0", [0.5], (3, 6, 6),
+                                                                                      progress=False),
+     TypeError, "nodes"),
+    ("marchenko_pastur variance zero", lambda: covariance.marchenko_pastur_edges(10, 5, 0.0), ValueError,
+     "variance"),
+    ("weight_spectra variance unknown", lambda: covariance.weight_spectra(mlp(), variance="mp"), ValueError,
+     "variance"),
+    ("stability shapes disagree", lambda: covariance.stability(C, C[:, :3]), ValueError, "E2"),
+    ("activation_covariance dtype", lambda: se.activation_covariance(cnn(), X, ["3"], dtype=torch.int64,
+                                                                     progress=False), TypeError, "dtype"),
+    ("activation_covariance batch_size", lambda: se.activation_covariance(cnn(), X, ["3"], batch_size=0,
+                                                                          progress=False), ValueError, "batch_size"),
+    ("rainbow seed float", lambda: se.rainbow(mlp(), (F, L), seed=0.5, progress=False), TypeError, "seed"),
+    ("intertwiner negative_slope nan", lambda: se.intertwiner_group("leaky_relu", negative_slope=NAN), ValueError,
+     "negative_slope"),
+    ("apply_symmetry rtol negative", lambda: se.apply_symmetry(mlp(), rtol=-1), ValueError, "rtol"),
+    ("rotation_penalty train_data loader", lambda: symmetry.rotation_penalty(mlp(), "0", [(F, L)], (F, L),
+                                                                             progress=False), TypeError,
+     "train_data"),
+    ("rotation_penalty lr zero", lambda: symmetry.rotation_penalty(mlp(), "0", (F, L), (F, L), lr=0,
+                                                                   progress=False), ValueError, "lr"),
+    # --- 14.18: unclear errors made clear ---
+    ("svr p string", lambda: se.svr(mlp(), p="0.1"), TypeError, "p"),
+    ("svr p one", lambda: se.svr(mlp(), p=1.0), ValueError, "p"),
+    ("svr dtype float16", lambda: se.svr(mlp(), dtype=torch.float16), ValueError, "dtype"),
+    ("svr Linear(5, 0)", lambda: se.svr(mlp(width=0)), ValueError, "zero-size"),
+    ("layer_spectra Linear(5, 0)", lambda: se.layer_spectra(mlp(width=0)), ValueError, "zero-size"),
+    ("signals empty tensor", lambda: se.signals(cnn(), "3", EMPTY, progress=False), ValueError, "x"),
+    ("signals empty loader", lambda: se.signals(cnn(), "3", [], progress=False), ValueError, "x"),
+    ("signals dict loader", lambda: se.signals(cnn(), "3", DICTS, progress=False), TypeError, "x"),
+    ("signals not data", lambda: se.signals(cnn(), "3", 3, progress=False), TypeError, "x"),
+    ("hypergraph from an empty loader", lambda: se.hypergraph(*signals_module.signal_vectors(cnn(), [], ["3"],
+                                                                                            progress=False)),
+     ValueError, "data"),
+    ("signal_vectors dict loader", lambda: signals_module.signal_vectors(cnn(), DICTS, ["3"], progress=False),
+     TypeError, "data"),
+    ("activation_covariance empty loader", lambda: se.activation_covariance(cnn(), [], ["3"], progress=False),
+     ValueError, "data"),
+    ("activation_covariance empty tensor", lambda: se.activation_covariance(cnn(), EMPTY, ["3"], progress=False),
+     ValueError, "data"),
+    ("activation_covariance dict loader", lambda: se.activation_covariance(cnn(), DICTS, ["3"], progress=False),
+     TypeError, "data"),
+    ("similarity_matrix empty loader", lambda: se.similarity_matrix(cnn(), cnn(), [], ["3"], progress=False),
+     ValueError, "loader"),
+    ("similarity_matrix dict loader", lambda: se.similarity_matrix(cnn(), cnn(), DICTS, ["3"], progress=False),
+     TypeError, "loader"),
+    ("rainbow empty train_data", lambda: se.rainbow(mlp(), [], progress=False), ValueError, "train_data"),
+    ("rainbow dict train_data", lambda: se.rainbow(mlp(), [{"x": F}], progress=False), TypeError, "train_data"),
+    ("rainbow test labels out of range", lambda: se.rainbow(mlp(), (F, L), (F, L + 3), progress=False),
+     ValueError, "test_data"),
+    ("stitch empty train_data", lambda: se.stitch(cnn(), cnn(), "1", train_data=[], progress=False), ValueError,
+     "train_data"),
+    ("stitch dict train_data", lambda: se.stitch(cnn(), cnn(), "1", train_data=DICTS, progress=False), TypeError,
+     "train_data"),
+    ("stitch train_data without labels", lambda: se.stitch(cnn(), cnn(), "1", train_data=X, progress=False),
+     ValueError, "train_data"),
+    ("stitch labels out of range", lambda: se.stitch(cnn(), cnn(), "1", train_data=(X, Y + 3), epochs=1,
+                                                     progress=False), ValueError, "train_data"),
+    ("stitch negative labels", lambda: se.stitch(cnn(), cnn(), "1", train_data=(X, Y - 1), epochs=1,
+                                                 progress=False), ValueError, "train_data"),
+    ("stitch test labels out of range", lambda: se.stitch(cnn(), cnn(), "1", train_data=(X, Y), test_data=(X, Y + 3),
+                                                          epochs=1, progress=False), ValueError, "test_data"),
+    ("clip labels out of range", lambda: se.clip(cnn(), "3", (X, Y + 3), ks=[1], progress=False), ValueError, "data"),
+    ("clip data without labels", lambda: se.clip(cnn(), "3", X, ks=[1], progress=False), ValueError, "data"),
+    ("classification_dimension mismatched classifier", lambda: se.classification_dimension(F, L, nn.Linear(4, 3)),
+     ValueError, "classifier"),
+    ("classification_dimension classifier not callable", lambda: se.classification_dimension(F, L, "head"),
+     TypeError, "classifier"),
+    ("classification_dimension labels beyond the classifier", lambda: se.classification_dimension(
+        F, L + 3, nn.Linear(5, 3)), ValueError, "labels"),
+    ("independence_deficit names logits", lambda: se.independence_deficit(F[:, :1].squeeze(1), L), ValueError,
+     "logits"),
+    ("independence_deficit logits rows", lambda: se.independence_deficit(F, L[:5]), ValueError, "logits"),
+]
+
+
+@pytest.mark.parametrize("call,error,argument", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_is_refused_naming_the_argument(call, error, argument):
+    with pytest.raises(error) as raised:
+        call()
+    assert re.search(rf"(?<![A-Za-z_]){re.escape(argument)}(?![A-Za-z_])", str(raised.value)), str(raised.value)
+
+
+def test_every_case_id_is_unique():
+    ids = [case[0] for case in CASES]
+    assert len(ids) == len(set(ids))
+
+
+def test_half_precision_models_are_computed_in_float32_with_a_warning():
+    """svr on float16/bfloat16 weights: a warning, then the float32 SVR of the
+    rounded weights (the same numbers as converting the model first)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        model = mlp().to(dtype)
+        with pytest.warns(RuntimeWarning, match="float32"):
+            result = se.svr(model)
+        expected = se.svr(mlp().to(dtype).float())
+        torch.testing.assert_close(result.adjacency(0), expected.adjacency(0))
+        assert result.adjacency(0).dtype == torch.float32
+
+
+def test_a_padding_below_the_limit_is_exact():
+    """A large padding that stays in range: the mean over (2 + 2p)^2 positions
+    of the one non-zero tap sum (4 ones) is exact."""
+    p = 10 ** 6
+    out = se.signal_projection(IMAGE, V1, S1, padding=p, reduce="mean")
+    assert float(out) == pytest.approx(4 / (2 + 2 * p) ** 2, rel=1e-12)
