@@ -94,32 +94,40 @@ def test_orthogonal_measures_are_one_on_a_rotated_copy_and_the_max_kernel_is_not
     assert se.procrustes(X, R, "grelu") < 0.9
 
 
-def test_grelu_procrustes_matches_brute_force_over_permutations():
+@pytest.mark.parametrize("centered", [False, True])
+def test_grelu_procrustes_matches_brute_force_over_permutations(centered):
+    """Definition 5.2 (no centring, the default) and its centred option,
+    against the minimum over all 4! permutations."""
     g = torch.Generator().manual_seed(2)
     X, Y = torch.randn(50, 4, dtype=torch.float64, generator=g), torch.randn(50, 4, dtype=torch.float64, generator=g)
-    similarity, delta = se.procrustes(X, Y, "grelu", return_distance=True)
+    X, Y = X.relu(), (Y + 0.5).relu()
+    similarity, delta = se.procrustes(X, Y, "grelu", return_distance=True, centered=centered)
 
     def tilde(M):
-        M = M - M.mean(0)
+        M = M - M.mean(0) if centered else M
         return M / M.norm(dim=0)
 
     Xt, Yt = tilde(X), tilde(Y)
     best = min(float((Xt - Yt[:, list(p)]).norm()) for p in itertools.permutations(range(4)))
     assert delta == pytest.approx(best, rel=1e-10)
     assert similarity == pytest.approx(1 - best / (2 * 2.0), rel=1e-12)
-    assert se.procrustes(X, grelu_copy(X, g), "grelu") == 1.0  # clamped: exact at alignment
+    if centered:  # shifts are invisible only to the centred form
+        assert se.procrustes(X, grelu_copy(X, g), "grelu", centered=True) == 1.0  # clamped: exact at alignment
+    Z = X[:, torch.randperm(4, generator=g)] * torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    assert se.procrustes(X, Z, "grelu", centered=centered) == 1.0  # a G_ReLU copy (no shift) is aligned
 
 
-def test_orthogonal_procrustes_matches_scipy():
+@pytest.mark.parametrize("centered", [False, True])
+def test_orthogonal_procrustes_matches_scipy(centered):
     from scipy.linalg import orthogonal_procrustes
 
     X, g = features(n=80, c=6)
     Y = X + torch.randn(X.shape, dtype=torch.float64, generator=g)
-    similarity, delta = se.procrustes(X, Y, "orthogonal", return_distance=True)
+    similarity, delta = se.procrustes(X, Y, "orthogonal", return_distance=True, centered=centered)
 
     def unit(M):  # channels as columns, positions as extra rows (D.2 sums over n, h, w)
         M = M.permute(0, 2, 3, 1).reshape(-1, M.shape[1])
-        M = M - M.mean(0)
+        M = M - M.mean(0) if centered else M
         return (M / M.norm()).numpy()
 
     R, _ = orthogonal_procrustes(unit(Y), unit(X))
