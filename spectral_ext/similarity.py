@@ -120,12 +120,6 @@ def channel_normalize(X: torch.Tensor, centered: bool = True) -> torch.Tensor:
     return X / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def _constant(X: torch.Tensor) -> bool:
-    """Every feature takes one value over the samples (exact, no tolerance)."""
-    flat = X.reshape(X.shape[0], -1)
-    return bool((flat.amax(0) == flat.amin(0)).all())
-
-
 def _median_offdiagonal(D: torch.Tensor, what: str) -> torch.Tensor:
     n = D.shape[0]
     values = D[~torch.eye(n, dtype=torch.bool, device=D.device)]
@@ -212,9 +206,25 @@ def _check_kernel(kernel):
 
 def _frobenius2_of_gram(F: torch.Tensor) -> torch.Tensor:
     """|F'F|_F^2 = |F F'|_F^2 in float64 through the smaller of the two
-    products (F: (n, d), centred)."""
-    G = F.T @ F if F.shape[1] <= F.shape[0] else F @ F.T
+    products (F: (n, d), centred). On the CPU through BLAS syrk, which
+    computes one triangle of a symmetric product for half the flops of a
+    matmul (torch has no syrk)."""
+    n, d = F.shape
+    if F.device.type == "cpu" and F.is_contiguous() and F.dtype in (torch.float32, torch.float64):
+        from scipy.linalg import blas
+
+        syrk = blas.ssyrk if F.dtype == torch.float32 else blas.dsyrk
+        # F's memory read in Fortran order is F' (d, n): trans=0 gives F'F, trans=1 gives F F'
+        G = torch.from_numpy(syrk(1.0, F.detach().numpy().T, trans=0 if d <= n else 1)).to(torch.float64)
+        return 2.0 * G.square().sum() - G.diagonal().square().sum()  # one triangle, the diagonal once
+    G = F.T @ F if d <= n else F @ F.T
     return G.to(torch.float64).square().sum()
+
+
+def _constant(X: torch.Tensor) -> bool:
+    """Every feature takes one value over the samples (exact, no tolerance)."""
+    flat = X.reshape(X.shape[0], -1)
+    return torch.equal(flat, flat[:1].expand_as(flat))  # stops at the first difference
 
 
 class _Batch:
@@ -233,7 +243,7 @@ class _Batch:
                 mean = F.mean(0, keepdim=True, dtype=torch.float64)
                 Fc = F - mean.to(F.dtype) if F.dtype != torch.float64 else F - mean
                 self.features.append(Fc)
-                self.norms.append(torch.linalg.vector_norm(Fc, dim=1, dtype=torch.float64).square())
+                self.norms.append(Fc.square().sum(1, dtype=torch.float64))
         else:
             grams = []
             for R in reps:
@@ -373,11 +383,11 @@ class MinibatchCKA:
         cka = cka.masked_fill(bad_x[:, None] | bad_y[None, :], float("nan"))
         if bool(bad_x.any()) or bool(bad_y.any()):
             def why(bad, varied, names):
-                names = names if names is not None else list(range(len(bad)))
+                names = names if names is not None else [f"#{i}" for i in range(len(bad))]
                 return [f"{names[i]} ({'constant' if not varied[i] else 'HSIC estimate <= 0: too few samples'})"
                         for i in range(len(bad)) if bad[i]]
             message = ("CKA is undefined for representations "
-                       f"{why(bad_x, self.varied_x, names_x) + why(bad_y, self.varied_y, names_y)}")
+                       f"{', '.join(why(bad_x, self.varied_x, names_x) + why(bad_y, self.varied_y, names_y))}")
             if self.single:
                 raise ValueError(message + ": HSIC(K, K) is 0, there is nothing to align")
             warnings.warn(message + "; their entries are NaN", RuntimeWarning, stacklevel=2)
@@ -426,8 +436,8 @@ class ChannelSums:
         self.count, self.sum, self.sumsq = 0, None, None
 
     def update(self, X: torch.Tensor) -> None:
-        X = X.to(torch.float64)
-        s, q = X.sum((0, 2)), X.square().sum((0, 2))
+        s = X.sum((0, 2), dtype=torch.float64)
+        q = X.square().sum((0, 2), dtype=torch.float64)
         if self.sum is None:
             self.sum, self.sumsq = s, q
         else:
@@ -461,7 +471,11 @@ class CrossMoments:
         if X.shape[0] != Y.shape[0] or X.shape[2] != Y.shape[2]:
             raise ValueError(f"X and Y must have the same samples and positions, got {tuple(X.shape)} and "
                              f"{tuple(Y.shape)} (N, C, positions)")
-        cross = torch.tensordot(X.to(torch.float64), Y.to(torch.float64), dims=([0, 2], [0, 2]))
+        X, Y = X.to(torch.float64), Y.to(torch.float64)
+        if X.shape[2] == 1:  # one matmul of the (N, C) views, no permuted copies
+            cross = X[:, :, 0].T @ Y[:, :, 0]
+        else:
+            cross = torch.tensordot(X, Y, dims=([0, 2], [0, 2]))
         self.sxy = cross if self.sxy is None else self.sxy + cross
         if self.own:
             self.sx.update(X)
@@ -688,7 +702,8 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
     if seen == 0:
         raise ValueError("loader produced no usable batch")
     rows = []
-    values = accumulator.value(layers_a, layers_b) if measure == "cka" else None
+    values = accumulator.value([f"model_a layer {n!r}" for n in layers_a],
+                               [f"model_b layer {n!r}" for n in layers_b]) if measure == "cka" else None
     for i, a in enumerate(layers_a):
         for j, b in enumerate(layers_b):
             if measure == "cka":
