@@ -313,12 +313,12 @@ def test_similarity_matrix_reads_token_features_on_the_last_axis():
         twin[4].load_state_dict(model[4].state_dict())
     x = torch.randn(64, 6, 5, dtype=torch.float64, generator=g)
     torch.testing.assert_close(twin(x), model(x))
-    df = se.similarity_matrix(model, twin, list(x.split(32)), ["1"], kernel="max", progress=False)
+    df = se.similarity_matrix(model, twin, list(x.split(16)), ["1"], kernel="max", progress=False)
     assert float(df["value"].iloc[0]) == pytest.approx(1.0, abs=1e-9)
-    proc = se.similarity_matrix(model, twin, list(x.split(32)), ["1"], measure="procrustes", group="grelu",
+    proc = se.similarity_matrix(model, twin, list(x.split(16)), ["1"], measure="procrustes", group="grelu",
                                 progress=False)
     assert float(proc["value"].iloc[0]) == 1.0
-    wrong = se.similarity_matrix(model, twin, list(x.split(32)), ["1"], kernel="max", feature_axis=1, progress=False)
+    wrong = se.similarity_matrix(model, twin, list(x.split(16)), ["1"], kernel="max", feature_axis=1, progress=False)
     assert float(wrong["value"].iloc[0]) < 0.95
 
 
@@ -373,10 +373,10 @@ def test_a_shared_model_runs_once_and_matches_two_copies():
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
     for measure in ("cka", "procrustes"):
         calls.clear()
-        one = se.similarity_matrix(model, model, list(x.split(20)), ["1", "3"], measure=measure, progress=False)
+        one = se.similarity_matrix(model, model, list(x.split(10)), ["1", "3"], measure=measure, progress=False)
         shared_calls = len(calls)
         calls.clear()
-        two = se.similarity_matrix(model, copy.deepcopy(model), list(x.split(20)), ["1", "3"], measure=measure,
+        two = se.similarity_matrix(model, copy.deepcopy(model), list(x.split(10)), ["1", "3"], measure=measure,
                                    progress=False)
         assert 2 * shared_calls == len(calls) >= 2  # the copy carries the hook: two models, twice the forwards
         np.testing.assert_allclose(one["value"], two["value"], rtol=1e-12, equal_nan=True)
