@@ -174,7 +174,9 @@ def plot_cka_heatmap(cka_matrix, layers1=None, layers2=None, model1_name: str = 
     if annot:
         for i in range(values.shape[0]):
             for j in range(values.shape[1]):
-                ax.text(j, i, format(values[i, j], annot_fmt), ha="center", va="center", fontsize=6, color="w")
+                bright = image.norm(values[i, j]) > 0.6  # dark text on the light end of the colour map
+                ax.text(j, i, format(values[i, j], annot_fmt), ha="center", va="center", fontsize=6,
+                        color="k" if bright else "w")
     if colorbar:
         fig.colorbar(image, ax=ax, label="CKA")
     fig.tight_layout()

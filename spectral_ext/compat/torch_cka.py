@@ -168,6 +168,13 @@ class CKA:
             raise ValueError("nothing to plot: call compare() first")
         fig, ax = plt.subplots()
         image = ax.imshow(self.hsic_matrix.numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
+        for axis, names in ((ax.xaxis, self.model2_info["Layers"]), (ax.yaxis, self.model1_info["Layers"])):
+            if len(names) <= 30:  # named ticks where they fit (torch-cka shows fractional indices)
+                axis.set_ticks(range(len(names)), [n if n else "(model)" for n in names], fontsize=8)
+            else:
+                from matplotlib.ticker import MaxNLocator
+                axis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(axis="x", labelrotation=60)
         ax.set_xlabel(f"Layers {self.model2_info['Name']}", fontsize=15)
         ax.set_ylabel(f"Layers {self.model1_info['Name']}", fontsize=15)
         ax.set_title(title if title is not None else f"{self.model1_info['Name']} vs {self.model2_info['Name']}",
