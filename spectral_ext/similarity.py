@@ -544,8 +544,9 @@ def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False, f
     rows, cols = _assignment(normalised)  # rows: Y's channels, cols: X's
     perm = torch.empty_like(cols)
     perm[rows] = cols
-    scale = (cross[perm, torch.arange(len(perm), device=perm.device)] / nx[perm].clamp_min(1e-300)).clamp_min(0)
-    return perm, scale
+    matched = cross[perm, torch.arange(len(perm), device=perm.device)]
+    scale = torch.where(nx[perm] > 0, matched / nx[perm].clamp_min(1e-300), torch.ones_like(matched)).clamp_min(0)
+    return perm, scale  # a zero channel of X keeps scale 1: nothing to fit
 
 
 def _rounded_gap(gap: float, scale: float) -> float:
