@@ -121,13 +121,37 @@ def channel_normalize(X: torch.Tensor, centered: bool = True) -> torch.Tensor:
 
 
 def _median_offdiagonal(D: torch.Tensor, what: str) -> torch.Tensor:
+    """The median of D[i, j] over the pairs i < j of a symmetric (N, N)
+    matrix (torch.median's lower middle value for an even count); on the
+    CPU by numpy's selection, O(N^2) instead of a sort."""
     n = D.shape[0]
-    values = D[~torch.eye(n, dtype=torch.bool, device=D.device)]
-    median = values.median() if values.numel() else D.new_tensor(0.0)
+    if n < 2:
+        median = D.new_tensor(0.0)
+    elif D.device.type == "cpu":
+        import numpy as np
+
+        A = D.detach().numpy()
+        values = np.concatenate([A[i, i + 1:] for i in range(n - 1)])
+        k = (values.size - 1) // 2
+        median = D.new_tensor(float(np.partition(values, k)[k]))
+    else:
+        median = D[torch.triu(torch.ones(n, n, dtype=torch.bool, device=D.device), diagonal=1)].median()
     if not median > 0:
         raise ValueError(f"the median {what} between samples is 0 (most samples are identical): the kernel's "
                          "bandwidth is 0 and the measure is undefined; pass bandwidth/gamma or distinct samples")
     return median
+
+
+def _squared_distances(F: torch.Tensor) -> torch.Tensor:
+    """|f_i - f_j|^2 ((N, N), F's dtype) from one Gram product of the centred
+    features: distances are shift invariant and centring keeps the product's
+    cancellation small (kernel values need no float64; the HSIC sums that
+    cancel run in float64 afterwards)."""
+    F = F - F.mean(0, keepdim=True, dtype=torch.float64).to(F.dtype)
+    rows = F.square().sum(1)
+    sq = torch.addmm(rows[:, None] + rows[None, :], F, F.T, alpha=-2.0).clamp_min_(0)
+    sq.diagonal().zero_()
+    return sq
 
 
 def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.5, gamma: float | None = None):
@@ -146,9 +170,9 @@ def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.
         F = X.reshape(X.shape[0], -1)
         if kernel == "linear":
             return F @ F.T
-        sq = torch.cdist(F, F).square()
+        sq = _squared_distances(F)
         scale = bandwidth ** 2 * _median_offdiagonal(sq, "squared distance")
-        return torch.exp(-sq / (2 * scale))
+        return sq.div_(-2 * scale).exp_()
     Xn = channel_normalize(X)
     if kernel == "max":
         return max_kernel_gram(Xn.contiguous())
@@ -227,6 +251,14 @@ def _constant(X: torch.Tensor) -> bool:
     return torch.equal(flat, flat[:1].expand_as(flat))  # stops at the first difference
 
 
+def _gram(R, kernel, bandwidth, gamma):
+    if kernel == "linear":  # centring first removes the cancellation of a float32 Gram (HSIC is shift invariant)
+        F = R.reshape(R.shape[0], -1)
+        F = F - F.mean(0, keepdim=True, dtype=torch.float64).to(F.dtype)
+        return F @ F.T
+    return kernel_matrix(R, kernel, bandwidth, gamma)
+
+
 class _Batch:
     """One batch's representations reduced to what HSIC needs: centred
     features (feature route, linear kernels) or U-centred Grams (Gram
@@ -244,16 +276,39 @@ class _Batch:
                 Fc = F - mean.to(F.dtype) if F.dtype != torch.float64 else F - mean
                 self.features.append(Fc)
                 self.norms.append(Fc.square().sum(1, dtype=torch.float64))
+        elif route == "direct":  # one pair of large Grams: kept in their dtype
+            self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
+            self.terms = [_gram_terms(K) for K in self.grams]
         else:
-            grams = []
-            for R in reps:
-                if kernel == "linear":  # centring first removes the cancellation of a float32 Gram
-                    F = R.reshape(self.n, -1)
-                    F = F - F.mean(0, keepdim=True, dtype=torch.float64).to(F.dtype)
-                    grams.append(F @ F.T)
-                else:
-                    grams.append(kernel_matrix(R, kernel, bandwidth, gamma))
-            self.grams = _centre_gram_(torch.stack(grams).to(torch.float64), unbiased).reshape(len(reps), -1)
+            grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
+            stacked = torch.empty((len(grams), self.n, self.n), dtype=torch.float64, device=grams[0].device)
+            for i, K in enumerate(grams):
+                stacked[i].copy_(K)  # one float64 copy per Gram, no intermediate
+                grams[i] = None
+            self.grams = _centre_gram_(stacked, unbiased).reshape(len(reps), -1)
+
+
+def _gram_terms(K: torch.Tensor):
+    """What HSIC needs from one Gram matrix, accumulated in float64 without
+    a float64 copy: its diagonal, row sums and total."""
+    diag = K.diagonal().to(torch.float64)
+    rows = K.sum(1, dtype=torch.float64)
+    return diag, rows, rows.sum()
+
+
+def _hsic_direct(K, L, tk, tl, unbiased: bool) -> torch.Tensor:
+    """HSIC of one pair of (N, N) Gram matrices from eq. 3 of [NRK21]
+    (unbiased) or tr(KHLH) / (n-1)^2, every sum accumulated in float64
+    (one pass over K and L, no centred copies)."""
+    n = K.shape[0]
+    (dk, rk, sk), (dl, rl, sl) = tk, tl
+    full = (K * L).sum(dtype=torch.float64) if K is not L else K.square().sum(dtype=torch.float64)
+    if not unbiased:
+        return (full - 2.0 / n * (rk @ rl) + sk * sl / n ** 2) / (n - 1) ** 2
+    rk, rl = rk - dk, rl - dl  # K~ 1, L~ 1
+    trace = full - dk @ dl
+    return (trace + (sk - dk.sum()) * (sl - dl.sum()) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rk @ rl)) \
+        / (n * (n - 3))
 
 
 def _hsic_features(a: _Batch, b: _Batch, unbiased: bool, same: bool) -> torch.Tensor:
@@ -343,12 +398,20 @@ class MinibatchCKA:
         dims_a = [R.shape[1] * R.shape[2] for R in Xs]
         dims_b = [] if same else [R.shape[1] * R.shape[2] for R in Ys]
         route = _route(self.kernel, n, dims_a, dims_b)
+        if route == "grams" and len(Xs) == 1 and len(Ys) == 1:
+            route = "direct"
         a = _Batch(Xs, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
         b = a if same else _Batch(Ys, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
         if route == "features":
             xy = _hsic_features(a, b, self.unbiased, same)
             xx = torch.diagonal(xy).clone() if same else _self_hsic_features(a, self.unbiased)
             yy = xx if same else _self_hsic_features(b, self.unbiased)
+        elif route == "direct":
+            K, L = a.grams[0], b.grams[0]
+            xx = _hsic_direct(K, K, a.terms[0], a.terms[0], self.unbiased).reshape(1)
+            yy = xx if same else _hsic_direct(L, L, b.terms[0], b.terms[0], self.unbiased).reshape(1)
+            xy = xx.reshape(1, 1) if same else \
+                _hsic_direct(K, L, a.terms[0], b.terms[0], self.unbiased).reshape(1, 1)
         else:
             scale = _hsic_scale(n, self.unbiased)
             xy = (a.grams @ b.grams.T) * scale
