@@ -380,3 +380,23 @@ def test_a_shared_model_runs_once_and_matches_two_copies():
                                    progress=False)
         assert 2 * shared_calls == len(calls) >= 2  # the copy carries the hook: two models, twice the forwards
         np.testing.assert_allclose(one["value"], two["value"], rtol=1e-12, equal_nan=True)
+
+
+def test_pairwise_similarity_matches_the_pair_functions():
+    """A zoo's pairs computed with each model's share once agree with cka
+    and procrustes called pair by pair."""
+    X, g = features(n=50, c=6)
+    feats = {"a": X, "b": grelu_copy(X, g).relu(), "c": torch.randn(X.shape, dtype=torch.float64, generator=g).relu()}
+    for kernel in ("linear", "max"):
+        frame = S.pairwise_similarity(feats, kernel=kernel)
+        assert list(frame["model_a"] + frame["model_b"]) == ["ab", "ac", "bc"]
+        for a, b, value in frame.itertuples(index=False):
+            assert value == pytest.approx(se.cka(feats[a], feats[b], kernel), rel=1e-9)
+    for group in S.GROUPS:
+        for centered in (False, True):
+            frame = S.pairwise_similarity(feats, [("c", "a"), ("b", "a")], "procrustes", group=group,
+                                          centered=centered)
+            for a, b, value in frame.itertuples(index=False):
+                assert value == pytest.approx(se.procrustes(feats[a], feats[b], group, centered=centered), abs=1e-12)
+    with pytest.raises(ValueError, match="without features"):
+        S.pairwise_similarity(feats, [("a", "z")])

@@ -776,3 +776,90 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
                 value = moments[(a, b)].procrustes(group, centered)[0] if moments[(a, b)].count else float("nan")
             rows.append({"layer_a": a, "layer_b": b, "value": value})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many models on one probe (zoos)
+
+
+def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel: str = "linear",
+                        group: str = "orthogonal", unbiased: bool = True, centered: bool = False,
+                        feature_axis: int | None = None, chunk: int = 64) -> pd.DataFrame:
+    """The similarity of many models' representations of one probe, pair by
+    pair, with each model's share computed once: features maps a model name
+    to its (N, ...) features of the same N probe inputs; pairs lists (a, b)
+    names (default: every unordered pair). measure "cka" (`kernel`,
+    `unbiased`: one reduction per model, then all pairs as one batched
+    product) or "procrustes" (`group`, `centered`: each model's normalised
+    features once, the pairs' channel cross-products batched, chunk pairs at
+    a time). Returns rows model_a, model_b, value."""
+    if not isinstance(features, dict) or not features:
+        raise TypeError("features must be a non-empty dict {model name: (N, ...) tensor}")
+    names = list(features)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else \
+        [tuple(p) for p in pairs]
+    unknown = sorted({n for p in pairs for n in p if n not in features})
+    if unknown:
+        raise ValueError(f"pairs name models without features: {unknown}")
+    reps = {n: as_channels(f"features[{n!r}]", features[n], feature_axis) for n in names}
+    if len({R.shape[0] for R in reps.values()}) != 1:
+        raise ValueError("every model's features must hold the same N probe samples")
+    if measure == "cka":
+        accumulator = MinibatchCKA(kernel, unbiased)
+        accumulator.update([reps[n] for n in names], None, feature_axis=1)
+        matrix = accumulator.value([f"features[{n!r}]" for n in names], [f"features[{n!r}]" for n in names])
+        index = {n: i for i, n in enumerate(names)}
+        values = [float(matrix[index[a], index[b]]) for a, b in pairs]
+    elif measure == "procrustes":
+        _check_group(group)
+        values = _pairwise_procrustes(reps, pairs, group, centered, chunk)
+    else:
+        raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
+    return pd.DataFrame({"model_a": [a for a, _ in pairs], "model_b": [b for _, b in pairs], "value": values})
+
+
+def _pairwise_procrustes(reps, pairs, group, centered, chunk):
+    flat = {}
+    for n, R in reps.items():
+        F = R.to(torch.float64).transpose(1, 2).reshape(-1, R.shape[1])  # (N S, C): positions are rows
+        if centered:
+            F = F - F.mean(0)
+        norms = F.norm(dim=0)
+        if group == "orthogonal":
+            total = norms.square().sum().sqrt()
+            if total == 0:
+                raise ValueError(f"features[{n!r}] is zero (constant, when centred): Procrustes is undefined")
+            flat[n] = F / total
+        else:
+            if bool((norms == 0).any()):
+                raise ValueError(f"a channel of features[{n!r}] is zero (constant, when centred): D_X^-1 of "
+                                 "definition 5.2 does not exist and the measure is undefined")
+            flat[n] = F / norms
+    values = []
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        for a, b in part:
+            if flat[a].shape[0] != flat[b].shape[0]:
+                raise ValueError(f"features[{a!r}] and features[{b!r}] differ in positions per sample")
+            if group == "grelu" and flat[a].shape[1] != flat[b].shape[1]:
+                raise ValueError(f"G_ReLU-Procrustes needs equal channel counts, got {flat[a].shape[1]} for "
+                                 f"{a!r} and {flat[b].shape[1]} for {b!r}")
+        shapes = {(flat[a].shape[1], flat[b].shape[1]) for a, b in part}
+        if len(shapes) == 1:  # one batched product for the chunk
+            A = torch.stack([flat[a] for a, _ in part])
+            B = torch.stack([flat[b] for _, b in part])
+            crosses = torch.bmm(A.transpose(1, 2), B)
+        else:
+            crosses = [flat[a].T @ flat[b] for a, b in part]
+        if group == "orthogonal":
+            nuclear = (torch.linalg.svdvals(crosses).sum(-1) if isinstance(crosses, torch.Tensor)
+                       else torch.stack([torch.linalg.svdvals(C).sum() for C in crosses]))
+            for value in nuclear.tolist():
+                values.append(1.0 - math.sqrt(_rounded_gap(2.0 - 2.0 * value, 2.0)) / 2.0)
+        else:
+            for C in crosses:
+                rows, cols = _assignment(C)
+                d = C.shape[0]
+                gap = _rounded_gap(2.0 * d - 2.0 * float(C[rows, cols].sum()), 2.0 * d)
+                values.append(1.0 - math.sqrt(gap) / (2.0 * math.sqrt(d)))
+    return values
