@@ -147,7 +147,7 @@ def _squared_distances(F: torch.Tensor) -> torch.Tensor:
     features: distances are shift invariant and centring keeps the product's
     cancellation small (kernel values need no float64; the HSIC sums that
     cancel run in float64 afterwards)."""
-    F = F - F.mean(0, keepdim=True, dtype=torch.float64).to(F.dtype)
+    F = F - F.mean(0, keepdim=True)  # any shift near the mean does
     rows = F.square().sum(1)
     sq = torch.addmm(rows[:, None] + rows[None, :], F, F.T, alpha=-2.0).clamp_min_(0)
     sq.diagonal().zero_()
@@ -252,11 +252,17 @@ def _constant(X: torch.Tensor) -> bool:
 
 
 def _gram(R, kernel, bandwidth, gamma):
-    if kernel == "linear":  # centring first removes the cancellation of a float32 Gram (HSIC is shift invariant)
+    if kernel == "linear":
+        # centring first removes the cancellation of a float32 Gram; HSIC is shift invariant, so the shift need
+        # not be the exact mean and a float32 mean does
         F = R.reshape(R.shape[0], -1)
-        F = F - F.mean(0, keepdim=True, dtype=torch.float64).to(F.dtype)
-        return F @ F.T
+        return _centred_gram(F)
     return kernel_matrix(R, kernel, bandwidth, gamma)
+
+
+def _centred_gram(F: torch.Tensor) -> torch.Tensor:
+    F = F - F.mean(0, keepdim=True)
+    return F @ F.T
 
 
 class _Batch:

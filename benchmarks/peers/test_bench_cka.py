@@ -104,7 +104,8 @@ def test_resnet18_layer_by_layer_vs_pytorch_cka(count):
     a64, b64 = a.double(), b.double()
     loader64 = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.double()), batch_size=128)
     exact = peer.compute_cka(a64, b64, loader64, layers=layers, progress=False, device="cpu")[0].numpy()
-    np.testing.assert_allclose(values["spectral_ext"], exact, rtol=1e-4, atol=1e-6)
+    # pytorch-cka clamps to [0, 1]; the unbiased estimate of a near-zero CKA can be slightly negative
+    np.testing.assert_allclose(np.clip(values["spectral_ext"], 0, 1), exact, rtol=1e-4, atol=1e-6)
     worst = np.max(np.abs(values["pytorch-cka 1.1.3"] - exact) / np.maximum(exact, 1e-12))
     print(f"  largest relative error: spectral_ext "
           f"{np.max(np.abs(values['spectral_ext'] - exact) / np.maximum(exact, 1e-12)):.1e}, pytorch-cka {worst:.1e}")
