@@ -159,7 +159,8 @@ def plot_cka_heatmap(cka_matrix, layers1=None, layers2=None, model1_name: str = 
     if values.ndim != 2:
         raise ValueError(f"cka_matrix must be 2-D, got shape {values.shape}")
     if ax is None:
-        fig, ax = plt.subplots(figsize=figsize or (max(4, 0.4 * values.shape[1] + 2), max(3, 0.4 * values.shape[0] + 1.5)))
+        size = (max(4, 0.4 * values.shape[1] + 2), max(3, 0.4 * values.shape[0] + 1.5))
+        fig, ax = plt.subplots(figsize=figsize or size)
     else:
         fig = ax.figure
     image = ax.imshow(values, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
