@@ -94,32 +94,40 @@ def test_orthogonal_measures_are_one_on_a_rotated_copy_and_the_max_kernel_is_not
     assert se.procrustes(X, R, "grelu") < 0.9
 
 
-def test_grelu_procrustes_matches_brute_force_over_permutations():
+@pytest.mark.parametrize("centered", [False, True])
+def test_grelu_procrustes_matches_brute_force_over_permutations(centered):
+    """Definition 5.2 (no centring, the default) and its centred option,
+    against the minimum over all 4! permutations."""
     g = torch.Generator().manual_seed(2)
     X, Y = torch.randn(50, 4, dtype=torch.float64, generator=g), torch.randn(50, 4, dtype=torch.float64, generator=g)
-    similarity, delta = se.procrustes(X, Y, "grelu", return_distance=True)
+    X, Y = X.relu(), (Y + 0.5).relu()
+    similarity, delta = se.procrustes(X, Y, "grelu", return_distance=True, centered=centered)
 
     def tilde(M):
-        M = M - M.mean(0)
+        M = M - M.mean(0) if centered else M
         return M / M.norm(dim=0)
 
     Xt, Yt = tilde(X), tilde(Y)
     best = min(float((Xt - Yt[:, list(p)]).norm()) for p in itertools.permutations(range(4)))
     assert delta == pytest.approx(best, rel=1e-10)
     assert similarity == pytest.approx(1 - best / (2 * 2.0), rel=1e-12)
-    assert se.procrustes(X, grelu_copy(X, g), "grelu") == 1.0  # clamped: exact at alignment
+    if centered:  # shifts are invisible only to the centred form
+        assert se.procrustes(X, grelu_copy(X, g), "grelu", centered=True) == 1.0  # clamped: exact at alignment
+    Z = X[:, torch.randperm(4, generator=g)] * torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    assert se.procrustes(X, Z, "grelu", centered=centered) == 1.0  # a G_ReLU copy (no shift) is aligned
 
 
-def test_orthogonal_procrustes_matches_scipy():
+@pytest.mark.parametrize("centered", [False, True])
+def test_orthogonal_procrustes_matches_scipy(centered):
     from scipy.linalg import orthogonal_procrustes
 
     X, g = features(n=80, c=6)
     Y = X + torch.randn(X.shape, dtype=torch.float64, generator=g)
-    similarity, delta = se.procrustes(X, Y, "orthogonal", return_distance=True)
+    similarity, delta = se.procrustes(X, Y, "orthogonal", return_distance=True, centered=centered)
 
     def unit(M):  # channels as columns, positions as extra rows (D.2 sums over n, h, w)
         M = M.permute(0, 2, 3, 1).reshape(-1, M.shape[1])
-        M = M - M.mean(0)
+        M = M - M.mean(0) if centered else M
         return (M / M.norm()).numpy()
 
     R, _ = orthogonal_procrustes(unit(Y), unit(X))
@@ -190,3 +198,205 @@ def test_similarity_errors():
         se.cka(X[:3], X[:3])
     with pytest.raises(ValueError, match="equal channel counts"):
         se.procrustes(X, X[:, :4], "grelu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes, accuracy, feature axes, undefined cases, model state
+
+
+def test_feature_and_gram_routes_agree_with_the_u_statistic_formula():
+    """Both exact routes of the linear kernels give the HSIC_1 of hsic() on
+    explicit Gram matrices (an independent implementation of [NRK21] eq. 3),
+    unbiased and biased, for shapes on both sides of the route switch."""
+    g = torch.Generator().manual_seed(5)
+    for n, d, e in ((9, 3, 4), (40, 7, 5), (12, 30, 50)):
+        X = torch.randn(n, d, dtype=torch.float64, generator=g).relu() + 2
+        Y = torch.randn(n, e, dtype=torch.float64, generator=g) + X[:, :1]
+        for unbiased in (True, False):
+            K, L = (X @ X.T)[None], (Y @ Y.T)[None]
+            expected = float(S.hsic(K, L, unbiased) / (S.hsic(K, K, unbiased) * S.hsic(L, L, unbiased)).sqrt())
+            for route in ("features", "grams"):
+                a = S._Batch([X[:, :, None]], "linear", 0.5, None, unbiased, route)
+                b = S._Batch([Y[:, :, None]], "linear", 0.5, None, unbiased, route)
+                if route == "features":
+                    xy = S._hsic_features(a, b, unbiased, False)
+                    xx, yy = S._self_hsic_features(a, unbiased), S._self_hsic_features(b, unbiased)
+                else:
+                    scale = S._hsic_scale(n, unbiased)
+                    xy, xx, yy = a.grams @ b.grams.T * scale, a.grams.square().sum(-1) * scale, \
+                        b.grams.square().sum(-1) * scale
+                assert float(xy[0, 0] / (xx[0] * yy[0]).sqrt()) == pytest.approx(expected, rel=1e-10)
+            assert se.cka(X, Y, unbiased=unbiased) == pytest.approx(expected, rel=1e-10)
+
+
+def test_float32_features_keep_float64_accuracy_where_the_peers_lose_it():
+    """ReLU features with a large mean and a CKA of ~0.01: the uncentred
+    float32 Gram formula the CKA packages use is off by percent, the float64
+    centring keeps spectral_ext within 1e-5 of the float64 value (both
+    routes)."""
+    g = torch.Generator().manual_seed(0)
+    for n, d in ((1500, 256), (256, 2048)):
+        X = torch.randn(n, d, generator=g).relu() * 3 + 1
+        Y = (torch.randn(n, d, generator=g) + 0.05 * X).relu() + 1
+        exact = se.cka(X.double(), Y.double())
+        assert 0.001 < exact < 0.2
+        assert se.cka(X, Y) == pytest.approx(exact, rel=1e-5)
+        K, L = (X @ X.T)[None], (Y @ Y.T)[None]  # float32 and uncentred, then the same estimator in float32
+        Kz, Lz = K - torch.diag_embed(K.diagonal(dim1=1, dim2=2)), L - torch.diag_embed(L.diagonal(dim1=1, dim2=2))
+        def h(A, B):
+            return (A * B).sum() + A.sum() * B.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (A.sum(1) * B.sum(1)).sum()
+        naive = float(h(Kz, Lz) / (h(Kz, Kz) * h(Lz, Lz)).sqrt())
+        assert abs(naive / exact - 1) > 1e-3  # the float32 route these features defeat
+
+
+def test_ortho_kernel_is_linear_cka_of_channel_normalised_features():
+    X, g = features(n=60, c=5)
+    Y = X + torch.randn(X.shape, dtype=torch.float64, generator=g)
+    Xn = S.channel_normalize(X.reshape(60, 5, -1)).reshape(60, -1)
+    Yn = S.channel_normalize(Y.reshape(60, 5, -1)).reshape(60, -1)
+    assert se.cka(X, Y, "ortho") == pytest.approx(se.cka(Xn, Yn, "linear"), rel=1e-10)
+    scaled = X * torch.arange(1.0, 6.0, dtype=torch.float64)[None, :, None, None] + 3.0
+    assert se.cka(scaled, Y, "ortho") == pytest.approx(se.cka(X, Y, "ortho"), rel=1e-10)  # per-channel affine
+    assert se.cka(scaled, Y, "linear") != pytest.approx(se.cka(X, Y, "linear"), rel=1e-3)
+
+
+def tokens(n=40, t=6, f=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, t, f, dtype=torch.float64, generator=g).relu(), g
+
+
+def test_token_features_use_the_feature_axis_and_3d_without_it_is_refused():
+    """Issue 14.1: a G_ReLU copy acting on the last (feature) axis of
+    (N, tokens, features) scores 1 with feature_axis=-1, less when the token
+    axis is read as channels; without feature_axis a 3-D input is refused."""
+    X, g = tokens()
+    perm = torch.randperm(5, generator=g)
+    scale = torch.exp(torch.randn(5, dtype=torch.float64, generator=g))
+    Y = X[:, :, perm] * scale[perm]
+    assert se.cka(X, Y, "max", feature_axis=-1) == pytest.approx(1.0, abs=1e-9)
+    assert se.cka(X, Y, "laplace", feature_axis=-1) == pytest.approx(1.0, abs=1e-9)
+    assert se.procrustes(X, Y, "grelu", feature_axis=-1) == 1.0
+    assert se.procrustes(X, Y, "grelu", feature_axis=1) < 0.95
+    assert se.cka(X, Y, "max", feature_axis=1) < 0.95
+    for call in (lambda: se.cka(X, Y), lambda: se.procrustes(X, Y, "grelu"), lambda: se.cka(X, Y, "max")):
+        with pytest.raises(ValueError, match="feature_axis"):
+            call()
+    with pytest.raises(ValueError, match="feature_axis must name an axis"):
+        se.cka(X, Y, feature_axis=0)
+    with pytest.raises(TypeError, match="feature_axis must be an int"):
+        se.cka(X, Y, feature_axis="last")
+
+
+def test_layer_feature_axis_follows_the_layer_that_produced_the_features():
+    model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.ReLU(), nn.Flatten(0, 0), nn.Linear(5, 5), nn.GELU(),
+                          nn.Sequential(nn.Linear(5, 5), nn.ReLU()), nn.Sequential(nn.Conv1d(4, 4, 1), nn.ReLU()))
+    assert [S.layer_feature_axis(model, n) for n in ("0", "1", "3", "4", "5", "6")] == [1, 1, -1, -1, -1, 1]
+    assert S.layer_feature_axis(nn.Sequential(nn.ReLU()), "0") is None
+
+
+def token_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+
+
+def test_similarity_matrix_reads_token_features_on_the_last_axis():
+    model = token_mlp()
+    twin = token_mlp()
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(7, generator=g)
+    scale = torch.exp(torch.randn(7, dtype=torch.float64, generator=g))
+    with torch.no_grad():  # Proposition 3.4 at layer 0: W0 <- P D W0, W2 <- W2 D^-1 P^T
+        twin[0].weight.copy_(model[0].weight[perm] * scale[:, None])
+        twin[0].bias.copy_(model[0].bias[perm] * scale)
+        twin[2].weight.copy_(model[2].weight[:, perm] / scale[None, :])
+        twin[2].bias.copy_(model[2].bias)
+        twin[4].load_state_dict(model[4].state_dict())
+    x = torch.randn(64, 6, 5, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(twin(x), model(x))
+    df = se.similarity_matrix(model, twin, list(x.split(16)), ["1"], kernel="max", progress=False)
+    assert float(df["value"].iloc[0]) == pytest.approx(1.0, abs=1e-9)
+    proc = se.similarity_matrix(model, twin, list(x.split(16)), ["1"], measure="procrustes", group="grelu",
+                                progress=False)
+    assert float(proc["value"].iloc[0]) == 1.0
+    wrong = se.similarity_matrix(model, twin, list(x.split(16)), ["1"], kernel="max", feature_axis=1, progress=False)
+    assert float(wrong["value"].iloc[0]) < 0.95
+
+
+@pytest.mark.parametrize("kernel", S.KERNELS)
+def test_cka_of_constant_features_is_undefined(kernel):
+    X, _ = features(n=20)
+    constant = torch.full_like(X, 0.1)
+    for A, B in ((constant, X), (X, constant)):
+        with pytest.raises(ValueError, match="undefined"):
+            se.cka(A, B, kernel)
+    with pytest.raises(ValueError, match="undefined"):
+        se.cka(constant[:, :, 0, 0], X[:, :, 0, 0], kernel, batch_size=10)
+
+
+def test_rbf_and_laplace_with_mostly_identical_points_are_undefined():
+    X, g = features(n=20)
+    repeated = X[:1].repeat(20, 1, 1, 1)
+    repeated[:3] = torch.randn(3, *X.shape[1:], dtype=torch.float64, generator=g)
+    for kernel in ("rbf", "laplace"):
+        with pytest.raises(ValueError, match="undefined"):
+            se.cka(repeated, X, kernel)
+
+
+def test_similarity_matrix_names_an_undefined_layer_and_restores_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3), nn.ReLU(),
+                          nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        model[3].weight.zero_()
+        model[3].bias.fill_(-1.0)  # layer 4 is dead: ReLU(-1) = 0 for every input
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(48, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="undefined.*model_a layer '4' \\(constant\\)"):
+        first = se.similarity_matrix(model, model, list(x.split(16)), ["1", "4"], progress=False)
+    assert first.query("layer_a == '4' or layer_b == '4'")["value"].isna().all()
+    assert first.query("layer_a == '1' and layer_b == '1'")["value"].iloc[0] == pytest.approx(1.0)
+    assert model.training and model[2].training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm untouched
+    with pytest.warns(RuntimeWarning):
+        second = se.similarity_matrix(model, model, list(x.split(16)), ["1", "4"], progress=False)
+    assert first["value"].equals(second["value"])  # eval mode: no dropout, the same numbers twice
+
+
+def test_a_shared_model_runs_once_and_matches_two_copies():
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU()).double()
+    x = torch.randn(40, 3, 7, 7, dtype=torch.float64)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    for measure in ("cka", "procrustes"):
+        calls.clear()
+        one = se.similarity_matrix(model, model, list(x.split(10)), ["1", "3"], measure=measure, progress=False)
+        shared_calls = len(calls)
+        calls.clear()
+        two = se.similarity_matrix(model, copy.deepcopy(model), list(x.split(10)), ["1", "3"], measure=measure,
+                                   progress=False)
+        assert 2 * shared_calls == len(calls) >= 2  # the copy carries the hook: two models, twice the forwards
+        np.testing.assert_allclose(one["value"], two["value"], rtol=1e-12, equal_nan=True)
+
+
+def test_pairwise_similarity_matches_the_pair_functions():
+    """A zoo's pairs computed with each model's share once agree with cka
+    and procrustes called pair by pair."""
+    X, g = features(n=50, c=6)
+    feats = {"a": X, "b": grelu_copy(X, g).relu(), "c": torch.randn(X.shape, dtype=torch.float64, generator=g).relu()}
+    for kernel in ("linear", "max"):
+        frame = S.pairwise_similarity(feats, kernel=kernel)
+        assert list(frame["model_a"] + frame["model_b"]) == ["ab", "ac", "bc"]
+        for a, b, value in frame.itertuples(index=False):
+            assert value == pytest.approx(se.cka(feats[a], feats[b], kernel), rel=1e-9)
+    for group in S.GROUPS:
+        for centered in (False, True):
+            frame = S.pairwise_similarity(feats, [("c", "a"), ("b", "a")], "procrustes", group=group,
+                                          centered=centered)
+            for a, b, value in frame.itertuples(index=False):
+                assert value == pytest.approx(se.procrustes(feats[a], feats[b], group, centered=centered), abs=1e-12)
+    with pytest.raises(ValueError, match="without features"):
+        S.pairwise_similarity(feats, [("a", "z")])

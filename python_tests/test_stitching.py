@@ -1,4 +1,6 @@
 """Model stitching (seed 004 section 4, Theorem 4.2, appendix D.1, D.2, D.6)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -21,25 +23,78 @@ def digits_pair():
     return model, twin, perm, scale, (x_train, y_train), (x_test, y_test)
 
 
-def test_theorem_4_2_grelu_stitching_finds_the_true_permutation(digits_pair):
+@pytest.mark.parametrize("init, epochs, lr", [("procrustes", 2, 1e-3), ("uniform", 10, 0.01)])
+def test_theorem_4_2_grelu_stitching_finds_the_true_permutation(digits_pair, init, epochs, lr):
     """A model and its G_ReLU twin (Proposition 3.4 at hidden layer 3, scales
-    exp(0.3 N(0, 1))): G_ReLU stitching at the ReLU after it, with the
-    paper's SGD (lr 1e-3 x 10 here for a small dataset, momentum 0.9, batch
-    32), recovers the permutation exactly and the accuracy to within 2%.
-    Measured: penalty 0.008 (3 of 360 test digits), P exact in 32/32. With
-    scales exp(N(0, 1)) (0.1 to 20) 20 epochs do not find P: D has to travel
-    too far from its head start at the identity."""
+    exp(0.3 N(0, 1))): G_ReLU stitching at the ReLU after it recovers the
+    permutation on every live channel (two units are dead on the digits,
+    interchangeable) and the accuracy to within 2%: from the
+    G_ReLU-Procrustes start in 2 epochs of the paper's SGD, from the paper's
+    uniform start with lr 1e-3 x 10 for a small dataset, momentum 0.9,
+    batch 32, in 10. Measured (uniform): penalty 0.008. With scales
+    exp(N(0, 1)) (0.1 to 20) the uniform start does not find P in 20 epochs:
+    D has to travel too far from its head start at the identity."""
     model, twin, perm, scale, train, test = digits_pair
-    result = se.stitch(model, twin, "4", kind="grelu", train_data=train, test_data=test, epochs=10, lr=0.01,
-                       progress=False)
-    assert torch.equal(result.permutation, perm)
+    result = se.stitch(model, twin, "4", kind="grelu", train_data=train, test_data=test, epochs=epochs, lr=lr,
+                       progress=False, init=init)
+    with torch.no_grad():
+        live = model[:5](train[0]).abs().sum(0) > 0
+    assert live.sum() >= 28
+    assert torch.equal(result.permutation[live[perm]], perm[live[perm]])
     assert result.accuracy_a == result.accuracy_b  # the twin computes the same function
     assert result.penalty == pytest.approx(St.stitching_penalty(result.accuracy_a, result.accuracy_b, result.accuracy))
     assert result.penalty <= 0.02
     hard = result.matrix
     assert ((hard != 0).sum(1) == 1).all() and (hard >= 0).all()  # an element of G_ReLU
-    assert list(result.curve.columns) == ["epoch", "loss", "accuracy"] and len(result.curve) == 10
+    assert list(result.curve.columns) == ["epoch", "loss", "accuracy"] and len(result.curve) == epochs
     assert result.sparsity == pytest.approx(1 - 1 / 32)  # appendix D.6: G_ReLU sparsity is 1 - 1/n
+    text = repr(result)
+    assert "Linear(" not in text and len(text) < 400 and "Sequential[..'4']" in text  # not both whole models
+
+
+def test_grelu_stitching_of_an_exact_resnet18_twin_has_no_penalty():
+    """Issue 18 / Theorem 4.2: an untrained ResNet-18 and its G_ReLU twin on
+    random inputs: from the G_ReLU-Procrustes start the stitched model is the
+    twin (penalty 0). The uniform start ends at 0.84 here (0.33 on the issue's
+    run): it is not found, and recalibrating BatchNorm statistics that never
+    described the data moves the model further."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x = torch.randn(48, 3, 8, 8)
+    twin, _ = se.apply_symmetry(model, example_input=x[:4], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    result = se.stitch(model, twin, "layer1", kind="grelu", train_data=(x[:32], y[:32]), test_data=(x[32:], y[32:]),
+                       epochs=1, batch_size=32, lr=0.01, progress=False)
+    assert result.accuracy_a == result.accuracy_b == 1.0
+    assert result.penalty == 0.0 and not result.recalibrated
+    assert "ResNet[..'layer1']" in repr(result) and "BasicBlock" not in repr(result)
+
+
+def test_token_features_are_stitched_on_the_feature_axis():
+    """Issue 14.1 / seed 004 D.4: a Linear layer's (N, tokens, features)
+    output is stitched on its last axis; the twin's permutation is found."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    perm = torch.randperm(8, generator=g)
+    scale = torch.exp(0.3 * torch.randn(8, generator=g))
+    with torch.no_grad():
+        twin[0].weight.copy_(model[0].weight[perm] * scale[:, None])
+        twin[0].bias.copy_(model[0].bias[perm] * scale)
+        twin[2].weight.copy_(model[2].weight[:, perm] / scale[None, :])
+    x = torch.randn(256, 4, 5, generator=g)
+    torch.testing.assert_close(twin(x), model(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    result = se.stitch(model, twin, "1", kind="grelu", train_data=(x[:192], y[:192]), test_data=(x[192:], y[192:]),
+                       epochs=1, progress=False)
+    assert torch.equal(result.permutation, perm)
+    assert result.penalty == 0.0
+    with pytest.raises(ValueError, match="feature_axis must name"):
+        se.stitch(model, twin, "1", kind="grelu", train_data=(x, y), feature_axis=0, progress=False)
 
 
 def test_affine_lowrank_l1_and_softsort_stitching(digits_pair):
@@ -98,7 +153,9 @@ def test_batchnorm_statistics_are_recalibrated_after_rounding():
     y = torch.randint(0, 3, (96,))
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     datasets.train(model, x, y, epochs=3)
-    result = se.stitch(model, model, "1", train_data=(x, y), kind="grelu", epochs=2, lr=0.01, progress=False)
+    result = se.stitch(model, model, "1", train_data=(x, y), kind="grelu", epochs=2, lr=0.01, progress=False,
+                       recalibrate=True)
+    assert result.recalibrated
     stitched = result.model
     with torch.no_grad():
         features = stitched.model_b[2](stitched.phi(stitched.model_a[:2](x)))
@@ -119,3 +176,12 @@ def test_stitch_errors(digits_pair):
         se.stitch(model, model, "4", train_data=train, kind="magic", progress=False)
     with pytest.raises(ValueError, match="train_data is required"):
         se.stitch(model, model, "4", "grelu")
+    with pytest.raises(ValueError, match="train_data is empty"):
+        se.stitch(model, model, "4", train_data=[], progress=False)
+    with pytest.raises(ValueError, match="init must be one of"):
+        se.stitch(model, model, "4", train_data=train, init="random", progress=False)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken[3].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="model_b has NaN or infinite weights in \\['3.weight'\\]"):
+        se.stitch(model, broken, "4", train_data=train, progress=False)

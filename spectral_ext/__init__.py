@@ -24,7 +24,7 @@ from .rank import (classification_dimension, independence_deficit, jacobian_part
                    perturbed_pca_dimension, stable_rank)
 from .signals import hypergraph, semantic_hierarchy, signals
 from .spectra import alpha_hat, layer_spectra
-from .similarity import cka, procrustes, similarity_matrix
+from .similarity import cka, pairwise_similarity, procrustes, similarity_matrix
 from .stitching import stitch, stitching_penalty
 from .symmetry import apply_symmetry, intertwiner_group
 from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_activations, svr, svr_many
@@ -70,8 +70,8 @@ __all__ = [
     "classification_dimension", "clip", "co_svr", "conv_adjacency", "current_backend", "discover",
     "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections",
     "layer_spectra", "linear_sum_assignment", "max_kernel_gram", "ModelGraph", "numerical_rank",
-    "perturbed_pca_dimension", "plot", "procrustes", "rainbow", "reference", "semantic_hierarchy",
-    "signal_projection", "signals",
+    "pairwise_similarity", "perturbed_pca_dimension", "plot", "procrustes", "rainbow", "reference",
+    "semantic_hierarchy", "signal_projection", "signals",
     "similarity_matrix", "sinkhorn", "sobel_similarity", "spectral_activations", "stable_rank", "stitch",
     "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo",
 ]

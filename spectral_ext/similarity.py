@@ -1,15 +1,30 @@
 """Dissimilarity measures of hidden representations (seed 004 section 5 and
 appendix D.7): CKA with the linear, RBF, max (G_ReLU-CKA, definition 5.3)
-and Laplace l1 (equation 5.6) kernels, the orthogonal and G_ReLU Procrustes
-measures (definition 5.2), and the layer-by-layer similarity matrix of two
-models computed in one pass over the data.
+and Laplace l1 (equation 5.6) kernels, the seed 004 authors' "orthogonal CKA"
+(linear CKA on channel-normalised features), the orthogonal and G_ReLU
+Procrustes measures (definition 5.2, D.7.1), and the layer-by-layer
+similarity matrix of two models computed in one pass over the data.
 
-Features are (N, d) or (N, C, H, W): channels are the feature axis, spatial
-positions are summed over (appendix D.7), so the G_ReLU measures are
-invariant to permuting and positively scaling channels, not positions."""
+Features are (N, d), (N, C, H, W) or any layout with a feature axis: the
+feature (channel) axis is axis 1 for 2-D and 4-D/5-D inputs (conv), and a
+3-D input (N, tokens, features) or (N, C, L) must say it (`feature_axis=`);
+the other axes are positions, summed over (appendix D.7), so the G_ReLU
+measures are invariant to permuting and positively scaling channels, not
+positions. similarity_matrix decides the axis from the layer that produced
+the features (a Linear: last axis; a conv: axis 1).
+
+Accuracy: features are centred in float64 before any product (HSIC_1 and
+the biased HSIC are invariant to shifting linear features, so this loses
+nothing and removes the cancellation that makes float32 CKA packages err by
+100%+ on ReLU features); every sum that cancels (row norms, the estimator's
+corrections, Gram centring) runs in float64; only the matrix products of
+the centred features run in the input dtype (measured: 3e-7 relative on
+float32 ReLU features, see python_tests/test_similarity.py)."""
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import pandas as pd
 import torch
@@ -20,20 +35,74 @@ from ._data import batches
 from ._hooks import capturing, check_layers, evaluating
 from ._ops import max_kernel_gram
 
-KERNELS = ("linear", "rbf", "max", "laplace")
+KERNELS = ("linear", "rbf", "max", "laplace", "ortho")
 GROUPS = ("orthogonal", "grelu")
 
+# Modules whose output keeps its features on the last axis (token layouts) or on axis 1 (conv layouts).
+_LAST_AXIS = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention,
+              nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RMSNorm)
+_AXIS_1 = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+           nn.GroupNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+           nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample)
 
-def _as_channels(name: str, X: torch.Tensor) -> torch.Tensor:
-    """(N, d) -> (N, d, 1); (N, C, *spatial) -> (N, C, S)."""
-    _checks.tensor(name, X, ndims=range(2, 6), shape="(N, d) or (N, C, H, W)")
-    if X.shape[1] == 0:
-        raise ValueError(f"{name} has no features (shape {tuple(X.shape)})")
+
+def _module_axis(module: nn.Module):
+    if isinstance(module, _LAST_AXIS):
+        return -1
+    if isinstance(module, _AXIS_1):
+        return 1
+    return None
+
+
+def layer_feature_axis(model: nn.Module, layer: str) -> int | None:
+    """The feature axis of `layer`'s output, read from the layer: -1 after a
+    Linear (or LayerNorm, attention, embedding), 1 after a conv (or
+    BatchNorm, pooling). A container answers for its last deciding leaf; an
+    elementwise module (ReLU, Dropout, ...) for the nearest deciding module
+    defined before it. None when nothing decides (the caller must say)."""
+    modules = list(model.named_modules())
+    names = [n for n, _ in modules]
+    index = names.index(layer)
+    own = [_module_axis(m) for _, m in [modules[index]] + list(modules[index][1].named_modules())[1:]]
+    decided = [a for a in own if a is not None]
+    if decided:
+        return decided[-1] if _module_axis(modules[index][1]) is None else decided[0]
+    for _, module in reversed(modules[:index]):
+        axis = _module_axis(module)
+        if axis is not None:
+            return axis
+    return None
+
+
+def _feature_axis_of(name: str, X: torch.Tensor, feature_axis) -> int:
+    if feature_axis is None:
+        if X.dim() == 3:
+            raise ValueError(f"{name} is 3-D {tuple(X.shape)}: (N, tokens, features) or (N, C, L) is ambiguous; "
+                             "say which axis holds the features with feature_axis=-1 (tokens, after a Linear) "
+                             "or feature_axis=1 (channels, after a conv)")
+        return 1
+    if isinstance(feature_axis, bool) or not isinstance(feature_axis, int):
+        raise TypeError(f"feature_axis must be an int, got {type(feature_axis).__name__}")
+    axis = feature_axis % X.dim() if -X.dim() <= feature_axis < X.dim() else None
+    if axis is None or axis == 0:
+        raise ValueError(f"feature_axis must name an axis of {name} other than the sample axis 0, "
+                         f"got {feature_axis} for shape {tuple(X.shape)}")
+    return axis
+
+
+def as_channels(name: str, X: torch.Tensor, feature_axis: int | None = None) -> torch.Tensor:
+    """(N, d) -> (N, d, 1); (N, C, *spatial) -> (N, C, S) with C on
+    `feature_axis` (default: axis 1; a 3-D input must say)."""
+    _checks.tensor(name, X, ndims=range(2, 7), shape="(N, d), (N, C, H, W) or (N, tokens, features)")
+    axis = _feature_axis_of(name, X, feature_axis)
+    X = X.movedim(axis, 1)
+    if X.shape[1] == 0 or X.shape[0] == 0:
+        raise ValueError(f"{name} has no samples or no features (shape {tuple(X.shape)})")
     return X.reshape(X.shape[0], X.shape[1], -1)
 
 
-def _pair(X, Y):
-    X, Y = _as_channels("X", X), _as_channels("Y", Y)
+def _pair(X, Y, feature_axis=None):
+    X, Y = as_channels("X", X, feature_axis), as_channels("Y", Y, feature_axis)
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X and Y must hold the same N samples, got {X.shape[0]} and {Y.shape[0]}")
     if X.device != Y.device:
@@ -41,19 +110,48 @@ def _pair(X, Y):
     return X, Y
 
 
-def channel_normalize(X: torch.Tensor) -> torch.Tensor:
+def channel_normalize(X: torch.Tensor, centered: bool = True) -> torch.Tensor:
     """Appendix D.7.2 / definition 5.3: subtract each channel's mean over
-    samples and positions, divide by its norm over samples and positions
-    (X D_X^{-1}). X: (N, C, S). A constant channel stays zero."""
-    X = X - X.mean(dim=(0, 2), keepdim=True)
-    norm = X.square().sum(dim=(0, 2), keepdim=True).sqrt()
+    samples and positions (centered=True), divide by its norm over samples
+    and positions (X D_X^{-1}). X: (N, C, S). A constant channel stays zero."""
+    if centered:
+        X = X - X.mean(dim=(0, 2), keepdim=True, dtype=torch.float64).to(X.dtype)
+    norm = torch.linalg.vector_norm(X, dim=(0, 2), keepdim=True, dtype=torch.float64).to(X.dtype)
     return X / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def _median_offdiagonal(D: torch.Tensor) -> torch.Tensor:
+def _median_offdiagonal(D: torch.Tensor, what: str) -> torch.Tensor:
+    """The median of D[i, j] over the pairs i < j of a symmetric (N, N)
+    matrix (torch.median's lower middle value for an even count); on the
+    CPU by numpy's selection, O(N^2) instead of a sort."""
     n = D.shape[0]
-    values = D[~torch.eye(n, dtype=torch.bool, device=D.device)]
-    return values.median() if values.numel() else D.new_tensor(1.0)
+    if n < 2:
+        median = D.new_tensor(0.0)
+    elif D.device.type == "cpu":
+        import numpy as np
+
+        A = D.detach().numpy()
+        values = np.concatenate([A[i, i + 1:] for i in range(n - 1)])
+        k = (values.size - 1) // 2
+        median = D.new_tensor(float(np.partition(values, k)[k]))
+    else:
+        median = D[torch.triu(torch.ones(n, n, dtype=torch.bool, device=D.device), diagonal=1)].median()
+    if not median > 0:
+        raise ValueError(f"the median {what} between samples is 0 (most samples are identical): the kernel's "
+                         "bandwidth is 0 and the measure is undefined; pass bandwidth/gamma or distinct samples")
+    return median
+
+
+def _squared_distances(F: torch.Tensor) -> torch.Tensor:
+    """|f_i - f_j|^2 ((N, N), F's dtype) from one Gram product of the centred
+    features: distances are shift invariant and centring keeps the product's
+    cancellation small (kernel values need no float64; the HSIC sums that
+    cancel run in float64 afterwards)."""
+    F = F - F.mean(0, keepdim=True)  # any shift near the mean does
+    rows = F.square().sum(1)
+    sq = torch.addmm(rows[:, None] + rows[None, :], F, F.T, alpha=-2.0).clamp_min_(0)
+    sq.diagonal().zero_()
+    return sq
 
 
 def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.5, gamma: float | None = None):
@@ -65,24 +163,48 @@ def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.
     (definition 5.3 with appendix D.7.2; the max_kernel_gram operator, never
     the (N, N, C) tensor). laplace: exp(-gamma |x~_i - x~_j|_1) on
     channel-normalised features (equation 5.6), gamma = 1 / the median l1
-    distance by default."""
-    if kernel == "linear":
+    distance by default. ortho: linear on channel-normalised features (the
+    seed 004 authors' orthogonal CKA)."""
+    _check_kernel(kernel)
+    if kernel in ("linear", "rbf"):
         F = X.reshape(X.shape[0], -1)
-        return F @ F.T
-    if kernel == "rbf":
-        F = X.reshape(X.shape[0], -1)
-        sq = torch.cdist(F, F).square()
-        scale = bandwidth ** 2 * _median_offdiagonal(sq)
-        return torch.exp(-sq / (2 * scale.clamp_min(torch.finfo(sq.dtype).tiny)))
+        if kernel == "linear":
+            return F @ F.T
+        sq = _squared_distances(F)
+        scale = bandwidth ** 2 * _median_offdiagonal(sq, "squared distance")
+        return sq.div_(-2 * scale).exp_()
     Xn = channel_normalize(X)
     if kernel == "max":
         return max_kernel_gram(Xn.contiguous())
-    if kernel == "laplace":
-        F = Xn.reshape(Xn.shape[0], -1)
-        l1 = torch.cdist(F, F, p=1)
-        c = 1.0 / float(_median_offdiagonal(l1).clamp_min(torch.finfo(l1.dtype).tiny)) if gamma is None else gamma
-        return torch.exp(-c * l1)
-    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    F = Xn.reshape(Xn.shape[0], -1)
+    if kernel == "ortho":
+        return F @ F.T
+    l1 = torch.cdist(F, F, p=1)
+    c = 1.0 / float(_median_offdiagonal(l1, "l1 distance")) if gamma is None else gamma
+    return torch.exp(-c * l1)
+
+
+def _centre_gram_(K: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """In place on float64 K (a, n, n): the U-centred matrix (Szekely and
+    Rizzo 2014: zero diagonal, then rows and columns centred with 1/(n-2)
+    and the total with 1/((n-1)(n-2)), diagonal zero again) so that
+    <U(K), U(L)> / (n(n-3)) is Song et al.'s HSIC_1 [NRK21, eq. 3]; biased:
+    H K H, so <HKH, HLH> / (n-1)^2 = tr(KHLH) / (n-1)^2."""
+    n = K.shape[-1]
+    if unbiased:
+        K.diagonal(dim1=-2, dim2=-1).zero_()
+        rows = K.sum(-1)
+        total = rows.sum(-1)
+        K.sub_(rows[:, :, None] / (n - 2)).sub_(rows[:, None, :] / (n - 2))
+        K.add_((total / ((n - 1) * (n - 2)))[:, None, None])
+        K.diagonal(dim1=-2, dim2=-1).zero_()
+    else:
+        K.sub_(K.mean(-1, keepdim=True)).sub_(K.mean(-2, keepdim=True))
+    return K
+
+
+def _hsic_scale(n: int, unbiased: bool) -> float:
+    return 1.0 / (n * (n - 3)) if unbiased else 1.0 / (n - 1) ** 2
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -91,21 +213,14 @@ def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = True) -> torch.Tenso
     unbiased=True: the estimator of Song et al. used by Nguyen et al. [NRK21,
     eq. 3], HSIC_1 = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2)
     1'K~L~1] / (n(n-3)) with K~, L~ the matrices with zeroed diagonals
-    (needs n >= 4). unbiased=False: tr(K H L H) / (n-1)^2."""
+    (needs n >= 4), computed as the inner product of U-centred matrices.
+    unbiased=False: tr(K H L H) / (n-1)^2. Computed in float64."""
     n = K.shape[-1]
-    K, L = K.double(), L.double()
-    if unbiased:
-        if n < 4:
-            raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
-        K = K - torch.diag_embed(torch.diagonal(K, dim1=-2, dim2=-1))
-        L = L - torch.diag_embed(torch.diagonal(L, dim1=-2, dim2=-1))
-        trace = torch.einsum("aij,bij->ab", K, L)  # K, L symmetric
-        k1, l1 = K.sum(-1), L.sum(-1)  # K~ 1, L~ 1
-        middle = k1.sum(-1)[:, None] * l1.sum(-1)[None, :] / ((n - 1) * (n - 2))
-        cross = k1 @ l1.T
-        return (trace + middle - 2.0 / (n - 2) * cross) / (n * (n - 3))
-    Kc = K - K.mean(-1, keepdim=True) - K.mean(-2, keepdim=True) + K.mean(dim=(-2, -1), keepdim=True)
-    return torch.einsum("aij,bij->ab", Kc, L) / (n - 1) ** 2
+    if unbiased and n < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
+    Uk = _centre_gram_(K.to(torch.float64, copy=True), unbiased).reshape(K.shape[0], -1)
+    Ul = _centre_gram_(L.to(torch.float64, copy=True), unbiased).reshape(L.shape[0], -1)
+    return (Uk @ Ul.T) * _hsic_scale(n, unbiased)
 
 
 def _check_kernel(kernel):
@@ -113,137 +228,394 @@ def _check_kernel(kernel):
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
+def _frobenius2_of_gram(F: torch.Tensor) -> torch.Tensor:
+    """|F'F|_F^2 = |F F'|_F^2 in float64 through the smaller of the two
+    products (F: (n, d), centred). On the CPU through BLAS syrk, which
+    computes one triangle of a symmetric product for half the flops of a
+    matmul (torch has no syrk)."""
+    n, d = F.shape
+    if F.device.type == "cpu" and F.is_contiguous() and F.dtype in (torch.float32, torch.float64):
+        from scipy.linalg import blas
+
+        syrk = blas.ssyrk if F.dtype == torch.float32 else blas.dsyrk
+        # F's memory read in Fortran order is F' (d, n): trans=0 gives F'F, trans=1 gives F F'
+        G = torch.from_numpy(syrk(1.0, F.detach().numpy().T, trans=0 if d <= n else 1)).to(torch.float64)
+        return 2.0 * G.square().sum() - G.diagonal().square().sum()  # one triangle, the diagonal once
+    G = F.T @ F if d <= n else F @ F.T
+    return G.to(torch.float64).square().sum()
+
+
+def _constant(X: torch.Tensor) -> bool:
+    """Every feature takes one value over the samples (exact, no tolerance)."""
+    flat = X.reshape(X.shape[0], -1)
+    return torch.equal(flat, flat[:1].expand_as(flat))  # stops at the first difference
+
+
+def _gram(R, kernel, bandwidth, gamma):
+    if kernel == "linear":
+        # centring first removes the cancellation of a float32 Gram; HSIC is shift invariant, so the shift need
+        # not be the exact mean and a float32 mean does
+        F = R.reshape(R.shape[0], -1)
+        return _centred_gram(F)
+    return kernel_matrix(R, kernel, bandwidth, gamma)
+
+
+def _centred_gram(F: torch.Tensor) -> torch.Tensor:
+    F = F - F.mean(0, keepdim=True)
+    return F @ F.T
+
+
+class _Batch:
+    """One batch's representations reduced to what HSIC needs: centred
+    features (feature route, linear kernels) or U-centred Grams (Gram
+    route), each computed once and shared by every pair."""
+
+    def __init__(self, reps, kernel, bandwidth, gamma, unbiased, route):
+        self.n = reps[0].shape[0]
+        self.constant = [_constant(R) for R in reps]
+        self.route = route
+        if route == "features":
+            self.features, self.norms = [], []
+            for R in reps:
+                F = (channel_normalize(R) if kernel == "ortho" else R).reshape(self.n, -1)
+                mean = F.mean(0, keepdim=True, dtype=torch.float64)
+                Fc = F - mean.to(F.dtype) if F.dtype != torch.float64 else F - mean
+                self.features.append(Fc)
+                self.norms.append(Fc.square().sum(1, dtype=torch.float64))
+        elif route == "direct":  # one pair of large Grams: kept in their dtype
+            self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
+            self.terms = [_gram_terms(K) for K in self.grams]
+        else:
+            grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
+            stacked = torch.empty((len(grams), self.n, self.n), dtype=torch.float64, device=grams[0].device)
+            for i, K in enumerate(grams):
+                stacked[i].copy_(K)  # one float64 copy per Gram, no intermediate
+                grams[i] = None
+            self.grams = _centre_gram_(stacked, unbiased).reshape(len(reps), -1)
+
+
+def _gram_terms(K: torch.Tensor):
+    """What HSIC needs from one Gram matrix, accumulated in float64 without
+    a float64 copy: its diagonal, row sums and total."""
+    diag = K.diagonal().to(torch.float64)
+    rows = K.sum(1, dtype=torch.float64)
+    return diag, rows, rows.sum()
+
+
+def _hsic_direct(K, L, tk, tl, unbiased: bool) -> torch.Tensor:
+    """HSIC of one pair of (N, N) Gram matrices from eq. 3 of [NRK21]
+    (unbiased) or tr(KHLH) / (n-1)^2, every sum accumulated in float64
+    (one pass over K and L, no centred copies)."""
+    n = K.shape[0]
+    (dk, rk, sk), (dl, rl, sl) = tk, tl
+    full = (K * L).sum(dtype=torch.float64) if K is not L else K.square().sum(dtype=torch.float64)
+    if not unbiased:
+        return (full - 2.0 / n * (rk @ rl) + sk * sl / n ** 2) / (n - 1) ** 2
+    rk, rl = rk - dk, rl - dl  # K~ 1, L~ 1
+    trace = full - dk @ dl
+    return (trace + (sk - dk.sum()) * (sl - dl.sum()) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rk @ rl)) \
+        / (n * (n - 3))
+
+
+def _hsic_features(a: _Batch, b: _Batch, unbiased: bool, same: bool) -> torch.Tensor:
+    """(len(a), len(b)) HSICs from centred features (N D D' per pair, no
+    N x N matrix): tr(K~L~) = |X'Y|^2 - kx.ky, 1'K~1 = -sum kx and
+    K~1 = -kx because X'1 = 0 (kx the squared row norms)."""
+    n = a.n
+    out = torch.empty(len(a.features), len(b.features), dtype=torch.float64, device=a.features[0].device)
+    for i, X in enumerate(a.features):
+        for j, Y in enumerate(b.features):
+            if same and j < i:
+                out[i, j] = out[j, i]
+                continue
+            trace = _frobenius2_of_gram(X) if same and i == j else (X.T @ Y).to(torch.float64).square().sum()
+            if unbiased:
+                kx, ky = a.norms[i], b.norms[j]
+                dot = kx @ ky
+                out[i, j] = (trace - dot * (1 + 2.0 / (n - 2)) + kx.sum() * ky.sum() / ((n - 1) * (n - 2))) \
+                    / (n * (n - 3))
+            else:
+                out[i, j] = trace / (n - 1) ** 2
+    return out
+
+
+def _self_hsic_features(a: _Batch, unbiased: bool) -> torch.Tensor:
+    n = a.n
+    values = []
+    for X, k in zip(a.features, a.norms):
+        trace = _frobenius2_of_gram(X)
+        if unbiased:
+            values.append((trace - k @ k * (1 + 2.0 / (n - 2)) + k.sum() ** 2 / ((n - 1) * (n - 2))) / (n * (n - 3)))
+        else:
+            values.append(trace / (n - 1) ** 2)
+    return torch.stack(values)
+
+
+def _route(kernel, n, dims_a, dims_b) -> str:
+    """The cheaper exact route for linear kernels: Gram matrices cost
+    n^2 (sum of dims) plus n^2 per pair, centred features n D D' per pair
+    and n D min(n, D) per self term."""
+    if kernel not in ("linear", "ortho"):
+        return "grams"
+    grams = n * n * (sum(dims_a) + sum(dims_b) + len(dims_a) * len(dims_b))
+    features = n * sum(dims_a) * sum(dims_b) + sum(n * d * min(n, d) for d in list(dims_a) + list(dims_b))
+    return "features" if features < grams else "grams"
+
+
 class MinibatchCKA:
     """CKA accumulated over minibatches (Nguyen et al. [NRK21]): the mean of
     the per-batch unbiased HSICs, so the dataset never needs to fit in
-    memory, only one (batch, batch) Gram matrix per representation. The
-    channel normalisation of the max and Laplace kernels uses each batch's
-    statistics (it keeps their G_ReLU invariance).
+    memory. Each representation of a batch is reduced once (centred
+    features or one U-centred Gram, in float64), every pair is an inner
+    product of those. The channel normalisation of the max, Laplace and
+    ortho kernels uses each batch's statistics (it keeps their invariance).
 
     update(Xs, Ys) takes lists of representations of the same batch (or single
-    tensors); value() returns the (len(Xs), len(Ys)) CKA matrix (a float
-    for single tensors)."""
+    tensors), each (N, C, S) or laid out as feature_axis says; value()
+    returns the (len(Xs), len(Ys)) CKA matrix (a float for single tensors).
+    Pass Ys=None to compare Xs with themselves (each reduced once)."""
 
     def __init__(self, kernel: str = "linear", unbiased: bool = True, bandwidth: float = 0.5,
                  gamma: float | None = None):
         _check_kernel(kernel)
         self.kernel, self.unbiased, self.bandwidth, self.gamma = kernel, unbiased, bandwidth, gamma
         self.xy = self.xx = self.yy = None
+        self.varied_x = self.varied_y = None
         self.batches = 0
         self.single = False
 
-    def _grams(self, reps, name):
-        return torch.stack([kernel_matrix(_as_channels(name, R), self.kernel, self.bandwidth, self.gamma).double()
-                            for R in reps])
+    def _reps(self, reps, name, feature_axis):
+        reps = [reps] if isinstance(reps, torch.Tensor) else list(reps)
+        if not reps:
+            raise ValueError(f"{name} lists no representation")
+        return [as_channels(name, R, feature_axis) for R in reps]
 
-    def update(self, Xs, Ys) -> None:
-        self.single = isinstance(Xs, torch.Tensor) and isinstance(Ys, torch.Tensor)
-        Xs = [Xs] if isinstance(Xs, torch.Tensor) else list(Xs)
-        Ys = [Ys] if isinstance(Ys, torch.Tensor) else list(Ys)
+    def update(self, Xs, Ys=None, feature_axis: int | None = None) -> None:
+        same = Ys is None
+        self.single = isinstance(Xs, torch.Tensor) and (same or isinstance(Ys, torch.Tensor))
+        Xs = self._reps(Xs, "X", feature_axis)
+        Ys = Xs if same else self._reps(Ys, "Y", feature_axis)
         n = {R.shape[0] for R in Xs + Ys}
         if len(n) != 1:
             raise ValueError(f"every representation of a batch must hold the same samples, got sizes {sorted(n)}")
-        K, L = self._grams(Xs, "X"), self._grams(Ys, "Y")
-        xy, xx = hsic(K, L, self.unbiased), torch.diagonal(hsic(K, K, self.unbiased))
-        yy = torch.diagonal(hsic(L, L, self.unbiased))
+        n = n.pop()
+        if self.unbiased and n < 4:
+            raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
+        dims_a = [R.shape[1] * R.shape[2] for R in Xs]
+        dims_b = [] if same else [R.shape[1] * R.shape[2] for R in Ys]
+        route = _route(self.kernel, n, dims_a, dims_b)
+        if route == "grams" and len(Xs) == 1 and len(Ys) == 1:
+            route = "direct"
+        a = _Batch(Xs, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
+        b = a if same else _Batch(Ys, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
+        if route == "features":
+            xy = _hsic_features(a, b, self.unbiased, same)
+            xx = torch.diagonal(xy).clone() if same else _self_hsic_features(a, self.unbiased)
+            yy = xx if same else _self_hsic_features(b, self.unbiased)
+        elif route == "direct":
+            K, L = a.grams[0], b.grams[0]
+            xx = _hsic_direct(K, K, a.terms[0], a.terms[0], self.unbiased).reshape(1)
+            yy = xx if same else _hsic_direct(L, L, b.terms[0], b.terms[0], self.unbiased).reshape(1)
+            xy = xx.reshape(1, 1) if same else \
+                _hsic_direct(K, L, a.terms[0], b.terms[0], self.unbiased).reshape(1, 1)
+        else:
+            scale = _hsic_scale(n, self.unbiased)
+            xy = (a.grams @ b.grams.T) * scale
+            xx = a.grams.square().sum(-1) * scale
+            yy = xx if same else b.grams.square().sum(-1) * scale
+        # a constant representation has HSIC exactly 0 (not rounding noise) in this batch
+        ca = torch.tensor(a.constant, device=xy.device)
+        cb = torch.tensor(b.constant, device=xy.device)
+        xy = xy.masked_fill(ca[:, None] | cb[None, :], 0.0)
+        xx, yy = xx.masked_fill(ca, 0.0), yy.masked_fill(cb, 0.0)
         if self.xy is None:
             self.xy, self.xx, self.yy = xy, xx, yy
+            self.varied_x, self.varied_y = ~ca, ~cb
         else:
+            if self.xy.shape != xy.shape:
+                raise ValueError(f"this batch has {tuple(xy.shape)} representation pairs, earlier ones "
+                                 f"{tuple(self.xy.shape)}")
             self.xy, self.xx, self.yy = self.xy + xy, self.xx + xx, self.yy + yy
+            self.varied_x, self.varied_y = self.varied_x | ~ca, self.varied_y | ~cb
         self.batches += 1
 
-    def value(self):
+    def value(self, names_x=None, names_y=None):
+        """The CKA matrix. Where a representation is constant (or its HSIC
+        estimate is not positive) CKA is undefined: a float raises
+        ValueError; a matrix holds NaN there and warns, naming them."""
         if self.xy is None:
             raise ValueError("no batch was added: call update() first")
-        denominator = (self.xx[:, None] * self.yy[None, :]).clamp_min(0).sqrt()
-        cka = torch.where(denominator > 0, self.xy / denominator.clamp_min(1e-300),
-                          torch.full_like(self.xy, float("nan")))
+        bad_x = ~self.varied_x | (self.xx <= 0)
+        bad_y = ~self.varied_y | (self.yy <= 0)
+        denominator = (self.xx.clamp_min(0)[:, None] * self.yy.clamp_min(0)[None, :]).sqrt()
+        cka = self.xy / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        cka = cka.masked_fill(bad_x[:, None] | bad_y[None, :], float("nan"))
+        if bool(bad_x.any()) or bool(bad_y.any()):
+            def why(bad, varied, names):
+                names = names if names is not None else [f"#{i}" for i in range(len(bad))]
+                return [f"{names[i]} ({'constant' if not varied[i] else 'HSIC estimate <= 0: too few samples'})"
+                        for i in range(len(bad)) if bad[i]]
+            message = ("CKA is undefined for representations "
+                       f"{', '.join(why(bad_x, self.varied_x, names_x) + why(bad_y, self.varied_y, names_y))}")
+            if self.single:
+                raise ValueError(message + ": HSIC(K, K) is 0, there is nothing to align")
+            warnings.warn(message + "; their entries are NaN", RuntimeWarning, stacklevel=2)
         return float(cka[0, 0]) if self.single else cka
 
 
 def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool = True,
-        batch_size: int | None = None, bandwidth: float = 0.5, gamma: float | None = None) -> float:
+        batch_size: int | None = None, bandwidth: float = 0.5, gamma: float | None = None,
+        feature_axis: int | None = None) -> float:
     """Centered kernel alignment HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
     (seed 004 equation 5.4). kernel="max" is G_ReLU-CKA (definition 5.3,
     appendix D.7.2), "laplace" the PSD G_ReLU-invariant kernel of equation
     5.6, "linear" and "rbf" the orthogonally invariant CKA of Kornblith et
-    al. unbiased: the HSIC_1 of [NRK21] (default) or the biased estimator.
+    al., "ortho" the seed 004 authors' orthogonal CKA (linear CKA after
+    each channel is centred and scaled to unit norm, their ortho_cka; the
+    comparison of Fig. 2, 5, 11). unbiased: the HSIC_1 of [NRK21] (default)
+    or the biased estimator.
 
-    X, Y: (N, d) or (N, C, H, W), the same N samples. batch_size: minibatch
-    CKA over consecutive rows (see MinibatchCKA) instead of one N x N
-    Gram matrix. The max kernel is not PSD (example E.44), so its CKA is the
-    paper's "rule-bending" instance (remark 5.5)."""
-    X, Y = _pair(X, Y)
+    X, Y: (N, d), (N, C, H, W), or (N, tokens, features) with feature_axis
+    saying which axis holds the features; the same N samples. batch_size:
+    minibatch CKA over consecutive rows (see MinibatchCKA). Linear kernels
+    take the cheaper exact route (centred D x D' products when N is large,
+    Gram matrices otherwise). The max kernel is not PSD (example E.44), so
+    its CKA is the paper's "rule-bending" instance (remark 5.5). Constant
+    features (or, for RBF/Laplace, mostly identical samples) make CKA
+    undefined: ValueError."""
+    X, Y = _pair(X, Y, feature_axis)
     _check_kernel(kernel)
+    if not isinstance(unbiased, bool):
+        raise TypeError(f"unbiased must be True or False, got {unbiased!r}")
     N = X.shape[0]
     step = N if batch_size is None else _checks.positive_int("batch_size", batch_size)
     accumulator = MinibatchCKA(kernel, unbiased, bandwidth, gamma)
     for start in range(0, N, step):
         if N - start < (4 if unbiased else 2) and start > 0:
             break  # a ragged last batch too small for the estimator adds nothing
-        accumulator.update(X[start:start + step], Y[start:start + step])
+        accumulator.update(X[start:start + step], Y[start:start + step], feature_axis=1)
     return accumulator.value()
+
+
+class ChannelSums:
+    """Running per-channel sums and sums of squares over samples and
+    positions of one representation (N, C, S), in float64."""
+
+    def __init__(self):
+        self.count, self.sum, self.sumsq = 0, None, None
+
+    def update(self, X: torch.Tensor) -> None:
+        s = X.sum((0, 2), dtype=torch.float64)
+        q = X.square().sum((0, 2), dtype=torch.float64)
+        if self.sum is None:
+            self.sum, self.sumsq = s, q
+        else:
+            if s.shape != self.sum.shape:
+                raise ValueError(f"a batch has {s.shape[0]} channels, earlier ones {self.sum.shape[0]}")
+            self.sum, self.sumsq = self.sum + s, self.sumsq + q
+        self.count += X.shape[0] * X.shape[2]
+
+    def norms2(self, centered: bool) -> torch.Tensor:
+        """Squared channel norms, of the centred channels when centered."""
+        if not centered:
+            return self.sumsq
+        return (self.sumsq - self.sum.square() / self.count).clamp_min(0)
 
 
 class CrossMoments:
     """Running sums that give the Procrustes measures of the whole dataset
     after one pass: per channel sums and sums of squares, and the channel
-    cross products of (D.2), all in float64."""
+    cross products of (D.2), all in float64. sums_x / sums_y may be shared
+    ChannelSums (similarity_matrix updates each layer's once per batch)."""
 
-    def __init__(self):
+    def __init__(self, sums_x: ChannelSums | None = None, sums_y: ChannelSums | None = None):
+        self.own = sums_x is None
+        self.sx = ChannelSums() if sums_x is None else sums_x
+        self.sy = ChannelSums() if sums_y is None else sums_y
+        self.sxy = None
         self.count = 0
-        self.sx = self.sy = self.sxx = self.syy = self.sxy = None
 
     def update(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        X, Y = _pair(X, Y)
-        if X.shape[2] != Y.shape[2]:
-            raise ValueError(f"X and Y must have the same spatial size, got {X.shape[2]} and {Y.shape[2]} positions")
-        X, Y = X.double(), Y.double()
-        sums = (X.sum((0, 2)), Y.sum((0, 2)), X.square().sum((0, 2)), Y.square().sum((0, 2)),
-                torch.einsum("ncs,nds->cd", X, Y))
-        if self.sx is None:
-            self.sx, self.sy, self.sxx, self.syy, self.sxy = sums
+        """X, Y: (N, C, S), (N, C', S)."""
+        if X.shape[0] != Y.shape[0] or X.shape[2] != Y.shape[2]:
+            raise ValueError(f"X and Y must have the same samples and positions, got {tuple(X.shape)} and "
+                             f"{tuple(Y.shape)} (N, C, positions)")
+        X, Y = X.to(torch.float64), Y.to(torch.float64)
+        if X.shape[2] == 1:  # one matmul of the (N, C) views, no permuted copies
+            cross = X[:, :, 0].T @ Y[:, :, 0]
         else:
-            self.sx, self.sy, self.sxx, self.syy, self.sxy = (a + b for a, b in zip(
-                (self.sx, self.sy, self.sxx, self.syy, self.sxy), sums))
+            cross = torch.tensordot(X, Y, dims=([0, 2], [0, 2]))
+        self.sxy = cross if self.sxy is None else self.sxy + cross
+        if self.own:
+            self.sx.update(X)
+            self.sy.update(Y)
         self.count += X.shape[0] * X.shape[2]
 
-    def centred(self):
-        """Centred cross products (C, C') and centred channel norms^2."""
-        m = self.count
-        cross = self.sxy - torch.outer(self.sx, self.sy) / m
-        nx = (self.sxx - self.sx.square() / m).clamp_min(0)
-        ny = (self.syy - self.sy.square() / m).clamp_min(0)
-        return cross, nx, ny
+    def cross(self, centered: bool) -> torch.Tensor:
+        if not centered:
+            return self.sxy
+        return self.sxy - torch.outer(self.sx.sum, self.sy.sum) / self.sx.count
 
-    def procrustes(self, group: str = "orthogonal") -> tuple[float, float]:
+    def procrustes(self, group: str = "orthogonal", centered: bool = False) -> tuple[float, float]:
         """(similarity, distance) for the accumulated data."""
-        if self.sx is None:
+        if self.sxy is None:
             raise ValueError("no batch was added: call update() first")
-        cross, nx, ny = self.centred()
-        if group == "orthogonal":
-            # D.7.1 / [DDS21a]: centred, unit Frobenius norm; min_Q |X - Y Q|^2 = 2 - 2 |X'Y|_*
-            scale = math.sqrt(float(nx.sum()) * float(ny.sum()))
-            if scale == 0:
-                raise ValueError("X or Y is constant: the Procrustes measure is undefined")
-            nuclear = float(torch.linalg.matrix_norm(cross / scale, ord="nuc"))
-            distance = math.sqrt(_rounded_gap(2.0 - 2.0 * nuclear, 2.0))
-            return 1.0 - distance / 2.0, distance
-        if group == "grelu":
-            if cross.shape[0] != cross.shape[1]:
-                raise ValueError(f"G_ReLU-Procrustes needs equal channel counts, got {cross.shape[0]} and "
-                                 f"{cross.shape[1]}")
-            if bool((nx == 0).any()) or bool((ny == 0).any()):
-                raise ValueError("a channel of X or Y is constant: D_X^{-1} of definition 5.2 does not exist")
-            normalised = cross / torch.outer(nx.sqrt(), ny.sqrt())
-            from scipy.optimize import linear_sum_assignment
+        return _procrustes_from(self.cross(centered), self.sx.norms2(centered), self.sy.norms2(centered), group)
 
-            rows, cols = linear_sum_assignment(normalised.cpu().numpy(), maximize=True)
-            d = cross.shape[0]
-            best = float(normalised[rows, cols].sum())
-            distance = math.sqrt(_rounded_gap(2.0 * d - 2.0 * best, 2.0 * d))  # |X~|^2 = |Y~|^2 = d
-            return 1.0 - distance / (2.0 * math.sqrt(d)), distance
-        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+
+def _procrustes_from(cross, nx, ny, group):
+    if group == "orthogonal":
+        # D.7.1 / [DDS21a]: unit Frobenius norm; min_Q |X - Y Q|^2 = 2 - 2 |X'Y|_*
+        scale = math.sqrt(float(nx.sum()) * float(ny.sum()))
+        if scale == 0:
+            raise ValueError("X or Y is zero (constant, when centred): the Procrustes measure is undefined")
+        nuclear = float(torch.linalg.svdvals(cross / scale).sum())
+        distance = math.sqrt(_rounded_gap(2.0 - 2.0 * nuclear, 2.0))
+        return 1.0 - distance / 2.0, distance
+    if group == "grelu":
+        if cross.shape[0] != cross.shape[1]:
+            raise ValueError(f"G_ReLU-Procrustes needs equal channel counts, got {cross.shape[0]} and "
+                             f"{cross.shape[1]}")
+        if bool((nx == 0).any()) or bool((ny == 0).any()):
+            raise ValueError("a channel of X or Y is zero (constant, when centred): D_X^{-1} of definition 5.2 "
+                             "does not exist and the measure is undefined")
+        normalised = cross / torch.outer(nx.sqrt(), ny.sqrt())
+        rows, cols = _assignment(normalised)
+        d = cross.shape[0]
+        best = float(normalised[rows, cols].sum())
+        distance = math.sqrt(_rounded_gap(2.0 * d - 2.0 * best, 2.0 * d))  # |X~|^2 = |Y~|^2 = d
+        return 1.0 - distance / (2.0 * math.sqrt(d)), distance
+    raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+
+
+def _assignment(score: torch.Tensor):
+    """The permutation maximising the sum of score[i, perm[i]] (Hungarian
+    algorithm): (rows, cols) index tensors."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(score.detach().to(torch.float64).cpu().numpy(), maximize=True)
+    return torch.as_tensor(rows, device=score.device), torch.as_tensor(cols, device=score.device)
+
+
+def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False, feature_axis: int | None = None):
+    """The G_ReLU-Procrustes alignment of definition 5.2: the permutation
+    `perm` and scales `scale` >= 0 with Y[:, i] ~ scale[i] X[:, perm[i]]
+    (the least-squares scale of the matched channels). Used to start G_ReLU
+    stitching (seed 004 D.2.1) where Theorem 4.2 says an exact twin exists."""
+    X, Y = _pair(X, Y, feature_axis)
+    moments = CrossMoments()
+    moments.update(X, Y)
+    nx, ny = moments.sx.norms2(centered), moments.sy.norms2(centered)
+    if nx.shape != ny.shape:
+        raise ValueError(f"X and Y must have equal channel counts, got {nx.shape[0]} and {ny.shape[0]}")
+    cross = moments.cross(centered)  # (C_x, C_y)
+    normalised = cross.T / torch.outer(ny.sqrt(), nx.sqrt()).clamp_min(1e-300)
+    rows, cols = _assignment(normalised)  # rows: Y's channels, cols: X's
+    perm = torch.empty_like(cols)
+    perm[rows] = cols
+    matched = cross[perm, torch.arange(len(perm), device=perm.device)]
+    scale = torch.where(nx[perm] > 0, matched / nx[perm].clamp_min(1e-300), torch.ones_like(matched)).clamp_min(0)
+    return perm, scale  # a zero channel of X keeps scale 1: nothing to fit
 
 
 def _rounded_gap(gap: float, scale: float) -> float:
@@ -253,23 +625,34 @@ def _rounded_gap(gap: float, scale: float) -> float:
     return 0.0 if gap <= 1e-10 * scale else gap
 
 
-def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", return_distance: bool = False):
-    """Procrustes similarity in [0, 1] (1 = aligned) of representations X, Y
-    ((N, d) or (N, C, H, W), channels transformed, positions not).
-
-    group="grelu": definition 5.2, 1 - delta / (2 sqrt(d)) with delta =
-    min over permutations P of |X~ - Y~ P|, X~ the channel-centred,
-    channel-normalised X, solved as a linear sum assignment on (D.2).
-    group="orthogonal": the same with X, Y centred and scaled to unit
-    Frobenius norm and delta = min over orthogonal Q = sqrt(2 - 2 |X'Y|_*)
-    (appendix D.7.1, [DDS21a]), so 1 - delta / 2. Both are clamped so that
-    perfect alignment gives exactly 1 (the seed code returns NaN there).
-    return_distance=True returns (similarity, delta)."""
+def _check_group(group):
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+
+
+def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", return_distance: bool = False,
+               centered: bool = False, feature_axis: int | None = None):
+    """Procrustes similarity in [0, 1] (1 = aligned) of representations X, Y
+    ((N, d), (N, C, H, W), or (N, tokens, features) with feature_axis;
+    channels transformed, positions not).
+
+    group="grelu": definition 5.2, 1 - delta / (2 sqrt(d)) with delta =
+    min over permutations P of |X~ - Y~ P|, X~ = X D_X^{-1} the
+    channel-normalised X (norms over samples and positions), solved as a
+    linear sum assignment on (D.2). group="orthogonal": X, Y scaled to unit
+    Frobenius norm and delta = min over orthogonal Q = sqrt(2 - 2 |X'Y|_*)
+    (appendix D.7.1, [DDS21a]), so 1 - delta / 2. Neither centres (the
+    definitions and the authors' code); centered=True subtracts each
+    channel's mean first. Both are clamped so that perfect alignment gives
+    exactly 1 (the seed code returns NaN there). return_distance=True
+    returns (similarity, delta)."""
+    _check_group(group)
+    if not isinstance(centered, bool):
+        raise TypeError(f"centered must be True or False, got {centered!r}")
+    X, Y = _pair(X, Y, feature_axis)
     moments = CrossMoments()
     moments.update(X, Y)
-    similarity, distance = moments.procrustes(group)
+    similarity, distance = moments.procrustes(group, centered)
     return (similarity, distance) if return_distance else similarity
 
 
@@ -277,70 +660,194 @@ def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", retu
 # All layer pairs of two models
 
 
-def _comparable(x, y, group) -> bool:
-    x, y = x.reshape(x.shape[0], x.shape[1], -1), y.reshape(y.shape[0], y.shape[1], -1)
-    return x.shape[2] == y.shape[2] and (group == "orthogonal" or x.shape[1] == y.shape[1])
+def _layer_axes(model, layers, feature_axis, which):
+    if isinstance(feature_axis, tuple):
+        feature_axis = feature_axis[0 if which == "model_a" else 1]
+    return {n: (feature_axis if feature_axis is not None else layer_feature_axis(model, n)) for n in layers}
+
+
+def _channels_of(name, layer, R, axis):
+    if axis is None and R.dim() >= 3 and R.dim() != 4:
+        raise ValueError(f"{name}'s layer {layer!r} gives {R.dim()}-D features {tuple(R.shape)} and nothing in "
+                         "the model says which axis holds the features: pass feature_axis=")
+    if axis is not None and R.dim() == 2:
+        axis = 1
+    return as_channels(f"{name}'s layer {layer!r}", R, 1 if axis is None else axis)
 
 
 def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, measure: str = "cka",
                       kernel: str = "linear", group: str = "orthogonal", unbiased: bool = True,
-                      device=None, progress: bool = True) -> pd.DataFrame:
+                      device=None, progress: bool = True, centered: bool = False,
+                      feature_axis: int | tuple | None = None) -> pd.DataFrame:
     """Similarity of every layer of model_a with every layer of model_b
-    (seed 004 Fig. 2, 5, 9): activations are captured once per batch by
-    forward hooks and every pair is accumulated in the same pass.
+    (seed 004 Fig. 2, 5, 9): the models run in eval mode (and are given
+    back as they came), each activation is captured once per batch by
+    forward hooks (one forward when model_a is model_b), reduced once (a
+    U-centred Gram or centred features) and every pair is accumulated from
+    those in the same pass.
 
     loader: an iterable of input batches (or (input, label) tuples); layers:
     module names present in both models, or a pair (layers_a, layers_b);
     measure "cka" (minibatch CKA with `kernel`, unbiased by default) or
-    "procrustes" (exact over the whole data, with `group`; NaN for pairs
-    whose position counts, or channel counts for G_ReLU, differ). Returns a tidy
-    DataFrame with columns layer_a, layer_b, value (plot it with
-    spectral_ext.plot.similarity_heatmap)."""
+    "procrustes" (exact over the whole data, with `group` and `centered`;
+    NaN for pairs whose position counts, or channel counts for G_ReLU,
+    differ). feature_axis: by default read from each layer (a Linear: the
+    last axis, a conv: axis 1); an int, or a pair for the two models,
+    overrides. Returns a tidy DataFrame with columns layer_a, layer_b, value
+    (plot it with spectral_ext.plot.similarity_heatmap)."""
     if measure not in ("cka", "procrustes"):
         raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
     if measure == "cka":
         _check_kernel(kernel)
-    elif group not in GROUPS:
-        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+    else:
+        _check_group(group)
     if isinstance(layers, tuple) and len(layers) == 2 and not isinstance(layers[0], str):
         layers_a, layers_b = list(layers[0]), list(layers[1])
     else:
         layers_a = layers_b = [layers] if isinstance(layers, str) else list(layers)
     layers_a, layers_b = check_layers(model_a, layers_a), check_layers(model_b, layers_b)
+    axes_a = _layer_axes(model_a, layers_a, feature_axis, "model_a")
+    axes_b = _layer_axes(model_b, layers_b, feature_axis, "model_b")
+    shared = model_a is model_b
+    same = shared and layers_a == layers_b and axes_a == axes_b
     from tqdm.auto import tqdm
 
     accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" else None
-    moments = {(a, b): CrossMoments() for a in layers_a for b in layers_b} if measure == "procrustes" else None
+    sums_a = {n: ChannelSums() for n in layers_a}
+    sums_b = sums_a if same else {n: ChannelSums() for n in layers_b}
+    moments = {(a, b): CrossMoments(sums_a[a], sums_b[b]) for a in layers_a for b in layers_b}
     seen = 0
-    with capturing(model_a, layers_a) as (cap_a, _), capturing(model_b, layers_b) as (cap_b, _), torch.no_grad(), \
-            evaluating(model_a, model_b):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(evaluating(model_a, model_b))
+        cap_a, _ = stack.enter_context(capturing(model_a, sorted(set(layers_a) | (set(layers_b) if shared else set()))))
+        cap_b = cap_a if shared else stack.enter_context(capturing(model_b, layers_b))[0]
+        stack.enter_context(torch.no_grad())
         for x, _ in tqdm(batches(loader, name="loader"), desc="similarity matrix", disable=not progress, leave=False):
             x = x.to(device) if device is not None else x
             cap_a.clear()
             cap_b.clear()
             model_a(x)
-            model_b(x)
+            if not shared:
+                model_b(x)
             missing = [n for n in layers_a if n not in cap_a] + [n for n in layers_b if n not in cap_b]
             if missing:
                 raise ValueError(f"layers {missing} did not run in the forward pass")
+            reps_a = [_channels_of("model_a", n, cap_a[n], axes_a[n]) for n in layers_a]
+            reps_b = None if same else [_channels_of("model_b", n, cap_b[n], axes_b[n]) for n in layers_b]
             if measure == "cka":
                 if x.shape[0] < 4:
                     continue  # the unbiased estimator needs 4 samples; a tiny last batch adds nothing
-                accumulator.update([cap_a[n] for n in layers_a], [cap_b[n] for n in layers_b])
+                accumulator.update(reps_a, reps_b, feature_axis=1)
             else:
-                for (a, b), m in moments.items():
-                    if _comparable(cap_a[a], cap_b[b], group):
-                        m.update(cap_a[a], cap_b[b])
+                reps_b = reps_a if same else reps_b
+                for n, R in zip(layers_a, reps_a):
+                    sums_a[n].update(R)
+                if not same:
+                    for n, R in zip(layers_b, reps_b):
+                        sums_b[n].update(R)
+                for i, a in enumerate(layers_a):
+                    for j, b in enumerate(layers_b):
+                        X, Y = reps_a[i], reps_b[j]
+                        if X.shape[2] == Y.shape[2] and (group == "orthogonal" or X.shape[1] == Y.shape[1]):
+                            moments[(a, b)].update(X, Y)
             seen += x.shape[0]
     if seen == 0:
         raise ValueError("loader produced no usable batch")
     rows = []
-    values = accumulator.value() if measure == "cka" else None
+    values = accumulator.value([f"model_a layer {n!r}" for n in layers_a],
+                               [f"model_b layer {n!r}" for n in layers_b]) if measure == "cka" else None
     for i, a in enumerate(layers_a):
         for j, b in enumerate(layers_b):
             if measure == "cka":
                 value = float(values[i, j])
             else:  # NaN where the pair cannot be compared (channel or position counts differ)
-                value = moments[(a, b)].procrustes(group)[0] if moments[(a, b)].count else float("nan")
+                value = moments[(a, b)].procrustes(group, centered)[0] if moments[(a, b)].count else float("nan")
             rows.append({"layer_a": a, "layer_b": b, "value": value})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many models on one probe (zoos)
+
+
+def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel: str = "linear",
+                        group: str = "orthogonal", unbiased: bool = True, centered: bool = False,
+                        feature_axis: int | None = None, chunk: int = 64) -> pd.DataFrame:
+    """The similarity of many models' representations of one probe, pair by
+    pair, with each model's share computed once: features maps a model name
+    to its (N, ...) features of the same N probe inputs; pairs lists (a, b)
+    names (default: every unordered pair). measure "cka" (`kernel`,
+    `unbiased`: one reduction per model, then all pairs as one batched
+    product) or "procrustes" (`group`, `centered`: each model's normalised
+    features once, the pairs' channel cross-products batched, chunk pairs at
+    a time). Returns rows model_a, model_b, value."""
+    if not isinstance(features, dict) or not features:
+        raise TypeError("features must be a non-empty dict {model name: (N, ...) tensor}")
+    names = list(features)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else \
+        [tuple(p) for p in pairs]
+    unknown = sorted({n for p in pairs for n in p if n not in features})
+    if unknown:
+        raise ValueError(f"pairs name models without features: {unknown}")
+    reps = {n: as_channels(f"features[{n!r}]", features[n], feature_axis) for n in names}
+    if len({R.shape[0] for R in reps.values()}) != 1:
+        raise ValueError("every model's features must hold the same N probe samples")
+    if measure == "cka":
+        accumulator = MinibatchCKA(kernel, unbiased)
+        accumulator.update([reps[n] for n in names], None, feature_axis=1)
+        matrix = accumulator.value([f"features[{n!r}]" for n in names], [f"features[{n!r}]" for n in names])
+        index = {n: i for i, n in enumerate(names)}
+        values = [float(matrix[index[a], index[b]]) for a, b in pairs]
+    elif measure == "procrustes":
+        _check_group(group)
+        values = _pairwise_procrustes(reps, pairs, group, centered, chunk)
+    else:
+        raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
+    return pd.DataFrame({"model_a": [a for a, _ in pairs], "model_b": [b for _, b in pairs], "value": values})
+
+
+def _pairwise_procrustes(reps, pairs, group, centered, chunk):
+    flat = {}
+    for n, R in reps.items():
+        F = R.to(torch.float64).transpose(1, 2).reshape(-1, R.shape[1])  # (N S, C): positions are rows
+        if centered:
+            F = F - F.mean(0)
+        norms = F.norm(dim=0)
+        if group == "orthogonal":
+            total = norms.square().sum().sqrt()
+            if total == 0:
+                raise ValueError(f"features[{n!r}] is zero (constant, when centred): Procrustes is undefined")
+            flat[n] = F / total
+        else:
+            if bool((norms == 0).any()):
+                raise ValueError(f"a channel of features[{n!r}] is zero (constant, when centred): D_X^-1 of "
+                                 "definition 5.2 does not exist and the measure is undefined")
+            flat[n] = F / norms
+    values = []
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        for a, b in part:
+            if flat[a].shape[0] != flat[b].shape[0]:
+                raise ValueError(f"features[{a!r}] and features[{b!r}] differ in positions per sample")
+            if group == "grelu" and flat[a].shape[1] != flat[b].shape[1]:
+                raise ValueError(f"G_ReLU-Procrustes needs equal channel counts, got {flat[a].shape[1]} for "
+                                 f"{a!r} and {flat[b].shape[1]} for {b!r}")
+        shapes = {(flat[a].shape[1], flat[b].shape[1]) for a, b in part}
+        if len(shapes) == 1:  # one batched product for the chunk
+            A = torch.stack([flat[a] for a, _ in part])
+            B = torch.stack([flat[b] for _, b in part])
+            crosses = torch.bmm(A.transpose(1, 2), B)
+        else:
+            crosses = [flat[a].T @ flat[b] for a, b in part]
+        if group == "orthogonal":
+            nuclear = (torch.linalg.svdvals(crosses).sum(-1) if isinstance(crosses, torch.Tensor)
+                       else torch.stack([torch.linalg.svdvals(C).sum() for C in crosses]))
+            for value in nuclear.tolist():
+                values.append(1.0 - math.sqrt(_rounded_gap(2.0 - 2.0 * value, 2.0)) / 2.0)
+        else:
+            for C in crosses:
+                rows, cols = _assignment(C)
+                d = C.shape[0]
+                gap = _rounded_gap(2.0 * d - 2.0 * float(C[rows, cols].sum()), 2.0 * d)
+                values.append(1.0 - math.sqrt(gap) / (2.0 * math.sqrt(d)))
+    return values

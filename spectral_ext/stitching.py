@@ -1,7 +1,10 @@
 """Model stitching (seed 004 section 4 and appendix D.2): S = b_{>l} o phi o
 a_{<=l} with phi a channel map (a 1x1 convolution on conv features) that is
 full, reduced rank, in G_ReLU (P D over the Birkhoff polytope, D.2.1),
-SoftSort-parameterised (D.2.2) or l1-regularised (D.6). Only phi trains."""
+SoftSort-parameterised (D.2.2) or l1-regularised (D.6). Only phi trains.
+The channel axis is axis 1 for conv features and the last axis for token
+features (N, tokens, features) after a Linear (issue 14.1: read from the
+layer, or `feature_axis=`)."""
 from __future__ import annotations
 
 import copy
@@ -15,16 +18,24 @@ from . import _checks
 from ._data import accuracy as _accuracy
 from ._data import batches, check_labels, recompute_batchnorm
 from ._ops import sinkhorn
+from .similarity import grelu_assignment, layer_feature_axis
 
 KINDS = ("affine", "lowrank", "grelu", "softsort", "l1")
+INITS = ("procrustes", "uniform")
 
 
-def _apply_channels(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(M x) on axis 1: a 1x1 convolution for (N, C, H, W), a Linear for (N, C)."""
-    return torch.tensordot(x, matrix, dims=([1], [1])).movedim(-1, 1)
+class _ChannelMap(nn.Module):
+    """A map of the channels on `axis` (1: a 1x1 convolution for (N, C, H,
+    W), a Linear for (N, C); -1: a Linear on the features of (N, tokens,
+    features))."""
+
+    axis = 1
+
+    def apply(self, matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensordot(x, matrix, dims=([self.axis], [1])).movedim(-1, self.axis)
 
 
-class FullStitch(nn.Module):
+class FullStitch(_ChannelMap):
     """phi(y) = W y (+ b): all linear maps of channels (affine with bias=True;
     the paper omits the bias, appendix D.2). Starts at the identity."""
 
@@ -37,13 +48,13 @@ class FullStitch(nn.Module):
         return self.weight
 
     def forward(self, y):
-        out = _apply_channels(self.weight, y)
+        out = self.apply(self.weight, y)
         if self.bias is not None:
-            out = out + self.bias.reshape((1, -1) + (1,) * (y.dim() - 2))
+            out = out + self.bias.reshape([-1 if i == self.axis % y.dim() else 1 for i in range(y.dim())])
         return out
 
 
-class LowRankStitch(nn.Module):
+class LowRankStitch(_ChannelMap):
     """phi = B A with A: C -> r, B: r -> C, as two 1x1 convolutions (D.2)."""
 
     def __init__(self, channels: int, rank: int, generator=None):
@@ -56,10 +67,10 @@ class LowRankStitch(nn.Module):
         return self.up @ self.down
 
     def forward(self, y):
-        return _apply_channels(self.up, _apply_channels(self.down, y))
+        return self.apply(self.up, self.apply(self.down, y))
 
 
-class GReLUStitch(nn.Module):
+class GReLUStitch(_ChannelMap):
     """phi = P D (appendix D.2.1): P doubly stochastic while training (kept in
     the Birkhoff polytope by project()), D = diag(lambda) >= 0. After
     harden(), P is the permutation closest to it (Hungarian algorithm,
@@ -81,7 +92,14 @@ class GReLUStitch(nn.Module):
         return self.permutation_matrix() * self.D[None, :]
 
     def forward(self, y):
-        return _apply_channels(self.matrix(), y)
+        return self.apply(self.matrix(), y)
+
+    @torch.no_grad()
+    def start_at(self, perm: torch.Tensor, scale: torch.Tensor) -> None:
+        """P[i, perm[i]] = 1 and D[perm[i]] = scale[i]: phi(y)_i = scale[i]
+        y[perm[i]], the G_ReLU-Procrustes alignment of the two layers."""
+        self.P.copy_(torch.zeros_like(self.P).scatter_(1, perm[:, None].to(self.P.device), 1.0))
+        self.D.zero_().index_copy_(0, perm.to(self.D.device), scale.to(self.D))
 
     @torch.no_grad()
     def project(self, iters: int = 16) -> None:
@@ -99,7 +117,7 @@ class GReLUStitch(nn.Module):
         self.hard = torch.as_tensor(cols[rows.argsort()], dtype=torch.long, device=self.P.device)
 
 
-class SoftSortStitch(nn.Module):
+class SoftSortStitch(_ChannelMap):
     """phi = P D with P = SoftSort(s, tau) = softmax(-|sort(s) 1^T - 1 s^T| /
     tau) over rows ([PE20] as in appendix D.2.2; the |.| is PE20's distance)
     and D = diag(exp(lambda)). tau ~ 1 / C. harden(): the permutation that
@@ -122,7 +140,7 @@ class SoftSortStitch(nn.Module):
         return self.permutation_matrix() * self.log_d.exp()[None, :]
 
     def forward(self, y):
-        return _apply_channels(self.matrix(), y)
+        return self.apply(self.matrix(), y)
 
     @torch.no_grad()
     def harden(self) -> None:
@@ -145,6 +163,7 @@ class StitchedModel(nn.Module):
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, layer_a: str, layer_b: str, phi: nn.Module):
         super().__init__()
+        object.__setattr__(self, "_names", (type(model_a).__name__, type(model_b).__name__))
         self.model_a, self.model_b, self.phi = model_a, model_b, phi
         self.layer_a, self.layer_b = layer_a, layer_b
         for p in list(model_a.parameters()) + list(model_b.parameters()):
@@ -176,6 +195,11 @@ class StitchedModel(nn.Module):
         finally:
             handle.remove()
 
+    def __repr__(self) -> str:
+        # one line: the default repr prints both whole models (issue 18)
+        a, b = self._names
+        return f"StitchedModel({a}[..{self.layer_a!r}] -> {self.phi!r} -> {b}[{self.layer_b!r}..])"
+
     def train(self, mode: bool = True):
         # the frozen models stay in eval mode (BatchNorm statistics untouched) while phi trains
         super().train(mode)
@@ -191,7 +215,9 @@ class StitchResult:
     data when given and the stitching penalty (equation 4.3):
     (Acc(a) + Acc(b)) / 2 - Acc(S); matrix: phi's channel matrix; sparsity:
     appendix D.1 at tau = 1e-3; permutation for G_ReLU and SoftSort (phi =
-    P D with P[i, permutation[i]] = 1)."""
+    P D with P[i, permutation[i]] = 1); recalibrated: whether model_b's
+    BatchNorm statistics were recomputed after rounding (D.2.1). The repr is
+    one line per field: the models appear by class name only."""
     model: StitchedModel
     curve: pd.DataFrame = field(repr=False)
     matrix: torch.Tensor = field(repr=False)
@@ -201,6 +227,7 @@ class StitchResult:
     accuracy: float | None = None
     penalty: float | None = None
     permutation: torch.Tensor | None = field(default=None, repr=False)
+    recalibrated: bool = False
 
 
 def _train_batches(data, batch_size, generator, classes=None):
@@ -213,6 +240,13 @@ def _train_batches(data, batch_size, generator, classes=None):
 def stitching_penalty(accuracy_a: float, accuracy_b: float, accuracy_stitched: float) -> float:
     """Equation 4.3: (Acc(f) + Acc(f~)) / 2 - Acc(S(f, f~, l, phi))."""
     return (accuracy_a + accuracy_b) / 2 - accuracy_stitched
+
+
+def _check_finite_model(name: str, model: nn.Module) -> None:
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{name} has NaN or infinite weights in {bad[:5]}: it cannot be stitched")
 
 
 def _channels_at(model, layer, x):
@@ -231,27 +265,62 @@ def _channels_at(model, layer, x):
     return y
 
 
+def _stitch_axis(model, layer, y, feature_axis) -> int:
+    if feature_axis is not None:
+        if isinstance(feature_axis, bool) or not isinstance(feature_axis, int) or \
+                not -y.dim() <= feature_axis < y.dim() or feature_axis % y.dim() == 0:
+            raise ValueError(f"feature_axis must name a non-sample axis of the layer's {y.dim()}-D output, "
+                             f"got {feature_axis!r}")
+        return feature_axis % y.dim()
+    if y.dim() == 2:
+        return 1
+    axis = layer_feature_axis(model, layer)
+    if axis is None:
+        if y.dim() == 3:
+            raise ValueError(f"layer {layer!r} gives 3-D features {tuple(y.shape)} and nothing in the model says "
+                             "which axis holds the channels: pass feature_axis=1 (conv) or -1 (tokens)")
+        axis = 1
+    return axis % y.dim()
+
+
 def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affine", train_data=None,
            test_data=None, layer_b: str | None = None, epochs: int = 20, lr: float = 1e-3,
            momentum: float = 0.9, batch_size: int = 32, rank: int | None = None, alpha: float = 0.1,
            head_start: int | None = None, l1: float = 0.01, tau: float | None = None, bias: bool = False,
-           seed: int = 0, progress: bool = True) -> StitchResult:
+           seed: int = 0, progress: bool = True, init: str = "procrustes",
+           feature_axis: int | None = None, recalibrate: bool | None = None) -> StitchResult:
     """Train a stitching layer phi from model_a's `layer` to model_b's
     (`layer_b`, default the same name) on train_data, (x, y) tensors or a
     loader of (x, y) batches, with SGD (lr, momentum; appendix D.2) on cross-entropy.
 
     kind: "affine" (all channel maps, bias optional), "lowrank" (rank r),
     "grelu" (P D: projected gradient with ReLU + Sinkhorn T = 16 after every
-    step, the -alpha |P|_2 regulariser, D fixed at the identity for the first
+    step, the -alpha |P|_2 regulariser, D fixed at its start for the first
     head_start epochs (default half), Hungarian rounding, then a
-    no-gradient pass to recalibrate BatchNorm statistics, D.2.1), "softsort"
+    no-gradient pass to recalibrate BatchNorm statistics, D.2.1; init=
+    "procrustes" (default) starts P D at the G_ReLU-Procrustes alignment of
+    the two layers' activations on the first 1,024 training inputs
+    (definition 5.2: the matched permutation and least-squares scales), so
+    an exact twin (Theorem 4.2) is found whatever its scales; "uniform" is
+    the paper's start, P near 1/C and D = 1; recalibrate: recompute
+    model_b's BatchNorm statistics after rounding, by default only when the
+    rounding changed phi's output on the first training inputs by more than
+    5% (relative norm), since otherwise the
+    rounded phi is the trained one and the frozen statistics are as right as
+    before, e.g. for an exact twin whose statistics do not describe the
+    data), "softsort"
     (D.2.2, tau = 1/C by default) or "l1" (full with l1 * |W|_1, D.6).
+    feature_axis: the channel axis of the layer's output, by default read
+    from the layer (a Linear: the last axis, e.g. transformer tokens
+    (N, T, F), seed 004 D.4; a conv: axis 1).
     Returns a StitchResult; with test_data the accuracies and the stitching
     penalty (equation 4.3)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if train_data is None:
         raise ValueError("train_data is required: (x, y) tensors or a loader of (x, y) batches to train phi on")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     epochs = _checks.positive_int("epochs", epochs)
     batch_size = _checks.positive_int("batch_size", batch_size)
     layer_b = layer if layer_b is None else layer_b
@@ -260,16 +329,21 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
             raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
         if lay not in dict(model.named_modules()) or lay == "":
             raise ValueError(f"layer {lay!r} names no submodule of {name}")
+        _check_finite_model(name, model)
     generator = torch.Generator().manual_seed(seed)
     a, b = copy.deepcopy(model_a).eval(), copy.deepcopy(model_b).eval()
-    x0 = next(iter(_train_batches(train_data, 2, torch.Generator().manual_seed(seed))))[0]
+    first = next(iter(_train_batches(train_data, 1024, None)), None)
+    if first is None:
+        raise ValueError("train_data is empty: no batch to train phi on")
+    x0 = first[0]
     ya, yb = _channels_at(a, layer, x0), _channels_at(b, layer_b, x0)
     with torch.no_grad():
         classes = b(x0).shape[-1]
     if ya.shape[1:] != yb.shape[1:]:
         raise ValueError(f"model_a's {layer!r} gives features {tuple(ya.shape[1:])} but model_b's {layer_b!r} "
                          f"expects {tuple(yb.shape[1:])}: the models cannot be stitched there")
-    channels = ya.shape[1]
+    axis = _stitch_axis(model_a, layer, ya, feature_axis)
+    channels = ya.shape[axis]
     if kind == "lowrank":
         if rank is None or not 1 <= int(rank) <= channels:
             raise ValueError(f"kind='lowrank' needs rank in [1, {channels}], got {rank!r}")
@@ -281,6 +355,9 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
     else:
         phi = FullStitch(channels, bias=bias and kind == "affine")
     phi = phi.to(device=ya.device, dtype=ya.dtype)
+    phi.axis = axis
+    if kind == "grelu" and init == "procrustes":
+        phi.start_at(*grelu_assignment(ya, yb, feature_axis=axis))
     stitched = StitchedModel(a, b, layer, layer_b, phi)
     optimizer = torch.optim.SGD(phi.parameters(), lr=lr, momentum=momentum)
     head_start = epochs // 2 if head_start is None else head_start
@@ -311,19 +388,29 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
         if count == 0:
             raise ValueError("train data is empty")
         rows.append({"epoch": epoch + 1, "loss": total / count, "accuracy": correct / count})
+    with torch.no_grad():
+        soft = phi(ya) if kind == "grelu" else None
     if kind in ("grelu", "softsort"):
         phi.harden()
     stitched.eval()
+    accuracies = (_accuracy(a, test_data, name="test_data"), _accuracy(b, test_data, name="test_data")) if test_data is not None else None
     if kind == "grelu":
-        # D.2.1: model_b's BatchNorm statistics must describe the features the rounded phi produces
-        recompute_batchnorm(stitched.model_b, stitched.forward, train_data, batch_size)
+        with torch.no_grad():
+            moved = float((phi(ya) - soft).norm() / soft.norm().clamp_min(1e-30))
+        if recalibrate is None:
+            recalibrate = moved > 0.05
+        if recalibrate:
+            # D.2.1: model_b's BatchNorm statistics must describe the features the rounded phi produces; a
+            # copy, so that accuracy_b stays model_b's own
+            stitched.model_b = copy.deepcopy(b)
+            recompute_batchnorm(stitched.model_b, stitched.forward, train_data, batch_size)
     with torch.no_grad():
         matrix = phi.matrix().detach().clone()
     result = StitchResult(stitched, pd.DataFrame(rows), matrix, sparsity(matrix),
-                          permutation=phi.hard.clone() if kind in ("grelu", "softsort") else None)
+                          permutation=phi.hard.clone() if kind in ("grelu", "softsort") else None,
+                          recalibrated=bool(kind == "grelu" and recalibrate))
     if test_data is not None:
-        result.accuracy_a = _accuracy(a, test_data, name="test_data")
-        result.accuracy_b = _accuracy(b, test_data, name="test_data")
+        result.accuracy_a, result.accuracy_b = accuracies
         result.accuracy = _accuracy(stitched, test_data, name="test_data")
         result.penalty = stitching_penalty(result.accuracy_a, result.accuracy_b, result.accuracy)
     return result

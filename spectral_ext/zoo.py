@@ -273,7 +273,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("
     activations are captured once (once per run with a shared cache; models
     then need only be present for what the cache lacks). Returns rows
     model_a, model_b, layer, measure, value."""
-    from .similarity import cka, procrustes
+    from .similarity import pairwise_similarity
 
     unknown = [m for m in measures if m not in PAIR_MEASURES]
     if unknown:
@@ -285,9 +285,16 @@ def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("
     cache = cache if cache is not None else ActivationCache()
     key = tuple(layers)
     acts = {n: cache.get((n, key), lambda n=n: _activations(models[n], x, layers)) for n in needed}
-    functions = {"cka": lambda x, y: cka(x, y, "linear"), "grelu_cka": lambda x, y: cka(x, y, "max"),
-                 "procrustes": lambda x, y: procrustes(x, y, "orthogonal"),
-                 "grelu_procrustes": lambda x, y: procrustes(x, y, "grelu")}
+    # each model's Gram / normalised features once per layer, the pairs batched (similarity.pairwise_similarity)
+    options_of = {"cka": {"kernel": "linear"}, "grelu_cka": {"kernel": "max"},
+                  "procrustes": {"measure": "procrustes", "group": "orthogonal"},
+                  "grelu_procrustes": {"measure": "procrustes", "group": "grelu"}}
+    batched = {}
+    for layer in (acts[needed[0]] if needed else {}):
+        for measure in measures:
+            if measure in options_of:
+                frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, **options_of[measure])
+                batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
     options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
     half = x.shape[0] // 2
     rows = []
@@ -301,7 +308,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("
                                    test_data=(x[half:], y[half:]),
                                    progress=False, **options).penalty
                 else:
-                    value = functions[measure](acts[a][layer], acts[b][layer])
+                    value = batched[(a, b, layer, measure)]
                 rows.append({"model_a": a, "model_b": b, "layer": layer, "measure": measure, "value": float(value)})
     return pd.DataFrame(rows)
 

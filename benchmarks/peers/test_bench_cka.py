@@ -1,0 +1,132 @@
+"""spectral_ext's representation-space measures against the CKA packages
+users run today (pytorch-cka 1.1.3) and a numpy Procrustes, on the same
+inputs in the same run: one thread per side, interleaved repeats (A, B, A,
+B, ...), medians and the ratio, and an assertion that the numbers agree
+(against the peer's formula in float64 where its float32 is off).
+
+Run: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m pytest -q -s benchmarks/peers/test_bench_cka.py
+Figures are recorded in benchmarks/RESULTS.md ("Representation space vs the CKA packages")."""
+import statistics
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import spectral_ext as se
+
+peer = pytest.importorskip("cka")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def interleaved(functions: dict, repeats: int = 5):
+    """Median seconds of each function, runs interleaved so that the load of
+    a shared machine falls on every side alike; also the last values."""
+    times = {name: [] for name in functions}
+    values = {}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            values[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, values
+
+
+def report(job, medians, ours="spectral_ext"):
+    others = ", ".join(f"{name} {t:.3f} s ({t / medians[ours]:.1f}x)" for name, t in medians.items() if name != ours)
+    print(f"\n{job}: spectral_ext {medians[ours]:.3f} s; {others}")
+
+
+def features(n, d=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g).relu()
+    Y = (X @ torch.randn(d, d, generator=g) / d ** 0.5).relu() + torch.randn(n, d, generator=g)
+    return X, Y
+
+
+@pytest.mark.parametrize("n", [2000, 10000])
+def test_linear_cka_vs_pytorch_cka(n):
+    X, Y = features(n)
+    medians, values = interleaved({"spectral_ext": lambda: se.cka(X, Y),
+                                   "pytorch-cka 1.1.3": lambda: float(peer.cka_from_features(X, Y))})
+    report(f"linear CKA N={n} D=512 float32", medians)
+    exact = float(peer.cka_from_features(X.double(), Y.double()))  # the peer's formula in float64
+    assert values["spectral_ext"] == pytest.approx(exact, rel=1e-5)
+    assert values["pytorch-cka 1.1.3"] == pytest.approx(exact, rel=1e-2)
+
+
+def test_rbf_and_max_cka_vs_pytorch_cka():
+    """pytorch-cka 1.1.3 has no RBF kernel: its linear CKA (two N x N Grams,
+    the same work an RBF Gram route needs) is the yardstick."""
+    X, Y = features(2000)
+    medians, values = interleaved({"spectral_ext": lambda: se.cka(X, Y, "rbf"),
+                                   "spectral_ext max": lambda: se.cka(X, Y, "max"),
+                                   "pytorch-cka 1.1.3 linear": lambda: float(peer.cka_from_features(X, Y))})
+    report("RBF CKA N=2000 D=512 float32 (and G_ReLU max kernel)", medians)
+    Xd, Yd = X.double(), Y.double()
+    assert values["spectral_ext"] == pytest.approx(se.cka(Xd, Yd, "rbf"), rel=1e-5)
+    assert values["spectral_ext max"] == pytest.approx(se.cka(Xd, Yd, "max"), rel=1e-4)
+
+
+RESNET_LAYERS = {
+    8: [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)],
+    18: ["conv1"] + [f"layer{i}.{j}.conv{k}" for i in range(1, 5) for j in range(2) for k in (1, 2)] + ["fc"],
+}
+
+
+@pytest.mark.parametrize("count", [8, 18])
+def test_resnet18_layer_by_layer_vs_pytorch_cka(count):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    a = torchvision.models.resnet18(weights=None).eval()
+    b = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(512, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=128)
+    layers = RESNET_LAYERS[count]
+
+    def ours():
+        frame = se.similarity_matrix(a, b, loader, layers, progress=False)
+        return frame["value"].to_numpy().reshape(count, count)
+
+    def theirs():
+        return peer.compute_cka(a, b, loader, layers=layers, progress=False, device="cpu")[0].numpy()
+
+    medians, values = interleaved({"spectral_ext": ours, "pytorch-cka 1.1.3": theirs})
+    report(f"ResNet-18 x ResNet-18 (weights=None), 512 images 3x32x32, batches of 128, {count} x {count} layers",
+           medians)
+    a64, b64 = a.double(), b.double()
+    loader64 = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.double()), batch_size=128)
+    exact = peer.compute_cka(a64, b64, loader64, layers=layers, progress=False, device="cpu")[0].numpy()
+    # pytorch-cka clamps to [0, 1]; the unbiased estimate of a near-zero CKA can be slightly negative
+    np.testing.assert_allclose(np.clip(values["spectral_ext"], 0, 1), exact, rtol=1e-4, atol=1e-6)
+    sizable = exact > 1e-3  # relative errors of entries that pytorch-cka's clamp did not set to 0
+
+    def worst(v):
+        return np.max(np.abs(np.clip(v, 0, 1) - exact)[sizable] / exact[sizable])
+
+    print(f"  largest relative error (entries > 1e-3): spectral_ext {worst(values['spectral_ext']):.1e}, "
+          f"pytorch-cka {worst(values['pytorch-cka 1.1.3']):.1e}")
+
+
+def test_orthogonal_procrustes_vs_numpy():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10000, 512, dtype=torch.float64, generator=g)
+    Y = X @ torch.randn(512, 512, dtype=torch.float64, generator=g) + torch.randn(10000, 512, dtype=torch.float64,
+                                                                                   generator=g)
+
+    def nuclear_norm_form():
+        A, B = X.numpy(), Y.numpy()
+        A, B = A / np.linalg.norm(A), B / np.linalg.norm(B)
+        return 1 - np.sqrt(max(0.0, 2 - 2 * np.linalg.norm(A.T @ B, ord="nuc"))) / 2
+
+    medians, values = interleaved({"spectral_ext": lambda: se.procrustes(X, Y),
+                                   "numpy nuclear norm": nuclear_norm_form})
+    report("orthogonal Procrustes N=10000 D=512 float64", medians)
+    assert values["spectral_ext"] == pytest.approx(values["numpy nuclear norm"], rel=1e-10)

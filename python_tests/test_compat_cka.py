@@ -1,0 +1,203 @@
+"""Drop-ins for torch-cka 0.21, pytorch-cka 1.1.3 and the seed 004 authors'
+measures: the real packages on small inputs give the same numbers (within
+their float32 rounding), and the float64 formulas they implement agree to
+rounding."""
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spectral_ext as se
+from spectral_ext.compat import modelsym, pytorch_cka, torch_cka
+
+
+def cnn(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 4 * 4, 5))
+
+
+def loader(n=64, batch=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g, dtype=dtype)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=batch)
+
+
+def nrk21_minibatch_cka(model_a, model_b, layers_a, layers_b, data):
+    """[NRK21] eq. 3 per batch, averaged, written with explicit ones vectors
+    in float64 (the formula torch-cka and pytorch-cka implement)."""
+    def hsic(K, L):
+        n = K.shape[0]
+        K, L = K - torch.diag(torch.diag(K)), L - torch.diag(torch.diag(L))
+        one = torch.ones(n, 1, dtype=torch.float64)
+        value = torch.trace(K @ L) + (one.T @ K @ one @ one.T @ L @ one).item() / ((n - 1) * (n - 2)) \
+            - (one.T @ K @ L @ one).item() * 2 / (n - 2)
+        return float(value) / (n * (n - 3))
+
+    a, b = model_a.double().eval(), model_b.double().eval()
+    xy = np.zeros((len(layers_a), len(layers_b)))
+    xx, yy = np.zeros(len(layers_a)), np.zeros(len(layers_b))
+    for (x,) in data:
+        fa = [a[: int(n) + 1](x.double()).flatten(1) for n in layers_a]
+        fb = [b[: int(n) + 1](x.double()).flatten(1) for n in layers_b]
+        Ks, Ls = [f @ f.T for f in fa], [f @ f.T for f in fb]
+        for i, K in enumerate(Ks):
+            xx[i] += hsic(K, K)
+            for j, L in enumerate(Ls):
+                xy[i, j] += hsic(K, L)
+        for j, L in enumerate(Ls):
+            yy[j] += hsic(L, L)
+    a.float(), b.float()
+    return xy / np.sqrt(np.outer(xx, yy))
+
+
+def test_torch_cka_drop_in_matches_the_package_and_the_formula(tmp_path):
+    peer = pytest.importorskip("torch_cka")
+    layers = ["1", "3", "5"]
+    with torch.no_grad():
+        exact = nrk21_minibatch_cka(cnn(0), cnn(1), layers, ["3", "1"], loader())
+    ours = torch_cka.CKA(cnn(0), cnn(1), model1_name="a", model2_name="b", model1_layers=layers,
+                         model2_layers=["3", "1"])
+    data = loader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours.compare(data)
+        theirs = peer.CKA(cnn(0), cnn(1), model1_name="a", model2_name="b", model1_layers=layers,
+                          model2_layers=["3", "1"])
+        theirs.compare(data)
+    mine, other = ours.export(), theirs.export()
+    assert {k: v for k, v in mine.items() if k != "CKA"} == {k: v for k, v in other.items() if k != "CKA"}
+    assert mine["model2_layers"] == ["1", "3"]  # the model's order, as torch-cka
+    assert mine["CKA"].dtype == other["CKA"].dtype == torch.float32
+    np.testing.assert_allclose(mine["CKA"].numpy(), other["CKA"].numpy(), atol=2e-4)
+    np.testing.assert_allclose(mine["CKA"].numpy(), exact[:, ::-1], rtol=1e-6)  # columns in forward order
+    path = tmp_path / "cka.png"
+    import matplotlib
+    matplotlib.use("Agg")
+    ours.plot_results(save_path=str(path), title="a vs b")
+    assert path.stat().st_size > 10_000
+    # the hooks are gone and the models' modes restored
+    assert not any(m._forward_hooks for m in ours.model1.modules())
+
+
+def test_torch_cka_refuses_what_is_undefined_and_says_so():
+    model = cnn(0)
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.fill_(-1.0)
+    comparer = torch_cka.CKA(model, cnn(1), model1_name="a", model2_name="b", model1_layers=["3"],
+                             model2_layers=["3"])
+    with pytest.raises(ValueError, match="undefined.*a layer '3' \\(constant\\)"):
+        comparer.compare(loader(), loader())
+    with pytest.raises(ValueError, match="call compare"):
+        torch_cka.CKA(cnn(0), cnn(1), model1_name="a", model2_name="b").export()
+
+
+def test_pytorch_cka_drop_in_matches_the_package():
+    peer = pytest.importorskip("cka")
+    layers = ["1", 3, "5"]  # names and indices into named_modules, as pytorch-cka resolves them
+    mine = pytorch_cka.compute_cka(cnn(0), cnn(1), loader(), loader(batch=32), layers=layers, progress=False)
+    theirs = peer.compute_cka(cnn(0), cnn(1), loader(), loader(batch=32), layers=layers, progress=False,
+                              device="cpu")
+    assert len(mine) == len(theirs) == 2
+    for a, b in zip(mine, theirs):
+        assert a.shape == b.shape == (3, 3)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-4)
+    with torch.no_grad():
+        exact = nrk21_minibatch_cka(cnn(0), cnn(1), ["1", "3", "5"], ["1", "3", "5"], loader())
+    np.testing.assert_allclose(mine[0].numpy(), np.clip(exact, 0, 1), rtol=1e-6)
+    same = pytorch_cka.compute_cka(cnn(0), cnn(0), loader(), layers=["1", "3"], progress=False)[0]
+    np.testing.assert_allclose(torch.diagonal(same).numpy(), 1.0, rtol=1e-6)
+
+
+def test_pytorch_cka_feature_and_gram_entry_points_match_in_float64():
+    peer = pytest.importorskip("cka")
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 50, 7, dtype=torch.float64, generator=g).relu()
+    Y = torch.randn(2, 50, 9, dtype=torch.float64, generator=g) + X[:2, :, :1]
+    np.testing.assert_allclose(pytorch_cka.cka_from_features(X, Y).numpy(),
+                               peer.cka_from_features(X, Y).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(pytorch_cka.cka_from_features(list(X), Y[0]).numpy(),
+                               peer.cka_from_features(list(X), Y[0]).numpy(), rtol=1e-6)
+    Kx, Ky = X @ X.transpose(1, 2), Y @ Y.transpose(1, 2)
+    for a, b in zip(pytorch_cka.hsic(Kx, Ky), peer.hsic(Kx, Ky)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(pytorch_cka.hsic_cross(Kx, Ky).numpy(), peer.hsic_cross(Kx, Ky).numpy(), rtol=1e-9)
+    with pytest.raises(ValueError, match="n > 3"):
+        pytorch_cka.hsic(Kx[:, :3, :3], Ky[:, :3, :3])
+    fig, ax = pytorch_cka.plot_cka_heatmap(pytorch_cka.cka_from_features(X, Y), ["a", "b", "c"], ["d", "e"])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed 004 authors' measures, checked against their formulas
+
+
+def relu_features(n=40, c=4, hw=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, hw, hw, dtype=torch.float64, generator=g).relu() + 0.1, g
+
+
+def test_wreath_procrustes_is_definition_5_2_with_their_padding_and_upsampling():
+    X, g = relu_features()
+    Y = (X + 0.7 * torch.randn(X.shape, dtype=torch.float64, generator=g)).relu()
+    before = X.clone()
+
+    def brute(A, B):  # no centring, channels over (N, H, W) to unit norm, zero channels stay zero
+        def tilde(M):
+            M = M.transpose(0, 1).reshape(M.shape[1], -1)
+            n = M.norm(dim=1, keepdim=True)
+            return M / torch.where(n > 0, n, torch.ones_like(n))
+        A, B = tilde(A), tilde(B)
+        c = A.shape[0]
+        best = min(float((A - B[list(p)]).square().sum()) for p in itertools.permutations(range(c)))
+        return 1 - np.sqrt(best / (4 * c))
+
+    s = modelsym.wreath_procrustes([X, X], [Y, X], diagonly=False)
+    assert float(s[0, 0]) == pytest.approx(brute(X, Y), rel=1e-6)
+    assert float(s[1, 1]) == 1.0 and float(s[0, 1]) == 1.0  # exact at alignment (theirs: NaN)
+    assert float(s[0, 0]) == pytest.approx(se.procrustes(X, Y, "grelu"), rel=1e-6)  # the same definition
+    assert torch.isnan(modelsym.wreath_procrustes([X, X], [Y, X])[0, 1])  # diagonly: not computed
+    padded = torch.cat([X[:, :3], torch.zeros_like(X[:, :1])], dim=1)
+    assert float(modelsym.wreath_procrustes([X[:, :3]], [Y])[0, 0]) == pytest.approx(brute(padded, Y), rel=1e-6)
+    small = X[:, :, :2, :2]
+    up = small.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    big = torch.randn(40, 4, 4, 4, dtype=torch.float64, generator=g).relu()
+    assert float(modelsym.wreath_procrustes([small], [big])[0, 0]) == pytest.approx(brute(up, big), rel=1e-6)
+    assert torch.equal(X, before)
+
+
+def test_ortho_procrustes_and_the_cka_pair_are_the_spectral_ext_measures():
+    X, g = relu_features(n=30, c=5)
+    Y = X + torch.randn(X.shape, dtype=torch.float64, generator=g)
+    before = X.clone()
+    s = modelsym.ortho_procrustes([X], [Y])
+    A = X.transpose(0, 1).reshape(5, -1)
+    B = Y.transpose(0, 1).reshape(5, -1)
+    C = (A / A.norm()) @ (B / B.norm()).T
+    assert float(s[0, 0]) == pytest.approx(1 - np.sqrt(2 - 2 * float(torch.linalg.matrix_norm(C, "nuc"))) / 2,
+                                           rel=1e-6)  # float32 results, as theirs
+    w = modelsym.wreath_cka([X, Y], [Y])
+    assert w.shape == (2, 1)
+    assert float(w[0, 0]) == pytest.approx(se.cka(X, Y, "max"), rel=1e-6)
+    assert float(w[1, 0]) == pytest.approx(1.0, rel=1e-6)
+    assert float(modelsym.ortho_cka([X], [Y])[0, 0]) == pytest.approx(se.cka(X, Y, "ortho"), rel=1e-6)
+    # channels last: dims names each side's channel axis
+    assert float(modelsym.ortho_cka([X.movedim(1, -1)], [Y], dims=(3, 1))[0, 0]) == \
+        pytest.approx(se.cka(X, Y, "ortho"), rel=1e-6)
+    median = modelsym.wreath_cka([X], [Y], estimator="median")
+    Xn = se.similarity.channel_normalize(X.reshape(30, 5, -1))
+    Yn = se.similarity.channel_normalize(Y.reshape(30, 5, -1))
+    K = torch.einsum("ics,jcs->ijc", Xn, Xn).median(-1).values
+    L = torch.einsum("ics,jcs->ijc", Yn, Yn).median(-1).values
+    h = se.similarity.hsic
+    expected = float(h(K[None], L[None]) / (h(K[None], K[None]) * h(L[None], L[None])).sqrt())
+    assert float(median[0, 0]) == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(X, before)  # theirs centres the caller's tensors in place
+    with pytest.raises(ValueError, match="undefined"):
+        modelsym.wreath_cka([torch.ones_like(X)], [Y])
+    with pytest.raises(ValueError, match="estimator must be"):
+        modelsym.wreath_cka([X], [Y], estimator="mean")
