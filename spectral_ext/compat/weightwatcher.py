@@ -197,7 +197,7 @@ class WeightWatcher:
             raise ValueError("base_model (delta analysis) is not reproduced by spectral_ext.compat.weightwatcher")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model, self.details = model, None
+        self.model, self.details, self.figures = model, None, {}
 
     # -- layers ------------------------------------------------------------------------------
 
@@ -299,7 +299,7 @@ class WeightWatcher:
             row.update(_norm_columns(evals[k], row["alpha"], layer.N))
             rows.append(row)
             if plot:
-                self._plot(layer, evals[k], fits[k], savefig)
+                self.figures[layer.layer_id] = self._plot(layer, evals[k], fits[k], savefig)
         self.details = _ordered(rows)
         return self.details
 
@@ -362,20 +362,21 @@ class WeightWatcher:
 
     @staticmethod
     def _plot(layer, evals, fit, savefig):
-        import matplotlib.pyplot as plt
-
+        """The layer's ESD above 1e-5 on log-log axes with its power-law fit
+        (kept in self.figures by layer id), saved as
+        <savefig>/ww.layer<id>.esd.png when savefig is a folder or True."""
         from .. import plot
 
         positive = evals[evals > spectra.WW_EVALS_THRESH]
         if not len(positive):
-            return
-        d = fit.to_dict() if fit["status"] == "success" else None
-        fig = plot.esd(positive, fit=d, label=f"layer {layer.layer_id} ({layer.longname})")
+            return None
+        fig = plot.esd(positive, fit=fit.to_dict() if fit["status"] == "success" else None,
+                       label=f"layer {layer.layer_id} ({layer.longname})")
         if savefig:
             folder = savefig if isinstance(savefig, str) else "ww-img"
             os.makedirs(folder, exist_ok=True)
             fig.savefig(os.path.join(folder, f"ww.layer{layer.layer_id}.esd.png"), dpi=100)
-        plt.close(fig)
+        return fig
 
 
 def _check_unsupported(pool, unsupported):
