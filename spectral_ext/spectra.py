@@ -100,23 +100,22 @@ def _deviation(ratio, alpha, offset, n_i, two_sided):
 
 def _scan_all(x, valid, alphas, two_sided):
     """Exact KS distance of every candidate (rows x candidates; invalid ones
-    +inf), computed at once over blocks of rows: for short spectra."""
+    +inf), computed at once over blocks of rows for the tail pairs j >= i
+    only: for short spectra."""
     rows, n = x.shape
     out = np.full((rows, n), np.inf)
-    idx = np.arange(n)
-    offset = idx[None, :] - idx[:, None]  # j - i
-    n_i = (n - idx)[:, None].astype(np.float64)
-    step = max(1, _FULL_SCAN_ELEMENTS // (n * n))
+    i, j = np.triu_indices(n)  # row-major: the pairs of candidate i are contiguous
+    starts = np.r_[0, np.cumsum(n - np.arange(n - 1))]
+    n_i = (n - i).astype(np.float64)
+    step = max(1, _FULL_SCAN_ELEMENTS // len(i))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for r in range(0, rows, step):
-            xb, vb = x[r:r + step], valid[r:r + step]
+            vb = valid[r:r + step]
             if not vb.any():
                 continue
-            safe = np.where(xb > 0, xb, 1.0)
-            ratio = safe[:, None, :] / safe[:, :, None]
-            d = _deviation(ratio, alphas[r:r + step, :, None], offset[None], n_i[None], two_sided)
-            d = np.where(offset[None] >= 0, d, 0.0).max(-1)  # points below xmin are not in the tail
-            out[r:r + step] = np.where(vb, d, np.inf)
+            xb = np.where(x[r:r + step] > 0, x[r:r + step], 1.0)
+            d = _deviation(xb[:, j] / xb[:, i], alphas[r:r + step, i], j - i, n_i, two_sided)
+            out[r:r + step] = np.where(vb, np.maximum.reduceat(d, starts, axis=1), np.inf)
     return out
 
 

@@ -144,6 +144,16 @@ def load_member(source, factory, allow_pickle: bool = False) -> nn.Module:
 # Per-model metrics, batched over models of one architecture
 
 
+def _architecture_key(model: nn.Module) -> tuple:
+    """The class and every parameter and buffer by name and shape, in one walk
+    of the modules (a state_dict per member costs several times more)."""
+    key = [type(model).__qualname__]
+    for prefix, module in model.named_modules():
+        for kind in (module._parameters, module._buffers):
+            key.extend((prefix, k, None if v is None else tuple(v.shape)) for k, v in kind.items())
+    return tuple(key)
+
+
 def _signature(graph) -> tuple:
     return tuple((name, tuple(m.module.weight.shape)) for name, m in graph.maps.items())
 
@@ -169,14 +179,11 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
     # One dataflow trace per architecture (same class and parameter shapes), reused by every member.
     by_shape: dict[tuple, list[str]] = {}
     for name, model in models.items():
-        key = (type(model).__qualname__,) + tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
-        by_shape.setdefault(key, []).append(name)
+        by_shape.setdefault(_architecture_key(model), []).append(name)
     groups: dict[tuple, list[str]] = {}
     graphs = {}
     for names in by_shape.values():
-        graph = discover(models[names[0]], example_input)
-        for name in names:
-            graphs[name] = graph if name == names[0] else graph.for_model(models[name])
+        graphs[names[0]] = graph = discover(models[names[0]], example_input)
         groups.setdefault(_signature(graph), []).extend(names)
     layer_rows, model_rows, edge_rows = [], [], []
     fit = "alpha" in metrics
@@ -184,7 +191,12 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
         first = graphs[members[0]]
         per_model = {n: [] for n in members}
         for layer, linear_map in first.maps.items():
-            stack = torch.stack([graphs[n].maps[layer].weight(dtype=dtype) for n in members])
+            if getattr(linear_map.module, "groups", 1) > 1:  # grouped: the map expands the blocks
+                maps = [graphs[n].maps[layer] if n in graphs else first.for_model(models[n]).maps[layer]
+                        for n in members]
+                stack = torch.stack([m.weight(dtype=dtype) for m in maps])
+            else:  # members of one architecture share module names and weight shapes (the key above)
+                stack = torch.stack([models[n].get_submodule(layer).weight.detach() for n in members]).to(dtype)
             analysed = ("rank" in metrics or fit) and (convention == "seed001" or linear_map.kind in ("linear", "conv2d"))
             frame = spectra.spectrum_metrics(spectra.weight_singular_values(stack, convention), min_tail,
                                              convention, fit=fit) if analysed else None
@@ -203,9 +215,10 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
                     row.update(alpha=float("nan"), note=f"a {linear_map.kind} is not analysed by WeightWatcher's "
                                                         "convention")
                 per_model[n].append(row)
+        architecture = _arch_id(first)
         for n in members:
             layer_rows.extend(per_model[n])
-            summary = {"model": n, "architecture": _arch_id(first), "n_layers": len(first.maps), "error": ""}
+            summary = {"model": n, "architecture": architecture, "n_layers": len(first.maps), "error": ""}
             if fit:
                 usable = [r for r in per_model[n] if not math.isnan(r["alpha"])]
                 terms = spectra._alpha_hat_terms([r["alpha"] for r in usable], [r["lambda_max"] for r in usable],
