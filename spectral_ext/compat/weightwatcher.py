@@ -126,18 +126,23 @@ def _matrix_rank(sv: np.ndarray, N: int) -> int:
     return int(np.count_nonzero(sv > np.max(sv) * N * np.finfo(sv.dtype).eps))
 
 
-def _singular_values(matrices: list[torch.Tensor]) -> list[np.ndarray]:
-    """Singular values of many (S, r, c) stacks, one batched Gram + eigvalsh per shape."""
+def _singular_values(matrices: list[torch.Tensor], scales=None) -> list[np.ndarray]:
+    """Singular values of each (S, r, c) stack (times its scale): one Gram +
+    eigvalsh call per stack; stacks of one shape go together only when
+    small (LAPACK loops over a batch anyway, and joining large stacks would
+    copy them)."""
+    scales = [1.0] * len(matrices) if scales is None else scales
     groups: dict = {}
     for k, m in enumerate(matrices):
-        groups.setdefault(tuple(m.shape[1:]), []).append(k)
+        small = m[0].numel() <= 4096
+        groups.setdefault((tuple(m.shape[1:]), k if not small else -1), []).append(k)
     out = [None] * len(matrices)
     for keys in groups.values():
-        stacked = torch.cat([matrices[k] for k in keys])
+        stacked = matrices[keys[0]] if len(keys) == 1 else torch.cat([matrices[k] for k in keys])
         sv = gram_singular_values(stacked).numpy()
         start = 0
         for k in keys:
-            out[k] = sv[start:start + len(matrices[k])]
+            out[k] = sv[start:start + len(matrices[k])] * scales[k]
             start += len(matrices[k])
     return out
 
@@ -280,7 +285,7 @@ class WeightWatcher:
         for layer in chosen:
             if conv2d_norm and layer.kind == "conv2d":
                 layer.norm = math.sqrt(1 / 2.0)
-        svs = _singular_values([layer.slices * layer.norm for layer in chosen])
+        svs = _singular_values([layer.slices for layer in chosen], [layer.norm for layer in chosen])
         evals = [np.sort((sv ** 2).reshape(-1)) for sv in svs]
         fits = {}
         for n in sorted({len(e) for e in evals}):
