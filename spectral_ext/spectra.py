@@ -320,7 +320,7 @@ def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10, conventi
     power-law alpha, xmin, ks, n_tail of the pooled ESD (fit_power_laws,
     fitted together for the whole batch) and a note saying why a fit is
     missing."""
-    sigma = singular_values.flatten(1).sort(dim=1, descending=True).values
+    sigma = singular_values.detach().cpu().flatten(1).sort(dim=1, descending=True).values
     eig = sigma.square()
     top = sigma[:, 0]
     frame = pd.DataFrame({

@@ -103,7 +103,7 @@ class _Layer:
         self.layer_id, self.longname, self.kind = layer_id, longname, kind
         self.name = longname.split(".")[-1] if longname else type(module).__name__
         self.longname = longname or self.name
-        w = module.weight.detach().float().double()  # WeightWatcher reads weights through float32
+        w = module.weight.detach().cpu().float().double()  # WeightWatcher reads weights through float32 on the CPU
         if kind == "conv2d":
             out, cin, kh, kw = w.shape
             self.rf = kh * kw
