@@ -147,6 +147,9 @@ def test_bad_arguments_name_themselves():
         Sp.fit_power_law(x, xmin=-1.0)
     with pytest.raises(ValueError, match="NaN"):
         Sp.fit_power_law(torch.tensor([1.0, float("nan")]))
+    for convention, status in (("seed001", "too few eigenvalues"), ("weightwatcher", "failed")):
+        empty = Sp.fit_power_law(torch.zeros(0, dtype=torch.float64), convention=convention)
+        assert np.isnan(empty["alpha"]) and empty["status"] == status and empty["n"] == 0
     with pytest.raises(ValueError, match="eigenvalues must be 1-d"):
         Sp.fit_power_law(torch.ones(2, 3))
     with pytest.raises(ValueError, match="layer_spectra columns"):

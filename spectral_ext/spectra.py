@@ -159,6 +159,8 @@ def _best_candidates(x, valid, alphas, two_sided):
     rows, n = x.shape
     best = np.full(rows, -1)
     dist = np.full(rows, np.inf)
+    if n == 0:
+        return best, dist
     if n <= _EXHAUSTIVE_N:
         d = _scan_all(x, valid, alphas, two_sided)
         best = np.argmin(d, axis=1)
