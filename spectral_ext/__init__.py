@@ -23,7 +23,7 @@ from .layers import ModelGraph, discover
 from .rank import (classification_dimension, independence_deficit, jacobian_partial_rank, numerical_rank,
                    perturbed_pca_dimension, stable_rank)
 from .signals import hypergraph, semantic_hierarchy, signals
-from .spectra import alpha_hat, layer_spectra
+from .spectra import alpha_hat, fit_power_law, fit_power_laws, layer_spectra, weight_singular_values
 from .similarity import cka, pairwise_similarity, procrustes, similarity_matrix
 from .stitching import stitch, stitching_penalty
 from .symmetry import apply_symmetry, intertwiner_group
@@ -68,6 +68,7 @@ def build_info() -> dict:
 __all__ = [
     "activation_covariance", "align", "alpha_hat", "apply_symmetry", "build_info", "cka",
     "classification_dimension", "clip", "co_svr", "conv_adjacency", "current_backend", "discover",
+    "fit_power_law", "fit_power_laws", "weight_singular_values",
     "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections",
     "layer_spectra", "linear_sum_assignment", "max_kernel_gram", "ModelGraph", "numerical_rank",
     "pairwise_similarity", "perturbed_pca_dimension", "plot", "procrustes", "rainbow", "reference",

@@ -2,9 +2,18 @@
 distribution (ESD) of each layer's Gram matrix for the unfolding W1 =
 weight.reshape(out, in*k*k), the Toeplitz matrization W2 of a convolution on
 an m x m input (via the FFT, never built), power-law fits of the ESD tail and
-the capacity metric alpha-hat (equation 12)."""
+the capacity metric alpha-hat (equation 12).
+
+One spectrum per weight serves every metric (ESD, numerical and stable rank,
+lambda_max, alpha): float64 Gram matrices of the smaller side and eigvalsh,
+batched over weights of one shape (_linalg.gram_singular_values). Seed 001's
+conventions are the default; WeightWatcher 0.7.7's (convention=
+"weightwatcher") are offered by name, see weight_singular_values and
+fit_power_law."""
 from __future__ import annotations
 
+import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -12,16 +21,17 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._linalg import gram_singular_values
 from .layers import discover
-from .rank import numerical_rank, stable_rank
-
+from .rank import _rank_of_singular_values
 
 def esd(W: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of the unnormalised Gram matrix W1 W1^T (section 4), in
     decreasing order: the squared singular values of W1, where W is a
-    Linear weight or a conv weight (out, in, *kernel) unfolded row-major."""
+    Linear weight or a conv weight (out, in, *kernel) unfolded row-major
+    (float64 Gram route, weight_singular_values)."""
     _checks.tensor("W", W, ndims=range(2, 6), shape="(out, in) or (out, in, *kernel)")
-    return torch.linalg.svdvals(W.reshape(W.shape[0], -1).double()).square()
+    return weight_singular_values(W[None])[0, 0].square()
 
 
 def toeplitz_singular_values(weight: torch.Tensor, m: int | tuple[int, int]) -> torch.Tensor:
@@ -56,100 +66,371 @@ def circular_conv_matrix(weight: torch.Tensor, m: int) -> torch.Tensor:
     return response.reshape(c * m * m, -1).T
 
 
-def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10) -> dict:
-    """Maximum-likelihood power law p(x) ~ x^-alpha for x >= xmin (Clauset,
-    Shalizi and Newman; as Martin and Mahoney fit ESD tails): alpha = 1 +
-    n / sum ln(x_i / xmin), with xmin chosen among the data to minimise the
-    Kolmogorov-Smirnov distance between the tail and the fit (unless given).
+# ---------------------------------------------------------------------------------------------
+# Power-law fits of ESD tails, vectorised over every candidate xmin and batched over spectra
 
-    eigenvalues: 1-d, positive values are used. min_tail: the smallest tail
-    considered. Returns {alpha, xmin, ks, n_tail, n}; alpha is NaN when fewer
-    than min_tail positive values exist."""
-    x = np.sort(np.asarray(torch.as_tensor(eigenvalues).double().cpu(), dtype=np.float64).reshape(-1))
-    if not np.all(np.isfinite(x)):
-        raise ValueError("eigenvalues contains NaN or infinite values")
-    x = x[x > 0]
-    n = len(x)
-    nan = {"alpha": float("nan"), "xmin": float("nan"), "ks": float("nan"), "n_tail": 0, "n": n}
-    if n < min_tail:
-        return nan
-    logs = np.log(x)
-    suffix = np.cumsum(logs[::-1])[::-1]  # sum of ln x_j for j >= i
-    if xmin is not None:
-        candidates = np.array([int(np.searchsorted(x, xmin))])
-    else:
-        candidates = np.arange(0, n - min_tail + 1)
-        candidates = candidates[np.r_[True, x[candidates[1:]] != x[candidates[1:] - 1]]]  # distinct xmin
-    best = None
-    for start in range(0, len(candidates), 256):  # bounded memory: 256 candidate tails at a time
-        idx = candidates[start:start + 256]
-        counts = n - idx
-        denominators = suffix[idx] - counts * logs[idx]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            alphas = 1 + counts / denominators
-        ks = np.full(len(idx), np.inf)
-        for k, (i, a) in enumerate(zip(idx, alphas)):
-            if not np.isfinite(a) or a <= 1:
+CONVENTIONS = ("seed001", "weightwatcher")
+# WeightWatcher 0.7.7's constants (constants.py EVALS_THRESH, WW_powerlaw.py SMALL_N_CUTOFF and k_min).
+WW_EVALS_THRESH = 1e-5
+WW_SMALL_N = 20
+WW_SMALL_N_MIN_TAIL = 8
+_FULL_SCAN_ELEMENTS = 1 << 21  # (rows x candidates x points) per block of the exhaustive scan
+_EXHAUSTIVE_N = 384  # longer spectra are scanned one at a time with lower bounds first
+
+
+def _check_convention(convention) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    return convention
+
+
+def _deviation(ratio, alpha, offset, n_i, two_sided):
+    """KS deviations |F_fit - F_emp| of a candidate's fit at its tail points:
+    ratio = x_j / xmin, offset = j - i, n_i the tail size (broadcasting
+    arrays). F_fit = 1 - ratio^(1 - alpha); F_emp steps from offset / n_i to
+    (offset + 1) / n_i at x_j (two-sided, Clauset et al.), or takes the lower
+    value only (one-sided, WeightWatcher's WWFit)."""
+    fitted = 1 - ratio ** (1 - alpha)
+    low = offset / n_i
+    d = np.abs(fitted - low)
+    if two_sided:
+        d = np.maximum(d, np.abs(low + 1 / n_i - fitted))
+    return d
+
+
+def _scan_all(x, valid, alphas, two_sided):
+    """Exact KS distance of every candidate (rows x candidates; invalid ones
+    +inf), computed at once over blocks of rows for the tail pairs j >= i
+    only: for short spectra."""
+    rows, n = x.shape
+    out = np.full((rows, n), np.inf)
+    i, j = np.triu_indices(n)  # row-major: the pairs of candidate i are contiguous
+    starts = np.r_[0, np.cumsum(n - np.arange(n - 1))]
+    n_i = (n - i).astype(np.float64)
+    step = max(1, _FULL_SCAN_ELEMENTS // len(i))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for r in range(0, rows, step):
+            vb = valid[r:r + step]
+            if not vb.any():
                 continue
-            tail = x[i:]
-            fitted = 1 - (tail / x[i]) ** (1 - a)
-            m = len(tail)
-            empirical_hi = np.arange(1, m + 1) / m
-            empirical_lo = np.arange(0, m) / m
-            ks[k] = max(np.max(np.abs(empirical_hi - fitted)), np.max(np.abs(fitted - empirical_lo)))
-        k = int(np.argmin(ks))
-        if np.isfinite(ks[k]) and (best is None or ks[k] < best[2]):
-            best = (float(alphas[k]), float(x[idx[k]]), float(ks[k]), int(counts[k]))
-    if best is None:
-        return nan
-    return {"alpha": best[0], "xmin": best[1], "ks": best[2], "n_tail": best[3], "n": n}
+            xb = np.where(x[r:r + step] > 0, x[r:r + step], 1.0)
+            d = _deviation(xb[:, j] / xb[:, i], alphas[r:r + step, i], j - i, n_i, two_sided)
+            out[r:r + step] = np.where(vb, np.maximum.reduceat(d, starts, axis=1), np.inf)
+    return out
+
+
+def _scan_pruned(x, candidates, alphas, two_sided, block: int = 64):
+    """(position in candidates, KS distance) of the best candidate of one long
+    spectrum, exactly as an exhaustive scan finds it (the first on ties), at a
+    fraction of its cost: a maximum over a subset of the tail points is a
+    lower bound of each candidate's distance; candidates are then scanned
+    exactly in increasing order of their bound until the bound exceeds the
+    best distance found. Hand-written: no library offers a pruned KS scan."""
+    n = len(x)
+    stride = max(1, n // 256)
+    grid = np.unique(np.r_[np.arange(0, n, stride), n - 1])
+    n_i = (n - candidates).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bound = np.empty(len(candidates))
+        for s in range(0, len(candidates), 512):
+            c, a, m = candidates[s:s + 512, None], alphas[s:s + 512, None], n_i[s:s + 512, None]
+            d = _deviation(x[grid][None, :] / x[c], a, grid[None, :] - c, m, two_sided)
+            bound[s:s + 512] = np.where(grid[None, :] >= c, d, 0.0).max(-1)
+        order = np.argsort(bound, kind="stable")
+        best_d, best_k = np.inf, -1
+        for s in range(0, len(order), block):
+            ks = order[s:s + block]
+            ks = ks[bound[ks] <= best_d * (1 + 1e-12)]
+            if not len(ks):
+                break
+            lo = int(candidates[ks].min())
+            j = np.arange(lo, n)
+            c, a, m = candidates[ks, None], alphas[ks, None], n_i[ks, None]
+            d = _deviation(x[None, lo:] / x[c], a, j[None, :] - c, m, two_sided)
+            d = np.where(j[None, :] >= c, d, 0.0).max(-1)
+            for k, value in zip(ks, d):
+                if value < best_d or (value == best_d and k < best_k):
+                    best_d, best_k = float(value), int(k)
+    return best_k, best_d
+
+
+def _best_candidates(x, valid, alphas, two_sided):
+    """Per row: (index of the best valid candidate or -1, its KS distance)."""
+    rows, n = x.shape
+    best = np.full(rows, -1)
+    dist = np.full(rows, np.inf)
+    if n == 0:
+        return best, dist
+    if n <= _EXHAUSTIVE_N:
+        d = _scan_all(x, valid, alphas, two_sided)
+        best = np.argmin(d, axis=1)
+        dist = d[np.arange(rows), best]
+        best = np.where(np.isfinite(dist), best, -1)
+        return best, dist
+    for r in range(rows):
+        candidates = np.flatnonzero(valid[r])
+        if len(candidates):
+            k, dist[r] = _scan_pruned(x[r], candidates, alphas[r, candidates], two_sided)
+            best[r] = candidates[k]
+    return best, dist
+
+
+def _sorted_rows(eigenvalues, name="eigenvalues"):
+    x = np.asarray(torch.as_tensor(eigenvalues).detach().double().cpu(), dtype=np.float64)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 1-d or a batch (rows, n), got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return np.sort(x, axis=1)
+
+
+def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
+                   convention: str = "seed001") -> pd.DataFrame:
+    """fit_power_law of each row of a batch (rows, n) of spectra, vectorised
+    over rows and candidate xmin: one DataFrame row per spectrum with the
+    columns of fit_power_law's dict."""
+    _check_convention(convention)
+    _checks.positive_int("min_tail", min_tail)
+    if xmin is not None and (isinstance(xmin, bool) or not isinstance(xmin, (int, float)) or not xmin > 0):
+        raise ValueError(f"xmin must be a positive number or None, got {xmin!r}")
+    x = _sorted_rows(eigenvalues)
+    rows, n = x.shape
+    weightwatcher = convention == "weightwatcher"
+    usable = x > (WW_EVALS_THRESH if weightwatcher else 0.0)
+    start = n - usable.sum(1)  # usable values are a suffix of each sorted row
+    count = n - start
+    idx = np.arange(n)[None, :]
+    n_i = (n - idx).astype(np.float64)
+    logs = np.log(np.where(usable, x, 1.0))
+    suffix = np.cumsum(logs[:, ::-1], axis=1)[:, ::-1]  # sum of ln x_j over j >= i
+    denominator = suffix - n_i * logs
+    in_data = idx >= start[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if weightwatcher:
+            small = (count < WW_SMALL_N)[:, None]
+            eligible = ~small | ((n_i >= WW_SMALL_N_MIN_TAIL) & (denominator > 1e-12))
+            alphas = np.where(small, np.where(eligible, 1 + (n_i - 1) / denominator, 0.0), 1 + n_i / denominator)
+            valid = in_data & (idx <= n - 2) & eligible & (alphas > 1)
+        else:
+            alphas = 1 + n_i / denominator
+            distinct = np.ones_like(usable)
+            distinct[:, 1:] = x[:, 1:] != x[:, :-1]
+            if xmin is None:
+                valid = in_data & (n_i >= min_tail) & (distinct | (idx == start[:, None]))
+            else:
+                first = np.maximum(start, np.sum(x < xmin, axis=1))  # the first usable value >= xmin
+                valid = idx == first[:, None]
+            valid &= np.isfinite(alphas) & (alphas > 1) & (count >= min_tail)[:, None]
+    best, dist = _best_candidates(x, valid, alphas, two_sided=not weightwatcher)
+    records = []
+    for r in range(rows):
+        i, d, status = int(best[r]), float(dist[r]), "success"
+        sigma_alpha = alphas[r, i] if i >= 0 else float("nan")
+        if weightwatcher:
+            if count[r] <= 1:
+                i, status = -1, "failed"
+            elif i < 0 or not d < 1:
+                # WWFit takes the first minimum of its distances, 1 where no fit was made; the small-N
+                # fallback fits the whole sample when no tail of 8 or more qualifies.
+                invalid = np.flatnonzero(in_data[r] & (idx[0] <= n - 2) & ~valid[r])
+                i = int(invalid[0]) if len(invalid) else i
+                sigma_alpha, d = alphas[r, i], 1.0
+                if count[r] < WW_SMALL_N and not valid[r].any():
+                    i = int(start[r])
+                    sigma_alpha = alphas[r, i]  # WWFit's sigma was computed before this refit
+                    if denominator[r, i] > 1e-12:
+                        alphas[r, i] = 1 + (count[r] - 1) / denominator[r, i]
+                        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                            d = float(_deviation(x[r, i:] / x[r, i], alphas[r, i], np.arange(count[r]),
+                                                 float(count[r]), False).max())
+        if i < 0:
+            records.append({"alpha": float("nan"), "xmin": float("nan"), "xmax": float("nan"), "ks": float("nan"),
+                            "sigma": float("nan"), "n_tail": 0, "n": int(count[r]),
+                            "status": "failed" if weightwatcher else "too few eigenvalues"})
+            continue
+        a = float(alphas[r, i])
+        records.append({"alpha": a, "xmin": float(x[r, i]), "xmax": float(x[r, -1]), "ks": d,
+                        "sigma": (float(sigma_alpha) - 1) / math.sqrt(n - i), "n_tail": int(n - i), "n": int(count[r]),
+                        "status": status})
+    return pd.DataFrame.from_records(records, columns=["alpha", "xmin", "xmax", "ks", "sigma", "n_tail", "n",
+                                                       "status"])
+
+
+def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10, convention: str = "seed001") -> dict:
+    """Maximum-likelihood power law p(x) ~ x^-alpha for x >= xmin (Clauset,
+    Shalizi and Newman 2009, section 3; as seed 001 section 4 and Martin and
+    Mahoney fit ESD tails): alpha = 1 + n / sum ln(x_i / xmin), with xmin
+    chosen among the data to minimise the Kolmogorov-Smirnov distance between
+    the tail and the fit (unless given); sigma = (alpha - 1) / sqrt(n_tail)
+    is the MLE's standard error.
+
+    convention="seed001" (default): positive values, distinct xmin with
+    tails of at least min_tail, the two-sided KS distance; alpha is NaN
+    (status "too few eigenvalues") with fewer than min_tail values.
+    convention="weightwatcher": WeightWatcher 0.7.7's WWFit: values above
+    1e-5, every point but the last tried as xmin, the one-sided distance;
+    below 20 values the bias-corrected alpha = 1 + (n - 1) / sum ln(x_i /
+    xmin) over tails of at least 8 (min_tail and xmin are not used).
+
+    The scan over xmin is vectorised (numpy over every candidate at once;
+    long spectra scan candidates in order of a lower bound of their
+    distance, with the same result). Returns {alpha, xmin, xmax, ks, sigma,
+    n_tail, n, status}."""
+    if convention == "weightwatcher" and xmin is not None:
+        raise ValueError("xmin cannot be given with convention='weightwatcher' (WWFit always scans)")
+    eig = torch.as_tensor(eigenvalues)
+    if eig.dim() != 1:
+        raise ValueError(f"eigenvalues must be 1-d, got shape {tuple(eig.shape)}")
+    return fit_power_laws(eig, xmin=xmin, min_tail=min_tail, convention=convention).iloc[0].to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# One spectrum per weight, shared by every metric
+
+
+def weight_singular_values(weights: torch.Tensor, convention: str = "seed001") -> torch.Tensor:
+    """Singular values (float64, decreasing) of a batch of weights of one
+    shape (B, out, in, *kernel) as (B, slices, k): seed 001 (default): one
+    slice, the unfolding W1 = weight.reshape(out, in*k*k) (section 3.1);
+    "weightwatcher": a Conv2d is its kh*kw slices W[:, :, i, j] (out x in)
+    scaled by WeightWatcher 0.7.7's conv2d_norm sqrt(conv2d_count / 2) =
+    sqrt(1/2) when pooling, a Linear its weight as it is. Computed as the
+    Gram matrix of the smaller side in float64 and eigvalsh, one batched
+    call (_linalg.gram_singular_values)."""
+    _check_convention(convention)
+    W = weights.detach().double()
+    if convention == "weightwatcher" and W.dim() == 5:
+        slices = W.flatten(3).permute(0, 3, 1, 2) * math.sqrt(0.5)
+    else:
+        slices = W.reshape(W.shape[0], 1, W.shape[1], -1)
+    return gram_singular_values(slices)
+
+
+def _too_few(n: int, min_tail: int) -> str:
+    return f"too few eigenvalues ({n} < min_tail {min_tail})"
+
+
+def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10, convention: str = "seed001",
+                     fit: bool = True) -> pd.DataFrame:
+    """Per spectrum of a batch (B, slices, k) of weight_singular_values: the
+    metrics every table reports, from that one spectrum: n_eigenvalues,
+    numerical_rank (seed 003 equation 4 on the pooled singular values, the
+    float32 tolerance), stable_rank (sum of eigenvalues over the largest),
+    spectral_norm, lambda_max (largest Gram eigenvalue), and with fit the
+    power-law alpha, xmin, ks, n_tail of the pooled ESD (fit_power_laws,
+    fitted together for the whole batch) and a note saying why a fit is
+    missing."""
+    sigma = singular_values.detach().cpu().flatten(1).sort(dim=1, descending=True).values
+    eig = sigma.square()
+    top = sigma[:, 0]
+    frame = pd.DataFrame({
+        "n_eigenvalues": sigma.shape[1],
+        "numerical_rank": _rank_of_singular_values(sigma, None).numpy(),
+        "stable_rank": torch.where(top > 0, eig.sum(1) / top.clamp_min(1e-300).square(),
+                                   torch.zeros_like(top)).numpy(),
+        "spectral_norm": top.numpy(), "lambda_max": eig[:, 0].numpy()})
+    if fit:
+        fits = fit_power_laws(eig, min_tail=min_tail, convention=convention)
+        for column in ("alpha", "xmin", "ks", "n_tail"):
+            frame[column] = fits[column].to_numpy()
+        frame["note"] = [("" if status == "success" else _too_few(n, min_tail) if convention == "seed001"
+                          else f"power-law fit failed ({n} eigenvalues above 1e-5)")
+                         for status, n in zip(fits["status"], fits["n"])]
+    return frame
 
 
 def layer_spectra(model: nn.Module, example_input=None, toeplitz_m: int | None = None,
-                  min_tail: int = 10) -> pd.DataFrame:
+                  min_tail: int = 10, convention: str = "seed001") -> pd.DataFrame:
     """One row per linear map of the model (forward order): name, kind, shape
-    (of W1), rank (min of the shape), numerical_rank (seed 003 equation 4),
-    stable_rank, spectral_norm, lambda_max (largest Gram eigenvalue), alpha,
-    xmin, ks and n_tail of the power-law fit of the ESD of W1 W1^T. With
-    toeplitz_m, the same fit for the circular Toeplitz matrization W2 of the
-    2-d convolutions on m x m inputs (columns alpha_w2, lambda_max_w2,
-    n_w2)."""
+    (of W1), rank (min of the shape), then spectrum_metrics of its one
+    spectrum (n_eigenvalues, numerical_rank, stable_rank, spectral_norm,
+    lambda_max, alpha, xmin, ks, n_tail) and a note: every layer has a row,
+    the note says why alpha is NaN (too few eigenvalues for min_tail, a
+    layer kind the convention does not analyse). With toeplitz_m, the same
+    fit for the circular Toeplitz matrization W2 of the 2-d convolutions on
+    m x m inputs (columns alpha_w2, lambda_max_w2, n_w2).
+
+    convention: "seed001" (default: the ESD of W1 W1^T, section 4) or
+    "weightwatcher" (pooled, scaled kh*kw slices of a Conv2d and WWFit's
+    rules, see weight_singular_values and fit_power_law; Conv1d/Conv3d are
+    not analysed there). Spectra are computed in one batched call per weight
+    shape; the frame's attrs["convention"] records the convention."""
+    _check_convention(convention)
+    _checks.positive_int("min_tail", min_tail)
     graph = discover(model, example_input)
-    rows = []
+    weights, groups = {}, {}
     for name, linear_map in graph.maps.items():
-        weight = linear_map.module.weight.detach()
+        weight = linear_map.weight(dtype=torch.float64)
         if not _checks.all_finite(weight):
             raise ValueError(f"the weight of {name} contains NaN or infinite values")
-        W1 = linear_map.matrix(dtype=torch.float64)
-        eig = esd(W1)
-        fit = fit_power_law(eig, min_tail=min_tail)
-        row = {"name": name, "kind": linear_map.kind, "shape": tuple(W1.shape), "rank": min(W1.shape),
-               "numerical_rank": int(numerical_rank(W1)), "stable_rank": float(stable_rank(W1)),
-               "spectral_norm": float(eig[0].sqrt()), "lambda_max": float(eig[0]), "alpha": fit["alpha"],
-               "xmin": fit["xmin"], "ks": fit["ks"], "n_tail": fit["n_tail"]}
+        weights[name] = weight
+        if convention == "seed001" or linear_map.kind in ("linear", "conv2d"):
+            groups.setdefault(tuple(weight.shape), []).append(name)
+    metrics = {}
+    for names in groups.values():
+        sigma = weight_singular_values(torch.stack([weights[n] for n in names]), convention)
+        for name, (_, row) in zip(names, spectrum_metrics(sigma, min_tail, convention).iterrows()):
+            metrics[name] = row.to_dict()
+    rows = []
+    for name, linear_map in graph.maps.items():
+        shape = (weights[name].shape[0], math.prod(weights[name].shape[1:]))
+        row = {"name": name, "kind": linear_map.kind, "shape": shape, "rank": min(shape)}
+        row.update(metrics.get(name, {"note": f"a {linear_map.kind} is not analysed by WeightWatcher's convention"}))
         if toeplitz_m is not None:
             if linear_map.kind == "conv2d" and getattr(linear_map.module, "groups", 1) == 1:
-                eig2 = toeplitz_singular_values(weight, toeplitz_m).square()
+                eig2 = toeplitz_singular_values(weights[name], toeplitz_m).square()
                 fit2 = fit_power_law(eig2, min_tail=min_tail)
                 row.update(alpha_w2=fit2["alpha"], lambda_max_w2=float(eig2[0]), n_w2=int(eig2.numel()))
             else:
                 row.update(alpha_w2=float("nan"), lambda_max_w2=float("nan"), n_w2=0)
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    for column in ("n_eigenvalues", "numerical_rank", "n_tail"):
+        if column in frame:
+            frame[column] = frame[column].fillna(0).astype(int)
+    frame.attrs["convention"] = convention
+    return frame
 
 
-def alpha_hat(model_or_frame, example_input=None) -> float:
+def _alpha_hat_terms(alpha, lambda_max, convention: str):
+    """Seed 001 equation 12's terms alpha ln(lambda_max), or WeightWatcher's
+    alpha_weighted = alpha log10(lambda_max)."""
+    log = np.log10 if convention == "weightwatcher" else np.log
+    return np.asarray(alpha, dtype=np.float64) * log(np.asarray(lambda_max, dtype=np.float64))
+
+
+def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention: str | None = None) -> float:
     """Capacity metric alpha-hat = sum over layers of alpha_L * ln(lambda_max_L)
-    (seed 001 equation 12, Martin and Mahoney); layers whose fit failed
-    (too few eigenvalues) are left out. DeepDataProfiler averages instead of
-    summing; this is the paper's sum. Takes a model or a layer_spectra
-    frame."""
-    frame = model_or_frame if isinstance(model_or_frame, pd.DataFrame) else layer_spectra(model_or_frame,
-                                                                                        example_input)
-    usable = frame.dropna(subset=["alpha"])
-    if usable.empty:
-        raise ValueError("no layer has enough eigenvalues for a power-law fit")
-    return float((usable["alpha"] * np.log(usable["lambda_max"])).sum())
+    (seed 001 equation 12, Martin and Mahoney). Takes a model or the
+    layer_spectra frame it is given (no spectrum is recomputed then).
+
+    Layers without a fit (fewer than min_tail eigenvalues, see the frame's
+    note column) are left out, and a warning names them: the result says
+    which layers it used. convention: "seed001" (the default, or the
+    frame's attrs) or "weightwatcher": WeightWatcher's get_summary()
+    alpha_weighted, the mean of alpha * log10(lambda_max) over its layers
+    (DeepDataProfiler averages too; the paper sums)."""
+    if isinstance(model_or_frame, pd.DataFrame):
+        frame = model_or_frame
+        convention = _check_convention(convention or frame.attrs.get("convention", "seed001"))
+        missing = [c for c in ("name", "alpha", "lambda_max") if c not in frame]
+        if missing:
+            raise ValueError(f"model_or_frame is a DataFrame without the layer_spectra columns {missing}")
+    else:
+        frame = layer_spectra(model_or_frame, example_input, min_tail=min_tail,
+                              convention=_check_convention(convention or "seed001"))
+    usable = frame["alpha"].notna()
+    if not usable.any():
+        raise ValueError("no layer has enough eigenvalues for a power-law fit (lower min_tail, or see the note column)")
+    if not usable.all():
+        left = frame.loc[~usable]
+        notes = left["note"] if "note" in left else ["no fit"] * len(left)
+        warnings.warn(f"alpha_hat used {int(usable.sum())} of {len(frame)} layers; left out: "
+                      + "; ".join(f"{n} ({why})" for n, why in zip(left["name"], notes)), stacklevel=2)
+    terms = _alpha_hat_terms(frame.loc[usable, "alpha"], frame.loc[usable, "lambda_max"], convention)
+    return float(terms.mean() if convention == "weightwatcher" else terms.sum())
 
 
 def sample_power_law(alpha: float, xmin: float, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

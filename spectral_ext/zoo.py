@@ -28,10 +28,8 @@ from torch import nn
 
 from . import _checks
 from ._hooks import capturing, check_layers, evaluating
-from ._linalg import gram_singular_values
 from .layers import discover
-from .rank import _rank_of_singular_values
-from .spectra import fit_power_law
+from . import spectra
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 TABLES = ("models", "layers", "edges", "pairs")
@@ -146,61 +144,88 @@ def load_member(source, factory, allow_pickle: bool = False) -> nn.Module:
 # Per-model metrics, batched over models of one architecture
 
 
+def _architecture_key(model: nn.Module) -> tuple:
+    """The class and every parameter and buffer by name and shape, in one walk
+    of the modules (a state_dict per member costs several times more)."""
+    key = [type(model).__qualname__]
+    for prefix, module in model.named_modules():
+        for kind in (module._parameters, module._buffers):
+            key.extend((prefix, k, None if v is None else tuple(v.shape)) for k, v in kind.items())
+    return tuple(key)
+
+
 def _signature(graph) -> tuple:
     return tuple((name, tuple(m.module.weight.shape)) for name, m in graph.maps.items())
 
 
 def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), example_input=None,
-                  dtype=torch.float64) -> dict[str, pd.DataFrame]:
+                  dtype=torch.float64, convention: str = "seed001", min_tail: int = 10) -> dict[str, pd.DataFrame]:
     """Per-model metrics for {name: model}, batched per architecture.
 
     "rank": per layer numerical_rank (seed 003 equation 4, float32 tolerance),
     stable_rank, spectral_norm, lambda_max; "alpha": the power-law alpha of the
-    ESD of W W^T per layer (seed 001) and alpha_hat per model; "svr": per edge
-    the internal dimensions and significant-edge count of the SVR (seed 000),
-    via svr_many. Returns {"models", "layers", "edges"} DataFrames."""
+    ESD per layer (seed 001; a note says why a fit is missing) and alpha_hat
+    per model (spectra.alpha_hat's rule: seed 001's sum, or WeightWatcher's
+    mean alpha_weighted with convention="weightwatcher"); "svr": per edge the
+    internal dimensions and significant-edge count of the SVR (seed 000), via
+    svr_many. Every layer's spectrum is computed once for all of these, one
+    batched call per layer over the models of a group, and the power-law
+    fits of a layer run together over the group (spectra.spectrum_metrics).
+    Returns {"models", "layers", "edges"} DataFrames."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ZooError(f"unknown metrics {unknown}; choose among {METRICS}")
+    spectra._check_convention(convention)
     # One dataflow trace per architecture (same class and parameter shapes), reused by every member.
     by_shape: dict[tuple, list[str]] = {}
     for name, model in models.items():
-        key = (type(model).__qualname__,) + tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
-        by_shape.setdefault(key, []).append(name)
+        by_shape.setdefault(_architecture_key(model), []).append(name)
     groups: dict[tuple, list[str]] = {}
     graphs = {}
     for names in by_shape.values():
-        graph = discover(models[names[0]], example_input)
-        for name in names:
-            graphs[name] = graph if name == names[0] else graph.for_model(models[name])
+        graphs[names[0]] = graph = discover(models[names[0]], example_input)
         groups.setdefault(_signature(graph), []).extend(names)
     layer_rows, model_rows, edge_rows = [], [], []
+    fit = "alpha" in metrics
     for members in groups.values():
         first = graphs[members[0]]
         per_model = {n: [] for n in members}
         for layer, linear_map in first.maps.items():
-            stack = torch.stack([graphs[n].maps[layer].matrix(dtype=dtype) for n in members])
-            sigma = gram_singular_values(stack)  # one batched call for every model of the group
-            ranks = _rank_of_singular_values(sigma, None)
-            frob = sigma.square().sum(-1)
-            top = sigma[:, 0]
+            if getattr(linear_map.module, "groups", 1) > 1:  # grouped: the map expands the blocks
+                maps = [graphs[n].maps[layer] if n in graphs else first.for_model(models[n]).maps[layer]
+                        for n in members]
+                stack = torch.stack([m.weight(dtype=dtype) for m in maps])
+            else:  # members of one architecture share module names and weight shapes (the key above)
+                stack = torch.stack([models[n].get_submodule(layer).weight.detach() for n in members]).to(dtype)
+            analysed = ("rank" in metrics or fit) and (convention == "seed001" or linear_map.kind in ("linear", "conv2d"))
+            frame = spectra.spectrum_metrics(spectra.weight_singular_values(stack, convention), min_tail,
+                                             convention, fit=fit) if analysed else None
+            columns = ["numerical_rank", "stable_rank", "spectral_norm", "lambda_max"] + \
+                (["alpha", "xmin", "ks", "n_tail", "note"] if fit else [])
+            values = frame[columns].to_dict("records") if frame is not None else None
             for i, n in enumerate(members):
                 row = {"model": n, "layer": layer, "kind": linear_map.kind, "rows": stack.shape[1],
-                       "columns": stack.shape[2]}
-                if "rank" in metrics or "alpha" in metrics:
-                    row.update(numerical_rank=int(ranks[i]), stable_rank=float(frob[i] / top[i] ** 2) if top[i] > 0
-                               else 0.0, spectral_norm=float(top[i]), lambda_max=float(top[i] ** 2))
-                if "alpha" in metrics:
-                    fit = fit_power_law(sigma[i].square())
-                    row.update(alpha=fit["alpha"], xmin=fit["xmin"], ks=fit["ks"], n_tail=fit["n_tail"])
+                       "columns": math.prod(stack.shape[2:])}
+                if values is not None:
+                    row.update(values[i])
+                    row["numerical_rank"] = int(row["numerical_rank"])
+                    if fit:
+                        row["n_tail"] = int(row["n_tail"])
+                elif fit:  # a Conv1d/Conv3d under WeightWatcher's convention
+                    row.update(alpha=float("nan"), note=f"a {linear_map.kind} is not analysed by WeightWatcher's "
+                                                        "convention")
                 per_model[n].append(row)
+        architecture = _arch_id(first)
         for n in members:
             layer_rows.extend(per_model[n])
-            summary = {"model": n, "architecture": _arch_id(first), "n_layers": len(first.maps), "error": ""}
-            if "alpha" in metrics:
+            summary = {"model": n, "architecture": architecture, "n_layers": len(first.maps), "error": ""}
+            if fit:
                 usable = [r for r in per_model[n] if not math.isnan(r["alpha"])]
-                summary["alpha_hat"] = float(sum(r["alpha"] * math.log(r["lambda_max"]) for r in usable)) \
-                    if usable else float("nan")
+                terms = spectra._alpha_hat_terms([r["alpha"] for r in usable], [r["lambda_max"] for r in usable],
+                                                 convention)
+                summary["alpha_hat"] = float("nan") if not usable else float(
+                    terms.mean() if convention == "weightwatcher" else terms.sum())
+                summary["alpha_layers"] = len(usable)  # how many layers alpha_hat used (the notes say why not)
             model_rows.append(summary)
         if "svr" in metrics:
             from .svr import svr_many

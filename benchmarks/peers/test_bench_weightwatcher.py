@@ -1,0 +1,113 @@
+"""Weight space vs WeightWatcher 0.7.7 (issue 12): WeightWatcher(model=m).analyze()
+against spectral_ext.compat.weightwatcher's drop-in on VGG11 adapted to CIFAR
+(9.75M parameters) and torchvision's ResNet-18 (weights=None), and a zoo of
+1,000 CNNs of 4,875 parameters in memory: WeightWatcher in a loop against
+zoo.model_metrics(("alpha",), convention="weightwatcher"). One thread per side,
+the two interleaved (A, B, A, B, ...), medians and the ratio in extra_info; the
+numbers are asserted to agree (spectra to 1e-8, alpha to the fit's rounding)."""
+import contextlib
+import io
+import os
+import statistics
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spectral_ext import zoo
+from spectral_ext.compat import weightwatcher as se_ww
+
+ww = pytest.importorskip("weightwatcher")
+torchvision = pytest.importorskip("torchvision")
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+N_MODELS = int(os.environ.get("BENCH_ZOO_MODELS", "1000"))
+
+
+def vgg11_cifar():
+    """torchvision's VGG11 features with a 512-512-10 classifier for 32 x 32 inputs: 9,750,922 parameters."""
+    model = torchvision.models.vgg11(weights=None)
+    model.avgpool = nn.Identity()
+    model.classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(True), nn.Linear(512, 512), nn.ReLU(True),
+                                     nn.Linear(512, 10))
+    return model
+
+
+def tiny_cnn():
+    """A zoo member: 4,875 parameters, conv maps of 8, 6 and 4 channels and one Linear."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 6, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 7 * 7, 21))
+
+
+def quiet(fn):
+    def run():
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+    return run
+
+
+def interleaved(benchmark, ours, theirs, rounds=ROUNDS):
+    """Both sides alternately, one thread each; returns (our result, their result, medians)."""
+    torch.set_num_threads(1)
+    times = {"spectral_ext": [], "weightwatcher": []}
+    results = {}
+
+    def pair():
+        for side, fn in (("weightwatcher", theirs), ("spectral_ext", ours)):
+            start = time.perf_counter()
+            results[side] = fn()
+            times[side].append(time.perf_counter() - start)
+
+    benchmark.pedantic(pair, rounds=rounds, iterations=1, warmup_rounds=0)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    benchmark.extra_info.update({f"{k}_median_s": v for k, v in medians.items()})
+    benchmark.extra_info["speedup"] = medians["weightwatcher"] / medians["spectral_ext"]
+    benchmark.extra_info["weightwatcher_version"] = ww.__version__
+    print(f"\nweightwatcher {medians['weightwatcher']:.3f} s, spectral_ext {medians['spectral_ext']:.3f} s, "
+          f"{benchmark.extra_info['speedup']:.1f}x (medians of {rounds}, interleaved)")
+    return results["spectral_ext"], results["weightwatcher"]
+
+
+def assert_same_details(expected, got):
+    assert list(got.columns) == list(expected.columns) and got["layer_id"].tolist() == expected["layer_id"].tolist()
+    for column in ("lambda_max", "sv_max", "norm", "spectral_norm", "stable_rank", "log_norm", "num_evals", "N", "M"):
+        np.testing.assert_allclose(got[column].astype(float), expected[column].astype(float), rtol=1e-8)
+    # the fit: the same xmin, alpha to its rounding (sums of logs in another order)
+    np.testing.assert_allclose(got["xmin"].astype(float), expected["xmin"].astype(float), rtol=1e-8)
+    np.testing.assert_allclose(got["alpha"].astype(float), expected["alpha"].astype(float), rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["vgg11_cifar", "resnet18"])
+def test_analyze_vs_weightwatcher(benchmark, arch):
+    torch.manual_seed(0)
+    model = vgg11_cifar() if arch == "vgg11_cifar" else torchvision.models.resnet18(weights=None)
+    benchmark.group = f"WeightWatcher.analyze() on {arch}"
+    got, expected = interleaved(benchmark, lambda: se_ww.WeightWatcher(model=model).analyze(),
+                                quiet(lambda: ww.WeightWatcher(model=model).analyze()))
+    assert_same_details(expected, got)
+
+
+def test_zoo_alpha_vs_weightwatcher_in_a_loop(benchmark):
+    torch.manual_seed(0)
+    models = {f"m{i:04d}": tiny_cnn() for i in range(N_MODELS)}
+    x = torch.zeros(1, 1, 28, 28)
+
+    def theirs():
+        return {n: ww.WeightWatcher(model=m).analyze() for n, m in models.items()}
+
+    benchmark.group = f"zoo of {N_MODELS} CNNs of 4,875 parameters, per-layer alpha and alpha-hat"
+    got, expected = interleaved(benchmark, lambda: zoo.model_metrics(models, ("alpha",), x, convention="weightwatcher"),
+                                quiet(theirs))
+    layers = got["layers"]
+    for name in list(models)[:: max(1, N_MODELS // 50)]:
+        details = expected[name]
+        mine = layers[layers["model"] == name]
+        np.testing.assert_allclose(mine["lambda_max"], details["lambda_max"], rtol=1e-8)
+        np.testing.assert_allclose(mine["alpha"], details["alpha"], rtol=1e-6)
+        summary = got["models"].set_index("model").loc[name, "alpha_hat"]
+        assert summary == pytest.approx(details["alpha_weighted"].mean(), rel=1e-6)

@@ -1,0 +1,156 @@
+"""Weight-space spectra (seed 001 sections 3-4): the vectorised KS scan against a
+plain loop over xmin, WeightWatcher's conventions by name, one spectrum per
+weight and alpha-hat's account of the layers it used."""
+import io
+import contextlib
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spectral_ext import spectra as Sp
+
+
+def loop_fit(x, min_tail=10, weightwatcher=False):
+    """Independent route: one candidate xmin at a time, as the papers write it."""
+    x = np.sort(np.asarray(x, dtype=np.float64))
+    x = x[x > (1e-5 if weightwatcher else 0)]
+    n = len(x)
+    best = None
+    last = n - 1 if weightwatcher else n - min_tail + 1
+    for i in range(max(last, 0)):
+        if not weightwatcher and i > 0 and x[i] == x[i - 1]:
+            continue
+        tail = x[i:]
+        m = len(tail)
+        s = np.sum(np.log(tail / x[i]))
+        if weightwatcher and n < 20:
+            if m < 8 or s <= 1e-12:
+                continue
+            alpha = 1 + (m - 1) / s
+        else:
+            alpha = 1 + m / s if s > 0 else np.inf
+        if not alpha > 1 or not np.isfinite(alpha) and not weightwatcher:
+            continue
+        fitted = 1 - (tail / x[i]) ** (1 - alpha)
+        d = np.max(np.abs(fitted - np.arange(m) / m))
+        if not weightwatcher:
+            d = max(d, np.max(np.abs(np.arange(1, m + 1) / m - fitted)))
+        if best is None or d < best[2]:
+            best = (alpha, x[i], d)
+    return best
+
+
+def spectra_cases():
+    rng = np.random.default_rng(0)
+    for n in (12, 19, 25, 60, 300, 500, 900):
+        yield n, rng.pareto(rng.uniform(1, 3), n) + 1
+        yield n, np.linalg.svd(rng.standard_normal((n, n + 7)), compute_uv=False) ** 2
+        yield n, np.round(rng.exponential(1.0, n), 1) + 0.05  # many ties
+
+
+@pytest.mark.parametrize("weightwatcher", [False, True])
+def test_vectorised_scan_equals_a_loop_over_xmin(weightwatcher):
+    for n, x in spectra_cases():
+        expected = loop_fit(x, weightwatcher=weightwatcher)
+        fit = Sp.fit_power_law(torch.tensor(x), convention="weightwatcher" if weightwatcher else "seed001")
+        assert expected is not None
+        assert fit["alpha"] == pytest.approx(expected[0], rel=1e-9), n
+        assert fit["xmin"] == expected[1] and fit["ks"] == pytest.approx(expected[2], rel=1e-9, abs=1e-12)
+        assert fit["sigma"] == pytest.approx((fit["alpha"] - 1) / math.sqrt(fit["n_tail"]))
+
+
+def test_batched_fits_equal_single_fits_and_too_short_rows_say_so():
+    rng = np.random.default_rng(1)
+    batch = np.sort(rng.pareto(2.0, (7, 40)) + 1, axis=1)
+    batch[3, :35] = 0.0  # 5 positive values: below min_tail
+    frame = Sp.fit_power_laws(torch.tensor(batch))
+    for r in range(7):
+        single = Sp.fit_power_law(torch.tensor(batch[r]))
+        assert frame.iloc[r]["xmin"] == single["xmin"] or np.isnan(single["xmin"])
+    assert np.isnan(frame.iloc[3]["alpha"]) and frame.iloc[3]["status"] == "too few eigenvalues"
+    assert frame.iloc[3]["n"] == 5 and (frame.drop(index=3)["status"] == "success").all()
+
+
+def test_weightwatcher_convention_equals_the_real_wwfit():
+    WW_powerlaw = pytest.importorskip("weightwatcher.WW_powerlaw")
+    for n, x in spectra_cases():
+        with contextlib.redirect_stdout(io.StringIO()):
+            real = WW_powerlaw.WWFit(np.sort(x[x > 1e-5]))
+        fit = Sp.fit_power_law(torch.tensor(x), convention="weightwatcher")
+        assert [fit["alpha"], fit["xmin"], fit["ks"], fit["sigma"]] == pytest.approx(
+            [real.alpha, real.xmin, real.D, real.sigma], rel=1e-9)
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 4 * 4, 30), nn.ReLU(), nn.Linear(30, 10))
+
+
+def test_one_spectrum_per_weight_by_an_independent_route():
+    model = small_cnn()
+    frame = Sp.layer_spectra(model, torch.zeros(1, 1, 8, 8))
+    W = model[2].weight.detach().double()
+    sigma = torch.linalg.svdvals(W.reshape(6, -1))
+    row = frame.set_index("name").loc["2"]
+    assert row["lambda_max"] == pytest.approx(float(sigma[0] ** 2), rel=1e-10)
+    assert row["stable_rank"] == pytest.approx(float((sigma ** 2).sum() / sigma[0] ** 2), rel=1e-10)
+    assert row["n_eigenvalues"] == 6 and "too few eigenvalues (6 < min_tail 10)" == row["note"]
+    ww = Sp.layer_spectra(model, torch.zeros(1, 1, 8, 8), convention="weightwatcher").set_index("name")
+    slices = W.permute(2, 3, 0, 1).reshape(9, 6, 4)
+    pooled = torch.linalg.svdvals(slices).square().reshape(-1).sort(descending=True).values / 2
+    assert ww.loc["2", "n_eigenvalues"] == 36
+    assert ww.loc["2", "lambda_max"] == pytest.approx(float(pooled[0]), rel=1e-10)
+    assert ww.loc["2", "stable_rank"] == pytest.approx(float(pooled.sum() / pooled[0]), rel=1e-10)
+    assert np.isfinite(ww.loc["2", "alpha"]) and ww.attrs["convention"] == "weightwatcher"
+
+
+def test_alpha_hat_names_the_layers_it_leaves_out_and_reuses_the_frame(monkeypatch):
+    model = small_cnn()
+    x = torch.zeros(1, 1, 8, 8)
+    frame = Sp.layer_spectra(model, x)
+    with pytest.warns(UserWarning, match=r"used 2 of 4 layers; left out: 0 \(too few eigenvalues \(4 < min_tail 10\)\)"):
+        value = Sp.alpha_hat(model, x)
+    used = frame.dropna(subset=["alpha"])
+    assert value == pytest.approx(float((used["alpha"] * np.log(used["lambda_max"])).sum()))
+    monkeypatch.setattr(Sp, "weight_singular_values", lambda *a, **k: pytest.fail("recomputed a spectrum"))
+    with pytest.warns(UserWarning):
+        assert Sp.alpha_hat(frame) == value
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        everything = Sp.alpha_hat(model, x, min_tail=2)  # every layer fitted: no warning
+    assert everything != value
+
+
+def test_weightwatcher_alpha_hat_is_its_summary_alpha_weighted():
+    ww = pytest.importorskip("weightwatcher")
+    model = small_cnn()
+    with contextlib.redirect_stdout(io.StringIO()):
+        watcher = ww.WeightWatcher(model=model)
+        watcher.analyze()
+    expected = watcher.get_summary()["alpha_weighted"]
+    assert Sp.alpha_hat(model, torch.zeros(1, 1, 8, 8), convention="weightwatcher") == pytest.approx(expected, rel=1e-8)
+
+
+def test_bad_arguments_name_themselves():
+    x = torch.rand(50) + 1
+    with pytest.raises(ValueError, match="convention"):
+        Sp.fit_power_law(x, convention="ww")
+    with pytest.raises(ValueError, match="min_tail"):
+        Sp.fit_power_law(x, min_tail=0)
+    with pytest.raises(ValueError, match="xmin"):
+        Sp.fit_power_law(x, xmin=-1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        Sp.fit_power_law(torch.tensor([1.0, float("nan")]))
+    for convention, status in (("seed001", "too few eigenvalues"), ("weightwatcher", "failed")):
+        empty = Sp.fit_power_law(torch.zeros(0, dtype=torch.float64), convention=convention)
+        assert np.isnan(empty["alpha"]) and empty["status"] == status and empty["n"] == 0
+    with pytest.raises(ValueError, match="eigenvalues must be 1-d"):
+        Sp.fit_power_law(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="layer_spectra columns"):
+        Sp.alpha_hat(__import__("pandas").DataFrame({"a": [1]}))

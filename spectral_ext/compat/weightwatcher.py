@@ -1,0 +1,470 @@
+"""WeightWatcher 0.7.7's call shape, computed by spectral_ext: change
+
+    import weightwatcher as ww            ->  from spectral_ext.compat import weightwatcher as ww
+    ww.WeightWatcher(model=m).analyze()
+
+and get the same DataFrame (columns, layer ids, conventions) faster. Every
+formula follows WeightWatcher 0.7.7's source (weightwatcher.py, RMT_Util.py,
+WW_powerlaw.py), read line by line:
+
+- layers: model.named_modules() in order, ids from 0 (the model itself is 0);
+  a module is "dense" (Linear), "conv2d", "conv1d" or "embedding" by
+  WeightWatcher's type test; weights go through float32 as in its
+  torch_T_to_np. A Conv2d is its kh*kw slices W[:, :, i, j], each
+  transposed to N x M (N >= M) when out < in, with WeightWatcher's running
+  swap of N and M per transposed slice (so a kernel with an even number of
+  taps and out < in keeps N < M, as there); rf = kh*kw.
+- layers pass when M*rf (M for a Linear) is within [min_evals, max_evals]
+  and N <= max_N; layers may be filtered by id (all positive to keep, all
+  negative to skip), name (or "-name") or type.
+- conv2d_norm: each Conv2d slice is scaled by sqrt(conv2d_count / 2) =
+  sqrt(1/2) when pooling; no 1/N normalisation. get_ESD returns the
+  unscaled eigenvalues, as WeightWatcher's get_ESD skips the scaling.
+- ESD: the pooled squared singular values of the slices (float64 Gram of
+  the smaller side + eigvalsh, batched over slices of one shape across
+  layers: spectral_ext.spectra.weight_singular_values' route).
+- the power-law fit is WWFit (spectra.fit_power_law(convention=
+  "weightwatcher")): eigenvalues above 1e-5, every point but the last as
+  xmin, one-sided KS distance D, sigma = (alpha - 1) / sqrt(n_tail); below
+  20 eigenvalues the bias-corrected alpha over tails of at least 8.
+- columns: has_esd, num_evals, sv_max, sv_min (WeightWatcher's running
+  maximum of each slice's smallest singular value), rank_loss (per slice,
+  numpy's matrix_rank tolerance with N), weak_rank_loss (eigenvalues below
+  tolerance), lambda_max, alpha, xmin, xmax, D, sigma, num_pl_spikes, status,
+  warning (alpha < 2 "over-trained", > 6 "under-trained"), norm, log_norm,
+  spectral_norm (= lambda_max), log_spectral_norm, alpha_weighted = alpha *
+  log10(lambda_max), log_alpha_norm = log10(sum lambda^alpha), stable_rank =
+  norm / lambda_max, matrix_rank, entropy; with mp_fit: num_spikes, sigma_mp,
+  mp_softrank, W_scale, bulk_max, bulk_min (the same brute-force sigma search
+  over the same linear-kernel density, estimated once per layer instead of
+  once per trial sigma); with randomize: max_rand_eval, rand_distance,
+  ww_softrank, ww_maxdist and the rand_* MP columns, shuffling each slice
+  with numpy's global generator in WeightWatcher's order (np.random.seed(s)
+  before either tool gives both the same numbers).
+
+Not reproduced (a ValueError names the argument): pool=False (the 0.2x slice
+iterator), glorot_fix, conv2d_fft, fft, intra, stacked, peft, base_model,
+vectors, fix_fingers, fit other than "PL", xmax, deltas, detX/ERG,
+pl_package="powerlaw". Conv1d layers, on which WeightWatcher 0.7.7's SVD
+fails, are left out with a warning. plot=True draws one ESD figure per
+layer (spectral_ext.plot.esd) rather than WeightWatcher's five."""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import spectra
+from .._linalg import gram_singular_values
+
+__version__ = "0.7.7"  # the WeightWatcher release whose conventions this reproduces
+
+DEFAULT_MIN_EVALS = 8
+DEFAULT_MAX_EVALS = 15000
+DEFAULT_MAX_N = 50000
+WEAK_RANK_LOSS_TOLERANCE = 1e-6
+EPSILON = 1e-10  # RMT_Util.matrix_entropy's guard
+OVER_TRAINED_THRESH, UNDER_TRAINED_THRESH = 2.0, 6.0
+LAYER_TYPES = ("dense", "conv1d", "conv2d", "embedding", "norm")
+SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
+                   "mp_softrank")
+_UNSUPPORTED = {"glorot_fix": False, "conv2d_fft": False, "fft": False, "intra": False, "stacked": False,
+                "peft": False, "base_model": None, "vectors": False, "fix_fingers": False, "xmax": None,
+                "deltas": False, "detX": False, "ERG": False, "pl_package": "ww", "fit": "PL", "ww2x": False,
+                "channels": None, "inverse": False}
+
+
+def _layer_type(module: nn.Module) -> str:
+    """WeightWatcher's PyTorchLayer.layer_type: isinstance or a substring of the class name."""
+    name = str(type(module)).lower()
+    if isinstance(module, nn.Linear) or "linear" in name:
+        return "dense"
+    if isinstance(module, nn.Conv1d) or "conv1d" in name:
+        return "conv1d"
+    if isinstance(module, nn.Conv2d) or "conv2d" in name:
+        return "conv2d"
+    if isinstance(module, nn.Embedding) or "embedding" in name:
+        return "embedding"
+    if "norm" in name:
+        return "norm"
+    return "unknown"
+
+
+class _Layer:
+    """One weight layer as WeightWatcher's WWLayer holds it."""
+
+    def __init__(self, layer_id, longname, module, kind):
+        self.layer_id, self.longname, self.kind = layer_id, longname, kind
+        self.name = longname.split(".")[-1] if longname else type(module).__name__
+        self.longname = longname or self.name
+        w = module.weight.detach().cpu().float().double()  # WeightWatcher reads weights through float32 on the CPU
+        if kind == "conv2d":
+            out, cin, kh, kw = w.shape
+            self.rf = kh * kw
+            transpose = out < cin
+            N, M = out, cin
+            if transpose and self.rf % 2 == 1:  # conv2D_Wmats swaps N and M once per transposed slice
+                N, M = M, N
+            slices = w.permute(2, 3, 0, 1).reshape(self.rf, out, cin)
+            self.slices = slices.mT if transpose else slices  # the N x M orientation its shuffles use
+        else:
+            N, M = max(w.shape), min(w.shape)
+            self.rf = 1
+            self.slices = w[None]
+        self.N, self.M = int(N), int(M)
+        self.norm = 1.0
+
+
+def _matrix_rank(sv: np.ndarray, N: int) -> int:
+    """RMT_Util.matrix_rank: numpy's default tolerance with N."""
+    return int(np.count_nonzero(sv > np.max(sv) * N * np.finfo(sv.dtype).eps))
+
+
+def _singular_values(matrices: list[torch.Tensor], scales=None) -> list[np.ndarray]:
+    """Singular values of each (S, r, c) stack (times its scale): one Gram +
+    eigvalsh call per stack; stacks of one shape go together only when
+    small (LAPACK loops over a batch anyway, and joining large stacks would
+    copy them)."""
+    scales = [1.0] * len(matrices) if scales is None else scales
+    groups: dict = {}
+    for k, m in enumerate(matrices):
+        small = m[0].numel() <= 4096
+        groups.setdefault((tuple(m.shape[1:]), k if not small else -1), []).append(k)
+    out = [None] * len(matrices)
+    for keys in groups.values():
+        stacked = matrices[keys[0]] if len(keys) == 1 else torch.cat([matrices[k] for k in keys])
+        sv = gram_singular_values(stacked).numpy()
+        start = 0
+        for k in keys:
+            out[k] = sv[start:start + len(matrices[k])] * scales[k]
+            start += len(matrices[k])
+    return out
+
+
+def _mp_fit(evals: np.ndarray, N: int, M: int) -> tuple:
+    """WeightWatcher.mp_fit without plots: rescale the ESD to unit mean
+    (W_scale), brute-force the Marchenko-Pastur (or, for Q = 1,
+    quarter-circle) sigma against a linear-kernel density of bandwidth 0.1
+    (RMT_Util.fit_density_with_range and resid_mp, the density estimated
+    once), then the bulk edges, spikes above bulk_max + sqrt(TW) and
+    mp_softrank = bulk_max / lambda_max."""
+    from scipy import optimize
+    from sklearn.neighbors import KernelDensity
+
+    Q = N / M
+    Wscale = np.sqrt(evals.shape[0]) / np.sqrt(np.sum(evals))
+    to_plot = (Wscale * Wscale) * evals
+    lambda_max = np.max(to_plot)
+    to_fit = np.sqrt(to_plot) if Q == 1 else to_plot
+    kde = KernelDensity(kernel="linear", bandwidth=0.1).fit(to_fit.reshape(-1, 1))
+    xde = np.linspace(0, np.max(to_fit) + 0.5, 1000)
+    with np.errstate(divide="ignore"):
+        yde = np.exp(kde.score_samples(xde[:, None]))
+    good = yde > 0.01
+    xde, yde = xde[good], yde[good]
+    peak = xde[np.where(yde == max(yde))][0]
+
+    def residual(sigma):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if Q == 1:
+                ymp = np.nan_to_num((1 / (np.pi * sigma * sigma)) * np.sqrt(4 - xde ** 2))
+                return np.sum((ymp - yde) ** 2)
+            b = np.power(sigma * (1 + np.sqrt(1 / Q)), 2)
+            a = np.power(sigma * (1 - np.sqrt(1 / Q)), 2)
+            ymp = np.nan_to_num((1 / (2 * np.pi * sigma * sigma * xde * (1 / Q))) * np.sqrt((b - xde) * (xde - a)))
+        if (b < peak) | (b > max(xde)) | (a > peak):
+            return np.sum((np.zeros(len(yde)) + 1000) ** 2)
+        return np.sum((ymp - yde) ** 2)
+
+    scale = np.sqrt(np.max(to_plot) / np.square(1.0 + 1.0 / np.sqrt(Q)))  # RMT_Util.calc_sigma
+    grid = (slice(0.05 * scale, 2.0 * scale, 0.01 * scale),)
+    s1 = optimize.brute(residual, grid, full_output=True)[0][0]
+    bulk_max = (s1 * (1 + 1 / np.sqrt(Q))) ** 2
+    bulk_min = (s1 * (1 - 1 / np.sqrt(Q))) ** 2
+    TW = 1 / np.sqrt(Q) * np.power(bulk_max, 2 / 3) * np.power(M, -2 / 3)
+    num_spikes = len(to_plot[to_plot > bulk_max + np.sqrt(TW)])
+    mp_softrank = bulk_max / lambda_max
+    return num_spikes, s1, mp_softrank, bulk_min / (Wscale * Wscale), bulk_max / (Wscale * Wscale), Wscale
+
+
+class WeightWatcher:
+    """spectral_ext's drop-in for weightwatcher.WeightWatcher (0.7.7) on
+    PyTorch models: analyze, describe, get_summary, get_details, get_ESD."""
+
+    def __init__(self, model: nn.Module | None = None, framework=None, base_model=None, log_level=None):
+        if base_model is not None:
+            raise ValueError("base_model (delta analysis) is not reproduced by spectral_ext.compat.weightwatcher")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model, self.details, self.figures = model, None, {}
+
+    # -- layers ------------------------------------------------------------------------------
+
+    def _model(self, model):
+        model = model if model is not None else self.model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        return model
+
+    @staticmethod
+    def _filters(layers):
+        if layers is None:
+            layers = []
+        if isinstance(layers, (numbers.Integral, str)):
+            layers = [layers]
+        ids = [int(f) for f in layers if isinstance(f, numbers.Integral) and not isinstance(f, bool)]
+        types = [f for f in layers if isinstance(f, str) and f in LAYER_TYPES]
+        names = [f for f in layers if isinstance(f, str) and f not in LAYER_TYPES]
+        if len(ids) + len(types) + len(names) != len(layers):
+            raise TypeError(f"layers must hold layer ids (int), names or types {LAYER_TYPES}, got {layers!r}")
+        if ids and min(ids) < 0 < max(ids):
+            raise ValueError(f"layers: ids must be all >= 0 (keep) or all < 0 (skip), got {ids}")
+        if names and 0 < sum(n.startswith("-") for n in names) < len(names):
+            raise ValueError("layers: names are either all to keep or all to skip ('-name')")
+        return ids, types, names
+
+    def _layers(self, model, layers, min_evals, max_evals, max_N, start_ids=0):
+        ids, types, names = self._filters(layers)
+        kept, conv1d = [], []
+        for layer_id, (longname, module) in enumerate(model.named_modules(), start=start_ids):
+            kind = _layer_type(module)
+            if kind in ("unknown", "norm") or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                continue
+            name = longname.split(".")[-1] if longname else type(module).__name__
+            if types and kind not in types:
+                continue
+            if ids and ((min(ids) >= 0 and layer_id not in ids) or (min(ids) < 0 and -layer_id in ids)):
+                continue
+            if names and ((not names[0].startswith("-") and name not in names) or f"-{name}" in names):
+                continue
+            if kind == "conv1d":
+                conv1d.append(longname)
+                continue
+            layer = _Layer(layer_id, longname, module, kind)
+            count = layer.M * layer.rf
+            if (min_evals and count < min_evals) or (max_evals and count > max_evals) or layer.N > max_N:
+                continue
+            kept.append(layer)
+        if conv1d:
+            warnings.warn(f"Conv1d layers {conv1d} are left out: WeightWatcher 0.7.7's SVD fails on their 3-d "
+                          "weights", stacklevel=3)
+        return kept
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def describe(self, model=None, layers=None, min_evals=DEFAULT_MIN_EVALS, max_evals=DEFAULT_MAX_EVALS,
+                 max_N=DEFAULT_MAX_N, pool=True, conv2d_norm=True, start_ids=0, **unsupported):
+        """The layers analyze() would analyse, without spectra: layer_id,
+        name, M, N, Q, layer_type, longname, num_evals (M * rf), rf."""
+        _check_unsupported(pool, unsupported)
+        rows = [{"layer_id": l.layer_id, "name": l.name, "longname": l.longname, "layer_type": l.kind, "N": l.N,
+                 "M": l.M, "rf": l.rf, "Q": l.N / l.M if l.M > 0 else -1, "num_evals": l.M * l.rf}
+                for l in self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids)]
+        return _ordered(rows)
+
+    def analyze(self, model=None, layers=None, min_evals=DEFAULT_MIN_EVALS, max_evals=DEFAULT_MAX_EVALS,
+                max_N=DEFAULT_MAX_N, plot=False, randomize=False, savefig="ww-img", mp_fit=False,
+                conv2d_norm=True, pool=True, tolerance=WEAK_RANK_LOSS_TOLERANCE, start_ids=0, min_size=None,
+                max_size=None, svd_method="fast", **unsupported) -> pd.DataFrame:
+        """WeightWatcher.analyze(): one row per analysed layer with
+        WeightWatcher 0.7.7's columns (module docstring), in its order."""
+        _check_unsupported(pool, unsupported)
+        if svd_method not in ("fast", "accurate"):
+            raise ValueError(f"svd_method must be 'fast' or 'accurate', got {svd_method!r}")
+        if min_evals and max_evals and min_evals >= max_evals:
+            raise ValueError(f"min_evals ({min_evals}) must be below max_evals ({max_evals})")
+        model = self._model(model)
+        chosen = self._layers(model, layers, min_evals, max_evals, max_N, start_ids)
+        for layer in chosen:
+            if conv2d_norm and layer.kind == "conv2d":
+                layer.norm = math.sqrt(1 / 2.0)
+        svs = _singular_values([layer.slices for layer in chosen], [layer.norm for layer in chosen])
+        evals = [np.sort((sv ** 2).reshape(-1)) for sv in svs]
+        fits = {}
+        for n in sorted({len(e) for e in evals}):
+            same = [k for k, e in enumerate(evals) if len(e) == n]
+            frame = spectra.fit_power_laws(np.stack([evals[k] for k in same]), convention="weightwatcher")
+            fits.update({k: frame.iloc[j] for j, k in enumerate(same)})
+        random_svs = self._random_singular_values(chosen) if randomize else None
+        rows = []
+        for k, layer in enumerate(chosen):
+            row = _esd_columns(layer, svs[k], evals[k], tolerance)
+            row.update(_fit_columns(evals[k], fits[k]))
+            if mp_fit:
+                row.update(_mp_columns(evals[k], layer, ""))
+            if randomize:
+                row.update(_random_columns(evals[k], layer, *random_svs[k]))
+            row.update(_norm_columns(evals[k], row["alpha"], layer.N))
+            rows.append(row)
+            if plot:
+                self.figures[layer.layer_id] = self._plot(layer, evals[k], fits[k], savefig)
+        self.details = _ordered(rows)
+        return self.details
+
+    def get_details(self):
+        return self.details
+
+    def get_summary(self, details: pd.DataFrame | None = None) -> dict:
+        """Means of log_norm, alpha, alpha_weighted, log_alpha_norm,
+        log_spectral_norm, stable_rank and mp_softrank over the layers."""
+        details = self.details if details is None else details
+        if details is None:
+            raise ValueError("details: run analyze() first or pass its DataFrame")
+        return {m: details[m].mean() for m in SUMMARY_METRICS if m in details.columns}
+
+    def get_ESD(self, model=None, layer=None, random=False, params=None) -> np.ndarray:
+        """The ESD (ascending) of one layer by id or name, unscaled as
+        WeightWatcher's get_ESD returns it; [] when there is no such layer."""
+        if random:
+            raise ValueError("random=True is not reproduced by get_ESD (use analyze(randomize=True))")
+        if not isinstance(layer, (numbers.Integral, str)) or isinstance(layer, bool):
+            raise TypeError(f"layer must be a layer id (int) or name (str), got {layer!r}")
+        found = self._layers(self._model(model), [layer], DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N)
+        if not found:
+            warnings.warn(f"no analysable layer {layer!r}", stacklevel=2)
+            return []
+        sv = _singular_values([found[0].slices])[0]
+        return np.sort((sv ** 2).reshape(-1))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _random_singular_values(chosen):
+        """Shuffled copies of each scaled slice, drawn from numpy's global
+        generator in WeightWatcher's order (random_eigenvalues: the replicas
+        for rand_evals, then one more set for the distances, layer by
+        layer); singular values batched afterwards."""
+        draws, shapes = [], []
+        for layer in chosen:
+            n_comp = layer.M * layer.rf if layer.kind == "conv2d" else layer.M
+            replicas = 5 if n_comp < 100 else 1
+            flat = (layer.slices * layer.norm).reshape(len(layer.slices), -1).numpy()
+            for count in (replicas, 1):
+                for _ in range(count):
+                    for s in range(len(flat)):
+                        draws.append(flat[s][np.random.permutation(flat.shape[1])])
+                        shapes.append(tuple(layer.slices.shape[1:]))
+        matrices = [torch.from_numpy(d).reshape(1, *shape) for d, shape in zip(draws, shapes)]
+        svs = _singular_values(matrices)
+        out, at = [], 0
+        for layer in chosen:
+            n_comp = layer.M * layer.rf if layer.kind == "conv2d" else layer.M
+            replicas = 5 if n_comp < 100 else 1
+            size = len(layer.slices)
+            first = np.sort(np.concatenate([sv.reshape(-1) for sv in svs[at:at + replicas * size]]) ** 2)
+            at += replicas * size
+            second = np.sort(np.concatenate([sv.reshape(-1) for sv in svs[at:at + size]]) ** 2)
+            at += size
+            out.append((first, second))
+        return out
+
+    @staticmethod
+    def _plot(layer, evals, fit, savefig):
+        """The layer's ESD above 1e-5 on log-log axes with its power-law fit
+        (kept in self.figures by layer id), saved as
+        <savefig>/ww.layer<id>.esd.png when savefig is a folder or True."""
+        from .. import plot
+
+        positive = evals[evals > spectra.WW_EVALS_THRESH]
+        if not len(positive):
+            return None
+        fig = plot.esd(positive, fit=fit.to_dict() if fit["status"] == "success" else None,
+                       label=f"layer {layer.layer_id} ({layer.longname})")
+        if savefig:
+            folder = savefig if isinstance(savefig, str) else "ww-img"
+            os.makedirs(folder, exist_ok=True)
+            fig.savefig(os.path.join(folder, f"ww.layer{layer.layer_id}.esd.png"), dpi=100)
+        return fig
+
+
+def _check_unsupported(pool, unsupported):
+    if pool is not True:
+        raise ValueError("pool=False (WeightWatcher's 0.2x slice iterator) is not reproduced; use pool=True")
+    for key, value in unsupported.items():
+        if key not in _UNSUPPORTED:
+            raise TypeError(f"unexpected argument {key!r}")
+        if value != _UNSUPPORTED[key]:
+            raise ValueError(f"{key}={value!r} is not reproduced by spectral_ext.compat.weightwatcher "
+                             f"(only {key}={_UNSUPPORTED[key]!r})")
+
+
+def _ordered(rows) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(rows)
+    if not len(frame):
+        return frame
+    lead = ["layer_id", "name"]
+    return frame[lead + sorted(c for c in frame.columns if c not in lead)]
+
+
+def _esd_columns(layer, sv, evals, tolerance) -> dict:
+    """apply_esd's columns (combined_eigenvalues: per-slice rank loss and the running sv_min)."""
+    return {"layer_id": layer.layer_id, "name": layer.name, "longname": layer.longname, "layer_type": layer.kind,
+            "N": layer.N, "M": layer.M, "rf": layer.rf, "Q": layer.N / layer.M if layer.M > 0 else -1,
+            "has_esd": True, "num_evals": len(evals), "sv_max": float(sv.max()),
+            "sv_min": float(max(0.0, sv.min(axis=1).max())),
+            "rank_loss": int(sum(len(s) - _matrix_rank(s, layer.N) for s in sv)),
+            "weak_rank_loss": int(np.sum(evals < tolerance)), "lambda_max": float(np.max(evals))}
+
+
+def _fit_columns(evals, fit) -> dict:
+    """apply_powerlaw's columns; a failed fit reads -1 as in WeightWatcher."""
+    if fit["status"] != "success":
+        alpha, xmin, xmax, D, sigma, spikes, status = -1, -1, None, -1, -1, -1, "failed"
+    else:
+        alpha, xmin, xmax, D, sigma = fit["alpha"], fit["xmin"], fit["xmax"], fit["ks"], fit["sigma"]
+        spikes, status = int(np.sum(evals >= xmin)), "success"
+    warning = "over-trained" if alpha < OVER_TRAINED_THRESH else "under-trained" if alpha > UNDER_TRAINED_THRESH \
+        else ""
+    return {"alpha": alpha, "xmin": xmin, "xmax": xmax, "D": D, "sigma": sigma, "num_pl_spikes": spikes,
+            "status": status, "warning": warning}
+
+
+def _mp_columns(evals, layer, prefix) -> dict:
+    try:
+        values = _mp_fit(evals, layer.N, layer.M)
+    except (ValueError, RuntimeError, FloatingPointError):  # WeightWatcher reports -1 when its fit fails
+        values = (-1, -1, -1, -1, -1, -1)
+    num_spikes, sigma_mp, softrank, bulk_min, bulk_max, scale = values
+    if prefix:
+        return {"rand_num_spikes": num_spikes, "num_traps": num_spikes, "rand_sigma_mp": sigma_mp,
+                "rand_mp_softrank": softrank, "rand_W_scale": scale, "rand_bulk_max": bulk_max,
+                "rand_bulk_min": bulk_min}
+    return {"num_spikes": num_spikes, "sigma_mp": sigma_mp, "mp_softrank": softrank, "W_scale": scale,
+            "bulk_max": bulk_max, "bulk_min": bulk_min}
+
+
+def _random_columns(evals, layer, rand_evals, rand_once) -> dict:
+    """apply_random_esd's columns and the MP fit of the shuffled ESD."""
+    from scipy import stats
+
+    m = (np.asarray(evals) + rand_once) / 2
+    row = {"max_rand_eval": float(np.max(rand_evals)),
+           "rand_distance": float(np.sqrt((stats.entropy(evals, m) + stats.entropy(rand_once, m)) / 2)),
+           "ww_softrank": float(np.max(rand_once) / np.max(evals)),
+           "ww_maxdist": float(np.max(evals) - np.max(rand_once))}
+    row.update(_mp_columns(rand_evals, layer, "rand_"))
+    return row
+
+
+def _norm_columns(evals, alpha, N) -> dict:
+    """apply_norm_metrics' columns."""
+    norm = np.sum(evals)
+    spectral_norm = np.max(evals)
+    log_spectral_norm = np.log10(spectral_norm)
+    sv = np.sqrt(evals)
+    rank = _matrix_rank(sv, N)
+    p = sv * sv / np.sum(sv * sv) + EPSILON
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.sum(p * np.log(p)) / np.log(rank + EPSILON)
+        log_alpha_norm = np.log10(np.sum(evals ** alpha))
+    return {"norm": norm, "log_norm": np.log10(norm), "spectral_norm": spectral_norm,
+            "log_spectral_norm": log_spectral_norm, "alpha_weighted": alpha * log_spectral_norm,
+            "log_alpha_norm": log_alpha_norm, "stable_rank": norm / spectral_norm, "matrix_rank": rank,
+            "entropy": entropy}
