@@ -507,3 +507,28 @@ def test_progress_bars_move_in_both_phases(zoo_dir, capsys):
     zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=5, chunk_size=8)
     err = capsys.readouterr().err
     assert "44/44" in err and "5/5" in err and "models (rank 0)" in err and "pairs (rank 0)" in err
+
+
+class Untraceable(torch.nn.Module):
+    """A conv whose forward fails on every input (a stand-in for an architecture the trace cannot run)."""
+
+    calls = 0
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        Untraceable.calls += 1
+        raise RuntimeError("unsupported input")
+
+
+def test_an_untraceable_architecture_is_an_error_row_per_member_traced_once(tmp_path):
+    for i in range(5):
+        torch.manual_seed(i)
+        _save(Untraceable().state_dict(), tmp_path / "zoo" / f"u{i}.safetensors")
+    Untraceable.calls = 0
+    tables = zoo.analyze(tmp_path / "zoo", arch=Untraceable, metrics=("rank",), chunk_size=2, progress=False)
+    errors = tables["models"].set_index("model")["error"]
+    assert len(errors) == 5 and errors.str.contains("could not be traced").all()
+    assert Untraceable.calls <= 6  # one trace (fx, then the input-size guesses), not one per member

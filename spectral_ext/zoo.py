@@ -230,12 +230,17 @@ class _Architecture:
         self.template = template
         self.shapes = {k: (tuple(v.shape), v.dtype) for k, v in template.state_dict().items()}
         self.example_input = example_input
-        self._graph = None
+        self._graph, self._error = None, None
 
     @property
     def graph(self):
-        if self._graph is None:  # traced on first use: the only forward runs of this architecture
-            self._graph = discover(self.template, self.example_input)
+        if self._graph is None and self._error is None:  # traced once: the only forward runs of this architecture
+            try:
+                self._graph = discover(self.template, self.example_input)
+            except ValueError as error:
+                self._error = ValueError(f"the architecture could not be traced ({error})")
+        if self._error is not None:
+            raise self._error  # every member of it says why, without tracing again
         return self._graph
 
     def check(self, state: dict[str, torch.Tensor]):
@@ -286,7 +291,7 @@ class _Members:
         except ValueError as error:
             return error
 
-    def read(self, names) -> "concurrent.futures.Future | list":
+    def read(self, names) -> "_Gathered":
         """Start reading `names`; call .result() for [(name, state, module or ValueError)]."""
         from concurrent.futures import ThreadPoolExecutor
 
@@ -306,7 +311,7 @@ class _Members:
             key = (type(loaded).__module__, type(loaded).__qualname__) + tuple((k, tuple(v.shape)) for k, v in state.items())
             arch = self._architecture(key, lambda: loaded)
             graph = arch.graph if arch.template is loaded else arch.graph.for_model(loaded)
-            return graph, lambda: loaded.eval()
+            return graph, lambda: loaded
         if self.factory is None:
             raise ValueError("the checkpoint is a state_dict: pass arch to build the model")
         arch = self._architecture(("factory",), lambda: self.factory().eval())
