@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("--out", required=True, help="results folder (an interrupted run resumes there)")
     zoo.add_argument("--format", choices=["csv", "parquet"], default="csv")
     zoo.add_argument("--chunk-size", type=_at_least(1), default=None,
-                     help="members (default 256) or pairs (default 16) per committed chunk")
+                     help="members (default 256, fewer for large checkpoints) or pairs (default 16) per committed chunk")
     zoo.add_argument("--workers", type=_at_least(1), default=None, help="threads reading checkpoints")
     zoo.add_argument("--metadata", help="a table (CSV or Parquet) with a model column, e.g. model, accuracy")
     zoo.add_argument("--no-report", action="store_true", help="tables only: no report.md and figures")

@@ -810,7 +810,8 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
     Every argument is checked before any work. Each architecture is traced
     once per run; checkpoints are read in `workers` threads (memory-mapped
     when large), one chunk ahead of the analysis. chunk_size: members (default
-    256) or pairs (default 16) per committed chunk. The options that decide
+    256, fewer for checkpoints over 2 MiB: two chunks within 1 GiB) or pairs
+    (default 16) per committed chunk. The options that decide
     the numbers are stored in <out>/options.json: resuming with others is
     refused (adding pair measures to a run without any computes them). A
     lock file <out>/.lock (pid and host) refuses a second writer. Under
@@ -887,20 +888,17 @@ def _run(run, members, out_path, rank, world, metrics, pairs, probe, layers, max
     memory: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
     done_models, done_pairs = _finished(out_path, fmt) if out_path else (set(), set())
     mine = [m for m in members[rank::world] if m[0] not in done_models]
-    size = chunk_size or 256
+    size = chunk_size or _default_chunk_size(members)
     chunks = [mine[i:i + size] for i in range(0, len(mine), size)]
-    if metrics:
-        with tqdm(total=len(mine), desc=f"models (rank {rank})", unit="model", disable=not progress,
-                  leave=False) as bar:
-            ahead = run.read([n for n, _ in chunks[0]]) if chunks else None
-            for k, chunk in enumerate(chunks):
-                current, ahead = ahead, (run.read([n for n, _ in chunks[k + 1]]) if k + 1 < len(chunks) else None)
-                tables = _process_chunk(chunk, run, metrics, current)
-                _store(out_path, memory, f"models-{rank}", tables, fmt)
-                bar.update(len(chunk))
-    elif mine:  # pairs only: the members' load checks still give the models table
-        tables = _process_chunk(mine, run, (), None)
-        _store(out_path, memory, f"models-{rank}", tables, fmt)
+    # without metrics the chunks still give the models table: each member's load check
+    with tqdm(total=len(mine), desc=f"models (rank {rank})", unit="model", disable=not progress,
+              leave=False, mininterval=0, miniters=1) as bar:  # updated per chunk or pair: every update shows
+        ahead = run.read([n for n, _ in chunks[0]]) if chunks else None
+        for k, chunk in enumerate(chunks):  # the next chunk is read while this one is analysed
+            current, ahead = ahead, (run.read([n for n, _ in chunks[k + 1]]) if k + 1 < len(chunks) else None)
+            tables = _process_chunk(chunk, run, metrics, current)
+            _store(out_path, memory, f"models-{rank}", tables, fmt)
+            bar.update(len(chunk))
     if pairs:
         _barrier(world)  # every rank's model rows exist: members with errors are left out of the pairs
         models_so_far = (_merge(out_path, fmt, ("models",), write=False)["models"] if out_path is not None else
@@ -916,7 +914,7 @@ def _run(run, members, out_path, rank, world, metrics, pairs, probe, layers, max
             layers = list(graph.maps)
         size = chunk_size or 16
         with tqdm(total=len(todo), desc=f"pairs (rank {rank})", unit="pair", disable=not progress,
-                  leave=False) as bar:
+                  leave=False, mininterval=0, miniters=1) as bar:  # updated per chunk or pair: every update shows
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
                 frame = _process_pairs(batch, run, probe, layers, pairs, stitch_options, cache, bar)
@@ -931,6 +929,15 @@ def _run(run, members, out_path, rank, world, metrics, pairs, probe, layers, max
             write_report(out_path, merged, metadata)
     _barrier(world)
     return {t: _read(out_path / f"{t}.{fmt}", fmt) for t in TABLES}
+
+
+def _default_chunk_size(members) -> int:
+    """256 members, fewer for large checkpoints: two chunks (the one analysed
+    and the one read ahead) stay within about 1 GiB."""
+    first = members[0][1]
+    if isinstance(first, nn.Module):
+        return 256
+    return max(1, min(256, (512 << 20) // max(1, pathlib.Path(first).stat().st_size)))
 
 
 def _store(out_path, memory, chunk_id, tables, fmt):
