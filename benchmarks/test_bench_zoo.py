@@ -156,6 +156,48 @@ def test_zoo_from_disk_against_a_weightwatcher_loop(disk_zoo, tmp_path):
               f"{ww_cpu / cpu:5.1f}x CPU")
 
 
+def _weightwatcher_loop(folder):
+    import weightwatcher as ww
+    from safetensors.torch import load_file
+
+    rows = []
+    for path in sorted(pathlib.Path(folder).glob("*.safetensors")):
+        model = small_cnn()
+        model.load_state_dict(load_file(str(path)))
+        frame = ww.WeightWatcher(model=model).analyze()
+        frame["model"] = path.stem
+        rows.append(frame)
+    return pd.concat(rows)
+
+
+def test_zoo_from_disk_in_process_against_a_weightwatcher_loop(disk_zoo, tmp_path):
+    """The same two jobs without the interpreter and imports both pay:
+    zoo.analyze (one trace, reading, checks, metrics, tables; report or not)
+    against the WeightWatcher loop, CPU and wall, interleaved."""
+    pytest.importorskip("weightwatcher")
+    torch.set_num_threads(1)
+    jobs = {"zoo.analyze": lambda k: zoo.analyze(disk_zoo, arch=small_cnn, out=tmp_path / f"a{k}", metrics=("alpha",),
+                                                 progress=False),
+            "zoo.analyze, report=False": lambda k: zoo.analyze(disk_zoo, arch=small_cnn, out=tmp_path / f"b{k}",
+                                                               metrics=("alpha",), progress=False, report=False),
+            "weightwatcher loop": lambda k: _weightwatcher_loop(disk_zoo)}
+    for job in jobs.values():  # warm: imports, matplotlib's font cache
+        job("warm")
+    times = {name: [] for name in jobs}
+    for k in range(REPEATS):
+        for name, job in jobs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            job(k)
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    medians = {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+               for name, t in times.items()}
+    ww_wall, ww_cpu = medians["weightwatcher loop"]
+    print(f"\n{N_DISK} checkpoints in one process, {REPEATS} interleaved repeats, medians (wall / CPU):")
+    for name, (wall, cpu) in medians.items():
+        print(f"  {name:<32} {wall:7.2f} s / {cpu:7.2f} s   weightwatcher / this: {ww_wall / wall:5.1f}x wall, "
+              f"{ww_cpu / cpu:5.1f}x CPU")
+
+
 def test_loading_and_analysing_10000_checkpoints(big_zoo):
     """Loading: read (a thread pool, memory-mapped when large), check every
     floating tensor and bind to the one trace, as a zoo run does; then the
@@ -165,20 +207,24 @@ def test_loading_and_analysing_10000_checkpoints(big_zoo):
     load, analyse = [], []
     for _ in range(REPEATS):
         run = zoo._Members(members, small_cnn, False, None)
-        start = time.perf_counter()
+        run.bind(*run.read(["m00000"]).result()[0])  # the one trace of the run, not loading
+        start, cpu = time.perf_counter(), time.process_time()
         graphs = {}
         for i in range(0, len(members), 256):
             loaded = run.read([n for n, _ in members[i:i + 256]]).result()
             with zoo._collector_paused():
                 graphs.update({n: run.bind(n, s)[0] for n, s in loaded})
-        load.append(time.perf_counter() - start)
+        load.append((time.perf_counter() - start, time.process_time() - cpu))
         run.close()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         tables = zoo.model_metrics(None, ("rank", "alpha"), graphs=graphs)
-        analyse.append(time.perf_counter() - start)
+        analyse.append((time.perf_counter() - start, time.process_time() - cpu))
         assert len(tables["layers"]) == 4 * N_BIG and tables["models"]["alpha_hat"].notna().all()
-    print(f"\n{N_BIG} checkpoints, median of {REPEATS}: loading {statistics.median(load):.2f} s "
-          f"({N_BIG / statistics.median(load):.0f} checkpoints/s), analysis {statistics.median(analyse):.2f} s")
+    (load_wall, load_cpu), (analyse_wall, analyse_cpu) = [
+        (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for t in (load, analyse)]
+    print(f"\n{N_BIG} checkpoints, median of {REPEATS} (wall / CPU): loading {load_wall:.2f} s / {load_cpu:.2f} s "
+          f"({N_BIG / load_wall:.0f} / {N_BIG / load_cpu:.0f} checkpoints/s), analysis {analyse_wall:.2f} s / "
+          f"{analyse_cpu:.2f} s")
 
 
 def test_torchrun_two_processes_against_one(big_zoo, tmp_path):
