@@ -201,7 +201,8 @@ def _zoo(args) -> int:
     probe = _load_probe(args.probe)
     if args.pairs and probe is None:
         raise zoo.ZooError("--pairs needs --probe (a tensor file, or digits:N)")
-    tables = zoo.analyze(args.source, arch=args.arch, out=args.out, metrics=args.metrics, pairs=args.pairs,
+    metrics = [] if args.metrics == ["none"] else args.metrics  # pair measures only
+    tables = zoo.analyze(args.source, arch=args.arch, out=args.out, metrics=metrics, pairs=args.pairs,
                          probe=probe, layers=args.layers, max_pairs=args.max_pairs, seed=args.seed,
                          fmt=args.format, allow_pickle=args.allow_pickle, chunk_size=args.chunk_size,
                          metadata=args.metadata, progress=not args.quiet, report=not args.no_report,
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("source", help="a folder of checkpoints")
     zoo.add_argument("--arch", help="'package.module:function' or a torchvision model name")
     zoo.add_argument("--metrics", default=["rank", "alpha"], type=_names("--metrics"),
-                     help="comma-separated: rank, alpha, svr")
+                     help="comma-separated: rank, alpha, svr; none for pair measures only")
     zoo.add_argument("--pairs", default=[], type=_names("--pairs"), help="comma-separated: cka, grelu_cka, "
                      "procrustes, grelu_procrustes, stitching (needs a labelled probe such as digits:256)")
     zoo.add_argument("--probe", help="probe inputs: a tensor file, or digits[:N] as 'digits:256'")
