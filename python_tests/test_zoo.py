@@ -532,3 +532,13 @@ def test_an_untraceable_architecture_is_an_error_row_per_member_traced_once(tmp_
     errors = tables["models"].set_index("model")["error"]
     assert len(errors) == 5 and errors.str.contains("could not be traced").all()
     assert Untraceable.calls <= 6  # one trace (fx, then the input-size guesses), not one per member
+
+
+def test_pair_measures_only_from_the_command_line(zoo_dir, tmp_path):
+    out = tmp_path / "results"
+    assert main(["zoo", str(zoo_dir), "--arch", ARCH, "--metrics", "none", "--pairs", "cka", "--probe", "digits:16",
+                 "--max-pairs", "3", "--out", str(out), "--quiet", "--no-report"]) == 0
+    models = pd.read_csv(out / "models.csv", keep_default_na=False)
+    assert len(models) == 44 and (models["error"] != "").sum() == 4  # the load checks still run
+    assert len(pd.read_csv(out / "pairs.csv")[["model_a", "model_b"]].drop_duplicates()) == 3
+    assert not (out / "report.md").exists() and (out / "layers.csv").read_text().strip() == ""
