@@ -5,6 +5,7 @@ import math
 import os
 import pathlib
 import subprocess
+import time
 import sys
 
 import pandas as pd
@@ -60,7 +61,7 @@ def test_batched_zoo_equals_per_model_results(zoo_dir):
     errors = models["error"].fillna("")
     assert "unreadable checkpoint" in errors["corrupt"] and "unreadable checkpoint" in errors["truncated"]
     assert "does not match the architecture" in errors["mismatch"]
-    assert "NaN or infinite weights in 2.weight" in errors["nan_weights"]
+    assert "NaN or infinite values in 2.weight" in errors["nan_weights"]
     assert (errors[[f"cnn_{i:02d}" for i in range(40)]] == "").all()
     layers = tables["layers"]
     for name in ("cnn_00", "cnn_17", "cnn_39"):
@@ -196,3 +197,348 @@ def test_command_line_errors_and_svr(zoo_dir, tmp_path, capsys):
     assert main(["svr", str(zoo_dir / "cnn_00.pt"), "--arch", ARCH, "--plot", str(figure)]) == 0
     assert "previous" in capsys.readouterr().out and figure.exists()
     assert main(["svr", str(zoo_dir / "corrupt.pt"), "--arch", ARCH]) == 3
+
+
+# --------------------------------------------------------------------------- issue 14 items 7-12
+
+
+def bn_cnn():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 64, 10))
+
+
+def _save(state, path):
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def bn_zoo(tmp_path_factory):
+    """Six BatchNorm CNNs with trained-looking statistics; one with a NaN in
+    running_var, one with an infinite running_mean."""
+    root = tmp_path_factory.mktemp("bn_zoo")
+    x = datasets.digits()[0][:128]
+    for i in range(6):
+        torch.manual_seed(i)
+        model = bn_cnn().train()
+        with torch.no_grad():
+            model(x)  # BatchNorm statistics move away from their initial values
+        state = model.state_dict()
+        if i == 4:
+            state["1.running_var"][3] = float("nan")
+        if i == 5:
+            state["1.running_mean"][0] = float("inf")
+        _save(state, root / f"bn_{i}.safetensors")
+    return root
+
+
+def test_every_floating_tensor_is_checked_and_a_bad_member_is_an_error_row(bn_zoo, tmp_path):
+    out = tmp_path / "results"
+    tables = zoo.analyze(bn_zoo, arch=bn_cnn, out=out, metrics=("rank", "alpha"), pairs=("cka",), probe=probe(),
+                         progress=False)
+    errors = tables["models"].set_index("model")["error"]
+    assert "NaN or infinite values in 1.running_var" in errors["bn_4"]
+    assert "NaN or infinite values in 1.running_mean" in errors["bn_5"]
+    assert (errors[[f"bn_{i}" for i in range(4)]] == "").all()
+    pairs = tables["pairs"][["model_a", "model_b"]].drop_duplicates()
+    assert len(pairs) == 6 and not pairs.isin(["bn_4", "bn_5"]).any().any()  # C(4, 2) pairs of good members
+    assert set(tables["layers"]["model"]) == {f"bn_{i}" for i in range(4)}
+    # the same run resumed: nothing recomputed, nothing lost
+    again = zoo.analyze(bn_zoo, arch=bn_cnn, out=out, metrics=("rank", "alpha"), pairs=("cka",), probe=probe(),
+                        progress=False)
+    pd.testing.assert_frame_equal(again["pairs"], tables["pairs"])
+
+
+def test_a_member_whose_analysis_fails_is_an_error_row(zoo_dir, monkeypatch):
+    original = zoo.model_metrics
+
+    def fails_on_cnn_03(models, metrics, example_input=None, dtype=torch.float64, graphs=None):
+        if "cnn_03" in graphs:
+            raise RuntimeError("linalg.eigh: the algorithm failed to converge")
+        return original(models, metrics, example_input, dtype, graphs)
+
+    monkeypatch.setattr(zoo, "model_metrics", fails_on_cnn_03)
+    tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), chunk_size=8, progress=False)
+    errors = tables["models"].set_index("model")["error"].fillna("")
+    assert "analysis failed (RuntimeError: linalg.eigh" in errors["cnn_03"]
+    assert (errors[[f"cnn_{i:02d}" for i in range(40) if i != 3]] == "").all()
+    assert set(tables["layers"]["model"]) == {f"cnn_{i:02d}" for i in range(40) if i != 3}
+
+
+MISSING_LOOKING = ["NA", "NaN", "nan", "null", "NULL", "None", "N/A", "#N/A", "", "-nan", "1.0", "0", "<NA>"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_member_names_are_strings_never_missing_values(fmt, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    members = {name: datasets.digits_mlp(width=8) for name in MISSING_LOOKING}
+    out = tmp_path / "results"
+    original = zoo._process_chunk
+    calls = {"n": 0}
+
+    def dies_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(zoo, "_process_chunk", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.analyze(members, out=out, metrics=("rank",), pairs=("cka",), probe=probe().reshape(-1, 64), fmt=fmt,
+                    chunk_size=4, progress=False)
+    seen = []
+    monkeypatch.setattr(zoo, "_process_chunk", lambda chunk, *a, **k: seen.extend(n for n, _ in chunk)
+                        or original(chunk, *a, **k))
+    tables = zoo.analyze(members, out=out, metrics=("rank",), pairs=("cka",), probe=probe().reshape(-1, 64),
+                         fmt=fmt, chunk_size=4, progress=False)
+    assert len(seen) == len(MISSING_LOOKING) - 4  # the first chunk counted as done, whatever its names
+    models = tables["models"]
+    assert sorted(models["model"]) == sorted(MISSING_LOOKING) and models["model"].map(type).eq(str).all()
+    assert (models["error"] == "").all() and models["model"].is_unique
+    assert sorted(set(tables["layers"]["model"])) == sorted(MISSING_LOOKING)
+    n = len(MISSING_LOOKING)
+    pairs = tables["pairs"][["model_a", "model_b"]].drop_duplicates()
+    assert len(pairs) == n * (n - 1) // 2 and len(tables["pairs"]) == n * (n - 1) // 2 * 4  # 4 Linear maps
+    assert set(pairs["model_a"]) | set(pairs["model_b"]) == set(MISSING_LOOKING)
+
+
+def test_members_are_named_by_relative_path(tmp_path):
+    torch.manual_seed(0)
+    state = datasets.digits_mlp(width=8).state_dict()
+    for rel in ("a.pt", "a.safetensors", "b.pt", "seed_1/epoch_2.safetensors", "seed_2/epoch_2.safetensors",
+                ".hidden/c.pt"):
+        _save(state, tmp_path / "zoo" / rel)
+    members = zoo.list_members(tmp_path / "zoo")
+    assert [n for n, _ in members] == ["a.pt", "a.safetensors", "b", "seed_1/epoch_2", "seed_2/epoch_2"]
+    assert [p.relative_to(tmp_path / "zoo").as_posix() for _, p in members] == \
+        ["a.pt", "a.safetensors", "b.pt", "seed_1/epoch_2.safetensors", "seed_2/epoch_2.safetensors"]
+    tables = zoo.analyze(tmp_path / "zoo", arch=lambda: datasets.digits_mlp(width=8), out=tmp_path / "results",
+                         metrics=("rank",), progress=False)
+    models = tables["models"].set_index("model")
+    assert len(models) == 5 and (models["error"] == "").all()
+    assert models.loc["a.safetensors", "path"].endswith("a.safetensors")  # the models table says which file
+
+
+def test_resuming_with_other_options_is_refused_or_completed(zoo_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), progress=False)
+    with pytest.raises(zoo.ZooError, match="other models options.*metrics"):
+        zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank", "alpha"), progress=False)
+    assert main(["zoo", str(zoo_dir), "--arch", ARCH, "--metrics", "rank,alpha", "--out", str(out), "--quiet"]) == 3
+    assert "other models options" in capsys.readouterr().err
+    # a run without pair measures resumed with some: the pairs are computed, the models kept
+    tables = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), pairs=("cka",), probe=probe(),
+                         max_pairs=4, progress=False)
+    assert len(tables["pairs"][["model_a", "model_b"]].drop_duplicates()) == 4
+    with pytest.raises(zoo.ZooError, match="other pairs options.*max_pairs"):
+        zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=8,
+                    progress=False)
+    with pytest.raises(zoo.ZooError, match="other pairs options.*probe"):
+        zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), pairs=("cka",), probe=probe()[:50],
+                    max_pairs=4, progress=False)
+    assert "\"max_pairs\": 4" in (out / "options.json").read_text()
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(zoo_dir, tmp_path):
+    import json
+    import socket
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+    with pytest.raises(zoo.ZooError, match=f"in use by another run \\(pid {os.getpid()} on {socket.gethostname()}"):
+        zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), progress=False)
+    assert not (out / "chunks").exists() and (out / ".lock").exists()  # nothing written, the holder's lock kept
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "since": "then"}))
+    tables = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), progress=False)
+    assert len(tables["models"]) == 44 and not (out / ".lock").exists()  # taken over, then released
+
+
+def test_a_real_concurrent_writer_is_refused(zoo_dir, tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    slow = ("import time, sys; from spectral_ext import zoo; original = zoo._process_chunk\n"
+            "zoo._process_chunk = lambda *a, **k: (time.sleep(60), original(*a, **k))[1]\n"
+            f"zoo.analyze({str(zoo_dir)!r}, arch={ARCH!r}, out={str(out)!r}, metrics=('rank',), progress=False)")
+    first = subprocess.Popen([sys.executable, "-c", slow], env=env)
+    try:
+        for _ in range(600):
+            if (out / ".lock").exists() and (out / ".lock").read_text():
+                break
+            time.sleep(0.1)
+        with pytest.raises(zoo.ZooError, match=f"pid {first.pid}"):
+            zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), progress=False)
+    finally:
+        first.kill()
+        first.wait()
+
+
+def _unwritable(tmp_path):
+    if os.geteuid() != 0:
+        folder = tmp_path / "read_only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return str(folder / "results")
+    return "/sys/spectral-ext-results"  # root may write anywhere but in sysfs
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "corrupt_probe.pt").write_bytes(b"not a tensor file")
+    torch.save({"not": "a tensor"}, tmp_path / "dict_probe.pt")
+    return tmp_path
+
+
+BAD_ARGUMENTS = [  # (extra arguments, exit code, what the one-line reason says)
+    (["--out", ""], 3, "out must name a results folder"),
+    (["--out", "{tmp}/a_file"], 3, "exists and is not a folder"),
+    (["--out", "/dev/null"], 3, "exists and is not a folder"),
+    (["--out", "{tmp}/a_file/sub"], 3, "not a writable folder"),
+    (["--out", "{unwritable}"], 3, "not a writable folder"),
+    (["--layers", "nope", "--pairs", "cka", "--probe", "digits:16"], 3, "layers names no submodule"),
+    (["--layers", "3", "--probe", "digits:16"], 3, "apply to pair measures"),
+    (["--layers", ""], 2, "--layers must be a comma-separated list"),
+    (["--chunk-size", "0"], 2, "--chunk-size: must be an integer >= 1"),
+    (["--chunk-size", "x"], 2, "--chunk-size: must be an integer >= 1"),
+    (["--max-pairs", "-1"], 2, "--max-pairs: must be an integer >= 1"),
+    (["--probe", "digits:3", "--pairs", "cka"], 3, "digits:N needs N from 4"),
+    (["--probe", "digits:x", "--pairs", "cka"], 3, "digits:N needs N from 4"),
+    (["--probe", "{tmp}/corrupt_probe.pt", "--pairs", "cka"], 3, "unreadable probe file"),
+    (["--probe", "{tmp}/dict_probe.pt", "--pairs", "cka"], 3, "must hold a floating tensor"),
+    (["--probe", "{tmp}/missing.pt", "--pairs", "cka"], 3, "no such probe file"),
+    (["--pairs", "cka"], 3, "--pairs needs --probe"),
+    (["--pairs", "stitching", "--probe", "{tmp}/probe.pt"], 3, "needs a labelled probe"),
+    (["--metadata", "{tmp}/missing.csv"], 3, "no such metadata file"),
+    (["--metadata", "{tmp}/corrupt_probe.pt"], 3, "needs a 'model' column"),
+    (["--metrics", ""], 2, "--metrics must be a comma-separated list"),
+    (["--metrics", "nope"], 3, "unknown metrics ['nope']"),
+    (["--arch", "no.such.module:factory"], 3, "unknown architecture"),
+]
+
+
+@pytest.mark.parametrize("extra, code, reason", BAD_ARGUMENTS, ids=[" ".join(a[0]) or "empty" for a in BAD_ARGUMENTS])
+def test_every_argument_is_checked_before_any_work(zoo_dir, bad_files, extra, code, reason, capsys, monkeypatch):
+    torch.save(torch.zeros(8, 1, 8, 8), bad_files / "probe.pt")
+    cwd = bad_files / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for name in ("_process_chunk", "_process_pairs", "_commit_chunk"):
+        monkeypatch.setattr(zoo, name, lambda *a, **k: pytest.fail("work started before the arguments were checked"))
+    extra = [a.format(tmp=bad_files, unwritable=_unwritable(bad_files)) for a in extra]
+    argv = ["zoo", str(zoo_dir), "--arch", ARCH, "--quiet"] + extra
+    if "--out" not in extra:
+        argv += ["--out", str(bad_files / "results")]
+    try:
+        result = main(argv)
+    except SystemExit as exit_info:  # argparse's own exit
+        result = exit_info.code
+    err = capsys.readouterr().err
+    assert result == code, err
+    assert "Traceback" not in err and reason in err.strip().splitlines()[-1]
+    if code == 3:
+        assert len(err.strip().splitlines()) == 1
+    assert list(cwd.iterdir()) == []  # nothing written into the current folder
+    assert not (bad_files / "results" / "chunks").exists()
+
+
+def test_one_trace_per_architecture_for_the_whole_run(zoo_dir, monkeypatch):
+    from spectral_ext import layers
+
+    traces = []
+    original = layers.discover
+    monkeypatch.setattr(zoo, "discover", lambda *a, **k: traces.append(1) or original(*a, **k))
+    runs = []
+    forward = torch.nn.Sequential.forward
+    monkeypatch.setattr(torch.nn.Sequential, "forward", lambda self, x: runs.append(1) or forward(self, x))
+    tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank", "alpha"), chunk_size=4, progress=False)
+    assert len(tables["models"]) == 44 and len(traces) == 1  # 11 chunks, one trace
+    assert len(runs) <= 3  # the input-size guesses of that one trace, never per chunk
+
+
+def test_checkpoint_reading_and_instantiation_match_torch(bn_zoo, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = bn_cnn().train()
+    with torch.no_grad():
+        model(datasets.digits()[0][:64])
+    state = model.state_dict()
+    _save(state, tmp_path / "m.safetensors")
+    _save(state, tmp_path / "m.pt")
+    for big in (False, True):  # read whole, and memory-mapped as large files are
+        monkeypatch.setattr(zoo, "_MMAP_BYTES", 0 if big else 1 << 30)
+        for path in (tmp_path / "m.safetensors", tmp_path / "m.pt"):
+            read = zoo.read_checkpoint(path)
+            assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+    template = bn_cnn().eval()
+    copy = zoo._instantiate(template, state)
+    reference = zoo.load_member(tmp_path / "m.pt", bn_cnn)
+    x = datasets.digits()[2][:16]
+    with torch.no_grad():
+        assert torch.equal(copy(x), reference(x))
+    before = {k: v.clone() for k, v in template.state_dict().items()}
+    handle = copy[0].register_forward_hook(lambda *a: None)
+    copy.train()
+    with torch.no_grad():
+        copy(x)  # updates the copy's BatchNorm statistics, not the template's
+    handle.remove()
+    assert not template[0]._forward_hooks and not template.training
+    assert all(torch.equal(before[k], v) for k, v in template.state_dict().items())
+
+
+def test_pair_measures_give_the_models_back_as_they_came(tmp_path):
+    torch.manual_seed(0)
+    models = {n: bn_cnn().train() for n in ("a", "b")}
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in models.items()}
+    first = zoo.pair_metrics(models, [("a", "b")], probe(), ["1", "4"], ("cka",))
+    second = zoo.pair_metrics(models, [("a", "b")], probe(), ["1", "4"], ("cka",))
+    pd.testing.assert_frame_equal(first, second)  # eval mode: running statistics neither used batch-wise nor moved
+    for n, m in models.items():
+        assert m.training and all(torch.equal(before[n][k], v) for k, v in m.state_dict().items())
+
+
+def test_progress_bars_move_in_both_phases(zoo_dir, capsys):
+    zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=5, chunk_size=8)
+    err = capsys.readouterr().err
+    assert "44/44" in err and "5/5" in err and "models (rank 0)" in err and "pairs (rank 0)" in err
+
+
+class Untraceable(torch.nn.Module):
+    """A conv whose forward fails on every input (a stand-in for an architecture the trace cannot run)."""
+
+    calls = 0
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        Untraceable.calls += 1
+        raise RuntimeError("unsupported input")
+
+
+def test_an_untraceable_architecture_is_an_error_row_per_member_traced_once(tmp_path):
+    for i in range(5):
+        torch.manual_seed(i)
+        _save(Untraceable().state_dict(), tmp_path / "zoo" / f"u{i}.safetensors")
+    Untraceable.calls = 0
+    tables = zoo.analyze(tmp_path / "zoo", arch=Untraceable, metrics=("rank",), chunk_size=2, progress=False)
+    errors = tables["models"].set_index("model")["error"]
+    assert len(errors) == 5 and errors.str.contains("could not be traced").all()
+    assert Untraceable.calls <= 6  # one trace (fx, then the input-size guesses), not one per member
+
+
+def test_pair_measures_only_from_the_command_line(zoo_dir, tmp_path):
+    out = tmp_path / "results"
+    assert main(["zoo", str(zoo_dir), "--arch", ARCH, "--metrics", "none", "--pairs", "cka", "--probe", "digits:16",
+                 "--max-pairs", "3", "--out", str(out), "--quiet", "--no-report"]) == 0
+    models = pd.read_csv(out / "models.csv", keep_default_na=False)
+    assert len(models) == 44 and (models["error"] != "").sum() == 4  # the load checks still run
+    assert len(pd.read_csv(out / "pairs.csv")[["model_a", "model_b"]].drop_duplicates()) == 3
+    assert not (out / "report.md").exists() and (out / "layers.csv").read_text().strip() == ""

@@ -133,43 +133,80 @@ def _demo(args) -> int:
 
 
 def _load_probe(spec):
-    """A probe input: a .pt/.safetensors tensor file, or digits[:N]."""
+    """A probe input: a .pt/.safetensors tensor file, or digits[:N]. ZooError
+    (exit 3) for anything unusable."""
+    from spectral_ext.zoo import MIN_PROBE, ZooError
+
     if spec is None:
         return None
-    if spec.startswith("digits"):
+    if spec == "digits" or spec.startswith("digits:"):
         from spectral_ext import datasets
 
-        count = int(spec.split(":")[1]) if ":" in spec else 256
         _, _, x_test, y_test = datasets.digits()
-        return x_test[:count], y_test[:count]  # labelled: the stitching measure can use it
-    from spectral_ext.zoo import ZooError
-
+        count = spec.partition(":")[2] or "256"
+        if not count.isdigit() or not MIN_PROBE <= int(count) <= len(x_test):
+            raise ZooError(f"--probe digits:N needs N from {MIN_PROBE} to {len(x_test)} (the digits test set), "
+                           f"got {count!r}")
+        return x_test[:int(count)], y_test[:int(count)]  # labelled: the stitching measure can use it
     path = pathlib.Path(spec)
-    if not path.exists():
-        raise ZooError(f"no such probe file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if not path.is_file():
+        raise ZooError(f"no such probe file: {path} (or give digits:N)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
-        if len(tensors) != 1:
-            raise ZooError(f"the probe file {path} must hold one tensor, it holds {len(tensors)}")
-        return next(iter(tensors.values()))
-    tensor = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(tensor, torch.Tensor):
-        raise ZooError(f"the probe file {path} must hold a tensor")
+            tensors = load_file(str(path))
+            if len(tensors) != 1:
+                raise ZooError(f"the probe file {path} must hold one tensor, it holds {len(tensors)}")
+            tensor = next(iter(tensors.values()))
+        else:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except ZooError:
+        raise
+    except Exception as error:  # corrupt files raise many kinds of errors
+        reason = " ".join(str(error).split())[:120]
+        raise ZooError(f"unreadable probe file {path} ({type(error).__name__}: {reason})") from None
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise ZooError(f"the probe file {path} must hold a floating tensor of inputs, it holds "
+                       f"{type(tensor).__name__ if not isinstance(tensor, torch.Tensor) else tensor.dtype}")
     return tensor
 
 
+def _names(option: str):
+    """An argparse type: a comma-separated list of non-empty names."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",")]
+        if not text.strip() or not all(names):
+            raise argparse.ArgumentTypeError(f"{option} must be a comma-separated list of names, got {text!r}")
+        return names
+    return parse
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _zoo(args) -> int:
+    """Every argument is checked (zoo.analyze checks the rest) before any work."""
     from spectral_ext import zoo
 
     probe = _load_probe(args.probe)
-    metrics = [m for m in args.metrics.split(",") if m]
-    pairs = [m for m in args.pairs.split(",") if m] if args.pairs else []
-    tables = zoo.analyze(args.source, arch=args.arch, out=args.out, metrics=metrics, pairs=pairs, probe=probe,
-                         layers=args.layers.split(",") if args.layers else None, max_pairs=args.max_pairs,
-                         seed=args.seed, fmt=args.format, allow_pickle=args.allow_pickle,
-                         chunk_size=args.chunk_size, metadata=args.metadata, progress=not args.quiet,
+    if args.pairs and probe is None:
+        raise zoo.ZooError("--pairs needs --probe (a tensor file, or digits:N)")
+    metrics = [] if args.metrics == ["none"] else args.metrics  # pair measures only
+    tables = zoo.analyze(args.source, arch=args.arch, out=args.out, metrics=metrics, pairs=args.pairs,
+                         probe=probe, layers=args.layers, max_pairs=args.max_pairs, seed=args.seed,
+                         fmt=args.format, allow_pickle=args.allow_pickle, chunk_size=args.chunk_size,
+                         metadata=args.metadata, progress=not args.quiet, report=not args.no_report,
+                         workers=args.workers,
                          example_input=zoo.probe_parts(probe)[0][:1] if probe is not None else None)
     import os
 
@@ -229,17 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     zoo = sub.add_parser("zoo", help="analyse a folder of checkpoints (resumable, torchrun-aware)")
     zoo.add_argument("source", help="a folder of checkpoints")
     zoo.add_argument("--arch", help="'package.module:function' or a torchvision model name")
-    zoo.add_argument("--metrics", default="rank,alpha", help="comma-separated: rank, alpha, svr")
-    zoo.add_argument("--pairs", default="", help="comma-separated: cka, grelu_cka, procrustes, grelu_procrustes, "
-                     "stitching (needs a labelled probe such as digits:256)")
+    zoo.add_argument("--metrics", default=["rank", "alpha"], type=_names("--metrics"),
+                     help="comma-separated: rank, alpha, svr; none for pair measures only")
+    zoo.add_argument("--pairs", default=[], type=_names("--pairs"), help="comma-separated: cka, grelu_cka, "
+                     "procrustes, grelu_procrustes, stitching (needs a labelled probe such as digits:256)")
     zoo.add_argument("--probe", help="probe inputs: a tensor file, or digits[:N] as 'digits:256'")
-    zoo.add_argument("--layers", help="comma-separated module names for the pair measures")
-    zoo.add_argument("--max-pairs", type=int, default=None)
+    zoo.add_argument("--layers", type=_names("--layers"), help="comma-separated module names for the pair measures")
+    zoo.add_argument("--max-pairs", type=_at_least(1), default=None)
     zoo.add_argument("--seed", type=int, default=0)
     zoo.add_argument("--out", required=True, help="results folder (an interrupted run resumes there)")
     zoo.add_argument("--format", choices=["csv", "parquet"], default="csv")
-    zoo.add_argument("--chunk-size", type=int, default=16)
-    zoo.add_argument("--metadata", help="CSV with columns model, accuracy for the report")
+    zoo.add_argument("--chunk-size", type=_at_least(1), default=None,
+                     help="members (default 256, fewer for large checkpoints) or pairs (default 16) per committed chunk")
+    zoo.add_argument("--workers", type=_at_least(1), default=None, help="threads reading checkpoints")
+    zoo.add_argument("--metadata", help="a table (CSV or Parquet) with a model column, e.g. model, accuracy")
+    zoo.add_argument("--no-report", action="store_true", help="tables only: no report.md and figures")
     zoo.add_argument("--allow-pickle", action="store_true", help="allow whole pickled modules (trusted files only)")
     zoo.add_argument("--quiet", action="store_true", help="no progress bars")
     zoo.set_defaults(run=_zoo)
@@ -249,5 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ZooError as error:
+        print(f"spectral-ext {args.command}: {error}", file=sys.stderr)
+        return 3
+    except OSError as error:  # a full disk, a folder removed under the run: one line, not a traceback
         print(f"spectral-ext {args.command}: {error}", file=sys.stderr)
         return 3
