@@ -21,7 +21,8 @@ from torch import nn
 
 from .._data import batches
 from .._hooks import first_tensor
-from ..similarity import MinibatchCKA, _EvalMode
+from .._hooks import evaluating
+from ..similarity import MinibatchCKA
 
 
 def _model_name(model: nn.Module) -> str:
@@ -63,7 +64,7 @@ def loader_cka(model1: nn.Module, model2: nn.Module, layers1: list[str], layers2
     store2: dict = store1 if shared else {}
     pairs = ((b, b) for b in batches(loader1)) if loader2 is None else zip(batches(loader1), batches(loader2))
     with contextlib.ExitStack() as stack, torch.no_grad():
-        stack.enter_context(_EvalMode(model1, model2))
+        stack.enter_context(evaluating(model1, model2))
         stack.enter_context(_hooked(model1, sorted(set(layers1) | (set(layers2) if shared else set())), store1))
         if not shared:
             stack.enter_context(_hooked(model2, layers2, store2))
