@@ -6,6 +6,7 @@
 #include <iostream>
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace {
 
@@ -65,6 +66,26 @@ int main() {
     auto gram = op<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&)>("spectral_ext::max_kernel_gram");
     expect_close("max_kernel_gram cross", gram.call(X, Y), at::einsum("ics,jcs->ijc", {X, Y}).amax(-1));
     expect_close("max_kernel_gram self", gram.call(X, std::nullopt), at::einsum("ics,jcs->ijc", {X, X}).amax(-1));
+  }
+  {
+    // With a = b = 1 the marginal form is the paper's form.
+    const auto P = at::rand({3, 5, 7}, f64) + 0.1;
+    auto scaling = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, int64_t, bool)>(
+        "spectral_ext::sinkhorn_scaling");
+    const auto plan = std::get<0>(scaling.call(P, at::ones({3, 5}, f64), at::ones({3, 7}, f64), 9, 0.0, 10, false));
+    expect_close("sinkhorn_scaling", plan,
+                 op<at::Tensor(const at::Tensor&, int64_t)>("spectral_ext::sinkhorn").call(P, 9));
+  }
+  {
+    // A permuted diagonal of zeros in a matrix of ones: the assignment recovers the permutation.
+    auto cost = at::ones({1, 4, 4}, f64);
+    const int64_t perm[4] = {2, 0, 3, 1};
+    for (int64_t i = 0; i < 4; ++i) cost[0][i][perm[i]] = 0.0;
+    auto lsa = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool)>("spectral_ext::linear_sum_assignment");
+    const auto cols = std::get<1>(lsa.call(cost, false));
+    expect_close("linear_sum_assignment", cols.to(at::kDouble),
+                 at::tensor({2.0, 0.0, 3.0, 1.0}, f64).view({1, 4}));
   }
   std::cout << (failures == 0 ? "all operators passed" : "some operators FAILED") << "\n";
   return failures == 0 ? 0 : 1;

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -39,57 +40,76 @@ struct Workspace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // One Dijkstra step over all columns, vectorised: spc_j = min(spc_j, base + c_ij - v_j)
-// (path_j = i where it improves) and the smallest spc_j among columns not yet scanned.
-// Scanned columns hold spc_j = -inf, which no candidate improves. scipy walks a list
-// of the unscanned columns instead; one contiguous pass over all of them is faster.
+// (path_j = i where it improves), and the closest column not yet scanned, an
+// unassigned one first on ties (scipy's rule), returned in *best. Scanned columns
+// hold spc_j = -inf, which no candidate improves. scipy walks a list of the
+// unscanned columns instead; one contiguous pass over all of them is faster.
 template <typename T>
-SPECTRAL_EXT_ALWAYS_INLINE T scan_impl(const T* row, const T* v, T* spc, int64_t* path, int64_t nc,
-                                       T base, int64_t i) {
+SPECTRAL_EXT_ALWAYS_INLINE T scan_impl(const T* row, const T* v, T* spc, int64_t* path, const int64_t* row4col,
+                                       int64_t nc, T base, int64_t i, int64_t* best) {
   using V = typename Vec64<T>::type;
   using I = long __attribute__((vector_size(64)));
   constexpr int64_t lanes = 64 / sizeof(T);
-  static_assert(sizeof(T) == sizeof(long), "the path lanes match the cost lanes");
+  static_assert(sizeof(T) == sizeof(long), "the index lanes match the cost lanes");
   const V vbase = V{} + base, vinf = V{} + kInf, vneg = V{} - kInf;
   const I vi = I{} + i;
   V low = vinf;
+  I low_idx = I{} - 1, low_taken = I{} - 1;  // per lane: the best column and whether it is assigned
+  I idx;
+  for (int64_t l = 0; l < lanes; ++l) idx[l] = l;
   int64_t j = 0;
-  for (; j + lanes <= nc; j += lanes) {
+  for (; j + lanes <= nc; j += lanes, idx += lanes) {
     const V r = vbase + load64(row + j) - load64(v + j);
     V d = load64(spc + j);
-    const auto better = r < d;
-    d = better ? r : d;
+    const auto improves = r < d;
+    d = improves ? r : d;
     store64(spc + j, d);
-    I p;
+    I p, owner;
     __builtin_memcpy(&p, path + j, sizeof(p));
-    p = better ? vi : p;
+    p = improves ? vi : p;
     __builtin_memcpy(path + j, &p, sizeof(p));
+    __builtin_memcpy(&owner, row4col + j, sizeof(owner));
     const V open = d == vneg ? vinf : d;
-    low = open < low ? open : low;
+    const I taken = owner != -1;  // -1 where assigned
+    const I better = (open < low) | ((open == low) & ~taken & low_taken);
+    low = better ? open : low;
+    low_idx = better ? idx : low_idx;
+    low_taken = better ? taken : low_taken;
   }
   T lowest = kInf;
-  for (int64_t l = 0; l < lanes; ++l) lowest = low[l] < lowest ? low[l] : lowest;
+  int64_t arg = -1;
+  bool arg_taken = true;
+  auto consider = [&](T value, int64_t col, bool taken) {
+    if (col < 0) return;
+    if (value < lowest || (value == lowest && ((arg_taken && !taken) || (arg_taken == taken && col < arg)))) {
+      lowest = value; arg = col; arg_taken = taken;
+    }
+  };
+  for (int64_t l = 0; l < lanes; ++l) consider(low[l], low_idx[l], low_taken[l] != 0);
   for (; j < nc; ++j) {
     const T r = base + row[j] - v[j];
     if (r < spc[j]) { spc[j] = r; path[j] = i; }
-    if (spc[j] != -kInf && spc[j] < lowest) lowest = spc[j];
+    if (spc[j] != -kInf) consider(spc[j], j, row4col[j] != -1);
   }
+  *best = lowest < kInf ? arg : -1;
   return lowest;
 }
 
-#define SPECTRAL_EXT_SCAN_ARGS \
-  const double *row, const double *v, double *spc, int64_t *path, int64_t nc, double base, int64_t i
+#define SPECTRAL_EXT_SCAN_ARGS                                                                       \
+  const double *row, const double *v, double *spc, int64_t *path, const int64_t *row4col, int64_t nc, \
+      double base, int64_t i, int64_t *best
 SPECTRAL_EXT_TARGET_AVX512 double scan_avx512(SPECTRAL_EXT_SCAN_ARGS) {
-  return scan_impl<double>(row, v, spc, path, nc, base, i);
+  return scan_impl<double>(row, v, spc, path, row4col, nc, base, i, best);
 }
 SPECTRAL_EXT_TARGET_AVX2 double scan_avx2(SPECTRAL_EXT_SCAN_ARGS) {
-  return scan_impl<double>(row, v, spc, path, nc, base, i);
+  return scan_impl<double>(row, v, spc, path, row4col, nc, base, i, best);
 }
-double scan_baseline(SPECTRAL_EXT_SCAN_ARGS) { return scan_impl<double>(row, v, spc, path, nc, base, i); }
+double scan_baseline(SPECTRAL_EXT_SCAN_ARGS) { return scan_impl<double>(row, v, spc, path, row4col, nc, base, i, best); }
 double scan(SPECTRAL_EXT_SCAN_ARGS) {
   switch (cpu_isa()) {
-    case Isa::kAvx512: return scan_avx512(row, v, spc, path, nc, base, i);
-    case Isa::kAvx2: return scan_avx2(row, v, spc, path, nc, base, i);
-    default: return scan_baseline(row, v, spc, path, nc, base, i);
+    case Isa::kAvx512: return scan_avx512(row, v, spc, path, row4col, nc, base, i, best);
+    case Isa::kAvx2: return scan_avx2(row, v, spc, path, row4col, nc, base, i, best);
+    default: return scan_baseline(row, v, spc, path, row4col, nc, base, i, best);
   }
 }
 
@@ -101,16 +121,10 @@ int64_t augmenting_path(int64_t nc, const double* cost, Workspace& w, int64_t i,
   int64_t sink = -1;
   while (sink == -1) {
     w.SRlist.push_back(i);
-    const double lowest = scan(cost + i * nc, w.v.data(), w.spc.data(), w.path.data(), nc,
-                                       minVal - w.u[i], i);
-    if (lowest == kInf) return -1;  // cannot happen for finite costs
-    // scipy's tie rule: among the closest columns prefer an unassigned one (the first).
     int64_t j = -1;
-    for (int64_t k = 0; k < nc; ++k) {
-      if (w.spc[k] != lowest) continue;
-      if (w.row4col[k] == -1) { j = k; break; }
-      if (j < 0) j = k;
-    }
+    const double lowest = scan(cost + i * nc, w.v.data(), w.spc.data(), w.path.data(), w.row4col.data(), nc,
+                               minVal - w.u[i], i, &j);
+    if (lowest == kInf) return -1;  // cannot happen for finite costs
     minVal = lowest;
     w.dist[j] = lowest;
     w.spc[j] = -kInf;
@@ -223,17 +237,22 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_cpu(const at::Tensor& c
   const at::Tensor work = maximize ? view.to(at::kDouble).neg().contiguous()
                                    : view.to(at::kDouble).contiguous();
   const int64_t nr = transpose ? m : n, nc = transpose ? n : m;
-  TORCH_CHECK(at::isfinite(work).all().item<bool>(),
-              "linear_sum_assignment: cost contains NaN or infinite values");
   const double* c = work.data_ptr<double>();
   int64_t* ro = rows.data_ptr<int64_t>();
   int64_t* co = cols.data_ptr<int64_t>();
   InterruptPoll poll;
+  std::atomic<bool> non_finite{false};
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     Workspace w;
     std::vector<int64_t> order(nr);
     for (int64_t b = begin; b < end && !poll.interrupted(); ++b) {
-      solve_one(nr, nc, c + b * nr * nc, w, poll);
+      // Finite costs, checked here while the problem is in cache (at::isfinite
+      // over the whole batch cost more than solving easy problems).
+      const double* cb_in = c + b * nr * nc;
+      double probe = 0;
+      for (int64_t k = 0; k < nr * nc; ++k) probe += cb_in[k] * 0.0;  // NaN unless every entry is finite
+      if (probe != 0.0) { non_finite.store(true); continue; }
+      solve_one(nr, nc, cb_in, w, poll);
       if (poll.interrupted()) return;
       int64_t* rb = ro + b * k;
       int64_t* cb = co + b * k;
@@ -248,6 +267,7 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_cpu(const at::Tensor& c
     }
   });
   poll.throw_if_interrupted();
+  TORCH_CHECK(!non_finite.load(), "linear_sum_assignment: cost contains NaN or infinite values");
   return {rows, cols};
 }
 
