@@ -418,6 +418,24 @@ def test_fold_batchnorm_end_to_end():
     torch.testing.assert_close(folded.layers["0"].S, torch.linalg.svdvals(W * scale[:, None]))
     torch.testing.assert_close(plain.layers["0"].S, torch.linalg.svdvals(W))
     assert not torch.allclose(plain.adjacency(0), folded.adjacency(0))
-    # The co-SVR is not defined across a flattening Linear: say so.
-    with pytest.raises(ValueError, match="co-SVR is not defined"):
-        se.co_svr(seeded(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))), torch.randn(1, 1, 6, 6))
+
+
+def test_co_svr_and_kernel_connections_across_conv_flatten_linear():
+    """Issue 14 item 14: per edge, the co-SVR handles conv -> flatten -> Linear
+    (squared overlaps summed over the conv's kernel positions and the Linear's
+    positions) and kernel_connections skips it with a warning, keeping the rest."""
+    model = seeded(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.Flatten(),
+                                 nn.Linear(4 * 2 * 2, 5)))
+    x = torch.randn(1, 1, 6, 6)
+    c = se.co_svr(model, x, dtype=torch.float64)
+    W2 = model[2].weight.detach().double().numpy()  # (4, 3, 3, 3)
+    W4 = model[4].weight.detach().double().numpy()  # (5, 16): inputs (channel, position)
+    U2 = np_right_left(W2.transpose(0, 2, 3, 1).reshape(4 * 9, 3))[0].reshape(4, 9, -1)  # (c, z, M)
+    V4 = np_right_left(W4)[2].reshape(4, 4, -1)  # (c, p, N)
+    A = sum(np.einsum("kn,km->nm", V4[:, q, :], U2[:, z, :]) ** 2 for z in range(9) for q in range(4))
+    np.testing.assert_allclose(c.adjacency(1).numpy(), A, atol=1e-12)
+    assert (c.adjacency(1) <= 1 + 1e-12).all()
+    assert c.threshold(1) == pytest.approx(stats.chi2.isf(0.15, 36) / (4 * 36), rel=1e-12)
+    with pytest.warns(UserWarning, match="skip the conv -> flatten -> Linear edge.*'2' -> '4'"):
+        kc = se.kernel_connections(model, x, dtype=torch.float64)
+    assert list(kc) == [("0", "2")]

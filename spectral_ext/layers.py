@@ -83,13 +83,23 @@ class LinearMap:
             for g in range(groups):
                 full[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = w[g * per_out:(g + 1) * per_out]
             w = full
-        if fold_batchnorm and self.batchnorm is not None and self.batchnorm.running_var is not None:
-            bn = self.batchnorm
-            scale = torch.rsqrt(bn.running_var.detach().to(w.dtype) + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.detach().to(w.dtype)
+        scale = self.batchnorm_scale(w.dtype) if fold_batchnorm else None
+        if scale is not None:
             w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
         return w
+
+    def batchnorm_scale(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """gamma / sqrt(running_var + eps) per output channel of the BatchNorm
+        that reads this map's output (None without one or without running
+        statistics): the factor fold_batchnorm multiplies the rows by."""
+        bn = self.batchnorm
+        if bn is None or bn.running_var is None:
+            return None
+        dtype = dtype if dtype is not None else self.module.weight.dtype
+        scale = torch.rsqrt(bn.running_var.detach().to(dtype) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().to(dtype)
+        return scale
 
     def matrix(self, fold_batchnorm: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The SVR flattening (out, in * K2) of seed 000 section 4.2."""
@@ -369,19 +379,18 @@ def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection
             raise ValueError(f"cannot determine which channel of {prev.name!r} each input of {nxt.name!r} "
                              "reads: the mapping changes along the leading axes")
         c, p = chan2[0], pos2[0]
-        mask = c >= 0
-        features = torch.nonzero(mask).squeeze(1)
-        channels = torch.unique(c[mask])
-        per_channel = [features[c[features] == ch] for ch in channels]
-        counts = {len(f) for f in per_channel}
-        if len(counts) != 1:
+        features = torch.nonzero(c >= 0).squeeze(1)
+        # One sort by (channel, position) groups the features: O(n log n), not a mask per channel.
+        key = c[features] * (int(p.max()) + 1 if p.numel() else 1) + p[features]
+        features = features[torch.argsort(key, stable=True)]
+        channels, counts = torch.unique_consecutive(c[features], return_counts=True)
+        if counts.numel() and bool((counts != counts[0]).any()):
             raise ValueError(f"cannot pair {prev.name!r} with {nxt.name!r}: its channels reach "
-                             f"{sorted(counts)} inputs each, not one common number of positions")
-        ordered = [f[torch.argsort(p[f], stable=True)] for f in per_channel]
-        reference = p[ordered[0]]
-        if any(not torch.equal(p[f], reference) for f in ordered):
+                             f"{sorted(set(counts.tolist()))} inputs each, not one common number of positions")
+        ordered = features.reshape(channels.numel(), -1)
+        if not bool((p[ordered] == p[ordered[:1]]).all()):
             raise ValueError(f"cannot pair {prev.name!r} with {nxt.name!r}: channels do not share positions")
-        rows = torch.stack(ordered)
+        rows = ordered
         kind = "fc" if prev.kind == "linear" else "conv_linear"
         # The Linear's inputs come in groups of K2 positions: its "channels" are in_features / K2.
         return Connection(prev.name, nxt.name, kind, channels, rows, prev.out_channels,
