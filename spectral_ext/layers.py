@@ -435,6 +435,12 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
     finally:
         for h in handles:
             h.remove()
+    return _chain(maps, order, warn=True)
+
+
+def _chain(maps: dict, order: list[str], warn: bool = False) -> ModelGraph:
+    """The maps `order` connected one after the other (no dataflow known): a
+    conv feeding a Linear is read flattened channel-major (torch.flatten)."""
     connections = []
     for a, b in zip(order, order[1:]):
         prev, nxt = maps[a], maps[b]
@@ -443,8 +449,9 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
             if per * prev.out_channels != nxt.in_channels:
                 raise ValueError(f"cannot pair {a!r} ({prev.out_channels} channels) with {b!r} "
                                  f"({nxt.in_channels} inputs) without the model's dataflow")
-            warnings.warn(f"assuming {b!r} reads {a!r} flattened channel-major (torch.flatten order), "
-                          "since the model could not be traced", stacklevel=3)
+            if warn:
+                warnings.warn(f"assuming {b!r} reads {a!r} flattened channel-major (torch.flatten order), "
+                              "since the model could not be traced", stacklevel=4)
             rows = torch.arange(nxt.in_channels).reshape(prev.out_channels, per)
             kind = "conv_linear"
         else:
@@ -454,8 +461,21 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
             K2 = nxt.kernel_area
             rows = torch.arange(nxt.in_channels).unsqueeze(1) * K2 + torch.arange(K2)
             kind = "fc" if prev.kind == "linear" else "conv"
+        # A Linear after a conv reads P = rows.shape[1] inputs per channel; a conv reads channels.
+        next_channels = nxt.in_channels // rows.shape[1] if kind == "conv_linear" else nxt.in_channels
         connections.append(Connection(a, b, kind, torch.arange(prev.out_channels), rows,
-                                      prev.out_channels, nxt.in_channels // rows.shape[1]))
+                                      prev.out_channels, next_channels))
     ordered = {name: maps[name] for name in order}
     ordered.update({n: m for n, m in maps.items() if n not in ordered})
     return ModelGraph(ordered, connections, traced=False)
+
+
+def chain_graph(model: nn.Module) -> ModelGraph:
+    """The graph of a model whose linear maps run one after the other in
+    registration order (nn.Sequential-like), without tracing it: the SVR
+    authors' convention (a list of weights taken as the dataflow, conv ->
+    Linear flattened channel-major). Shapes that do not chain raise ValueError."""
+    maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    if not maps:
+        raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
+    return _chain(maps, list(maps))
