@@ -42,11 +42,12 @@ _PASSTHROUGH_NAMES = {
     "hardswish", "hardsigmoid", "hardtanh", "mish", "softplus", "dropout", "dropout1d", "dropout2d",
     "dropout3d", "alpha_dropout", "batch_norm", "layer_norm", "group_norm", "instance_norm", "add",
     "add_", "sub", "mul", "mul_", "div", "truediv", "iadd", "isub", "imul", "itruediv", "neg", "clamp",
-    "clamp_", "abs", "contiguous", "to", "float", "double", "type_as", "clone", "detach",
+    "clamp_", "abs", "to", "float", "double", "type_as", "stochastic_depth",
 }
 _RESHAPE_NAMES = {
     "flatten", "view", "reshape", "permute", "transpose", "squeeze", "unsqueeze", "getitem", "t",
     "movedim", "swapaxes", "unflatten", "narrow", "chunk", "split", "unbind",
+    "contiguous", "clone", "detach",  # layout matters: a later view needs the probes as contiguous
 }
 _CONCAT_NAMES = {"cat", "concat", "concatenate", "stack"}
 _RESIZE_NAMES = {"interpolate", "upsample", "mean", "amax", "amin"}
@@ -236,14 +237,18 @@ class _Flow(torch.fx.Interpreter):
     def _substitute(self, n, producer, which, fill=-1):
         """n's arguments with each flowing tensor replaced by its probe for
         `producer` (a -1 tensor where that producer does not reach)."""
-        def sub(a):
-            value = self.env[a]
-            if not isinstance(value, torch.Tensor):
-                return value
-            probes = self.flow.get(a, {}).get(producer)
-            if probes is None:
+        def unreached(value):
+            if isinstance(value, torch.Tensor):
                 return torch.full(value.shape, fill, dtype=torch.long)
-            return probes[which]
+            if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                return type(value)(unreached(v) for v in value)  # e.g. the pieces of a chunk
+            return value
+
+        def sub(a):
+            probes = self.flow.get(a, {}).get(producer)
+            if probes is not None:
+                return probes[which]
+            return unreached(self.env[a])
         return torch.fx.node.map_arg(n.args, sub), torch.fx.node.map_arg(n.kwargs, sub)
 
     def _apply(self, n, producer, which, transform=None):
@@ -268,6 +273,9 @@ class _Flow(torch.fx.Interpreter):
         inputs = self._flows_in(n)
         if not inputs:
             return {}
+        if isinstance(result, torch.Size) or not isinstance(result, (torch.Tensor, tuple, list)) or (
+                isinstance(result, (tuple, list)) and not any(isinstance(r, torch.Tensor) for r in result)):
+            return {}  # x.size(), x.dim(), ...: numbers, no features flow on
         producers = list(dict.fromkeys(p for a in inputs for p in self.flow[a]))
         name = _op_name(n)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and n.args[0] in self.direct:
@@ -361,7 +369,9 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
                 for name in order:
                     incoming, shape = flow.inputs_of[name]
                     for producer, probes in incoming.items():
-                        connections.append(_connect(maps[producer], maps[name], probes, shape))
+                        connection = _connect(maps[producer], maps[name], probes, shape)
+                        if connection is not None:
+                            connections.append(connection)
                 return ModelGraph(ordered, connections, traced=True, stopped_at=flow.stopped)
             hint = "" if example_input is not None else " (pass example_input)"
             raise ValueError(f"model did not run on example_input{hint}: {errors[-1]}")
@@ -369,12 +379,17 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
         model.train(was_training)
 
 
-def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection:
+def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection | None:
     chan, pos = probes
     if nxt.kind == "linear":
         # Features are the last axis; every leading index must read the same channels.
         chan2 = chan.reshape(-1, chan.shape[-1])
         pos2 = pos.reshape(-1, pos.shape[-1])
+        # Rows the producer does not reach at all (a class token concatenated on the token axis) read nothing.
+        reached = (chan2 >= 0).any(1)
+        if not bool(reached.any()):
+            return None  # the producer's values do not reach this map after all
+        chan2, pos2 = chan2[reached], pos2[reached]
         if not bool((chan2 == chan2[0]).all()):
             raise ValueError(f"cannot determine which channel of {prev.name!r} each input of {nxt.name!r} "
                              "reads: the mapping changes along the leading axes")
@@ -402,6 +417,8 @@ def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection
                          "its input is not laid out channel-first")
     source = per_channel[:, 0]
     inputs = torch.nonzero(source >= 0).squeeze(1)
+    if inputs.numel() == 0:
+        return None
     K2 = nxt.kernel_area
     rows = inputs.unsqueeze(1) * K2 + torch.arange(K2)
     kind = "conv" if prev.kind != "linear" else "fc"

@@ -329,18 +329,18 @@ class SVR:
                 G.add_edge((a, m_), (b, n_), weight=float(A[n_, m_]))
         return G
 
-    def plot(self, ax=None, top: int | None = 64, max_edges: int = 20000):
+    def plot(self, ax=None, top: int | None = 64, max_edges: int = 20000, title: str | None = None):
         """The figure of seed 000 Fig. 2/5: maps on x, singular-value rank on
         y, significant edges in grey scale, neurons coloured by intensity."""
         from .plot import svr_graph
 
-        return svr_graph(self, ax=ax, top=top, max_edges=max_edges)
+        return svr_graph(self, ax=ax, top=top, max_edges=max_edges, title=title)
 
-    def plot_adjacency(self, e, ax=None):
+    def plot_adjacency(self, e, ax=None, title: str | None = None):
         """Heat map of one adjacency matrix (seed 000 Fig. 3/7)."""
         from .plot import adjacency_heatmap
 
-        return adjacency_heatmap(self, e, ax=ax)
+        return adjacency_heatmap(self, e, ax=ax, title=title)
 
     # ------------------------------------------------------------ compression
 
