@@ -60,3 +60,15 @@ def test_svr_zoo_of_64_cnns(benchmark, device, impl):
     benchmark.group = f"svr zoo of 64 digits CNNs: one batched call vs 64 calls [{device}]"
     benchmark.extra_info["impl"] = impl
     benchmark.pedantic(timed(fn, device), rounds=3, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg16"])
+def test_discover_at_224(benchmark, name):
+    """Issue 12's target: discover linear in the features (AlexNet and VGG16 at 224 x 224 in under 2 s);
+    the FC -> FC grouping was one boolean mask per channel (13 s of an AlexNet trace)."""
+    torchvision = pytest.importorskip("torchvision")
+    model = getattr(torchvision.models, name)(weights=None)
+    x = torch.randn(1, 3, 224, 224)
+    benchmark.group = f"discover {name} at 224 x 224 [cpu]"
+    benchmark.extra_info["impl"] = "native"
+    benchmark.pedantic(lambda: se.discover(model, x), rounds=3, iterations=1)

@@ -418,6 +418,136 @@ def test_fold_batchnorm_end_to_end():
     torch.testing.assert_close(folded.layers["0"].S, torch.linalg.svdvals(W * scale[:, None]))
     torch.testing.assert_close(plain.layers["0"].S, torch.linalg.svdvals(W))
     assert not torch.allclose(plain.adjacency(0), folded.adjacency(0))
-    # The co-SVR is not defined across a flattening Linear: say so.
-    with pytest.raises(ValueError, match="co-SVR is not defined"):
-        se.co_svr(seeded(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))), torch.randn(1, 1, 6, 6))
+
+
+def test_co_svr_and_kernel_connections_across_conv_flatten_linear():
+    """Issue 14 item 14: per edge, the co-SVR handles conv -> flatten -> Linear
+    (squared overlaps summed over the conv's kernel positions and the Linear's
+    positions) and kernel_connections skips it with a warning, keeping the rest."""
+    model = seeded(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.Flatten(),
+                                 nn.Linear(4 * 2 * 2, 5)))
+    x = torch.randn(1, 1, 6, 6)
+    c = se.co_svr(model, x, dtype=torch.float64)
+    W2 = model[2].weight.detach().double().numpy()  # (4, 3, 3, 3)
+    W4 = model[4].weight.detach().double().numpy()  # (5, 16): inputs (channel, position)
+    U2 = np_right_left(W2.transpose(0, 2, 3, 1).reshape(4 * 9, 3))[0].reshape(4, 9, -1)  # (c, z, M)
+    V4 = np_right_left(W4)[2].reshape(4, 4, -1)  # (c, p, N)
+    A = sum(np.einsum("kn,km->nm", V4[:, q, :], U2[:, z, :]) ** 2 for z in range(9) for q in range(4))
+    np.testing.assert_allclose(c.adjacency(1).numpy(), A, atol=1e-12)
+    assert (c.adjacency(1) <= 1 + 1e-12).all()
+    assert c.threshold(1) == pytest.approx(stats.chi2.isf(0.15, 36) / (4 * 36), rel=1e-12)
+    with pytest.warns(UserWarning, match="skip the conv -> flatten -> Linear edge.*'2' -> '4'"):
+        kc = se.kernel_connections(model, x, dtype=torch.float64)
+    assert list(kc) == [("0", "2")]
+
+
+# ---------------------------------------------------------------- speed paths, truncation, seed 000 extras
+
+def test_gram_route_and_truncation_against_numpy():
+    """float32 maps go through the float64 Gram matrix; top=k returns the
+    leading triplets of the full SVD (sign-aligned), in both orientations."""
+    from spectral_ext._linalg import signed_svd
+
+    torch.manual_seed(0)
+    for shape in [(40, 300), (300, 40), (2, 50, 120)]:
+        W = torch.randn(*shape)
+        S_np = np.linalg.svd(W.double().numpy(), compute_uv=False)
+        for top in (None, 7):
+            U, S, V = signed_svd(W, top)
+            k = S.shape[-1]
+            assert k == (min(shape[-2:]) if top is None else 7)
+            np.testing.assert_allclose(S.double().numpy(), S_np[..., :k], rtol=1e-5)
+            np.testing.assert_allclose((U * S.unsqueeze(-2) @ V.mT).double().numpy() if top is None else
+                                       (U.mT @ W @ V).diagonal(dim1=-2, dim2=-1).numpy(), W.numpy() if top is None
+                                       else S.numpy(), atol=2e-4)
+            Ud, Sd, Vd = signed_svd(W.double(), top)  # LAPACK reference, same sign convention
+            np.testing.assert_allclose(V.double().numpy(), Vd.numpy(), atol=1e-4)
+            np.testing.assert_allclose(U.double().numpy(), Ud.numpy(), atol=1e-4)
+
+
+def test_top_gives_the_top_left_blocks_and_compress_reuses_the_svds(monkeypatch):
+    model = seeded(nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 16, 3), nn.Flatten(),
+                                 nn.Linear(16 * 2 * 2, 20), nn.ReLU(), nn.Linear(20, 6)))
+    x = torch.randn(1, 3, 6, 6)
+    full, top = se.svr(model, x), se.svr(model, x, top=5)
+    assert top.top == 5 and "top=5" in repr(top)
+    for e in range(len(full.edges)):
+        k_out, k_in = top.adjacency(e).shape
+        assert k_out == min(5, full.adjacency(e).shape[0]) and k_in == min(5, full.adjacency(e).shape[1])
+        torch.testing.assert_close(top.adjacency(e), full.adjacency(e)[:k_out, :k_in], atol=1e-5, rtol=1e-4)
+        assert top.threshold(e) == full.threshold(e)
+    with pytest.raises(ValueError, match="top must be a positive int"):
+        se.svr(model, x, top=0)
+    # compress: no SVD is recomputed, and the result is the truncated SVD of each map.
+    import spectral_ext._linalg as linalg
+
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: pytest.fail("compress recomputed an SVD"))
+    monkeypatch.setattr(linalg, "signed_svd", lambda *a, **k: pytest.fail("compress recomputed an SVD"))
+    small = full.compress({"2": 3})
+    W = model[2].weight.detach().double().reshape(16, -1).numpy()
+    U, S, Vt = np.linalg.svd(W, full_matrices=False)
+    np.testing.assert_allclose(small[2].weight.detach().double().reshape(16, -1).numpy(),
+                               (U[:, :3] * S[:3]) @ Vt[:3], atol=1e-5)
+    frame = full.compression_frame({"2": 3})
+    assert frame.to_dict("records") == [{"layer": "2", "rank": 3, "full_rank": 16, "parameters": 16 * 108,
+                                         "factored_parameters": 3 * (16 + 108)}]
+    with pytest.raises(ValueError, match="exceeds the 5 spectral neurons"):
+        top.compress({"2": 9})
+    assert torch.equal(model[2].weight, seeded(copy.deepcopy(model))[2].weight)  # the model is untouched
+
+
+def test_compress_honours_fold_batchnorm():
+    model = seeded(nn.Sequential(nn.Conv2d(2, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 3, 3))).eval()
+    with torch.no_grad():
+        model[1].running_var.copy_(torch.tensor([0.01, 0.1, 1.0, 4.0, 9.0, 100.0]))
+    x = torch.randn(1, 2, 7, 7)
+    s = se.svr(model, x, dtype=torch.float64, fold_batchnorm=True)
+    small = s.compress({"0": 2})
+    bn = model[1]
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
+    folded = model[0].weight.detach().double().reshape(6, -1) * scale[:, None]
+    U, S, Vt = np.linalg.svd(folded.numpy(), full_matrices=False)
+    got = small[0].weight.detach().double().reshape(6, -1) * scale[:, None]  # what conv + BN now compute
+    np.testing.assert_allclose(got.numpy(), (U[:, :2] * S[:2]) @ Vt[:2], rtol=1e-5, atol=1e-6)  # float32 weights
+    # Without folding, the truncation is of the raw weight: a different map.
+    raw = se.svr(model, x, dtype=torch.float64).compress({"0": 2})
+    assert not torch.allclose(raw[0].weight, small[0].weight)
+
+
+def test_adjacency_filters_entropy_and_path_metric_against_formulas():
+    model = seeded(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(),
+                                 nn.Linear(5 * 2 * 2, 3), nn.Linear(3, 2)))
+    s = se.svr(model, torch.randn(1, 2, 6, 6), dtype=torch.float64)
+    W0 = model[0].weight.detach().double().numpy().reshape(4, -1)
+    W2 = model[2].weight.detach().double().numpy()
+    U0 = np_right_left(W0)[0]
+    V2 = np_right_left(W2.reshape(5, -1))[2].reshape(4, 3, 3, -1)  # (c, K, K, N): section 4.2
+    filters = np.einsum("km,kabn->nabm", U0, V2)  # A_{n,m} = sum_k u_km V_kn, K x K each
+    got = s.adjacency_filters(0).numpy()
+    assert got.shape == (5, 3, 3, 4)
+    np.testing.assert_allclose(np.abs(got), np.abs(filters), atol=1e-12)  # signs: per-neuron conventions
+    for e in range(3):
+        f = s.adjacency_filters(e)
+        torch.testing.assert_close(f.square().sum(tuple(range(1, f.dim() - 1))), s.adjacency(e))
+    A = [s.adjacency(e).numpy() for e in range(3)]
+    ent = s.entropy()
+    np.testing.assert_allclose(ent.to_numpy(), [-(a * np.log(a)).sum() for a in A])
+    assert list(ent.index) == s.edges
+    norm = s.entropy(normalize=True)
+    np.testing.assert_allclose(norm.to_numpy(), [-(a / a.sum() * np.log(a / a.sum())).sum() for a in A])
+    S = [layer.S.numpy() for layer in s.layers]
+    x = np.ones_like(S[0])
+    for a, s_prev in zip(A, S):
+        x = a @ (x * s_prev)
+    assert s.path_metric() == pytest.approx(float((x * S[-1]).sum()), rel=1e-12)
+    assert s.path_metric(sing_scale=False) == pytest.approx(float(np.ones(2) @ A[2] @ A[1] @ A[0] @ np.ones(4)))
+    assert s.path_metric(sing_threshold=1e9) == 0.0
+
+
+def test_half_precision_is_computed_in_float32_with_a_warning():
+    model = seeded(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))).half()
+    with pytest.warns(RuntimeWarning, match="computed in float32"):
+        s = se.svr(model)
+    assert s.layers[0].S.dtype == torch.float32
+    ref = se.svr(model.float(), dtype=torch.float64)
+    torch.testing.assert_close(s.adjacency(0).double(), ref.adjacency(0), atol=1e-5, rtol=1e-4)

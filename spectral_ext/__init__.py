@@ -19,7 +19,7 @@ from . import plot, reference, zoo  # plot: matplotlib is imported by its functi
 from ._ops import (OPERATORS, conv_adjacency, current_backend, linear_sum_assignment, max_kernel_gram,
                    signal_projection, sinkhorn, use_backend)
 from .covariance import activation_covariance, align, clip, rainbow
-from .layers import ModelGraph, discover
+from .layers import ModelGraph, chain_graph, discover
 from .rank import (classification_dimension, independence_deficit, jacobian_partial_rank, numerical_rank,
                    perturbed_pca_dimension, stable_rank)
 from .signals import hypergraph, semantic_hierarchy, signals
@@ -66,7 +66,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "activation_covariance", "align", "alpha_hat", "apply_symmetry", "build_info", "cka",
+    "activation_covariance", "align", "alpha_hat", "apply_symmetry", "build_info", "chain_graph", "cka",
     "classification_dimension", "clip", "co_svr", "conv_adjacency", "current_backend", "discover",
     "fit_power_law", "fit_power_laws", "weight_singular_values",
     "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections",

@@ -1,18 +1,11 @@
 """Linear algebra shared by the method modules."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def signed_svd(W: torch.Tensor):
-    """Thin SVD W = U diag(S) V^T of a matrix or a batch (..., m, n), with the
-    project's deterministic sign (DESIGN.md): each right singular vector v_i
-    is flipped so that its entry of largest absolute value is positive (the
-    first such entry on ties), and u_i with it.
-
-    Returns U (..., m, k), S (..., k), V (..., n, k) with k = min(m, n)."""
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    V = Vh.transpose(-2, -1)
+def _sign_fix(U, S, V):
     # argmax returns the first maximal index, which settles ties.
     pivot = V.abs().argmax(dim=-2, keepdim=True)
     sign = torch.sign(torch.gather(V, -2, pivot))
@@ -20,17 +13,115 @@ def signed_svd(W: torch.Tensor):
     return U * sign, S, V * sign
 
 
-def batched_signed_svd(matrices: dict) -> dict:
+def _gram(M: torch.Tensor) -> torch.Tensor:
+    """M M^T for a (..., r, c) batch with r <= c; large CPU matrices go
+    through BLAS syrk (one triangle: half the flops of a matmul)."""
+    if M.device.type != "cpu" or M.shape[-2] * M.shape[-1] <= 1 << 20:
+        return M @ M.mT
+    from scipy.linalg.blas import dsyrk, ssyrk
+
+    syrk = ssyrk if M.dtype == torch.float32 else dsyrk
+    flat = M.detach().reshape(-1, *M.shape[-2:])
+    G = torch.from_numpy(np.stack([syrk(1.0, m.numpy(), lower=True) for m in flat]))
+    return (G.tril() + G.tril(-1).mT).reshape(*M.shape[:-1], M.shape[-2])
+
+
+def _gram_svd(W: torch.Tensor, top: int | None):
+    """U, S, V (decreasing) of W from the eigenpairs of the smaller Gram matrix
+    (the other side's vectors are W^T u_i / sigma_i); None when the kept
+    singular values fall below 1e-6 sigma_1 (1e-3 for a float32 Gram), where
+    that division loses accuracy."""
+    r = min(W.shape[-2:])
+    k = r if top is None else min(top, r)
+    partial = k < r // 2 and W.device.type == "cpu"
+    # A few leading pairs of a float32 map: a float32 Gram resolves them (see signed_svd).
+    W = W.float() if partial and W.dtype == torch.float32 else W.double()
+    wide = W.shape[-2] <= W.shape[-1]
+    M = W if wide else W.mT
+    G = _gram(M)
+    if partial:
+        import scipy.linalg
+
+        # MRRR on the requested eigenpairs only (LAPACK ?syevr): exact to rounding, far cheaper than all r.
+        pairs = [scipy.linalg.eigh(g.numpy(), subset_by_index=[r - k, r - 1], driver="evr")
+                 for g in G.reshape(-1, r, r)]
+        lam = torch.from_numpy(np.stack([p[0] for p in pairs])).reshape(*G.shape[:-2], k)
+        X = torch.from_numpy(np.stack([p[1] for p in pairs])).reshape(*G.shape[:-2], r, k)
+    else:
+        lam, X = torch.linalg.eigh(G)
+        lam, X = lam[..., r - k:], X[..., r - k:]
+    lam, X = lam.flip(-1), X.flip(-1)
+    S = lam.clamp_min(0).sqrt()
+    if bool((S[..., -1] <= (1e-3 if S.dtype == torch.float32 else 1e-6) * S[..., 0]).any()):
+        return None
+    Y = (M.mT @ X) / S.unsqueeze(-2)
+    return (X, S, Y) if wide else (Y, S, X)
+
+
+def signed_svd(W: torch.Tensor, top: int | None = None):
+    """Thin SVD W = U diag(S) V^T of a matrix or a batch (..., m, n), with the
+    project's deterministic sign (DESIGN.md): each right singular vector v_i
+    is flipped so that its entry of largest absolute value is positive (the
+    first such entry on ties), and u_i with it.
+
+    float64 input: LAPACK on the tall orientation (a wide W is decomposed as
+    W^T, 3-7x faster with MKL), reference quality. Other dtypes: the
+    eigenpairs of the smaller Gram matrix computed in float64 (the J^T J
+    trick, 2-3x faster than LAPACK's SVD here, and more accurate than a
+    float32 SVD: sigma_i to about 1e-16 (sigma_1 / sigma_i)^2 relative), the
+    other side's vectors as W^T u_i / sigma_i; where some sigma_i falls below
+    1e-6 sigma_1 (rank deficiency) LAPACK is used instead. Results come back
+    in W's dtype.
+
+    `top` = k < min(m, n) keeps the k leading triplets only, from the exact
+    eigenpairs of the Gram matrix, not a randomized or Lanczos approximation
+    (on the flat spectra of initialised networks those converge slowly or not
+    at all). On the CPU with k < min(m, n) / 2 only the k leading eigenpairs
+    are computed (LAPACK's MRRR, ?syevr), and a float32 W keeps its Gram in
+    float32: sigma_i then carries an absolute error of about 6e-8 sigma_1^2 /
+    sigma_i (relative 6e-8 (sigma_1 / sigma_i)^2, below 1e-5 for the leading
+    neurons of trained and random layers alike), the vectors about 6e-8
+    sigma_1^2 / (sigma_i^2 - sigma_(i+1)^2); elsewhere all eigenpairs in float64
+    as above. So U_k, S_k, V_k are the leading columns of the full SVD to that
+    accuracy and the adjacencies built from them the top-left blocks of the
+    full ones. float64 W: LAPACK, then truncated.
+
+    Returns U (..., m, k), S (..., k), V (..., n, k) with k = min(m, n) or top."""
+    m, n = W.shape[-2:]
+    k = min(m, n) if top is None else min(top, m, n)
+    if W.dtype != torch.float64 and min(m, n) > 0:
+        out = _gram_svd(W, top)
+        if out is not None:
+            return _sign_fix(*(t.to(W.dtype) for t in out))
+    A = W.double() if W.dtype != torch.float64 else W
+    if m < n:
+        Ut, S, Vth = torch.linalg.svd(A.mT, full_matrices=False)
+        U, V = Vth.mT, Ut
+    else:
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        V = Vh.mT
+    U, S, V = U[..., :k], S[..., :k], V[..., :k]
+    return _sign_fix(*(t.to(W.dtype) for t in (U, S, V)))
+
+
+def batched_signed_svd(matrices: dict, top: int | None = None, progress: bool = False,
+                       desc: str = "SVDs") -> dict:
     """signed_svd of many matrices, one batched call per distinct shape (and
-    dtype/device): {key: W} -> {key: (U, S, V)}."""
+    dtype/device): {key: W} -> {key: (U, S, V)}; `top` as in signed_svd; a
+    progress bar over the matrices when asked (it shows after 2 s)."""
+    from tqdm.auto import tqdm
+
     groups: dict = {}
     for key, W in matrices.items():
         groups.setdefault((tuple(W.shape), W.dtype, W.device), []).append(key)
     out = {}
-    for keys in groups.values():
-        U, S, V = signed_svd(torch.stack([matrices[k] for k in keys]))
-        for i, k in enumerate(keys):
-            out[k] = (U[i], S[i], V[i])
+    with tqdm(total=len(matrices), desc=desc, disable=not progress, delay=2, leave=False) as bar:
+        for keys in groups.values():
+            U, S, V = signed_svd(torch.stack([matrices[k] for k in keys]) if len(keys) > 1
+                                 else matrices[keys[0]].unsqueeze(0), top)
+            for i, k in enumerate(keys):
+                out[k] = (U[i], S[i], V[i])
+            bar.update(len(keys))
     return out
 
 
@@ -63,6 +154,6 @@ def compute_dtype(dtype, weights) -> torch.dtype | None:
         return None
     import warnings
 
-    warnings.warn(f"the model's weights are {', '.join(narrow)}: computing the spectra in float32",
+    warnings.warn(f"the model's weights are {', '.join(narrow)}: the spectra are computed in float32",
                   RuntimeWarning, stacklevel=3)
     return torch.float32

@@ -89,20 +89,37 @@ def _bench(args) -> int:
     return pytest.main(["-q", str(root), *args.pytest_args])
 
 
+DEMO_LAYERS = ["conv1", "relu1", "conv2", "relu2", "pool", "conv3", "relu3", "flatten", "fc1", "relu4", "fc2"]
+
+DEMO_LEGEND = {
+    "previous -> next": "the two linear maps an edge connects (module names)",
+    "kind": "conv (conv -> conv), conv_linear (conv -> flatten -> Linear) or fc",
+    "K2": "kernel positions (conv) or spatial positions per channel (conv_linear) summed in a coefficient",
+    "threshold": "coefficient a random network exceeds with probability p (seed 000 sections 2.4, 4.3)",
+    "significant": "fraction of all adjacency coefficients above the threshold",
+    "d_out, d_in": "internal dimensions: spectral neurons of next / previous map that carry the edge (section 3.2)",
+    "top8 trained / init": "significant coefficients among the top 8 x 8 spectral neurons, trained vs at initialisation",
+}
+
+
 def _demo(args) -> int:
     """Train a small CNN on scikit-learn's digits, print its SVR per edge,
-    compare with the same network at initialisation, save the figures."""
+    compare with the same network at initialisation, prune it to its
+    internal dimensions, save the figures."""
+    import collections
     import copy
 
     import matplotlib
 
     matplotlib.use("Agg")
+    import pandas as pd
+
     import spectral_ext as se
     from spectral_ext import datasets
 
     torch.manual_seed(0)
     x_train, y_train, x_test, y_test = datasets.digits()
-    model = datasets.digits_cnn()
+    model = torch.nn.Sequential(collections.OrderedDict(zip(DEMO_LAYERS, datasets.digits_cnn())))
     initial = copy.deepcopy(model)
     start = time.perf_counter()
     datasets.train(model, x_train, y_train, epochs=args.epochs, progress=True)
@@ -110,23 +127,36 @@ def _demo(args) -> int:
     print(f"trained a digits CNN in {time.perf_counter() - start:.1f} s: test accuracy {acc:.3f}")
     trained_svr = se.svr(model, x_test[:2], dtype=torch.float64)
     initial_svr = se.svr(initial, x_test[:2], dtype=torch.float64)
-    table = trained_svr.to_frame()
+    edges = trained_svr.to_frame()
     top = 8
-    table[f"significant_top{top}"] = [int(trained_svr.significant(e, top).sum()) for e in range(len(table))]
-    table[f"significant_top{top}_at_init"] = [int(initial_svr.significant(e, top).sum())
-                                             for e in range(len(table))]
-    import pandas as pd
-
+    table = pd.DataFrame({
+        "previous -> next": edges["previous"] + " -> " + edges["next"], "kind": edges["kind"],
+        "K2": edges["kernel_area"], "threshold": edges["threshold"].round(4),
+        "significant": edges["significant_fraction"].round(3),
+        "d_out, d_in": [f"{a}, {b}" for a, b in zip(edges["d_out"], edges["d_in"])],
+        f"top{top} trained / init": [f"{int(trained_svr.significant(e, top).sum())} / "
+                                     f"{int(initial_svr.significant(e, top).sum())}" for e in range(len(edges))]})
+    print(f"\nSVR per edge (p = {trained_svr.p}):")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(table[["previous", "next", "kind", "kernel_area", "threshold", "significant_fraction", "d_out",
-                     "d_in", f"significant_top{top}", f"significant_top{top}_at_init"]].round(4).to_string(index=False))
+        print(table.to_string(index=False))
+    print("columns:")
+    for column, meaning in DEMO_LEGEND.items():
+        print(f"  {column:<20} {meaning}")
+    ranks = trained_svr.compression_frame("internal")
     compressed = trained_svr.compress("internal")
-    print(f"pruned to the internal dimensions: test accuracy {datasets.accuracy(compressed, x_test, y_test):.3f}")
+    print("\npruned to the internal dimensions (each map keeps d_in of its outgoing edge):")
+    print(ranks.rename(columns={"factored_parameters": "parameters_as_factors"}).to_string(index=False))
+    print(f"parameters of these maps: {int(ranks['parameters'].sum())} dense -> "
+          f"{int(ranks['factored_parameters'].sum())} as U_k S_k, V_k^T factors; "
+          f"test accuracy {acc:.3f} -> {datasets.accuracy(compressed, x_test, y_test):.3f}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    trained_svr.plot(top=32).savefig(out / "svr_digits_cnn.png", dpi=120)
-    initial_svr.plot(top=32).savefig(out / "svr_digits_cnn_init.png", dpi=120)
-    trained_svr.plot_adjacency(len(table) - 1).savefig(out / "adjacency_digits_cnn.png", dpi=120)
+    trained_svr.plot(top=32, title=f"SVR of the trained digits CNN (test accuracy {acc:.2f}), p = {trained_svr.p}"
+                     ).savefig(out / "svr_digits_cnn.png", dpi=120)
+    initial_svr.plot(top=32, title=f"SVR of the same CNN at initialisation, p = {initial_svr.p}"
+                     ).savefig(out / "svr_digits_cnn_init.png", dpi=120)
+    trained_svr.plot_adjacency(len(edges) - 1, title="adjacency of the trained CNN's fc1 -> fc2").savefig(
+        out / "adjacency_digits_cnn.png", dpi=120)
     print(f"figures: {out / 'svr_digits_cnn.png'} (trained), {out / 'svr_digits_cnn_init.png'} (initial), "
           f"{out / 'adjacency_digits_cnn.png'}")
     return 0

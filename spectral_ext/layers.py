@@ -44,11 +44,12 @@ _PASSTHROUGH_NAMES = {
     "hardswish", "hardsigmoid", "hardtanh", "mish", "softplus", "dropout", "dropout1d", "dropout2d",
     "dropout3d", "alpha_dropout", "batch_norm", "layer_norm", "group_norm", "instance_norm", "add",
     "add_", "sub", "mul", "mul_", "div", "truediv", "iadd", "isub", "imul", "itruediv", "neg", "clamp",
-    "clamp_", "abs", "contiguous", "to", "float", "double", "type_as", "clone", "detach",
+    "clamp_", "abs", "to", "float", "double", "type_as", "stochastic_depth",
 }
 _RESHAPE_NAMES = {
     "flatten", "view", "reshape", "permute", "transpose", "squeeze", "unsqueeze", "getitem", "t",
     "movedim", "swapaxes", "unflatten", "narrow", "chunk", "split", "unbind",
+    "contiguous", "clone", "detach",  # layout matters: a later view needs the probes as contiguous
 }
 _CONCAT_NAMES = {"cat", "concat", "concatenate", "stack"}
 _RESIZE_NAMES = {"interpolate", "upsample", "mean", "amax", "amin"}
@@ -85,13 +86,23 @@ class LinearMap:
             for g in range(groups):
                 full[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = w[g * per_out:(g + 1) * per_out]
             w = full
-        if fold_batchnorm and self.batchnorm is not None and self.batchnorm.running_var is not None:
-            bn = self.batchnorm
-            scale = torch.rsqrt(bn.running_var.detach().to(w.dtype) + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.detach().to(w.dtype)
+        scale = self.batchnorm_scale(w.dtype) if fold_batchnorm else None
+        if scale is not None:
             w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
         return w
+
+    def batchnorm_scale(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """gamma / sqrt(running_var + eps) per output channel of the BatchNorm
+        that reads this map's output (None without one or without running
+        statistics): the factor fold_batchnorm multiplies the rows by."""
+        bn = self.batchnorm
+        if bn is None or bn.running_var is None:
+            return None
+        dtype = dtype if dtype is not None else self.module.weight.dtype
+        scale = torch.rsqrt(bn.running_var.detach().to(dtype) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().to(dtype)
+        return scale
 
     def matrix(self, fold_batchnorm: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The SVR flattening (out, in * K2) of seed 000 section 4.2."""
@@ -228,14 +239,18 @@ class _Flow(torch.fx.Interpreter):
     def _substitute(self, n, producer, which, fill=-1):
         """n's arguments with each flowing tensor replaced by its probe for
         `producer` (a -1 tensor where that producer does not reach)."""
-        def sub(a):
-            value = self.env[a]
-            if not isinstance(value, torch.Tensor):
-                return value
-            probes = self.flow.get(a, {}).get(producer)
-            if probes is None:
+        def unreached(value):
+            if isinstance(value, torch.Tensor):
                 return torch.full(value.shape, fill, dtype=torch.long)
-            return probes[which]
+            if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                return type(value)(unreached(v) for v in value)  # e.g. the pieces of a chunk
+            return value
+
+        def sub(a):
+            probes = self.flow.get(a, {}).get(producer)
+            if probes is not None:
+                return probes[which]
+            return unreached(self.env[a])
         return torch.fx.node.map_arg(n.args, sub), torch.fx.node.map_arg(n.kwargs, sub)
 
     def _apply(self, n, producer, which, transform=None):
@@ -260,6 +275,9 @@ class _Flow(torch.fx.Interpreter):
         inputs = self._flows_in(n)
         if not inputs:
             return {}
+        if isinstance(result, torch.Size) or not isinstance(result, (torch.Tensor, tuple, list)) or (
+                isinstance(result, (tuple, list)) and not any(isinstance(r, torch.Tensor) for r in result)):
+            return {}  # x.size(), x.dim(), ...: numbers, no features flow on
         producers = list(dict.fromkeys(p for a in inputs for p in self.flow[a]))
         name = _op_name(n)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and n.args[0] in self.direct:
@@ -355,7 +373,9 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
                 for name in order:
                     incoming, shape = flow.inputs_of[name]
                     for producer, probes in incoming.items():
-                        connections.append(_connect(maps[producer], maps[name], probes, shape))
+                        connection = _connect(maps[producer], maps[name], probes, shape)
+                        if connection is not None:
+                            connections.append(connection)
                 return ModelGraph(ordered, connections, traced=True, stopped_at=flow.stopped)
             hint = "" if example_input is not None else " (pass example_input)"
             raise ValueError(f"model did not run on example_input{hint}: {errors[-1]}")
@@ -363,29 +383,33 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
         restore()
 
 
-def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection:
+def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection | None:
     chan, pos = probes
     if nxt.kind == "linear":
         # Features are the last axis; every leading index must read the same channels.
         chan2 = chan.reshape(-1, chan.shape[-1])
         pos2 = pos.reshape(-1, pos.shape[-1])
+        # Rows the producer does not reach at all (a class token concatenated on the token axis) read nothing.
+        reached = (chan2 >= 0).any(1)
+        if not bool(reached.any()):
+            return None  # the producer's values do not reach this map after all
+        chan2, pos2 = chan2[reached], pos2[reached]
         if not bool((chan2 == chan2[0]).all()):
             raise ValueError(f"cannot determine which channel of {prev.name!r} each input of {nxt.name!r} "
                              "reads: the mapping changes along the leading axes")
         c, p = chan2[0], pos2[0]
-        mask = c >= 0
-        features = torch.nonzero(mask).squeeze(1)
-        channels = torch.unique(c[mask])
-        per_channel = [features[c[features] == ch] for ch in channels]
-        counts = {len(f) for f in per_channel}
-        if len(counts) != 1:
+        features = torch.nonzero(c >= 0).squeeze(1)
+        # One sort by (channel, position) groups the features: O(n log n), not a mask per channel.
+        key = c[features] * (int(p.max()) + 1 if p.numel() else 1) + p[features]
+        features = features[torch.argsort(key, stable=True)]
+        channels, counts = torch.unique_consecutive(c[features], return_counts=True)
+        if counts.numel() and bool((counts != counts[0]).any()):
             raise ValueError(f"cannot pair {prev.name!r} with {nxt.name!r}: its channels reach "
-                             f"{sorted(counts)} inputs each, not one common number of positions")
-        ordered = [f[torch.argsort(p[f], stable=True)] for f in per_channel]
-        reference = p[ordered[0]]
-        if any(not torch.equal(p[f], reference) for f in ordered):
+                             f"{sorted(set(counts.tolist()))} inputs each, not one common number of positions")
+        ordered = features.reshape(channels.numel(), -1)
+        if not bool((p[ordered] == p[ordered[:1]]).all()):
             raise ValueError(f"cannot pair {prev.name!r} with {nxt.name!r}: channels do not share positions")
-        rows = torch.stack(ordered)
+        rows = ordered
         kind = "fc" if prev.kind == "linear" else "conv_linear"
         # The Linear's inputs come in groups of K2 positions: its "channels" are in_features / K2.
         return Connection(prev.name, nxt.name, kind, channels, rows, prev.out_channels,
@@ -397,6 +421,8 @@ def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection
                          "its input is not laid out channel-first")
     source = per_channel[:, 0]
     inputs = torch.nonzero(source >= 0).squeeze(1)
+    if inputs.numel() == 0:
+        return None
     K2 = nxt.kernel_area
     rows = inputs.unsqueeze(1) * K2 + torch.arange(K2)
     kind = "conv" if prev.kind != "linear" else "fc"
@@ -430,6 +456,12 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
     finally:
         for h in handles:
             h.remove()
+    return _chain(maps, order, warn=True)
+
+
+def _chain(maps: dict, order: list[str], warn: bool = False) -> ModelGraph:
+    """The maps `order` connected one after the other (no dataflow known): a
+    conv feeding a Linear is read flattened channel-major (torch.flatten)."""
     connections = []
     for a, b in zip(order, order[1:]):
         prev, nxt = maps[a], maps[b]
@@ -438,8 +470,9 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
             if per * prev.out_channels != nxt.in_channels:
                 raise ValueError(f"cannot pair {a!r} ({prev.out_channels} channels) with {b!r} "
                                  f"({nxt.in_channels} inputs) without the model's dataflow")
-            warnings.warn(f"assuming {b!r} reads {a!r} flattened channel-major (torch.flatten order), "
-                          "since the model could not be traced", stacklevel=3)
+            if warn:
+                warnings.warn(f"assuming {b!r} reads {a!r} flattened channel-major (torch.flatten order), "
+                              "since the model could not be traced", stacklevel=4)
             rows = torch.arange(nxt.in_channels).reshape(prev.out_channels, per)
             kind = "conv_linear"
         else:
@@ -449,8 +482,21 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
             K2 = nxt.kernel_area
             rows = torch.arange(nxt.in_channels).unsqueeze(1) * K2 + torch.arange(K2)
             kind = "fc" if prev.kind == "linear" else "conv"
+        # A Linear after a conv reads P = rows.shape[1] inputs per channel; a conv reads channels.
+        next_channels = nxt.in_channels // rows.shape[1] if kind == "conv_linear" else nxt.in_channels
         connections.append(Connection(a, b, kind, torch.arange(prev.out_channels), rows,
-                                      prev.out_channels, nxt.in_channels // rows.shape[1]))
+                                      prev.out_channels, next_channels))
     ordered = {name: maps[name] for name in order}
     ordered.update({n: m for n, m in maps.items() if n not in ordered})
     return ModelGraph(ordered, connections, traced=False)
+
+
+def chain_graph(model: nn.Module) -> ModelGraph:
+    """The graph of a model whose linear maps run one after the other in
+    registration order (nn.Sequential-like), without tracing it: the SVR
+    authors' convention (a list of weights taken as the dataflow, conv ->
+    Linear flattened channel-major). Shapes that do not chain raise ValueError."""
+    maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    if not maps:
+        raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
+    return _chain(maps, list(maps))

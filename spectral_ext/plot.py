@@ -26,13 +26,22 @@ def _finish(fig, ax, xlabel, ylabel, xscale=None, yscale=None, legend=True):
     return fig
 
 
-def svr_graph(svr, ax=None, top: int | None = 64, max_edges: int = 20000):
+def _wrap(text: str, width: int = 60) -> str:
+    """Long titles (deep layer names) on several lines instead of clipped."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False))
+
+
+def svr_graph(svr, ax=None, top: int | None = 64, max_edges: int = 20000, title: str | None = None):
     """Seed 000 Fig. 2/5: one column per linear map (forward order), spectral
     neurons by singular-value rank (rank 1 on top), significant edges drawn in
-    grey scale by coefficient, neurons coloured by their intensity."""
+    grey scale by coefficient, neurons coloured by their intensity (colour
+    bar). `title` names the figure (say "trained" or "at initialisation");
+    the default says what is drawn."""
     from matplotlib.collections import LineCollection
 
-    fig, ax = _axes(ax, (max(6, 1.2 * len(svr.layers)), 6))
+    fig, ax = _axes(ax, (max(6, 1.0 * len(svr.layers) + 3), 6))
     x_of = {layer.name: i for i, layer in enumerate(svr.layers)}
     segments, weights = [], []
     for k, (a, b) in enumerate(svr.edges):
@@ -49,38 +58,52 @@ def svr_graph(svr, ax=None, top: int | None = 64, max_edges: int = 20000):
     if segments:
         w = np.asarray(weights)
         order = np.argsort(w)  # strongest drawn last, on top
-        shade = w[order] / w.max()
+        shade = 0.85 * w[order] / w.max() + 0.15
         lines = LineCollection([segments[i] for i in order], colors=[(1 - s, 1 - s, 1 - s) for s in shade],
                                linewidths=0.6, zorder=1)
         ax.add_collection(lines)
+    points = None
     for layer in svr.layers:
         k = layer.rank if top is None else min(top, layer.rank)
         intensity = svr.neuron_intensity(layer.name).cpu().numpy()[:k]
-        ax.scatter(np.full(k, x_of[layer.name]), np.arange(1, k + 1), c=intensity, cmap="Blues", vmin=0, vmax=1,
-                   s=14, edgecolors="k", linewidths=0.3, zorder=2)
+        points = ax.scatter(np.full(k, x_of[layer.name]), np.arange(1, k + 1), c=intensity, cmap="Blues", vmin=0,
+                            vmax=1, s=14, edgecolors="k", linewidths=0.3, zorder=2)
+    if points is not None:
+        fig.colorbar(points, ax=ax, fraction=0.04, pad=0.02, label="colour intensity (section 3.2, normalised)")
     ax.set_xticks(range(len(svr.layers)))
-    ax.set_xticklabels(svr.layers.names(), rotation=60, ha="right", fontsize=7)
+    names = [n if len(n) <= 28 else "..." + n[-25:] for n in svr.layers.names()]
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_xlim(-0.5, len(svr.layers) - 0.5)
+    ax.set_xlabel("linear map (forward order)")
     ax.set_ylabel("spectral neuron (singular-value rank)")
     ax.invert_yaxis()
-    ax.set_title(f"{svr.flattening.upper()} (p = {svr.p}): significant edges, neurons by colour intensity")
+    shown = "" if top is None else f", top {top} neurons per map"
+    default = f"{svr.flattening.upper()} (p = {svr.p:g}{shown}): significant edges, neurons by colour intensity"
+    ax.set_title(_wrap(title if title is not None else default, 70), fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def adjacency_heatmap(svr, e, ax=None):
+def adjacency_heatmap(svr, e, ax=None, title: str | None = None):
     """Seed 000 Fig. 3/7: one adjacency matrix, rows the next map's spectral
-    neurons, columns the previous map's, with the internal dimensions marked."""
-    fig, ax = _axes(ax, (6, 5))
+    neurons, columns the previous map's, with the internal dimensions
+    (d_out, d_in) marked by the block they bound, drawn inside the axes."""
+    from matplotlib.patches import Rectangle
+
+    fig, ax = _axes(ax, (6.5, 5.5))
     A = svr.adjacency(e).double().cpu().numpy()
     a, b = svr.edges[svr._index(e)]
     image = ax.imshow(A, cmap="Greys", aspect="auto", interpolation="nearest")
     d_out, d_in = svr.internal_dimensions(e)
-    ax.axhline(d_out - 0.5, color="tab:red", lw=0.8)
-    ax.axvline(d_in - 0.5, color="tab:red", lw=0.8)
-    ax.set_xlabel(f"{a} spectral neurons")
-    ax.set_ylabel(f"{b} spectral neurons")
-    ax.set_title(f"adjacency {a} -> {b} (internal dimensions d_out={d_out}, d_in={d_in})")
-    fig.colorbar(image, ax=ax)
+    # The block's edges sit half a cell inside the border, so a full-size d_out or d_in stays visible.
+    ax.add_patch(Rectangle((-0.5, -0.5), d_in - 0.1, d_out - 0.1, fill=False, edgecolor="tab:red", lw=1.6,
+                           zorder=3, label=f"internal dimensions: d_out = {d_out}, d_in = {d_in}"))
+    ax.legend(loc="upper right", fontsize=7, framealpha=0.9)
+    ax.set_xlabel(_wrap(f"spectral neurons of {a} (previous map, by singular-value rank)"))
+    ax.set_ylabel(_wrap(f"spectral neurons of {b} (next map)", 45))
+    default = f"adjacency {a} -> {b}"
+    ax.set_title(_wrap(title if title is not None else default), fontsize=10)
+    fig.colorbar(image, ax=ax, label="adjacency coefficient")
     fig.tight_layout()
     return fig
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -127,7 +128,8 @@ class SVR:
     `.significant(e)`, `.internal_dimensions(e)`, `.color_intensity(e)`."""
 
     def __init__(self, model: nn.Module, graph: ModelGraph, layers: LayerList,
-                 adjacencies: list[torch.Tensor], p: float, fold_batchnorm: bool, flattening: str):
+                 adjacencies: list[torch.Tensor], p: float, fold_batchnorm: bool, flattening: str,
+                 top: int | None = None):
         self.model = model
         self.graph = graph
         self.layers = layers
@@ -137,10 +139,12 @@ class SVR:
         self.p = p
         self.fold_batchnorm = fold_batchnorm
         self.flattening = flattening
+        self.top = top  # each map keeps its `top` leading spectral neurons (None: all)
 
     def __repr__(self) -> str:
+        top = "" if self.top is None else f", top={self.top}"
         return (f"SVR({self.flattening}, {len(self.layers)} maps, {len(self.edges)} edges, p={self.p}, "
-                f"fold_batchnorm={self.fold_batchnorm})")
+                f"fold_batchnorm={self.fold_batchnorm}{top})")
 
     def _index(self, e) -> int:
         if isinstance(e, (int, np.integer)):
@@ -165,8 +169,15 @@ class SVR:
         return self.connections[self._index(e)].null_dimension
 
     def threshold(self, e) -> float:
+        """The coefficient a random network exceeds with probability p: chi2(z)
+        / (n z) with z = K^2 of the next map (SVR) or of the previous one
+        (co-SVR), times the positions per channel across conv -> flatten ->
+        Linear in the co-SVR (section 4.3)."""
         c = self.connection(e)
-        k2 = c.kernel_area if self.flattening == "svr" else self.layers[c.previous].U.shape[0] // c.previous_channels
+        if self.flattening == "svr":
+            k2 = c.kernel_area
+        else:
+            k2 = self.graph.maps[c.previous].kernel_area * (c.kernel_area if c.kind == "conv_linear" else 1)
         return adjacency_threshold(self.p, k2, c.null_dimension)
 
     def significant(self, e, top: int | None = None) -> torch.Tensor:
@@ -203,6 +214,61 @@ class SVR:
         if not out:
             return torch.zeros(self.layers[name].rank, dtype=torch.float64)
         return torch.stack(out).amax(0)
+
+    def adjacency_filters(self, e) -> torch.Tensor:
+        """The effective filters A_{n,m} = sum_k u_{k,m} V_{k,n} of seed 000
+        section 4.2, one per (next spectral neuron n, previous m): a tensor
+        (N, *kernel, M) for conv -> conv (K x K filters for a Conv2d), (N, P, M)
+        across conv -> flatten -> Linear (P positions per channel, in the
+        Linear's input order) and (N, 1, M) for fully connected edges, so that
+        adjacency(e) = (filters ** 2) summed over the middle axes. Signs follow
+        the project's singular-vector convention. SVR only."""
+        if self.flattening != "svr":
+            raise ValueError("adjacency_filters are defined for the SVR (section 4.2), not the co-SVR")
+        k = self._index(e)
+        c = self.connections[k]
+        U = self.layers[c.previous].U[c.channels]  # (shared, M)
+        V = self.layers[c.next].V[c.rows]  # (shared, K2, N)
+        filters = torch.einsum("km,kzn->nzm", U, V)
+        kernel = self.graph.maps[c.next].kernel_size
+        if c.kind == "conv" and kernel:
+            filters = filters.reshape(filters.shape[0], *kernel, filters.shape[-1])
+        return filters
+
+    def entropy(self, normalize: bool = False) -> pd.Series:
+        """Per edge, the entropy -sum_{n,m} a_nm log a_nm of its adjacency
+        coefficients (the SVR authors' measure, code of seed 000; 0 log 0 = 0).
+        normalize=True divides the coefficients by their sum first, the Shannon
+        entropy of the adjacency as a distribution. A Series indexed by edge."""
+        values = []
+        for k in range(len(self.edges)):
+            A = self.adjacency(k).double()
+            if normalize:
+                total = A.sum()
+                A = A / total if total > 0 else A
+            values.append(float(-torch.special.xlogy(A, A).sum()))
+        return pd.Series(values, index=pd.MultiIndex.from_tuples(self.edges, names=["previous", "next"]),
+                         name="entropy", dtype=float)
+
+    def path_metric(self, sing_scale: bool = True, sing_threshold: float = 0.0) -> float:
+        """The weighted sum over all input-to-output paths of spectral neurons
+        (the SVR authors' path metric, code of seed 000): x = 1 on the first
+        maps' neurons, then along the edges in topological order x_next +=
+        A (x_prev * s_prev), and the sum of x * s over the last maps. Neurons
+        with s <= sing_threshold are cut; sing_scale=False counts adjacencies
+        only (s = 1). Branches add, so a chain gives the authors' number."""
+        def scale(layer):
+            s = layer.S.double().cpu()
+            return (s if sing_scale else torch.ones_like(s)) * (s > sing_threshold)
+
+        scales = {layer.name: scale(layer) for layer in self.layers}
+        has_in = {b for _, b in self.edges}
+        has_out = {a for a, _ in self.edges}
+        x = {name: torch.ones_like(v) for name, v in scales.items() if name not in has_in}
+        for k, (a, b) in enumerate(self.edges):
+            term = self.adjacency(k).double().cpu() @ (x[a] * scales[a])
+            x[b] = x[b] + term if b in x else term
+        return float(sum((x[n] * scales[n]).sum() for n in scales if n not in has_out and n in x))
 
     # ------------------------------------------------------------ outputs
 
@@ -263,52 +329,79 @@ class SVR:
                 G.add_edge((a, m_), (b, n_), weight=float(A[n_, m_]))
         return G
 
-    def plot(self, ax=None, top: int | None = 64, max_edges: int = 20000):
+    def plot(self, ax=None, top: int | None = 64, max_edges: int = 20000, title: str | None = None):
         """The figure of seed 000 Fig. 2/5: maps on x, singular-value rank on
         y, significant edges in grey scale, neurons coloured by intensity."""
         from .plot import svr_graph
 
-        return svr_graph(self, ax=ax, top=top, max_edges=max_edges)
+        return svr_graph(self, ax=ax, top=top, max_edges=max_edges, title=title)
 
-    def plot_adjacency(self, e, ax=None):
+    def plot_adjacency(self, e, ax=None, title: str | None = None):
         """Heat map of one adjacency matrix (seed 000 Fig. 3/7)."""
         from .plot import adjacency_heatmap
 
-        return adjacency_heatmap(self, e, ax=ax)
+        return adjacency_heatmap(self, e, ax=ax, title=title)
 
     # ------------------------------------------------------------ compression
 
-    def compress(self, ranks="internal") -> nn.Module:
-        """A copy of the model with chosen maps replaced by their top-k
-        spectral neurons, W_k = U_k diag(S_k) V_k^T (section 3.1): `ranks` is a
-        dict {name: k}, one int for every map, or "internal" (each map keeps
-        d_in of its outgoing edges, the largest over branches; the last map
-        keeps everything)."""
+    def compression_frame(self, ranks="internal") -> pd.DataFrame:
+        """The ranks `compress(ranks)` keeps, one row per map it truncates:
+        layer, rank, full_rank, parameters (dense weight) and
+        factored_parameters (k (out + in K^2), the two factors U_k S_k and V_k^T).
+        `ranks`: a dict {name: k}, one int for every map, or "internal" (each
+        map keeps d_in of its outgoing edges, the largest over branches; the
+        last map keeps everything)."""
         if self.flattening != "svr":
             raise ValueError("compress works on an SVR, not a co-SVR")
-        if ranks == "internal":
+        if isinstance(ranks, str) and ranks == "internal":
             ranks = {}
             for k, (a, _) in enumerate(self.edges):
                 ranks[a] = max(ranks.get(a, 0), self.internal_dimensions(k)[1])
-        elif isinstance(ranks, int):
+        elif isinstance(ranks, int) and not isinstance(ranks, bool):
             ranks = {name: ranks for name in self.layers.names()}
         elif not isinstance(ranks, dict):
-            raise TypeError(f"ranks must be 'internal', an int or a dict {{name: k}}, got {type(ranks).__name__}")
+            raise TypeError(f"ranks must be 'internal', an int or a dict {{name: k}}, got {ranks!r}")
+        rows = []
+        for name, k in ranks.items():
+            if name not in self.graph.maps:
+                raise KeyError(f"ranks names {name!r}, which is not a linear map of the model")
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"ranks[{name!r}] must be a positive int, got {k!r}")
+            lmap, layer = self.graph.maps[name], self.layers[name]
+            if getattr(lmap.module, "groups", 1) > 1:
+                raise ValueError(f"{name!r} is a grouped convolution: a low-rank weight is not grouped")
+            out, inp = lmap.out_channels, lmap.in_channels * lmap.kernel_area
+            full = min(out, inp)
+            if k > layer.rank and layer.rank < full:
+                raise ValueError(f"ranks[{name!r}] = {k} exceeds the {layer.rank} spectral neurons this SVR "
+                                 f"holds (it was built with top={self.top})")
+            k = min(k, full)
+            rows.append({"layer": name, "rank": k, "full_rank": full, "parameters": out * inp,
+                         "factored_parameters": k * (out + inp)})
+        return pd.DataFrame(rows, columns=["layer", "rank", "full_rank", "parameters", "factored_parameters"])
+
+    def compress(self, ranks="internal") -> nn.Module:
+        """A copy of the model with chosen maps replaced by their top-k
+        spectral neurons, W_k = U_k diag(S_k) V_k^T (section 3.1), from the
+        SVDs this SVR holds (nothing is recomputed); `ranks` as in
+        compression_frame. With fold_batchnorm the truncated map is the folded
+        one, diag(gamma / sqrt(var + eps)) W, and the BatchNorm scale is
+        divided back out, so the copy's conv followed by its BatchNorm computes
+        the truncated map (a channel with gamma = 0 keeps its weights)."""
+        frame = self.compression_frame(ranks)
         model = copy.deepcopy(self.model)
         modules = dict(model.named_modules())
-        for name, k in ranks.items():
-            if name not in modules or name not in self.graph.maps:
-                raise KeyError(f"ranks names {name!r}, which is not a linear map of the model")
-            if not isinstance(k, int) or k < 1:
-                raise ValueError(f"ranks[{name!r}] must be a positive int, got {k!r}")
-            module = modules[name]
-            if getattr(module, "groups", 1) > 1:
-                raise ValueError(f"{name!r} is a grouped convolution: a low-rank weight is not grouped")
+        for name, k in zip(frame["layer"], frame["rank"]):
+            module, layer, lmap = modules[name], self.layers[name], self.graph.maps[name]
             W = module.weight.detach()
-            flat = W.reshape(W.shape[0], -1).double()
-            U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
-            k = min(k, S.numel())
-            low = (U[:, :k] * S[:k]) @ Vh[:k]
+            k = min(int(k), layer.rank)
+            low = (layer.U[:, :k].double() * layer.S[:k].double()) @ layer.V[:, :k].double().T
+            scale = lmap.batchnorm_scale(torch.float64) if self.fold_batchnorm else None
+            if scale is not None:
+                scale = scale.to(low.device)
+                kept = scale == 0
+                low = low / torch.where(kept, torch.ones_like(scale), scale).unsqueeze(1)
+                low[kept] = W.reshape(W.shape[0], -1)[kept.to(W.device)].to(low)
             with torch.no_grad():
                 module.weight.copy_(low.reshape(W.shape).to(W.dtype))
         return model
@@ -335,11 +428,33 @@ def _check_weights(graph: ModelGraph):
             raise ValueError(f"the weight of {name!r} contains NaN or infinite values")
 
 
-def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, graph=None) -> list[SVR]:
+def _check_top(top):
+    if top is not None and (not isinstance(top, (int, np.integer)) or isinstance(top, bool) or top < 1):
+        raise ValueError(f"top must be a positive int (the spectral neurons kept per map) or None, got {top!r}")
+    return None if top is None else int(top)
+
+
+def _co_conv_linear(prev: SpectralLayer, nxt: SpectralLayer, c: Connection) -> torch.Tensor:
+    """The co-SVR across conv -> flatten -> Linear: the Linear's co-SVR input
+    rows are (channel, position) pairs, so the squared overlaps are summed over
+    the previous kernel's positions z and the Linear's positions p,
+    a[n, m] = sum_{z, p} (sum_k v~_{(k, p), n} u~_{k, z, m})^2, bounded by 1,
+    mean 1/c for random maps, chi2(K^2 P) / (c K^2 P) under the null (the
+    SVR authors' code sums the same axes)."""
+    k2_prev = prev.U.shape[0] // c.previous_channels
+    U = prev.U.reshape(c.previous_channels, k2_prev * prev.U.shape[1])[c.channels]  # (shared, K2 M)
+    V = nxt.V[c.rows]  # (shared, P, N)
+    A = _ops.conv_adjacency(U, V)  # (N, K2 M)
+    return A.reshape(A.shape[0], k2_prev, -1).sum(1)
+
+
+def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, graph=None, top=None,
+                progress=True) -> list[SVR]:
     """SVRs of models sharing one architecture: one trace, then one batched
     SVD per distinct matrix shape and one batched adjacency call per distinct
     edge shape across all models."""
     p = _checks.number("p", p, low=0, high=1, low_open=True, high_open=True)
+    top = _check_top(top)
     if not models:
         raise ValueError("models is empty: nothing to analyse")
     first = graph if graph is not None else discover(models[0], example_input)
@@ -349,10 +464,11 @@ def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, gra
     dtype = compute_dtype(dtype, [m.module.weight for g in graphs for m in g.maps.values()])
     flatten = (lambda m: m.matrix(fold_batchnorm, dtype)) if flattening == "svr" else (
         lambda m: m.co_matrix(fold_batchnorm, dtype))
-    svds = batched_signed_svd({(i, n): flatten(m) for i, g in enumerate(graphs) for n, m in g.maps.items()})
+    svds = batched_signed_svd({(i, n): flatten(m) for i, g in enumerate(graphs) for n, m in g.maps.items()},
+                              top=top, progress=progress, desc=f"{flattening.upper()}: SVDs of the linear maps")
     all_layers = [LayerList([SpectralLayer(n, g.maps[n].kind, *svds[(i, n)]) for n in g.maps])
                   for i, g in enumerate(graphs)]
-    operands = {}
+    operands, direct = {}, {}
     for i, layers in enumerate(all_layers):
         for k, c in enumerate(first.connections):
             prev, nxt = layers[c.previous], layers[c.next]
@@ -363,36 +479,41 @@ def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, gra
             # co-SVR (section 4.4): next's co-V rows are its input channels, prev's co-U
             # rows are (output channel, kernel position); the roles of U and V swap.
             if c.kind == "conv_linear" and c.kernel_area > 1:
-                raise ValueError(f"the co-SVR is not defined across the conv -> flatten -> Linear edge "
-                                 f"{c.previous!r} -> {c.next!r} (seed 000 section 4.4 treats convolutions)")
+                direct[(i, k)] = _co_conv_linear(prev, nxt, c)
+                continue
             k2_prev = prev.U.shape[0] // c.previous_channels
             inputs = c.rows[:, 0] // c.kernel_area if c.kind != "conv_linear" else c.rows[:, 0]
             operands[(i, k)] = (nxt.V[inputs], prev.U.reshape(c.previous_channels, k2_prev, -1)[c.channels])
     results = _stack_by_shape(operands, _ops.conv_adjacency)
+    if flattening != "svr":
+        results = {key: A.T for key, A in results.items()}
+    results.update(direct)
     out = []
     for i, (model, g) in enumerate(zip(models, graphs)):
-        adjacencies = [results[(i, k)] if flattening == "svr" else results[(i, k)].T
-                       for k in range(len(first.connections))]
-        out.append(SVR(model, g, all_layers[i], adjacencies, p, fold_batchnorm, flattening))
+        adjacencies = [results[(i, k)] for k in range(len(first.connections))]
+        out.append(SVR(model, g, all_layers[i], adjacencies, p, fold_batchnorm, flattening, top))
     return out
 
 
-def _build(model, example_input, p, fold_batchnorm, dtype, flattening, graph=None) -> SVR:
-    return _build_many([model], example_input, p, fold_batchnorm, dtype, flattening, graph)[0]
+def _build(model, example_input, p, fold_batchnorm, dtype, flattening, graph=None, top=None,
+           progress=True) -> SVR:
+    return _build_many([model], example_input, p, fold_batchnorm, dtype, flattening, graph, top, progress)[0]
 
 
 def svr_many(models, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
-             dtype: torch.dtype | None = None, graph: ModelGraph | None = None) -> list[SVR]:
+             dtype: torch.dtype | None = None, graph: ModelGraph | None = None, top: int | None = None,
+             progress: bool = True) -> list[SVR]:
     """The SVRs of many models of one architecture (a model zoo) in one go:
     the dataflow is traced once on the first model, and every SVD and
     adjacency runs batched across models. Models whose maps differ raise
-    ValueError naming the map."""
+    ValueError naming the map. Arguments as in `svr`."""
     models = list(models)
-    return _build_many(models, example_input, p, fold_batchnorm, dtype, "svr", graph)
+    return _build_many(models, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
 
 
 def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
-        dtype: torch.dtype | None = None, graph: ModelGraph | None = None) -> SVR:
+        dtype: torch.dtype | None = None, graph: ModelGraph | None = None, top: int | None = None,
+        progress: bool = True) -> SVR:
     """The Singular Value Representation of `model` (seed 000).
 
     model: any nn.Module whose linear maps are Linear or Conv1d/2d/3d.
@@ -402,40 +523,60 @@ def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: b
     exceeds with probability 0.15 (sections 2.4, 4.3). fold_batchnorm: scale
     each conv by the BatchNorm that follows it (seed 000 B.3 ignores BN scales,
     the default). dtype: compute the SVDs in this dtype (torch.float64 for
-    reference-quality numbers). graph: a ModelGraph from
+    LAPACK reference-quality numbers; float32 weights go through the float64
+    Gram matrix, see spectral_ext._linalg.signed_svd; float16/bfloat16
+    weights are computed in float32, with a warning). graph: a ModelGraph from
     spectral_ext.layers.discover to skip tracing (zoos of one architecture).
+    top: keep only the `top` leading spectral neurons of each map (the SVR
+    authors' max_dim_svd): exact leading singular triplets from a partial
+    eigensolver, so each adjacency is the top-left block of the full one
+    (thresholds and null dimensions are those of the full maps); None, the
+    default, keeps all. progress: a progress bar over the SVDs (it appears
+    after 2 s).
     """
-    return _build(model, example_input, p, fold_batchnorm, dtype, "svr", graph)
+    return _build(model, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
 
 
 def co_svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
-           dtype: torch.dtype | None = None, graph: ModelGraph | None = None) -> SVR:
+           dtype: torch.dtype | None = None, graph: ModelGraph | None = None, top: int | None = None,
+           progress: bool = True) -> SVR:
     """The co-SVR (seed 000 section 4.4): each conv flattened as (out * K^2, in),
     i.e. the SVR seen by the gradient in back-propagation. Adjacency between
     consecutive maps: a[n, m] = sum_z (sum_k v~_{k,n} u~_{k,z,m})^2, with the
-    chi2(K^2) / (c K^2) threshold of the previous map's kernel."""
-    return _build(model, example_input, p, fold_batchnorm, dtype, "co-svr", graph)
+    chi2(K^2) / (c K^2) threshold of the previous map's kernel. Across conv ->
+    flatten -> Linear the Linear's inputs are (channel, position) pairs and
+    the positions are summed too (see _co_conv_linear). Arguments as in `svr`."""
+    return _build(model, example_input, p, fold_batchnorm, dtype, "co-svr", graph, top, progress)
 
 
 def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: bool = False,
-                       dtype: torch.dtype | None = None, graph: ModelGraph | None = None) -> dict:
+                       dtype: torch.dtype | None = None, graph: ModelGraph | None = None,
+                       progress: bool = True) -> dict:
     """|V~_{i+1}^T U-bar_i| for every edge (seed 000 section 5.2.1): how the SVR
     spectral neurons of a map reach the co-SVR spectral neurons of the next.
-    Returns {(previous, next): (k~_next, k_previous) tensor}."""
+    Returns {(previous, next): (k~_next, k_previous) tensor}. A conv ->
+    flatten -> Linear edge has no such matrix (the Linear's inputs are
+    (channel, position) pairs, section 5.2.1 treats conv -> conv): it is left
+    out, with a warning naming it, and the other edges are returned."""
     graph = graph if graph is not None else discover(model, example_input)
     _check_weights(graph)
     dtype = compute_dtype(dtype, [m.module.weight for m in graph.maps.values()])
-    bar = batched_signed_svd({n: m.matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()})
-    tilde = batched_signed_svd({n: m.co_matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()})
-    out = {}
+    bar = batched_signed_svd({n: m.matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()},
+                             progress=progress, desc="kernel connections: SVR SVDs")
+    tilde = batched_signed_svd({n: m.co_matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()},
+                               progress=progress, desc="kernel connections: co-SVR SVDs")
+    out, skipped = {}, []
     for c in graph.connections:
         if c.kind == "conv_linear" and c.kernel_area > 1:
-            raise ValueError(f"kernel connections are not defined across the conv -> flatten -> Linear edge "
-                             f"{c.previous!r} -> {c.next!r}")
+            skipped.append(f"{c.previous!r} -> {c.next!r}")
+            continue
         inputs = c.rows[:, 0] // c.kernel_area if c.kind != "conv_linear" else c.rows[:, 0]
         V_tilde = tilde[c.next][2][inputs]  # (shared, k~)
         U_bar = bar[c.previous][0][c.channels]  # (shared, k)
         out[(c.previous, c.next)] = (V_tilde.T @ U_bar).abs()
+    if skipped:
+        warnings.warn("kernel connections skip the conv -> flatten -> Linear edge(s) " + ", ".join(skipped) +
+                      " (section 5.2.1 defines them between convolutions)", stacklevel=2)
     return out
 
 

@@ -1,0 +1,153 @@
+"""Layer discovery (spectral_ext.layers): the dataflow of real architectures
+(issue 14 item 13), the chain graph of the SVR authors' convention, and the
+FC -> FC grouping checked against a direct per-channel construction."""
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import spectral_ext as se
+from spectral_ext.layers import chain_graph
+
+torchvision = pytest.importorskip("torchvision")
+
+# Over 100M parameters, or dense/deep dataflows that take 10-40 s to trace on 2 loaded cores: -m slow.
+HEAVY = {"vit_h_14", "vit_l_16", "vit_l_32", "vit_b_16", "vit_b_32", "swin_v2_b", "swin_b", "swin_s", "swin_v2_s",
+         "maxvit_t", "convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "inception_v3",
+         "densenet121", "densenet161", "densenet169", "densenet201", "wide_resnet101_2", "resnet152", "resnet101",
+         "resnext101_32x8d", "resnext101_64x4d", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
+         "vgg19", "vgg19_bn"}
+HEAVY |= {f"efficientnet_b{i}" for i in range(2, 8)} | {"efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"}
+HEAVY |= {f"regnet_{k}_{s}" for k in "xy" for s in ("3_2gf", "8gf", "16gf", "32gf", "128gf")}
+
+
+def cheap_model(name, **kwargs):
+    """A torchvision model without its random initialisation (the values do
+    not matter to the dataflow): built on the meta device, then zeroed."""
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        if any(not b.is_floating_point() for b in model.buffers()):
+            raise NotImplementedError  # integer buffers (index tables) must hold their real values
+        model = model.to_empty(device="cpu")
+    except NotImplementedError:  # a constructor that copies data: build it for real
+        return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.zero_()
+    return model.eval()
+
+
+def example(name):
+    if name.startswith("vit"):
+        return {"image_size": 32}, torch.zeros(1, 3, 32, 32)
+    if name.startswith(("inception", "googlenet")):
+        return {"init_weights": False, "aux_logits": False}, torch.zeros(1, 3, 96, 96)
+    size = 64 if name == "alexnet" else 32  # AlexNet's pools need 64 x 64
+    return {}, torch.zeros(1, 3, size, size)
+
+
+def classification_models():
+    names = torchvision.models.list_models(module=torchvision.models)
+    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
+
+
+@pytest.mark.parametrize("name", classification_models())
+def test_every_torchvision_classifier_connects_or_names_what_stopped_it(name):
+    kwargs, x = example(name)
+    model = cheap_model(name, **kwargs)
+    g = se.discover(model, x)
+    assert g.traced and g.connections, f"{name}: no connection found"
+    reached = {c.next for c in g.connections}
+    cut = [n for n in list(g.maps)[1:] if n not in reached]
+    # A map nobody feeds is fine only when an operation that ended a flow is named.
+    assert not cut or g.stopped_at, f"{name}: {cut[:3]} have no input edge and no stopping operation is named"
+    for c in g.connections:
+        nxt = g.maps[c.next]
+        assert c.rows.max() < nxt.in_channels * (nxt.kernel_area if nxt.kind != "linear" else 1)
+        assert c.channels.max() < g.maps[c.previous].out_channels
+
+
+def test_shufflenet_channel_shuffle_is_traced_exactly():
+    """cat -> view -> transpose -> contiguous -> view -> chunk (ShuffleNetV2):
+    the second block's branch reads channels 12..23 of each first-block
+    branch, interleaved."""
+    kwargs, x = example("shufflenet_v2_x0_5")
+    g = se.discover(cheap_model("shufflenet_v2_x0_5", **kwargs), x)
+    a = g.connection("stage2.0.branch1.2", "stage2.1.branch2.0")
+    b = g.connection("stage2.0.branch2.5", "stage2.1.branch2.0")
+    torch.testing.assert_close(a.channels, torch.arange(12, 24))
+    torch.testing.assert_close(b.channels, torch.arange(12, 24))
+    torch.testing.assert_close(a.rows[:, 0], torch.arange(0, 24, 2))
+    torch.testing.assert_close(b.rows[:, 0], torch.arange(1, 24, 2))
+    assert a.null_dimension == 24 * 24 / 12
+
+
+def test_vit_class_token_concatenated_on_the_token_axis():
+    kwargs, x = example("vit_b_16")
+    g = se.discover(cheap_model("vit_b_16", **kwargs), x)
+    c = g.connection("conv_proj", "encoder.layers.encoder_layer_0.mlp.0")
+    assert c.kind == "conv_linear" and c.kernel_area == 1
+    torch.testing.assert_close(c.channels, torch.arange(768))
+    assert any("self_attention" in s for s in g.stopped_at)
+
+
+def test_fc_grouping_against_per_channel_masks_and_linear_time():
+    """A permuted flatten into a wide Linear: the sorted grouping equals the
+    direct construction (one mask per channel), and doubling the width does
+    not quadruple the time."""
+    class Net(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv = nn.Conv2d(1, c, 1)
+            self.fc = nn.Linear(c * 4, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).permute(0, 2, 3, 1).flatten(1))  # position-major inputs
+
+    g = se.discover(Net(6), torch.zeros(1, 1, 2, 2))
+    c = g.connections[0]
+    expected = torch.stack([torch.arange(4) * 6 + ch for ch in range(6)])  # feature = position * C + channel
+    torch.testing.assert_close(c.rows, expected)
+    times = {}
+    for width in (2048, 8192):
+        fc = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
+        start = time.perf_counter()
+        g = se.discover(fc, torch.zeros(1, 8))
+        times[width] = time.perf_counter() - start
+        assert len(g.connections) == 2
+    assert times[8192] < 8 * times[2048] + 0.5  # the old per-channel loop was quadratic (16x)
+
+
+def test_chain_graph_matches_the_traced_graph():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(), nn.Linear(5 * 2 * 2, 3),
+                          nn.Linear(3, 2))
+    traced, chained = se.discover(model, torch.zeros(1, 2, 6, 6)), chain_graph(model)
+    assert not chained.traced
+    for a, b in zip(traced.connections, chained.connections):
+        assert (a.previous, a.next, a.kind, a.null_dimension) == (b.previous, b.next, b.kind, b.null_dimension)
+        torch.testing.assert_close(a.rows, b.rows)
+    with pytest.raises(ValueError, match="cannot pair"):
+        chain_graph(nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)))
+
+
+def test_untraceable_conv_chain_keeps_its_null_dimension():
+    """The forward-hook fallback once set a conv -> conv edge's n to in_channels // K^2 (0 here: infinite thresholds)."""
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow defeats fx
+                x = -x
+            return self.b(torch.relu(self.a(x)))
+
+    model = Untraceable()
+    with pytest.warns(UserWarning, match="execution order"):
+        s = se.svr(model, torch.ones(1, 2, 7, 7), dtype=torch.float64)
+    traced = se.svr(nn.Sequential(model.a, nn.ReLU(), model.b), torch.ones(1, 2, 7, 7), dtype=torch.float64)
+    assert s.null_dimension(0) == traced.null_dimension(0) == 4
+    assert s.threshold(0) == pytest.approx(traced.threshold(0))
+    assert s.internal_dimensions(0) == traced.internal_dimensions(0)
