@@ -6,6 +6,7 @@
     spectral-ext demo       the main job (see README)
     spectral-ext svr MODEL_OR_CHECKPOINT --arch ... [--plot out.png]
     spectral-ext zoo DIR --arch ... --metrics rank,alpha,svr [--pairs cka --probe x.pt] --out results/
+    spectral-ext make-zoo OUT --n 1000   a trained Small-CNN-Zoo on digits; then `spectral-ext zoo OUT`
 
 Exit codes: 0 success, 1 a check failed, 2 bad command line, 3 bad input
 (missing path, unknown architecture, unusable checkpoint).
@@ -162,6 +163,18 @@ def _load_probe(spec):
 
 def _zoo(args) -> int:
     from spectral_ext import zoo
+    from spectral_ext.zoo_generator import read_manifest
+
+    if args.out is None:
+        try:
+            manifest = read_manifest(args.source) if pathlib.Path(args.source).is_dir() else None
+        except ValueError as error:
+            raise zoo.ZooError(str(error)) from error
+        if manifest is None:
+            print("spectral-ext zoo: --out is required (only a folder with a zoo.json manifest has a default)",
+                  file=sys.stderr)
+            raise SystemExit(2)  # as argparse does for a missing argument
+        args.out = str(pathlib.Path(args.source) / "analysis")
 
     probe = _load_probe(args.probe)
     metrics = [m for m in args.metrics.split(",") if m]
@@ -178,6 +191,27 @@ def _zoo(args) -> int:
         errors = int((models["error"].fillna("").astype(str) != "").sum()) if "error" in models else 0
         print(f"{len(models)} members ({errors} with errors), {len(tables['layers'])} layer rows, "
               f"{len(tables['pairs'])} pair rows -> {args.out}")
+    return 0
+
+
+def _make_zoo(args) -> int:
+    from spectral_ext.zoo_generator import make_digits_zoo
+
+    try:
+        checkpoints = [int(c) for c in args.checkpoints.split(",") if c.strip()]
+    except ValueError:
+        print(f"spectral-ext make-zoo: --checkpoints must be comma-separated epochs, got {args.checkpoints!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        table = make_digits_zoo(args.out, n=args.n, epochs=args.epochs, checkpoints=checkpoints, seed=args.seed,
+                                group_size=args.group_size, batch_size=args.batch_size, progress=not args.quiet)
+    except ValueError as error:
+        print(f"spectral-ext make-zoo: {error}", file=sys.stderr)
+        return 2
+    last = table[table["epoch"] == table["epoch"].max()]["test_accuracy"]
+    print(f"{table['run'].nunique()} models, {len(table)} checkpoints -> {args.out}; final test accuracy: median "
+          f"{last.median():.3f}, 10th-90th percentile {last.quantile(0.1):.3f}-{last.quantile(0.9):.3f}")
     return 0
 
 
@@ -236,13 +270,24 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("--layers", help="comma-separated module names for the pair measures")
     zoo.add_argument("--max-pairs", type=int, default=None)
     zoo.add_argument("--seed", type=int, default=0)
-    zoo.add_argument("--out", required=True, help="results folder (an interrupted run resumes there)")
+    zoo.add_argument("--out", help="results folder (an interrupted run resumes there); default SOURCE/analysis "
+                     "for a folder with a zoo.json manifest")
     zoo.add_argument("--format", choices=["csv", "parquet"], default="csv")
     zoo.add_argument("--chunk-size", type=int, default=16)
     zoo.add_argument("--metadata", help="CSV with columns model, accuracy for the report")
     zoo.add_argument("--allow-pickle", action="store_true", help="allow whole pickled modules (trusted files only)")
     zoo.add_argument("--quiet", action="store_true", help="no progress bars")
     zoo.set_defaults(run=_zoo)
+    make = sub.add_parser("make-zoo", help="train a zoo of Small-CNN-Zoo networks on digits (resumable)")
+    make.add_argument("out", help="the zoo folder (zoo.json, checkpoints/, metadata.parquet and .csv)")
+    make.add_argument("--n", type=int, default=1000, help="number of models")
+    make.add_argument("--epochs", type=int, default=12)
+    make.add_argument("--checkpoints", default="0,1,4,12", help="comma-separated epochs to save (0: initialisation)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--group-size", type=int, default=250, help="models trained at once")
+    make.add_argument("--batch-size", type=int, default=32)
+    make.add_argument("--quiet", action="store_true", help="no progress bar")
+    make.set_defaults(run=_make_zoo)
     args = parser.parse_args(argv)
     from spectral_ext.zoo import ZooError
 
