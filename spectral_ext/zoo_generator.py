@@ -251,7 +251,7 @@ def train_population(hyper: list[dict], x_train, y_train, x_test, y_test, epochs
 
     if 0 in wanted:
         yield snapshot(0)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, max(wanted) + 1):  # no training past the last checkpoint
         # Shuffle each model's subset: random keys, non-members last; step s reads positions s*B..(s+1)*B.
         keys = torch.rand(M, N, generator=g) + (~members).float() * 2
         perm = keys.argsort(1)

@@ -280,7 +280,20 @@ def _accuracy_sections(out, tables, metadata, save, progress) -> list[str]:
     joined = meta.join(spectral, on="_key", how="inner")
     if not len(joined):
         return ["## metrics against accuracy", "", "No zoo member matches a metadata row (column model).", ""]
-    lines = ["## metrics against test accuracy", ""]
+    lines = []
+    if {"run", "epoch"} <= set(meta.columns):
+        last = meta.loc[meta.groupby("run")["epoch"].idxmax()]
+        quantiles = last["_accuracy"].quantile([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+        lines += ["## the zoo", "", f"{len(last)} models, {len(meta)} checkpoints (epochs "
+                  f"{', '.join(str(e) for e in sorted(meta['epoch'].unique()))}). Test accuracy of the last checkpoints, "
+                  "quantiles 0, 10, 25, 50, 75, 90, 100%: " + ", ".join(f"{v:.3f}" for v in quantiles), ""]
+        by = [c for c in ("optimizer", "activation", "w_init") if c in last]
+        for column in by:
+            medians = last.groupby(column)["_accuracy"].median()
+            lines.append(f"- median test accuracy by {column}: " +
+                         ", ".join(f"{k} {v:.3f}" for k, v in medians.items()))
+        lines.append("")
+    lines += ["## metrics against test accuracy", ""]
     summary = [c for c in ("alpha_hat", "mean_numerical_rank", "mean_stable_rank", "mean_alpha", "mean_spectral_norm",
                            "mean_n_significant", "mean_d_out") if c in joined and joined[c].notna().any()]
     has_epochs = {"run", "epoch"} <= set(joined.columns)
@@ -290,11 +303,9 @@ def _accuracy_sections(out, tables, metadata, save, progress) -> list[str]:
     lines += [f"Across the zoo ({len(final)} models{', last checkpoint of each' if has_epochs else ''}): "
               "Spearman's rho and Kendall's tau with test accuracy (scipy.stats).", ""] + _table(across)
     for row in across.itertuples():
-        color = None
-        name = f"{row.metric}_vs_accuracy"
         fig = plot.metric_vs_accuracy(final[row.metric], final["_accuracy"], row.metric, spearman=row.spearman,
-                                      kendall=row.kendall, color=color)
-        save(fig, name, f"{row.metric} against test accuracy across the zoo")
+                                      kendall=row.kendall)
+        save(fig, f"{row.metric}_vs_accuracy", f"{row.metric} against test accuracy across the zoo")
     if has_epochs and joined.groupby("run").size().max() >= 3:
         over_epochs = epoch_correlations(joined, summary)
         lines += ["Across the training epochs of each model (checkpoints of one model), the median over models:",
