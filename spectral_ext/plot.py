@@ -292,11 +292,28 @@ def zoo_histograms(layers, column: str, ax=None, bins: int = 20):
     names = sorted(layers["layer"].astype(str).unique(), key=natural_key)
     values = layers[column].astype(float)
     finite = values[np.isfinite(values)]
-    edges = np.histogram_bin_edges(finite, bins=bins) if len(finite) else bins
+    # Values spanning decades (alpha of degenerate fits on 16 eigenvalues reaches 1e7) get log bins;
+    # otherwise the central 98% sets the range, and how many fall outside is in the title.
+    log = len(finite) > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
+    if log:
+        low, high = finite.min(), finite.max()
+        edges = np.logspace(np.log10(low), np.log10(high), bins + 1)
+    else:
+        low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+        q_low, q_high = np.quantile(finite, [0.01, 0.99]) if len(finite) else (low, high)
+        if high - low > 5 * (q_high - q_low):  # a few far outliers
+            low, high = q_low, q_high
+        high = high if high > low else low + 1.0
+        edges = np.linspace(low, high, bins + 1)
+    outside = int(((finite < low) | (finite > high)).sum())
     for name in names:
         part = values[layers["layer"].astype(str) == name]
-        ax.hist(part[np.isfinite(part)], bins=edges, alpha=0.5, label=f"layer {name}")
-    ax.set_title(f"{column} across the zoo, per layer ({layers['model'].nunique()} checkpoints)")
+        part = part[np.isfinite(part)]
+        ax.hist(part[(part >= low) & (part <= high)], bins=edges, alpha=0.5, label=f"layer {name}")
+    note = f", {outside} outside the range shown" if outside else ""
+    ax.set_title(f"{column} per layer across the zoo ({layers['model'].nunique()} checkpoints{note})", fontsize=9)
+    if log:
+        ax.set_xscale("log")
     ax.legend(fontsize=7, ncol=2, title="layer", title_fontsize=7)
     return _finish(fig, ax, column, "checkpoints", legend=False)
 
@@ -310,6 +327,8 @@ def metric_vs_accuracy(x, y, xlabel: str, ylabel: str = "test accuracy", spearma
     if color is not None:
         fig.colorbar(points, ax=ax, label=color_label)
     stats = "" if spearman is None else f"\nSpearman {spearman:+.2f}, Kendall {kendall:+.2f} (n = {len(x)})"
+    if spearman is not None and not np.isfinite(spearman):
+        stats = f"\nno rank correlation: the metric is constant across these {len(x)} models"
     ax.set_title(f"{xlabel} vs {ylabel}{stats}", fontsize=9)
     return _finish(fig, ax, xlabel, ylabel, legend=False)
 

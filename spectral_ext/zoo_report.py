@@ -301,7 +301,8 @@ def _accuracy_sections(out, tables, metadata, save, progress) -> list[str]:
     final = joined.loc[joined.groupby("run")["epoch"].idxmax()] if has_epochs else joined
     across = correlations(final, summary)
     lines += [f"Across the zoo ({len(final)} models{', last checkpoint of each' if has_epochs else ''}): "
-              "Spearman's rho and Kendall's tau with test accuracy (scipy.stats).", ""] + _table(across)
+              "Spearman's rho and Kendall's tau with test accuracy (scipy.stats); NaN where the metric is "
+              "constant across the models.", ""] + _table(across)
     for row in across.itertuples():
         fig = plot.metric_vs_accuracy(final[row.metric], final["_accuracy"], row.metric, spearman=row.spearman,
                                       kendall=row.kendall)
