@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from spectral_ext import plot, zoo_generator as zg, zoo_report
+from spectral_ext import plot, zoo_report
 from spectral_ext.cli import main
 
 

@@ -15,7 +15,7 @@ except ImportError as error:  # no silent fallback to slow code
         "After a torch upgrade, rebuild."
     ) from error
 
-from . import reference, zoo
+from . import reference, zoo, zoo_report
 from ._ops import (OPERATORS, conv_adjacency, current_backend, max_kernel_gram, signal_projection,
                    sinkhorn, use_backend)
 from .covariance import activation_covariance, align, clip, rainbow
@@ -27,6 +27,7 @@ from .spectra import alpha_hat, layer_spectra
 from .similarity import cka, procrustes, similarity_matrix
 from .stitching import stitch, stitching_penalty
 from .symmetry import apply_symmetry, intertwiner_group
+from .zoo_generator import make_digits_zoo
 from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_activations, svr, svr_many
 
 __version__ = "0.1.0"
@@ -54,8 +55,8 @@ __all__ = [
     "activation_covariance", "align", "alpha_hat", "apply_symmetry", "build_info", "cka",
     "classification_dimension", "clip", "co_svr", "conv_adjacency", "current_backend", "discover",
     "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections",
-    "layer_spectra", "max_kernel_gram", "ModelGraph", "numerical_rank", "perturbed_pca_dimension",
+    "layer_spectra", "make_digits_zoo", "max_kernel_gram", "ModelGraph", "numerical_rank", "perturbed_pca_dimension",
     "procrustes", "rainbow", "reference", "semantic_hierarchy", "signal_projection", "signals",
     "similarity_matrix", "sinkhorn", "sobel_similarity", "spectral_activations", "stable_rank", "stitch",
-    "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo",
+    "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo", "zoo_report",
 ]
