@@ -205,7 +205,8 @@ def _make_zoo(args) -> int:
         return 2
     try:
         table = make_digits_zoo(args.out, n=args.n, epochs=args.epochs, checkpoints=checkpoints, seed=args.seed,
-                                group_size=args.group_size, batch_size=args.batch_size, progress=not args.quiet)
+                                group_size=args.group_size, batch_size=args.batch_size, progress=not args.quiet,
+                                threads=args.threads)
     except ValueError as error:
         print(f"spectral-ext make-zoo: {error}", file=sys.stderr)
         return 2
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--group-size", type=int, default=250, help="models trained at once")
     make.add_argument("--batch-size", type=int, default=32)
+    make.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1: faster "
+                      "than 2 for these small convolutions on a busy machine)")
     make.add_argument("--quiet", action="store_true", help="no progress bar")
     make.set_defaults(run=_make_zoo)
     args = parser.parse_args(argv)
