@@ -14,7 +14,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 export CCACHE_BASEDIR ?= $(CURDIR)
 
-.PHONY: setup build demo test pytest ctest bench gpu-check clean
+.PHONY: setup build demo zoo-demo test pytest ctest bench gpu-check clean
 
 $(VENV)/.deps: pyproject.toml benchmarks/peers/requirements.txt
 	python3 -m venv $(VENV)
@@ -42,6 +42,11 @@ build: setup
 
 demo: build
 	$(VENV)/bin/spectral-ext demo
+
+# The second main job: a trained zoo of 100 digits CNNs, analysed, ending with zoo-demo/analysis/report.md.
+zoo-demo: build
+	$(PY) -m spectral_ext make-zoo zoo-demo --n 100 --epochs 12 --checkpoints 0,1,4,12
+	$(PY) -m spectral_ext zoo zoo-demo --metrics rank,alpha,svr
 
 ctest: setup
 	CUDA_HOME=$(CUDA_HOME) $(VENV)/bin/cmake -S . -B build-cmake -G Ninja \

@@ -15,7 +15,7 @@ except ImportError as error:  # no silent fallback to slow code
         "After a torch upgrade, rebuild."
     ) from error
 
-from . import plot, reference, zoo  # plot: matplotlib is imported by its functions only
+from . import plot, reference, zoo, zoo_report  # plot: matplotlib is imported by its functions only
 from ._ops import (OPERATORS, conv_adjacency, current_backend, linear_sum_assignment, max_kernel_gram,
                    signal_projection, sinkhorn, use_backend)
 from .covariance import activation_covariance, align, clip, rainbow
@@ -27,6 +27,7 @@ from .spectra import alpha_hat, fit_power_law, fit_power_laws, layer_spectra, we
 from .similarity import cka, pairwise_similarity, procrustes, similarity_matrix
 from .stitching import stitch, stitching_penalty
 from .symmetry import apply_symmetry, intertwiner_group
+from .zoo_generator import make_digits_zoo
 from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_activations, svr, svr_many
 
 __version__ = "0.1.0"
@@ -70,9 +71,9 @@ __all__ = [
     "classification_dimension", "clip", "co_svr", "conv_adjacency", "current_backend", "discover",
     "fit_power_law", "fit_power_laws", "weight_singular_values",
     "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections",
-    "layer_spectra", "linear_sum_assignment", "max_kernel_gram", "ModelGraph", "numerical_rank",
-    "pairwise_similarity", "perturbed_pca_dimension", "plot", "procrustes", "rainbow", "reference",
-    "semantic_hierarchy", "signal_projection", "signals",
+    "layer_spectra", "linear_sum_assignment", "make_digits_zoo", "max_kernel_gram", "ModelGraph",
+    "numerical_rank", "pairwise_similarity", "perturbed_pca_dimension", "plot", "procrustes", "rainbow",
+    "reference", "semantic_hierarchy", "signal_projection", "signals",
     "similarity_matrix", "sinkhorn", "sobel_similarity", "spectral_activations", "stable_rank", "stitch",
-    "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo",
+    "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo", "zoo_report",
 ]

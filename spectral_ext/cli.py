@@ -6,6 +6,7 @@
     spectral-ext demo       the main job (see README)
     spectral-ext svr MODEL_OR_CHECKPOINT --arch ... [--plot out.png]
     spectral-ext zoo DIR --arch ... --metrics rank,alpha,svr [--pairs cka --probe x.pt] --out results/
+    spectral-ext make-zoo OUT --n 1000   a trained Small-CNN-Zoo on digits; then `spectral-ext zoo OUT`
 
 Exit codes: 0 success, 1 a check failed, 2 bad command line, 3 bad input
 (missing path, unknown architecture, unusable checkpoint).
@@ -227,6 +228,18 @@ def _at_least(minimum: int):
 def _zoo(args) -> int:
     """Every argument is checked (zoo.analyze checks the rest) before any work."""
     from spectral_ext import zoo
+    from spectral_ext.zoo_generator import read_manifest
+
+    if args.out is None:
+        try:
+            manifest = read_manifest(args.source) if pathlib.Path(args.source).is_dir() else None
+        except ValueError as error:
+            raise zoo.ZooError(str(error)) from error
+        if manifest is None:
+            print("spectral-ext zoo: --out is required (only a folder with a zoo.json manifest has a default)",
+                  file=sys.stderr)
+            raise SystemExit(2)  # as argparse does for a missing argument
+        args.out = str(pathlib.Path(args.source) / "analysis")
 
     probe = _load_probe(args.probe)
     if args.pairs and probe is None:
@@ -245,6 +258,28 @@ def _zoo(args) -> int:
         errors = int((models["error"].fillna("").astype(str) != "").sum()) if "error" in models else 0
         print(f"{len(models)} members ({errors} with errors), {len(tables['layers'])} layer rows, "
               f"{len(tables['pairs'])} pair rows -> {args.out}")
+    return 0
+
+
+def _make_zoo(args) -> int:
+    from spectral_ext.zoo_generator import make_digits_zoo
+
+    try:
+        checkpoints = [int(c) for c in args.checkpoints.split(",") if c.strip()]
+    except ValueError:
+        print(f"spectral-ext make-zoo: --checkpoints must be comma-separated epochs, got {args.checkpoints!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        table = make_digits_zoo(args.out, n=args.n, epochs=args.epochs, checkpoints=checkpoints, seed=args.seed,
+                                group_size=args.group_size, batch_size=args.batch_size, progress=not args.quiet,
+                                threads=args.threads)
+    except ValueError as error:
+        print(f"spectral-ext make-zoo: {error}", file=sys.stderr)
+        return 2
+    last = table[table["epoch"] == table["epoch"].max()]["test_accuracy"]
+    print(f"{table['run'].nunique()} models, {len(table)} checkpoints -> {args.out}; final test accuracy: median "
+          f"{last.median():.3f}, 10th-90th percentile {last.quantile(0.1):.3f}-{last.quantile(0.9):.3f}")
     return 0
 
 
@@ -304,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("--layers", type=_names("--layers"), help="comma-separated module names for the pair measures")
     zoo.add_argument("--max-pairs", type=_at_least(1), default=None)
     zoo.add_argument("--seed", type=int, default=0)
-    zoo.add_argument("--out", required=True, help="results folder (an interrupted run resumes there)")
+    zoo.add_argument("--out", help="results folder (an interrupted run resumes there); default SOURCE/analysis "
+                     "for a folder with a zoo.json manifest")
     zoo.add_argument("--format", choices=["csv", "parquet"], default="csv")
     zoo.add_argument("--chunk-size", type=_at_least(1), default=None,
                      help="members (default 256, fewer for large checkpoints) or pairs (default 16) per committed chunk")
@@ -314,6 +350,18 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("--allow-pickle", action="store_true", help="allow whole pickled modules (trusted files only)")
     zoo.add_argument("--quiet", action="store_true", help="no progress bars")
     zoo.set_defaults(run=_zoo)
+    make = sub.add_parser("make-zoo", help="train a zoo of Small-CNN-Zoo networks on digits (resumable)")
+    make.add_argument("out", help="the zoo folder (zoo.json, checkpoints/, metadata.parquet and .csv)")
+    make.add_argument("--n", type=int, default=1000, help="number of models")
+    make.add_argument("--epochs", type=int, default=12)
+    make.add_argument("--checkpoints", default="0,1,4,12", help="comma-separated epochs to save (0: initialisation)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--group-size", type=int, default=250, help="models trained at once")
+    make.add_argument("--batch-size", type=int, default=32)
+    make.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1: faster "
+                      "than 2 for these small convolutions on a busy machine)")
+    make.add_argument("--quiet", action="store_true", help="no progress bar")
+    make.set_defaults(run=_make_zoo)
     args = parser.parse_args(argv)
     from spectral_ext.zoo import ZooError
 

@@ -293,3 +293,103 @@ def clipping(frame, ax=None, label: str | None = None):
     fig, ax = _axes(ax, (5, 4))
     ax.plot(frame["k"], frame["accuracy"], marker="o", ms=3, color="tab:red", label=label or "clipped")
     return _finish(fig, ax, "maximum rank k", "accuracy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model zoo report (zoo_report.py)
+
+
+def natural_key(name) -> tuple:
+    """Sort key reading runs of digits as numbers: layers 0, 2, 5, 8, 10
+    (not 0, 10, 2, ...), features[2] before features[10]."""
+    import re
+
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", str(name)) if part)
+
+
+def zoo_histograms(layers, column: str, ax=None, bins: int = 20):
+    """The distribution of one per-layer metric across a zoo, one histogram
+    per layer, layers in numeric order."""
+    fig, ax = _axes(ax, (6, 3.8))
+    names = sorted(layers["layer"].astype(str).unique(), key=natural_key)
+    values = layers[column].astype(float)
+    finite = values[np.isfinite(values)]
+    # Values spanning decades (alpha of degenerate fits on 16 eigenvalues reaches 1e7) get log bins;
+    # otherwise the central 98% sets the range, and how many fall outside is in the title.
+    log = len(finite) > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
+    if log:
+        low, high = finite.min(), finite.max()
+        edges = np.logspace(np.log10(low), np.log10(high), bins + 1)
+    else:
+        low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+        q_low, q_high = np.quantile(finite, [0.01, 0.99]) if len(finite) else (low, high)
+        if high - low > 5 * (q_high - q_low):  # a few far outliers
+            low, high = q_low, q_high
+        high = high if high > low else low + 1.0
+        edges = np.linspace(low, high, bins + 1)
+    outside = int(((finite < low) | (finite > high)).sum())
+    for name in names:
+        part = values[layers["layer"].astype(str) == name]
+        part = part[np.isfinite(part)]
+        ax.hist(part[(part >= low) & (part <= high)], bins=edges, alpha=0.5, label=f"layer {name}")
+    note = f", {outside} outside the range shown" if outside else ""
+    ax.set_title(f"{column} per layer across the zoo ({layers['model'].nunique()} checkpoints{note})", fontsize=9)
+    if log:
+        ax.set_xscale("log")
+    ax.legend(fontsize=7, ncol=2, title="layer", title_fontsize=7)
+    return _finish(fig, ax, column, "checkpoints", legend=False)
+
+
+def metric_vs_accuracy(x, y, xlabel: str, ylabel: str = "test accuracy", spearman: float | None = None,
+                       kendall: float | None = None, color=None, color_label: str | None = None, ax=None):
+    """One metric against accuracy across a zoo, the rank correlations in
+    the title; points coloured by `color` (e.g. the epoch) when given."""
+    fig, ax = _axes(ax, (5, 4))
+    points = ax.scatter(x, y, s=9, c=color, cmap="viridis" if color is not None else None, alpha=0.8)
+    if color is not None:
+        fig.colorbar(points, ax=ax, label=color_label)
+    stats = "" if spearman is None else f"\nSpearman {spearman:+.2f}, Kendall {kendall:+.2f} (n = {len(x)})"
+    if spearman is not None and not np.isfinite(spearman):
+        stats = f"\nno rank correlation: the metric is constant across these {len(x)} models"
+    ax.set_title(f"{xlabel} vs {ylabel}{stats}", fontsize=9)
+    return _finish(fig, ax, xlabel, ylabel, legend=False)
+
+
+def epoch_trajectories(frame, metric: str, accuracy: str = "test_accuracy", runs=None, ax=None,
+                       median_spearman: float | None = None):
+    """A metric against accuracy across the checkpoints of a few models
+    (frame: rows run, epoch, metric, accuracy), each model a line in epoch
+    order, its last checkpoint marked and labelled with the epoch."""
+    fig, ax = _axes(ax, (5.5, 4))
+    runs = list(runs if runs is not None else frame["run"].unique()[:6])
+    for run in runs:
+        part = frame[frame["run"] == run].sort_values("epoch")
+        line, = ax.plot(part[metric], part[accuracy], marker="o", ms=3, lw=1, label=str(run))
+        ax.annotate(f"epoch {int(part['epoch'].iloc[-1])}", (part[metric].iloc[-1], part[accuracy].iloc[-1]),
+                    fontsize=6, color=line.get_color(), xytext=(3, 3), textcoords="offset points")
+    extra = "" if median_spearman is None else f"\nmedian Spearman over all models' epochs: {median_spearman:+.2f}"
+    ax.set_title(f"{metric} vs {accuracy} during training{extra}", fontsize=9)
+    ax.legend(fontsize=6, title="model", title_fontsize=7)
+    return _finish(fig, ax, metric, accuracy, legend=False)
+
+
+def prediction_scatter(actual, predicted, label: str, r2: float, tau: float, ax=None):
+    """Held-out predicted accuracy against the true one, with the diagonal."""
+    fig, ax = _axes(ax, (4.5, 4))
+    ax.scatter(actual, predicted, s=8, alpha=0.7)
+    low, high = float(min(np.min(actual), np.min(predicted))), float(max(np.max(actual), np.max(predicted)))
+    ax.plot([low, high], [low, high], "k--", lw=0.8, label="perfect prediction")
+    ax.set_title(f"accuracy predicted from {label}\nheld-out models: R^2 {r2:.3f}, Kendall tau {tau:.3f}", fontsize=9)
+    return _finish(fig, ax, "true test accuracy", "predicted test accuracy (cross-validated)")
+
+
+def feature_importances(importances, ax=None, top: int = 15, title: str = "feature importances"):
+    """Horizontal bars of the `top` largest importances (a pandas Series)."""
+    series = importances.sort_values(ascending=False).head(top)[::-1]
+    fig, ax = _axes(ax, (6, 0.3 * len(series) + 1.2))
+    ax.barh(range(len(series)), series.to_numpy(), color="tab:blue")
+    ax.set_yticks(range(len(series)))
+    ax.set_yticklabels([str(i) for i in series.index], fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _finish(fig, ax, "importance (mean decrease in squared error, normalised)", "feature", legend=False)

@@ -37,6 +37,7 @@ from . import _checks
 from ._hooks import capturing, check_layers, evaluating
 from .layers import discover
 from . import spectra
+from .zoo_generator import make_digits_zoo, manifest_defaults  # noqa: F401  (spectral_ext.zoo.make_digits_zoo)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 TABLES = ("models", "layers", "edges", "pairs")
@@ -849,6 +850,7 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
     accuracy). Returns the merged tables."""
     if fmt not in ("csv", "parquet"):
         raise ZooError(f"fmt must be 'csv' or 'parquet', got {fmt!r}")
+    source, arch, metadata = manifest_defaults(source, arch, metadata)  # a folder with zoo.json
     metrics, pairs = tuple(metrics or ()), tuple(pairs or ())
     unknown = [m for m in metrics if m not in METRICS] + [m for m in pairs if m not in PAIR_MEASURES]
     if unknown:
@@ -1082,71 +1084,10 @@ def _process_pairs(batch, run: _Members, probe, layers, measures, stitch_options
 
 
 def write_report(out: pathlib.Path, tables: dict[str, pd.DataFrame], metadata=None) -> pathlib.Path:
-    """report.md: members and errors, per-metric distributions across the zoo
-    (PNG histograms), and metric versus accuracy when metadata (a CSV with
-    columns model and accuracy) is given."""
-    import matplotlib
+    """report.md with figures (spectral_ext.zoo_report.report): members and
+    errors, per-layer distributions, and with metadata (model and
+    test_accuracy or accuracy) each metric against accuracy and the accuracy
+    prediction from weights."""
+    from .zoo_report import report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = pathlib.Path(out)
-    models, layers, pairs = tables["models"], tables["layers"], tables["pairs"]
-    errors = models[models["error"].fillna("").astype(str) != ""] if "error" in models else models.iloc[0:0]
-    lines = ["# Zoo report", "", f"- members: {len(models)}", f"- errors: {len(errors)}", ""]
-    if len(errors):
-        lines += ["| model | error |", "| --- | --- |"]
-        lines += [f"| {r.model} | {' '.join(str(r.error).split()).replace('|', '/')} |" for r in errors.itertuples()]
-        lines.append("")
-    figures = []
-    for column in ("numerical_rank", "stable_rank", "alpha"):
-        if column in layers and layers[column].notna().any():
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            for layer, part in layers.groupby("layer", sort=False):
-                ax.hist(part[column].dropna(), bins=20, alpha=0.5, label=str(layer))
-            ax.set_xlabel(column)
-            ax.set_ylabel("models")
-            ax.legend(fontsize=6, ncol=2)
-            fig.tight_layout()
-            fig.savefig(out / f"{column}.png", dpi=100)
-            plt.close(fig)
-            figures.append(column)
-    if "alpha_hat" in models and models["alpha_hat"].notna().any():
-        lines += ["## alpha-hat across the zoo", "", models["alpha_hat"].describe().to_frame().to_markdown()
-                  if _has_tabulate() else models["alpha_hat"].describe().to_string(), ""]
-    if len(pairs):
-        summary = pairs.groupby(["layer", "measure"])["value"].agg(["mean", "std", "count"]).reset_index()
-        lines += ["## pairwise measures", "", "```", summary.to_string(index=False), "```", ""]
-    if metadata is not None:
-        meta = pd.read_csv(metadata, dtype={"model": str}, keep_default_na=False, na_values={"accuracy": [""]})
-        if not {"model", "accuracy"} <= set(meta.columns):
-            raise ZooError("metadata must be a CSV with columns model and accuracy")
-        per_model = models[["model"] + [c for c in ("alpha_hat",) if c in models]]
-        if "numerical_rank" in layers:
-            per_model = per_model.merge(layers.groupby("model")["numerical_rank"].mean().rename("mean_numerical_rank"),
-                                        left_on="model", right_index=True, how="left")
-        joined = per_model.merge(meta[["model", "accuracy"]].astype({"model": str}), on="model")
-        for column in [c for c in ("alpha_hat", "mean_numerical_rank") if c in joined]:
-            if not joined[column].notna().any():
-                continue
-            fig, ax = plt.subplots(figsize=(4.5, 3.5))
-            ax.scatter(joined[column], joined["accuracy"], s=10)
-            ax.set_xlabel(column)
-            ax.set_ylabel("accuracy")
-            fig.tight_layout()
-            fig.savefig(out / f"{column}_vs_accuracy.png", dpi=100)
-            plt.close(fig)
-            figures.append(f"{column}_vs_accuracy")
-    lines += ["## figures", ""] + [f"![{f}]({f}.png)" for f in figures]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
+    return report(out, tables, metadata)

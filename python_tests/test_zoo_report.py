@@ -1,0 +1,136 @@
+"""The zoo report: rank correlations equal to their definitions (and
+scipy.stats), weight statistics as defined, a prediction that beats the
+constant predictor on held-out models of a real small zoo, figures with
+titles and layers in numeric order, and the report end to end from the
+command line."""
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from spectral_ext import plot, zoo_report
+from spectral_ext.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_zoo(tmp_path_factory):
+    """24 digits CNNs with checkpoints after 0, 1, 2 and 4 epochs, analysed
+    from the command line with no argument but the folder."""
+    out = tmp_path_factory.mktemp("zoo")
+    assert main(["make-zoo", str(out), "--n", "24", "--epochs", "4", "--checkpoints", "0,1,2,4", "--group-size",
+                 "12", "--quiet"]) == 0
+    assert main(["zoo", str(out), "--quiet"]) == 0
+    return out
+
+
+def kendall_by_pairs(x, y):
+    """Kendall's tau-a by counting concordant minus discordant pairs (no ties)."""
+    pairs = list(itertools.combinations(range(len(x)), 2))
+    return sum(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]) for i, j in pairs) / len(pairs)
+
+
+def test_correlations_match_their_definitions():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    frame = pd.DataFrame({"m": x, "noise": rng.normal(size=40), "_accuracy": 0.5 * x + rng.normal(size=40) * 0.5})
+    frame.loc[3, "m"] = np.nan  # dropped, not propagated
+    table = zoo_report.correlations(frame, ["m", "noise"]).set_index("metric")
+    part = frame.dropna()
+    ranks = part.rank()
+    assert table.loc["m", "n"] == 39
+    assert table.loc["m", "spearman"] == pytest.approx(np.corrcoef(ranks["m"], ranks["_accuracy"])[0, 1])
+    assert table.loc["m", "kendall"] == pytest.approx(kendall_by_pairs(part["m"].to_numpy(), part["_accuracy"].to_numpy()))
+    assert table.loc["m", "spearman_p"] == pytest.approx(stats.spearmanr(part["m"], part["_accuracy"]).pvalue)
+    assert table.loc["m", "spearman"] > 0.5 and abs(table.loc["noise", "spearman"]) < 0.4
+    assert np.isnan(zoo_report.correlations(frame.assign(c=1.0), ["c"])["spearman"].iloc[0])  # constant: no value
+
+
+def test_epoch_correlations_are_per_model_medians():
+    rng = np.random.default_rng(1)
+    rows = [{"run": f"r{r}", "epoch": e, "m": e * (1 if r % 2 else -1) + rng.normal() * 0.1,
+             "_accuracy": e + rng.normal() * 0.1} for r in range(5) for e in range(5)]
+    frame = pd.DataFrame(rows)
+    table = zoo_report.epoch_correlations(frame, ["m"]).iloc[0]
+    per_run = [zoo_report.correlations(part, ["m"])["spearman"].iloc[0] for _, part in frame.groupby("run")]
+    assert table["models"] == 5 and table["median_spearman"] == pytest.approx(np.median(per_run))
+
+
+def test_weight_statistics_are_the_papers():
+    state = {"w": torch.arange(11.0).reshape(1, 11), "code": torch.tensor(1)}
+    row = zoo_report.weight_statistics(state)
+    assert set(row) == {f"{s}[w]" for s in ("mean", "var", "q0", "q25", "q50", "q75", "q100")}  # integers skipped
+    assert row["mean[w]"] == 5.0 and row["var[w]"] == pytest.approx(np.var(np.arange(11.0)))
+    assert (row["q0[w]"], row["q25[w]"], row["q50[w]"], row["q100[w]"]) == (0.0, 2.5, 5.0, 10.0)
+
+
+def test_prediction_beats_the_constant_on_held_out_models(trained_zoo):
+    meta = pd.read_parquet(trained_zoo / "metadata.parquet")
+    meta["_key"], meta["_accuracy"] = meta["model"], meta["test_accuracy"]
+    meta = meta[meta["epoch"] > 0].reset_index(drop=True)
+    weights = zoo_report.weight_features(meta, trained_zoo).reset_index()
+    frame = meta.merge(weights, left_on="_key", right_on="model", suffixes=("", "_w"))
+    columns = [c for c in weights.columns if c != "model"]
+    scores, predictions, importances = zoo_report.predict_accuracy(frame, frame["_accuracy"], frame["run"],
+                                                                   {"weights": columns})
+    scores = scores.set_index("features")
+    constant, weights = scores.loc["constant (mean accuracy)"], scores.loc["weights"]
+    assert constant["r2"] <= 0.0  # the training folds' mean never beats the held-out mean
+    assert weights["r2"] > constant["r2"] + 0.2 and weights["kendall_tau"] > 0.3
+    assert importances["weights"].sum() == pytest.approx(1.0)
+    # Held out means held out: the out-of-fold prediction of a run does not change with its own labels.
+    shuffled = frame["_accuracy"].to_numpy().copy()
+    first_run = (frame["run"] == frame["run"].iloc[0]).to_numpy()
+    shuffled[first_run] = 0.0
+    _, again, _ = zoo_report.predict_accuracy(frame, shuffled, frame["run"], {"weights": columns})
+    np.testing.assert_allclose(again["weights"][first_run], predictions["weights"][first_run])
+
+
+def test_report_end_to_end(trained_zoo):
+    analysis = trained_zoo / "analysis"
+    report = (analysis / "report.md").read_text()
+    for section in ("## metrics against test accuracy", "Across the training epochs",
+                    "## accuracy prediction from the weights", "alpha-hat alone", "weight statistics (Unterthiner",
+                    "What carries the prediction"):
+        assert section in report, section
+    for figure in ("alpha_hat_vs_accuracy", "mean_stable_rank_vs_accuracy", "alpha_hat_over_epochs", "prediction",
+                   "feature_importances", "numerical_rank", "alpha"):
+        assert (analysis / f"{figure}.png").exists(), figure
+        assert f"({figure}.png)" in report
+    # The correlation the report prints is scipy's on the last checkpoints of each model.
+    from scipy import stats
+
+    meta = pd.read_parquet(trained_zoo / "metadata.parquet")
+    models = pd.read_csv(analysis / "models.csv", dtype={"model": str})
+    models["model"] = models["model"].map(zoo_report._stem)
+    last = meta[meta["epoch"] == 4].merge(models, on="model")
+    rho = stats.spearmanr(last["alpha_hat"], last["test_accuracy"]).statistic
+    line = next(l for l in report.splitlines() if l.strip().startswith("alpha_hat"))
+    assert f"{rho:.4g}" in line
+
+
+def test_zoo_figures_have_titles_and_numeric_layer_order():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    layers = pd.DataFrame({"model": [f"m{i}" for i in range(4) for _ in range(4)],
+                           "layer": ["10", "2", "0", "5"] * 4, "alpha": np.linspace(2, 5, 16)})
+    fig = plot.zoo_histograms(layers, "alpha")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["layer 0", "layer 2", "layer 5", "layer 10"]
+    assert "alpha" in ax.get_title() and ax.get_xlabel() == "alpha" and ax.get_ylabel()
+    assert sorted(["features.10", "features.2", "classifier.0"], key=plot.natural_key) == \
+        ["classifier.0", "features.2", "features.10"]
+    fig = plot.metric_vs_accuracy(np.arange(5.0), np.arange(5.0), "alpha_hat", spearman=1.0, kendall=1.0)
+    assert "Spearman +1.00" in fig.axes[0].get_title() and fig.axes[0].get_ylabel() == "test accuracy"
+    matplotlib.pyplot.close("all")
+
+
+def test_metadata_errors_are_named(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        zoo_report.load_metadata(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="test_accuracy"):
+        zoo_report.load_metadata(pd.DataFrame({"model": ["a"], "score": [1.0]}))
