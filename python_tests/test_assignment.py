@@ -144,7 +144,7 @@ def test_cuda_input_gives_indices_on_cuda():
 _SLOW = textwrap.dedent("""
     import sys, time, torch, spectral_ext as se
     torch.set_num_threads(1)
-    cost = torch.randn(20, 1000, 1000, dtype=torch.float64)  # seconds of work
+    cost = torch.randn(40, 2000, 2000)  # over ten seconds of work on one idle core
     print("ready", flush=True)
     try:
         se.linear_sum_assignment(cost)

@@ -211,3 +211,15 @@ def test_a_padding_below_the_limit_is_exact():
     p = 10 ** 6
     out = se.signal_projection(IMAGE, V1, S1, padding=p, reduce="mean")
     assert float(out) == pytest.approx(4 / (2 + 2 * p) ** 2, rel=1e-12)
+
+
+def test_a_list_of_two_tensors_is_two_batches_not_inputs_and_labels():
+    """[X1, X2] is a list of batches (every sample read); only a tuple is (inputs, labels)."""
+    from spectral_ext._data import batches
+
+    X = torch.randn(24, 3)
+    read = list(batches([X[:12], X[12:]]))
+    assert [tuple(x.shape) for x, _ in read] == [(12, 3), (12, 3)] and all(y is None for _, y in read)
+    torch.testing.assert_close(torch.cat([x for x, _ in read]), X)
+    (x, y), = list(batches((X[:12], torch.arange(12))))
+    assert x.shape == (12, 3) and y.shape == (12,)

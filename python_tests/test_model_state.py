@@ -115,6 +115,8 @@ CASES = {
     "rainbow": lambda m: covariance.rainbow(m, (X, Y), (X, Y), example_input=EXAMPLE, progress=False),
     "weight_spectra": lambda m: covariance.weight_spectra(m, m, EXAMPLE),
     "discover": lambda m: layers.discover(m, EXAMPLE),
+    "chain_graph": lambda m: layers.chain_graph(m),
+    "layer_feature_axis": lambda m: similarity.layer_feature_axis(m, "4"),
     "jacobian_partial_rank": lambda m: rank.jacobian_partial_rank(m, X[:2], (slice(1, 4), slice(1, 4)),
                                                                    layers=["4", "9"], progress=False),
     "perturbed_pca_dimension": lambda m: rank.perturbed_pca_dimension(

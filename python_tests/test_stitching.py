@@ -176,7 +176,7 @@ def test_stitch_errors(digits_pair):
         se.stitch(model, model, "4", train_data=train, kind="magic", progress=False)
     with pytest.raises(ValueError, match="train_data is required"):
         se.stitch(model, model, "4", "grelu")
-    with pytest.raises(ValueError, match="train_data is empty"):
+    with pytest.raises(ValueError, match="train_data yields no sample"):
         se.stitch(model, model, "4", train_data=[], progress=False)
     with pytest.raises(ValueError, match="init must be one of"):
         se.stitch(model, model, "4", train_data=train, init="random", progress=False)

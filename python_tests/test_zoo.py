@@ -260,7 +260,7 @@ def test_a_member_whose_analysis_fails_is_an_error_row(zoo_dir, monkeypatch):
     def fails_on_cnn_03(models, metrics, example_input=None, dtype=torch.float64, graphs=None):
         if "cnn_03" in graphs:
             raise RuntimeError("linalg.eigh: the algorithm failed to converge")
-        return original(models, metrics, example_input, dtype, graphs)
+        return original(models, metrics, example_input, dtype, graphs=graphs)
 
     monkeypatch.setattr(zoo, "model_metrics", fails_on_cnn_03)
     tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), chunk_size=8, progress=False)

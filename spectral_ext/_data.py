@@ -1,5 +1,5 @@
 """The one way every method reads data: a tensor of inputs, an (inputs,
-labels) pair of tensors, or any iterable of batches (a DataLoader) yielding
+labels) tuple of tensors, or any iterable of batches (a DataLoader) yielding
 inputs or (inputs, labels)."""
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def batches(data, batch_size: int = 256, generator: torch.Generator | None = Non
     batch_size = _checks.positive_int("batch_size", batch_size)
     if isinstance(data, torch.Tensor):
         data = (data, None)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+    # Only a tuple is an (inputs, labels) pair: a list is a list of batches (so [X1, X2] is two batches).
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
         if y is not None and (not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]):
             raise ValueError(f"{name} holds {x.shape[0] if x.dim() else 0} inputs but labels of shape "

@@ -295,9 +295,9 @@ def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=
     if kernel_size is not None:
         kernel_size = _checks.int_pair("kernel_size", kernel_size)
     kernel_size, (Ho, Wo) = _conv_geometry(x.shape, V.shape[0], stride, padding, dilation, kernel_size)
-    if Ho * Wo > 2**40:
+    if Ho * Wo >= 2**62:  # positions are counted in int64
         raise ValueError(f"stride {stride}, padding {padding} and dilation {dilation} give {Ho} x {Wo} output "
-                         "positions, more than 2**40: check padding")
+                         "positions, 2**62 or more: check padding")
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
