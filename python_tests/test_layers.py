@@ -41,7 +41,10 @@ def cheap_model(name, **kwargs):
 
 def example(name):
     if name.startswith("vit"):
-        return {"image_size": 32}, torch.zeros(1, 3, 32, 32)
+        size = 28 if name == "vit_h_14" else 32  # a multiple of the patch size
+        return {"image_size": size}, torch.zeros(1, 3, size, size)
+    if name == "maxvit_t":  # 7 x 7 partitions after a total stride of 32
+        return {}, torch.zeros(1, 3, 224, 224)
     if name.startswith(("inception", "googlenet")):
         return {"init_weights": False, "aux_logits": False}, torch.zeros(1, 3, 96, 96)
     size = 64 if name == "alexnet" else 32  # AlexNet's pools need 64 x 64
