@@ -147,10 +147,15 @@ def test_zoo_from_disk_against_a_weightwatcher_loop(disk_zoo, tmp_path):
     theirs = pd.read_csv(tmp_path / "ww0.csv")
     assert ours["model"].nunique() == N_DISK == theirs["model"].nunique()
     assert len(ours) == len(theirs) == 4 * N_DISK  # every layer of every member, both sides
+    _print_medians(times, f"{N_DISK} checkpoints")
+
+
+def _print_medians(times, what):
+    """Medians of interleaved (wall, CPU) repeats, each against the WeightWatcher loop."""
     medians = {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
                for name, t in times.items()}
     ww_wall, ww_cpu = medians["weightwatcher loop"]
-    print(f"\n{N_DISK} checkpoints, {REPEATS} interleaved repeats, medians (wall / CPU):")
+    print(f"\n{what}, {REPEATS} interleaved repeats, medians (wall / CPU):")
     for name, (wall, cpu) in medians.items():
         print(f"  {name:<32} {wall:7.2f} s / {cpu:7.2f} s   weightwatcher / this: {ww_wall / wall:5.1f}x wall, "
               f"{ww_cpu / cpu:5.1f}x CPU")
@@ -189,13 +194,7 @@ def test_zoo_from_disk_in_process_against_a_weightwatcher_loop(disk_zoo, tmp_pat
             wall, cpu = time.perf_counter(), time.process_time()
             job(k)
             times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-    medians = {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
-               for name, t in times.items()}
-    ww_wall, ww_cpu = medians["weightwatcher loop"]
-    print(f"\n{N_DISK} checkpoints in one process, {REPEATS} interleaved repeats, medians (wall / CPU):")
-    for name, (wall, cpu) in medians.items():
-        print(f"  {name:<32} {wall:7.2f} s / {cpu:7.2f} s   weightwatcher / this: {ww_wall / wall:5.1f}x wall, "
-              f"{ww_cpu / cpu:5.1f}x CPU")
+    _print_medians(times, f"{N_DISK} checkpoints in one process")
 
 
 def test_loading_and_analysing_10000_checkpoints(big_zoo):

@@ -1,9 +1,6 @@
 """linear_sum_assignment against scipy.optimize.linear_sum_assignment: the same
 optimal cost on random, weight-matching-like, rectangular and tied problems, the
 same indices where the optimum is unique, and the bad-input errors."""
-import signal
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -156,15 +153,8 @@ _SLOW = textwrap.dedent("""
 
 
 def test_ctrl_c_stops_a_long_batch():
-    import time
+    from conftest import interrupted
 
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(1.0)
-    sent = time.perf_counter()
-    proc.send_signal(signal.SIGINT)
-    line = proc.stdout.readline()  # printed as soon as the call has unwound
-    waited = time.perf_counter() - sent
-    proc.communicate(timeout=60)
-    assert proc.returncode == 0 and line.strip() == "interrupted"
+    line, returncode, waited = interrupted(_SLOW)
+    assert returncode == 0 and line == "interrupted"
     assert waited < 2.0, f"took {waited:.1f} s to stop"

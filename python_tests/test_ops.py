@@ -452,18 +452,10 @@ sys.exit(5)
 
 
 def test_sinkhorn_stops_on_ctrl_c_within_a_second():
-    import signal
-    import time
+    from conftest import interrupted
 
-    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPT], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(1.0)
-    sent = time.perf_counter()
-    proc.send_signal(signal.SIGINT)
-    line = proc.stdout.readline()
-    waited = time.perf_counter() - sent
-    proc.communicate(timeout=60)
-    assert line.strip() == "interrupted" and proc.returncode == 0
+    line, returncode, waited = interrupted(_INTERRUPT)
+    assert line == "interrupted" and returncode == 0
     assert waited < 1.0, f"took {waited:.2f} s"
 
 

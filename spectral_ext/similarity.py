@@ -33,7 +33,7 @@ from torch import nn
 from . import _checks
 from ._data import batches
 from ._hooks import capturing, check_layers, evaluating
-from ._ops import max_kernel_gram
+from ._ops import linear_sum_assignment, max_kernel_gram
 
 KERNELS = ("linear", "rbf", "max", "laplace", "ortho")
 GROUPS = ("orthogonal", "grelu")
@@ -591,10 +591,7 @@ def _procrustes_from(cross, nx, ny, group):
 def _assignment(score: torch.Tensor):
     """The permutation maximising the sum of score[i, perm[i]] (Hungarian
     algorithm): (rows, cols) index tensors."""
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(score.detach().to(torch.float64).cpu().numpy(), maximize=True)
-    return torch.as_tensor(rows, device=score.device), torch.as_tensor(cols, device=score.device)
+    return linear_sum_assignment(score.detach().to(torch.float64), maximize=True)
 
 
 def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False, feature_axis: int | None = None):

@@ -17,7 +17,7 @@ from torch import nn
 from . import _checks
 from ._data import accuracy as _accuracy
 from ._data import batches, check_labels, recompute_batchnorm
-from ._ops import sinkhorn
+from ._ops import linear_sum_assignment, sinkhorn
 from .similarity import grelu_assignment, layer_feature_axis
 
 KINDS = ("affine", "lowrank", "grelu", "softsort", "l1")
@@ -74,7 +74,7 @@ class GReLUStitch(_ChannelMap):
     """phi = P D (appendix D.2.1): P doubly stochastic while training (kept in
     the Birkhoff polytope by project()), D = diag(lambda) >= 0. After
     harden(), P is the permutation closest to it (Hungarian algorithm,
-    argmax_Q tr(P Q^T), scipy.optimize.linear_sum_assignment)."""
+    argmax_Q tr(P Q^T), spectral_ext.linear_sum_assignment)."""
 
     def __init__(self, channels: int, generator=None):
         super().__init__()
@@ -111,10 +111,8 @@ class GReLUStitch(_ChannelMap):
 
     @torch.no_grad()
     def harden(self) -> None:
-        from scipy.optimize import linear_sum_assignment
-
-        rows, cols = linear_sum_assignment(self.P.detach().double().cpu().numpy(), maximize=True)
-        self.hard = torch.as_tensor(cols[rows.argsort()], dtype=torch.long, device=self.P.device)
+        rows, cols = linear_sum_assignment(self.P.detach().double(), maximize=True)
+        self.hard = cols[rows.argsort()].to(device=self.P.device, dtype=torch.long)
 
 
 class SoftSortStitch(_ChannelMap):
