@@ -114,3 +114,24 @@ def test_the_command_is_declared_and_runs():
     if installed.exists():  # after `make setup`
         result = subprocess.run([str(installed), "info"], capture_output=True, text=True, cwd="/")
         assert result.returncode == 0 and "build_reason" in result.stdout
+
+
+def test_every_imported_package_is_declared():
+    """Each third-party package imported anywhere in spectral_ext is a dependency or in an extra."""
+    import ast
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    declared = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in requirements}
+    distribution = {"sklearn": "scikit-learn"}  # import name -> the name it is declared under
+    imported = set()
+    for path in (ROOT / "spectral_ext").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported - set(sys.stdlib_module_names) if name not in ("spectral_ext", "__future__")}
+    missing = {distribution.get(name, name) for name in third_party} - declared
+    assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
