@@ -15,16 +15,19 @@ def pytest_report_header(config):
     return f"spectral_ext build: {spectral_ext.build_info()}"
 
 
-def interrupted(script: str, delay: float = 1.0):
-    """Run `script` in a subprocess that prints "ready", send it SIGINT `delay`
-    seconds later and return (the next line it prints, its exit code, the
-    seconds from the signal to that line): how long a native loop takes to
-    honour Ctrl-C."""
+def interrupted(setup: str, call: str, delay: float = 1.0):
+    """Run `setup` then `call` (a long native loop) in a subprocess, send it
+    SIGINT `delay` seconds into the call and return (what it printed after,
+    its exit code, the seconds from the signal to that line): how long the
+    loop takes to honour Ctrl-C ("interrupted" and 0 when it did)."""
     import signal
     import subprocess
     import sys
     import time
 
+    script = (f"import sys, torch, spectral_ext as se\n{setup}\nprint('ready', flush=True)\n"
+              f"try:\n    {call}\nexcept KeyboardInterrupt:\n    print('interrupted', flush=True)\n"
+              "    sys.exit(0)\nsys.exit(5)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(delay)
