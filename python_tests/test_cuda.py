@@ -46,7 +46,7 @@ def gpu(t, dtype, device=DEVICE, contiguous=True):
     return out
 
 
-def compare(native, expected, dtype):
+def assert_matches_reference(native, expected, dtype):
     assert native.device.type == torch.device(DEVICE).type and native.dtype == dtype
     scale = float(expected.abs().max()) if expected.numel() else 1.0
     torch.testing.assert_close(native.cpu().double(), expected, **tol(dtype, max(scale, 1.0)))
@@ -77,7 +77,7 @@ def test_conv_adjacency(dtype, B, c, M, K2, N):
     U, V = rand(B, c, M), rand(B, c, K2, N, seed=1)
     expected = reference.conv_adjacency(U, V)
     for contiguous in (True, False):
-        compare(se.conv_adjacency(gpu(U, dtype, contiguous=contiguous), gpu(V, dtype, contiguous=contiguous)),
+        assert_matches_reference(se.conv_adjacency(gpu(U, dtype, contiguous=contiguous), gpu(V, dtype, contiguous=contiguous)),
                 expected, dtype)
 
 
@@ -110,14 +110,14 @@ def test_signal_projection(dtype, reduce, B, C, H, W, k, r, stride, padding, dil
         out = se.signal_projection(gpu(x, dtype, contiguous=contiguous), gpu(V, dtype, contiguous=contiguous),
                                    gpu(s, dtype), stride=stride, padding=padding, dilation=dilation, reduce=reduce,
                                    kernel_size=k)
-        compare(out, expected, dtype)
+        assert_matches_reference(out, expected, dtype)
 
 
 def test_signal_projection_mean_many_planes():
     # B * C past the mean kernel's 2^20-block grid: its plane loop strides.
     x, V, s = rand(1030, 1024, 1, 1), rand(1024, 3, seed=1), rand(3, seed=2, positive=True)
     expected = reference.signal_projection(x, V, s, (1, 1), (0, 0), (1, 1), "mean", (1, 1))
-    compare(se.signal_projection(gpu(x, torch.float64), gpu(V, torch.float64), gpu(s, torch.float64),
+    assert_matches_reference(se.signal_projection(gpu(x, torch.float64), gpu(V, torch.float64), gpu(s, torch.float64),
                                  reduce="mean"), expected, torch.float64)
 
 
@@ -145,13 +145,13 @@ def test_sinkhorn(dtype, B, n, m, iters):
     P = rand(B, n, m, positive=True)
     expected = reference.sinkhorn(P, iters)
     for contiguous in (True, False):
-        compare(se.sinkhorn(gpu(P, dtype, contiguous=contiguous), iters), expected, dtype)
+        assert_matches_reference(se.sinkhorn(gpu(P, dtype, contiguous=contiguous), iters), expected, dtype)
 
 
 def test_sinkhorn_scales_in_global_memory():
     # (n + m) float64 scales past 48 KiB of shared memory: the global workspace path.
     P = rand(2, 3100, 3100, positive=True)
-    compare(se.sinkhorn(gpu(P, torch.float64), 3), reference.sinkhorn(P, 3), torch.float64)
+    assert_matches_reference(se.sinkhorn(gpu(P, torch.float64), 3), reference.sinkhorn(P, 3), torch.float64)
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 4), (2, 0, 3), (2, 3, 0)])
@@ -177,9 +177,9 @@ def test_max_kernel_gram(dtype, N, Np, C, S):
     X, Y = rand(N, C, S), rand(Np, C, S, seed=1)
     for contiguous in (True, False):
         Xg, Yg = gpu(X, dtype, contiguous=contiguous), gpu(Y, dtype, contiguous=contiguous)
-        compare(se.max_kernel_gram(Xg, Yg), reference.max_kernel_gram(X, Y), dtype)
+        assert_matches_reference(se.max_kernel_gram(Xg, Yg), reference.max_kernel_gram(X, Y), dtype)
         self_gram = se.max_kernel_gram(Xg)
-        compare(self_gram, reference.max_kernel_gram(X), dtype)
+        assert_matches_reference(self_gram, reference.max_kernel_gram(X), dtype)
         assert torch.equal(self_gram, self_gram.T)  # computed symmetric, as documented
 
 
@@ -223,7 +223,7 @@ def test_backward_matches_reference(dtype, name):
     out = native(*gpu_inputs)
     got = torch.autograd.grad((out * gpu(weight, dtype)).sum(), gpu_inputs)
     for g, e in zip(got, expected):
-        compare(g, e, dtype)
+        assert_matches_reference(g, e, dtype)
 
 
 def test_opcheck_on_cuda():
@@ -253,4 +253,4 @@ def test_second_device(name):
     native, ref, inputs = _ops()[name]
     out = native(*[gpu(t, torch.float64, device="cuda:1") for t in inputs])
     assert out.device == torch.device("cuda:1")
-    compare(out, ref(*inputs), torch.float64)
+    assert_matches_reference(out, ref(*inputs), torch.float64)

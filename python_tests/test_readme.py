@@ -108,7 +108,7 @@ def _report(heading, line, what, result):
             f"{what}\n--- output (tail) ---\n{tail}")
 
 
-def _run(args, folder, heading, line, what, shell=False):
+def _assert_runs(args, folder, heading, line, what, shell=False):
     try:
         result = subprocess.run(args, cwd=folder, env=_env(folder), capture_output=True, text=True,
                                 timeout=TIMEOUT_S, shell=shell)
@@ -137,7 +137,7 @@ def test_readme_has_runnable_examples():
 def test_a_failing_block_fails(tmp_path):
     # The runner reports a failure by section, rather than passing silently.
     with pytest.raises(pytest.fail.Exception, match="section 'Broken'"):
-        _run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path, "Broken", 1, "raise SystemExit(3)")
+        _assert_runs([sys.executable, "-c", "raise SystemExit(3)"], tmp_path, "Broken", 1, "raise SystemExit(3)")
 
 
 # ---------------------------------------------------------------- the README's examples
@@ -147,7 +147,7 @@ def test_a_failing_block_fails(tmp_path):
 def test_readme_python_block(tmp_path, heading, line, code):
     script = tmp_path / "block.py"
     script.write_text(code)
-    _run([sys.executable, str(script)], tmp_path, heading, line, code)
+    _assert_runs([sys.executable, str(script)], tmp_path, heading, line, code)
 
 
 @pytest.fixture(scope="module")
@@ -182,4 +182,4 @@ def placeholders(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("heading,line,command", _cases("bash"))
 def test_readme_command_line(placeholders, heading, line, command):
-    _run(command, placeholders, heading, line, command, shell=True)
+    _assert_runs(command, placeholders, heading, line, command, shell=True)
