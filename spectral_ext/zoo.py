@@ -391,7 +391,7 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
                         for n in members]
                 stack = torch.stack([m.weight(dtype=dtype) for m in maps])
             else:  # members of one architecture share module names and weight shapes (the key above)
-                stack = torch.stack([models[n].get_submodule(layer).weight.detach() for n in members]).to(dtype)
+                stack = torch.stack([graphs[n].maps[layer].module.weight.detach() for n in members]).to(dtype)
             analysed = ("rank" in metrics or fit) and (convention == "seed001" or linear_map.kind in ("linear", "conv2d"))
             frame = spectra.spectrum_metrics(spectra.weight_singular_values(stack, convention), min_tail,
                                              convention, fit=fit) if analysed else None
