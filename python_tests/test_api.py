@@ -1,0 +1,33 @@
+"""The API's shared conventions: randomness as generator=, renamed keywords."""
+import warnings
+
+import pytest
+import torch
+
+from spectral_ext import _checks
+
+
+def test_generator_forms():
+    assert _checks.generator(None) is None
+    given = torch.Generator()
+    assert _checks.generator(given) is given
+    a, b = _checks.generator(7), _checks.generator(7)
+    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+    for bad in (True, 1.5, "7"):
+        with pytest.raises(TypeError, match="generator must be"):
+            _checks.generator(bad)
+
+
+def test_renamed_keyword_maps_warns_and_refuses_both():
+    @_checks.renamed(model_b="other")
+    def measure(model, other=None):
+        return other
+
+    assert measure(1, other=2) == 2
+    with pytest.warns(FutureWarning, match="'model_b' is now called 'other'"):
+        assert measure(1, model_b=3) == 3
+    with pytest.raises(TypeError, match="pass 'other'"):
+        measure(1, model_b=3, other=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert measure(1, 5) == 5  # positional calls are untouched
