@@ -134,3 +134,18 @@ def test_metadata_errors_are_named(tmp_path):
         zoo_report.load_metadata(tmp_path / "missing.csv")
     with pytest.raises(ValueError, match="test_accuracy"):
         zoo_report.load_metadata(pd.DataFrame({"model": ["a"], "score": [1.0]}))
+
+
+def test_prediction_takes_missing_features():
+    """A metric that could not be computed for some checkpoints (alpha of a layer with too few eigenvalues)
+    is NaN in the tables: the prediction still runs and uses the rest (the 1,000-model zoo had such rows)."""
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=200)
+    features = pd.DataFrame({"signal": signal, "noise": rng.normal(size=200)})
+    features.loc[::7, "signal"] = np.nan
+    features.loc[::11, "noise"] = np.inf
+    y = signal.copy()
+    y[::7] = 5.0  # missing signal marks its own group of targets, as a tree branch would
+    scores, _, importances = zoo_report.predict_accuracy(features, y, np.arange(200) // 4, {"both": ["signal", "noise"]})
+    assert scores.set_index("features").loc["both", "r2"] > 0.8
+    assert importances["both"]["signal"] > importances["both"]["noise"]

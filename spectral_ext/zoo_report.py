@@ -169,6 +169,18 @@ def epoch_correlations(frame: pd.DataFrame, metrics, accuracy: str = "_accuracy"
 # Accuracy prediction
 
 
+def _missing_below_range(X: np.ndarray) -> np.ndarray:
+    """NaN and infinities (a fit that could not run: too few eigenvalues) put
+    below each column's finite range, the way tree libraries send missing
+    values down a branch of their own; GradientBoostingRegressor refuses NaN."""
+    X = np.where(np.isfinite(X), X, np.nan)
+    finite = np.isfinite(X)
+    low = np.where(finite, X, np.inf).min(axis=0)
+    high = np.where(finite, X, -np.inf).max(axis=0)
+    sentinel = np.where(finite.any(axis=0), low - (high - low) - 1.0, 0.0)
+    return np.where(finite, X, sentinel)
+
+
 def predict_accuracy(features: pd.DataFrame, accuracy, groups, feature_sets: dict[str, list[str]],
                      n_splits: int = 5, seed: int = 0) -> tuple[pd.DataFrame, dict, dict]:
     """Cross-validated accuracy prediction from each feature set.
@@ -199,7 +211,7 @@ def predict_accuracy(features: pd.DataFrame, accuracy, groups, feature_sets: dic
     for name, columns in {"constant (mean accuracy)": [], **feature_sets}.items():
         X = features[columns].to_numpy(dtype=float) if columns else None
         if X is not None:
-            X = np.where(np.isfinite(X), X, np.nan)  # infinities would break the trees; NaN is handled
+            X = _missing_below_range(X)
         predicted = np.empty_like(y)
         for train, test in splits:
             if X is None:
