@@ -55,8 +55,21 @@ def test_epoch_correlations_are_per_model_medians():
              "_accuracy": e + rng.normal() * 0.1} for r in range(5) for e in range(5)]
     frame = pd.DataFrame(rows)
     table = zoo_report.epoch_correlations(frame, ["m"]).iloc[0]
-    per_run = [zoo_report.correlations(part, ["m"])["spearman"].iloc[0] for _, part in frame.groupby("run")]
-    assert table["models"] == 5 and table["median_spearman"] == pytest.approx(np.median(per_run))
+    per_run = [zoo_report.correlations(part, ["m"]).iloc[0] for _, part in frame.groupby("run")]
+    assert table["models"] == 5 and table["median_spearman"] == pytest.approx(np.median([r.spearman for r in per_run]))
+    assert table["median_kendall"] == pytest.approx(np.median([r.kendall for r in per_run]))
+
+
+def test_rank_correlations_are_scipys_with_ties():
+    from scipy import stats
+
+    rng = np.random.default_rng(2)
+    for n in (3, 4, 7, 13):
+        x, y = rng.integers(0, 3, n).astype(float), rng.normal(size=n).round(1)
+        x[0], x[1] = 0.0, 2.0  # not constant
+        rho, tau = zoo_report.rank_correlations(x, y)
+        assert rho == pytest.approx(stats.spearmanr(x, y).statistic)
+        assert tau == pytest.approx(stats.kendalltau(x, y).statistic)
 
 
 def test_weight_statistics_are_the_papers():
@@ -80,7 +93,8 @@ def test_prediction_beats_the_constant_on_held_out_models(trained_zoo):
     constant, weights = scores.loc["constant (mean accuracy)"], scores.loc["weights"]
     assert constant["r2"] <= 0.0  # the training folds' mean never beats the held-out mean
     assert weights["r2"] > constant["r2"] + 0.2 and weights["kendall_tau"] > 0.3
-    assert importances["weights"].sum() == pytest.approx(1.0)
+    top = importances["weights"].sort_values().index[-1]
+    assert importances["weights"][top] > 0.01  # shuffling the most important feature costs held-out R^2
     # Held out means held out: the out-of-fold prediction of a run does not change with its own labels.
     shuffled = frame["_accuracy"].to_numpy().copy()
     first_run = (frame["run"] == frame["run"].iloc[0]).to_numpy()
