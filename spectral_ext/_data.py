@@ -79,20 +79,44 @@ def first_batch(data, batch_size: int = 2, name: str = "data", labels: bool = Fa
 
 
 @torch.no_grad()
-def accuracy(model, data, batch_size: int = 1024, name: str = "data") -> float:
-    """Top-1 accuracy of model over labelled data (any form batches takes)."""
+def accuracy(model, data, batch_size: int = 1024, name: str = "data", model_name: str = "model") -> float:
+    """Top-1 accuracy of model over labelled data (any form batches takes):
+    the one accuracy of the package (the metric of seed 003 section 3.3 and
+    of every accuracy column). model: an nn.Module, run in eval mode and
+    given back as it came, or any callable from inputs to logits (N, classes),
+    such as a classifier on features. model_name names it in errors."""
+    from torch import nn
+
     from ._hooks import evaluating
 
+    if isinstance(batch_size, torch.Tensor):  # the former accuracy(model, x, y) of datasets
+        raise TypeError(f"batch_size must be an int, got a tensor: pass the labelled data as one argument, "
+                        f"accuracy({model_name}, (x, y))")
+    if not callable(model):
+        raise TypeError(f"{model_name} must be a callable (an nn.Module, say), got {type(model).__name__}")
     correct = total = 0
-    with evaluating(model):
+    with evaluating(model if isinstance(model, nn.Module) else None):
         for x, y in batches(data, batch_size, name=name, labels=True):
-            logits = model(x)
+            try:
+                logits = model(x)
+            except RuntimeError as error:  # a shape mismatch inside the model
+                raise ValueError(f"{model_name} does not accept inputs of shape {tuple(x.shape)} ({x.dtype}): "
+                                 f"{error}") from error
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+                raise ValueError(f"{model_name} must map inputs (N, ...) to logits (N, classes), got "
+                                 f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
             check_labels(y, logits.shape[-1], name)
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
-    if total == 0:
-        raise ValueError("the labelled data is empty")
-    return correct / total
+    return correct / total  # batches raised already if the data held no sample
+
+
+def inputs(data, name: str = "data") -> torch.Tensor:
+    """All inputs of data (any form batches takes) as one tensor: a tensor
+    is returned as given, an iterable's batches are concatenated."""
+    if isinstance(data, torch.Tensor):
+        return data
+    return torch.cat([x for x, _ in batches(data, name=name)])
 
 
 @torch.no_grad()
