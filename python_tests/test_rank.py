@@ -128,7 +128,7 @@ def test_partial_rank_equals_the_rank_of_the_explicit_jacobian(mode, at, rank_of
     options = {} if at == "patch" and rank_of == "gram" else {"at": at, "rank_of": rank_of}  # A1 by default
     df = se.jacobian_partial_rank(model, x, patches, layers=["0", "1", "2", "4"], mode=mode, progress=False,
                                   chunk_size=7 if mode == "forward" else 256, **options)
-    assert list(df.columns[:6]) == ["sample", "patch", "layer", "rank", "features", "patch_size"]
+    assert list(df.columns[:6]) == ["sample", "patch", "layer", "rank", "n_features", "n_patch_entries"]
     assert list(df["layer"][:5]) == ["0", "1", "2", "4", "output"] and len(df) == 2 * 2 * 5
     for n in range(2):
         for patch in patches:
@@ -136,7 +136,7 @@ def test_partial_rank_equals_the_rank_of_the_explicit_jacobian(mode, at, rank_of
             got = df[(df["sample"] == n) & (df["patch"] == label)]
             expected = explicit_ranks(model, x[n:n + 1], patch, ["0", "1", "2", "4", ""], at, rank_of)
             assert got["rank"].tolist() == expected
-            assert int(got["patch_size"].iloc[0]) == 3 * (patch[0].stop - patch[0].start) * (patch[1].stop - patch[1].start)
+            assert int(got["n_patch_entries"].iloc[0]) == 3 * (patch[0].stop - patch[0].start) * (patch[1].stop - patch[1].start)
 
 
 def test_algorithm_a1_evaluates_at_the_zero_padded_patch():
@@ -294,8 +294,8 @@ def classification_problem(d=24, N=600, classes=5, seed=5):
 @pytest.mark.parametrize("center", [False, True])
 def test_classification_dimension_matches_a_full_scan(center):
     F, labels, head = classification_problem()
-    result = se.classification_dimension(F, labels, head, ratio=0.95, center=center)
-    curve = R.projection_accuracy(F, labels, head, range(1, F.shape[1] + 1), center=center)
+    result = se.classification_dimension(head, (F, labels), ratio=0.95, center=center)
+    curve = R.projection_accuracy(head, (F, labels), range(1, F.shape[1] + 1), center=center)
     full = float((head(F).argmax(-1) == labels).double().mean())
     assert result.full_accuracy == pytest.approx(full) and 0.8 < full < 1
     passing = curve[curve["accuracy"] >= 0.95 * full]["k"]
@@ -312,7 +312,7 @@ def test_classification_dimension_projects_onto_the_top_eigenvectors():
     F = torch.randn(400, 3, dtype=torch.float64, generator=g) * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) @ basis.T
     head = nn.Linear(10, 4).double()
     labels = head(F).argmax(-1)
-    result = se.classification_dimension(F, labels, head, ratio=1.0)
+    result = se.classification_dimension(head, (F, labels), ratio=1.0)
     assert result.dimension <= 3 and result.accuracy == 1.0
 
 
@@ -324,18 +324,18 @@ def test_classification_dimension_verifies_monotonicity():
         return nn.functional.one_hot(labels if good else (labels + 1) % 5, 5).double()
 
     with pytest.warns(RuntimeWarning, match="not monotone"):
-        result = se.classification_dimension(F, labels, picky)
+        result = se.classification_dimension(picky, (F, labels))
     assert result.dimension == 1
 
 
 def test_classification_dimension_errors():
     F, labels, head = classification_problem()
-    with pytest.raises(ValueError, match="labels has 3 entries"):
-        se.classification_dimension(F, labels[:3], head)
+    with pytest.raises(ValueError, match="data holds 600 inputs but labels of shape"):
+        se.classification_dimension(head, (F, labels[:3]))
     with pytest.raises(ValueError, match="ratio must lie in"):
-        se.classification_dimension(F, labels, head, ratio=1.5)
+        se.classification_dimension(head, (F, labels), ratio=1.5)
     with pytest.raises(ValueError, match="classifier must map"):
-        se.classification_dimension(F, labels, lambda f: f.sum(-1))
+        se.classification_dimension(lambda f: f.sum(-1), (F, labels))
 
 
 # --- independence deficit (section 5) -----------------------------------------------------------------
@@ -350,7 +350,7 @@ def deficit_logits(N=2000, C=10, seed=7):
 def test_independence_deficit_finds_the_exact_combination_and_satisfies_kkt():
     Z, labels = deficit_logits()
     eta = 0.01
-    result = se.independence_deficit(Z, labels, eta=eta)
+    result = se.independence_deficit((Z, labels), eta=eta)
     assert result.converged and result.support(0) == [3, 7]
     a = result.coefficients[:, 0]
     # KKT by hand for class 0: gradient of mean (z0 - Z a)^2 is -2 Z^T (z0 - Z a) / N
@@ -368,7 +368,7 @@ def test_independence_deficit_finds_the_exact_combination_and_satisfies_kkt():
 def test_independence_deficit_without_penalty_is_least_squares():
     g = torch.Generator().manual_seed(8)
     Z = torch.randn(300, 5, dtype=torch.float64, generator=g)
-    result = se.independence_deficit(Z, Z.argmax(-1), eta=0.0, tol=1e-12)
+    result = se.independence_deficit((Z, Z.argmax(-1)), eta=0.0, tol=1e-12)
     for i in range(5):
         others = [j for j in range(5) if j != i]
         solution = torch.linalg.lstsq(Z[:, others], Z[:, i:i + 1]).solution[:, 0]
@@ -378,7 +378,7 @@ def test_independence_deficit_without_penalty_is_least_squares():
 def test_independence_deficit_accuracies_match_a_loop():
     Z, labels = deficit_logits(N=500, C=8, seed=9)
     labels = torch.where(torch.arange(500) % 7 == 0, (labels + 1) % 8, labels)
-    result = se.independence_deficit(Z, labels, eta=0.05)
+    result = se.independence_deficit((Z, labels), eta=0.05)
     for i in range(8):
         replaced = Z.clone()
         replaced[:, i] = Z @ result.coefficients[:, i]
@@ -393,11 +393,11 @@ def test_independence_deficit_accuracies_match_a_loop():
 def test_independence_deficit_errors():
     Z, labels = deficit_logits(N=50, C=8)
     with pytest.raises(ValueError, match="labels must lie in"):
-        se.independence_deficit(Z, labels + 8)
+        se.independence_deficit((Z, labels + 8))
     with pytest.raises(ValueError, match="eta must lie in"):
-        se.independence_deficit(Z, labels, eta=-1)
+        se.independence_deficit((Z, labels), eta=-1)
     with pytest.warns(RuntimeWarning, match="the Lasso stopped"):
-        se.independence_deficit(Z, labels, eta=1e-3, max_iter=1, tol=1e-15)
+        se.independence_deficit((Z, labels), eta=1e-3, max_iter=1, tol=1e-15)
 
 
 # --- structural impetus and Theorem 5 ----------------------------------------------------------------
@@ -489,7 +489,7 @@ def test_partial_rank_figure_draws_the_mean_rank_per_patch(agg):
 
 def test_classification_dimension_figure_marks_target_and_dimension(agg):
     F, labels, head = classification_problem()
-    result = se.classification_dimension(F, labels, head)
+    result = se.classification_dimension(head, (F, labels))
     ax = result.plot().axes[0]
     curve, target, dimension = ax.get_lines()
     np.testing.assert_allclose(curve.get_xydata(), result.evaluations[["fraction", "accuracy"]].to_numpy())
@@ -504,13 +504,13 @@ def test_classification_dimension_figure_marks_target_and_dimension(agg):
 
 def test_results_convert_to_tidy_frames():
     F, labels, head = classification_problem()
-    result = se.classification_dimension(F, labels, head)
+    result = se.classification_dimension(head, (F, labels))
     frame = result.to_frame()
     assert list(frame.columns) == ["k", "fraction", "accuracy", "is_dimension"]
     assert frame.loc[frame["is_dimension"], "k"].tolist() == [result.dimension]
     assert frame.loc[frame["is_dimension"], "accuracy"].iloc[0] == pytest.approx(result.accuracy)
     Z, z_labels = deficit_logits(N=300, C=8)
-    deficit = se.independence_deficit(Z, z_labels, eta=0.01)
+    deficit = se.independence_deficit((Z, z_labels), eta=0.01)
     table = deficit.to_frame()
     assert table["class"].tolist() == list(range(8)) and table["n_support"].iloc[0] == 2
     table.loc[0, "n_support"] = -1  # a copy: the result is not changed through it
@@ -524,7 +524,7 @@ def test_classification_uses_the_one_accuracy_and_restores_the_classifier():
 
     F, labels, head = classification_problem()
     classifier = nn.Sequential(head, nn.Dropout(0.9)).train()
-    result = se.classification_dimension(F, labels, classifier)
+    result = se.classification_dimension(classifier, (F, labels))
     assert classifier.training and classifier[1].training
     assert result.full_accuracy == _data.accuracy(classifier, (F, labels))
     assert result.full_accuracy == pytest.approx(float((head(F).argmax(-1) == labels).double().mean()))
@@ -548,3 +548,28 @@ def test_data_in_any_form_and_the_former_keywords():
     assert pca.equals(old)
     with pytest.raises(TypeError, match="data must be a tensor"):
         se.jacobian_partial_rank(model, "images", patch, progress=False)
+
+
+def test_former_call_shapes_of_the_feature_methods_still_work():
+    """(features, labels, classifier) and (logits, labels) became (classifier,
+    data) and (data): the old positional shapes give the same result, with a
+    FutureWarning; data may also be a loader of (features, labels) batches."""
+    F, labels, head = classification_problem(d=12, N=200)
+    new = se.classification_dimension(head, (F, labels), ratio=0.9)
+    with pytest.warns(FutureWarning, match=r"now takes \(classifier, \(features, labels\)"):
+        old = se.classification_dimension(F, labels, head, ratio=0.9)
+    with pytest.warns(FutureWarning):
+        keyword = se.classification_dimension(F, labels, classifier=head, ratio=0.9)
+    assert old.dimension == keyword.dimension == new.dimension
+    assert old.evaluations.equals(new.evaluations)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(F, labels), batch_size=64)
+    assert se.classification_dimension(head, loader, ratio=0.9).evaluations.equals(new.evaluations)
+    with pytest.warns(FutureWarning):
+        curve = R.projection_accuracy(F, labels, head, [1, 4])
+    assert curve.equals(R.projection_accuracy(head, (F, labels), [1, 4]))
+    Z, z_labels = deficit_logits(N=200, C=8)
+    with pytest.warns(FutureWarning, match=r"now takes \(\(logits, labels\)"):
+        old = se.independence_deficit(Z, z_labels, eta=0.01)
+    assert torch.equal(old.coefficients, se.independence_deficit((Z, z_labels), eta=0.01).coefficients)
+    with pytest.raises(ValueError, match="data must carry labels"):
+        se.independence_deficit(Z)

@@ -111,12 +111,19 @@ def accuracy(model, data, batch_size: int = 1024, name: str = "data", model_name
     return correct / total  # batches raised already if the data held no sample
 
 
-def inputs(data, name: str = "data") -> torch.Tensor:
-    """All inputs of data (any form batches takes) as one tensor: a tensor
-    is returned as given, an iterable's batches are concatenated."""
+def gather(data, name: str = "data", labels: bool = False):
+    """All of data (any form batches takes) as one (x, y or None) pair of
+    tensors, for the methods that need every sample at once: a tensor or an
+    (inputs, labels) pair comes back as given (no copy), an iterable's
+    batches are concatenated. labels=True requires labels."""
     if isinstance(data, torch.Tensor):
+        data = (data, None)
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor) and (
+            data[1] is not None or not labels):
+        first_batch(data, name=name, labels=labels)  # the checks of batches: labels' length, no sample
         return data
-    return torch.cat([x for x, _ in batches(data, name=name)])
+    xs, ys = zip(*batches(data, name=name, labels=labels))
+    return torch.cat(xs), (None if any(y is None for y in ys) else torch.cat(ys))
 
 
 @torch.no_grad()

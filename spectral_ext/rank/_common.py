@@ -1,11 +1,15 @@
 """Private helpers shared by the rank-diminishing modules (seed 003): the
 float32 tolerance of section 4.3, equation 4 on singular values, capturing
-sub-network outputs, and the checks of (features, labels) pairs."""
+sub-network outputs, and the (features, labels) data of sections 3.3
+and 5."""
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 
-from .. import _checks
+from .. import _checks, _data
 from .._hooks import first_tensor
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -65,3 +69,36 @@ def _check_features_labels(features, labels, name="features"):
         raise ValueError(f"{name} needs at least two samples")
     if features.shape[1] == 0:
         raise ValueError(f"{name} has no feature column")
+
+
+def _features_labels(data, name: str):
+    """The (features (N, d), labels (N,)) of data (a pair of tensors or any
+    form _data.batches takes, with labels), checked; `name` is how errors
+    call the features ("data features", "data logits")."""
+    features, labels = _data.gather(data, labels=True)
+    _check_features_labels(features, labels, name)
+    return features, labels
+
+
+def _former_pair(classifier_first: bool):
+    """Decorator: accept the former call shapes f(features, labels,
+    classifier, ...) (classifier_first) and f(logits, labels, ...), which
+    now take the pair as one data argument (issue 17: the model first, then
+    data), with a FutureWarning."""
+    def wrap(function):
+        @functools.wraps(function)
+        def inner(*args, **kwargs):
+            if len(args) >= 2 and isinstance(args[0], torch.Tensor) and isinstance(args[1], torch.Tensor):
+                pair, rest = (args[0], args[1]), args[2:]
+                new = "(classifier, (features, labels), ...)" if classifier_first else "((logits, labels), ...)"
+                warnings.warn(f"{function.__name__}() now takes {new}: pass the tensors as one data pair",
+                              FutureWarning, stacklevel=2)
+                if not classifier_first:
+                    args = (pair,) + rest
+                elif rest:
+                    args = (rest[0], pair) + rest[1:]
+                else:
+                    args = (kwargs.pop("classifier", None), pair)
+            return function(*args, **kwargs)
+        return inner
+    return wrap

@@ -10,14 +10,15 @@ import torch
 
 from .. import _checks
 from .._data import accuracy
-from ._common import _check_features_labels
+from ._common import _features_labels, _former_pair
 
 
 @dataclass
 class ClassificationDimension:
-    """Result of classification_dimension (seed 003 section 3.3): the dimension k, its accuracy, the
-    full-feature accuracy, the target (ratio x full accuracy) and every
-    accuracy evaluated (columns k, fraction, accuracy)."""
+    """Result of classification_dimension (seed 003 section 3.3): the
+    dimension k, its accuracy, the full-feature accuracy, the target (ratio
+    x full accuracy) and every accuracy evaluated (columns k, fraction,
+    accuracy)."""
     dimension: int
     accuracy: float
     full_accuracy: float
@@ -70,22 +71,29 @@ def _classifier_accuracy(classifier, features, labels) -> float:
                     model_name="classifier")
 
 
-def classification_dimension(features: torch.Tensor, labels: torch.Tensor, classifier, ratio: float = 0.95,
-                             center: bool = False) -> ClassificationDimension:
+@_former_pair(classifier_first=True)
+def classification_dimension(classifier, data, ratio: float = 0.95, center: bool = False) -> ClassificationDimension:
     """ClsDim (seed 003 section 3.3, equation 6, Algorithm A3): the smallest k
     such that projecting the final features onto the top-k eigenvectors of
     their covariance keeps ratio x the full accuracy (95% in section 4.3).
 
-    features: (N, d) final features; labels: (N,); classifier: a callable
-    (the final nn.Linear, say) from (N, d) features to logits. center=False
+    classifier: a callable (the final nn.Linear, say) from (N, d) features
+    to logits; an nn.Module runs in eval mode and is given back as it came.
+    data: the final features (N, d) with their labels (N,), as a pair of
+    tensors or any form _data.batches takes (the former call shape
+    (features, labels, classifier) still works, with a FutureWarning).
+    center=False
     projects onto the linear span of the eigenvectors as equation 6 says;
     center=True projects the centred features and adds the mean back.
 
     k is found by bisection (O(log d) evaluations, accuracy being monotone in
     k in practice), then verified: a coarse geometric sweep below k looks for
     a smaller k that also reaches the target, and if one does (accuracy not
-    monotone) the search goes on below it, with a warning."""
-    _check_features_labels(features, labels)
+    monotone) the search goes on below it, with a warning.
+
+    Returns a ClassificationDimension (.to_frame(): every k evaluated;
+    .plot(): Fig. 2)."""
+    features, labels = _features_labels(data, "data features")
     ratio = _checks.number("ratio", ratio, low=0, high=1, low_open=True)
     projector = _Projector(features, labels, classifier, center)
     d = features.shape[1]
@@ -119,11 +127,15 @@ def _geometric(limit: int) -> list[int]:
     return out
 
 
-def projection_accuracy(features: torch.Tensor, labels: torch.Tensor, classifier, ks, center: bool = False):
+@_former_pair(classifier_first=True)
+def projection_accuracy(classifier, data, ks, center: bool = False) -> pd.DataFrame:
     """Accuracy after projecting onto the top-k eigenvectors, for each k in ks
-    (seed 003 section 3.3, equation 6; the curves of Fig. 2). Returns a DataFrame with columns k, fraction,
-    accuracy."""
-    _check_features_labels(features, labels)
+    (seed 003 section 3.3, equation 6; the curves of Fig. 2).
+
+    classifier, data and center as in classification_dimension; ks: the k
+    to evaluate, each in [1, d]. Returns a DataFrame with columns k,
+    fraction, accuracy."""
+    features, labels = _features_labels(data, "data features")
     projector = _Projector(features, labels, classifier, center)
     d = features.shape[1]
     ks = _checks.integers("ks", ks, low=1, high=d)

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from .. import _checks
-from ._common import _check_features_labels
+from ._common import _features_labels, _former_pair
 
 @dataclass
 class IndependenceDeficit:
@@ -81,8 +81,9 @@ def _lasso_all_classes(G: torch.Tensor, eta: float, max_iter: int, tol: float):
     return A, iteration, bool(violation.max() <= threshold), float(violation.max())
 
 
-def independence_deficit(logits: torch.Tensor, labels: torch.Tensor, eta: float = 20.0, max_iter: int = 20000,
-                         tol: float = 1e-8, class_names=None) -> IndependenceDeficit:
+@_former_pair(classifier_first=False)
+def independence_deficit(data, eta: float = 20.0, max_iter: int = 20000, tol: float = 1e-8,
+                         class_names=None) -> IndependenceDeficit:
     """Independence deficit (seed 003 section 5, equations 11-12, Algorithm
     A4), for every class at once.
 
@@ -93,19 +94,24 @@ def independence_deficit(logits: torch.Tensor, labels: torch.Tensor, eta: float 
     gradient with a KKT convergence test, tol relative to the gradient's
     Lipschitz constant), so coefficients are exact zeros off the support.
 
-    logits: (N, C); labels: (N,). Returns an IndependenceDeficit whose frame
-    has, per class: support and coefficients (decreasing |A|), n_support,
-    r2 (of the reconstruction), accuracy and positive_accuracy of the model
-    when logit_i is replaced by its reconstruction (equation 12), and the
+    data: the logits (N, C) with their labels (N,), as a pair of tensors or
+    any form _data.batches takes (the former call shape (logits, labels)
+    still works, with a FutureWarning). eta, max_iter, tol: the penalty and
+    the solver's limits; class_names: one name per class for the frame.
+
+    Returns an IndependenceDeficit (.to_frame()) whose frame has, per class:
+    support and coefficients (decreasing |A|), n_support, r2 (of the
+    reconstruction), accuracy and positive_accuracy of the model when
+    logit_i is replaced by its reconstruction (equation 12), and the
     original accuracy and positive_accuracy (on samples of class i) as in
     Fig. 4 and appendix F."""
-    _check_features_labels(logits, labels, "logits")
+    logits, labels = _features_labels(data, "data logits")
     eta = _checks.number("eta", eta, low=0)
     max_iter = _checks.positive_int("max_iter", max_iter)
     tol = _checks.number("tol", tol, low=0, low_open=True)
     N, C = logits.shape
     if C < 2:
-        raise ValueError(f"logits needs at least two classes, got {C}")
+        raise ValueError(f"data logits needs at least two classes, got {C}")
     if int(labels.min()) < 0 or int(labels.max()) >= C:
         raise ValueError(f"labels must lie in [0, {C}), got values in [{int(labels.min())}, {int(labels.max())}]")
     if class_names is not None and len(class_names) != C:

@@ -106,10 +106,10 @@ def jacobian_partial_rank(model: nn.Module, data, patch=None, layers=None, eps: 
     factorisation) is estimated first; when it exceeds the free memory a
     ValueError asks for a smaller patch or fewer layers.
 
-    Returns a DataFrame with columns sample, patch, layer, rank, features
-    (output size), patch_size; rows in forward order, model output last.
+    Returns a DataFrame with columns sample, patch, layer, rank, n_features
+    (the output's size), n_patch_entries (K); rows in forward order, model output last.
     Lemma 2: along a chain of layers the partial rank does not increase."""
-    x = _data.inputs(data)
+    x = _data.gather(data)[0]
     _checks.tensor("data", x, ndims=range(1, 6), shape="(N, C, H, W), (C, H, W), (N, d) or (d,)")
     first_patch = patch[0] if isinstance(patch, list) and patch else patch
     if x.dim() == 1 or (x.dim() == 3 and isinstance(first_patch, tuple) and len(first_patch) == 2):
@@ -161,7 +161,7 @@ def jacobian_partial_rank(model: nn.Module, data, patch=None, layers=None, eps: 
                 else:
                     rank = _rank_of_singular_values(sigma, eps)
                 rows.append({"sample": n, "patch": _patch_label(patches[j]), "layer": name,
-                             "rank": int(rank), "features": size, "patch_size": K})
+                             "rank": int(rank), "n_features": size, "n_patch_entries": K})
     return pd.DataFrame(rows)
 
 

@@ -54,7 +54,7 @@ def perturbed_pca_dimension(model: nn.Module, data, layers=None, n_perturbations
     for the PCA: the peak memory is estimated from one forward pass first,
     and a ValueError asks for fewer n_perturbations or layers when it
     exceeds the free memory."""
-    x = _data.inputs(data)
+    x = _data.gather(data)[0]
     _checks.tensor("data", x, ndims=range(2, 6), shape="(N, ...)")
     n_perturbations = _checks.positive_int("n_perturbations", n_perturbations)
     batch_size = _checks.positive_int("batch_size", batch_size)
