@@ -177,7 +177,7 @@ CASES = [
         F, L + 3, nn.Linear(5, 3)), ValueError, "labels"),
     ("independence_deficit names logits", lambda: se.independence_deficit((F[:, :1].squeeze(1), L)), ValueError,
      "logits"),
-    ("independence_deficit logits rows", lambda: se.independence_deficit((F, L[:5])), ValueError, "logits"),
+    ("independence_deficit data rows", lambda: se.independence_deficit((F, L[:5])), ValueError, "data"),
 ]
 
 
