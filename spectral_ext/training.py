@@ -11,7 +11,7 @@ from ._data import batches
 
 @_checks.renamed(seed="generator")
 def train(model: nn.Module, data, y: torch.Tensor | None = None, epochs: int = 30, lr: float = 3e-3,
-          batch_size: int = 64, generator=0, progress: bool = False, parameters=None) -> nn.Module:
+          batch_size: int = 64, generator=0, progress: bool = True, parameters=None) -> nn.Module:
     """Train model in place with Adam on cross-entropy and return it, in eval
     mode (the trained networks of seed 000 section 5 and seed 004
     appendix D.2, here the small reference models).
@@ -21,9 +21,8 @@ def train(model: nn.Module, data, y: torch.Tensor | None = None, epochs: int = 3
     (the former call shape train(model, x, y)). generator: the shuffling
     (an int seed, a torch.Generator, or None for torch's global RNG); 0 by
     default so that a demo trains the same way every run (seed= is its
-    former name). progress: a bar over the epochs, off by default because
-    the loop is short. parameters: what to train (default all of the
-    model's)."""
+    former name). progress: a bar over the epochs (tqdm). parameters: what
+    to train (default all of the model's)."""
     from tqdm.auto import tqdm
 
     if y is not None:
