@@ -485,6 +485,7 @@ def test_partial_rank_figure_draws_the_mean_rank_per_patch(agg):
         np.testing.assert_allclose(line.get_xydata(), np.column_stack([np.arange(len(mean)), mean.to_numpy()]))
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3", "4", "output"]
     assert ax.get_ylabel() == "numerical rank of the partial Jacobian"
+    assert ax.get_xlabel() == "layer (forward order, model output last)"
 
 
 def test_classification_dimension_figure_marks_target_and_dimension(agg):

@@ -13,6 +13,8 @@ from ._data import accuracy  # noqa: F401  (the package's one accuracy, re-expor
 from .encoders import BertEncoder, minilm  # noqa: F401
 from .training import train  # noqa: F401
 
+__all__ = ["BertEncoder", "accuracy", "digits", "digits_cnn", "digits_mlp", "minilm", "train"]
+
 
 @_checks.renamed(seed="generator")
 def digits(generator=0, test_fraction: float = 0.2):
@@ -38,7 +40,9 @@ def digits(generator=0, test_fraction: float = 0.2):
 
 
 def digits_cnn() -> nn.Sequential:
-    """A small CNN for the 8x8 digits: convs "0", "2", "5", Linear "8", "10"."""
+    """A small CNN for the 8x8 digits, a stand-in for the conv networks of
+    seed 000 section 4 (and seed 001's signals): convs "0", "2", "5",
+    Linear "8", "10"."""
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -47,7 +51,9 @@ def digits_cnn() -> nn.Sequential:
 
 
 def digits_mlp(width: int = 64, bias: bool = False) -> nn.Sequential:
-    """A four-layer MLP for the 8x8 digits: Linear maps "1", "3", "5", "7"."""
+    """A four-layer MLP for the 8x8 digits, the fully connected case of seed
+    000 section 2 (and seed 004's stitching): Linear maps "1", "3", "5",
+    "7". width: the hidden units; bias: whether the maps have biases."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, width, bias=bias), nn.ReLU(),
                          nn.Linear(width, width, bias=bias), nn.ReLU(),
                          nn.Linear(width, width, bias=bias), nn.ReLU(), nn.Linear(width, 10, bias=bias))

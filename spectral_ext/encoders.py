@@ -96,7 +96,8 @@ class _Encoder(nn.Module):
 class BertEncoder(nn.Module):
     """A BERT encoder with the parameter names of Hugging Face's BertModel
     (without the pooler), enough to load and run sentence-transformers
-    checkpoints such as all-MiniLM-L6-v2 from their safetensors file."""
+    checkpoints such as all-MiniLM-L6-v2 from their safetensors file: a real
+    transformer for the SVR of seed 000 sections 2-3 (its Linear maps)."""
 
     def __init__(self, vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                  intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
