@@ -174,7 +174,7 @@ CASES = [
     ("classification_dimension classifier not callable", lambda: se.classification_dimension("head", (F, L)),
      TypeError, "classifier"),
     ("classification_dimension labels beyond the classifier", lambda: se.classification_dimension(
-        F, L + 3, nn.Linear(5, 3)), ValueError, "labels"),
+        nn.Linear(5, 3), (F, L + 3)), ValueError, "labels"),
     ("independence_deficit names logits", lambda: se.independence_deficit((F[:, :1].squeeze(1), L)), ValueError,
      "logits"),
     ("independence_deficit data rows", lambda: se.independence_deficit((F, L[:5])), ValueError, "data"),
