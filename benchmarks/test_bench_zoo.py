@@ -51,7 +51,8 @@ def one_by_one(models):
         for layer, module in model.named_modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
                 W = module.weight.detach().double().reshape(module.weight.shape[0], -1)
-                rank, sigma = se.numerical_rank(W, return_singular_values=True)
+                sigma = torch.linalg.svdvals(W)
+                rank = se.rank.rank_of_singular_values(sigma)
                 rows.append((name, layer, int(rank), float(sigma.square().sum() / sigma[0] ** 2), float(sigma[0])))
     return rows
 

@@ -125,21 +125,21 @@ def test_clipping_shares_the_prefix_and_matches_explicit_projections(trained_mlp
     matplotlib.use("Agg")
     from spectral_ext import plot
     assert plot.clipping(df).axes
-    full = datasets.accuracy(model, *test)
+    full = datasets.accuracy(model, test)
     assert df["accuracy"].iloc[-1] == pytest.approx(full)
     cov = se.activation_covariance(model, test[0], ["3"], progress=False)["3"].cov_a()
     rows = C.activation_spectrum(cov)[1]
     projected = copy.deepcopy(model)
     P = (rows[:5].T @ rows[:5]).float()
     projected[3] = nn.Sequential(C_Projection(P), projected[3])
-    assert df["accuracy"].iloc[1] == pytest.approx(datasets.accuracy(projected, *test))
+    assert df["accuracy"].iloc[1] == pytest.approx(datasets.accuracy(projected, test))
     # weight clipping is the seed's W @ projector
     weights = C.clip(model, "3", test, [5], basis="weight", progress=False)
     _, vh = C.weight_spectrum(model[3].weight)
     clipped = copy.deepcopy(model)
     with torch.no_grad():
         clipped[3].weight.copy_(clipped[3].weight @ (vh[:5].T @ vh[:5]).float())
-    assert weights["accuracy"].iloc[0] == pytest.approx(datasets.accuracy(clipped, *test))
+    assert weights["accuracy"].iloc[0] == pytest.approx(datasets.accuracy(clipped, test))
 
 
 class C_Projection(nn.Module):

@@ -122,9 +122,9 @@ CASES = {
     "perturbed_pca_dimension": lambda m: rank.perturbed_pca_dimension(
         m, X[:2], layers=["4"], n_perturbations=30, generator=torch.Generator().manual_seed(0), progress=False),
     "classification_dimension": lambda m: rank.classification_dimension(
-        *_features_and_classifier(m), nn.Sequential(m[10], nn.Dropout(0.5), m[11])),
+        nn.Sequential(m[10], nn.Dropout(0.5), m[11]), _features_and_classifier(m)),
     "projection_accuracy": lambda m: rank.projection_accuracy(
-        *_features_and_classifier(m), nn.Sequential(m[10], nn.Dropout(0.5), m[11]), ks=[1, 3]),
+        nn.Sequential(m[10], nn.Dropout(0.5), m[11]), _features_and_classifier(m), ks=[1, 3]),
     "layer_bases": lambda m: signals.layer_bases(m, ["4"], EXAMPLE),
     "signals": lambda m: signals.signals(m, "4", X),
     "signal_vectors": lambda m: signals.signal_vectors(m, (X, Y), ["4", "9"], progress=False),

@@ -1,8 +1,14 @@
 """Numerical and stable rank (seed 003 section 3.1, equation 4, Theorem 1)."""
+import math
+
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import spectral_ext as se
+from spectral_ext import rank as R
+from spectral_ext.rank import pca as pca_module
 
 
 def low_rank(m, n, r, seed=0, dtype=torch.float64, batch=()):
@@ -24,9 +30,14 @@ def test_products_of_low_rank_factors_have_the_construction_rank(m, n, r):
 
 def test_batched_explicit_tolerance_and_singular_values():
     W = torch.stack([low_rank(12, 9, r, seed=r) for r in (1, 3, 9)]).reshape(3, 1, 12, 9)
-    rank, sigma = se.numerical_rank(W, return_singular_values=True)
+    rank = se.numerical_rank(W)
     assert rank.shape == (3, 1) and rank.dtype == torch.int64 and rank.reshape(-1).tolist() == [1, 3, 9]
-    assert sigma.shape == (3, 1, 9) and bool((sigma[..., :-1] >= sigma[..., 1:]).all())
+    # one return type: the singular values come from svdvals, and equation 4 on them gives the same count
+    sigma = torch.linalg.svdvals(W)
+    assert torch.equal(R.rank_of_singular_values(sigma), rank)
+    assert torch.equal(R.rank_of_singular_values(sigma, eps=0.5), se.numerical_rank(W, eps=0.5))
+    with pytest.raises(TypeError, match="return_singular_values"):
+        se.numerical_rank(W, return_singular_values=True)
     D = torch.diag(torch.tensor([1.0, 0.5, 0.1, 0.01], dtype=torch.float64))
     assert int(se.numerical_rank(D, eps=0.2)) == 2  # sigma_i > 0.2 * 1
     assert int(se.numerical_rank(D, eps=0.05)) == 3
@@ -43,6 +54,17 @@ def test_stable_rank():
     assert 1.0 <= float(se.stable_rank(W)) <= int(se.numerical_rank(W))
 
 
+def test_rank_of_singular_values_checks_its_input():
+    assert int(R.rank_of_singular_values(torch.tensor([2.0, 1.0, 1e-9]))) == 2
+    assert int(R.rank_of_singular_values(torch.tensor([2.0, 1.0, 0.4]), eps=0.25)) == 2  # 0.4 is below 0.25 x sigma_1
+    with pytest.raises(ValueError, match="sigma must be in decreasing order"):
+        R.rank_of_singular_values(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="sigma must be non-negative"):
+        R.rank_of_singular_values(torch.tensor([1.0, -2.0]))
+    with pytest.raises(ValueError, match="sigma must have shape"):
+        R.rank_of_singular_values(torch.tensor(1.0))
+
+
 def test_errors():
     with pytest.raises(ValueError, match="W must have shape"):
         se.numerical_rank(torch.ones(3))
@@ -56,12 +78,6 @@ def test_errors():
 
 # --- partial rank of the Jacobian (section 3.2, Lemma 2) ---------------------------------------
 
-import math
-
-import numpy as np
-from torch import nn
-
-from spectral_ext import rank as R
 
 
 def small_cnn():
@@ -112,7 +128,7 @@ def test_partial_rank_equals_the_rank_of_the_explicit_jacobian(mode, at, rank_of
     options = {} if at == "patch" and rank_of == "gram" else {"at": at, "rank_of": rank_of}  # A1 by default
     df = se.jacobian_partial_rank(model, x, patches, layers=["0", "1", "2", "4"], mode=mode, progress=False,
                                   chunk_size=7 if mode == "forward" else 256, **options)
-    assert list(df.columns[:6]) == ["sample", "patch", "layer", "rank", "features", "patch_size"]
+    assert list(df.columns[:6]) == ["sample", "patch", "layer", "rank", "n_features", "n_patch_entries"]
     assert list(df["layer"][:5]) == ["0", "1", "2", "4", "output"] and len(df) == 2 * 2 * 5
     for n in range(2):
         for patch in patches:
@@ -120,7 +136,7 @@ def test_partial_rank_equals_the_rank_of_the_explicit_jacobian(mode, at, rank_of
             got = df[(df["sample"] == n) & (df["patch"] == label)]
             expected = explicit_ranks(model, x[n:n + 1], patch, ["0", "1", "2", "4", ""], at, rank_of)
             assert got["rank"].tolist() == expected
-            assert int(got["patch_size"].iloc[0]) == 3 * (patch[0].stop - patch[0].start) * (patch[1].stop - patch[1].start)
+            assert int(got["n_patch_entries"].iloc[0]) == 3 * (patch[0].stop - patch[0].start) * (patch[1].stop - patch[1].start)
 
 
 def test_algorithm_a1_evaluates_at_the_zero_padded_patch():
@@ -160,7 +176,7 @@ def test_heavy_paths_refuse_before_running_out_of_memory():
     with pytest.raises(ValueError, match="needs about .* GiB .* free .*n_perturbations"):
         se.perturbed_pca_dimension(model, x, n_perturbations=50000, progress=False)
     # the estimate is an upper bound of what a small run really needs
-    small = R._pca_peak_bytes(100, [3 * 8 * 8, 8 * 6 * 6], 4, 250, 2 * 8 * 6 * 6)
+    small = pca_module._pca_peak_bytes(100, [3 * 8 * 8, 8 * 6 * 6], 4, 250, 2 * 8 * 6 * 6)
     assert small >= 100 * (3 * 8 * 8 + 8 * 6 * 6) * 4
 
 
@@ -225,7 +241,7 @@ def test_partial_rank_errors():
         se.jacobian_partial_rank(model, x, (slice(4, 2), slice(0, 2)))
     with pytest.raises(ValueError, match="mode must be"):
         se.jacobian_partial_rank(model, x, None, mode="sideways")
-    with pytest.raises(ValueError, match="x contains NaN"):
+    with pytest.raises(ValueError, match="data contains NaN"):
         se.jacobian_partial_rank(model, torch.full_like(x, float("nan")), None)
 
 
@@ -278,8 +294,8 @@ def classification_problem(d=24, N=600, classes=5, seed=5):
 @pytest.mark.parametrize("center", [False, True])
 def test_classification_dimension_matches_a_full_scan(center):
     F, labels, head = classification_problem()
-    result = se.classification_dimension(F, labels, head, ratio=0.95, center=center)
-    curve = R.projection_accuracy(F, labels, head, range(1, F.shape[1] + 1), center=center)
+    result = se.classification_dimension(head, (F, labels), ratio=0.95, center=center)
+    curve = R.projection_accuracy(head, (F, labels), range(1, F.shape[1] + 1), center=center)
     full = float((head(F).argmax(-1) == labels).double().mean())
     assert result.full_accuracy == pytest.approx(full) and 0.8 < full < 1
     passing = curve[curve["accuracy"] >= 0.95 * full]["k"]
@@ -296,7 +312,7 @@ def test_classification_dimension_projects_onto_the_top_eigenvectors():
     F = torch.randn(400, 3, dtype=torch.float64, generator=g) * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) @ basis.T
     head = nn.Linear(10, 4).double()
     labels = head(F).argmax(-1)
-    result = se.classification_dimension(F, labels, head, ratio=1.0)
+    result = se.classification_dimension(head, (F, labels), ratio=1.0)
     assert result.dimension <= 3 and result.accuracy == 1.0
 
 
@@ -308,18 +324,18 @@ def test_classification_dimension_verifies_monotonicity():
         return nn.functional.one_hot(labels if good else (labels + 1) % 5, 5).double()
 
     with pytest.warns(RuntimeWarning, match="not monotone"):
-        result = se.classification_dimension(F, labels, picky)
+        result = se.classification_dimension(picky, (F, labels))
     assert result.dimension == 1
 
 
 def test_classification_dimension_errors():
     F, labels, head = classification_problem()
-    with pytest.raises(ValueError, match="labels has 3 entries"):
-        se.classification_dimension(F, labels[:3], head)
+    with pytest.raises(ValueError, match="data holds 600 inputs but labels of shape"):
+        se.classification_dimension(head, (F, labels[:3]))
     with pytest.raises(ValueError, match="ratio must lie in"):
-        se.classification_dimension(F, labels, head, ratio=1.5)
+        se.classification_dimension(head, (F, labels), ratio=1.5)
     with pytest.raises(ValueError, match="classifier must map"):
-        se.classification_dimension(F, labels, lambda f: f.sum(-1))
+        se.classification_dimension(lambda f: f.sum(-1), (F, labels))
 
 
 # --- independence deficit (section 5) -----------------------------------------------------------------
@@ -334,7 +350,7 @@ def deficit_logits(N=2000, C=10, seed=7):
 def test_independence_deficit_finds_the_exact_combination_and_satisfies_kkt():
     Z, labels = deficit_logits()
     eta = 0.01
-    result = se.independence_deficit(Z, labels, eta=eta)
+    result = se.independence_deficit((Z, labels), eta=eta)
     assert result.converged and result.support(0) == [3, 7]
     a = result.coefficients[:, 0]
     # KKT by hand for class 0: gradient of mean (z0 - Z a)^2 is -2 Z^T (z0 - Z a) / N
@@ -352,7 +368,7 @@ def test_independence_deficit_finds_the_exact_combination_and_satisfies_kkt():
 def test_independence_deficit_without_penalty_is_least_squares():
     g = torch.Generator().manual_seed(8)
     Z = torch.randn(300, 5, dtype=torch.float64, generator=g)
-    result = se.independence_deficit(Z, Z.argmax(-1), eta=0.0, tol=1e-12)
+    result = se.independence_deficit((Z, Z.argmax(-1)), eta=0.0, tol=1e-12)
     for i in range(5):
         others = [j for j in range(5) if j != i]
         solution = torch.linalg.lstsq(Z[:, others], Z[:, i:i + 1]).solution[:, 0]
@@ -362,7 +378,7 @@ def test_independence_deficit_without_penalty_is_least_squares():
 def test_independence_deficit_accuracies_match_a_loop():
     Z, labels = deficit_logits(N=500, C=8, seed=9)
     labels = torch.where(torch.arange(500) % 7 == 0, (labels + 1) % 8, labels)
-    result = se.independence_deficit(Z, labels, eta=0.05)
+    result = se.independence_deficit((Z, labels), eta=0.05)
     for i in range(8):
         replaced = Z.clone()
         replaced[:, i] = Z @ result.coefficients[:, i]
@@ -377,11 +393,11 @@ def test_independence_deficit_accuracies_match_a_loop():
 def test_independence_deficit_errors():
     Z, labels = deficit_logits(N=50, C=8)
     with pytest.raises(ValueError, match="labels must lie in"):
-        se.independence_deficit(Z, labels + 8)
+        se.independence_deficit((Z, labels + 8))
     with pytest.raises(ValueError, match="eta must lie in"):
-        se.independence_deficit(Z, labels, eta=-1)
+        se.independence_deficit((Z, labels), eta=-1)
     with pytest.warns(RuntimeWarning, match="the Lasso stopped"):
-        se.independence_deficit(Z, labels, eta=1e-3, max_iter=1, tol=1e-15)
+        se.independence_deficit((Z, labels), eta=1e-3, max_iter=1, tol=1e-15)
 
 
 # --- structural impetus and Theorem 5 ----------------------------------------------------------------
@@ -416,19 +432,145 @@ def test_mlp_slopes_agree_with_theorem_5():
         assert abs(np.mean(slopes) - float(theory[k - 1])) < 0.03
 
 
-def test_mlp_rank_decay_is_monotone_and_plots():
+def test_mlp_rank_decay_is_monotone():
     df = R.mlp_rank_decay(depth=25, width=32, dtype=torch.float32, progress=False)
+    assert list(df.columns) == ["layer", "jacobian_rank", "feature_dimension", "log_ratio_2"]
     assert (np.diff(df["jacobian_rank"]) <= 0).all() and df["jacobian_rank"].iloc[-1] < 32
     assert df["feature_dimension"].iloc[-1] < df["feature_dimension"].iloc[0] <= 32
     # float32 rounding can move the feature dimension by one at the threshold; float64 cannot
     exact = R.mlp_rank_decay(depth=25, width=32, dtype=torch.float64, progress=False)
     assert (np.diff(exact["feature_dimension"]) <= 0).all() and (np.diff(exact["jacobian_rank"]) <= 0).all()
+    # the default generator is 0: the same run twice; an int, a Generator and None are all accepted
+    assert df.equals(R.mlp_rank_decay(depth=25, width=32, dtype=torch.float32, generator=0, progress=False))
+    seeded = R.mlp_rank_decay(depth=3, width=8, generator=torch.Generator().manual_seed(5), progress=False)
+    assert seeded.equals(R.mlp_rank_decay(depth=3, width=8, generator=5, progress=False))
+    torch.manual_seed(1)
+    first = R.mlp_rank_decay(depth=3, width=8, generator=None, progress=False)
+    torch.manual_seed(1)
+    assert first.equals(R.mlp_rank_decay(depth=3, width=8, generator=None, progress=False))
+
+
+# --- figures: what is drawn -----------------------------------------------------------------------
+
+@pytest.fixture
+def agg():
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from spectral_ext import plot
-    assert plot.rank_decay(df).axes[0].get_yscale() == "log"
+    yield plot
+    plt.close("all")
+
+
+def test_rank_decay_figure_draws_both_curves_on_a_log_axis(agg):
+    df = R.mlp_rank_decay(depth=6, width=8, dtype=torch.float64, progress=False)
+    ax = agg.rank_decay(df).axes[0]
+    jacobian, features = ax.get_lines()
+    np.testing.assert_array_equal(jacobian.get_xydata(), df[["layer", "jacobian_rank"]].to_numpy(float))
+    np.testing.assert_array_equal(features.get_xydata(), df[["layer", "feature_dimension"]].to_numpy(float))
+    assert [jacobian.get_label(), features.get_label()] == ["rank of the Jacobian", "feature dimension"]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "layer" and ax.get_ylabel() == "numerical rank"
+
+
+def test_partial_rank_figure_draws_the_mean_rank_per_patch(agg):
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    patches = [(slice(0, 4), slice(0, 4)), (slice(4, 8), slice(4, 8))]
+    frame = se.jacobian_partial_rank(small_cnn(), x, patches, progress=False)
+    ax = agg.partial_rank(frame).axes[0]
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["patch [0:4, 0:4]", "patch [4:8, 4:8]"]
+    for line, label in zip(lines, ["[0:4, 0:4]", "[4:8, 4:8]"]):
+        mean = frame[frame["patch"] == label].groupby("layer", sort=False)["rank"].mean()
+        np.testing.assert_allclose(line.get_xydata(), np.column_stack([np.arange(len(mean)), mean.to_numpy()]))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3", "4", "output"]
+    assert ax.get_ylabel() == "numerical rank of the partial Jacobian"
+    assert ax.get_xlabel() == "layer (forward order, model output last)"
+
+
+def test_classification_dimension_figure_marks_target_and_dimension(agg):
     F, labels, head = classification_problem()
-    assert se.classification_dimension(F, labels, head).plot() is not None
-    frame = se.jacobian_partial_rank(small_cnn(), torch.randn(1, 3, 8, 8, dtype=torch.float64),
-                                     [(slice(0, 4), slice(0, 4)), (slice(4, 8), slice(4, 8))], progress=False)
-    assert len(plot.partial_rank(frame).axes[0].lines) == 2
+    result = se.classification_dimension(head, (F, labels))
+    ax = result.plot().axes[0]
+    curve, target, dimension = ax.get_lines()
+    np.testing.assert_allclose(curve.get_xydata(), result.evaluations[["fraction", "accuracy"]].to_numpy())
+    assert target.get_ydata()[0] == pytest.approx(result.target)
+    assert dimension.get_xdata()[0] == pytest.approx(result.dimension / F.shape[1])
+    assert dimension.get_label() == f"ClsDim = {result.dimension}"
+    assert ax.get_xlabel() == "fraction of eigenvectors kept (k / d)" and ax.get_ylabel() == "accuracy"
+    assert ax.get_xscale() == "log"
+
+
+# --- results as tables, data in any form, renamed keywords --------------------------------------------
+
+def test_results_convert_to_tidy_frames():
+    F, labels, head = classification_problem()
+    result = se.classification_dimension(head, (F, labels))
+    frame = result.to_frame()
+    assert list(frame.columns) == ["k", "fraction", "accuracy", "is_dimension"]
+    assert frame.loc[frame["is_dimension"], "k"].tolist() == [result.dimension]
+    assert frame.loc[frame["is_dimension"], "accuracy"].iloc[0] == pytest.approx(result.accuracy)
+    Z, z_labels = deficit_logits(N=300, C=8)
+    deficit = se.independence_deficit((Z, z_labels), eta=0.01)
+    table = deficit.to_frame()
+    assert table["class"].tolist() == list(range(8)) and table["n_support"].iloc[0] == 2
+    table.loc[0, "n_support"] = -1  # a copy: the result is not changed through it
+    assert deficit.frame["n_support"].iloc[0] == 2
+
+
+def test_classification_uses_the_one_accuracy_and_restores_the_classifier():
+    """The accuracy inside classification_dimension is _data.accuracy: the
+    classifier runs in eval mode (dropout off) and comes back in train mode."""
+    from spectral_ext import _data
+
+    F, labels, head = classification_problem()
+    classifier = nn.Sequential(head, nn.Dropout(0.9)).train()
+    result = se.classification_dimension(classifier, (F, labels))
+    assert classifier.training and classifier[1].training
+    assert result.full_accuracy == _data.accuracy(classifier, (F, labels))
+    assert result.full_accuracy == pytest.approx(float((head(F).argmax(-1) == labels).double().mean()))
+
+
+def test_data_in_any_form_and_the_former_keywords():
+    model = small_cnn()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    patch = (slice(2, 6), slice(2, 6))
+    expected = se.jacobian_partial_rank(model, x, patch, progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(3)), batch_size=2)
+    assert se.jacobian_partial_rank(model, loader, patch, progress=False).equals(expected)
+    assert se.jacobian_partial_rank(model, data=x, patch=patch, progress=False).equals(expected)
+    with pytest.warns(FutureWarning, match="'x' is now called 'data'"):
+        assert se.jacobian_partial_rank(model, x=x, patch=patch, progress=False).equals(expected)
+    pca = se.perturbed_pca_dimension(model, (x[:1], torch.zeros(1)), n_perturbations=20, generator=3,
+                                     progress=False)
+    with pytest.warns(FutureWarning, match="'x' is now called 'data'"):
+        old = se.perturbed_pca_dimension(model, x=x[:1], n_perturbations=20,
+                                         generator=torch.Generator().manual_seed(3), progress=False)
+    assert pca.equals(old)
+    with pytest.raises(TypeError, match="data must be a tensor"):
+        se.jacobian_partial_rank(model, "images", patch, progress=False)
+
+
+def test_former_call_shapes_of_the_feature_methods_still_work():
+    """(features, labels, classifier) and (logits, labels) became (classifier,
+    data) and (data): the old positional shapes give the same result, with a
+    FutureWarning; data may also be a loader of (features, labels) batches."""
+    F, labels, head = classification_problem(d=12, N=200)
+    new = se.classification_dimension(head, (F, labels), ratio=0.9)
+    with pytest.warns(FutureWarning, match=r"now takes \(classifier, \(features, labels\)"):
+        old = se.classification_dimension(F, labels, head, ratio=0.9)
+    with pytest.warns(FutureWarning):
+        keyword = se.classification_dimension(F, labels, classifier=head, ratio=0.9)
+    assert old.dimension == keyword.dimension == new.dimension
+    assert old.evaluations.equals(new.evaluations)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(F, labels), batch_size=64)
+    assert se.classification_dimension(head, loader, ratio=0.9).evaluations.equals(new.evaluations)
+    with pytest.warns(FutureWarning):
+        curve = R.projection_accuracy(F, labels, head, [1, 4])
+    assert curve.equals(R.projection_accuracy(head, (F, labels), [1, 4]))
+    Z, z_labels = deficit_logits(N=200, C=8)
+    with pytest.warns(FutureWarning, match=r"now takes \(\(logits, labels\)"):
+        old = se.independence_deficit(Z, z_labels, eta=0.01)
+    assert torch.equal(old.coefficients, se.independence_deficit((Z, z_labels), eta=0.01).coefficients)
+    with pytest.raises(ValueError, match="data must carry labels"):
+        se.independence_deficit(Z)

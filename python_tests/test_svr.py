@@ -186,14 +186,14 @@ def trained_digits():
 
 def test_trained_network_has_block_structure_and_compresses(trained_digits):
     model, initial, x_test, y_test = trained_digits
-    acc = datasets.accuracy(model, x_test, y_test)
+    acc = datasets.accuracy(model, (x_test, y_test))
     assert acc > 0.9
     trained, random = se.svr(model, dtype=torch.float64), se.svr(initial, dtype=torch.float64)
     top = 8
     for e in range(len(trained.edges)):
         assert int(trained.significant(e)[:top, :top].sum()) >= 2 * int(random.significant(e)[:top, :top].sum())
     compressed = trained.compress("internal")
-    assert datasets.accuracy(compressed, x_test, y_test) >= acc - 0.02
+    assert datasets.accuracy(compressed, (x_test, y_test)) >= acc - 0.02
     # Compression really lowers the ranks.
     for e, (a, _) in enumerate(trained.edges):
         d_in = trained.internal_dimensions(e)[1]

@@ -30,7 +30,7 @@ def zoo_dir(tmp_path_factory):
     x_train, y_train, _, _ = datasets.digits()
     for i in range(40):
         torch.manual_seed(i)
-        model = datasets.train(datasets.digits_cnn(), x_train[:300], y_train[:300], epochs=1, seed=i)
+        model = datasets.train(datasets.digits_cnn(), x_train[:300], y_train[:300], epochs=1, generator=i)
         if i % 2:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / f"cnn_{i:02d}.safetensors"))
         else:

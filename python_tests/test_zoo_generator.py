@@ -104,7 +104,7 @@ def test_checkpoints_and_metadata_agree(small_zoo):
         assert model.activation == row.activation
         with torch.no_grad():
             logits = model(x_test)
-        assert abs(datasets.accuracy(model, x_test, y_test) - row.test_accuracy) <= 1 / len(y_test)
+        assert abs(datasets.accuracy(model, (x_test, y_test)) - row.test_accuracy) <= 1 / len(y_test)
         assert float(torch.nn.functional.cross_entropy(logits, y_test)) == pytest.approx(row.test_loss, rel=1e-4)
         if row.epoch == 0:  # the initialisation, exactly as drawn
             initial = zg._init_model(zg.draw_hyperparameters(row.index))

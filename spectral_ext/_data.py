@@ -79,20 +79,51 @@ def first_batch(data, batch_size: int = 2, name: str = "data", labels: bool = Fa
 
 
 @torch.no_grad()
-def accuracy(model, data, batch_size: int = 1024, name: str = "data") -> float:
-    """Top-1 accuracy of model over labelled data (any form batches takes)."""
+def accuracy(model, data, batch_size: int = 1024, name: str = "data", model_name: str = "model") -> float:
+    """Top-1 accuracy of model over labelled data (any form batches takes):
+    the one accuracy of the package (the metric of seed 003 section 3.3 and
+    of every accuracy column). model: an nn.Module, run in eval mode and
+    given back as it came, or any callable from inputs to logits (N, classes),
+    such as a classifier on features. model_name names it in errors."""
+    from torch import nn
+
     from ._hooks import evaluating
 
+    if isinstance(batch_size, torch.Tensor):  # the former accuracy(model, x, y) of datasets
+        raise TypeError(f"batch_size must be an int, got a tensor: pass the labelled data as one argument, "
+                        f"accuracy({model_name}, (x, y))")
+    if not callable(model):
+        raise TypeError(f"{model_name} must be a callable (an nn.Module, say), got {type(model).__name__}")
     correct = total = 0
-    with evaluating(model):
+    with evaluating(model if isinstance(model, nn.Module) else None):
         for x, y in batches(data, batch_size, name=name, labels=True):
-            logits = model(x)
+            try:
+                logits = model(x)
+            except RuntimeError as error:  # a shape mismatch inside the model
+                raise ValueError(f"{model_name} does not accept inputs of shape {tuple(x.shape)} ({x.dtype}): "
+                                 f"{error}") from error
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+                raise ValueError(f"{model_name} must map inputs (N, ...) to logits (N, classes), got "
+                                 f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
             check_labels(y, logits.shape[-1], name)
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
-    if total == 0:
-        raise ValueError("the labelled data is empty")
-    return correct / total
+    return correct / total  # batches raised already if the data held no sample
+
+
+def gather(data, name: str = "data", labels: bool = False):
+    """All of data (any form batches takes) as one (x, y or None) pair of
+    tensors, for the methods that need every sample at once: a tensor or an
+    (inputs, labels) pair comes back as given (no copy), an iterable's
+    batches are concatenated. labels=True requires labels."""
+    if isinstance(data, torch.Tensor):
+        data = (data, None)
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor) and (
+            data[1] is not None or not labels):
+        first_batch(data, name=name, labels=labels)  # the checks of batches: labels' length, no sample
+        return data
+    xs, ys = zip(*batches(data, name=name, labels=labels))
+    return torch.cat(xs), (None if any(y is None for y in ys) else torch.cat(ys))
 
 
 @torch.no_grad()

@@ -124,7 +124,7 @@ def _demo(args) -> int:
     initial = copy.deepcopy(model)
     start = time.perf_counter()
     datasets.train(model, x_train, y_train, epochs=args.epochs, progress=True)
-    acc = datasets.accuracy(model, x_test, y_test)
+    acc = datasets.accuracy(model, (x_test, y_test))
     print(f"trained a digits CNN in {time.perf_counter() - start:.1f} s: test accuracy {acc:.3f}")
     trained_svr = se.svr(model, x_test[:2], dtype=torch.float64)
     initial_svr = se.svr(initial, x_test[:2], dtype=torch.float64)
@@ -149,7 +149,7 @@ def _demo(args) -> int:
     print(ranks.rename(columns={"factored_parameters": "parameters_as_factors"}).to_string(index=False))
     print(f"parameters of these maps: {int(ranks['parameters'].sum())} dense -> "
           f"{int(ranks['factored_parameters'].sum())} as U_k S_k, V_k^T factors; "
-          f"test accuracy {acc:.3f} -> {datasets.accuracy(compressed, x_test, y_test):.3f}")
+          f"test accuracy {acc:.3f} -> {datasets.accuracy(compressed, (x_test, y_test)):.3f}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trained_svr.plot(top=32, title=f"SVR of the trained digits CNN (test accuracy {acc:.2f}), p = {trained_svr.p}"

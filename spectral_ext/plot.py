@@ -110,22 +110,21 @@ def adjacency_heatmap(svr, e, ax=None, title: str | None = None):
 
 def partial_rank(frame, ax=None):
     """Seed 003 Fig. 1 (a-c): partial rank of the Jacobian per layer, one line
-    per patch (appendix D), averaged over samples."""
+    per patch (appendix D), averaged over samples. frame:
+    jacobian_partial_rank's DataFrame. Returns the figure."""
     fig, ax = _axes(ax, (max(6, 0.45 * frame["layer"].nunique()), 4))
     for patch, part in frame.groupby("patch", sort=False):
         mean = part.groupby("layer", sort=False)["rank"].mean()
         ax.plot(range(len(mean)), mean.to_numpy(), marker="o", ms=3, label=f"patch {patch}")
         ax.set_xticks(range(len(mean)))
         ax.set_xticklabels(mean.index, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("numerical rank of the partial Jacobian")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "layer (forward order, model output last)", "numerical rank of the partial Jacobian")
 
 
 def classification_dimension(result, ax=None):
-    """Seed 003 Fig. 2: accuracy against the fraction of eigenvectors kept,
-    with the target and the classification dimension marked."""
+    """Seed 003 Fig. 2 (section 3.3): accuracy against the fraction of
+    eigenvectors kept, with the target and the classification dimension
+    marked. result: a ClassificationDimension. Returns the figure."""
     fig, ax = _axes(ax, (5, 4))
     ev = result.evaluations
     ax.plot(ev["fraction"], ev["accuracy"], marker="o", ms=3)
@@ -137,7 +136,8 @@ def classification_dimension(result, ax=None):
 
 def rank_decay(frame, ax=None):
     """Seed 003 Fig. 1 (d-f): Jacobian rank and feature dimension of the
-    Gaussian MLP against depth, on a log scale (Theorem 5's exponential law)."""
+    Gaussian MLP against depth, on a log scale (Theorem 5's exponential law).
+    frame: rank.mlp_rank_decay's DataFrame. Returns the figure."""
     fig, ax = _axes(ax, (5, 4))
     ax.plot(frame["layer"], frame["jacobian_rank"], label="rank of the Jacobian")
     ax.plot(frame["layer"], frame["feature_dimension"], label="feature dimension")

@@ -476,13 +476,13 @@ def rotation_penalty(model: nn.Module, layer: str, train_data, test_data, transf
                 p.requires_grad_(False)
     from . import datasets
 
-    before = datasets.accuracy(model, x_test, y_test)
+    before = datasets.accuracy(model, (x_test, y_test))
     trainable = [p for p in new.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"nothing after {layer!r} has parameters to fine-tune")
-    datasets.train(new, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+    datasets.train(new, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size, generator=seed,
                    progress=progress, parameters=trainable)
-    after = datasets.accuracy(new, x_test, y_test)
+    after = datasets.accuracy(new, (x_test, y_test))
     return {"transform": transform, "layer": layer, "accuracy_before": before, "accuracy_after": after,
             "penalty": before - after}
 

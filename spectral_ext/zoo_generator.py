@@ -279,7 +279,7 @@ def train_population(hyper: list[dict], x_train, y_train, x_test, y_test, epochs
 def _settings(n, epochs, checkpoints, seed, group_size, batch_size) -> dict:
     return {"n": n, "epochs": epochs, "checkpoints": sorted(set(checkpoints)), "seed": seed,
             "group_size": group_size, "batch_size": batch_size, "dataset": "sklearn.datasets.load_digits",
-            "split": "spectral_ext.datasets.digits(seed=0): 80% train, 20% test"}
+            "split": "spectral_ext.datasets.digits(generator=0): 80% train, 20% test"}
 
 
 def make_digits_zoo(out, n: int = 1000, epochs: int = 12, checkpoints=(0, 1, 4, 12), seed: int = 0,
