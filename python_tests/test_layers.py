@@ -168,10 +168,8 @@ def test_untraceable_model_order_comes_from_the_one_capture(monkeypatch):
             super().__init__()
             self.late, self.early = nn.Linear(4, 3), nn.Linear(5, 4)
 
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow defeats fx
-                x = -x
-            return self.late(torch.relu(self.early(x)))
+        def forward(self, x):  # data-dependent control flow defeats fx
+            return self.late(torch.relu(self.early(-x if x.sum() > 0 else x)))
 
     calls = []
     monkeypatch.setattr(layers, "capturing", lambda *a, **k: calls.append(list(a[1])) or hooks.capturing(*a, **k))

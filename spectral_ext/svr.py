@@ -10,6 +10,7 @@ module's contents."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import sys
@@ -550,22 +551,30 @@ def _matrix_frame(A: torch.Tensor, value: str, **columns) -> pd.DataFrame:
                          "previous_index": prev.reshape(-1).numpy(), value: A.reshape(-1).numpy()})
 
 
+class _ReadAsDict(Mapping):
+    """A results dataclass read like the dict its first field holds (as the
+    function returned before issue 17 made results dataclasses)."""
+
+    def _dict(self) -> dict:
+        return getattr(self, dataclasses.fields(self)[0].name)
+
+    def __getitem__(self, key):
+        return self._dict()[key]
+
+    def __iter__(self):
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+
 @dataclass(frozen=True, eq=False)
-class KernelConnections(Mapping):
+class KernelConnections(_ReadAsDict):
     """|V~_{i+1}^T U-bar_i| per edge (seed 000 section 5.2.1), read like a
     dict {(previous, next): (k~_next, k_previous) tensor}; `.to_frame()` is
     one row per entry (previous, next, next_index, previous_index, value)."""
 
     matrices: dict
-
-    def __getitem__(self, edge) -> torch.Tensor:
-        return self.matrices[edge]
-
-    def __iter__(self):
-        return iter(self.matrices)
-
-    def __len__(self) -> int:
-        return len(self.matrices)
 
     def to_frame(self) -> pd.DataFrame:
         frames = [_matrix_frame(M, "value", previous=a, next=b) for (a, b), M in self.matrices.items()]
@@ -606,7 +615,7 @@ def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: boo
 
 
 @dataclass(frozen=True, eq=False)
-class SpectralActivations(Mapping):
+class SpectralActivations(_ReadAsDict):
     """Spectral activations Y = V^T psi(X) per map (seed 000 sections 2.2 and
     4.1), read like a dict {layer: tensor}: (N, ..., k) for a Linear, the
     spectral images (N, k, *spatial) for a conv. `.to_frame()`: per layer and
@@ -614,15 +623,6 @@ class SpectralActivations(Mapping):
     one sample's spectral images (a conv2d map)."""
 
     activations: dict
-
-    def __getitem__(self, layer: str) -> torch.Tensor:
-        return self.activations[layer]
-
-    def __iter__(self):
-        return iter(self.activations)
-
-    def __len__(self) -> int:
-        return len(self.activations)
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
