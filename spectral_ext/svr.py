@@ -525,7 +525,7 @@ def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: b
     eigensolver, so each adjacency is the top-left block of the full one
     (thresholds and null dimensions are those of the full maps); None, the
     default, keeps all. progress: a progress bar over the SVDs (it appears
-    after 2 s).
+    after 2 s). Returns an SVR.
     """
     return _build(model, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
 
@@ -538,7 +538,8 @@ def co_svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm
     consecutive maps: a[n, m] = sum_z (sum_k v~_{k,n} u~_{k,z,m})^2, with the
     chi2(K^2) / (c K^2) threshold of the previous map's kernel. Across conv ->
     flatten -> Linear the Linear's inputs are (channel, position) pairs and
-    the positions are summed too (see _co_conv_linear). Arguments as in `svr`."""
+    the positions are summed too (see _co_conv_linear). Arguments as in `svr`;
+    returns an SVR whose flattening is "co-svr"."""
     return _build(model, example_input, p, fold_batchnorm, dtype, "co-svr", graph, top, progress)
 
 
