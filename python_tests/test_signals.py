@@ -144,6 +144,7 @@ def test_plots():
     """What each seed 001 figure draws, read back from the artists."""
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.pyplot
     from matplotlib.patches import FancyArrowPatch
     from spectral_ext import plot
     h, _, _ = random_hypergraph(1)
@@ -172,6 +173,7 @@ def test_plots():
     np.testing.assert_allclose(np.asarray(axes[2].images[0].get_array()), images[2, 0].numpy())
     eig = Sp.sample_power_law(3.0, 1.0, 500)
     assert plot.esd(eig, fit=Sp.fit_power_law(eig)).axes
+    matplotlib.pyplot.close("all")
 
 
 def test_callable_module_both_call_forms_pickling_and_help():

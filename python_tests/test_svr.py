@@ -363,6 +363,7 @@ def test_spectral_activations_and_sobel(monkeypatch):
     np.testing.assert_allclose(np.asarray(axes[5].images[0].get_array()), acts["2"][1, 5].double().numpy())
     with pytest.raises(ValueError, match="conv2d"):
         acts.plot("4")
+    matplotlib.pyplot.close("all")
     # A spectral image equal to the edge map of the input scores 1; its negative scores 1 too (|.|).
     images = torch.rand(3, 3, 16, 16, dtype=torch.float64)
     grey = images.mean(1, keepdim=True)
@@ -390,6 +391,7 @@ def test_outputs_tables_graph_and_figures(tmp_path):
     assert G.number_of_edges() == int(s.significant(0).sum() + s.significant(1).sum())
     for (a, m), (b, n), data in G.edges(data=True):
         assert data["weight"] == pytest.approx(float(s.adjacency((a, b))[n, m]))
+    import matplotlib.pyplot
     from matplotlib.collections import LineCollection, PathCollection
 
     fig = s.plot()
@@ -413,6 +415,7 @@ def test_outputs_tables_graph_and_figures(tmp_path):
     assert heat.axes[0].patches[0].get_height() == pytest.approx(d_out - 0.1)
     assert heat.axes[0].get_title() == "adjacency 2 -> 4"
     assert (tmp_path / "svr.png").stat().st_size > 1000
+    matplotlib.pyplot.close("all")
     with pytest.raises(ValueError, match="kind must be"):
         s.to_frame("nodes")
 
