@@ -74,9 +74,22 @@ def test_threshold_matches_the_authors_emin_and_plot(tmp_path):
     # Emin = chi2.ppf(1 - p, z) / z / arch[k + 1], z = K^2 (conv -> conv), H * W (conv -> FC), 1 (FC).
     for k, z in enumerate([9, 4, 1]):
         assert s.svr.threshold(k) == pytest.approx(stats.chi2.ppf(1 - p, z) / z / s.arch[k + 1], rel=1e-9)
-    fig = s.plot()
-    fig.savefig(tmp_path / "svr.png")
-    assert len(fig.axes[0].collections) >= 4  # edges + one scatter per map
+    import matplotlib.pyplot
+    from matplotlib.collections import LineCollection, PathCollection
+
+    for sigma in (3, 1):  # a random net has no 3-sigma edge; at 1 sigma about 16% of coefficients
+        fig = s.plot(sigma_threshold=sigma)
+        fig.savefig(tmp_path / "svr.png")
+        ax = fig.axes[0]
+        lines = [c for c in ax.collections if isinstance(c, LineCollection)]
+        view = se.svr(s.svr.model, p=float(stats.norm.sf(sigma)), graph=s.svr.graph, top=s.max_dim_svd,
+                      progress=False)
+        expected = sum(min(int(view.significant(k).sum()), 100 * 3) for k in range(3))
+        assert sum(len(c.get_segments()) for c in lines) == expected and (expected > 0) == (sigma == 1)
+        points = [c for c in ax.collections if isinstance(c, PathCollection)]
+        assert [len(c.get_offsets()) for c in points] == [len(S) for S in s.S]  # every spectral neuron
+        assert f"p = {stats.norm.sf(sigma):g}" in ax.get_title()
+        matplotlib.pyplot.close(fig)
 
 
 def test_bad_input():

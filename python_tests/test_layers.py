@@ -154,3 +154,28 @@ def test_untraceable_conv_chain_keeps_its_null_dimension():
     assert s.null_dimension(0) == traced.null_dimension(0) == 4
     assert s.threshold(0) == pytest.approx(traced.threshold(0))
     assert s.internal_dimensions(0) == traced.internal_dimensions(0)
+
+
+def test_untraceable_model_order_comes_from_the_one_capture(monkeypatch):
+    """The forward-hook fallback records the maps through _hooks.capturing, in
+    the order they first ran (not registration order), starts afresh after a
+    candidate input that fails, and leaves no hook behind."""
+    import spectral_ext._hooks as hooks
+    import spectral_ext.layers as layers
+
+    class Reordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late, self.early = nn.Linear(4, 3), nn.Linear(5, 4)
+
+        def forward(self, x):  # data-dependent control flow defeats fx
+            return self.late(torch.relu(self.early(-x if x.sum() > 0 else x)))
+
+    calls = []
+    monkeypatch.setattr(layers, "capturing", lambda *a, **k: calls.append(list(a[1])) or hooks.capturing(*a, **k))
+    model = Reordered()
+    g = layers._discover_with_hooks(model, {n: layers._describe(n, m) for n, m in model.named_children()},
+                                    [torch.ones(1, 7), torch.ones(1, 5)])  # the first candidate fails
+    assert calls == [["late", "early"]] and list(g.maps) == ["early", "late"]
+    assert [(c.previous, c.next) for c in g.connections] == [("early", "late")]
+    assert not any(m._forward_hooks for m in model.modules())

@@ -1,6 +1,7 @@
 """Receptive-field signals, hypergraphs, semantic hierarchy (seed 001
 sections 4.3, 5, 6) and weight spectra (sections 3-4, equation 12)."""
 import copy
+import dataclasses
 import itertools
 
 import networkx as nx
@@ -10,11 +11,9 @@ import torch
 from torch import nn
 
 import spectral_ext as se
-import sys
-
 from spectral_ext import datasets, spectra as Sp
 
-G = sys.modules["spectral_ext.signals"]  # spectral_ext.signals is the function (DESIGN contract)
+G = se.signals  # the module, callable as the signals function (DESIGN contract)
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2), ((2, 1), (0, 1), (1, 2))])
@@ -40,9 +39,23 @@ def test_linear_signals_and_streaming_match():
     basis = G.layer_bases(model, ["0"], x[:1])["0"]
     torch.testing.assert_close(se.signals(model, "0", x), (model[0].weight @ x.T).T @ basis.U)
     loader = [(x[i:i + 7], torch.zeros(len(x[i:i + 7]), dtype=torch.long)) for i in range(0, 50, 7)]
-    vectors, labels = G.signal_vectors(model, loader, layers=["0", "2"], progress=False)
+    result = G.signal_vectors(model, ["0", "2"], loader, progress=False)
+    vectors, labels = result  # unpacks as the (vectors, labels) pair it was
     torch.testing.assert_close(vectors["0"], se.signals(model, "0", x))
     assert vectors["2"].shape == (50, 3) and labels.shape == (50,)
+    frame = result.to_frame()
+    assert list(frame.columns) == ["layer", "sample", "index", "signal", "label"] and len(frame) == 50 * (4 + 3)
+    row = frame[(frame["layer"] == "2") & (frame["sample"] == 7) & (frame["index"] == 1)]
+    assert float(row["signal"].iloc[0]) == pytest.approx(float(vectors["2"][7, 1]))
+    # The order before issue 17, (model, data, layers), is recognised by type, with a FutureWarning.
+    for old in (lambda: G.signal_vectors(model, loader, ["0", "2"], progress=False),
+                lambda: G.signal_vectors(model, loader, layers=["0", "2"], progress=False)):
+        with pytest.warns(FutureWarning, match=r"now signal_vectors\(model, layers, data\)"):
+            torch.testing.assert_close(old().vectors["2"], vectors["2"])
+    with pytest.warns(FutureWarning, match="'x' is now called 'data'"):
+        torch.testing.assert_close(se.signals(model, "0", x=x, progress=False), vectors["0"])
+    with pytest.raises(TypeError, match="needs data"):
+        G.signal_vectors(model, ["0"])
 
 
 def random_hypergraph(seed):
@@ -97,7 +110,7 @@ def test_trained_hypergraph_differs_from_initialisation_and_exemplars():
     trained = datasets.train(copy.deepcopy(init), x_train, y_train, epochs=5)
     incidences = []
     for model in (init, trained):
-        vectors, labels = G.signal_vectors(model, (x_test, y_test), layers=["8"], progress=False)
+        vectors, labels = G.signal_vectors(model, ["8"], (x_test, y_test), progress=False)
         h = G.hypergraph(vectors["8"], labels, q=0.95, p=0.75, layer="8")
         incidences.append(h.to_frame()[["class", "node"]].apply(tuple, axis=1).tolist())
     assert set(incidences[0]) != set(incidences[1])
@@ -110,25 +123,99 @@ def test_trained_hypergraph_differs_from_initialisation_and_exemplars():
 def test_feature_visualization_is_deterministic_and_raises_the_signal():
     torch.manual_seed(0)
     model = datasets.digits_cnn()
-    a = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=30, seed=5)
-    b = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=30, seed=5)
+    a = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=30, generator=5)
+    b = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=30, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.shape == (1, 8, 8) and 0 <= float(a.min()) and float(a.max()) <= 1
-    start = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=0, seed=5)
+    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
+        assert torch.equal(G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=30, seed=5), a)
+    torch.manual_seed(3)  # generator=None draws from torch's global generator
+    c = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=2, progress=False)
+    torch.manual_seed(3)
+    assert torch.equal(G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=2, progress=False), c)
+    assert not any(m._forward_hooks for m in model.modules())  # the capture is gone
+    start = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=0, generator=5)
     gain = lambda img: float(se.signals(model, "2", img[None])[0, [0, 3]].sum())  # noqa: E731
     assert gain(a) > gain(start)
-    pixel = G.feature_visualization(model, "2", 0, (1, 8, 8), steps=5, parameterization="pixel")
+    pixel = G.feature_visualization(model, "2", 0, (1, 8, 8), steps=5, parameterization="pixel", generator=0)
     assert pixel.shape == (1, 8, 8)
 
 
 def test_plots():
+    """What each seed 001 figure draws, read back from the artists."""
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.pyplot
+    from matplotlib.patches import FancyArrowPatch
     from spectral_ext import plot
     h, _, _ = random_hypergraph(1)
-    assert h.plot().axes and plot.semantic_hierarchy(h.semantic_hierarchy()).axes
-    assert plot.signal_heatmaps(torch.randn(4, 5, 5)).axes and plot.image_grid(torch.rand(3, 1, 8, 8)).axes
+    ax = h.plot().axes[0]
+    groups = h.equivalence_classes()
+    keys = sorted(groups, key=lambda k: (-len(k), groups[k][0]))
+    expected = np.array([[c in k for k in keys] for c in h.classes], dtype=float)
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), expected)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(c) for c in h.classes]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"v{groups[k][0]} ({len(groups[k])})" for k in keys]
+    H = h.semantic_hierarchy()
+    ax = plot.semantic_hierarchy(H).axes[0]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == H.number_of_nodes()
+    assert sum(isinstance(p, FancyArrowPatch) for p in ax.patches) == H.number_of_edges()
+    assert {t.get_text().split("\n")[0] for t in ax.texts} == {d["label"] for _, d in H.nodes(data=True)}
+    maps = torch.randn(4, 5, 5, generator=torch.Generator().manual_seed(0))
+    axes = [a for a in plot.signal_heatmaps(maps, nodes=[0, 2, 3]).axes if a.images]
+    assert [a.get_title() for a in axes] == ["v0", "v2", "v3"]
+    for a, i in zip(axes, [0, 2, 3]):
+        np.testing.assert_allclose(np.asarray(a.images[0].get_array()), maps[i].double().numpy())
+        assert a.images[0].get_clim() == pytest.approx((-float(maps[[0, 2, 3]].abs().max()),
+                                                        float(maps[[0, 2, 3]].abs().max())))
+    images = torch.rand(3, 1, 8, 8)
+    axes = [a for a in plot.image_grid(images, titles=["a", "b", "c"]).axes if a.images]
+    assert [a.get_title() for a in axes] == ["a", "b", "c"]
+    np.testing.assert_allclose(np.asarray(axes[2].images[0].get_array()), images[2, 0].numpy())
     eig = Sp.sample_power_law(3.0, 1.0, 500)
     assert plot.esd(eig, fit=Sp.fit_power_law(eig)).axes
+    matplotlib.pyplot.close("all")
+
+
+def test_callable_module_both_call_forms_pickling_and_help():
+    """spectral_ext.signals is the module and, called, the function (issue 17 item 3)."""
+    import importlib
+    import inspect
+    import pickle
+    import pydoc
+
+    import spectral_ext.signals as module
+    from spectral_ext.signals import signals as function
+
+    assert module is se.signals is importlib.import_module("spectral_ext.signals") and inspect.ismodule(module)
+    assert inspect.isfunction(function) and function.__module__ == "spectral_ext.signals"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(9, 5)
+    torch.testing.assert_close(se.signals(model, "0", x, progress=False), function(model, "0", x, progress=False))
+    assert callable(se.signals.hypergraph) and se.signals.SignalVectors is module.SignalVectors
+    assert list(inspect.signature(se.signals).parameters)[:4] == ["model", "layer", "data", "reduce"]
+    result = se.signals.signal_vectors(model, ["0"], (x, torch.arange(9) % 2), progress=False)
+    back = pickle.loads(pickle.dumps(result))
+    assert type(back) is module.SignalVectors and torch.equal(back.vectors["0"], result.vectors["0"])
+    text = pydoc.render_doc(se.signals, renderer=pydoc.plaintext)
+    assert "The module is callable" in text and "signal_vectors(model: 'nn.Module', layers=None, data=None" in text
+    with pytest.raises(AttributeError):
+        se.signals.no_such_name
+
+
+def test_one_spectral_layer_record_for_svr_and_signals():
+    from spectral_ext.layers import SpectralLayer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    x = torch.randn(1, 2, 6, 6)
+    basis = G.layer_bases(model, ["0"], x)["0"]
+    layer = se.svr(model, x, dtype=torch.float64).layers["0"]
+    assert type(basis) is type(layer) is SpectralLayer is G.LayerBasis is se.svr.SpectralLayer
+    assert basis.module is layer.module is model[0] and basis.kind == layer.kind == "conv2d"
+    torch.testing.assert_close(basis.S, layer.S)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        basis.S = None
 
 
 # --- spectra -----------------------------------------------------------------------------------------

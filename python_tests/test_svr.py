@@ -2,6 +2,7 @@
 formulas, the paper's statements (bounds, invariance, appendix A, B.1, B.2)
 and a network trained on scikit-learn's digits."""
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -318,23 +319,51 @@ def test_co_svr_and_kernel_connections():
     A = sum(np.einsum("kn,km->nm", V2, U0[:, z, :]) ** 2 for z in range(9))
     np.testing.assert_allclose(c.adjacency(0).numpy(), A, atol=1e-12)
     assert c.threshold(0) == pytest.approx(stats.chi2.isf(0.15, 9) / (4 * 9))
-    kc = se.kernel_connections(cnn, x, dtype=torch.float64)[("0", "2")]
+    connections = se.kernel_connections(cnn, x, dtype=torch.float64)
+    kc = connections[("0", "2")]
     Ubar = np_right_left(W0.reshape(4, -1))[0]
     np.testing.assert_allclose(kc.numpy(), np.abs(V2.T @ Ubar), atol=1e-12)
+    frame = connections.to_frame()
+    assert list(connections) == [("0", "2")] and len(frame) == kc.numel()
+    row = frame[(frame["next_index"] == 2) & (frame["previous_index"] == 1)]
+    assert float(row["value"].iloc[0]) == pytest.approx(float(kc[2, 1]))
 
 
-def test_spectral_activations_and_sobel():
+def test_spectral_activations_and_sobel(monkeypatch):
     model = seeded(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
                                  nn.Flatten(), nn.Linear(6 * 3 * 3, 5)))
     x = torch.randn(2, 1, 8, 8)
     s = se.svr(model, x)
+    import spectral_ext._hooks as hooks
+
+    calls = []  # the activations come through the one capture of _hooks
+    monkeypatch.setattr(se.svr, "capturing", lambda *a, **k: calls.append(a[1]) or hooks.capturing(*a, **k))
     acts = se.spectral_activations(model, s, x)
+    assert calls == [["0", "2", "4"]] and not any(m._forward_hooks for m in model.modules())
+    assert isinstance(acts, se.svr.SpectralActivations) and list(acts) == ["0", "2", "4"] and len(acts) == 3
     hidden = torch.relu(model[0](x))
     V = s.layers["2"].V
     expected = torch.nn.functional.conv2d(hidden, V.T.reshape(-1, 4, 3, 3), stride=2)
     torch.testing.assert_close(acts["2"], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(acts["4"], model[3](model[2](hidden)) @ s.layers["4"].V, rtol=1e-4, atol=1e-5)
     assert acts["0"].shape == (2, 4, 8, 8)
+    # Any form of data: batches of a loader give the same, concatenated; `x=` is the old keyword.
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(2)), batch_size=1)
+    torch.testing.assert_close(se.spectral_activations(model, s, loader, ["2"], progress=False)["2"], acts["2"])
+    with pytest.warns(FutureWarning, match="'x' is now called 'data'"):
+        torch.testing.assert_close(se.spectral_activations(model, s, x=x, layers="4")["4"], acts["4"])
+    frame = acts.to_frame()
+    assert list(frame.columns) == ["layer", "index", "mean_abs"] and len(frame) == 4 + 6 + 5
+    row = frame[(frame["layer"] == "2") & (frame["index"] == 3)]
+    assert float(row["mean_abs"].iloc[0]) == pytest.approx(float(acts["2"][:, 3].abs().mean()), rel=1e-6)
+    import matplotlib
+    matplotlib.use("Agg")
+    axes = [a for a in acts.plot("2", sample=1).axes if a.images]
+    assert len(axes) == 6
+    np.testing.assert_allclose(np.asarray(axes[5].images[0].get_array()), acts["2"][1, 5].double().numpy())
+    with pytest.raises(ValueError, match="conv2d"):
+        acts.plot("4")
+    matplotlib.pyplot.close("all")
     # A spectral image equal to the edge map of the input scores 1; its negative scores 1 too (|.|).
     images = torch.rand(3, 3, 16, 16, dtype=torch.float64)
     grey = images.mean(1, keepdim=True)
@@ -349,8 +378,10 @@ def test_outputs_tables_graph_and_figures(tmp_path):
     model = seeded(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)))
     s = se.svr(model, dtype=torch.float64)
     edges = s.to_frame()
-    assert list(edges["previous"]) == ["0", "2"] and (edges["significant"] >= 0).all()
-    assert edges.loc[0, "significant"] == int(s.significant(0).sum())
+    assert list(edges["previous"]) == ["0", "2"] and (edges["n_significant"] >= 0).all()
+    assert edges.loc[0, "n_significant"] == int(s.significant(0).sum())
+    assert edges.loc[0, "null_dimension"] == s.null_dimension(0) == 5
+    assert (edges.loc[0, "n_next_neurons"], edges.loc[0, "n_previous_neurons"]) == (4, 5)
     neurons = s.to_frame("neurons")
     assert len(neurons) == 5 + 4 + 3 and neurons["color_intensity"].between(0, 1).all()
     coeffs = s.to_frame("coefficients")
@@ -360,9 +391,31 @@ def test_outputs_tables_graph_and_figures(tmp_path):
     assert G.number_of_edges() == int(s.significant(0).sum() + s.significant(1).sum())
     for (a, m), (b, n), data in G.edges(data=True):
         assert data["weight"] == pytest.approx(float(s.adjacency((a, b))[n, m]))
-    s.plot().savefig(tmp_path / "svr.png")
-    s.plot_adjacency(0).savefig(tmp_path / "adjacency.png")
+    import matplotlib.pyplot
+    from matplotlib.collections import LineCollection, PathCollection
+
+    fig = s.plot()
+    fig.savefig(tmp_path / "svr.png")
+    ax = fig.axes[0]
+    lines = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert len(lines) == 1 and len(lines[0].get_segments()) == G.number_of_edges()
+    # Each significant coefficient A[n, m] of edge (a, b) is a segment from (x_a, m + 1) to (x_b, n + 1).
+    drawn = {tuple(map(tuple, seg.round(6))) for seg in lines[0].get_segments()}
+    x_of = {"0": 0, "2": 1, "4": 2}
+    assert drawn == {((x_of[a], m + 1), (x_of[b], n + 1)) for (a, m), (b, n) in G.edges}
+    points = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert [len(c.get_offsets()) for c in points] == [5, 4, 3]  # one scatter per map, every neuron
+    np.testing.assert_allclose(points[1].get_array(), s.neuron_intensity("2").numpy())
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "2", "4"]
+    heat = s.plot_adjacency(1)
+    heat.savefig(tmp_path / "adjacency.png")
+    np.testing.assert_allclose(np.asarray(heat.axes[0].images[0].get_array()), s.adjacency(1).numpy())
+    d_out, d_in = s.internal_dimensions(1)
+    assert heat.axes[0].patches[0].get_width() == pytest.approx(d_in - 0.1)
+    assert heat.axes[0].patches[0].get_height() == pytest.approx(d_out - 0.1)
+    assert heat.axes[0].get_title() == "adjacency 2 -> 4"
     assert (tmp_path / "svr.png").stat().st_size > 1000
+    matplotlib.pyplot.close("all")
     with pytest.raises(ValueError, match="kind must be"):
         s.to_frame("nodes")
 
@@ -551,3 +604,64 @@ def test_half_precision_is_computed_in_float32_with_a_warning():
     assert s.layers[0].S.dtype == torch.float32
     ref = se.svr(model.float(), dtype=torch.float64)
     torch.testing.assert_close(s.adjacency(0).double(), ref.adjacency(0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fold_batchnorm", [False, True])
+def test_compress_reuses_the_svds_it_holds(monkeypatch, fold_batchnorm):
+    """Issue 17 item 4: every SVD route is counted; building the SVR uses them,
+    compress none, and its weights are those of the SVD the SVR holds (folded
+    when asked), not of a fresh one."""
+    import spectral_ext._linalg as linalg
+
+    model = seeded(nn.Sequential(nn.Conv2d(2, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 3, 3))).eval()
+    with torch.no_grad():
+        model[1].running_var.copy_(torch.tensor([0.01, 0.1, 1.0, 4.0, 9.0, 100.0]))
+    calls = []
+    for owner, name in [(torch.linalg, "svd"), (torch.linalg, "svdvals"), (torch.linalg, "eigh"), (torch, "svd"),
+                        (torch.linalg, "eigvalsh"), (linalg, "signed_svd"), (linalg, "batched_signed_svd"),
+                        (se.svr, "batched_signed_svd")]:
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    s = se.svr(model, torch.randn(1, 2, 7, 7), dtype=torch.float64, fold_batchnorm=fold_batchnorm)
+    assert calls, "the counters must see the SVR's own SVDs, or they prove nothing"
+    calls.clear()
+    # A held SVD that differs from the weights' own: compress must use it (a recomputation would not).
+    layer = s.layers["0"]
+    U = layer.U.clone()
+    U[:, [0, 1]] = U[:, [1, 0]]
+    s.layers._layers[0] = dataclasses.replace(layer, U=U)
+    small = s.compress({"0": 2})
+    assert calls == []
+    scale = model[1].weight.detach().double() / torch.sqrt(model[1].running_var.double() + model[1].eps)
+    expected = (U[:, :2] * layer.S[:2]) @ layer.V[:, :2].T
+    got = small[0].weight.detach().double().reshape(6, -1)
+    if fold_batchnorm:  # the folded map is truncated; the copy's BatchNorm multiplies the scale back in
+        got = got * scale[:, None]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_callable_module_both_call_forms_pickling_and_help():
+    """spectral_ext.svr is the module and, called, the function (issue 17 item 3)."""
+    import importlib
+    import inspect
+    import pickle
+    import pydoc
+
+    import spectral_ext.svr as module
+    from spectral_ext.svr import svr as function
+
+    assert module is se.svr is importlib.import_module("spectral_ext.svr") and inspect.ismodule(module)
+    assert inspect.isfunction(function) and function.__module__ == "spectral_ext.svr"
+    assert se.svr.internal_dimensions is internal_dimensions and se.svr.SVR is se.SVR
+    model = seeded(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)))
+    s = se.svr(model, None, 0.2, False, dtype=torch.float64)  # the DESIGN contract, positionally
+    assert isinstance(s, module.SVR) and s.p == 0.2
+    torch.testing.assert_close(function(model, p=0.2, dtype=torch.float64).adjacency(0), s.adjacency(0))
+    assert list(inspect.signature(se.svr).parameters)[:4] == ["model", "example_input", "p", "fold_batchnorm"]
+    back = pickle.loads(pickle.dumps(s))
+    assert type(back) is se.SVR and back.edges == s.edges and torch.equal(back.adjacency(0), s.adjacency(0))
+    assert back.internal_dimensions(0) == s.internal_dimensions(0)
+    text = pydoc.render_doc(se.svr, renderer=pydoc.plaintext)
+    assert "The module is callable" in text and "internal_dimensions(A: 'torch.Tensor', n: 'float')" in text
+    with pytest.raises(AttributeError):
+        se.svr.no_such_name

@@ -22,13 +22,14 @@ from .covariance import activation_covariance, align, clip, rainbow
 from .layers import ModelGraph, chain_graph, discover
 from .rank import (classification_dimension, independence_deficit, jacobian_partial_rank, numerical_rank,
                    perturbed_pca_dimension, stable_rank)
-from .signals import hypergraph, semantic_hierarchy, signals
+from . import signals, svr  # callable modules: spectral_ext.svr(model, ...) calls the function svr.svr
+from .signals import hypergraph, semantic_hierarchy
 from .spectra import alpha_hat, fit_power_law, fit_power_laws, layer_spectra, weight_singular_values
 from .similarity import cka, pairwise_similarity, procrustes, similarity_matrix
 from .stitching import stitch, stitching_penalty
 from .symmetry import apply_symmetry, intertwiner_group
 from .zoo_generator import make_digits_zoo
-from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_activations, svr, svr_many
+from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_activations, svr_many
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._hooks import set_eval
+from ._hooks import capturing, set_eval
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -113,6 +113,27 @@ class LinearMap:
         rows are (output channel, kernel position), columns input channels."""
         w = self.weight(fold_batchnorm, dtype).reshape(self.out_channels, self.in_channels, -1)
         return w.permute(0, 2, 1).reshape(-1, self.in_channels)
+
+
+@dataclass(frozen=True, eq=False)
+class SpectralLayer:
+    """One linear map with its SVD, the record every method module shares:
+    W = U diag(S) V^T under the flattening of seed 000 section 4.2 (SVR,
+    U (out, k), V (in * K2, k)) or 4.4 (co-SVR, U (out * K2, k), V (in, k));
+    seed 001 section 4.3 reads V's columns as the signal directions. Columns
+    in decreasing singular value, signs by the project's convention. `module`
+    is the nn.Module the map belongs to (for its stride, padding, ...)."""
+
+    name: str
+    kind: str  # "linear", "conv1d", "conv2d" or "conv3d"
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    module: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.numel())
 
 
 @dataclass
@@ -332,11 +353,14 @@ def _default_input(first: LinearMap, model: nn.Module) -> list[torch.Tensor]:
 
 
 def discover(model: nn.Module, example_input=None) -> ModelGraph:
-    """Every linear map of `model` (Linear, Conv1d/2d/3d, in forward order)
-    and the connections between them, from one traced forward pass on
-    `example_input` (a tensor or a tuple of positional inputs; for a model
-    whose first map is a Linear one is made up, for a convolutional one a
-    few common image sizes are tried)."""
+    """Every linear map of `model` and how they connect (seed 000 sections 2.2
+    and 4.2: which output channel of a map each input row of the next reads).
+
+    model: an nn.Module; its Linear and Conv1d/2d/3d maps, in forward order.
+    example_input: a tensor or a tuple of positional inputs for one traced
+    forward pass (for a model whose first map is a Linear one is made up, for
+    a convolutional one a few common image sizes are tried).
+    Returns a ModelGraph (maps, connections)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
@@ -430,17 +454,8 @@ def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection
 
 
 def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
-    order, shapes = [], {}
-
-    def hook(name):
-        def record(module, inputs, output):
-            if name not in shapes:
-                order.append(name)
-                shapes[name] = (inputs[0].shape, output.shape)
-        return record
-
-    handles = [maps[name].module.register_forward_hook(hook(name)) for name in maps]
-    try:
+    """The maps in the order they first ran (a plain capture: only `order` is used)."""
+    with capturing(model, list(maps)) as (captured, order):
         errors = []
         for candidate in candidates:
             args = candidate if isinstance(candidate, tuple) else (candidate,)
@@ -450,13 +465,11 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
             except Exception as error:
                 errors.append(f"{type(error).__name__}: {error}")
                 order.clear()
-                shapes.clear()
+                captured.clear()
         else:
             raise ValueError(f"model did not run on example_input: {errors[-1]}")
-    finally:
-        for h in handles:
-            h.remove()
-    return _chain(maps, order, warn=True)
+        ran = list(order)
+    return _chain(maps, ran, warn=True)
 
 
 def _chain(maps: dict, order: list[str], warn: bool = False) -> ModelGraph:
@@ -494,8 +507,9 @@ def _chain(maps: dict, order: list[str], warn: bool = False) -> ModelGraph:
 def chain_graph(model: nn.Module) -> ModelGraph:
     """The graph of a model whose linear maps run one after the other in
     registration order (nn.Sequential-like), without tracing it: the SVR
-    authors' convention (a list of weights taken as the dataflow, conv ->
-    Linear flattened channel-major). Shapes that do not chain raise ValueError."""
+    authors' convention (the code of seed 000: a list of weights taken as the
+    dataflow, conv -> Linear flattened channel-major). Returns a ModelGraph;
+    shapes that do not chain raise ValueError."""
     maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
     if not maps:
         raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")

@@ -8,11 +8,21 @@ A singular vector is significant for an image above a per-layer threshold q
 (a high quantile of all signals), and for a class when significant for at
 least p of its images (section 5); classes are the hyperedges of a
 hypergraph on the singular vectors, whose equivalence classes are ordered by
-inclusion of their class sets (section 5.2)."""
+inclusion of their class sets (section 5.2).
+
+The module is callable: ``spectral_ext.signals(model, layer, data,
+reduce="mean")`` calls the function `signals` below, and
+``spectral_ext.signals.hypergraph``, ``spectral_ext.signals.signal_vectors``
+reach the module's contents."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
+import sys
+import types
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,23 +38,18 @@ from ._data import first_batch
 from ._hooks import capturing, evaluating, set_eval
 from ._linalg import signed_svd
 from ._ops import signal_projection
-from .layers import discover
+from .layers import SpectralLayer, discover
+
+LayerBasis = SpectralLayer  # the name this record had here before it was shared with svr.py
 
 
-@dataclass
-class LayerBasis:
-    """A linear map with its SVD (the project's sign convention)."""
-    name: str
-    module: nn.Module
-    kind: str
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
+def layer_bases(model: nn.Module, layers=None, example_input=None) -> dict[str, SpectralLayer]:
+    """The SVD W1 = U S V^T of seed 001 section 4.3 (W1 = weight.reshape(out,
+    -1), float64) of each chosen Linear or Conv2d map.
 
-
-def layer_bases(model: nn.Module, layers=None, example_input=None) -> dict[str, LayerBasis]:
-    """SVDs of the chosen linear maps (default all) of W1 =
-    weight.reshape(out, -1), float64."""
+    layers: a qualified module name or a list of them (default all);
+    example_input: an input to trace the model with (see layers.discover).
+    Returns {layer: SpectralLayer}, in the order asked."""
     graph = discover(model, example_input)
     names = list(graph.maps) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     unknown = [n for n in names if n not in graph.maps]
@@ -57,11 +62,11 @@ def layer_bases(model: nn.Module, layers=None, example_input=None) -> dict[str, 
         if m.kind not in ("linear", "conv2d"):
             raise ValueError(f"signals are implemented for Linear and Conv2d layers, {name} is {m.kind}")
         U, S, V = signed_svd(m.matrix(dtype=torch.float64))
-        out[name] = LayerBasis(name, m.module, m.kind, U, S, V)
+        out[name] = SpectralLayer(name, m.kind, U, S, V, module=m.module)
     return out
 
 
-def _project(basis: LayerBasis, inputs: torch.Tensor, reduce):
+def _project(basis: SpectralLayer, inputs: torch.Tensor, reduce):
     """Signals of a captured layer input: (B, r) or (B, r, H', W')."""
     V = basis.V.to(inputs.dtype).to(inputs.device)
     s = basis.S.to(inputs.dtype).to(inputs.device)
@@ -93,7 +98,8 @@ def _stream(model, bases, data, reduce, batch_size, progress, consume, name="dat
             consume({name: _project(bases[name], captured[name], reduce) for name in bases}, y)
 
 
-def signals(model: nn.Module, layer: str, x, reduce: str | None = "mean", batch_size: int = 256,
+@_checks.renamed(x="data")
+def signals(model: nn.Module, layer: str, data, reduce: str | None = "mean", batch_size: int = 256,
             progress: bool = True) -> torch.Tensor:
     """Signals s_i <v_i, receptive field> of the input of `layer` (seed 001
     section 4.3, equation 16) for every right singular vector v_i: per
@@ -101,15 +107,16 @@ def signals(model: nn.Module, layer: str, x, reduce: str | None = "mean", batch_
     averaged over the receptive fields (reduce="mean": the signal vector
     sigma_L(X), (N, r)). Linear layers give the plain projection (N, r).
 
-    x: a tensor of inputs, an (x, y) pair or a DataLoader (streamed batch by
-    batch; only the signals are kept). The layer input is captured with a
-    forward hook; conv signals come from the signal_projection operator,
-    never from the unfolded receptive-field matrix."""
+    layer: a qualified module name; data (formerly `x`): a tensor of inputs,
+    an (x, y) pair, a DataLoader or an iterable of batches (streamed batch by
+    batch; only the signals are kept); progress: a bar over the batches.
+    Conv signals come from the signal_projection operator, never from the
+    unfolded receptive-field matrix. Returns a tensor (the DESIGN contract)."""
     if reduce not in (None, "mean"):
         raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
-    bases = layer_bases(model, [layer], _example(x, "x"))
+    bases = layer_bases(model, [layer], _example(data))
     out = []
-    _stream(model, bases, x, reduce, batch_size, progress, lambda sig, y: out.append(sig[layer]), name="x")
+    _stream(model, bases, data, reduce, batch_size, progress, lambda sig, y: out.append(sig[layer]))
     return torch.cat(out)
 
 
@@ -125,9 +132,69 @@ def _example(data, name="data"):
     return None
 
 
-def signal_vectors(model: nn.Module, data, layers=None, batch_size: int = 256, progress: bool = True):
-    """One pass over the data: {layer: sigma_L(X) for every sample (N, r)} and
-    the labels (N,) when the data carries them (else None)."""
+@dataclass(frozen=True, eq=False)
+class SignalVectors:
+    """Signal vectors sigma_L(X) (seed 001 section 4.3) of every sample, per
+    layer: vectors {layer: (N, r)}, labels (N,) or None. Unpacks as the pair
+    `vectors, labels = signal_vectors(...)`; `.to_frame()` is one row per
+    (layer, sample, index) with its signal (and label)."""
+
+    vectors: dict
+    labels: torch.Tensor | None
+
+    def __iter__(self):  # the (vectors, labels) pair signal_vectors returned before issue 17
+        return iter((self.vectors, self.labels))
+
+    def to_frame(self) -> pd.DataFrame:
+        frames = []
+        for layer, V in self.vectors.items():
+            n, r = V.shape
+            frame = pd.DataFrame({"layer": layer, "sample": np.repeat(np.arange(n), r),
+                                  "index": np.tile(np.arange(r), n), "signal": V.double().reshape(-1).numpy()})
+            if self.labels is not None:
+                frame["label"] = np.repeat(self.labels.cpu().numpy(), r)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+
+def _is_layers(value) -> bool:
+    """Layer names: None, one name, or a non-empty list or tuple of names."""
+    return value is None or isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) for v in value))
+
+
+def _layers_before_data(function):
+    """(model, layers, data) is issue 17's order; (model, data, layers), the
+    order before it, is recognised by type (data are not layer names) and
+    taken with a FutureWarning."""
+    @functools.wraps(function)
+    def inner(model, *args, **kwargs):
+        if args and not _is_layers(args[0]):
+            warnings.warn(f"{function.__name__}(model, data, layers) is now {function.__name__}(model, layers, "
+                          "data)", FutureWarning, stacklevel=2)
+            if len(args) >= 2:
+                args = (args[1], args[0], *args[2:])
+            else:
+                if "data" in kwargs:
+                    raise TypeError(f"{function.__name__}() got data twice (positionally and as data=)")
+                args, kwargs = (), {**kwargs, "data": args[0]}
+        return function(model, *args, **kwargs)
+    return inner
+
+
+@_layers_before_data
+def signal_vectors(model: nn.Module, layers=None, data=None, batch_size: int = 256,
+                   progress: bool = True) -> SignalVectors:
+    """Signal vectors sigma_L(X) (seed 001 section 4.3, equation 16 averaged
+    over receptive fields) of every sample for several layers in one pass
+    over the data, the input of the hypergraphs of section 5.1.
+
+    layers: a qualified module name or a list (default all Linear and Conv2d
+    maps); data: any form spectral_ext._data.batches accepts (labels kept
+    when it carries them); the old order (model, data, layers) still works.
+    Returns SignalVectors (vectors {layer: (N, r)}, labels (N,) or None)."""
+    if data is None:
+        raise TypeError("signal_vectors() needs data: a tensor, an (x, y) pair, a DataLoader or batches")
     bases = layer_bases(model, layers, _example(data))
     out: dict[str, list] = {name: [] for name in bases}
     labels: list = []
@@ -140,7 +207,7 @@ def signal_vectors(model: nn.Module, data, layers=None, batch_size: int = 256, p
 
     _stream(model, bases, data, "mean", batch_size, progress, consume)
     vectors = {name: torch.cat(v) for name, v in out.items()}
-    return vectors, (torch.cat(labels) if labels else None)
+    return SignalVectors(vectors, torch.cat(labels) if labels else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +300,10 @@ def hypergraph(vectors: torch.Tensor, labels: torch.Tensor, q: float = 0.85, p: 
 
 
 def hypergraph_family(vectors: torch.Tensor, labels: torch.Tensor, qs, ps, layer: str = "") -> dict:
-    """Hypergraphs for every (q, p) from one set of signal vectors: the pass
-    over the data is shared, each member costs a quantile and a count."""
+    """Hypergraphs (seed 001 section 5.1) for every (q, p) in qs x ps from one
+    set of signal vectors (N, r) and labels: the pass over the data is
+    shared, each member costs a quantile and a count. Returns {(q, p):
+    Hypergraph}."""
     return {(q, p): hypergraph(vectors, labels, q, p, layer=layer) for q in qs for p in ps}
 
 
@@ -271,11 +340,12 @@ def _label(members: list[int]) -> str:
 def exemplary_images(model: nn.Module, layer: str, data, targets, k: int = 8, batch_size: int = 256,
                      progress: bool = True) -> pd.DataFrame:
     """The dataset images whose signal vectors most strongly activate each
-    target (section 6): a target is a singular-vector index or a list of
-    them (an equivalence class; its score is the sum of their signals).
-    Streams the data keeping a running top-k per target. Returns a
-    DataFrame with columns target, rank, index (position in the data
-    stream), score."""
+    target (seed 001 section 6): a target is a singular-vector index or a
+    list of them (an equivalence class; its score is the sum of their
+    signals). Streams the data (any form spectral_ext._data.batches
+    accepts) keeping a running top-k per target; progress: a bar over the
+    batches. Returns a DataFrame with columns target, rank, index (position
+    in the data stream), score."""
     k = _checks.positive_int("k", k)
     if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
         raise TypeError(f"targets must be a list of singular-vector indices or lists of them, got {targets!r}")
@@ -335,16 +405,21 @@ def _robust_transform(image: torch.Tensor, generator: torch.Generator, jitter: i
     return image
 
 
+@_checks.renamed(seed="generator")
 def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=None, steps: int = 256,
                           lr: float = 0.05, parameterization: str = "fourier", jitter: int = 1,
-                          scale: float = 0.05, rotate: float = 5.0, seed: int = 0,
+                          scale: float = 0.05, rotate: float = 5.0, generator=None,
                           progress: bool = True) -> torch.Tensor:
     """An input maximising sum_i w_i sum_j s_i v_i^T Psi(T_L)[j] (seed 001
     equations 19-20) over the singular vectors `nodes` of `layer`, with the
     transformation-robustness regularisers of Olah et al. (random jitter,
     scale and rotation each step) and a decorrelated Fourier
     ("fourier") or plain ("pixel") parameterisation squashed to [0, 1].
-    Deterministic under `seed`. shape: (C, H, W). Returns (C, H, W)."""
+
+    shape: (C, H, W); generator (formerly `seed`): None (torch's global RNG),
+    an int seed or a torch.Generator, drawing the start and the transforms
+    (generator=0 repeats a result); progress: a bar over the steps.
+    Returns the image (C, H, W)."""
     if parameterization not in ("fourier", "pixel"):
         raise ValueError(f"parameterization must be 'fourier' or 'pixel', got {parameterization!r}")
     nodes = _checks.integers("nodes", [nodes] if isinstance(nodes, numbers.Integral) else nodes, low=0)
@@ -357,8 +432,7 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
     jitter = _checks.integer("jitter", jitter, low=0)
     scale = _checks.number("scale", scale, low=0, high=1, high_open=True)
     rotate = _checks.number("rotate", rotate)
-    seed = _checks.integer("seed", seed)
-    g = torch.Generator().manual_seed(seed)
+    g = _checks.generator(generator)
     bases = layer_bases(model, [layer], torch.zeros(1, C, H, W))
     basis = bases[layer]
     if max(nodes) >= basis.V.shape[1]:
@@ -375,8 +449,6 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
         param = (0.01 * torch.randn(C, H, W, generator=g)).requires_grad_()
         render = lambda: torch.sigmoid(param)  # noqa: E731
     optimizer = torch.optim.Adam([param], lr=lr)
-    captured = {}
-    handle = basis.module.register_forward_hook(lambda m, a, o: captured.__setitem__("x", a[0]))
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -384,17 +456,29 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
     from tqdm.auto import tqdm
 
     try:
-        for _ in tqdm(range(steps), desc="feature visualisation", disable=not progress, leave=False):
-            optimizer.zero_grad()
-            image = _robust_transform(render()[None], g, jitter, scale, rotate)
-            model(image)
-            sig = _project(basis, captured["x"], None)
-            per_node = sig[:, nodes].reshape(1, len(nodes), -1).sum(-1)[0]  # sum over positions j
-            (-(w.to(per_node.dtype) * per_node).sum()).backward()
-            optimizer.step()
+        with capturing(model, [layer], inputs=True) as (captured, _):
+            for _ in tqdm(range(steps), desc="feature visualisation", disable=not progress, leave=False):
+                optimizer.zero_grad()
+                image = _robust_transform(render()[None], g, jitter, scale, rotate)
+                model(image)
+                sig = _project(basis, captured[layer], None)
+                per_node = sig[:, nodes].reshape(1, len(nodes), -1).sum(-1)[0]  # sum over positions j
+                (-(w.to(per_node.dtype) * per_node).sum()).backward()
+                optimizer.step()
     finally:
-        handle.remove()
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)
         restore()
     return render().detach()
+
+
+class _CallableModule(types.ModuleType):
+    """spectral_ext.signals is this module and, called, the signals function
+    (the DESIGN contract `spectral_ext.signals(model, layer, x, reduce="mean")`)."""
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return signals(*args, **kwargs)
+
+
+__signature__ = inspect.signature(signals)  # inspect.signature(spectral_ext.signals): the function's
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,13 +1,22 @@
 """The Singular Value Representation (seed 000): spectral neurons of every
 linear map, their adjacency across layers, significance thresholds, internal
 dimensions, colour intensities, co-SVR, kernel connections, spectral
-activations, the Sobel edge measure and SVD compression."""
+activations, the Sobel edge measure and SVD compression.
+
+The module is callable: ``spectral_ext.svr(model, example_input=None,
+p=0.15, fold_batchnorm=False)`` calls the function `svr` below, and
+``spectral_ext.svr.internal_dimensions``, ``spectral_ext.svr.SVR`` reach the
+module's contents."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
+import sys
+import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,27 +27,9 @@ from scipy import stats
 from torch import nn
 
 from . import _checks, _ops
-from ._hooks import evaluating
+from ._hooks import capturing, evaluating
 from ._linalg import batched_signed_svd, compute_dtype
-from .layers import Connection, ModelGraph, discover
-
-
-@dataclass
-class SpectralLayer:
-    """The spectral neurons of one linear map: W = U diag(S) V^T with the
-    flattening of seed 000 section 4.2 (SVR) or 4.4 (co-SVR). U (out, k),
-    S (k,), V (in * K2, k) for the SVR; U (out * K2, k), V (in, k) for the
-    co-SVR. Columns are in decreasing singular value."""
-
-    name: str
-    kind: str
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        return int(self.S.numel())
+from .layers import Connection, ModelGraph, SpectralLayer, discover
 
 
 class LayerList:
@@ -273,8 +264,9 @@ class SVR:
     # ------------------------------------------------------------ outputs
 
     def to_frame(self, kind: str = "edges") -> pd.DataFrame:
-        """Tidy tables. kind="edges": one row per connected pair (threshold,
-        significant edge count and fraction, internal dimensions);
+        """Tidy tables (seed 000 sections 3.2 and 4.3). kind="edges": one row
+        per connected pair (null_dimension n, threshold, n_significant and
+        significant_fraction of the coefficients, internal dimensions);
         "neurons": one row per spectral neuron (singular value, intensity);
         "coefficients": one row per adjacency coefficient."""
         if kind == "edges":
@@ -284,8 +276,9 @@ class SVR:
                 sig = self.significant(k)
                 d_out, d_in = self.internal_dimensions(k)
                 rows.append({"previous": a, "next": b, "kind": c.kind, "kernel_area": c.kernel_area,
-                             "n": c.null_dimension, "next_neurons": A.shape[0], "previous_neurons": A.shape[1],
-                             "threshold": self.threshold(k), "significant": int(sig.sum()),
+                             "null_dimension": c.null_dimension, "n_next_neurons": A.shape[0],
+                             "n_previous_neurons": A.shape[1], "threshold": self.threshold(k),
+                             "n_significant": int(sig.sum()),
                              "significant_fraction": float(sig.double().mean()), "d_out": d_out, "d_in": d_in,
                              "max_coefficient": float(A.max())})
             return pd.DataFrame(rows)
@@ -300,12 +293,8 @@ class SVR:
         if kind == "coefficients":
             frames = []
             for k, (a, b) in enumerate(self.edges):
-                A = self.adjacency(k).double().cpu()
-                nxt, prev = torch.meshgrid(torch.arange(A.shape[0]), torch.arange(A.shape[1]), indexing="ij")
-                frames.append(pd.DataFrame({"previous": a, "next": b, "next_index": nxt.reshape(-1).numpy(),
-                                            "previous_index": prev.reshape(-1).numpy(),
-                                            "coefficient": A.reshape(-1).numpy(),
-                                            "significant": (A > self.threshold(k)).reshape(-1).numpy()}))
+                frame = _matrix_frame(self.adjacency(k), "coefficient", previous=a, next=b)
+                frames.append(frame.assign(significant=frame["coefficient"] > self.threshold(k)))
             return pd.concat(frames, ignore_index=True)
         raise ValueError(f"kind must be 'edges', 'neurons' or 'coefficients', got {kind!r}")
 
@@ -466,7 +455,8 @@ def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, gra
         lambda m: m.co_matrix(fold_batchnorm, dtype))
     svds = batched_signed_svd({(i, n): flatten(m) for i, g in enumerate(graphs) for n, m in g.maps.items()},
                               top=top, progress=progress, desc=f"{flattening.upper()}: SVDs of the linear maps")
-    all_layers = [LayerList([SpectralLayer(n, g.maps[n].kind, *svds[(i, n)]) for n in g.maps])
+    all_layers = [LayerList([SpectralLayer(n, g.maps[n].kind, *svds[(i, n)], module=g.maps[n].module)
+                             for n in g.maps])
                   for i, g in enumerate(graphs)]
     operands, direct = {}, {}
     for i, layers in enumerate(all_layers):
@@ -503,10 +493,13 @@ def _build(model, example_input, p, fold_batchnorm, dtype, flattening, graph=Non
 def svr_many(models, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
              dtype: torch.dtype | None = None, graph: ModelGraph | None = None, top: int | None = None,
              progress: bool = True) -> list[SVR]:
-    """The SVRs of many models of one architecture (a model zoo) in one go:
-    the dataflow is traced once on the first model, and every SVD and
-    adjacency runs batched across models. Models whose maps differ raise
-    ValueError naming the map. Arguments as in `svr`."""
+    """The SVRs (seed 000 sections 2-4) of many models of one architecture (a
+    model zoo) in one go: the dataflow is traced once on the first model, and
+    every SVD and adjacency runs batched across models.
+
+    models: an iterable of nn.Modules with the same linear maps (models whose
+    maps differ raise ValueError naming the map); the other arguments as in
+    `svr`. Returns a list of SVR, one per model, in order."""
     models = list(models)
     return _build_many(models, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
 
@@ -532,7 +525,7 @@ def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: b
     eigensolver, so each adjacency is the top-left block of the full one
     (thresholds and null dimensions are those of the full maps); None, the
     default, keeps all. progress: a progress bar over the SVDs (it appears
-    after 2 s).
+    after 2 s). Returns an SVR.
     """
     return _build(model, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
 
@@ -545,19 +538,61 @@ def co_svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm
     consecutive maps: a[n, m] = sum_z (sum_k v~_{k,n} u~_{k,z,m})^2, with the
     chi2(K^2) / (c K^2) threshold of the previous map's kernel. Across conv ->
     flatten -> Linear the Linear's inputs are (channel, position) pairs and
-    the positions are summed too (see _co_conv_linear). Arguments as in `svr`."""
+    the positions are summed too (see _co_conv_linear). Arguments as in `svr`;
+    returns an SVR whose flattening is "co-svr"."""
     return _build(model, example_input, p, fold_batchnorm, dtype, "co-svr", graph, top, progress)
+
+
+def _matrix_frame(A: torch.Tensor, value: str, **columns) -> pd.DataFrame:
+    """One row per entry of a matrix (rows: next map's spectral neurons,
+    columns: previous map's), with the given constant columns first."""
+    A = A.double().cpu()
+    nxt, prev = torch.meshgrid(torch.arange(A.shape[0]), torch.arange(A.shape[1]), indexing="ij")
+    return pd.DataFrame({**columns, "next_index": nxt.reshape(-1).numpy(),
+                         "previous_index": prev.reshape(-1).numpy(), value: A.reshape(-1).numpy()})
+
+
+class _ReadAsDict(Mapping):
+    """A results dataclass read like the dict its first field holds (as the
+    function returned before issue 17 made results dataclasses)."""
+
+    def _dict(self) -> dict:
+        return getattr(self, dataclasses.fields(self)[0].name)
+
+    def __getitem__(self, key):
+        return self._dict()[key]
+
+    def __iter__(self):
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+
+@dataclass(frozen=True, eq=False)
+class KernelConnections(_ReadAsDict):
+    """|V~_{i+1}^T U-bar_i| per edge (seed 000 section 5.2.1), read like a
+    dict {(previous, next): (k~_next, k_previous) tensor}; `.to_frame()` is
+    one row per entry (previous, next, next_index, previous_index, value)."""
+
+    matrices: dict
+
+    def to_frame(self) -> pd.DataFrame:
+        frames = [_matrix_frame(M, "value", previous=a, next=b) for (a, b), M in self.matrices.items()]
+        columns = ["previous", "next", "next_index", "previous_index", "value"]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: bool = False,
                        dtype: torch.dtype | None = None, graph: ModelGraph | None = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True) -> KernelConnections:
     """|V~_{i+1}^T U-bar_i| for every edge (seed 000 section 5.2.1): how the SVR
     spectral neurons of a map reach the co-SVR spectral neurons of the next.
-    Returns {(previous, next): (k~_next, k_previous) tensor}. A conv ->
-    flatten -> Linear edge has no such matrix (the Linear's inputs are
-    (channel, position) pairs, section 5.2.1 treats conv -> conv): it is left
-    out, with a warning naming it, and the other edges are returned."""
+    Arguments as in `svr`. Returns KernelConnections, a mapping
+    {(previous, next): (k~_next, k_previous) tensor}. A conv -> flatten ->
+    Linear edge has no such matrix (the Linear's inputs are (channel,
+    position) pairs, section 5.2.1 treats conv -> conv): it is left out, with
+    a warning naming it, and the other edges are returned."""
     graph = graph if graph is not None else discover(model, example_input)
     _check_weights(graph)
     dtype = compute_dtype(dtype, [m.module.weight for m in graph.maps.values()])
@@ -577,52 +612,94 @@ def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: boo
     if skipped:
         warnings.warn("kernel connections skip the conv -> flatten -> Linear edge(s) " + ", ".join(skipped) +
                       " (section 5.2.1 defines them between convolutions)", stacklevel=2)
-    return out
+    return KernelConnections(out)
 
 
-def spectral_activations(model: nn.Module, svr: SVR, x, layers=None) -> dict:
+@dataclass(frozen=True, eq=False)
+class SpectralActivations(_ReadAsDict):
+    """Spectral activations Y = V^T psi(X) per map (seed 000 sections 2.2 and
+    4.1), read like a dict {layer: tensor}: (N, ..., k) for a Linear, the
+    spectral images (N, k, *spatial) for a conv. `.to_frame()`: per layer and
+    spectral neuron the mean |Y| over samples and positions; `.plot(layer)`:
+    one sample's spectral images (a conv2d map)."""
+
+    activations: dict
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for layer, Y in self.activations.items():
+            axis = Y.dim() - 1 if Y.dim() <= 2 else 1  # the spectral-neuron axis
+            mean_abs = Y.abs().double().movedim(axis, 0).reshape(Y.shape[axis], -1).mean(1).cpu()
+            rows += [{"layer": layer, "index": i, "mean_abs": float(v)} for i, v in enumerate(mean_abs)]
+        return pd.DataFrame(rows, columns=["layer", "index", "mean_abs"])
+
+    def plot(self, layer: str, sample: int = 0, nodes=None, ncols: int = 8):
+        """The spectral images of `layer` for one sample (seed 000 Fig. 4)."""
+        from .plot import signal_heatmaps
+
+        if layer not in self.activations:
+            raise KeyError(f"layer {layer!r} has no spectral activations here; choose among {list(self)}")
+        Y = self.activations[layer]
+        if Y.dim() != 4:
+            raise ValueError(f"layer {layer!r}: spectral images need a conv2d map, got activations {tuple(Y.shape)}")
+        sample = _checks.integer("sample", sample, low=0, high=Y.shape[0] - 1)
+        return signal_heatmaps(Y[sample], nodes=nodes, ncols=ncols)
+
+
+def _spectral_images(inp: torch.Tensor, layer: SpectralLayer, module: nn.Module) -> torch.Tensor:
+    """One captured input through the map's spectral filters V (section 4.1);
+    `module` (the caller's model's, not the SVR's) gives stride and padding."""
+    V = layer.V.to(inp.dtype).to(inp.device)
+    if layer.kind == "linear":
+        return inp @ V
+    kernel = tuple(module.kernel_size)
+    if layer.kind == "conv2d" and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return _ops.signal_projection(inp, V, torch.ones(V.shape[1], dtype=V.dtype, device=V.device),
+                                      module.stride, module.padding, module.dilation, None, kernel)
+    if module.padding_mode != "zeros":
+        inp = F.pad(inp, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    else:
+        padding = module.padding
+    conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[layer.kind]
+    filters = V.T.reshape(V.shape[1], module.in_channels, *kernel)
+    return conv(inp, filters, None, module.stride, padding, module.dilation)
+
+
+@_checks.renamed(x="data")
+def spectral_activations(model: nn.Module, svr: SVR, data, layers=None, batch_size: int = 256,
+                         progress: bool = True) -> SpectralActivations:
     """Spectral activations Y = V^T psi(X) of each map's input (seed 000
     sections 2.2 and 4.1): for a Linear, its input projected on V (..., k);
     for a conv, the input convolved with the k spectral filters (B, k, H', W'),
-    the "spectral images". Returns {name: tensor} for `layers` (default all)."""
+    the "spectral images".
+
+    model: the model `svr` was built from (or one of its architecture); svr:
+    its SVR; data: inputs in any form spectral_ext._data.batches accepts (a
+    tensor, an (inputs, labels) pair, a DataLoader, an iterable of batches),
+    streamed, the results concatenated over samples; layers: map names
+    (default all); progress: a bar over the batches. Returns
+    SpectralActivations ({layer: tensor})."""
+    from tqdm.auto import tqdm
+
+    from ._data import batches
+
     if svr.flattening != "svr":
         raise ValueError("spectral activations are defined for the SVR, not the co-SVR")
-    names = svr.layers.names() if layers is None else list(layers)
+    names = svr.layers.names() if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     modules = dict(model.named_modules())
-    captured: dict = {}
-    handles = []
     for name in names:
         if name not in svr.layers or name not in modules:
             raise KeyError(f"{name!r} is not a linear map of this SVR")
-        handles.append(modules[name].register_forward_hook(
-            lambda m, inputs, output, name=name: captured.__setitem__(name, inputs[0].detach())))
-    try:
-        with torch.no_grad(), evaluating(model):
-            model(*(x if isinstance(x, tuple) else (x,)))
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name in names:
-        inp, layer, module = captured[name], svr.layers[name], modules[name]
-        V = layer.V.to(inp.dtype).to(inp.device)
-        if layer.kind == "linear":
-            out[name] = inp @ V
-            continue
-        kernel = tuple(module.kernel_size)
-        if (layer.kind == "conv2d" and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
-            out[name] = _ops.signal_projection(inp, V, torch.ones(V.shape[1], dtype=V.dtype, device=V.device),
-                                               module.stride, module.padding, module.dilation, None, kernel)
-        else:
-            if module.padding_mode != "zeros":
-                inp = F.pad(inp, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-                padding = 0
-            else:
-                padding = module.padding
-            conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[layer.kind]
-            filters = V.T.reshape(V.shape[1], module.in_channels, *kernel)
-            out[name] = conv(inp, filters, None, module.stride, padding, module.dilation)
-    return out
+    out: dict = {name: [] for name in names}
+    with capturing(model, names, inputs=True) as (captured, _), torch.no_grad(), evaluating(model):
+        for x, _ in tqdm(batches(data, batch_size), desc="spectral activations", disable=not progress,
+                         leave=False):
+            captured.clear()
+            model(x)
+            for name in names:
+                out[name].append(_spectral_images(captured[name], svr.layers[name], modules[name]))
+    return SpectralActivations({name: torch.cat(v) for name, v in out.items()})
 
 
 def sobel_similarity(spectral_images: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -643,3 +720,15 @@ def sobel_similarity(spectral_images: torch.Tensor, images: torch.Tensor) -> tor
     spectral = spectral_images.abs().flatten(2)  # (B, k, H'W')
     cos = F.cosine_similarity(spectral, edges.unsqueeze(1).expand_as(spectral), dim=-1, eps=1e-12)
     return cos.mean(0)
+
+
+class _CallableModule(types.ModuleType):
+    """spectral_ext.svr is this module and, called, the svr function (the
+    DESIGN contract `spectral_ext.svr(model, example_input=None, ...)`)."""
+
+    def __call__(self, *args, **kwargs) -> SVR:
+        return svr(*args, **kwargs)
+
+
+__signature__ = inspect.signature(svr)  # inspect.signature(spectral_ext.svr): the function's
+sys.modules[__name__].__class__ = _CallableModule
