@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, _moments
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
 from ._data import check_labels, first_batch, recompute_batchnorm
@@ -67,18 +67,18 @@ class Covariance:
 
 class _Accumulator:
     """Products in `dtype` (default the activations' own, as the DESIGN asks:
-    every computation in the input dtype), summed in place in float64. For
-    one model the three second moments are one matrix. Batches wider than
-    tall are buffered up to BUFFER elements and multiplied together: one
-    larger GEMM and one float64 accumulation instead of many (the d x d
-    accumulation, not the GEMM, dominated at 4096 features)."""
+    every computation in the input dtype), summed in float64 by the shared
+    _moments accumulator. For one model the three second moments are one
+    matrix. Batches wider than tall are buffered up to BUFFER elements and
+    multiplied together: one larger GEMM and one float64 accumulation
+    instead of many (the d x d accumulation, not the GEMM, dominated at
+    4096 features)."""
 
     BUFFER = 1 << 24
 
     def __init__(self, dtype=None):
         self.dtype = dtype
-        self.count = 0
-        self.sums = None  # [sum_a, sum_b, aa, bb, ab]
+        self.moments = None  # a Moments for one model, a CrossMoments for two
         self.same = True
         self.buffers = None  # (rows for a, rows for b): one copy of each batch, then one GEMM per fill
         self.filled = 0
@@ -91,11 +91,12 @@ class _Accumulator:
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"the two representations hold {a.shape[0]} and {b.shape[0]} samples: "
                              "the models must see the same inputs and share the spatial layout")
-        if self.sums is None and self.buffers is None:
+        if self.moments is None and self.buffers is None:
             self.same = same
+            self.moments = _moments.Moments(full=True) if same else _moments.CrossMoments(full=True)
         if a.shape[1] <= a.shape[0] and self.buffers is None:
             # batches taller than wide: accumulating each product costs less than copying the batch
-            self._add(a, b, self.same)
+            self._add(a, b)
             return
         if self.buffers is None:
             rows = max(1, self.BUFFER // (a.shape[1] + (0 if same else b.shape[1])))
@@ -115,33 +116,24 @@ class _Accumulator:
         if not self.filled:
             return
         a = self.buffers[0][:self.filled]
-        self._add(a, a if self.same else self.buffers[1][:self.filled], self.same)
+        self._add(a, a if self.same else self.buffers[1][:self.filled])
         self.filled = 0
 
-    def _add(self, a: torch.Tensor, b: torch.Tensor, same: bool) -> None:
-        if self.sums is None:
-            zeros = lambda n, m=None: torch.zeros((n,) if m is None else (n, m), dtype=torch.float64,  # noqa: E731
-                                                  device=a.device)
-            sum_a, aa = zeros(a.shape[1]), zeros(a.shape[1], a.shape[1])
-            if same:
-                self.sums = [sum_a, sum_a, aa, aa, aa]
-            else:
-                self.sums = [sum_a, zeros(b.shape[1]), aa, zeros(b.shape[1], b.shape[1]),
-                             zeros(a.shape[1], b.shape[1])]
-        sum_a, sum_b, aa, bb, ab = self.sums
-        sum_a.add_(a.sum(0))  # torch sums float32 pairwise: accurate, and 20x faster than dtype=float64
-        aa.add_(a.T @ a)  # in place, promoted to float64: no float64 temporary of the Gram
-        if not self.same:
-            sum_b.add_(b.sum(0))
-            bb.add_(b.T @ b)
-            ab.add_(a.T @ b)
-        self.count += a.shape[0]
+    def _add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.same:
+            self.moments.add_rows(a)
+        else:
+            self.moments.add_rows(a, b)
 
     def result(self) -> Covariance:
-        self._flush()
-        if self.sums is None:
+        if self.moments is not None:
+            self._flush()
+        if self.moments is None or not self.moments.count:
             raise ValueError("the data produced no batch")
-        return Covariance(self.count, *self.sums)
+        m = self.moments
+        if self.same:
+            return Covariance(m.count, m.sum, m.sum, m.second, m.second, m.second)
+        return Covariance(m.count, m.a.sum, m.b.sum, m.a.second, m.b.second, m.ab)
 
 
 def activation_covariance(model: nn.Module, data, layers, other: nn.Module | None = None,

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, _moments
 from ._data import batches
 from ._hooks import capturing, check_layers, evaluating
 from ._ops import linear_sum_assignment, max_kernel_gram
@@ -497,70 +497,27 @@ def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool
     return accumulator.value()
 
 
-class ChannelSums:
-    """Running per-channel sums and sums of squares over samples and
-    positions of one representation (N, C, S), in float64."""
-
-    def __init__(self):
-        self.count, self.sum, self.sumsq = 0, None, None
-
-    def update(self, X: torch.Tensor) -> None:
-        s = X.sum((0, 2), dtype=torch.float64)
-        q = X.square().sum((0, 2), dtype=torch.float64)
-        if self.sum is None:
-            self.sum, self.sumsq = s, q
-        else:
-            if s.shape != self.sum.shape:
-                raise ValueError(f"a batch has {s.shape[0]} channels, earlier ones {self.sum.shape[0]}")
-            self.sum, self.sumsq = self.sum + s, self.sumsq + q
-        self.count += X.shape[0] * X.shape[2]
-
-    def norms2(self, centered: bool) -> torch.Tensor:
-        """Squared channel norms, of the centred channels when centered."""
-        if not centered:
-            return self.sumsq
-        return (self.sumsq - self.sum.square() / self.count).clamp_min(0)
+def _channel_sums() -> _moments.Moments:
+    """Per-channel sums and squared norms over samples and positions of one
+    representation (N, C, S), in float64."""
+    return _moments.Moments(full=False, dtype=torch.float64)
 
 
-class CrossMoments:
-    """Running sums that give the Procrustes measures of the whole dataset
-    after one pass: per channel sums and sums of squares, and the channel
-    cross products of (D.2), all in float64. sums_x / sums_y may be shared
-    ChannelSums (similarity_matrix updates each layer's once per batch)."""
+class CrossMoments(_moments.CrossMoments):
+    """Running float64 sums that give the Procrustes measures of the whole
+    dataset after one pass (seed 004 D.2, D.7.1): each side's channel sums
+    and squared norms and the channel cross products, from the shared
+    _moments accumulator. a / b may be shared channel sums
+    (similarity_matrix updates each layer's once per batch)."""
 
-    def __init__(self, sums_x: ChannelSums | None = None, sums_y: ChannelSums | None = None):
-        self.own = sums_x is None
-        self.sx = ChannelSums() if sums_x is None else sums_x
-        self.sy = ChannelSums() if sums_y is None else sums_y
-        self.sxy = None
-        self.count = 0
-
-    def update(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        """X, Y: (N, C, S), (N, C', S)."""
-        if X.shape[0] != Y.shape[0] or X.shape[2] != Y.shape[2]:
-            raise ValueError(f"X and Y must have the same samples and positions, got {tuple(X.shape)} and "
-                             f"{tuple(Y.shape)} (N, C, positions)")
-        X, Y = X.to(torch.float64), Y.to(torch.float64)
-        if X.shape[2] == 1:  # one matmul of the (N, C) views, no permuted copies
-            cross = X[:, :, 0].T @ Y[:, :, 0]
-        else:
-            cross = torch.tensordot(X, Y, dims=([0, 2], [0, 2]))
-        self.sxy = cross if self.sxy is None else self.sxy + cross
-        if self.own:
-            self.sx.update(X)
-            self.sy.update(Y)
-        self.count += X.shape[0] * X.shape[2]
-
-    def cross(self, centered: bool) -> torch.Tensor:
-        if not centered:
-            return self.sxy
-        return self.sxy - torch.outer(self.sx.sum, self.sy.sum) / self.sx.count
+    def __init__(self, a: _moments.Moments | None = None, b: _moments.Moments | None = None):
+        super().__init__(a, b, full=False, dtype=torch.float64)
 
     def procrustes(self, group: str = "orthogonal", centered: bool = False) -> tuple[float, float]:
         """(similarity, distance) for the accumulated data."""
-        if self.sxy is None:
+        if self.ab is None:
             raise ValueError("no batch was added: call update() first")
-        return _procrustes_from(self.cross(centered), self.sx.norms2(centered), self.sy.norms2(centered), group)
+        return _procrustes_from(self.cross(centered), self.a.norms2(centered), self.b.norms2(centered), group)
 
 
 def _procrustes_from(cross, nx, ny, group):
@@ -602,7 +559,7 @@ def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False, f
     X, Y = _pair(X, Y, feature_axis)
     moments = CrossMoments()
     moments.update(X, Y)
-    nx, ny = moments.sx.norms2(centered), moments.sy.norms2(centered)
+    nx, ny = moments.a.norms2(centered), moments.b.norms2(centered)
     if nx.shape != ny.shape:
         raise ValueError(f"X and Y must have equal channel counts, got {nx.shape[0]} and {ny.shape[0]}")
     cross = moments.cross(centered)  # (C_x, C_y)
@@ -710,8 +667,8 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
     from tqdm.auto import tqdm
 
     accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" else None
-    sums_a = {n: ChannelSums() for n in layers_a}
-    sums_b = sums_a if same else {n: ChannelSums() for n in layers_b}
+    sums_a = {n: _channel_sums() for n in layers_a}
+    sums_b = sums_a if same else {n: _channel_sums() for n in layers_b}
     moments = {(a, b): CrossMoments(sums_a[a], sums_b[b]) for a in layers_a for b in layers_b}
     seen = 0
     with contextlib.ExitStack() as stack:
