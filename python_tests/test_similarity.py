@@ -101,7 +101,8 @@ def test_grelu_procrustes_matches_brute_force_over_permutations(centered):
     g = torch.Generator().manual_seed(2)
     X, Y = torch.randn(50, 4, dtype=torch.float64, generator=g), torch.randn(50, 4, dtype=torch.float64, generator=g)
     X, Y = X.relu(), (Y + 0.5).relu()
-    similarity, delta = se.procrustes(X, Y, "grelu", return_distance=True, centered=centered)
+    similarity = se.procrustes(X, Y, "grelu", centered=centered)
+    delta = se.procrustes_distance(X, Y, "grelu", centered=centered)
 
     def tilde(M):
         M = M - M.mean(0) if centered else M
@@ -123,7 +124,9 @@ def test_orthogonal_procrustes_matches_scipy(centered):
 
     X, g = features(n=80, c=6)
     Y = X + torch.randn(X.shape, dtype=torch.float64, generator=g)
-    similarity, delta = se.procrustes(X, Y, "orthogonal", return_distance=True, centered=centered)
+    similarity = se.procrustes(X, Y, "orthogonal", centered=centered)
+    delta = se.procrustes_distance(X, Y, "orthogonal", centered=centered)
+    assert similarity == pytest.approx(1 - delta / 2, rel=1e-12)
 
     def unit(M):  # channels as columns, positions as extra rows (D.2 sums over n, h, w)
         M = M.permute(0, 2, 3, 1).reshape(-1, M.shape[1])
@@ -198,6 +201,33 @@ def test_similarity_errors():
         se.cka(X[:3], X[:3])
     with pytest.raises(ValueError, match="equal channel counts"):
         se.procrustes(X, X[:, :4], "grelu")
+    with pytest.raises(TypeError, match="procrustes_distance"):  # one return type: no (similarity, delta) tuple
+        se.procrustes(X, X, "grelu", return_distance=True)
+    with pytest.raises(TypeError, match="centered must be True or False"):
+        se.procrustes_distance(X, X, centered=1)
+
+
+def test_minibatch_cka_value_is_always_a_float64_matrix():
+    """One return type (issue 17): a 1 x 1 tensor for single tensors, the
+    (len(Xs), len(Ys)) matrix for lists; undefined entries warn as NaN or
+    raise on request."""
+    X, g = features(n=40)
+    Y = X + torch.randn(X.shape, dtype=torch.float64, generator=g)
+    single = S.MinibatchCKA()
+    single.update(X, Y)
+    value = single.value()
+    assert isinstance(value, torch.Tensor) and value.shape == (1, 1) and value.dtype == torch.float64
+    assert float(value[0, 0]) == pytest.approx(se.cka(X, Y), rel=1e-12)
+    many = S.MinibatchCKA()
+    many.update([X, Y], [Y, X, torch.full_like(X, 2.0)])
+    with pytest.warns(RuntimeWarning, match="#2 \\(constant\\)"):
+        matrix = many.value()
+    assert matrix.shape == (2, 3) and torch.isnan(matrix[:, 2]).all()
+    assert float(matrix[0, 0]) == pytest.approx(float(value[0, 0]), rel=1e-12)
+    with pytest.raises(ValueError, match="undefined for representations c \\(constant\\)"):
+        many.value(["a", "b"], ["a", "b", "c"], undefined="raise")
+    with pytest.raises(ValueError, match="undefined must be"):
+        many.value(undefined="ignore")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -363,17 +363,20 @@ def _route(kernel, n, dims_a, dims_b) -> str:
 
 
 class MinibatchCKA:
-    """CKA accumulated over minibatches (Nguyen et al. [NRK21]): the mean of
-    the per-batch unbiased HSICs, so the dataset never needs to fit in
-    memory. Each representation of a batch is reduced once (centred
-    features or one U-centred Gram, in float64), every pair is an inner
-    product of those. The channel normalisation of the max, Laplace and
-    ortho kernels uses each batch's statistics (it keeps their invariance).
+    """CKA accumulated over minibatches (Nguyen et al. [NRK21], the
+    minibatch CKA behind seed 004 Fig. 2, 5, 9, with the kernels of section
+    5 and appendix D.7): the mean of the per-batch unbiased HSICs, so the
+    dataset never needs to fit in memory. Each representation of a batch is
+    reduced once (centred features or one U-centred Gram, in float64), every
+    pair is an inner product of those. The channel normalisation of the max,
+    Laplace and ortho kernels uses each batch's statistics (it keeps their
+    invariance).
 
     update(Xs, Ys) takes lists of representations of the same batch (or single
     tensors), each (N, C, S) or laid out as feature_axis says; value()
-    returns the (len(Xs), len(Ys)) CKA matrix (a float for single tensors).
-    Pass Ys=None to compare Xs with themselves (each reduced once)."""
+    returns the (len(Xs), len(Ys)) CKA matrix, a float64 tensor (1 x 1 for
+    single tensors). Pass Ys=None to compare Xs with themselves (each
+    reduced once)."""
 
     def __init__(self, kernel: str = "linear", unbiased: bool = True, bandwidth: float = 0.5,
                  gamma: float | None = None):
@@ -382,7 +385,6 @@ class MinibatchCKA:
         self.xy = self.xx = self.yy = None
         self.varied_x = self.varied_y = None
         self.batches = 0
-        self.single = False
 
     def _reps(self, reps, name, feature_axis):
         reps = [reps] if isinstance(reps, torch.Tensor) else list(reps)
@@ -392,7 +394,6 @@ class MinibatchCKA:
 
     def update(self, Xs, Ys=None, feature_axis: int | None = None) -> None:
         same = Ys is None
-        self.single = isinstance(Xs, torch.Tensor) and (same or isinstance(Ys, torch.Tensor))
         Xs = self._reps(Xs, "X", feature_axis)
         Ys = Xs if same else self._reps(Ys, "Y", feature_axis)
         n = {R.shape[0] for R in Xs + Ys}
@@ -439,10 +440,13 @@ class MinibatchCKA:
             self.varied_x, self.varied_y = self.varied_x | ~ca, self.varied_y | ~cb
         self.batches += 1
 
-    def value(self, names_x=None, names_y=None):
-        """The CKA matrix. Where a representation is constant (or its HSIC
-        estimate is not positive) CKA is undefined: a float raises
-        ValueError; a matrix holds NaN there and warns, naming them."""
+    def value(self, names_x=None, names_y=None, undefined: str = "warn") -> torch.Tensor:
+        """The (len(Xs), len(Ys)) CKA matrix, float64. Where a representation
+        is constant (or its HSIC estimate is not positive) CKA is undefined:
+        undefined="warn" puts NaN there and warns, naming them; "raise"
+        raises ValueError instead."""
+        if undefined not in ("warn", "raise"):
+            raise ValueError(f"undefined must be 'warn' or 'raise', got {undefined!r}")
         if self.xy is None:
             raise ValueError("no batch was added: call update() first")
         bad_x = ~self.varied_x | (self.xx <= 0)
@@ -457,10 +461,10 @@ class MinibatchCKA:
                         for i in range(len(bad)) if bad[i]]
             message = ("CKA is undefined for representations "
                        f"{', '.join(why(bad_x, self.varied_x, names_x) + why(bad_y, self.varied_y, names_y))}")
-            if self.single:
+            if undefined == "raise":
                 raise ValueError(message + ": HSIC(K, K) is 0, there is nothing to align")
             warnings.warn(message + "; their entries are NaN", RuntimeWarning, stacklevel=2)
-        return float(cka[0, 0]) if self.single else cka
+        return cka
 
 
 def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool = True,
@@ -494,7 +498,7 @@ def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool
         if N - start < (4 if unbiased else 2) and start > 0:
             break  # a ragged last batch too small for the estimator adds nothing
         accumulator.update(X[start:start + step], Y[start:start + step], feature_axis=1)
-    return accumulator.value()
+    return float(accumulator.value(undefined="raise")[0, 0])
 
 
 def _channel_sums() -> _moments.Moments:
@@ -584,11 +588,22 @@ def _check_group(group):
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
 
 
+def _procrustes_pair(X, Y, group, centered, feature_axis) -> tuple[float, float]:
+    _check_group(group)
+    if not isinstance(centered, bool):
+        raise TypeError(f"centered must be True or False, got {centered!r}")
+    X, Y = _pair(X, Y, feature_axis)
+    moments = CrossMoments()
+    moments.update(X, Y)
+    return moments.procrustes(group, centered)
+
+
 def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", return_distance: bool = False,
-               centered: bool = False, feature_axis: int | None = None):
+               centered: bool = False, feature_axis: int | None = None) -> float:
     """Procrustes similarity in [0, 1] (1 = aligned) of representations X, Y
-    ((N, d), (N, C, H, W), or (N, tokens, features) with feature_axis;
-    channels transformed, positions not).
+    (seed 004 definition 5.2 and appendix D.7.1): (N, d), (N, C, H, W), or
+    (N, tokens, features) with feature_axis; channels transformed, positions
+    not.
 
     group="grelu": definition 5.2, 1 - delta / (2 sqrt(d)) with delta =
     min over permutations P of |X~ - Y~ P|, X~ = X D_X^{-1} the
@@ -598,16 +613,22 @@ def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", retu
     (appendix D.7.1, [DDS21a]), so 1 - delta / 2. Neither centres (the
     definitions and the authors' code); centered=True subtracts each
     channel's mean first. Both are clamped so that perfect alignment gives
-    exactly 1 (the seed code returns NaN there). return_distance=True
-    returns (similarity, delta)."""
-    _check_group(group)
-    if not isinstance(centered, bool):
-        raise TypeError(f"centered must be True or False, got {centered!r}")
-    X, Y = _pair(X, Y, feature_axis)
-    moments = CrossMoments()
-    moments.update(X, Y)
-    similarity, distance = moments.procrustes(group, centered)
-    return (similarity, distance) if return_distance else similarity
+    exactly 1 (the seed code returns NaN there). Returns a float; delta
+    itself is procrustes_distance (return_distance=True, which returned a
+    tuple, is refused: one return type per function)."""
+    if return_distance is not False:
+        raise TypeError("procrustes(return_distance=True) is gone: procrustes returns the similarity (a float); "
+                        "call procrustes_distance(X, Y, ...) for delta")
+    return _procrustes_pair(X, Y, group, centered, feature_axis)[0]
+
+
+def procrustes_distance(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", centered: bool = False,
+                        feature_axis: int | None = None) -> float:
+    """The Procrustes distance delta of seed 004 definition 5.2 (group="grelu",
+    in [0, 2 sqrt(d)]) or appendix D.7.1 (group="orthogonal", in [0, 2]),
+    the quantity procrustes turns into a similarity; same arguments.
+    Returns a float."""
+    return _procrustes_pair(X, Y, group, centered, feature_axis)[1]
 
 
 # ---------------------------------------------------------------------------------------------
