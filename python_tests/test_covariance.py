@@ -192,19 +192,38 @@ def test_rainbow_network_recovers_most_of_the_accuracy(trained_mlp):
     """Seed 002 reports 31% generated vs 43% trained on CIFAR-10; on digits we
     measured 88-93% generated vs 96.7% trained for three seeds."""
     model, train, test = trained_mlp
-    result = se.rainbow(model, train, test, seed=0, progress=False)
-    assert result["generated_accuracy"] >= 0.75 * result["reference_accuracy"]
-    assert all(0 < r <= 1 for r in result["r2"].values())
-    assert not torch.allclose(result["model"][1].weight, model[1].weight)
-    torch.testing.assert_close(result["model"][7].weight.norm(), model[7].weight.norm())  # classifier realigned
+    result = se.rainbow(model, train, test, generator=0, progress=False)
+    assert isinstance(result, C.Rainbow)
+    assert result.generated_accuracy >= 0.75 * result.reference_accuracy
+    assert all(0 < r <= 1 for r in result.r2.values())
+    assert not torch.allclose(result.model[1].weight, model[1].weight)
+    torch.testing.assert_close(result.model[7].weight.norm(), model[7].weight.norm())  # classifier realigned
+    frame = result.to_frame()
+    assert list(frame.columns) == ["layer", "r2"] and frame["layer"].tolist() == ["3", "5", "7"]
+    assert frame["r2"].tolist() == list(result.r2.values())
+    with pytest.warns(FutureWarning) as record:  # the old keywords, mapped
+        old = se.rainbow(reference=model, train_data=train, seed=0, progress=False)
+    assert sorted(str(w.message).split("'")[1] for w in record) == ["reference", "seed", "train_data"]
+    torch.testing.assert_close(old.model[1].weight, result.model[1].weight)  # seed=0 is generator=0
+    assert old.generated_accuracy is None
+    with pytest.warns(FutureWarning, match="result.r2"):  # the old dict access, mapped
+        assert old["r2"] == old.r2
+    with pytest.raises(KeyError):
+        old["accuracy"]
+    import matplotlib
+    matplotlib.use("Agg")
+    ax = result.plot().axes[0]
+    assert [p.get_height() for p in ax.patches] == pytest.approx(frame["r2"].tolist())
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["3", "5", "7"]
+    assert f"generated {result.generated_accuracy:.3f}" in ax.get_title()
 
 
 def test_rainbow_cnn_with_biases_and_errors():
     x_train, y_train, x_test, y_test = datasets.digits()
     torch.manual_seed(0)
     cnn = datasets.train(datasets.digits_cnn(), x_train, y_train, epochs=3)
-    result = se.rainbow(cnn, (x_train, y_train), (x_test, y_test), progress=False)
-    assert result["generated_accuracy"] > 0.5  # measured 0.87 vs 0.96 after 5 epochs
+    result = se.rainbow(cnn, (x_train, y_train), (x_test, y_test), generator=0, progress=False)
+    assert result.generated_accuracy > 0.5  # measured 0.87 vs 0.96 after 5 epochs
     torchvision = pytest.importorskip("torchvision")
     with pytest.raises(ValueError, match="chain of linear maps"):
         se.rainbow(torchvision.models.resnet18(num_classes=10), (torch.randn(4, 3, 32, 32), torch.zeros(4).long()),

@@ -382,7 +382,7 @@ def test_similarity_matrix_names_an_undefined_layer_and_restores_the_model():
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(48, 4, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="undefined.*model_a layer '4' \\(constant\\)"):
+    with pytest.warns(RuntimeWarning, match="undefined.*model layer '4' \\(constant\\)"):
         first = se.similarity_matrix(model, model, list(x.split(16)), ["1", "4"], progress=False)
     assert first.query("layer_a == '4' or layer_b == '4'")["value"].isna().all()
     assert first.query("layer_a == '1' and layer_b == '1'")["value"].iloc[0] == pytest.approx(1.0)

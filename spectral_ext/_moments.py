@@ -1,7 +1,7 @@
 """The one streaming-moment accumulator: running sums over samples, kept in
 float64, of one representation (count, per-feature sums, second moments)
 and of a pair (their cross products). covariance.activation_covariance
-(seed 002 section 3, streaming covariances) and the Procrustes measures of
+(seed 002 compute_activation_covariances) and the Procrustes measures of
 similarity (seed 004 D.2, D.7.1) both read their statistics from it.
 
 A representation is (n, C) (rows are samples) or (N, C, S) (channels with

@@ -136,21 +136,30 @@ class _Accumulator:
         return Covariance(m.count, m.a.sum, m.b.sum, m.a.second, m.b.second, m.ab)
 
 
-def activation_covariance(model: nn.Module, data, layers, other: nn.Module | None = None,
+def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Module | None = None,
                           other_layers=None, batch_size: int = 256, dtype=None,
                           progress: bool = True) -> dict[str, Covariance]:
     """Streaming (cross-)covariances of the inputs of `layers` (seed 002
-    compute_activation_covariances), accumulated in float64 in one pass over
-    a tensor, an (x, y) pair or a DataLoader. With `other`, the
-    cross-covariance between model's and other's representations at
-    `other_layers` (default the same names) on the same inputs. Each batch's
-    products run in the activations' dtype (dtype=torch.float64 to run them
-    in float64) and are summed in float64. Returns
-    {layer: Covariance}; call .cross(), .cov_a(), .cov_b() (center=True for
-    centred covariances)."""
+    compute_activation_covariances), accumulated in float64
+    in one pass over `data` (a tensor, an (x, y) pair, a DataLoader or an
+    iterable of batches). With `other`, the cross-covariance between
+    model's and other's representations at `other_layers` (default the same
+    names) on the same inputs. Each batch's products run in the
+    activations' dtype (dtype=torch.float64 to run them in float64) and are
+    summed in float64.
+
+    Call as (model, layers, data), (model, other, layers, data) or the older
+    (model, data, layers, other=None): the order is read from the types
+    (_checks.layers_and_data). Returns {layer: Covariance}; call .cross(),
+    .cov_a(), .cov_b() (center=True for centred covariances)."""
+    layers, data, other = _checks.layers_and_data(layers, data, other)
+    if data is None:
+        raise TypeError("activation_covariance() needs data: a tensor, an (x, y) pair or a DataLoader")
     check_model("model", model)
     if other is not None:
         check_model("other", other)
+    if layers is None or not isinstance(layers, (str, list, tuple)):
+        raise TypeError(f"layers must be a module name or a list of them, got {type(layers).__name__}")
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not layers:
         raise ValueError("layers is empty")
@@ -221,30 +230,37 @@ def marchenko_pastur_density(x, n: int, d: int, variance: float) -> np.ndarray:
     return density
 
 
-def weight_spectra(model: nn.Module, init_model: nn.Module | None = None, example_input=None,
-                   variance="init") -> pd.DataFrame:
-    """Seed 002's weight-covariance analysis for every linear map: one row per
-    (layer, rank) with eigenvalue (s^2 / n), init_eigenvalue (same layer of
-    init_model), and per layer the Marchenko-Pastur upper edge for its aspect
-    ratio and n_learned, the count of eigenvalues above it (the "learned"
-    components). variance: "init" (the entry variance of init_model's layer,
-    or PyTorch's default 1 / (3 fan_in) without one), "empirical" (of the
-    layer itself) or a number."""
+@_checks.renamed(init_model="other")
+def weight_spectra(model: nn.Module, other: nn.Module | None = None, example_input=None,
+                   variance="init", progress: bool = True) -> pd.DataFrame:
+    """Seed 002's weight-covariance analysis (its weight-spectrum cells:
+    eigenvalues against initialisation) with the Marchenko-Pastur law, for every linear map: one
+    row per (layer, rank) with eigenvalue (s^2 / n), init_eigenvalue (same
+    layer of `other`, the model at initialisation; formerly init_model), and
+    per layer the Marchenko-Pastur upper edge for its aspect ratio and
+    n_learned, the count of eigenvalues above it (the "learned" components).
+    variance: "init" (the entry variance of other's layer, or PyTorch's
+    default 1 / (3 fan_in) without one), "empirical" (of the layer itself) or
+    a number. Returns a DataFrame (plot.weight_spectra draws one layer)."""
+    if other is not None:
+        check_model("other", other)
     if not (isinstance(variance, str) and variance in ("init", "empirical")):
         if isinstance(variance, str):
             raise ValueError(f"variance must be 'init', 'empirical' or a positive number, got {variance!r}")
         variance = _checks.number("variance", variance, low=0, low_open=True)
+    from tqdm.auto import tqdm
+
     graph = discover(model, example_input)
-    init_graph = discover(init_model, example_input) if init_model is not None else None
+    init_graph = discover(other, example_input) if other is not None else None
     rows = []
-    for name, m in graph.maps.items():
+    for name, m in tqdm(graph.maps.items(), desc="weight spectra", disable=not progress, leave=False):
         W = m.matrix(dtype=torch.float64)
         n, d = W.shape
         eig, _ = weight_spectrum(W)
         init_eig = None
         if init_graph is not None:
             if name not in init_graph.maps or init_graph.maps[name].matrix().shape != W.shape:
-                raise ValueError(f"init_model has no layer {name!r} of shape {tuple(W.shape)}")
+                raise ValueError(f"other has no layer {name!r} of shape {tuple(W.shape)}")
             W0 = init_graph.maps[name].matrix(dtype=torch.float64)
             init_eig, _ = weight_spectrum(W0)
         if variance == "init":
@@ -360,7 +376,7 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
         rows, kind = basis.double(), "activation"
     elif basis == "activation":
         if covariance is None:
-            covariance = activation_covariance(model, data, [layer], batch_size=batch_size,
+            covariance = activation_covariance(model, [layer], data, batch_size=batch_size,
                                                progress=progress)[layer].cov_a()
         rows, kind = activation_spectrum(covariance)[1], "activation"
     elif basis == "weight":
@@ -469,25 +485,59 @@ def _realign_columns(weight: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ork,rg->ogk", blocks, A.double()).reshape(weight.shape).to(weight.dtype)
 
 
-def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None, seed: int = 0,
-            batch_size: int = 256, progress: bool = True) -> dict:
-    """A generated network (seed 002): layer by layer, each hidden map's
-    neurons are drawn from N(0, W^T W / n), the trained weight covariance
-    (with the bias as an extra input column when present), realigned to the
-    generated inputs with the cross-covariance alignment of the previous
-    layer, BatchNorm statistics recomputed; the trained classifier (the last
-    map) is kept and realigned. train_data: (x, y) tensors or a loader, used
-    for the alignments; test_data: for the accuracies.
+@dataclass
+class Rainbow:
+    """A generated network of seed 002 (generate_network) and how it compares:
+    `model` the generated copy, `r2` the explained fraction of each aligned
+    layer's alignment on the training data, and the accuracies on
+    test_data (None without it)."""
+    model: nn.Module
+    r2: dict[str, float]
+    reference_accuracy: float | None = None
+    generated_accuracy: float | None = None
 
-    Returns {model, reference_accuracy, generated_accuracy, r2 (per aligned
-    layer, on the training data)}."""
-    check_model("reference", reference)
-    seed = _checks.integer("seed", seed)
+    def to_frame(self) -> pd.DataFrame:
+        """One row per aligned layer: layer, r2."""
+        return pd.DataFrame({"layer": list(self.r2), "r2": [float(v) for v in self.r2.values()]})
+
+    def plot(self, ax=None):
+        """The r2 of each aligned layer, with the accuracies in the title (plot.rainbow)."""
+        from . import plot
+
+        return plot.rainbow(self, ax=ax)
+
+    def __getitem__(self, key: str):
+        # rainbow returned a dict before issue 17: result["r2"] keeps working, with a warning
+        if key not in ("model", "r2", "reference_accuracy", "generated_accuracy"):
+            raise KeyError(key)
+        warnings.warn(f"rainbow() returns a Rainbow: use result.{key} instead of result[{key!r}]", FutureWarning,
+                      stacklevel=2)
+        return getattr(self, key)
+
+
+@_checks.renamed(reference="model", train_data="data", seed="generator")
+def rainbow(model: nn.Module, data, test_data=None, example_input=None, generator=None,
+            batch_size: int = 256, progress: bool = True) -> Rainbow:
+    """A generated network (seed 002 generate_network): layer by layer, each hidden
+    map's neurons are drawn from N(0, W^T W / n), the trained weight
+    covariance (with the bias as an extra input column when present),
+    realigned to the generated inputs with the cross-covariance alignment
+    of the previous layer, BatchNorm statistics recomputed; the trained
+    classifier (the last map) is kept and realigned. model: the trained
+    reference (formerly `reference`); data: (x, y) tensors or a loader, used
+    for the alignments (formerly `train_data`); test_data: for the
+    accuracies; generator: the draws' randomness (None: torch's global
+    generator, an int seeds one; formerly `seed`).
+
+    Returns a Rainbow (model, r2 per aligned layer, reference_accuracy,
+    generated_accuracy; .to_frame(), .plot())."""
+    reference = model
+    check_model("model", reference)
+    g = _checks.generator(generator)
     batch_size = _checks.positive_int("batch_size", batch_size)
-    x0 = first_batch(train_data, name="train_data")[0]  # a clear error for empty or dict data
+    x0 = first_batch(data, name="data")[0]  # a clear error for empty or dict data
     graph = discover(reference, example_input if example_input is not None else x0)
     names = _chain(graph)
-    g = torch.Generator().manual_seed(seed)
     generated = copy.deepcopy(reference).eval()
     generated_graph = graph.for_model(generated)
     alignment = None
@@ -517,14 +567,14 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
             module.weight.copy_(new_weight.to(module.weight.dtype))
             if new_bias is not None:
                 module.bias.copy_(new_bias.to(module.bias.dtype))
-        recompute_batchnorm(generated, generated, train_data, batch_size, name="train_data")
+        recompute_batchnorm(generated, generated, data, batch_size, name="data")
         if j < len(names) - 1:
             following = names[j + 1]
-            cov = activation_covariance(reference, train_data, [following], other=generated, batch_size=batch_size,
+            cov = activation_covariance(reference, [following], data, other=generated, batch_size=batch_size,
                                         progress=False)[following]
             alignment, r2[following] = align(cov.cross(), cov.cov_a(), cov.cov_b())
-    result = {"model": generated, "r2": r2}
+    result = Rainbow(generated, r2)
     if test_data is not None:
-        result["reference_accuracy"] = _accuracy(reference, test_data, batch_size, name="test_data")
-        result["generated_accuracy"] = _accuracy(generated, test_data, batch_size, name="test_data")
+        result.reference_accuracy = _accuracy(reference, test_data, batch_size, name="test_data")
+        result.generated_accuracy = _accuracy(generated, test_data, batch_size, name="test_data")
     return result

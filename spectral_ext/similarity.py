@@ -650,32 +650,42 @@ def _channels_of(name, layer, R, axis):
     return as_channels(f"{name}'s layer {layer!r}", R, 1 if axis is None else axis)
 
 
-def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, measure: str = "cka",
+@_checks.renamed(model_a="model", model_b="other", loader="data")
+def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None, measure: str = "cka",
                       kernel: str = "linear", group: str = "orthogonal", unbiased: bool = True,
                       device=None, progress: bool = True, centered: bool = False,
                       feature_axis: int | tuple | None = None) -> pd.DataFrame:
-    """Similarity of every layer of model_a with every layer of model_b
-    (seed 004 Fig. 2, 5, 9): the models run in eval mode (and are given
-    back as they came), each activation is captured once per batch by
-    forward hooks (one forward when model_a is model_b), reduced once (a
+    """Similarity of every layer of `model` with every layer of `other`
+    (seed 004 section 5, Fig. 2, 5, 9): the models run in eval mode (and are
+    given back as they came), each activation is captured once per batch by
+    forward hooks (one forward when other is model), reduced once (a
     U-centred Gram or centred features) and every pair is accumulated from
     those in the same pass.
 
-    loader: an iterable of input batches (or (input, label) tuples); layers:
-    module names present in both models, or a pair (layers_a, layers_b);
-    measure "cka" (minibatch CKA with `kernel`, unbiased by default) or
-    "procrustes" (exact over the whole data, with `group` and `centered`;
-    NaN for pairs whose position counts, or channel counts for G_ReLU,
-    differ). feature_axis: by default read from each layer (a Linear: the
-    last axis, a conv: axis 1); an int, or a pair for the two models,
-    overrides. Returns a tidy DataFrame with columns layer_a, layer_b, value
-    (plot it with spectral_ext.plot.similarity_heatmap)."""
+    layers: module names present in both models, or a pair (layers_a,
+    layers_b); data: an iterable of input batches (or (input, label)
+    tuples), a tensor or a DataLoader. The older order (model_a, model_b,
+    loader, layers) and keywords still work (read from the types,
+    _checks.layers_and_data). measure "cka" (minibatch CKA with `kernel`,
+    unbiased by default) or "procrustes" (exact over the whole data, with
+    `group` and `centered`; NaN for pairs whose position counts, or channel
+    counts for G_ReLU, differ). feature_axis: by default read from each
+    layer (a Linear: the last axis, a conv: axis 1); an int, or a pair for
+    the two models, overrides. Returns a tidy DataFrame with columns
+    layer_a (model's layer), layer_b (other's), value (plot it with
+    spectral_ext.plot.similarity_heatmap)."""
+    layers, data, _ = _checks.layers_and_data(layers, data)
+    if data is None:
+        raise TypeError("similarity_matrix() needs data: an iterable of batches, a tensor or a DataLoader")
+    model_a, model_b = model, other
     if measure not in ("cka", "procrustes"):
         raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
     if measure == "cka":
         _check_kernel(kernel)
     else:
         _check_group(group)
+    if layers is None or not isinstance(layers, (str, list, tuple)):
+        raise TypeError(f"layers must be a module name or a list of them, got {type(layers).__name__}")
     if isinstance(layers, tuple) and len(layers) == 2 and not isinstance(layers[0], str):
         layers_a, layers_b = list(layers[0]), list(layers[1])
     else:
@@ -697,7 +707,7 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
         cap_a, _ = stack.enter_context(capturing(model_a, sorted(set(layers_a) | (set(layers_b) if shared else set()))))
         cap_b = cap_a if shared else stack.enter_context(capturing(model_b, layers_b))[0]
         stack.enter_context(torch.no_grad())
-        for x, _ in tqdm(batches(loader, name="loader"), desc="similarity matrix", disable=not progress, leave=False):
+        for x, _ in tqdm(batches(data), desc="similarity matrix", disable=not progress, leave=False):
             x = x.to(device) if device is not None else x
             cap_a.clear()
             cap_b.clear()
@@ -707,8 +717,8 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
             missing = [n for n in layers_a if n not in cap_a] + [n for n in layers_b if n not in cap_b]
             if missing:
                 raise ValueError(f"layers {missing} did not run in the forward pass")
-            reps_a = [_channels_of("model_a", n, cap_a[n], axes_a[n]) for n in layers_a]
-            reps_b = None if same else [_channels_of("model_b", n, cap_b[n], axes_b[n]) for n in layers_b]
+            reps_a = [_channels_of("model", n, cap_a[n], axes_a[n]) for n in layers_a]
+            reps_b = None if same else [_channels_of("other", n, cap_b[n], axes_b[n]) for n in layers_b]
             if measure == "cka":
                 if x.shape[0] < 4:
                     continue  # the unbiased estimator needs 4 samples; a tiny last batch adds nothing
@@ -727,10 +737,10 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
                             moments[(a, b)].update(X, Y)
             seen += x.shape[0]
     if seen == 0:
-        raise ValueError("loader produced no usable batch")
+        raise ValueError("data produced no usable batch")
     rows = []
-    values = accumulator.value([f"model_a layer {n!r}" for n in layers_a],
-                               [f"model_b layer {n!r}" for n in layers_b]) if measure == "cka" else None
+    values = accumulator.value([f"model layer {n!r}" for n in layers_a],
+                               [f"other layer {n!r}" for n in layers_b]) if measure == "cka" else None
     for i, a in enumerate(layers_a):
         for j, b in enumerate(layers_b):
             if measure == "cka":
