@@ -184,7 +184,31 @@ def test_similarity_matrix_of_a_model_and_its_grelu_twin():
     import matplotlib
     matplotlib.use("Agg")
     from spectral_ext import plot
-    assert plot.similarity_heatmap(df).axes
+    frame = df.assign(value=[0.1, 0.2, 0.3, 0.4])  # distinct values: the drawn array is the frame's pivot
+    ax = plot.similarity_heatmap(frame, title="twins").axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), [[0.1, 0.2], [0.3, 0.4]])  # rows: model's layers
+    assert [t.get_text() for t in ax.get_xticklabels()] == layers == [t.get_text() for t in ax.get_yticklabels()]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("model b", "model a", "twins")
+
+
+def test_similarity_matrix_takes_the_new_and_the_old_order():
+    """Issue 17: (model, other, layers, data); the older (model_a, model_b,
+    loader, layers) positions and keywords give the same frame."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU()).double()
+    other = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU()).double()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    new = se.similarity_matrix(model, other, ["1", "3"], x, progress=False)
+    assert new.equals(se.similarity_matrix(model, other, x, ["1", "3"], progress=False))
+    with pytest.warns(FutureWarning) as record:
+        old = se.similarity_matrix(model_a=model, model_b=other, loader=x, layers=["1", "3"], progress=False)
+    assert old.equals(new) and len(record) == 3
+    pair = se.similarity_matrix(model, other, (["1"], ["1", "3"]), x, progress=False)
+    assert pair["layer_b"].tolist() == ["1", "3"] and pair["value"].iloc[0] == pytest.approx(new["value"].iloc[0])
+    with pytest.raises(TypeError, match="needs data"):
+        se.similarity_matrix(model, other, ["1"], progress=False)
+    with pytest.raises(TypeError, match="layers must be a module name"):
+        se.similarity_matrix(model, other, x, 1, progress=False)
 
 
 def test_similarity_errors():
