@@ -194,7 +194,8 @@ def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Mo
 
 
 def activation_spectrum(cov: torch.Tensor):
-    """Eigenvalues (decreasing) and eigenvectors (rows) of a covariance."""
+    """Eigenvalues (decreasing) and eigenvectors (rows) of a covariance
+    (seed 002, the activation-spectrum cells)."""
     values, vectors = torch.linalg.eigh(cov.double())
     return values.flip(0), vectors.flip(1).T
 
@@ -202,14 +203,15 @@ def activation_spectrum(cov: torch.Tensor):
 def weight_spectrum(weight: torch.Tensor):
     """Eigenvalues s^2 / n (decreasing) and eigenvectors (rows, input space)
     of the weight covariance W^T W / n, W = weight.reshape(n, -1), from the
-    SVD (the seed's route when n << d)."""
+    SVD (seed 002's route when n << d)."""
     W = weight.detach().reshape(weight.shape[0], -1).double()
     _, s, vh = torch.linalg.svd(W, full_matrices=False)
     return s.square() / W.shape[0], vh
 
 
 def marchenko_pastur_edges(n: int, d: int, variance: float) -> tuple[float, float]:
-    """Support [lambda_-, lambda_+] of the eigenvalues of W^T W / n for an n x d
+    """Support [lambda_-, lambda_+] of the Marchenko-Pastur law that seed 002
+    compares trained spectra with: the eigenvalues of W^T W / n for an n x d
     matrix of i.i.d. entries of the given variance: variance (1 -+
     sqrt(d / n))^2 (lambda_- = 0 when d > n, plus the zero eigenvalues)."""
     n, d = _checks.integer("n", n, low=1), _checks.integer("d", d, low=1)
@@ -220,7 +222,7 @@ def marchenko_pastur_edges(n: int, d: int, variance: float) -> tuple[float, floa
 
 def marchenko_pastur_density(x, n: int, d: int, variance: float) -> np.ndarray:
     """Density of the non-zero part of the Marchenko-Pastur law for W^T W / n
-    (it integrates to min(1, n / d))."""
+    (seed 002's reference spectrum; it integrates to min(1, n / d))."""
     x = np.asarray(x, dtype=np.float64)
     lo, hi = marchenko_pastur_edges(n, d, variance)
     ratio = d / n
@@ -280,7 +282,7 @@ def weight_spectra(model: nn.Module, other: nn.Module | None = None, example_inp
 
 def stability(E1: torch.Tensor, E2: torch.Tensor, alignment: torch.Tensor | None = None) -> torch.Tensor:
     """|E1 A E2^T|: cosines between eigenvectors (rows) of two networks, after
-    the alignment A (identity when None), as in the seed's stability plots."""
+    the alignment A (identity when None), as in seed 002's stability plots."""
     _checks.tensor("E1", E1, ndims=(2,), shape="(k1, C_a)")
     _checks.tensor("E2", E2, ndims=(2,), shape="(k2, C_b)")
     width = E1.shape[1] if alignment is None else (_checks.tensor("alignment", alignment, ndims=(2,),
@@ -317,7 +319,8 @@ def align(cross_cov: torch.Tensor, cov_a: torch.Tensor | None = None, cov_b: tor
 
 
 def alignment_r2(A: torch.Tensor, cross_cov: torch.Tensor, cov_a: torch.Tensor, cov_b: torch.Tensor) -> float:
-    """r^2 of an alignment A on (possibly held-out) covariances:
+    """r^2 of an alignment A (seed 002, the explained fraction; its note: on a
+    test set) on (possibly held-out) covariances:
     tr(A^T E[a b^T]) / sqrt(tr E[a a^T] tr E[b b^T]); equals tr Sigma / ... on
     the data A was fitted on, lies in [-1, 1] and in [0, 1] there."""
     _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)")

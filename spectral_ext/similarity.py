@@ -55,7 +55,8 @@ def _module_axis(module: nn.Module):
 
 
 def layer_feature_axis(model: nn.Module, layer: str) -> int | None:
-    """The feature axis of `layer`'s output, read from the layer: -1 after a
+    """The feature axis of `layer`'s output (the channels that seed 004
+    appendix D.7 transforms), read from the layer: -1 after a
     Linear (or LayerNorm, attention, embedding), 1 after a conv (or
     BatchNorm, pooling). A container answers for its last deciding leaf; an
     elementwise module (ReLU, Dropout, ...) for the nearest deciding module
@@ -92,7 +93,8 @@ def _feature_axis_of(name: str, X: torch.Tensor, feature_axis) -> int:
 
 def as_channels(name: str, X: torch.Tensor, feature_axis: int | None = None) -> torch.Tensor:
     """(N, d) -> (N, d, 1); (N, C, *spatial) -> (N, C, S) with C on
-    `feature_axis` (default: axis 1; a 3-D input must say)."""
+    `feature_axis` (default: axis 1; a 3-D input must say): the layout of
+    seed 004 appendix D.7 (positions summed over)."""
     _checks.tensor(name, X, ndims=range(2, 7), shape="(N, d), (N, C, H, W) or (N, tokens, features)")
     axis = _feature_axis_of(name, X, feature_axis)
     X = X.movedim(axis, 1)
@@ -208,7 +210,8 @@ def _hsic_scale(n: int, unbiased: bool) -> float:
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """HSIC of every pair of Gram matrices: K (a, n, n), L (b, n, n) -> (a, b).
+    """HSIC of every pair of Gram matrices: K (a, n, n), L (b, n, n) -> (a, b),
+    the HSIC_1 of seed 004 equation 5.4 (definition 5.3).
 
     unbiased=True: the estimator of Song et al. used by Nguyen et al. [NRK21,
     eq. 3], HSIC_1 = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2)
@@ -758,8 +761,9 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
 def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel: str = "linear",
                         group: str = "orthogonal", unbiased: bool = True, centered: bool = False,
                         feature_axis: int | None = None, chunk: int = 64) -> pd.DataFrame:
-    """The similarity of many models' representations of one probe, pair by
-    pair, with each model's share computed once: features maps a model name
+    """The similarity of many models' representations of one probe (seed 004
+    section 5, the measures of cka and procrustes), pair by pair, with each
+    model's share computed once: features maps a model name
     to its (N, ...) features of the same N probe inputs; pairs lists (a, b)
     names (default: every unordered pair). measure "cka" (`kernel`,
     `unbiased`: one reduction per model, then all pairs as one batched
