@@ -138,6 +138,33 @@ def test_orthogonal_procrustes_matches_scipy(centered):
     assert 0 <= similarity <= 1
 
 
+def test_the_shared_moments_match_numpy_in_every_layout():
+    """The one float64 accumulator behind covariance and Procrustes: full and
+    diagonal second moments, (N, C, S) and (n, C) inputs, streamed in two
+    parts, against numpy on the flattened (N S, C) rows."""
+    from spectral_ext import _moments
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(10, 4, 5, dtype=torch.float64, generator=g)
+    Y = torch.randn(10, 3, 5, dtype=torch.float64, generator=g)
+    fx, fy = (M.transpose(1, 2).reshape(-1, M.shape[1]).numpy() for M in (X, Y))
+    full, diag = _moments.Moments(full=True), _moments.Moments(full=False)
+    full.update(X)
+    diag.update(X)
+    np.testing.assert_allclose(full.second.numpy(), fx.T @ fx, rtol=1e-12)
+    np.testing.assert_allclose(diag.norms2(True).numpy(), ((fx - fx.mean(0)) ** 2).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(full.norms2(True).numpy(), diag.norms2(True).numpy(), rtol=1e-12)
+    cross = _moments.CrossMoments()
+    cross.update(X[:6], Y[:6])
+    cross.add_rows(torch.from_numpy(fx[30:]), torch.from_numpy(fy[30:]))  # the (n, C) rows of the rest
+    assert cross.count == cross.a.count == 50
+    np.testing.assert_allclose(cross.cross(True).numpy(), (fx - fx.mean(0)).T @ (fy - fy.mean(0)), rtol=1e-12)
+    with pytest.raises(ValueError, match="a batch has 3 channels"):
+        diag.update(Y)
+    with pytest.raises(ValueError, match="same samples and positions"):
+        cross.update(X, Y[:, :, :4])
+
+
 def test_values_in_unit_interval_and_minibatches():
     X, g = features(n=200)
     Y = X + 2 * torch.randn(X.shape, dtype=torch.float64, generator=g)

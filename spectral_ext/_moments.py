@@ -32,19 +32,27 @@ class Moments:
         return x if self.dtype is None else x.to(self.dtype)
 
     def update(self, x: torch.Tensor) -> None:
-        self.add_rows(rows(self.cast(x)))
+        x = self.cast(x)
+        if x.dim() == 3 and not self.full:  # per-channel sums need no (N S, C) copy
+            self._add(x.sum((0, 2)), x.square().sum((0, 2)), x.shape[0] * x.shape[2], x.shape[1], x.device)
+        else:
+            self.add_rows(rows(x))
 
     def add_rows(self, x: torch.Tensor) -> None:
         """x (n, C), already in the product dtype."""
+        self._add(x.sum(0), x.T @ x if self.full else x.square().sum(0), x.shape[0], x.shape[1], x.device)
+
+    def _add(self, sums, second, n, C, device) -> None:
         if self.sum is None:
-            C = x.shape[1]
-            self.sum = torch.zeros(C, dtype=torch.float64, device=x.device)
-            self.second = torch.zeros((C, C) if self.full else (C,), dtype=torch.float64, device=x.device)
-        elif x.shape[1] != self.sum.shape[0]:
-            raise ValueError(f"a batch has {x.shape[1]} channels (features), earlier ones {self.sum.shape[0]}")
-        self.sum.add_(x.sum(0))  # torch sums float32 pairwise: accurate, and 20x faster than dtype=float64
-        self.second.add_(x.T @ x if self.full else x.square().sum(0))  # in place: no float64 temporary
-        self.count += x.shape[0]
+            self.sum = torch.zeros(C, dtype=torch.float64, device=device)
+            self.second = torch.zeros((C, C) if self.full else (C,), dtype=torch.float64, device=device)
+        elif C != self.sum.shape[0]:
+            raise ValueError(f"a batch has {C} channels (features), earlier ones {self.sum.shape[0]}")
+        # torch sums float32 pairwise: accurate, and 20x faster than dtype=float64; in place, promoted to
+        # float64: no float64 temporary of the Gram
+        self.sum.add_(sums)
+        self.second.add_(second)
+        self.count += n
 
     def norms2(self, centered: bool = False) -> torch.Tensor:
         """Squared feature norms over the samples, of the centred features when centered."""
