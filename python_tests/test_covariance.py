@@ -36,6 +36,12 @@ def test_streaming_covariance_equals_the_batch_computation(split):
     torch.testing.assert_close(cov["2"].cross(center=True), (A - A.mean(0)).T @ (B - B.mean(0)) / len(A))
     torch.testing.assert_close(cov["4"].cov_b(), b4.T @ b4 / 40)
     assert cov["2"].count == 40 * 36
+    assert isinstance(cov, C.Covariances) and list(cov) == ["2", "4"] and len(cov) == 2 and "4" in cov
+    frame = cov.to_frame()
+    assert frame.columns.tolist() == ["layer", "n_samples", "n_features", "n_other_features", "trace", "other_trace"]
+    assert frame["n_samples"].tolist() == [40 * 36, 40] and frame["n_features"].tolist() == [4, 48]
+    assert frame["trace"].iloc[0] == pytest.approx(float((A * A).sum()) / len(A))
+    assert frame["other_trace"].iloc[1] == pytest.approx(float((b4 * b4).sum()) / 40)
 
 
 def test_activation_covariance_takes_the_new_and_the_contract_order():

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,31 @@ class Covariance:
     def cov_b(self, center: bool = False) -> torch.Tensor:
         m = self.bb / self.count
         return m - torch.outer(self.sum_b, self.sum_b) / self.count ** 2 if center else m
+
+
+@dataclass
+class Covariances(Mapping):
+    """activation_covariance's result (seed 002
+    compute_activation_covariances): one Covariance per layer, read as
+    result[layer] (a mapping, as the dict it used to be), and a summary
+    table."""
+    layers: dict[str, Covariance]
+
+    def __getitem__(self, layer: str) -> Covariance:
+        return self.layers[layer]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: layer, n_samples, n_features (model's), n_other_features (other's, the same
+        representation for one model), trace and other_trace (tr E[a a^T], tr E[b b^T])."""
+        return pd.DataFrame([{"layer": name, "n_samples": c.count, "n_features": c.aa.shape[0],
+                              "n_other_features": c.bb.shape[0], "trace": float(torch.trace(c.cov_a())),
+                              "other_trace": float(torch.trace(c.cov_b()))} for name, c in self.layers.items()])
 
 
 class _Accumulator:
@@ -138,7 +164,7 @@ class _Accumulator:
 
 def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Module | None = None,
                           other_layers=None, batch_size: int = 256, dtype=None,
-                          progress: bool = True) -> dict[str, Covariance]:
+                          progress: bool = True) -> Covariances:
     """Streaming (cross-)covariances of the inputs of `layers` (seed 002
     compute_activation_covariances), accumulated in float64
     in one pass over `data` (a tensor, an (x, y) pair, a DataLoader or an
@@ -150,8 +176,9 @@ def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Mo
 
     Call as (model, layers, data), (model, other, layers, data) or the older
     (model, data, layers, other=None): the order is read from the types
-    (_checks.layers_and_data). Returns {layer: Covariance}; call .cross(),
-    .cov_a(), .cov_b() (center=True for centred covariances)."""
+    (_checks.layers_and_data). Returns Covariances, a mapping {layer:
+    Covariance} (call .cross(), .cov_a(), .cov_b(); center=True for centred
+    covariances) with .to_frame()."""
     layers, data, other = _checks.layers_and_data(layers, data, other)
     if data is None:
         raise TypeError("activation_covariance() needs data: a tensor, an (x, y) pair or a DataLoader")
@@ -186,7 +213,7 @@ def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Mo
                 other(x)
             for a_name, b_name in zip(layers, other_layers):
                 accumulators[a_name].update(cap_a[a_name], cap_b[b_name])
-    return {n: acc.result() for n, acc in accumulators.items()}
+    return Covariances({n: acc.result() for n, acc in accumulators.items()})
 
 
 # ---------------------------------------------------------------------------------------------
