@@ -36,6 +36,62 @@ def test_streaming_covariance_equals_the_batch_computation(split):
     torch.testing.assert_close(cov["2"].cross(center=True), (A - A.mean(0)).T @ (B - B.mean(0)) / len(A))
     torch.testing.assert_close(cov["4"].cov_b(), b4.T @ b4 / 40)
     assert cov["2"].count == 40 * 36
+    assert isinstance(cov, C.Covariances) and list(cov) == ["2", "4"] and len(cov) == 2 and "4" in cov
+    frame = cov.to_frame()
+    assert frame.columns.tolist() == ["layer", "n_samples", "n_features", "n_other_features", "trace", "other_trace"]
+    assert frame["n_samples"].tolist() == [40 * 36, 40] and frame["n_features"].tolist() == [4, 48]
+    assert frame["trace"].iloc[0] == pytest.approx(float((A * A).sum()) / len(A))
+    assert frame["other_trace"].iloc[1] == pytest.approx(float((b4 * b4).sum()) / 40)
+
+
+def test_activation_covariance_takes_the_new_and_the_contract_order():
+    """Issue 17: (model, [other], layers, data) and the DESIGN contract
+    (model, data, layers, other=None) give the same sums."""
+    model, other = conv_model(), conv_model()
+    x = torch.randn(10, 2, 6, 6, dtype=torch.float64)
+    reference = se.activation_covariance(model, x, ["2"], other=other, progress=False)["2"]  # the contract
+    for result in (se.activation_covariance(model, other, ["2"], x, progress=False),
+                   se.activation_covariance(model, ["2"], x, other=other, progress=False),
+                   se.activation_covariance(model, x, ["2"], other, progress=False),
+                   se.activation_covariance(model, layers="2", data=x, other=other, progress=False)):
+        assert torch.equal(result["2"].cross(), reference.cross()) and result["2"].count == reference.count
+    with pytest.raises(TypeError, match="needs data"):
+        se.activation_covariance(model, ["2"], progress=False)
+    with pytest.raises(TypeError, match="layers must be a module name"):
+        se.activation_covariance(model, x, 3, progress=False)
+
+
+def test_layers_and_data_reads_the_order_from_the_types():
+    from spectral_ext import _checks
+
+    model, x = conv_model(), torch.randn(4, 2, 6, 6)
+    assert _checks.layers_and_data(["2"], x) == (["2"], x, None)
+    assert _checks.layers_and_data(x, "2") == ("2", x, None)  # the older (data, layers)
+    assert _checks.layers_and_data(x, ["2"], model) == (["2"], x, model)
+    assert _checks.layers_and_data(model, ["2"], x) == (["2"], x, model)  # other first, positionally
+    assert _checks.layers_and_data([], ["2"]) == (["2"], [], None)  # empty data, not empty layers
+    pair = (["1"], ["2"])
+    assert _checks.layers_and_data([x], pair) == (pair, [x], None)  # a pair of layer lists
+    assert _checks.layers_and_data(x, 3) == (x, 3, None)  # neither fits: left for the caller to refuse
+
+
+def test_wide_batches_are_buffered_into_the_same_float64_sums():
+    """Batches wider than tall go through the buffer of the shared
+    accumulator; the sums match an independent numpy computation."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(60, 40), nn.ReLU(), nn.Linear(40, 3)).double()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b[0].weight.mul_(-1.5)
+    x = torch.randn(25, 60, dtype=torch.float64)
+    with torch.no_grad():
+        A, B = a[:2](x).numpy(), b[:2](x).numpy()
+    pair = se.activation_covariance(a, b, ["2"], x, batch_size=3, progress=False)["2"]
+    np.testing.assert_allclose(pair.cross().numpy(), A.T @ B / 25, rtol=1e-12)
+    np.testing.assert_allclose(pair.cov_b(center=True).numpy(), np.cov(B.T, bias=True), rtol=1e-10, atol=1e-14)
+    one = se.activation_covariance(a, ["2"], x, batch_size=3, progress=False)["2"]
+    np.testing.assert_allclose(one.cov_a().numpy(), A.T @ A / 25, rtol=1e-12)
+    assert one.ab is one.aa is one.bb and one.count == pair.count == 25  # one matrix for one model
 
 
 def rotated_pair():
@@ -92,10 +148,21 @@ def test_marchenko_pastur():
     learned = spectra.groupby("layer", sort=False)["n_learned"].first()
     assert (learned >= 3).all(), learned  # measured 7-11 per layer
     assert C.weight_spectra(init, init).groupby("layer")["n_learned"].first().max() <= 1
+    with pytest.warns(FutureWarning, match="'init_model' is now called 'other'"):
+        old = C.weight_spectra(trained, init_model=init, progress=False)
+    assert old.equals(spectra)
     import matplotlib
     matplotlib.use("Agg")
     from spectral_ext import plot
-    assert plot.weight_spectra(spectra, "1").axes
+    ax = plot.weight_spectra(spectra, "1").axes[0]
+    part = spectra[spectra["layer"] == "1"]
+    trained_line, init_line, edge = ax.get_lines()
+    np.testing.assert_allclose(trained_line.get_ydata(), part["eigenvalue"])
+    np.testing.assert_allclose(init_line.get_xdata(), part["rank"])
+    np.testing.assert_allclose(init_line.get_ydata(), part["init_eigenvalue"])
+    assert edge.get_ydata()[0] == pytest.approx(part["mp_upper_edge"].iloc[0])
+    assert ax.get_title() == "layer 1" and ax.get_yscale() == "log"
+    assert f"({int(part['n_learned'].iloc[0])} above)" in ax.get_legend().get_texts()[2].get_text()
 
 
 def test_weight_spectrum_and_stability():
@@ -107,7 +174,11 @@ def test_weight_spectrum_and_stability():
     import matplotlib
     matplotlib.use("Agg")
     from spectral_ext import plot
-    assert plot.stability(C.stability(vecs, vectors)).axes
+    matrix = C.stability(vecs, vectors)
+    matrix[0, 1] = 0.5  # asymmetric: the drawn array is the transpose (network 1 along x)
+    ax = plot.stability(matrix, top=5).axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), matrix[:5, :5].T.numpy())
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("rank (network 1)", "rank (network 2)")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +195,10 @@ def test_clipping_shares_the_prefix_and_matches_explicit_projections(trained_mlp
     import matplotlib
     matplotlib.use("Agg")
     from spectral_ext import plot
-    assert plot.clipping(df).axes
+    ax = plot.clipping(df).axes[0]
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [1, 5, 64] and list(line.get_ydata()) == df["accuracy"].tolist()
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("maximum rank k", "accuracy")
     full = datasets.accuracy(model, test)
     assert df["accuracy"].iloc[-1] == pytest.approx(full)
     cov = se.activation_covariance(model, test[0], ["3"], progress=False)["3"].cov_a()
@@ -192,19 +266,38 @@ def test_rainbow_network_recovers_most_of_the_accuracy(trained_mlp):
     """Seed 002 reports 31% generated vs 43% trained on CIFAR-10; on digits we
     measured 88-93% generated vs 96.7% trained for three seeds."""
     model, train, test = trained_mlp
-    result = se.rainbow(model, train, test, seed=0, progress=False)
-    assert result["generated_accuracy"] >= 0.75 * result["reference_accuracy"]
-    assert all(0 < r <= 1 for r in result["r2"].values())
-    assert not torch.allclose(result["model"][1].weight, model[1].weight)
-    torch.testing.assert_close(result["model"][7].weight.norm(), model[7].weight.norm())  # classifier realigned
+    result = se.rainbow(model, train, test, generator=0, progress=False)
+    assert isinstance(result, C.Rainbow)
+    assert result.generated_accuracy >= 0.75 * result.reference_accuracy
+    assert all(0 < r <= 1 for r in result.r2.values())
+    assert not torch.allclose(result.model[1].weight, model[1].weight)
+    torch.testing.assert_close(result.model[7].weight.norm(), model[7].weight.norm())  # classifier realigned
+    frame = result.to_frame()
+    assert list(frame.columns) == ["layer", "r2"] and frame["layer"].tolist() == ["3", "5", "7"]
+    assert frame["r2"].tolist() == list(result.r2.values())
+    with pytest.warns(FutureWarning) as record:  # the old keywords, mapped
+        old = se.rainbow(reference=model, train_data=train, seed=0, progress=False)
+    assert sorted(str(w.message).split("'")[1] for w in record) == ["reference", "seed", "train_data"]
+    torch.testing.assert_close(old.model[1].weight, result.model[1].weight)  # seed=0 is generator=0
+    assert old.generated_accuracy is None
+    with pytest.warns(FutureWarning, match="result.r2"):  # the old dict access, mapped
+        assert old["r2"] == old.r2
+    with pytest.raises(KeyError):
+        old["accuracy"]
+    import matplotlib
+    matplotlib.use("Agg")
+    ax = result.plot().axes[0]
+    assert [p.get_height() for p in ax.patches] == pytest.approx(frame["r2"].tolist())
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["3", "5", "7"]
+    assert f"generated {result.generated_accuracy:.3f}" in ax.get_title()
 
 
 def test_rainbow_cnn_with_biases_and_errors():
     x_train, y_train, x_test, y_test = datasets.digits()
     torch.manual_seed(0)
     cnn = datasets.train(datasets.digits_cnn(), x_train, y_train, epochs=3)
-    result = se.rainbow(cnn, (x_train, y_train), (x_test, y_test), progress=False)
-    assert result["generated_accuracy"] > 0.5  # measured 0.87 vs 0.96 after 5 epochs
+    result = se.rainbow(cnn, (x_train, y_train), (x_test, y_test), generator=0, progress=False)
+    assert result.generated_accuracy > 0.5  # measured 0.87 vs 0.96 after 5 epochs
     torchvision = pytest.importorskip("torchvision")
     with pytest.raises(ValueError, match="chain of linear maps"):
         se.rainbow(torchvision.models.resnet18(num_classes=10), (torch.randn(4, 3, 32, 32), torch.zeros(4).long()),

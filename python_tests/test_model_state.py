@@ -110,9 +110,9 @@ def _features_and_classifier(model):
 # name -> call(model) for every public function taking a model; functions of two models get the
 # same model twice (the harder case: both roles on one module)
 CASES = {
-    "activation_covariance": lambda m: covariance.activation_covariance(m, X, ["4", "9"], progress=False),
+    "activation_covariance": lambda m: covariance.activation_covariance(m, ["4", "9"], X, progress=False),
     "clip": lambda m: covariance.clip(m, "9", (X, Y), ks=[1, 4], progress=False),
-    "rainbow": lambda m: covariance.rainbow(m, (X, Y), (X, Y), example_input=EXAMPLE, progress=False),
+    "rainbow": lambda m: covariance.rainbow(m, (X, Y), (X, Y), example_input=EXAMPLE, generator=0, progress=False),
     "weight_spectra": lambda m: covariance.weight_spectra(m, m, EXAMPLE),
     "discover": lambda m: layers.discover(m, EXAMPLE),
     "chain_graph": lambda m: layers.chain_graph(m),
@@ -131,7 +131,7 @@ CASES = {
     "exemplary_images": lambda m: signals.exemplary_images(m, "4", X, [0, [1, 2]], k=3, progress=False),
     "feature_visualization": lambda m: signals.feature_visualization(m, "4", [0, 1], (3, 6, 6), steps=3,
                                                                             generator=0),
-    "similarity_matrix": lambda m: similarity.similarity_matrix(m, m, [X[:12], X[12:]], ["4", "9"], progress=False),
+    "similarity_matrix": lambda m: similarity.similarity_matrix(m, m, ["4", "9"], [X[:12], X[12:]], progress=False),
     "layer_spectra": lambda m: spectra.layer_spectra(m, EXAMPLE),
     "alpha_hat": lambda m: spectra.alpha_hat(m, EXAMPLE),
     "stitch": lambda m: stitching.stitch(m, m, "4", train_data=(X, Y), test_data=(X, Y), epochs=1,

@@ -101,7 +101,8 @@ def test_grelu_procrustes_matches_brute_force_over_permutations(centered):
     g = torch.Generator().manual_seed(2)
     X, Y = torch.randn(50, 4, dtype=torch.float64, generator=g), torch.randn(50, 4, dtype=torch.float64, generator=g)
     X, Y = X.relu(), (Y + 0.5).relu()
-    similarity, delta = se.procrustes(X, Y, "grelu", return_distance=True, centered=centered)
+    similarity = se.procrustes(X, Y, "grelu", centered=centered)
+    delta = se.procrustes_distance(X, Y, "grelu", centered=centered)
 
     def tilde(M):
         M = M - M.mean(0) if centered else M
@@ -123,7 +124,9 @@ def test_orthogonal_procrustes_matches_scipy(centered):
 
     X, g = features(n=80, c=6)
     Y = X + torch.randn(X.shape, dtype=torch.float64, generator=g)
-    similarity, delta = se.procrustes(X, Y, "orthogonal", return_distance=True, centered=centered)
+    similarity = se.procrustes(X, Y, "orthogonal", centered=centered)
+    delta = se.procrustes_distance(X, Y, "orthogonal", centered=centered)
+    assert similarity == pytest.approx(1 - delta / 2, rel=1e-12)
 
     def unit(M):  # channels as columns, positions as extra rows (D.2 sums over n, h, w)
         M = M.permute(0, 2, 3, 1).reshape(-1, M.shape[1])
@@ -133,6 +136,33 @@ def test_orthogonal_procrustes_matches_scipy(centered):
     R, _ = orthogonal_procrustes(unit(Y), unit(X))
     assert delta == pytest.approx(float(np.linalg.norm(unit(X) - unit(Y) @ R)), rel=1e-9)
     assert 0 <= similarity <= 1
+
+
+def test_the_shared_moments_match_numpy_in_every_layout():
+    """The one float64 accumulator behind covariance and Procrustes: full and
+    diagonal second moments, (N, C, S) and (n, C) inputs, streamed in two
+    parts, against numpy on the flattened (N S, C) rows."""
+    from spectral_ext import _moments
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(10, 4, 5, dtype=torch.float64, generator=g)
+    Y = torch.randn(10, 3, 5, dtype=torch.float64, generator=g)
+    fx, fy = (M.transpose(1, 2).reshape(-1, M.shape[1]).numpy() for M in (X, Y))
+    full, diag = _moments.Moments(full=True), _moments.Moments(full=False)
+    full.update(X)
+    diag.update(X)
+    np.testing.assert_allclose(full.second.numpy(), fx.T @ fx, rtol=1e-12)
+    np.testing.assert_allclose(diag.norms2(True).numpy(), ((fx - fx.mean(0)) ** 2).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(full.norms2(True).numpy(), diag.norms2(True).numpy(), rtol=1e-12)
+    cross = _moments.CrossMoments()
+    cross.update(X[:6], Y[:6])
+    cross.add_rows(torch.from_numpy(fx[30:]), torch.from_numpy(fy[30:]))  # the (n, C) rows of the rest
+    assert cross.count == cross.a.count == 50
+    np.testing.assert_allclose(cross.cross(True).numpy(), (fx - fx.mean(0)).T @ (fy - fy.mean(0)), rtol=1e-12)
+    with pytest.raises(ValueError, match="a batch has 3 channels"):
+        diag.update(Y)
+    with pytest.raises(ValueError, match="same samples and positions"):
+        cross.update(X, Y[:, :, :4])
 
 
 def test_values_in_unit_interval_and_minibatches():
@@ -181,7 +211,31 @@ def test_similarity_matrix_of_a_model_and_its_grelu_twin():
     import matplotlib
     matplotlib.use("Agg")
     from spectral_ext import plot
-    assert plot.similarity_heatmap(df).axes
+    frame = df.assign(value=[0.1, 0.2, 0.3, 0.4])  # distinct values: the drawn array is the frame's pivot
+    ax = plot.similarity_heatmap(frame, title="twins").axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), [[0.1, 0.2], [0.3, 0.4]])  # rows: model's layers
+    assert [t.get_text() for t in ax.get_xticklabels()] == layers == [t.get_text() for t in ax.get_yticklabels()]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("model b", "model a", "twins")
+
+
+def test_similarity_matrix_takes_the_new_and_the_old_order():
+    """Issue 17: (model, other, layers, data); the older (model_a, model_b,
+    loader, layers) positions and keywords give the same frame."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU()).double()
+    other = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU()).double()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    new = se.similarity_matrix(model, other, ["1", "3"], x, progress=False)
+    assert new.equals(se.similarity_matrix(model, other, x, ["1", "3"], progress=False))
+    with pytest.warns(FutureWarning) as record:
+        old = se.similarity_matrix(model_a=model, model_b=other, loader=x, layers=["1", "3"], progress=False)
+    assert old.equals(new) and len(record) == 3
+    pair = se.similarity_matrix(model, other, (["1"], ["1", "3"]), x, progress=False)
+    assert pair["layer_b"].tolist() == ["1", "3"] and pair["value"].iloc[0] == pytest.approx(new["value"].iloc[0])
+    with pytest.raises(TypeError, match="needs data"):
+        se.similarity_matrix(model, other, ["1"], progress=False)
+    with pytest.raises(TypeError, match="layers must be a module name"):
+        se.similarity_matrix(model, other, x, 1, progress=False)
 
 
 def test_similarity_errors():
@@ -198,6 +252,33 @@ def test_similarity_errors():
         se.cka(X[:3], X[:3])
     with pytest.raises(ValueError, match="equal channel counts"):
         se.procrustes(X, X[:, :4], "grelu")
+    with pytest.raises(TypeError, match="procrustes_distance"):  # one return type: no (similarity, delta) tuple
+        se.procrustes(X, X, "grelu", return_distance=True)
+    with pytest.raises(TypeError, match="centered must be True or False"):
+        se.procrustes_distance(X, X, centered=1)
+
+
+def test_minibatch_cka_value_is_always_a_float64_matrix():
+    """One return type (issue 17): a 1 x 1 tensor for single tensors, the
+    (len(Xs), len(Ys)) matrix for lists; undefined entries warn as NaN or
+    raise on request."""
+    X, g = features(n=40)
+    Y = X + torch.randn(X.shape, dtype=torch.float64, generator=g)
+    single = S.MinibatchCKA()
+    single.update(X, Y)
+    value = single.value()
+    assert isinstance(value, torch.Tensor) and value.shape == (1, 1) and value.dtype == torch.float64
+    assert float(value[0, 0]) == pytest.approx(se.cka(X, Y), rel=1e-12)
+    many = S.MinibatchCKA()
+    many.update([X, Y], [Y, X, torch.full_like(X, 2.0)])
+    with pytest.warns(RuntimeWarning, match="#2 \\(constant\\)"):
+        matrix = many.value()
+    assert matrix.shape == (2, 3) and torch.isnan(matrix[:, 2]).all()
+    assert float(matrix[0, 0]) == pytest.approx(float(value[0, 0]), rel=1e-12)
+    with pytest.raises(ValueError, match="undefined for representations c \\(constant\\)"):
+        many.value(["a", "b"], ["a", "b", "c"], undefined="raise")
+    with pytest.raises(ValueError, match="undefined must be"):
+        many.value(undefined="ignore")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +433,7 @@ def test_similarity_matrix_names_an_undefined_layer_and_restores_the_model():
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(48, 4, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="undefined.*model_a layer '4' \\(constant\\)"):
+    with pytest.warns(RuntimeWarning, match="undefined.*model layer '4' \\(constant\\)"):
         first = se.similarity_matrix(model, model, list(x.split(16)), ["1", "4"], progress=False)
     assert first.query("layer_a == '4' or layer_b == '4'")["value"].isna().all()
     assert first.query("layer_a == '1' and layer_b == '1'")["value"].iloc[0] == pytest.approx(1.0)

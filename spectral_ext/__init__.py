@@ -25,7 +25,7 @@ from .rank import (classification_dimension, independence_deficit, jacobian_part
 from . import signals, svr  # callable modules: spectral_ext.svr(model, ...) calls the function svr.svr
 from .signals import hypergraph, semantic_hierarchy
 from .spectra import alpha_hat, fit_power_law, fit_power_laws, layer_spectra, weight_singular_values
-from .similarity import cka, pairwise_similarity, procrustes, similarity_matrix
+from .similarity import cka, pairwise_similarity, procrustes, procrustes_distance, similarity_matrix
 from .stitching import stitch, stitching_penalty
 from .symmetry import apply_symmetry, intertwiner_group
 from .zoo_generator import make_digits_zoo

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, _moments
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
 from ._data import check_labels, first_batch, recompute_batchnorm
@@ -65,20 +66,45 @@ class Covariance:
         return m - torch.outer(self.sum_b, self.sum_b) / self.count ** 2 if center else m
 
 
+@dataclass
+class Covariances(Mapping):
+    """activation_covariance's result (seed 002
+    compute_activation_covariances): one Covariance per layer, read as
+    result[layer] (a mapping, as the dict it used to be), and a summary
+    table."""
+    layers: dict[str, Covariance]
+
+    def __getitem__(self, layer: str) -> Covariance:
+        return self.layers[layer]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: layer, n_samples, n_features (model's), n_other_features (other's, the same
+        representation for one model), trace and other_trace (tr E[a a^T], tr E[b b^T])."""
+        return pd.DataFrame([{"layer": name, "n_samples": c.count, "n_features": c.aa.shape[0],
+                              "n_other_features": c.bb.shape[0], "trace": float(torch.trace(c.cov_a())),
+                              "other_trace": float(torch.trace(c.cov_b()))} for name, c in self.layers.items()])
+
+
 class _Accumulator:
     """Products in `dtype` (default the activations' own, as the DESIGN asks:
-    every computation in the input dtype), summed in place in float64. For
-    one model the three second moments are one matrix. Batches wider than
-    tall are buffered up to BUFFER elements and multiplied together: one
-    larger GEMM and one float64 accumulation instead of many (the d x d
-    accumulation, not the GEMM, dominated at 4096 features)."""
+    every computation in the input dtype), summed in float64 by the shared
+    _moments accumulator. For one model the three second moments are one
+    matrix. Batches wider than tall are buffered up to BUFFER elements and
+    multiplied together: one larger GEMM and one float64 accumulation
+    instead of many (the d x d accumulation, not the GEMM, dominated at
+    4096 features)."""
 
     BUFFER = 1 << 24
 
     def __init__(self, dtype=None):
         self.dtype = dtype
-        self.count = 0
-        self.sums = None  # [sum_a, sum_b, aa, bb, ab]
+        self.moments = None  # a Moments for one model, a CrossMoments for two
         self.same = True
         self.buffers = None  # (rows for a, rows for b): one copy of each batch, then one GEMM per fill
         self.filled = 0
@@ -91,11 +117,12 @@ class _Accumulator:
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"the two representations hold {a.shape[0]} and {b.shape[0]} samples: "
                              "the models must see the same inputs and share the spatial layout")
-        if self.sums is None and self.buffers is None:
+        if self.moments is None and self.buffers is None:
             self.same = same
+            self.moments = _moments.Moments(full=True) if same else _moments.CrossMoments(full=True)
         if a.shape[1] <= a.shape[0] and self.buffers is None:
             # batches taller than wide: accumulating each product costs less than copying the batch
-            self._add(a, b, self.same)
+            self._add(a, b)
             return
         if self.buffers is None:
             rows = max(1, self.BUFFER // (a.shape[1] + (0 if same else b.shape[1])))
@@ -115,50 +142,51 @@ class _Accumulator:
         if not self.filled:
             return
         a = self.buffers[0][:self.filled]
-        self._add(a, a if self.same else self.buffers[1][:self.filled], self.same)
+        self._add(a, a if self.same else self.buffers[1][:self.filled])
         self.filled = 0
 
-    def _add(self, a: torch.Tensor, b: torch.Tensor, same: bool) -> None:
-        if self.sums is None:
-            zeros = lambda n, m=None: torch.zeros((n,) if m is None else (n, m), dtype=torch.float64,  # noqa: E731
-                                                  device=a.device)
-            sum_a, aa = zeros(a.shape[1]), zeros(a.shape[1], a.shape[1])
-            if same:
-                self.sums = [sum_a, sum_a, aa, aa, aa]
-            else:
-                self.sums = [sum_a, zeros(b.shape[1]), aa, zeros(b.shape[1], b.shape[1]),
-                             zeros(a.shape[1], b.shape[1])]
-        sum_a, sum_b, aa, bb, ab = self.sums
-        sum_a.add_(a.sum(0))  # torch sums float32 pairwise: accurate, and 20x faster than dtype=float64
-        aa.add_(a.T @ a)  # in place, promoted to float64: no float64 temporary of the Gram
-        if not self.same:
-            sum_b.add_(b.sum(0))
-            bb.add_(b.T @ b)
-            ab.add_(a.T @ b)
-        self.count += a.shape[0]
+    def _add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.same:
+            self.moments.add_rows(a)
+        else:
+            self.moments.add_rows(a, b)
 
     def result(self) -> Covariance:
-        self._flush()
-        if self.sums is None:
+        if self.moments is not None:
+            self._flush()
+        if self.moments is None or not self.moments.count:
             raise ValueError("the data produced no batch")
-        return Covariance(self.count, *self.sums)
+        m = self.moments
+        if self.same:
+            return Covariance(m.count, m.sum, m.sum, m.second, m.second, m.second)
+        return Covariance(m.count, m.a.sum, m.b.sum, m.a.second, m.b.second, m.ab)
 
 
-def activation_covariance(model: nn.Module, data, layers, other: nn.Module | None = None,
+def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Module | None = None,
                           other_layers=None, batch_size: int = 256, dtype=None,
-                          progress: bool = True) -> dict[str, Covariance]:
+                          progress: bool = True) -> Covariances:
     """Streaming (cross-)covariances of the inputs of `layers` (seed 002
-    compute_activation_covariances), accumulated in float64 in one pass over
-    a tensor, an (x, y) pair or a DataLoader. With `other`, the
-    cross-covariance between model's and other's representations at
-    `other_layers` (default the same names) on the same inputs. Each batch's
-    products run in the activations' dtype (dtype=torch.float64 to run them
-    in float64) and are summed in float64. Returns
-    {layer: Covariance}; call .cross(), .cov_a(), .cov_b() (center=True for
-    centred covariances)."""
+    compute_activation_covariances), accumulated in float64
+    in one pass over `data` (a tensor, an (x, y) pair, a DataLoader or an
+    iterable of batches). With `other`, the cross-covariance between
+    model's and other's representations at `other_layers` (default the same
+    names) on the same inputs. Each batch's products run in the
+    activations' dtype (dtype=torch.float64 to run them in float64) and are
+    summed in float64.
+
+    Call as (model, layers, data), (model, other, layers, data) or the older
+    (model, data, layers, other=None): the order is read from the types
+    (_checks.layers_and_data). Returns Covariances, a mapping {layer:
+    Covariance} (call .cross(), .cov_a(), .cov_b(); center=True for centred
+    covariances) with .to_frame()."""
+    layers, data, other = _checks.layers_and_data(layers, data, other)
+    if data is None:
+        raise TypeError("activation_covariance() needs data: a tensor, an (x, y) pair or a DataLoader")
     check_model("model", model)
     if other is not None:
         check_model("other", other)
+    if layers is None or not isinstance(layers, (str, list, tuple)):
+        raise TypeError(f"layers must be a module name or a list of them, got {type(layers).__name__}")
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not layers:
         raise ValueError("layers is empty")
@@ -185,7 +213,7 @@ def activation_covariance(model: nn.Module, data, layers, other: nn.Module | Non
                 other(x)
             for a_name, b_name in zip(layers, other_layers):
                 accumulators[a_name].update(cap_a[a_name], cap_b[b_name])
-    return {n: acc.result() for n, acc in accumulators.items()}
+    return Covariances({n: acc.result() for n, acc in accumulators.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +221,8 @@ def activation_covariance(model: nn.Module, data, layers, other: nn.Module | Non
 
 
 def activation_spectrum(cov: torch.Tensor):
-    """Eigenvalues (decreasing) and eigenvectors (rows) of a covariance."""
+    """Eigenvalues (decreasing) and eigenvectors (rows) of a covariance
+    (seed 002, the activation-spectrum cells)."""
     values, vectors = torch.linalg.eigh(cov.double())
     return values.flip(0), vectors.flip(1).T
 
@@ -201,14 +230,15 @@ def activation_spectrum(cov: torch.Tensor):
 def weight_spectrum(weight: torch.Tensor):
     """Eigenvalues s^2 / n (decreasing) and eigenvectors (rows, input space)
     of the weight covariance W^T W / n, W = weight.reshape(n, -1), from the
-    SVD (the seed's route when n << d)."""
+    SVD (seed 002's route when n << d)."""
     W = weight.detach().reshape(weight.shape[0], -1).double()
     _, s, vh = torch.linalg.svd(W, full_matrices=False)
     return s.square() / W.shape[0], vh
 
 
 def marchenko_pastur_edges(n: int, d: int, variance: float) -> tuple[float, float]:
-    """Support [lambda_-, lambda_+] of the eigenvalues of W^T W / n for an n x d
+    """Support [lambda_-, lambda_+] of the Marchenko-Pastur law that seed 002
+    compares trained spectra with: the eigenvalues of W^T W / n for an n x d
     matrix of i.i.d. entries of the given variance: variance (1 -+
     sqrt(d / n))^2 (lambda_- = 0 when d > n, plus the zero eigenvalues)."""
     n, d = _checks.integer("n", n, low=1), _checks.integer("d", d, low=1)
@@ -219,7 +249,7 @@ def marchenko_pastur_edges(n: int, d: int, variance: float) -> tuple[float, floa
 
 def marchenko_pastur_density(x, n: int, d: int, variance: float) -> np.ndarray:
     """Density of the non-zero part of the Marchenko-Pastur law for W^T W / n
-    (it integrates to min(1, n / d))."""
+    (seed 002's reference spectrum; it integrates to min(1, n / d))."""
     x = np.asarray(x, dtype=np.float64)
     lo, hi = marchenko_pastur_edges(n, d, variance)
     ratio = d / n
@@ -229,30 +259,37 @@ def marchenko_pastur_density(x, n: int, d: int, variance: float) -> np.ndarray:
     return density
 
 
-def weight_spectra(model: nn.Module, init_model: nn.Module | None = None, example_input=None,
-                   variance="init") -> pd.DataFrame:
-    """Seed 002's weight-covariance analysis for every linear map: one row per
-    (layer, rank) with eigenvalue (s^2 / n), init_eigenvalue (same layer of
-    init_model), and per layer the Marchenko-Pastur upper edge for its aspect
-    ratio and n_learned, the count of eigenvalues above it (the "learned"
-    components). variance: "init" (the entry variance of init_model's layer,
-    or PyTorch's default 1 / (3 fan_in) without one), "empirical" (of the
-    layer itself) or a number."""
+@_checks.renamed(init_model="other")
+def weight_spectra(model: nn.Module, other: nn.Module | None = None, example_input=None,
+                   variance="init", progress: bool = True) -> pd.DataFrame:
+    """Seed 002's weight-covariance analysis (its weight-spectrum cells:
+    eigenvalues against initialisation) with the Marchenko-Pastur law, for every linear map: one
+    row per (layer, rank) with eigenvalue (s^2 / n), init_eigenvalue (same
+    layer of `other`, the model at initialisation; formerly init_model), and
+    per layer the Marchenko-Pastur upper edge for its aspect ratio and
+    n_learned, the count of eigenvalues above it (the "learned" components).
+    variance: "init" (the entry variance of other's layer, or PyTorch's
+    default 1 / (3 fan_in) without one), "empirical" (of the layer itself) or
+    a number. Returns a DataFrame (plot.weight_spectra draws one layer)."""
+    if other is not None:
+        check_model("other", other)
     if not (isinstance(variance, str) and variance in ("init", "empirical")):
         if isinstance(variance, str):
             raise ValueError(f"variance must be 'init', 'empirical' or a positive number, got {variance!r}")
         variance = _checks.number("variance", variance, low=0, low_open=True)
+    from tqdm.auto import tqdm
+
     graph = discover(model, example_input)
-    init_graph = discover(init_model, example_input) if init_model is not None else None
+    init_graph = discover(other, example_input) if other is not None else None
     rows = []
-    for name, m in graph.maps.items():
+    for name, m in tqdm(graph.maps.items(), desc="weight spectra", disable=not progress, leave=False):
         W = m.matrix(dtype=torch.float64)
         n, d = W.shape
         eig, _ = weight_spectrum(W)
         init_eig = None
         if init_graph is not None:
             if name not in init_graph.maps or init_graph.maps[name].matrix().shape != W.shape:
-                raise ValueError(f"init_model has no layer {name!r} of shape {tuple(W.shape)}")
+                raise ValueError(f"other has no layer {name!r} of shape {tuple(W.shape)}")
             W0 = init_graph.maps[name].matrix(dtype=torch.float64)
             init_eig, _ = weight_spectrum(W0)
         if variance == "init":
@@ -272,7 +309,7 @@ def weight_spectra(model: nn.Module, init_model: nn.Module | None = None, exampl
 
 def stability(E1: torch.Tensor, E2: torch.Tensor, alignment: torch.Tensor | None = None) -> torch.Tensor:
     """|E1 A E2^T|: cosines between eigenvectors (rows) of two networks, after
-    the alignment A (identity when None), as in the seed's stability plots."""
+    the alignment A (identity when None), as in seed 002's stability plots."""
     _checks.tensor("E1", E1, ndims=(2,), shape="(k1, C_a)")
     _checks.tensor("E2", E2, ndims=(2,), shape="(k2, C_b)")
     width = E1.shape[1] if alignment is None else (_checks.tensor("alignment", alignment, ndims=(2,),
@@ -309,7 +346,8 @@ def align(cross_cov: torch.Tensor, cov_a: torch.Tensor | None = None, cov_b: tor
 
 
 def alignment_r2(A: torch.Tensor, cross_cov: torch.Tensor, cov_a: torch.Tensor, cov_b: torch.Tensor) -> float:
-    """r^2 of an alignment A on (possibly held-out) covariances:
+    """r^2 of an alignment A (seed 002, the explained fraction; its note: on a
+    test set) on (possibly held-out) covariances:
     tr(A^T E[a b^T]) / sqrt(tr E[a a^T] tr E[b b^T]); equals tr Sigma / ... on
     the data A was fitted on, lies in [-1, 1] and in [0, 1] there."""
     _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)")
@@ -368,7 +406,7 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
         rows, kind = basis.double(), "activation"
     elif basis == "activation":
         if covariance is None:
-            covariance = activation_covariance(model, data, [layer], batch_size=batch_size,
+            covariance = activation_covariance(model, [layer], data, batch_size=batch_size,
                                                progress=progress)[layer].cov_a()
         rows, kind = activation_spectrum(covariance)[1], "activation"
     elif basis == "weight":
@@ -477,25 +515,59 @@ def _realign_columns(weight: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ork,rg->ogk", blocks, A.double()).reshape(weight.shape).to(weight.dtype)
 
 
-def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None, seed: int = 0,
-            batch_size: int = 256, progress: bool = True) -> dict:
-    """A generated network (seed 002): layer by layer, each hidden map's
-    neurons are drawn from N(0, W^T W / n), the trained weight covariance
-    (with the bias as an extra input column when present), realigned to the
-    generated inputs with the cross-covariance alignment of the previous
-    layer, BatchNorm statistics recomputed; the trained classifier (the last
-    map) is kept and realigned. train_data: (x, y) tensors or a loader, used
-    for the alignments; test_data: for the accuracies.
+@dataclass
+class Rainbow:
+    """A generated network of seed 002 (generate_network) and how it compares:
+    `model` the generated copy, `r2` the explained fraction of each aligned
+    layer's alignment on the training data, and the accuracies on
+    test_data (None without it)."""
+    model: nn.Module
+    r2: dict[str, float]
+    reference_accuracy: float | None = None
+    generated_accuracy: float | None = None
 
-    Returns {model, reference_accuracy, generated_accuracy, r2 (per aligned
-    layer, on the training data)}."""
-    check_model("reference", reference)
-    seed = _checks.integer("seed", seed)
+    def to_frame(self) -> pd.DataFrame:
+        """One row per aligned layer: layer, r2."""
+        return pd.DataFrame({"layer": list(self.r2), "r2": [float(v) for v in self.r2.values()]})
+
+    def plot(self, ax=None):
+        """The r2 of each aligned layer, with the accuracies in the title (plot.rainbow)."""
+        from . import plot
+
+        return plot.rainbow(self, ax=ax)
+
+    def __getitem__(self, key: str):
+        # rainbow returned a dict before issue 17: result["r2"] keeps working, with a warning
+        if key not in ("model", "r2", "reference_accuracy", "generated_accuracy"):
+            raise KeyError(key)
+        warnings.warn(f"rainbow() returns a Rainbow: use result.{key} instead of result[{key!r}]", FutureWarning,
+                      stacklevel=2)
+        return getattr(self, key)
+
+
+@_checks.renamed(reference="model", train_data="data", seed="generator")
+def rainbow(model: nn.Module, data, test_data=None, example_input=None, generator=None,
+            batch_size: int = 256, progress: bool = True) -> Rainbow:
+    """A generated network (seed 002 generate_network): layer by layer, each hidden
+    map's neurons are drawn from N(0, W^T W / n), the trained weight
+    covariance (with the bias as an extra input column when present),
+    realigned to the generated inputs with the cross-covariance alignment
+    of the previous layer, BatchNorm statistics recomputed; the trained
+    classifier (the last map) is kept and realigned. model: the trained
+    reference (formerly `reference`); data: (x, y) tensors or a loader, used
+    for the alignments (formerly `train_data`); test_data: for the
+    accuracies; generator: the draws' randomness (None: torch's global
+    generator, an int seeds one; formerly `seed`).
+
+    Returns a Rainbow (model, r2 per aligned layer, reference_accuracy,
+    generated_accuracy; .to_frame(), .plot())."""
+    reference = model
+    check_model("model", reference)
+    g = _checks.generator(generator)
     batch_size = _checks.positive_int("batch_size", batch_size)
-    x0 = first_batch(train_data, name="train_data")[0]  # a clear error for empty or dict data
+    x0 = first_batch(data, name="data")[0]  # a clear error for empty or dict data
     graph = discover(reference, example_input if example_input is not None else x0)
     names = _chain(graph)
-    g = torch.Generator().manual_seed(seed)
     generated = copy.deepcopy(reference).eval()
     generated_graph = graph.for_model(generated)
     alignment = None
@@ -525,14 +597,14 @@ def rainbow(reference: nn.Module, train_data, test_data=None, example_input=None
             module.weight.copy_(new_weight.to(module.weight.dtype))
             if new_bias is not None:
                 module.bias.copy_(new_bias.to(module.bias.dtype))
-        recompute_batchnorm(generated, generated, train_data, batch_size, name="train_data")
+        recompute_batchnorm(generated, generated, data, batch_size, name="data")
         if j < len(names) - 1:
             following = names[j + 1]
-            cov = activation_covariance(reference, train_data, [following], other=generated, batch_size=batch_size,
+            cov = activation_covariance(reference, [following], data, other=generated, batch_size=batch_size,
                                         progress=False)[following]
             alignment, r2[following] = align(cov.cross(), cov.cov_a(), cov.cov_b())
-    result = {"model": generated, "r2": r2}
+    result = Rainbow(generated, r2)
     if test_data is not None:
-        result["reference_accuracy"] = _accuracy(reference, test_data, batch_size, name="test_data")
-        result["generated_accuracy"] = _accuracy(generated, test_data, batch_size, name="test_data")
+        result.reference_accuracy = _accuracy(reference, test_data, batch_size, name="test_data")
+        result.generated_accuracy = _accuracy(generated, test_data, batch_size, name="test_data")
     return result

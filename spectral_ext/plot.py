@@ -295,6 +295,21 @@ def clipping(frame, ax=None, label: str | None = None):
     return _finish(fig, ax, "maximum rank k", "accuracy")
 
 
+def rainbow(result, ax=None):
+    """Seed 002 generate_network: the explained fraction r^2 of each aligned
+    layer of a generated network (covariance.rainbow's Rainbow), its test
+    accuracy against the reference's in the title when measured."""
+    fig, ax = _axes(ax, (5, 4))
+    frame = result.to_frame()
+    ax.bar(range(len(frame)), frame["r2"], color="tab:purple")
+    ax.set_xticks(range(len(frame)))
+    ax.set_xticklabels(frame["layer"], fontsize=7)
+    ax.set_ylim(0, 1)
+    if result.generated_accuracy is not None:
+        ax.set_title(f"generated {result.generated_accuracy:.3f} vs reference {result.reference_accuracy:.3f}")
+    return _finish(fig, ax, "aligned layer", "alignment r^2", legend=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Model zoo report (zoo_report.py)
 

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, _moments
 from ._data import batches
 from ._hooks import capturing, check_layers, evaluating
 from ._ops import linear_sum_assignment, max_kernel_gram
@@ -55,7 +55,8 @@ def _module_axis(module: nn.Module):
 
 
 def layer_feature_axis(model: nn.Module, layer: str) -> int | None:
-    """The feature axis of `layer`'s output, read from the layer: -1 after a
+    """The feature axis of `layer`'s output (the channels that seed 004
+    appendix D.7 transforms), read from the layer: -1 after a
     Linear (or LayerNorm, attention, embedding), 1 after a conv (or
     BatchNorm, pooling). A container answers for its last deciding leaf; an
     elementwise module (ReLU, Dropout, ...) for the nearest deciding module
@@ -92,7 +93,8 @@ def _feature_axis_of(name: str, X: torch.Tensor, feature_axis) -> int:
 
 def as_channels(name: str, X: torch.Tensor, feature_axis: int | None = None) -> torch.Tensor:
     """(N, d) -> (N, d, 1); (N, C, *spatial) -> (N, C, S) with C on
-    `feature_axis` (default: axis 1; a 3-D input must say)."""
+    `feature_axis` (default: axis 1; a 3-D input must say): the layout of
+    seed 004 appendix D.7 (positions summed over)."""
     _checks.tensor(name, X, ndims=range(2, 7), shape="(N, d), (N, C, H, W) or (N, tokens, features)")
     axis = _feature_axis_of(name, X, feature_axis)
     X = X.movedim(axis, 1)
@@ -208,7 +210,8 @@ def _hsic_scale(n: int, unbiased: bool) -> float:
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """HSIC of every pair of Gram matrices: K (a, n, n), L (b, n, n) -> (a, b).
+    """HSIC of every pair of Gram matrices: K (a, n, n), L (b, n, n) -> (a, b),
+    the HSIC_1 of seed 004 equation 5.4 (definition 5.3).
 
     unbiased=True: the estimator of Song et al. used by Nguyen et al. [NRK21,
     eq. 3], HSIC_1 = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2)
@@ -363,17 +366,20 @@ def _route(kernel, n, dims_a, dims_b) -> str:
 
 
 class MinibatchCKA:
-    """CKA accumulated over minibatches (Nguyen et al. [NRK21]): the mean of
-    the per-batch unbiased HSICs, so the dataset never needs to fit in
-    memory. Each representation of a batch is reduced once (centred
-    features or one U-centred Gram, in float64), every pair is an inner
-    product of those. The channel normalisation of the max, Laplace and
-    ortho kernels uses each batch's statistics (it keeps their invariance).
+    """CKA accumulated over minibatches (Nguyen et al. [NRK21], the
+    minibatch CKA behind seed 004 Fig. 2, 5, 9, with the kernels of section
+    5 and appendix D.7): the mean of the per-batch unbiased HSICs, so the
+    dataset never needs to fit in memory. Each representation of a batch is
+    reduced once (centred features or one U-centred Gram, in float64), every
+    pair is an inner product of those. The channel normalisation of the max,
+    Laplace and ortho kernels uses each batch's statistics (it keeps their
+    invariance).
 
     update(Xs, Ys) takes lists of representations of the same batch (or single
     tensors), each (N, C, S) or laid out as feature_axis says; value()
-    returns the (len(Xs), len(Ys)) CKA matrix (a float for single tensors).
-    Pass Ys=None to compare Xs with themselves (each reduced once)."""
+    returns the (len(Xs), len(Ys)) CKA matrix, a float64 tensor (1 x 1 for
+    single tensors). Pass Ys=None to compare Xs with themselves (each
+    reduced once)."""
 
     def __init__(self, kernel: str = "linear", unbiased: bool = True, bandwidth: float = 0.5,
                  gamma: float | None = None):
@@ -382,7 +388,6 @@ class MinibatchCKA:
         self.xy = self.xx = self.yy = None
         self.varied_x = self.varied_y = None
         self.batches = 0
-        self.single = False
 
     def _reps(self, reps, name, feature_axis):
         reps = [reps] if isinstance(reps, torch.Tensor) else list(reps)
@@ -392,7 +397,6 @@ class MinibatchCKA:
 
     def update(self, Xs, Ys=None, feature_axis: int | None = None) -> None:
         same = Ys is None
-        self.single = isinstance(Xs, torch.Tensor) and (same or isinstance(Ys, torch.Tensor))
         Xs = self._reps(Xs, "X", feature_axis)
         Ys = Xs if same else self._reps(Ys, "Y", feature_axis)
         n = {R.shape[0] for R in Xs + Ys}
@@ -439,10 +443,13 @@ class MinibatchCKA:
             self.varied_x, self.varied_y = self.varied_x | ~ca, self.varied_y | ~cb
         self.batches += 1
 
-    def value(self, names_x=None, names_y=None):
-        """The CKA matrix. Where a representation is constant (or its HSIC
-        estimate is not positive) CKA is undefined: a float raises
-        ValueError; a matrix holds NaN there and warns, naming them."""
+    def value(self, names_x=None, names_y=None, undefined: str = "warn") -> torch.Tensor:
+        """The (len(Xs), len(Ys)) CKA matrix, float64. Where a representation
+        is constant (or its HSIC estimate is not positive) CKA is undefined:
+        undefined="warn" puts NaN there and warns, naming them; "raise"
+        raises ValueError instead."""
+        if undefined not in ("warn", "raise"):
+            raise ValueError(f"undefined must be 'warn' or 'raise', got {undefined!r}")
         if self.xy is None:
             raise ValueError("no batch was added: call update() first")
         bad_x = ~self.varied_x | (self.xx <= 0)
@@ -457,10 +464,10 @@ class MinibatchCKA:
                         for i in range(len(bad)) if bad[i]]
             message = ("CKA is undefined for representations "
                        f"{', '.join(why(bad_x, self.varied_x, names_x) + why(bad_y, self.varied_y, names_y))}")
-            if self.single:
+            if undefined == "raise":
                 raise ValueError(message + ": HSIC(K, K) is 0, there is nothing to align")
             warnings.warn(message + "; their entries are NaN", RuntimeWarning, stacklevel=2)
-        return float(cka[0, 0]) if self.single else cka
+        return cka
 
 
 def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool = True,
@@ -494,73 +501,30 @@ def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool
         if N - start < (4 if unbiased else 2) and start > 0:
             break  # a ragged last batch too small for the estimator adds nothing
         accumulator.update(X[start:start + step], Y[start:start + step], feature_axis=1)
-    return accumulator.value()
+    return float(accumulator.value(undefined="raise")[0, 0])
 
 
-class ChannelSums:
-    """Running per-channel sums and sums of squares over samples and
-    positions of one representation (N, C, S), in float64."""
-
-    def __init__(self):
-        self.count, self.sum, self.sumsq = 0, None, None
-
-    def update(self, X: torch.Tensor) -> None:
-        s = X.sum((0, 2), dtype=torch.float64)
-        q = X.square().sum((0, 2), dtype=torch.float64)
-        if self.sum is None:
-            self.sum, self.sumsq = s, q
-        else:
-            if s.shape != self.sum.shape:
-                raise ValueError(f"a batch has {s.shape[0]} channels, earlier ones {self.sum.shape[0]}")
-            self.sum, self.sumsq = self.sum + s, self.sumsq + q
-        self.count += X.shape[0] * X.shape[2]
-
-    def norms2(self, centered: bool) -> torch.Tensor:
-        """Squared channel norms, of the centred channels when centered."""
-        if not centered:
-            return self.sumsq
-        return (self.sumsq - self.sum.square() / self.count).clamp_min(0)
+def _channel_sums() -> _moments.Moments:
+    """Per-channel sums and squared norms over samples and positions of one
+    representation (N, C, S), in float64."""
+    return _moments.Moments(full=False, dtype=torch.float64)
 
 
-class CrossMoments:
-    """Running sums that give the Procrustes measures of the whole dataset
-    after one pass: per channel sums and sums of squares, and the channel
-    cross products of (D.2), all in float64. sums_x / sums_y may be shared
-    ChannelSums (similarity_matrix updates each layer's once per batch)."""
+class CrossMoments(_moments.CrossMoments):
+    """Running float64 sums that give the Procrustes measures of the whole
+    dataset after one pass (seed 004 D.2, D.7.1): each side's channel sums
+    and squared norms and the channel cross products, from the shared
+    _moments accumulator. a / b may be shared channel sums
+    (similarity_matrix updates each layer's once per batch)."""
 
-    def __init__(self, sums_x: ChannelSums | None = None, sums_y: ChannelSums | None = None):
-        self.own = sums_x is None
-        self.sx = ChannelSums() if sums_x is None else sums_x
-        self.sy = ChannelSums() if sums_y is None else sums_y
-        self.sxy = None
-        self.count = 0
-
-    def update(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        """X, Y: (N, C, S), (N, C', S)."""
-        if X.shape[0] != Y.shape[0] or X.shape[2] != Y.shape[2]:
-            raise ValueError(f"X and Y must have the same samples and positions, got {tuple(X.shape)} and "
-                             f"{tuple(Y.shape)} (N, C, positions)")
-        X, Y = X.to(torch.float64), Y.to(torch.float64)
-        if X.shape[2] == 1:  # one matmul of the (N, C) views, no permuted copies
-            cross = X[:, :, 0].T @ Y[:, :, 0]
-        else:
-            cross = torch.tensordot(X, Y, dims=([0, 2], [0, 2]))
-        self.sxy = cross if self.sxy is None else self.sxy + cross
-        if self.own:
-            self.sx.update(X)
-            self.sy.update(Y)
-        self.count += X.shape[0] * X.shape[2]
-
-    def cross(self, centered: bool) -> torch.Tensor:
-        if not centered:
-            return self.sxy
-        return self.sxy - torch.outer(self.sx.sum, self.sy.sum) / self.sx.count
+    def __init__(self, a: _moments.Moments | None = None, b: _moments.Moments | None = None):
+        super().__init__(a, b, full=False, dtype=torch.float64)
 
     def procrustes(self, group: str = "orthogonal", centered: bool = False) -> tuple[float, float]:
         """(similarity, distance) for the accumulated data."""
-        if self.sxy is None:
+        if self.ab is None:
             raise ValueError("no batch was added: call update() first")
-        return _procrustes_from(self.cross(centered), self.sx.norms2(centered), self.sy.norms2(centered), group)
+        return _procrustes_from(self.cross(centered), self.a.norms2(centered), self.b.norms2(centered), group)
 
 
 def _procrustes_from(cross, nx, ny, group):
@@ -602,7 +566,7 @@ def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False, f
     X, Y = _pair(X, Y, feature_axis)
     moments = CrossMoments()
     moments.update(X, Y)
-    nx, ny = moments.sx.norms2(centered), moments.sy.norms2(centered)
+    nx, ny = moments.a.norms2(centered), moments.b.norms2(centered)
     if nx.shape != ny.shape:
         raise ValueError(f"X and Y must have equal channel counts, got {nx.shape[0]} and {ny.shape[0]}")
     cross = moments.cross(centered)  # (C_x, C_y)
@@ -627,11 +591,22 @@ def _check_group(group):
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
 
 
+def _procrustes_pair(X, Y, group, centered, feature_axis) -> tuple[float, float]:
+    _check_group(group)
+    if not isinstance(centered, bool):
+        raise TypeError(f"centered must be True or False, got {centered!r}")
+    X, Y = _pair(X, Y, feature_axis)
+    moments = CrossMoments()
+    moments.update(X, Y)
+    return moments.procrustes(group, centered)
+
+
 def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", return_distance: bool = False,
-               centered: bool = False, feature_axis: int | None = None):
+               centered: bool = False, feature_axis: int | None = None) -> float:
     """Procrustes similarity in [0, 1] (1 = aligned) of representations X, Y
-    ((N, d), (N, C, H, W), or (N, tokens, features) with feature_axis;
-    channels transformed, positions not).
+    (seed 004 definition 5.2 and appendix D.7.1): (N, d), (N, C, H, W), or
+    (N, tokens, features) with feature_axis; channels transformed, positions
+    not.
 
     group="grelu": definition 5.2, 1 - delta / (2 sqrt(d)) with delta =
     min over permutations P of |X~ - Y~ P|, X~ = X D_X^{-1} the
@@ -641,16 +616,22 @@ def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", retu
     (appendix D.7.1, [DDS21a]), so 1 - delta / 2. Neither centres (the
     definitions and the authors' code); centered=True subtracts each
     channel's mean first. Both are clamped so that perfect alignment gives
-    exactly 1 (the seed code returns NaN there). return_distance=True
-    returns (similarity, delta)."""
-    _check_group(group)
-    if not isinstance(centered, bool):
-        raise TypeError(f"centered must be True or False, got {centered!r}")
-    X, Y = _pair(X, Y, feature_axis)
-    moments = CrossMoments()
-    moments.update(X, Y)
-    similarity, distance = moments.procrustes(group, centered)
-    return (similarity, distance) if return_distance else similarity
+    exactly 1 (the seed code returns NaN there). Returns a float; delta
+    itself is procrustes_distance (return_distance=True, which returned a
+    tuple, is refused: one return type per function)."""
+    if return_distance is not False:
+        raise TypeError("procrustes(return_distance=True) is gone: procrustes returns the similarity (a float); "
+                        "call procrustes_distance(X, Y, ...) for delta")
+    return _procrustes_pair(X, Y, group, centered, feature_axis)[0]
+
+
+def procrustes_distance(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", centered: bool = False,
+                        feature_axis: int | None = None) -> float:
+    """The Procrustes distance delta of seed 004 definition 5.2 (group="grelu",
+    in [0, 2 sqrt(d)]) or appendix D.7.1 (group="orthogonal", in [0, 2]),
+    the quantity procrustes turns into a similarity; same arguments.
+    Returns a float."""
+    return _procrustes_pair(X, Y, group, centered, feature_axis)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,32 +653,42 @@ def _channels_of(name, layer, R, axis):
     return as_channels(f"{name}'s layer {layer!r}", R, 1 if axis is None else axis)
 
 
-def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, measure: str = "cka",
+@_checks.renamed(model_a="model", model_b="other", loader="data")
+def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None, measure: str = "cka",
                       kernel: str = "linear", group: str = "orthogonal", unbiased: bool = True,
                       device=None, progress: bool = True, centered: bool = False,
                       feature_axis: int | tuple | None = None) -> pd.DataFrame:
-    """Similarity of every layer of model_a with every layer of model_b
-    (seed 004 Fig. 2, 5, 9): the models run in eval mode (and are given
-    back as they came), each activation is captured once per batch by
-    forward hooks (one forward when model_a is model_b), reduced once (a
+    """Similarity of every layer of `model` with every layer of `other`
+    (seed 004 section 5, Fig. 2, 5, 9): the models run in eval mode (and are
+    given back as they came), each activation is captured once per batch by
+    forward hooks (one forward when other is model), reduced once (a
     U-centred Gram or centred features) and every pair is accumulated from
     those in the same pass.
 
-    loader: an iterable of input batches (or (input, label) tuples); layers:
-    module names present in both models, or a pair (layers_a, layers_b);
-    measure "cka" (minibatch CKA with `kernel`, unbiased by default) or
-    "procrustes" (exact over the whole data, with `group` and `centered`;
-    NaN for pairs whose position counts, or channel counts for G_ReLU,
-    differ). feature_axis: by default read from each layer (a Linear: the
-    last axis, a conv: axis 1); an int, or a pair for the two models,
-    overrides. Returns a tidy DataFrame with columns layer_a, layer_b, value
-    (plot it with spectral_ext.plot.similarity_heatmap)."""
+    layers: module names present in both models, or a pair (layers_a,
+    layers_b); data: an iterable of input batches (or (input, label)
+    tuples), a tensor or a DataLoader. The older order (model_a, model_b,
+    loader, layers) and keywords still work (read from the types,
+    _checks.layers_and_data). measure "cka" (minibatch CKA with `kernel`,
+    unbiased by default) or "procrustes" (exact over the whole data, with
+    `group` and `centered`; NaN for pairs whose position counts, or channel
+    counts for G_ReLU, differ). feature_axis: by default read from each
+    layer (a Linear: the last axis, a conv: axis 1); an int, or a pair for
+    the two models, overrides. Returns a tidy DataFrame with columns
+    layer_a (model's layer), layer_b (other's), value (plot it with
+    spectral_ext.plot.similarity_heatmap)."""
+    layers, data, _ = _checks.layers_and_data(layers, data)
+    if data is None:
+        raise TypeError("similarity_matrix() needs data: an iterable of batches, a tensor or a DataLoader")
+    model_a, model_b = model, other
     if measure not in ("cka", "procrustes"):
         raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
     if measure == "cka":
         _check_kernel(kernel)
     else:
         _check_group(group)
+    if layers is None or not isinstance(layers, (str, list, tuple)):
+        raise TypeError(f"layers must be a module name or a list of them, got {type(layers).__name__}")
     if isinstance(layers, tuple) and len(layers) == 2 and not isinstance(layers[0], str):
         layers_a, layers_b = list(layers[0]), list(layers[1])
     else:
@@ -710,8 +701,8 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
     from tqdm.auto import tqdm
 
     accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" else None
-    sums_a = {n: ChannelSums() for n in layers_a}
-    sums_b = sums_a if same else {n: ChannelSums() for n in layers_b}
+    sums_a = {n: _channel_sums() for n in layers_a}
+    sums_b = sums_a if same else {n: _channel_sums() for n in layers_b}
     moments = {(a, b): CrossMoments(sums_a[a], sums_b[b]) for a in layers_a for b in layers_b}
     seen = 0
     with contextlib.ExitStack() as stack:
@@ -719,7 +710,7 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
         cap_a, _ = stack.enter_context(capturing(model_a, sorted(set(layers_a) | (set(layers_b) if shared else set()))))
         cap_b = cap_a if shared else stack.enter_context(capturing(model_b, layers_b))[0]
         stack.enter_context(torch.no_grad())
-        for x, _ in tqdm(batches(loader, name="loader"), desc="similarity matrix", disable=not progress, leave=False):
+        for x, _ in tqdm(batches(data), desc="similarity matrix", disable=not progress, leave=False):
             x = x.to(device) if device is not None else x
             cap_a.clear()
             cap_b.clear()
@@ -729,8 +720,8 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
             missing = [n for n in layers_a if n not in cap_a] + [n for n in layers_b if n not in cap_b]
             if missing:
                 raise ValueError(f"layers {missing} did not run in the forward pass")
-            reps_a = [_channels_of("model_a", n, cap_a[n], axes_a[n]) for n in layers_a]
-            reps_b = None if same else [_channels_of("model_b", n, cap_b[n], axes_b[n]) for n in layers_b]
+            reps_a = [_channels_of("model", n, cap_a[n], axes_a[n]) for n in layers_a]
+            reps_b = None if same else [_channels_of("other", n, cap_b[n], axes_b[n]) for n in layers_b]
             if measure == "cka":
                 if x.shape[0] < 4:
                     continue  # the unbiased estimator needs 4 samples; a tiny last batch adds nothing
@@ -749,10 +740,10 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
                             moments[(a, b)].update(X, Y)
             seen += x.shape[0]
     if seen == 0:
-        raise ValueError("loader produced no usable batch")
+        raise ValueError("data produced no usable batch")
     rows = []
-    values = accumulator.value([f"model_a layer {n!r}" for n in layers_a],
-                               [f"model_b layer {n!r}" for n in layers_b]) if measure == "cka" else None
+    values = accumulator.value([f"model layer {n!r}" for n in layers_a],
+                               [f"other layer {n!r}" for n in layers_b]) if measure == "cka" else None
     for i, a in enumerate(layers_a):
         for j, b in enumerate(layers_b):
             if measure == "cka":
@@ -770,8 +761,9 @@ def similarity_matrix(model_a: nn.Module, model_b: nn.Module, loader, layers, me
 def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel: str = "linear",
                         group: str = "orthogonal", unbiased: bool = True, centered: bool = False,
                         feature_axis: int | None = None, chunk: int = 64) -> pd.DataFrame:
-    """The similarity of many models' representations of one probe, pair by
-    pair, with each model's share computed once: features maps a model name
+    """The similarity of many models' representations of one probe (seed 004
+    section 5, the measures of cka and procrustes), pair by pair, with each
+    model's share computed once: features maps a model name
     to its (N, ...) features of the same N probe inputs; pairs lists (a, b)
     names (default: every unordered pair). measure "cka" (`kernel`,
     `unbiased`: one reduction per model, then all pairs as one batched

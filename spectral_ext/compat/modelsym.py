@@ -135,7 +135,7 @@ def _procrustes_all(features1, features2, diagonly, dims, pair):
 def _wreath_pair(X, Y):
     moments = _similarity.CrossMoments()
     moments.update(X, Y)
-    nx, ny = moments.sx.norms2(False), moments.sy.norms2(False)
+    nx, ny = moments.a.norms2(False), moments.b.norms2(False)
     safe = lambda n: torch.where(n > 0, n.sqrt(), torch.ones_like(n))  # a zero channel stays zero
     normalised = moments.cross(False) / torch.outer(safe(nx), safe(ny))
     rows, cols = _similarity._assignment(normalised)

@@ -91,15 +91,8 @@ def loader_cka(model1: nn.Module, model2: nn.Module, layers1: list[str], layers2
             accumulator.update(flat1, None if shared and rows == cols else flat2, feature_axis=1)
     if rows is None:
         raise ValueError("dataloader1 produced no batch")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        try:
-            matrix = accumulator.value([f"{names[0]} layer {n!r}" for n in rows],
-                                       [f"{names[1]} layer {n!r}" for n in cols])
-        except RuntimeWarning as undefined:
-            raise ValueError(str(undefined).replace("; their entries are NaN", "")) from None
+    matrix = accumulator.value([f"{names[0]} layer {n!r}" for n in rows], [f"{names[1]} layer {n!r}" for n in cols],
+                               undefined="raise")
     return matrix, rows, cols
 
 
