@@ -164,6 +164,23 @@ def similarity_heatmap(frame, ax=None, title: str | None = None):
     return fig
 
 
+def rotation_penalties(frame, ax=None):
+    """Seed 004 Fig. 4 (section 3.3): the rotation penalty per layer, one line
+    per transform (G_ReLU, orthogonal), the mean over trials with error bars
+    of one standard deviation (none for a single trial). frame: the
+    DataFrame of symmetry.rotation_penalties."""
+    layers = list(dict.fromkeys(frame["layer"]))
+    fig, ax = _axes(ax, (max(5, 0.6 * len(layers)), 4))
+    for transform, part in frame.groupby("transform", sort=False):
+        stats = part.groupby("layer", sort=False)["penalty"].agg(["mean", "std"]).reindex(layers)
+        label = {"grelu": "A in G_ReLU", "orthogonal": "A orthogonal"}.get(transform, transform)
+        ax.errorbar(range(len(layers)), stats["mean"].to_numpy(), yerr=stats["std"].fillna(0).to_numpy(),
+                    marker="o", ms=4, capsize=3, label=label)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+    ax.axhline(0, color="grey", lw=0.6)
+    return _finish(fig, ax, "layer transformed", "rotation penalty (accuracy before - after)")
+
 def signal_heatmaps(maps, singular_values=None, nodes=None, ncols: int = 8):
     """Seed 001 Fig. 5: per-position signals of one image (r, H, W), one small
     heatmap per singular vector, red = positive, blue = negative, on one

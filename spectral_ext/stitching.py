@@ -173,8 +173,8 @@ class StitchedModel(nn.Module):
 
 @dataclass
 class StitchResult:
-    """What stitch() found (seed 004 section 4, appendix D). model: the stitched model (phi hardened for G_ReLU and SoftSort); curve:
-    epoch, loss, accuracy on the training batches; accuracies on the test
+    """What stitch() found (seed 004 section 4, appendix D). model: the
+    stitched model (phi hardened for G_ReLU and SoftSort); curve: epoch, loss, accuracy on the training batches; accuracies on the test
     data when given and the stitching penalty (equation 4.3):
     (Acc(a) + Acc(b)) / 2 - Acc(S); matrix: phi's channel matrix; sparsity:
     appendix D.1 at tau = 1e-3; permutation for G_ReLU and SoftSort (phi =
@@ -392,7 +392,8 @@ def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=
     if kind in ("grelu", "softsort"):
         phi.harden()
     stitched.eval()
-    accuracies = (_accuracy(a, test_data, name="test_data"), _accuracy(b, test_data, name="test_data")) if test_data is not None else None
+    accuracies = None if test_data is None else (_accuracy(a, test_data, name="test_data"),
+                                                 _accuracy(b, test_data, name="test_data"))
     if kind == "grelu":
         with torch.no_grad():
             moved = float((phi(ya) - soft).norm() / soft.norm().clamp_min(1e-30))
