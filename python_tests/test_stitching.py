@@ -251,7 +251,7 @@ def test_every_phi_is_the_one_channel_map():
 def test_stitched_model_runs_other_from_phi_of_model_features():
     """S = f~_{>l} o phi o f_{<=l} (section 4) through _hooks.layer_output
     (model stops at the layer) and _hooks.replacing (other's layer output
-    swapped for phi's); both hooks are gone afterwards."""
+    swapped for phi's, or a layer's input); the hooks are gone afterwards."""
     from spectral_ext import _hooks
 
     torch.manual_seed(0)
@@ -273,7 +273,10 @@ def test_stitched_model_runs_other_from_phi_of_model_features():
     unused.forward = lambda inputs: unused["used"](inputs)  # spare is registered but never called
     with pytest.raises(ValueError, match="'spare' did not run in model_a's forward pass"):
         _hooks.layer_output(unused, "spare", x, name="model_a")
-    with _hooks.replacing(g, "2", lambda out: out * 0):
+    with _hooks.replacing(g, "2", lambda module, args, out: out * 0):
         assert (g(x) == 0).all()
     assert (g(x) != 0).any()
+    with _hooks.replacing(g, "2", (torch.zeros(6, 4),), inputs=True):
+        torch.testing.assert_close(g(x), g[2].bias.expand(6, 3))  # W 0 + b
+    assert not g[2]._forward_pre_hooks and not g[2]._forward_hooks
     assert _hooks.module_order(nn.Sequential(f, nn.Sequential(nn.Identity())), x) == ["0.0", "0.1", "0.2", "1.0"]

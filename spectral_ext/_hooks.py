@@ -124,12 +124,17 @@ def layer_output(model: nn.Module, layer: str, x, name: str = "model"):
 
 
 @contextlib.contextmanager
-def replacing(model: nn.Module, layer: str, output):
-    """Within the block, `layer` of `model` returns `output` (a tensor, or a
-    function of the module's own output) instead of what it computes (seed
-    004 section 4: b_{>l} run on phi's features)."""
-    replace = output if callable(output) else (lambda computed: output)
-    handle = model.get_submodule(layer).register_forward_hook(lambda module, args, computed: replace(computed))
+def replacing(model: nn.Module, layer: str, value, inputs: bool = False):
+    """Within the block, `layer` of `model` returns `value` instead of what it
+    computes (seed 004 section 4: b_{>l} run on phi's features): a tensor,
+    or a function (module, args, output) -> new output. With inputs=True
+    the layer's positional inputs are replaced before it runs: a tuple, or
+    a function (module, args) -> new args."""
+    module = model.get_submodule(layer)
+    if inputs:
+        handle = module.register_forward_pre_hook(value if callable(value) else (lambda m, args: value))
+    else:
+        handle = module.register_forward_hook(value if callable(value) else (lambda m, args, output: value))
     try:
         yield
     finally:
