@@ -229,6 +229,7 @@ def _check_finite_model(name: str, model: nn.Module) -> None:
 
 
 def _channels_at(model, layer, x, name):
+    """The layer's features on x, checked to have a channel axis (section 4's a_{<=l}(x))."""
     with torch.no_grad():
         y = layer_output(model, layer, x, name=name)
     if not isinstance(y, torch.Tensor) or y.dim() < 2:
@@ -237,6 +238,7 @@ def _channels_at(model, layer, x, name):
 
 
 def _stitch_axis(model, layer, y, feature_axis) -> int:
+    """The channel axis phi maps (seed 004 D.4 for tokens): given, or read from the layer."""
     if feature_axis is not None:
         if isinstance(feature_axis, bool) or not isinstance(feature_axis, int) or \
                 not -y.dim() <= feature_axis < y.dim() or feature_axis % y.dim() == 0:

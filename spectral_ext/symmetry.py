@@ -343,6 +343,8 @@ def _groups(module) -> int:
 
 
 def _transform_producer(linear_map, perm, scale):
+    """W -> A W on the producer's rows (seed 004 Proposition 3.4; with
+    BatchNorm after it the appendix E.9.1 action), in place."""
     module = linear_map.module
     if _groups(module) != 1:
         raise ValueError(f"{linear_map.name} is a grouped convolution: its channels cannot be permuted freely")
@@ -366,6 +368,8 @@ def _transform_producer(linear_map, perm, scale):
 
 
 def _transform_consumer(linear_map, connection, perm, scale):
+    """W -> W phi(A)^-1 on the consumer's input columns that read the
+    producer (seed 004 Proposition 3.4), in place."""
     module = linear_map.module
     if _groups(module) != 1:
         raise ValueError(f"{linear_map.name} is a grouped convolution: its input channels cannot be permuted")
@@ -412,6 +416,7 @@ class ChannelMap(nn.Module):
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    """Put `module` where the qualified name `name` is (section 3.3 wraps the layer with A)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
