@@ -280,3 +280,37 @@ def test_stitched_model_runs_other_from_phi_of_model_features():
         torch.testing.assert_close(g(x), g[2].bias.expand(6, 3))  # W 0 + b
     assert not g[2]._forward_pre_hooks and not g[2]._forward_hooks
     assert _hooks.module_order(nn.Sequential(f, nn.Sequential(nn.Identity())), x) == ["0.0", "0.1", "0.2", "1.0"]
+
+
+def test_stitching_penalties_figure_draws_the_to_frame_rows():
+    """Seed 004 Fig. 1: StitchResult.to_frame() rows of several pairs give,
+    per kind, the mean penalty per layer with a standard-deviation bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from spectral_ext import plot
+
+    torch.manual_seed(0)
+    model, other = (nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+                    for _ in range(2))
+    x, y = torch.randn(48, 6), torch.randint(0, 3, (48,))
+    frame = pd.concat([se.stitch(model, other, layer, (x, y), (x, y), kind=kind, epochs=1, lr=0.5, batch_size=8,
+                                 progress=False, generator=g).to_frame()
+                       for layer in ("1", "3") for kind in ("affine", "grelu") for g in (0, 1)], ignore_index=True)
+    assert frame["penalty"].nunique() > 1  # something to tell the lines and bars apart
+    fig = plot.stitching_penalties(frame)
+    ax = fig.axes[0]
+    lines = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    expected = frame.groupby(["kind", "layer"], sort=False)["penalty"].mean()
+    for line, kind in zip(lines, ("affine", "grelu")):
+        assert list(line.get_ydata()) == pytest.approx([expected[(kind, "1")], expected[(kind, "3")]])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "G_ReLU"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "3"]
+    spread = frame.groupby(["kind", "layer"], sort=False)["penalty"].std()
+    bars = ax.containers[0][2][0].get_segments()
+    assert [float(b[1][1] - b[0][1]) for b in bars] == pytest.approx([2 * spread[("affine", "1")],
+                                                                      2 * spread[("affine", "3")]])
+    assert ax.get_ylabel() == "stitching penalty"
+    matplotlib.pyplot.close(fig)
