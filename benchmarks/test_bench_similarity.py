@@ -63,7 +63,8 @@ def test_grelu_stitching_epoch_512_channels(benchmark, device, impl):
 
     def epoch():
         with se.use_backend("native" if impl == "native" else "reference"):
-            return se.stitch(model, model, "1", kind="grelu", train_data=(x, y), epochs=1, batch_size=32, progress=False)
+            return se.stitch(model, model, "1", (x, y), kind="grelu", epochs=1, batch_size=32, progress=False,
+                             generator=0)
 
     benchmark.group = f"G_ReLU stitching epoch, 512 channels, 1024 images, batch 32 (32 Sinkhorn projections) [{device}]"
     benchmark.extra_info["impl"] = impl

@@ -35,8 +35,8 @@ def test_theorem_4_2_grelu_stitching_finds_the_true_permutation(digits_pair, ini
     exp(N(0, 1)) (0.1 to 20) the uniform start does not find P in 20 epochs:
     D has to travel too far from its head start at the identity."""
     model, twin, perm, scale, train, test = digits_pair
-    result = se.stitch(model, twin, "4", kind="grelu", train_data=train, test_data=test, epochs=epochs, lr=lr,
-                       progress=False, init=init)
+    result = se.stitch(model, twin, "4", kind="grelu", data=train, test_data=test, epochs=epochs, lr=lr,
+                       progress=False, init=init, generator=0)
     with torch.no_grad():
         live = model[:5](train[0]).abs().sum(0) > 0
     assert live.sum() >= 28
@@ -65,8 +65,8 @@ def test_grelu_stitching_of_an_exact_resnet18_twin_has_no_penalty():
     twin, _ = se.apply_symmetry(model, example_input=x[:4], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = model(x).argmax(1)
-    result = se.stitch(model, twin, "layer1", kind="grelu", train_data=(x[:32], y[:32]), test_data=(x[32:], y[32:]),
-                       epochs=1, batch_size=32, lr=0.01, progress=False)
+    result = se.stitch(model, twin, "layer1", kind="grelu", data=(x[:32], y[:32]), test_data=(x[32:], y[32:]),
+                       epochs=1, batch_size=32, lr=0.01, progress=False, generator=0)
     assert result.accuracy_a == result.accuracy_b == 1.0
     assert result.penalty == 0.0 and not result.recalibrated
     assert "ResNet[..'layer1']" in repr(result) and "BasicBlock" not in repr(result)
@@ -89,26 +89,26 @@ def test_token_features_are_stitched_on_the_feature_axis():
     torch.testing.assert_close(twin(x), model(x), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         y = model(x).argmax(1)
-    result = se.stitch(model, twin, "1", kind="grelu", train_data=(x[:192], y[:192]), test_data=(x[192:], y[192:]),
-                       epochs=1, progress=False)
+    result = se.stitch(model, twin, "1", kind="grelu", data=(x[:192], y[:192]), test_data=(x[192:], y[192:]),
+                       epochs=1, progress=False, generator=0)
     assert torch.equal(result.permutation, perm)
     assert result.penalty == 0.0
     with pytest.raises(ValueError, match="feature_axis must name"):
-        se.stitch(model, twin, "1", kind="grelu", train_data=(x, y), feature_axis=0, progress=False)
+        se.stitch(model, twin, "1", kind="grelu", data=(x, y), feature_axis=0, progress=False)
 
 
 def test_affine_lowrank_l1_and_softsort_stitching(digits_pair):
     model, twin, _, _, train, test = digits_pair
-    affine = se.stitch(model, twin, "4", kind="affine", train_data=train, test_data=test, epochs=3, lr=0.05,
-                       progress=False)
+    affine = se.stitch(model, twin, "4", train, test, kind="affine", epochs=3, lr=0.05, progress=False,
+                       generator=0)
     assert affine.penalty < 0.05  # the affine class contains phi(G_ReLU) (Theorem 4.2)
-    low = se.stitch(model, twin, "4", train_data=train, kind="lowrank", rank=3, test_data=test, epochs=2, lr=0.05,
-                    progress=False)
+    low = se.stitch(model, twin, "4", train, test, kind="lowrank", rank=3, epochs=2, lr=0.05, progress=False,
+                    generator=0)
     assert int(torch.linalg.matrix_rank(low.matrix)) <= 3
-    sparse = se.stitch(model, twin, "4", train_data=train, kind="l1", l1=0.01, test_data=test, epochs=3, lr=0.05,
-                       progress=False)
+    sparse = se.stitch(model, twin, "4", train, test, kind="l1", l1=0.01, epochs=3, lr=0.05, progress=False,
+                       generator=0)
     assert sparse.sparsity > affine.sparsity
-    soft = se.stitch(model, twin, "4", train_data=train, kind="softsort", test_data=test, epochs=2, lr=0.05, progress=False)
+    soft = se.stitch(model, twin, "4", train, test, kind="softsort", epochs=2, lr=0.05, progress=False, generator=0)
     assert sorted(soft.permutation.tolist()) == list(range(32))
     for result in (affine, low, sparse, soft):
         assert 0 <= result.accuracy <= 1
@@ -153,8 +153,8 @@ def test_batchnorm_statistics_are_recalibrated_after_rounding():
     y = torch.randint(0, 3, (96,))
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     datasets.train(model, x, y, epochs=3)
-    result = se.stitch(model, model, "1", train_data=(x, y), kind="grelu", epochs=2, lr=0.01, progress=False,
-                       recalibrate=True)
+    result = se.stitch(model, model, "1", (x, y), kind="grelu", epochs=2, lr=0.01, progress=False,
+                       recalibrate=True, generator=0)
     assert result.recalibrated
     stitched = result.model
     with torch.no_grad():
@@ -167,21 +167,150 @@ def test_stitch_errors(digits_pair):
     model, _, _, _, train, _ = digits_pair
     other = datasets.digits_mlp(width=16)
     with pytest.raises(ValueError, match="cannot be stitched"):
-        se.stitch(model, other, "4", train_data=train, progress=False)
+        se.stitch(model, other, "4", data=train, progress=False)
     with pytest.raises(ValueError, match="names no submodule"):
-        se.stitch(model, model, "nope", train_data=train, progress=False)
+        se.stitch(model, model, "nope", data=train, progress=False)
     with pytest.raises(ValueError, match="needs rank"):
-        se.stitch(model, model, "4", train_data=train, kind="lowrank", progress=False)
+        se.stitch(model, model, "4", data=train, kind="lowrank", progress=False)
     with pytest.raises(ValueError, match="kind must be one of"):
-        se.stitch(model, model, "4", train_data=train, kind="magic", progress=False)
-    with pytest.raises(ValueError, match="train_data is required"):
-        se.stitch(model, model, "4", "grelu")
-    with pytest.raises(ValueError, match="train_data yields no sample"):
-        se.stitch(model, model, "4", train_data=[], progress=False)
+        se.stitch(model, model, "4", data=train, kind="magic", progress=False)
+    with pytest.raises(ValueError, match="data is required"):
+        se.stitch(model, model, "4", "grelu")  # the DESIGN contract's positional kind
+    with pytest.raises(ValueError, match="^data yields no sample"):
+        se.stitch(model, model, "4", data=[], progress=False)
     with pytest.raises(ValueError, match="init must be one of"):
-        se.stitch(model, model, "4", train_data=train, init="random", progress=False)
+        se.stitch(model, model, "4", data=train, init="random", progress=False)
     broken = copy.deepcopy(model)
     with torch.no_grad():
         broken[3].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="model_b has NaN or infinite weights in \\['3.weight'\\]"):
-        se.stitch(model, broken, "4", train_data=train, progress=False)
+    with pytest.raises(ValueError, match="other has NaN or infinite weights in \\['3.weight'\\]"):
+        se.stitch(model, broken, "4", data=train, progress=False)
+
+
+def test_contract_order_old_keywords_and_generator_give_one_result():
+    """Issue 17: stitch(model, other, layer, data, test_data, generator=) is
+    the API; DESIGN's positional stitch(model_a, model_b, layer, kind,
+    train_data, test_data) and the old keywords (FutureWarning) give the same
+    phi for the same generator; another generator gives another phi."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(64, 6)
+    y = torch.randint(0, 3, (64,))
+    options = {"epochs": 2, "lr": 0.05, "batch_size": 16, "progress": False}
+    new = se.stitch(model, model, "1", (x, y), (x, y), kind="lowrank", rank=4, generator=3, **options)
+    contract = se.stitch(model, model, "1", "lowrank", (x, y), (x, y), rank=4, generator=3, **options)
+    with pytest.warns(FutureWarning, match="'train_data' is now called 'data'"):
+        old = se.stitch(model_a=model, model_b=model, layer="1", kind="lowrank", train_data=(x, y),
+                        test_data=(x, y), layer_b="1", rank=4, seed=3, **options)
+    again = se.stitch(model, model, "1", (x, y), kind="lowrank", rank=4, generator=torch.Generator().manual_seed(3),
+                      **options)
+    for result in (contract, old, again):
+        torch.testing.assert_close(result.matrix, new.matrix, rtol=0, atol=0)
+    assert contract.penalty == old.penalty == new.penalty
+    other = se.stitch(model, model, "1", (x, y), kind="lowrank", rank=4, generator=4, **options)
+    assert not torch.allclose(other.matrix, new.matrix)
+    with pytest.raises(TypeError, match="multiple values for argument 'kind'"):
+        se.stitch(model, model, "1", "grelu", (x, y), kind="affine")
+    with pytest.raises(TypeError, match="generator must be"):
+        se.stitch(model, model, "1", (x, y), generator=0.5, **options)
+
+
+def test_stitch_result_to_frame():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(48, 6), torch.randint(0, 3, (48,))
+    result = se.stitch(model, model, "1", (x, y), (x, y), other_layer="1", epochs=2, progress=False, generator=0)
+    frame = result.to_frame()
+    assert list(frame.columns) == ["layer", "other_layer", "kind", "n_epochs", "train_loss", "train_accuracy",
+                                   "sparsity", "recalibrated", "accuracy_a", "accuracy_b", "accuracy", "penalty"]
+    row = frame.iloc[0]
+    assert (row["layer"], row["other_layer"], row["kind"], row["n_epochs"]) == ("1", "1", "affine", 2)
+    assert row["train_loss"] == result.curve["loss"].iloc[-1] and row["penalty"] == result.penalty
+    untested = se.stitch(model, model, "1", (x, y), epochs=1, progress=False, generator=0).to_frame()
+    assert untested["penalty"].isna().all() and untested["accuracy"].isna().all()
+
+
+def test_every_phi_is_the_one_channel_map():
+    """Issue 17.1: the stitching layers and section 3.3's fixed transform
+    share symmetry.ChannelMap's channel contraction, on axis 1 and on the
+    token axis -1."""
+    from spectral_ext.symmetry import ChannelMap
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, generator=g)
+    x = torch.randn(3, 4, 5, 5, generator=g)
+    torch.testing.assert_close(ChannelMap(A)(x), torch.einsum("dc,nchw->ndhw", A, x))
+    tokens = torch.randn(3, 7, 4, generator=g)
+    torch.testing.assert_close(ChannelMap(A, axis=-1)(tokens), tokens @ A.T)
+    for phi in (St.FullStitch(4), St.LowRankStitch(4, 2, g), St.GReLUStitch(4, g), St.SoftSortStitch(4, None, g)):
+        assert isinstance(phi, ChannelMap)
+        with torch.no_grad():
+            torch.testing.assert_close(phi(x), ChannelMap(phi.matrix())(x))
+
+
+def test_stitched_model_runs_other_from_phi_of_model_features():
+    """S = f~_{>l} o phi o f_{<=l} (section 4) through _hooks.layer_output
+    (model stops at the layer) and _hooks.replacing (other's layer output
+    swapped for phi's, or a layer's input); the hooks are gone afterwards."""
+    from spectral_ext import _hooks
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    g = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    phi = St.FullStitch(4)
+    with torch.no_grad():
+        phi.weight.copy_(torch.randn(4, 4))
+    stitched = St.StitchedModel(f, g, "1", "1", phi)
+    x = torch.randn(6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(stitched(x), g[2](f[:2](x) @ phi.weight.T))
+    assert not f[1]._forward_hooks and not g[1]._forward_hooks
+    ran = []
+    f[2].register_forward_hook(lambda m, a, o: ran.append("2"))
+    torch.testing.assert_close(_hooks.layer_output(f, "1", x), f[:2](x))
+    assert ran == []  # the forward pass stopped at the layer
+    unused = nn.ModuleDict({"used": nn.Linear(5, 2), "spare": nn.Linear(5, 5)})
+    unused.forward = lambda inputs: unused["used"](inputs)  # spare is registered but never called
+    with pytest.raises(ValueError, match="'spare' did not run in model_a's forward pass"):
+        _hooks.layer_output(unused, "spare", x, name="model_a")
+    with _hooks.replacing(g, "2", lambda module, args, out: out * 0):
+        assert (g(x) == 0).all()
+    assert (g(x) != 0).any()
+    with _hooks.replacing(g, "2", (torch.zeros(6, 4),), inputs=True):
+        torch.testing.assert_close(g(x), g[2].bias.expand(6, 3))  # W 0 + b
+    assert not g[2]._forward_pre_hooks and not g[2]._forward_hooks
+    assert _hooks.module_order(nn.Sequential(f, nn.Sequential(nn.Identity())), x) == ["0.0", "0.1", "0.2", "1.0"]
+
+
+def test_stitching_penalties_figure_draws_the_to_frame_rows():
+    """Seed 004 Fig. 1: StitchResult.to_frame() rows of several pairs give,
+    per kind, the mean penalty per layer with a standard-deviation bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from spectral_ext import plot
+
+    torch.manual_seed(0)
+    model, other = (nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+                    for _ in range(2))
+    x, y = torch.randn(48, 6), torch.randint(0, 3, (48,))
+    frame = pd.concat([se.stitch(model, other, layer, (x, y), (x, y), kind=kind, epochs=1, lr=0.5, batch_size=8,
+                                 progress=False, generator=g).to_frame()
+                       for layer in ("1", "3") for kind in ("affine", "grelu") for g in (0, 1)], ignore_index=True)
+    assert frame["penalty"].nunique() > 1  # something to tell the lines and bars apart
+    fig = plot.stitching_penalties(frame)
+    ax = fig.axes[0]
+    lines = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    expected = frame.groupby(["kind", "layer"], sort=False)["penalty"].mean()
+    for line, kind in zip(lines, ("affine", "grelu")):
+        assert list(line.get_ydata()) == pytest.approx([expected[(kind, "1")], expected[(kind, "3")]])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "G_ReLU"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "3"]
+    spread = frame.groupby(["kind", "layer"], sort=False)["penalty"].std()
+    bars = ax.containers[0][2][0].get_segments()
+    assert [float(b[1][1] - b[0][1]) for b in bars] == pytest.approx([2 * spread[("affine", "1")],
+                                                                      2 * spread[("affine", "3")]])
+    assert ax.get_ylabel() == "stitching penalty"
+    matplotlib.pyplot.close(fig)

@@ -144,15 +144,99 @@ def test_apply_symmetry_errors():
         se.apply_symmetry(grouped, example_input=torch.randn(1, 4, 3, 3, dtype=torch.float64))
 
 
-def test_rotation_penalty_mechanics():
+@pytest.fixture(scope="module")
+def digits_mlp16():
     x_train, y_train, x_test, y_test = datasets.digits()
     torch.manual_seed(0)
     model = datasets.train(datasets.digits_mlp(width=16), x_train, y_train, epochs=5)
+    return model, (x_train, y_train), (x_test, y_test)
+
+
+def test_rotation_penalty_mechanics(digits_mlp16):
+    """Section 3.3: the penalty is the accuracy before minus after; the
+    caller's model is untouched; rotation_penalties is one row per run."""
+    model, train, test = digits_mlp16
     frozen = model[1].weight.clone()
-    df = Y.rotation_penalties(model, ["3"], (x_train, y_train), (x_test, y_test), trials=1, epochs=1,
-                              progress=False)
+    df = Y.rotation_penalties(model, ["3"], train, test, trials=1, epochs=1, generator=0, progress=False)
+    assert list(df.columns) == ["trial", "transform", "layer", "accuracy_before", "accuracy_after", "penalty"]
     assert list(df["transform"]) == ["grelu", "orthogonal"]
     assert ((df["penalty"] - (df["accuracy_before"] - df["accuracy_after"])).abs() < 1e-12).all()
     assert torch.equal(model[1].weight, frozen)  # the caller's model is untouched
     with pytest.raises(ValueError, match="layer must name a Linear or Conv"):
-        Y.rotation_penalty(model, "2", (x_train, y_train), (x_test, y_test))
+        Y.rotation_penalty(model, "2", train, test)
+
+
+def test_rotation_penalty_is_a_dataclass_for_every_form_of_data(digits_mlp16):
+    """Issue 17: a RotationPenalty with to_frame(); data and test_data in any
+    form _data.batches takes (a list of batches gives what the tensors
+    give); the old keywords train_data= and seed= still work, with a
+    FutureWarning."""
+    model, (x, y), test = digits_mlp16
+    result = Y.rotation_penalty(model, "3", (x, y), test, epochs=1, generator=0, progress=False)
+    assert isinstance(result, Y.RotationPenalty)
+    assert result.penalty == result.accuracy_before - result.accuracy_after
+    frame = result.to_frame()
+    assert list(frame.columns) == ["transform", "layer", "accuracy_before", "accuracy_after", "penalty"]
+    assert frame.iloc[0]["penalty"] == result.penalty and frame.iloc[0]["layer"] == "3"
+    half = len(y) // 2
+    loader = [(x[:half], y[:half]), (x[half:], y[half:])]
+    assert Y.rotation_penalty(model, "3", loader, [test], epochs=1, generator=0, progress=False) == result
+    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
+        old = Y.rotation_penalty(model, "3", train_data=(x, y), test_data=test, epochs=1, seed=0, progress=False)
+    assert old == result
+    with pytest.raises(TypeError, match="^data must yield"):
+        Y.rotation_penalty(model, "3", [{"x": x}], test, progress=False)
+
+
+def test_rotation_penalties_figure_draws_fig_4(digits_mlp16):
+    """Seed 004 Fig. 4: per transform, the mean penalty per layer with a
+    standard-deviation error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from spectral_ext import plot
+
+    frame = pd.DataFrame({"trial": [0, 1, 0, 1, 0, 1, 0, 1], "layer": ["1", "1", "3", "3"] * 2,
+                          "transform": ["grelu"] * 4 + ["orthogonal"] * 4,
+                          "penalty": [0.0, 0.02, 0.01, 0.03, 0.2, 0.4, 0.1, 0.1]})
+    fig = plot.rotation_penalties(frame)
+    ax = fig.axes[0]
+    lines = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert [list(line.get_ydata()) for line in lines] == [pytest.approx([0.01, 0.02]), pytest.approx([0.3, 0.1])]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A in G_ReLU", "A orthogonal"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "3"]
+    bars = ax.containers[1][2][0].get_segments()  # the orthogonal transform's error bars
+    assert [pytest.approx(float(b[1][1] - b[0][1])) for b in bars] == [2 * 0.1414213562, 0.0]
+    assert ax.get_ylabel().startswith("rotation penalty")
+    matplotlib.pyplot.close(fig)
+
+
+def test_symmetry_classes_join_producers_read_by_one_consumer():
+    """Remark 3.6 / E.9.2: producers read by a common consumer share one
+    element, transitively; classes and members in forward order."""
+    from types import SimpleNamespace
+
+    edges = [("a", "b"), ("b", "d"), ("c", "d"), ("c", "f"), ("e", "f"), ("d", "g")]
+    graph = SimpleNamespace(maps=dict.fromkeys("abcdefg"),
+                            connections=[SimpleNamespace(previous=p, next=n) for p, n in edges])
+    assert Y.symmetry_classes(graph) == [["a"], ["b", "c", "e"], ["d"]]
+
+
+def test_generator_forms_agree():
+    """Issue 17: an int seed, a seeded torch.Generator and torch's global RNG
+    after torch.manual_seed draw the same elements."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    _, seeded = se.apply_symmetry(model, example_input=x, generator=7, progress=False)
+    _, given = se.apply_symmetry(model, example_input=x, generator=torch.Generator().manual_seed(7), progress=False)
+    torch.manual_seed(7)
+    _, global_rng = se.apply_symmetry(model, example_input=x, progress=False)
+    for elements in (given, global_rng):
+        assert torch.equal(elements["0"][0], seeded["0"][0]) and torch.equal(elements["0"][1], seeded["0"][1])
+    relu = se.intertwiner_group("relu", generator=3)
+    torch.testing.assert_close(relu.sample(4, 5), relu.sample(4, torch.Generator().manual_seed(5)))
+    with pytest.raises(TypeError, match="generator must be"):
+        se.apply_symmetry(model, example_input=x, generator="seven")

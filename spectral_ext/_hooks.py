@@ -94,3 +94,63 @@ def capturing(model: nn.Module, layers: list[str], inputs: bool = False):
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted output exists."""
+
+
+def layer_output(model: nn.Module, layer: str, x, name: str = "model"):
+    """The output of `layer` (its first call) when `model` runs on x; the
+    forward pass stops there, so nothing after the layer runs (seed 004
+    section 4: a_{<=l} of a stitched model). Gradients flow as the caller's
+    grad mode says. A ValueError when the layer never ran."""
+    captured = []
+
+    def hook(module, args, output):
+        captured.append(output)
+        raise _Stop
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"layer {layer!r} did not run in {name}'s forward pass")
+    return captured[0]
+
+
+@contextlib.contextmanager
+def replacing(model: nn.Module, layer: str, value, inputs: bool = False):
+    """Within the block, `layer` of `model` returns `value` instead of what it
+    computes (seed 004 section 4: b_{>l} run on phi's features): a tensor,
+    or a function (module, args, output) -> new output. With inputs=True
+    the layer's positional inputs are replaced before it runs: a tuple, or
+    a function (module, args) -> new args."""
+    module = model.get_submodule(layer)
+    if inputs:
+        handle = module.register_forward_pre_hook(value if callable(value) else (lambda m, args: value))
+    else:
+        handle = module.register_forward_hook(value if callable(value) else (lambda m, args, output: value))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def module_order(model: nn.Module, x) -> list[str]:
+    """The qualified names of the model's leaf modules in the order they first
+    run on x (no gradients): what comes before a layer in the dataflow."""
+    order: dict[str, None] = {}
+    handles = [module.register_forward_hook(lambda m, a, o, name=name: order.setdefault(name))
+               for name, module in model.named_modules() if name and not list(module.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(order)

@@ -164,6 +164,38 @@ def similarity_heatmap(frame, ax=None, title: str | None = None):
     return fig
 
 
+def _penalties_by_layer(frame, by: str, labels: dict, ax, ylabel: str):
+    """One line per value of `by`: the mean penalty per layer (first-seen
+    order) with error bars of one standard deviation (none for one value)."""
+    layers = list(dict.fromkeys(frame["layer"]))
+    fig, ax = _axes(ax, (max(5, 0.6 * len(layers)), 4))
+    for key, part in frame.groupby(by, sort=False):
+        stats = part.groupby("layer", sort=False)["penalty"].agg(["mean", "std"]).reindex(layers)
+        ax.errorbar(range(len(layers)), stats["mean"].to_numpy(), yerr=stats["std"].fillna(0).to_numpy(),
+                    marker="o", ms=4, capsize=3, label=labels.get(key, key))
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+    ax.axhline(0, color="grey", lw=0.6)
+    return _finish(fig, ax, "layer", ylabel)
+
+
+def rotation_penalties(frame, ax=None):
+    """Seed 004 Fig. 4 (section 3.3): the rotation penalty per layer, one line
+    per transform (G_ReLU, orthogonal), the mean over trials with error bars
+    of one standard deviation. frame: symmetry.rotation_penalties' table."""
+    return _penalties_by_layer(frame, "transform", {"grelu": "A in G_ReLU", "orthogonal": "A orthogonal"}, ax,
+                               "rotation penalty (accuracy before - after)")
+
+
+def stitching_penalties(frame, ax=None):
+    """Seed 004 Fig. 1/6/7 (equation 4.3): the stitching penalty per layer,
+    one line per kind of stitching layer, the mean over model pairs with
+    error bars of one standard deviation. frame: StitchResult.to_frame()
+    rows concatenated (columns layer, kind, penalty)."""
+    labels = {"affine": "full", "lowrank": "reduced rank", "grelu": "G_ReLU", "softsort": "G_ReLU (SoftSort)",
+              "l1": "l1-regularised"}
+    return _penalties_by_layer(frame.dropna(subset=["penalty"]), "kind", labels, ax, "stitching penalty")
+
 def signal_heatmaps(maps, singular_values=None, nodes=None, ncols: int = 8):
     """Seed 001 Fig. 5: per-position signals of one image (r, H, W), one small
     heatmap per singular vector, red = positive, blue = negative, on one

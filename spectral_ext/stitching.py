@@ -8,6 +8,7 @@ layer, or `feature_axis=`)."""
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -17,27 +18,18 @@ from torch import nn
 from . import _checks
 from ._data import accuracy as _accuracy
 from ._data import batches, check_labels, recompute_batchnorm
+from ._hooks import layer_output, replacing
 from ._ops import linear_sum_assignment, sinkhorn
 from .similarity import grelu_assignment, layer_feature_axis
+from .symmetry import ChannelMap
 
 KINDS = ("affine", "lowrank", "grelu", "softsort", "l1")
 INITS = ("procrustes", "uniform")
 
 
-class _ChannelMap(nn.Module):
-    """A map of the channels on `axis` (1: a 1x1 convolution for (N, C, H,
-    W), a Linear for (N, C); -1: a Linear on the features of (N, tokens,
-    features))."""
-
-    axis = 1
-
-    def apply(self, matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.tensordot(x, matrix, dims=([self.axis], [1])).movedim(-1, self.axis)
-
-
-class FullStitch(_ChannelMap):
+class FullStitch(ChannelMap):
     """phi(y) = W y (+ b): all linear maps of channels (affine with bias=True;
-    the paper omits the bias, appendix D.2). Starts at the identity."""
+    the paper omits the bias, seed 004 appendix D.2). Starts at the identity."""
 
     def __init__(self, channels: int, bias: bool = False):
         super().__init__()
@@ -48,14 +40,14 @@ class FullStitch(_ChannelMap):
         return self.weight
 
     def forward(self, y):
-        out = self.apply(self.weight, y)
+        out = self.map_channels(self.weight, y)
         if self.bias is not None:
             out = out + self.bias.reshape([-1 if i == self.axis % y.dim() else 1 for i in range(y.dim())])
         return out
 
 
-class LowRankStitch(_ChannelMap):
-    """phi = B A with A: C -> r, B: r -> C, as two 1x1 convolutions (D.2)."""
+class LowRankStitch(ChannelMap):
+    """phi = B A with A: C -> r, B: r -> C, as two 1x1 convolutions (seed 004 appendix D.2)."""
 
     def __init__(self, channels: int, rank: int, generator=None):
         super().__init__()
@@ -67,11 +59,11 @@ class LowRankStitch(_ChannelMap):
         return self.up @ self.down
 
     def forward(self, y):
-        return self.apply(self.up, self.apply(self.down, y))
+        return self.map_channels(self.up, self.map_channels(self.down, y))
 
 
-class GReLUStitch(_ChannelMap):
-    """phi = P D (appendix D.2.1): P doubly stochastic while training (kept in
+class GReLUStitch(ChannelMap):
+    """phi = P D (seed 004 appendix D.2.1): P doubly stochastic while training (kept in
     the Birkhoff polytope by project()), D = diag(lambda) >= 0. After
     harden(), P is the permutation closest to it (Hungarian algorithm,
     argmax_Q tr(P Q^T), spectral_ext.linear_sum_assignment)."""
@@ -90,9 +82,6 @@ class GReLUStitch(_ChannelMap):
 
     def matrix(self) -> torch.Tensor:
         return self.permutation_matrix() * self.D[None, :]
-
-    def forward(self, y):
-        return self.apply(self.matrix(), y)
 
     @torch.no_grad()
     def start_at(self, perm: torch.Tensor, scale: torch.Tensor) -> None:
@@ -115,9 +104,9 @@ class GReLUStitch(_ChannelMap):
         self.hard = cols[rows.argsort()].to(device=self.P.device, dtype=torch.long)
 
 
-class SoftSortStitch(_ChannelMap):
+class SoftSortStitch(ChannelMap):
     """phi = P D with P = SoftSort(s, tau) = softmax(-|sort(s) 1^T - 1 s^T| /
-    tau) over rows ([PE20] as in appendix D.2.2; the |.| is PE20's distance)
+    tau) over rows ([PE20] as in seed 004 appendix D.2.2; the |.| is PE20's distance)
     and D = diag(exp(lambda)). tau ~ 1 / C. harden(): the permutation that
     sorts s (the rows' argmax as tau -> 0)."""
 
@@ -137,27 +126,21 @@ class SoftSortStitch(_ChannelMap):
     def matrix(self) -> torch.Tensor:
         return self.permutation_matrix() * self.log_d.exp()[None, :]
 
-    def forward(self, y):
-        return self.apply(self.matrix(), y)
-
     @torch.no_grad()
     def harden(self) -> None:
         self.hard = self.s.argsort(descending=True)
 
 
 def sparsity(matrix: torch.Tensor, tau: float = 1e-3) -> float:
-    """Appendix D.1: the fraction of entries with |W_ij| <= tau."""
+    """Seed 004 appendix D.1: the fraction of entries with |W_ij| <= tau."""
     return float((matrix.abs() <= tau).double().mean())
 
 
-class _Stop(Exception):
-    pass
-
-
 class StitchedModel(nn.Module):
-    """S(f, f~, l, phi) = f~_{>l} o phi o f_{<=l}: model_a runs up to its layer
-    (and stops there), model_b runs with that layer's output replaced by
-    phi of model_a's. Both models are frozen copies."""
+    """S(f, f~, l, phi) = f~_{>l} o phi o f_{<=l} (seed 004 section 4):
+    model_a (f) runs up to its layer (and stops there), model_b (f~) runs
+    with that layer's output replaced by phi of model_a's. Both models are
+    frozen copies."""
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, layer_a: str, layer_b: str, phi: nn.Module):
         super().__init__()
@@ -168,30 +151,12 @@ class StitchedModel(nn.Module):
             p.requires_grad_(False)
 
     def features_a(self, x):
-        captured = {}
-
-        def hook(module, args, output):
-            captured["y"] = output
-            raise _Stop
-
-        handle = self.model_a.get_submodule(self.layer_a).register_forward_hook(hook)
-        try:
-            self.model_a(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if "y" not in captured:
-            raise ValueError(f"layer {self.layer_a!r} did not run in model_a's forward pass")
-        return captured["y"]
+        """f_{<=l}(x): model_a's output at layer_a."""
+        return layer_output(self.model_a, self.layer_a, x, name="model_a")
 
     def forward(self, x):
-        y = self.phi(self.features_a(x))
-        handle = self.model_b.get_submodule(self.layer_b).register_forward_hook(lambda m, a, o: y)
-        try:
+        with replacing(self.model_b, self.layer_b, self.phi(self.features_a(x))):
             return self.model_b(x)
-        finally:
-            handle.remove()
 
     def __repr__(self) -> str:
         # one line: the default repr prints both whole models (issue 18)
@@ -208,14 +173,15 @@ class StitchedModel(nn.Module):
 
 @dataclass
 class StitchResult:
-    """model: the stitched model (phi hardened for G_ReLU and SoftSort); curve:
-    epoch, loss, accuracy on the training batches; accuracies on the test
+    """What stitch() found (seed 004 section 4, appendix D). model: the
+    stitched model (phi hardened for G_ReLU and SoftSort); curve: epoch, loss, accuracy on the training batches; accuracies on the test
     data when given and the stitching penalty (equation 4.3):
     (Acc(a) + Acc(b)) / 2 - Acc(S); matrix: phi's channel matrix; sparsity:
     appendix D.1 at tau = 1e-3; permutation for G_ReLU and SoftSort (phi =
     P D with P[i, permutation[i]] = 1); recalibrated: whether model_b's
     BatchNorm statistics were recomputed after rounding (D.2.1). The repr is
-    one line per field: the models appear by class name only."""
+    one line per field: the models appear by class name only. layer,
+    other_layer, kind: where and how it stitched."""
     model: StitchedModel
     curve: pd.DataFrame = field(repr=False)
     matrix: torch.Tensor = field(repr=False)
@@ -226,12 +192,27 @@ class StitchResult:
     penalty: float | None = None
     permutation: torch.Tensor | None = field(default=None, repr=False)
     recalibrated: bool = False
+    layer: str | None = None
+    other_layer: str | None = None
+    kind: str | None = None
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row: layer, other_layer, kind, n_epochs, the final training
+        loss and accuracy, sparsity, recalibrated, and (None without
+        test_data) accuracy_a, accuracy_b, accuracy, penalty. The
+        per-epoch curve is .curve."""
+        last = self.curve.iloc[-1] if len(self.curve) else {}
+        return pd.DataFrame([{
+            "layer": self.layer, "other_layer": self.other_layer, "kind": self.kind, "n_epochs": len(self.curve),
+            "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"), "sparsity": self.sparsity,
+            "recalibrated": self.recalibrated, "accuracy_a": self.accuracy_a, "accuracy_b": self.accuracy_b,
+            "accuracy": self.accuracy, "penalty": self.penalty}])
 
 
 def _train_batches(data, batch_size, generator, classes=None):
-    for x, y in batches(data, batch_size, generator, name="train_data", labels=True):
+    for x, y in batches(data, batch_size, generator, name="data", labels=True):
         if classes is not None:
-            check_labels(y, classes, "train_data")
+            check_labels(y, classes, "data")
         yield x, y
 
 
@@ -247,23 +228,17 @@ def _check_finite_model(name: str, model: nn.Module) -> None:
         raise ValueError(f"{name} has NaN or infinite weights in {bad[:5]}: it cannot be stitched")
 
 
-def _channels_at(model, layer, x):
-    captured = {}
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: captured.setdefault("y", o))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    if "y" not in captured:
-        raise ValueError(f"layer {layer!r} did not run in the forward pass")
-    y = captured["y"]
+def _channels_at(model, layer, x, name):
+    """The layer's features on x, checked to have a channel axis (section 4's a_{<=l}(x))."""
+    with torch.no_grad():
+        y = layer_output(model, layer, x, name=name)
     if not isinstance(y, torch.Tensor) or y.dim() < 2:
         raise ValueError(f"layer {layer!r} must output (N, C) or (N, C, H, W) features, got {type(y).__name__}")
     return y
 
 
 def _stitch_axis(model, layer, y, feature_axis) -> int:
+    """The channel axis phi maps (seed 004 D.4 for tokens): given, or read from the layer."""
     if feature_axis is not None:
         if isinstance(feature_axis, bool) or not isinstance(feature_axis, int) or \
                 not -y.dim() <= feature_axis < y.dim() or feature_axis % y.dim() == 0:
@@ -281,15 +256,42 @@ def _stitch_axis(model, layer, y, feature_axis) -> int:
     return axis % y.dim()
 
 
-def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affine", train_data=None,
-           test_data=None, layer_b: str | None = None, epochs: int = 20, lr: float = 1e-3,
-           momentum: float = 0.9, batch_size: int = 32, rank: int | None = None, alpha: float = 0.1,
-           head_start: int | None = None, l1: float = 0.01, tau: float | None = None, bias: bool = False,
-           seed: int = 0, progress: bool = True, init: str = "procrustes",
-           feature_axis: int | None = None, recalibrate: bool | None = None) -> StitchResult:
-    """Train a stitching layer phi from model_a's `layer` to model_b's
-    (`layer_b`, default the same name) on train_data, (x, y) tensors or a
-    loader of (x, y) batches, with SGD (lr, momentum; appendix D.2) on cross-entropy.
+def _contract_positions(function):
+    """DESIGN.md's positional form stitch(model_a, model_b, layer, kind,
+    train_data, test_data) keeps working: a str where data goes is the kind."""
+    @functools.wraps(function)
+    def inner(*args, **kwargs):
+        if len(args) > 3 and isinstance(args[3], str):
+            if len(args) > 6:
+                raise TypeError("stitch() takes kind, data and test_data after layer positionally; pass the rest "
+                                "by keyword")
+            for name, value in zip(("kind", "data", "test_data"), args[3:]):
+                if name in kwargs:
+                    raise TypeError(f"stitch() got multiple values for argument {name!r}")
+                kwargs[name] = value
+            args = args[:3]
+        return function(*args, **kwargs)
+    return inner
+
+
+@_checks.renamed(model_a="model", model_b="other", train_data="data", layer_b="other_layer", seed="generator")
+@_contract_positions
+def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=None, *, kind: str = "affine",
+           other_layer: str | None = None, epochs: int = 20, lr: float = 1e-3, momentum: float = 0.9,
+           batch_size: int = 32, rank: int | None = None, alpha: float = 0.1, head_start: int | None = None,
+           l1: float = 0.01, tau: float | None = None, bias: bool = False, generator=None, progress: bool = True,
+           init: str = "procrustes", feature_axis: int | None = None,
+           recalibrate: bool | None = None) -> StitchResult:
+    """Train a stitching layer phi from `model`'s `layer` to `other`'s
+    (seed 004 section 4, appendix D.2).
+
+    other_layer: the layer of `other` (default the same name). data: the
+    labelled training data, (x, y) tensors or a loader of (x, y) batches,
+    on which phi trains with SGD (lr, momentum; appendix D.2) on
+    cross-entropy; test_data (the same forms): for the accuracies and the
+    stitching penalty (equation 4.3). The contract's order stitch(model_a,
+    model_b, layer, kind, train_data, test_data) still works, and so do the
+    old keywords model_a, model_b, train_data, layer_b and seed.
 
     kind: "affine" (all channel maps, bias optional), "lowrank" (rank r),
     "grelu" (P D: projected gradient with ReLU + Sinkhorn T = 16 after every
@@ -301,7 +303,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
     (definition 5.2: the matched permutation and least-squares scales), so
     an exact twin (Theorem 4.2) is found whatever its scales; "uniform" is
     the paper's start, P near 1/C and D = 1; recalibrate: recompute
-    model_b's BatchNorm statistics after rounding, by default only when the
+    other's BatchNorm statistics after rounding, by default only when the
     rounding changed phi's output on the first training inputs by more than
     5% (relative norm), since otherwise the
     rounded phi is the trained one and the frozen statistics are as right as
@@ -310,37 +312,38 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
     (D.2.2, tau = 1/C by default) or "l1" (full with l1 * |W|_1, D.6).
     feature_axis: the channel axis of the layer's output, by default read
     from the layer (a Linear: the last axis, e.g. transformer tokens
-    (N, T, F), seed 004 D.4; a conv: axis 1).
-    Returns a StitchResult; with test_data the accuracies and the stitching
-    penalty (equation 4.3)."""
+    (N, T, F), seed 004 D.4; a conv: axis 1). generator: phi's start and
+    the order of the training batches (None: torch's global RNG, an int: a
+    seed). Returns a StitchResult."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if train_data is None:
-        raise ValueError("train_data is required: (x, y) tensors or a loader of (x, y) batches to train phi on")
+    if data is None:
+        raise ValueError("data is required: (x, y) tensors or a loader of (x, y) batches to train phi on")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     epochs = _checks.positive_int("epochs", epochs)
     batch_size = _checks.positive_int("batch_size", batch_size)
-    layer_b = layer if layer_b is None else layer_b
-    for name, model, lay in (("model_a", model_a, layer), ("model_b", model_b, layer_b)):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-        if lay not in dict(model.named_modules()) or lay == "":
+    other_layer = layer if other_layer is None else other_layer
+    for name, module, lay in (("model", model, layer), ("other", other, other_layer)):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
+        if lay not in dict(module.named_modules()) or lay == "":
             raise ValueError(f"layer {lay!r} names no submodule of {name}")
-        _check_finite_model(name, model)
-    generator = torch.Generator().manual_seed(seed)
-    a, b = copy.deepcopy(model_a).eval(), copy.deepcopy(model_b).eval()
-    first = next(iter(_train_batches(train_data, 1024, None)), None)
+        _check_finite_model(name, module)
+    # None is torch's global RNG; batches() shuffles only when handed a generator, so hand it that one
+    generator = _checks.generator(generator) or torch.default_generator
+    a, b = copy.deepcopy(model).eval(), copy.deepcopy(other).eval()
+    first = next(iter(_train_batches(data, 1024, None)), None)
     if first is None:
-        raise ValueError("train_data is empty: no batch to train phi on")
+        raise ValueError("data is empty: no batch to train phi on")
     x0 = first[0]
-    ya, yb = _channels_at(a, layer, x0), _channels_at(b, layer_b, x0)
+    ya, yb = _channels_at(a, layer, x0, "model"), _channels_at(b, other_layer, x0, "other")
     with torch.no_grad():
         classes = b(x0).shape[-1]
     if ya.shape[1:] != yb.shape[1:]:
-        raise ValueError(f"model_a's {layer!r} gives features {tuple(ya.shape[1:])} but model_b's {layer_b!r} "
+        raise ValueError(f"model's {layer!r} gives features {tuple(ya.shape[1:])} but other's {other_layer!r} "
                          f"expects {tuple(yb.shape[1:])}: the models cannot be stitched there")
-    axis = _stitch_axis(model_a, layer, ya, feature_axis)
+    axis = _stitch_axis(model, layer, ya, feature_axis)
     channels = ya.shape[axis]
     if kind == "lowrank":
         if rank is None or not 1 <= int(rank) <= channels:
@@ -356,7 +359,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
     phi.axis = axis
     if kind == "grelu" and init == "procrustes":
         phi.start_at(*grelu_assignment(ya, yb, feature_axis=axis))
-    stitched = StitchedModel(a, b, layer, layer_b, phi)
+    stitched = StitchedModel(a, b, layer, other_layer, phi)
     optimizer = torch.optim.SGD(phi.parameters(), lr=lr, momentum=momentum)
     head_start = epochs // 2 if head_start is None else head_start
     from tqdm.auto import tqdm
@@ -367,7 +370,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
         if kind == "grelu":
             phi.D.requires_grad_(epoch >= head_start)
         total = correct = count = 0
-        for x, y in _train_batches(train_data, batch_size, generator, classes):
+        for x, y in _train_batches(data, batch_size, generator, classes):
             optimizer.zero_grad()
             logits = stitched(x)
             loss = nn.functional.cross_entropy(logits, y)
@@ -391,22 +394,24 @@ def stitch(model_a: nn.Module, model_b: nn.Module, layer: str, kind: str = "affi
     if kind in ("grelu", "softsort"):
         phi.harden()
     stitched.eval()
-    accuracies = (_accuracy(a, test_data, name="test_data"), _accuracy(b, test_data, name="test_data")) if test_data is not None else None
+    accuracies = None if test_data is None else (_accuracy(a, test_data, name="test_data"),
+                                                 _accuracy(b, test_data, name="test_data"))
     if kind == "grelu":
         with torch.no_grad():
             moved = float((phi(ya) - soft).norm() / soft.norm().clamp_min(1e-30))
         if recalibrate is None:
             recalibrate = moved > 0.05
         if recalibrate:
-            # D.2.1: model_b's BatchNorm statistics must describe the features the rounded phi produces; a
-            # copy, so that accuracy_b stays model_b's own
+            # D.2.1: other's BatchNorm statistics must describe the features the rounded phi produces; a
+            # copy, so that accuracy_b stays other's own
             stitched.model_b = copy.deepcopy(b)
-            recompute_batchnorm(stitched.model_b, stitched.forward, train_data, batch_size)
+            recompute_batchnorm(stitched.model_b, stitched.forward, data, batch_size)
     with torch.no_grad():
         matrix = phi.matrix().detach().clone()
     result = StitchResult(stitched, pd.DataFrame(rows), matrix, sparsity(matrix),
                           permutation=phi.hard.clone() if kind in ("grelu", "softsort") else None,
-                          recalibrated=bool(kind == "grelu" and recalibrate))
+                          recalibrated=bool(kind == "grelu" and recalibrate), layer=layer,
+                          other_layer=other_layer, kind=kind)
     if test_data is not None:
         result.accuracy_a, result.accuracy_b = accuracies
         result.accuracy = _accuracy(stitched, test_data, name="test_data")

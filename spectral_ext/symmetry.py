@@ -5,24 +5,26 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
 from torch import nn
 
 from . import _checks
-from ._hooks import evaluating
+from ._data import accuracy as _accuracy
+from ._data import batches
+from ._hooks import evaluating, module_order
 from .layers import discover
 
 
 def sigma_of_matrix(activation: Callable, A: torch.Tensor) -> torch.Tensor:
-    """sigma(A): the activation applied to every entry of A."""
+    """sigma(A): the activation applied to every entry of A (seed 004 section 3.1)."""
     return activation(A)
 
 
 def phi(activation: Callable, A: torch.Tensor) -> torch.Tensor:
-    """phi_sigma(A) = sigma(A) sigma(I)^-1 (Lemma 3.1): the matrix with
+    """phi_sigma(A) = sigma(A) sigma(I)^-1 (seed 004 section 3.1, Lemma 3.1): the matrix with
     sigma_n o A = phi_sigma(A) o sigma_n for A in the intertwiner group."""
     _checks.tensor("A", A, ndims=(2,), shape="(n, n)")
     if A.shape[0] != A.shape[1]:
@@ -33,14 +35,14 @@ def phi(activation: Callable, A: torch.Tensor) -> torch.Tensor:
 
 
 def _is_generalized_permutation(A: torch.Tensor, atol: float):
-    """A = P D: exactly one entry of magnitude > atol per row and per column."""
+    """A = P D: exactly one entry of magnitude > atol per row and per column (seed 004 Theorem E.14)."""
     big = A.abs() > atol
     return bool((big.sum(0) == 1).all()) and bool((big.sum(1) == 1).all())
 
 
 @dataclass
 class IntertwinerGroup:
-    """G_sigma_n of an activation (Definition 3.2). kind is "general_linear"
+    """G_sigma_n of an activation (seed 004 section 3.1, Definition 3.2). kind is "general_linear"
     (all of GL_n), "scaled_permutations" (P D) or "permutations" (Sigma_n);
     scales says what D may hold: "any" (non-zero), "positive", "sign"
     ({+-1}) or "one"."""
@@ -80,10 +82,12 @@ class IntertwinerGroup:
             return bool(((d - 1).abs() <= atol).all())
         return True
 
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64) -> torch.Tensor:
-        """A random element: a random permutation times random admissible
-        scales (lognormal for positive ones, as in section 3.3)."""
+    def sample(self, n: int, generator=None, dtype=torch.float64) -> torch.Tensor:
+        """A random element (seed 004 section 3.3): a random permutation times
+        random admissible scales (lognormal for positive ones). generator:
+        None (torch's global RNG), an int seed or a torch.Generator."""
         n = _checks.positive_int("n", n)
+        generator = _checks.generator(generator)
         if self.kind == "general_linear":
             return torch.randn(n, n, generator=generator, dtype=dtype) + n ** 0.5 * torch.eye(n, dtype=dtype)
         perm = torch.randperm(n, generator=generator)
@@ -99,7 +103,7 @@ class IntertwinerGroup:
 
 def element_matrix(perm: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The matrix A with (A y)_i = scale[perm[i]] y[perm[i]]: P D with
-    P[i, perm[i]] = 1 and D = diag(scale)."""
+    P[i, perm[i]] = 1 and D = diag(scale) (seed 004 section 3.1's generalized permutations)."""
     n = perm.numel()
     A = torch.zeros(n, n, dtype=scale.dtype, device=scale.device)
     A[torch.arange(n), perm] = scale[perm]
@@ -122,8 +126,9 @@ def _rbf(x):
 
 
 def intertwiner_group(activation, degree: int | None = None, negative_slope: float = 0.01,
-                      n_probe: int = 4, generator: torch.Generator | None = None) -> IntertwinerGroup:
-    """The intertwiner group of an elementwise activation (seed 004 Table 1).
+                      n_probe: int = 4, generator=None) -> IntertwinerGroup:
+    """The intertwiner group of an elementwise activation (seed 004 section
+    3.1, Definition 3.2, Table 1).
 
     activation: "identity", "sigmoid", "relu", "leaky_relu" (negative_slope;
     slope 1 is the identity), "rbf", "polynomial" (degree d >= 2), "gelu"
@@ -132,8 +137,11 @@ def intertwiner_group(activation, degree: int | None = None, negative_slope: flo
     appendix E.2: Lemma E.7's condition that sigma(I) be invertible, then the
     n = 1 case (which scalars a have sigma(a x) = b sigma(x) for all x; by
     Theorem E.14 the group is then the generalized permutations with those
-    scales)."""
+    scales). generator: accepted for the API's one form of randomness (None,
+    an int seed or a torch.Generator); the procedure itself draws nothing.
+    Returns an IntertwinerGroup."""
     negative_slope = _checks.number("negative_slope", negative_slope)
+    generator = _checks.generator(generator)
     n_probe = _checks.positive_int("n_probe", n_probe)
     name, act = _resolve(activation, degree, negative_slope)
     if name in _TABLE:
@@ -170,7 +178,7 @@ def _resolve(activation, degree, negative_slope):
 
 
 def _numerical_group(act, n_probe, generator) -> IntertwinerGroup:
-    """Appendix E.2 done numerically for an arbitrary elementwise sigma."""
+    """Seed 004 appendix E.2 done numerically for an arbitrary elementwise sigma."""
     one, zero = float(act(torch.tensor(1.0, dtype=torch.float64))), float(act(torch.tensor(0.0, dtype=torch.float64)))
     if one == zero or math.isclose(one, -(n_probe - 1) * zero):
         raise ValueError(f"sigma(I) is not invertible (Lemma E.7: sigma(1) = {one}, sigma(0) = {zero}), so the "
@@ -210,46 +218,29 @@ def _numerical_group(act, n_probe, generator) -> IntertwinerGroup:
 # Proposition 3.4 on a whole model
 
 
-class _UnionFind:
-    def __init__(self):
-        self.parent = {}
-
-    def find(self, a):
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a, b):
-        self.parent[self.find(a)] = self.find(b)
-
-
 def symmetry_classes(graph) -> list[list[str]]:
     """Producers whose outputs must share one group element: those read by a
-    common consumer (residual streams and concatenation-free joins, Remark
-    3.6 / appendix E.9.2), in forward order."""
-    uf = _UnionFind()
+    common consumer (residual streams and concatenation-free joins, seed 004
+    Remark 3.6 / appendix E.9.2). Each class and the list are in forward order."""
+    from networkx.utils import UnionFind
+
+    classes = UnionFind()
     by_consumer: dict[str, list[str]] = {}
     for c in graph.connections:
         by_consumer.setdefault(c.next, []).append(c.previous)
-        uf.find(c.previous)
     for producers in by_consumer.values():
-        for p in producers[1:]:
-            uf.union(producers[0], p)
+        classes.union(*producers)
     order = list(graph.maps)
-    classes: dict[str, list[str]] = {}
-    for p in sorted(uf.parent, key=order.index):
-        classes.setdefault(uf.find(p), []).append(p)
-    return list(classes.values())
+    members = [sorted(members, key=order.index) for members in classes.to_sets()]
+    return sorted(members, key=lambda m: order.index(m[0]))
 
 
 def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input: torch.Tensor | None = None,
-                   group: str = "relu", generator: torch.Generator | None = None, check: bool = True,
-                   rtol: float = 1e-4, atol: float = 1e-5):
-    """Proposition 3.4 applied to every hidden layer of a model: a new model
-    computing the same function whose hidden features are transformed by
-    group elements, A = P D with P a permutation and D positive ("relu":
+                   group: str = "relu", generator=None, check: bool = True,
+                   rtol: float = 1e-4, atol: float = 1e-5, progress: bool = True):
+    """Seed 004 section 3.2, Proposition 3.4, applied to every hidden layer
+    of a model: a new model computing the same function whose hidden
+    features are transformed by group elements, A = P D with P a permutation and D positive ("relu":
     G_ReLU, Table 1) or D = 1 ("permutation": any elementwise activation).
 
     A producer (Linear/Conv) followed by BatchNorm gets the appendix E.9.1
@@ -262,15 +253,17 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
 
     elements: optional {producer name: (perm, scale)} to impose, with
     (A y)_i = scale[perm[i]] y[perm[i]]; unnamed classes get random elements
-    (lognormal scales). Returns (new_model, elements) where elements maps
+    (lognormal scales) drawn from generator (None: torch's global RNG, an
+    int: a seed). Returns (new_model, elements) where elements maps
     every transformed producer to its (perm, scale). example_input traces
     the dataflow (default: the layer discovery's own made-up input). With
     check=True the new model is run on that input and must match the old
     one, else a ValueError says the transformation cannot be applied to
-    this architecture."""
+    this architecture. progress: a bar over the transformed maps."""
     if group not in ("relu", "permutation"):
         raise ValueError(f"group must be 'relu' or 'permutation', got {group!r}")
     rtol, atol = _checks.number("rtol", rtol, low=0), _checks.number("atol", atol, low=0)
+    generator = _checks.generator(generator)
     if elements is not None and not isinstance(elements, dict):
         raise TypeError(f"elements must be a dict {{producer name: (perm, scale)}}, got {type(elements).__name__}")
     graph = discover(model, example_input)
@@ -307,8 +300,10 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
                      else torch.ones(n, dtype=torch.float64))
         for m in members:
             chosen[m] = (perm, scale)
+    from tqdm.auto import tqdm
+
     with torch.no_grad():
-        for name, (perm, scale) in chosen.items():
+        for name, (perm, scale) in tqdm(chosen.items(), desc="apply_symmetry", disable=not progress, leave=False):
             _transform_producer(new_graph.maps[name], perm, scale)
         done = set()  # a residual stream reaches a consumer once per producer, through the same columns
         for c in new_graph.connections:
@@ -329,7 +324,7 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
 
 
 def _runnable_input(model: nn.Module, graph) -> torch.Tensor:
-    """The first of the layer discovery's made-up inputs that the model runs on."""
+    """The first of the layer discovery's made-up inputs that the model runs on (for apply_symmetry's check)."""
     from .layers import _default_input
 
     with evaluating(model):
@@ -348,6 +343,8 @@ def _groups(module) -> int:
 
 
 def _transform_producer(linear_map, perm, scale):
+    """W -> A W on the producer's rows (seed 004 Proposition 3.4; with
+    BatchNorm after it the appendix E.9.1 action), in place."""
     module = linear_map.module
     if _groups(module) != 1:
         raise ValueError(f"{linear_map.name} is a grouped convolution: its channels cannot be permuted freely")
@@ -371,6 +368,8 @@ def _transform_producer(linear_map, perm, scale):
 
 
 def _transform_consumer(linear_map, connection, perm, scale):
+    """W -> W phi(A)^-1 on the consumer's input columns that read the
+    producer (seed 004 Proposition 3.4), in place."""
     module = linear_map.module
     if _groups(module) != 1:
         raise ValueError(f"{linear_map.name} is a grouped convolution: its input channels cannot be permuted")
@@ -393,79 +392,94 @@ def _transform_consumer(linear_map, connection, perm, scale):
 
 
 class ChannelMap(nn.Module):
-    """A fixed linear map of channels (axis 1), a 1x1 convolution for
-    (N, C, H, W) features."""
+    """y -> A y on the channel axis `axis` (1: a 1x1 convolution on (N, C, H,
+    W), a Linear on (N, C); -1: a Linear on the features of (N, tokens,
+    features)). Given `matrix`, A is that fixed matrix (seed 004 section 3.3's
+    transform); the stitching layers (section 4) subclass it and compute A
+    from their parameters in matrix()."""
 
-    def __init__(self, matrix: torch.Tensor):
+    def __init__(self, matrix: torch.Tensor | None = None, axis: int = 1):
         super().__init__()
-        self.register_buffer("matrix", matrix)
+        self.axis = axis
+        if matrix is not None:
+            self.register_buffer("fixed", matrix)
+
+    def matrix(self) -> torch.Tensor:
+        return self.fixed
+
+    def map_channels(self, matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """matrix applied to x's channels: (A x)[.., i, ..] = sum_j A[i, j] x[.., j, ..]."""
+        return torch.tensordot(x, matrix.to(x.dtype), dims=([self.axis], [1])).movedim(-1, self.axis)
 
     def forward(self, x):
-        y = torch.tensordot(x, self.matrix.to(x.dtype), dims=([1], [1]))  # (N, *, C)
-        return y.movedim(-1, 1)
+        return self.map_channels(self.matrix(), x)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    """Put `module` where the qualified name `name` is (section 3.3 wraps the layer with A)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def _modules_in_order(model, x):
-    order = []
-    handles = [m.register_forward_hook(lambda mod, a, o, name=n: order.append(name))
-               for n, m in model.named_modules() if n and not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
-
-
-def _labelled_pair(name, data):
-    """(x, y) tensors with one integer label per input, at least one."""
-    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
-        raise TypeError(f"{name} must be an (x, y) pair of tensors, got {type(data).__name__}")
-    x, y = data
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"{name} holds no sample")
-    if y.shape != (x.shape[0],) or y.dtype.is_floating_point or y.dtype == torch.bool:
+def _labelled_tensors(name, data):
+    """All of `data` (any form _data.batches takes, with labels) as one (x, y)
+    pair of tensors: the fine-tuning loop draws its own batches from them."""
+    pairs = list(batches(data, name=name, labels=True))
+    x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ValueError(f"{name} labels must be an integer tensor of shape ({x.shape[0]},), got {y.dtype} "
                          f"{tuple(y.shape)}")
     return x, y
 
 
-def rotation_penalty(model: nn.Module, layer: str, train_data, test_data, transform: str = "grelu",
-                     epochs: int = 5, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-                     progress: bool = True) -> dict:
-    """Section 3.3's sanity test: at the pre-activation `layer` (a Linear or
-    Conv) apply A, a random G_ReLU element (lognormal scales) or a random
-    orthogonal matrix (Q of a Gaussian's QR), as a fixed channel map; freeze
-    every module up to and including it, fine-tune the later ones with Adam
-    on (x, y) train_data, and report the rotation penalty: test accuracy
-    before minus after. Returns a dict with accuracy_before,
-    accuracy_after, penalty, transform."""
+@dataclass
+class RotationPenalty:
+    """One run of seed 004 section 3.3's sanity test (Fig. 4): the test
+    accuracy before the transform of `layer` and after fine-tuning the later
+    layers, and the rotation penalty, before minus after."""
+    transform: str
+    layer: str
+    accuracy_before: float
+    accuracy_after: float
+    penalty: float
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row with a column per field."""
+        return pd.DataFrame([asdict(self)])
+
+
+@_checks.renamed(train_data="data", seed="generator")
+def rotation_penalty(model: nn.Module, layer: str, data, test_data, transform: str = "grelu",
+                     epochs: int = 5, lr: float = 1e-3, batch_size: int = 64, generator=None,
+                     progress: bool = True) -> RotationPenalty:
+    """Seed 004 section 3.3's sanity test for intertwiners.
+
+    At the pre-activation `layer` (a Linear or Conv) apply A, a random
+    G_ReLU element (lognormal scales) or a random orthogonal matrix (Q of a
+    Gaussian's QR), as a fixed channel map; freeze every module up to and
+    including it, fine-tune the later ones with Adam on the labelled `data`
+    and measure the accuracy on `test_data` (both any form
+    spectral_ext._data.batches takes). generator draws A and the batches
+    (None: torch's global RNG, an int: a seed). Returns a RotationPenalty
+    (the old keywords train_data= and seed= still work)."""
     if transform not in ("grelu", "orthogonal"):
         raise ValueError(f"transform must be 'grelu' or 'orthogonal', got {transform!r}")
     epochs = _checks.positive_int("epochs", epochs)
     batch_size = _checks.positive_int("batch_size", batch_size)
     lr = _checks.number("lr", lr, low=0, low_open=True)
-    seed = _checks.integer("seed", seed)
-    x_train, y_train = _labelled_pair("train_data", train_data)
-    x_test, y_test = _labelled_pair("test_data", test_data)
+    g = _checks.generator(generator)
+    x_train, y_train = _labelled_tensors("data", data)
     module = dict(model.named_modules()).get(layer)
     if module is None or not hasattr(module, "weight"):
         raise ValueError(f"layer must name a Linear or Conv module of the model, got {layer!r}")
     n = module.weight.shape[0]
-    g = torch.Generator().manual_seed(seed)
     if transform == "grelu":
         A = intertwiner_group("relu").sample(n, g)
     else:
         A = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
     new = copy.deepcopy(model)
-    order = _modules_in_order(new, x_train[:2])
+    order = module_order(new, x_train[:2])
     if layer not in order:
         raise ValueError(f"layer {layer!r} did not run in the forward pass")
     frozen = set(order[:order.index(layer) + 1])
@@ -476,23 +490,37 @@ def rotation_penalty(model: nn.Module, layer: str, train_data, test_data, transf
                 p.requires_grad_(False)
     from . import datasets
 
-    before = datasets.accuracy(model, (x_test, y_test))
+    before = _accuracy(model, test_data, name="test_data")
     trainable = [p for p in new.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"nothing after {layer!r} has parameters to fine-tune")
+    seed = int(torch.randint(0, 2 ** 62, (), generator=g))  # the training loop's batches, from the same generator
     datasets.train(new, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size, generator=seed,
                    progress=progress, parameters=trainable)
-    after = datasets.accuracy(new, (x_test, y_test))
-    return {"transform": transform, "layer": layer, "accuracy_before": before, "accuracy_after": after,
-            "penalty": before - after}
+    after = _accuracy(new, test_data, name="test_data")
+    return RotationPenalty(transform, layer, before, after, before - after)
 
 
-def rotation_penalties(model, layers, train_data, test_data, trials: int = 3, **kwargs) -> pd.DataFrame:
-    """Fig. 4: rotation_penalty for every layer, both transforms, several seeds."""
+@_checks.renamed(train_data="data")
+def rotation_penalties(model: nn.Module, layers, data, test_data, trials: int = 3, generator=None,
+                       progress: bool = True, **kwargs) -> pd.DataFrame:
+    """Seed 004 Fig. 4 (section 3.3): rotation_penalty for every layer, both
+    transforms, `trials` runs each drawing from one generator. Returns a
+    DataFrame, one row per run: trial, then RotationPenalty's fields
+    (transform, layer, accuracy_before, accuracy_after, penalty); draw it
+    with spectral_ext.plot.rotation_penalties."""
     trials = _checks.positive_int("trials", trials)
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not layers:
         raise ValueError("layers is empty")
-    rows = [rotation_penalty(model, layer, train_data, test_data, transform, seed=seed, **kwargs)
-            for layer in layers for transform in ("grelu", "orthogonal") for seed in range(trials)]
-    return pd.DataFrame(rows)
+    g = _checks.generator(generator)
+    from tqdm.auto import tqdm
+
+    runs = [(layer, transform, trial) for layer in layers for transform in ("grelu", "orthogonal")
+            for trial in range(trials)]
+    frames = [rotation_penalty(model, layer, data, test_data, transform, generator=g, progress=False,
+                               **kwargs).to_frame().assign(trial=trial)
+              for layer, transform, trial in tqdm(runs, desc="rotation penalties", disable=not progress,
+                                                  leave=False)]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[["trial"] + [c for c in frame.columns if c != "trial"]]
