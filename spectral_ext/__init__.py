@@ -15,21 +15,48 @@ except ImportError as error:  # no silent fallback to slow code
         "After a torch upgrade, rebuild."
     ) from error
 
-from . import plot, reference, zoo, zoo_report  # plot: matplotlib is imported by its functions only
+from . import _ops  # the operators' Python wrappers and fake kernels: registered on import
 from ._ops import (OPERATORS, conv_adjacency, current_backend, linear_sum_assignment, max_kernel_gram,
                    signal_projection, sinkhorn, use_backend)
-from .covariance import activation_covariance, align, clip, rainbow
-from .layers import ModelGraph, chain_graph, discover
-from .rank import (classification_dimension, independence_deficit, jacobian_partial_rank, numerical_rank,
-                   perturbed_pca_dimension, stable_rank)
-from . import signals, svr  # callable modules: spectral_ext.svr(model, ...) calls the function svr.svr
-from .signals import hypergraph, semantic_hierarchy
-from .spectra import alpha_hat, fit_power_law, fit_power_laws, layer_spectra, weight_singular_values
-from .similarity import cka, pairwise_similarity, procrustes, procrustes_distance, similarity_matrix
-from .stitching import stitch, stitching_penalty
-from .symmetry import apply_symmetry, intertwiner_group
-from .zoo_generator import make_digits_zoo
-from .svr import SVR, co_svr, kernel_connections, sobel_similarity, spectral_activations, svr_many
+
+# The method modules load on first use (PEP 562): `spectral-ext zoo` then imports
+# what it runs, not scipy.stats, networkx and matplotlib with every method.
+_EXPORTS = {
+    "covariance": ("activation_covariance", "align", "clip", "rainbow"),
+    "layers": ("ModelGraph", "chain_graph", "discover"),
+    "rank": ("classification_dimension", "independence_deficit", "jacobian_partial_rank", "numerical_rank",
+             "perturbed_pca_dimension", "stable_rank"),
+    "signals": ("hypergraph", "semantic_hierarchy"),
+    "spectra": ("alpha_hat", "fit_power_law", "fit_power_laws", "layer_spectra", "weight_singular_values"),
+    "similarity": ("cka", "pairwise_similarity", "procrustes", "procrustes_distance", "similarity_matrix"),
+    "stitching": ("stitch", "stitching_penalty"),
+    "symmetry": ("apply_symmetry", "intertwiner_group"),
+    "zoo_generator": ("make_digits_zoo",),
+    "svr": ("SVR", "co_svr", "kernel_connections", "sobel_similarity", "spectral_activations", "svr_many"),
+}
+_DEFINED_IN = {name: module for module, names in _EXPORTS.items() for name in names}
+# svr and signals are callable modules: spectral_ext.svr(model, ...) calls svr.svr.
+_MODULES = ("compat", "covariance", "datasets", "encoders", "layers", "plot", "rank", "reference", "signals",
+            "similarity", "spectra", "stitching", "svr", "symmetry", "training", "zoo", "zoo_generator",
+            "zoo_report")
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _DEFINED_IN:
+        value = getattr(importlib.import_module(f".{_DEFINED_IN[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'spectral_ext' has no attribute {name!r}")
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_DEFINED_IN) | set(_MODULES))
+
 
 __version__ = "0.1.0"
 
@@ -73,7 +100,8 @@ __all__ = [
     "fit_power_law", "fit_power_laws", "weight_singular_values",
     "hypergraph", "independence_deficit", "intertwiner_group", "jacobian_partial_rank", "kernel_connections",
     "layer_spectra", "linear_sum_assignment", "make_digits_zoo", "max_kernel_gram", "ModelGraph",
-    "numerical_rank", "pairwise_similarity", "perturbed_pca_dimension", "plot", "procrustes", "rainbow",
+    "numerical_rank", "pairwise_similarity", "perturbed_pca_dimension", "plot", "procrustes",
+    "procrustes_distance", "rainbow",
     "reference", "semantic_hierarchy", "signal_projection", "signals",
     "similarity_matrix", "sinkhorn", "sobel_similarity", "spectral_activations", "stable_rank", "stitch",
     "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo", "zoo_report",
