@@ -140,8 +140,16 @@ def test_cuda_input_gives_indices_on_cuda():
 def test_ctrl_c_stops_a_long_batch():
     from conftest import interrupted
 
+    import time
+
     line, returncode, waited = interrupted(
         "torch.set_num_threads(1)\ncost = torch.randn(12, 3000, 3000, dtype=torch.float64)  # seconds per problem",
         "se.linear_sum_assignment(cost)")
     assert returncode == 0 and line == "interrupted"
-    assert waited < 2.0, f"took {waited:.1f} s to stop"
+    # One problem's solve time on this machine now (it is several times longer when the cores are shared):
+    # the batch must stop within about one problem, not run its twelve.
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    se.linear_sum_assignment(torch.randn(3000, 3000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    one = time.perf_counter() - start
+    assert waited < max(2.0, 2 * one), f"took {waited:.1f} s to stop; one problem takes {one:.1f} s"
