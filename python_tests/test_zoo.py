@@ -542,3 +542,70 @@ def test_pair_measures_only_from_the_command_line(zoo_dir, tmp_path):
     assert len(models) == 44 and (models["error"] != "").sum() == 4  # the load checks still run
     assert len(pd.read_csv(out / "pairs.csv")[["model_a", "model_b"]].drop_duplicates()) == 3
     assert not (out / "report.md").exists() and (out / "layers.csv").read_text().strip() == ""
+
+
+def _grouped_cnn():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 8, 3, padding=1, groups=2), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 64, 10))
+
+
+@pytest.mark.parametrize("convention", spectra.CONVENTIONS)
+@pytest.mark.parametrize("make", [datasets.digits_cnn, datasets.digits_mlp, _grouped_cnn],
+                         ids=["cnn", "mlp", "grouped"])
+def test_layer_spectra_and_model_metrics_give_identical_numbers(make, convention):
+    x = torch.zeros(1, 1, 8, 8)
+    models = {}
+    for i in range(3):
+        torch.manual_seed(i)
+        models[f"m{i}"] = make()
+    tables = zoo.model_metrics(models, ("rank", "alpha"), x, convention=convention, min_tail=4)
+    columns = ["numerical_rank", "stable_rank", "spectral_norm", "lambda_max", "alpha", "xmin", "ks", "n_tail", "note"]
+    for name, model in models.items():
+        ours = tables.layers[tables.layers["model"] == name].reset_index(drop=True)
+        alone = spectra.layer_spectra(model, x, min_tail=4, convention=convention)
+        assert ours["layer"].tolist() == alone["layer"].tolist()
+        pd.testing.assert_frame_equal(ours[columns], alone[columns], check_exact=True)
+        alpha_hat = tables.models.set_index("model").loc[name, "alpha_hat"]
+        assert alpha_hat == spectra.alpha_hat(alone)
+        assert tables.models.set_index("model").loc[name, "n_alpha_layers"] == alone["alpha"].notna().sum()
+
+
+def test_zoo_tables_are_a_dataclass_a_frame_a_figure_and_a_mapping(zoo_dir):
+    tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), progress=False, report=False)
+    assert isinstance(tables, zoo.ZooTables) and list(tables) == list(zoo.TABLES)
+    assert tables["layers"] is tables.layers and tables.to_frame() is tables.layers
+    assert tables.to_frame("models") is tables.models and tables.get("nope") is None
+    with pytest.raises(ValueError, match="table must be one of"):
+        tables.to_frame("nope")
+    fig = tables.plot("numerical_rank")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "numerical_rank" and "40 checkpoints" in ax.get_title()
+    drawn = [sum(p.get_height() for p in c.patches) for c in ax.containers]
+    assert drawn == [40] * 5  # one histogram per layer, every member counted once
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"layer {n}" for n in ("0", "2", "5", "8", "10")]
+    with pytest.raises(ValueError, match="column must be a column of the layers table"):
+        tables.plot("nope")
+
+
+def test_pairs_are_sampled_with_a_generator_and_seed_is_its_old_name(zoo_dir, tmp_path):
+    def sampled(**options):
+        tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=3,
+                             layers=["10"], progress=False, report=False, **options)
+        return sorted(set(zip(tables.pairs["model_a"], tables.pairs["model_b"])))
+
+    first = sampled(generator=3)
+    assert len(first) == 3 and sampled(generator=3) == first
+    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
+        assert sampled(seed=3) == first
+    assert sampled(generator=torch.Generator().manual_seed(5)) == sampled(generator=torch.Generator().manual_seed(5))
+    with pytest.raises(zoo.ZooError, match="generator must be a torch.Generator, an int seed or None"):
+        sampled(generator="x")
+    out = tmp_path / "run"  # None draws a seed; a resumed run takes the recorded one
+    tables = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=3,
+                         layers=["10"], progress=False, report=False)
+    recorded = __import__("json").loads((out / "options.json").read_text())["pairs"]["seed"]
+    assert isinstance(recorded, int)
+    again = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=3,
+                        layers=["10"], progress=False, report=False)
+    pd.testing.assert_frame_equal(again.pairs, tables.pairs)

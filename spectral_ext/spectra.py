@@ -373,7 +373,10 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
                 rows[i] = dict({"alpha": float("nan")} if fit else {},
                                note=f"a {maps[i].kind} is not analysed by WeightWatcher's convention")
             continue
-        frame = spectrum_metrics(weight_singular_values(stack, convention), min_tail, convention, fit=fit)
+        # a lone weight is paired with itself: batched matmuls (B >= 2) round differently from one matmul,
+        # and one model's lone layer shape must give the digits a zoo's batch of that layer gives
+        sigma = weight_singular_values(stack if len(index) > 1 else stack.expand(2, *stack.shape[1:]), convention)
+        frame = spectrum_metrics(sigma[:len(index)], min_tail, convention, fit=fit)
         for i, row in zip(index, frame.to_dict("records")):
             for column in ("n_eigenvalues", "numerical_rank", "n_tail"):
                 if column in row:

@@ -18,10 +18,11 @@ pairwise metrics), storage (chunks, resumption, merging, options, lock),
 distributed (torchrun), analysis (analyze and its phases)."""
 from ._base import MIN_PROBE, METRICS, PAIR_MEASURES, TABLES, ZooError, ZooTables
 from .analysis import analyze, write_report
-from .members import CHECKPOINT_SUFFIXES, check_finite, list_members, load_member, read_checkpoint, resolve_arch
+from .members import (CHECKPOINT_SUFFIXES, check_finite, list_members, load_member, read_checkpoint,
+                      resolve_arch)
 from .metrics import ActivationCache, model_metrics, pair_metrics, probe_parts
 from .storage import STRING_COLUMNS, check_metadata, check_out
-from ..zoo_generator import make_digits_zoo, manifest_defaults  # noqa: F401  (spectral_ext.zoo.make_digits_zoo)
+from ..zoo_generator import make_digits_zoo, manifest_defaults  # spectral_ext.zoo.make_digits_zoo
 
 __all__ = ["ActivationCache", "CHECKPOINT_SUFFIXES", "METRICS", "MIN_PROBE", "PAIR_MEASURES", "STRING_COLUMNS", "TABLES",
            "ZooError", "ZooTables", "analyze", "check_finite", "check_metadata", "check_out", "list_members", "load_member",

@@ -15,7 +15,7 @@ from .._hooks import check_layers
 from ..zoo_generator import manifest_defaults
 from ._base import METRICS, MIN_PROBE, PAIR_MEASURES, TABLES, ZooError, ZooTables, _check_int
 from .distributed import _agree, _barrier, _distributed
-from .members import _collector_paused, _Lazy, _Members, check_finite, list_members, resolve_arch
+from .members import _collector_paused, _Lazy, _Members, all_finite_states, list_members, resolve_arch
 from .metrics import ActivationCache, model_metrics, pair_metrics, probe_parts
 from .storage import (_commit_chunk, _finished, _Lock, _merge, _read, _reconcile_options, _run_options, _stored_options,
                       check_metadata, check_out)
@@ -166,7 +166,7 @@ def _run(run, members, out_path, rank, world, metrics, pairs, probe, layers, max
     if rank == 0:
         merged = _merge(out_path, fmt)
         if report:
-            write_report(out_path, merged, metadata)
+            write_report(out_path, merged, metadata, progress)
     _barrier(world)
     return ZooTables(**{t: _read(out_path / f"{t}.{fmt}", fmt) for t in TABLES})
 
@@ -194,11 +194,7 @@ def _process_chunk(chunk, run: _Members, metrics, reading=None) -> dict[str, pd.
     is a models row with its error."""
     loaded = (reading or run.read([n for n, _ in chunk])).result()
     states = [item for _, item in loaded if isinstance(item, dict)]
-    try:  # one check for the whole chunk; one per member only when it fails
-        check_finite({f"{k}:{key}": t for k, state in enumerate(states) for key, t in state.items()})
-        finite = True
-    except ValueError:
-        finite = False
+    finite = all_finite_states(states)  # one check for the whole chunk; one per member only when it fails
     graphs, makers, errors = {}, {}, []
     with _collector_paused():
         for name, item in loaded:
@@ -265,14 +261,14 @@ def _process_pairs(batch, run: _Members, probe, layers, measures, stitch_options
 # The report
 
 
-def write_report(out: pathlib.Path, tables: dict[str, pd.DataFrame], metadata=None) -> pathlib.Path:
+def write_report(out: pathlib.Path, tables, metadata=None, progress: bool = True) -> pathlib.Path:
     """report.md with figures (spectral_ext.zoo_report.report): members and
     errors, per-layer distributions, and with metadata (model and
     test_accuracy or accuracy) each metric against accuracy and the accuracy
     prediction from weights."""
     from ..zoo_report import report
 
-    return report(out, tables, metadata)
+    return report(out, tables, metadata, progress)
 
 
 def _pair_seed(generator, out_path, sampled: bool) -> int:

@@ -8,9 +8,12 @@ import collections.abc
 import contextlib
 import gc
 import importlib
+import json
+import math
 import os
 import pathlib
 import pickle
+import sys
 from collections.abc import Callable
 
 import torch
@@ -100,6 +103,84 @@ def _relative_names(root: pathlib.Path, paths) -> list[tuple[str, pathlib.Path]]
 
 
 _MMAP_BYTES = 4 << 20  # below this a file is read whole (faster for tiny checkpoints), above it memory-mapped
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+class _State(dict):
+    """A state_dict read by _read_small_safetensors. `floats`: all its
+    floating tensors as one flat view when they share a dtype and lie side
+    by side in the file (then their finiteness is one reduction), else None."""
+
+    floats = None
+
+
+def _safetensors_layout(header: bytes, start: int, total: int):
+    """(runs, names in order, index of the one floating run or None) of a
+    safetensors header: runs of neighbouring tensors of one dtype, each
+    (dtype, first byte, end byte, element counts, names, shapes); None when
+    the header is unusual or the tensors do not tile the data exactly."""
+    try:
+        entries = json.loads(header)
+        entries.pop("__metadata__", None)
+        layout = sorted((int(i["data_offsets"][0]), int(i["data_offsets"][1]), _SAFETENSORS_DTYPES[i["dtype"]],
+                         [int(n) for n in i["shape"]], name) for name, i in entries.items())
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None
+    end, runs = 0, []
+    for a, b, dtype, shape, name in layout:
+        size = dtype.itemsize
+        if a != end or b - a != math.prod(shape) * size or (start + a) % size or min(shape, default=0) < 0:
+            return None
+        if not runs or runs[-1][0] != dtype:
+            runs.append((dtype, start + a, start + a, [], [], []))
+        run = runs[-1]
+        runs[-1] = run[:2] + (start + b,) + run[3:]
+        run[3].append((b - a) // size), run[4].append(name), run[5].append(shape)
+        end = b
+    if start + end != total or len(layout) != len(entries):
+        return None
+    floating = [k for k, run in enumerate(runs) if run[0].is_floating_point]
+    return runs, sorted(entries), floating[0] if len(floating) == 1 else None
+
+
+_LAYOUTS: dict[tuple[bytes, int], tuple | None] = {}  # the members of a zoo share one header
+
+
+def _read_small_safetensors(path: pathlib.Path) -> _State | None:
+    """The tensors of a small safetensors file as views of one buffer read
+    whole, in name order; None for anything unusual (another dtype, a
+    misaligned or inconsistent layout, a short read), which safetensors then
+    reads or rejects with its reason. Hand-written, with the parsed header
+    cached: safetensors' load(bytes) cost 10x the read itself for a 20 KB
+    checkpoint (issue 16)."""
+    if sys.byteorder != "little":
+        return None
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        if len(data) < 8 or f.readinto(data) != len(data):
+            return None
+    start = 8 + int.from_bytes(data[:8], "little")
+    if start > len(data) or start % 8:
+        return None
+    key = (bytes(data[8:start]), len(data))
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) > 64:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = _safetensors_layout(key[0], start, len(data))
+    if _LAYOUTS[key] is None:
+        return None
+    runs, names, floating = _LAYOUTS[key]
+    buffer = torch.frombuffer(data, dtype=torch.uint8)
+    tensors, flats = {}, []
+    for dtype, a, b, sizes, run_names, shapes in runs:  # one view and one split per run
+        flats.append(buffer[a:b].view(dtype))
+        for name, shape, piece in zip(run_names, shapes, flats[-1].split_with_sizes(sizes)):
+            tensors[name] = piece.view(shape)
+    state = _State((name, tensors[name]) for name in names)
+    state.floats = flats[floating] if floating is not None else None  # its finiteness is one reduction
+    return state
 
 
 def read_checkpoint(source, allow_pickle: bool = False):
@@ -111,7 +192,11 @@ def read_checkpoint(source, allow_pickle: bool = False):
         if path.suffix == ".safetensors":
             from safetensors.torch import load, load_file
 
-            state = load_file(str(path)) if path.stat().st_size > _MMAP_BYTES else load(path.read_bytes())
+            if path.stat().st_size > _MMAP_BYTES:
+                state = load_file(str(path))
+            else:
+                state = _read_small_safetensors(path)
+                state = state if state is not None else load(path.read_bytes())
         else:
             big = path.stat().st_size > _MMAP_BYTES
             try:
@@ -134,12 +219,26 @@ def read_checkpoint(source, allow_pickle: bool = False):
     return state
 
 
+def _flat_floats(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    view = getattr(state, "floats", None)
+    if view is not None:
+        return [view]
+    return [v.detach().reshape(-1) for v in state.values() if v.is_floating_point() or v.is_complex()]
+
+
+def all_finite_states(states) -> bool:
+    """True when no floating tensor of any of the state_dicts holds a NaN or
+    an infinity: one reduction for them all."""
+    parts = [t for state in states for t in _flat_floats(state)]
+    return not parts or _checks.all_finite(torch.cat(parts) if len(parts) > 1 else parts[0])
+
+
 def check_finite(state: dict[str, torch.Tensor]):
     """ValueError naming the first floating tensor (weights and buffers such
     as BatchNorm's running_var) that holds a NaN or an infinity."""
-    floats = [(k, v) for k, v in state.items() if v.is_floating_point() or v.is_complex()]
-    if floats and not _checks.all_finite(torch.cat([v.detach().reshape(-1) for _, v in floats])):
-        bad = next(k for k, v in floats if not _checks.all_finite(v.detach()))
+    if not all_finite_states([state]):
+        bad = next(k for k, v in state.items()
+                   if (v.is_floating_point() or v.is_complex()) and not _checks.all_finite(v.detach()))
         raise ValueError(f"NaN or infinite values in {bad}")
 
 
@@ -170,23 +269,42 @@ def load_member(source, factory, allow_pickle: bool = False) -> nn.Module:
 _CONTAINERS = (dict, collections.OrderedDict, set, list)
 
 
-def _instantiate(template: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> nn.Module:
+def _recipe(template: nn.Module, prefix: str, recipes: dict) -> tuple:
+    """What _instantiate does to `template` (its containers to copy, its
+    parameters', buffers' and children's state keys), worked out once per run
+    and module: per member only the copies remain."""
+    recipe = recipes.get((id(template), prefix))
+    if recipe is None or recipe[0] is not template:
+        own = ("_parameters", "_buffers", "_modules")
+        containers = tuple(k for k, v in template.__dict__.items() if type(v) in _CONTAINERS and k not in own)
+        parameters = tuple((k, None if p is None else prefix + k, p is not None and p.requires_grad)
+                           for k, p in template._parameters.items())
+        buffers = tuple((k, prefix + k, b) for k, b in template._buffers.items())
+        children = tuple((k, c, f"{prefix}{k}.") for k, c in template._modules.items())
+        recipe = recipes[(id(template), prefix)] = (template, containers, parameters, buffers, children)
+    return recipe
+
+
+def _instantiate(template: nn.Module, state: dict[str, torch.Tensor], prefix: str = "",
+                 recipes: dict | None = None) -> nn.Module:
     """A copy of `template` holding `state`'s tensors, without running the
     constructor (its random initialisation costs more than the analysis of a
     small model): the module tree, its containers (hooks included) copied,
     other attributes shared. Hand-written because deepcopy and meta-device
-    construction were 3-10x slower here."""
+    construction were 3-10x slower here. recipes: a run's cache of _recipe."""
+    recipes = {} if recipes is None else recipes
+    _, containers, parameters, buffers, children = _recipe(template, prefix, recipes)
     module = object.__new__(type(template))
     attrs = module.__dict__
     attrs.update(template.__dict__)
-    for key, value in attrs.items():
-        if type(value) in _CONTAINERS:
-            attrs[key] = value.copy()
-    attrs["_parameters"] = {k: None if p is None else nn.Parameter(state[prefix + k], p.requires_grad)
-                            for k, p in template._parameters.items()}
-    attrs["_buffers"] = {k: None if b is None else state.get(prefix + k, b) for k, b in template._buffers.items()}
-    attrs["_modules"] = {k: None if c is None else _instantiate(c, state, f"{prefix}{k}.")
-                         for k, c in template._modules.items()}
+    for key in containers:
+        attrs[key] = attrs[key].copy()
+    # Parameter(t, grad) is this call for a plain tensor, without its Python-level frame
+    attrs["_parameters"] = {k: None if key is None else torch.Tensor._make_subclass(nn.Parameter, state[key], grad)
+                            for k, key, grad in parameters}
+    attrs["_buffers"] = {k: None if b is None else state.get(key, b) for k, key, b in buffers}
+    attrs["_modules"] = {k: None if c is None else _instantiate(c, state, child_prefix, recipes)
+                         for k, c, child_prefix in children}
     return module
 
 
@@ -196,7 +314,8 @@ class _Architecture:
 
     def __init__(self, template: nn.Module, example_input):
         self.template = template
-        self.shapes = {k: (tuple(v.shape), v.dtype) for k, v in template.state_dict().items()}
+        self.shapes = {k: (v.shape, v.dtype) for k, v in template.state_dict().items()}
+        self.recipes = {}
         self.example_input = example_input
         self._graph, self._error = None, None
 
@@ -217,21 +336,22 @@ class _Architecture:
             unexpected = sorted(state.keys() - self.shapes.keys())[:5]
             raise ValueError(f"checkpoint does not match the architecture (missing keys {missing}, unexpected "
                              f"keys {unexpected})")
+        shapes = self.shapes
         for k, v in state.items():
-            if tuple(v.shape) != self.shapes[k][0]:
+            if v.shape != shapes[k][0]:
                 raise ValueError(f"checkpoint does not match the architecture ({k} has shape {tuple(v.shape)}, "
-                                 f"the architecture {self.shapes[k][0]})")
+                                 f"the architecture {tuple(shapes[k][0])})")
 
     def bind(self, state: dict[str, torch.Tensor]):
         """(graph, module factory) of a checked member given as a state_dict:
         the maps' modules hold its weights; the whole module is built only
         when asked for (the SVR and the pair measures run it)."""
-        graph = self.graph
+        graph, recipes = self.graph, self.recipes
         maps = {}
         for name, m in graph.maps.items():
-            bn = _instantiate(m.batchnorm, state, f"{m.batchnorm_name}.") if m.batchnorm is not None else None
-            maps[name] = _replace(m, module=_instantiate(m.module, state, f"{name}."), batchnorm=bn)
-        return _replace(graph, maps=maps), lambda: _instantiate(self.template, state)
+            bn = _instantiate(m.batchnorm, state, f"{m.batchnorm_name}.", recipes) if m.batchnorm is not None else None
+            maps[name] = _replace(m, module=_instantiate(m.module, state, f"{name}.", recipes), batchnorm=bn)
+        return _replace(graph, maps=maps), lambda: _instantiate(self.template, state, "", recipes)
 
 
 def _replace(record, **changes):
