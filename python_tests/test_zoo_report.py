@@ -134,3 +134,46 @@ def test_metadata_errors_are_named(tmp_path):
         zoo_report.load_metadata(tmp_path / "missing.csv")
     with pytest.raises(ValueError, match="test_accuracy"):
         zoo_report.load_metadata(pd.DataFrame({"model": ["a"], "score": [1.0]}))
+
+
+def test_zoo_figures_draw_their_data():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    layers = pd.DataFrame({"model": [f"m{i}" for i in range(4) for _ in range(2)], "layer": ["0", "2"] * 4,
+                           "alpha": [2.0, 3.0, 2.0, 3.5, 2.5, 3.0, 2.0, 4.0]})
+    ax = plot.zoo_histograms(layers, "alpha", bins=4).axes[0]
+    heights = [[p.get_height() for p in c.patches] for c in ax.containers]  # one histogram per layer
+    assert heights == [list(np.histogram([2.0, 2.0, 2.5, 2.0], bins=np.linspace(2, 4, 5))[0]),
+                       list(np.histogram([3.0, 3.5, 3.0, 4.0], bins=np.linspace(2, 4, 5))[0])]
+    x, y = np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.7, 0.6])
+    ax = plot.metric_vs_accuracy(x, y, "alpha_hat", spearman=0.5, kendall=0.33).axes[0]
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), np.c_[x, y])
+    frame = pd.DataFrame({"run": [0, 0, 0, 1, 1, 1], "epoch": [2, 0, 1, 0, 1, 2],
+                          "alpha_hat": [3.0, 1.0, 2.0, 5.0, 4.0, 6.0], "test_accuracy": [.9, .1, .5, .2, .4, .8]})
+    ax = plot.epoch_trajectories(frame, "alpha_hat", runs=[0, 1]).axes[0]
+    assert [list(line.get_xdata()) for line in ax.lines] == [[1.0, 2.0, 3.0], [5.0, 4.0, 6.0]]  # epoch order
+    assert [list(line.get_ydata()) for line in ax.lines] == [[.1, .5, .9], [.2, .4, .8]]
+    assert [t.get_text() for t in ax.texts] == ["epoch 2", "epoch 2"]
+    ax = plot.prediction_scatter(np.array([.2, .8]), np.array([.3, .6]), "spectral metrics", 0.5, 1.0).axes[0]
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), [[.2, .3], [.8, .6]])
+    assert list(ax.lines[0].get_xdata()) == [.2, .8] and "R^2 0.500" in ax.get_title()
+    importances = pd.Series({"a": 0.1, "b": 0.6, "c": 0.3})
+    ax = plot.feature_importances(importances, top=2).axes[0]
+    assert [p.get_width() for p in ax.patches] == [0.3, 0.6]  # the top 2, largest at the top
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["c", "b"]
+    matplotlib.pyplot.close("all")
+
+
+def test_predict_accuracy_takes_a_generator_and_seed_is_its_old_name():
+    rng = np.random.default_rng(0)
+    features = pd.DataFrame({"f": rng.normal(size=40)})
+    y = features["f"].to_numpy() * 0.1 + rng.normal(size=40) * 0.01
+    groups = np.repeat(np.arange(10), 4)
+    first = zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator=3)[0]
+    pd.testing.assert_frame_equal(first, zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator=3)[0])
+    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
+        old = zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, seed=3)[0]
+    pd.testing.assert_frame_equal(first, old)
+    with pytest.raises(TypeError, match="generator must be"):
+        zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator="x")
