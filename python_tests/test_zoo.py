@@ -609,3 +609,27 @@ def test_pairs_are_sampled_with_a_generator_and_seed_is_its_old_name(zoo_dir, tm
     again = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=3,
                         layers=["10"], progress=False, report=False)
     pd.testing.assert_frame_equal(again.pairs, tables.pairs)
+
+
+def test_small_safetensors_are_read_as_safetensors_reads_them(tmp_path):
+    from safetensors.torch import load, save
+
+    state = {"w": torch.randn(3, 4), "n": torch.tensor(5), "h": torch.randn(2, dtype=torch.float16),
+             "e": torch.zeros(0, 3), "b": torch.tensor([True, False]), "d": torch.randn(2, 2, dtype=torch.float64)}
+    path = tmp_path / "mixed.safetensors"
+    path.write_bytes(save(state, metadata={"format": "pt"}))
+    for _ in range(2):  # the header parsed, then taken from the cache
+        read = zoo.read_checkpoint(path)
+        assert list(read) == sorted(state) and read.floats is None  # three float dtypes: no single view
+        for k, v in load(path.read_bytes()).items():
+            assert read[k].dtype == v.dtype and read[k].shape == v.shape and torch.equal(read[k], v)
+    floats = tmp_path / "floats.safetensors"
+    floats.write_bytes(save({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}))
+    read = zoo.read_checkpoint(floats)
+    assert read.floats.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.0, 1.0, 1.0, 1.0]
+    read["b"][0] = float("nan")  # the one view sees every float tensor
+    with pytest.raises(ValueError, match="NaN or infinite values in b"):
+        zoo.check_finite(read)
+    path.write_bytes(save(state)[:-3])  # truncated: safetensors says why
+    with pytest.raises(ValueError, match="unreadable checkpoint \\(SafetensorError"):
+        zoo.read_checkpoint(path)
