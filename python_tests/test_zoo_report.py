@@ -55,8 +55,21 @@ def test_epoch_correlations_are_per_model_medians():
              "_accuracy": e + rng.normal() * 0.1} for r in range(5) for e in range(5)]
     frame = pd.DataFrame(rows)
     table = zoo_report.epoch_correlations(frame, ["m"]).iloc[0]
-    per_run = [zoo_report.correlations(part, ["m"])["spearman"].iloc[0] for _, part in frame.groupby("run")]
-    assert table["models"] == 5 and table["median_spearman"] == pytest.approx(np.median(per_run))
+    per_run = [zoo_report.correlations(part, ["m"]).iloc[0] for _, part in frame.groupby("run")]
+    assert table["models"] == 5 and table["median_spearman"] == pytest.approx(np.median([r.spearman for r in per_run]))
+    assert table["median_kendall"] == pytest.approx(np.median([r.kendall for r in per_run]))
+
+
+def test_rank_correlations_are_scipys_with_ties():
+    from scipy import stats
+
+    rng = np.random.default_rng(2)
+    for n in (3, 4, 7, 13):
+        x, y = rng.integers(0, 3, n).astype(float), rng.normal(size=n).round(1)
+        x[0], x[1] = 0.0, 2.0  # not constant
+        rho, tau = zoo_report.rank_correlations(x, y)
+        assert rho == pytest.approx(stats.spearmanr(x, y).statistic)
+        assert tau == pytest.approx(stats.kendalltau(x, y).statistic)
 
 
 def test_weight_statistics_are_the_papers():
@@ -80,7 +93,8 @@ def test_prediction_beats_the_constant_on_held_out_models(trained_zoo):
     constant, weights = scores.loc["constant (mean accuracy)"], scores.loc["weights"]
     assert constant["r2"] <= 0.0  # the training folds' mean never beats the held-out mean
     assert weights["r2"] > constant["r2"] + 0.2 and weights["kendall_tau"] > 0.3
-    assert importances["weights"].sum() == pytest.approx(1.0)
+    top = importances["weights"].sort_values().index[-1]
+    assert importances["weights"][top] > 0.01  # shuffling the most important feature costs held-out R^2
     # Held out means held out: the out-of-fold prediction of a run does not change with its own labels.
     shuffled = frame["_accuracy"].to_numpy().copy()
     first_run = (frame["run"] == frame["run"].iloc[0]).to_numpy()
@@ -177,3 +191,19 @@ def test_predict_accuracy_takes_a_generator_and_seed_is_its_old_name():
     pd.testing.assert_frame_equal(first, old)
     with pytest.raises(TypeError, match="generator must be"):
         zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator="x")
+
+
+def test_prediction_takes_missing_features():
+    """A metric that could not be computed for some checkpoints (alpha of a layer with too few eigenvalues)
+    is NaN in the tables: the prediction still runs and uses the rest (the 1,000-model zoo had such rows)."""
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=200)
+    features = pd.DataFrame({"signal": signal, "noise": rng.normal(size=200)})
+    features.loc[::7, "signal"] = np.nan
+    features.loc[::11, "noise"] = np.inf
+    y = signal.copy()
+    y[::7] = 5.0  # missing signal marks its own group of targets, as a tree branch would
+    scores, _, importances = zoo_report.predict_accuracy(features, y, np.arange(200) // 4,
+                                                         {"both": ["signal", "noise"]}, generator=0)
+    assert scores.set_index("features").loc["both", "r2"] > 0.8
+    assert importances["both"]["signal"] > importances["both"]["noise"]

@@ -384,7 +384,8 @@ def prediction_scatter(actual, predicted, label: str, r2: float, tau: float, ax=
     return _finish(fig, ax, "true test accuracy", "predicted test accuracy (cross-validated)")
 
 
-def feature_importances(importances, ax=None, top: int = 15, title: str = "feature importances"):
+def feature_importances(importances, ax=None, top: int = 15, title: str = "feature importances",
+                        xlabel: str = "importance (held-out R^2 lost when shuffled)"):
     """Horizontal bars of the `top` largest importances (a pandas Series)."""
     series = importances.sort_values(ascending=False).head(top)[::-1]
     fig, ax = _axes(ax, (6, 0.3 * len(series) + 1.2))
@@ -392,4 +393,4 @@ def feature_importances(importances, ax=None, top: int = 15, title: str = "featu
     ax.set_yticks(range(len(series)))
     ax.set_yticklabels([str(i) for i in series.index], fontsize=7)
     ax.set_title(title, fontsize=9)
-    return _finish(fig, ax, "importance (mean decrease in squared error, normalised)", "feature", legend=False)
+    return _finish(fig, ax, xlabel, "feature", legend=False)
