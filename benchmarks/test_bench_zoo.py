@@ -206,13 +206,13 @@ def test_loading_and_analysing_10000_checkpoints(big_zoo):
     members = zoo.list_members(big_zoo)
     load, analyse = [], []
     for _ in range(REPEATS):
-        run = zoo._Members(members, small_cnn, False, None)
+        run = zoo.members._Members(members, small_cnn, False, None)
         run.bind(*run.read(["m00000"]).result()[0])  # the one trace of the run, not loading
         start, cpu = time.perf_counter(), time.process_time()
         graphs = {}
         for i in range(0, len(members), 256):
             loaded = run.read([n for n, _ in members[i:i + 256]]).result()
-            with zoo._collector_paused():
+            with zoo.members._collector_paused():
                 graphs.update({n: run.bind(n, s)[0] for n, s in loaded})
         load.append((time.perf_counter() - start, time.process_time() - cpu))
         run.close()

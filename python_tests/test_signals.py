@@ -247,7 +247,7 @@ def test_layer_spectra_and_alpha_hat():
     torch.manual_seed(0)
     model = datasets.digits_cnn()
     df = Sp.layer_spectra(model, toeplitz_m=8)
-    assert df["name"].tolist() == ["0", "2", "5", "8", "10"]
+    assert df["layer"].tolist() == ["0", "2", "5", "8", "10"]
     row = df.iloc[1]
     W1 = model[2].weight.detach().double().reshape(32, -1)
     assert row["lambda_max"] == pytest.approx(float(torch.linalg.matrix_norm(W1, 2)) ** 2)

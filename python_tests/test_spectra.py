@@ -96,11 +96,11 @@ def test_one_spectrum_per_weight_by_an_independent_route():
     frame = Sp.layer_spectra(model, torch.zeros(1, 1, 8, 8))
     W = model[2].weight.detach().double()
     sigma = torch.linalg.svdvals(W.reshape(6, -1))
-    row = frame.set_index("name").loc["2"]
+    row = frame.set_index("layer").loc["2"]
     assert row["lambda_max"] == pytest.approx(float(sigma[0] ** 2), rel=1e-10)
     assert row["stable_rank"] == pytest.approx(float((sigma ** 2).sum() / sigma[0] ** 2), rel=1e-10)
     assert row["n_eigenvalues"] == 6 and "too few eigenvalues (6 < min_tail 10)" == row["note"]
-    ww = Sp.layer_spectra(model, torch.zeros(1, 1, 8, 8), convention="weightwatcher").set_index("name")
+    ww = Sp.layer_spectra(model, torch.zeros(1, 1, 8, 8), convention="weightwatcher").set_index("layer")
     slices = W.permute(2, 3, 0, 1).reshape(9, 6, 4)
     pooled = torch.linalg.svdvals(slices).square().reshape(-1).sort(descending=True).values / 2
     assert ww.loc["2", "n_eigenvalues"] == 36

@@ -92,14 +92,14 @@ def test_batched_zoo_equals_per_model_results(zoo_dir):
     mb = zoo.load_member(zoo_dir / f"{b}{'.safetensors' if int(b[-2:]) % 2 else '.pt'}", datasets.digits_cnn)
     layer = pairs.iloc[0]["layer"]
     with torch.no_grad():
-        expected = se.cka(zoo._activations(ma, probe(), [layer])[layer], zoo._activations(mb, probe(), [layer])[layer])
+        expected = se.cka(zoo.metrics._activations(ma, probe(), [layer])[layer], zoo.metrics._activations(mb, probe(), [layer])[layer])
     assert pairs.iloc[0]["value"] == pytest.approx(expected)
 
 
 def test_each_model_runs_on_the_probe_once(zoo_dir, monkeypatch):
     runs = []
-    original = zoo._activations
-    monkeypatch.setattr(zoo, "_activations", lambda model, x, layers: runs.append(1) or original(model, x, layers))
+    original = zoo.metrics._activations
+    monkeypatch.setattr(zoo.metrics, "_activations", lambda model, x, layers: runs.append(1) or original(model, x, layers))
     tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=12,
                          chunk_size=2, progress=False)
     pairs = tables["pairs"][["model_a", "model_b"]].drop_duplicates()
@@ -124,7 +124,7 @@ def test_stitching_penalties_between_zoo_members(zoo_dir):
 def test_interrupted_run_resumes_without_loss_or_duplicates(zoo_dir, tmp_path, monkeypatch):
     full = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), progress=False)
     calls = {"n": 0}
-    original = zoo._process_chunk
+    original = zoo.analysis._process_chunk
 
     def dies_on_third(*args, **kwargs):
         calls["n"] += 1
@@ -132,16 +132,16 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(zoo_dir, tmp_path, m
             raise KeyboardInterrupt  # killed mid-run
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(zoo, "_process_chunk", dies_on_third)
+    monkeypatch.setattr(zoo.analysis, "_process_chunk", dies_on_third)
     out = tmp_path / "results"
     with pytest.raises(KeyboardInterrupt):
         zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), chunk_size=8, progress=False)
     finished = [p for p in (out / "chunks").iterdir() if not p.name.startswith(".")]
     assert len(finished) == 2
     (out / "chunks" / ".half-written.tmp").mkdir()  # a chunk caught mid-write is ignored
-    monkeypatch.setattr(zoo, "_process_chunk", original)
+    monkeypatch.setattr(zoo.analysis, "_process_chunk", original)
     seen = []
-    monkeypatch.setattr(zoo, "_process_chunk", lambda chunk, *a, **k: seen.extend(n for n, _ in chunk) or original(chunk, *a, **k))
+    monkeypatch.setattr(zoo.analysis, "_process_chunk", lambda chunk, *a, **k: seen.extend(n for n, _ in chunk) or original(chunk, *a, **k))
     resumed = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), chunk_size=8, progress=False)
     assert len(seen) == 44 - 16  # finished models are not recomputed
     assert resumed["models"]["model"].is_unique and len(resumed["models"]) == 44
@@ -262,7 +262,7 @@ def test_a_member_whose_analysis_fails_is_an_error_row(zoo_dir, monkeypatch):
             raise RuntimeError("linalg.eigh: the algorithm failed to converge")
         return original(models, metrics, example_input, dtype, graphs=graphs)
 
-    monkeypatch.setattr(zoo, "model_metrics", fails_on_cnn_03)
+    monkeypatch.setattr(zoo.analysis, "model_metrics", fails_on_cnn_03)
     tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), chunk_size=8, progress=False)
     errors = tables["models"].set_index("model")["error"].fillna("")
     assert "analysis failed (RuntimeError: linalg.eigh" in errors["cnn_03"]
@@ -278,7 +278,7 @@ def test_member_names_are_strings_never_missing_values(fmt, tmp_path, monkeypatc
     torch.manual_seed(0)
     members = {name: datasets.digits_mlp(width=8) for name in MISSING_LOOKING}
     out = tmp_path / "results"
-    original = zoo._process_chunk
+    original = zoo.analysis._process_chunk
     calls = {"n": 0}
 
     def dies_on_second(*args, **kwargs):
@@ -287,12 +287,12 @@ def test_member_names_are_strings_never_missing_values(fmt, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(zoo, "_process_chunk", dies_on_second)
+    monkeypatch.setattr(zoo.analysis, "_process_chunk", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         zoo.analyze(members, out=out, metrics=("rank",), pairs=("cka",), probe=probe().reshape(-1, 64), fmt=fmt,
                     chunk_size=4, progress=False)
     seen = []
-    monkeypatch.setattr(zoo, "_process_chunk", lambda chunk, *a, **k: seen.extend(n for n, _ in chunk)
+    monkeypatch.setattr(zoo.analysis, "_process_chunk", lambda chunk, *a, **k: seen.extend(n for n, _ in chunk)
                         or original(chunk, *a, **k))
     tables = zoo.analyze(members, out=out, metrics=("rank",), pairs=("cka",), probe=probe().reshape(-1, 64),
                          fmt=fmt, chunk_size=4, progress=False)
@@ -364,8 +364,8 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(zoo_dir, tmp_pat
 def test_a_real_concurrent_writer_is_refused(zoo_dir, tmp_path):
     out = tmp_path / "results"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    slow = ("import time, sys; from spectral_ext import zoo; original = zoo._process_chunk\n"
-            "zoo._process_chunk = lambda *a, **k: (time.sleep(60), original(*a, **k))[1]\n"
+    slow = ("import time, sys; from spectral_ext import zoo; original = zoo.analysis._process_chunk\n"
+            "zoo.analysis._process_chunk = lambda *a, **k: (time.sleep(60), original(*a, **k))[1]\n"
             f"zoo.analyze({str(zoo_dir)!r}, arch={ARCH!r}, out={str(out)!r}, metrics=('rank',), progress=False)")
     first = subprocess.Popen([sys.executable, "-c", slow], env=env)
     try:
@@ -431,7 +431,7 @@ def test_every_argument_is_checked_before_any_work(zoo_dir, bad_files, extra, co
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     for name in ("_process_chunk", "_process_pairs", "_commit_chunk"):
-        monkeypatch.setattr(zoo, name, lambda *a, **k: pytest.fail("work started before the arguments were checked"))
+        monkeypatch.setattr(zoo.analysis, name, lambda *a, **k: pytest.fail("work started before the arguments were checked"))
     extra = [a.format(tmp=bad_files, unwritable=_unwritable(bad_files)) for a in extra]
     argv = ["zoo", str(zoo_dir), "--arch", ARCH, "--quiet"] + extra
     if "--out" not in extra:
@@ -454,7 +454,7 @@ def test_one_trace_per_architecture_for_the_whole_run(zoo_dir, monkeypatch):
 
     traces = []
     original = layers.discover
-    monkeypatch.setattr(zoo, "discover", lambda *a, **k: traces.append(1) or original(*a, **k))
+    monkeypatch.setattr(zoo.members, "discover", lambda *a, **k: traces.append(1) or original(*a, **k))
     runs = []
     forward = torch.nn.Sequential.forward
     monkeypatch.setattr(torch.nn.Sequential, "forward", lambda self, x: runs.append(1) or forward(self, x))
@@ -472,12 +472,12 @@ def test_checkpoint_reading_and_instantiation_match_torch(bn_zoo, tmp_path, monk
     _save(state, tmp_path / "m.safetensors")
     _save(state, tmp_path / "m.pt")
     for big in (False, True):  # read whole, and memory-mapped as large files are
-        monkeypatch.setattr(zoo, "_MMAP_BYTES", 0 if big else 1 << 30)
+        monkeypatch.setattr(zoo.members, "_MMAP_BYTES", 0 if big else 1 << 30)
         for path in (tmp_path / "m.safetensors", tmp_path / "m.pt"):
             read = zoo.read_checkpoint(path)
             assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
     template = bn_cnn().eval()
-    copy = zoo._instantiate(template, state)
+    copy = zoo.members._instantiate(template, state)
     reference = zoo.load_member(tmp_path / "m.pt", bn_cnn)
     x = datasets.digits()[2][:16]
     with torch.no_grad():
@@ -542,3 +542,94 @@ def test_pair_measures_only_from_the_command_line(zoo_dir, tmp_path):
     assert len(models) == 44 and (models["error"] != "").sum() == 4  # the load checks still run
     assert len(pd.read_csv(out / "pairs.csv")[["model_a", "model_b"]].drop_duplicates()) == 3
     assert not (out / "report.md").exists() and (out / "layers.csv").read_text().strip() == ""
+
+
+def _grouped_cnn():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 8, 3, padding=1, groups=2), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 64, 10))
+
+
+@pytest.mark.parametrize("convention", spectra.CONVENTIONS)
+@pytest.mark.parametrize("make", [datasets.digits_cnn, datasets.digits_mlp, _grouped_cnn],
+                         ids=["cnn", "mlp", "grouped"])
+def test_layer_spectra_and_model_metrics_give_identical_numbers(make, convention):
+    x = torch.zeros(1, 1, 8, 8)
+    models = {}
+    for i in range(3):
+        torch.manual_seed(i)
+        models[f"m{i}"] = make()
+    tables = zoo.model_metrics(models, ("rank", "alpha"), x, convention=convention, min_tail=4)
+    columns = ["numerical_rank", "stable_rank", "spectral_norm", "lambda_max", "alpha", "xmin", "ks", "n_tail", "note"]
+    for name, model in models.items():
+        ours = tables.layers[tables.layers["model"] == name].reset_index(drop=True)
+        alone = spectra.layer_spectra(model, x, min_tail=4, convention=convention)
+        assert ours["layer"].tolist() == alone["layer"].tolist()
+        pd.testing.assert_frame_equal(ours[columns], alone[columns], check_exact=True)
+        alpha_hat = tables.models.set_index("model").loc[name, "alpha_hat"]
+        assert alpha_hat == spectra.alpha_hat(alone)
+        assert tables.models.set_index("model").loc[name, "n_alpha_layers"] == alone["alpha"].notna().sum()
+
+
+def test_zoo_tables_are_a_dataclass_a_frame_a_figure_and_a_mapping(zoo_dir):
+    tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), progress=False, report=False)
+    assert isinstance(tables, zoo.ZooTables) and list(tables) == list(zoo.TABLES)
+    assert tables["layers"] is tables.layers and tables.to_frame() is tables.layers
+    assert tables.to_frame("models") is tables.models and tables.get("nope") is None
+    with pytest.raises(ValueError, match="table must be one of"):
+        tables.to_frame("nope")
+    fig = tables.plot("numerical_rank")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "numerical_rank" and "40 checkpoints" in ax.get_title()
+    drawn = [sum(p.get_height() for p in c.patches) for c in ax.containers]
+    assert drawn == [40] * 5  # one histogram per layer, every member counted once
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"layer {n}" for n in ("0", "2", "5", "8", "10")]
+    with pytest.raises(ValueError, match="column must be a column of the layers table"):
+        tables.plot("nope")
+
+
+def test_pairs_are_sampled_with_a_generator_and_seed_is_its_old_name(zoo_dir, tmp_path):
+    def sampled(**options):
+        tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=3,
+                             layers=["10"], progress=False, report=False, **options)
+        return sorted(set(zip(tables.pairs["model_a"], tables.pairs["model_b"])))
+
+    first = sampled(generator=3)
+    assert len(first) == 3 and sampled(generator=3) == first
+    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
+        assert sampled(seed=3) == first
+    assert sampled(generator=torch.Generator().manual_seed(5)) == sampled(generator=torch.Generator().manual_seed(5))
+    with pytest.raises(zoo.ZooError, match="generator must be a torch.Generator, an int seed or None"):
+        sampled(generator="x")
+    out = tmp_path / "run"  # None draws a seed; a resumed run takes the recorded one
+    tables = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=3,
+                         layers=["10"], progress=False, report=False)
+    recorded = __import__("json").loads((out / "options.json").read_text())["pairs"]["seed"]
+    assert isinstance(recorded, int)
+    again = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=3,
+                        layers=["10"], progress=False, report=False)
+    pd.testing.assert_frame_equal(again.pairs, tables.pairs)
+
+
+def test_small_safetensors_are_read_as_safetensors_reads_them(tmp_path):
+    from safetensors.torch import load, save
+
+    state = {"w": torch.randn(3, 4), "n": torch.tensor(5), "h": torch.randn(2, dtype=torch.float16),
+             "e": torch.zeros(0, 3), "b": torch.tensor([True, False]), "d": torch.randn(2, 2, dtype=torch.float64)}
+    path = tmp_path / "mixed.safetensors"
+    path.write_bytes(save(state, metadata={"format": "pt"}))
+    for _ in range(2):  # the header parsed, then taken from the cache
+        read = zoo.read_checkpoint(path)
+        assert list(read) == sorted(state) and read.floats is None  # three float dtypes: no single view
+        for k, v in load(path.read_bytes()).items():
+            assert read[k].dtype == v.dtype and read[k].shape == v.shape and torch.equal(read[k], v)
+    floats = tmp_path / "floats.safetensors"
+    floats.write_bytes(save({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}))
+    read = zoo.read_checkpoint(floats)
+    assert read.floats.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.0, 1.0, 1.0, 1.0]
+    read["b"][0] = float("nan")  # the one view sees every float tensor
+    with pytest.raises(ValueError, match="NaN or infinite values in b"):
+        zoo.check_finite(read)
+    path.write_bytes(save(state)[:-3])  # truncated: safetensors says why
+    with pytest.raises(ValueError, match="unreadable checkpoint \\(SafetensorError"):
+        zoo.read_checkpoint(path)

@@ -88,7 +88,7 @@ def test_prediction_beats_the_constant_on_held_out_models(trained_zoo):
     frame = meta.merge(weights, left_on="_key", right_on="model", suffixes=("", "_w"))
     columns = [c for c in weights.columns if c != "model"]
     scores, predictions, importances = zoo_report.predict_accuracy(frame, frame["_accuracy"], frame["run"],
-                                                                   {"weights": columns})
+                                                                   {"weights": columns}, generator=0)
     scores = scores.set_index("features")
     constant, weights = scores.loc["constant (mean accuracy)"], scores.loc["weights"]
     assert constant["r2"] <= 0.0  # the training folds' mean never beats the held-out mean
@@ -99,7 +99,7 @@ def test_prediction_beats_the_constant_on_held_out_models(trained_zoo):
     shuffled = frame["_accuracy"].to_numpy().copy()
     first_run = (frame["run"] == frame["run"].iloc[0]).to_numpy()
     shuffled[first_run] = 0.0
-    _, again, _ = zoo_report.predict_accuracy(frame, shuffled, frame["run"], {"weights": columns})
+    _, again, _ = zoo_report.predict_accuracy(frame, shuffled, frame["run"], {"weights": columns}, generator=0)
     np.testing.assert_allclose(again["weights"][first_run], predictions["weights"][first_run])
 
 
@@ -150,6 +150,49 @@ def test_metadata_errors_are_named(tmp_path):
         zoo_report.load_metadata(pd.DataFrame({"model": ["a"], "score": [1.0]}))
 
 
+def test_zoo_figures_draw_their_data():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    layers = pd.DataFrame({"model": [f"m{i}" for i in range(4) for _ in range(2)], "layer": ["0", "2"] * 4,
+                           "alpha": [2.0, 3.0, 2.0, 3.5, 2.5, 3.0, 2.0, 4.0]})
+    ax = plot.zoo_histograms(layers, "alpha", bins=4).axes[0]
+    heights = [[p.get_height() for p in c.patches] for c in ax.containers]  # one histogram per layer
+    assert heights == [list(np.histogram([2.0, 2.0, 2.5, 2.0], bins=np.linspace(2, 4, 5))[0]),
+                       list(np.histogram([3.0, 3.5, 3.0, 4.0], bins=np.linspace(2, 4, 5))[0])]
+    x, y = np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.7, 0.6])
+    ax = plot.metric_vs_accuracy(x, y, "alpha_hat", spearman=0.5, kendall=0.33).axes[0]
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), np.c_[x, y])
+    frame = pd.DataFrame({"run": [0, 0, 0, 1, 1, 1], "epoch": [2, 0, 1, 0, 1, 2],
+                          "alpha_hat": [3.0, 1.0, 2.0, 5.0, 4.0, 6.0], "test_accuracy": [.9, .1, .5, .2, .4, .8]})
+    ax = plot.epoch_trajectories(frame, "alpha_hat", runs=[0, 1]).axes[0]
+    assert [list(line.get_xdata()) for line in ax.lines] == [[1.0, 2.0, 3.0], [5.0, 4.0, 6.0]]  # epoch order
+    assert [list(line.get_ydata()) for line in ax.lines] == [[.1, .5, .9], [.2, .4, .8]]
+    assert [t.get_text() for t in ax.texts] == ["epoch 2", "epoch 2"]
+    ax = plot.prediction_scatter(np.array([.2, .8]), np.array([.3, .6]), "spectral metrics", 0.5, 1.0).axes[0]
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), [[.2, .3], [.8, .6]])
+    assert list(ax.lines[0].get_xdata()) == [.2, .8] and "R^2 0.500" in ax.get_title()
+    importances = pd.Series({"a": 0.1, "b": 0.6, "c": 0.3})
+    ax = plot.feature_importances(importances, top=2).axes[0]
+    assert [p.get_width() for p in ax.patches] == [0.3, 0.6]  # the top 2, largest at the top
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["c", "b"]
+    matplotlib.pyplot.close("all")
+
+
+def test_predict_accuracy_takes_a_generator_and_seed_is_its_old_name():
+    rng = np.random.default_rng(0)
+    features = pd.DataFrame({"f": rng.normal(size=40)})
+    y = features["f"].to_numpy() * 0.1 + rng.normal(size=40) * 0.01
+    groups = np.repeat(np.arange(10), 4)
+    first = zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator=3)[0]
+    pd.testing.assert_frame_equal(first, zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator=3)[0])
+    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
+        old = zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, seed=3)[0]
+    pd.testing.assert_frame_equal(first, old)
+    with pytest.raises(TypeError, match="generator must be"):
+        zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator="x")
+
+
 def test_prediction_takes_missing_features():
     """A metric that could not be computed for some checkpoints (alpha of a layer with too few eigenvalues)
     is NaN in the tables: the prediction still runs and uses the rest (the 1,000-model zoo had such rows)."""
@@ -160,6 +203,7 @@ def test_prediction_takes_missing_features():
     features.loc[::11, "noise"] = np.inf
     y = signal.copy()
     y[::7] = 5.0  # missing signal marks its own group of targets, as a tree branch would
-    scores, _, importances = zoo_report.predict_accuracy(features, y, np.arange(200) // 4, {"both": ["signal", "noise"]})
+    scores, _, importances = zoo_report.predict_accuracy(features, y, np.arange(200) // 4,
+                                                         {"both": ["signal", "noise"]}, generator=0)
     assert scores.set_index("features").loc["both", "r2"] > 0.8
     assert importances["both"]["signal"] > importances["both"]["noise"]

@@ -246,7 +246,7 @@ def _zoo(args) -> int:
         raise zoo.ZooError("--pairs needs --probe (a tensor file, or digits:N)")
     metrics = [] if args.metrics == ["none"] else args.metrics  # pair measures only
     tables = zoo.analyze(args.source, arch=args.arch, out=args.out, metrics=metrics, pairs=args.pairs,
-                         probe=probe, layers=args.layers, max_pairs=args.max_pairs, seed=args.seed,
+                         probe=probe, layers=args.layers, max_pairs=args.max_pairs, generator=args.seed,
                          fmt=args.format, allow_pickle=args.allow_pickle, chunk_size=args.chunk_size,
                          metadata=args.metadata, progress=not args.quiet, report=not args.no_report,
                          workers=args.workers,
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("--probe", help="probe inputs: a tensor file, or digits[:N] as 'digits:256'")
     zoo.add_argument("--layers", type=_names("--layers"), help="comma-separated module names for the pair measures")
     zoo.add_argument("--max-pairs", type=_at_least(1), default=None)
-    zoo.add_argument("--seed", type=int, default=0)
+    zoo.add_argument("--seed", type=int, default=0, help="seed of the --max-pairs sample (the generator)")
     zoo.add_argument("--out", help="results folder (an interrupted run resumes there); default SOURCE/analysis "
                      "for a folder with a zoo.json manifest")
     zoo.add_argument("--format", choices=["csv", "parquet"], default="csv")

@@ -341,16 +341,61 @@ def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10, conventi
     return frame
 
 
+def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 10, fit: bool = True,
+                dtype: torch.dtype = torch.float64) -> list[dict]:
+    """The spectral metrics of each linear map (layers.LinearMap, groups
+    expanded) from its one spectrum (seed 001 sections 3.1 and 4, seed 003
+    equation 4): spectrum_metrics' row, batched over the maps whose weights
+    share a shape (one Gram eigvalsh call and one set of power-law fits per
+    shape), returned in the order given. The one per-layer computation behind
+    layer_spectra (the maps of one model) and zoo.model_metrics (a layer of
+    many models). A map the convention does not analyse (Conv1d/Conv3d under
+    WeightWatcher's) gets a note only (and alpha NaN with fit). names: for
+    errors; a NaN or infinite weight raises ValueError naming its map."""
+    _check_convention(convention)
+    _checks.positive_int("min_tail", min_tail)
+    maps = list(maps)
+    names = list(names) if names is not None else [f"map {i}" for i in range(len(maps))]
+    weights, groups = [], {}
+    for i, linear_map in enumerate(maps):  # an ungrouped weight as it is: no per-map copy before the stack
+        module = linear_map.module
+        weights.append(module.weight.detach() if getattr(module, "groups", 1) == 1 else linear_map.weight())
+        analysed = convention == "seed001" or linear_map.kind in ("linear", "conv2d")
+        groups.setdefault((tuple(weights[i].shape), analysed), []).append(i)
+    rows = [None] * len(maps)
+    for (_, analysed), index in groups.items():
+        stack = torch.stack([weights[i] for i in index]).to(dtype)
+        if not _checks.all_finite(stack):
+            bad = next(i for i in index if not _checks.all_finite(weights[i]))
+            raise ValueError(f"the weight of {names[bad]} contains NaN or infinite values")
+        if not analysed:
+            for i in index:
+                rows[i] = dict({"alpha": float("nan")} if fit else {},
+                               note=f"a {maps[i].kind} is not analysed by WeightWatcher's convention")
+            continue
+        # a lone weight is paired with itself: batched matmuls (B >= 2) round differently from one matmul,
+        # and one model's lone layer shape must give the digits a zoo's batch of that layer gives
+        sigma = weight_singular_values(stack if len(index) > 1 else stack.expand(2, *stack.shape[1:]), convention)
+        frame = spectrum_metrics(sigma[:len(index)], min_tail, convention, fit=fit)
+        for i, row in zip(index, frame.to_dict("records")):
+            for column in ("n_eigenvalues", "numerical_rank", "n_tail"):
+                if column in row:
+                    row[column] = int(row[column])
+            rows[i] = row
+    return rows
+
+
 def layer_spectra(model: nn.Module, example_input=None, toeplitz_m: int | None = None,
                   min_tail: int = 10, convention: str = "seed001") -> pd.DataFrame:
-    """One row per linear map of the model (forward order): name, kind, shape
-    (of W1), rank (min of the shape), then spectrum_metrics of its one
-    spectrum (n_eigenvalues, numerical_rank, stable_rank, spectral_norm,
-    lambda_max, alpha, xmin, ks, n_tail) and a note: every layer has a row,
-    the note says why alpha is NaN (too few eigenvalues for min_tail, a
-    layer kind the convention does not analyse). With toeplitz_m, the same
-    fit for the circular Toeplitz matrization W2 of the 2-d convolutions on
-    m x m inputs (columns alpha_w2, lambda_max_w2, n_w2).
+    """One row per linear map of the model (forward order), seed 001
+    sections 3-4: layer (its qualified name), kind, shape (of W1), rank (min
+    of the shape), then map_metrics of its one spectrum (n_eigenvalues,
+    numerical_rank, stable_rank, spectral_norm, lambda_max, alpha, xmin, ks,
+    n_tail) and a note: every layer has a row, the note says why alpha is NaN
+    (too few eigenvalues for min_tail, a layer kind the convention does not
+    analyse). With toeplitz_m, the same fit for the circular Toeplitz
+    matrization W2 of the 2-d convolutions on m x m inputs (columns alpha_w2,
+    lambda_max_w2, n_w2).
 
     convention: "seed001" (default: the ESD of W1 W1^T, section 4) or
     "weightwatcher" (pooled, scaled kh*kw slices of a Conv2d and WWFit's
@@ -360,27 +405,16 @@ def layer_spectra(model: nn.Module, example_input=None, toeplitz_m: int | None =
     _check_convention(convention)
     _checks.positive_int("min_tail", min_tail)
     graph = discover(model, example_input)
-    weights, groups = {}, {}
-    for name, linear_map in graph.maps.items():
-        weight = linear_map.weight(dtype=torch.float64)
-        if not _checks.all_finite(weight):
-            raise ValueError(f"the weight of {name} contains NaN or infinite values")
-        weights[name] = weight
-        if convention == "seed001" or linear_map.kind in ("linear", "conv2d"):
-            groups.setdefault(tuple(weight.shape), []).append(name)
-    metrics = {}
-    for names in groups.values():
-        sigma = weight_singular_values(torch.stack([weights[n] for n in names]), convention)
-        for name, (_, row) in zip(names, spectrum_metrics(sigma, min_tail, convention).iterrows()):
-            metrics[name] = row.to_dict()
+    metrics = map_metrics(graph.maps.values(), list(graph.maps), convention, min_tail)
     rows = []
-    for name, linear_map in graph.maps.items():
-        shape = (weights[name].shape[0], math.prod(weights[name].shape[1:]))
-        row = {"name": name, "kind": linear_map.kind, "shape": shape, "rank": min(shape)}
-        row.update(metrics.get(name, {"note": f"a {linear_map.kind} is not analysed by WeightWatcher's convention"}))
+    for (name, linear_map), values in zip(graph.maps.items(), metrics):
+        weight = linear_map.weight(dtype=torch.float64)
+        shape = (weight.shape[0], math.prod(weight.shape[1:]))
+        row = {"layer": name, "kind": linear_map.kind, "shape": shape, "rank": min(shape)}
+        row.update(values)
         if toeplitz_m is not None:
             if linear_map.kind == "conv2d" and getattr(linear_map.module, "groups", 1) == 1:
-                eig2 = toeplitz_singular_values(weights[name], toeplitz_m).square()
+                eig2 = toeplitz_singular_values(weight, toeplitz_m).square()
                 fit2 = fit_power_law(eig2, min_tail=min_tail)
                 row.update(alpha_w2=fit2["alpha"], lambda_max_w2=float(eig2[0]), n_w2=int(eig2.numel()))
             else:
@@ -394,11 +428,20 @@ def layer_spectra(model: nn.Module, example_input=None, toeplitz_m: int | None =
     return frame
 
 
-def _alpha_hat_terms(alpha, lambda_max, convention: str):
-    """Seed 001 equation 12's terms alpha ln(lambda_max), or WeightWatcher's
-    alpha_weighted = alpha log10(lambda_max)."""
-    log = np.log10 if convention == "weightwatcher" else np.log
-    return np.asarray(alpha, dtype=np.float64) * log(np.asarray(lambda_max, dtype=np.float64))
+def alpha_hat_of(alpha, lambda_max, convention: str = "seed001") -> float:
+    """alpha-hat from per-layer alpha and lambda_max (layers whose alpha is
+    NaN left out; NaN when none is left): seed 001 equation 12's sum of
+    alpha ln(lambda_max), or with convention="weightwatcher" the mean of
+    WeightWatcher's alpha_weighted = alpha log10(lambda_max). The one rule
+    behind alpha_hat and zoo.model_metrics' alpha_hat column."""
+    alpha = np.asarray(alpha, dtype=np.float64)
+    lambda_max = np.asarray(lambda_max, dtype=np.float64)
+    usable = ~np.isnan(alpha)
+    if not usable.any():
+        return float("nan")
+    log = np.log10 if _check_convention(convention) == "weightwatcher" else np.log
+    terms = alpha[usable] * log(lambda_max[usable])
+    return float(terms.mean() if convention == "weightwatcher" else terms.sum())
 
 
 def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention: str | None = None) -> float:
@@ -411,16 +454,18 @@ def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention
     which layers it used. convention: "seed001" (the default, or the
     frame's attrs) or "weightwatcher": WeightWatcher's get_summary()
     alpha_weighted, the mean of alpha * log10(lambda_max) over its layers
-    (DeepDataProfiler averages too; the paper sums)."""
+    (DeepDataProfiler averages too; the paper sums). Returns a float."""
     if isinstance(model_or_frame, pd.DataFrame):
         frame = model_or_frame
         convention = _check_convention(convention or frame.attrs.get("convention", "seed001"))
-        missing = [c for c in ("name", "alpha", "lambda_max") if c not in frame]
+        if "layer" not in frame and "name" in frame:  # a frame of the versions that named the column "name"
+            frame = frame.rename(columns={"name": "layer"})
+        missing = [c for c in ("layer", "alpha", "lambda_max") if c not in frame]
         if missing:
             raise ValueError(f"model_or_frame is a DataFrame without the layer_spectra columns {missing}")
     else:
-        frame = layer_spectra(model_or_frame, example_input, min_tail=min_tail,
-                              convention=_check_convention(convention or "seed001"))
+        convention = _check_convention(convention or "seed001")
+        frame = layer_spectra(model_or_frame, example_input, min_tail=min_tail, convention=convention)
     usable = frame["alpha"].notna()
     if not usable.any():
         raise ValueError("no layer has enough eigenvalues for a power-law fit (lower min_tail, or see the note column)")
@@ -428,9 +473,8 @@ def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention
         left = frame.loc[~usable]
         notes = left["note"] if "note" in left else ["no fit"] * len(left)
         warnings.warn(f"alpha_hat used {int(usable.sum())} of {len(frame)} layers; left out: "
-                      + "; ".join(f"{n} ({why})" for n, why in zip(left["name"], notes)), stacklevel=2)
-    terms = _alpha_hat_terms(frame.loc[usable, "alpha"], frame.loc[usable, "lambda_max"], convention)
-    return float(terms.mean() if convention == "weightwatcher" else terms.sum())
+                      + "; ".join(f"{n} ({why})" for n, why in zip(left["layer"], notes)), stacklevel=2)
+    return alpha_hat_of(frame["alpha"], frame["lambda_max"], convention)
 
 
 def sample_power_law(alpha: float, xmin: float, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

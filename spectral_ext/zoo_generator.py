@@ -86,8 +86,9 @@ def small_cnn(activation: str = "relu") -> SmallCNN:
 
 
 def draw_hyperparameters(index: int, seed: int = 0) -> dict:
-    """Model `index`'s hyperparameters, a function of (seed, index) only, so
-    that a resumed or regrouped run draws the same ones."""
+    """Model `index`'s hyperparameters (Unterthiner et al. 2020 section 3),
+    a function of (seed, index) only, so that a resumed or regrouped run
+    draws the same ones (an int seed, not a generator: see make_digits_zoo)."""
     rng = np.random.default_rng([seed, index])
 
     def log_uniform(low, high):
@@ -298,7 +299,13 @@ def make_digits_zoo(out, n: int = 1000, epochs: int = 12, checkpoints=(0, 1, 4, 
     (spectral_ext.zoo_generator:small_cnn) so `spectral-ext zoo OUT` needs no
     other argument. threads: torch's intra-op threads while training (None
     keeps the current setting; on a busy machine 1 is several times faster
-    than 2 for these small grouped convolutions)."""
+    than 2 for these small grouped convolutions).
+
+    seed stays an int, not a generator= (the API's form of randomness
+    elsewhere): each model's seed is a recorded hyperparameter of the Small
+    CNN Zoo (its metadata's `seed` column, drawn from (seed, index) by
+    draw_hyperparameters), and a resumed run must draw the same ones, which
+    a generator's state cannot promise across processes."""
     from . import datasets
 
     for name, value, low in (("n", n, 1), ("epochs", epochs, 0), ("group_size", group_size, 1),

@@ -18,7 +18,9 @@ import pathlib
 
 import numpy as np
 import pandas as pd
+import torch
 
+from . import _checks
 from .plot import natural_key
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -90,7 +92,6 @@ def spectral_features(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def weight_statistics(state: dict) -> dict[str, float]:
     """Unterthiner et al. section 4.1's features of one checkpoint: for every
     floating weight tensor, its mean, variance and 0/25/50/75/100 percentiles."""
-    import torch
 
     row = {}
     for name, tensor in state.items():
@@ -104,13 +105,13 @@ def weight_statistics(state: dict) -> dict[str, float]:
     return row
 
 
-def weight_features(metadata: pd.DataFrame, folder, progress: bool = False) -> pd.DataFrame:
+def weight_features(metadata: pd.DataFrame, folder, progress: bool = True) -> pd.DataFrame:
     """weight_statistics of every checkpoint named in the metadata's
-    `checkpoint` column (paths relative to the metadata file), by model."""
+    `checkpoint` column (paths relative to the metadata file), by model
+    (Unterthiner et al. section 4.1). progress: a tqdm bar."""
     from tqdm.auto import tqdm
 
     from safetensors.torch import load_file
-    import torch
 
     rows = {}
     for key, relative in tqdm(list(zip(metadata["_key"], metadata["checkpoint"])), desc="weight statistics",
@@ -190,11 +191,15 @@ def epoch_correlations(frame: pd.DataFrame, metrics, accuracy: str = "_accuracy"
 # Accuracy prediction
 
 
+@_checks.renamed(seed="generator")
 def predict_accuracy(features: pd.DataFrame, accuracy, groups, feature_sets: dict[str, list[str]],
-                     n_splits: int = 5, seed: int = 0) -> tuple[pd.DataFrame, dict, dict]:
+                     n_splits: int = 5, generator=None) -> tuple[pd.DataFrame, dict, dict]:
     """Cross-validated accuracy prediction from each feature set (Unterthiner
-    et al. 2020 predict accuracy from weight statistics with gradient-boosted
-    trees, LightGBM there).
+    et al. 2020 sections 4-5 predict accuracy from weight statistics with
+    gradient-boosted trees, LightGBM there; alpha-hat of seed 001 section 5
+    as one feature set). generator: the trees' randomness (None: drawn from
+    torch's global RNG, an int seed, a torch.Generator; `seed=` is its
+    former name).
 
     scikit-learn's HistGradientBoostingRegressor per feature set (its
     LightGBM-style binned trees: 20x faster than GradientBoostingRegressor on
@@ -218,6 +223,8 @@ def predict_accuracy(features: pd.DataFrame, accuracy, groups, feature_sets: dic
     if folds < 2:
         raise ValueError(f"predict_accuracy needs models of at least 2 groups, got {len(np.unique(groups))}")
     splits = list(GroupKFold(n_splits=folds).split(features, y, groups))
+    seed = generator if isinstance(generator, int) and not isinstance(generator, bool) else \
+        int(torch.randint(0, 2**31 - 1, (), generator=_checks.generator(generator)))  # scikit-learn takes an int
 
     rows, predictions, importances = [], {}, {}
     for name, columns in {"constant (mean accuracy)": [], **feature_sets}.items():
@@ -252,12 +259,15 @@ def _table(frame: pd.DataFrame) -> list[str]:
     return ["```", frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"), "```", ""]
 
 
-def report(out, tables: dict[str, pd.DataFrame], metadata=None, progress: bool = False) -> pathlib.Path:
+def report(out, tables: dict[str, pd.DataFrame], metadata=None, progress: bool = True) -> pathlib.Path:
     """out/report.md with figures: members and errors, per-layer metric
     distributions, pair measures; with metadata (a table with model and
     test_accuracy or accuracy; run and epoch for the across-epochs part;
     checkpoint paths for the weight statistics), each metric against
-    accuracy with Spearman and Kendall, and the accuracy prediction."""
+    accuracy with Spearman and Kendall, and the accuracy prediction
+    (Unterthiner et al.; alpha-hat of seed 001 section 5, a fixed generator 0:
+    the report is reproducible). tables: a ZooTables or {name: DataFrame}.
+    progress: a tqdm bar over the weight statistics. Returns report.md's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -371,7 +381,7 @@ def _prediction_section(joined, spectral, folder, save, progress, has_epochs) ->
             feature_sets["weight statistics + spectral"] = list(weights.columns) + spectral_columns
     else:
         note = "The metadata has no checkpoint column: the weight-statistics predictor is left out."
-    scores, predictions, importances = predict_accuracy(frame, frame["_accuracy"], groups, feature_sets)
+    scores, predictions, importances = predict_accuracy(frame, frame["_accuracy"], groups, feature_sets, generator=0)
     lines = ["## accuracy prediction from the weights", "",
              f"Gradient-boosted trees (scikit-learn), {scores['folds'].iloc[0]}-fold cross-validation with whole "
              f"models held out; {len(frame)} checkpoints{' after epoch 0' if has_epochs else ''} of "

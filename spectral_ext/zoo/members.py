@@ -1,0 +1,464 @@
+"""Zoo members: finding them (a folder, paths or modules), reading and
+checking checkpoints, and binding each to its architecture's one trace
+without running constructors (the loading path of a zoo run)."""
+from __future__ import annotations
+
+import collections
+import collections.abc
+import contextlib
+import gc
+import importlib
+import json
+import math
+import os
+import pathlib
+import pickle
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..layers import discover
+from ._base import ZooError
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
+
+
+def resolve_arch(arch) -> Callable[[], nn.Module] | None:
+    """An architecture factory from "package.module:function", a torchvision
+    model name, or a callable; None when checkpoints hold whole modules."""
+    if arch is None or callable(arch):
+        return arch
+    if not isinstance(arch, str) or not arch:
+        raise ZooError(f"arch must be 'package.module:function', a torchvision model name or a callable, got {arch!r}")
+    if ":" in arch:
+        module_name, _, function = arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), function)
+        except (ImportError, AttributeError) as error:
+            raise ZooError(f"unknown architecture {arch!r}: {error}") from error
+        if not callable(factory):
+            raise ZooError(f"architecture {arch!r} is not callable")
+        return factory
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ZooError(f"unknown architecture {arch!r} (torchvision is not installed)") from error
+    if arch not in torchvision.models.list_models():
+        raise ZooError(f"unknown architecture {arch!r}: not 'package.module:function' and not a torchvision "
+                       "model name")
+    return lambda: torchvision.models.get_model(arch, weights=None)
+
+
+def list_members(source) -> list[tuple[str, object]]:
+    """(name, path or module) for a folder of checkpoints (searched
+    recursively, hidden entries skipped), a list of paths, or a list/dict of
+    nn.Modules; sorted by name for a deterministic order.
+
+    A checkpoint is named by its path relative to the folder without the
+    suffix ("cnn_00", "seed_1/epoch_3"); where two files would share a name
+    (a.pt and a.safetensors) both are kept, each named with its suffix
+    ("a.pt", "a.safetensors"). Names are strings, never missing values: a
+    member may be called "NA" or "None"."""
+    if isinstance(source, dict):
+        items = [(str(k), v) for k, v in source.items()]
+    elif isinstance(source, (str, os.PathLike)):
+        if str(source) == "":
+            raise ZooError("source must name a folder or file of checkpoints, got ''")
+        root = pathlib.Path(source)
+        if not root.exists():
+            raise ZooError(f"no such checkpoint folder or file: {root}")
+        if root.is_file():
+            items = [(root.stem, root)]
+        else:
+            paths = [p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+            items = _relative_names(root, paths)
+    else:
+        items = []
+        for k, item in enumerate(source):
+            if isinstance(item, nn.Module):
+                items.append((f"model_{k:05d}", item))
+            else:
+                path = pathlib.Path(item)
+                if not path.exists():
+                    raise ZooError(f"no such checkpoint: {path}")
+                items.append((str(path.with_suffix("")), path))
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})[:5]
+        raise ZooError(f"two members share a name: {twice}")
+    if not items:
+        raise ZooError(f"no checkpoints ({', '.join(CHECKPOINT_SUFFIXES)}) or models in {source!r}")
+    return sorted(items, key=lambda item: item[0])
+
+
+def _relative_names(root: pathlib.Path, paths) -> list[tuple[str, pathlib.Path]]:
+    relative = [p.relative_to(root) for p in paths]
+    stems = [r.with_suffix("").as_posix() for r in relative]
+    clash = {s for s in stems if stems.count(s) > 1} if len(set(stems)) != len(stems) else set()
+    return [(r.as_posix() if s in clash else s, p) for r, s, p in zip(relative, stems, paths)]
+
+
+_MMAP_BYTES = 4 << 20  # below this a file is read whole (faster for tiny checkpoints), above it memory-mapped
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+class _State(dict):
+    """A state_dict read by _read_small_safetensors. `floats`: all its
+    floating tensors as one flat view when they share a dtype and lie side
+    by side in the file (then their finiteness is one reduction), else None."""
+
+    floats = None
+
+
+def _safetensors_layout(header: bytes, start: int, total: int):
+    """(runs, names in order, index of the one floating run or None) of a
+    safetensors header: runs of neighbouring tensors of one dtype, each
+    (dtype, first byte, end byte, element counts, names, shapes); None when
+    the header is unusual or the tensors do not tile the data exactly."""
+    try:
+        entries = json.loads(header)
+        entries.pop("__metadata__", None)
+        layout = sorted((int(i["data_offsets"][0]), int(i["data_offsets"][1]), _SAFETENSORS_DTYPES[i["dtype"]],
+                         [int(n) for n in i["shape"]], name) for name, i in entries.items())
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None
+    end, runs = 0, []
+    for a, b, dtype, shape, name in layout:
+        size = dtype.itemsize
+        if a != end or b - a != math.prod(shape) * size or (start + a) % size or min(shape, default=0) < 0:
+            return None
+        if not runs or runs[-1][0] != dtype:
+            runs.append((dtype, start + a, start + a, [], [], []))
+        run = runs[-1]
+        runs[-1] = run[:2] + (start + b,) + run[3:]
+        run[3].append((b - a) // size), run[4].append(name), run[5].append(shape)
+        end = b
+    if start + end != total or len(layout) != len(entries):
+        return None
+    floating = [k for k, run in enumerate(runs) if run[0].is_floating_point]
+    return runs, sorted(entries), floating[0] if len(floating) == 1 else None
+
+
+_LAYOUTS: dict[tuple[bytes, int], tuple | None] = {}  # the members of a zoo share one header
+
+
+def _read_small_safetensors(path: pathlib.Path) -> _State | None:
+    """The tensors of a small safetensors file as views of one buffer read
+    whole, in name order; None for anything unusual (another dtype, a
+    misaligned or inconsistent layout, a short read), which safetensors then
+    reads or rejects with its reason. Hand-written, with the parsed header
+    cached: safetensors' load(bytes) cost 10x the read itself for a 20 KB
+    checkpoint (issue 16)."""
+    if sys.byteorder != "little":
+        return None
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        if len(data) < 8 or f.readinto(data) != len(data):
+            return None
+    start = 8 + int.from_bytes(data[:8], "little")
+    if start > len(data) or start % 8:
+        return None
+    key = (bytes(data[8:start]), len(data))
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) > 64:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = _safetensors_layout(key[0], start, len(data))
+    if _LAYOUTS[key] is None:
+        return None
+    runs, names, floating = _LAYOUTS[key]
+    buffer = torch.frombuffer(data, dtype=torch.uint8)
+    tensors, flats = {}, []
+    for dtype, a, b, sizes, run_names, shapes in runs:  # one view and one split per run
+        flats.append(buffer[a:b].view(dtype))
+        for name, shape, piece in zip(run_names, shapes, flats[-1].split_with_sizes(sizes)):
+            tensors[name] = piece.view(shape)
+    state = _State((name, tensors[name]) for name in names)
+    state.floats = flats[floating] if floating is not None else None  # its finiteness is one reduction
+    return state
+
+
+def read_checkpoint(source, allow_pickle: bool = False):
+    """The state_dict (or, with allow_pickle, the module) a checkpoint
+    holds: safetensors files memory-mapped (read whole when small), torch
+    files with torch.load(mmap=True). Raises ValueError with the reason."""
+    path = pathlib.Path(source)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load, load_file
+
+            if path.stat().st_size > _MMAP_BYTES:
+                state = load_file(str(path))
+            else:
+                state = _read_small_safetensors(path)
+                state = state if state is not None else load(path.read_bytes())
+        else:
+            big = path.stat().st_size > _MMAP_BYTES
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=big)
+            except RuntimeError as error:
+                if not big or "mmap" not in str(error):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)  # legacy format
+    except Exception as error:  # corrupt or truncated files raise many kinds of errors
+        first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        if isinstance(error, pickle.UnpicklingError) and not allow_pickle:
+            first_line = "not a valid state_dict file (a whole pickled module needs allow_pickle for trusted files)"
+        raise ValueError(f"unreadable checkpoint ({type(error).__name__}: {first_line})") from error
+    if isinstance(state, nn.Module):
+        return state
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"the checkpoint holds a {type(state).__name__}, not a state_dict of tensors")
+    return state
+
+
+def _flat_floats(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    view = getattr(state, "floats", None)
+    if view is not None:
+        return [view]
+    return [v.detach().reshape(-1) for v in state.values() if v.is_floating_point() or v.is_complex()]
+
+
+def all_finite_states(states) -> bool:
+    """True when no floating tensor of any of the state_dicts holds a NaN or
+    an infinity: one reduction for them all."""
+    parts = [t for state in states for t in _flat_floats(state)]
+    return not parts or _checks.all_finite(torch.cat(parts) if len(parts) > 1 else parts[0])
+
+
+def check_finite(state: dict[str, torch.Tensor]):
+    """ValueError naming the first floating tensor (weights and buffers such
+    as BatchNorm's running_var) that holds a NaN or an infinity."""
+    if not all_finite_states([state]):
+        bad = next(k for k, v in state.items()
+                   if (v.is_floating_point() or v.is_complex()) and not _checks.all_finite(v.detach()))
+        raise ValueError(f"NaN or infinite values in {bad}")
+
+
+def load_member(source, factory, allow_pickle: bool = False) -> nn.Module:
+    """A model from a path (state_dict in .pt/.pth/.bin, or .safetensors) or a
+    module, in eval mode. Raises ValueError with the reason for anything
+    unusable (unreadable, not matching the architecture, a NaN or infinity
+    in any floating tensor, buffers included)."""
+    if isinstance(source, nn.Module):
+        model = source
+    else:
+        state = read_checkpoint(source, allow_pickle)
+        if isinstance(state, nn.Module):
+            model = state
+        else:
+            if factory is None:
+                raise ValueError("the checkpoint is a state_dict: pass arch to build the model")
+            model = factory()
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as error:
+                reason = " ".join(str(error).split())[:300]
+                raise ValueError(f"checkpoint does not match the architecture ({reason})") from error
+    check_finite(model.state_dict())
+    return model.eval()
+
+
+_CONTAINERS = (dict, collections.OrderedDict, set, list)
+
+
+def _recipe(template: nn.Module, prefix: str, recipes: dict) -> tuple:
+    """What _instantiate does to `template` (its containers to copy, its
+    parameters', buffers' and children's state keys), worked out once per run
+    and module: per member only the copies remain."""
+    recipe = recipes.get((id(template), prefix))
+    if recipe is None or recipe[0] is not template:
+        own = ("_parameters", "_buffers", "_modules")
+        containers = tuple(k for k, v in template.__dict__.items() if type(v) in _CONTAINERS and k not in own)
+        parameters = tuple((k, None if p is None else prefix + k, p is not None and p.requires_grad)
+                           for k, p in template._parameters.items())
+        buffers = tuple((k, prefix + k, b) for k, b in template._buffers.items())
+        children = tuple((k, c, f"{prefix}{k}.") for k, c in template._modules.items())
+        recipe = recipes[(id(template), prefix)] = (template, containers, parameters, buffers, children)
+    return recipe
+
+
+def _instantiate(template: nn.Module, state: dict[str, torch.Tensor], prefix: str = "",
+                 recipes: dict | None = None) -> nn.Module:
+    """A copy of `template` holding `state`'s tensors, without running the
+    constructor (its random initialisation costs more than the analysis of a
+    small model): the module tree, its containers (hooks included) copied,
+    other attributes shared. Hand-written because deepcopy and meta-device
+    construction were 3-10x slower here. recipes: a run's cache of _recipe."""
+    recipes = {} if recipes is None else recipes
+    _, containers, parameters, buffers, children = _recipe(template, prefix, recipes)
+    module = object.__new__(type(template))
+    attrs = module.__dict__
+    attrs.update(template.__dict__)
+    for key in containers:
+        attrs[key] = attrs[key].copy()
+    # Parameter(t, grad) is this call for a plain tensor, without its Python-level frame
+    attrs["_parameters"] = {k: None if key is None else torch.Tensor._make_subclass(nn.Parameter, state[key], grad)
+                            for k, key, grad in parameters}
+    attrs["_buffers"] = {k: None if b is None else state.get(key, b) for k, key, b in buffers}
+    attrs["_modules"] = {k: None if c is None else _instantiate(c, state, child_prefix, recipes)
+                         for k, c, child_prefix in children}
+    return module
+
+
+class _Architecture:
+    """One architecture of a run: a template model, its parameter and buffer
+    shapes, and its one dataflow trace, shared by every member."""
+
+    def __init__(self, template: nn.Module, example_input):
+        self.template = template
+        self.shapes = {k: (v.shape, v.dtype) for k, v in template.state_dict().items()}
+        self.recipes = {}
+        self.example_input = example_input
+        self._graph, self._error = None, None
+
+    @property
+    def graph(self):
+        if self._graph is None and self._error is None:  # traced once: the only forward runs of this architecture
+            try:
+                self._graph = discover(self.template, self.example_input)
+            except ValueError as error:
+                self._error = ValueError(f"the architecture could not be traced ({error})")
+        if self._error is not None:
+            raise self._error  # every member of it says why, without tracing again
+        return self._graph
+
+    def check(self, state: dict[str, torch.Tensor]):
+        if state.keys() != self.shapes.keys():
+            missing = sorted(self.shapes.keys() - state.keys())[:5]
+            unexpected = sorted(state.keys() - self.shapes.keys())[:5]
+            raise ValueError(f"checkpoint does not match the architecture (missing keys {missing}, unexpected "
+                             f"keys {unexpected})")
+        shapes = self.shapes
+        for k, v in state.items():
+            if v.shape != shapes[k][0]:
+                raise ValueError(f"checkpoint does not match the architecture ({k} has shape {tuple(v.shape)}, "
+                                 f"the architecture {tuple(shapes[k][0])})")
+
+    def bind(self, state: dict[str, torch.Tensor]):
+        """(graph, module factory) of a checked member given as a state_dict:
+        the maps' modules hold its weights; the whole module is built only
+        when asked for (the SVR and the pair measures run it)."""
+        graph, recipes = self.graph, self.recipes
+        maps = {}
+        for name, m in graph.maps.items():
+            bn = _instantiate(m.batchnorm, state, f"{m.batchnorm_name}.", recipes) if m.batchnorm is not None else None
+            maps[name] = _replace(m, module=_instantiate(m.module, state, f"{name}.", recipes), batchnorm=bn)
+        return _replace(graph, maps=maps), lambda: _instantiate(self.template, state, "", recipes)
+
+
+def _replace(record, **changes):
+    """dataclasses.replace without re-running __init__ (5x faster; these records have no __post_init__)."""
+    copy = object.__new__(type(record))
+    copy.__dict__.update(record.__dict__, **changes)
+    return copy
+
+
+class _Members:
+    """The members of a run: read in parallel (a thread pool; file reads and
+    tensor copies release the GIL), checked, and bound to their
+    architecture's trace."""
+
+    def __init__(self, members, factory, allow_pickle: bool, example_input, workers: int | None = None):
+        self.sources = dict(members)
+        self.factory, self.allow_pickle, self.example_input = factory, allow_pickle, example_input
+        self.workers = workers or min(8, (os.cpu_count() or 1) * 2)
+        self.architectures: dict[tuple, _Architecture] = {}
+        self._pool = None
+
+    def _architecture(self, key, make) -> _Architecture:
+        if key not in self.architectures:
+            self.architectures[key] = _Architecture(make(), self.example_input)
+        return self.architectures[key]
+
+    def _read(self, name):
+        source = self.sources[name]
+        try:
+            return source if isinstance(source, nn.Module) else read_checkpoint(source, self.allow_pickle)
+        except ValueError as error:
+            return error
+
+    def read(self, names) -> "_Gathered":
+        """Start reading `names`; call .result() for [(name, state, module or ValueError)]."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zoo-read")
+        names = list(names)
+        step = max(1, min(32, len(names) // (2 * self.workers)))  # a few files per task: fewer futures to manage
+        batches = [names[i:i + step] for i in range(0, len(names), step)]
+        futures = [self._pool.submit(lambda batch: [self._read(n) for n in batch], b) for b in batches]
+        return _Gathered(names, futures)
+
+    def bind(self, name, loaded, checked: bool = False):
+        """(graph, module factory) of a read member; ValueError for a bad one
+        (checked: its tensors are known to be finite)."""
+        if isinstance(loaded, Exception):
+            raise loaded
+        if isinstance(loaded, nn.Module):
+            state = loaded.state_dict()
+            check_finite(state)
+            key = (type(loaded).__module__, type(loaded).__qualname__) + tuple((k, tuple(v.shape)) for k, v in state.items())
+            arch = self._architecture(key, lambda: loaded)
+            graph = arch.graph if arch.template is loaded else arch.graph.for_model(loaded)
+            return graph, lambda: loaded
+        if self.factory is None:
+            raise ValueError("the checkpoint is a state_dict: pass arch to build the model")
+        arch = self._architecture(("factory",), lambda: self.factory().eval())
+        arch.check(loaded)
+        if not checked:
+            check_finite(loaded)
+        return arch.bind(loaded)
+
+    def module(self, name) -> nn.Module:
+        graph, make = self.bind(name, self._read(name))
+        return make()
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+class _Gathered:
+    def __init__(self, names, futures):
+        self.names, self.futures = names, futures
+
+    def result(self):
+        return list(zip(self.names, (item for f in self.futures for item in f.result())))
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Binding makes many small acyclic objects: the cycle collector, which
+    rescans every live tensor each time, took 3/4 of that time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _Lazy(collections.abc.Mapping):
+    """{name: model} building each model when it is looked up (only the SVR needs whole modules)."""
+
+    def __init__(self, makers):
+        self.makers = makers
+
+    def __getitem__(self, name):
+        return self.makers[name]()
+
+    def __iter__(self):
+        return iter(self.makers)
+
+    def __len__(self):
+        return len(self.makers)

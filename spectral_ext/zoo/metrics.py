@@ -1,0 +1,192 @@
+"""Zoo metrics: per-model spectral metrics batched over the models of one
+architecture, and pairwise measures on a probe dataset."""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import spectra
+from .._hooks import capturing, check_layers, evaluating
+from ._base import METRICS, PAIR_MEASURES, ZooError, ZooTables
+from .members import _Members
+
+# ---------------------------------------------------------------------------------------------
+# Per-model metrics, batched over models of one architecture
+
+
+def _signature(graph) -> tuple:
+    return tuple((name, tuple(m.module.weight.shape)) for name, m in graph.maps.items())
+
+
+def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), example_input=None,
+                  dtype=torch.float64, convention: str = "seed001", min_tail: int = 10,
+                  graphs=None) -> ZooTables:
+    """Per-model metrics for {name: model}, batched per architecture.
+
+    "rank": per layer numerical_rank (seed 003 equation 4, float32 tolerance),
+    stable_rank, spectral_norm, lambda_max; "alpha": the power-law alpha of the
+    ESD per layer (seed 001; a note says why a fit is missing) and alpha_hat
+    per model (spectra.alpha_hat's rule: seed 001's sum, or WeightWatcher's
+    mean alpha_weighted with convention="weightwatcher"); "svr": per edge the
+    internal dimensions and significant-edge count of the SVR (seed 000), via
+    svr_many. Every layer's spectrum is computed once for all of these, one
+    batched call per layer over the models of a group, and the power-law
+    fits of a layer run together over the group (spectra.map_metrics, the
+    computation spectra.layer_spectra makes for one model).
+    graphs: each member's ModelGraph, when the caller traced
+    them (a zoo run traces each architecture once; models is then only
+    looked up for the SVR). Returns ZooTables (models, layers, edges; no pairs)."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ZooError(f"unknown metrics {unknown}; choose among {METRICS}")
+    spectra._check_convention(convention)
+    if graphs is None:  # one dataflow trace per architecture (same class and parameter shapes)
+        members = _Members(models.items(), None, False, example_input)
+        graphs = {name: members.bind(name, model)[0] for name, model in models.items()}
+    groups: dict[tuple, list[str]] = {}
+    for name, graph in graphs.items():
+        groups.setdefault(_signature(graph), []).append(name)
+    layer_rows, model_rows, edge_rows = [], [], []
+    fit = "alpha" in metrics
+    columns = ["numerical_rank", "stable_rank", "spectral_norm", "lambda_max"] + \
+        (["alpha", "xmin", "ks", "n_tail", "note"] if fit else [])
+    for members in groups.values():
+        first = graphs[members[0]]
+        # every layer of every member in one call: batched per weight shape (spectra.map_metrics)
+        cells = [(n, layer) for layer in first.maps for n in members]
+        values = spectra.map_metrics([graphs[n].maps[layer] for n, layer in cells],
+                                     [f"{layer} of {n}" for n, layer in cells], convention, min_tail, fit, dtype) \
+            if "rank" in metrics or fit else [{}] * len(cells)
+        per_model = {n: [] for n in members}
+        for (n, layer), value in zip(cells, values):
+            linear_map = graphs[n].maps[layer]
+            shape = linear_map.weight().shape if getattr(linear_map.module, "groups", 1) > 1 else \
+                linear_map.module.weight.shape
+            row = {"model": n, "layer": layer, "kind": linear_map.kind, "rows": shape[0],
+                   "columns": math.prod(shape[1:])}
+            row.update((k, value[k]) for k in columns if k in value)
+            per_model[n].append(row)
+        architecture = _arch_id(first)
+        for n in members:
+            layer_rows.extend(per_model[n])
+            summary = {"model": n, "architecture": architecture, "n_layers": len(first.maps), "error": ""}
+            if fit:
+                alphas = [r["alpha"] for r in per_model[n]]
+                summary["alpha_hat"] = spectra.alpha_hat_of(alphas, [r.get("lambda_max", math.nan)
+                                                                     for r in per_model[n]], convention)
+                # how many layers alpha_hat used (the notes say why not)
+                summary["n_alpha_layers"] = sum(not math.isnan(a) for a in alphas)
+            model_rows.append(summary)
+        if "svr" in metrics:
+            from ..svr import svr_many
+
+            results = svr_many([models[n] for n in members], example_input, graph=first)
+            for n, result in zip(members, results):
+                for k, (a, b) in enumerate(result.edges):
+                    d_out, d_in = result.internal_dimensions(k)
+                    edge_rows.append({"model": n, "previous": a, "next": b, "d_out": d_out, "d_in": d_in,
+                                      "n_significant": int(result.significant(k).sum()),
+                                      "threshold": float(result.threshold(k))})
+    return ZooTables(models=pd.DataFrame(model_rows), layers=pd.DataFrame(layer_rows), edges=pd.DataFrame(edge_rows))
+
+
+def _arch_id(graph) -> str:
+    return hashlib.sha1(repr(_signature(graph)).encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise metrics on a probe dataset
+
+
+def _activations(model, probe, layers):
+    layers = check_layers(model, layers)
+    with capturing(model, layers) as (captured, _), torch.no_grad(), evaluating(model):
+        model(probe)
+        return {n: captured[n].detach().double() for n in layers}
+
+
+def probe_parts(probe):
+    """(inputs, labels or None) of a probe given as a tensor or an (x, y) pair."""
+    if isinstance(probe, torch.Tensor):
+        return probe, None
+    if isinstance(probe, (tuple, list)) and len(probe) == 2 and all(isinstance(t, torch.Tensor) for t in probe):
+        return probe[0], probe[1]
+    raise ZooError("probe must be an input tensor or an (inputs, labels) pair of tensors")
+
+
+class ActivationCache:
+    """Probe activations per model, kept across pair chunks so each model is
+    run on the probe once per process, up to max_bytes (least recently
+    used entries go first)."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        from collections import OrderedDict
+
+        self.max_bytes, self.entries, self.size = max_bytes, OrderedDict(), 0
+
+    def get(self, name: str, compute) -> dict:
+        if name in self.entries:
+            self.entries.move_to_end(name)
+            return self.entries[name]
+        value = compute()
+        self.entries[name] = value
+        self.size += sum(t.numel() * t.element_size() for t in value.values())
+        while self.size > self.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.size -= sum(t.numel() * t.element_size() for t in old.values())
+        return value
+
+
+def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("cka",),
+                 stitch_options: dict | None = None, cache: ActivationCache | None = None) -> pd.DataFrame:
+    """For each (a, b) in pairs and each layer, the chosen measures on the
+    probe: "cka" (linear), "grelu_cka" (max kernel), "procrustes"
+    (orthogonal), "grelu_procrustes", and "stitching": the stitching penalty
+    (seed 004 equation 4.3) of a layer trained on the first half of a
+    labelled probe ((x, y)) and measured on the second half (stitch_options
+    go to stitching.stitch; default affine, 5 epochs, lr 0.01). Each model's
+    activations are captured once (once per run with a shared cache; models
+    then need only be present for what the cache lacks). Returns rows
+    model_a, model_b, layer, measure, value."""
+    from ..similarity import pairwise_similarity
+
+    unknown = [m for m in measures if m not in PAIR_MEASURES]
+    if unknown:
+        raise ZooError(f"unknown pair measures {unknown}; choose among {PAIR_MEASURES}")
+    x, y = probe_parts(probe)
+    if "stitching" in measures and y is None:
+        raise ZooError("the stitching measure needs a labelled probe: (inputs, labels)")
+    needed = sorted({n for pair in pairs for n in pair})
+    cache = cache if cache is not None else ActivationCache()
+    key = tuple(layers)
+    acts = {n: cache.get((n, key), lambda n=n: _activations(models[n], x, layers)) for n in needed}
+    # each model's Gram / normalised features once per layer, the pairs batched (similarity.pairwise_similarity)
+    options_of = {"cka": {"kernel": "linear"}, "grelu_cka": {"kernel": "max"},
+                  "procrustes": {"measure": "procrustes", "group": "orthogonal"},
+                  "grelu_procrustes": {"measure": "procrustes", "group": "grelu"}}
+    batched = {}
+    for layer in (acts[needed[0]] if needed else {}):
+        for measure in measures:
+            if measure in options_of:
+                frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, **options_of[measure])
+                batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
+    options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
+    half = x.shape[0] // 2
+    rows = []
+    for a, b in pairs:
+        for layer in acts[a]:
+            for measure in measures:
+                if measure == "stitching":
+                    from ..stitching import stitch
+
+                    value = stitch(models[a], models[b], layer, train_data=(x[:half], y[:half]),
+                                   test_data=(x[half:], y[half:]),
+                                   progress=False, **options).penalty
+                else:
+                    value = batched[(a, b, layer, measure)]
+                rows.append({"model_a": a, "model_b": b, "layer": layer, "measure": measure, "value": float(value)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,249 @@
+"""Zoo results on disk: tables per chunk committed by an atomic rename,
+resumption (what is finished), merging, the options a resumed run must
+share, the writer's lock and the output and metadata checks."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import pandas as pd
+import torch
+
+from ._base import TABLES, ZooError
+
+def _write(frame: pd.DataFrame, path: pathlib.Path, fmt: str):
+    if fmt == "parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
+
+
+STRING_COLUMNS = ("model", "model_a", "model_b", "layer", "previous", "next", "architecture", "error", "measure",
+                  "kind", "path")
+
+
+def _read(path: pathlib.Path, fmt: str) -> pd.DataFrame:
+    """A table as written: names stay strings ("NA", "None", "nan" and "0"
+    are names, not missing values or numbers); only empty fields are missing."""
+    if fmt == "parquet":
+        frame = pd.read_parquet(path)
+    else:
+        try:
+            frame = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS}, keep_default_na=False, na_values=[""])
+        except pd.errors.EmptyDataError:
+            return pd.DataFrame()
+    for column in STRING_COLUMNS:
+        if column in frame:
+            frame[column] = frame[column].fillna("").astype(str)
+    return frame
+
+
+def _commit_chunk(out: pathlib.Path, chunk_id: str, tables: dict[str, pd.DataFrame], fmt: str):
+    """Write every table of a chunk into a temporary folder, then rename it
+    into place: a chunk is either wholly present or absent. Chunk ids are
+    unique, so a commit never replaces an earlier chunk."""
+    root = out / "chunks"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{chunk_id}.", suffix=".tmp", dir=root))
+    for name, frame in tables.items():
+        _write(frame, tmp / f"{name}.{fmt}", fmt)
+    final = root / f"{chunk_id}-{time.time_ns():x}-{os.getpid()}"
+    os.rename(tmp, final)
+
+
+def _chunk_folders(out: pathlib.Path) -> list[pathlib.Path]:
+    root = out / "chunks"
+    # in commit order (the id ends in its time); names starting with "." are interrupted chunks, redone
+    return sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name.rsplit("-", 2)[1:]) \
+        if root.exists() else []
+
+
+def _finished(out: pathlib.Path, fmt: str) -> tuple[set[str], set[tuple[str, str]]]:
+    models, pairs = set(), set()
+    for chunk in _chunk_folders(out):
+        path = chunk / f"models.{fmt}"
+        if path.exists():
+            frame = _read(path, fmt)
+            if "model" in frame:
+                models.update(frame["model"])
+        path = chunk / f"pairs_done.{fmt}"
+        if path.exists():
+            frame = _read(path, fmt)
+            if len(frame):
+                pairs.update(zip(frame["model_a"], frame["model_b"]))
+    return models, pairs
+
+
+def _merge(out: pathlib.Path, fmt: str, tables=TABLES, write: bool = True) -> dict[str, pd.DataFrame]:
+    """The chunks' tables joined; a model (or pair) found in two chunks keeps
+    the rows of the first (a safety net: resumed runs skip finished members)."""
+    chunks = _chunk_folders(out)
+    merged = {}
+    for table in tables:
+        key = ["model"] if table in ("models", "layers", "edges") else ["model_a", "model_b"]
+        parts, seen = [], set()
+        for chunk in chunks:
+            path = chunk / f"{table}.{fmt}"
+            if not path.exists():
+                continue
+            part = _read(path, fmt)
+            if not len(part):
+                continue
+            ids = list(zip(*(part[k] for k in key)))
+            fresh = [i not in seen for i in ids]
+            seen.update(ids)
+            parts.append(part[fresh] if not all(fresh) else part)
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        keys = [k for k in ("model", "model_a", "model_b") if k in frame]
+        if keys:  # stable: layers and edges keep their forward order within a model
+            frame = frame.sort_values(keys, kind="stable").reset_index(drop=True)
+        if write:
+            _write(frame, out / f"{table}.{fmt}", fmt)
+        merged[table] = frame
+    return merged
+
+
+# Options that decide the numbers of each phase: stored in <out>/options.json with the chunks.
+def _run_options(arch, metrics, example_input, fmt, pairs, probe, layers, max_pairs, seed, stitch_options) -> dict:
+    def fingerprint(value):
+        if value is None:
+            return None
+        tensors = [value] if isinstance(value, torch.Tensor) else list(value) if isinstance(value, (tuple, list)) \
+            else []
+        digest = hashlib.sha1()
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                digest.update(repr((tuple(t.shape), str(t.dtype))).encode())
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    arch_name = arch if isinstance(arch, str) or arch is None else \
+        f"{getattr(arch, '__module__', '?')}:{getattr(arch, '__qualname__', type(arch).__name__)}"
+    return {"models": {"arch": arch_name, "metrics": list(metrics), "example_input": fingerprint(example_input),
+                       "format": fmt},
+            "pairs": {"measures": list(pairs), "probe": fingerprint(probe) if pairs else None,
+                      "layers": list(layers) if layers is not None else None,
+                      "max_pairs": max_pairs, "seed": seed if pairs else None,
+                      "stitch_options": repr(sorted((stitch_options or {}).items())) if "stitching" in pairs else None}}
+
+
+def _stored_options(out: pathlib.Path) -> dict:
+    """The options.json of a results folder ({} when there is none)."""
+    path = out / "options.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ZooError(f"{path} is unreadable ({error}): use a new results folder") from error
+
+
+def _reconcile_options(out: pathlib.Path, options: dict):
+    """Refuse to resume a run with options that change its numbers; a run
+    that had no pair measures may be resumed with some (the pairs are computed)."""
+    path = out / "options.json"
+    if path.exists():
+        stored = _stored_options(out)
+        for phase in ("models", "pairs"):
+            if stored.get(phase) == options[phase] or (phase == "pairs" and not stored.get("pairs", {}).get("measures")):
+                continue
+            differ = [f"{k}: {stored.get(phase, {}).get(k)!r} there, {v!r} now" for k, v in options[phase].items()
+                      if stored.get(phase, {}).get(k) != v]
+            raise ZooError(f"{out} holds a run with other {phase} options ({'; '.join(differ)}): resume with the "
+                           "same options, or use a new results folder")
+    elif _chunk_folders(out):
+        raise ZooError(f"{out} holds result chunks but no options.json: use a new results folder")
+    tmp = out / ".options.json.tmp"
+    tmp.write_text(json.dumps(options, indent=1))
+    os.replace(tmp, path)
+
+
+class _Lock:
+    """<out>/.lock, holding the writer's pid and host: a second writer is
+    refused; the lock of a dead process on this host is taken over."""
+
+    def __init__(self, out: pathlib.Path):
+        self.path = out / ".lock"
+        self.held = False
+
+    def acquire(self):
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                    continue
+                if not holder:  # being written by its holder right now
+                    time.sleep(0.05)
+                    continue
+                raise ZooError(f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
+                               f"{holder.get('host')} since {holder.get('since')}); wait for it to finish, or remove "
+                               f"{self.path} if that run is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise ZooError(f"could not take the lock {self.path}")
+
+    def release(self):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def check_out(out) -> pathlib.Path:
+    """The results folder, created; ZooError if it is empty, a file, or not
+    writable."""
+    if not isinstance(out, (str, os.PathLike)) or str(out).strip() == "":
+        raise ZooError(f"out must name a results folder, got {out!r}")
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise ZooError(f"out {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
+            pass
+    except OSError as error:
+        raise ZooError(f"out {path} is not a writable folder ({error.strerror or error})") from None
+    return path
+
+
+def check_metadata(metadata) -> pathlib.Path | None:
+    """The metadata table's path, checked readable with a model column (CSV or Parquet)."""
+    if metadata is None:
+        return None
+    path = pathlib.Path(metadata)
+    if not path.is_file():
+        raise ZooError(f"no such metadata file: {path}")
+    try:
+        columns = pd.read_parquet(path).columns if path.suffix == ".parquet" else \
+            pd.read_csv(path, nrows=5, dtype=str, keep_default_na=False).columns
+    except Exception as error:  # a corrupt table raises many kinds of errors
+        raise ZooError(f"unreadable metadata file {path} ({type(error).__name__}: {str(error)[:120]})") from None
+    if "model" not in columns:
+        raise ZooError(f"the metadata file {path} needs a 'model' column naming the members, it has {list(columns)}")
+    return path
