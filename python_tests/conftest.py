@@ -58,3 +58,21 @@ def cheap_model(name, **kwargs):
         for t in list(model.parameters()) + list(model.buffers()):
             t.zero_()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_digits_mlp():
+    """(trained, initial, (x_train, y_train), (x_test, y_test)): the digits MLP
+    (width 64, seed 0, 15 epochs of Adam), trained once per session for every
+    test that needs a trained network and its initialisation (96-97% test
+    accuracy). Tests must not change it (deep-copy to edit)."""
+    import copy
+
+    from spectral_ext import datasets
+
+    x_train, y_train, x_test, y_test = datasets.digits()
+    torch.manual_seed(0)
+    model = datasets.digits_mlp(width=64)
+    initial = copy.deepcopy(model)
+    datasets.train(model, x_train, y_train, epochs=15)
+    return model, initial, (x_train, y_train), (x_test, y_test)

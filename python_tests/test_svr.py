@@ -175,12 +175,8 @@ def test_b2_survival_function_matches_scaled_chi2(init):
 
 
 @pytest.fixture(scope="module")
-def trained_digits():
-    torch.manual_seed(0)
-    x_train, y_train, x_test, y_test = datasets.digits()
-    model = datasets.digits_mlp()
-    initial = copy.deepcopy(model)
-    datasets.train(model, x_train, y_train, epochs=30, lr=1e-2)
+def trained_digits(trained_digits_mlp):
+    model, initial, _, (x_test, y_test) = trained_digits_mlp  # trained once per session (conftest)
     return model, initial, x_test, y_test
 
 
