@@ -172,8 +172,11 @@ class _Forker:
 
         env = _env(folder)
         if self.proc is None or self.proc.poll() is not None:
+            # This checkout first, as in a block's own environment, but no block's folder on the path.
+            path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
             self.proc = subprocess.Popen([sys.executable, "-c", _FORKSERVER], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True, env=env)
+                                         stdout=subprocess.PIPE, text=True,
+                                         env=dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=path))
         out, err = folder / ".stdout", folder / ".stderr"
         job = {"script": str(script), "cwd": str(folder), "env": env, "stdout": str(out), "stderr": str(err)}
         self.proc.stdin.write(json.dumps(job) + "\n")
@@ -240,7 +243,9 @@ def test_a_failing_forked_block_fails(forker, tmp_path, code, expected):
         _assert_block_runs(forker, script, tmp_path, "Broken", 1, code)
     assert expected in str(failure.value) and f"out {tmp_path}" in str(failure.value)
     ok = tmp_path / "ok.py"
-    ok.write_text("import sys, torch\nassert sys.argv == [__file__] and __name__ == '__main__'\nprint(torch.ones(2).sum())\n")
+    ok.write_text("import os, sys, torch\nassert sys.argv == [__file__] and __name__ == '__main__'\n"
+                  "assert sys.path[0] == os.path.dirname(__file__) and os.environ['MPLBACKEND'] == 'Agg'\n"
+                  "print(torch.ones(2).sum())\n")
     assert "tensor(2.)" in _assert_block_runs(forker, ok, tmp_path, "Fine", 1, "").stdout
 
 
