@@ -37,3 +37,42 @@ def interrupted(setup: str, call: str, delay: float = 1.0):
     waited = time.perf_counter() - sent
     proc.communicate(timeout=60)
     return line.strip(), proc.returncode, waited
+
+
+def cheap_model(name, **kwargs):
+    """A torchvision model without its random initialisation (the values do
+    not matter to the dataflow): built on the meta device, then zeroed. Its
+    init (VGG16's 4096 x 25088 classifier: seconds on 2 cores) is skipped."""
+    import torchvision
+
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        # integer buffers (index tables) must hold their real values; a BatchNorm's counter starts at 0
+        if any(not b.is_floating_point() and not n.endswith("num_batches_tracked") for n, b in model.named_buffers()):
+            raise NotImplementedError
+        model = model.to_empty(device="cpu")
+    except NotImplementedError:  # a constructor that copies data: build it for real
+        return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.zero_()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_digits_mlp():
+    """(trained, initial, (x_train, y_train), (x_test, y_test)): the digits MLP
+    (width 64, seed 0, 15 epochs of Adam), trained once per session for every
+    test that needs a trained network and its initialisation (96-97% test
+    accuracy). Tests must not change it (deep-copy to edit)."""
+    import copy
+
+    from spectral_ext import datasets
+
+    x_train, y_train, x_test, y_test = datasets.digits()
+    torch.manual_seed(0)
+    model = datasets.digits_mlp(width=64)
+    initial = copy.deepcopy(model)
+    datasets.train(model, x_train, y_train, epochs=15)
+    return model, initial, (x_train, y_train), (x_test, y_test)

