@@ -174,7 +174,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("
             if measure in options_of:
                 frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, **options_of[measure])
                 batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
-    options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
+    options = {"kind": "affine", "epochs": 5, "lr": 0.01, "generator": 0, **(stitch_options or {})}  # repeatable
     half = x.shape[0] // 2
     rows = []
     for a, b in pairs:
@@ -183,7 +183,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("
                 if measure == "stitching":
                     from ..stitching import stitch
 
-                    value = stitch(models[a], models[b], layer, train_data=(x[:half], y[:half]),
+                    value = stitch(models[a], models[b], layer, data=(x[:half], y[:half]),
                                    test_data=(x[half:], y[half:]),
                                    progress=False, **options).penalty
                 else:
