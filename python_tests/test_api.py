@@ -51,3 +51,15 @@ def test_public_names_resolve_and_methods_load_on_first_use():
               " 'spectral_ext.similarity') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_first_tensor_reads_the_output_forms_layers_return():
+    from types import SimpleNamespace
+
+    from spectral_ext._hooks import first_tensor
+
+    t = torch.ones(2)
+    assert first_tensor(t) is t and first_tensor((t, None)) is t
+    assert first_tensor(SimpleNamespace(last_hidden_state=t)) is t  # a Hugging Face model output
+    with pytest.raises(TypeError, match="not a tensor"):
+        first_tensor({"x": t})

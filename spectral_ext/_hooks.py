@@ -69,6 +69,8 @@ def first_tensor(output):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]  # e.g. nn.MultiheadAttention returns (output, weights)
+    if isinstance(getattr(output, "last_hidden_state", None), torch.Tensor):
+        return output.last_hidden_state  # a Hugging Face model's output object
     raise TypeError(f"a captured layer returned {type(output).__name__}, not a tensor")
 
 

@@ -25,7 +25,7 @@ from . import _checks, _moments
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
 from ._data import check_labels, first_batch, recompute_batchnorm
-from ._hooks import capturing, check_layers, check_model, evaluating
+from ._hooks import capturing, check_layers, check_model, evaluating, replacing
 from .layers import discover
 
 
@@ -420,16 +420,16 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
     projectors = torch.stack([rows[:k].T @ rows[:k] for k in ks])  # (K, d, d)
     with evaluating(model):
         try:
-            accuracies = _clip_shared(model, module, kind, projectors, data, batch_size, max_copies, progress)
+            accuracies = _clip_shared(model, layer, kind, projectors, data, batch_size, max_copies, progress)
         except RuntimeError as error:  # a later layer reads a tensor from before the clipped one
             warnings.warn(f"clip: the layers after {layer!r} could not run on stacked copies ({error}); "
                           "evaluating one k at a time", RuntimeWarning, stacklevel=2)
-            accuracies = [_clip_shared(model, module, kind, projectors[i:i + 1], data, batch_size, 1, progress)[0]
+            accuracies = [_clip_shared(model, layer, kind, projectors[i:i + 1], data, batch_size, 1, progress)[0]
                           for i in range(len(ks))]
     return pd.DataFrame({"k": ks, "accuracy": accuracies})
 
 
-def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies, progress=False):
+def _clip_shared(model, layer, kind, projectors, data, batch_size, max_copies, progress=False):
     from tqdm.auto import tqdm
 
     correct = torch.zeros(len(projectors), dtype=torch.long)
@@ -450,7 +450,7 @@ def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies, 
                 projected = torch.einsum("...c,kdc->k...d", moved, Pc)
                 projected = projected.movedim(-1, 2) if channel_first else projected
                 return (projected.reshape(K * x.shape[0], *x.shape[1:]),) + tuple(args[1:])
-            handle = module.register_forward_pre_hook(hook)
+            hooked = replacing(model, layer, hook, inputs=True)  # the stacked, projected copies
         else:
             def hook(m, args, output, P=P, K=K):
                 x = args[0]
@@ -466,21 +466,18 @@ def _clip_shared(model, module, kind, projectors, data, batch_size, max_copies, 
                 if m.bias is not None:
                     out = out + m.bias.reshape((1, 1, -1) + (1,) * (out.dim() - 3))
                 return out.reshape(K * x.shape[0], *out.shape[2:])
-            handle = module.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                for x, y in tqdm(_batches(data, batch_size, labels=True), desc=f"clip k={len(P)} at a time",
-                                 disable=not progress, leave=False):
-                    logits = model(x)
-                    if logits.shape[0] != K * x.shape[0]:
-                        raise RuntimeError("the model's output does not carry the stacked copies")
-                    check_labels(y, logits.shape[-1], "data")
-                    predictions = logits.reshape(K, x.shape[0], -1).argmax(-1)
-                    correct[start:start + K] += (predictions == y[None]).sum(1).cpu()
-                    if start == 0:
-                        total += len(y)
-        finally:
-            handle.remove()
+            hooked = replacing(model, layer, hook)  # the copies' clipped weights
+        with hooked, torch.no_grad():
+            for x, y in tqdm(_batches(data, batch_size, labels=True), desc=f"clip k={len(P)} at a time",
+                             disable=not progress, leave=False):
+                logits = model(x)
+                if logits.shape[0] != K * x.shape[0]:
+                    raise RuntimeError("the model's output does not carry the stacked copies")
+                check_labels(y, logits.shape[-1], "data")
+                predictions = logits.reshape(K, x.shape[0], -1).argmax(-1)
+                correct[start:start + K] += (predictions == y[None]).sum(1).cpu()
+                if start == 0:
+                    total += len(y)
     return (correct.double() / total).tolist()
 
 

@@ -20,32 +20,12 @@ import torch
 from torch import nn
 
 from .._data import batches
-from .._hooks import first_tensor
-from .._hooks import evaluating
+from .._hooks import capturing, evaluating
 from ..similarity import MinibatchCKA
 
 
 def _model_name(model: nn.Module) -> str:
     return model.__repr__().split("(")[0]
-
-
-@contextlib.contextmanager
-def _hooked(model: nn.Module, names: list[str], store: dict):
-    """Forward hooks (the root module "" included) that keep each named
-    module's last output, keyed by name in the order the hooks fire."""
-    modules = dict(model.named_modules())
-
-    def hook_for(name):
-        def hook(module, args, output):
-            store[name] = first_tensor(output) if not hasattr(output, "last_hidden_state") else output.last_hidden_state
-        return hook
-
-    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def loader_cka(model1: nn.Module, model2: nn.Module, layers1: list[str], layers2: list[str], loader1,
@@ -60,14 +40,11 @@ def loader_cka(model1: nn.Module, model2: nn.Module, layers1: list[str], layers2
     shared = model1 is model2 and loader2 is None
     accumulator = MinibatchCKA("linear", unbiased=True)
     rows = cols = None
-    store1: dict = {}
-    store2: dict = store1 if shared else {}
     pairs = ((b, b) for b in batches(loader1)) if loader2 is None else zip(batches(loader1), batches(loader2))
     with contextlib.ExitStack() as stack, torch.no_grad():
         stack.enter_context(evaluating(model1, model2))
-        stack.enter_context(_hooked(model1, sorted(set(layers1) | (set(layers2) if shared else set())), store1))
-        if not shared:
-            stack.enter_context(_hooked(model2, layers2, store2))
+        store1, _ = stack.enter_context(capturing(model1, sorted(set(layers1) | (set(layers2) if shared else set()))))
+        store2 = store1 if shared else stack.enter_context(capturing(model2, layers2))[0]
         device = next(iter(model1.parameters()), torch.empty(0)).device
         for (x1, _), (x2, _) in tqdm(pairs, desc="| Comparing features |", disable=not progress, leave=False):
             store1.clear()

@@ -45,6 +45,7 @@ def _forward_elements(model, run) -> int:
     activations one forward pass materialises, whether captured or not."""
     count = [0]
 
+    # Counting, not capturing: _hooks.capturing would keep every output alive, the memory this estimates.
     def hook(module, args, output):
         if isinstance(output, torch.Tensor):
             count[0] += output.numel()
