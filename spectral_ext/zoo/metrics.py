@@ -174,7 +174,9 @@ def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("
             if measure in options_of:
                 frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, **options_of[measure])
                 batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
-    options = {"kind": "affine", "epochs": 5, "lr": 0.01, "generator": 0, **(stitch_options or {})}  # repeatable
+    options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
+    if "seed" not in options:  # its former name
+        options.setdefault("generator", 0)  # a zoo run's penalties repeat
     half = x.shape[0] // 2
     rows = []
     for a, b in pairs:
