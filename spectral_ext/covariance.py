@@ -31,7 +31,7 @@ from .layers import discover
 
 def space_to_batch(x: torch.Tensor) -> torch.Tensor:
     """(B, C, *spatial) -> (B * prod(spatial), C); (B, d) unchanged; (B, T, d)
-    for Linear inputs -> (B T, d) (the seed's space_to_batch)."""
+    for Linear inputs -> (B T, d) (seed 002's space_to_batch)."""
     if x.dim() == 2:
         return x
     if x.dim() == 3:
@@ -43,7 +43,7 @@ def space_to_batch(x: torch.Tensor) -> torch.Tensor:
 class Covariance:
     """Sums accumulated in float64 over a stream: count, the means and the
     second moments of representation a, of b (b is a itself for one model)
-    and between them. Uncentred E[a b^T] as the seed by default; centred on
+    and between them. Uncentred E[a b^T] as seed 002 by default; centred on
     request."""
     count: int
     sum_a: torch.Tensor

@@ -57,7 +57,7 @@ _RESIZE_NAMES = {"interpolate", "upsample", "mean", "amax", "amin"}
 
 @dataclass
 class LinearMap:
-    """One linear map of the model: a Linear or a ConvNd, flattened as
+    """One linear map of the model (a layer of seed 000 sections 2.2 and 4.2): a Linear or a ConvNd, flattened as
     ``weight.reshape(out, -1)`` (grouped convolutions expanded to the full
     block-structured map)."""
 
@@ -138,7 +138,8 @@ class SpectralLayer:
 
 @dataclass
 class Connection:
-    """The producer `previous` feeds the consumer `next`.
+    """The producer `previous` feeds the consumer `next` (an edge of seed 000's
+    SVR graph, sections 2.2 and 4.2).
 
     ``channels[s]`` is the s-th output channel of `previous` that `next`
     reads, and ``rows[s, z]`` the row of next's flattened input (its right
@@ -172,6 +173,10 @@ class Connection:
 
 @dataclass
 class ModelGraph:
+    """A model's linear maps and how they connect (the layers and edges of
+    seed 000's SVR graph, sections 2.2 and 4.2), from discover or
+    chain_graph. traced: whether the dataflow was traced (torch.fx), not read
+    from the order the maps ran in; stopped_at: what the trace could not follow."""
     maps: dict[str, LinearMap]
     connections: list[Connection]
     traced: bool = True

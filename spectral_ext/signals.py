@@ -216,7 +216,7 @@ def signal_vectors(model: nn.Module, layers=None, data=None, batch_size: int = 2
 
 @dataclass
 class Hypergraph:
-    """H^L of section 5.1: nodes are singular vectors (indices into the
+    """H^L of seed 001 section 5.1: nodes are singular vectors (indices into the
     layer's V), hyperedges are classes; incidence[c, k] says node nodes[k]
     belongs to hyperedge classes[c]. Empty hyperedges and nodes significant
     for no class are dropped."""
@@ -263,7 +263,7 @@ def _fraction(p: float) -> float:
 
 def hypergraph(vectors: torch.Tensor, labels: torch.Tensor, q: float = 0.85, p: float = 0.75,
                threshold: float | None = None, class_names=None, layer: str = "") -> Hypergraph:
-    """The hypergraph of section 5.1 from signal vectors (N, r) and labels.
+    """The hypergraph of seed 001 section 5.1 from signal vectors (N, r) and labels.
 
     q: the threshold is the q-quantile of all signals in `vectors` (the
     representative sample; seed: 0.85 for conv2, 0.95 for fc1) unless an
@@ -308,7 +308,7 @@ def hypergraph_family(vectors: torch.Tensor, labels: torch.Tensor, qs, ps, layer
 
 
 def semantic_hierarchy(h: Hypergraph) -> nx.DiGraph:
-    """Section 5.2 as a DiGraph: one node per equivalence class, an edge A -> B
+    """Seed 001 section 5.2 as a DiGraph: one node per equivalence class, an edge A -> B
     when A's class set strictly contains B's (A is more general, equation
     18), reduced to its Hasse diagram (transitive reduction). Node
     attributes: classes (sorted tuple), members (singular vectors), size,

@@ -113,7 +113,7 @@ def _pair(X, Y, feature_axis=None):
 
 
 def channel_normalize(X: torch.Tensor, centered: bool = True) -> torch.Tensor:
-    """Appendix D.7.2 / definition 5.3: subtract each channel's mean over
+    """Seed 004 appendix D.7.2 / definition 5.3: subtract each channel's mean over
     samples and positions (centered=True), divide by its norm over samples
     and positions (X D_X^{-1}). X: (N, C, S). A constant channel stays zero."""
     if centered:

@@ -26,7 +26,7 @@ from .layers import discover
 from .rank import _rank_of_singular_values
 
 def esd(W: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of the unnormalised Gram matrix W1 W1^T (section 4), in
+    """Eigenvalues of the unnormalised Gram matrix W1 W1^T (seed 001 section 4), in
     decreasing order: the squared singular values of W1, where W is a
     Linear weight or a conv weight (out, in, *kernel) unfolded row-major
     (float64 Gram route, weight_singular_values)."""
@@ -36,7 +36,7 @@ def esd(W: torch.Tensor) -> torch.Tensor:
 
 def toeplitz_singular_values(weight: torch.Tensor, m: int | tuple[int, int]) -> torch.Tensor:
     """Singular values of a 2-d convolution as a linear operator on (in, m, m)
-    inputs: the Toeplitz matrization W2 of section 3.2, with circular
+    inputs: the Toeplitz matrization W2 of seed 001 section 3.2, with circular
     padding and stride 1, by Sedghi, Gupta and Long's theorem: they are the
     union over the m^2 frequencies (u, v) of the singular values of the
     (out, in) matrix of the kernel's 2-d DFT at (u, v). Costs m^2 small SVDs
@@ -56,7 +56,7 @@ def toeplitz_singular_values(weight: torch.Tensor, m: int | tuple[int, int]) -> 
 
 
 def circular_conv_matrix(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """W2 built explicitly for a circular-padded stride-1 convolution on
+    """W2 of seed 001 section 3.2 built explicitly for a circular-padded stride-1 convolution on
     (in, m, m) inputs (for checks on small sizes): column j is the flattened
     response to the j-th basis input."""
     out, c, kh, kw = weight.shape
@@ -188,7 +188,7 @@ def _sorted_rows(eigenvalues, name="eigenvalues"):
 
 def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
                    convention: str = "seed001") -> pd.DataFrame:
-    """fit_power_law of each row of a batch (rows, n) of spectra, vectorised
+    """fit_power_law (the ESD power law of seed 001 section 4) of each row of a batch (rows, n) of spectra, vectorised
     over rows and candidate xmin: one DataFrame row per spectrum with the
     columns of fit_power_law's dict."""
     _check_convention(convention)
@@ -478,6 +478,7 @@ def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention
 
 
 def sample_power_law(alpha: float, xmin: float, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n samples of p(x) ~ x^-alpha on [xmin, inf) by inverting the CDF."""
+    """n samples of p(x) ~ x^-alpha on [xmin, inf) by inverting the CDF (the
+    power law of seed 001 section 4, for checks of the fit)."""
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     return xmin * (1 - u) ** (-1 / (alpha - 1))

@@ -217,7 +217,7 @@ def _train_batches(data, batch_size, generator, classes=None):
 
 
 def stitching_penalty(accuracy_a: float, accuracy_b: float, accuracy_stitched: float) -> float:
-    """Equation 4.3: (Acc(f) + Acc(f~)) / 2 - Acc(S(f, f~, l, phi))."""
+    """Seed 004 equation 4.3: (Acc(f) + Acc(f~)) / 2 - Acc(S(f, f~, l, phi))."""
     return (accuracy_a + accuracy_b) / 2 - accuracy_stitched
 
 

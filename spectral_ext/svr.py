@@ -33,7 +33,7 @@ from .layers import Connection, ModelGraph, SpectralLayer, discover
 
 
 class LayerList:
-    """Spectral layers in forward order, indexable by position or by the
+    """Spectral layers (seed 000 section 2.2) in forward order, indexable by position or by the
     module's qualified name."""
 
     def __init__(self, layers: list[SpectralLayer]):
@@ -110,7 +110,7 @@ def internal_dimensions(A: torch.Tensor, n: float) -> tuple[int, int]:
 # ---------------------------------------------------------------- the SVR
 
 class SVR:
-    """The SVR of a model. Build it with `spectral_ext.svr(model, ...)`.
+    """The SVR of a model (seed 000 sections 2-4). Build it with `spectral_ext.svr(model, ...)`.
 
     `.layers`: spectral neurons per linear map (LayerList of SpectralLayer);
     `.edges`: (previous_name, next_name) pairs in topological order; per edge
