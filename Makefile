@@ -14,7 +14,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 export CCACHE_BASEDIR ?= $(CURDIR)
 
-.PHONY: setup build demo zoo-demo test pytest ctest bench gpu-check clean
+.PHONY: setup build demo zoo-demo test pytest pytest-slow ctest bench gpu-check clean
 
 $(VENV)/.deps: pyproject.toml benchmarks/peers/requirements.txt
 	python3 -m venv $(VENV)
@@ -56,9 +56,14 @@ ctest: setup
 	$(VENV)/bin/cmake --build build-cmake
 	cd build-cmake && $(CURDIR)/$(VENV)/bin/ctest --output-on-failure
 
-# One worker per core, at most 4 (each holds a torch): 3 min instead of 5 on 2 cores.
+# One worker per core, at most 4 (each holds a torch): under 2 min on 2 cores.
 pytest: build
-	$(PY) -m pytest -q -n auto --maxprocesses 4 python_tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 -m "not slow" python_tests
+
+# The heavy cases (every README example, the large torchvision models, the pretrained MiniLM):
+# about 1.5 min more; CI runs them after make test.
+pytest-slow: build
+	$(PY) -m pytest -q -n auto --maxprocesses 4 -m slow python_tests
 
 test: build ctest pytest
 
