@@ -154,3 +154,16 @@ def test_bad_arguments_name_themselves():
         Sp.fit_power_law(torch.ones(2, 3))
     with pytest.raises(ValueError, match="layer_spectra columns"):
         Sp.alpha_hat(__import__("pandas").DataFrame({"a": [1]}))
+
+
+def test_power_law_fit_is_a_dataclass_read_as_its_dict():
+    x = Sp.sample_power_law(2.5, 1.0, 400, generator=torch.Generator().manual_seed(0)).double()
+    fit = Sp.fit_power_law(x)
+    assert isinstance(fit, Sp.PowerLawFit) and fit["alpha"] == fit.alpha and set(dict(fit)) == {
+        "alpha", "xmin", "xmax", "ks", "sigma", "n_tail", "n", "status"}
+    frame = fit.to_frame()
+    assert list(frame.columns) == list(dict(fit)) and frame["alpha"].iloc[0] == fit.alpha
+    assert dict(fit) == Sp.fit_power_laws(x[None]).iloc[0].to_dict()  # the batched route, row for row
+    assert isinstance(fit.n_tail, int) and fit.status == "success"
+    with pytest.raises(KeyError):
+        fit["beta"]

@@ -12,8 +12,10 @@ conventions are the default; WeightWatcher 0.7.7's (convention=
 fit_power_law."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -190,7 +192,7 @@ def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
                    convention: str = "seed001") -> pd.DataFrame:
     """fit_power_law (the ESD power law of seed 001 section 4) of each row of a batch (rows, n) of spectra, vectorised
     over rows and candidate xmin: one DataFrame row per spectrum with the
-    columns of fit_power_law's dict."""
+    columns of PowerLawFit."""
     _check_convention(convention)
     _checks.positive_int("min_tail", min_tail)
     if xmin is not None and (isinstance(xmin, bool) or not isinstance(xmin, (int, float)) or not xmin > 0):
@@ -258,7 +260,38 @@ def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
                                                        "status"])
 
 
-def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10, convention: str = "seed001") -> dict:
+@dataclasses.dataclass(frozen=True, eq=False)
+class PowerLawFit(Mapping):
+    """fit_power_law's result: alpha, xmin, xmax, ks (the Kolmogorov-Smirnov
+    distance of the tail), sigma (alpha's standard error), n_tail, n (values
+    used), status. Also read as the dict it used to be (`fit["alpha"]`,
+    `dict(fit)`); `.to_frame()` is one row with these columns."""
+    alpha: float
+    xmin: float
+    xmax: float
+    ks: float
+    sigma: float
+    n_tail: int
+    n: int
+    status: str
+
+    def __getitem__(self, key):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([dict(self)])
+
+
+def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10,
+                  convention: str = "seed001") -> PowerLawFit:
     """Maximum-likelihood power law p(x) ~ x^-alpha for x >= xmin (Clauset,
     Shalizi and Newman 2009, section 3; as seed 001 section 4 and Martin and
     Mahoney fit ESD tails): alpha = 1 + n / sum ln(x_i / xmin), with xmin
@@ -276,14 +309,16 @@ def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10, co
 
     The scan over xmin is vectorised (numpy over every candidate at once;
     long spectra scan candidates in order of a lower bound of their
-    distance, with the same result). Returns {alpha, xmin, xmax, ks, sigma,
-    n_tail, n, status}."""
+    distance, with the same result). Returns a PowerLawFit (alpha, xmin,
+    xmax, ks, sigma, n_tail, n, status), readable as a dict."""
     if convention == "weightwatcher" and xmin is not None:
         raise ValueError("xmin cannot be given with convention='weightwatcher' (WWFit always scans)")
     eig = torch.as_tensor(eigenvalues)
     if eig.dim() != 1:
         raise ValueError(f"eigenvalues must be 1-d, got shape {tuple(eig.shape)}")
-    return fit_power_laws(eig, xmin=xmin, min_tail=min_tail, convention=convention).iloc[0].to_dict()
+    row = fit_power_laws(eig, xmin=xmin, min_tail=min_tail, convention=convention).iloc[0]
+    return PowerLawFit(**{f: (int(row[f]) if f in ("n_tail", "n") else row[f] if f == "status" else float(row[f]))
+                          for f in PowerLawFit.__dataclass_fields__})
 
 
 # ---------------------------------------------------------------------------------------------
