@@ -157,19 +157,13 @@ class SignalVectors:
         return pd.concat(frames, ignore_index=True)
 
 
-def _is_layers(value) -> bool:
-    """Layer names: None, one name, or a non-empty list or tuple of names."""
-    return value is None or isinstance(value, str) or (
-        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) for v in value))
-
-
 def _layers_before_data(function):
     """(model, layers, data) is issue 17's order; (model, data, layers), the
     order before it, is recognised by type (data are not layer names) and
     taken with a FutureWarning."""
     @functools.wraps(function)
     def inner(model, *args, **kwargs):
-        if args and not _is_layers(args[0]):
+        if args and not (args[0] is None or _checks.layer_names(args[0])):
             warnings.warn(f"{function.__name__}(model, data, layers) is now {function.__name__}(model, layers, "
                           "data)", FutureWarning, stacklevel=2)
             if len(args) >= 2:
