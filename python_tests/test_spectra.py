@@ -167,3 +167,54 @@ def test_power_law_fit_is_a_dataclass_read_as_its_dict():
     assert isinstance(fit.n_tail, int) and fit.status == "success"
     with pytest.raises(KeyError):
         fit["beta"]
+
+
+def test_a_flat_spectrum_has_no_power_law_and_says_so():
+    """An orthogonal initialisation's eigenvalues are all 1 up to float32 rounding: the MLE over such a tail gives
+    alpha ~1e6 with a small KS distance, a number about rounding. seed 001's fit refuses tails spanning less
+    than FLAT_TAIL_RTOL (alpha NaN, status and note say why); WeightWatcher's convention keeps WWFit's number."""
+    torch.manual_seed(0)
+    W = torch.nn.init.orthogonal_(torch.empty(64, 256))
+    eig = torch.linalg.svdvals(W.double()).square()
+    assert float(eig.max() / eig.min() - 1) < 1e-5  # flat to float32 rounding
+    fit = Sp.fit_power_law(eig)
+    assert math.isnan(fit.alpha) and fit.status == "flat spectrum" and fit.n == 64
+    ww = Sp.fit_power_law(eig, convention="weightwatcher")
+    assert ww.status == "success" and ww.alpha > 1e5  # WWFit's own answer, reproduced as it is
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48))
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+    frame = Sp.layer_spectra(model, torch.randn(2, 256))
+    assert math.isnan(frame["alpha"].iloc[0]) and frame["note"].iloc[0].startswith("flat spectrum")
+    assert frame["alpha"].iloc[1] > 1 and frame["note"].iloc[1] == ""
+    with pytest.warns(UserWarning, match="left out: 0 \\(flat spectrum"):
+        assert Sp.alpha_hat(frame) == pytest.approx(frame["alpha"].iloc[1] * math.log(frame["lambda_max"].iloc[1]))
+
+
+def test_a_flat_top_cluster_is_never_xmin_and_the_tail_below_it_is_fitted(monkeypatch):
+    """A power-law sample topped by 60 values equal to 1e-7 relative, spread as a power law of huge alpha
+    (exponential quantiles in log): the cluster alone is the tail of least KS distance (alpha ~1e7); the fit
+    takes a spanning tail instead, exactly the best of the exhaustive scan without the cluster's candidates."""
+    x = Sp.sample_power_law(3.0, 1.0, 100, generator=torch.Generator().manual_seed(1))
+    top = float(x.max()) * 2
+    spread = -torch.log(1 - (torch.arange(60, dtype=torch.float64) + 0.5) / 60)
+    clustered = torch.cat([x, top * (1 + 1e-7 * spread)])
+    monkeypatch.setattr(Sp, "FLAT_TAIL_RTOL", 0.0)
+    assert Sp.fit_power_law(clustered).alpha > 1e6  # without the rule the cluster is the tail
+    monkeypatch.undo()
+    fit = Sp.fit_power_law(clustered)
+    assert fit.status == "success" and fit.xmin < top and fit.n_tail > 60 and 1 < fit.alpha < 10
+    # the same candidates scanned exhaustively, those inside the cluster left out
+    best = None
+    xs = clustered.sort().values.numpy()
+    for i in range(len(xs) - 10 + 1):
+        tail = xs[i:]
+        if (i and xs[i] == xs[i - 1]) or tail[-1] < tail[0] * (1 + Sp.FLAT_TAIL_RTOL):
+            continue
+        alpha = 1 + len(tail) / np.log(tail / tail[0]).sum()
+        cdf = 1 - (tail / tail[0]) ** (1 - alpha)
+        emp = np.arange(len(tail)) / len(tail)
+        d = max(np.abs(cdf - emp).max(), np.abs(cdf - emp - 1 / len(tail)).max())
+        if best is None or d < best[0]:
+            best = (d, tail[0], alpha)
+    assert fit.xmin == best[1] and fit.alpha == pytest.approx(best[2], rel=1e-9)

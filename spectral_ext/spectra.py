@@ -76,6 +76,10 @@ CONVENTIONS = ("seed001", "weightwatcher")
 WW_EVALS_THRESH = 1e-5
 WW_SMALL_N = 20
 WW_SMALL_N_MIN_TAIL = 8
+# A tail spanning less than this (xmax < (1 + FLAT_TAIL_RTOL) xmin) has an MLE alpha above 1 / ln(1.001) + 1 = 1,001:
+# such a number describes the rounding of a flat spectrum (an orthogonal initialisation: every eigenvalue 1 to
+# float32 precision), not a power law, so seed 001's fit does not take such a tail as xmin.
+FLAT_TAIL_RTOL = 1e-3
 _FULL_SCAN_ELEMENTS = 1 << 21  # (rows x candidates x points) per block of the exhaustive scan
 _EXHAUSTIVE_N = 384  # longer spectra are scanned one at a time with lower bounds first
 
@@ -225,6 +229,9 @@ def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
                 first = np.maximum(start, np.sum(x < xmin, axis=1))  # the first usable value >= xmin
                 valid = idx == first[:, None]
             valid &= np.isfinite(alphas) & (alphas > 1) & (count >= min_tail)[:, None]
+            spans = x[:, -1:] >= x * (1 + FLAT_TAIL_RTOL)
+            flat = valid.any(1) & ~(valid & spans).any(1)
+            valid &= spans
     best, dist = _best_candidates(x, valid, alphas, two_sided=not weightwatcher)
     records = []
     for r in range(rows):
@@ -250,7 +257,8 @@ def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
         if i < 0:
             records.append({"alpha": float("nan"), "xmin": float("nan"), "xmax": float("nan"), "ks": float("nan"),
                             "sigma": float("nan"), "n_tail": 0, "n": int(count[r]),
-                            "status": "failed" if weightwatcher else "too few eigenvalues"})
+                            "status": "failed" if weightwatcher else "flat spectrum" if flat[r]
+                            else "too few eigenvalues"})
             continue
         a = float(alphas[r, i])
         records.append({"alpha": a, "xmin": float(x[r, i]), "xmax": float(x[r, -1]), "ks": d,
@@ -301,7 +309,10 @@ def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10,
 
     convention="seed001" (default): positive values, distinct xmin with
     tails of at least min_tail, the two-sided KS distance; alpha is NaN
-    (status "too few eigenvalues") with fewer than min_tail values.
+    (status "too few eigenvalues") with fewer than min_tail values, and
+    (status "flat spectrum") where every such tail spans less than
+    FLAT_TAIL_RTOL = 0.1% (an orthogonal initialisation, whose MLE alpha
+    would be ~1e6: rounding, not a power law; such tails are never xmin).
     convention="weightwatcher": WeightWatcher 0.7.7's WWFit: values above
     1e-5, every point but the last tried as xmin, the one-sided distance;
     below 20 values the bias-corrected alpha = 1 + (n - 1) / sum ln(x_i /
@@ -347,6 +358,17 @@ def _too_few(n: int, min_tail: int) -> str:
     return f"too few eigenvalues ({n} < min_tail {min_tail})"
 
 
+def _fit_note(status: str, n: int, min_tail: int, convention: str) -> str:
+    if status == "success":
+        return ""
+    if convention == "weightwatcher":
+        return f"power-law fit failed ({n} eigenvalues above 1e-5)"
+    if status == "flat spectrum":
+        return (f"flat spectrum: every tail of {min_tail} or more of the {n} eigenvalues spans less than "
+                f"{FLAT_TAIL_RTOL:.1%} (no power law)")
+    return _too_few(n, min_tail)
+
+
 def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10, convention: str = "seed001",
                      fit: bool = True) -> pd.DataFrame:
     """Per spectrum of a batch (B, slices, k) of weight_singular_values: the
@@ -370,9 +392,7 @@ def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10, conventi
         fits = fit_power_laws(eig, min_tail=min_tail, convention=convention)
         for column in ("alpha", "xmin", "ks", "n_tail"):
             frame[column] = fits[column].to_numpy()
-        frame["note"] = [("" if status == "success" else _too_few(n, min_tail) if convention == "seed001"
-                          else f"power-law fit failed ({n} eigenvalues above 1e-5)")
-                         for status, n in zip(fits["status"], fits["n"])]
+        frame["note"] = [_fit_note(status, n, min_tail, convention) for status, n in zip(fits["status"], fits["n"])]
     return frame
 
 
