@@ -50,6 +50,15 @@ SPECTRAL_EXT_ALWAYS_INLINE LaneIdx lane_iota() {
   return idx;
 }
 
+// (h, col) into the two smallest so far, (b[0], k[0]) <= (b[1], k[1]) in lexicographic
+// order; col < 0 is an empty lane. (Functions, not lambdas: GCC left lambdas out
+// of line, compiled for the baseline ISA, which made the AVX-512 solver 10x slower.)
+SPECTRAL_EXT_ALWAYS_INLINE void insert_top2(double h, int64_t col, double* b, int64_t* k) {
+  if (col < 0) return;
+  if (h < b[0] || (h == b[0] && col < k[0])) { b[1] = b[0]; k[1] = k[0]; b[0] = h; k[0] = col; }
+  else if (h < b[1] || (h == b[1] && (k[1] < 0 || col < k[1]))) { b[1] = h; k[1] = col; }
+}
+
 // The two smallest (h_j, j) in lexicographic order of h_j = row_j - v_j, j < n:
 // (*u1, *j1) the minimum at its first column, (*u2, *j2) the next (j2 = -1 when
 // n == 1). Per-lane top-2 then a merge, which equals the scalar scan's answer.
@@ -66,17 +75,25 @@ SPECTRAL_EXT_ALWAYS_INLINE void two_smallest(const double* row, const double* v,
     a1 = lt1 ? h : a1;
     i1 = lt1 ? idx : i1;
   }
-  double b1 = kInf, b2 = kInf;
-  int64_t k1 = -1, k2 = -1;
-  auto insert = [&](double h, int64_t col) {
-    if (col < 0) return;
-    if (h < b1 || (h == b1 && col < k1)) { b2 = b1; k2 = k1; b1 = h; k1 = col; }
-    else if (h < b2 || (h == b2 && (k2 < 0 || col < k2))) { b2 = h; k2 = col; }
-  };
-  for (int64_t l = 0; l < kLanes; ++l) { insert(a1[l], i1[l]); insert(a2[l], i2[l]); }
-  for (; j < n; ++j) insert(row[j] - v[j], j);
-  *u1 = b1; *j1 = k1; *u2 = b2; *j2 = k2;
+  double b[2] = {kInf, kInf};
+  int64_t k[2] = {-1, -1};
+  for (int64_t l = 0; l < kLanes; ++l) { insert_top2(a1[l], i1[l], b, k); insert_top2(a2[l], i2[l], b, k); }
+  for (; j < n; ++j) insert_top2(row[j] - v[j], j, b, k);
+  *u1 = b[0]; *j1 = k[0]; *u2 = b[1]; *j2 = k[1];
 }
+
+// The closest column seen so far, an unassigned one first on ties, then the lowest index.
+struct Closest {
+  double lowest = kInf;
+  int64_t arg = -1;
+  bool arg_taken = true;
+  SPECTRAL_EXT_ALWAYS_INLINE void consider(double value, int64_t col, bool taken) {
+    if (col < 0) return;
+    if (value < lowest || (value == lowest && ((arg_taken && !taken) || (arg_taken == taken && col < arg)))) {
+      lowest = value; arg = col; arg_taken = taken;
+    }
+  }
+};
 
 // One Dijkstra step over all columns, vectorised: spc_j = min(spc_j, base + c_ij - v_j)
 // (path_j = i where it improves), and the closest column not yet scanned, an
@@ -109,23 +126,15 @@ SPECTRAL_EXT_ALWAYS_INLINE double scan(const double* row, const double* v, doubl
     low_idx = better ? idx : low_idx;
     low_taken = better ? taken : low_taken;
   }
-  double lowest = kInf;
-  int64_t arg = -1;
-  bool arg_taken = true;
-  auto consider = [&](double value, int64_t col, bool taken) {
-    if (col < 0) return;
-    if (value < lowest || (value == lowest && ((arg_taken && !taken) || (arg_taken == taken && col < arg)))) {
-      lowest = value; arg = col; arg_taken = taken;
-    }
-  };
-  for (int64_t l = 0; l < kLanes; ++l) consider(low[l], low_idx[l], low_taken[l] != 0);
+  Closest c;
+  for (int64_t l = 0; l < kLanes; ++l) c.consider(low[l], low_idx[l], low_taken[l] != 0);
   for (; j < nc; ++j) {
     const double r = base + row[j] - v[j];
     if (r < spc[j]) { spc[j] = r; path[j] = i; }
-    if (spc[j] != -kInf) consider(spc[j], j, row4col[j] != -1);
+    if (spc[j] != -kInf) c.consider(spc[j], j, row4col[j] != -1);
   }
-  *best = lowest < kInf ? arg : -1;
-  return lowest;
+  *best = c.lowest < kInf ? c.arg : -1;
+  return c.lowest;
 }
 
 SPECTRAL_EXT_ALWAYS_INLINE int64_t augmenting_path(int64_t nc, const double* cost, Workspace& w, int64_t i,
