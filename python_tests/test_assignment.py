@@ -97,6 +97,13 @@ def test_native_equals_reference_backend_and_leaves_input_alone():
     torch.testing.assert_close(native, ref, rtol=0, atol=0)
     torch.testing.assert_close(ref, reference.linear_sum_assignment(cost, True), rtol=0, atol=0)
     assert torch.equal(cost, before)
+    forbidden = inf_costs(3, 30, 30, 0.5, seed=6)
+    before = forbidden.clone()
+    native = se.linear_sum_assignment(forbidden)
+    with se.use_backend("reference"):
+        ref = se.linear_sum_assignment(forbidden)
+    torch.testing.assert_close(native, ref, rtol=0, atol=0)
+    assert torch.equal(forbidden, before)
 
 
 def test_empty_problems():
