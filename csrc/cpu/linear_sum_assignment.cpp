@@ -198,12 +198,15 @@ SPECTRAL_EXT_ALWAYS_INLINE void jv_initialise(int64_t n, const double* cost, Wor
     if (w.matches[arg]++ == 0) { w.col4row[arg] = j; w.row4col[j] = arg; }
   }
   w.free_rows.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (w.matches[i] == 0) w.free_rows.push_back(i);
+  // Every row holds its own column minimum (common on weight-matching costs): the
+  // assignment is complete and tight for u = 0, v = column minima, so optimal.
+  if (w.free_rows.empty()) return;
   double u1, u2;
   int64_t j1, j2;
   for (int64_t i = 0; i < n; ++i) {
-    if (w.matches[i] == 0) {
-      w.free_rows.push_back(i);
-    } else if (w.matches[i] == 1) {  // reduction transfer: row i's slack moves onto v_x(i)
+    if (w.matches[i] == 1) {  // reduction transfer: row i's slack moves onto v_x(i)
       const int64_t x = w.col4row[i];
       two_smallest(cost + i * n, w.v.data(), n, &u1, &j1, &u2, &j2);
       const double mn = j1 == x ? u2 : u1;  // min over j != x of c_ij - v_j
