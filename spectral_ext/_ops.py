@@ -457,10 +457,14 @@ def linear_sum_assignment(cost, maximize: bool = False):
     """Optimal assignments of a batch of problems: scipy.optimize.linear_sum_assignment
     for each, solved in parallel across the batch on the CPU (the same shortest
     augmenting path algorithm, Crouse 2016, started from Jonker-Volgenant's
-    initialisation; see csrc/cpu/linear_sum_assignment.cpp).
+    initialisation; see csrc/cpu/linear_sum_assignment.cpp). Seed 004, appendix
+    D.2.1 (the Hungarian rounding of a stitching layer's P) and definition 5.2
+    (G_ReLU-Procrustes via the linear sum assignment problem).
 
-    cost: (B, n, m) or (n, m), float32 or float64, finite (NaN or infinity is
-    refused); a numpy array is accepted too. maximize: maximise the total instead.
+    cost: (B, n, m) or (n, m), float32 or float64; a numpy array is accepted too.
+    As in scipy, +inf entries are forbidden pairs (-inf with maximize=True) and NaN
+    or the other infinity is refused (ValueError), as is a problem with no finite
+    assignment ("the cost matrix is infeasible"). maximize: maximise the total instead.
     Returns (rows, cols), int64 of shape (B, min(n, m)) with rows sorted in each
     problem, so cost[b, rows[b], cols[b]].sum() is the optimum; one (n, m) problem
     gives scipy's pair of 1-D arrays (numpy in, numpy out). On ties the optimum
@@ -475,7 +479,10 @@ def linear_sum_assignment(cost, maximize: bool = False):
         if cost.dtype.kind not in "biuf":
             raise TypeError(f"cost must be a numeric array, got dtype {cost.dtype}")
         cost = torch.from_numpy(np.asarray(cost, dtype=np.float64))
-    _checks.tensor("cost", cost, ndims=(2, 3), shape="(B, n, m) or (n, m)")
+    # Entries are checked by the kernel (or scipy), which allows +inf as scipy does,
+    # while the problem is in cache: a separate pass over the batch cost more than
+    # solving weight-matching problems.
+    _checks.tensor("cost", cost, ndims=(2, 3), shape="(B, n, m) or (n, m)", finite=False)
     if not isinstance(maximize, (bool, np.bool_)):
         raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
     unbatched = cost.dim() == 2

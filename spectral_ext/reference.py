@@ -53,8 +53,9 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
 
 def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False):
     """cost (B, n, m) -> rows, cols (B, min(n, m)) int64: scipy's optimum for each
-    problem. The specification is scipy itself (a plain-PyTorch Hungarian solver
-    would only be a slower copy of it)."""
+    problem (seed 004, appendix D.2.1: the Hungarian rounding via scipy). The
+    specification is scipy itself, its +inf (forbidden) entries and its errors
+    included (a plain-PyTorch Hungarian solver would only be a slower copy of it)."""
     from scipy.optimize import linear_sum_assignment as scipy_lsa
 
     import numpy as np

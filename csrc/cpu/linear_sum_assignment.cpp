@@ -20,15 +20,16 @@ namespace {
 // scipy/optimize/rectangular_lsap), in double precision like scipy, with the same
 // Dijkstra step and tie rule (the closest column, an unassigned one first), so the
 // same optimum. Hand-written because no library offers a batched, parallel
-// solver callable from C++. Before the augmentations a column reduction (the first
-// phase of Jonker-Volgenant 1987) assigns each column's cheapest row when that row
-// is free: duals v_j = min_i c_ij, u = 0 are feasible and those pairs tight, so
-// the augmentations start from a valid partial solution with fewer rows left.
-// With ties the chosen optimum can then differ from scipy's (same cost).
+// solver callable from C++. Square problems start from Jonker-Volgenant's
+// initialisation (1987: column reduction, reduction transfer, augmenting row
+// reduction), which leaves valid duals and few free rows (none, on weight-matching
+// costs), so the augmentations start from a valid partial solution. With ties the
+// chosen optimum can then differ from scipy's (same cost). +inf entries (forbidden
+// pairs) are allowed as in scipy; such a problem takes scipy's start (u = v = 0).
 struct Workspace {
   std::vector<double> u, v, spc, dist;
   std::vector<int64_t> path, col4row, row4col;
-  std::vector<int64_t> SRlist, SClist;
+  std::vector<int64_t> SRlist, SClist, free_rows, next_rows, matches;
   void resize(int64_t nr, int64_t nc) {
     u.assign(nr, 0); v.assign(nc, 0); spc.assign(nc, 0); dist.assign(nc, 0);
     path.assign(nc, -1); col4row.assign(nr, -1); row4col.assign(nc, -1);
@@ -38,82 +39,106 @@ struct Workspace {
 };
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+using Lanes = Vec64<double>::type;
+using LaneIdx = long __attribute__((vector_size(64)));  // one int64 per double lane
+constexpr int64_t kLanes = 64 / sizeof(double);
+static_assert(sizeof(double) == sizeof(long), "the index lanes match the cost lanes");
+
+SPECTRAL_EXT_ALWAYS_INLINE LaneIdx lane_iota() {
+  LaneIdx idx;
+  for (int64_t l = 0; l < kLanes; ++l) idx[l] = l;
+  return idx;
+}
+
+// (h, col) into the two smallest so far, (b[0], k[0]) <= (b[1], k[1]) in lexicographic
+// order; col < 0 is an empty lane. (Functions, not lambdas: GCC left lambdas out
+// of line, compiled for the baseline ISA, which made the AVX-512 solver 10x slower.)
+SPECTRAL_EXT_ALWAYS_INLINE void insert_top2(double h, int64_t col, double* b, int64_t* k) {
+  if (col < 0) return;
+  if (h < b[0] || (h == b[0] && col < k[0])) { b[1] = b[0]; k[1] = k[0]; b[0] = h; k[0] = col; }
+  else if (h < b[1] || (h == b[1] && (k[1] < 0 || col < k[1]))) { b[1] = h; k[1] = col; }
+}
+
+// The two smallest (h_j, j) in lexicographic order of h_j = row_j - v_j, j < n:
+// (*u1, *j1) the minimum at its first column, (*u2, *j2) the next (j2 = -1 when
+// n == 1). Per-lane top-2 then a merge, which equals the scalar scan's answer.
+SPECTRAL_EXT_ALWAYS_INLINE void two_smallest(const double* row, const double* v, int64_t n, double* u1,
+                                             int64_t* j1, double* u2, int64_t* j2) {
+  Lanes a1 = Lanes{} + kInf, a2 = a1;
+  LaneIdx i1 = LaneIdx{} - 1, i2 = i1, idx = lane_iota();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes, idx += kLanes) {
+    const Lanes h = load64(row + j) - load64(v + j);
+    const auto lt1 = h < a1, lt2 = h < a2;
+    a2 = lt1 ? a1 : (lt2 ? h : a2);
+    i2 = lt1 ? i1 : (lt2 ? idx : i2);
+    a1 = lt1 ? h : a1;
+    i1 = lt1 ? idx : i1;
+  }
+  double b[2] = {kInf, kInf};
+  int64_t k[2] = {-1, -1};
+  for (int64_t l = 0; l < kLanes; ++l) { insert_top2(a1[l], i1[l], b, k); insert_top2(a2[l], i2[l], b, k); }
+  for (; j < n; ++j) insert_top2(row[j] - v[j], j, b, k);
+  *u1 = b[0]; *j1 = k[0]; *u2 = b[1]; *j2 = k[1];
+}
+
+// The closest column seen so far, an unassigned one first on ties, then the lowest index.
+struct Closest {
+  double lowest = kInf;
+  int64_t arg = -1;
+  bool arg_taken = true;
+  SPECTRAL_EXT_ALWAYS_INLINE void consider(double value, int64_t col, bool taken) {
+    if (col < 0) return;
+    if (value < lowest || (value == lowest && ((arg_taken && !taken) || (arg_taken == taken && col < arg)))) {
+      lowest = value; arg = col; arg_taken = taken;
+    }
+  }
+};
 
 // One Dijkstra step over all columns, vectorised: spc_j = min(spc_j, base + c_ij - v_j)
 // (path_j = i where it improves), and the closest column not yet scanned, an
 // unassigned one first on ties (scipy's rule), returned in *best. Scanned columns
 // hold spc_j = -inf, which no candidate improves. scipy walks a list of the
 // unscanned columns instead; one contiguous pass over all of them is faster.
-template <typename T>
-SPECTRAL_EXT_ALWAYS_INLINE T scan_impl(const T* row, const T* v, T* spc, int64_t* path, const int64_t* row4col,
-                                       int64_t nc, T base, int64_t i, int64_t* best) {
-  using V = typename Vec64<T>::type;
-  using I = long __attribute__((vector_size(64)));
-  constexpr int64_t lanes = 64 / sizeof(T);
-  static_assert(sizeof(T) == sizeof(long), "the index lanes match the cost lanes");
-  const V vbase = V{} + base, vinf = V{} + kInf, vneg = V{} - kInf;
-  const I vi = I{} + i;
-  V low = vinf;
-  I low_idx = I{} - 1, low_taken = I{} - 1;  // per lane: the best column and whether it is assigned
-  I idx;
-  for (int64_t l = 0; l < lanes; ++l) idx[l] = l;
+SPECTRAL_EXT_ALWAYS_INLINE double scan(const double* row, const double* v, double* spc, int64_t* path,
+                                       const int64_t* row4col, int64_t nc, double base, int64_t i, int64_t* best) {
+  const Lanes vbase = Lanes{} + base, vinf = Lanes{} + kInf, vneg = Lanes{} - kInf;
+  const LaneIdx vi = LaneIdx{} + i;
+  Lanes low = vinf;
+  LaneIdx low_idx = LaneIdx{} - 1, low_taken = LaneIdx{} - 1;  // per lane: the best column and whether it is assigned
+  LaneIdx idx = lane_iota();
   int64_t j = 0;
-  for (; j + lanes <= nc; j += lanes, idx += lanes) {
-    const V r = vbase + load64(row + j) - load64(v + j);
-    V d = load64(spc + j);
+  for (; j + kLanes <= nc; j += kLanes, idx += kLanes) {
+    const Lanes r = vbase + load64(row + j) - load64(v + j);
+    Lanes d = load64(spc + j);
     const auto improves = r < d;
     d = improves ? r : d;
     store64(spc + j, d);
-    I p, owner;
+    LaneIdx p, owner;
     __builtin_memcpy(&p, path + j, sizeof(p));
     p = improves ? vi : p;
     __builtin_memcpy(path + j, &p, sizeof(p));
     __builtin_memcpy(&owner, row4col + j, sizeof(owner));
-    const V open = d == vneg ? vinf : d;
-    const I taken = owner != -1;  // -1 where assigned
-    const I better = (open < low) | ((open == low) & ~taken & low_taken);
+    const Lanes open = d == vneg ? vinf : d;
+    const LaneIdx taken = owner != -1;  // -1 where assigned
+    const LaneIdx better = (open < low) | ((open == low) & ~taken & low_taken);
     low = better ? open : low;
     low_idx = better ? idx : low_idx;
     low_taken = better ? taken : low_taken;
   }
-  T lowest = kInf;
-  int64_t arg = -1;
-  bool arg_taken = true;
-  auto consider = [&](T value, int64_t col, bool taken) {
-    if (col < 0) return;
-    if (value < lowest || (value == lowest && ((arg_taken && !taken) || (arg_taken == taken && col < arg)))) {
-      lowest = value; arg = col; arg_taken = taken;
-    }
-  };
-  for (int64_t l = 0; l < lanes; ++l) consider(low[l], low_idx[l], low_taken[l] != 0);
+  Closest c;
+  for (int64_t l = 0; l < kLanes; ++l) c.consider(low[l], low_idx[l], low_taken[l] != 0);
   for (; j < nc; ++j) {
-    const T r = base + row[j] - v[j];
+    const double r = base + row[j] - v[j];
     if (r < spc[j]) { spc[j] = r; path[j] = i; }
-    if (spc[j] != -kInf) consider(spc[j], j, row4col[j] != -1);
+    if (spc[j] != -kInf) c.consider(spc[j], j, row4col[j] != -1);
   }
-  *best = lowest < kInf ? arg : -1;
-  return lowest;
+  *best = c.lowest < kInf ? c.arg : -1;
+  return c.lowest;
 }
 
-#define SPECTRAL_EXT_SCAN_ARGS                                                                       \
-  const double *row, const double *v, double *spc, int64_t *path, const int64_t *row4col, int64_t nc, \
-      double base, int64_t i, int64_t *best
-SPECTRAL_EXT_TARGET_AVX512 double scan_avx512(SPECTRAL_EXT_SCAN_ARGS) {
-  return scan_impl<double>(row, v, spc, path, row4col, nc, base, i, best);
-}
-SPECTRAL_EXT_TARGET_AVX2 double scan_avx2(SPECTRAL_EXT_SCAN_ARGS) {
-  return scan_impl<double>(row, v, spc, path, row4col, nc, base, i, best);
-}
-double scan_baseline(SPECTRAL_EXT_SCAN_ARGS) { return scan_impl<double>(row, v, spc, path, row4col, nc, base, i, best); }
-double scan(SPECTRAL_EXT_SCAN_ARGS) {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return scan_avx512(row, v, spc, path, row4col, nc, base, i, best);
-    case Isa::kAvx2: return scan_avx2(row, v, spc, path, row4col, nc, base, i, best);
-    default: return scan_baseline(row, v, spc, path, row4col, nc, base, i, best);
-  }
-}
-
-int64_t augmenting_path(int64_t nc, const double* cost, Workspace& w, int64_t i, double* min_val) {
+SPECTRAL_EXT_ALWAYS_INLINE int64_t augmenting_path(int64_t nc, const double* cost, Workspace& w, int64_t i,
+                                                   double* min_val) {
   double minVal = 0;
   std::fill(w.spc.begin(), w.spc.end(), kInf);
   w.SRlist.clear();
@@ -135,48 +160,70 @@ int64_t augmenting_path(int64_t nc, const double* cost, Workspace& w, int64_t i,
   return sink;
 }
 
+// Column reduction, read row by row (contiguous, vectorised): v_j = min_i c_ij
+// at its first row arg_j (kept in w.path for now).
+SPECTRAL_EXT_ALWAYS_INLINE void column_minima(int64_t n, const double* cost, Workspace& w) {
+  double* v = w.v.data();
+  int64_t* arg = w.path.data();
+  std::copy(cost, cost + n, v);
+  std::fill(arg, arg + n, 0);
+  for (int64_t i = 1; i < n; ++i) {
+    const double* row = cost + i * n;
+    const LaneIdx vi = LaneIdx{} + i;
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const Lanes c = load64(row + j), m = load64(v + j);
+      const auto lt = c < m;
+      store64(v + j, lt ? c : m);
+      LaneIdx a;
+      __builtin_memcpy(&a, arg + j, sizeof(a));
+      a = lt ? vi : a;
+      __builtin_memcpy(arg + j, &a, sizeof(a));
+    }
+    for (; j < n; ++j)
+      if (row[j] < v[j]) { v[j] = row[j]; arg[j] = i; }
+  }
+}
+
 // Jonker-Volgenant's initialisation for square problems: column reduction,
 // reduction transfer and two passes of augmenting row reduction. It keeps every
 // assigned row at a minimum of its reduced costs c_ij - v_j with v_j <= min_i c_ij,
 // so u_i = c_i,x(i) - v_x(i) (0 for free rows) are feasible duals and the assigned
 // pairs tight: a valid start for the augmentations. Most rows end up assigned.
-void jv_initialise(int64_t n, const double* cost, Workspace& w) {
-  std::vector<int64_t> matches(n, 0);
-  for (int64_t j = n - 1; j >= 0; --j) {  // column reduction
-    double best = cost[j];
-    int64_t arg = 0;
-    for (int64_t i = 1; i < n; ++i)
-      if (cost[i * n + j] < best) { best = cost[i * n + j]; arg = i; }
-    w.v[j] = best;
-    if (matches[arg]++ == 0) { w.col4row[arg] = j; w.row4col[j] = arg; }
+SPECTRAL_EXT_ALWAYS_INLINE void jv_initialise(int64_t n, const double* cost, Workspace& w) {
+  column_minima(n, cost, w);
+  w.matches.assign(n, 0);
+  for (int64_t j = n - 1; j >= 0; --j) {  // the last column of a row with several minima keeps it
+    const int64_t arg = w.path[j];
+    if (w.matches[arg]++ == 0) { w.col4row[arg] = j; w.row4col[j] = arg; }
   }
-  std::vector<int64_t> free_rows;
+  w.free_rows.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (w.matches[i] == 0) w.free_rows.push_back(i);
+  // Every row holds its own column minimum (common on weight-matching costs): the
+  // assignment is complete and tight for u = 0, v = column minima, so optimal.
+  if (w.free_rows.empty()) return;
+  double u1, u2;
+  int64_t j1, j2;
   for (int64_t i = 0; i < n; ++i) {
-    if (matches[i] == 0) {
-      free_rows.push_back(i);
-    } else if (matches[i] == 1) {  // reduction transfer
-      const int64_t j1 = w.col4row[i];
-      double mn = kInf;
-      for (int64_t j = 0; j < n; ++j)
-        if (j != j1) mn = std::min(mn, cost[i * n + j] - w.v[j]);
-      if (mn < kInf) w.v[j1] = cost[i * n + j1] - mn;  // row i's slack moves onto v_j1
+    if (w.matches[i] == 1) {  // reduction transfer: row i's slack moves onto v_x(i)
+      const int64_t x = w.col4row[i];
+      two_smallest(cost + i * n, w.v.data(), n, &u1, &j1, &u2, &j2);
+      const double mn = j1 == x ? u2 : u1;  // min over j != x of c_ij - v_j
+      if (mn < kInf) w.v[x] = cost[i * n + x] - mn;
     }
   }
-  for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {  // augmenting row reduction
-    std::vector<int64_t> next;
+  for (int pass = 0; pass < 2 && !w.free_rows.empty(); ++pass) {  // augmenting row reduction
+    auto& free_rows = w.free_rows;
+    auto& next = w.next_rows;
+    next.clear();
     size_t k = 0;
-    int64_t budget = 4 * n;  // ties can make this phase long; the augmentations finish the job
+    // Ties can make this phase long; the augmentations finish the job (4n row
+    // scans a pass was the fastest of 0-8n and unbounded on random 300 x 300 costs).
+    int64_t budget = 4 * n;
     while (k < free_rows.size() && budget-- > 0) {
       const int64_t i = free_rows[k++];
-      const double* row = cost + i * n;
-      double u1 = kInf, u2 = kInf;
-      int64_t j1 = -1, j2 = -1;
-      for (int64_t j = 0; j < n; ++j) {
-        const double h = row[j] - w.v[j];
-        if (h < u2) {
-          if (h < u1) { u2 = u1; j2 = j1; u1 = h; j1 = j; } else { u2 = h; j2 = j; }
-        }
-      }
+      two_smallest(cost + i * n, w.v.data(), n, &u1, &j1, &u2, &j2);
       if (j2 < 0) { j2 = j1; u2 = u1; }  // n == 1
       int64_t i0 = w.row4col[j1];
       if (u1 < u2) {
@@ -199,16 +246,45 @@ void jv_initialise(int64_t n, const double* cost, Workspace& w) {
     w.u[i] = w.col4row[i] >= 0 ? cost[i * n + w.col4row[i]] - w.v[w.col4row[i]] : 0.0;
 }
 
-// cost: nr x nc, nr <= nc, row-major double. Fills col4row (the column of each row).
-void solve_one(int64_t nr, int64_t nc, const double* cost, Workspace& w, InterruptPoll& poll) {
+enum Status { kSolved = 0, kInvalid = 1, kInfeasible = 2 };
+
+// What scipy checks before solving: NaN or -inf make the problem invalid; +inf
+// entries are forbidden pairs, which JV's column reduction cannot take (v_j = inf).
+// The common all-finite case is one vectorised pass: x * 0 is NaN unless x is finite.
+SPECTRAL_EXT_ALWAYS_INLINE Status classify(const double* c, int64_t count, bool* has_inf) {
+  Lanes probe = Lanes{};
+  int64_t k = 0;
+  for (; k + kLanes <= count; k += kLanes) probe += load64(c + k) * 0.0;
+  double total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += probe[l];
+  for (; k < count; ++k) total += c[k] * 0.0;
+  *has_inf = false;
+  if (total == 0.0) return kSolved;
+  for (k = 0; k < count; ++k) {
+    if (c[k] != c[k] || c[k] == -kInf) return kInvalid;
+    *has_inf |= c[k] == kInf;
+  }
+  return kSolved;
+}
+
+// cost: nr x nc, nr <= nc, row-major double. Fills col4row (the column of each row)
+// and *status. T is double (the template lets SPECTRAL_EXT_ISA_CLONES compile it per ISA).
+template <typename T>
+SPECTRAL_EXT_ALWAYS_INLINE void solve_impl(int64_t nr, int64_t nc, const T* cost, Workspace* ws,
+                                           InterruptPoll* poll, Status* status) {
+  Workspace& w = *ws;
+  bool has_inf = false;
+  *status = classify(cost, nr * nc, &has_inf);
+  if (*status != kSolved) return;
   w.resize(nr, nc);
-  if (nr == nc) jv_initialise(nr, cost, w);  // rectangular: scipy's start (v = 0) keeps it optimal
+  // Rectangular problems keep scipy's start (u = v = 0): JV's duals need a square one.
+  if (nr == nc && !has_inf) jv_initialise(nr, cost, w);
   for (int64_t cur = 0; cur < nr; ++cur) {
     if (w.col4row[cur] != -1) continue;
-    if (poll.interrupted()) return;
+    if (poll->interrupted()) return;
     double minVal = 0;
     const int64_t sink = augmenting_path(nc, cost, w, cur, &minVal);
-    TORCH_CHECK(sink >= 0, "linear_sum_assignment: the cost matrix is infeasible");
+    if (sink < 0) { *status = kInfeasible; return; }
     w.u[cur] += minVal;
     for (const int64_t i : w.SRlist)
       if (i != cur) w.u[i] += minVal - w.dist[w.col4row[i]];
@@ -221,6 +297,21 @@ void solve_one(int64_t nr, int64_t nc, const double* cost, Workspace& w, Interru
     }
   }
 }
+SPECTRAL_EXT_ISA_CLONES(solve_one, solve_impl)
+
+// Problem b of cost as nr x nc row-major doubles with the short side as rows (and
+// the sign for maximize), copied into buf, which stays in cache for the solver.
+template <typename scalar_t>
+void load_problem(const at::Tensor& cost, int64_t b, bool transpose, bool maximize, std::vector<double>& buf) {
+  const scalar_t* p = cost.data_ptr<scalar_t>() + b * cost.stride(0);
+  const int64_t s1 = cost.stride(1), s2 = cost.stride(2);
+  const int64_t nr = transpose ? cost.size(2) : cost.size(1), nc = transpose ? cost.size(1) : cost.size(2);
+  const int64_t sr = transpose ? s2 : s1, sc = transpose ? s1 : s2;
+  const double sign = maximize ? -1.0 : 1.0;
+  buf.resize(nr * nc);
+  for (int64_t i = 0; i < nr; ++i)
+    for (int64_t j = 0; j < nc; ++j) buf[i * nc + j] = sign * static_cast<double>(p[i * sr + j * sc]);
+}
 
 std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_cpu(const at::Tensor& cost, bool maximize) {
   TORCH_CHECK(cost.dim() == 3, "linear_sum_assignment: cost must be (B, n, m), got ", cost.sizes());
@@ -231,29 +322,36 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_cpu(const at::Tensor& c
   auto rows = at::empty({B, k}, opts), cols = at::empty({B, k}, opts);
   if (B == 0 || k == 0) return {rows, cols};
   const bool transpose = n > m;  // solve with nr <= nc, as scipy does
-  // One double copy with the short side as rows (and the sign for maximize): the
-  // solver reads rows contiguously.
-  const at::Tensor view = transpose ? cost.transpose(1, 2) : cost;
-  const at::Tensor work = maximize ? view.to(at::kDouble).neg().contiguous()
-                                   : view.to(at::kDouble).contiguous();
   const int64_t nr = transpose ? m : n, nc = transpose ? n : m;
-  const double* c = work.data_ptr<double>();
+  // Contiguous float64 minimisation problems are read in place; any other input
+  // is copied one problem at a time inside the worker (no batch-sized copy).
+  const bool in_place = cost.scalar_type() == at::kDouble && !maximize && !transpose && cost.is_contiguous();
   int64_t* ro = rows.data_ptr<int64_t>();
   int64_t* co = cols.data_ptr<int64_t>();
   InterruptPoll poll;
-  std::atomic<bool> non_finite{false};
+  std::atomic<int> failure{kSolved};
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     Workspace w;
+    std::vector<double> buf;
     std::vector<int64_t> order(nr);
     for (int64_t b = begin; b < end && !poll.interrupted(); ++b) {
-      // Finite costs, checked here while the problem is in cache (at::isfinite
-      // over the whole batch cost more than solving easy problems).
-      const double* cb_in = c + b * nr * nc;
-      double probe = 0;
-      for (int64_t k = 0; k < nr * nc; ++k) probe += cb_in[k] * 0.0;  // NaN unless every entry is finite
-      if (probe != 0.0) { non_finite.store(true); continue; }
-      solve_one(nr, nc, cb_in, w, poll);
+      const double* problem = nullptr;
+      if (in_place) {
+        problem = cost.data_ptr<double>() + b * nr * nc;
+      } else {
+        AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment", [&] {
+          load_problem<scalar_t>(cost, b, transpose, maximize, buf);
+        });
+        problem = buf.data();
+      }
+      Status status = kSolved;
+      solve_one<double>(nr, nc, problem, &w, &poll, &status);
       if (poll.interrupted()) return;
+      if (status != kSolved) {  // an invalid problem is reported before an infeasible one, as scipy checks first
+        int expected = kSolved;
+        if (!failure.compare_exchange_strong(expected, status) && status == kInvalid) failure.store(kInvalid);
+        continue;
+      }
       int64_t* rb = ro + b * k;
       int64_t* cb = co + b * k;
       if (transpose) {  // rows sorted, as scipy returns them
@@ -267,7 +365,10 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_cpu(const at::Tensor& c
     }
   });
   poll.throw_if_interrupted();
-  TORCH_CHECK(!non_finite.load(), "linear_sum_assignment: cost contains NaN or infinite values");
+  // ValueError in Python, as scipy raises for these.
+  TORCH_CHECK_VALUE(failure.load() != kInvalid, "linear_sum_assignment: cost contains NaN or ",
+                    maximize ? "+inf (maximize=True)" : "-inf", " entries");
+  TORCH_CHECK_VALUE(failure.load() != kInfeasible, "linear_sum_assignment: the cost matrix is infeasible");
   return {rows, cols};
 }
 
