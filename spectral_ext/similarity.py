@@ -798,7 +798,7 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     from tqdm.auto import tqdm
 
     with tqdm(total=len(involved), desc=f"pairwise {measure}", unit="model", disable=not progress,
-              leave=False) as bar:
+              leave=False, mininterval=0, miniters=1) as bar:
         if measure == "cka":
             _check_kernel(kernel)
             matrix = _pairwise_cka([reps[n] for n in involved], involved, kernel, unbiased, bandwidth, gamma, bar)

@@ -185,7 +185,8 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
                   "grelu_procrustes": {"measure": "procrustes", "group": "grelu"}}
     batched_measures = [m for m in measures if m in options_of]
     steps = len(needed) + len(layers) * len(batched_measures) + len(pairs) * ("stitching" in measures)
-    with tqdm(total=steps, desc="pair metrics", disable=not progress, leave=False) as bar:
+    with tqdm(total=steps, desc="pair metrics", disable=not progress, leave=False, mininterval=0,
+              miniters=1) as bar:
         acts = {}
         for n in needed:  # each model's probe activations once
             acts[n] = cache.get((n, key), lambda n=n: _activations(models[n], x, layers))
