@@ -91,9 +91,9 @@ def test_batched_procrustes_equals_pair_by_pair(group, centered, shape):
         assert abs(M[a, b] - expected) <= 1e-10
     np.testing.assert_allclose(M, M.T, rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.diag(M), 1.0, rtol=0, atol=1e-6)  # sqrt of a rounding-level gap
-    few = S.pairwise_similarity(feats, [("m3", "m1")], "procrustes", group=group, centered=centered,
-                                progress=False)  # one pair: no stacked product of all models
-    assert abs(few["value"].iloc[0] - M[3, 1]) <= 1e-10
+    few = S.pairwise_similarity(feats, [("m3", "m1"), ("m0", "m2"), ("m5", "m4")], "procrustes", group=group,
+                                centered=centered, progress=False)  # 3 of 36 blocks: a product per pair instead
+    np.testing.assert_allclose(few["value"], [M[3, 1], M[0, 2], M[5, 4]], rtol=0, atol=1e-10)
 
 
 def test_orthogonal_procrustes_with_different_channel_counts():

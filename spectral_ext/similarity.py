@@ -917,9 +917,14 @@ def _pairwise_procrustes(reps, pairs, group, centered, chunk, bar=None):
     for n in names:
         offsets[n] = total
         total += flat[n].shape[1]
-    # the pairs cover much of the K x K: one product of the stacked features holds every X_a'X_b as a block
-    gram = torch.cat([flat[n] for n in names], 1) if len(names) ** 2 <= 4 * len(pairs) else None
-    gram = gram.T @ gram if gram is not None else None
+    gram = None
+    if len(names) ** 2 <= 4 * len(pairs):  # the pairs cover much of the K x K: every X_a'X_b as a block of one
+        stacked = torch.cat([flat[n] for n in names], 1)  # Gram of the stacked features, its upper half computed
+        gram = torch.empty((total, total), dtype=stacked.dtype, device=stacked.device)
+        for n in names:
+            start, stop = offsets[n], offsets[n] + flat[n].shape[1]
+            gram[start:stop, start:] = flat[n].T @ stacked[:, start:]
+            gram[stop:, start:stop] = gram[start:stop, stop:].T
 
     def cross(a, b):
         if gram is None:
