@@ -644,13 +644,20 @@ def _layer_axes(model, layers, feature_axis, which):
     return {n: (feature_axis if feature_axis is not None else layer_feature_axis(model, n)) for n in layers}
 
 
-def _channels_of(name, layer, R, axis):
+def _channels_of(name, layer, R, axis, check: bool = True):
+    """R laid out (N, C, S) as as_channels does; check=False only moves the
+    axes (for MinibatchCKA.update, which checks the values itself: each
+    activation is read once for NaN, not twice)."""
     if axis is None and R.dim() >= 3 and R.dim() != 4:
         raise ValueError(f"{name}'s layer {layer!r} gives {R.dim()}-D features {tuple(R.shape)} and nothing in "
                          "the model says which axis holds the features: pass feature_axis=")
     if axis is not None and R.dim() == 2:
         axis = 1
-    return as_channels(f"{name}'s layer {layer!r}", R, 1 if axis is None else axis)
+    label, axis = f"{name}'s layer {layer!r}", 1 if axis is None else axis
+    if check or not 2 <= R.dim() <= 6:
+        return as_channels(label, R, axis)
+    X = R.movedim(_feature_axis_of(label, R, axis), 1)
+    return X.reshape(X.shape[0], X.shape[1], -1)
 
 
 @_checks.renamed(model_a="model", model_b="other", loader="data")
@@ -701,9 +708,10 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     from tqdm.auto import tqdm
 
     accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" else None
-    sums_a = {n: _channel_sums() for n in layers_a}
-    sums_b = sums_a if same else {n: _channel_sums() for n in layers_b}
-    moments = {(a, b): CrossMoments(sums_a[a], sums_b[b]) for a in layers_a for b in layers_b}
+    if measure == "procrustes":  # float64 running sums: each layer's once, each pair's cross products
+        sums_a = {n: _channel_sums() for n in layers_a}
+        sums_b = sums_a if same else {n: _channel_sums() for n in layers_b}
+        moments = {(a, b): CrossMoments(sums_a[a], sums_b[b]) for a in layers_a for b in layers_b}
     seen = 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluating(model_a, model_b))
@@ -720,12 +728,20 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
             missing = [n for n in layers_a if n not in cap_a] + [n for n in layers_b if n not in cap_b]
             if missing:
                 raise ValueError(f"layers {missing} did not run in the forward pass")
-            reps_a = [_channels_of("model", n, cap_a[n], axes_a[n]) for n in layers_a]
-            reps_b = None if same else [_channels_of("other", n, cap_b[n], axes_b[n]) for n in layers_b]
+            check = measure != "cka"
+            reps_a = [_channels_of("model", n, cap_a[n], axes_a[n], check) for n in layers_a]
+            reps_b = None if same else [_channels_of("other", n, cap_b[n], axes_b[n], check) for n in layers_b]
             if measure == "cka":
                 if x.shape[0] < 4:
                     continue  # the unbiased estimator needs 4 samples; a tiny last batch adds nothing
-                accumulator.update(reps_a, reps_b, feature_axis=1)
+                try:
+                    accumulator.update(reps_a, reps_b, feature_axis=1)
+                except ValueError:  # say which layer: the checks that name it
+                    for n in layers_a:
+                        _channels_of("model", n, cap_a[n], axes_a[n])
+                    for n in ([] if same else layers_b):
+                        _channels_of("other", n, cap_b[n], axes_b[n])
+                    raise
             else:
                 reps_b = reps_a if same else reps_b
                 for n, R in zip(layers_a, reps_a):
