@@ -717,7 +717,7 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
         stack.enter_context(evaluating(model_a, model_b))
         cap_a, _ = stack.enter_context(capturing(model_a, sorted(set(layers_a) | (set(layers_b) if shared else set()))))
         cap_b = cap_a if shared else stack.enter_context(capturing(model_b, layers_b))[0]
-        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.inference_mode())  # no autograd bookkeeping at all: ~10% off the forwards
         for x, _ in tqdm(batches(data), desc="similarity matrix", disable=not progress, leave=False):
             x = x.to(device) if device is not None else x
             cap_a.clear()

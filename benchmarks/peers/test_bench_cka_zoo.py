@@ -4,7 +4,8 @@ torch-cka 0.21's CKA class in a loop over the 496 pairs (each pair runs both
 models, as their APIs do), and spectral_ext's zoo.pair_metrics(models, None,
 probe, layers): one forward per model, one centred Gram (or centred feature
 matrix) per model and layer, every pair from one batched product. One thread
-per side, interleaved repeats (A, B, C, A, B, C, ...), medians and the
+per side, interleaved repeats (A, B, C, A, B, C, ...; timing.interleaved, after
+one warm-up), medians and the
 ratios; the values are asserted to agree with the float64 formula (ours to
 1e-9 on the same activations, the peers to their float32 accuracy).
 
@@ -14,8 +15,7 @@ Figures go to benchmarks/RESULTS.md ("Representation space vs the CKA packages")
 import itertools
 import math
 import os
-import statistics
-import time
+import sys
 
 import numpy as np
 import pytest
@@ -23,6 +23,9 @@ import torch
 
 import spectral_ext as se
 from spectral_ext import datasets, zoo
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import interleaved  # noqa: E402
 
 pytorch_cka = pytest.importorskip("cka")
 torch_cka = pytest.importorskip("torch_cka")
@@ -33,12 +36,15 @@ REPEATS = int(os.environ.get("CKA_ZOO_REPEATS", "3"))
 LAYERS = ["6", "9"]  # the ReLUs after the last conv (32 x 4 x 4) and after the first Linear (64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+THREADS = torch.get_num_threads()
+
+
+def setup_module():
+    torch.set_num_threads(1)  # one thread per side
+
+
+def teardown_module():
+    torch.set_num_threads(THREADS)
 
 
 def the_zoo():
@@ -95,17 +101,12 @@ def ours(models, probe):
 def test_zoo_k_by_k_cka_vs_pytorch_cka_and_torch_cka():
     models, probe = the_zoo()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(probe), batch_size=N)
-    sides = {"spectral_ext zoo.pair_metrics": lambda: ours(models, probe),
-             "pytorch-cka 1.1.3 compute_cka loop": lambda: pytorch_cka_loop(models, loader),
-             "torch-cka 0.21 CKA loop": lambda: torch_cka_loop(models, loader)}
-    times = {name: [] for name in sides}
     values = {}
-    for _ in range(REPEATS):
-        for name, fn in sides.items():
-            start = time.perf_counter()
-            values[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    runs = {"spectral_ext zoo.pair_metrics": lambda: ours(models, probe),
+            "pytorch-cka 1.1.3 compute_cka loop": lambda: pytorch_cka_loop(models, loader),
+            "torch-cka 0.21 CKA loop": lambda: torch_cka_loop(models, loader)}
+    sides = {name: (lambda name=name, fn=fn: values.__setitem__(name, fn())) for name, fn in runs.items()}
+    medians = interleaved(sides, REPEATS)
     base = "spectral_ext zoo.pair_metrics"
     print(f"\nK x K linear CKA, K={K} digits CNNs, {K * (K - 1) // 2} pairs, probe N={N}, layers {LAYERS} "
           f"(load {os.getloadavg()[0]:.1f}): " +
@@ -149,18 +150,10 @@ def test_zoo_k_by_k_procrustes_vs_a_numpy_loop():
     def batched():
         return se.pairwise_similarity(acts, measure="procrustes", progress=False)["value"].tolist()
 
-    times = {"ours": [], "numpy": []}
-    for _ in range(REPEATS):
-        for name, fn in (("ours", batched), ("numpy", numpy_loop)):
-            start = time.perf_counter()
-            values = fn()
-            times[name].append(time.perf_counter() - start)
-            if name == "ours":
-                mine = values
-            else:
-                theirs = values
-    medians = {n: statistics.median(t) for n, t in times.items()}
+    values = {}
+    medians = interleaved({"ours": lambda: values.__setitem__("ours", batched()),
+                           "numpy": lambda: values.__setitem__("numpy", numpy_loop())}, REPEATS)
     print(f"\nK x K orthogonal Procrustes, K={K}, layer {layer} (N={N} x 16 positions x 32 channels) "
           f"(load {os.getloadavg()[0]:.1f}): pairwise_similarity {medians['ours']:.3f} s, numpy loop "
           f"{medians['numpy']:.3f} s ({medians['numpy'] / medians['ours']:.1f}x)")
-    np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(values["ours"], values["numpy"], rtol=0, atol=1e-10)
