@@ -838,9 +838,9 @@ def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar) -> torch
     if unbiased and n < 4:
         raise ValueError(f"the unbiased HSIC needs at least 4 samples, got {n}")
     dims = [R.shape[1] * R.shape[2] for R in reps]
-    # flops: N D_i D_j per pair against N^2 D_i per Gram plus N^2 per pair
+    # flops: N D_i D_j per pair (one triangle) against N^2 D_i per Gram plus N^2 per entry of the K x K
     cost_features = n * (sum(dims) ** 2 + sum(d * d for d in dims)) / 2
-    cost_grams = n * n * (sum(dims) + k * (k + 1) / 2)
+    cost_grams = n * n * (sum(dims) + k * k)  # the pair GEMM computes both triangles
     if kernel in ("linear", "ortho") and cost_features < cost_grams:
         hsic_matrix = _pairwise_hsic_features(reps, kernel, unbiased, bar)
     else:
