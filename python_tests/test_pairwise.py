@@ -184,3 +184,24 @@ def test_inputs_are_left_as_they_were():
     for measure in ("cka", "procrustes"):
         S.pairwise_similarity(feats, measure=measure, progress=False)
     assert all(torch.equal(before[n], feats[n]) for n in feats)
+
+
+def test_analyze_batches_the_pairs_of_each_chunk(monkeypatch):
+    """zoo.analyze's pair phase: one batched pairwise_similarity per chunk,
+    layer and measure (not one per pair), the same values as pair_metrics,
+    and each model run once."""
+    from spectral_ext import similarity
+
+    torch.manual_seed(0)
+    models = {f"cnn{i}": cnn() for i in range(5)}
+    calls, original = [], similarity.pairwise_similarity
+    monkeypatch.setattr(similarity, "pairwise_similarity", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    tables = zoo.analyze(models, metrics=(), pairs=("cka", "procrustes"), probe=x, layers=["1", "3"],
+                         chunk_size=10, progress=False)
+    assert len(calls) == 2 * 2  # one chunk of all 10 pairs: layers x measures
+    pairs = tables["pairs"].sort_values(["model_a", "model_b", "layer", "measure"]).reset_index(drop=True)
+    direct = zoo.pair_metrics(models, None, x, ["1", "3"], ("cka", "procrustes"), progress=False)
+    direct = direct.sort_values(["model_a", "model_b", "layer", "measure"]).reset_index(drop=True)
+    assert len(pairs) == 10 * 2 * 2
+    np.testing.assert_allclose(pairs["value"], direct["value"], rtol=0, atol=1e-12)
