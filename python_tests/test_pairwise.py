@@ -188,18 +188,19 @@ def test_inputs_are_left_as_they_were():
 
 def test_analyze_batches_the_pairs_of_each_chunk(monkeypatch):
     """zoo.analyze's pair phase: one batched pairwise_similarity per chunk,
-    layer and measure (not one per pair), the same values as pair_metrics,
-    and each model run once."""
-    from spectral_ext import similarity
-
+    layer and measure (not one per pair), each model's centred Gram once per
+    run (kept in the cache across chunks), the same values as pair_metrics."""
     torch.manual_seed(0)
     models = {f"cnn{i}": cnn() for i in range(5)}
-    calls, original = [], similarity.pairwise_similarity
-    monkeypatch.setattr(similarity, "pairwise_similarity", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls, original = [], S.pairwise_similarity
+    monkeypatch.setattr(S, "pairwise_similarity", lambda *a, **k: calls.append(1) or original(*a, **k))
+    grams, gram = [], S._gram
+    monkeypatch.setattr(S, "_gram", lambda *a: grams.append(1) or gram(*a))
     x = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     tables = zoo.analyze(models, metrics=(), pairs=("cka", "procrustes"), probe=x, layers=["1", "3"],
-                         chunk_size=10, progress=False)
-    assert len(calls) == 2 * 2  # one chunk of all 10 pairs: layers x measures
+                         chunk_size=3, progress=False)
+    assert len(calls) == 4 * 2 * 2  # 4 chunks of the 10 pairs, each: layers x measures
+    assert len(grams) == 5 * 2  # models x layers, not once per chunk
     pairs = tables["pairs"].sort_values(["model_a", "model_b", "layer", "measure"]).reset_index(drop=True)
     direct = zoo.pair_metrics(models, None, x, ["1", "3"], ("cka", "procrustes"), progress=False)
     direct = direct.sort_values(["model_a", "model_b", "layer", "measure"]).reset_index(drop=True)

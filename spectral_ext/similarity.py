@@ -778,7 +778,7 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
 def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel: str = "linear",
                         group: str = "orthogonal", unbiased: bool = True, centered: bool = False,
                         feature_axis: int | None = None, chunk: int = 64, bandwidth: float = 0.5,
-                        gamma: float | None = None, progress: bool = True) -> pd.DataFrame:
+                        gamma: float | None = None, progress: bool = True, share=None) -> pd.DataFrame:
     """The similarity of many models' representations of one probe (seed 004
     section 5: the CKA of equation 5.4 with the kernels of cka, the
     Procrustes measures of definition 5.2 / appendix D.7.1), each model's
@@ -794,8 +794,11 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     (`group`, `centered`): each model's normalised features once, every
     pair's X_i'X_j a block of one product of the stacked features, the
     nuclear norms (orthogonal) or the assignments (G_ReLU) batched, `chunk`
-    pairs at a time. Returns a DataFrame with columns model_a, model_b,
-    value (one row per pair, in the order of pairs)."""
+    pairs at a time. share: None, or share(name, options, compute) -> dict
+    that keeps a model's U-centred Gram across calls (compute() makes it;
+    zoo.pair_metrics passes its ActivationCache, so a zoo run reduces each
+    model once, whatever its pair chunks). Returns a DataFrame with columns
+    model_a, model_b, value (one row per pair, in the order of pairs)."""
     if not isinstance(features, dict) or not features:
         raise TypeError("features must be a non-empty dict {model name: (N, ...) tensor}")
     names = list(features)
@@ -817,7 +820,8 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
               leave=False, mininterval=0, miniters=1) as bar:
         if measure == "cka":
             _check_kernel(kernel)
-            matrix = _pairwise_cka([reps[n] for n in involved], involved, kernel, unbiased, bandwidth, gamma, bar)
+            matrix = _pairwise_cka([reps[n] for n in involved], involved, kernel, unbiased, bandwidth, gamma, bar,
+                                   share)
             index = {n: i for i, n in enumerate(involved)}
             values = [float(matrix[index[a], index[b]]) for a, b in pairs]
         elif measure == "procrustes":
@@ -830,7 +834,7 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     return pd.DataFrame({"model_a": [a for a, _ in pairs], "model_b": [b for _, b in pairs], "value": values})
 
 
-def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar) -> torch.Tensor:
+def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar, share=None) -> torch.Tensor:
     """The (K, K) CKA matrix of K representations (N, C, S) of one probe:
     the HSICs of all pairs from batched products (see pairwise_similarity);
     NaN, with a warning naming them, for constant representations."""
@@ -846,9 +850,14 @@ def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar) -> torch
     else:
         stacked = torch.empty((k, n, n), dtype=torch.float64, device=reps[0].device)
         for i, R in enumerate(reps):
-            stacked[i].copy_(_gram(R, kernel, bandwidth, gamma))  # one float64 copy per model, no intermediate
+            def centred(R=R):  # one float64 copy of the model's Gram, centred in place
+                K = torch.empty((1, n, n), dtype=torch.float64, device=R.device)
+                K[0].copy_(_gram(R, kernel, bandwidth, gamma))
+                return {"gram": _centre_gram_(K, unbiased)[0]}
+            options = (kernel, unbiased, bandwidth, gamma)
+            stacked[i].copy_((centred() if share is None else share(names[i], options, centred))["gram"])
             bar.update(1)
-        flat = _centre_gram_(stacked, unbiased).reshape(k, -1)
+        flat = stacked.reshape(k, -1)
         hsic_matrix = (flat @ flat.T) * _hsic_scale(n, unbiased)  # <vec U(K_i), vec U(K_j)>: one GEMM
     constant = torch.tensor([_constant(R) for R in reps], device=hsic_matrix.device)
     hsic_matrix = hsic_matrix.masked_fill(constant[:, None] | constant[None, :], 0.0)

@@ -153,8 +153,8 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
     (stitch_options go to stitching.stitch; default affine, 5 epochs, lr
     0.01). Each model runs on the probe once (once per run with a shared
     cache; models then need only be present for what the cache lacks); per
-    layer and measure each model's centred Gram or normalised features is
-    computed once and all pairs come from batched products
+    layer and measure each model's centred Gram (kept in the cache too) or
+    normalised features is computed once and all pairs come from batched products
     (similarity.pairwise_similarity). progress: a tqdm bar over the forwards
     and the batched (layer, measure) steps. Returns rows model_a, model_b,
     layer, measure, value."""
@@ -195,6 +195,8 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
         for layer in (acts[needed[0]] if needed else {}):
             for measure in batched_measures:
                 frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, progress=False,
+                                            share=lambda n, options, compute, layer=layer:
+                                            cache.get((n, key, layer) + options, compute),
                                             **options_of[measure])
                 batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
                 bar.update(1)
