@@ -644,13 +644,20 @@ def _layer_axes(model, layers, feature_axis, which):
     return {n: (feature_axis if feature_axis is not None else layer_feature_axis(model, n)) for n in layers}
 
 
-def _channels_of(name, layer, R, axis):
+def _channels_of(name, layer, R, axis, check: bool = True):
+    """R laid out (N, C, S) as as_channels does; check=False only moves the
+    axes (for MinibatchCKA.update, which checks the values itself: each
+    activation is read once for NaN, not twice)."""
     if axis is None and R.dim() >= 3 and R.dim() != 4:
         raise ValueError(f"{name}'s layer {layer!r} gives {R.dim()}-D features {tuple(R.shape)} and nothing in "
                          "the model says which axis holds the features: pass feature_axis=")
     if axis is not None and R.dim() == 2:
         axis = 1
-    return as_channels(f"{name}'s layer {layer!r}", R, 1 if axis is None else axis)
+    label, axis = f"{name}'s layer {layer!r}", 1 if axis is None else axis
+    if check or not 2 <= R.dim() <= 6:
+        return as_channels(label, R, axis)
+    X = R.movedim(_feature_axis_of(label, R, axis), 1)
+    return X.reshape(X.shape[0], X.shape[1], -1)
 
 
 @_checks.renamed(model_a="model", model_b="other", loader="data")
@@ -701,15 +708,16 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     from tqdm.auto import tqdm
 
     accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" else None
-    sums_a = {n: _channel_sums() for n in layers_a}
-    sums_b = sums_a if same else {n: _channel_sums() for n in layers_b}
-    moments = {(a, b): CrossMoments(sums_a[a], sums_b[b]) for a in layers_a for b in layers_b}
+    if measure == "procrustes":  # float64 running sums: each layer's once, each pair's cross products
+        sums_a = {n: _channel_sums() for n in layers_a}
+        sums_b = sums_a if same else {n: _channel_sums() for n in layers_b}
+        moments = {(a, b): CrossMoments(sums_a[a], sums_b[b]) for a in layers_a for b in layers_b}
     seen = 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluating(model_a, model_b))
         cap_a, _ = stack.enter_context(capturing(model_a, sorted(set(layers_a) | (set(layers_b) if shared else set()))))
         cap_b = cap_a if shared else stack.enter_context(capturing(model_b, layers_b))[0]
-        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.inference_mode())  # no autograd bookkeeping at all: ~10% off the forwards
         for x, _ in tqdm(batches(data), desc="similarity matrix", disable=not progress, leave=False):
             x = x.to(device) if device is not None else x
             cap_a.clear()
@@ -720,12 +728,20 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
             missing = [n for n in layers_a if n not in cap_a] + [n for n in layers_b if n not in cap_b]
             if missing:
                 raise ValueError(f"layers {missing} did not run in the forward pass")
-            reps_a = [_channels_of("model", n, cap_a[n], axes_a[n]) for n in layers_a]
-            reps_b = None if same else [_channels_of("other", n, cap_b[n], axes_b[n]) for n in layers_b]
+            check = measure != "cka"
+            reps_a = [_channels_of("model", n, cap_a[n], axes_a[n], check) for n in layers_a]
+            reps_b = None if same else [_channels_of("other", n, cap_b[n], axes_b[n], check) for n in layers_b]
             if measure == "cka":
                 if x.shape[0] < 4:
                     continue  # the unbiased estimator needs 4 samples; a tiny last batch adds nothing
-                accumulator.update(reps_a, reps_b, feature_axis=1)
+                try:
+                    accumulator.update(reps_a, reps_b, feature_axis=1)
+                except ValueError:  # say which layer: the checks that name it
+                    for n in layers_a:
+                        _channels_of("model", n, cap_a[n], axes_a[n])
+                    for n in ([] if same else layers_b):
+                        _channels_of("other", n, cap_b[n], axes_b[n])
+                    raise
             else:
                 reps_b = reps_a if same else reps_b
                 for n, R in zip(layers_a, reps_a):
@@ -758,85 +774,203 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
 # Many models on one probe (zoos)
 
 
+
 def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel: str = "linear",
                         group: str = "orthogonal", unbiased: bool = True, centered: bool = False,
-                        feature_axis: int | None = None, chunk: int = 64) -> pd.DataFrame:
+                        feature_axis: int | None = None, chunk: int = 64, bandwidth: float = 0.5,
+                        gamma: float | None = None, progress: bool = True, share=None) -> pd.DataFrame:
     """The similarity of many models' representations of one probe (seed 004
-    section 5, the measures of cka and procrustes), pair by pair, with each
-    model's share computed once: features maps a model name
-    to its (N, ...) features of the same N probe inputs; pairs lists (a, b)
-    names (default: every unordered pair). measure "cka" (`kernel`,
-    `unbiased`: one reduction per model, then all pairs as one batched
-    product) or "procrustes" (`group`, `centered`: each model's normalised
-    features once, the pairs' channel cross-products batched, chunk pairs at
-    a time). Returns rows model_a, model_b, value."""
+    section 5: the CKA of equation 5.4 with the kernels of cka, the
+    Procrustes measures of definition 5.2 / appendix D.7.1), each model's
+    share computed once and the pairs as batched products.
+
+    features: {model name: (N, ...) features of the same N probe inputs};
+    pairs: (a, b) names (default: every unordered pair; (a, a) is allowed).
+    measure "cka" (`kernel`, `unbiased`, `bandwidth`, `gamma`): one centred
+    Gram per model and the HSIC of every pair from one GEMM of the stacked
+    vectorised U-centred Grams, or, for linear kernels when it is cheaper,
+    one centred feature matrix per model and every |X_i'X_j|^2 from one
+    product per model with the stacked features. measure "procrustes"
+    (`group`, `centered`): each model's normalised features once, every
+    pair's X_i'X_j a block of one product of the stacked features, the
+    nuclear norms (orthogonal) or the assignments (G_ReLU) batched, `chunk`
+    pairs at a time. share: None, or share(name, options, compute) -> dict
+    that keeps a model's U-centred Gram across calls (compute() makes it;
+    zoo.pair_metrics passes its ActivationCache, so a zoo run reduces each
+    model once, whatever its pair chunks). Returns a DataFrame with columns
+    model_a, model_b, value (one row per pair, in the order of pairs)."""
     if not isinstance(features, dict) or not features:
         raise TypeError("features must be a non-empty dict {model name: (N, ...) tensor}")
     names = list(features)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else \
         [tuple(p) for p in pairs]
-    unknown = sorted({n for p in pairs for n in p if n not in features})
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError("pairs must be (model_a, model_b) name pairs")
+    unknown = sorted({str(n) for p in pairs for n in p if n not in features})
     if unknown:
         raise ValueError(f"pairs name models without features: {unknown}")
-    reps = {n: as_channels(f"features[{n!r}]", features[n], feature_axis) for n in names}
-    if len({R.shape[0] for R in reps.values()}) != 1:
+    chunk = _checks.positive_int("chunk", chunk)
+    involved = [n for n in names if any(n in p for p in pairs)]
+    reps = {n: as_channels(f"features[{n!r}]", features[n], feature_axis) for n in involved}
+    if len({R.shape[0] for R in reps.values()}) > 1:
         raise ValueError("every model's features must hold the same N probe samples")
-    if measure == "cka":
-        accumulator = MinibatchCKA(kernel, unbiased)
-        accumulator.update([reps[n] for n in names], None, feature_axis=1)
-        matrix = accumulator.value([f"features[{n!r}]" for n in names], [f"features[{n!r}]" for n in names])
-        index = {n: i for i, n in enumerate(names)}
-        values = [float(matrix[index[a], index[b]]) for a, b in pairs]
-    elif measure == "procrustes":
-        _check_group(group)
-        values = _pairwise_procrustes(reps, pairs, group, centered, chunk)
-    else:
-        raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(involved), desc=f"pairwise {measure}", unit="model", disable=not progress,
+              leave=False, mininterval=0, miniters=1) as bar:
+        if measure == "cka":
+            _check_kernel(kernel)
+            matrix = _pairwise_cka([reps[n] for n in involved], involved, kernel, unbiased, bandwidth, gamma, bar,
+                                   share)
+            index = {n: i for i, n in enumerate(involved)}
+            values = [float(matrix[index[a], index[b]]) for a, b in pairs]
+        elif measure == "procrustes":
+            _check_group(group)
+            if not isinstance(centered, bool):
+                raise TypeError(f"centered must be True or False, got {centered!r}")
+            values = _pairwise_procrustes(reps, pairs, group, centered, chunk, bar)
+        else:
+            raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
     return pd.DataFrame({"model_a": [a for a, _ in pairs], "model_b": [b for _, b in pairs], "value": values})
 
 
-def _pairwise_procrustes(reps, pairs, group, centered, chunk):
+def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar, share=None) -> torch.Tensor:
+    """The (K, K) CKA matrix of K representations (N, C, S) of one probe:
+    the HSICs of all pairs from batched products (see pairwise_similarity);
+    NaN, with a warning naming them, for constant representations."""
+    n, k = reps[0].shape[0], len(reps)
+    if unbiased and n < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 samples, got {n}")
+    dims = [R.shape[1] * R.shape[2] for R in reps]
+    # flops: N D_i D_j per pair (one triangle) against N^2 D_i per Gram plus N^2 per entry of the K x K
+    cost_features = n * (sum(dims) ** 2 + sum(d * d for d in dims)) / 2
+    cost_grams = n * n * (sum(dims) + k * k)  # the pair GEMM computes both triangles
+    if kernel in ("linear", "ortho") and cost_features < cost_grams:
+        hsic_matrix = _pairwise_hsic_features(reps, kernel, unbiased, bar)
+    else:
+        stacked = torch.empty((k, n, n), dtype=torch.float64, device=reps[0].device)
+        for i, R in enumerate(reps):
+            def centred(R=R):  # one float64 copy of the model's Gram, centred in place
+                K = torch.empty((1, n, n), dtype=torch.float64, device=R.device)
+                K[0].copy_(_gram(R, kernel, bandwidth, gamma))
+                return {"gram": _centre_gram_(K, unbiased)[0]}
+            options = (kernel, unbiased, bandwidth, gamma)
+            stacked[i].copy_((centred() if share is None else share(names[i], options, centred))["gram"])
+            bar.update(1)
+        flat = stacked.reshape(k, -1)
+        hsic_matrix = (flat @ flat.T) * _hsic_scale(n, unbiased)  # <vec U(K_i), vec U(K_j)>: one GEMM
+    constant = torch.tensor([_constant(R) for R in reps], device=hsic_matrix.device)
+    hsic_matrix = hsic_matrix.masked_fill(constant[:, None] | constant[None, :], 0.0)
+    self_terms = hsic_matrix.diagonal().clone()
+    bad = self_terms <= 0
+    scale = self_terms.clamp_min(0).sqrt()
+    denominator = torch.outer(scale, scale)
+    matrix = hsic_matrix / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    matrix = matrix.masked_fill(bad[:, None] | bad[None, :], float("nan"))
+    if bool(bad.any()):
+        which = [f"features[{names[i]!r}] ({'constant' if constant[i] else 'HSIC estimate <= 0'})"
+                 for i in range(k) if bad[i]]
+        warnings.warn(f"CKA is undefined for {', '.join(which)}; their entries are NaN", RuntimeWarning,
+                      stacklevel=3)
+    return matrix
+
+
+def _pairwise_hsic_features(reps, kernel, unbiased, bar) -> torch.Tensor:
+    """(K, K) linear HSICs from centred features (N, D_i): tr(K~_i K~_j) =
+    |X_i'X_j|^2 - k_i.k_j (k the squared row norms, X'1 = 0), the
+    |X_i'X_j|^2 of row i from one product X_i' [X_i ... X_K]."""
+    n, k = reps[0].shape[0], len(reps)
+    centred, norms = [], []
+    for R in reps:
+        F = (channel_normalize(R) if kernel == "ortho" else R).reshape(n, -1)
+        mean = F.mean(0, keepdim=True, dtype=torch.float64)
+        centred.append(F - mean.to(F.dtype))
+        norms.append(centred[-1].square().sum(1, dtype=torch.float64))
+    stacked = torch.cat(centred, 1)
+    owner = torch.repeat_interleave(torch.arange(k, device=stacked.device),
+                                    torch.tensor([F.shape[1] for F in centred], device=stacked.device))
+    starts = [0]
+    for F in centred:
+        starts.append(starts[-1] + F.shape[1])
+    trace = torch.empty((k, k), dtype=torch.float64, device=stacked.device)
+    for i, F in enumerate(centred):
+        columns = torch.linalg.vector_norm(F.T @ stacked[:, starts[i]:], dim=0, dtype=torch.float64).square()
+        row = torch.zeros(k, dtype=torch.float64, device=stacked.device).index_add_(0, owner[starts[i]:], columns)
+        trace[i, i:] = row[i:]
+        trace[i:, i] = row[i:]
+        bar.update(1)
+    if not unbiased:
+        return trace / (n - 1) ** 2
+    rows = torch.stack(norms)  # (K, N)
+    sums = rows.sum(1)
+    return (trace - (rows @ rows.T) * (1 + 2.0 / (n - 2)) + torch.outer(sums, sums) / ((n - 1) * (n - 2))) \
+        / (n * (n - 3))
+
+
+def _normalised_positions(name, R, group, centered) -> torch.Tensor:
+    """(N S, C) float64 rows = samples x positions, scaled as the Procrustes
+    measure needs: unit Frobenius norm (orthogonal) or unit channels (D_X^-1)."""
+    F = R.to(torch.float64).transpose(1, 2).reshape(-1, R.shape[1])
+    if centered:
+        F = F - F.mean(0)
+    norms = F.norm(dim=0)
+    if group == "orthogonal":
+        total = norms.square().sum().sqrt()
+        if total == 0:
+            raise ValueError(f"{name} is zero (constant, when centred): Procrustes is undefined")
+        return F / total
+    if bool((norms == 0).any()):
+        raise ValueError(f"a channel of {name} is zero (constant, when centred): D_X^-1 of "
+                         "definition 5.2 does not exist and the measure is undefined")
+    return F / norms
+
+
+def _pairwise_procrustes(reps, pairs, group, centered, chunk, bar=None):
     flat = {}
     for n, R in reps.items():
-        F = R.to(torch.float64).transpose(1, 2).reshape(-1, R.shape[1])  # (N S, C): positions are rows
-        if centered:
-            F = F - F.mean(0)
-        norms = F.norm(dim=0)
-        if group == "orthogonal":
-            total = norms.square().sum().sqrt()
-            if total == 0:
-                raise ValueError(f"features[{n!r}] is zero (constant, when centred): Procrustes is undefined")
-            flat[n] = F / total
-        else:
-            if bool((norms == 0).any()):
-                raise ValueError(f"a channel of features[{n!r}] is zero (constant, when centred): D_X^-1 of "
-                                 "definition 5.2 does not exist and the measure is undefined")
-            flat[n] = F / norms
+        flat[n] = _normalised_positions(f"features[{n!r}]", R, group, centered)
+        if bar is not None:
+            bar.update(1)
+    for a, b in pairs:
+        if flat[a].shape[0] != flat[b].shape[0]:
+            raise ValueError(f"features[{a!r}] and features[{b!r}] differ in positions per sample")
+        if group == "grelu" and flat[a].shape[1] != flat[b].shape[1]:
+            raise ValueError(f"G_ReLU-Procrustes needs equal channel counts, got {flat[a].shape[1]} for "
+                             f"{a!r} and {flat[b].shape[1]} for {b!r}")
+    names = list(flat)
+    offsets, total = {}, 0
+    for n in names:
+        offsets[n] = total
+        total += flat[n].shape[1]
+    gram = None
+    if len(names) ** 2 <= 4 * len(pairs):  # the pairs cover much of the K x K: every X_a'X_b as a block of one
+        stacked = torch.cat([flat[n] for n in names], 1)  # Gram of the stacked features, its upper half computed
+        gram = torch.empty((total, total), dtype=stacked.dtype, device=stacked.device)
+        for n in names:
+            start, stop = offsets[n], offsets[n] + flat[n].shape[1]
+            gram[start:stop, start:] = flat[n].T @ stacked[:, start:]
+            gram[stop:, start:stop] = gram[start:stop, stop:].T
+
+    def cross(a, b):
+        if gram is None:
+            return flat[a].T @ flat[b]
+        return gram[offsets[a]:offsets[a] + flat[a].shape[1], offsets[b]:offsets[b] + flat[b].shape[1]]
+
     values = []
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
-        for a, b in part:
-            if flat[a].shape[0] != flat[b].shape[0]:
-                raise ValueError(f"features[{a!r}] and features[{b!r}] differ in positions per sample")
-            if group == "grelu" and flat[a].shape[1] != flat[b].shape[1]:
-                raise ValueError(f"G_ReLU-Procrustes needs equal channel counts, got {flat[a].shape[1]} for "
-                                 f"{a!r} and {flat[b].shape[1]} for {b!r}")
         shapes = {(flat[a].shape[1], flat[b].shape[1]) for a, b in part}
-        if len(shapes) == 1:  # one batched product for the chunk
-            A = torch.stack([flat[a] for a, _ in part])
-            B = torch.stack([flat[b] for _, b in part])
-            crosses = torch.bmm(A.transpose(1, 2), B)
-        else:
-            crosses = [flat[a].T @ flat[b] for a, b in part]
-        if group == "orthogonal":
-            nuclear = (torch.linalg.svdvals(crosses).sum(-1) if isinstance(crosses, torch.Tensor)
-                       else torch.stack([torch.linalg.svdvals(C).sum() for C in crosses]))
-            for value in nuclear.tolist():
-                values.append(1.0 - math.sqrt(_rounded_gap(2.0 - 2.0 * value, 2.0)) / 2.0)
-        else:
-            for C in crosses:
-                rows, cols = _assignment(C)
-                d = C.shape[0]
-                gap = _rounded_gap(2.0 * d - 2.0 * float(C[rows, cols].sum()), 2.0 * d)
-                values.append(1.0 - math.sqrt(gap) / (2.0 * math.sqrt(d)))
+        groups = [torch.stack([cross(a, b) for a, b in part])] if len(shapes) == 1 else \
+            [cross(a, b)[None] for a, b in part]  # mixed channel counts: one problem at a time
+        for crosses in groups:
+            if group == "orthogonal":
+                for value in torch.linalg.svdvals(crosses).sum(-1).tolist():
+                    values.append(1.0 - math.sqrt(_rounded_gap(2.0 - 2.0 * value, 2.0)) / 2.0)
+            else:
+                rows, cols = _assignment(crosses)
+                best = crosses[torch.arange(crosses.shape[0], device=crosses.device)[:, None], rows, cols].sum(-1)
+                d = crosses.shape[-1]
+                for value in best.tolist():
+                    gap = _rounded_gap(2.0 * d - 2.0 * value, 2.0 * d)
+                    values.append(1.0 - math.sqrt(gap) / (2.0 * math.sqrt(d)))
     return values

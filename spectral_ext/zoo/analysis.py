@@ -230,6 +230,11 @@ def _process_chunk(chunk, run: _Members, metrics, reading=None) -> dict[str, pd.
     return tables
 
 
+def _error_row(pair, error: str) -> pd.DataFrame:
+    return pd.DataFrame([{"model_a": pair[0], "model_b": pair[1], "layer": "", "measure": "",
+                          "value": float("nan"), "error": error}])
+
+
 def _process_pairs(batch, run: _Members, probe, layers, measures, stitch_options, cache, bar=None) -> pd.DataFrame:
     columns = ["model_a", "model_b", "layer", "measure", "value"]
     models, failed = {}, {}
@@ -240,20 +245,23 @@ def _process_pairs(batch, run: _Members, probe, layers, measures, stitch_options
             models[name] = run.module(name)
         except ValueError as error:
             failed[name] = str(error)  # also an error row of the models table
-    frames = []
+    frames, good = [], []
     for pair in batch:
         if pair[0] in failed or pair[1] in failed:
-            frames.append(pd.DataFrame([{"model_a": pair[0], "model_b": pair[1], "layer": "", "measure": "",
-                                         "value": float("nan"), "error": failed.get(pair[0]) or failed[pair[1]]}]))
+            frames.append(_error_row(pair, failed.get(pair[0]) or failed[pair[1]]))
         else:
+            good.append(pair)
+    try:  # the chunk's pairs batched: each model's Gram / features once (pair_metrics)
+        frames.append(pair_metrics(models, good, probe, layers, measures, stitch_options, cache, progress=False))
+    except (ValueError, RuntimeError):  # a pair whose measure is undefined: one by one, a row saying so for it
+        for pair in good:
             try:
-                frames.append(pair_metrics(models, [pair], probe, layers, measures, stitch_options, cache))
-            except (ValueError, RuntimeError) as error:  # an undefined measure: a row saying so, the run goes on
-                frames.append(pd.DataFrame([{"model_a": pair[0], "model_b": pair[1], "layer": "", "measure": "",
-                                             "value": float("nan"),
-                                             "error": " ".join(str(error).split())[:200]}]))
-        if bar is not None:
-            bar.update(1)
+                frames.append(pair_metrics(models, [pair], probe, layers, measures, stitch_options, cache,
+                                           progress=False))
+            except (ValueError, RuntimeError) as error:
+                frames.append(_error_row(pair, " ".join(str(error).split())[:200]))
+    if bar is not None:
+        bar.update(len(batch))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 

@@ -141,54 +141,83 @@ class ActivationCache:
         return value
 
 
-def pair_metrics(models: dict[str, nn.Module], pairs, probe, layers, measures=("cka",),
-                 stitch_options: dict | None = None, cache: ActivationCache | None = None) -> pd.DataFrame:
-    """For each (a, b) in pairs and each layer, the chosen measures on the
-    probe: "cka" (linear), "grelu_cka" (max kernel), "procrustes"
-    (orthogonal), "grelu_procrustes", and "stitching": the stitching penalty
-    (seed 004 equation 4.3) of a layer trained on the first half of a
-    labelled probe ((x, y)) and measured on the second half (stitch_options
-    go to stitching.stitch; default affine, 5 epochs, lr 0.01). Each model's
-    activations are captured once (once per run with a shared cache; models
-    then need only be present for what the cache lacks). Returns rows
-    model_a, model_b, layer, measure, value."""
+def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=None, measures=("cka",),
+                 stitch_options: dict | None = None, cache: ActivationCache | None = None,
+                 progress: bool = True) -> pd.DataFrame:
+    """For each (a, b) in pairs (None: all K(K-1)/2 unordered pairs of
+    models, the zoo's K x K) and each layer, the chosen measures on the
+    probe (seed 004 section 5): "cka" (linear), "grelu_cka" (max kernel),
+    "procrustes" (orthogonal), "grelu_procrustes", and "stitching": the
+    stitching penalty (seed 004 equation 4.3) of a layer trained on the
+    first half of a labelled probe ((x, y)) and measured on the second half
+    (stitch_options go to stitching.stitch; default affine, 5 epochs, lr
+    0.01). Each model runs on the probe once (once per run with a shared
+    cache; models then need only be present for what the cache lacks); per
+    layer and measure each model's centred Gram (kept in the cache too) or
+    normalised features is computed once and all pairs come from batched products
+    (similarity.pairwise_similarity). progress: a tqdm bar over the forwards
+    and the batched (layer, measure) steps. Returns rows model_a, model_b,
+    layer, measure, value."""
+    from tqdm.auto import tqdm
+
     from ..similarity import pairwise_similarity
 
+    if not isinstance(models, dict):
+        raise ZooError(f"models must be a dict {{name: model}}, got {type(models).__name__}")
+    if probe is None:
+        raise ZooError("pair_metrics needs a probe: an input tensor or (inputs, labels)")
+    if layers is None or isinstance(layers, str) or not len(layers):
+        raise ZooError("layers must be a non-empty list of module names")
     unknown = [m for m in measures if m not in PAIR_MEASURES]
     if unknown:
         raise ZooError(f"unknown pair measures {unknown}; choose among {PAIR_MEASURES}")
+    names = list(models)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else \
+        [tuple(p) for p in pairs]
     x, y = probe_parts(probe)
     if "stitching" in measures and y is None:
         raise ZooError("the stitching measure needs a labelled probe: (inputs, labels)")
     needed = sorted({n for pair in pairs for n in pair})
     cache = cache if cache is not None else ActivationCache()
     key = tuple(layers)
-    acts = {n: cache.get((n, key), lambda n=n: _activations(models[n], x, layers)) for n in needed}
-    # each model's Gram / normalised features once per layer, the pairs batched (similarity.pairwise_similarity)
     options_of = {"cka": {"kernel": "linear"}, "grelu_cka": {"kernel": "max"},
                   "procrustes": {"measure": "procrustes", "group": "orthogonal"},
                   "grelu_procrustes": {"measure": "procrustes", "group": "grelu"}}
-    batched = {}
-    for layer in (acts[needed[0]] if needed else {}):
-        for measure in measures:
-            if measure in options_of:
-                frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, **options_of[measure])
+    batched_measures = [m for m in measures if m in options_of]
+    steps = len(needed) + len(layers) * len(batched_measures) + len(pairs) * ("stitching" in measures)
+    with tqdm(total=steps, desc="pair metrics", disable=not progress, leave=False, mininterval=0,
+              miniters=1) as bar:
+        acts = {}
+        for n in needed:  # each model's probe activations once
+            acts[n] = cache.get((n, key), lambda n=n: _activations(models[n], x, layers))
+            bar.update(1)
+        batched = {}
+        for layer in (acts[needed[0]] if needed else {}):
+            for measure in batched_measures:
+                frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, progress=False,
+                                            share=lambda n, options, compute, layer=layer:
+                                            cache.get((n, key, layer) + options, compute),
+                                            **options_of[measure])
                 batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
-    options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
-    if "seed" not in options:  # its former name
-        options.setdefault("generator", 0)  # a zoo run's penalties repeat
-    half = x.shape[0] // 2
-    rows = []
-    for a, b in pairs:
-        for layer in acts[a]:
-            for measure in measures:
-                if measure == "stitching":
-                    from ..stitching import stitch
+                bar.update(1)
+        options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
+        if "seed" not in options:  # its former name
+            options.setdefault("generator", 0)  # a zoo run's penalties repeat
+        half = x.shape[0] // 2
+        rows = []
+        for a, b in pairs:
+            for layer in acts[a]:
+                for measure in measures:
+                    if measure == "stitching":
+                        from ..stitching import stitch
 
-                    value = stitch(models[a], models[b], layer, data=(x[:half], y[:half]),
-                                   test_data=(x[half:], y[half:]),
-                                   progress=False, **options).penalty
-                else:
-                    value = batched[(a, b, layer, measure)]
-                rows.append({"model_a": a, "model_b": b, "layer": layer, "measure": measure, "value": float(value)})
-    return pd.DataFrame(rows)
+                        value = stitch(models[a], models[b], layer, data=(x[:half], y[:half]),
+                                       test_data=(x[half:], y[half:]),
+                                       progress=False, **options).penalty
+                    else:
+                        value = batched[(a, b, layer, measure)]
+                    rows.append({"model_a": a, "model_b": b, "layer": layer, "measure": measure,
+                                 "value": float(value)})
+            if "stitching" in measures:
+                bar.update(1)
+    return pd.DataFrame(rows, columns=["model_a", "model_b", "layer", "measure", "value"])

@@ -1,0 +1,208 @@
+"""A zoo's K x K similarity (seed 004 section 5): pairwise_similarity's
+batched pairs equal cka / procrustes called pair by pair, the matrix is
+symmetric with ones on the diagonal, zoo.pair_metrics runs each model once,
+and bad input is refused naming the argument."""
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spectral_ext as se
+from spectral_ext import similarity as S
+from spectral_ext import zoo
+
+
+def zoo_features(k=5, n=40, shape=(6,), seed=0):
+    """k related float64 representations of one probe: ReLU maps of one base."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, *shape, dtype=torch.float64, generator=g)
+    out = {}
+    for i in range(k):
+        mix = torch.randn(shape[0], shape[0], dtype=torch.float64, generator=g)
+        Z = torch.einsum("nc...,cd->nd...", base, mix) + 0.5 * torch.randn(base.shape, dtype=torch.float64,
+                                                                          generator=g)
+        out[f"m{i}"] = Z.relu() + 0.1 * i
+    return out
+
+
+def matrix(frame, names):
+    table = frame.pivot(index="model_a", columns="model_b", values="value")
+    return table.loc[names, names].to_numpy()
+
+
+def all_ordered(names):
+    return list(itertools.product(names, names))
+
+
+# (n, shape): the feature route (D small against N) and the Gram route (D large against N)
+ROUTES = {"features": (60, (4,)), "grams": (10, (5, 3, 3))}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("kernel,unbiased", [("linear", True), ("linear", False), ("ortho", True), ("max", True),
+                                             ("rbf", True), ("laplace", False)])
+def test_batched_cka_equals_pair_by_pair(route, kernel, unbiased):
+    n, shape = ROUTES[route]
+    feats = zoo_features(n=n, shape=shape)
+    names = list(feats)
+    frame = S.pairwise_similarity(feats, all_ordered(names), kernel=kernel, unbiased=unbiased, progress=False)
+    M = matrix(frame, names)
+    for a, b in itertools.combinations(range(len(names)), 2):
+        expected = se.cka(feats[names[a]], feats[names[b]], kernel, unbiased=unbiased)
+        assert abs(M[a, b] - expected) <= 1e-10
+    np.testing.assert_allclose(M, M.T, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(np.diag(M), 1.0, rtol=0, atol=1e-12)
+    default = S.pairwise_similarity(feats, kernel=kernel, unbiased=unbiased, progress=False)
+    assert len(default) == len(names) * (len(names) - 1) // 2
+    assert list(default["model_a"] + default["model_b"])[:2] == ["m0m1", "m0m2"]
+
+
+def test_both_cka_routes_agree_and_are_chosen_by_cost(monkeypatch):
+    calls = []
+    original = S._pairwise_hsic_features
+    monkeypatch.setattr(S, "_pairwise_hsic_features", lambda *a: calls.append(1) or original(*a))
+    small = zoo_features(n=60, shape=(4,))
+    wide = zoo_features(n=10, shape=(40,))
+    S.pairwise_similarity(small, progress=False)
+    assert calls == [1]
+    S.pairwise_similarity(wide, progress=False)
+    assert calls == [1]  # D = 40 against N = 10: the Gram route
+    by_features = original([S.as_channels("X", R) for R in wide.values()], "linear", True,
+                           type("Bar", (), {"update": lambda self, k: None})())
+    frame = S.pairwise_similarity(wide, all_ordered(list(wide)), progress=False)
+    cka = by_features / torch.outer(by_features.diagonal(), by_features.diagonal()).sqrt()
+    np.testing.assert_allclose(matrix(frame, list(wide)), cka.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("group", S.GROUPS)
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("shape", [(6,), (6, 2, 2)])
+def test_batched_procrustes_equals_pair_by_pair(group, centered, shape):
+    feats = zoo_features(k=6, n=30, shape=shape)
+    names = list(feats)
+    frame = S.pairwise_similarity(feats, all_ordered(names), "procrustes", group=group, centered=centered,
+                                  chunk=7, progress=False)
+    M = matrix(frame, names)
+    for a, b in itertools.combinations(range(len(names)), 2):
+        expected = se.procrustes(feats[names[a]], feats[names[b]], group, centered=centered)
+        assert abs(M[a, b] - expected) <= 1e-10
+    np.testing.assert_allclose(M, M.T, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.diag(M), 1.0, rtol=0, atol=1e-6)  # sqrt of a rounding-level gap
+    few = S.pairwise_similarity(feats, [("m3", "m1"), ("m0", "m2"), ("m5", "m4")], "procrustes", group=group,
+                                centered=centered, progress=False)  # 3 of 36 blocks: a product per pair instead
+    np.testing.assert_allclose(few["value"], [M[3, 1], M[0, 2], M[5, 4]], rtol=0, atol=1e-10)
+
+
+def test_orthogonal_procrustes_with_different_channel_counts():
+    feats = zoo_features(k=3, n=30, shape=(6,))
+    feats["wide"] = torch.cat([feats["m0"], feats["m1"][:, :3]], 1)
+    frame = S.pairwise_similarity(feats, measure="procrustes", progress=False)
+    for a, b, value in frame.itertuples(index=False):
+        assert abs(value - se.procrustes(feats[a], feats[b])) <= 1e-10
+    with pytest.raises(ValueError, match="equal channel counts"):
+        S.pairwise_similarity(feats, measure="procrustes", group="grelu", progress=False)
+
+
+def test_a_constant_model_is_nan_with_a_warning_naming_it():
+    feats = zoo_features(k=3)
+    feats["flat"] = torch.ones(40, 6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"features\['flat'\] \(constant\)"):
+        frame = S.pairwise_similarity(feats, progress=False)
+    flat = frame["model_a"].eq("flat") | frame["model_b"].eq("flat")
+    assert frame.loc[flat, "value"].isna().all() and frame.loc[~flat, "value"].notna().all()
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
+
+
+def test_pair_metrics_is_the_k_by_k_with_each_model_run_once(capsys):
+    torch.manual_seed(0)
+    models = {f"cnn{i}": cnn().double() for i in range(6)}
+    forwards = {n: 0 for n in models}
+    for n, m in models.items():
+        m.register_forward_hook(lambda module, inputs, output, n=n: forwards.__setitem__(n, forwards[n] + 1))
+    x = torch.randn(32, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    measures = ("cka", "grelu_cka", "procrustes", "grelu_procrustes")
+    frame = zoo.pair_metrics(models, None, x, ["1", "3"], measures, progress=False)
+    assert forwards == {n: 1 for n in models}
+    assert len(frame) == 15 * 2 * len(measures) and list(frame.columns) == ["model_a", "model_b", "layer",
+                                                                          "measure", "value"]
+    assert capsys.readouterr().err == ""
+    with torch.no_grad():
+        acts = {n: {layer: m[: int(layer) + 1](x) for layer in ("1", "3")} for n, m in models.items()}
+    row = frame[(frame.model_a == "cnn1") & (frame.model_b == "cnn4") & (frame.layer == "3")].set_index("measure")
+    X, Y = acts["cnn1"]["3"], acts["cnn4"]["3"]
+    assert abs(row.loc["cka", "value"] - se.cka(X, Y)) <= 1e-10
+    assert abs(row.loc["grelu_cka", "value"] - se.cka(X, Y, "max")) <= 1e-10
+    assert abs(row.loc["procrustes", "value"] - se.procrustes(X, Y)) <= 1e-10
+    assert abs(row.loc["grelu_procrustes", "value"] - se.procrustes(X, Y, "grelu")) <= 1e-10
+    zoo.pair_metrics(models, None, x, ["1"], ("cka",), progress=True)
+    err = capsys.readouterr().err
+    assert "pair metrics" in err and "7/7" in err  # 6 forwards and one batched (layer, measure) step
+
+
+def test_pairwise_similarity_progress_bar(capsys):
+    S.pairwise_similarity(zoo_features(k=4), progress=True)
+    err = capsys.readouterr().err
+    assert "pairwise cka" in err and "4/4" in err
+    S.pairwise_similarity(zoo_features(k=4), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda f: S.pairwise_similarity({}), TypeError, "features must be a non-empty dict"),
+    (lambda f: S.pairwise_similarity(f, [("m0", "zz")]), ValueError, "without features.*zz"),
+    (lambda f: S.pairwise_similarity(f, [("m0", "m1", "m2")]), ValueError, "pairs must be"),
+    (lambda f: S.pairwise_similarity(f, measure="l2"), ValueError, "measure must be"),
+    (lambda f: S.pairwise_similarity(f, kernel="cosine"), ValueError, "kernel must be"),
+    (lambda f: S.pairwise_similarity(f, measure="procrustes", group="affine"), ValueError, "group must be"),
+    (lambda f: S.pairwise_similarity(f, measure="procrustes", centered=1), TypeError, "centered"),
+    (lambda f: S.pairwise_similarity(f, chunk=0), ValueError, "chunk"),
+    (lambda f: S.pairwise_similarity(dict(f, short=f["m0"][:10])), ValueError, "same N probe samples"),
+    (lambda f: S.pairwise_similarity({k: v[:3] for k, v in f.items()}), ValueError, "at least 4 samples"),
+    (lambda f: S.pairwise_similarity(dict(f, bad=f["m0"].clone().fill_(float("nan")))), ValueError, "bad"),
+    (lambda f: zoo.pair_metrics({"a": cnn()}, None, None, ["1"]), zoo.ZooError, "needs a probe"),
+    (lambda f: zoo.pair_metrics({"a": cnn()}, None, torch.randn(8, 1, 8, 8), []), zoo.ZooError, "layers"),
+    (lambda f: zoo.pair_metrics({"a": cnn()}, None, torch.randn(8, 1, 8, 8), ["1"], ("l2",)), zoo.ZooError,
+     "unknown pair measures"),
+])
+def test_bad_input_is_refused_naming_the_argument(call, error, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(error, match=match):
+            call(zoo_features(k=3))
+
+
+def test_inputs_are_left_as_they_were():
+    feats = zoo_features(k=3, shape=(6, 2, 2))
+    before = {n: t.clone() for n, t in feats.items()}
+    for measure in ("cka", "procrustes"):
+        S.pairwise_similarity(feats, measure=measure, progress=False)
+    assert all(torch.equal(before[n], feats[n]) for n in feats)
+
+
+def test_analyze_batches_the_pairs_of_each_chunk(monkeypatch):
+    """zoo.analyze's pair phase: one batched pairwise_similarity per chunk,
+    layer and measure (not one per pair), each model's centred Gram once per
+    run (kept in the cache across chunks), the same values as pair_metrics."""
+    torch.manual_seed(0)
+    models = {f"cnn{i}": cnn() for i in range(5)}
+    calls, original = [], S.pairwise_similarity
+    monkeypatch.setattr(S, "pairwise_similarity", lambda *a, **k: calls.append(1) or original(*a, **k))
+    grams, gram = [], S._gram
+    monkeypatch.setattr(S, "_gram", lambda *a: grams.append(1) or gram(*a))
+    x = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    tables = zoo.analyze(models, metrics=(), pairs=("cka", "procrustes"), probe=x, layers=["1", "3"],
+                         chunk_size=3, progress=False)
+    assert len(calls) == 4 * 2 * 2  # 4 chunks of the 10 pairs, each: layers x measures
+    assert len(grams) == 5 * 2  # models x layers, not once per chunk
+    pairs = tables["pairs"].sort_values(["model_a", "model_b", "layer", "measure"]).reset_index(drop=True)
+    direct = zoo.pair_metrics(models, None, x, ["1", "3"], ("cka", "procrustes"), progress=False)
+    direct = direct.sort_values(["model_a", "model_b", "layer", "measure"]).reset_index(drop=True)
+    assert len(pairs) == 10 * 2 * 2
+    np.testing.assert_allclose(pairs["value"], direct["value"], rtol=0, atol=1e-12)
