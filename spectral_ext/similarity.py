@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import _checks, _moments
+from . import _checks, _moments, _ops
 from ._data import batches
 from ._hooks import capturing, check_layers, evaluating
 from ._ops import linear_sum_assignment, max_kernel_gram
@@ -122,10 +122,11 @@ def channel_normalize(X: torch.Tensor, centered: bool = True) -> torch.Tensor:
     return X / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def _median_offdiagonal(D: torch.Tensor, what: str) -> torch.Tensor:
+def _median_offdiagonal(D: torch.Tensor, what: str, lower: bool = False) -> torch.Tensor:
     """The median of D[i, j] over the pairs i < j of a symmetric (N, N)
     matrix (torch.median's lower middle value for an even count); on the
-    CPU by numpy's selection, O(N^2) instead of a sort."""
+    CPU by numpy's selection, O(N^2) instead of a sort. lower: D holds the
+    pairs in its strict lower triangle (i > j) only."""
     n = D.shape[0]
     if n < 2:
         median = D.new_tensor(0.0)
@@ -133,11 +134,13 @@ def _median_offdiagonal(D: torch.Tensor, what: str) -> torch.Tensor:
         import numpy as np
 
         A = D.detach().numpy()
-        values = np.concatenate([A[i, i + 1:] for i in range(n - 1)])
+        values = np.concatenate([A[i, :i] for i in range(1, n)] if lower else [A[i, i + 1:] for i in range(n - 1)])
         k = (values.size - 1) // 2
-        median = D.new_tensor(float(np.partition(values, k)[k]))
+        values.partition(k)  # in place: values is a fresh array
+        median = D.new_tensor(float(values[k]))
     else:
-        median = D[torch.triu(torch.ones(n, n, dtype=torch.bool, device=D.device), diagonal=1)].median()
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=D.device), diagonal=1)
+        median = D[upper.T if lower else upper].median()
     if not median > 0:
         raise ValueError(f"the median {what} between samples is 0 (most samples are identical): the kernel's "
                          "bandwidth is 0 and the measure is undefined; pass bandwidth/gamma or distinct samples")
@@ -154,6 +157,22 @@ def _squared_distances(F: torch.Tensor) -> torch.Tensor:
     sq = torch.addmm(rows[:, None] + rows[None, :], F, F.T, alpha=-2.0).clamp_min_(0)
     sq.diagonal().zero_()
     return sq
+
+
+def _rbf_lower(R: torch.Tensor, bandwidth: float):
+    """The RBF Gram of kernel_matrix as its strict lower triangle (zeros
+    above; the diagonal is 1) from one syrk triangle, never mirrored (a
+    transposed pass costs as much as the half matmul saves); None where
+    syrk cannot run (see _syrk)."""
+    F = R.reshape(R.shape[0], -1)
+    F = F - F.mean(0, keepdim=True)  # distances are shift invariant
+    G = _syrk(F.contiguous(), outer=True)
+    if G is None:
+        return None
+    rows = torch.linalg.vecdot(F, F)
+    sq = (rows[:, None] + rows[None, :]).sub_(G.T, alpha=2.0).clamp_min_(0)  # G.T: the C-ordered lower triangle
+    scale = bandwidth ** 2 * _median_offdiagonal(sq, "squared distance", lower=True)
+    return sq.mul_(-0.5 / float(scale)).exp_().tril_(-1)
 
 
 def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.5, gamma: float | None = None):
@@ -177,13 +196,20 @@ def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.
         return sq.div_(-2 * scale).exp_()
     Xn = channel_normalize(X)
     if kernel == "max":
-        return max_kernel_gram(Xn.contiguous())
+        return _max_gram(Xn.contiguous())
     F = Xn.reshape(Xn.shape[0], -1)
     if kernel == "ortho":
         return F @ F.T
     l1 = torch.cdist(F, F, p=1)
     c = 1.0 / float(_median_offdiagonal(l1, "l1 distance")) if gamma is None else gamma
     return torch.exp(-c * l1)
+
+
+def _max_gram(Xn: torch.Tensor) -> torch.Tensor:
+    """max_kernel_gram of channel-normalised features without its output
+    check (a float64 pass over N x N): finite inputs of unit channel norm
+    give |K| <= 1 (Cauchy-Schwarz), nothing can overflow."""
+    return torch.ops.spectral_ext.max_kernel_gram(Xn) if _ops._native() else max_kernel_gram(Xn)
 
 
 def _centre_gram_(K: torch.Tensor, unbiased: bool) -> torch.Tensor:
@@ -231,21 +257,34 @@ def _check_kernel(kernel):
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
+def _syrk(F: torch.Tensor, outer: bool):
+    """One triangle of F F' (outer) or F'F (the other triangle zero) by BLAS
+    syrk, half the flops of a matmul (torch has no syrk); None where scipy's
+    BLAS cannot take F (not a contiguous float32/64 CPU tensor)."""
+    if F.device.type != "cpu" or not F.is_contiguous() or F.dtype not in (torch.float32, torch.float64) \
+            or F.requires_grad:
+        return None
+    from scipy.linalg import blas
+
+    syrk = blas.ssyrk if F.dtype == torch.float32 else blas.dsyrk
+    # F's memory read in Fortran order is F' (d, n): trans=0 gives F'F, trans=1 gives F F'
+    return torch.from_numpy(syrk(1.0, F.detach().numpy().T, trans=1 if outer else 0))
+
+
+def _squared_norm64(A: torch.Tensor) -> torch.Tensor:
+    """|A|_F^2 in float64 (one dot product of the float64 values, no squared copy)."""
+    flat = A.to(torch.float64).reshape(-1)
+    return torch.dot(flat, flat)
+
+
 def _frobenius2_of_gram(F: torch.Tensor) -> torch.Tensor:
     """|F'F|_F^2 = |F F'|_F^2 in float64 through the smaller of the two
-    products (F: (n, d), centred). On the CPU through BLAS syrk, which
-    computes one triangle of a symmetric product for half the flops of a
-    matmul (torch has no syrk)."""
+    products (F: (n, d), centred), one triangle by syrk on the CPU."""
     n, d = F.shape
-    if F.device.type == "cpu" and F.is_contiguous() and F.dtype in (torch.float32, torch.float64):
-        from scipy.linalg import blas
-
-        syrk = blas.ssyrk if F.dtype == torch.float32 else blas.dsyrk
-        # F's memory read in Fortran order is F' (d, n): trans=0 gives F'F, trans=1 gives F F'
-        G = torch.from_numpy(syrk(1.0, F.detach().numpy().T, trans=0 if d <= n else 1)).to(torch.float64)
-        return 2.0 * G.square().sum() - G.diagonal().square().sum()  # one triangle, the diagonal once
-    G = F.T @ F if d <= n else F @ F.T
-    return G.to(torch.float64).square().sum()
+    G = _syrk(F, outer=d > n)
+    if G is not None:
+        return 2.0 * _squared_norm64(G) - _squared_norm64(G.diagonal())  # one triangle, the diagonal once
+    return _squared_norm64(F.T @ F if d <= n else F @ F.T)
 
 
 def _constant(X: torch.Tensor) -> bool:
@@ -284,10 +323,16 @@ class _Batch:
                 mean = F.mean(0, keepdim=True, dtype=torch.float64)
                 Fc = F - mean.to(F.dtype) if F.dtype != torch.float64 else F - mean
                 self.features.append(Fc)
-                self.norms.append(Fc.square().sum(1, dtype=torch.float64))
+                self.norms.append(torch.linalg.vecdot(Fc, Fc).to(torch.float64))  # sums of squares: no cancellation
         elif route == "direct":  # one pair of large Grams: kept in their dtype
-            self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
-            self.terms = [_gram_terms(K) for K in self.grams]
+            lower = [_rbf_lower(R, bandwidth) for R in reps] if kernel == "rbf" else [None]
+            self.lower = all(K is not None for K in lower)
+            if self.lower:
+                self.grams = lower
+                self.terms = [_lower_terms(K) for K in lower]
+            else:
+                self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
+                self.terms = [_gram_terms(K) for K in self.grams]
         else:
             grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
             stacked = torch.empty((len(grams), self.n, self.n), dtype=torch.float64, device=grams[0].device)
@@ -298,20 +343,35 @@ class _Batch:
 
 
 def _gram_terms(K: torch.Tensor):
-    """What HSIC needs from one Gram matrix, accumulated in float64 without
-    a float64 copy: its diagonal, row sums and total."""
+    """What HSIC needs from one Gram matrix without a float64 copy: its
+    diagonal, row sums and total (each row summed in K's dtype, torch's
+    pairwise sum, the rows in float64: 9x faster than a float64 sum)."""
     diag = K.diagonal().to(torch.float64)
-    rows = K.sum(1, dtype=torch.float64)
+    rows = K.sum(1).to(torch.float64)
     return diag, rows, rows.sum()
 
 
-def _hsic_direct(K, L, tk, tl, unbiased: bool) -> torch.Tensor:
+def _lower_terms(K: torch.Tensor):
+    """_gram_terms of the symmetric Gram whose strict lower triangle K holds,
+    with unit diagonal (RBF)."""
+    diag = torch.ones(K.shape[0], dtype=torch.float64, device=K.device)
+    rows = (K.sum(1) + K.sum(0)).to(torch.float64) + diag
+    return diag, rows, rows.sum()
+
+
+def _inner(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """sum K * L: row dot products in the Grams' dtype, summed in float64
+    (no N x N product tensor, no float64 copy)."""
+    return torch.linalg.vecdot(K, L).sum(dtype=torch.float64)
+
+
+def _hsic_direct(K, L, tk, tl, unbiased: bool, lower: bool = False) -> torch.Tensor:
     """HSIC of one pair of (N, N) Gram matrices from eq. 3 of [NRK21]
-    (unbiased) or tr(KHLH) / (n-1)^2, every sum accumulated in float64
-    (one pass over K and L, no centred copies)."""
+    (unbiased) or tr(KHLH) / (n-1)^2, the sums over rows in float64 (no
+    centred copies). lower: K and L hold strict lower triangles (_rbf_lower)."""
     n = K.shape[0]
     (dk, rk, sk), (dl, rl, sl) = tk, tl
-    full = (K * L).sum(dtype=torch.float64) if K is not L else K.square().sum(dtype=torch.float64)
+    full = 2.0 * _inner(K, L) + dk @ dl if lower else _inner(K, L)
     if not unbiased:
         return (full - 2.0 / n * (rk @ rl) + sk * sl / n ** 2) / (n - 1) ** 2
     rk, rl = rk - dk, rl - dl  # K~ 1, L~ 1
@@ -331,7 +391,7 @@ def _hsic_features(a: _Batch, b: _Batch, unbiased: bool, same: bool) -> torch.Te
             if same and j < i:
                 out[i, j] = out[j, i]
                 continue
-            trace = _frobenius2_of_gram(X) if same and i == j else (X.T @ Y).to(torch.float64).square().sum()
+            trace = _frobenius2_of_gram(X) if same and i == j else _squared_norm64(X.T @ Y)
             if unbiased:
                 kx, ky = a.norms[i], b.norms[j]
                 dot = kx @ ky
@@ -417,11 +477,11 @@ class MinibatchCKA:
             xx = torch.diagonal(xy).clone() if same else _self_hsic_features(a, self.unbiased)
             yy = xx if same else _self_hsic_features(b, self.unbiased)
         elif route == "direct":
-            K, L = a.grams[0], b.grams[0]
-            xx = _hsic_direct(K, K, a.terms[0], a.terms[0], self.unbiased).reshape(1)
-            yy = xx if same else _hsic_direct(L, L, b.terms[0], b.terms[0], self.unbiased).reshape(1)
+            K, L, lower = a.grams[0], b.grams[0], a.lower
+            xx = _hsic_direct(K, K, a.terms[0], a.terms[0], self.unbiased, lower).reshape(1)
+            yy = xx if same else _hsic_direct(L, L, b.terms[0], b.terms[0], self.unbiased, lower).reshape(1)
             xy = xx.reshape(1, 1) if same else \
-                _hsic_direct(K, L, a.terms[0], b.terms[0], self.unbiased).reshape(1, 1)
+                _hsic_direct(K, L, a.terms[0], b.terms[0], self.unbiased, lower).reshape(1, 1)
         else:
             scale = _hsic_scale(n, self.unbiased)
             xy = (a.grams @ b.grams.T) * scale
