@@ -14,7 +14,7 @@ namespace spectral_ext {
 namespace {
 
 constexpr int64_t kTile = 64;  // K is computed in 64 x 64 tiles: both operand panels stay in L2
-constexpr int kRows = 4;       // rows of K per register block
+constexpr int kRows = 8;       // rows of K per register block (one vector wide: x broadcast from memory into the multiply)
 
 // One 64 x 64 tile of K. Inputs are packed per tile and zero-padded to whole
 // tiles, Xp (N/64, C, S, 64) and Yp (N'/64, C, S, 64), so every tile is full
@@ -87,7 +87,7 @@ SPECTRAL_EXT_ALWAYS_INLINE void gram_tile_impl(const T* Xp, const T* Yp, T* K, i
 
 template <typename T, bool TrackNaN, bool OneS>
 SPECTRAL_EXT_TARGET_AVX512 void gram_tile_avx512(SPECTRAL_EXT_GRAM_ARGS) {
-  gram_tile_impl<T, 64, 2, TrackNaN, OneS>(SPECTRAL_EXT_GRAM_PASS);
+  gram_tile_impl<T, 64, 1, TrackNaN, OneS>(SPECTRAL_EXT_GRAM_PASS);
 }
 template <typename T, bool TrackNaN, bool OneS>
 SPECTRAL_EXT_TARGET_AVX2 void gram_tile_avx2(SPECTRAL_EXT_GRAM_ARGS) {
