@@ -175,7 +175,8 @@ def _rbf_lower(R: torch.Tensor, bandwidth: float):
     if G is None:
         return None
     rows = torch.linalg.vecdot(F, F)
-    sq = (rows[:, None] + rows[None, :]).sub_(G.T, alpha=2.0).clamp_min_(0)  # G.T: the C-ordered lower triangle
+    # in place on G.T (the C-ordered lower triangle): no fresh N x N tensor
+    sq = G.T.mul_(-2.0).add_(rows[:, None]).add_(rows[None, :]).clamp_min_(0)
     scale = bandwidth ** 2 * _median_offdiagonal(sq, "squared distance", lower=True)
     return sq.mul_(-0.5 / float(scale)).exp_().tril_(-1)
 
@@ -364,10 +365,18 @@ def _lower_terms(K: torch.Tensor):
     return diag, rows, rows.sum()
 
 
-def _inner(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """sum K * L: row dot products in the Grams' dtype, summed in float64
+def _inner(K: torch.Tensor, L: torch.Tensor, rows: int = 64) -> torch.Tensor:
+    """sum K * L: row dot products in the Grams' dtype (cascade sums), summed
+    in float64; blocks of `rows` rows through one buffer that stays in L2
     (no N x N product tensor, no float64 copy)."""
-    return torch.linalg.vecdot(K, L).sum(dtype=torch.float64)
+    n = K.shape[0]
+    buffer = torch.empty((min(rows, n), K.shape[1]), dtype=torch.promote_types(K.dtype, L.dtype), device=K.device)
+    total = torch.zeros((), dtype=torch.float64, device=K.device)
+    for start in range(0, n, rows):
+        part = buffer[:min(rows, n - start)]
+        torch.mul(K[start:start + rows], L[start:start + rows], out=part)
+        total += part.sum(1).sum(dtype=torch.float64)
+    return total
 
 
 def _hsic_direct(K, L, tk, tl, unbiased: bool, lower: bool = False) -> torch.Tensor:
