@@ -670,9 +670,23 @@ def _procrustes_pair(X, Y, group, centered, feature_axis) -> tuple[float, float]
     if not isinstance(centered, bool):
         raise TypeError(f"centered must be True or False, got {centered!r}")
     X, Y = _pair(X, Y, feature_axis)
+    if group == "orthogonal" and not centered:
+        return _orthogonal_procrustes(X, Y)
     moments = CrossMoments()
     moments.update(X, Y)
     return moments.procrustes(group, centered)
+
+
+def _orthogonal_procrustes(X, Y) -> tuple[float, float]:
+    """The uncentred orthogonal measure of one pair (D.7.1) from what it
+    needs: X'Y and the two total squared norms (one dot product each, no
+    per-channel squares), in float64 as CrossMoments would give them."""
+    x, y = (_moments.rows(R).to(torch.float64) for R in (X, Y))
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"X and Y must have the same samples and positions, got {tuple(X.shape)} and "
+                         f"{tuple(Y.shape)} (N, C, positions)")
+    flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+    return _procrustes_from(x.T @ y, torch.dot(flat_x, flat_x), torch.dot(flat_y, flat_y), "orthogonal")
 
 
 def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", return_distance: bool = False,
