@@ -120,7 +120,7 @@ void gram_tile(Isa isa, bool track_nan, SPECTRAL_EXT_GRAM_ARGS) {
 
 // No product or sum of S products can be NaN: every input finite and S max|X| max|Y| below the dtype's range.
 bool cannot_make_nan(const at::Tensor& X, const at::Tensor& Y, int64_t S) {
-  const auto big = [](const at::Tensor& t) { return t.abs().max().item<double>(); };
+  const auto big = [](const at::Tensor& t) { return t.numel() == 0 ? 0.0 : t.abs().max().item<double>(); };
   const double mx = big(X), my = big(Y);  // NaN or inf inputs make these NaN or inf
   const double limit = X.scalar_type() == at::kFloat ? std::numeric_limits<float>::max()
                                                      : std::numeric_limits<double>::max();
