@@ -4,10 +4,14 @@ inputs in the same run: one thread per side, interleaved repeats (A, B, A,
 B, ...), medians and the ratio, and an assertion that the numbers agree
 (against the peer's formula in float64 where its float32 is off).
 
-Run: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m pytest -q -s benchmarks/peers/test_bench_cka.py
+Run: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python -m pytest -q -s benchmarks/peers/test_bench_cka.py
+(OpenBLAS is scipy's BLAS, which spectral_ext's syrk calls use.) Each line
+printed ends with the load average: the machine is shared.
 Figures are recorded in benchmarks/RESULTS.md ("Representation space vs the CKA packages")."""
+import os
 import statistics
 import time
+from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ import torch
 import spectral_ext as se
 
 peer = pytest.importorskip("cka")
+PEER = f"pytorch-cka {version('pytorch-cka')}"
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +45,10 @@ def interleaved(functions: dict, repeats: int = 5):
 
 
 def report(job, medians, ours="spectral_ext"):
-    others = ", ".join(f"{name} {t:.3f} s ({t / medians[ours]:.1f}x)" for name, t in medians.items() if name != ours)
-    print(f"\n{job}: spectral_ext {medians[ours]:.3f} s; {others}")
+    others = ", ".join(f"{name} {t:.3f} s ({t / medians[ours]:.2f}x)" for name, t in medians.items() if name != ours)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{job}: spectral_ext {medians[ours]:.3f} s; {others}; "
+          f"torch {torch.__version__}, load average {load}")
 
 
 def features(n, d=512, seed=0):
@@ -55,11 +62,11 @@ def features(n, d=512, seed=0):
 def test_linear_cka_vs_pytorch_cka(n):
     X, Y = features(n)
     medians, values = interleaved({"spectral_ext": lambda: se.cka(X, Y),
-                                   "pytorch-cka 1.1.3": lambda: float(peer.cka_from_features(X, Y))})
+                                   PEER: lambda: float(peer.cka_from_features(X, Y))})
     report(f"linear CKA N={n} D=512 float32", medians)
     exact = float(peer.cka_from_features(X.double(), Y.double()))  # the peer's formula in float64
     assert values["spectral_ext"] == pytest.approx(exact, rel=1e-5)
-    assert values["pytorch-cka 1.1.3"] == pytest.approx(exact, rel=1e-2)
+    assert values[PEER] == pytest.approx(exact, rel=1e-2)
 
 
 def test_rbf_and_max_cka_vs_pytorch_cka():
@@ -68,8 +75,10 @@ def test_rbf_and_max_cka_vs_pytorch_cka():
     X, Y = features(2000)
     medians, values = interleaved({"spectral_ext": lambda: se.cka(X, Y, "rbf"),
                                    "spectral_ext max": lambda: se.cka(X, Y, "max"),
-                                   "pytorch-cka 1.1.3 linear": lambda: float(peer.cka_from_features(X, Y))})
-    report("RBF CKA N=2000 D=512 float32 (and G_ReLU max kernel)", medians)
+                                   PEER + " linear": lambda: float(peer.cka_from_features(X, Y))})
+    yardstick = {PEER + " linear": medians[PEER + " linear"]}
+    report("RBF CKA N=2000 D=512 float32", {"spectral_ext": medians["spectral_ext"], **yardstick})
+    report("G_ReLU (max kernel) CKA N=2000 D=512 float32", {"spectral_ext": medians["spectral_ext max"], **yardstick})
     Xd, Yd = X.double(), Y.double()
     assert values["spectral_ext"] == pytest.approx(se.cka(Xd, Yd, "rbf"), rel=1e-5)
     assert values["spectral_ext max"] == pytest.approx(se.cka(Xd, Yd, "max"), rel=1e-4)
