@@ -16,10 +16,12 @@ the features (a Linear: last axis; a conv: axis 1).
 Accuracy: features are centred in float64 before any product (HSIC_1 and
 the biased HSIC are invariant to shifting linear features, so this loses
 nothing and removes the cancellation that makes float32 CKA packages err by
-100%+ on ReLU features); every sum that cancels (row norms, the estimator's
-corrections, Gram centring) runs in float64; only the matrix products of
-the centred features run in the input dtype (measured: 3e-7 relative on
-float32 ReLU features, see python_tests/test_similarity.py)."""
+100%+ on ReLU features); every sum that cancels (the estimator's
+corrections, Gram centring, the sums over a Gram's rows) runs in float64;
+the matrix products of the centred features, kernel values and the sums
+within one row (torch's cascade sums, no cancellation there) run in the
+input dtype (measured: 3e-7 relative on float32 ReLU features, see
+python_tests/test_similarity.py and test_similarity_speed.py)."""
 from __future__ import annotations
 
 import contextlib
