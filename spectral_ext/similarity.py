@@ -19,7 +19,7 @@ nothing and removes the cancellation that makes float32 CKA packages err by
 100%+ on ReLU features); every sum that cancels (the estimator's
 corrections, Gram centring, the sums over a Gram's rows) runs in float64;
 the matrix products of the centred features, kernel values and the sums
-within one row (torch's cascade sums, no cancellation there) run in the
+within one row (torch's cascade sums, tested to 1e-5 on CKA ~0.01) run in the
 input dtype (measured: 3e-7 relative on float32 ReLU features, see
 python_tests/test_similarity.py and test_similarity_speed.py)."""
 from __future__ import annotations
