@@ -333,8 +333,9 @@ class _Batch:
             self.features, self.norms = [], []
             for R in reps:
                 F = (channel_normalize(R) if kernel == "ortho" else R).reshape(self.n, -1)
-                mean = F.mean(0, keepdim=True, dtype=torch.float64)
-                Fc = F - mean.to(F.dtype) if F.dtype != torch.float64 else F - mean
+                Fc = F - F.mean(0, keepdim=True)
+                if F.dtype != torch.float64:  # a second pass takes out what the first mean's rounding left
+                    Fc -= Fc.mean(0, keepdim=True)
                 self.features.append(Fc)
                 self.norms.append(torch.linalg.vecdot(Fc, Fc).to(torch.float64))  # sums of squares: no cancellation
         elif route == "direct":  # one pair of large Grams: kept in their dtype
