@@ -13,7 +13,8 @@ measures are invariant to permuting and positively scaling channels, not
 positions. similarity_matrix decides the axis from the layer that produced
 the features (a Linear: last axis; a conv: axis 1).
 
-Accuracy: features are centred in float64 before any product (HSIC_1 and
+Accuracy: features are centred before any product (float32 ones in two
+passes, the second removing the first mean's rounding; HSIC_1 and
 the biased HSIC are invariant to shifting linear features, so this loses
 nothing and removes the cancellation that makes float32 CKA packages err by
 100%+ on ReLU features); every sum that cancels (the estimator's
