@@ -374,27 +374,38 @@ def _lower_terms(K: torch.Tensor):
     return diag, rows, rows.sum()
 
 
-def _inner(K: torch.Tensor, L: torch.Tensor, rows: int = 64) -> torch.Tensor:
-    """sum K * L: row dot products in the Grams' dtype (cascade sums), summed
-    in float64; blocks of `rows` rows through one buffer that stays in L2
-    (no N x N product tensor, no float64 copy)."""
-    n = K.shape[0]
-    buffer = torch.empty((min(rows, n), K.shape[1]), dtype=torch.promote_types(K.dtype, L.dtype), device=K.device)
-    total = torch.zeros((), dtype=torch.float64, device=K.device)
+def _inners(pairs, rows: int = 64) -> list:
+    """[sum A * B for (A, B) in pairs] (matrices of one shape): row dot
+    products in the matrices' dtype (cascade sums), summed in float64, in
+    one pass over blocks of `rows` rows: each block is read from memory
+    once and its products are taken in L2 through one buffer (no N x N
+    product tensor, no float64 copy)."""
+    first = pairs[0][0]
+    n = first.shape[0]
+    buffer = torch.empty((min(rows, n), first.shape[1]), dtype=first.dtype, device=first.device)
+    totals = [torch.zeros((), dtype=torch.float64, device=first.device) for _ in pairs]
     for start in range(0, n, rows):
         part = buffer[:min(rows, n - start)]
-        torch.mul(K[start:start + rows], L[start:start + rows], out=part)
-        total += part.sum(1).sum(dtype=torch.float64)
-    return total
+        for total, (A, B) in zip(totals, pairs):
+            torch.mul(A[start:start + rows], B[start:start + rows], out=part)
+            total += part.sum(1).sum(dtype=torch.float64)
+    return totals
 
 
-def _hsic_direct(K, L, tk, tl, unbiased: bool, lower: bool = False) -> torch.Tensor:
+def _inner(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """sum K * L (see _inners)."""
+    return _inners([(K, L)])[0]
+
+
+def _hsic_direct(K, L, tk, tl, unbiased: bool, lower: bool = False, inner=None) -> torch.Tensor:
     """HSIC of one pair of (N, N) Gram matrices from eq. 3 of [NRK21]
     (unbiased) or tr(KHLH) / (n-1)^2, the sums over rows in float64 (no
-    centred copies). lower: K and L hold strict lower triangles (_rbf_lower)."""
+    centred copies). lower: K and L hold strict lower triangles (_rbf_lower).
+    inner: sum K * L when the caller has it (_inners)."""
     n = K.shape[0]
     (dk, rk, sk), (dl, rl, sl) = tk, tl
-    full = 2.0 * _inner(K, L) + dk @ dl if lower else _inner(K, L)
+    inner = _inner(K, L) if inner is None else inner
+    full = 2.0 * inner + dk @ dl if lower else inner
     if not unbiased:
         return (full - 2.0 / n * (rk @ rl) + sk * sl / n ** 2) / (n - 1) ** 2
     rk, rl = rk - dk, rl - dl  # K~ 1, L~ 1
@@ -500,11 +511,11 @@ class MinibatchCKA:
             xx = torch.diagonal(xy).clone() if same else _self_hsic_features(a, self.unbiased)
             yy = xx if same else _self_hsic_features(b, self.unbiased)
         elif route == "direct":
-            K, L, lower = a.grams[0], b.grams[0], a.lower
-            xx = _hsic_direct(K, K, a.terms[0], a.terms[0], self.unbiased, lower).reshape(1)
-            yy = xx if same else _hsic_direct(L, L, b.terms[0], b.terms[0], self.unbiased, lower).reshape(1)
-            xy = xx.reshape(1, 1) if same else \
-                _hsic_direct(K, L, a.terms[0], b.terms[0], self.unbiased, lower).reshape(1, 1)
+            K, L, lower, ta, tb = a.grams[0], b.grams[0], a.lower, a.terms[0], b.terms[0]
+            kk, kl, ll = _inners([(K, K)]) * 3 if same else _inners([(K, K), (K, L), (L, L)])  # one pass
+            xx = _hsic_direct(K, K, ta, ta, self.unbiased, lower, kk).reshape(1)
+            yy = xx if same else _hsic_direct(L, L, tb, tb, self.unbiased, lower, ll).reshape(1)
+            xy = xx.reshape(1, 1) if same else _hsic_direct(K, L, ta, tb, self.unbiased, lower, kl).reshape(1, 1)
         else:
             scale = _hsic_scale(n, self.unbiased)
             xy = (a.grams @ b.grams.T) * scale
