@@ -36,7 +36,7 @@ SPECTRAL_EXT_ALWAYS_INLINE void gram_tile_impl(const T* Xp, const T* Yp, T* K, i
   constexpr int kCols = VecsPerRow * kLanes;
   static_assert(kTile % kCols == 0 && kTile % kRows == 0, "a register block must divide the tile");
   const int64_t positions = OneS ? 1 : S;
-  const int64_t chunk = std::max<int64_t>(1, 16384 / (2 * kTile * sizeof(T) * std::max<int64_t>(positions, 1)));  // 32 KiB of panels
+  const int64_t chunk = std::max<int64_t>(1, 16384 / (2 * kTile * sizeof(T) * std::max<int64_t>(positions, 1)));  // two 8 KiB panels + the 16 KiB tile: L1
   alignas(64) T tile[kTile * kTile];
   std::fill(tile, tile + kTile * kTile, -std::numeric_limits<T>::infinity());
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
