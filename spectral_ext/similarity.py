@@ -13,13 +13,16 @@ measures are invariant to permuting and positively scaling channels, not
 positions. similarity_matrix decides the axis from the layer that produced
 the features (a Linear: last axis; a conv: axis 1).
 
-Accuracy: features are centred in float64 before any product (HSIC_1 and
+Accuracy: features are centred before any product (float32 ones in two
+passes, the second removing the first mean's rounding; HSIC_1 and
 the biased HSIC are invariant to shifting linear features, so this loses
 nothing and removes the cancellation that makes float32 CKA packages err by
-100%+ on ReLU features); every sum that cancels (row norms, the estimator's
-corrections, Gram centring) runs in float64; only the matrix products of
-the centred features run in the input dtype (measured: 3e-7 relative on
-float32 ReLU features, see python_tests/test_similarity.py)."""
+100%+ on ReLU features); every sum that cancels (the estimator's
+corrections, Gram centring, the sums over a Gram's rows) runs in float64;
+the matrix products of the centred features, kernel values and the sums
+within one row (torch's cascade sums, tested to 1e-5 on CKA ~0.01) run in the
+input dtype (measured: 3e-7 relative on float32 ReLU features, see
+python_tests/test_similarity.py and test_similarity_speed.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import _checks, _moments
+from . import _checks, _moments, _ops
 from ._data import batches
 from ._hooks import capturing, check_layers, evaluating
 from ._ops import linear_sum_assignment, max_kernel_gram
@@ -115,17 +118,23 @@ def _pair(X, Y, feature_axis=None):
 def channel_normalize(X: torch.Tensor, centered: bool = True) -> torch.Tensor:
     """Seed 004 appendix D.7.2 / definition 5.3: subtract each channel's mean over
     samples and positions (centered=True), divide by its norm over samples
-    and positions (X D_X^{-1}). X: (N, C, S). A constant channel stays zero."""
+    and positions (X D_X^{-1}). X: (N, C, S). A constant channel stays zero.
+    The sums run in X's dtype (torch's cascade sums: 1e-7 relative in
+    float32, as the float64 sums were once rounded back; 10x faster)."""
+    zero = None
     if centered:
-        X = X - X.mean(dim=(0, 2), keepdim=True, dtype=torch.float64).to(X.dtype)
-    norm = torch.linalg.vector_norm(X, dim=(0, 2), keepdim=True, dtype=torch.float64).to(X.dtype)
-    return X / torch.where(norm > 0, norm, torch.ones_like(norm))
+        zero = X.amax(dim=(0, 2), keepdim=True) == X.amin(dim=(0, 2), keepdim=True)  # exactly 0, not rounding
+        X = X - X.sum(dim=(0, 2), keepdim=True) / (X.shape[0] * X.shape[2])
+    norm = X.square().sum(dim=(0, 2), keepdim=True).sqrt_()
+    zero = norm == 0 if zero is None else zero | (norm == 0)
+    return X / norm.masked_fill_(zero, float("inf"))  # a zero channel divided by inf stays zero
 
 
-def _median_offdiagonal(D: torch.Tensor, what: str) -> torch.Tensor:
+def _median_offdiagonal(D: torch.Tensor, what: str, lower: bool = False) -> torch.Tensor:
     """The median of D[i, j] over the pairs i < j of a symmetric (N, N)
     matrix (torch.median's lower middle value for an even count); on the
-    CPU by numpy's selection, O(N^2) instead of a sort."""
+    CPU by numpy's selection, O(N^2) instead of a sort. lower: D holds the
+    pairs in its strict lower triangle (i > j) only."""
     n = D.shape[0]
     if n < 2:
         median = D.new_tensor(0.0)
@@ -133,11 +142,13 @@ def _median_offdiagonal(D: torch.Tensor, what: str) -> torch.Tensor:
         import numpy as np
 
         A = D.detach().numpy()
-        values = np.concatenate([A[i, i + 1:] for i in range(n - 1)])
+        values = np.concatenate([A[i, :i] for i in range(1, n)] if lower else [A[i, i + 1:] for i in range(n - 1)])
         k = (values.size - 1) // 2
-        median = D.new_tensor(float(np.partition(values, k)[k]))
+        values.partition(k)  # in place: values is a fresh array
+        median = D.new_tensor(float(values[k]))
     else:
-        median = D[torch.triu(torch.ones(n, n, dtype=torch.bool, device=D.device), diagonal=1)].median()
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=D.device), diagonal=1)
+        median = D[upper.T if lower else upper].median()
     if not median > 0:
         raise ValueError(f"the median {what} between samples is 0 (most samples are identical): the kernel's "
                          "bandwidth is 0 and the measure is undefined; pass bandwidth/gamma or distinct samples")
@@ -154,6 +165,23 @@ def _squared_distances(F: torch.Tensor) -> torch.Tensor:
     sq = torch.addmm(rows[:, None] + rows[None, :], F, F.T, alpha=-2.0).clamp_min_(0)
     sq.diagonal().zero_()
     return sq
+
+
+def _rbf_lower(R: torch.Tensor, bandwidth: float):
+    """The RBF Gram of kernel_matrix as its strict lower triangle (zeros
+    above; the diagonal is 1) from one syrk triangle, never mirrored (a
+    transposed pass costs as much as the half matmul saves); None where
+    syrk cannot run (see _syrk)."""
+    F = R.reshape(R.shape[0], -1)
+    F = F - F.mean(0, keepdim=True)  # distances are shift invariant
+    G = _syrk(F.contiguous(), outer=True)
+    if G is None:
+        return None
+    rows = torch.linalg.vecdot(F, F)
+    # in place on G.T (the C-ordered lower triangle): no fresh N x N tensor
+    sq = G.T.mul_(-2.0).add_(rows[:, None]).add_(rows[None, :]).clamp_min_(0)
+    scale = bandwidth ** 2 * _median_offdiagonal(sq, "squared distance", lower=True)
+    return sq.mul_(-0.5 / float(scale)).exp_().tril_(-1)
 
 
 def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.5, gamma: float | None = None):
@@ -177,13 +205,20 @@ def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.
         return sq.div_(-2 * scale).exp_()
     Xn = channel_normalize(X)
     if kernel == "max":
-        return max_kernel_gram(Xn.contiguous())
+        return _max_gram(Xn.contiguous())
     F = Xn.reshape(Xn.shape[0], -1)
     if kernel == "ortho":
         return F @ F.T
     l1 = torch.cdist(F, F, p=1)
     c = 1.0 / float(_median_offdiagonal(l1, "l1 distance")) if gamma is None else gamma
     return torch.exp(-c * l1)
+
+
+def _max_gram(Xn: torch.Tensor) -> torch.Tensor:
+    """max_kernel_gram of channel-normalised features without its output
+    check (a float64 pass over N x N): finite inputs of unit channel norm
+    give |K| <= 1 (Cauchy-Schwarz), nothing can overflow."""
+    return torch.ops.spectral_ext.max_kernel_gram(Xn) if _ops._native() else max_kernel_gram(Xn)
 
 
 def _centre_gram_(K: torch.Tensor, unbiased: bool) -> torch.Tensor:
@@ -231,21 +266,39 @@ def _check_kernel(kernel):
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
-def _frobenius2_of_gram(F: torch.Tensor) -> torch.Tensor:
-    """|F'F|_F^2 = |F F'|_F^2 in float64 through the smaller of the two
-    products (F: (n, d), centred). On the CPU through BLAS syrk, which
-    computes one triangle of a symmetric product for half the flops of a
-    matmul (torch has no syrk)."""
-    n, d = F.shape
-    if F.device.type == "cpu" and F.is_contiguous() and F.dtype in (torch.float32, torch.float64):
-        from scipy.linalg import blas
+def _syrk(F: torch.Tensor, outer: bool):
+    """One triangle of F F' (outer) or F'F (the other triangle zero) by BLAS
+    syrk, half the flops of a matmul (torch has no syrk); None where scipy's
+    BLAS cannot take F (not a contiguous float32/64 CPU tensor)."""
+    if F.device.type != "cpu" or not F.is_contiguous() or F.dtype not in (torch.float32, torch.float64) \
+            or F.requires_grad:
+        return None
+    from scipy.linalg import blas
 
-        syrk = blas.ssyrk if F.dtype == torch.float32 else blas.dsyrk
-        # F's memory read in Fortran order is F' (d, n): trans=0 gives F'F, trans=1 gives F F'
-        G = torch.from_numpy(syrk(1.0, F.detach().numpy().T, trans=0 if d <= n else 1)).to(torch.float64)
-        return 2.0 * G.square().sum() - G.diagonal().square().sum()  # one triangle, the diagonal once
-    G = F.T @ F if d <= n else F @ F.T
-    return G.to(torch.float64).square().sum()
+    syrk = blas.ssyrk if F.dtype == torch.float32 else blas.dsyrk
+    # F's memory read in Fortran order is F' (d, n): trans=0 gives F'F, trans=1 gives F F'
+    return torch.from_numpy(syrk(1.0, F.detach().numpy().T, trans=1 if outer else 0))
+
+
+def _squared_norm64(A: torch.Tensor) -> torch.Tensor:
+    """|A|_F^2 in float64 (one dot product of the float64 values, no squared copy)."""
+    flat = A.to(torch.float64).reshape(-1)
+    return torch.dot(flat, flat)
+
+
+def _frobenius2_of_gram(F: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """|F'F|_F^2 = |F F'|_F^2 in float64 through the smaller of the two
+    products (F: (n, d), centred): with F = [A_1 ... A_k] in column blocks
+    (row blocks for F F'), sum over i <= j of (2 if i < j) |A_i'A_j|^2, the
+    10 of 16 block products of one triangle as MKL matmuls (measured 25%
+    faster than scipy's OpenBLAS syrk, which computes the triangle whole)."""
+    n, d = F.shape
+    parts = (F if d <= n else F.T).chunk(blocks if min(n, d) >= 64 * blocks else 1, dim=1)
+    total = torch.zeros((), dtype=torch.float64, device=F.device)
+    for i, A in enumerate(parts):
+        for j in range(i, len(parts)):
+            total += (2.0 if j > i else 1.0) * _squared_norm64(A.T @ parts[j])
+    return total
 
 
 def _constant(X: torch.Tensor) -> bool:
@@ -281,13 +334,20 @@ class _Batch:
             self.features, self.norms = [], []
             for R in reps:
                 F = (channel_normalize(R) if kernel == "ortho" else R).reshape(self.n, -1)
-                mean = F.mean(0, keepdim=True, dtype=torch.float64)
-                Fc = F - mean.to(F.dtype) if F.dtype != torch.float64 else F - mean
+                Fc = F - F.mean(0, keepdim=True)
+                if F.dtype != torch.float64:  # a second pass takes out what the first mean's rounding left
+                    Fc -= Fc.mean(0, keepdim=True)
                 self.features.append(Fc)
-                self.norms.append(Fc.square().sum(1, dtype=torch.float64))
+                self.norms.append(torch.linalg.vecdot(Fc, Fc).to(torch.float64))  # sums of squares: no cancellation
         elif route == "direct":  # one pair of large Grams: kept in their dtype
-            self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
-            self.terms = [_gram_terms(K) for K in self.grams]
+            lower = [_rbf_lower(R, bandwidth) for R in reps] if kernel == "rbf" else [None]
+            self.lower = all(K is not None for K in lower)
+            if self.lower:
+                self.grams = lower
+                self.terms = [_lower_terms(K) for K in lower]
+            else:
+                self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
+                self.terms = [_gram_terms(K) for K in self.grams]
         else:
             grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
             stacked = torch.empty((len(grams), self.n, self.n), dtype=torch.float64, device=grams[0].device)
@@ -298,20 +358,54 @@ class _Batch:
 
 
 def _gram_terms(K: torch.Tensor):
-    """What HSIC needs from one Gram matrix, accumulated in float64 without
-    a float64 copy: its diagonal, row sums and total."""
+    """What HSIC needs from one Gram matrix without a float64 copy: its
+    diagonal, row sums and total (each row summed in K's dtype, torch's
+    pairwise sum, the rows in float64: 9x faster than a float64 sum)."""
     diag = K.diagonal().to(torch.float64)
-    rows = K.sum(1, dtype=torch.float64)
+    rows = K.sum(1).to(torch.float64)
     return diag, rows, rows.sum()
 
 
-def _hsic_direct(K, L, tk, tl, unbiased: bool) -> torch.Tensor:
+def _lower_terms(K: torch.Tensor):
+    """_gram_terms of the symmetric Gram whose strict lower triangle K holds,
+    with unit diagonal (RBF)."""
+    diag = torch.ones(K.shape[0], dtype=torch.float64, device=K.device)
+    rows = (K.sum(1) + K.sum(0)).to(torch.float64) + diag
+    return diag, rows, rows.sum()
+
+
+def _inners(pairs, rows: int = 64) -> list:
+    """[sum A * B for (A, B) in pairs] (matrices of one shape): row dot
+    products in the matrices' dtype (cascade sums), summed in float64, in
+    one pass over blocks of `rows` rows: each block is read from memory
+    once and its products are taken in L2 through one buffer (no N x N
+    product tensor, no float64 copy)."""
+    first = pairs[0][0]
+    n = first.shape[0]
+    buffer = torch.empty((min(rows, n), first.shape[1]), dtype=first.dtype, device=first.device)
+    totals = [torch.zeros((), dtype=torch.float64, device=first.device) for _ in pairs]
+    for start in range(0, n, rows):
+        part = buffer[:min(rows, n - start)]
+        for total, (A, B) in zip(totals, pairs):
+            torch.mul(A[start:start + rows], B[start:start + rows], out=part)
+            total += part.sum(1).sum(dtype=torch.float64)
+    return totals
+
+
+def _inner(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """sum K * L (see _inners)."""
+    return _inners([(K, L)])[0]
+
+
+def _hsic_direct(K, L, tk, tl, unbiased: bool, lower: bool = False, inner=None) -> torch.Tensor:
     """HSIC of one pair of (N, N) Gram matrices from eq. 3 of [NRK21]
-    (unbiased) or tr(KHLH) / (n-1)^2, every sum accumulated in float64
-    (one pass over K and L, no centred copies)."""
+    (unbiased) or tr(KHLH) / (n-1)^2, the sums over rows in float64 (no
+    centred copies). lower: K and L hold strict lower triangles (_rbf_lower).
+    inner: sum K * L when the caller has it (_inners)."""
     n = K.shape[0]
     (dk, rk, sk), (dl, rl, sl) = tk, tl
-    full = (K * L).sum(dtype=torch.float64) if K is not L else K.square().sum(dtype=torch.float64)
+    inner = _inner(K, L) if inner is None else inner
+    full = 2.0 * inner + dk @ dl if lower else inner
     if not unbiased:
         return (full - 2.0 / n * (rk @ rl) + sk * sl / n ** 2) / (n - 1) ** 2
     rk, rl = rk - dk, rl - dl  # K~ 1, L~ 1
@@ -331,7 +425,7 @@ def _hsic_features(a: _Batch, b: _Batch, unbiased: bool, same: bool) -> torch.Te
             if same and j < i:
                 out[i, j] = out[j, i]
                 continue
-            trace = _frobenius2_of_gram(X) if same and i == j else (X.T @ Y).to(torch.float64).square().sum()
+            trace = _frobenius2_of_gram(X) if same and i == j else _squared_norm64(X.T @ Y)
             if unbiased:
                 kx, ky = a.norms[i], b.norms[j]
                 dot = kx @ ky
@@ -417,11 +511,11 @@ class MinibatchCKA:
             xx = torch.diagonal(xy).clone() if same else _self_hsic_features(a, self.unbiased)
             yy = xx if same else _self_hsic_features(b, self.unbiased)
         elif route == "direct":
-            K, L = a.grams[0], b.grams[0]
-            xx = _hsic_direct(K, K, a.terms[0], a.terms[0], self.unbiased).reshape(1)
-            yy = xx if same else _hsic_direct(L, L, b.terms[0], b.terms[0], self.unbiased).reshape(1)
-            xy = xx.reshape(1, 1) if same else \
-                _hsic_direct(K, L, a.terms[0], b.terms[0], self.unbiased).reshape(1, 1)
+            K, L, lower, ta, tb = a.grams[0], b.grams[0], a.lower, a.terms[0], b.terms[0]
+            kk, kl, ll = _inners([(K, K)]) * 3 if same else _inners([(K, K), (K, L), (L, L)])  # one pass
+            xx = _hsic_direct(K, K, ta, ta, self.unbiased, lower, kk).reshape(1)
+            yy = xx if same else _hsic_direct(L, L, tb, tb, self.unbiased, lower, ll).reshape(1)
+            xy = xx.reshape(1, 1) if same else _hsic_direct(K, L, ta, tb, self.unbiased, lower, kl).reshape(1, 1)
         else:
             scale = _hsic_scale(n, self.unbiased)
             xy = (a.grams @ b.grams.T) * scale
@@ -596,9 +690,23 @@ def _procrustes_pair(X, Y, group, centered, feature_axis) -> tuple[float, float]
     if not isinstance(centered, bool):
         raise TypeError(f"centered must be True or False, got {centered!r}")
     X, Y = _pair(X, Y, feature_axis)
+    if group == "orthogonal" and not centered:
+        return _orthogonal_procrustes(X, Y)
     moments = CrossMoments()
     moments.update(X, Y)
     return moments.procrustes(group, centered)
+
+
+def _orthogonal_procrustes(X, Y) -> tuple[float, float]:
+    """The uncentred orthogonal measure of one pair (D.7.1) from what it
+    needs: X'Y and the two total squared norms (one dot product each, no
+    per-channel squares), in float64 as CrossMoments would give them."""
+    x, y = (_moments.rows(R).to(torch.float64) for R in (X, Y))
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"X and Y must have the same samples and positions, got {tuple(X.shape)} and "
+                         f"{tuple(Y.shape)} (N, C, positions)")
+    flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+    return _procrustes_from(x.T @ y, torch.dot(flat_x, flat_x), torch.dot(flat_y, flat_y), "orthogonal")
 
 
 def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", return_distance: bool = False,

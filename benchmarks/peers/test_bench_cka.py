@@ -4,10 +4,14 @@ inputs in the same run: one thread per side, interleaved repeats (A, B, A,
 B, ...), medians and the ratio, and an assertion that the numbers agree
 (against the peer's formula in float64 where its float32 is off).
 
-Run: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m pytest -q -s benchmarks/peers/test_bench_cka.py
+Run: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python -m pytest -q -s benchmarks/peers/test_bench_cka.py
+(OpenBLAS is scipy's BLAS, which spectral_ext's syrk calls use.) Each line
+printed ends with the load average: the machine is shared.
 Figures are recorded in benchmarks/RESULTS.md ("Representation space vs the CKA packages")."""
+import os
 import statistics
 import time
+from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -16,6 +20,8 @@ import torch
 import spectral_ext as se
 
 peer = pytest.importorskip("cka")
+PEER = f"pytorch-cka {version('pytorch-cka')}"
+REPEATS = 9  # medians of 9: the machine is shared
 
 
 @pytest.fixture(autouse=True)
@@ -26,22 +32,32 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def interleaved(functions: dict, repeats: int = 5):
+def interleaved(functions: dict, repeats: int = 5, cpu: dict | None = None):
     """Median seconds of each function, runs interleaved so that the load of
-    a shared machine falls on every side alike; also the last values."""
+    a shared machine falls on every side alike; also the last values. cpu:
+    a dict to fill with the median process (CPU) seconds, which a shared
+    machine's waiting for a core does not inflate."""
     times = {name: [] for name in functions}
+    cpu_times = {name: [] for name in functions}
     values = {}
     for _ in range(repeats):
         for name, fn in functions.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             values[name] = fn()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - start_cpu)
+    if cpu is not None:
+        cpu.update({name: statistics.median(t) for name, t in cpu_times.items()})
     return {name: statistics.median(t) for name, t in times.items()}, values
 
 
-def report(job, medians, ours="spectral_ext"):
-    others = ", ".join(f"{name} {t:.3f} s ({t / medians[ours]:.1f}x)" for name, t in medians.items() if name != ours)
-    print(f"\n{job}: spectral_ext {medians[ours]:.3f} s; {others}")
+def report(job, medians, ours="spectral_ext", cpu=None):
+    others = ", ".join(f"{name} {t:.3f} s ({t / medians[ours]:.2f}x)" for name, t in medians.items() if name != ours)
+    if cpu:
+        others += "; CPU time " + ", ".join(f"{name} {t:.3f} s ({t / cpu[ours]:.2f}x)" for name, t in cpu.items()
+                                            if name != ours) + f" against {cpu[ours]:.3f} s"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{job}: spectral_ext {medians[ours]:.3f} s; {others}; torch {torch.__version__}, load average {load}")
 
 
 def features(n, d=512, seed=0):
@@ -54,22 +70,27 @@ def features(n, d=512, seed=0):
 @pytest.mark.parametrize("n", [2000, 10000])
 def test_linear_cka_vs_pytorch_cka(n):
     X, Y = features(n)
+    cpu = {}
     medians, values = interleaved({"spectral_ext": lambda: se.cka(X, Y),
-                                   "pytorch-cka 1.1.3": lambda: float(peer.cka_from_features(X, Y))})
-    report(f"linear CKA N={n} D=512 float32", medians)
+                                   PEER: lambda: float(peer.cka_from_features(X, Y))}, REPEATS, cpu)
+    report(f"linear CKA N={n} D=512 float32", medians, cpu=cpu)
     exact = float(peer.cka_from_features(X.double(), Y.double()))  # the peer's formula in float64
     assert values["spectral_ext"] == pytest.approx(exact, rel=1e-5)
-    assert values["pytorch-cka 1.1.3"] == pytest.approx(exact, rel=1e-2)
+    assert values[PEER] == pytest.approx(exact, rel=1e-2)
 
 
 def test_rbf_and_max_cka_vs_pytorch_cka():
     """pytorch-cka 1.1.3 has no RBF kernel: its linear CKA (two N x N Grams,
     the same work an RBF Gram route needs) is the yardstick."""
     X, Y = features(2000)
+    cpu = {}
     medians, values = interleaved({"spectral_ext": lambda: se.cka(X, Y, "rbf"),
                                    "spectral_ext max": lambda: se.cka(X, Y, "max"),
-                                   "pytorch-cka 1.1.3 linear": lambda: float(peer.cka_from_features(X, Y))})
-    report("RBF CKA N=2000 D=512 float32 (and G_ReLU max kernel)", medians)
+                                   PEER + " linear": lambda: float(peer.cka_from_features(X, Y))}, REPEATS, cpu)
+    for job, ours in (("RBF CKA", "spectral_ext"), ("G_ReLU (max kernel) CKA", "spectral_ext max")):
+        pick = (ours, PEER + " linear")
+        report(f"{job} N=2000 D=512 float32", {"spectral_ext": medians[ours], pick[1]: medians[pick[1]]},
+               cpu={"spectral_ext": cpu[ours], pick[1]: cpu[pick[1]]})
     Xd, Yd = X.double(), Y.double()
     assert values["spectral_ext"] == pytest.approx(se.cka(Xd, Yd, "rbf"), rel=1e-5)
     assert values["spectral_ext max"] == pytest.approx(se.cka(Xd, Yd, "max"), rel=1e-4)
@@ -126,7 +147,8 @@ def test_orthogonal_procrustes_vs_numpy():
         A, B = A / np.linalg.norm(A), B / np.linalg.norm(B)
         return 1 - np.sqrt(max(0.0, 2 - 2 * np.linalg.norm(A.T @ B, ord="nuc"))) / 2
 
+    cpu = {}
     medians, values = interleaved({"spectral_ext": lambda: se.procrustes(X, Y),
-                                   "numpy nuclear norm": nuclear_norm_form})
-    report("orthogonal Procrustes N=10000 D=512 float64", medians)
+                                   "numpy nuclear norm": nuclear_norm_form}, REPEATS, cpu)
+    report("orthogonal Procrustes N=10000 D=512 float64", medians, cpu=cpu)
     assert values["spectral_ext"] == pytest.approx(values["numpy nuclear norm"], rel=1e-10)

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -12,68 +13,118 @@
 namespace spectral_ext {
 namespace {
 
-constexpr int64_t kTile = 64;  // K is computed in 64 x 64 tiles; the running max of one stays in L1
-constexpr int kRows = 4;       // rows of K per register block
+constexpr int64_t kTile = 64;  // K is computed in 64 x 64 tiles: both operand panels stay in L2
+constexpr int kRows = 8;       // rows of K per register block (one vector wide: x broadcast from memory into the multiply)
 
 // One 64 x 64 tile of K. Inputs are packed per tile and zero-padded to whole
 // tiles, Xp (N/64, C, S, 64) and Yp (N'/64, C, S, 64), so every tile is full
-// and one channel's operands are two contiguous S x 64 panels. Each channel's
-// inner products live in a kRows x VecsPerRow register block until they meet
-// the running max, so (N, N', C) never exists. No BLAS call fits: the max over
-// channels has to sit between the products and the store.
-template <typename T, int VecsPerRow>
-SPECTRAL_EXT_ALWAYS_INLINE void gram_tile_impl(const T* Xp, const T* Yp, T* K, int64_t C,
-                                               int64_t S, int64_t i0, int64_t j0, int64_t rows,
-                                               int64_t cols, int64_t ldk) {
-  using V = typename Vec64<T>::type;
-  constexpr int kVecLanes = 64 / sizeof(T);
-  constexpr int kLanes = VecsPerRow * kVecLanes;
-  static_assert(kTile % kLanes == 0, "a register block must divide the tile");
-  alignas(64) T best[kTile * kTile];
-  std::fill(best, best + kTile * kTile, -std::numeric_limits<T>::infinity());
-  for (int64_t c = 0; c < C; ++c) {
-    const T* xc = Xp + c * S * kTile;
-    const T* yc = Yp + c * S * kTile;
+// and one channel's operands are two contiguous S x 64 panels. Channels go in
+// chunks whose two panels fit in L1; within a chunk a kRows x (VecsPerRow
+// vectors) block of K keeps its running max in registers, so (N, N', C)
+// never exists. No BLAS call fits: the max over channels has to sit between
+// the products and the store. Vectors are Bytes wide, the width the clone is
+// compiled for (GCC scalarised the compares of wider emulated vectors).
+// TrackNaN: the max propagates NaN like amax (issue 14.6); without it (inputs
+// finite and too small to overflow, so no product or sum is NaN) the max is
+// one vmaxps per vector. OneS: S == 1 (dense features), no sum over positions.
+template <typename T, int Bytes, int VecsPerRow, bool TrackNaN, bool OneS>
+SPECTRAL_EXT_ALWAYS_INLINE void gram_tile_impl(const T* Xp, const T* Yp, T* K, int64_t C, int64_t S, int64_t i0,
+                                               int64_t j0, int64_t rows, int64_t cols, int64_t ldk, bool mirror) {
+  typedef T V __attribute__((vector_size(Bytes)));
+  using M = decltype(V{} != V{});
+  constexpr int kLanes = Bytes / sizeof(T);
+  constexpr int kCols = VecsPerRow * kLanes;
+  static_assert(kTile % kCols == 0 && kTile % kRows == 0, "a register block must divide the tile");
+  const int64_t positions = OneS ? 1 : S;
+  const int64_t chunk = std::max<int64_t>(1, 16384 / (2 * kTile * sizeof(T) * std::max<int64_t>(positions, 1)));  // two 8 KiB panels + the 16 KiB tile: L1
+  alignas(64) T tile[kTile * kTile];
+  std::fill(tile, tile + kTile * kTile, -std::numeric_limits<T>::infinity());
+  for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+    const int64_t c1 = std::min(C, c0 + chunk);
     for (int64_t i = 0; i < kTile; i += kRows) {
-      for (int64_t j = 0; j < kTile; j += kLanes) {
-        V acc[kRows][VecsPerRow] = {};
-        for (int64_t s = 0; s < S; ++s) {
-          V y[VecsPerRow];
-          for (int v = 0; v < VecsPerRow; ++v) y[v] = load64(yc + s * kTile + j + v * kVecLanes);
-          for (int r = 0; r < kRows; ++r) {
-            const T xv = xc[s * kTile + i + r];
-            for (int v = 0; v < VecsPerRow; ++v) acc[r][v] += xv * y[v];
+      for (int64_t j = 0; j < kTile; j += kCols) {
+        V best[kRows][VecsPerRow];
+        M nan[kRows][VecsPerRow] = {};
+        for (int r = 0; r < kRows; ++r)
+          for (int v = 0; v < VecsPerRow; ++v) __builtin_memcpy(&best[r][v], tile + (i + r) * kTile + j + v * kLanes, Bytes);
+        const T* xc = Xp + c0 * positions * kTile + i;
+        const T* yc = Yp + c0 * positions * kTile + j;
+        for (int64_t c = c0; c < c1; ++c, xc += positions * kTile, yc += positions * kTile) {
+          V acc[kRows][VecsPerRow] = {};  // S = 0: every sum is 0
+          for (int64_t s = 0; s < positions; ++s) {
+            V y[VecsPerRow];
+            for (int v = 0; v < VecsPerRow; ++v) __builtin_memcpy(&y[v], yc + s * kTile + v * kLanes, Bytes);
+            for (int r = 0; r < kRows; ++r) {
+              const T xv = xc[s * kTile + r];
+              for (int v = 0; v < VecsPerRow; ++v) acc[r][v] = s == 0 ? xv * y[v] : acc[r][v] + xv * y[v];
+            }
           }
+          for (int r = 0; r < kRows; ++r)
+            for (int v = 0; v < VecsPerRow; ++v) {
+              best[r][v] = acc[r][v] > best[r][v] ? acc[r][v] : best[r][v];  // vmaxps: a NaN held stays
+              if (TrackNaN) nan[r][v] |= acc[r][v] != acc[r][v];
+            }
         }
         for (int r = 0; r < kRows; ++r)
           for (int v = 0; v < VecsPerRow; ++v) {
-            T* b = best + (i + r) * kTile + j + v * kVecLanes;
-            const V old = load64(b);
-            // NaN-propagating max, as amax (issue 14.6): a NaN already held stays.
-            store64(b, (old > acc[r][v]) | (old != old) ? old : acc[r][v]);
+            // a new NaN goes in once per chunk (written as a blend per channel, GCC scalarised it)
+            if (TrackNaN) best[r][v] = nan[r][v] ? V{} + std::numeric_limits<T>::quiet_NaN() : best[r][v];
+            __builtin_memcpy(tile + (i + r) * kTile + j + v * kLanes, &best[r][v], Bytes);
           }
       }
     }
   }
-  for (int64_t i = 0; i < rows; ++i) std::copy(best + i * kTile, best + i * kTile + cols, K + (i0 + i) * ldk + j0);
+  for (int64_t i = 0; i < rows; ++i) std::copy(tile + i * kTile, tile + i * kTile + cols, K + (i0 + i) * ldk + j0);
+  if (mirror)  // the self Gram's tile below the diagonal, written from L1 instead of a strided pass over K
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t i = 0; i < rows; ++i) K[(j0 + j) * ldk + i0 + i] = tile[i * kTile + j];
 }
 
 #define SPECTRAL_EXT_GRAM_ARGS                                                              \
   const T *Xp, const T *Yp, T *K, int64_t C, int64_t S, int64_t i0, int64_t j0, int64_t rows, \
-      int64_t cols, int64_t ldk
-#define SPECTRAL_EXT_GRAM_PASS Xp, Yp, K, C, S, i0, j0, rows, cols, ldk
+      int64_t cols, int64_t ldk, bool mirror
+#define SPECTRAL_EXT_GRAM_PASS Xp, Yp, K, C, S, i0, j0, rows, cols, ldk, mirror
+
+template <typename T, bool TrackNaN, bool OneS>
+SPECTRAL_EXT_TARGET_AVX512 void gram_tile_avx512(SPECTRAL_EXT_GRAM_ARGS) {
+  gram_tile_impl<T, 64, 1, TrackNaN, OneS>(SPECTRAL_EXT_GRAM_PASS);
+}
+template <typename T, bool TrackNaN, bool OneS>
+SPECTRAL_EXT_TARGET_AVX2 void gram_tile_avx2(SPECTRAL_EXT_GRAM_ARGS) {
+  gram_tile_impl<T, 32, 1, TrackNaN, OneS>(SPECTRAL_EXT_GRAM_PASS);
+}
+template <typename T, bool TrackNaN, bool OneS>
+void gram_tile_baseline(SPECTRAL_EXT_GRAM_ARGS) {
+  gram_tile_impl<T, 16, 1, TrackNaN, OneS>(SPECTRAL_EXT_GRAM_PASS);
+}
+
+template <typename T, bool TrackNaN, bool OneS>
+void gram_tile_isa(Isa isa, SPECTRAL_EXT_GRAM_ARGS) {
+  if (isa == Isa::kAvx512)
+    gram_tile_avx512<T, TrackNaN, OneS>(SPECTRAL_EXT_GRAM_PASS);
+  else if (isa == Isa::kAvx2)
+    gram_tile_avx2<T, TrackNaN, OneS>(SPECTRAL_EXT_GRAM_PASS);
+  else
+    gram_tile_baseline<T, TrackNaN, OneS>(SPECTRAL_EXT_GRAM_PASS);
+}
 
 template <typename T>
-SPECTRAL_EXT_TARGET_AVX512 void gram_tile_avx512(SPECTRAL_EXT_GRAM_ARGS) {
-  gram_tile_impl<T, 2>(SPECTRAL_EXT_GRAM_PASS);
+void gram_tile(Isa isa, bool track_nan, SPECTRAL_EXT_GRAM_ARGS) {
+  if (track_nan)
+    S == 1 ? gram_tile_isa<T, true, true>(isa, SPECTRAL_EXT_GRAM_PASS)
+           : gram_tile_isa<T, true, false>(isa, SPECTRAL_EXT_GRAM_PASS);
+  else
+    S == 1 ? gram_tile_isa<T, false, true>(isa, SPECTRAL_EXT_GRAM_PASS)
+           : gram_tile_isa<T, false, false>(isa, SPECTRAL_EXT_GRAM_PASS);
 }
-template <typename T>
-SPECTRAL_EXT_TARGET_AVX2 void gram_tile_avx2(SPECTRAL_EXT_GRAM_ARGS) {
-  gram_tile_impl<T, 1>(SPECTRAL_EXT_GRAM_PASS);
-}
-template <typename T>
-void gram_tile_baseline(SPECTRAL_EXT_GRAM_ARGS) {
-  gram_tile_impl<T, 1>(SPECTRAL_EXT_GRAM_PASS);
+
+// No product or sum of S products can be NaN: every input finite and S max|X| max|Y| below the dtype's range.
+bool cannot_make_nan(const at::Tensor& X, const at::Tensor& Y, int64_t S) {
+  const auto big = [](const at::Tensor& t) { return t.numel() == 0 ? 0.0 : t.abs().max().item<double>(); };
+  const double mx = big(X), my = big(Y);  // NaN or inf inputs make these NaN or inf
+  const double limit = X.scalar_type() == at::kFloat ? std::numeric_limits<float>::max()
+                                                     : std::numeric_limits<double>::max();
+  return std::isfinite(mx) && std::isfinite(my) && mx * my * static_cast<double>(S) < 0.25 * limit;
 }
 
 // (N, C, S) -> (tiles, C, S, 64), zero rows past N.
@@ -98,6 +149,7 @@ at::Tensor max_kernel_gram_cpu(const at::Tensor& X, const std::optional<at::Tens
   for (int64_t a = 0; a < ti; ++a)
     for (int64_t b = self ? a : 0; b < tj; ++b) tiles.emplace_back(a, b);
   const Isa isa = cpu_isa();
+  const bool exact_max = cannot_make_nan(X, Y, S);
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "max_kernel_gram_cpu", [&] {
     using T = scalar_t;
     const T* xp = Xp.data_ptr<T>();
@@ -106,22 +158,12 @@ at::Tensor max_kernel_gram_cpu(const at::Tensor& X, const std::optional<at::Tens
     const int64_t panel = C * S * kTile;
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t i0 = tiles[t].first * kTile, j0 = tiles[t].second * kTile;
+        const int64_t a = tiles[t].first, b = tiles[t].second, i0 = a * kTile, j0 = b * kTile;
         const int64_t rows = std::min(kTile, N - i0), cols = std::min(kTile, Np - j0);
-        if (isa == Isa::kAvx512)
-          gram_tile_avx512<T>(xp + tiles[t].first * panel, yp + tiles[t].second * panel, k, C, S, i0, j0, rows, cols, Np);
-        else if (isa == Isa::kAvx2)
-          gram_tile_avx2<T>(xp + tiles[t].first * panel, yp + tiles[t].second * panel, k, C, S, i0, j0, rows, cols, Np);
-        else
-          gram_tile_baseline<T>(xp + tiles[t].first * panel, yp + tiles[t].second * panel, k, C, S, i0, j0, rows, cols, Np);
+        const bool mirror = self && a != b;
+        gram_tile<T>(isa, !exact_max, xp + a * panel, yp + b * panel, k, C, S, i0, j0, rows, cols, Np, mirror);
       }
     });
-    if (self) {
-      at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i)
-          for (int64_t j = 0; j < i; ++j) k[i * N + j] = k[j * N + i];
-      });
-    }
   });
   return K;
 }
