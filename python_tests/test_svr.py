@@ -289,6 +289,13 @@ def test_errors():
         bad[1].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="weight of '1' contains NaN"):
         se.svr(bad)
+    with torch.no_grad():
+        bad[1].weight[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="weight of '1' contains NaN or infinite"):
+        se.svr(bad)
+    with torch.no_grad():  # finite weights whose sum overflows float32 are fine
+        bad[1].weight.fill_(3e38)
+    se.svr(bad)
     good = se.svr(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
     with pytest.raises(ValueError, match="p must lie"):
         se.svr(nn.Sequential(nn.Linear(3, 3)), p=1.5)
@@ -516,6 +523,18 @@ def test_gram_route_and_truncation_against_numpy():
             Ud, Sd, Vd = signed_svd(W.double(), top)  # LAPACK reference, same sign convention
             np.testing.assert_allclose(V.double().numpy(), Vd.numpy(), atol=1e-4)
             np.testing.assert_allclose(U.double().numpy(), Ud.numpy(), atol=1e-4)
+
+
+def test_gram_from_row_panels_equals_the_product():
+    """_gram's panel route (r >= 2 panels): M M^T, exactly symmetric, batched and on transposed views."""
+    from spectral_ext._linalg import _gram
+
+    torch.manual_seed(0)
+    M = torch.randn(2, 1100, 1030, dtype=torch.float64)
+    for A in (M, M[0].mT[:1030, :1100].mT, M[1].float()):
+        G = _gram(A, panel=256)
+        assert torch.equal(G, G.mT)
+        torch.testing.assert_close(G, A @ A.mT)
 
 
 def test_top_gives_the_top_left_blocks_and_compress_reuses_the_svds(monkeypatch):
