@@ -525,6 +525,27 @@ def test_gram_route_and_truncation_against_numpy():
             np.testing.assert_allclose(U.double().numpy(), Ud.numpy(), atol=1e-4)
 
 
+def test_gram_route_float32_products_follow_their_stated_error():
+    """float32 maps: v_i = W^T u_i / sigma_i in float32 where sigma_i >= sigma_1 / 16 (error about
+    6e-8 sigma_1 / sigma_i), float64 below; against LAPACK in float64 on a spectrum spanning 1e-4."""
+    from spectral_ext._linalg import signed_svd
+
+    torch.manual_seed(0)
+    Q1 = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))[0]
+    Q2 = torch.linalg.qr(torch.randn(700, 300, dtype=torch.float64))[0]
+    s = torch.logspace(0, -4, 300, dtype=torch.float64)
+    W = ((Q1 * s) @ Q2.T).float()
+    for A in (W, W.T):
+        U, S, V = signed_svd(A)
+        Ud, Sd, Vd = signed_svd(A.double())
+        other = V if A is W else U  # the side formed by the product
+        exact = Vd if A is W else Ud
+        err = (other.double() - exact).norm(dim=0)
+        ratio = Sd[0] / Sd
+        assert bool((err[ratio <= 16] < 2e-6).all())
+        assert bool((err < 1e-6 + 1e-10 * ratio ** 2).all())  # float64 products: the Gram's own error
+
+
 def test_gram_from_row_panels_equals_the_product():
     """_gram's panel route (r >= 2 panels): M M^T, exactly symmetric, batched and on transposed views."""
     from spectral_ext._linalg import _gram

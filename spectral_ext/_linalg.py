@@ -31,6 +31,24 @@ def _gram(M: torch.Tensor, panel: int = 512) -> torch.Tensor:
     return G
 
 
+# float32 products W^T u_i carry an error of about 6e-8 sigma_1 / sigma_i (measured): below this ratio it is
+# under 1e-6 and the product runs 2.4x faster than in float64.
+_FLOAT32_PRODUCT_RATIO = 16
+
+
+def _other_side(M: torch.Tensor, M32: torch.Tensor | None, X: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """M^T X / S: float32 (for float32 results, M32 given) on the columns with
+    sigma_i >= sigma_1 / 16, float64 on the rest."""
+    if M32 is None:
+        return (M.mT @ X) / S.unsqueeze(-2)
+    q = int((S >= S[..., :1] / _FLOAT32_PRODUCT_RATIO).sum(-1).min())
+    Y = M32.new_empty(*M32.shape[:-2], M32.shape[-1], S.shape[-1])
+    Y[..., :q] = (M32.mT @ X[..., :q].float()) / S[..., :q].float().unsqueeze(-2)
+    if q < S.shape[-1]:
+        Y[..., q:] = (M.mT @ X[..., q:]) / S[..., q:].unsqueeze(-2)
+    return Y
+
+
 def _gram_svd(W: torch.Tensor, top: int | None):
     """U, S, V (decreasing) of W from the eigenpairs of the smaller Gram matrix
     (the other side's vectors are W^T u_i / sigma_i); None when the kept
@@ -39,9 +57,11 @@ def _gram_svd(W: torch.Tensor, top: int | None):
     r = min(W.shape[-2:])
     k = r if top is None else min(top, r)
     partial = k < r // 2 and W.device.type == "cpu"
+    wide = W.shape[-2] <= W.shape[-1]
+    # float32 results: the float32 map itself for the well-conditioned products (see _other_side).
+    M32 = (W if wide else W.mT) if W.dtype == torch.float32 and W.device.type == "cpu" else None
     # A few leading pairs of a float32 map: a float32 Gram resolves them (see signed_svd).
     W = W.float() if partial and W.dtype == torch.float32 else W.double()
-    wide = W.shape[-2] <= W.shape[-1]
     M = W if wide else W.mT
     G = _gram(M)
     if partial:
@@ -59,7 +79,7 @@ def _gram_svd(W: torch.Tensor, top: int | None):
     S = lam.clamp_min(0).sqrt()
     if bool((S[..., -1] <= (1e-3 if S.dtype == torch.float32 else 1e-6) * S[..., 0]).any()):
         return None
-    Y = (M.mT @ X) / S.unsqueeze(-2)
+    Y = _other_side(M, None if partial else M32, X, S)
     return (X, S, Y) if wide else (Y, S, X)
 
 
@@ -75,8 +95,11 @@ def signed_svd(W: torch.Tensor, top: int | None = None):
     trick, 2-3x faster than LAPACK's SVD here, and more accurate than a
     float32 SVD: sigma_i to about 1e-16 (sigma_1 / sigma_i)^2 relative), the
     other side's vectors as W^T u_i / sigma_i; where some sigma_i falls below
-    1e-6 sigma_1 (rank deficiency) LAPACK is used instead. Results come back
-    in W's dtype.
+    1e-6 sigma_1 (rank deficiency) LAPACK is used instead. For a float32 W
+    that product runs in float32 on the columns with sigma_i >= sigma_1 / 16
+    (error about 6e-8 sigma_1 / sigma_i, so below 1e-6; 2.4x faster on the
+    4096 x 25088 VGG classifier) and in float64 on the others. Results come
+    back in W's dtype.
 
     `top` = k < min(m, n) keeps the k leading triplets only, from the exact
     eigenpairs of the Gram matrix, not a randomized or Lanczos approximation
