@@ -546,6 +546,17 @@ def test_gram_route_float32_products_follow_their_stated_error():
         assert bool((err < 1e-6 + 1e-10 * ratio ** 2).all())  # float64 products: the Gram's own error
 
 
+def test_sign_convention_on_ties_and_zero_vectors():
+    """Each v_i's largest |entry| ends positive; on equal magnitudes the first one decides; zero vectors stay."""
+    from spectral_ext._linalg import _sign_fix
+
+    V = torch.tensor([[1.0, -1.0, 0.0, -0.5, 2.0], [-1.0, 1.0, 0.0, 0.25, -3.0], [0.5, 0.0, 0.0, 0.5, 1.0]])
+    U = torch.ones(2, 5)
+    U2, _, V2 = _sign_fix(U, None, V)
+    torch.testing.assert_close(V2, V * torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0]), rtol=0, atol=0)
+    torch.testing.assert_close(U2, torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0]).expand(2, 5), rtol=0, atol=0)
+
+
 def test_gram_from_row_panels_equals_the_product():
     """_gram's panel route (r >= 2 panels): M M^T, exactly symmetric, batched and on transposed views."""
     from spectral_ext._linalg import _gram
