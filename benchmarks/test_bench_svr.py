@@ -1,6 +1,7 @@
 """The full SVR: VGG16 (weights=None) with where the time goes, its
 adjacency phase native versus reference, and a zoo of 64 small CNNs in one
-batched call versus 64 separate calls."""
+batched call versus 64 separate calls; with BENCH_SVR_VGG11=1, the exact SVR of
+torchvision VGG11 against the old main's SVDs (minutes)."""
 import os
 import time
 
