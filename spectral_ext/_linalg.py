@@ -73,8 +73,8 @@ def _gram_svd(W: torch.Tensor, top: int | None):
         import scipy.linalg
 
         # MRRR on the requested eigenpairs only (LAPACK ?syevr): exact to rounding, far cheaper than all r.
-        # G is a temporary of ours: LAPACK may work in it instead of a copy.
-        pairs = [scipy.linalg.eigh(g.numpy(), subset_by_index=[r - k, r - 1], driver="evr", overwrite_a=True)
+        # G is a symmetric temporary of ours: its transpose is the Fortran-ordered array LAPACK works in, no copy.
+        pairs = [scipy.linalg.eigh(g.numpy().T, subset_by_index=[r - k, r - 1], driver="evr", overwrite_a=True)
                  for g in G.reshape(-1, r, r)]
         lam = torch.from_numpy(np.stack([p[0] for p in pairs])).reshape(*G.shape[:-2], k)
         X = torch.from_numpy(np.stack([p[1] for p in pairs])).reshape(*G.shape[:-2], r, k)
