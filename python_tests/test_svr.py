@@ -289,6 +289,13 @@ def test_errors():
         bad[1].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="weight of '1' contains NaN"):
         se.svr(bad)
+    with torch.no_grad():
+        bad[1].weight[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="weight of '1' contains NaN or infinite"):
+        se.svr(bad)
+    with torch.no_grad():  # finite weights whose sum overflows float32 are fine
+        bad[1].weight.fill_(3e38)
+    se.svr(bad)
     good = se.svr(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
     with pytest.raises(ValueError, match="p must lie"):
         se.svr(nn.Sequential(nn.Linear(3, 3)), p=1.5)
@@ -516,6 +523,52 @@ def test_gram_route_and_truncation_against_numpy():
             Ud, Sd, Vd = signed_svd(W.double(), top)  # LAPACK reference, same sign convention
             np.testing.assert_allclose(V.double().numpy(), Vd.numpy(), atol=1e-4)
             np.testing.assert_allclose(U.double().numpy(), Ud.numpy(), atol=1e-4)
+
+
+def test_gram_route_float32_products_follow_their_stated_error():
+    """float32 maps: v_i = W^T u_i / sigma_i in float32 where sigma_i >= sigma_1 / 16 (error about
+    6e-8 sigma_1 / sigma_i), float64 below; against LAPACK in float64 on a spectrum spanning 1e-4."""
+    from spectral_ext._linalg import signed_svd
+
+    torch.manual_seed(0)
+    Q1 = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))[0]
+    Q2 = torch.linalg.qr(torch.randn(700, 300, dtype=torch.float64))[0]
+    s = torch.logspace(0, -4, 300, dtype=torch.float64)
+    W = ((Q1 * s) @ Q2.T).float()
+    for A in (W, W.T):
+        U, S, V = signed_svd(A)
+        Ud, Sd, Vd = signed_svd(A.double())
+        other = V if A is W else U  # the side formed by the product
+        exact = Vd if A is W else Ud
+        err = (other.double() - exact).norm(dim=0)
+        ratio = Sd[0] / Sd
+        assert bool((err[ratio <= 16] < 2e-6).all())
+        assert bool((err < 1e-6 + 1e-10 * ratio ** 2).all())  # float64 products: the Gram's own error
+
+
+def test_sign_convention_on_ties_and_zero_vectors():
+    """Each v_i's largest |entry| ends positive; on equal magnitudes the first one decides; zero vectors stay."""
+    from spectral_ext._linalg import _sign_fix
+
+    V = torch.tensor([[1.0, -1.0, 0.0, -0.5, 2.0], [-1.0, 1.0, 0.0, 0.25, -3.0], [0.5, 0.0, 0.0, 0.5, 1.0]])
+    U = torch.ones(2, 5)
+    U2, _, V2 = _sign_fix(U, None, V)
+    torch.testing.assert_close(V2, V * torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0]), rtol=0, atol=0)
+    torch.testing.assert_close(U2, torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0]).expand(2, 5), rtol=0, atol=0)
+
+
+def test_gram_from_row_panels_equals_the_product():
+    """_gram's panel route (r >= 2 panels): M M^T, exactly symmetric, batched and on transposed views."""
+    from spectral_ext._linalg import _gram
+
+    torch.manual_seed(0)
+    M = torch.randn(2, 1100, 1030, dtype=torch.float64)
+    for A in (M, M[0].mT[:1030, :1100].mT, M[1].float()):
+        G = _gram(A, panel=256)
+        assert torch.equal(G, G.mT)
+        exact = A.double() @ A.double().mT
+        torch.testing.assert_close(G.double(), exact, rtol=0, atol=(1e-12 if A.dtype == torch.float64 else 1e-6)
+                                   * exact.abs().max().item())
 
 
 def test_top_gives_the_top_left_blocks_and_compress_reuses_the_svds(monkeypatch):

@@ -413,7 +413,9 @@ def _stack_by_shape(items: dict, compute) -> dict:
 def _check_weights(graph: ModelGraph):
     for name, m in graph.maps.items():
         w = m.module.weight
-        if not torch.isfinite(w).all():
+        # One pass without a boolean copy (1.3 s of VGG11's SVR); any NaN or inf makes the sum
+        # non-finite, and a finite overflow falls to the exact test.
+        if not torch.isfinite(w.detach().sum()) and not torch.isfinite(w).all():
             raise ValueError(f"the weight of {name!r} contains NaN or infinite values")
 
 
