@@ -2,8 +2,15 @@
 straightforward PyTorch expression on the same input in the same run
 (pytest-benchmark groups them), and the session ends with a table of
 reference-time / native-time ratios."""
-import pytest
-import torch
+import os
+
+# One thread per side unless the environment says otherwise: set before numpy, scipy and torch load their
+# BLAS and OpenMP (OpenBLAS reads these once, when loaded; numpy's peers and spectral_ext's scipy syrk use it).
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
