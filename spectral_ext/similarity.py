@@ -930,14 +930,17 @@ def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar, share=No
         options = (kernel, unbiased, bandwidth, gamma)
 
         def grams(block):  # (len(block), N N): one float64 copy of each model's U-centred Gram
-            stacked = _held(torch.empty((len(block), n, n), dtype=torch.float64, device=device))
+            stacked = _held(torch.empty((len(block), n * n), dtype=torch.float64, device=device))
             for row, i in enumerate(block):
                 def centred(R=reps[i]):  # centred in place in its float64 copy
-                    K = _held(torch.empty((1, n, n), dtype=torch.float64, device=R.device))
-                    K[0].copy_(_gram(R, kernel, bandwidth, gamma))
-                    return {"gram": _centre_gram_(K, unbiased)[0]}
-                stacked[row].copy_((centred() if share is None else share(names[i], options, centred))["gram"])
-            return stacked.reshape(len(block), -1)
+                    K = _held(torch.empty((n, n), dtype=torch.float64, device=R.device))
+                    K.copy_(_gram(R, kernel, bandwidth, gamma))
+                    _centre_gram_(K[None], unbiased)
+                    return {"gram": K}
+                gram_i = (centred() if share is None else share(names[i], options, centred))["gram"]
+                stacked[row].view(n, n).copy_(gram_i)
+                del gram_i
+            return stacked
 
         hsic_matrix = torch.zeros((k, k), dtype=torch.float64, device=device)
         last = None
