@@ -822,7 +822,8 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     if unknown:
         raise ValueError(f"pairs name models without features: {unknown}")
     chunk = _checks.positive_int("chunk", chunk)
-    involved = [n for n in names if any(n in p for p in pairs)]
+    named = {n for p in pairs for n in p}  # a set: K x pairs membership tests would dominate a large zoo
+    involved = [n for n in names if n in named]
     reps = {n: as_channels(f"features[{n!r}]", features[n], feature_axis) for n in involved}
     if len({R.shape[0] for R in reps.values()}) > 1:
         raise ValueError("every model's features must hold the same N probe samples")
@@ -837,7 +838,7 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
             wanted = [(index[a], index[b]) for a, b in pairs]
             matrix = _pairwise_cka([reps[n] for n in involved], involved, kernel, unbiased, bandwidth, gamma, bar,
                                    share, wanted, budget)
-            values = [float(matrix[i, j]) for i, j in wanted]
+            values = matrix[[i for i, _ in wanted], [j for _, j in wanted]].tolist() if wanted else []
         elif measure == "procrustes":
             _check_group(group)
             if not isinstance(centered, bool):
@@ -877,8 +878,8 @@ def _model_blocks(linear, square, fixed, budget, single=None, what="", n=0) -> l
     for i, (a, b) in enumerate(zip(linear, square)):
         if a + b * b > room:
             least = fixed + 2 * max(a + b * b for a, b in zip(linear, square))
-            raise ValueError(f"pairwise {what} needs at least {least / 2 ** 20:.1f} MiB for one block of models but "
-                             f"max_memory allows {budget / 2 ** 20:.1f} MiB: reduce the probe size (N = {n} samples) "
+            raise ValueError(f"pairwise {what} needs at least {_size(least)} for one block of models but "
+                             f"max_memory allows {_size(budget)}: reduce the probe size (N = {n} samples) "
                              "or the layers' feature sizes, compare fewer models per call, or raise max_memory")
         if blocks[-1] and cost + a + (side + b) ** 2 > room:
             blocks.append([])
@@ -886,6 +887,13 @@ def _model_blocks(linear, square, fixed, budget, single=None, what="", n=0) -> l
         blocks[-1].append(i)
         cost, side = cost + a, side + b
     return blocks
+
+
+def _size(nbytes) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
 def _block_pairs(blocks, wanted, diagonal: bool) -> dict:
