@@ -315,3 +315,21 @@ def test_the_cache_keeps_the_grams_only_when_they_all_fit():
                                max_memory=30_000)
     assert len(grams(fits)) == 6 and grams(tight) == []
     np.testing.assert_allclose(blocked["value"], whole["value"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("measure", ["cka", "procrustes"])
+def test_a_max_memory_above_the_free_memory_is_refused(monkeypatch, measure):
+    from spectral_ext import _checks
+
+    feats = zoo_features(k=4, n=10, shape=(5, 3, 3))
+    monkeypatch.setattr(_checks, "free_memory", lambda device: 4096)
+    with pytest.raises(ValueError, match=r"GiB are free on cpu: reduce the probe size \(N = 10"):
+        S.pairwise_similarity(feats, measure=measure, progress=False, max_memory=2 ** 30)
+    with pytest.raises(ValueError, match="max_memory allows 2.0 KiB"):  # the default: half the free memory
+        S.pairwise_similarity(feats, measure=measure, progress=False)
+
+
+@pytest.mark.parametrize("measure", ["cka", "procrustes"])
+def test_no_pairs_is_an_empty_table(measure):
+    frame = S.pairwise_similarity(zoo_features(k=3), [], measure=measure, progress=False)
+    assert len(frame) == 0 and list(frame.columns) == ["model_a", "model_b", "value"]

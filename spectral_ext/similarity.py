@@ -837,7 +837,7 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
             index = {n: i for i, n in enumerate(involved)}
             wanted = [(index[a], index[b]) for a, b in pairs]
             matrix = _pairwise_cka([reps[n] for n in involved], involved, kernel, unbiased, bandwidth, gamma, bar,
-                                   share, wanted, budget)
+                                   share, wanted, budget) if wanted else None
             values = matrix[[i for i, _ in wanted], [j for _, j in wanted]].tolist() if wanted else []
         elif measure == "procrustes":
             _check_group(group)
@@ -864,28 +864,32 @@ def _held(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _model_blocks(linear, square, fixed, budget, single=None, what="", n=0) -> list[list[int]]:
+def _model_blocks(linear, square, fixed, budget, device, single=None, what="", n=0) -> list[list[int]]:
     """Consecutive blocks of model indices whose cost, sum(linear) +
     sum(square)^2 bytes over the block, lets `fixed` plus two blocks fit in
     `budget`; one block of all (costed with `single` instead of `linear`
     where given) when that fits whole. Raises, before any work, where one
-    model alone does not fit."""
+    model alone does not fit, or the plan does not fit the device's free
+    memory (a max_memory above it)."""
     single = linear if single is None else single
-    if fixed + sum(single) + sum(square) ** 2 <= budget:
+    advice = f"reduce the probe size (N = {n} samples) or the layers' feature sizes, compare fewer models per call"
+    whole = fixed + sum(single) + sum(square) ** 2
+    if whole <= budget:
+        _checks.memory(whole, device, f"pairwise {what}", advice)
         return [list(range(len(linear)))]
     room = (budget - fixed) / 2
+    least = fixed + 2 * max(a + b * b for a, b in zip(linear, square))
+    if least > budget:
+        raise ValueError(f"pairwise {what} needs at least {_size(least)} for one block of models but max_memory "
+                         f"allows {_size(budget)}: {advice}, or raise max_memory")
     blocks, cost, side = [[]], 0, 0
     for i, (a, b) in enumerate(zip(linear, square)):
-        if a + b * b > room:
-            least = fixed + 2 * max(a + b * b for a, b in zip(linear, square))
-            raise ValueError(f"pairwise {what} needs at least {_size(least)} for one block of models but "
-                             f"max_memory allows {_size(budget)}: reduce the probe size (N = {n} samples) "
-                             "or the layers' feature sizes, compare fewer models per call, or raise max_memory")
         if blocks[-1] and cost + a + (side + b) ** 2 > room:
             blocks.append([])
             cost, side = 0, 0
         blocks[-1].append(i)
         cost, side = cost + a, side + b
+    _checks.memory(fixed + 2 * room, device, f"pairwise {what}", advice)
     return blocks
 
 
@@ -927,12 +931,12 @@ def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar, share=No
         size, wide = reps[0].element_size(), max(dims)
         # per model: its centred columns and their share of one row's product (and its float64 norms)
         linear = [d * (n * size + wide * (size + 8)) for d in dims]
-        blocks = _model_blocks(linear, [0] * k, fixed + 16 * k * n + 2 * n * wide * max(size, 8), budget,
+        blocks = _model_blocks(linear, [0] * k, fixed + 16 * k * n + 2 * n * wide * max(size, 8), budget, device,
                                what="cka (centred features)", n=n)
         hsic_matrix = _pairwise_hsic_features(reps, kernel, unbiased, bar, blocks, _block_pairs(blocks, wanted, True))
     else:
         gram = 8 * n * n
-        blocks = _model_blocks([gram] * k, [0] * k, fixed + 4 * gram, budget,
+        blocks = _model_blocks([gram] * k, [0] * k, fixed + 4 * gram, budget, device,
                                single=[gram * (1 if share is None else 2)] * k, what="cka (Gram matrices)", n=n)
         share = share if len(blocks) == 1 else None  # blocked: the cache would hold every Gram again
         options = (kernel, unbiased, bandwidth, gamma)
@@ -1076,7 +1080,7 @@ def _pairwise_procrustes(reps, pairs, group, centered, chunk, bar=None, budget=m
     widest, longest = max(channels), max(rows)
     # per model its normalised features (twice: the stacked copy); the chunk's crosses and their SVD / assignment
     blocks = _model_blocks([16 * r * c for r, c in zip(rows, channels)], [4 * c for c in channels],
-                           3 * 8 * chunk * widest ** 2 + 2 * 8 * longest * widest, budget,
+                           3 * 8 * chunk * widest ** 2 + 2 * 8 * longest * widest, budget, reps[names[0]].device,
                            what=f"procrustes ({group})", n=reps[names[0]].shape[0])
     index = {m: i for i, m in enumerate(names)}
     wanted = [(index[a], index[b]) for a, b in pairs]
