@@ -799,7 +799,7 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
 
     max_memory: bytes the Grams, stacked features and Gram blocks may take
     at once (default: half of _checks.free_memory of the features' device;
-    issue 13). When all models' fit, each is made once, as above; otherwise
+    issue 13). When every model's share fits, each is made once, as above; else
     the models go in blocks, each block pair (I, J >= I) that holds a pair
     has its blocks' Grams / features made for it (block J remade once per
     row block I), with the same numbers; where even one block cannot fit, a
