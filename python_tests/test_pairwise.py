@@ -333,3 +333,14 @@ def test_a_max_memory_above_the_free_memory_is_refused(monkeypatch, measure):
 def test_no_pairs_is_an_empty_table(measure):
     frame = S.pairwise_similarity(zoo_features(k=3), [], measure=measure, progress=False)
     assert len(frame) == 0 and list(frame.columns) == ["model_a", "model_b", "value"]
+
+
+def test_a_rows_last_column_block_is_kept_as_the_next_row_block(monkeypatch):
+    feats = zoo_features(k=7, n=10, shape=(5, 3, 3))
+    planned = blocks_of(monkeypatch)
+    grams, gram = [], S._gram
+    monkeypatch.setattr(S, "_gram", lambda *a: grams.append(1) or gram(*a))
+    S.pairwise_similarity(feats, progress=False, max_memory=9_000)
+    blocks = planned[-1]
+    naive = sum(len(block) * (1 + p) for p, block in enumerate(blocks))  # each row once, each later block per row
+    assert len(blocks) >= 3 and len(grams) == naive - sum(len(block) for block in blocks[1:])

@@ -910,6 +910,32 @@ def _block_pairs(blocks, wanted, diagonal: bool) -> dict:
     return dict(sorted(out.items()))
 
 
+def _sweep(blocks, block_pairs: dict, make, visit, bar=None) -> None:
+    """visit(p, q, positions, rows, columns) for every block pair, rows =
+    make(blocks[p]) once per row block, columns = make(blocks[q]) per pair
+    (rows itself when q == p); the columns of a row go from the last block
+    down, so its last column is often the next row block and is kept as it:
+    at most two blocks alive at once. The bar counts each model once."""
+    keys = sorted(block_pairs, key=lambda pq: (pq[0], pq[1] != pq[0], -pq[1]))
+    seen, row, kept = set(), None, None
+
+    def made(index):
+        if bar is not None:
+            bar.update(0 if index in seen else len(blocks[index]))
+        seen.add(index)
+        return make(blocks[index])
+
+    for t, (p, q) in enumerate(keys):
+        if row is None or row[0] != p:
+            row = None  # the previous row block goes before the next is made
+            row, kept = (p, kept if kept is not None else made(p)), None
+        columns = row[1] if q == p else made(q)
+        visit(p, q, block_pairs[(p, q)], row[1], columns)
+        if q != p and t + 1 < len(keys) and keys[t + 1][0] == q:
+            kept = columns
+        del columns
+
+
 def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar, share=None, wanted=None,
                   budget=math.inf) -> torch.Tensor:
     """The (K, K) CKA matrix of K representations (N, C, S) of one probe:
@@ -955,17 +981,13 @@ def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar, share=No
             return stacked
 
         hsic_matrix = torch.zeros((k, k), dtype=torch.float64, device=device)
-        last = None
-        for (p, q), _ in _block_pairs(blocks, wanted, True).items():
-            if last is None or last[0] != p:
-                last = (p, grams(blocks[p]))  # the row block: each model's Gram made here once per row
-                bar.update(len(blocks[p]))
-            rows = last[1]
-            columns = rows if q == p else grams(blocks[q])
-            block = (rows @ columns.T) * _hsic_scale(n, unbiased)  # <vec U(K_i), vec U(K_j)>: one GEMM
+
+        def visit(p, q, _, rows, columns):  # <vec U(K_i), vec U(K_j)>: one GEMM per block pair
+            block = (rows @ columns.T) * _hsic_scale(n, unbiased)
             hsic_matrix[blocks[p][0]:blocks[p][-1] + 1, blocks[q][0]:blocks[q][-1] + 1] = block
             hsic_matrix[blocks[q][0]:blocks[q][-1] + 1, blocks[p][0]:blocks[p][-1] + 1] = block.T
-            del columns, block
+
+        _sweep(blocks, _block_pairs(blocks, wanted, True), grams, visit, bar)
     constant = torch.tensor([_constant(R) for R in reps], device=hsic_matrix.device)
     hsic_matrix = hsic_matrix.masked_fill(constant[:, None] | constant[None, :], 0.0)
     self_terms = hsic_matrix.diagonal().clone()
@@ -1023,19 +1045,19 @@ def _pairwise_hsic_features(reps, kernel, unbiased, bar, blocks=None, block_pair
     block_pairs are not computed)."""
     n, k = reps[0].shape[0], len(reps)
     blocks = [list(range(k))] if blocks is None else blocks
-    block_pairs = {(0, 0): None} if block_pairs is None else block_pairs
+    block_pairs = {(0, 0): []} if block_pairs is None else block_pairs
     trace = torch.zeros((k, k), dtype=torch.float64, device=reps[0].device)
     rows = torch.empty((k, n), dtype=torch.float64, device=reps[0].device)
-    last = None
-    for p, q in block_pairs:
+
+    def visit(p, q, _, left, right):
         I, J = blocks[p], blocks[q]
-        if last is None or last[0] != p:
-            last = (p, _Centred(reps, I, kernel))
-            rows[I[0]:I[-1] + 1] = torch.stack(last[1].norms)
-            bar.update(len(I))
-        block = last[1].traces(last[1] if p == q else _Centred(reps, J, kernel), p == q)
+        if p == q:
+            rows[I[0]:I[-1] + 1] = torch.stack(left.norms)
+        block = left.traces(right, p == q)
         trace[I[0]:I[-1] + 1, J[0]:J[-1] + 1] = block
         trace[J[0]:J[-1] + 1, I[0]:I[-1] + 1] = block.T
+
+    _sweep(blocks, block_pairs, lambda block: _Centred(reps, block, kernel), visit, bar)
     if not unbiased:
         return trace / (n - 1) ** 2
     sums = rows.sum(1)
@@ -1084,23 +1106,16 @@ def _pairwise_procrustes(reps, pairs, group, centered, chunk, bar=None, budget=m
                            what=f"procrustes ({group})", n=reps[names[0]].shape[0])
     index = {m: i for i, m in enumerate(names)}
     wanted = [(index[a], index[b]) for a, b in pairs]
-    values, done, last = [None] * len(pairs), set(), None
+    values = [None] * len(pairs)
 
-    def normalised(block):
-        out = {i: _normalised_positions(f"features[{names[i]!r}]", reps[names[i]], group, centered) for i in block}
-        if bar is not None:
-            bar.update(len(set(block) - done))  # the bar counts models, each once
-        done.update(block)
-        return out
-
-    for (p, q), positions in _block_pairs(blocks, wanted, False).items():
-        if last is None or last[0] != p:
-            last = (p, normalised(blocks[p]))
-        columns = last[1] if q == p else normalised(blocks[q])
+    def visit(p, q, positions, rows, columns):
         part = [wanted[t] for t in positions]
-        for t, value in zip(positions, _procrustes_block(last[1], columns, part, group, chunk)):
+        for t, value in zip(positions, _procrustes_block(rows, columns, part, group, chunk)):
             values[t] = value
-        del columns
+
+    _sweep(blocks, _block_pairs(blocks, wanted, False),
+           lambda block: {i: _normalised_positions(f"features[{names[i]!r}]", reps[names[i]], group, centered)
+                          for i in block}, visit, bar)
     return values
 
 
