@@ -96,7 +96,7 @@ def ours(models, probe):
 
 
 def ours_blocked(models, probe, max_memory=10 << 20):
-    """pair_metrics within a max_memory that holds a fifth of the Grams: blocks of models, Grams recomputed per block."""
+    """pair_metrics within a max_memory holding a fifth of the Grams: blocks of models, Grams remade per block."""
     return by_pair(zoo.pair_metrics(models, None, probe, LAYERS, ("cka",), progress=False, max_memory=max_memory))
 
 
