@@ -206,3 +206,141 @@ def test_analyze_batches_the_pairs_of_each_chunk(monkeypatch):
     direct = direct.sort_values(["model_a", "model_b", "layer", "measure"]).reset_index(drop=True)
     assert len(pairs) == 10 * 2 * 2
     np.testing.assert_allclose(pairs["value"], direct["value"], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Within a memory budget (issue 13): blocks of models, the same numbers
+
+
+def blocks_of(monkeypatch):
+    """The model blocks each call plans (a spy on _model_blocks)."""
+    planned, original = [], S._model_blocks
+    monkeypatch.setattr(S, "_model_blocks", lambda *a, **k: planned.append(original(*a, **k)) or planned[-1])
+    return planned
+
+
+def held_peak(monkeypatch):
+    """The largest total of bytes that the tensors passed to _held keep alive at once."""
+    import weakref
+
+    state = {"live": 0, "peak": 0}
+
+    def held(tensor):
+        size = tensor.numel() * tensor.element_size()
+        state["live"] += size
+        state["peak"] = max(state["peak"], state["live"])
+        weakref.finalize(tensor, lambda: state.__setitem__("live", state["live"] - size))
+        return tensor
+
+    monkeypatch.setattr(S, "_held", held)
+    return state
+
+
+SOME_PAIRS = [("m5", "m0"), ("m1", "m1"), ("m2", "m4"), ("m6", "m3"), ("m0", "m6")]
+
+
+@pytest.mark.parametrize("route,kernel,budget", [("features", "linear", 20_000), ("features", "ortho", 20_000),
+                                                 ("grams", "linear", 9_000), ("grams", "max", 9_000),
+                                                 ("grams", "rbf", 9_000)])
+def test_a_small_max_memory_gives_the_unblocked_numbers(monkeypatch, route, kernel, budget):
+    n, shape = ROUTES[route]
+    feats = zoo_features(k=7, n=n, shape=shape)
+    names = list(feats)
+    planned = blocks_of(monkeypatch)
+    for pairs in (all_ordered(names), SOME_PAIRS, None):
+        whole = S.pairwise_similarity(feats, pairs, kernel=kernel, progress=False)
+        blocked = S.pairwise_similarity(feats, pairs, kernel=kernel, progress=False, max_memory=budget)
+        assert len(planned[-2]) == 1 and len(planned[-1]) >= 3  # unblocked, then several blocks
+        assert list(blocked["model_a"]) == list(whole["model_a"]) and list(blocked["model_b"]) == list(whole["model_b"])
+        np.testing.assert_allclose(blocked["value"], whole["value"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("group", S.GROUPS)
+@pytest.mark.parametrize("shape", [(6,), (6, 2, 2)])
+def test_a_small_max_memory_gives_the_unblocked_procrustes(monkeypatch, group, shape):
+    feats = zoo_features(k=7, n=30, shape=shape)
+    names = list(feats)
+    planned = blocks_of(monkeypatch)
+    budget = 40_000 if shape == (6,) else 100_000
+    for pairs in (all_ordered(names), SOME_PAIRS, None):
+        whole = S.pairwise_similarity(feats, pairs, "procrustes", group=group, chunk=5, progress=False)
+        blocked = S.pairwise_similarity(feats, pairs, "procrustes", group=group, chunk=5, progress=False,
+                                        max_memory=budget)
+        assert len(planned[-2]) == 1 and len(planned[-1]) >= 3
+        np.testing.assert_allclose(blocked["value"], whole["value"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("measure,route,budget", [("cka", "features", 29_000), ("cka", "grams", 11_900),
+                                                  ("procrustes", "grams", 111_000)])
+def test_a_blocked_run_keeps_its_tensors_within_max_memory(monkeypatch, measure, route, budget):
+    n, shape = ROUTES[route]
+    feats = zoo_features(k=8, n=n, shape=shape)
+    peak, planned = held_peak(monkeypatch), blocks_of(monkeypatch)
+    S.pairwise_similarity(feats, measure=measure, progress=False)
+    unblocked, peak["peak"] = peak["peak"], 0
+    S.pairwise_similarity(feats, measure=measure, progress=False, max_memory=budget)
+    assert len(planned[-1]) >= 3
+    assert 0 < peak["peak"] <= budget and peak["peak"] < unblocked  # the blocks, not all models, at once
+
+
+@pytest.mark.parametrize("measure,route", [("cka", "features"), ("cka", "grams"), ("procrustes", "grams")])
+def test_max_memory_below_one_block_is_refused_before_any_work(monkeypatch, measure, route):
+    n, shape = ROUTES[route]
+    feats = zoo_features(k=4, n=n, shape=shape)
+    peak = held_peak(monkeypatch)
+    with pytest.raises(ValueError, match=r"max_memory allows .*reduce the probe size \(N = \d+ samples\)"):
+        S.pairwise_similarity(feats, measure=measure, progress=False, max_memory=1000)
+    assert peak["peak"] == 0  # nothing was allocated
+    for bad in (0, -5, "1G", True):
+        with pytest.raises(ValueError, match="max_memory must be a positive number of bytes"):
+            S.pairwise_similarity(feats, measure=measure, progress=False, max_memory=bad)
+
+
+@pytest.mark.parametrize("measure", ["cka", "procrustes"])
+def test_a_blocked_run_counts_each_model_once_on_its_bar(capsys, measure):
+    S.pairwise_similarity(zoo_features(k=7, n=10, shape=(5, 3, 3)), measure=measure, progress=True,
+                          max_memory=40_000 if measure == "cka" else 150_000)
+    err = capsys.readouterr().err
+    assert f"pairwise {measure}" in err and "7/7" in err and "8/7" not in err
+
+
+def test_the_cache_keeps_the_grams_only_when_they_all_fit():
+    torch.manual_seed(0)
+    models = {f"cnn{i}": cnn().double() for i in range(6)}
+    x = torch.randn(24, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grams = lambda cache: [key for key in cache.entries if len(key) > 2]  # noqa: E731 (n, layers, layer, options)
+    fits, tight = zoo.ActivationCache(), zoo.ActivationCache()
+    whole = zoo.pair_metrics(models, None, x, ["3"], ("grelu_cka",), cache=fits, progress=False)
+    blocked = zoo.pair_metrics(models, None, x, ["3"], ("grelu_cka",), cache=tight, progress=False,
+                               max_memory=30_000)
+    assert len(grams(fits)) == 6 and grams(tight) == []
+    np.testing.assert_allclose(blocked["value"], whole["value"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("measure", ["cka", "procrustes"])
+def test_a_max_memory_above_the_free_memory_is_refused(monkeypatch, measure):
+    from spectral_ext import _checks
+
+    feats = zoo_features(k=4, n=10, shape=(5, 3, 3))
+    monkeypatch.setattr(_checks, "free_memory", lambda device: 4096)
+    with pytest.raises(ValueError, match=r"GiB are free on cpu: reduce the probe size \(N = 10"):
+        S.pairwise_similarity(feats, measure=measure, progress=False, max_memory=2 ** 30)
+    with pytest.raises(ValueError, match="max_memory allows 2.0 KiB"):  # the default: half the free memory
+        S.pairwise_similarity(feats, measure=measure, progress=False)
+
+
+@pytest.mark.parametrize("measure", ["cka", "procrustes"])
+def test_no_pairs_is_an_empty_table(measure):
+    frame = S.pairwise_similarity(zoo_features(k=3), [], measure=measure, progress=False)
+    assert len(frame) == 0 and list(frame.columns) == ["model_a", "model_b", "value"]
+
+
+def test_a_rows_last_column_block_is_kept_as_the_next_row_block(monkeypatch):
+    feats = zoo_features(k=7, n=10, shape=(5, 3, 3))
+    planned = blocks_of(monkeypatch)
+    grams, gram = [], S._gram
+    monkeypatch.setattr(S, "_gram", lambda *a: grams.append(1) or gram(*a))
+    S.pairwise_similarity(feats, progress=False, max_memory=9_000)
+    blocks = planned[-1]
+    naive = sum(len(block) * (1 + p) for p, block in enumerate(blocks))  # each row once, each later block per row
+    assert len(blocks) >= 3 and len(grams) == naive - sum(len(block) for block in blocks[1:])

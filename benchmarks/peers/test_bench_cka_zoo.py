@@ -2,7 +2,8 @@
 against what a zoo user runs today: pytorch-cka 1.1.3's compute_cka and
 torch-cka 0.21's CKA class in a loop over the 496 pairs (each pair runs both
 models, as their APIs do), and spectral_ext's zoo.pair_metrics(models, None,
-probe, layers) (and the zoo.analyze run of the same pairs): one forward per model, one centred Gram (or centred feature
+probe, layers) (and the zoo.analyze run of the same pairs, and pair_metrics
+within a max_memory of 10 MiB: blocks of models, issue 13): one forward per model, one centred Gram (or centred feature
 matrix) per model and layer, every pair from one batched product. One thread
 per side, interleaved repeats (A, B, C, A, B, C, ...; timing.interleaved, after
 one warm-up), medians and the
@@ -94,6 +95,11 @@ def ours(models, probe):
     return by_pair(zoo.pair_metrics(models, None, probe, LAYERS, ("cka",), progress=False))
 
 
+def ours_blocked(models, probe, max_memory=10 << 20):
+    """pair_metrics within a max_memory holding a fifth of the Grams: blocks of models, Grams remade per block."""
+    return by_pair(zoo.pair_metrics(models, None, probe, LAYERS, ("cka",), progress=False, max_memory=max_memory))
+
+
 def ours_analyze(models, probe):
     """The zoo run a user starts (in memory, pairs only): its pair chunks batched, Grams cached."""
     return by_pair(zoo.analyze(models, metrics=(), pairs=("cka",), probe=probe, layers=LAYERS, progress=False,
@@ -113,6 +119,7 @@ def test_zoo_k_by_k_cka_vs_pytorch_cka_and_torch_cka():
     values = {}
     runs = {"spectral_ext zoo.pair_metrics": lambda: ours(models, probe),
             "spectral_ext zoo.analyze": lambda: ours_analyze(models, probe),
+            "spectral_ext zoo.pair_metrics max_memory=10 MiB": lambda: ours_blocked(models, probe),
             "pytorch-cka 1.1.3 compute_cka loop": lambda: pytorch_cka_loop(models, loader),
             "torch-cka 0.21 CKA loop": lambda: torch_cka_loop(models, loader)}
     sides = {name: (lambda name=name, fn=fn: values.__setitem__(name, fn())) for name, fn in runs.items()}
@@ -134,6 +141,7 @@ def test_zoo_k_by_k_cka_vs_pytorch_cka_and_torch_cka():
                 worst[name] = max(worst[name], abs(got - want) / max(want, 1e-3))
     print("  largest relative error against float64: " + ", ".join(f"{n} {e:.1e}" for n, e in worst.items()))
     assert worst[base] < 1e-9 and worst["spectral_ext zoo.analyze"] < 1e-9
+    assert worst["spectral_ext zoo.pair_metrics max_memory=10 MiB"] < 1e-9
     # the peers' float32 Grams of uncentred features: percent-level errors on ReLU features
     assert worst["pytorch-cka 1.1.3 compute_cka loop"] < 0.1
     assert worst["torch-cka 0.21 CKA loop"] < 0.1

@@ -143,7 +143,7 @@ class ActivationCache:
 
 def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=None, measures=("cka",),
                  stitch_options: dict | None = None, cache: ActivationCache | None = None,
-                 progress: bool = True) -> pd.DataFrame:
+                 progress: bool = True, max_memory: int | None = None) -> pd.DataFrame:
     """For each (a, b) in pairs (None: all K(K-1)/2 unordered pairs of
     models, the zoo's K x K) and each layer, the chosen measures on the
     probe (seed 004 section 5): "cka" (linear), "grelu_cka" (max kernel),
@@ -155,9 +155,12 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
     cache; models then need only be present for what the cache lacks); per
     layer and measure each model's centred Gram (kept in the cache too) or
     normalised features is computed once and all pairs come from batched products
-    (similarity.pairwise_similarity). progress: a tqdm bar over the forwards
-    and the batched (layer, measure) steps. Returns rows model_a, model_b,
-    layer, measure, value."""
+    (similarity.pairwise_similarity), within max_memory bytes (its default:
+    half the free memory) in blocks of models when they do not all fit; the
+    cache keeps the Grams only when all of them fit (otherwise each block's
+    are recomputed). progress: a tqdm bar over the forwards and the batched
+    (layer, measure) steps. Returns rows model_a, model_b, layer, measure,
+    value."""
     from tqdm.auto import tqdm
 
     from ..similarity import pairwise_similarity
@@ -197,7 +200,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
                 frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, progress=False,
                                             share=lambda n, options, compute, layer=layer:
                                             cache.get((n, key, layer) + options, compute),
-                                            **options_of[measure])
+                                            max_memory=max_memory, **options_of[measure])
                 batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
                 bar.update(1)
         options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
