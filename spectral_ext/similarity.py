@@ -321,6 +321,21 @@ def _centred_gram(F: torch.Tensor) -> torch.Tensor:
     return F @ F.T
 
 
+def _centred_features(R: torch.Tensor, kernel: str, out: torch.Tensor | None = None):
+    """The linear route's share of one representation (N, C, S): its
+    flattened features centred over the samples (channel-normalised first
+    for "ortho"; float32 in two passes, the second taking out what the first
+    mean's rounding left), written into `out` when given, and the float64
+    squared row norms (sums of squares: no cancellation)."""
+    F = (channel_normalize(R) if kernel == "ortho" else R).reshape(R.shape[0], -1)
+    Fc = F - F.mean(0, keepdim=True)
+    if F.dtype != torch.float64:
+        Fc -= Fc.mean(0, keepdim=True)
+    if out is not None:
+        Fc = out.copy_(Fc)
+    return Fc, torch.linalg.vecdot(Fc, Fc).to(torch.float64)
+
+
 class _Batch:
     """One batch's representations reduced to what HSIC needs: centred
     features (feature route, linear kernels) or U-centred Grams (Gram
@@ -333,12 +348,9 @@ class _Batch:
         if route == "features":
             self.features, self.norms = [], []
             for R in reps:
-                F = (channel_normalize(R) if kernel == "ortho" else R).reshape(self.n, -1)
-                Fc = F - F.mean(0, keepdim=True)
-                if F.dtype != torch.float64:  # a second pass takes out what the first mean's rounding left
-                    Fc -= Fc.mean(0, keepdim=True)
+                Fc, norms = _centred_features(R, kernel)
                 self.features.append(Fc)
-                self.norms.append(torch.linalg.vecdot(Fc, Fc).to(torch.float64))  # sums of squares: no cancellation
+                self.norms.append(norms)
         elif route == "direct":  # one pair of large Grams: kept in their dtype
             lower = [_rbf_lower(R, bandwidth) for R in reps] if kernel == "rbf" else [None]
             self.lower = all(K is not None for K in lower)
@@ -621,15 +633,22 @@ class CrossMoments(_moments.CrossMoments):
         return _procrustes_from(self.cross(centered), self.a.norms2(centered), self.b.norms2(centered), group)
 
 
+def _procrustes_measure(score: float, size: float) -> tuple[float, float]:
+    """(similarity, distance) of representations of squared norm `size` each
+    (1: unit Frobenius norm; d: d unit channels) whose best alignment
+    <X, Y Q> is `score`: min |X - Y Q|^2 = 2 size - 2 score (D.7.1,
+    definition 5.2), the similarity 1 - distance / (2 sqrt(size)) in [0, 1]."""
+    distance = math.sqrt(_rounded_gap(2.0 * size - 2.0 * score, 2.0 * size))
+    return 1.0 - distance / (2.0 * math.sqrt(size)), distance
+
+
 def _procrustes_from(cross, nx, ny, group):
     if group == "orthogonal":
         # D.7.1 / [DDS21a]: unit Frobenius norm; min_Q |X - Y Q|^2 = 2 - 2 |X'Y|_*
         scale = math.sqrt(float(nx.sum()) * float(ny.sum()))
         if scale == 0:
             raise ValueError("X or Y is zero (constant, when centred): the Procrustes measure is undefined")
-        nuclear = float(torch.linalg.svdvals(cross / scale).sum())
-        distance = math.sqrt(_rounded_gap(2.0 - 2.0 * nuclear, 2.0))
-        return 1.0 - distance / 2.0, distance
+        return _procrustes_measure(float(torch.linalg.svdvals(cross / scale).sum()), 1.0)
     if group == "grelu":
         if cross.shape[0] != cross.shape[1]:
             raise ValueError(f"G_ReLU-Procrustes needs equal channel counts, got {cross.shape[0]} and "
@@ -639,10 +658,7 @@ def _procrustes_from(cross, nx, ny, group):
                              "does not exist and the measure is undefined")
         normalised = cross / torch.outer(nx.sqrt(), ny.sqrt())
         rows, cols = _assignment(normalised)
-        d = cross.shape[0]
-        best = float(normalised[rows, cols].sum())
-        distance = math.sqrt(_rounded_gap(2.0 * d - 2.0 * best, 2.0 * d))  # |X~|^2 = |Y~|^2 = d
-        return 1.0 - distance / (2.0 * math.sqrt(d)), distance
+        return _procrustes_measure(float(normalised[rows, cols].sum()), cross.shape[0])  # |X~|^2 = |Y~|^2 = d
     raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
 
 
@@ -880,7 +896,6 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
 
 # ---------------------------------------------------------------------------------------------
 # Many models on one probe (zoos)
-
 
 
 def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel: str = "linear",
@@ -1125,11 +1140,8 @@ class _Centred:
                                          device=reps[block[0]].device))
         self.norms = []
         for row, i in enumerate(block):
-            F = (channel_normalize(reps[i]) if kernel == "ortho" else reps[i]).reshape(n, -1)
-            mean = F.mean(0, keepdim=True, dtype=torch.float64)
             part = self.stacked[:, self.starts[row]:self.starts[row + 1]]
-            part.copy_(F - mean.to(F.dtype))
-            self.norms.append(part.square().sum(1, dtype=torch.float64))
+            self.norms.append(_centred_features(reps[i], kernel, part)[1])
         self.owner = torch.repeat_interleave(torch.arange(len(block), device=self.stacked.device),
                                              torch.diff(torch.tensor(self.starts, device=self.stacked.device)))
 
@@ -1270,13 +1282,9 @@ def _procrustes_block(rows: dict, columns: dict, part, group, chunk) -> list[flo
             [cross(a, b)[None] for a, b in piece]  # mixed channel counts: one problem at a time
         for crosses in groups:
             if group == "orthogonal":
-                for value in torch.linalg.svdvals(crosses).sum(-1).tolist():
-                    values.append(1.0 - math.sqrt(_rounded_gap(2.0 - 2.0 * value, 2.0)) / 2.0)
+                values.extend(_procrustes_measure(v, 1.0)[0] for v in torch.linalg.svdvals(crosses).sum(-1).tolist())
             else:
                 picked, cols = _assignment(crosses)
                 best = crosses[torch.arange(crosses.shape[0], device=crosses.device)[:, None], picked, cols].sum(-1)
-                d = crosses.shape[-1]
-                for value in best.tolist():
-                    gap = _rounded_gap(2.0 * d - 2.0 * value, 2.0 * d)
-                    values.append(1.0 - math.sqrt(gap) / (2.0 * math.sqrt(d)))
+                values.extend(_procrustes_measure(v, crosses.shape[-1])[0] for v in best.tolist())
     return values
