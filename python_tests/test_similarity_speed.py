@@ -28,17 +28,19 @@ MAX_SHAPES = [(1, 1, 1, 1), (63, 64, 1, 1), (65, 129, 33, 1), (130, 7, 70, 1), (
 
 @pytest.mark.parametrize("N,Np,C,S", MAX_SHAPES)
 def test_max_kernel_gram_matches_reference_on_both_paths(N, Np, C, S):
-    """Unit-scale inputs take the path without NaN tracking, inputs large
-    enough to overflow the tracking one; both equal amax of the products."""
+    """Unit-scale inputs take the path without NaN tracking, inputs that
+    could overflow (1e153: the sums stay finite; 1e300: the products
+    overflow, and inf - inf is NaN) the tracking one; all equal amax of
+    the rounded products' sums."""
     X, Y = rand(N, C, S), rand(Np, C, S, seed=1)
-    for scale in (1.0, 1e300):
+    for scale in (1.0, 1e153, 1e300):
         A, B = X * scale, Y * scale
         torch.testing.assert_close(se.max_kernel_gram(A, B) if scale == 1 else
                                    torch.ops.spectral_ext.max_kernel_gram(A, B),
-                                   reference.max_kernel_gram(A, B), **F64)
+                                   reference.max_kernel_gram(A, B), equal_nan=True, **F64)
         self_gram = torch.ops.spectral_ext.max_kernel_gram(A)
-        torch.testing.assert_close(self_gram, reference.max_kernel_gram(A), **F64)
-        assert torch.equal(self_gram, self_gram.T)  # the mirrored tiles are copies, not recomputations
+        torch.testing.assert_close(self_gram, reference.max_kernel_gram(A), equal_nan=True, **F64)
+        torch.testing.assert_close(self_gram, self_gram.T, rtol=0, atol=0, equal_nan=True)  # mirrored copies
     torch.testing.assert_close(se.max_kernel_gram(X.float(), Y.float()), reference.max_kernel_gram(X, Y).float(),
                                rtol=1e-5, atol=1e-5)
 

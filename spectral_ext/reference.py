@@ -46,9 +46,14 @@ def sinkhorn(P: torch.Tensor, iters: int = 16) -> torch.Tensor:
 
 
 def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
-    """X (N, C, S), Y (N', C, S) -> K (N, N') with K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s]."""
+    """X (N, C, S), Y (N', C, S) -> K (N, N') with K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s]: each product
+    rounded, then summed (an overflowing product is +-inf, inf - inf is NaN), the max propagating NaN as amax
+    does. Not einsum: a BLAS's fused multiply-adds skip the products' rounding, so its overflow depends on the
+    build. In blocks of rows of X, to bound the (rows, N', C, S) products."""
     Y = X if Y is None else Y
-    return torch.einsum("ics,jcs->ijc", X, Y).amax(-1)
+    step = max(1, (1 << 22) // max(1, Y.shape[0] * X.shape[1] * X.shape[2]))
+    parts = [(X[i:i + step, None] * Y[None]).sum(-1).amax(-1) for i in range(0, X.shape[0], step)]
+    return torch.cat(parts) if parts else X.new_empty(0, Y.shape[0])
 
 
 def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False):

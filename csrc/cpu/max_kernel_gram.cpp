@@ -27,9 +27,20 @@ constexpr int kRows = 8;       // rows of K per register block (one vector wide:
 // TrackNaN: the max propagates NaN like amax (issue 14.6); without it (inputs
 // finite and too small to overflow, so no product or sum is NaN) the max is
 // one vmaxps per vector. OneS: S == 1 (dense features), no sum over positions.
+// v, kept from being fused into a following add: an FMA adds the exact product, so an overflowing
+// product (inf as amax sees it) plus an opposite inf gives inf instead of amax's NaN.
+template <typename V>
+SPECTRAL_EXT_ALWAYS_INLINE V rounded(V v) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
+
 template <typename T, int Bytes, int VecsPerRow, bool TrackNaN, bool OneS>
 SPECTRAL_EXT_ALWAYS_INLINE void gram_tile_impl(const T* Xp, const T* Yp, T* K, int64_t C, int64_t S, int64_t i0,
-                                               int64_t j0, int64_t rows, int64_t cols, int64_t ldk, bool mirror) {
+                                               int64_t j0, int64_t rows, int64_t cols, int64_t ldk, bool mirror,
+                                               bool diagonal) {
   typedef T V __attribute__((vector_size(Bytes)));
   using M = decltype(V{} != V{});
   constexpr int kLanes = Bytes / sizeof(T);
@@ -56,7 +67,10 @@ SPECTRAL_EXT_ALWAYS_INLINE void gram_tile_impl(const T* Xp, const T* Yp, T* K, i
             for (int v = 0; v < VecsPerRow; ++v) __builtin_memcpy(&y[v], yc + s * kTile + v * kLanes, Bytes);
             for (int r = 0; r < kRows; ++r) {
               const T xv = xc[s * kTile + r];
-              for (int v = 0; v < VecsPerRow; ++v) acc[r][v] = s == 0 ? xv * y[v] : acc[r][v] + xv * y[v];
+              for (int v = 0; v < VecsPerRow; ++v) {
+                const V product = TrackNaN ? rounded(xv * y[v]) : xv * y[v];
+                acc[r][v] = s == 0 ? product : acc[r][v] + product;
+              }
             }
           }
           for (int r = 0; r < kRows; ++r)
@@ -74,6 +88,9 @@ SPECTRAL_EXT_ALWAYS_INLINE void gram_tile_impl(const T* Xp, const T* Yp, T* K, i
       }
     }
   }
+  if (diagonal)  // a self Gram's diagonal tile: its lower triangle from the upper, so K is exactly symmetric
+    for (int64_t i = 0; i < kTile; ++i)
+      for (int64_t j = 0; j < i; ++j) tile[i * kTile + j] = tile[j * kTile + i];
   for (int64_t i = 0; i < rows; ++i) std::copy(tile + i * kTile, tile + i * kTile + cols, K + (i0 + i) * ldk + j0);
   if (mirror)  // the self Gram's tile below the diagonal, written from L1 instead of a strided pass over K
     for (int64_t j = 0; j < cols; ++j)
@@ -82,8 +99,8 @@ SPECTRAL_EXT_ALWAYS_INLINE void gram_tile_impl(const T* Xp, const T* Yp, T* K, i
 
 #define SPECTRAL_EXT_GRAM_ARGS                                                              \
   const T *Xp, const T *Yp, T *K, int64_t C, int64_t S, int64_t i0, int64_t j0, int64_t rows, \
-      int64_t cols, int64_t ldk, bool mirror
-#define SPECTRAL_EXT_GRAM_PASS Xp, Yp, K, C, S, i0, j0, rows, cols, ldk, mirror
+      int64_t cols, int64_t ldk, bool mirror, bool diagonal
+#define SPECTRAL_EXT_GRAM_PASS Xp, Yp, K, C, S, i0, j0, rows, cols, ldk, mirror, diagonal
 
 template <typename T, bool TrackNaN, bool OneS>
 SPECTRAL_EXT_TARGET_AVX512 void gram_tile_avx512(SPECTRAL_EXT_GRAM_ARGS) {
@@ -161,7 +178,8 @@ at::Tensor max_kernel_gram_cpu(const at::Tensor& X, const std::optional<at::Tens
         const int64_t a = tiles[t].first, b = tiles[t].second, i0 = a * kTile, j0 = b * kTile;
         const int64_t rows = std::min(kTile, N - i0), cols = std::min(kTile, Np - j0);
         const bool mirror = self && a != b;
-        gram_tile<T>(isa, !exact_max, xp + a * panel, yp + b * panel, k, C, S, i0, j0, rows, cols, Np, mirror);
+        gram_tile<T>(isa, !exact_max, xp + a * panel, yp + b * panel, k, C, S, i0, j0, rows, cols, Np, mirror,
+                     self && a == b);
       }
     });
   });
