@@ -33,6 +33,9 @@ def _gram(M: torch.Tensor, panel: int = 512) -> torch.Tensor:
         P = M[..., i0:i1, :] @ M[..., :i1, :].mT
         G[..., i0:i1, :i1] = P
         G[..., :i0, i0:i1] = P[..., :i0].mT
+        # the diagonal block's upper triangle from its lower (a gemm need not round (i, j) as (j, i))
+        block = P[..., i0:i1]
+        G[..., i0:i1, i0:i1] = block.tril() + block.tril(-1).mT
     return G
 
 
