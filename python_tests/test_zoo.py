@@ -565,9 +565,10 @@ def test_layer_spectra_and_model_metrics_give_identical_numbers(make, convention
         ours = tables.layers[tables.layers["model"] == name].reset_index(drop=True)
         alone = spectra.layer_spectra(model, x, min_tail=4, convention=convention)
         assert ours["layer"].tolist() == alone["layer"].tolist()
-        pd.testing.assert_frame_equal(ours[columns], alone[columns], check_exact=True)
+        # the same numbers to float64 rounding: a BLAS may round a batched Gram by its position in the batch
+        pd.testing.assert_frame_equal(ours[columns], alone[columns], check_exact=False, rtol=1e-13, atol=0)
         alpha_hat = tables.models.set_index("model").loc[name, "alpha_hat"]
-        assert alpha_hat == spectra.alpha_hat(alone)
+        assert alpha_hat == pytest.approx(spectra.alpha_hat(alone), rel=1e-13)
         assert tables.models.set_index("model").loc[name, "n_alpha_layers"] == alone["alpha"].notna().sum()
 
 
