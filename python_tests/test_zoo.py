@@ -634,3 +634,78 @@ def test_small_safetensors_are_read_as_safetensors_reads_them(tmp_path):
     path.write_bytes(save(state)[:-3])  # truncated: safetensors says why
     with pytest.raises(ValueError, match="unreadable checkpoint \\(SafetensorError"):
         zoo.read_checkpoint(path)
+
+
+def test_module_tensors_are_the_state_dicts_tensors():
+    """The walk behind binding in-memory members: state_dict's keys, order and tensors (not copies), persistent
+    buffers only, None parameters and children skipped."""
+    from spectral_ext.zoo.members import module_tensors
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 5, bias=False)))
+    model[2].register_buffer("scratch", torch.ones(2), persistent=False)
+    model[2].register_buffer("kept", torch.ones(3))
+    model[2].register_parameter("unused", None)
+    model.add_module("absent", None)
+    got, want = module_tensors(model), model.state_dict(keep_vars=True)
+    assert list(got) == list(want) and all(got[k] is want[k] for k in want)
+
+
+def test_in_memory_members_are_checked_at_once_and_the_bad_one_named():
+    """model_metrics checks every member's tensors in one reduction; a NaN bias or running_var (which no
+    spectrum reads) still fails, naming the tensor; so does one in a member of another shape."""
+    from spectral_ext.zoo.members import all_finite_states, module_tensors
+
+    def cnn(width=4):
+        return torch.nn.Sequential(torch.nn.Conv2d(1, width, 3, padding=1), torch.nn.BatchNorm2d(width),
+                                   torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(width * 64, 3))
+
+    x = torch.zeros(1, 1, 8, 8)
+    for spoil, tensor in ((lambda m: m[0].bias, "0.bias"), (lambda m: m[1].running_var, "1.running_var"),
+                          (lambda m: m[4].weight, "4.weight")):
+        models = {f"m{i}": cnn() for i in range(5)}
+        models["odd"] = cnn(6)
+        for bad in ("m3", "odd"):
+            spoiled = {k: v for k, v in models.items()}
+            spoiled[bad] = cnn(6 if bad == "odd" else 4)
+            with torch.no_grad():
+                spoil(spoiled[bad]).view(-1)[1] = float("nan")
+            assert not all_finite_states([module_tensors(m) for m in spoiled.values()])
+            with pytest.raises(ValueError, match=f"NaN or infinite values in {tensor}"):
+                zoo.model_metrics(spoiled, ("rank",), x)
+    assert all_finite_states([module_tensors(m) for m in models.values()])
+    assert all_finite_states([{"w": torch.ones(2)}, {"w": torch.ones(3)}, {"n": torch.tensor([1, 2])}])
+    assert not all_finite_states([{"w": torch.ones(2)}, {"w": torch.tensor([1.0, 2.0, float("inf")])}])
+
+
+def test_members_with_other_groups_but_the_same_weight_shapes_are_not_paired():
+    """A (8, 4, 3, 3) weight is Conv2d(4, 8, 3) or Conv2d(8, 8, 3, groups=2): the same state keys and shapes,
+    not the same map."""
+    import copy
+
+    from spectral_ext.layers import discover
+
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 1), torch.nn.Conv2d(4, 8, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 36, 2))
+    grouped = copy.deepcopy(plain)
+    grouped[1].groups = 2
+    graph = discover(plain, torch.zeros(1, 1, 8, 8))
+    assert graph.for_model(copy.deepcopy(plain)).maps["1"].module is not plain[1]
+    with pytest.raises(ValueError, match="cannot be paired: map '1'"):
+        graph.for_model(grouped)
+
+
+def test_alpha_hats_are_alpha_hat_of_each_row():
+    rng = torch.Generator().manual_seed(0)
+    alpha = torch.rand(6, 4, generator=rng, dtype=torch.float64).numpy() * 3 + 1.5
+    lambda_max = torch.rand(6, 4, generator=rng, dtype=torch.float64).numpy() * 10
+    alpha[1, 2] = alpha[4] = float("nan")
+    for convention in spectra.CONVENTIONS:
+        rows = spectra.alpha_hats(alpha, lambda_max, convention)
+        for r in range(6):
+            usable = ~pd.isna(alpha[r])
+            log = (lambda v: torch.tensor(v).log10()) if convention == "weightwatcher" else (lambda v: torch.tensor(v).log())
+            terms = [a * float(log(l)) for a, l in zip(alpha[r][usable], lambda_max[r][usable])]
+            want = (sum(terms) / len(terms) if convention == "weightwatcher" else sum(terms)) if terms else math.nan
+            assert (math.isnan(rows[r]) and math.isnan(want)) or rows[r] == pytest.approx(want, rel=1e-14)
+            assert spectra.alpha_hat_of(alpha[r], lambda_max[r], convention) == rows[r] or math.isnan(want)

@@ -80,7 +80,7 @@ WW_SMALL_N_MIN_TAIL = 8
 # such a number describes the rounding of a flat spectrum (an orthogonal initialisation: every eigenvalue 1 to
 # float32 precision), not a power law, so seed 001's fit does not take such a tail as xmin.
 FLAT_TAIL_RTOL = 1e-3
-_FULL_SCAN_ELEMENTS = 1 << 21  # (rows x candidates x points) per block of the exhaustive scan
+_FULL_SCAN_ELEMENTS = 1 << 17  # (rows x tail pairs) per block of the exhaustive scan: 1 MiB, in cache
 _EXHAUSTIVE_N = 384  # longer spectra are scanned one at a time with lower bounds first
 
 
@@ -104,23 +104,34 @@ def _deviation(ratio, alpha, offset, n_i, two_sided):
     return d
 
 
-def _scan_all(x, valid, alphas, two_sided):
+def _scan_all(logs, valid, alphas, two_sided):
     """Exact KS distance of every candidate (rows x candidates; invalid ones
     +inf), computed at once over blocks of rows for the tail pairs j >= i
-    only: for short spectra."""
-    rows, n = x.shape
+    only: for short spectra. logs: ln x (any value where x <= 0: those are
+    never in a valid candidate's tail); (x_j / x_i)^(1 - alpha) is taken as
+    exp((1 - alpha)(ln x_j - ln x_i)), in place, over blocks that stay in
+    cache (2.5x faster than the power of a ratio over the whole batch)."""
+    rows, n = logs.shape
     out = np.full((rows, n), np.inf)
     i, j = np.triu_indices(n)  # row-major: the pairs of candidate i are contiguous
     starts = np.r_[0, np.cumsum(n - np.arange(n - 1))]
     n_i = (n - i).astype(np.float64)
+    low = (j - i) / n_i  # the empirical CDF just below x_j
     step = max(1, _FULL_SCAN_ELEMENTS // len(i))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for r in range(0, rows, step):
             vb = valid[r:r + step]
             if not vb.any():
                 continue
-            xb = np.where(x[r:r + step] > 0, x[r:r + step], 1.0)
-            d = _deviation(xb[:, j] / xb[:, i], alphas[r:r + step, i], j - i, n_i, two_sided)
+            lb = logs[r:r + step]
+            fitted = lb[:, j]
+            fitted -= lb[:, i]
+            fitted *= 1 - alphas[r:r + step, i]
+            np.exp(fitted, out=fitted)
+            np.subtract(1, fitted, out=fitted)  # F_fit = 1 - (x_j / x_i)^(1 - alpha)
+            d = np.abs(fitted - low)
+            if two_sided:
+                np.maximum(d, np.abs(low + 1 / n_i - fitted), out=d)
             out[r:r + step] = np.where(vb, np.maximum.reduceat(d, starts, axis=1), np.inf)
     return out
 
@@ -160,15 +171,15 @@ def _scan_pruned(x, candidates, alphas, two_sided, block: int = 64):
     return best_k, best_d
 
 
-def _best_candidates(x, valid, alphas, two_sided):
-    """Per row: (index of the best valid candidate or -1, its KS distance)."""
+def _best_candidates(x, logs, valid, alphas, two_sided):
+    """Per row: (index of the best valid candidate or -1, its KS distance); logs: ln x where x > 0."""
     rows, n = x.shape
     best = np.full(rows, -1)
     dist = np.full(rows, np.inf)
     if n == 0:
         return best, dist
     if n <= _EXHAUSTIVE_N:
-        d = _scan_all(x, valid, alphas, two_sided)
+        d = _scan_all(logs, valid, alphas, two_sided)
         best = np.argmin(d, axis=1)
         dist = d[np.arange(rows), best]
         best = np.where(np.isfinite(dist), best, -1)
@@ -232,40 +243,43 @@ def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
             spans = x[:, -1:] >= x * (1 + FLAT_TAIL_RTOL)
             flat = valid.any(1) & ~(valid & spans).any(1)
             valid &= spans
-    best, dist = _best_candidates(x, valid, alphas, two_sided=not weightwatcher)
-    records = []
-    for r in range(rows):
-        i, d, status = int(best[r]), float(dist[r]), "success"
-        sigma_alpha = alphas[r, i] if i >= 0 else float("nan")
-        if weightwatcher:
-            if count[r] <= 1:
-                i, status = -1, "failed"
-            elif i < 0 or not d < 1:
-                # WWFit takes the first minimum of its distances, 1 where no fit was made; the small-N
-                # fallback fits the whole sample when no tail of 8 or more qualifies.
-                invalid = np.flatnonzero(in_data[r] & (idx[0] <= n - 2) & ~valid[r])
-                i = int(invalid[0]) if len(invalid) else i
-                sigma_alpha, d = alphas[r, i], 1.0
-                if count[r] < WW_SMALL_N and not valid[r].any():
-                    i = int(start[r])
-                    sigma_alpha = alphas[r, i]  # WWFit's sigma was computed before this refit
-                    if denominator[r, i] > 1e-12:
-                        alphas[r, i] = 1 + (count[r] - 1) / denominator[r, i]
-                        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                            d = float(_deviation(x[r, i:] / x[r, i], alphas[r, i], np.arange(count[r]),
-                                                 float(count[r]), False).max())
-        if i < 0:
-            records.append({"alpha": float("nan"), "xmin": float("nan"), "xmax": float("nan"), "ks": float("nan"),
-                            "sigma": float("nan"), "n_tail": 0, "n": int(count[r]),
-                            "status": "failed" if weightwatcher else "flat spectrum" if flat[r]
-                            else "too few eigenvalues"})
+    best, dist = _best_candidates(x, logs, valid, alphas, two_sided=not weightwatcher)
+    chosen, ks = best.copy(), dist.copy()
+    sigma_alpha = np.full(rows, np.nan)
+    sigma_alpha[best >= 0] = alphas[best >= 0, best[best >= 0]]
+    # WeightWatcher's fallbacks, row by row (few rows): WWFit takes the first minimum of its distances, 1
+    # where no fit was made; the small-N fallback fits the whole sample when no tail of 8 or more qualifies
+    for r in np.flatnonzero((count <= 1) | (best < 0) | ~(dist < 1)) if weightwatcher else ():
+        if count[r] <= 1:
+            chosen[r] = -1
             continue
-        a = float(alphas[r, i])
-        records.append({"alpha": a, "xmin": float(x[r, i]), "xmax": float(x[r, -1]), "ks": d,
-                        "sigma": (float(sigma_alpha) - 1) / math.sqrt(n - i), "n_tail": int(n - i), "n": int(count[r]),
-                        "status": status})
-    return pd.DataFrame.from_records(records, columns=["alpha", "xmin", "xmax", "ks", "sigma", "n_tail", "n",
-                                                       "status"])
+        invalid = np.flatnonzero(in_data[r] & (idx[0] <= n - 2) & ~valid[r])
+        i = int(invalid[0]) if len(invalid) else int(chosen[r])
+        sigma_alpha[r], ks[r] = alphas[r, i], 1.0
+        if count[r] < WW_SMALL_N and not valid[r].any():
+            i = int(start[r])
+            sigma_alpha[r] = alphas[r, i]  # WWFit's sigma was computed before this refit
+            if denominator[r, i] > 1e-12:
+                alphas[r, i] = 1 + (count[r] - 1) / denominator[r, i]
+                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                    ks[r] = _deviation(x[r, i:] / x[r, i], alphas[r, i], np.arange(count[r]), float(count[r]),
+                                       False).max()
+        chosen[r] = i
+    fitted = chosen >= 0
+    at = np.maximum(chosen, 0)
+    picked = np.arange(rows), at
+    n_tail = np.where(fitted, n - chosen, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = (sigma_alpha - 1) / np.sqrt(n_tail)
+    nan = np.nan
+    failed = "failed" if weightwatcher else np.where(flat, "flat spectrum", "too few eigenvalues")
+    return pd.DataFrame({
+        "alpha": np.where(fitted, alphas[picked] if n else nan, nan),
+        "xmin": np.where(fitted, x[picked] if n else nan, nan),
+        "xmax": np.where(fitted, x[:, -1] if n else nan, nan),
+        "ks": np.where(fitted, ks, nan), "sigma": np.where(fitted, sigma, nan),
+        "n_tail": n_tail.astype(np.int64), "n": count.astype(np.int64),
+        "status": np.where(fitted, "success", failed).astype(object)})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -397,16 +411,17 @@ def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10, conventi
 
 
 def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 10, fit: bool = True,
-                dtype: torch.dtype = torch.float64) -> list[dict]:
+                dtype: torch.dtype = torch.float64) -> pd.DataFrame:
     """The spectral metrics of each linear map (layers.LinearMap, groups
     expanded) from its one spectrum (seed 001 sections 3.1 and 4, seed 003
-    equation 4): spectrum_metrics' row, batched over the maps whose weights
-    share a shape (one Gram eigvalsh call and one set of power-law fits per
-    shape), returned in the order given. The one per-layer computation behind
-    layer_spectra (the maps of one model) and zoo.model_metrics (a layer of
-    many models). A map the convention does not analyse (Conv1d/Conv3d under
-    WeightWatcher's) gets a note only (and alpha NaN with fit). names: for
-    errors; a NaN or infinite weight raises ValueError naming its map."""
+    equation 4): spectrum_metrics' columns, batched over the maps whose
+    weights share a shape (one Gram eigvalsh call and one set of power-law
+    fits per shape), one row per map in the order given. The one per-layer
+    computation behind layer_spectra (the maps of one model) and
+    zoo.model_metrics (a layer of many models). A map the convention does not
+    analyse (Conv1d/Conv3d under WeightWatcher's) gets a note only (and
+    alpha NaN with fit). names: for errors; a NaN or infinite weight raises
+    ValueError naming its map."""
     _check_convention(convention)
     _checks.positive_int("min_tail", min_tail)
     maps = list(maps)
@@ -417,27 +432,28 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
         weights.append(module.weight.detach() if getattr(module, "groups", 1) == 1 else linear_map.weight())
         analysed = convention == "seed001" or linear_map.kind in ("linear", "conv2d")
         groups.setdefault((tuple(weights[i].shape), analysed), []).append(i)
-    rows = [None] * len(maps)
+    parts = []
     for (_, analysed), index in groups.items():
         stack = torch.stack([weights[i] for i in index]).to(dtype)
         if not _checks.all_finite(stack):
             bad = next(i for i in index if not _checks.all_finite(weights[i]))
             raise ValueError(f"the weight of {names[bad]} contains NaN or infinite values")
         if not analysed:
-            for i in index:
-                rows[i] = dict({"alpha": float("nan")} if fit else {},
-                               note=f"a {maps[i].kind} is not analysed by WeightWatcher's convention")
-            continue
-        # a lone weight is paired with itself: batched matmuls (B >= 2) round differently from one matmul,
-        # and one model's lone layer shape must give the digits a zoo's batch of that layer gives
-        sigma = weight_singular_values(stack if len(index) > 1 else stack.expand(2, *stack.shape[1:]), convention)
-        frame = spectrum_metrics(sigma[:len(index)], min_tail, convention, fit=fit)
-        for i, row in zip(index, frame.to_dict("records")):
-            for column in ("n_eigenvalues", "numerical_rank", "n_tail"):
-                if column in row:
-                    row[column] = int(row[column])
-            rows[i] = row
-    return rows
+            frame = pd.DataFrame(dict({"alpha": float("nan")} if fit else {},
+                                      note=[f"a {maps[i].kind} is not analysed by WeightWatcher's convention"
+                                            for i in index]))
+        else:
+            # a lone weight is paired with itself: batched matmuls (B >= 2) round differently from one matmul,
+            # and one model's lone layer shape must give a zoo's batch of that layer's numbers (to rounding:
+            # some BLAS builds round a batched product by its position in the batch)
+            sigma = weight_singular_values(stack if len(index) > 1 else stack.expand(2, *stack.shape[1:]),
+                                           convention)
+            frame = spectrum_metrics(sigma[:len(index)], min_tail, convention, fit=fit)
+        frame.index = index
+        parts.append(frame)
+    if len(parts) == 1:
+        return parts[0].reset_index(drop=True)
+    return pd.concat(parts).sort_index().reset_index(drop=True) if parts else pd.DataFrame(index=range(0))
 
 
 def layer_spectra(model: nn.Module, example_input=None, toeplitz_m: int | None = None,
@@ -462,7 +478,7 @@ def layer_spectra(model: nn.Module, example_input=None, toeplitz_m: int | None =
     graph = discover(model, example_input)
     metrics = map_metrics(graph.maps.values(), list(graph.maps), convention, min_tail)
     rows = []
-    for (name, linear_map), values in zip(graph.maps.items(), metrics):
+    for (name, linear_map), values in zip(graph.maps.items(), metrics.to_dict("records")):
         weight = linear_map.weight(dtype=torch.float64)
         shape = (weight.shape[0], math.prod(weight.shape[1:]))
         row = {"layer": name, "kind": linear_map.kind, "shape": shape, "rank": min(shape)}
@@ -488,15 +504,19 @@ def alpha_hat_of(alpha, lambda_max, convention: str = "seed001") -> float:
     NaN left out; NaN when none is left): seed 001 equation 12's sum of
     alpha ln(lambda_max), or with convention="weightwatcher" the mean of
     WeightWatcher's alpha_weighted = alpha log10(lambda_max). The one rule
-    behind alpha_hat and zoo.model_metrics' alpha_hat column."""
+    behind alpha_hat and zoo.model_metrics' alpha_hat column (alpha_hats)."""
     alpha = np.asarray(alpha, dtype=np.float64)
-    lambda_max = np.asarray(lambda_max, dtype=np.float64)
+    return float(alpha_hats(alpha[None], np.asarray(lambda_max, dtype=np.float64)[None], convention)[0])
+
+
+def alpha_hats(alpha: np.ndarray, lambda_max: np.ndarray, convention: str = "seed001") -> np.ndarray:
+    """alpha_hat_of for each row of (models, layers) arrays at once."""
     usable = ~np.isnan(alpha)
-    if not usable.any():
-        return float("nan")
     log = np.log10 if _check_convention(convention) == "weightwatcher" else np.log
-    terms = alpha[usable] * log(lambda_max[usable])
-    return float(terms.mean() if convention == "weightwatcher" else terms.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(usable, alpha * log(np.where(usable, lambda_max, 1.0)), 0.0)
+        total = terms.sum(1)
+        return np.where(usable.any(1), total / usable.sum(1) if convention == "weightwatcher" else total, np.nan)
 
 
 def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention: str | None = None) -> float:

@@ -228,9 +228,49 @@ def _flat_floats(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 def all_finite_states(states) -> bool:
     """True when no floating tensor of any of the state_dicts holds a NaN or
-    an infinity: one reduction for them all."""
-    parts = [t for state in states for t in _flat_floats(state)]
+    an infinity: one reduction for them all, over one stack per key of the
+    states that share their keys (a zoo's members: a few stacks, not a
+    flattening per tensor)."""
+    parts, by_keys = [], {}
+    for state in states:
+        if getattr(state, "floats", None) is not None:
+            parts.append(state.floats)
+        else:
+            by_keys.setdefault(tuple(state), []).append(state)
+    with torch.no_grad():
+        for keys, group in by_keys.items():
+            for key in keys:
+                tensors = [state[key] for state in group]
+                try:
+                    stacked = torch.stack(tensors).reshape(-1)
+                except RuntimeError:  # shapes differ across the states
+                    parts.extend(_flat_floats({key: t for key, t in enumerate(tensors)}))
+                    continue
+                if stacked.is_floating_point() or stacked.is_complex():
+                    parts.append(stacked)
     return not parts or _checks.all_finite(torch.cat(parts) if len(parts) > 1 else parts[0])
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """{qualified name: tensor} of a module's parameters and persistent
+    buffers, the keys and tensors of its state_dict (without state_dict
+    hooks). Hand-written: state_dict's per-module hooks and frames cost more
+    than the analysis of a small zoo member."""
+    out, stack = {}, [("", module)]
+    while stack:
+        prefix, current = stack.pop()
+        for k, p in current._parameters.items():
+            if p is not None:
+                out[prefix + k] = p
+        if current._buffers:
+            skipped = current._non_persistent_buffers_set
+            for k, b in current._buffers.items():
+                if b is not None and k not in skipped:
+                    out[prefix + k] = b
+        children = current._modules
+        if children:
+            stack.extend((f"{prefix}{k}.", c) for k, c in reversed(children.items()) if c is not None)
+    return out
 
 
 def check_finite(state: dict[str, torch.Tensor]):
@@ -397,15 +437,17 @@ class _Members:
         futures = [self._pool.submit(lambda batch: [self._read(n) for n in batch], b) for b in batches]
         return _Gathered(names, futures)
 
-    def bind(self, name, loaded, checked: bool = False):
+    def bind(self, name, loaded, checked: bool = False, state: dict | None = None):
         """(graph, module factory) of a read member; ValueError for a bad one
-        (checked: its tensors are known to be finite)."""
+        (checked: its tensors are known to be finite; state: a module's
+        module_tensors, when the caller has them)."""
         if isinstance(loaded, Exception):
             raise loaded
         if isinstance(loaded, nn.Module):
-            state = loaded.state_dict()
-            check_finite(state)
-            key = (type(loaded).__module__, type(loaded).__qualname__) + tuple((k, tuple(v.shape)) for k, v in state.items())
+            state = module_tensors(loaded) if state is None else state
+            if not checked:
+                check_finite(state)
+            key = (type(loaded).__module__, type(loaded).__qualname__, tuple(state), tuple(v.shape for v in state.values()))
             arch = self._architecture(key, lambda: loaded)
             graph = arch.graph if arch.template is loaded else arch.graph.for_model(loaded)
             return graph, lambda: loaded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torch import nn
 from .. import spectra
 from .._hooks import capturing, check_layers, evaluating
 from ._base import METRICS, PAIR_MEASURES, ZooError, ZooTables
-from .members import _Members
+from .members import _collector_paused, _Members, all_finite_states, module_tensors
 
 # ---------------------------------------------------------------------------------------------
 # Per-model metrics, batched over models of one architecture
@@ -46,41 +47,49 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
     spectra._check_convention(convention)
     if graphs is None:  # one dataflow trace per architecture (same class and parameter shapes)
         members = _Members(models.items(), None, False, example_input)
-        graphs = {name: members.bind(name, model)[0] for name, model in models.items()}
+        # one finiteness check for them all; one per member (naming it) only when it fails
+        states = {name: module_tensors(model) for name, model in models.items()}
+        finite = all_finite_states(states.values())
+        with _collector_paused():
+            graphs = {name: members.bind(name, model, finite, states[name])[0] for name, model in models.items()}
     groups: dict[tuple, list[str]] = {}
+    keys = {}  # graphs of one trace (ModelGraph.for_model, a zoo run's bind) share their connections and key
     for name, graph in graphs.items():
-        groups.setdefault(_signature(graph), []).append(name)
-    layer_rows, model_rows, edge_rows = [], [], []
+        key = keys.get(id(graph.connections))
+        if key is None:
+            key = keys[id(graph.connections)] = _group_key(graph)
+        groups.setdefault(key, []).append(name)
+    layer_parts, model_parts, edge_rows = [], [], []
     fit = "alpha" in metrics
     columns = ["numerical_rank", "stable_rank", "spectral_norm", "lambda_max"] + \
         (["alpha", "xmin", "ks", "n_tail", "note"] if fit else [])
     for members in groups.values():
         first = graphs[members[0]]
-        # every layer of every member in one call: batched per weight shape (spectra.map_metrics)
-        cells = [(n, layer) for layer in first.maps for n in members]
-        values = spectra.map_metrics([graphs[n].maps[layer] for n, layer in cells],
-                                     [f"{layer} of {n}" for n, layer in cells], convention, min_tail, fit, dtype) \
-            if "rank" in metrics or fit else [{}] * len(cells)
-        per_model = {n: [] for n in members}
-        for (n, layer), value in zip(cells, values):
-            linear_map = graphs[n].maps[layer]
-            shape = linear_map.weight().shape if getattr(linear_map.module, "groups", 1) > 1 else \
-                linear_map.module.weight.shape
-            row = {"model": n, "layer": layer, "kind": linear_map.kind, "rows": shape[0],
-                   "columns": math.prod(shape[1:])}
-            row.update((k, value[k]) for k in columns if k in value)
-            per_model[n].append(row)
-        architecture = _arch_id(first)
-        for n in members:
-            layer_rows.extend(per_model[n])
-            summary = {"model": n, "architecture": architecture, "n_layers": len(first.maps), "error": ""}
-            if fit:
-                alphas = [r["alpha"] for r in per_model[n]]
-                summary["alpha_hat"] = spectra.alpha_hat_of(alphas, [r.get("lambda_max", math.nan)
-                                                                     for r in per_model[n]], convention)
-                # how many layers alpha_hat used (the notes say why not)
-                summary["n_alpha_layers"] = sum(not math.isnan(a) for a in alphas)
-            model_rows.append(summary)
+        layers, count = list(first.maps), len(members)
+        # every layer of every member in one call, batched per weight shape (spectra.map_metrics); its rows
+        # are layer-major, the tables' model-major; a group's members share every layer's kind and shape
+        values = spectra.map_metrics([graphs[n].maps[layer] for layer in layers for n in members],
+                                     [f"{layer} of {n}" for layer in layers for n in members], convention,
+                                     min_tail, fit, dtype) if "rank" in metrics or fit else pd.DataFrame()
+        model_major = np.arange(len(layers) * count).reshape(len(layers), count).T.ravel()
+        shapes = [_map_shape(first.maps[layer]) for layer in layers]
+        part = pd.DataFrame({"model": np.repeat(members, len(layers)), "layer": layers * count,
+                             "kind": [first.maps[layer].kind for layer in layers] * count,
+                             "rows": [shape[0] for shape in shapes] * count,
+                             "columns": [math.prod(shape[1:]) for shape in shapes] * count})
+        for column in columns:
+            if column in values:
+                part[column] = values[column].to_numpy()[model_major]
+        layer_parts.append(part)
+        summary = pd.DataFrame({"model": members, "architecture": _arch_id(first), "n_layers": len(layers),
+                                "error": ""})
+        if fit:
+            alphas = values["alpha"].to_numpy(dtype=np.float64).reshape(len(layers), count).T
+            lambda_max = values["lambda_max"].to_numpy(dtype=np.float64).reshape(len(layers), count).T \
+                if "lambda_max" in values else np.full_like(alphas, np.nan)
+            summary["alpha_hat"] = spectra.alpha_hats(alphas, lambda_max, convention)
+            summary["n_alpha_layers"] = (~np.isnan(alphas)).sum(1)  # how many layers alpha_hat used (notes say why)
+        model_parts.append(summary)
         if "svr" in metrics:
             from ..svr import svr_many
 
@@ -91,7 +100,22 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
                     edge_rows.append({"model": n, "previous": a, "next": b, "d_out": d_out, "d_in": d_in,
                                       "n_significant": int(result.significant(k).sum()),
                                       "threshold": float(result.threshold(k))})
-    return ZooTables(models=pd.DataFrame(model_rows), layers=pd.DataFrame(layer_rows), edges=pd.DataFrame(edge_rows))
+    return ZooTables(models=_concat(model_parts), layers=_concat(layer_parts), edges=pd.DataFrame(edge_rows))
+
+
+def _concat(frames) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _map_shape(linear_map) -> torch.Size:
+    module = linear_map.module
+    return linear_map.weight().shape if getattr(module, "groups", 1) > 1 else module.weight.shape
+
+
+def _group_key(graph) -> tuple:
+    """Members analysed together: the same maps with the same kinds and weight shapes (and so the same table rows)."""
+    return tuple((name, m.kind, getattr(m.module, "groups", 1), tuple(m.module.weight.shape))
+                 for name, m in graph.maps.items())
 
 
 def _arch_id(graph) -> str:
