@@ -218,3 +218,19 @@ def test_a_flat_top_cluster_is_never_xmin_and_the_tail_below_it_is_fitted(monkey
         if best is None or d < best[0]:
             best = (d, tail[0], alpha)
     assert fit.xmin == best[1] and fit.alpha == pytest.approx(best[2], rel=1e-9)
+
+
+@pytest.mark.parametrize("openblas", [False, True])
+def test_gram_singular_values_on_both_blas_routes_are_the_svd(monkeypatch, openblas):
+    """MKL (torch) and, for other vendors' CPUs, numpy's OpenBLAS: the same singular values as a float64 SVD,
+    wide and tall, batched, on both sides of the size where numpy's eigvalsh takes over."""
+    from spectral_ext import _linalg
+
+    monkeypatch.setattr(_linalg, "_OPENBLAS_CHOICE", openblas)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((7, 30), (30, 7), (3, 9, 5, 40), (2, 200, 300), (250, 200), (4, 1, 1)):
+        M = torch.randn(*shape, generator=g, dtype=torch.float64)
+        got = _linalg.gram_singular_values(M)
+        want = torch.linalg.svdvals(M)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.max()))
+    assert _linalg.gram_singular_values(torch.randn(3, 4, requires_grad=True)).shape == (3,)  # torch's route
