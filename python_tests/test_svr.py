@@ -503,7 +503,17 @@ def test_co_svr_and_kernel_connections_across_conv_flatten_linear():
 
 # ---------------------------------------------------------------- speed paths, truncation, seed 000 extras
 
-def test_gram_route_and_truncation_against_numpy():
+@pytest.fixture(params=["torch", "openblas"])
+def blas_route(request, monkeypatch):
+    """Both CPU routes of _linalg's products and eigensolvers: torch (MKL) and numpy's OpenBLAS (other
+    vendors' CPUs, _openblas_is_faster), whichever this CPU takes."""
+    from spectral_ext import _linalg
+
+    monkeypatch.setattr(_linalg, "_OPENBLAS_CHOICE", request.param == "openblas")
+    return request.param
+
+
+def test_gram_route_and_truncation_against_numpy(blas_route):
     """float32 maps go through the float64 Gram matrix; top=k returns the
     leading triplets of the full SVD (sign-aligned), in both orientations."""
     from spectral_ext._linalg import signed_svd
@@ -525,7 +535,7 @@ def test_gram_route_and_truncation_against_numpy():
             np.testing.assert_allclose(U.double().numpy(), Ud.numpy(), atol=1e-4)
 
 
-def test_gram_route_float32_products_follow_their_stated_error():
+def test_gram_route_float32_products_follow_their_stated_error(blas_route):
     """float32 maps: v_i = W^T u_i / sigma_i in float32 where sigma_i >= sigma_1 / 16 (error about
     6e-8 sigma_1 / sigma_i), float64 below; against LAPACK in float64 on a spectrum spanning 1e-4."""
     from spectral_ext._linalg import signed_svd
@@ -557,7 +567,7 @@ def test_sign_convention_on_ties_and_zero_vectors():
     torch.testing.assert_close(U2, torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0]).expand(2, 5), rtol=0, atol=0)
 
 
-def test_gram_from_row_panels_equals_the_product():
+def test_gram_from_row_panels_equals_the_product(blas_route):
     """_gram's panel route (r >= 2 panels): M M^T, exactly symmetric, batched and on transposed views."""
     from spectral_ext._linalg import _gram
 

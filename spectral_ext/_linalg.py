@@ -5,6 +5,24 @@ import numpy as np
 import torch
 
 
+
+def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A @ B, through numpy's OpenBLAS where it is the faster BLAS (_openblas_is_faster; CPU tensors without
+    autograd; strided views are handed over without copies)."""
+    if A.device.type == "cpu" and not (A.requires_grad or B.requires_grad) and A.dtype == B.dtype \
+            and A.dtype in (torch.float32, torch.float64) and _openblas_is_faster():
+        return torch.from_numpy(A.numpy() @ B.numpy())
+    return A @ B
+
+
+def _eigh(G: torch.Tensor):
+    """torch.linalg.eigh, or numpy's (OpenBLAS LAPACK syevd) where that is faster (_openblas_is_faster, and
+    matrices of at least _OPENBLAS_EIG_N)."""
+    if _numpy_eig(G):
+        lam, X = np.linalg.eigh(G.numpy())
+        return torch.from_numpy(lam), torch.from_numpy(X)
+    return torch.linalg.eigh(G)
+
 def _sign_fix(U, S, V):
     # The largest |entry| is positive when max > -min: one pass each, 9x faster than argmax down the
     # columns of a 25088 x 4096 V; equal magnitudes (and zero vectors) go to argmax, whose first
@@ -20,17 +38,17 @@ def _sign_fix(U, S, V):
 
 def _gram(M: torch.Tensor, panel: int = 512) -> torch.Tensor:
     """M M^T for a (..., r, c) batch with r <= c. Tall CPU Grams are built
-    from row panels, the lower triangle only, each a plain matmul (MKL
-    gemm): (r / panel + 1) / (2 r / panel) of a full product's flops, and
+    from row panels, the lower triangle only, each a plain matmul (gemm,
+    _matmul): (r / panel + 1) / (2 r / panel) of a full product's flops, and
     on a 4096 x 25088 float32 map 3.5 s against BLAS syrk's 9.9 s
     (OpenBLAS, one thread); the upper triangle is the mirror, bit for bit."""
     r = M.shape[-2]
     if M.device.type != "cpu" or r < 2 * panel:
-        return M @ M.mT
+        return _matmul(M, M.mT)
     G = M.new_empty(*M.shape[:-1], r)
     for i0 in range(0, r, panel):
         i1 = min(r, i0 + panel)
-        P = M[..., i0:i1, :] @ M[..., :i1, :].mT
+        P = _matmul(M[..., i0:i1, :], M[..., :i1, :].mT)
         G[..., i0:i1, :i1] = P
         G[..., :i0, i0:i1] = P[..., :i0].mT
         # the diagonal block's upper triangle from its lower (a gemm need not round (i, j) as (j, i))
@@ -48,12 +66,12 @@ def _other_side(M: torch.Tensor, M32: torch.Tensor | None, X: torch.Tensor, S: t
     """M^T X / S: float32 (for float32 results, M32 given) on the columns with
     sigma_i >= sigma_1 / 16, float64 on the rest."""
     if M32 is None:
-        return (M.mT @ X) / S.unsqueeze(-2)
+        return _matmul(M.mT, X) / S.unsqueeze(-2)
     q = int((S >= S[..., :1] / _FLOAT32_PRODUCT_RATIO).sum(-1).min())
     Y = M32.new_empty(*M32.shape[:-2], M32.shape[-1], S.shape[-1])
-    Y[..., :q] = (M32.mT @ X[..., :q].float()) / S[..., :q].float().unsqueeze(-2)
+    Y[..., :q] = _matmul(M32.mT, X[..., :q].float()) / S[..., :q].float().unsqueeze(-2)
     if q < S.shape[-1]:
-        Y[..., q:] = (M.mT @ X[..., q:]) / S[..., q:].unsqueeze(-2)
+        Y[..., q:] = _matmul(M.mT, X[..., q:]) / S[..., q:].unsqueeze(-2)
     return Y
 
 
@@ -82,7 +100,7 @@ def _gram_svd(W: torch.Tensor, top: int | None):
         lam = torch.from_numpy(np.stack([p[0] for p in pairs])).reshape(*G.shape[:-2], k)
         X = torch.from_numpy(np.stack([p[1] for p in pairs])).reshape(*G.shape[:-2], r, k)
     else:
-        lam, X = torch.linalg.eigh(G)
+        lam, X = _eigh(G)
         lam, X = lam[..., r - k:], X[..., r - k:]
     lam, X = lam.flip(-1), X.flip(-1)
     S = lam.clamp_min(0).sqrt()
@@ -172,24 +190,25 @@ def gram_singular_values(M: torch.Tensor) -> torch.Tensor:
     far below the float32 tolerance of equation 4, and it is 10-20x faster
     than batched LAPACK SVDs on small layers. On a CPU whose vendor is not
     Intel the products and the large eigenproblems go to numpy's OpenBLAS
-    (see _openblas_is_faster)."""
+    (_matmul, _openblas_is_faster)."""
     M = M.double()
     if min(M.shape[-2:]) == 0:
         return M.new_zeros(*M.shape[:-2], 0)
     small = M if M.shape[-2] <= M.shape[-1] else M.mT
-    if M.device.type == "cpu" and not M.requires_grad and _openblas_is_faster():
-        A = small.numpy()
-        gram = A @ A.swapaxes(-1, -2)
-        if gram.shape[-1] >= _OPENBLAS_EIGVALSH_N:
-            eig = torch.from_numpy(np.linalg.eigvalsh(gram))
-        else:
-            eig = torch.linalg.eigvalsh(torch.from_numpy(gram))
+    gram = _matmul(small, small.mT)
+    if _numpy_eig(gram):
+        eig = torch.from_numpy(np.linalg.eigvalsh(gram.numpy()))
     else:
-        eig = torch.linalg.eigvalsh(small @ small.mT)
+        eig = torch.linalg.eigvalsh(gram)
     return eig.flip(-1).clamp_min(0).sqrt()
 
 
-_OPENBLAS_EIGVALSH_N = 192  # below it torch's batched eigvalsh has less per-matrix overhead than numpy's
+_OPENBLAS_EIG_N = 192  # below it torch's batched eigensolvers have less per-matrix overhead than numpy's
+
+
+def _numpy_eig(G: torch.Tensor) -> bool:
+    return G.device.type == "cpu" and not G.requires_grad and G.dtype in (torch.float32, torch.float64) \
+        and G.shape[-1] >= _OPENBLAS_EIG_N and _openblas_is_faster()
 
 
 def _openblas_is_faster() -> bool:
