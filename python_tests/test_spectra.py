@@ -234,3 +234,18 @@ def test_gram_singular_values_on_both_blas_routes_are_the_svd(monkeypatch, openb
         want = torch.linalg.svdvals(M)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.max()))
     assert _linalg.gram_singular_values(torch.randn(3, 4, requires_grad=True)).shape == (3,)  # torch's route
+
+
+def test_openblas_route_keeps_to_torchs_thread_count():
+    """Where numpy's OpenBLAS does the products, it runs on torch.get_num_threads() threads, not every core."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from spectral_ext import _linalg
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _linalg._openblas_threads():
+            blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+            assert blas and all(lib["num_threads"] == 1 for lib in blas)
+    finally:
+        torch.set_num_threads(threads)

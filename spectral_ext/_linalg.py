@@ -11,7 +11,10 @@ def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     autograd; strided views are handed over without copies)."""
     if A.device.type == "cpu" and not (A.requires_grad or B.requires_grad) and A.dtype == B.dtype \
             and A.dtype in (torch.float32, torch.float64) and _openblas_is_faster():
-        return torch.from_numpy(A.numpy() @ B.numpy())
+        if A.numel() * B.shape[-1] < _THREADED_WORK:  # too small for OpenBLAS to thread: no limit to set
+            return torch.from_numpy(A.numpy() @ B.numpy())
+        with _openblas_threads():
+            return torch.from_numpy(A.numpy() @ B.numpy())
     return A @ B
 
 
@@ -19,7 +22,8 @@ def _eigh(G: torch.Tensor):
     """torch.linalg.eigh, or numpy's (OpenBLAS LAPACK syevd) where that is faster (_openblas_is_faster, and
     matrices of at least _OPENBLAS_EIG_N)."""
     if _numpy_eig(G):
-        lam, X = np.linalg.eigh(G.numpy())
+        with _openblas_threads():
+            lam, X = np.linalg.eigh(G.numpy())
         return torch.from_numpy(lam), torch.from_numpy(X)
     return torch.linalg.eigh(G)
 
@@ -197,7 +201,8 @@ def gram_singular_values(M: torch.Tensor) -> torch.Tensor:
     small = M if M.shape[-2] <= M.shape[-1] else M.mT
     gram = _matmul(small, small.mT)
     if _numpy_eig(gram):
-        eig = torch.from_numpy(np.linalg.eigvalsh(gram.numpy()))
+        with _openblas_threads():
+            eig = torch.from_numpy(np.linalg.eigvalsh(gram.numpy()))
     else:
         eig = torch.linalg.eigvalsh(gram)
     return eig.flip(-1).clamp_min(0).sqrt()
@@ -230,6 +235,23 @@ def _openblas_is_faster() -> bool:
 
 
 _OPENBLAS_CHOICE: bool | None = None
+_THREADED_WORK = 1 << 22  # multiply-adds of a product from which the thread limit is set (it costs 20 us)
+_BLAS_CONTROLLER = None
+
+
+def _openblas_threads():
+    """numpy's OpenBLAS held to torch's thread count for one call: torch.set_num_threads is the setting this
+    package's users make (one thread per side when a machine is shared), and OpenBLAS would take every core."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            import threadpoolctl  # scikit-learn's dependency
+        except ImportError:
+            import contextlib
+
+            return contextlib.nullcontext()
+        _BLAS_CONTROLLER = threadpoolctl.ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas")
 
 
 def compute_dtype(dtype, weights) -> torch.dtype | None:
