@@ -1,9 +1,10 @@
 """Linear algebra shared by the method modules."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
-
 
 
 def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -11,21 +12,28 @@ def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     autograd; strided views are handed over without copies)."""
     if A.device.type == "cpu" and not (A.requires_grad or B.requires_grad) and A.dtype == B.dtype \
             and A.dtype in (torch.float32, torch.float64) and _openblas_is_faster():
-        if A.numel() * B.shape[-1] < _THREADED_WORK:  # too small for OpenBLAS to thread: no limit to set
-            return torch.from_numpy(A.numpy() @ B.numpy())
-        with _openblas_threads():
+        # below _THREADED_WORK OpenBLAS runs one thread anyway: no limit to set
+        with _openblas_threads() if A.numel() * B.shape[-1] >= _THREADED_WORK else contextlib.nullcontext():
             return torch.from_numpy(A.numpy() @ B.numpy())
     return A @ B
 
 
 def _eigh(G: torch.Tensor):
-    """torch.linalg.eigh, or numpy's (OpenBLAS LAPACK syevd) where that is faster (_openblas_is_faster, and
-    matrices of at least _OPENBLAS_EIG_N)."""
+    """torch.linalg.eigh, or numpy's (OpenBLAS LAPACK syevd) where that is faster (_numpy_eig)."""
     if _numpy_eig(G):
         with _openblas_threads():
             lam, X = np.linalg.eigh(G.numpy())
         return torch.from_numpy(lam), torch.from_numpy(X)
     return torch.linalg.eigh(G)
+
+
+def _eigvalsh(G: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.eigvalsh, or numpy's where that is faster (_numpy_eig)."""
+    if _numpy_eig(G):
+        with _openblas_threads():
+            return torch.from_numpy(np.linalg.eigvalsh(G.numpy()))
+    return torch.linalg.eigvalsh(G)
+
 
 def _sign_fix(U, S, V):
     # The largest |entry| is positive when max > -min: one pass each, 9x faster than argmax down the
@@ -194,18 +202,12 @@ def gram_singular_values(M: torch.Tensor) -> torch.Tensor:
     far below the float32 tolerance of equation 4, and it is 10-20x faster
     than batched LAPACK SVDs on small layers. On a CPU whose vendor is not
     Intel the products and the large eigenproblems go to numpy's OpenBLAS
-    (_matmul, _openblas_is_faster)."""
+    (_matmul, _eigvalsh, _openblas_is_faster)."""
     M = M.double()
     if min(M.shape[-2:]) == 0:
         return M.new_zeros(*M.shape[:-2], 0)
     small = M if M.shape[-2] <= M.shape[-1] else M.mT
-    gram = _matmul(small, small.mT)
-    if _numpy_eig(gram):
-        with _openblas_threads():
-            eig = torch.from_numpy(np.linalg.eigvalsh(gram.numpy()))
-    else:
-        eig = torch.linalg.eigvalsh(gram)
-    return eig.flip(-1).clamp_min(0).sqrt()
+    return _eigvalsh(_matmul(small, small.mT)).flip(-1).clamp_min(0).sqrt()
 
 
 _OPENBLAS_EIG_N = 192  # below it torch's batched eigensolvers have less per-matrix overhead than numpy's
@@ -245,10 +247,8 @@ def _openblas_threads():
     global _BLAS_CONTROLLER
     if _BLAS_CONTROLLER is None:
         try:
-            import threadpoolctl  # scikit-learn's dependency
+            import threadpoolctl
         except ImportError:
-            import contextlib
-
             return contextlib.nullcontext()
         _BLAS_CONTROLLER = threadpoolctl.ThreadpoolController()
     return _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas")

@@ -196,18 +196,21 @@ class ModelGraph:
                 raise ValueError(f"the models cannot be paired: map {name!r} is {type(m.module).__name__} "
                                  f"{tuple(m.module.weight.shape)} in the first model but {found} in this one")
             bn = _submodule(model, m.batchnorm_name) if m.batchnorm_name is not None else None
-            copy = object.__new__(LinearMap)  # dataclasses.replace without re-running __init__ (5x faster)
-            copy.__dict__.update(m.__dict__, module=other, batchnorm=bn)
-            maps[name] = copy
-        graph = object.__new__(ModelGraph)
-        graph.__dict__.update(self.__dict__, maps=maps)
-        return graph
+            maps[name] = _replace(m, module=other, batchnorm=bn)
+        return _replace(self, maps=maps)
 
     def connection(self, previous: str, next: str) -> Connection:
         for c in self.connections:
             if c.previous == previous and c.next == next:
                 return c
         raise KeyError(f"no connection from {previous!r} to {next!r}")
+
+
+def _replace(record, **changes):
+    """dataclasses.replace without re-running __init__ (5x faster; these records have no __post_init__)."""
+    copy = object.__new__(type(record))
+    copy.__dict__.update(record.__dict__, **changes)
+    return copy
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:

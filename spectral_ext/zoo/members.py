@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from ..layers import discover
+from ..layers import _replace, discover
 from ._base import ZooError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
@@ -219,13 +219,6 @@ def read_checkpoint(source, allow_pickle: bool = False):
     return state
 
 
-def _flat_floats(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    view = getattr(state, "floats", None)
-    if view is not None:
-        return [view]
-    return [v.detach().reshape(-1) for v in state.values() if v.is_floating_point() or v.is_complex()]
-
-
 def all_finite_states(states) -> bool:
     """True when no floating tensor of any of the state_dicts holds a NaN or
     an infinity: one reduction for them all, over one stack per key of the
@@ -244,7 +237,7 @@ def all_finite_states(states) -> bool:
                 try:
                     stacked = torch.stack(tensors).reshape(-1)
                 except RuntimeError:  # shapes differ across the states
-                    parts.extend(_flat_floats({key: t for key, t in enumerate(tensors)}))
+                    parts.extend(t.reshape(-1) for t in tensors if t.is_floating_point() or t.is_complex())
                     continue
                 if stacked.is_floating_point() or stacked.is_complex():
                     parts.append(stacked)
@@ -392,13 +385,6 @@ class _Architecture:
             bn = _instantiate(m.batchnorm, state, f"{m.batchnorm_name}.", recipes) if m.batchnorm is not None else None
             maps[name] = _replace(m, module=_instantiate(m.module, state, f"{name}.", recipes), batchnorm=bn)
         return _replace(graph, maps=maps), lambda: _instantiate(self.template, state, "", recipes)
-
-
-def _replace(record, **changes):
-    """dataclasses.replace without re-running __init__ (5x faster; these records have no __post_init__)."""
-    copy = object.__new__(type(record))
-    copy.__dict__.update(record.__dict__, **changes)
-    return copy
 
 
 class _Members:
