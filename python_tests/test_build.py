@@ -112,7 +112,7 @@ def test_the_command_is_declared_and_runs():
             "scikit-learn"} <= declared
     installed = pathlib.Path(sys.executable).with_name("spectral-ext")
     if installed.exists():  # after `make setup`
-        result = subprocess.run([str(installed), "info"], capture_output=True, text=True, cwd="/")
+        result = subprocess.run([str(installed), "info"], capture_output=True, text=True, cwd="/", timeout=300)
         assert result.returncode == 0 and "build_reason" in result.stdout
 
 

@@ -191,7 +191,7 @@ class _Forker:
     def close(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+            self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
