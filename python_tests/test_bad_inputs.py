@@ -175,7 +175,56 @@ CASES = [
     ("independence_deficit names logits", lambda: se.independence_deficit((F[:, :1].squeeze(1), L)), ValueError,
      "logits"),
     ("independence_deficit data rows", lambda: se.independence_deficit((F, L[:5])), ValueError, "data"),
+    # --- issue 27: silent answers refused ---
+    ("activation_covariance NaN data", lambda: se.activation_covariance(cnn(), ["3"], X.index_fill(0, torch.tensor([5]),
+                                                                                                    NAN), progress=False),
+     ValueError, "data"),
+    ("activation_covariance inf in a loader", lambda: se.activation_covariance(
+        cnn(), ["3"], [X[:4], X[4:].clone().fill_(float("inf"))], progress=False), ValueError, "data"),
+    ("activation_covariance overflow in the model", lambda: se.activation_covariance(
+        _scaled(cnn(), 1e30), ["3"], X * 1e30, progress=False), ValueError, "layer 3"),
+    ("apply_symmetry ConvTranspose", lambda: se.apply_symmetry(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)),
+        example_input=X[:2], progress=False), ValueError, "ConvTranspose2d"),
+    ("apply_symmetry LSTM", lambda: se.apply_symmetry(_LSTMHead(), example_input=F[:4, None], progress=False),
+     ValueError, "LSTM"),
+    ("apply_symmetry spectral_norm", lambda: se.apply_symmetry(
+        nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(5, 4)), nn.ReLU(), nn.Linear(4, 2)),
+        progress=False), ValueError, "parametrized"),
+    ("stitching_penalty above one", lambda: se.stitching_penalty(0.9, 1.5, 0.8), ValueError, "accuracy_b"),
+    ("stitching_penalty NaN", lambda: se.stitching_penalty(0.9, 0.9, NAN), ValueError, "accuracy_stitched"),
+    ("stitching_penalty negative", lambda: se.stitching_penalty(-0.1, 0.9, 0.5), ValueError, "accuracy_a"),
+    ("stitch lr NaN", lambda: se.stitch(cnn(), cnn(), "1", (X, Y), lr=NAN, progress=False), ValueError, "lr"),
+    ("stitch lr negative", lambda: se.stitch(cnn(), cnn(), "1", (X, Y), lr=-1, progress=False), ValueError, "lr"),
+    ("stitch momentum one", lambda: se.stitch(cnn(), cnn(), "1", (X, Y), momentum=1, progress=False), ValueError,
+     "momentum"),
+    ("stitch tau zero", lambda: se.stitch(cnn(), cnn(), "1", (X, Y), kind="softsort", tau=0, progress=False),
+     ValueError, "tau"),
+    ("hypergraph negative labels", lambda: se.hypergraph(F, L - 1), ValueError, "labels"),
+    ("rainbow float labels", lambda: se.rainbow(mlp(), (F, L.double()), progress=False), ValueError, "labels"),
+    ("rainbow negative labels", lambda: se.rainbow(mlp(), (F, L - 1), progress=False), ValueError, "labels"),
+    ("classification_dimension center string", lambda: se.classification_dimension(nn.Linear(5, 3), (F, L),
+                                                                                  center="no"),
+     TypeError, "center"),
 ]
+
+
+def _scaled(model, factor):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor)
+    return model
+
+
+class _LSTMHead(nn.Module):
+    """A Linear, an LSTM and a Linear: weights apply_symmetry cannot transform."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.lstm, self.out = nn.Linear(5, 6), nn.LSTM(6, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.lstm(torch.relu(self.inp(x)))[0][:, -1])
 
 
 @pytest.mark.parametrize("call,error,argument", [case[1:] for case in CASES], ids=[case[0] for case in CASES])

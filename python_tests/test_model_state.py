@@ -201,3 +201,40 @@ def test_a_train_mode_pass_would_be_caught():
     model(X)
     with pytest.raises(AssertionError):
         assert_unchanged(model, before)
+
+
+def make_spectral_norm_model():
+    """make_model with spectral_norm on a conv and a Linear, in train mode: reading such a weight
+    in train mode runs a power iteration and moves the parametrization's buffers (issue 27)."""
+    model = make_model()
+    nn.utils.parametrizations.spectral_norm(model[4])
+    nn.utils.parametrizations.spectral_norm(model[9])
+    model.train()
+    model[7].eval()
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_spectral_norm_model_given_back_unchanged(name):
+    model = make_spectral_norm_model()
+    before = snapshot(model)
+    try:
+        CASES[name](model)
+    except ValueError as error:  # a method that cannot take a parametrized weight says so
+        assert "parametrized" in str(error), error
+    assert_unchanged(model, before)
+
+
+class InPlaceOnInput(nn.Sequential):
+    """A model whose first operation changes its input in place."""
+
+    def forward(self, x):
+        return super().forward(torch.relu_(x))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_callers_data_unchanged_by_a_model_that_works_in_place(name):
+    model = InPlaceOnInput(*make_model())
+    data = X.clone()
+    CASES[name](model)
+    assert torch.equal(X, data), "the caller's data changed"

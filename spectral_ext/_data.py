@@ -14,7 +14,8 @@ def batches(data, batch_size: int = 256, generator: torch.Generator | None = Non
     Every failure names the argument (`name`): data that is not a tensor, a
     pair or an iterable; batches that are dicts or hold no tensor; data that
     yields no sample at all (an empty tensor or loader: a ValueError, never a
-    StopIteration); with labels=True, batches without labels."""
+    StopIteration); with labels=True, batches without labels; floating inputs
+    with NaN or infinity (every statistic of them would be NaN)."""
     from . import _checks
 
     batch_size = _checks.positive_int("batch_size", batch_size)
@@ -30,10 +31,12 @@ def batches(data, batch_size: int = 256, generator: torch.Generator | None = Non
             raise ValueError(f"{name} holds no sample (inputs of shape {tuple(x.shape)})")
         if labels and y is None:
             raise ValueError(f"{name} must carry labels: (x, y) tensors or a loader of (x, y) batches")
+        _check_finite(x, name)
         order = torch.randperm(x.shape[0], generator=generator) if generator is not None else None
         for start in range(0, x.shape[0], batch_size):
             index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
-            yield x[index], (y[index] if y is not None else None)
+            # a slice is a view of the caller's tensor; a shuffled index has copied already
+            yield (x[index] if order is not None else x[index].clone()), (y[index] if y is not None else None)
         return
     if isinstance(data, (dict, str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"{name} must be a tensor of inputs, an (inputs, labels) pair of tensors or an iterable "
@@ -56,16 +59,43 @@ def batches(data, batch_size: int = 256, generator: torch.Generator | None = Non
             raise ValueError(f"{name} must carry labels: (x, y) tensors or a loader of (x, y) batches")
         if x.dim() == 0 or x.shape[0] == 0:
             continue  # an empty batch adds nothing
+        _check_finite(x, name, first=seen)
         seen += x.shape[0]
-        yield x, y
+        yield x.clone(), y
     if not seen:
         raise ValueError(f"{name} yields no sample (an empty loader or only empty batches)")
 
 
-def check_labels(y: torch.Tensor, classes: int, name: str = "data") -> None:
-    """Labels of a batch: integers in [0, classes), one per input."""
+def copy_inputs(value):
+    """The caller's inputs, copied (tensors inside tuples, lists and dicts too),
+    for every forward pass the package runs: a model whose first operation is
+    in place (nn.ReLU(inplace=True) on its input) would otherwise change the
+    caller's data through a view of it."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(copy_inputs(v) for v in value)
+    if isinstance(value, dict):
+        return {k: copy_inputs(v) for k, v in value.items()}
+    return value
+
+
+def _check_finite(x: torch.Tensor, name: str, first: int | None = None) -> None:
+    from . import _checks
+
+    if (x.is_floating_point() or x.is_complex()) and not _checks.data_free(x) and not _checks.all_finite(x):
+        where = "" if first is None else f" (in the batch from sample {first})"
+        raise ValueError(f"{name} contains NaN or infinite inputs{where}")
+
+
+def check_labels(y: torch.Tensor, classes: int | None = None, name: str = "data") -> None:
+    """Labels of a batch: integers in [0, classes) (>= 0 when classes is None), one per input."""
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.dim() != 1:
         raise ValueError(f"{name} labels must be a 1-d integer tensor, got {y.dtype} of shape {tuple(y.shape)}")
+    if classes is None:
+        if y.numel() and int(y.min()) < 0:
+            raise ValueError(f"{name} labels must be class indices >= 0, got {int(y.min())}")
+        return
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
         raise ValueError(f"{name} labels must lie in [0, {classes}) (the model's outputs), got values in "
                          f"[{int(y.min())}, {int(y.max())}]")

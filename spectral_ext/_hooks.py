@@ -7,6 +7,8 @@ import contextlib
 import torch
 from torch import nn
 
+from ._data import copy_inputs
+
 
 def set_eval(*models):
     """Put the models in eval mode and return a function that gives back the
@@ -35,6 +37,23 @@ def evaluating(*models):
         yield
     finally:
         restore()
+
+
+def models_in_eval_mode(function):
+    """Run `function` with every nn.Module among its arguments in eval mode,
+    each given back as it came: for the weight-space entry points, which read
+    weights and never train. A parametrized weight (spectral_norm) read in
+    train mode runs a power iteration and changes the model's buffers."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        values = [v for a in (*args, *kwargs.values())
+                  for v in (a if isinstance(a, (list, tuple)) else a.values() if isinstance(a, dict) else (a,))]
+        with evaluating(*[v for v in values if isinstance(v, nn.Module)]):
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def check_model(name: str, model) -> nn.Module:
@@ -115,7 +134,7 @@ def layer_output(model: nn.Module, layer: str, x, name: str = "model"):
 
     handle = model.get_submodule(layer).register_forward_hook(hook)
     try:
-        model(x)
+        model(copy_inputs(x))
     except _Stop:
         pass
     finally:
@@ -143,15 +162,20 @@ def replacing(model: nn.Module, layer: str, value, inputs: bool = False):
         handle.remove()
 
 
+def _is_leaf(module: nn.Module) -> bool:
+    """No submodule but its weights' parametrizations (a spectral_norm Linear is one layer)."""
+    return all(name == "parametrizations" for name, _ in module.named_children())
+
+
 def module_order(model: nn.Module, x) -> list[str]:
     """The qualified names of the model's leaf modules in the order they first
     run on x (no gradients): what comes before a layer in the dataflow."""
     order: dict[str, None] = {}
     handles = [module.register_forward_hook(lambda m, a, o, name=name: order.setdefault(name))
-               for name, module in model.named_modules() if name and not list(module.children())]
+               for name, module in model.named_modules() if name and _is_leaf(module)]
     try:
         with torch.no_grad():
-            model(x)
+            model(copy_inputs(x))
     finally:
         for handle in handles:
             handle.remove()

@@ -25,7 +25,7 @@ from . import _checks, _moments
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
 from ._data import check_labels, first_batch, recompute_batchnorm
-from ._hooks import capturing, check_layers, check_model, evaluating, replacing
+from ._hooks import capturing, check_layers, check_model, evaluating, models_in_eval_mode, replacing
 from .layers import discover
 
 
@@ -213,7 +213,16 @@ def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Mo
                 other(x)
             for a_name, b_name in zip(layers, other_layers):
                 accumulators[a_name].update(cap_a[a_name], cap_b[b_name])
-    return Covariances({n: acc.result() for n, acc in accumulators.items()})
+    results = {}
+    for a_name, b_name in zip(layers, other_layers):
+        result = accumulators[a_name].result()
+        # finite inputs can still overflow inside a model: name the layer rather than return NaN
+        if not all(map(_checks.all_finite, (result.aa, result.bb, result.ab))):
+            where = a_name if other is None else f"{a_name} (model) / {b_name} (other)"
+            raise ValueError(f"the activations at layer {where} hold NaN or infinite values on finite data: "
+                             "the model overflows there")
+        results[a_name] = result
+    return Covariances(results)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +269,7 @@ def marchenko_pastur_density(x, n: int, d: int, variance: float) -> np.ndarray:
 
 
 @_checks.renamed(init_model="other")
+@models_in_eval_mode
 def weight_spectra(model: nn.Module, other: nn.Module | None = None, example_input=None,
                    variance="init", progress: bool = True) -> pd.DataFrame:
     """Seed 002's weight-covariance analysis (its weight-spectrum cells:
@@ -543,6 +553,7 @@ class Rainbow:
 
 
 @_checks.renamed(reference="model", train_data="data", seed="generator")
+@models_in_eval_mode
 def rainbow(model: nn.Module, data, test_data=None, example_input=None, generator=None,
             batch_size: int = 256, progress: bool = True) -> Rainbow:
     """A generated network (seed 002 generate_network): layer by layer, each hidden
@@ -562,7 +573,9 @@ def rainbow(model: nn.Module, data, test_data=None, example_input=None, generato
     check_model("model", reference)
     g = _checks.generator(generator)
     batch_size = _checks.positive_int("batch_size", batch_size)
-    x0 = first_batch(data, name="data")[0]  # a clear error for empty or dict data
+    x0, y0 = first_batch(data, name="data")  # a clear error for empty or dict data
+    if y0 is not None:
+        check_labels(y0, name="data")
     graph = discover(reference, example_input if example_input is not None else x0)
     names = _chain(graph)
     generated = copy.deepcopy(reference).eval()

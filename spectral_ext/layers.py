@@ -24,6 +24,7 @@ import torch.fx
 from torch import nn
 
 from ._hooks import capturing, set_eval
+from ._data import copy_inputs
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -55,6 +56,20 @@ _CONCAT_NAMES = {"cat", "concat", "concatenate", "stack"}
 _RESIZE_NAMES = {"interpolate", "upsample", "mean", "amax", "amin"}
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """module.weight, detached. A parametrized weight (spectral_norm) is read with
+    its parametrizations in eval mode: read in train mode, spectral_norm runs a
+    power iteration and changes its buffers, and the model would not come back
+    as it was given."""
+    if not nn.utils.parametrize.is_parametrized(module, "weight"):
+        return module.weight.detach()
+    restore = set_eval(module.parametrizations["weight"])
+    try:
+        return module.weight.detach()
+    finally:
+        restore()
+
+
 @dataclass
 class LinearMap:
     """One linear map of the model (a layer of seed 000 sections 2.2 and 4.2): a Linear or a ConvNd, flattened as
@@ -77,7 +92,7 @@ class LinearMap:
     def weight(self, fold_batchnorm: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as (out, in, *kernel), groups expanded, BatchNorm scales
         folded in when asked (seed 000 B.3 compares both)."""
-        w = self.module.weight.detach()
+        w = weight_of(self.module)
         w = w.to(dtype) if dtype is not None else w
         groups = getattr(self.module, "groups", 1)
         if groups > 1:
@@ -190,7 +205,7 @@ class ModelGraph:
         maps = {}
         for name, m in self.maps.items():
             other = _submodule(model, name)
-            if other is None or type(other) is not type(m.module) or other.weight.shape != m.module.weight.shape \
+            if other is None or type(other) is not type(m.module) or weight_of(other).shape != m.module.weight.shape \
                     or getattr(other, "groups", 1) != getattr(m.module, "groups", 1):
                 found = "missing" if other is None else f"{type(other).__name__} {tuple(other.weight.shape)}"
                 raise ValueError(f"the models cannot be paired: map {name!r} is {type(m.module).__name__} "
@@ -387,16 +402,18 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
     Returns a ModelGraph (maps, connections)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
-    if not maps:
-        raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
-    empty = [name for name, m in maps.items() if m.module.weight.numel() == 0]
-    if empty:
-        raise ValueError(f"model has linear maps with a zero-size weight (no spectrum to analyse): {empty}")
-    candidates = ([example_input] if example_input is not None
-                  else _default_input(next(iter(maps.values())), model))
+    # eval mode before any weight is read: a parametrized weight (spectral_norm) read in train mode
+    # advances its power-iteration buffers, and the model would not come back as it was
     restore = set_eval(model)
     try:
+        maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+        if not maps:
+            raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
+        empty = [name for name, m in maps.items() if m.module.weight.numel() == 0]
+        if empty:
+            raise ValueError(f"model has linear maps with a zero-size weight (no spectrum to analyse): {empty}")
+        candidates = ([example_input] if example_input is not None
+                      else _default_input(next(iter(maps.values())), model))
         with torch.no_grad():
             try:
                 gm = torch.fx.symbolic_trace(model)
@@ -410,7 +427,7 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
                 args = candidate if isinstance(candidate, tuple) else (candidate,)
                 flow = _Flow(gm, maps)
                 try:
-                    flow.run(*[a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args])
+                    flow.run(*[a[:1].clone() if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args])
                 except Exception as error:
                     errors.append(f"{type(error).__name__}: {error}")
                     continue
@@ -482,7 +499,7 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
     with capturing(model, list(maps)) as (captured, order):
         errors = []
         for candidate in candidates:
-            args = candidate if isinstance(candidate, tuple) else (candidate,)
+            args = copy_inputs(candidate if isinstance(candidate, tuple) else (candidate,))
             try:
                 model(*args)
                 break

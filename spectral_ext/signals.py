@@ -272,6 +272,8 @@ def hypergraph(vectors: torch.Tensor, labels: torch.Tensor, q: float = 0.85, p: 
                         f"got {getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.shape != (vectors.shape[0],):
         raise ValueError(f"labels must have shape ({vectors.shape[0]},) to match vectors, got {tuple(labels.shape)}")
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
     q = _checks.number("q", q, low=0, high=1, low_open=True, high_open=True)
     if threshold is not None:
         threshold = _checks.number("threshold", threshold)

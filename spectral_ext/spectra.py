@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._hooks import models_in_eval_mode
 from ._linalg import gram_singular_values
 from .layers import discover
 from .rank import _rank_of_singular_values
@@ -456,6 +457,7 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
     return pd.concat(parts).sort_index().reset_index(drop=True) if parts else pd.DataFrame(index=range(0))
 
 
+@models_in_eval_mode
 def layer_spectra(model: nn.Module, example_input=None, toeplitz_m: int | None = None,
                   min_tail: int = 10, convention: str = "seed001") -> pd.DataFrame:
     """One row per linear map of the model (forward order), seed 001
@@ -519,6 +521,7 @@ def alpha_hats(alpha: np.ndarray, lambda_max: np.ndarray, convention: str = "see
         return np.where(usable.any(1), total / usable.sum(1) if convention == "weightwatcher" else total, np.nan)
 
 
+@models_in_eval_mode
 def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention: str | None = None) -> float:
     """Capacity metric alpha-hat = sum over layers of alpha_L * ln(lambda_max_L)
     (seed 001 equation 12, Martin and Mahoney). Takes a model or the

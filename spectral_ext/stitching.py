@@ -217,7 +217,11 @@ def _train_batches(data, batch_size, generator, classes=None):
 
 
 def stitching_penalty(accuracy_a: float, accuracy_b: float, accuracy_stitched: float) -> float:
-    """Seed 004 equation 4.3: (Acc(f) + Acc(f~)) / 2 - Acc(S(f, f~, l, phi))."""
+    """Seed 004 equation 4.3: (Acc(f) + Acc(f~)) / 2 - Acc(S(f, f~, l, phi)).
+    Each accuracy is a fraction in [0, 1]."""
+    accuracy_a, accuracy_b, accuracy_stitched = (
+        _checks.number(name, value, low=0, high=1) for name, value in
+        (("accuracy_a", accuracy_a), ("accuracy_b", accuracy_b), ("accuracy_stitched", accuracy_stitched)))
     return (accuracy_a + accuracy_b) / 2 - accuracy_stitched
 
 
@@ -323,6 +327,12 @@ def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     epochs = _checks.positive_int("epochs", epochs)
     batch_size = _checks.positive_int("batch_size", batch_size)
+    lr = _checks.number("lr", lr, low=0, low_open=True)
+    momentum = _checks.number("momentum", momentum, low=0, high=1, high_open=True)
+    alpha = _checks.number("alpha", alpha, low=0)
+    l1 = _checks.number("l1", l1, low=0)
+    if tau is not None:
+        tau = _checks.number("tau", tau, low=0, low_open=True)
     other_layer = layer if other_layer is None else other_layer
     for name, module, lay in (("model", model, layer), ("other", other, other_layer)):
         if not isinstance(module, nn.Module):

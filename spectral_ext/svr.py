@@ -27,7 +27,7 @@ from scipy import stats
 from torch import nn
 
 from . import _checks, _ops
-from ._hooks import capturing, evaluating
+from ._hooks import capturing, evaluating, models_in_eval_mode
 from ._linalg import batched_signed_svd, compute_dtype
 from .layers import Connection, ModelGraph, SpectralLayer, discover
 
@@ -492,6 +492,7 @@ def _build(model, example_input, p, fold_batchnorm, dtype, flattening, graph=Non
     return _build_many([model], example_input, p, fold_batchnorm, dtype, flattening, graph, top, progress)[0]
 
 
+@models_in_eval_mode
 def svr_many(models, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
              dtype: torch.dtype | None = None, graph: ModelGraph | None = None, top: int | None = None,
              progress: bool = True) -> list[SVR]:
@@ -506,6 +507,7 @@ def svr_many(models, example_input=None, p: float = 0.15, fold_batchnorm: bool =
     return _build_many(models, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
 
 
+@models_in_eval_mode
 def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
         dtype: torch.dtype | None = None, graph: ModelGraph | None = None, top: int | None = None,
         progress: bool = True) -> SVR:
@@ -532,6 +534,7 @@ def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: b
     return _build(model, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
 
 
+@models_in_eval_mode
 def co_svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
            dtype: torch.dtype | None = None, graph: ModelGraph | None = None, top: int | None = None,
            progress: bool = True) -> SVR:
@@ -585,6 +588,7 @@ class KernelConnections(_ReadAsDict):
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
+@models_in_eval_mode
 def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: bool = False,
                        dtype: torch.dtype | None = None, graph: ModelGraph | None = None,
                        progress: bool = True) -> KernelConnections:

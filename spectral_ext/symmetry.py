@@ -13,9 +13,9 @@ from torch import nn
 
 from . import _checks
 from ._data import accuracy as _accuracy
-from ._data import batches
-from ._hooks import evaluating, module_order
-from .layers import discover
+from ._data import batches, copy_inputs
+from ._hooks import evaluating, models_in_eval_mode, module_order
+from .layers import LINEAR_TYPES, discover, weight_of
 
 
 def sigma_of_matrix(activation: Callable, A: torch.Tensor) -> torch.Tensor:
@@ -235,6 +235,7 @@ def symmetry_classes(graph) -> list[list[str]]:
     return sorted(members, key=lambda m: order.index(m[0]))
 
 
+@models_in_eval_mode
 def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input: torch.Tensor | None = None,
                    group: str = "relu", generator=None, check: bool = True,
                    rtol: float = 1e-4, atol: float = 1e-5, progress: bool = True):
@@ -266,6 +267,7 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
     generator = _checks.generator(generator)
     if elements is not None and not isinstance(elements, dict):
         raise TypeError(f"elements must be a dict {{producer name: (perm, scale)}}, got {type(elements).__name__}")
+    _check_transformable(model)
     graph = discover(model, example_input)
     if example_input is None:
         example_input = _runnable_input(model, graph)
@@ -313,7 +315,7 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
                 _transform_consumer(new_graph.maps[c.next], c, *chosen[c.previous])
     if check:
         with torch.no_grad(), evaluating(model, new):
-            before, after = model(example_input), new(example_input)
+            before, after = model(copy_inputs(example_input)), new(copy_inputs(example_input))
         if not torch.allclose(before, after, rtol=rtol, atol=atol):
             raise ValueError("apply_symmetry: the transformed model does not compute the same function "
                              f"(max difference {float((before - after).abs().max()):.3g}); the activations "
@@ -321,6 +323,26 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
                              "an activation other than ReLU with group='relu', or a flow that leaves the "
                              "maps through an attention or matmul)")
     return new, chosen
+
+
+def _check_transformable(model: nn.Module) -> None:
+    """Refuse a model holding weights of a kind apply_symmetry does not transform
+    (ConvTranspose, recurrent, attention, normalisations other than BatchNorm,
+    embeddings...): its channels would keep their order while their neighbours'
+    change, and with check=False the twin would be silently wrong, or the twin
+    would equal the model because no map around it was seen."""
+    for name, module in model.named_modules():
+        if nn.utils.parametrize.is_parametrized(module):
+            raise ValueError(f"apply_symmetry cannot transform layer {name!r} ({type(module).__name__}): its weight "
+                             "is parametrized (spectral_norm, weight_norm, ...) and cannot be written directly")
+        if isinstance(module, nn.utils.parametrize.ParametrizationList) or not any(
+                True for _ in module.parameters(recurse=False)):
+            continue
+        if isinstance(module, (*LINEAR_TYPES, nn.modules.batchnorm._BatchNorm)) or (
+                isinstance(module, nn.PReLU) and module.num_parameters == 1):  # one slope: G_ReLU-equivariant
+            continue
+        raise ValueError(f"apply_symmetry cannot transform layer {name!r} ({type(module).__name__}): it handles "
+                         "Linear, Conv1d/2d/3d, BatchNorm and parameter-free activations, pooling and reshapes")
 
 
 def _runnable_input(model: nn.Module, graph) -> torch.Tensor:
@@ -471,9 +493,9 @@ def rotation_penalty(model: nn.Module, layer: str, data, test_data, transform: s
     g = _checks.generator(generator)
     x_train, y_train = _labelled_tensors("data", data)
     module = dict(model.named_modules()).get(layer)
-    if module is None or not hasattr(module, "weight"):
+    if module is None or not isinstance(module, LINEAR_TYPES):  # not hasattr: it would compute a parametrization
         raise ValueError(f"layer must name a Linear or Conv module of the model, got {layer!r}")
-    n = module.weight.shape[0]
+    n = weight_of(module).shape[0]
     if transform == "grelu":
         A = intertwiner_group("relu").sample(n, g)
     else:

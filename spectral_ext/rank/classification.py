@@ -95,6 +95,8 @@ def classification_dimension(classifier, data, ratio: float = 0.95, center: bool
     .plot(): Fig. 2)."""
     features, labels = _features_labels(data, "data features")
     ratio = _checks.number("ratio", ratio, low=0, high=1, low_open=True)
+    if not isinstance(center, bool):
+        raise TypeError(f"center must be True or False, got {type(center).__name__} {center!r}")
     projector = _Projector(features, labels, classifier, center)
     d = features.shape[1]
     full = _classifier_accuracy(classifier, features, labels)
