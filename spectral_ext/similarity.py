@@ -115,12 +115,47 @@ def _pair(X, Y, feature_axis=None):
     return X, Y
 
 
+# Largest magnitudes 2^-e .. 2^e (e by dtype) are used as they are: their squares, Grams and the float64 fourth
+# powers of the HSICs stay far from overflow and underflow. Outside, a representation is scaled by a power of two
+# first (exact, and every measure here is scale invariant; issue 27: CKA at 1e150 was 5.7e300).
+_SAFE_EXPONENT = {torch.float32: 16, torch.float64: 128}
+
+
+def _exponent(R: torch.Tensor) -> int:
+    """0 when R's largest magnitude lies within 2^+-_SAFE_EXPONENT, else the
+    power of two e with max |R| / 2^e in [0.5, 1)."""
+    if R.numel() == 0 or _checks.data_free(R):
+        return 0
+    low, high = torch.aminmax(R.detach())
+    largest = max(-float(low), float(high))
+    if not 0 < largest < math.inf:
+        return 0
+    e = math.frexp(largest)[1]
+    return 0 if abs(e) <= _SAFE_EXPONENT.get(R.dtype, 16) else e
+
+
+def _scaled(R: torch.Tensor, e: int) -> torch.Tensor:
+    """R / 2^e, exactly (in two factors: 2^e alone may not be a float)."""
+    if e == 0:
+        return R
+    half = -e // 2
+    return R.mul(2.0 ** half).mul_(2.0 ** (-e - half))
+
+
+def _rescaled(R: torch.Tensor) -> torch.Tensor:
+    """R scaled by a power of two into a safe range, where it is outside it (_exponent)."""
+    return _scaled(R, _exponent(R))
+
+
 def channel_normalize(X: torch.Tensor, centered: bool = True) -> torch.Tensor:
     """Seed 004 appendix D.7.2 / definition 5.3: subtract each channel's mean over
     samples and positions (centered=True), divide by its norm over samples
     and positions (X D_X^{-1}). X: (N, C, S). A constant channel stays zero.
     The sums run in X's dtype (torch's cascade sums: 1e-7 relative in
-    float32, as the float64 sums were once rounded back; 10x faster)."""
+    float32, as the float64 sums were once rounded back; 10x faster). X is
+    scaled by a power of two first where its magnitude would overflow or
+    underflow the squares (the result is scale invariant)."""
+    X = _rescaled(X)
     zero = None
     if centered:
         zero = X.amax(dim=(0, 2), keepdim=True) == X.amin(dim=(0, 2), keepdim=True)  # exactly 0, not rounding
@@ -172,7 +207,7 @@ def _rbf_lower(R: torch.Tensor, bandwidth: float):
     above; the diagonal is 1) from one syrk triangle, never mirrored (a
     transposed pass costs as much as the half matmul saves); None where
     syrk cannot run (see _syrk)."""
-    F = R.reshape(R.shape[0], -1)
+    F = _rescaled(R.reshape(R.shape[0], -1))  # the kernel is scale invariant (median bandwidth)
     F = F - F.mean(0, keepdim=True)  # distances are shift invariant
     G = _syrk(F.contiguous(), outer=True)
     if G is None:
@@ -194,13 +229,24 @@ def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.
     the (N, N, C) tensor). laplace: exp(-gamma |x~_i - x~_j|_1) on
     channel-normalised features (equation 5.6), gamma = 1 / the median l1
     distance by default. ortho: linear on channel-normalised features (the
-    seed 004 authors' orthogonal CKA)."""
+    seed 004 authors' orthogonal CKA).
+
+    Every kernel but linear is scale invariant (the median bandwidth, the
+    channel normalisation): X is scaled by a power of two first where its
+    magnitude would overflow or underflow. A linear Gram that overflows
+    X's dtype is refused (ValueError): it has no finite value."""
     _check_kernel(kernel)
     if kernel in ("linear", "rbf"):
         F = X.reshape(X.shape[0], -1)
         if kernel == "linear":
-            return F @ F.T
-        sq = _squared_distances(F)
+            K = F @ F.T
+            if not _checks.data_free(K) and not _checks.all_finite(K):
+                _checks.tensor("X", X, ndims=(X.dim(),), shape="(N, C, S)")
+                raise ValueError(f"the linear Gram of X overflows {str(K.dtype).replace('torch.', '')} (max |X| = "
+                                 f"{float(X.abs().max()):.3g}): rescale X (cka is scale invariant and rescales "
+                                 "itself)")
+            return K
+        sq = _squared_distances(_rescaled(F))
         scale = bandwidth ** 2 * _median_offdiagonal(sq, "squared distance")
         return sq.div_(-2 * scale).exp_()
     Xn = channel_normalize(X)
@@ -477,7 +523,10 @@ class MinibatchCKA:
     5 and appendix D.7): the mean of the per-batch unbiased HSICs, so the
     dataset never needs to fit in memory. Each representation of a batch is
     reduced once (centred features or one U-centred Gram, in float64), every
-    pair is an inner product of those. The channel normalisation of the max,
+    pair is an inner product of those. CKA is scale invariant and so is this:
+    a representation too large or too small for its squares is scaled by a
+    power of two first (the linear kernel's sums kept at the largest scale
+    seen). The channel normalisation of the max,
     Laplace and ortho kernels uses each batch's statistics (it keeps their
     invariance).
 
@@ -511,6 +560,11 @@ class MinibatchCKA:
         n = n.pop()
         if self.unbiased and n < 4:
             raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
+        # the other kernels' Grams are scale invariant and rescale inside (kernel_matrix, channel_normalize)
+        exps_a = [_exponent(R) if self.kernel == "linear" else 0 for R in Xs]
+        exps_b = exps_a if same else [_exponent(R) if self.kernel == "linear" else 0 for R in Ys]
+        Xs = [_scaled(R, e) for R, e in zip(Xs, exps_a)]
+        Ys = Xs if same else [_scaled(R, e) for R, e in zip(Ys, exps_b)]
         dims_a = [R.shape[1] * R.shape[2] for R in Xs]
         dims_b = [] if same else [R.shape[1] * R.shape[2] for R in Ys]
         route = _route(self.kernel, n, dims_a, dims_b)
@@ -538,13 +592,25 @@ class MinibatchCKA:
         cb = torch.tensor(b.constant, device=xy.device)
         xy = xy.masked_fill(ca[:, None] | cb[None, :], 0.0)
         xx, yy = xx.masked_fill(ca, 0.0), yy.masked_fill(cb, 0.0)
+        ea = torch.tensor(exps_a, dtype=torch.float64, device=xy.device)
+        eb = torch.tensor(exps_b, dtype=torch.float64, device=xy.device)
         if self.xy is None:
             self.xy, self.xx, self.yy = xy, xx, yy
             self.varied_x, self.varied_y = ~ca, ~cb
+            self.ex, self.ey = ea, eb
         else:
             if self.xy.shape != xy.shape:
                 raise ValueError(f"this batch has {tuple(xy.shape)} representation pairs, earlier ones "
                                  f"{tuple(self.xy.shape)}")
+            if self.kernel == "linear":
+                # the sums are kept over 2^(2 ex + 2 ey) (xy) and 2^(4 ex), 2^(4 ey): each representation at the
+                # largest scale seen, so that no term overflows (the smaller ones underflow, negligible)
+                ex, ey = torch.maximum(self.ex, ea), torch.maximum(self.ey, eb)
+                self.xy = self.xy * torch.exp2(2 * (self.ex - ex)[:, None] + 2 * (self.ey - ey)[None, :])
+                self.xx, self.yy = self.xx * torch.exp2(4 * (self.ex - ex)), self.yy * torch.exp2(4 * (self.ey - ey))
+                xy = xy * torch.exp2(2 * (ea - ex)[:, None] + 2 * (eb - ey)[None, :])
+                xx, yy = xx * torch.exp2(4 * (ea - ex)), yy * torch.exp2(4 * (eb - ey))
+                self.ex, self.ey = ex, ey
             self.xy, self.xx, self.yy = self.xy + xy, self.xx + xx, self.yy + yy
             self.varied_x, self.varied_y = self.varied_x | ~ca, self.varied_y | ~cb
         self.batches += 1
@@ -674,8 +740,9 @@ def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False, f
     (the least-squares scale of the matched channels). Used to start G_ReLU
     stitching (seed 004 D.2.1) where Theorem 4.2 says an exact twin exists."""
     X, Y = _pair(X, Y, feature_axis)
+    ex, ey = _exponent(X), _exponent(Y)  # the sums of squares in a safe range; the scales corrected below
     moments = CrossMoments()
-    moments.update(X, Y)
+    moments.update(_scaled(X, ex), _scaled(Y, ey))
     nx, ny = moments.a.norms2(centered), moments.b.norms2(centered)
     if nx.shape != ny.shape:
         raise ValueError(f"X and Y must have equal channel counts, got {nx.shape[0]} and {ny.shape[0]}")
@@ -686,6 +753,8 @@ def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False, f
     perm[rows] = cols
     matched = cross[perm, torch.arange(len(perm), device=perm.device)]
     scale = torch.where(nx[perm] > 0, matched / nx[perm].clamp_min(1e-300), torch.ones_like(matched)).clamp_min(0)
+    if ey != ex:
+        scale = torch.where(nx[perm] > 0, _scaled(scale, ex - ey), scale)  # times 2^(ey - ex)
     return perm, scale  # a zero channel of X keeps scale 1: nothing to fit
 
 
@@ -706,6 +775,7 @@ def _procrustes_pair(X, Y, group, centered, feature_axis) -> tuple[float, float]
     if not isinstance(centered, bool):
         raise TypeError(f"centered must be True or False, got {centered!r}")
     X, Y = _pair(X, Y, feature_axis)
+    X, Y = _rescaled(X), _rescaled(Y)  # both measures are scale invariant; the float64 squares are not
     if group == "orthogonal" and not centered:
         return _orthogonal_procrustes(X, Y)
     moments = CrossMoments()
@@ -836,6 +906,8 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
         sums_a = {n: _channel_sums() for n in layers_a}
         sums_b = sums_a if same else {n: _channel_sums() for n in layers_b}
         moments = {(a, b): CrossMoments(sums_a[a], sums_b[b]) for a in layers_a for b in layers_b}
+        scales_a = {}
+        scales_b = scales_a if same else {}
     seen = 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluating(model_a, model_b))
@@ -867,7 +939,8 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
                         _channels_of("other", n, cap_b[n], axes_b[n])
                     raise
             else:
-                reps_b = reps_a if same else reps_b
+                reps_a = _at_common_scale(reps_a, layers_a, sums_a, scales_a, moments, (0, 1) if same else (0,))
+                reps_b = reps_a if same else _at_common_scale(reps_b, layers_b, sums_b, scales_b, moments, (1,))
                 for n, R in zip(layers_a, reps_a):
                     sums_a[n].update(R)
                 if not same:
@@ -892,6 +965,30 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
                 value = moments[(a, b)].procrustes(group, centered)[0] if moments[(a, b)].count else float("nan")
             rows.append({"layer_a": a, "layer_b": b, "value": value})
     return pd.DataFrame(rows)
+
+
+def _at_common_scale(reps, layers, sums, scales, moments, sides) -> list:
+    """One batch's representations of `layers`, each divided by its layer's
+    power of two (scales: {layer: the largest _exponent seen}; the Procrustes
+    measures are scale invariant, their float64 sums of squares are not).
+    Where a batch raises a layer's exponent by d, its running sums are
+    divided by 2^d (squares by 2^2d) and so is every cross product with it
+    on one of `sides` (0: the pair's first layer, 1: its second)."""
+    out = []
+    for n, R in zip(layers, reps):
+        e, old = _exponent(R), scales.get(n)
+        if old is not None and e > old:
+            d = e - old
+            if sums[n].sum is not None:
+                sums[n].sum.copy_(_scaled(sums[n].sum, d))
+                sums[n].second.copy_(_scaled(sums[n].second, 2 * d))
+            for pair, cross in moments.items():
+                for side in sides:
+                    if pair[side] == n and cross.ab is not None:
+                        cross.ab.copy_(_scaled(cross.ab, d))
+        scales[n] = e if old is None else max(e, old)
+        out.append(_scaled(R, scales[n]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -947,7 +1044,8 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     chunk = _checks.positive_int("chunk", chunk)
     named = {n for p in pairs for n in p}  # a set: K x pairs membership tests would dominate a large zoo
     involved = [n for n in names if n in named]
-    reps = {n: as_channels(f"features[{n!r}]", features[n], feature_axis) for n in involved}
+    # every measure is scale invariant: representations too large or small for their squares scaled first
+    reps = {n: _rescaled(as_channels(f"features[{n!r}]", features[n], feature_axis)) for n in involved}
     if len({R.shape[0] for R in reps.values()}) > 1:
         raise ValueError("every model's features must hold the same N probe samples")
     budget = _budget(max_memory, reps[involved[0]].device) if involved else math.inf

@@ -1,0 +1,183 @@
+"""Silent wrong answers at the edges of the floating-point range (issue 27):
+scale-invariant measures at extreme scales, ranks and spectra of tiny and
+huge matrices, Sinkhorn kernels that underflow, power-law fits at a given
+xmin, and results too large to allocate."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spectral_ext as se
+from spectral_ext import similarity as S
+from spectral_ext import spectra as Sp
+from spectral_ext.rank import matrix as RM
+
+F64_SCALES = (1e150, 1e300, 1e-200)
+F32_SCALES = (1e30, 1e-30)
+
+
+def pair(dtype=torch.float64, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 4, 3, 3, dtype=torch.float64, generator=g)
+    Y = (X + 0.7 * torch.randn(X.shape, dtype=torch.float64, generator=g)).relu()
+    return X.to(dtype), Y.to(dtype)
+
+
+# ---------------------------------------------------------------- 1. CKA and Procrustes at any scale
+
+@pytest.mark.parametrize("kernel", S.KERNELS)
+@pytest.mark.parametrize("dtype,scales,rel", [(torch.float64, F64_SCALES, 1e-10), (torch.float32, F32_SCALES, 2e-5)])
+def test_cka_is_scale_invariant_at_extreme_scales(kernel, dtype, scales, rel):
+    X, Y = pair(dtype)
+    for batch_size, unbiased in ((None, True), (20, True), (None, False)):
+        expected = S.cka(X, Y, kernel=kernel, batch_size=batch_size, unbiased=unbiased)
+        for s in scales:
+            assert S.cka(X * s, Y, kernel=kernel, batch_size=batch_size, unbiased=unbiased) == \
+                pytest.approx(expected, rel=rel), (s, batch_size, unbiased)
+            assert S.cka(X * s, Y * s, kernel=kernel, batch_size=batch_size, unbiased=unbiased) == \
+                pytest.approx(expected, rel=rel), (s, batch_size, unbiased)
+
+
+def test_minibatch_linear_cka_weighs_batches_of_different_scales_by_their_hsic():
+    # sum over batches of HSIC_b(K, L) / sqrt(sum HSIC_b(K, K) sum HSIC_b(L, L)): a batch 1e200 larger dominates
+    # the sums with Y in them, the others count 1e-400 as much there
+    X, Y = pair(n=60)
+    parts = [(X[i:i + 20], Y[i:i + 20]) for i in (0, 20, 40)]
+
+    def h(A, B):
+        K, L = (T.reshape(len(T), -1) @ T.reshape(len(T), -1).T for T in (A, B))
+        return float(S.hsic(K[None], L[None])[0, 0])
+
+    xx = sum(h(a, a) for a, _ in parts)
+    expected = h(*parts[1]) / math.sqrt(xx * h(parts[1][1], parts[1][1]))
+    accumulator = S.MinibatchCKA()
+    for (a, b), s in zip(parts, (1.0, 1e200, 1e-200)):
+        accumulator.update(a, b * s)
+    assert float(accumulator.value()[0, 0]) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("group", S.GROUPS)
+@pytest.mark.parametrize("centered", [False, True])
+def test_procrustes_is_scale_invariant_at_extreme_scales(group, centered):
+    X, Y = pair()
+    for dtype, scales, rel in ((torch.float64, F64_SCALES + (1e200,), 1e-10), (torch.float32, F32_SCALES, 1e-5)):
+        x, y = X.to(dtype), Y.to(dtype)
+        expected = S.procrustes(x, y, group=group, centered=centered)
+        distance = S.procrustes_distance(x, y, group=group, centered=centered)
+        for s in scales:
+            assert S.procrustes(x * s, y, group=group, centered=centered) == pytest.approx(expected, rel=rel)
+            assert S.procrustes_distance(x, y * s, group=group, centered=centered) == pytest.approx(distance, rel=rel)
+
+
+def test_grelu_assignment_scales_follow_the_inputs_scales():
+    X, Y = pair()
+    perm, scale = S.grelu_assignment(X, Y)
+    for sx, sy in ((1e200, 1.0), (1e-200, 1.0), (1.0, 1e-200), (1e150, 1e-150)):
+        p, c = S.grelu_assignment(X * sx, Y * sy)
+        assert torch.equal(p, perm)
+        torch.testing.assert_close(c, scale * (sy / sx), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("measure,options", [("cka", {"kernel": k}) for k in S.KERNELS]
+                         + [("procrustes", {"group": g}) for g in S.GROUPS])
+def test_pairwise_similarity_is_scale_invariant_at_extreme_scales(measure, options):
+    X, Y = pair()
+    for dtype, scales, rel in ((torch.float64, F64_SCALES, 1e-10), (torch.float32, F32_SCALES, 2e-5)):
+        x, y = X.to(dtype), Y.to(dtype)
+        expected = S.pairwise_similarity({"a": x, "b": y, "c": x + y}, measure=measure, progress=False,
+                                         **options)["value"].to_numpy()
+        for s in scales:
+            got = S.pairwise_similarity({"a": x * s, "b": y, "c": (x + y) * s}, measure=measure, progress=False,
+                                        **options)["value"].to_numpy()
+            np.testing.assert_allclose(got, expected, rtol=rel)
+
+
+class _Scale(nn.Module):
+    def __init__(self, scales):
+        super().__init__()
+        self.scales, self.calls = scales, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.scales[(self.calls - 1) % len(self.scales)]
+
+
+def _model(scales):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 8).double(), nn.ReLU(),
+                         nn.Sequential(nn.Linear(8, 8).double(), _Scale(scales)))
+
+
+@pytest.mark.parametrize("measure,options", [("cka", {"kernel": "linear"}), ("cka", {"kernel": "rbf"}),
+                                             ("procrustes", {"group": "orthogonal"}),
+                                             ("procrustes", {"group": "grelu"})])
+def test_similarity_matrix_is_scale_invariant_at_extreme_scales(measure, options):
+    data = [torch.randn(20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def values(scales, same=False):
+        other = _model(scales)
+        return S.similarity_matrix(other if same else _model([1.0]), other, layers=["1", "2"], data=data,
+                                   measure=measure, progress=False, **options)["value"].to_numpy()
+
+    expected = values([1.0])
+    for s in F64_SCALES:
+        np.testing.assert_allclose(values([s]), expected, rtol=1e-10)
+    # one model, its two layers at scales 1 and s
+    np.testing.assert_allclose(values([1e200], same=True), values([1.0], same=True), rtol=1e-10)
+    # batches at different scales: each layer's sums kept at the largest scale seen, so they stay finite and the
+    # smaller batches count 1e-200 (or less) as much as the largest, as they do in exact arithmetic; the RBF
+    # Gram of each batch is scale invariant by itself
+    mixed = values([1e-200, 1.0, 1e200])
+    limit = values([1.0]) if options.get("kernel") == "rbf" else values([0.0, 0.0, 1.0])
+    np.testing.assert_allclose(mixed, limit, rtol=1e-10)
+
+
+def test_kernel_matrix_rescales_invariant_kernels_and_refuses_an_overflowing_linear_gram():
+    X, _ = pair()
+    R = S.as_channels("X", X)
+    for kernel in ("rbf", "max", "laplace", "ortho"):
+        expected = S.kernel_matrix(R, kernel)
+        for s in F64_SCALES:
+            torch.testing.assert_close(S.kernel_matrix(R * s, kernel), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"linear Gram of X overflows float64.*rescale X"):
+        S.kernel_matrix(R * 1e200, "linear")
+
+
+# ---------------------------------------------------------------- 2. ranks and spectra at any scale
+
+@pytest.mark.parametrize("dtype,scales", [(torch.float64, (1e200, 1e-200, 1e300, 1e-300)),
+                                          (torch.float32, (1e25, 1e-25, 1e35, 1e-35))])
+def test_stable_and_numerical_rank_are_scale_invariant(dtype, scales):
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(3, 30, 5, dtype=torch.float64, generator=g) @ torch.randn(3, 5, 20, dtype=torch.float64,
+                                                                               generator=g)).to(dtype)
+    W[1, :, :2] *= 100  # a different stable rank per matrix
+    stable, rank = se.stable_rank(W), se.numerical_rank(W)
+    assert rank.tolist() == [5, 5, 5]
+    for s in scales:
+        torch.testing.assert_close(se.stable_rank(W * s), stable, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=0)
+        assert torch.equal(se.numerical_rank(W * s), rank)
+
+
+def test_singular_values_of_rows_at_extreme_scales():
+    g = torch.Generator().manual_seed(0)
+    for M in (torch.randn(200, 7, dtype=torch.float64, generator=g), torch.randn(9, 7, dtype=torch.float64, generator=g)):
+        expected = RM.singular_values_of_rows(M)
+        for s in (1e200, 1e-200, 1e300):
+            torch.testing.assert_close(RM.singular_values_of_rows(M * s) / s, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("convention", Sp.CONVENTIONS)
+def test_weight_singular_values_and_metrics_at_extreme_scales(convention):
+    W = torch.randn(2, 8, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = Sp.weight_singular_values(W, convention)
+    metrics = Sp.spectrum_metrics(expected, fit=False)
+    for s in (1e200, 1e-200, 1e-300):
+        sigma = Sp.weight_singular_values(W * s, convention)
+        torch.testing.assert_close(sigma / s, expected, rtol=1e-12, atol=0)
+        got = Sp.spectrum_metrics(sigma, fit=False)
+        np.testing.assert_allclose(got["stable_rank"], metrics["stable_rank"], rtol=1e-12)
+        assert got["numerical_rank"].tolist() == metrics["numerical_rank"].tolist()
