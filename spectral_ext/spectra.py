@@ -27,6 +27,7 @@ from ._hooks import models_in_eval_mode
 from ._linalg import gram_singular_values
 from .layers import discover
 from .rank import _rank_of_singular_values
+from .rank.matrix import _exponents, _times_exp2
 
 def esd(W: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of the unnormalised Gram matrix W1 W1^T (seed 001 section 4), in
@@ -359,14 +360,18 @@ def weight_singular_values(weights: torch.Tensor, convention: str = "seed001") -
     scaled by WeightWatcher 0.7.7's conv2d_norm sqrt(conv2d_count / 2) =
     sqrt(1/2) when pooling, a Linear its weight as it is. Computed as the
     Gram matrix of the smaller side in float64 and eigvalsh, one batched
-    call (_linalg.gram_singular_values)."""
+    call (_linalg.gram_singular_values); a weight whose magnitude is
+    extreme (its squares would overflow or underflow float64) is divided by
+    a power of two first and its values multiplied back."""
     _check_convention(convention)
     W = weights.detach().double()
+    e = _exponents(W.reshape(W.shape[0], 1, -1))  # (B, 1): one power of two per weight
+    W = _times_exp2(W.reshape(W.shape[0], 1, -1), -e).reshape(W.shape)
     if convention == "weightwatcher" and W.dim() == 5:
         slices = W.flatten(3).permute(0, 3, 1, 2) * math.sqrt(0.5)
     else:
         slices = W.reshape(W.shape[0], 1, W.shape[1], -1)
-    return gram_singular_values(slices)
+    return _times_exp2(gram_singular_values(slices), e)
 
 
 def _too_few(n: int, min_tail: int) -> str:
@@ -397,11 +402,12 @@ def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10, conventi
     sigma = singular_values.detach().cpu().flatten(1).sort(dim=1, descending=True).values
     eig = sigma.square()
     top = sigma[:, 0]
+    # sum (sigma_i / sigma_1)^2: the ratios first, so that no square overflows or underflows
+    stable = (sigma / top.clamp_min(torch.finfo(sigma.dtype).tiny)[:, None]).square().sum(1)
     frame = pd.DataFrame({
         "n_eigenvalues": sigma.shape[1],
         "numerical_rank": _rank_of_singular_values(sigma, None).numpy(),
-        "stable_rank": torch.where(top > 0, eig.sum(1) / top.clamp_min(1e-300).square(),
-                                   torch.zeros_like(top)).numpy(),
+        "stable_rank": torch.where(top > 0, stable, torch.zeros_like(top)).numpy(),
         "spectral_norm": top.numpy(), "lambda_max": eig[:, 0].numpy()})
     if fit:
         fits = fit_power_laws(eig, min_tail=min_tail, convention=convention)

@@ -9,6 +9,32 @@ from .._linalg import gram_singular_values
 from ._common import _check_eps, _rank_of_singular_values
 
 
+# Matrices whose largest magnitude lies within 2^-E .. 2^E (E by the dtype their squares are formed in) are used as
+# they are; others are divided by a power of two first (exact), so that no square or Gram entry overflows or
+# underflows (issue 27: the stable rank of a float64 matrix at 1e200 was NaN).
+_SAFE_EXPONENT = {torch.float32: 16, torch.float64: 128}
+
+
+def _exponents(M: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per matrix of M (..., r, c), int64 of shape M.shape[:-2]: 0 where its
+    largest magnitude lies within 2^+-_SAFE_EXPONENT of `dtype` (default
+    M's), else the power of two e that puts it in [0.5, 1)."""
+    if M.numel() == 0 or _checks.data_free(M):
+        return torch.zeros(M.shape[:-2], dtype=torch.int64, device=M.device)
+    A = M.detach()
+    largest = torch.maximum(A.amax((-2, -1)), -A.amin((-2, -1)))  # no |M| copy
+    e = torch.frexp(largest).exponent.to(torch.int64)  # 0 for a zero matrix
+    return torch.where(e.abs() <= _SAFE_EXPONENT.get(dtype or M.dtype, 16), 0, e)
+
+
+def _times_exp2(M: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """M * 2^e per matrix (e of shape M.shape[:-2]), exact: in two factors, as 2^e alone may not be a float."""
+    if e.numel() == 0 or not bool(e.any()):
+        return M
+    half = torch.div(e, 2, rounding_mode="floor")
+    return M * torch.exp2(half.to(M.dtype))[..., None, None] * torch.exp2((e - half).to(M.dtype))[..., None, None]
+
+
 def numerical_rank(W: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Rank_eps(W) = #{i : sigma_i > eps * ||W||_2} (seed 003 section 3.1,
     equation 4).
@@ -20,10 +46,11 @@ def numerical_rank(W: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     too, take sigma = torch.linalg.svdvals(W) and rank_of_singular_values(
     sigma, eps): one SVD for both. Theorem 1: the result is stable under
     perturbations smaller than the gap between eps * ||W||_2 and the nearest
-    sigma_i."""
+    sigma_i. W is divided by a power of two first where its magnitude is
+    extreme (the rank is scale invariant)."""
     _checks.tensor("W", W, ndims=range(2, 64), shape="(m, n) or (..., m, n)")
     _check_eps(eps)
-    return _rank_of_singular_values(torch.linalg.svdvals(W), eps)
+    return _rank_of_singular_values(torch.linalg.svdvals(_times_exp2(W, -_exponents(W))), eps)
 
 
 def rank_of_singular_values(sigma: torch.Tensor, eps: float | None = None) -> torch.Tensor:
@@ -48,19 +75,26 @@ def stable_rank(W: torch.Tensor) -> torch.Tensor:
     numerical rank of seed 003 section 3.1, at most the rank of W.
 
     W: a matrix (m, n) or a batch (..., m, n). Returns a tensor of W's dtype,
-    0-d or one per matrix for batched input."""
+    0-d or one per matrix for batched input. Computed as sum (sigma_i /
+    sigma_1)^2, W divided by a power of two first where its magnitude is
+    extreme: no square overflows or underflows at any scale."""
     _checks.tensor("W", W, ndims=range(2, 64), shape="(m, n) or (..., m, n)")
-    sigma = torch.linalg.svdvals(W)
-    top = sigma[..., 0] if sigma.shape[-1] else sigma.new_zeros(sigma.shape[:-1])
-    frob = sigma.square().sum(-1)
-    return torch.where(top > 0, frob / top.clamp_min(torch.finfo(sigma.dtype).tiny).square(), torch.zeros_like(frob))
+    sigma = torch.linalg.svdvals(_times_exp2(W, -_exponents(W)))
+    top = sigma[..., :1] if sigma.shape[-1] else sigma.new_zeros(*sigma.shape[:-1], 1)
+    ratio = (sigma / top.clamp_min(torch.finfo(sigma.dtype).tiny)).square().sum(-1)
+    return torch.where(top[..., 0] > 0, ratio, torch.zeros_like(ratio))
 
 
 def singular_values_of_rows(M: torch.Tensor) -> torch.Tensor:
     """Singular values of M (r, c) in float64, decreasing, for the ranks of
     seed 003 sections 3.2 and 4.3 (Jacobians and features, often far longer
     on one side): a direct SVD when M is nearly square, the smaller Gram
-    matrix (_linalg.gram_singular_values) otherwise."""
+    matrix (_linalg.gram_singular_values) otherwise; M divided by a power
+    of two first where its magnitude is extreme (the Gram's squares would
+    overflow or underflow), the values multiplied back."""
+    M = M.double()
+    e = _exponents(M)
+    M = _times_exp2(M, -e)
     if max(M.shape) <= 2 * min(M.shape) and min(M.shape) > 0:
-        return torch.linalg.svdvals(M.double())
-    return gram_singular_values(M)
+        return _times_exp2(torch.linalg.svdvals(M)[..., None], e)[..., 0]
+    return _times_exp2(gram_singular_values(M)[..., None], e)[..., 0]
