@@ -181,3 +181,62 @@ def test_weight_singular_values_and_metrics_at_extreme_scales(convention):
         got = Sp.spectrum_metrics(sigma, fit=False)
         np.testing.assert_allclose(got["stable_rank"], metrics["stable_rank"], rtol=1e-12)
         assert got["numerical_rank"].tolist() == metrics["numerical_rank"].tolist()
+
+
+# ---------------------------------------------------------------- 3. Sinkhorn kernels that underflow
+
+def _costs(B=2, n=6, m=5, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    M = 10 + torch.rand(B, n, m, dtype=torch.float64, generator=g)
+    a = torch.rand(B, n, dtype=torch.float64, generator=g) + 0.5
+    b = torch.rand(B, m, dtype=torch.float64, generator=g) + 0.5
+    return M.to(dtype), (a / a.sum(1, keepdim=True)).to(dtype), (b / b.sum(1, keepdim=True)).to(dtype)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_sinkhorn_switches_to_the_log_domain_where_the_kernel_underflows(backend):
+    M, a, b = _costs()
+    with se.use_backend(backend):
+        for costs, reg in ((M, 0.01), (-M, 0.01), (M / 10, 0.0015)):  # exp(-1000), exp(+1000), exp(-700..-730)
+            want, want_log = se.sinkhorn(costs, 100, a, b, reg=reg, log_domain=True, return_log=True)
+            got, log = se.sinkhorn(costs, 100, a, b, reg=reg, return_log=True)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+            torch.testing.assert_close(got.sum(2), a, rtol=1e-12, atol=0)  # the rows are fitted last
+            # the potentials of the kernel exp(-M / reg) as documented
+            torch.testing.assert_close((-costs / reg + log["log_u"][:, :, None] + log["log_v"][:, None, :]).exp(),
+                                       got, rtol=1e-9, atol=0)
+        # float32: exp(-100) is below float32's smallest normal
+        M32, a32, b32 = M.float() / 10, a.float(), b.float()
+        got = se.sinkhorn(M32, 100, a32, b32, reg=0.01)
+        torch.testing.assert_close(got, se.sinkhorn(M32, 100, a32, b32, reg=0.01, log_domain=True))
+        assert torch.isfinite(got).all()
+
+
+def test_sinkhorn_refuses_a_reg_no_dtype_resolves():
+    M, a, b = _costs()
+    for log_domain in (False, True):
+        with pytest.raises(ValueError, match=r"reg = 1e-300 is too small.*log_domain=True.*raise reg"):
+            se.sinkhorn(M, 100, a, b, reg=1e-300, log_domain=log_domain)
+    with pytest.raises(ValueError, match=r"M / reg overflows float64.*raise reg"):
+        se.sinkhorn(M * 1e10, 100, a, b, reg=1e-300)
+    with pytest.raises(ValueError, match=r"reg = 1e-09 is too small.*float32"):
+        se.sinkhorn(M.float(), 100, a.float(), b.float(), reg=1e-9)
+
+
+def test_pot_adapter_keeps_pots_exit_where_its_kernel_underflows():
+    ot = pytest.importorskip("ot")
+    from spectral_ext.compat import pot
+
+    M, a, b = (t[0].numpy() for t in _costs())
+    for reg in (0.01, 1e-300):
+        with pytest.warns(UserWarning, match="numerical errors at iteration 0"):
+            want, want_log = ot.sinkhorn(a, b, M, reg, log=True)
+        with pytest.warns(UserWarning, match="numerical errors at iteration 0"):
+            got, log = pot.sinkhorn(a, b, M, reg, log=True)
+        np.testing.assert_array_equal(got, want)  # diag(1/n) K diag(1/m) with K = 0: not NaN
+        assert log["niter"] == want_log["niter"] and len(log["err"]) == len(want_log["err"]) == 0
+        np.testing.assert_allclose(log["u"], want_log["u"])
+        np.testing.assert_allclose(log["v"], want_log["v"])
+    # the log-domain method is unchanged: POT's plan
+    np.testing.assert_allclose(pot.sinkhorn_log(a, b, M, 0.01), ot.bregman.sinkhorn_log(a, b, M, 0.01), atol=1e-12)

@@ -332,7 +332,12 @@ def sinkhorn(P: torch.Tensor, iters: int = 16, a: torch.Tensor | None = None, b:
 
     P: (B, n, m) or (n, m). Without `reg` it is the non-negative kernel itself,
     every row and column with a positive sum; with `reg` > 0 it is a cost matrix
-    M and the kernel is exp(-M / reg) (the entropic problem). a: (n,) or (B, n),
+    M and the kernel is exp(-M / reg) (the entropic problem); where that kernel
+    would underflow (or overflow) in P's dtype, -M / reg < ln(smallest normal),
+    it runs in the log domain by itself (the same plan, which the plain kernel
+    would have turned into NaN), and a reg so small that the costs' spread over
+    reg exceeds 1 / eps of the dtype (or M / reg overflows) is refused: not even
+    the log domain resolves the plan there. a: (n,) or (B, n),
     b: (m,) or (B, m), positive (default: ones, the paper's doubly stochastic
     target; POT's default is uniform 1/n, 1/m). stop_threshold: stop a problem
     after round 0, check_every, ... (POT's schedule) once ||plan^T 1 - b||_2 is
@@ -350,6 +355,14 @@ def sinkhorn(P: torch.Tensor, iters: int = 16, a: torch.Tensor | None = None, b:
     CUDA the paper's form checks for such inputs and then runs the twin. Ctrl-C
     stops a long CPU run; iters above 1e12 are refused.
     """
+    return _sinkhorn(P, iters, a, b, reg=reg, stop_threshold=stop_threshold, check_every=check_every,
+                     log_domain=log_domain, return_log=return_log)
+
+
+def _sinkhorn(P, iters=16, a=None, b=None, *, reg=None, stop_threshold=None, check_every=10, log_domain=False,
+              return_log=False, as_pot: bool = False):
+    """sinkhorn; as_pot: the kernel exp(-M / reg) as POT forms it, whatever it underflows to (no switch to the
+    log domain, no refusal of a tiny reg: compat.pot keeps POT's semantics)."""
     _checks.tensor("P", P, ndims=(2, 3), shape="(B, n, m) or (n, m)", finite=False)
     _checks.positive_int("iters", iters, allow_zero=True, maximum=MAX_ITERS,
                          why=" (use stop_threshold to stop at convergence)")
@@ -380,7 +393,10 @@ def sinkhorn(P: torch.Tensor, iters: int = 16, a: torch.Tensor | None = None, b:
             out = reference.sinkhorn(Pb, iters)
         return out.squeeze(0) if unbatched else out
     if reg is not None:
-        K = -Pb / reg if log_domain else torch.exp(-Pb / reg)
+        L = -Pb / reg
+        if not as_pot and _kernel_out_of_range(L, reg, Pb):
+            log_domain = True  # exp(-M / reg) would lose entries to underflow (or overflow): same plan, log domain
+        K = L if log_domain else torch.exp(L)
     else:
         K = Pb.log() if log_domain else Pb
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (K, av, bv))
@@ -394,6 +410,29 @@ def sinkhorn(P: torch.Tensor, iters: int = 16, a: torch.Tensor | None = None, b:
     if return_log:
         return plan, {"log_u": log_u, "log_v": log_v, "rounds": rounds, "err": err}
     return plan
+
+
+def _kernel_out_of_range(L: torch.Tensor, reg: float, M: torch.Tensor) -> bool:
+    """Whether exp(L), L = -M / reg, leaves the normal range of L's dtype (one
+    host synchronisation); refuses a reg for which M / reg overflows or the
+    costs' spread over reg exceeds 1 / eps, where the log domain's potentials
+    (of that size) keep no digit of the plan."""
+    if not L.numel() or _checks.data_free(L):
+        return False
+    info = torch.finfo(L.dtype)
+    flat = L.flatten(1)
+    low, high = flat.amin(1), flat.amax(1)
+    finite, low_all, high_all, spread = torch.stack([
+        torch.isfinite(L).all().to(L.dtype), low.min(), high.max(), (high - low).max()]).tolist()
+    dtype = str(L.dtype).replace("torch.", "")
+    if not finite:
+        raise ValueError(f"M / reg overflows {dtype} (max |M| = {float(M.abs().max()):.3g}, reg = {reg:.3g}): raise "
+                         "reg, or subtract a constant from M (the plan does not change)")
+    if spread * info.eps > 1:
+        raise ValueError(f"reg = {reg:.3g} is too small for these costs: their spread over reg is {spread:.3g}, "
+                         f"beyond the 1 / eps = {1 / info.eps:.3g} that {dtype} resolves even with log_domain=True "
+                         "(the plan would be rounding noise); raise reg")
+    return low_all < math.log(info.tiny) or high_all > math.log(info.max)
 
 
 def _sinkhorn_validate(P, a, b, *, cost: bool, cuda_paper: bool) -> bool:

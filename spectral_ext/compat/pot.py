@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .._ops import sinkhorn as _sinkhorn
+from .. import _checks
+from .._ops import _sinkhorn
 
 __all__ = ["sinkhorn", "sinkhorn2", "sinkhorn_knopp", "sinkhorn_log", "solve_batch", "OTResult", "bregman", "batch"]
 
@@ -55,8 +56,19 @@ def _solve(a, b, M, reg, numItermax, stopThr, log, warn, log_domain, warmstart):
     if warmstart is not None:
         raise ValueError("warmstart is not supported by spectral_ext.compat.pot")
     Mt, at, bt, back = _to_torch(M, a, b)
+    if not log_domain and Mt.numel() and Mt.device.type != "meta":
+        K = torch.exp(Mt / -_checks.positive_float("reg", reg))
+        if bool((K.amax(-1) == 0).any() | (K.amax(-2) == 0).any()):
+            # a row or column of POT's kernel underflowed to zeros: its first round divides by zero, and POT
+            # warns and returns its starting point diag(1/n) K diag(1/m) (spectral_ext.sinkhorn would switch to
+            # the log domain instead)
+            warnings.warn("Warning: numerical errors at iteration 0")
+            n, m = K.shape
+            plan = K / (n * m)
+            out = {"err": [], "niter": 0, "u": back(K.new_full((n,), 1.0 / n)), "v": back(K.new_full((m,), 1.0 / m))}
+            return back(plan), (out if log else None)
     plan, info = _sinkhorn(Mt, numItermax, at, bt, reg=reg, stop_threshold=float(stopThr), log_domain=log_domain,
-                           return_log=True)
+                           return_log=True, as_pot=True)
     rounds = int(info["rounds"])
     errors = info["err"][: (rounds - 1) // 10 + 1] if rounds else info["err"][:0]
     converged = bool(errors.numel()) and float(errors[-1]) < stopThr
@@ -146,7 +158,7 @@ def solve_batch(M, reg=None, a=None, b=None, max_iter=1000, tol=1e-5, method="au
     Mt, at, bt, back = _to_torch(M, a if a is not None else [], b if b is not None else [])
     at, bt = at.expand(Mt.shape[:-1]), bt.expand(Mt.shape[:-2] + Mt.shape[-1:])
     planT, info = _sinkhorn(Mt.transpose(1, 2), max_iter, bt, at, reg=reg, stop_threshold=float(tol),
-                            log_domain=method != "sinkhorn", return_log=True)
+                            log_domain=method != "sinkhorn", return_log=True, as_pot=True)
     T = planT.transpose(1, 2)
     value_linear = (Mt * T).sum((1, 2))
     if reg_type == "entropy":
