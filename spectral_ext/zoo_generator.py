@@ -309,9 +309,12 @@ def make_digits_zoo(out, n: int = 1000, epochs: int = 12, checkpoints=(0, 1, 4, 
     from . import datasets
 
     for name, value, low in (("n", n, 1), ("epochs", epochs, 0), ("group_size", group_size, 1),
-                             ("batch_size", batch_size, 1)):
+                             ("batch_size", batch_size, 1), ("threads", threads, 1)):
+        if name == "threads" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise ValueError(f"{name} must be an integer >= {low}{' or None' if name == 'threads' else ''}, "
+                             f"got {value!r}")
     checkpoints = sorted(set(int(c) for c in checkpoints))
     if not checkpoints or checkpoints[0] < 0 or checkpoints[-1] > epochs:
         raise ValueError(f"checkpoints must be epochs between 0 and epochs={epochs}, got {checkpoints}")
@@ -387,9 +390,10 @@ def _write_manifest(out: pathlib.Path, settings: dict, complete: bool = False):
 
 def read_manifest(folder) -> dict | None:
     """The manifest of a zoo folder (zoo.json), or None when it has none:
-    {"arch": "module:function", "arch_kwargs": {...}, "checkpoints": a
-    folder relative to it, "metadata": a table relative to it, ...}. A
-    user's own zoo can carry the same file."""
+    {"arch": "module:function" or a torchvision name, "arch_kwargs": {...},
+    "checkpoints": a folder relative to it, "metadata": a table relative to
+    it, ...}. A user's own zoo can carry the same file. Reading it imports
+    and runs nothing (see manifest_defaults)."""
     path = pathlib.Path(folder) / MANIFEST
     if not path.is_file():
         return None
@@ -399,31 +403,50 @@ def read_manifest(folder) -> dict | None:
         raise ValueError(f"{path} is not valid JSON ({error})") from error
     if not isinstance(manifest, dict) or not isinstance(manifest.get("arch"), str):
         raise ValueError(f"{path} must be a JSON object with at least 'arch' ('package.module:function')")
+    if not isinstance(manifest.get("arch_kwargs") or {}, dict):
+        raise ValueError(f"{path}: arch_kwargs must be a JSON object of keyword arguments, got "
+                         f"{manifest['arch_kwargs']!r}")
     return manifest
 
 
-def manifest_defaults(source, arch=None, metadata=None):
+# Factories of this package a manifest may name without trust: importing them runs no code from the zoo's author.
+TRUSTED_ARCHS = frozenset({"spectral_ext.zoo_generator:small_cnn", "spectral_ext.datasets:digits_cnn",
+                           "spectral_ext.datasets:digits_mlp"})
+
+
+def manifest_defaults(source, arch=None, metadata=None, trust_manifest: bool = False):
     """(source, arch, metadata) for zoo.analyze: a folder holding zoo.json
     gives its checkpoints folder, its factory (with arch_kwargs) where arch
     is None and its metadata table where metadata is None; anything else is
-    returned unchanged."""
+    returned unchanged.
+
+    A manifest comes with the folder, from whoever made it: its arch is used
+    when it is a torchvision model name or one of TRUSTED_ARCHS; any other
+    'module:function' would import and call code it names (os:abort kills
+    the run), so it needs trust_manifest=True (--trust-manifest) or the
+    architecture given as arch (--arch), else a ZooError saying so."""
     import functools
 
     if not isinstance(source, (str, os.PathLike)) or not pathlib.Path(source).is_dir():
         return source, arch, metadata
+    from .zoo import ZooError
+
     root = pathlib.Path(source)
     try:
         manifest = read_manifest(root)
     except ValueError as error:
-        from .zoo import ZooError
-
         raise ZooError(str(error)) from error
     if manifest is None:
         return source, arch, metadata
     if arch is None:
         from .zoo import resolve_arch
 
-        factory, kwargs = resolve_arch(manifest["arch"]), manifest.get("arch_kwargs") or {}
+        named = manifest["arch"]
+        if ":" in named and named not in TRUSTED_ARCHS and not trust_manifest:
+            raise ZooError(f"{root / MANIFEST} names the architecture {named!r}, code it would import and run: "
+                           f"give it as arch (--arch {named}) or trust the manifest (trust_manifest=True, "
+                           "--trust-manifest) if you trust this folder")
+        factory, kwargs = resolve_arch(named), manifest.get("arch_kwargs") or {}
         arch = functools.partial(factory, **kwargs) if kwargs else factory
     if metadata is None and manifest.get("metadata"):
         metadata = root / manifest["metadata"]

@@ -13,7 +13,13 @@ PAIR_MEASURES = ("cka", "grelu_cka", "procrustes", "grelu_procrustes", "stitchin
 
 
 class ZooError(ValueError):
-    """Bad zoo input: a missing path, an unknown architecture, no members."""
+    """Bad zoo input: a missing path, an unknown architecture, no members.
+    argument: the analyze argument at fault, when one is (the command line
+    names its option)."""
+
+    def __init__(self, message: str = "", argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
 
 
 def _check_int(name: str, value, minimum: int, allow_none: bool = False):

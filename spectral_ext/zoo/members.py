@@ -28,28 +28,64 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
 def resolve_arch(arch) -> Callable[[], nn.Module] | None:
     """An architecture factory from "package.module:function", a torchvision
-    model name, or a callable; None when checkpoints hold whole modules."""
+    model name, or a callable; None when checkpoints hold whole modules.
+    ZooError (argument "arch") naming it when it cannot be imported or is not
+    callable; build_model checks what calling it gives."""
     if arch is None or callable(arch):
         return arch
     if not isinstance(arch, str) or not arch:
-        raise ZooError(f"arch must be 'package.module:function', a torchvision model name or a callable, got {arch!r}")
+        raise ZooError(f"arch must be 'package.module:function', a torchvision model name or a callable, got {arch!r}",
+                       argument="arch")
     if ":" in arch:
         module_name, _, function = arch.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), function)
-        except (ImportError, AttributeError) as error:
-            raise ZooError(f"unknown architecture {arch!r}: {error}") from error
+        except (ImportError, AttributeError, ValueError) as error:  # ValueError: an empty module name
+            raise ZooError(f"unknown architecture {arch!r}: {error}", argument="arch") from error
+        except Exception as error:  # the module's own top level failed
+            raise ZooError(f"arch {arch!r}: importing {module_name} failed ({_reason(error)})",
+                           argument="arch") from None
         if not callable(factory):
-            raise ZooError(f"architecture {arch!r} is not callable")
+            raise ZooError(f"architecture {arch!r} is not callable (it is an object of type "
+                           f"{type(factory).__name__}): arch must name a function that returns an nn.Module",
+                           argument="arch")
         return factory
     try:
         import torchvision
     except ImportError as error:
-        raise ZooError(f"unknown architecture {arch!r} (torchvision is not installed)") from error
+        raise ZooError(f"unknown architecture {arch!r} (torchvision is not installed)", argument="arch") from error
     if arch not in torchvision.models.list_models():
         raise ZooError(f"unknown architecture {arch!r}: not 'package.module:function' and not a torchvision "
-                       "model name")
-    return lambda: torchvision.models.get_model(arch, weights=None)
+                       "model name", argument="arch")
+    return lambda **kwargs: torchvision.models.get_model(arch, weights=None, **kwargs)  # kwargs: a manifest's
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as one short line: its type and first line."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def arch_label(arch) -> str:
+    """How messages name an architecture: its string, or a callable's qualified name."""
+    if arch is None or isinstance(arch, str):
+        return repr(arch)
+    inner = getattr(arch, "func", arch)  # a functools.partial (a manifest's arch_kwargs)
+    return f"{getattr(inner, '__module__', '?')}:{getattr(inner, '__qualname__', type(inner).__name__)}"
+
+
+def build_model(factory, arch=None) -> nn.Module:
+    """factory() checked: ZooError (argument "arch") naming the architecture
+    when it raises or gives something other than an nn.Module."""
+    try:
+        model = factory()
+    except Exception as error:  # a user's factory can raise anything
+        raise ZooError(f"arch {arch_label(arch if arch is not None else factory)} failed to build a model "
+                       f"({_reason(error)})", argument="arch") from None
+    if not isinstance(model, nn.Module):
+        raise ZooError(f"arch {arch_label(arch if arch is not None else factory)} must return an nn.Module, it "
+                       f"returned a {type(model).__name__}", argument="arch")
+    return model
 
 
 def list_members(source) -> list[tuple[str, object]]:
@@ -207,6 +243,9 @@ def read_checkpoint(source, allow_pickle: bool = False):
                 state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)  # legacy format
     except Exception as error:  # corrupt or truncated files raise many kinds of errors
         first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        foreign = _not_a_torch_file(path) if path.suffix != ".safetensors" else None
+        if foreign is not None:  # the unpickler's own error (IndexError, KeyError: 101) says nothing useful
+            raise ValueError(f"unreadable checkpoint ({foreign})") from error
         if isinstance(error, pickle.UnpicklingError) and not allow_pickle:
             first_line = "not a valid state_dict file (a whole pickled module needs allow_pickle for trusted files)"
         raise ValueError(f"unreadable checkpoint ({type(error).__name__}: {first_line})") from error
@@ -217,6 +256,22 @@ def read_checkpoint(source, allow_pickle: bool = False):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"the checkpoint holds a {type(state).__name__}, not a state_dict of tensors")
     return state
+
+
+def _not_a_torch_file(path: pathlib.Path) -> str | None:
+    """Why a file that torch.load refused is no torch file at all (a torch
+    file is a zip archive, or a pickle for the legacy format), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "an empty file, not a PyTorch checkpoint"
+    kind = "a text file" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "not a zip archive or a pickle"
+    return f"not a PyTorch checkpoint: {kind} starting {head[:12]!r}"
 
 
 def all_finite_states(states) -> bool:
@@ -266,6 +321,24 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _matching_dtypes(state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """state with each tensor in its architecture's dtype (a float16
+    checkpoint of a float32 model is cast, as load_state_dict does); ValueError
+    naming the first tensor whose values are integers or booleans where the
+    architecture holds floating ones (they are not weights)."""
+    cast = None
+    for k, v in state.items():
+        want = dtypes.get(k)
+        if want is None or v.dtype == want:
+            continue
+        if (want.is_floating_point or want.is_complex) and not (v.is_floating_point() or v.is_complex()):
+            raise ValueError(f"checkpoint tensor {k} holds {str(v.dtype).removeprefix('torch.')} values, the "
+                             f"architecture a {str(want).removeprefix('torch.')} tensor")
+        cast = dict(state) if cast is None else cast
+        cast[k] = v.to(want)
+    return state if cast is None else cast
+
+
 def check_finite(state: dict[str, torch.Tensor]):
     """ValueError naming the first floating tensor (weights and buffers such
     as BatchNorm's running_var) that holds a NaN or an infinity."""
@@ -289,7 +362,8 @@ def load_member(source, factory, allow_pickle: bool = False) -> nn.Module:
         else:
             if factory is None:
                 raise ValueError("the checkpoint is a state_dict: pass arch to build the model")
-            model = factory()
+            model = build_model(factory)
+            state = _matching_dtypes(state, {k: v.dtype for k, v in model.state_dict().items()})
             try:
                 model.load_state_dict(state, strict=True)
             except RuntimeError as error:
@@ -358,22 +432,26 @@ class _Architecture:
             try:
                 self._graph = discover(self.template, self.example_input)
             except ValueError as error:
-                self._error = ValueError(f"the architecture could not be traced ({error})")
+                self._error = ValueError(f"the architecture could not be traced ({' '.join(str(error).split())[:300]})")
         if self._error is not None:
             raise self._error  # every member of it says why, without tracing again
         return self._graph
 
-    def check(self, state: dict[str, torch.Tensor]):
+    def check(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """state, its tensors in the architecture's dtypes; ValueError for a
+        missing or unexpected key, another shape or integer weights."""
         if state.keys() != self.shapes.keys():
             missing = sorted(self.shapes.keys() - state.keys())[:5]
             unexpected = sorted(state.keys() - self.shapes.keys())[:5]
             raise ValueError(f"checkpoint does not match the architecture (missing keys {missing}, unexpected "
                              f"keys {unexpected})")
-        shapes = self.shapes
+        shapes, other_dtype = self.shapes, False
         for k, v in state.items():
             if v.shape != shapes[k][0]:
                 raise ValueError(f"checkpoint does not match the architecture ({k} has shape {tuple(v.shape)}, "
                                  f"the architecture {tuple(shapes[k][0])})")
+            other_dtype = other_dtype or v.dtype != shapes[k][1]
+        return _matching_dtypes(state, {k: dtype for k, (_, dtype) in shapes.items()}) if other_dtype else state
 
     def bind(self, state: dict[str, torch.Tensor]):
         """(graph, module factory) of a checked member given as a state_dict:
@@ -392,9 +470,10 @@ class _Members:
     tensor copies release the GIL), checked, and bound to their
     architecture's trace."""
 
-    def __init__(self, members, factory, allow_pickle: bool, example_input, workers: int | None = None):
+    def __init__(self, members, factory, allow_pickle: bool, example_input, workers: int | None = None, arch=None):
         self.sources = dict(members)
         self.factory, self.allow_pickle, self.example_input = factory, allow_pickle, example_input
+        self.arch = arch  # as the user gave it, for messages
         self.workers = workers or min(8, (os.cpu_count() or 1) * 2)
         self.architectures: dict[tuple, _Architecture] = {}
         self._pool = None
@@ -439,11 +518,16 @@ class _Members:
             return graph, lambda: loaded
         if self.factory is None:
             raise ValueError("the checkpoint is a state_dict: pass arch to build the model")
-        arch = self._architecture(("factory",), lambda: self.factory().eval())
-        arch.check(loaded)
-        if not checked:
-            check_finite(loaded)
-        return arch.bind(loaded)
+        arch = self.template()
+        state = arch.check(loaded)
+        if not checked or state is not loaded:  # a cast can overflow (float64 1e300 to float32)
+            check_finite(state)
+        return arch.bind(state)
+
+    def template(self) -> "_Architecture":
+        """The factory's architecture, built once; ZooError (argument "arch")
+        when the factory fails (every member would)."""
+        return self._architecture(("factory",), lambda: build_model(self.factory, self.arch).eval())
 
     def module(self, name) -> nn.Module:
         graph, make = self.bind(name, self._read(name))
