@@ -345,14 +345,17 @@ def test_resuming_with_other_options_is_refused_or_completed(zoo_dir, tmp_path, 
 
 
 def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(zoo_dir, tmp_path):
+    import fcntl
     import json
     import socket
 
     out = tmp_path / "results"
     out.mkdir()
     (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
-    with pytest.raises(zoo.ZooError, match=f"in use by another run \\(pid {os.getpid()} on {socket.gethostname()}"):
-        zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), progress=False)
+    with open(out / ".lock") as held:  # a live writer holds the flock (another open file: a lock of its own)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(zoo.ZooError, match=f"in use by another run \\(pid {os.getpid()} on {socket.gethostname()}"):
+            zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), progress=False)
     assert not (out / "chunks").exists() and (out / ".lock").exists()  # nothing written, the holder's lock kept
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

@@ -249,14 +249,24 @@ def _zoo(args) -> int:
                          probe=probe, layers=args.layers, max_pairs=args.max_pairs, generator=args.seed,
                          fmt=args.format, allow_pickle=args.allow_pickle, chunk_size=args.chunk_size,
                          metadata=args.metadata, progress=not args.quiet, report=not args.no_report,
-                         workers=args.workers,
+                         workers=args.workers, trust_manifest=args.trust_manifest,
                          example_input=zoo.probe_parts(probe)[0][:1] if probe is not None else None)
     import os
 
+    import pandas as pd
+
+    models = tables["models"]
+    errors = models["error"].fillna("").astype(str) if "error" in models else models["model"].iloc[0:0]
+    failed = errors[errors != ""]
+    if len(models) and len(failed) == len(models):  # nothing was analysed: not a success
+        files = models["path"].fillna("").astype(str).map(lambda p: pathlib.Path(p).name + ": ") \
+            if "path" in models else pd.Series("", index=models.index)
+        reasons = pd.Series([" ".join(e.removeprefix(files[i]).split()) for i, e in failed.items()]).value_counts()
+        raise zoo.ZooError(f"every member failed ({len(models)} of {len(models)}); the most common reason "
+                           f"({reasons.iloc[0]} of them): {reasons.index[0][:240]}; see "
+                           f"{args.out}/models.{args.format}")
     if int(os.environ.get("RANK", "0")) == 0:
-        models = tables["models"]
-        errors = int((models["error"].fillna("").astype(str) != "").sum()) if "error" in models else 0
-        print(f"{len(models)} members ({errors} with errors), {len(tables['layers'])} layer rows, "
+        print(f"{len(models)} members ({len(failed)} with errors), {len(tables['layers'])} layer rows, "
               f"{len(tables['pairs'])} pair rows -> {args.out}")
     return 0
 
@@ -348,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("--metadata", help="a table (CSV or Parquet) with a model column, e.g. model, accuracy")
     zoo.add_argument("--no-report", action="store_true", help="tables only: no report.md and figures")
     zoo.add_argument("--allow-pickle", action="store_true", help="allow whole pickled modules (trusted files only)")
+    zoo.add_argument("--trust-manifest", action="store_true", help="use the 'module:function' a zoo.json names "
+                     "as the architecture (imports and runs that code: trusted folders only; --arch is the other way)")
     zoo.add_argument("--quiet", action="store_true", help="no progress bars")
     zoo.set_defaults(run=_zoo)
     make = sub.add_parser("make-zoo", help="train a zoo of Small-CNN-Zoo networks on digits (resumable)")
@@ -358,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--group-size", type=int, default=250, help="models trained at once")
     make.add_argument("--batch-size", type=int, default=32)
-    make.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1: faster "
+    make.add_argument("--threads", type=_at_least(1), default=1, help="torch threads while training (default 1: faster "
                       "than 2 for these small convolutions on a busy machine)")
     make.add_argument("--quiet", action="store_true", help="no progress bar")
     make.set_defaults(run=_make_zoo)
@@ -367,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except ZooError as error:
-        print(f"spectral-ext {args.command}: {error}", file=sys.stderr)
+    except ZooError as error:  # one line: the option at fault first when there is one
+        option = f"--{error.argument.replace('_', '-')}: " if getattr(error, "argument", None) else ""
+        print(f"spectral-ext {args.command}: {option}{' '.join(str(error).split())}", file=sys.stderr)
         return 3
     except OSError as error:  # a full disk, a folder removed under the run: one line, not a traceback
         print(f"spectral-ext {args.command}: {error}", file=sys.stderr)

@@ -11,20 +11,21 @@ import torch
 from torch import nn
 
 from .. import _checks
-from .._hooks import check_layers
+from .._hooks import check_layers, evaluating
 from ..zoo_generator import manifest_defaults
 from ._base import METRICS, MIN_PROBE, PAIR_MEASURES, TABLES, ZooError, ZooTables, _check_int
 from .distributed import _agree, _barrier, _distributed
-from .members import _collector_paused, _Lazy, _Members, all_finite_states, list_members, resolve_arch
+from .members import _collector_paused, _Lazy, _Members, _reason, all_finite_states, list_members, resolve_arch
 from .metrics import ActivationCache, model_metrics, pair_metrics, probe_parts
 from .storage import (_commit_chunk, _finished, _Lock, _merge, _read, _reconcile_options, _run_options, _stored_options,
-                      check_metadata, check_out)
+                      _verify_chunks, check_metadata, check_out)
 
 @_checks.renamed(seed="generator")
 def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), probe=None, layers=None,
             max_pairs: int | None = None, generator=None, fmt: str = "csv", allow_pickle: bool = False,
             chunk_size: int | None = None, example_input=None, metadata=None, stitch_options: dict | None = None,
-            progress: bool = True, report: bool = True, workers: int | None = None) -> ZooTables:
+            progress: bool = True, report: bool = True, workers: int | None = None,
+            trust_manifest: bool = False) -> ZooTables:
     """Analyse a zoo: every member's per-model metrics (batched per
     architecture: seed 003 ranks, seed 001 alpha and alpha-hat, seed 000
     SVR edges) and, with `pairs` measures and a `probe` (an input tensor, or
@@ -35,11 +36,16 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
 
     source: a folder (members named by relative path, see list_members) or a
     list of checkpoints, or models. arch: the factory for state_dict
-    checkpoints. out: the results folder (resumable; None keeps everything in
-    memory). A checkpoint that cannot be read, does not match the
-    architecture or holds a NaN or infinity in any floating tensor (BatchNorm
-    buffers too) becomes a row of the models table with its error, as does a
-    member whose analysis fails, and the run goes on.
+    checkpoints (called once here: one that raises or gives no nn.Module is a
+    ZooError). A folder's zoo.json may name the factory: a torchvision name
+    or one of this package's is used as it is, another 'module:function' is
+    imported and run only with trust_manifest=True (a folder from elsewhere
+    must not run code), else ZooError. out: the results folder (resumable;
+    None keeps everything in memory). A checkpoint that cannot be read, does
+    not match the architecture (keys, shapes, integer weights) or holds a
+    NaN or infinity in any floating tensor (BatchNorm buffers too) becomes a
+    row of the models table with its error naming the file, as does a member
+    whose analysis fails, and the run goes on.
 
     Every argument is checked before any work. Each architecture is traced
     once per run; checkpoints are read in `workers` threads (memory-mapped
@@ -47,15 +53,21 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
     256, fewer for checkpoints over 2 MiB: two chunks within 1 GiB) or pairs
     (default 16) per committed chunk. The options that decide
     the numbers are stored in <out>/options.json: resuming with others is
-    refused (adding pair measures to a run without any computes them). A
-    lock file <out>/.lock (pid and host) refuses a second writer. Under
-    torchrun every rank takes members[rank::world] and pairs[rank::world];
+    refused (adding pair measures to a run without any computes them). Each
+    chunk records its tables' row counts and checksums; on resuming, a chunk
+    that fails them is set aside and redone, with a warning. A lock on
+    <out>/.lock (its file names the pid and host) refuses a second writer.
+    The probe is run through the architecture once before any work: inputs
+    it cannot take are a ZooError. Under torchrun every rank takes
+    members[rank::world] and pairs[rank::world];
     rank 0 merges and writes report.md (report=False skips it; with
     metadata, a table with a model column, the metrics are plotted against
     accuracy). Returns the merged tables (ZooTables)."""
     if fmt not in ("csv", "parquet"):
         raise ZooError(f"fmt must be 'csv' or 'parquet', got {fmt!r}")
-    source, arch, metadata = manifest_defaults(source, arch, metadata)  # a folder with zoo.json
+    if not isinstance(trust_manifest, bool):
+        raise ZooError(f"trust_manifest must be True or False, got {trust_manifest!r}", argument="trust_manifest")
+    source, arch, metadata = manifest_defaults(source, arch, metadata, trust_manifest)  # a folder with zoo.json
     metrics, pairs = tuple(metrics or ()), tuple(pairs or ())
     unknown = [m for m in metrics if m not in METRICS] + [m for m in pairs if m not in PAIR_MEASURES]
     if unknown:
@@ -90,17 +102,21 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
     factory = resolve_arch(arch)
     members = list_members(source)
     metadata = check_metadata(metadata)
-    run = _Members(members, factory, allow_pickle, example_input, workers)
-    if layers is not None:  # checked on the architecture now, not after the per-model phase
-        try:
-            model = factory() if factory is not None else run.module(members[0][0])
-        except ValueError:
-            model = None  # an unusable first member: an error row later, not a reason to stop
-        if model is not None:
+    run = _Members(members, factory, allow_pickle, example_input, workers, arch)
+    model = run.template().template if factory is not None else None  # a factory that fails is a ZooError now
+    if layers is not None or pairs:  # checked on the architecture now, not after the per-model phase
+        if model is None:
+            try:
+                model = run.module(members[0][0])
+            except ValueError:
+                model = None  # an unusable first member: an error row later, not a reason to stop
+        if model is not None and layers is not None:
             try:
                 check_layers(model, layers)
             except ValueError as error:
                 raise ZooError(str(error)) from None
+        if model is not None and pairs:
+            _check_probe(model, probe_parts(probe)[0], example_input)
     rank, world = _distributed()
     out_path = _agree(world, rank, lambda: check_out(out)) if out is not None else None
     lock = _Lock(out_path) if out_path is not None and rank == 0 else None
@@ -111,6 +127,7 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
                 lock.acquire()
                 _reconcile_options(out_path, _run_options(arch, metrics, example_input, fmt, pairs, probe, layers,
                                                           max_pairs, seed, stitch_options))
+                _verify_chunks(out_path, fmt)  # before any rank reads what is finished
             _agree(world, rank, prepare)
         return _run(run, members, out_path, rank, world, metrics, pairs, probe, layers, max_pairs, seed, fmt,
                     chunk_size, stitch_options, progress, report, metadata)
@@ -118,6 +135,41 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
         run.close()
         if lock is not None:
             lock.release()
+
+
+def _check_probe(model: nn.Module, x: torch.Tensor, example_input=None):
+    """ZooError (argument "probe") when the architecture cannot run on the
+    probe's inputs: every pair would be an error row."""
+    try:
+        with torch.no_grad(), evaluating(model):
+            model(x[:2])
+    except Exception as error:  # a forward on the wrong input raises many kinds of errors
+        expected = _input_shape(model, example_input)
+        raise ZooError(f"probe inputs of shape {tuple(x.shape[1:])} ({str(x.dtype).removeprefix('torch.')}) do not "
+                       f"fit the models" + (f", which take {expected}" if expected else "") + f" ({_reason(error)})",
+                       argument="probe") from None
+
+
+def _input_shape(model: nn.Module, example_input=None) -> str | None:
+    """The shape of one input the model runs on: example_input's, or the
+    first that works of those its first linear map suggests; None if none does."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    candidates = [example_input[:1]] if isinstance(example_input, torch.Tensor) else []
+    if isinstance(first, nn.Linear):
+        candidates.append(torch.zeros(1, first.in_features))
+    elif first is not None:
+        candidates += [torch.zeros(1, first.in_channels, *[size] * len(first.kernel_size))
+                       for size in (8, 28, 32, 64, 224)]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for candidate in candidates:
+        candidate = candidate.to(dtype) if candidate.is_floating_point() else candidate
+        try:
+            with torch.no_grad(), evaluating(model):
+                model(candidate)
+        except Exception:  # not this one
+            continue
+        return f"inputs of shape {tuple(candidate.shape[1:])} ({str(candidate.dtype).removeprefix('torch.')})"
+    return None
 
 
 def _run(run, members, out_path, rank, world, metrics, pairs, probe, layers, max_pairs, seed, fmt, chunk_size,
@@ -202,6 +254,10 @@ def _process_chunk(chunk, run: _Members, metrics, reading=None) -> dict[str, pd.
                 graphs[name], makers[name] = run.bind(name, item, checked=finite)
             except ValueError as error:
                 errors.append({"model": name, "error": str(error)})
+    sources = dict(chunk)
+    for row in errors:  # the file at fault named in the row (the report shows model and error only)
+        if not isinstance(sources.get(row["model"]), nn.Module):
+            row["error"] = f"{pathlib.Path(sources[row['model']]).name}: {row['error']}"
     empty = {"models": pd.DataFrame(), "layers": pd.DataFrame(), "edges": pd.DataFrame()}
     if not metrics:
         tables = dict(empty, models=pd.DataFrame([{"model": n, "error": ""} for n in graphs]))

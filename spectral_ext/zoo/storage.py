@@ -42,24 +42,93 @@ def _read(path: pathlib.Path, fmt: str) -> pd.DataFrame:
     return frame
 
 
+RECORD = "chunk.json"  # in each chunk: every table's file, rows and sha256, written before the commit
+
+
+def _digest(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _commit_chunk(out: pathlib.Path, chunk_id: str, tables: dict[str, pd.DataFrame], fmt: str):
-    """Write every table of a chunk into a temporary folder, then rename it
-    into place: a chunk is either wholly present or absent. Chunk ids are
-    unique, so a commit never replaces an earlier chunk."""
+    """Write every table of a chunk into a temporary folder with its record
+    (rows, bytes and sha256 per table), then rename it into place: a chunk is
+    either wholly present or absent, and a later change to its files (a
+    truncation, a disk error) fails _verify_chunks. Chunk ids are unique, so
+    a commit never replaces an earlier chunk."""
     root = out / "chunks"
     root.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{chunk_id}.", suffix=".tmp", dir=root))
+    record = {}
     for name, frame in tables.items():
-        _write(frame, tmp / f"{name}.{fmt}", fmt)
+        path = tmp / f"{name}.{fmt}"
+        _write(frame, path, fmt)
+        record[name] = {"file": path.name, "rows": len(frame), "bytes": path.stat().st_size, "sha256": _digest(path)}
+    (tmp / RECORD).write_text(json.dumps({"format": fmt, "tables": record}))
     final = root / f"{chunk_id}-{time.time_ns():x}-{os.getpid()}"
     os.rename(tmp, final)
 
 
 def _chunk_folders(out: pathlib.Path) -> list[pathlib.Path]:
     root = out / "chunks"
-    # in commit order (the id ends in its time); names starting with "." are interrupted chunks, redone
+    # in commit order (the id ends in its time); names starting with "." are interrupted or set-aside chunks
     return sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name.rsplit("-", 2)[1:]) \
         if root.exists() else []
+
+
+def _chunk_fault(chunk: pathlib.Path, fmt: str) -> str | None:
+    """Why a committed chunk cannot be trusted (None when its record and files agree)."""
+    try:
+        record = json.loads((chunk / RECORD).read_text())
+        tables = record["tables"]
+        if not isinstance(tables, dict) or record.get("format") != fmt:
+            return f"its record {RECORD} does not describe {fmt} tables"
+    except FileNotFoundError:
+        return f"it has no record {RECORD} of its rows and checksums (written by an earlier version)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its record {RECORD} is unreadable ({type(error).__name__})"
+    for name, entry in tables.items():
+        try:
+            path = chunk / entry["file"]
+            if path.parent != chunk:
+                return f"its record names a file outside it ({entry['file']!r})"
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                return f"{path.name} has {size} bytes, {entry['bytes']} were written"
+            if _digest(path) != entry["sha256"]:
+                return f"{path.name} does not match its checksum"
+            rows = len(_read(path, fmt))
+        except FileNotFoundError:
+            return f"{entry.get('file', name)} is missing"
+        except (KeyError, TypeError):
+            return f"its record {RECORD} is malformed"
+        except Exception as error:  # an unparsable table raises many kinds of errors
+            return f"{entry['file']} is unreadable ({type(error).__name__})"
+        if rows != entry["rows"]:
+            return f"{path.name} has {rows} rows, {entry['rows']} were written"
+    return None
+
+
+def _verify_chunks(out: pathlib.Path, fmt: str) -> list[pathlib.Path]:
+    """Check every committed chunk against its record before a run trusts it;
+    a bad one is renamed aside (.bad-<name>, kept for inspection) with a
+    warning, so its members and pairs count as not done and are redone.
+    Returns the chunks set aside."""
+    import warnings
+
+    bad = []
+    for chunk in _chunk_folders(out):
+        fault = _chunk_fault(chunk, fmt)
+        if fault is not None:
+            aside = chunk.with_name(f".bad-{chunk.name}")
+            os.rename(chunk, aside)
+            warnings.warn(f"result chunk {chunk} is not as it was committed ({fault}): set aside as {aside.name}, "
+                          "its rows are computed again", RuntimeWarning, stacklevel=3)
+            bad.append(aside)
+    return bad
 
 
 def _finished(out: pathlib.Path, fmt: str) -> tuple[set[str], set[tuple[str, str]]]:
@@ -163,17 +232,65 @@ def _reconcile_options(out: pathlib.Path, options: dict):
 
 
 class _Lock:
-    """<out>/.lock, holding the writer's pid and host: a second writer is
-    refused; the lock of a dead process on this host is taken over."""
+    """<out>/.lock: the writer holds an flock on it, which the OS releases
+    when the writer dies however it dies, so a dead run's lock is free with
+    no takeover step: the earlier takeover (read the pid, judge it dead,
+    unlink, create) was three steps two contenders could interleave, both
+    then holding the lock. flock is one atomic call on a local filesystem
+    and on NFS (emulated with fcntl locks). The file names the holder's pid
+    and host for the refusal message only. Where flock is unavailable the
+    pid check is the fallback."""
 
     def __init__(self, out: pathlib.Path):
         self.path = out / ".lock"
         self.held = False
+        self._fd = None
 
     def acquire(self):
         import socket
 
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            return self._acquire_by_pid(me)
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._in_use() from None
+            except OSError:  # a filesystem without locks
+                os.close(fd)
+                return self._acquire_by_pid(me)
+            # the holder may have released (unlinked) the file between our open and flock: lock the file at the path
+            try:
+                here, mine = os.stat(self.path), os.fstat(fd)
+                same = (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(me).encode())
+            self._fd, self.held = fd, True
+            return
+        raise ZooError(f"could not take the lock {self.path}")
+
+    def _in_use(self) -> ZooError:
+        holder = {}
+        for _ in range(20):  # its holder writes its name just after taking it
+            try:
+                holder = json.loads(self.path.read_text())
+                break
+            except (OSError, ValueError):
+                time.sleep(0.01)
+        return ZooError(f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
+                        f"{holder.get('host')} since {holder.get('since')}); wait for it to finish")
+
+    def _acquire_by_pid(self, me: dict):
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -199,7 +316,10 @@ class _Lock:
 
     def release(self):
         if self.held:
-            self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)  # while still locked: a waiter that opened it retries on the new file
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             self.held = False
 
 
