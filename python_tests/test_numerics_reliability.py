@@ -240,3 +240,49 @@ def test_pot_adapter_keeps_pots_exit_where_its_kernel_underflows():
         np.testing.assert_allclose(log["v"], want_log["v"])
     # the log-domain method is unchanged: POT's plan
     np.testing.assert_allclose(pot.sinkhorn_log(a, b, M, 0.01), ot.bregman.sinkhorn_log(a, b, M, 0.01), atol=1e-12)
+
+
+# ---------------------------------------------------------------- 4. power-law fits at a given xmin
+
+def _mle_at(x, xmin):
+    """Clauset et al.'s continuous MLE and its two-sided KS distance at xmin, by plain loops."""
+    tail = sorted(float(v) for v in x if v >= xmin)
+    n = len(tail)
+    alpha = 1 + n / sum(math.log(v / xmin) for v in tail)
+    ks = 0.0
+    for j, v in enumerate(tail):
+        fitted = 1 - (v / xmin) ** (1 - alpha)
+        ks = max(ks, abs(fitted - j / n), abs((j + 1) / n - fitted))
+    return alpha, ks, n
+
+
+def test_fit_power_law_at_a_given_xmin_is_the_mle_at_that_xmin():
+    x = Sp.sample_power_law(2.0, 0.5, 300, torch.Generator().manual_seed(0))
+    assert float(x.min()) < 1.0 < float(x.max())
+    for xmin in (1.0, 0.7, 0.3, float(x.sort().values[100])):
+        alpha, ks, n_tail = _mle_at(x.tolist(), xmin)
+        fit = Sp.fit_power_law(x, xmin=xmin)
+        assert fit.status == "success" and fit.xmin == xmin and fit.n_tail == n_tail
+        assert fit.alpha == pytest.approx(alpha, rel=1e-12) and fit.ks == pytest.approx(ks, rel=1e-9)
+        assert fit.sigma == pytest.approx((alpha - 1) / math.sqrt(n_tail), rel=1e-12)
+    # the batched fit, each row at the same given xmin
+    rows = torch.stack([x, 3 * x, x.flip(0)])
+    frame = Sp.fit_power_laws(rows, xmin=1.0)
+    for r in range(3):
+        alpha, ks, n_tail = _mle_at(rows[r].tolist(), 1.0)
+        assert frame["alpha"][r] == pytest.approx(alpha, rel=1e-12) and frame["ks"][r] == pytest.approx(ks, rel=1e-9)
+        assert frame["xmin"][r] == 1.0 and frame["n_tail"][r] == n_tail
+
+
+def test_fit_power_law_refuses_complex_eigenvalues_and_an_infinite_xmin():
+    x = Sp.sample_power_law(2.0, 1.0, 100, torch.Generator().manual_seed(0))
+    for fit in (Sp.fit_power_law, Sp.fit_power_laws):
+        with pytest.raises(TypeError, match="eigenvalues must be real, got complex128"):
+            fit(x.to(torch.complex128))
+        with pytest.raises(TypeError, match="eigenvalues must be real"):
+            fit(x.numpy() + 0j, xmin=1.0)
+        for bad in (math.inf, math.nan, 0.0):
+            with pytest.raises(ValueError, match="xmin must be a positive finite number"):
+                fit(x, xmin=bad)
+    with pytest.raises(ValueError, match="xmin cannot be given with convention='weightwatcher'"):
+        Sp.fit_power_laws(x[None], xmin=1.0, convention="weightwatcher")

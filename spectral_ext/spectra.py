@@ -16,6 +16,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
+from numbers import Real
 
 import numpy as np
 import pandas as pd
@@ -195,7 +196,11 @@ def _best_candidates(x, logs, valid, alphas, two_sided):
 
 
 def _sorted_rows(eigenvalues, name="eigenvalues"):
-    x = np.asarray(torch.as_tensor(eigenvalues).detach().double().cpu(), dtype=np.float64)
+    t = torch.as_tensor(eigenvalues)
+    if t.is_complex():  # .double() would drop the imaginary parts
+        raise TypeError(f"{name} must be real, got {str(t.dtype).replace('torch.', '')}: pass the real eigenvalues "
+                        "(eigvalsh, or .real where the imaginary parts are rounding)")
+    x = np.asarray(t.detach().double().cpu(), dtype=np.float64)
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2:
@@ -208,12 +213,16 @@ def _sorted_rows(eigenvalues, name="eigenvalues"):
 def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
                    convention: str = "seed001") -> pd.DataFrame:
     """fit_power_law (the ESD power law of seed 001 section 4) of each row of a batch (rows, n) of spectra, vectorised
-    over rows and candidate xmin: one DataFrame row per spectrum with the
-    columns of PowerLawFit."""
+    over rows and candidate xmin (or at the given xmin: see fit_power_law): one DataFrame row per spectrum with
+    the columns of PowerLawFit."""
     _check_convention(convention)
     _checks.positive_int("min_tail", min_tail)
-    if xmin is not None and (isinstance(xmin, bool) or not isinstance(xmin, (int, float)) or not xmin > 0):
-        raise ValueError(f"xmin must be a positive number or None, got {xmin!r}")
+    if xmin is not None:
+        if convention == "weightwatcher":
+            raise ValueError("xmin cannot be given with convention='weightwatcher' (WWFit always scans)")
+        if isinstance(xmin, bool) or not isinstance(xmin, Real) or not 0 < xmin < math.inf:
+            raise ValueError(f"xmin must be a positive finite number or None, got {xmin!r}")
+        return _fit_at(_sorted_rows(eigenvalues), float(xmin), min_tail)
     x = _sorted_rows(eigenvalues)
     rows, n = x.shape
     weightwatcher = convention == "weightwatcher"
@@ -284,6 +293,37 @@ def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
         "status": np.where(fitted, "success", failed).astype(object)})
 
 
+def _fit_at(x: np.ndarray, xmin: float, min_tail: int) -> pd.DataFrame:
+    """fit_power_laws at a given xmin, for sorted rows x: the continuous MLE
+    alpha = 1 + n / sum ln(x_i / xmin) over the n values x_i >= xmin (the
+    given xmin itself, not the nearest value above it) and the two-sided KS
+    distance of that fit on them. Fails (alpha NaN) with fewer than min_tail
+    positive values, no value >= xmin or a tail spanning less than
+    FLAT_TAIL_RTOL ("flat spectrum")."""
+    rows, n = x.shape
+    tail = x >= xmin
+    first = n - tail.sum(1)  # the tail is a suffix of each sorted row
+    n_tail = n - first
+    count = (x > 0).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        logs = np.where(tail, np.log(np.where(tail, x, 1.0)) - math.log(xmin), 0.0)  # no x / xmin overflow
+        alpha = 1 + n_tail / logs.sum(1)
+        offset = np.arange(n)[None, :] - first[:, None]
+        d = _deviation(np.where(tail, x, xmin) / xmin, alpha[:, None], offset, np.maximum(n_tail, 1)[:, None], True)
+        ks = np.where(tail, d, 0.0).max(1) if n else np.zeros(rows)
+        sigma = (alpha - 1) / np.sqrt(n_tail)
+    spans = (x[:, -1] if n else np.zeros(rows)) >= xmin * (1 + FLAT_TAIL_RTOL)
+    enough = (count >= min_tail) & (n_tail > 0)
+    fitted = enough & spans & np.isfinite(alpha) & (alpha > 1)
+    nan = np.nan
+    return pd.DataFrame({
+        "alpha": np.where(fitted, alpha, nan), "xmin": np.where(fitted, xmin, nan),
+        "xmax": np.where(fitted, x[:, -1] if n else nan, nan), "ks": np.where(fitted, ks, nan),
+        "sigma": np.where(fitted, sigma, nan), "n_tail": np.where(fitted, n_tail, 0).astype(np.int64),
+        "n": count.astype(np.int64),
+        "status": np.where(fitted, "success", np.where(enough, "flat spectrum", "too few eigenvalues")).astype(object)})
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PowerLawFit(Mapping):
     """fit_power_law's result: alpha, xmin, xmax, ks (the Kolmogorov-Smirnov
@@ -318,10 +358,13 @@ def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10,
                   convention: str = "seed001") -> PowerLawFit:
     """Maximum-likelihood power law p(x) ~ x^-alpha for x >= xmin (Clauset,
     Shalizi and Newman 2009, section 3; as seed 001 section 4 and Martin and
-    Mahoney fit ESD tails): alpha = 1 + n / sum ln(x_i / xmin), with xmin
-    chosen among the data to minimise the Kolmogorov-Smirnov distance between
-    the tail and the fit (unless given); sigma = (alpha - 1) / sqrt(n_tail)
-    is the MLE's standard error.
+    Mahoney fit ESD tails): alpha = 1 + n / sum ln(x_i / xmin) over the n
+    values x_i >= xmin, with xmin chosen among the data to minimise the
+    Kolmogorov-Smirnov distance between the tail and the fit, or the given
+    xmin itself (a positive finite number; the fit and its KS distance are
+    those at exactly that xmin); sigma = (alpha - 1) / sqrt(n_tail) is the
+    MLE's standard error. eigenvalues must be real (complex ones are refused:
+    their imaginary parts would be dropped).
 
     convention="seed001" (default): positive values, distinct xmin with
     tails of at least min_tail, the two-sided KS distance; alpha is NaN
