@@ -179,7 +179,7 @@ def test_an_interrupted_run_resumes_to_the_same_zoo(tmp_path, monkeypatch):
 
 def test_bad_arguments_are_named(tmp_path):
     for kwargs, word in (({"n": 0}, "n must"), ({"epochs": -1}, "epochs must"), ({"checkpoints": (0, 5)}, "checkpoints"),
-                         ({"group_size": 1.5}, "group_size")):
+                         ({"group_size": 1.5}, "group_size"), ({"threads": 0}, "threads must be an integer >= 1")):
         with pytest.raises(ValueError, match=word):
             zg.make_digits_zoo(tmp_path / "z", **{"n": 2, "epochs": 1, "checkpoints": (0, 1), **kwargs},
                                progress=False)
