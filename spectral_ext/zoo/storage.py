@@ -262,7 +262,10 @@ class _Lock:
                 os.close(fd)
                 raise self._in_use() from None
             except OSError:  # a filesystem without locks
+                empty = os.fstat(fd).st_size == 0
                 os.close(fd)
+                if empty:  # made by our open just now: the pid check must not read it as a holder's
+                    self.path.unlink(missing_ok=True)
                 return self._acquire_by_pid(me)
             # the holder may have released (unlinked) the file between our open and flock: lock the file at the path
             try:
