@@ -131,7 +131,6 @@ CASES = [
     ("svr p one", lambda: se.svr(mlp(), p=1.0), ValueError, "p"),
     ("svr dtype float16", lambda: se.svr(mlp(), dtype=torch.float16), ValueError, "dtype"),
     ("svr Linear(5, 0)", lambda: se.svr(mlp(width=0)), ValueError, "zero-size"),
-    ("layer_spectra Linear(5, 0)", lambda: se.layer_spectra(mlp(width=0)), ValueError, "zero-size"),
     ("signals empty tensor", lambda: se.signals(cnn(), "3", EMPTY, progress=False), ValueError, "data"),
     ("signals empty loader", lambda: se.signals(cnn(), "3", [], progress=False), ValueError, "data"),
     ("signals dict loader", lambda: se.signals(cnn(), "3", DICTS, progress=False), TypeError, "data"),

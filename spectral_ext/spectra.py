@@ -506,47 +506,151 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
     return pd.concat(parts).sort_index().reset_index(drop=True) if parts else pd.DataFrame(index=range(0))
 
 
-@models_in_eval_mode
-def layer_spectra(model: nn.Module, example_input=None, toeplitz_m: int | None = None,
-                  min_tail: int = 10, convention: str = "seed001") -> pd.DataFrame:
-    """One row per linear map of the model (forward order), seed 001
-    sections 3-4: layer (its qualified name), kind, shape (of W1), rank (min
-    of the shape), then map_metrics of its one spectrum (n_eigenvalues,
-    numerical_rank, stable_rank, spectral_norm, lambda_max, alpha, xmin, ks,
-    n_tail) and a note: every layer has a row, the note says why alpha is NaN
-    (too few eigenvalues for min_tail, a layer kind the convention does not
-    analyse). With toeplitz_m, the same fit for the circular Toeplitz
-    matrization W2 of the 2-d convolutions on m x m inputs (columns alpha_w2,
-    lambda_max_w2, n_w2).
+WEIGHT_MEMORY = 1 << 28  # bytes of float64 weights stacked into one batched Gram call (256 MiB)
 
-    convention: "seed001" (default: the ESD of W1 W1^T, section 4) or
-    "weightwatcher" (pooled, scaled kh*kw slices of a Conv2d and WWFit's
-    rules, see weight_singular_values and fit_power_law; Conv1d/Conv3d are
-    not analysed there). Spectra are computed in one batched call per weight
-    shape; the frame's attrs["convention"] records the convention."""
+
+def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit: bool = True,
+                   memory: int = WEIGHT_MEMORY, progress: bool = False) -> pd.DataFrame:
+    """map_metrics' columns for weights.WeightTensor entries, one row each in
+    the order given: layer, kind, shape (the unfolded (out, in * kernel)),
+    rank, groups, then the metrics of the entry's one spectrum, and a note
+    saying why a row has no numbers (a vector, a tied head, a quantised
+    tensor, too few eigenvalues). A grouped convolution's spectrum is the
+    union of its diagonal blocks' (seed 001's W1 of a grouped convolution is
+    block-diagonal), computed per block.
+
+    Entries whose blocks share a shape are batched into one Gram eigvalsh
+    call of at most `memory` bytes of float64 (at least one entry): loaded one
+    at a time (memory-mapped files are read tensor by tensor) and freed memory
+    handed back between batches, the peak beyond the process's own is about
+    memory + 3 x the largest entry in float64, never the whole model (16
+    float32 tensors of 1024 x 2048 from one file, memory=16 MiB: +54 MB).
+    progress: a bar over the bytes read. A NaN or infinite weight raises
+    ValueError naming its tensor."""
+    from tqdm.auto import tqdm
+
+    from . import weights
+
     _check_convention(convention)
     _checks.positive_int("min_tail", min_tail)
-    graph = discover(model, example_input)
-    metrics = map_metrics(graph.maps.values(), list(graph.maps), convention, min_tail)
-    rows = []
-    for (name, linear_map), values in zip(graph.maps.items(), metrics.to_dict("records")):
-        weight = linear_map.weight(dtype=torch.float64)
-        shape = (weight.shape[0], math.prod(weight.shape[1:]))
-        row = {"layer": name, "kind": linear_map.kind, "shape": shape, "rank": min(shape)}
-        row.update(values)
-        if toeplitz_m is not None:
-            if linear_map.kind == "conv2d" and getattr(linear_map.module, "groups", 1) == 1:
-                eig2 = toeplitz_singular_values(weight, toeplitz_m).square()
-                fit2 = fit_power_law(eig2, min_tail=min_tail)
-                row.update(alpha_w2=fit2["alpha"], lambda_max_w2=float(eig2[0]), n_w2=int(eig2.numel()))
+    entries = list(entries)
+    groups: dict = {}
+    for i, entry in enumerate(entries):
+        if entry.analysed:
+            analysed = convention == "seed001" or entry.kind in ("linear", "conv2d")
+            key = (entry.block_shape, entry.groups, entry.kernel if convention != "seed001" else (), analysed)
+            groups.setdefault(key, []).append(i)
+    parts = []
+    bar = tqdm(total=sum(e.nbytes for e in entries if e.analysed), unit="B", unit_scale=True, desc="weights",
+               disable=not progress, leave=False)
+    for (block_shape, n_groups, kernel, analysed), index in groups.items():
+        if not analysed:
+            frame = pd.DataFrame(dict({"alpha": float("nan")} if fit else {},
+                                      note=[f"a {entries[i].kind} is not analysed by WeightWatcher's convention"
+                                            for i in index]))
+            frame.index = index
+            parts.append(frame)
+            continue
+        per_entry = 8 * n_groups * block_shape[0] * block_shape[1]
+        step = max(1, memory // max(per_entry, 1))
+        for start in range(0, len(index), step):
+            chunk = index[start:start + step]
+            stack = torch.stack([_loaded_blocks(entries[i]) for i in chunk])  # (B, groups, rows, cols)
+            bar.update(sum(entries[i].nbytes for i in chunk))
+            if convention == "seed001" and n_groups > 1:
+                sigma = gram_singular_values(stack)  # (B, groups, k): the union of the blocks' singular values
             else:
-                row.update(alpha_w2=float("nan"), lambda_max_w2=float("nan"), n_w2=0)
-        rows.append(row)
-    frame = pd.DataFrame(rows)
+                if convention == "weightwatcher" and len(kernel) == 2:
+                    # WeightWatcher slices a Conv2d's stored weight (out, in/g, kh, kw) per kernel position
+                    stack = stack.reshape(len(chunk), n_groups * block_shape[0], -1, *kernel)
+                else:
+                    stack = stack[:, 0]
+                # a lone weight paired with itself, as map_metrics does: one model's table equals a zoo's
+                small = len(chunk) == 1 and per_entry <= 1 << 23
+                sigma = weight_singular_values(stack.expand(2, *stack.shape[1:]) if small else stack,
+                                               convention)[:len(chunk)]
+            frame = spectrum_metrics(sigma, min_tail, convention, fit=fit)
+            frame.index = chunk
+            parts.append(frame)
+            del stack, sigma
+            if per_entry * len(chunk) >= 1 << 24:
+                weights.release_freed_memory()
+    bar.close()
+    metrics = pd.concat(parts) if parts else pd.DataFrame()
+    rows = pd.DataFrame({"layer": [e.layer for e in entries], "kind": [e.kind for e in entries],
+                         "shape": [tuple(e.shape) for e in entries],
+                         "rank": [min(e.shape) for e in entries], "groups": [e.groups for e in entries]})
+    frame = rows.join(metrics.drop(columns=["note"], errors="ignore")) if len(metrics) else rows
+    notes = metrics["note"] if "note" in metrics else pd.Series(dtype=object)
+    frame["note"] = [entries[i].note or (notes.get(i, "") if i in notes.index else "") for i in range(len(entries))]
     for column in ("n_eigenvalues", "numerical_rank", "n_tail"):
         if column in frame:
             frame[column] = frame[column].fillna(0).astype(int)
     frame.attrs["convention"] = convention
+    return frame
+
+
+def _loaded_blocks(entry) -> torch.Tensor:
+    blocks = entry.blocks(torch.float64)
+    if not _checks.all_finite(blocks):
+        raise ValueError(f"the weight {entry.source or entry.layer} contains NaN or infinite values")
+    return blocks
+
+
+@models_in_eval_mode
+def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
+                  min_tail: int = 10, convention: str = "seed001", vectors: bool = False,
+                  progress: bool = False) -> pd.DataFrame:
+    """One row per weight of the model, seed 001 sections 3-4, from the
+    weights alone (no input, no forward: weights.read_weights): layer (the
+    module's qualified name), kind, shape (of W1), rank (min of the shape),
+    groups, then the metrics of its one spectrum (n_eigenvalues,
+    numerical_rank, stable_rank, spectral_norm, lambda_max, alpha, xmin, ks,
+    n_tail) and a note: every weight has a row, the note says why alpha is
+    NaN (too few eigenvalues for min_tail, a tied head, a quantised tensor,
+    a kind the convention does not analyse). With toeplitz_m, the same fit
+    for the circular Toeplitz matrization W2 of the ungrouped 2-d
+    convolutions on m x m inputs (columns alpha_w2, lambda_max_w2, n_w2).
+
+    model: an nn.Module (kinds from the module types: Linear, Conv1d/2d/3d,
+    ConvTranspose, MultiheadAttention's q, k, v, transformers' Conv1D,
+    Embedding), a mapping of name -> tensor, or a path to a checkpoint file or
+    a Hugging Face folder (see spectral_ext.weights for the kinds and their
+    reasons). Rows follow the module's registration order (a file's: its
+    tensor names in natural order). example_input: not used (weights need no
+    forward; kept for the call shape). vectors: also a row for each 1-d tensor
+    (biases, norm scales), with its note. progress: a bar over the bytes read.
+
+    convention: "seed001" (default: the ESD of W1 W1^T, section 4) or
+    "weightwatcher" (pooled, scaled kh*kw slices of a Conv2d and WWFit's
+    rules, see weight_singular_values and fit_power_law; only Linear and
+    Conv2d are analysed there). The frame's attrs["convention"] records the
+    convention."""
+    from . import weights
+
+    _check_convention(convention)
+    _checks.positive_int("min_tail", min_tail)
+    if toeplitz_m is not None:
+        _checks.int_pair("toeplitz_m", toeplitz_m)
+    entries = [e for e in weights.read_weights(model) if vectors or e.kind != "vector"]
+    if not entries:
+        raise ValueError("model has no weight to analyse (no Linear, Conv, Embedding or attention weight, and no "
+                         "tensor of two or more dimensions)")
+    frame = weight_metrics(entries, convention, min_tail, progress=progress)
+    if toeplitz_m is not None:
+        columns = {"alpha_w2": [], "lambda_max_w2": [], "n_w2": []}
+        for entry in entries:
+            if entry.kind == "conv2d" and entry.groups == 1 and entry.analysed:
+                weight = entry.blocks()[0].reshape(entry.shape[0], -1, *entry.kernel)
+                eig2 = toeplitz_singular_values(weight, toeplitz_m).square()
+                fit2 = fit_power_law(eig2, min_tail=min_tail)
+                values = (fit2.alpha, float(eig2[0]), int(eig2.numel()))
+            else:
+                values = (float("nan"), float("nan"), 0)
+            for column, value in zip(columns, values):
+                columns[column].append(value)
+        for column, values in columns.items():
+            frame[column] = values
     return frame
 
 
@@ -571,7 +675,8 @@ def alpha_hats(alpha: np.ndarray, lambda_max: np.ndarray, convention: str = "see
 
 
 @models_in_eval_mode
-def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention: str | None = None) -> float:
+def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention: str | None = None,
+              embeddings: bool = False) -> float:
     """Capacity metric alpha-hat = sum over layers of alpha_L * ln(lambda_max_L)
     (seed 001 equation 12, Martin and Mahoney). Takes a model or the
     layer_spectra frame it is given (no spectrum is recomputed then).
@@ -581,7 +686,13 @@ def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention
     which layers it used. convention: "seed001" (the default, or the
     frame's attrs) or "weightwatcher": WeightWatcher's get_summary()
     alpha_weighted, the mean of alpha * log10(lambda_max) over its layers
-    (DeepDataProfiler averages too; the paper sums). Returns a float."""
+    (DeepDataProfiler averages too; the paper sums). The sum runs over the
+    maps between representations (Linear, Conv, ConvTranspose, attention
+    projections, LoRA updates); embeddings (kind "embedding", tied heads
+    included) only with embeddings=True: seed 001 sums over the network's
+    layers, and a lookup table's spectrum describes its vocabulary, not a
+    layer's map. model_or_frame: anything layer_spectra takes (a module, a
+    state_dict, a checkpoint path) or its frame. Returns a float."""
     if isinstance(model_or_frame, pd.DataFrame):
         frame = model_or_frame
         convention = _check_convention(convention or frame.attrs.get("convention", "seed001"))
@@ -592,7 +703,9 @@ def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention
             raise ValueError(f"model_or_frame is a DataFrame without the layer_spectra columns {missing}")
     else:
         convention = _check_convention(convention or "seed001")
-        frame = layer_spectra(model_or_frame, example_input, min_tail=min_tail, convention=convention)
+        frame = layer_spectra(model_or_frame, min_tail=min_tail, convention=convention)
+    if not embeddings and "kind" in frame:  # lookup tables, not maps between representations
+        frame = frame[frame["kind"] != "embedding"]
     usable = frame["alpha"].notna()
     if not usable.any():
         raise ValueError("no layer has enough eigenvalues for a power-law fit (lower min_tail, or see the note column)")
