@@ -164,7 +164,8 @@ def test_stable_and_numerical_rank_are_scale_invariant(dtype, scales):
 
 def test_singular_values_of_rows_at_extreme_scales():
     g = torch.Generator().manual_seed(0)
-    for M in (torch.randn(200, 7, dtype=torch.float64, generator=g), torch.randn(9, 7, dtype=torch.float64, generator=g)):
+    for M in (torch.randn(200, 7, dtype=torch.float64, generator=g),
+              torch.randn(9, 7, dtype=torch.float64, generator=g)):
         expected = RM.singular_values_of_rows(M)
         for s in (1e200, 1e-200, 1e300):
             torch.testing.assert_close(RM.singular_values_of_rows(M * s) / s, expected, rtol=1e-12, atol=0)
@@ -286,3 +287,79 @@ def test_fit_power_law_refuses_complex_eigenvalues_and_an_infinite_xmin():
                 fit(x, xmin=bad)
     with pytest.raises(ValueError, match="xmin cannot be given with convention='weightwatcher'"):
         Sp.fit_power_laws(x[None], xmin=1.0, convention="weightwatcher")
+
+
+# ---------------------------------------------------------------- 5. results too large to allocate, and peaks
+
+def test_results_and_intermediates_too_large_to_allocate_are_refused_up_front():
+    one = torch.randn(1, 1, 1)
+    U, V = one.expand(1, 1, 2**20), one[..., None].expand(1, 1, 1, 2**20)  # a 4 TiB (1, 2^20, 2^20) result
+    with pytest.raises(ValueError, match=r"conv_adjacency of U \(1, 1, 1048576\) and V .*4.1e\+03 GiB.*free"):
+        se.conv_adjacency(U, V)
+    with pytest.raises(ValueError, match=r"max_kernel_gram of X \(1048576, 1, 1\) \(a 1048576 x 1048576 result"):
+        se.max_kernel_gram(one.expand(2**20, 1, 1))
+    # a small result whose route needs terabytes: 64-row tiles of an expanded X; the twin's products
+    with pytest.raises(ValueError, match=r"max_kernel_gram of X \(64, 131072, 131072\) \(a 64 x 64 result"):
+        se.max_kernel_gram(one.expand(64, 2**17, 2**17))
+    with se.use_backend("reference"):
+        with pytest.raises(ValueError, match=r"max_kernel_gram of X \(1, 1048576, 1048576\)"):
+            se.max_kernel_gram(one.expand(1, 2**20, 2**20))
+        with pytest.raises(ValueError, match=r"conv_adjacency of U \(1, 4, 1024\)"):
+            se.conv_adjacency(one.expand(1, 4, 2**10), one[..., None].expand(1, 4, 2**20, 2**10))
+    # what fits still runs, from expanded inputs too, without materialising them
+    K = se.max_kernel_gram(one.expand(3, 5, 7), one.expand(40, 5, 7))
+    torch.testing.assert_close(K, torch.full((3, 40), 7 * float(one) ** 2))
+
+
+@pytest.mark.parametrize("N,Np,C,S", [(1, 1, 1, 1), (2, 2, 3, 4), (5, 70, 4, 1), (31, 31, 3, 2), (3, 100, 2, 5)])
+def test_max_kernel_gram_below_a_half_tile_reads_its_inputs_in_place(N, Np, C, S):
+    from spectral_ext import reference
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, C, S, dtype=torch.float64, generator=g)
+    Y = torch.randn(Np, C, S, dtype=torch.float64, generator=g)
+    want = reference.max_kernel_gram(X, Y)
+    torch.testing.assert_close(se.max_kernel_gram(X, Y), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(se.max_kernel_gram(X.transpose(0, 2).contiguous().transpose(0, 2), Y), want,
+                               rtol=1e-12, atol=1e-12)
+    K = se.max_kernel_gram(X)
+    torch.testing.assert_close(K, reference.max_kernel_gram(X), rtol=1e-12, atol=1e-12)
+    assert torch.equal(K, K.T)
+    X[0, -1, 0] = float("nan")  # the max propagates NaN as amax does
+    got = torch.ops.spectral_ext.max_kernel_gram(X, Y)
+    assert torch.equal(torch.isnan(got), torch.isnan(reference.max_kernel_gram(X, Y))) and torch.isnan(got[0]).all()
+
+
+_GRAM_PEAK = """
+import sys, torch, spectral_ext as se
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+se.max_kernel_gram(torch.randn(2, 3, 4))
+se.max_kernel_gram(torch.randn(70, 3, 4))
+for N in (2, 64):  # a quarter of a tile, read in place; whole tiles, packed once
+    X = torch.randn(N, 1024, 8192 // N)  # 32 MiB of float32
+    open("/proc/self/clear_refs", "w").write("5")
+    before = rss("VmRSS:")
+    se.max_kernel_gram(X)
+    print(N, (rss("VmHWM:") - before) / 2**20)
+    del X
+"""
+
+
+def test_max_kernel_gram_peak_memory_is_about_the_input():
+    import os
+    import subprocess
+    import sys
+
+    # A fixed mmap threshold: the resident peak then measures live memory, not glibc's heap history.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", _GRAM_PEAK], capture_output=True, text=True, check=True, env=env,
+                         timeout=120)
+    peaks = {int(n): float(mib) for n, mib in (line.split() for line in out.stdout.strip().splitlines())}
+    print(peaks)
+    # MiB beyond a 32 MiB X: N = 2 peaked at 2.0 GiB (and took 10 s) in 64-row tiles, padded then copied again
+    assert peaks[2] < 8 and peaks[64] < 40

@@ -242,6 +242,40 @@ torch.library.register_autograd("spectral_ext::max_kernel_gram", _max_kernel_gra
                                 setup_context=_max_kernel_gram_setup)
 
 
+# ---------------------------------------------------------------- memory and finiteness
+
+def _finite(output: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """_checks.finite's refusals (NaN or infinite inputs by name, an output
+    that overflowed from finite ones) from each tensor's extremes: aminmax
+    reads a tensor once and copies nothing (a float64 sum copies a float32
+    tensor, and materialises an expanded one), one host synchronisation."""
+    tensors = [t for t in (*inputs.values(), output) if t is not None and t.numel()]
+    if not tensors or _checks.data_free(*tensors):
+        return
+    extremes = torch.stack([e.to(torch.float64) for t in tensors for e in torch.aminmax(t)])
+    if bool(torch.isfinite(extremes).all()):
+        return
+    for name, value in inputs.items():
+        if value.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(value))).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    raise ValueError(f"{' and '.join(inputs)} are finite but the result overflows "
+                     f"{str(output.dtype).replace('torch.', '')}: rescale them or use float64")
+
+
+def _refuse_unallocatable(needed: int, device, what: str, advice: str, *tensors: torch.Tensor) -> None:
+    """Refuse, before any work, an operator whose result and the intermediates
+    its route allocates (`needed` bytes) exceed the free memory of `device`
+    (_checks.memory: MemAvailable on Linux, the free CUDA memory; with 25%
+    slack) instead of failing in the allocator, or being killed, after the fact."""
+    if _checks.data_free(*tensors):
+        return
+    _checks.memory(needed, device, what, advice)
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
 # ---------------------------------------------------------------- public wrappers
 
 def conv_adjacency(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -250,7 +284,10 @@ def conv_adjacency(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     U: (B, c, M) or (c, M), V: (B, c, K2, N) or (c, K2, N). Returns (B, N, M)
     (or (N, M)) with a[n, m] = sum_z (sum_k U[k, m] V[k, z, n])^2. K2 = 1 is
     the fully connected case, K2 = kernel area the conv case, K2 = H*W the
-    conv -> flatten -> Linear case.
+    conv -> flatten -> Linear case. Refused up front (ValueError naming U
+    and V and the size) when the result and the intermediates of the route
+    would not fit in the device's free memory (expanded inputs can ask for
+    terabytes).
     """
     _checks.tensor("U", U, ndims=(2, 3), shape="(B, c, M) or (c, M)", finite=False)
     _checks.tensor("V", V, ndims=(3, 4), shape="(B, c, K2, N) or (c, K2, N)", finite=False)
@@ -263,9 +300,24 @@ def conv_adjacency(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     if V.shape[0] != U.shape[0] or V.shape[1] != U.shape[1]:
         raise ValueError(f"U (B, c, M) and V (B, c, K2, N) must agree on B and c, got U {tuple(U.shape)} "
                          f"and V {tuple(V.shape)}")
+    B, c, M = U.shape
+    K2, N = V.shape[2], V.shape[3]
+    size = U.element_size()
+    result = B * N * M * size
+    if not _native():  # the twin's (B, K2, N, M) products and their squares
+        needed = result + 2 * B * K2 * N * M * size
+    else:  # the kernel's contiguous copies; on the CPU also a chunk of taps' products (csrc/cpu/conv_adjacency.cpp)
+        needed = result + (0 if U.is_contiguous() else U.numel() * size) \
+            + (0 if V.is_contiguous() else B * c * K2 * N * size)
+        if U.device.type == "cpu" and B * N * M:
+            chunk = max(1, min(K2, (1 << 23) // (B * N * M)))
+            needed += chunk * B * N * M * size + (B * c * chunk * N * size if chunk < K2 else 0)
+    _refuse_unallocatable(needed, U.device, f"conv_adjacency of U {tuple(U.shape)} and V {tuple(V.shape)} (a "
+                          f"({B}, {N}, {M}) result of {_gib(result)})",
+                          "pass fewer spectral neurons (U's M, V's N), taps (K2) or batches at a time", U, V)
     op = torch.ops.spectral_ext.conv_adjacency if _native() else reference.conv_adjacency
     out = op(U, V)
-    _checks.finite(out, U=U, V=V)
+    _finite(out, U=U, V=V)
     return out.squeeze(0) if unbatched else out
 
 
@@ -476,6 +528,12 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
     X: (N, C, S), Y: (N', C, S) (Y=None: the self Gram of X, computed
     symmetric). C is the channel axis the max runs over, S the spatial axis
     summed over (S = 1 for fully connected features). Returns (N, N').
+
+    Memory: the result and, on the CPU, a copy of X (and Y) packed into
+    64-row tiles where both have 32 rows or more; a side with fewer is read
+    in place (any strides: an expanded input is never copied), so the peak
+    is about the inputs' size. Refused up front (ValueError naming X and the
+    size) when that would not fit in the device's free memory.
     """
     _checks.tensor("X", X, ndims=(3,), shape="(N, C, S)", finite=False)
     if Y is not None:
@@ -486,9 +544,25 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
                              f"and Y {tuple(Y.shape)}")
     if X.shape[1] == 0:
         raise ValueError("X must have at least one channel (C > 0): the max runs over channels")
+    N, C, S = X.shape
+    Np = X.shape[0] if Y is None else Y.shape[0]
+    size = X.element_size()
+    result = N * Np * size
+    sides = [N] + ([] if Y is None else [Np])
+    if not _native():  # the twin's blocks of (rows, N', C, S) products, the blocks' results and their cat
+        needed = 2 * result + 2 * min(N, max(1, (1 << 22) // max(1, Np * C * S))) * Np * C * S * size
+    elif X.device.type == "cpu":  # the 64-row tiles (csrc/cpu/max_kernel_gram.cpp: none below 32 rows)
+        needed = result + (0 if min(N, Np) < 32 else sum(-(-n // 64) * 64 for n in sides) * C * S * size)
+    else:  # channel-major copies
+        needed = result + sum(sides) * C * S * size
+    _refuse_unallocatable(needed, X.device, f"max_kernel_gram of X {tuple(X.shape)}"
+                          + ("" if Y is None else f" and Y {tuple(Y.shape)}")
+                          + f" (a {N} x {Np} result of {_gib(result)})",
+                          "pass fewer samples (rows of X or Y), or smaller C x S, at a time",
+                          *([X] if Y is None else [X, Y]))
     op = torch.ops.spectral_ext.max_kernel_gram if _native() else reference.max_kernel_gram
     out = op(X, Y)
-    _checks.finite(out, X=X, **({} if Y is None else {"Y": Y}))
+    _finite(out, X=X, **({} if Y is None else {"Y": Y}))
     return out
 
 

@@ -137,18 +137,67 @@ void gram_tile(Isa isa, bool track_nan, SPECTRAL_EXT_GRAM_ARGS) {
 
 // No product or sum of S products can be NaN: every input finite and S max|X| max|Y| below the dtype's range.
 bool cannot_make_nan(const at::Tensor& X, const at::Tensor& Y, int64_t S) {
-  const auto big = [](const at::Tensor& t) { return t.numel() == 0 ? 0.0 : t.abs().max().item<double>(); };
+  const auto big = [](const at::Tensor& t) {  // max |t| without an |t| copy (of an expanded t: its full size)
+    if (t.numel() == 0) return 0.0;
+    const auto [low, high] = at::aminmax(t);
+    return std::max(-low.item<double>(), high.item<double>());
+  };
   const double mx = big(X), my = big(Y);  // NaN or inf inputs make these NaN or inf
   const double limit = X.scalar_type() == at::kFloat ? std::numeric_limits<float>::max()
                                                      : std::numeric_limits<double>::max();
   return std::isfinite(mx) && std::isfinite(my) && mx * my * static_cast<double>(S) < 0.25 * limit;
 }
 
-// (N, C, S) -> (tiles, C, S, 64), zero rows past N.
+// (N, C, S) -> (tiles, C, S, 64), zero rows past N: one copy into the packed layout (no padded intermediate),
+// read through X's strides (an expanded X is never materialised).
 at::Tensor pack_tiles(const at::Tensor& X, int64_t tiles) {
-  auto padded = at::zeros({tiles * kTile, X.size(1), X.size(2)}, X.options());
-  padded.narrow(0, 0, X.size(0)).copy_(X);
-  return padded.view({tiles, kTile, X.size(1), X.size(2)}).permute({0, 2, 3, 1}).contiguous();
+  const int64_t N = X.size(0), full = N / kTile, rest = N - full * kTile;
+  auto packed = at::empty({tiles, X.size(1), X.size(2), kTile}, X.options());
+  if (full > 0)
+    packed.narrow(0, 0, full).permute({0, 3, 1, 2}).copy_(X.narrow(0, 0, full * kTile).unflatten(0, {full, kTile}));
+  if (rest > 0) {
+    auto lanes = packed[full].permute({2, 0, 1});  // (64, C, S)
+    lanes.narrow(0, 0, rest).copy_(X.narrow(0, full * kTile, rest));
+    lanes.narrow(0, rest, kTile - rest).zero_();
+  }
+  return packed;
+}
+
+// K one entry at a time straight from X and Y through their strides, for a side with fewer than kTile / 2 rows:
+// packing it into 64-row tiles would copy, and compute, up to 64 / N times what it holds (N = 2: 2 GiB and 10 s
+// for a 32 MiB X). As the tiles do: each product rounded (this is compiled without FMA), summed over s in order,
+// the max over channels propagating NaN like amax.
+template <typename T>
+void gram_pairs(const at::Tensor& X, const at::Tensor& Y, at::Tensor& K, bool self) {
+  const int64_t N = X.size(0), Np = Y.size(0), C = X.size(1), S = X.size(2);
+  const int64_t x0 = X.stride(0), x1 = X.stride(1), x2 = X.stride(2);
+  const int64_t y0 = Y.stride(0), y1 = Y.stride(1), y2 = Y.stride(2);
+  const T* x = X.data_ptr<T>();
+  const T* y = Y.data_ptr<T>();
+  T* k = K.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C * S));
+  at::parallel_for(0, N * Np, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t i = p / Np, j = p % Np;
+      if (self && j < i) continue;  // mirrored from (j, i)
+      T best = -std::numeric_limits<T>::infinity();
+      bool nan = false;
+      for (int64_t c = 0; c < C; ++c) {
+        const T* xc = x + i * x0 + c * x1;
+        const T* yc = y + j * y0 + c * y1;
+        T acc = 0;  // S = 0: every sum is 0
+        for (int64_t s = 0; s < S; ++s) {
+          const T product = xc[s * x2] * yc[s * y2];
+          acc = s == 0 ? product : acc + product;
+        }
+        nan |= acc != acc;
+        best = acc > best ? acc : best;
+      }
+      const T value = nan ? std::numeric_limits<T>::quiet_NaN() : best;
+      k[i * Np + j] = value;
+      if (self) k[j * Np + i] = value;
+    }
+  });
 }
 
 at::Tensor max_kernel_gram_cpu(const at::Tensor& X, const std::optional<at::Tensor>& Y_opt) {
@@ -158,6 +207,10 @@ at::Tensor max_kernel_gram_cpu(const at::Tensor& X, const std::optional<at::Tens
   const int64_t N = X.size(0), Np = Y.size(0), C = X.size(1), S = X.size(2);
   auto K = at::empty({N, Np}, X.options());
   if (N == 0 || Np == 0) return K;
+  if (std::min(N, Np) < kTile / 2) {  // keep in step with _ops.max_kernel_gram's memory estimate
+    AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "max_kernel_gram_pairs", [&] { gram_pairs<scalar_t>(X, Y, K, self); });
+    return K;
+  }
   const int64_t ti = (N + kTile - 1) / kTile, tj = (Np + kTile - 1) / kTile;
   const auto Xp = pack_tiles(X, ti);
   const auto Yp = self ? Xp : pack_tiles(Y, tj);
