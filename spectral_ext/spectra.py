@@ -26,7 +26,7 @@ from torch import nn
 from . import _checks
 from ._hooks import models_in_eval_mode
 from ._linalg import gram_singular_values
-from .layers import discover
+from .layers import weight_of
 from .rank import _rank_of_singular_values
 from .rank.matrix import _exponents, _times_exp2
 
@@ -477,13 +477,13 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
     maps = list(maps)
     names = list(names) if names is not None else [f"map {i}" for i in range(len(maps))]
     weights, groups = [], {}
-    for i, linear_map in enumerate(maps):  # an ungrouped weight as it is: no per-map copy before the stack
+    for i, linear_map in enumerate(maps):  # the stored weight: no per-map copy before the stack
         module = linear_map.module
-        weights.append(module.weight.detach() if getattr(module, "groups", 1) == 1 else linear_map.weight())
+        weights.append(weight_of(module))
         analysed = convention == "seed001" or linear_map.kind in ("linear", "conv2d")
-        groups.setdefault((tuple(weights[i].shape), analysed), []).append(i)
+        groups.setdefault((tuple(weights[i].shape), getattr(module, "groups", 1), analysed), []).append(i)
     parts = []
-    for (_, analysed), index in groups.items():
+    for (shape, n_groups, analysed), index in groups.items():
         stack = torch.stack([weights[i] for i in index]).to(dtype)
         if not _checks.all_finite(stack):
             bad = next(i for i in index if not _checks.all_finite(weights[i]))
@@ -496,8 +496,13 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
             # a lone weight is paired with itself: batched matmuls (B >= 2) round differently from one matmul,
             # and one model's lone layer shape must give a zoo's batch of that layer's numbers (to rounding:
             # some BLAS builds round a batched product by its position in the batch)
-            sigma = weight_singular_values(stack if len(index) > 1 else stack.expand(2, *stack.shape[1:]),
-                                           convention)
+            if n_groups > 1 and convention == "seed001":
+                # W1 of a grouped convolution is block-diagonal: the union of its blocks' singular values
+                blocks = stack.reshape(len(index), n_groups, shape[0] // n_groups, -1)
+                sigma = gram_singular_values(blocks)
+            else:
+                sigma = weight_singular_values(stack if len(index) > 1 else stack.expand(2, *stack.shape[1:]),
+                                               convention)
             frame = spectrum_metrics(sigma[:len(index)], min_tail, convention, fit=fit)
         frame.index = index
         parts.append(frame)

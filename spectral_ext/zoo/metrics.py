@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .. import spectra
-from .._hooks import capturing, check_layers, evaluating
+from .._data import copy_inputs
+from .._hooks import capturing, check_layers, evaluating, models_in_eval_mode
 from ._base import METRICS, PAIR_MEASURES, ZooError, ZooTables
 from .members import _collector_paused, _Members, all_finite_states, module_tensors
 
@@ -23,6 +24,7 @@ def _signature(graph) -> tuple:
     return tuple((name, tuple(m.module.weight.shape)) for name, m in graph.maps.items())
 
 
+@models_in_eval_mode
 def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), example_input=None,
                   dtype=torch.float64, convention: str = "seed001", min_tail: int = 10,
                   graphs=None) -> ZooTables:
@@ -129,7 +131,7 @@ def _arch_id(graph) -> str:
 def _activations(model, probe, layers):
     layers = check_layers(model, layers)
     with capturing(model, layers) as (captured, _), torch.no_grad(), evaluating(model):
-        model(probe)
+        model(copy_inputs(probe))
         return {n: captured[n].detach().double() for n in layers}
 
 
