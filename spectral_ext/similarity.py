@@ -661,7 +661,9 @@ def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool
     Gram matrices otherwise). The max kernel is not PSD (example E.44), so
     its CKA is the paper's "rule-bending" instance (remark 5.5). Constant
     features (or, for RBF/Laplace, mostly identical samples) make CKA
-    undefined: ValueError."""
+    undefined: ValueError. Every kernel's CKA is scale invariant, at any
+    scale: features whose squares would overflow or underflow are divided
+    by a power of two first."""
     X, Y = _pair(X, Y, feature_axis)
     _check_kernel(kernel)
     if not isinstance(unbiased, bool):
@@ -812,7 +814,9 @@ def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", retu
     channel's mean first. Both are clamped so that perfect alignment gives
     exactly 1 (the seed code returns NaN there). Returns a float; delta
     itself is procrustes_distance (return_distance=True, which returned a
-    tuple, is refused: one return type per function)."""
+    tuple, is refused: one return type per function). Both measures are
+    scale invariant, at any scale: X or Y whose squares would overflow or
+    underflow is divided by a power of two first."""
     if return_distance is not False:
         raise TypeError("procrustes(return_distance=True) is gone: procrustes returns the similarity (a float); "
                         "call procrustes_distance(X, Y, ...) for delta")
@@ -1029,7 +1033,8 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     passes its ActivationCache, so a zoo run reduces each model once, whatever
     its pair chunks); used only when every Gram fits twice (the cache's copy
     and the stacked one), otherwise the Grams are recomputed per block and
-    share is not called. Returns a DataFrame with columns model_a, model_b,
+    share is not called. Features whose squares would overflow or underflow
+    are divided by a power of two first (every measure is scale invariant). Returns a DataFrame with columns model_a, model_b,
     value (one row per pair, in the order of pairs)."""
     if not isinstance(features, dict) or not features:
         raise TypeError("features must be a non-empty dict {model name: (N, ...) tensor}")
