@@ -395,26 +395,32 @@ def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10,
 # One spectrum per weight, shared by every metric
 
 
-def weight_singular_values(weights: torch.Tensor, convention: str = "seed001") -> torch.Tensor:
+def weight_singular_values(weights: torch.Tensor, convention: str = "seed001", groups: int = 1,
+                           dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Singular values (float64, decreasing) of a batch of weights of one
     shape (B, out, in, *kernel) as (B, slices, k): seed 001 (default): one
-    slice, the unfolding W1 = weight.reshape(out, in*k*k) (section 3.1);
+    slice, the unfolding W1 = weight.reshape(out, in*k*k) (section 3.1), or
+    for a convolution of `groups` groups (weight (B, out, in/groups, *k)) its
+    groups diagonal blocks (out/groups, in/groups*k), whose singular values
+    are those of the block-diagonal W1 (never built);
     "weightwatcher": a Conv2d is its kh*kw slices W[:, :, i, j] (out x in)
     scaled by WeightWatcher 0.7.7's conv2d_norm sqrt(conv2d_count / 2) =
     sqrt(1/2) when pooling, a Linear its weight as it is. Computed as the
     Gram matrix of the smaller side in float64 and eigvalsh, one batched
     call (_linalg.gram_singular_values); a weight whose magnitude is
     extreme (its squares would overflow or underflow float64) is divided by
-    a power of two first and its values multiplied back."""
+    a power of two first and its values multiplied back. dtype=torch.float32:
+    the Gram matrices and their eigenvalues in float32 (see weight_metrics
+    for its error)."""
     _check_convention(convention)
-    W = weights.detach().double()
+    W = weights.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
     e = _exponents(W.reshape(W.shape[0], 1, -1))  # (B, 1): one power of two per weight
     W = _times_exp2(W.reshape(W.shape[0], 1, -1), -e).reshape(W.shape)
     if convention == "weightwatcher" and W.dim() == 5:
         slices = W.flatten(3).permute(0, 3, 1, 2) * math.sqrt(0.5)
     else:
-        slices = W.reshape(W.shape[0], 1, W.shape[1], -1)
-    return _times_exp2(gram_singular_values(slices), e)
+        slices = W.reshape(W.shape[0], groups, W.shape[1] // groups, -1)
+    return _times_exp2(gram_singular_values(slices, dtype), e)
 
 
 def _too_few(n: int, min_tail: int) -> str:
@@ -496,13 +502,8 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
             # a lone weight is paired with itself: batched matmuls (B >= 2) round differently from one matmul,
             # and one model's lone layer shape must give a zoo's batch of that layer's numbers (to rounding:
             # some BLAS builds round a batched product by its position in the batch)
-            if n_groups > 1 and convention == "seed001":
-                # W1 of a grouped convolution is block-diagonal: the union of its blocks' singular values
-                blocks = stack.reshape(len(index), n_groups, shape[0] // n_groups, -1)
-                sigma = gram_singular_values(blocks)
-            else:
-                sigma = weight_singular_values(stack if len(index) > 1 else stack.expand(2, *stack.shape[1:]),
-                                               convention)
+            sigma = weight_singular_values(stack if len(index) > 1 else stack.expand(2, *stack.shape[1:]),
+                                           convention, groups=n_groups if convention == "seed001" else 1)
             frame = spectrum_metrics(sigma[:len(index)], min_tail, convention, fit=fit)
         frame.index = index
         parts.append(frame)
@@ -515,7 +516,8 @@ WEIGHT_MEMORY = 1 << 28  # bytes of float64 weights stacked into one batched Gra
 
 
 def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit: bool = True,
-                   memory: int = WEIGHT_MEMORY, progress: bool = False) -> pd.DataFrame:
+                   memory: int = WEIGHT_MEMORY, progress: bool = False,
+                   dtype: torch.dtype = torch.float64) -> pd.DataFrame:
     """map_metrics' columns for weights.WeightTensor entries, one row each in
     the order given: layer, kind, shape (the unfolded (out, in * kernel)),
     rank, groups, then the metrics of the entry's one spectrum, and a note
@@ -531,7 +533,16 @@ def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit
     memory + 3 x the largest entry in float64, never the whole model (16
     float32 tensors of 1024 x 2048 from one file, memory=16 MiB: +54 MB).
     progress: a bar over the bytes read. A NaN or infinite weight raises
-    ValueError naming its tensor."""
+    ValueError naming its tensor.
+
+    dtype=torch.float32: the opt-in fast route, Gram matrices and their
+    eigenvalues in float32 (fits and ranks still in float64). Measured
+    against float64 on the pretrained all-MiniLM-L6-v2 and on ResNet-18,
+    EfficientNet-B0 and VGG11 (random weights): alpha within 6.4e-6
+    relative, lambda_max and stable_rank within 1e-6, numerical rank within
+    1 (MiniLM), the same layers fitted; 1.2-1.4x faster on one thread.
+    Small eigenvalues (below about 1e-7 lambda_max) are not resolved: keep
+    float64 for ranks of ill-conditioned weights."""
     from tqdm.auto import tqdm
 
     from . import weights
@@ -556,24 +567,19 @@ def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit
             frame.index = index
             parts.append(frame)
             continue
-        per_entry = 8 * n_groups * block_shape[0] * block_shape[1]
+        per_entry = (8 if dtype == torch.float64 else 4) * n_groups * block_shape[0] * block_shape[1]
         step = max(1, memory // max(per_entry, 1))
         for start in range(0, len(index), step):
             chunk = index[start:start + step]
-            stack = torch.stack([_loaded_blocks(entries[i]) for i in chunk])  # (B, groups, rows, cols)
+            stack = torch.stack([_loaded_blocks(entries[i], dtype) for i in chunk])  # (B, groups, rows, cols)
             bar.update(sum(entries[i].nbytes for i in chunk))
-            if convention == "seed001" and n_groups > 1:
-                sigma = gram_singular_values(stack)  # (B, groups, k): the union of the blocks' singular values
-            else:
-                if convention == "weightwatcher" and len(kernel) == 2:
-                    # WeightWatcher slices a Conv2d's stored weight (out, in/g, kh, kw) per kernel position
-                    stack = stack.reshape(len(chunk), n_groups * block_shape[0], -1, *kernel)
-                else:
-                    stack = stack[:, 0]
-                # a lone weight paired with itself, as map_metrics does: one model's table equals a zoo's
-                small = len(chunk) == 1 and per_entry <= 1 << 23
-                sigma = weight_singular_values(stack.expand(2, *stack.shape[1:]) if small else stack,
-                                               convention)[:len(chunk)]
+            # the stored layout (B, out, in/groups, *kernel): blocks for seed 001, kernel slices for WeightWatcher
+            stack = stack.reshape(len(chunk), n_groups * block_shape[0], -1, *(kernel if len(kernel) == 2 else ()))
+            # a lone weight paired with itself, as map_metrics does: one model's table equals a zoo's
+            small = len(chunk) == 1 and per_entry <= 1 << 23
+            sigma = weight_singular_values(stack.expand(2, *stack.shape[1:]) if small else stack, convention,
+                                           groups=n_groups if convention == "seed001" else 1,
+                                           dtype=dtype)[:len(chunk)]
             frame = spectrum_metrics(sigma, min_tail, convention, fit=fit)
             frame.index = chunk
             parts.append(frame)
@@ -595,8 +601,8 @@ def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit
     return frame
 
 
-def _loaded_blocks(entry) -> torch.Tensor:
-    blocks = entry.blocks(torch.float64)
+def _loaded_blocks(entry, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    blocks = entry.blocks(dtype)
     if not _checks.all_finite(blocks):
         raise ValueError(f"the weight {entry.source or entry.layer} contains NaN or infinite values")
     return blocks
@@ -605,7 +611,7 @@ def _loaded_blocks(entry) -> torch.Tensor:
 @models_in_eval_mode
 def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
                   min_tail: int = 10, convention: str = "seed001", vectors: bool = False,
-                  progress: bool = False) -> pd.DataFrame:
+                  progress: bool = False, dtype: torch.dtype = torch.float64) -> pd.DataFrame:
     """One row per weight of the model, seed 001 sections 3-4, from the
     weights alone (no input, no forward: weights.read_weights): layer (the
     module's qualified name), kind, shape (of W1), rank (min of the shape),
@@ -625,6 +631,8 @@ def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
     tensor names in natural order). example_input: not used (weights need no
     forward; kept for the call shape). vectors: also a row for each 1-d tensor
     (biases, norm scales), with its note. progress: a bar over the bytes read.
+    dtype: torch.float64 (default) or torch.float32, the opt-in fast route
+    whose error weight_metrics states.
 
     convention: "seed001" (default: the ESD of W1 W1^T, section 4) or
     "weightwatcher" (pooled, scaled kh*kw slices of a Conv2d and WWFit's
@@ -641,7 +649,9 @@ def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
     if not entries:
         raise ValueError("model has no weight to analyse (no Linear, Conv, Embedding or attention weight, and no "
                          "tensor of two or more dimensions)")
-    frame = weight_metrics(entries, convention, min_tail, progress=progress)
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32 (the opt-in fast route), got {dtype!r}")
+    frame = weight_metrics(entries, convention, min_tail, progress=progress, dtype=dtype)
     if toeplitz_m is not None:
         columns = {"alpha_w2": [], "lambda_max_w2": [], "n_w2": []}
         for entry in entries:
