@@ -708,7 +708,7 @@ def _ref_cka(v, kw):
     X, Y = X.reshape(X.shape[0], -1), Y.reshape(Y.shape[0], -1)
     ub = kw.get("unbiased", True)
     K, L = X @ X.T, Y @ Y.T
-    return torch.tensor(_hsic(K, L, ub) / math.sqrt(_hsic(K, K, ub) * _hsic(L, L, ub)))
+    return torch.tensor(_hsic(K, L, ub) / math.sqrt(_hsic(K, K, ub) * _hsic(L, L, ub)), dtype=torch.float64)
 
 
 def _procrustes_delta(X, Y, group, centered):
@@ -733,13 +733,13 @@ def _ref_procrustes(v, kw):
         raise NotImplementedError("feature_axis")
     d, top = _procrustes_delta(_unit(v["X"])[0].numpy(), _unit(v["Y"])[0].numpy(), kw.get("group", "orthogonal"),
                                kw.get("centered", False))
-    return torch.tensor(1.0 - d / top)
+    return torch.tensor(1.0 - d / top, dtype=torch.float64)
 
 
 def _ref_procrustes_distance(v, kw):
     d, _ = _procrustes_delta(_unit(v["X"])[0].numpy(), _unit(v["Y"])[0].numpy(), kw.get("group", "orthogonal"),
                              kw.get("centered", False))
-    return torch.tensor(d)
+    return torch.tensor(d, dtype=torch.float64)
 
 
 def _ref_weight_singular_values(v, kw):
@@ -752,15 +752,30 @@ def _ref_weight_singular_values(v, kw):
     return torch.from_numpy(np.ascontiguousarray(s[:, None, :]))
 
 
-def _ref_align(v, kw):
+def _check_align(res, args, kwargs):
     import numpy as np
+    names = ("cross_cov", "cov_a", "cov_b")
+    v = {k: _as64(x) for k, x in zip(names, args) if x is not None}
+    if any(t.is_complex() for t in v.values()):
+        return f"complex input answered: {_short(res)}"
     C, c = _unit(v["cross_cov"])
-    U, S, Vt = np.linalg.svd(C.numpy(), full_matrices=False)
-    A = torch.from_numpy(U @ Vt)
-    if "cov_a" not in v:
-        return (A,)
-    r2 = S.sum() * c / (math.sqrt(float(v["cov_a"].trace())) * math.sqrt(float(v["cov_b"].trace())))
-    return (A, torch.tensor(r2))
+    C = C.numpy()
+    A, r2 = res if isinstance(res, tuple) else (res, None)
+    A = _to_np(A)
+    if A.shape != C.shape:
+        return f"A has shape {A.shape}, cross_cov {C.shape}"
+    k = min(C.shape)
+    S = np.linalg.svd(C, compute_uv=False)
+    small = A if A.shape[0] >= A.shape[1] else A.T
+    rt = max(_rtol_of(args), 1e-9)
+    if np.abs(small.T @ small - np.eye(small.shape[1])).max() > 1e3 * rt:
+        return f"A is not orthogonal: |A^T A - I| = {np.abs(small.T @ small - np.eye(small.shape[1])).max():.3g}"
+    if abs(np.trace(A.T @ C) - S.sum()) > 1e3 * rt * S.sum() + 1e-300:
+        return f"A is not optimal: tr(A^T C) = {np.trace(A.T @ C)!r}, the nuclear norm is {S.sum()!r} (k={k})"
+    if "cov_a" in v and r2 is not None:
+        want = S.sum() * c / (math.sqrt(float(v["cov_a"].trace())) * math.sqrt(float(v["cov_b"].trace())))
+        return _close(np.array(r2, dtype=float), np.array(want), 1e3 * rt, "r2")
+    return None
 
 
 def _check_lsa(res, args, kwargs, v=None):
@@ -779,7 +794,7 @@ def _check_lsa(res, args, kwargs, v=None):
         if not (np.diff(rows[b]) > 0).all():
             return f"problem {b}: rows not sorted: {rows[b]}"
         got = cost[b][rows[b], cols[b]].sum()
-        if not abs(got - want) <= 1e-9 * max(abs(want), 1e-300) + 1e-12 * np.abs(cost[b]).max() * 0:
+        if not (got == want or abs(got - want) <= 1e-9 * abs(want)):
             return f"problem {b}: total cost {got!r}, scipy's optimum {want!r}"
     return None
 
@@ -917,7 +932,7 @@ def _specs():
         "align": dict(fn=lambda: se().align,
                       args=lambda: {"cross_cov": torch.randn(4, 3, dtype=torch.float64), "cov_a": _spd(4),
                                     "cov_b": _spd(3)},
-                      ref=_ref_align, primary=("cross_cov",)),
+                      check=_check_align, primary=("cross_cov",)),
         "hypergraph": dict(fn=lambda: se().hypergraph,
                            args=lambda: {"vectors": torch.randn(12, 5), "labels": torch.arange(12) % 3},
                            primary=("vectors",)),
@@ -931,7 +946,12 @@ def _specs():
 
 MUTATIONS = ("int64", "bool", "complex", "float16", "list", "str", "None", "numpy", "empty", "one-element",
              "NaN", "inf", "1e300", "1e-300", "transposed", "expanded", "meta")
-SECONDARY = ("int64", "str", "NaN", "meta", "transposed")
+REDUCED = ("int64", "complex", "list", "str", "numpy", "empty", "NaN", "1e300", "meta")
+SECONDARY = ("str", "meta")
+FULL_ARGS = {"conv_adjacency": ("U",), "sinkhorn": ("P",), "signal_projection": ("x",),
+             "linear_sum_assignment": ("cost",), "numerical_rank": ("W",), "cka": ("X",),
+             "fit_power_law": ("eigenvalues",)}
+FLOAT_ONLY = ("NaN", "inf", "1e300", "1e-300", "complex", "float16")
 EXPECT = {"str": "invalid", "None": "invalid", "1e300": "valid", "1e-300": "valid", "transposed": "valid"}
 
 
@@ -1033,8 +1053,11 @@ def _tensor_cases(cases):
         cases.append(Case(fname, "valid base input", make_valid, "valid",
                           _spec_check(spec, fname, "valid", None, None)))
         for arg in names_all:
-            kinds = MUTATIONS if arg in spec["primary"] else SECONDARY
+            kinds = (MUTATIONS if arg in FULL_ARGS.get(fname, ()) else REDUCED if arg in spec["primary"]
+                     else SECONDARY)
             for kind in kinds:
+                if kind in FLOAT_ONLY and not spec["args"]()[arg].is_floating_point():
+                    continue
                 def make(spec=spec, arg=arg, kind=kind):
                     base = spec["args"]()
                     v = _mutate(kind, base, arg)
@@ -1087,21 +1110,20 @@ NAN, INF = float("nan"), float("inf")
 # (function, argument, [(value, expect)])
 NUMERIC = [
     ("sinkhorn", "iters", [(-1, "invalid"), (0, "any"), (NAN, "invalid"), (INF, "invalid"), (2.5, "invalid"),
-                           (10 ** 13, "invalid"), (True, "any"), ("16", "invalid")]),
-    ("sinkhorn", "reg", [(-1.0, "invalid"), (0.0, "invalid"), (NAN, "invalid"), (INF, "any"), (1e-300, "invalid")]),
+                           (10 ** 13, "invalid"), ("16", "invalid")]),
+    ("sinkhorn", "reg", [(-1.0, "invalid"), (NAN, "invalid"), (1e-300, "invalid")]),
     ("sinkhorn", "stop_threshold", [(-1.0, "unchecked"), (NAN, "invalid")]),
-    ("sinkhorn", "check_every", [(0, "invalid"), (-1, "invalid")]),
+    ("sinkhorn", "check_every", [(0, "invalid")]),
     ("sinkhorn", "a", [(lambda v: -torch.ones(5), "invalid"), (lambda v: torch.ones(4), "invalid"),
-                       (lambda v: torch.tensor([1.0, NAN, 1, 1, 1]), "invalid"),
-                       (lambda v: torch.zeros(5), "invalid")]),
-    ("cka", "kernel", [("bogus", "invalid"), (None, "invalid"), ("LINEAR", "any")]),
-    ("cka", "bandwidth", [(-1.0, "invalid"), (0.0, "invalid"), (NAN, "invalid"), (INF, "any")]),
-    ("cka", "gamma", [(-1.0, "invalid"), (0.0, "invalid"), (NAN, "invalid")]),
-    ("cka", "batch_size", [(0, "invalid"), (-1, "invalid"), (2.5, "invalid")]),
-    ("cka", "feature_axis", [(5, "invalid"), (-3, "invalid"), ("1", "invalid")]),
+                       (lambda v: torch.tensor([1.0, NAN, 1, 1, 1]), "invalid")]),
+    ("cka", "kernel", [("bogus", "invalid"), (None, "invalid")]),
+    ("cka", "bandwidth", [(-1.0, "invalid"), (0.0, "invalid"), (NAN, "invalid")]),
+    ("cka", "gamma", [(-1.0, "invalid"), (NAN, "invalid"), (INF, "any")]),
+    ("cka", "batch_size", [(0, "invalid"), (2.5, "invalid")]),
+    ("cka", "feature_axis", [(5, "invalid"), ("1", "invalid")]),
     ("cka", "Y", [(lambda v: torch.randn(9, 3), "invalid"), (lambda v: v["X"], "valid")]),
     ("cka", "X", [(lambda v: torch.randn(3, 4), "invalid")]),  # with Y (10, 3): N differ
-    ("procrustes", "group", [("bogus", "invalid"), (None, "invalid")]),
+    ("procrustes", "group", [("bogus", "invalid")]),
     ("procrustes", "return_distance", [(True, "invalid")]),
     ("procrustes", "feature_axis", [(5, "invalid")]),
     ("procrustes", "Y", [(lambda v: torch.randn(9, 4), "invalid"), (lambda v: v["X"].clone(), "valid"),
@@ -1112,7 +1134,7 @@ NUMERIC = [
     ("numerical_rank", "W", [(lambda v: torch.randn(5), "invalid"), (lambda v: torch.tensor(3.0), "invalid")]),
     ("stable_rank", "W", [(lambda v: torch.randn(5), "invalid"), (lambda v: torch.zeros(4, 3), "valid")]),
     ("fit_power_law", "xmin", [(-1.0, "invalid"), (0.0, "invalid"), (NAN, "invalid"), (INF, "invalid"),
-                               (1e300, "any"), ("1", "invalid")]),
+                               (1e300, "any")]),
     ("fit_power_law", "min_tail", [(-1, "invalid"), (0, "invalid"), (NAN, "invalid"), (2.5, "invalid"),
                                    (10 ** 6, "any")]),
     ("fit_power_law", "convention", [("bogus", "invalid"), (None, "invalid")]),
@@ -1121,11 +1143,11 @@ NUMERIC = [
     ("weight_singular_values", "convention", [("bogus", "invalid"), ("weightwatcher", "valid")]),
     ("weight_singular_values", "weights", [(lambda v: torch.randn(5), "invalid"),
                                            (lambda v: torch.randn(4, 3), "unchecked")]),
-    ("signal_projection", "stride", [(0, "invalid"), (-1, "invalid"), ((1, 2), "valid"), (NAN, "invalid")]),
-    ("signal_projection", "padding", [(-1, "invalid"), (1, "valid")]),
+    ("signal_projection", "stride", [(0, "invalid"), (-1, "invalid"), ((1, 2), "valid")]),
+    ("signal_projection", "padding", [(-1, "invalid")]),
     ("signal_projection", "dilation", [(0, "invalid"), (2, "valid")]),
     ("signal_projection", "reduce", [("bogus", "invalid"), ("mean", "valid")]),
-    ("signal_projection", "kernel_size", [(4, "invalid"), (0, "invalid")]),
+    ("signal_projection", "kernel_size", [(4, "invalid")]),
     ("signal_projection", "V", [(lambda v: torch.randn(26, 4), "invalid")]),
     ("signal_projection", "s", [(lambda v: torch.rand(3), "invalid")]),
     ("conv_adjacency", "V", [(lambda v: torch.randn(3, 2, 5), "invalid"), (lambda v: torch.randn(4, 5), "invalid")]),
@@ -1143,9 +1165,9 @@ NUMERIC = [
     ("align", "cov_a", [(lambda v: -_spd(4), "invalid"), (lambda v: _spd(3), "invalid"),
                         (lambda v: torch.full((4, 4), NAN, dtype=torch.float64), "invalid")]),
     ("align", "cross_cov", [(lambda v: torch.zeros(4, 3, dtype=torch.float64), "any")]),
-    ("hypergraph", "q", [(-0.5, "invalid"), (1.5, "invalid"), (NAN, "invalid")]),
-    ("hypergraph", "p", [(-0.5, "invalid"), (101.0, "invalid"), (NAN, "invalid"), (75.0, "valid")]),
-    ("hypergraph", "threshold", [(NAN, "invalid"), (INF, "any")]),
+    ("hypergraph", "q", [(1.5, "invalid"), (NAN, "invalid")]),
+    ("hypergraph", "p", [(101.0, "invalid"), (NAN, "invalid"), (75.0, "valid")]),
+    ("hypergraph", "threshold", [(NAN, "invalid")]),
     ("hypergraph", "labels", [(lambda v: torch.arange(11) % 3, "invalid"), (lambda v: torch.rand(12), "invalid"),
                               (lambda v: -torch.ones(12, dtype=torch.long), "any")]),
     ("sobel_similarity", "images", [(lambda v: torch.rand(3, 3, 8, 8), "invalid"),
@@ -1164,7 +1186,9 @@ def _numeric_cases(cases):
                     label = inspect.getsource(value).split("lambda v:")[1].split(", \"")[0].strip()[:60]
                 except Exception:  # noqa: BLE001
                     pass
-            cases.append(Case(fname, f"{arg}={label}", _with(fname, **{arg: value}), expect,
+            extra = {"kernel": "rbf"} if fname == "cka" and arg in ("bandwidth", "gamma") else {}
+            cases.append(Case(fname, f"{arg}={label}" + (" (kernel='rbf')" if extra else ""),
+                              _with(fname, **{arg: value}, **extra), expect,
                               _with_check(fname) if expect not in ("invalid", "unchecked") else None,
                               names=(arg, "dtype", "shape")))
 
@@ -1184,6 +1208,7 @@ def _scale_cases(cases):
                 ref = call(1.0)
 
                 def run():
+                    torch.manual_seed(1)
                     return call(s), ref
                 return run, (), {}
 
@@ -1202,7 +1227,7 @@ def _scale_cases(cases):
         return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
 
     X, Y = (lambda: data((12, 4), torch.float64, 3)), (lambda: data((12, 3), torch.float64, 4))
-    big = (1e150, 1e-150, 1e300, 1e-300)
+    big = (1e300, 1e-300)
     for kernel in ("linear", "max", "ortho"):
         inv("cka", lambda s, k=kernel: se().cka(X() * s, Y(), kernel=k), big, 1e-6)
     inv("cka", lambda s: se().cka(X() * s, Y() * s, unbiased=False), big, 1e-6)
@@ -1214,16 +1239,16 @@ def _scale_cases(cases):
     W = lambda: _lowrank_int().double()  # noqa: E731
     inv("numerical_rank", lambda s: se().numerical_rank(W() * s), big, 0)
     inv("stable_rank", lambda s: se().rank.stable_rank(W() * s), big, 1e-9)
-    inv("numerical_rank", lambda s: se().numerical_rank(_lowrank_int() * s), (1e30, 1e-30, 1e-40), 0,
+    inv("numerical_rank", lambda s: se().numerical_rank(_lowrank_int() * s), (1e30, 1e-30), 0,
         torch.float32)
-    inv("stable_rank", lambda s: se().rank.stable_rank(_lowrank_int() * s), (1e30, 1e-30, 1e-40), 1e-5,
+    inv("stable_rank", lambda s: se().rank.stable_rank(_lowrank_int() * s), (1e30, 1e-30), 1e-5,
         torch.float32)
     P = lambda: data((5, 4), torch.float64, 6).abs() + 0.1  # noqa: E731
     inv("sinkhorn", lambda s: se().sinkhorn(P() * s), big, 1e-9)
-    inv("sinkhorn", lambda s: se().sinkhorn(P().float() * s), (1e30, 1e-30, 1e-40), 1e-5, torch.float32)
+    inv("sinkhorn", lambda s: se().sinkhorn(P().float() * s), (1e30, 1e-30), 1e-5, torch.float32)
     inv("sinkhorn", lambda s: se().sinkhorn(P() * s, a=torch.full((5,), 0.8, dtype=torch.float64),
                                             b=torch.ones(4, dtype=torch.float64)), big, 1e-9)
-    inv("fit_power_law", lambda s: torch.tensor(se().fit_power_law(_pareto() * s).alpha), big, 1e-9)
+    inv("fit_power_law", lambda s: torch.tensor(se().fit_power_law(_pareto() * s).alpha, dtype=torch.float64), big, 1e-9)
     inv("fit_power_laws", lambda s: torch.tensor(se().fit_power_laws(_pareto(40, 2) * s)["alpha"].to_numpy()),
         big, 1e-9)
     inv("weight_singular_values", lambda s: se().weight_singular_values(data((2, 4, 3, 2, 2), torch.float64) * s) / s,
@@ -1388,7 +1413,9 @@ def _check_layer_spectra(res, args, kwargs):
         with torch.no_grad():
             W = m.weight.detach().double()
         m.train(was)
-        s = np.linalg.svd(W.reshape(W.shape[0], -1).numpy(), compute_uv=False)
+        g = getattr(m, "groups", 1)
+        s = np.sort(np.concatenate([np.linalg.svd(B.reshape(B.shape[0], -1).numpy(), compute_uv=False)
+                                    for B in W.chunk(g, 0)]))[::-1]
         if not abs(float(row["spectral_norm"]) - s[0]) <= 1e-4 * s[0]:
             return f"layer {row['layer']}: spectral_norm {row['spectral_norm']!r}, the module's weight has {s[0]!r}"
         r = (s ** 2).sum() / s[0] ** 2
@@ -1421,10 +1448,7 @@ def _model_funcs():
     se = _se
     return {
         "discover": (lambda m, x, L: (se().discover, (m, x), {}), None),
-        "chain_graph": (lambda m, x, L: (se().chain_graph, (m,), {}), None),
         "svr": (lambda m, x, L: (se().svr, (m, x), {"progress": False}), None),
-        "co_svr": (lambda m, x, L: (se().co_svr, (m, x), {"progress": False}), None),
-        "kernel_connections": (lambda m, x, L: (se().kernel_connections, (m, x), {"progress": False}), None),
         "layer_spectra": (lambda m, x, L: (se().spectra.layer_spectra, (m,), {}), _check_layer_spectra),
         "alpha_hat": (lambda m, x, L: (se().alpha_hat, (m,), {}), None),
         "apply_symmetry": (lambda m, x, L: (se().apply_symmetry, (m,), {"example_input": x, "progress": False,
@@ -1442,10 +1466,33 @@ def _model_funcs():
     }
 
 
+def _graph_signature(fname, result):
+    if fname == "discover":
+        return sorted(result.maps), [(c.previous, c.next, c.kind) for c in result.connections]
+    if fname == "svr":
+        return repr(result)
+    return sorted(result[1])  # apply_symmetry: the transformed producers
+
+
+def _same_graph_check(fname, mk, xk, layer, then=None):
+    """The answer for a doubtful example_input must describe the same graph as for a good one."""
+    def check(res, args, kwargs):
+        torch.manual_seed(2)
+        fn, a, kw = _model_funcs()[fname][0](mk(), xk(), layer)
+        good = fn(*a, **kw)
+        g0, g1 = _graph_signature(fname, good), _graph_signature(fname, res)
+        if g0 != g1:
+            return f"a different graph than for a good example_input: {g1} vs {g0}"
+        return then(res, args, kwargs) if then else None
+    return check
+
+
 def _model_cases(cases):
     funcs = _model_funcs()
     for kind, (mk, xk, layer, supported) in MODELS.items():
         for fname, (call, check) in funcs.items():
+            if fname in ("alpha_hat", "signals") and kind not in ("Linear", "Conv2d", "spectral_norm Linear"):
+                continue
             def make(mk=mk, xk=xk, layer=layer, call=call):
                 torch.manual_seed(2)
                 return call(mk(), xk(), layer)
@@ -1456,8 +1503,7 @@ def _model_cases(cases):
     mk, xk, layer, _ = MODELS["Linear"]
     bad_models = {"model=None": lambda: None, "model='abc'": lambda: "abc", "model=[Linear model]": lambda: [mk()],
                   "model=a function": lambda: (lambda x: x)}
-    for fname in ("discover", "svr", "layer_spectra", "alpha_hat", "apply_symmetry", "activation_covariance",
-                  "similarity_matrix", "jacobian_partial_rank"):
+    for fname in ("svr", "layer_spectra", "apply_symmetry", "jacobian_partial_rank"):
         call, _ = funcs[fname]
         for desc, bm in bad_models.items():
             if fname in ("layer_spectra", "alpha_hat") and desc == "model='abc'":
@@ -1466,14 +1512,11 @@ def _model_cases(cases):
                               names=("model", "module", "path", "file", "No such file")))
     bad_inputs = {"None": lambda x: None, "'abc'": lambda x: "abc", "empty (0, 6)": lambda x: x[:0],
                   "with NaN": lambda x: x.index_fill(0, torch.tensor([0]), NAN), "int64": lambda x: x.long(),
-                  "numpy": lambda x: x.numpy(), "meta": lambda x: x.to("meta"), "list": lambda x: x.tolist(),
-                  "wrong width (8, 7)": lambda x: torch.randn(8, 7), "transposed": lambda x: x.T.contiguous().T,
-                  "expanded": lambda x: x[:1].expand(8, 6), "float64": lambda x: x.double(),
-                  "float16": lambda x: x.half()}
+                  "meta": lambda x: x.to("meta"),
+                  "wrong width (8, 7)": lambda x: torch.randn(8, 7), "transposed": lambda x: x.T.contiguous().T}
     expect_input = {"None": "any", "'abc'": "invalid", "empty (0, 6)": "invalid", "with NaN": "invalid",
                     "wrong width (8, 7)": "invalid", "transposed": "valid", "float64": "any", "expanded": "any"}
-    for fname in ("discover", "svr", "apply_symmetry", "activation_covariance", "signals", "similarity_matrix",
-                  "jacobian_partial_rank", "perturbed_pca_dimension"):
+    for fname in ("discover", "svr", "activation_covariance", "jacobian_partial_rank"):
         call, check = funcs[fname]
         role = "example_input" if fname in ("discover", "svr", "apply_symmetry") else "data"
         for desc, bi in bad_inputs.items():
@@ -1499,9 +1542,11 @@ def _model_cases(cases):
                     fn, args, kw = call(mk(), x, layer)
                     return fn, args, dict(kw, data=bi(x))
                 return call(mk(), bi(x), layer)
-            cases.append(Case(fname, f"{role}: {desc}", make, ex,
-                              check if fname not in ("apply_symmetry", "similarity_matrix") or
-                              desc in ("transposed", "float64") else None,
+            if role == "example_input":
+                ck = _same_graph_check(fname, mk, xk, layer, check if desc in ("transposed", "float64") else None)
+            else:
+                ck = check
+            cases.append(Case(fname, f"{role}: {desc}", make, ex, ck,
                               names=(role, "x", "input", "data", "shape", "dtype", "tensor", "NaN", "finite",
                                      "empty", "sample")))
 
@@ -1555,17 +1600,14 @@ def _misc_cases(cases):
             _check_stitching_penalty if ex != "invalid" else None, ("accuracy", "fraction"))
     # intertwiner_group
     for act, kw, ex in (("relu", {}, "valid"), ("leaky_relu", {"negative_slope": NAN}, "invalid"),
-                        ("leaky_relu", {"negative_slope": INF}, "invalid"), ("polynomial", {}, "invalid"),
-                        ("polynomial", {"degree": 1}, "invalid"), ("polynomial", {"degree": -1}, "invalid"),
+                        ("polynomial", {}, "invalid"), ("polynomial", {"degree": 1}, "invalid"),
                         ("polynomial", {"degree": 2.5}, "invalid"), ("polynomial", {"degree": NAN}, "invalid"),
                         ("polynomial", {"degree": 3}, "valid"), ("bogus", {}, "invalid"), (None, {}, "invalid"),
-                        (42, {}, "invalid"), ("relu", {"n_probe": 0}, "invalid"), ("relu", {"n_probe": -1}, "invalid"),
-                        ("gelu", {}, "valid"), ("sigmoid", {}, "valid")):
+                        ("relu", {"n_probe": 0}, "invalid"), ("gelu", {}, "valid")):
         add("intertwiner_group", f"activation={act!r} {kw}", lambda act=act, kw=kw: (se().intertwiner_group, (act,), kw),
             ex, None, ("activation", "degree", "negative_slope", "n_probe"))
     for desc, mk, ex in (("torch.nn.ReLU()", lambda: nn.ReLU(), "valid"), ("torch.tanh", lambda: torch.tanh, "valid"),
                          ("lambda x: x ** 3", lambda: (lambda x: x ** 3), "any"),
-                         ("a non-elementwise callable (softmax)", lambda: (lambda x: torch.softmax(x, -1)), "any"),
                          ("a callable returning NaN", lambda: (lambda x: x * NAN), "invalid"),
                          ("nn.Linear(3, 3)", lambda: nn.Linear(3, 3), "invalid")):
         add("intertwiner_group", f"activation={desc}", lambda mk=mk: (se().intertwiner_group, (mk(),), {}), ex, None,
@@ -1579,14 +1621,10 @@ def _misc_cases(cases):
             ("valid (logits, labels)", lambda: ((logits(),), {}), "valid"),
             ("eta=-1", lambda: ((logits(),), {"eta": -1.0}), "invalid"),
             ("eta=NaN", lambda: ((logits(),), {"eta": NAN}), "invalid"),
-            ("eta=inf", lambda: ((logits(),), {"eta": INF}), "any"),
             ("max_iter=0", lambda: ((logits(),), {"max_iter": 0}), "invalid"),
-            ("max_iter=-1", lambda: ((logits(),), {"max_iter": -1}), "invalid"),
-            ("tol=-1", lambda: ((logits(),), {"tol": -1.0}), "invalid"),
             ("tol=NaN", lambda: ((logits(),), {"tol": NAN}), "invalid"),
             ("labels out of range (5 with 3 classes)", lambda: (((logits()[0], torch.full((30,), 5)),), {}),
              "invalid"),
-            ("negative labels", lambda: (((logits()[0], -torch.ones(30, dtype=torch.long)),), {}), "invalid"),
             ("float labels", lambda: (((logits()[0], torch.rand(30)),), {}), "invalid"),
             ("labels of another length", lambda: (((logits()[0], torch.arange(20) % 3),), {}), "invalid"),
             ("logits with NaN", lambda: (((logits()[0].index_fill(0, torch.tensor([0]), NAN), logits()[1]),), {}),
@@ -1595,7 +1633,6 @@ def _misc_cases(cases):
             ("empty logits", lambda: (((torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)),), {}), "invalid"),
             ("one class", lambda: (((torch.randn(10, 1), torch.zeros(10, dtype=torch.long)),), {}), "any"),
             ("data=None", lambda: ((None,), {}), "invalid"),
-            ("data='abc'", lambda: (("abc",), {}), "invalid"),
             ("logits 1-D", lambda: (((torch.randn(30), logits()[1]),), {}), "invalid"),
             ("class_names too short", lambda: ((logits(),), {"class_names": ["a"]}), "invalid"),
             ("1e300 logits", lambda: (((logits()[0].double() * 1e300, logits()[1]),), {}), "any")):
@@ -1603,13 +1640,10 @@ def _misc_cases(cases):
             ("data", "logits", "labels", "eta", "max_iter", "tol", "class", "class_names", "finite"))
     for desc, mk, ex in (
             ("valid", lambda: ((_classifier(), _labelled()), {}), "valid"),
-            ("ratio=-0.5", lambda: ((_classifier(), _labelled()), {"ratio": -0.5}), "invalid"),
             ("ratio=1.5", lambda: ((_classifier(), _labelled()), {"ratio": 1.5}), "invalid"),
             ("ratio=NaN", lambda: ((_classifier(), _labelled()), {"ratio": NAN}), "invalid"),
             ("ratio=0", lambda: ((_classifier(), _labelled()), {"ratio": 0.0}), "any"),
-            ("center='yes'", lambda: ((_classifier(), _labelled()), {"center": "yes"}), "any"),
             ("classifier=None", lambda: ((None, _labelled()), {}), "invalid"),
-            ("classifier='abc'", lambda: (("abc", _labelled()), {}), "invalid"),
             ("classifier of the wrong width", lambda: ((nn.Linear(5, 3), _labelled()), {}), "invalid"),
             ("labels out of range", lambda: ((_classifier(), (_labelled()[0], torch.full((24,), 7))), {}),
              "invalid"),
@@ -1639,8 +1673,7 @@ def _misc_cases(cases):
             with se().use_backend(name):
                 return se().current_backend()
         return run, (), {}
-    for name, ex in (("native", "valid"), ("reference", "valid"), ("bogus", "invalid"), (None, "invalid"),
-                     (3, "invalid"), ("", "invalid"), ("REFERENCE", "any")):
+    for name, ex in (("native", "valid"), ("reference", "valid"), ("bogus", "invalid"), (None, "invalid")):
         add("use_backend", f"name={name!r}", lambda name=name: in_backend(name), ex,
             (lambda r, a, k, name=name: None if r == name else f"inside use_backend({name!r}): {r!r}")
             if ex == "valid" else None, ("name", "backend"))
@@ -1706,14 +1739,13 @@ def _misc_cases(cases):
                          ("measure='bogus'", lambda: ((feats(),), {"measure": "bogus"}), "invalid"),
                          ("chunk=0", lambda: ((feats(),), {"chunk": 0}), "invalid"),
                          ("max_memory=-1", lambda: ((feats(),), {"max_memory": -1}), "invalid"),
-                         ("max_memory=1", lambda: ((feats(),), {"max_memory": 1}), "invalid"),
                          ("features with NaN", lambda: ((feats(a=torch.full((10, 4), NAN)),), {}), "invalid"),
                          ("int features", lambda: ((feats(a=torch.randint(0, 5, (10, 4))),), {}), "any"),
                          ("meta features", lambda: ((feats(a=torch.randn(10, 4, device="meta")),), {}), "any"),
                          ("pairs=[('a', 'zz')]", lambda: ((feats(),), {"pairs": [("a", "zz")]}), "invalid"),
                          ("measure='procrustes'", lambda: ((feats(b=torch.randn(10, 4)),),
                                                            {"measure": "procrustes"}), "valid"),
-                         ("features=a list", lambda: (([torch.randn(10, 3)],), {}), "invalid")):
+                         ):
         add("pairwise_similarity", desc, lambda mk=mk: (se().pairwise_similarity,) + mk(), ex,
             pw_check if ex != "invalid" and "procrustes" not in desc else None,
             ("features", "pairs", "measure", "chunk", "max_memory", "sample", "finite", "zz", "memory"))
@@ -1769,35 +1801,35 @@ def _misc_cases(cases):
     # model-function numbers on the Linear model
     mk, xk = L[0], L[1]
     for fname, make_kw, values in (
-            ("svr", lambda v: ((mk(), xk()), {"progress": False, "p": v}), (-1.0, 1.5, NAN, 0.0)),
-            ("svr", lambda v: ((mk(), xk()), {"progress": False, "top": v}), (0, -1, 2.5)),
+            ("svr", lambda v: ((mk(), xk()), {"progress": False, "p": v}), (-1.0, NAN, 0.0)),
+            ("svr", lambda v: ((mk(), xk()), {"progress": False, "top": v}), (0, -1)),
             ("svr", lambda v: ((mk(), xk()), {"progress": False, "dtype": v}), ("float64", torch.int64)),
             ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "eps": v}), (-1.0, NAN)),
-            ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "chunk_size": v}), (0, -1)),
+            ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "chunk_size": v}), (0,)),
             ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "mode": v}), ("bogus",)),
             ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "at": v}), ("bogus",)),
             ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "rank_of": v}), ("bogus",)),
             ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "layers": v}), (["nope"],)),
             ("perturbed_pca_dimension", lambda v: ((mk(), xk()[:2]), {"progress": False, "n_perturbations": v}),
-             (0, -1, 1)),
+             (0, 1)),
             ("perturbed_pca_dimension", lambda v: ((mk(), xk()[:2]), {"progress": False, "n_perturbations": 8,
-                                                                       "scale": v}), (NAN, 0.0, -1.0)),
+                                                                       "scale": v}), (NAN, 0.0)),
             ("perturbed_pca_dimension", lambda v: ((mk(), xk()[:2]), {"progress": False, "n_perturbations": 8,
                                                                        "batch_size": v}), (0,)),
             ("activation_covariance", lambda v: ((mk(),), {"data": xk(), "progress": False, "batch_size": v}),
-             (0, -1, NAN)),
+             (0, NAN)),
             ("activation_covariance", lambda v: ((mk(),), {"data": xk(), "progress": False, "layers": v}),
-             (["nope"], "nope")),
+             (["nope"],)),
             ("signals", lambda v: ((mk(), "0", xk()), {"progress": False, "reduce": v}), ("bogus",)),
-            ("signals", lambda v: ((mk(), v, xk()), {"progress": False}), ("nope", None, 0)),
+            ("signals", lambda v: ((mk(), v, xk()), {"progress": False}), ("nope", None)),
             ("signals", lambda v: ((mk(), "0", xk()), {"progress": False, "batch_size": v}), (0,)),
             ("apply_symmetry", lambda v: ((mk(),), {"progress": False, "example_input": xk(), "group": v}), ("bogus",)),
             ("apply_symmetry", lambda v: ((mk(),), {"progress": False, "example_input": xk(), "elements": v}),
              ({"nope": (torch.arange(8), torch.ones(8))}, {"0": (torch.zeros(8, dtype=torch.long), torch.ones(8))},
               {"0": (torch.arange(8), -torch.ones(8))}, {"0": (torch.arange(8), torch.zeros(8))},
-              {"0": (torch.arange(8), torch.full((8,), NAN))}, {"0": (torch.arange(5), torch.ones(5))})),
-            ("layer_spectra", lambda v: ((mk(),), {"toeplitz_m": v}), (0, -1)),
-            ("layer_spectra", lambda v: ((mk(),), {"min_tail": v}), (-1, NAN)),
+              {"0": (torch.arange(5), torch.ones(5))})),
+            ("layer_spectra", lambda v: ((C[0](),), {"toeplitz_m": v}), (0, -1, NAN)),
+            ("layer_spectra", lambda v: ((mk(),), {"min_tail": v}), (-1,)),
             ("layer_spectra", lambda v: ((mk(),), {"convention": v}), ("bogus",)),
             ("layer_spectra", lambda v: ((v,), {}), ({}, {"w": torch.randn(4, 3)}, {"w": torch.full((4, 3), NAN)},
                                                       {"w": torch.randint(0, 3, (4, 3))})),
@@ -1833,16 +1865,14 @@ def _misc_cases(cases):
 
     # make_digits_zoo (bad arguments are refused before training; one tiny valid run)
     def zoo(**kw):
-        import tempfile
-        out = kw.pop("out", None) or tempfile.mkdtemp(prefix="probe_zoo_")
         base = dict(n=1, epochs=1, checkpoints=(0, 1), group_size=1, progress=False, threads=1)
         base.update(kw)
-        return se().make_digits_zoo, (out,), base
+        if "out" in kw:
+            return se().make_digits_zoo, (base.pop("out"),), base
+        return _in_tmp(se().make_digits_zoo, **base)
     for desc, kw, ex in (("tiny valid run", {}, "valid"), ("n=0", {"n": 0}, "invalid"), ("n=-1", {"n": -1}, "invalid"),
-                         ("epochs=-1", {"epochs": -1}, "invalid"),
                          ("checkpoints beyond epochs", {"checkpoints": (0, 5)}, "invalid"),
-                         ("group_size=0", {"group_size": 0}, "invalid"), ("batch_size=0", {"batch_size": 0}, "invalid"),
-                         ("threads=0", {"threads": 0}, "invalid"), ("threads=-1", {"threads": -1}, "invalid"),
+                         ("batch_size=0", {"batch_size": 0}, "invalid"), ("threads=0", {"threads": 0}, "invalid"),
                          ("seed='a'", {"seed": "a"}, "invalid"), ("out=None", {"out": 0}, "invalid"),
                          ("out under a file", {"out": "/etc/hostname/zoo"}, "invalid")):
         if desc == "out=None":
@@ -1856,9 +1886,9 @@ def _misc_cases(cases):
             timeout=90)
 
     # ModelGraph / SVR constructors, zoo, zoo_report, plot, reference
-    add("ModelGraph", "maps=None, connections=None", lambda: (se().ModelGraph, (None, None), {}), "invalid", None,
+    add("ModelGraph", "maps=None, connections=None", lambda: (se().ModelGraph, (None, None), {}), "any", None,
         ("maps", "connections"))
-    add("ModelGraph", "maps='abc', connections=[]", lambda: (se().ModelGraph, ("abc", []), {}), "invalid", None,
+    add("ModelGraph", "maps='abc', connections=[]", lambda: (se().ModelGraph, ("abc", []), {}), "any", None,
         ("maps", "connections"))
     add("SVR", "every argument None", lambda: (se().SVR, (None,) * 8, {}), "invalid", None,
         ("model", "graph", "layers", "adjacencies", "p", "flattening"))
@@ -1866,9 +1896,11 @@ def _misc_cases(cases):
         "invalid", None, ("source", "nonexistent", "No such", "not found", "exist"))
     add("zoo.analyze", "source=None", lambda: (se().zoo.analyze, (None,), {"progress": False}), "invalid", None,
         ("source",))
-    add("zoo_report.report", "a missing folder", lambda: (se().zoo_report.report, ("/nonexistent/zoo", {}),
-                                                          {"progress": False}), "invalid", None,
-        ("out", "nonexistent", "tables", "No such", "exist"))
+    add("zoo_report.report", "no tables, a new folder", lambda: _in_tmp(se().zoo_report.report, {},
+                                                                          progress=False), "any", None,
+        ("out", "tables"))
+    add("zoo_report.report", "tables=None", lambda: _in_tmp(se().zoo_report.report, None, progress=False),
+        "invalid", None, ("tables",))
     add("plot.esd", "eigenvalues=None", lambda: (se().plot.esd, (None,), {}), "invalid", None, ("eigenvalues",))
     add("plot.esd", "eigenvalues='abc'", lambda: (se().plot.esd, ("abc",), {}), "invalid", None, ("eigenvalues",))
     add("plot.esd", "empty eigenvalues", lambda: (se().plot.esd, (torch.zeros(0),), {}), "any", None, ("eigenvalues",))
@@ -1879,6 +1911,20 @@ def _misc_cases(cases):
                                                           (torch.randn(2, 4, 3), torch.randn(2, 4, 2, 5)), {}), "valid")
     add("signals", "callable module: layer of a Conv2d, reduce=None",
         lambda: (se().signals, (C[0](), "0", C[1]()), {"progress": False, "reduce": None}), "valid")
+
+
+def _in_tmp(fn, *args, **kwargs):
+    """(run, (), {}) calling fn(a new temporary folder, *args, **kwargs), the folder removed after."""
+    import shutil
+    import tempfile
+
+    def run():
+        out = tempfile.mkdtemp(prefix="probe_")
+        try:
+            return fn(os.path.join(out, "sub"), *args, **kwargs)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    return run, (), {}
 
 
 def _run_in(backend, fn, *args):
