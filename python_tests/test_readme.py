@@ -9,7 +9,8 @@ fails fails CI.
 - Each command line of a ```bash block (continuations joined) runs in a
   temporary folder that holds what the README's placeholders name:
   `checkpoints/` (three small digits CNNs, `cnn_00.pt` ...) and a package
-  `mypackage.models:make_cnn`. `spectral-ext` is the installed command when it
+  `mypackage.models:make_cnn`, and what a python block whose first line is
+  `# writes ...` writes there (it runs first, as pasted). `spectral-ext` is the installed command when it
   sits beside this Python, else `python -m spectral_ext`. A line whose comment
   says `# illustrative` is shown, not run (multi-process or long commands).
 - Other fences (plain ``` or ```console: the install commands that build the
@@ -285,6 +286,11 @@ def placeholders(tmp_path_factory):
     for i in range(3):
         torch.manual_seed(i)
         torch.save(make_cnn().state_dict(), folder / "checkpoints" / f"cnn_{i:02d}.pt")
+    # A python block that "writes" a folder for the commands below it runs here first, as pasted.
+    for heading, lang, line, code in readme_blocks(README.read_text()):
+        if lang == "python" and code.lstrip().startswith("# writes "):
+            (folder / "writer.py").write_text(code)
+            _assert_runs([sys.executable, "writer.py"], folder, heading, line, code)
     return folder
 
 
