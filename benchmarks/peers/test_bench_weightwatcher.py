@@ -111,3 +111,22 @@ def test_zoo_alpha_vs_weightwatcher_in_a_loop(benchmark):
         np.testing.assert_allclose(mine["alpha"], details["alpha"], rtol=1e-6)
         summary = got["models"].set_index("model").loc[name, "alpha_hat"]
         assert summary == pytest.approx(details["alpha_weighted"].mean(), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b4", "mobilenet_v3_large"])
+def test_layer_spectra_of_grouped_convolutions_vs_weightwatcher(benchmark, arch):
+    """Issue 24: depthwise convolutions per block (never expanded): EfficientNet-B4's layer_spectra took
+    106 s before (a 1,152-channel depthwise conv expanded to 1152 x 28,800). The numbers: every lambda_max
+    WeightWatcher reports is one of layer_spectra(convention="weightwatcher")'s, to 1e-8."""
+    from spectral_ext import spectra
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None)
+    benchmark.group = f"layer_spectra vs WeightWatcher.analyze() on {arch}"
+    got, expected = interleaved(benchmark, lambda: spectra.layer_spectra(model),
+                                quiet(lambda: ww.WeightWatcher(model=model).analyze()))
+    assert len(got) >= len(expected)
+    ours = np.sort(spectra.layer_spectra(model, convention="weightwatcher")["lambda_max"].dropna().to_numpy())
+    for value in expected["lambda_max"].astype(float):
+        nearest = ours[np.clip(np.searchsorted(ours, value), 0, len(ours) - 1)]
+        assert abs(nearest - value) <= 1e-8 * value or np.isclose(ours, value, rtol=1e-8).any()
