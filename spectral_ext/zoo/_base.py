@@ -9,6 +9,7 @@ import pandas as pd
 
 TABLES = ("models", "layers", "edges", "pairs")
 METRICS = ("rank", "alpha", "svr")
+WEIGHT_METRICS = ("rank", "alpha")  # from the weights alone; svr and the pair measures run the models
 PAIR_MEASURES = ("cka", "grelu_cka", "procrustes", "grelu_procrustes", "stitching")
 
 

@@ -13,10 +13,11 @@ from torch import nn
 from .. import _checks
 from .._hooks import check_layers, evaluating
 from ..zoo_generator import manifest_defaults
-from ._base import METRICS, MIN_PROBE, PAIR_MEASURES, TABLES, ZooError, ZooTables, _check_int
+from ._base import METRICS, MIN_PROBE, PAIR_MEASURES, TABLES, WEIGHT_METRICS, ZooError, ZooTables, _check_int
 from .distributed import _agree, _barrier, _distributed
-from .members import _collector_paused, _Lazy, _Members, _reason, all_finite_states, list_members, resolve_arch
-from .metrics import ActivationCache, model_metrics, pair_metrics, probe_parts
+from .members import (_collector_paused, _Lazy, _Members, _reason, _WeightMembers, all_finite_states, list_members,
+                      relative_to_member, resolve_arch)
+from .metrics import ActivationCache, model_metrics, pair_metrics, probe_parts, weight_model_metrics
 from .storage import (_commit_chunk, _finished, _Lock, _merge, _read, _reconcile_options, _run_options, _stored_options,
                       _verify_chunks, check_metadata, check_out)
 
@@ -34,10 +35,20 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
     torch's global RNG, or the recorded seed when resuming a run; an int
     seed; a torch.Generator; `seed=` is its former name).
 
-    source: a folder (members named by relative path, see list_members) or a
-    list of checkpoints, or models. arch: the factory for state_dict
-    checkpoints (called once here: one that raises or gives no nn.Module is a
-    ZooError). A folder's zoo.json may name the factory: a torchvision name
+    source: a folder (members named by relative path, see list_members: a
+    checkpoint file, or a Hugging Face model folder or PEFT LoRA adapter
+    folder as one member) or a list of checkpoints, or models. arch: the
+    factory for state_dict checkpoints (called once here: one that raises or
+    gives no nn.Module is a ZooError). Without arch (and none in zoo.json),
+    checkpoints are read as their weights alone (weights.read_weights, one
+    tensor at a time; float32, float16 and bfloat16) and only the weight
+    metrics WEIGHT_METRICS (rank, alpha) are computed
+    (metrics.weight_model_metrics: every tensor of two or more dimensions
+    is a layers row, embeddings and LoRA updates included, quantised
+    tensors a row with a note; the numbers of spectra.layer_spectra of each
+    member); svr and pair measures run the models and are then a ZooError
+    (argument "arch"), unless allow_pickle (whole pickled modules run as
+    they are). A folder's zoo.json may name the factory: a torchvision name
     or one of this package's is used as it is, another 'module:function' is
     imported and run only with trust_manifest=True (a folder from elsewhere
     must not run code), else ZooError. out: the results folder (resumable;
@@ -101,8 +112,18 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
         raise ZooError(f"example_input must be a tensor or a tuple of inputs, got {type(example_input).__name__}")
     factory = resolve_arch(arch)
     members = list_members(source)
+    weights_only = factory is None and not any(isinstance(item, nn.Module) for _, item in members)
+    dataflow = [m for m in metrics if m not in WEIGHT_METRICS]
+    if weights_only and (dataflow or pairs):
+        if not allow_pickle:  # state_dicts and model folders: nothing can run without the architecture
+            needs = [*dataflow, *(["the pair measures"] if pairs else [])]
+            raise ZooError(f"{' and '.join(needs)} need{'s' * (needs == dataflow and len(needs) == 1)} the models' dataflow, which "
+                           "state_dicts and model folders do not give: pass arch (without it only "
+                           f"{' and '.join(WEIGHT_METRICS)} are computed, from the weights)", argument="arch")
+        weights_only = False  # trusted files may hold whole pickled modules, which run as they are
     metadata = check_metadata(metadata)
-    run = _Members(members, factory, allow_pickle, example_input, workers, arch)
+    run = _WeightMembers(members, allow_pickle, workers, progress) if weights_only else \
+        _Members(members, factory, allow_pickle, example_input, workers, arch)
     model = run.template().template if factory is not None else None  # a factory that fails is a ZooError now
     if layers is not None or pairs:  # checked on the architecture now, not after the per-model phase
         if model is None:
@@ -126,7 +147,8 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
             def prepare():
                 lock.acquire()
                 _reconcile_options(out_path, _run_options(arch, metrics, example_input, fmt, pairs, probe, layers,
-                                                          max_pairs, seed, stitch_options))
+                                                          max_pairs, seed, stitch_options,
+                                                          route="weights" if weights_only else None))
                 _verify_chunks(out_path, fmt)  # before any rank reads what is finished
             _agree(world, rank, prepare)
         return _run(run, members, out_path, rank, world, metrics, pairs, probe, layers, max_pairs, seed, fmt,
@@ -225,11 +247,27 @@ def _run(run, members, out_path, rank, world, metrics, pairs, probe, layers, max
 
 def _default_chunk_size(members) -> int:
     """256 members, fewer for large checkpoints: two chunks (the one analysed
-    and the one read ahead) stay within about 1 GiB."""
+    and the one read ahead) stay within about 1 GiB (a model folder counts
+    its weight files; without arch only one tensor at a time is read, and
+    the size keeps each committed chunk a few minutes of work)."""
     first = members[0][1]
     if isinstance(first, nn.Module):
         return 256
-    return max(1, min(256, (512 << 20) // max(1, pathlib.Path(first).stat().st_size)))
+    return max(1, min(256, (512 << 20) // max(1, _checkpoint_bytes(pathlib.Path(first)))))
+
+
+def _checkpoint_bytes(path: pathlib.Path) -> int:
+    if not path.is_dir():
+        return path.stat().st_size
+    from ..weights import checkpoint_files
+
+    try:
+        files = checkpoint_files(str(path)) or []
+    except ValueError:  # an unreadable index: that member's error row says so
+        files = []
+    files = files if files or not (path / "adapter_config.json").exists() else \
+        [str(path / f) for f in ("adapter_model.safetensors", "adapter_model.bin")]
+    return sum(pathlib.Path(f).stat().st_size for f in files if pathlib.Path(f).is_file())
 
 
 def _store(out_path, memory, chunk_id, tables, fmt):
@@ -244,6 +282,8 @@ def _store(out_path, memory, chunk_id, tables, fmt):
 def _process_chunk(chunk, run: _Members, metrics, reading=None) -> dict[str, pd.DataFrame]:
     """The chunk's tables; a member that cannot be read, checked or analysed
     is a models row with its error."""
+    if isinstance(run, _WeightMembers):
+        return _process_weights_chunk(chunk, run, metrics, reading)
     loaded = (reading or run.read([n for n, _ in chunk])).result()
     states = [item for _, item in loaded if isinstance(item, dict)]
     finite = all_finite_states(states)  # one check for the whole chunk; one per member only when it fails
@@ -283,6 +323,41 @@ def _process_chunk(chunk, run: _Members, metrics, reading=None) -> dict[str, pd.
     paths = {n: str(s) for n, s in chunk if not isinstance(s, nn.Module)}
     if paths and len(tables["models"]):
         tables["models"]["path"] = tables["models"]["model"].map(paths).fillna("")
+    return tables
+
+
+def _process_weights_chunk(chunk, run: _WeightMembers, metrics, reading=None) -> dict[str, pd.DataFrame]:
+    """The chunk's tables from the members' weights alone: their layers of one
+    shape batched across members (weight_model_metrics); a member that cannot
+    be read, or whose tensor is unreadable, NaN or infinite, is a models row
+    with its error naming the file and the tensor, and the others go on."""
+    loaded = (reading or run.read([n for n, _ in chunk])).result()
+    errors, good = [], {}
+    for name, item in loaded:
+        if isinstance(item, Exception):
+            errors.append({"model": name, "error": run.describe(name, str(item))})
+        else:
+            good[name] = item
+    parts = []
+    if good:
+        try:
+            parts.append(weight_model_metrics(good, metrics, progress=run.progress))
+        except (ValueError, RuntimeError, OSError):  # one member spoils the batch: analyse one by one
+            for name, entries in good.items():
+                try:
+                    parts.append(weight_model_metrics({name: entries}, metrics, progress=run.progress))
+                except (ValueError, RuntimeError, OSError) as error:
+                    errors.append({"model": name, "error": run.describe(name, str(error) or type(error).__name__)})
+    tables = {t: pd.concat([p[t] for p in parts], ignore_index=True) if parts else pd.DataFrame()
+              for t in ("models", "layers", "edges")}
+    if len(tables["layers"]):
+        sources = {n: run.sources[n] for n in good}
+        tables["layers"]["source"] = [relative_to_member(sources[m], s)
+                                      for m, s in zip(tables["layers"]["model"], tables["layers"]["source"])]
+    if errors:
+        tables["models"] = pd.concat([tables["models"], pd.DataFrame(errors)], ignore_index=True)
+    if len(tables["models"]):
+        tables["models"]["path"] = tables["models"]["model"].map({n: str(s) for n, s in chunk}).fillna("")
     return tables
 
 

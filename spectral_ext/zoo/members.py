@@ -88,16 +88,42 @@ def build_model(factory, arch=None) -> nn.Module:
     return model
 
 
+MODEL_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
+               "pytorch_model.bin")  # a Hugging Face model folder's weights (with config.json, or a shard index)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # a PEFT adapter's (with adapter_config.json)
+
+
+def model_folder(path) -> str | None:
+    """What a folder holds as one model: "lora" for a PEFT LoRA adapter
+    (adapter_config.json with adapter_model.safetensors or .bin),
+    "huggingface" for a model in the Hugging Face layout (config.json with
+    model.safetensors, pytorch_model.bin or a shard index; a shard index
+    alone too: its shards are one model), else None."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        return None
+    if (path / "adapter_config.json").is_file() and any((path / f).is_file() for f in ADAPTER_FILES):
+        return "lora"
+    indexed = any((path / f).is_file() for f in MODEL_FILES[:2])
+    if indexed or ((path / "config.json").is_file() and any((path / f).is_file() for f in MODEL_FILES[2:])):
+        return "huggingface"
+    return None
+
+
 def list_members(source) -> list[tuple[str, object]]:
     """(name, path or module) for a folder of checkpoints (searched
     recursively, hidden entries skipped), a list of paths, or a list/dict of
     nn.Modules; sorted by name for a deterministic order.
 
-    A checkpoint is named by its path relative to the folder without the
-    suffix ("cnn_00", "seed_1/epoch_3"); where two files would share a name
-    (a.pt and a.safetensors) both are kept, each named with its suffix
-    ("a.pt", "a.safetensors"). Names are strings, never missing values: a
-    member may be called "NA" or "None"."""
+    A checkpoint file is named by its path relative to the folder without
+    the suffix ("cnn_00", "seed_1/epoch_3"); where two files would share a
+    name (a.pt and a.safetensors) both are kept, each named with its suffix
+    ("a.pt", "a.safetensors"). A sub-folder holding a model in the Hugging
+    Face layout or a PEFT LoRA adapter (see model_folder) is one member named
+    by its relative path ("llama_a", "adapters/run_1"), its files (shards,
+    and whatever else it holds) not members of their own; a source that is
+    such a folder is the one member, named by the folder. Names are strings,
+    never missing values: a member may be called "NA" or "None"."""
     if isinstance(source, dict):
         items = [(str(k), v) for k, v in source.items()]
     elif isinstance(source, (str, os.PathLike)):
@@ -108,10 +134,10 @@ def list_members(source) -> list[tuple[str, object]]:
             raise ZooError(f"no such checkpoint folder or file: {root}")
         if root.is_file():
             items = [(root.stem, root)]
+        elif model_folder(root) is not None:
+            items = [(root.resolve().name or str(root), root)]
         else:
-            paths = [p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()
-                     and not any(part.startswith(".") for part in p.relative_to(root).parts)]
-            items = _relative_names(root, paths)
+            items = _folder_members(root)
     else:
         items = []
         for k, item in enumerate(source):
@@ -121,14 +147,30 @@ def list_members(source) -> list[tuple[str, object]]:
                 path = pathlib.Path(item)
                 if not path.exists():
                     raise ZooError(f"no such checkpoint: {path}")
-                items.append((str(path.with_suffix("")), path))
+                items.append((str(path if path.is_dir() else path.with_suffix("")), path))
     names = [n for n, _ in items]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})[:5]
         raise ZooError(f"two members share a name: {twice}")
     if not items:
-        raise ZooError(f"no checkpoints ({', '.join(CHECKPOINT_SUFFIXES)}) or models in {source!r}")
+        raise ZooError(f"no checkpoints ({', '.join(CHECKPOINT_SUFFIXES)}), Hugging Face model folders, LoRA "
+                       f"adapter folders or models in {source!r}")
     return sorted(items, key=lambda item: item[0])
+
+
+def _folder_members(root: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
+    """The members under a folder: model folders as one member each (not searched further), checkpoint files."""
+    files, folders = [], []
+    for here, dirs, names in os.walk(root):  # symlinked folders are members when they hold a model, never walked
+        base = pathlib.Path(here)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in list(dirs):
+            if model_folder(base / d) is not None:
+                folders.append(base / d)
+                dirs.remove(d)
+        files += [base / n for n in names if not n.startswith(".") and pathlib.Path(n).suffix in CHECKPOINT_SUFFIXES
+                  and (base / n).is_file()]
+    return _relative_names(root, files) + [(p.relative_to(root).as_posix(), p) for p in folders]
 
 
 def _relative_names(root: pathlib.Path, paths) -> list[tuple[str, pathlib.Path]]:
@@ -222,8 +264,11 @@ def _read_small_safetensors(path: pathlib.Path) -> _State | None:
 def read_checkpoint(source, allow_pickle: bool = False):
     """The state_dict (or, with allow_pickle, the module) a checkpoint
     holds: safetensors files memory-mapped (read whole when small), torch
-    files with torch.load(mmap=True). Raises ValueError with the reason."""
+    files with torch.load(mmap=True), a Hugging Face model folder's files
+    (its shards together). Raises ValueError with the reason."""
     path = pathlib.Path(source)
+    if path.is_dir():
+        return _read_folder_checkpoint(path, allow_pickle)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load, load_file
@@ -255,6 +300,32 @@ def read_checkpoint(source, allow_pickle: bool = False):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"the checkpoint holds a {type(state).__name__}, not a state_dict of tensors")
+    return state
+
+
+def _read_folder_checkpoint(path: pathlib.Path, allow_pickle: bool = False) -> dict:
+    """The state_dict of a Hugging Face model folder: its one weight file, or
+    its shards' tensors together (the shard index's files, in its order)."""
+    from .. import weights
+
+    if model_folder(path) == "lora":
+        raise ValueError("a LoRA adapter folder holds a low-rank update, not a model's weights: analyse it without "
+                         "arch (rank and alpha are read from its weights)")
+    files = weights.checkpoint_files(str(path))  # a WeightError (ValueError) for an unreadable index
+    if files is None:
+        raise ValueError(f"unreadable checkpoint ({path.name} is a folder without model.safetensors, a shard index "
+                         "or pytorch_model.bin)")
+    state = {}
+    for file in files:
+        if not os.path.exists(file):
+            raise ValueError(f"unreadable checkpoint ({os.path.basename(file)}: named by the shard index but missing)")
+        try:
+            part = read_checkpoint(file, allow_pickle)
+        except ValueError as error:
+            raise ValueError(f"{os.path.basename(file)}: {error}") from error
+        if isinstance(part, nn.Module):
+            raise ValueError(f"{os.path.basename(file)} holds a whole module, not a shard of a state_dict")
+        state.update(part)
     return state
 
 
@@ -537,6 +608,60 @@ class _Members:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def read_member_weights(source, allow_pickle: bool = False) -> list:
+    """The weight tensors of a member for the weights route (no
+    architecture): weights.read_path of a checkpoint file or a Hugging Face
+    or LoRA folder, every tensor of two or more dimensions (vectors have no
+    spectrum). With allow_pickle a torch file may hold a whole pickled module
+    (trusted files only), read as that module. ValueError (weights.WeightError
+    naming the file and the tensor) for anything unreadable or without a
+    weight to analyse."""
+    from .. import weights
+
+    path = pathlib.Path(source)
+    if allow_pickle and path.is_file() and path.suffix != ".safetensors":
+        entries = weights.read_weights(read_checkpoint(path, allow_pickle=True))
+    else:
+        entries = weights.read_path(path)
+    entries = [e for e in entries if e.kind != "vector"]
+    if not entries:
+        raise ValueError("no weight to analyse (no tensor of two or more dimensions)")
+    return entries
+
+
+class _WeightMembers(_Members):
+    """The members of a run without an architecture: each read as its weight
+    tensors (read_member_weights: headers only, every tensor is read when
+    the analysis asks for it), in the run's reading threads."""
+
+    def __init__(self, members, allow_pickle: bool, workers: int | None = None, progress: bool = False):
+        super().__init__(members, None, allow_pickle, None, workers)
+        self.progress = progress  # a bar over the bytes of each chunk's weights
+
+    def _read(self, name):
+        try:
+            return read_member_weights(self.sources[name], self.allow_pickle)
+        except Exception as error:  # third-party readers raise many kinds: an error row, and the run goes on
+            return error if isinstance(error, ValueError) else ValueError(_reason(error))
+
+    def describe(self, name, text: str) -> str:
+        """An error of a member as one line naming its file: paths relative to the member's folder."""
+        path = pathlib.Path(self.sources[name])
+        text = " ".join(relative_to_member(path, str(text)).split())
+        return text if text.startswith((f"{path.name}:", f"{path.name}/")) else f"{path.name}: {text}"
+
+    def bind(self, name, loaded, checked: bool = False, state=None):
+        raise ValueError("the checkpoint is a state_dict: pass arch to build the model")
+
+    def template(self):
+        raise ZooError("no architecture: the members are read as weights", argument="arch")
+
+
+def relative_to_member(path: pathlib.Path, text: str) -> str:
+    """text with the member's folder (a file's folder, or the folder above a model folder) left out of its paths."""
+    return text.replace(str(pathlib.Path(path).parent) + os.sep, "")
 
 
 class _Gathered:

@@ -13,7 +13,7 @@ from torch import nn
 from .. import spectra
 from .._data import copy_inputs
 from .._hooks import capturing, check_layers, evaluating, models_in_eval_mode
-from ._base import METRICS, PAIR_MEASURES, ZooError, ZooTables
+from ._base import METRICS, PAIR_MEASURES, WEIGHT_METRICS, ZooError, ZooTables
 from .members import _collector_paused, _Members, all_finite_states, module_tensors
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +103,78 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
                                       "n_significant": int(result.significant(k).sum()),
                                       "threshold": float(result.threshold(k))})
     return ZooTables(models=_concat(model_parts), layers=_concat(layer_parts), edges=pd.DataFrame(edge_rows))
+
+
+RANK_COLUMNS = ("numerical_rank", "stable_rank", "spectral_norm", "lambda_max")
+ALPHA_COLUMNS = ("alpha", "xmin", "ks", "n_tail")
+
+
+def weight_model_metrics(members, metrics=("rank", "alpha"), convention: str = "seed001", min_tail: int = 10,
+                         memory: int | None = None, progress: bool = False, embeddings: bool = False) -> ZooTables:
+    """Per-model metrics of {name: source} from the weights alone: no
+    architecture, no forward (the zoo's route without arch). source: anything
+    weights.read_weights takes (a checkpoint file, a Hugging Face model or
+    PEFT LoRA folder, a state_dict, a module) or its list of WeightTensor
+    entries. Every weight of two or more dimensions is a row; the members'
+    weights go through one spectra.weight_metrics call, which batches the
+    weights of one shape across members into Gram eigvalsh calls of at most
+    `memory` bytes of float64 (default spectra.WEIGHT_MEMORY), reading one
+    tensor at a time: the peak is about that budget and a few copies of the
+    largest weight, never a whole model. progress: its bar over the bytes
+    read.
+
+    Tables with model_metrics' columns where they apply: layers (model,
+    layer, kind, rows, columns, source (file:tensor), numerical_rank,
+    stable_rank, spectral_norm, lambda_max, with "alpha" alpha, xmin, ks,
+    n_tail; and a note: a quantised or integer tensor, a tied head, a fit
+    with too few eigenvalues), the numbers of spectra.layer_spectra of each
+    member; models (model, architecture: a hash of the layers' names, kinds
+    and shapes, n_layers, error, with "alpha" alpha_hat by spectra.alpha_hat's
+    rule, embeddings left out unless embeddings=True, and n_alpha_layers, the
+    layers it used). metrics: among WEIGHT_METRICS; others need the models'
+    dataflow (ZooError, argument "arch"). Raises ValueError naming the file
+    and tensor for a NaN or infinite weight or an unreadable one."""
+    from .. import weights
+
+    dataflow = [m for m in metrics if m not in WEIGHT_METRICS]
+    if dataflow:
+        raise ZooError(f"the metrics {dataflow} run the models: pass arch to build them (from the weights alone: "
+                       f"{list(WEIGHT_METRICS)})", argument="arch")
+    spectra._check_convention(convention)
+    entries_of = {}
+    for name, source in members.items():
+        entries = list(source) if isinstance(source, (list, tuple)) else weights.read_weights(source, name=str(name))
+        entries_of[str(name)] = [e for e in entries if e.kind != "vector"]
+    flat = [e for entries in entries_of.values() for e in entries]
+    fit = "alpha" in metrics
+    values = spectra.weight_metrics(flat, convention, min_tail, fit=fit, progress=progress,
+                                    **({"memory": memory} if memory is not None else {})) \
+        if flat else pd.DataFrame(columns=["note"])
+    counts = [len(entries) for entries in entries_of.values()]
+    layers = pd.DataFrame({"model": np.repeat(list(entries_of), counts).astype(object),
+                           "layer": [e.layer for e in flat], "kind": [e.kind for e in flat],
+                           "rows": [int(e.shape[0]) for e in flat], "columns": [int(e.shape[1]) for e in flat],
+                           "source": [e.source for e in flat]})
+    for column in RANK_COLUMNS + (ALPHA_COLUMNS if fit else ()):
+        layers[column] = values[column].to_numpy() if column in values else np.nan
+    layers["note"] = values["note"].to_numpy() if len(values) else ""
+    summary = pd.DataFrame({"model": list(entries_of), "architecture": [_weights_id(e) for e in entries_of.values()],
+                            "n_layers": counts, "error": ""})
+    if fit:
+        hats, used, start = [], [], 0
+        for count in counts:
+            part = layers.iloc[start:start + count]
+            start += count
+            part = part if embeddings else part[part["kind"] != "embedding"]
+            alpha = part["alpha"].to_numpy(dtype=np.float64)
+            hats.append(spectra.alpha_hat_of(alpha, part["lambda_max"].to_numpy(dtype=np.float64), convention))
+            used.append(int((~np.isnan(alpha)).sum()))
+        summary["alpha_hat"], summary["n_alpha_layers"] = hats, used
+    return ZooTables(models=summary, layers=layers, edges=pd.DataFrame())
+
+
+def _weights_id(entries) -> str:
+    return hashlib.sha1(repr([(e.layer, e.kind, tuple(e.shape), e.groups) for e in entries]).encode()).hexdigest()[:10]
 
 
 def _concat(frames) -> pd.DataFrame:

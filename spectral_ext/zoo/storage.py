@@ -23,7 +23,7 @@ def _write(frame: pd.DataFrame, path: pathlib.Path, fmt: str):
 
 
 STRING_COLUMNS = ("model", "model_a", "model_b", "layer", "previous", "next", "architecture", "error", "measure",
-                  "kind", "path")
+                  "kind", "path", "source")
 
 
 def _read(path: pathlib.Path, fmt: str) -> pd.DataFrame:
@@ -177,7 +177,10 @@ def _merge(out: pathlib.Path, fmt: str, tables=TABLES, write: bool = True) -> di
 
 
 # Options that decide the numbers of each phase: stored in <out>/options.json with the chunks.
-def _run_options(arch, metrics, example_input, fmt, pairs, probe, layers, max_pairs, seed, stitch_options) -> dict:
+def _run_options(arch, metrics, example_input, fmt, pairs, probe, layers, max_pairs, seed, stitch_options,
+                 route: str | None = None) -> dict:
+    """route: "weights" for a run without an architecture (its tables come from the weights alone: a run of
+    an earlier version, whose state_dict members were all error rows, is not resumed by it)."""
     def fingerprint(value):
         if value is None:
             return None
@@ -192,8 +195,11 @@ def _run_options(arch, metrics, example_input, fmt, pairs, probe, layers, max_pa
 
     arch_name = arch if isinstance(arch, str) or arch is None else \
         f"{getattr(arch, '__module__', '?')}:{getattr(arch, '__qualname__', type(arch).__name__)}"
-    return {"models": {"arch": arch_name, "metrics": list(metrics), "example_input": fingerprint(example_input),
-                       "format": fmt},
+    models = {"arch": arch_name, "metrics": list(metrics), "example_input": fingerprint(example_input),
+              "format": fmt}
+    if route is not None:  # absent otherwise: the runs of earlier versions resume as they did
+        models["route"] = route
+    return {"models": models,
             "pairs": {"measures": list(pairs), "probe": fingerprint(probe) if pairs else None,
                       "layers": list(layers) if layers is not None else None,
                       "max_pairs": max_pairs, "seed": seed if pairs else None,
@@ -220,8 +226,10 @@ def _reconcile_options(out: pathlib.Path, options: dict):
         for phase in ("models", "pairs"):
             if stored.get(phase) == options[phase] or (phase == "pairs" and not stored.get("pairs", {}).get("measures")):
                 continue
-            differ = [f"{k}: {stored.get(phase, {}).get(k)!r} there, {v!r} now" for k, v in options[phase].items()
-                      if stored.get(phase, {}).get(k) != v]
+            there = stored.get(phase, {})
+            differ = [f"{k}: {there.get(k)!r} there, {options[phase].get(k)!r} now"
+                      for k in [*options[phase], *(k for k in there if k not in options[phase])]
+                      if there.get(k) != options[phase].get(k)]
             raise ZooError(f"{out} holds a run with other {phase} options ({'; '.join(differ)}): resume with the "
                            "same options, or use a new results folder")
     elif _chunk_folders(out):
