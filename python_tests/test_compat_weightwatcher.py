@@ -1,9 +1,15 @@
 """spectral_ext.compat.weightwatcher against the real WeightWatcher 0.7.7 on
-small models, column by column: the same rows, spectra to 1e-8, fits to the
-fit's own rounding, the same summary, describe and get_ESD."""
+small models, state_dicts and Hugging Face folders (single file, shards with
+an index, bf16, shards without an index, pytorch_model.bin), column by column:
+the same rows, spectra to 1e-8, fits to the fit's own rounding, the same
+summary, describe and get_ESD; the layers it leaves out for their size named
+in a warning and analysed with large_layers=True; transformers' Conv1D."""
 import contextlib
 import io
+import json
+import os
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -94,9 +100,13 @@ def test_unreproduced_options_and_bad_input_say_so():
         watcher.analyze(nope=1)
     with pytest.raises(ValueError, match="min_evals"):
         watcher.analyze(min_evals=20, max_evals=10)
+    with pytest.raises(ValueError, match="max_N"):
+        watcher.describe(max_N=100)  # below max_evals, refused by WeightWatcher too
     with pytest.raises(ValueError, match="all >= 0"):
         watcher.analyze(layers=[1, -2])
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, a state_dict or a model folder"):
+        se_ww.WeightWatcher(model=42)
+    with pytest.raises(ValueError, match="'resnet' is not a folder"):
         se_ww.WeightWatcher(model="resnet")
     with pytest.warns(UserWarning, match="Conv1d"):
         se_ww.WeightWatcher(model=nn.Sequential(nn.Conv1d(4, 8, 3), nn.Linear(8, 12))).analyze()
@@ -116,3 +126,155 @@ def test_plot_draws_one_esd_per_layer(tmp_path):
         line = ax.get_lines()[0]
         assert line.get_label() == f"alpha = {details.loc[layer_id, 'alpha']:.2f}"
         assert line.get_xdata()[0] == pytest.approx(details.loc[layer_id, "xmin"])
+
+
+# -- state_dicts, folders and transformers models ---------------------------------------------------------------
+
+
+def tiny_llama(dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=500)
+    return transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    config = transformers.AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=500,
+                                               n_positions=128, bos_token_id=0, eos_token_id=0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Hugging Face folders as save_pretrained writes them, and the layouts WeightWatcher reads otherwise."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("folders")
+    llama = tiny_llama()
+    out = {}
+    with contextlib.redirect_stderr(io.StringIO()):
+        for name, model, kwargs in (("llama", llama, {}), ("llama_shards", llama, {"max_shard_size": "40KB"}),
+                                    ("llama_bf16", tiny_llama(torch.bfloat16), {"max_shard_size": "100KB"}),
+                                    ("gpt2", tiny_gpt2(), {})):
+            model.save_pretrained(root / name, **kwargs)
+            out[name] = str(root / name)
+    state = {k: v.contiguous() for k, v in llama.state_dict().items()}
+    keys = list(state)
+    # two files and no index: WeightWatcher reads file by file (its ids restart oddly on the third file)
+    (root / "no_index").mkdir()
+    for i, part in enumerate((keys[:7], keys[7:15], keys[15:])):
+        save_file({k: state[k] for k in part}, str(root / "no_index" / f"model-{i}.safetensors"))
+    out["no_index"] = str(root / "no_index")
+    (root / "bin").mkdir()
+    torch.save(state, root / "bin" / "pytorch_model.bin")
+    out["bin"] = str(root / "bin")
+    # a CNN's state_dict as one file: 4-d tensors are WeightWatcher's Conv2d slices
+    cnn = models()["kernels"]
+    (root / "cnn").mkdir()
+    save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(root / "cnn" / "model.safetensors"))
+    out["cnn"] = str(root / "cnn")
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_shards", "llama_bf16", "gpt2", "no_index", "bin", "cnn"])
+def test_folders_equal_weightwatcher(folders, name):
+    folder = folders[name]
+    watcher, expected = real(folder)
+    mine = se_ww.WeightWatcher(model=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left out silently or otherwise here
+        got = mine.analyze()
+    assert len(got) >= 5
+    assert_same_frames(expected, got)
+    assert mine.get_summary() == pytest.approx(watcher.get_summary(), rel=1e-8)
+    assert_same_frames(real(folder, "describe")[1], mine.describe())
+    assert_same_frames(expected, se_ww.WeightWatcher().analyze(model=folder))  # the folder given to analyze
+    layer = expected["layer_id"].iloc[-1]
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        esd = watcher.get_ESD(layer=layer)
+    np.testing.assert_allclose(mine.get_ESD(layer=layer), esd, rtol=1e-8, atol=1e-12)
+
+
+def test_layer_order_and_ids_follow_weightwatcher_in_folders(folders):
+    shards = se_ww.WeightWatcher(model=folders["llama_shards"]).describe()
+    index = json.load(open(os.path.join(folders["llama_shards"], "model.safetensors.index.json")))["weight_map"]
+    # shard by shard, in the index's order within each, every ".weight" key (norms too) taking an id
+    order = [k[:-len(".weight")] for f in sorted(set(index.values())) for k in index if index[k] == f
+             and k.endswith(".weight")]
+    assert shards["name"].tolist() == [k for k in order if "norm" not in k]
+    assert shards["layer_id"].tolist() == [order.index(k) for k in shards["name"]]
+    single = se_ww.WeightWatcher(model=folders["llama"]).describe()
+    assert single["name"].tolist() == sorted(single["name"])  # one file: its keys by name
+    assert (single["layer_type"] == "dense").all()  # a folder's 2-d weights, embeddings included
+
+
+def test_state_dict_equals_weightwatcher():
+    model = tiny_llama()
+    for state in (model.state_dict(), {"state_dict": model.state_dict()}):
+        _, expected = real(state)
+        assert expected["layer_id"].iloc[0] == 1  # a state_dict's ids start at 1 there
+        assert_same_frames(expected, se_ww.WeightWatcher(model=state).analyze())
+    _, expected = real(model.state_dict(), start_ids=5)
+    assert_same_frames(expected, se_ww.WeightWatcher(model=model.state_dict()).analyze(start_ids=5))
+
+
+def test_transformers_conv1d_layers_equal_weightwatcher():
+    model = tiny_gpt2()
+    watcher, expected = real(model)
+    assert (expected["layer_type"] == "conv1d").sum() == 8  # c_attn, c_proj, c_fc, c_proj of two blocks
+    got = se_ww.WeightWatcher(model=model).analyze()
+    assert_same_frames(expected, got)
+    assert_same_frames(real(model, "describe")[1], se_ww.WeightWatcher(model=model).describe())
+
+
+@pytest.mark.parametrize("caps", [{"max_N": 400, "max_evals": 100}, {"max_evals": 40}])
+def test_layers_left_out_for_size_are_named_and_analysed_on_request(folders, caps):
+    folder = folders["llama"]
+    _, expected = real(folder, **caps)
+    mine = se_ww.WeightWatcher(model=folder)
+    with pytest.warns(se_ww.LayersLeftOutWarning) as record:
+        got = mine.analyze(**caps)
+    assert_same_frames(expected, got)  # WeightWatcher's rows, no more
+    _, everything = real(folder)
+    left_out = everything[~everything["layer_id"].isin(expected["layer_id"])]
+    assert len(left_out) >= 2
+    message = str(record[0].message)
+    assert all(f"{i} {n} (" in message for i, n in zip(left_out["layer_id"], left_out["longname"]))
+    assert "large_layers=True" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same_frames(everything, mine.analyze(large_layers=True, **caps))
+        assert_same_frames(real(folder, "describe")[1], mine.describe(large_layers=True, **caps))
+    with pytest.warns(se_ww.LayersLeftOutWarning):
+        assert_same_frames(real(folder, "describe", **caps)[1], mine.describe(**caps))
+
+
+def test_folder_tensors_are_read_one_at_a_time(folders, monkeypatch):
+    """describe reads headers only; analyze reads each tensor once, and no two
+    tensors of more than 4,096 entries are alive together."""
+    loads, alive, peak = [], set(), [0]
+    loader = se_ww._entry_loader
+
+    def counting(entry):
+        load = loader(entry)
+
+        def wrapped():
+            w = load()
+            loads.append(entry.source)
+            if w.numel() > 4096:
+                alive.add(id(w))
+                peak[0] = max(peak[0], len(alive))
+                weakref.finalize(w, alive.discard, id(w))
+            return w
+        return wrapped
+
+    monkeypatch.setattr(se_ww, "_entry_loader", counting)
+    watcher = se_ww.WeightWatcher(model=folders["llama_shards"])
+    rows = watcher.describe()
+    assert loads == []
+    watcher.analyze()
+    assert len(loads) == len(rows) == len(set(loads)) and peak[0] == 1

@@ -7,22 +7,43 @@ and get the same DataFrame (columns, layer ids, conventions) faster. Every
 formula follows WeightWatcher 0.7.7's source (weightwatcher.py, RMT_Util.py,
 WW_powerlaw.py), read line by line:
 
-- layers: model.named_modules() in order, ids from 0 (the model itself is 0);
-  a module is "dense" (Linear), "conv2d", "conv1d" or "embedding" by
-  WeightWatcher's type test; weights go through float32 as in its
-  torch_T_to_np. A Conv2d is its kh*kw slices W[:, :, i, j], each
+- layers of a module: model.named_modules() in order, ids from 0 (the model
+  itself is 0); a module is "dense" (Linear), "conv2d", "conv1d" or
+  "embedding" by WeightWatcher's type test; weights go through float32 as in
+  its torch_T_to_np. A Conv2d is its kh*kw slices W[:, :, i, j], each
   transposed to N x M (N >= M) when out < in, with WeightWatcher's running
   swap of N and M per transposed slice (so a kernel with an even number of
-  taps and out < in keeps N < M, as there); rf = kh*kw.
+  taps and out < in keeps N < M, as there); rf = kh*kw. transformers' Conv1D
+  (GPT-2's c_attn, c_proj, c_fc: a 2-d (in, out) weight) is a "conv1d"
+  layer analysed as its matrix, as there.
+- a state_dict (ids from 1) or a Hugging Face folder (model="path", as
+  WeightWatcher's PyStateDictDir reads it: model*.safetensors first, then
+  adapter_model*.safetensors, pytorch_model*.bin, adapter_model*.bin): every
+  key ending in ".weight" takes an id (norm scales too), in the order of a
+  *layer_map file or of the shard index (shard files sorted, keys in the
+  index's order within each), else file by file in sorted order with each
+  file's keys sorted (a .bin: its state_dict's order) and WeightWatcher's ids
+  per file (each file starts at the previous file's start plus every layer
+  so far); a layer is named by its key less ".weight", 2-d weights (embeddings
+  and heads included) are "dense", 4-d ones "conv2d", others none. Shapes
+  come from the files' headers; the tensors are read through
+  spectral_ext.weights, memory-mapped, one at a time when analysed (describe
+  reads none), bf16 and fp16 converted exactly as WeightWatcher's float32
+  copy converts them.
 - layers pass when M*rf (M for a Linear) is within [min_evals, max_evals]
   and N <= max_N; layers may be filtered by id (all positive to keep, all
-  negative to skip), name (or "-name") or type.
+  negative to skip), name (or "-name") or type. The layers WeightWatcher
+  leaves out for their size (N > max_N, M*rf > max_evals: a 151,936 x 896
+  embedding) are left out here too, named in a LayersLeftOutWarning;
+  large_layers=True analyses them as well (the Gram of the smaller side makes
+  them cheap).
 - conv2d_norm: each Conv2d slice is scaled by sqrt(conv2d_count / 2) =
   sqrt(1/2) when pooling; no 1/N normalisation. get_ESD returns the
   unscaled eigenvalues, as WeightWatcher's get_ESD skips the scaling.
 - ESD: the pooled squared singular values of the slices (float64 Gram of
-  the smaller side + eigvalsh, batched over slices of one shape across
-  layers: spectral_ext.spectra.weight_singular_values' route).
+  the smaller side + eigvalsh: spectral_ext.spectra.weight_singular_values'
+  route), small slices batched by shape across layers, every larger layer
+  read, computed and freed in turn.
 - the power-law fit is WWFit (spectra.fit_power_law(convention=
   "weightwatcher")): eigenvalues above 1e-5, every point but the last as
   xmin, one-sided KS distance D, sigma = (alpha - 1) / sqrt(n_tail); below
@@ -45,22 +66,27 @@ WW_powerlaw.py), read line by line:
 Not reproduced (a ValueError names the argument): pool=False (the 0.2x slice
 iterator), glorot_fix, conv2d_fft, fft, intra, stacked, peft, base_model,
 vectors, fix_fingers, fit other than "PL", xmax, deltas, detX/ERG,
-pl_package="powerlaw". Conv1d layers, on which WeightWatcher 0.7.7's SVD
-fails, are left out with a warning. plot=True draws one ESD figure per
+pl_package="powerlaw"; folders of WeightWatcher's .npy flat files or Keras
+.h5 files; a single checkpoint file as model (WeightWatcher takes folders).
+nn.Conv1d layers (3-d weights), on which WeightWatcher 0.7.7's SVD fails,
+are left out with a warning. plot=True draws one ESD figure per
 layer (spectral_ext.plot.esd) rather than WeightWatcher's five."""
 from __future__ import annotations
 
+import glob
+import json
 import math
 import numbers
 import os
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .. import spectra
+from .. import spectra, weights
 from .._linalg import gram_singular_values
 
 __version__ = "0.7.7"  # the WeightWatcher release whose conventions this reproduces
@@ -97,28 +123,41 @@ def _layer_type(module: nn.Module) -> str:
 
 
 class _Layer:
-    """One weight layer as WeightWatcher's WWLayer holds it."""
+    """One weight layer as WeightWatcher's WWLayer holds it: its id, names,
+    type and (N, M, rf) from the weight's shape alone; the weight itself is
+    read when `slices` is asked for (a file's tensor one at a time), as float64
+    values of WeightWatcher's float32 copy (torch_T_to_np)."""
 
-    def __init__(self, layer_id, longname, module, kind):
-        self.layer_id, self.longname, self.kind = layer_id, longname, kind
-        self.name = longname.split(".")[-1] if longname else type(module).__name__
-        self.longname = longname or self.name
-        w = module.weight.detach().cpu().float().double()  # WeightWatcher reads weights through float32 on the CPU
+    def __init__(self, layer_id, name, longname, kind, shape, load):
+        self.layer_id, self.name, self.longname, self.kind = layer_id, name, longname, kind
+        self.shape, self._load = tuple(int(d) for d in shape), load
         if kind == "conv2d":
-            out, cin, kh, kw = w.shape
+            out, cin, kh, kw = self.shape
             self.rf = kh * kw
-            transpose = out < cin
+            self.transpose = out < cin
             N, M = out, cin
-            if transpose and self.rf % 2 == 1:  # conv2D_Wmats swaps N and M once per transposed slice
+            if self.transpose and self.rf % 2 == 1:  # conv2D_Wmats swaps N and M once per transposed slice
                 N, M = M, N
-            slices = w.permute(2, 3, 0, 1).reshape(self.rf, out, cin)
-            self.slices = slices.mT if transpose else slices  # the N x M orientation its shuffles use
         else:
-            N, M = max(w.shape), min(w.shape)
+            N, M = max(self.shape), min(self.shape)
             self.rf = 1
-            self.slices = w[None]
         self.N, self.M = int(N), int(M)
         self.norm = 1.0
+
+    @property
+    def slice_numel(self) -> int:
+        return math.prod(self.shape[:2])
+
+    @property
+    def slices(self) -> torch.Tensor:
+        """The (rf, rows, cols) stack WeightWatcher's SVDs see (its N x M
+        orientation for a Conv2d's slices, the weight as stored otherwise)."""
+        w = self._load()
+        if self.kind == "conv2d":
+            out, cin, kh, kw = self.shape
+            slices = w.reshape(self.shape).permute(2, 3, 0, 1).reshape(self.rf, out, cin)
+            return slices.mT if self.transpose else slices  # the N x M orientation its shuffles use
+        return w.reshape(self.shape)[None]
 
 
 def _matrix_rank(sv: np.ndarray, N: int) -> int:
@@ -144,6 +183,25 @@ def _singular_values(matrices: list[torch.Tensor], scales=None) -> list[np.ndarr
         for k in keys:
             out[k] = sv[start:start + len(matrices[k])] * scales[k]
             start += len(matrices[k])
+    return out
+
+
+def _layer_singular_values(chosen: list[_Layer]) -> list[np.ndarray]:
+    """Each layer's singular values (rf, k), scaled by its norm: the small
+    layers (slices of at most 4096 entries) read together and batched by
+    shape, every other layer read, computed and freed in turn (a folder is
+    never in memory at once)."""
+    out = [None] * len(chosen)
+    small = [k for k, layer in enumerate(chosen) if layer.slice_numel <= 4096]
+    if small:
+        svs = _singular_values([chosen[k].slices for k in small], [chosen[k].norm for k in small])
+        for k, sv in zip(small, svs):
+            out[k] = sv
+    for k, layer in enumerate(chosen):
+        if out[k] is None:
+            out[k] = _singular_values([layer.slices], [layer.norm])[0]
+            if layer.slice_numel * layer.rf >= 1 << 21:  # 16 MiB of float64: hand the freed heap back
+                weights.release_freed_memory()
     return out
 
 
@@ -193,23 +251,188 @@ def _mp_fit(evals: np.ndarray, N: int, M: int) -> tuple:
     return num_spikes, s1, mp_softrank, bulk_min / (Wscale * Wscale), bulk_max / (Wscale * Wscale), Wscale
 
 
+class LayersLeftOutWarning(UserWarning):
+    """WeightWatcher 0.7.7 leaves layers out for their size (N > max_N or
+    M * rf > max_evals) without a word; the adapter keeps its rows and names
+    them in this warning (large_layers=True analyses them too)."""
+
+
+def _module_candidates(model: nn.Module, start_ids: int):
+    """(layer_id, name, longname, kind, shape, loader) of each weight layer of
+    a module in named_modules() order, ids from start_ids; Conv1d layers with a
+    3-d weight (WeightWatcher's SVD fails on them) are listed apart."""
+    out, conv1d = [], []
+    for layer_id, (longname, module) in enumerate(model.named_modules(), start=start_ids):
+        kind = _layer_type(module)
+        weight = getattr(module, "weight", None)
+        if kind in ("unknown", "norm") or not isinstance(weight, torch.Tensor):
+            continue
+        name = longname.split(".")[-1] if longname else type(module).__name__
+        if kind == "conv1d" and weight.dim() != 2:  # nn.Conv1d; transformers' Conv1D is 2-d (in, out)
+            conv1d.append((layer_id, name, longname))
+            continue
+        if kind == "conv2d" and weight.dim() != 4:
+            continue
+
+        def load(module=module):  # WeightWatcher reads weights through float32 on the CPU
+            return module.weight.detach().cpu().float().double()
+
+        out.append((layer_id, name, longname or name, kind, tuple(weight.shape), load))
+    return out, conv1d
+
+
+def _stored_kind(shape) -> str:
+    """PyStateDictLayer.layer_type: 2-d "dense", 4-d "conv2d", else (or a
+    first dimension below 2) "unknown"."""
+    if len(shape) == 0 or shape[0] < 2:
+        return "unknown"
+    return {2: "dense", 4: "conv2d"}.get(len(shape), "unknown")
+
+
+def _entry_loader(entry):
+    """The stored tensor of a weights.WeightTensor, in its stored shape, as
+    float64 values of its float32 copy (torch_T_to_np): bf16, fp16 and fp32
+    convert exactly, float64 goes through float32 as there."""
+    def load():
+        w = entry.load()
+        return w.float().double() if w.dtype == torch.float64 else w.to(torch.float64)
+    return load
+
+
+def _entry_shape(entry) -> tuple:
+    """The stored shape of a WeightTensor (out, in, *kernel) or (rows, cols)."""
+    if entry.kernel:
+        return (entry.shape[0], entry.shape[1] // math.prod(entry.kernel), *entry.kernel)
+    return tuple(entry.shape)
+
+
+def _state_candidates(keys, entries: dict, start_id: int):
+    """WeightWatcher's PyStateDictLayer iterator over `keys` (in its order): a
+    layer id for every key ending in ".weight" (norm scales included), named
+    by the key less ".weight"; 2-d weights "dense", 4-d "conv2d"."""
+    if not any(key.endswith(".weight") for key in keys):
+        keys = [f"{key}.weight" for key in keys]
+    out, layer_id = [], start_id
+    for key in keys:
+        if not key.endswith(".weight"):
+            continue
+        entry, name = entries.get(key), key[:-len(".weight")]
+        layer_id += 1
+        if entry is None or entry.kind in ("vector", "other"):
+            continue
+        shape = _entry_shape(entry)
+        kind = _stored_kind(shape)
+        if kind == "unknown":
+            continue
+        if entry.load is None:
+            warnings.warn(f"{entry.source} is left out: {entry.note}", stacklevel=4)
+            continue
+        out.append((layer_id - 1, name, name, kind, shape, _entry_loader(entry)))
+    return out
+
+
+def _model_file_format(folder: str):
+    """WeightWatcher.infer_model_file_format: ("safetensors" | "pytorch", glob) or (None, None)."""
+    for fmt, pattern in (("safetensors", "model*safetensors"), ("safetensors", "adapter_model*safetensors"),
+                         ("pytorch", "pytorch_model*bin"), ("pytorch", "adapter_model*bin")):
+        fileglob = f"{folder}/{pattern}"
+        if glob.glob(fileglob):
+            return fmt, fileglob
+    return None, None
+
+
+def _layer_map(fileglob: str) -> list:
+    """PyStateDictDir.get_layer_map: the lines of a *layer_map file, else the
+    keys of the shard index grouped by file (files in sorted order, keys in
+    the index's order), else []."""
+    maps = glob.glob(fileglob.replace("safetensors", "layer_map"))
+    indexes = glob.glob(fileglob.replace("safetensors", ".safetensors.index.json"))
+    if len(maps) == 1:
+        with open(maps[0]) as handle:
+            return [line.strip() for line in handle]
+    if len(indexes) == 1:
+        with open(indexes[0]) as handle:
+            weight_map = json.load(handle)["weight_map"]
+        return [k for file in np.unique(list(weight_map.values())) for k, v in weight_map.items() if v == file]
+    return []
+
+
+def _keyed(path: str) -> dict:
+    """key -> WeightTensor of one checkpoint file (spectral_ext.weights:
+    memory-mapped, each tensor read when loaded)."""
+    return {entry.source[len(path) + 1:]: entry for entry in weights.read_path(path)}
+
+
+def _folder_candidates(folder: str, start_id: int):
+    """PyStateDictDir's layers of a Hugging Face folder, in its order and
+    with its ids: safetensors with a layer map or shard index: the map's keys
+    (looked up over every *model*safetensors file); safetensors without one and
+    pytorch_model*.bin: file by file in sorted order, each file's keys in
+    their order (safetensors: sorted), each file's ids starting where
+    WeightWatcher starts them (the previous file's start plus every layer
+    yielded so far)."""
+    fmt, fileglob = _model_file_format(folder)
+    if fmt is None:
+        raise ValueError(f"model folder {folder}: no model*.safetensors, adapter_model*.safetensors, "
+                         "pytorch_model*.bin or adapter_model*.bin (WeightWatcher's folder formats)")
+    layer_map = _layer_map(fileglob) if fmt == "safetensors" else []
+    if layer_map:
+        entries: dict = {}
+        for path in sorted(glob.glob(f"{folder}/*model*safetensors")):
+            for key, entry in _keyed(path).items():
+                entries.setdefault(key, entry)
+        return _state_candidates(layer_map, entries, start_id)
+    out, start, yielded = [], start_id, 0
+    for path in sorted(glob.glob(fileglob)):
+        entries = _keyed(path)
+        keys = _safetensors_keys(path) if fmt == "safetensors" else list(entries)
+        start += yielded
+        n_weights = sum(k.endswith(".weight") for k in keys) if any(k.endswith(".weight") for k in keys) \
+            else len(keys)
+        out.extend(_state_candidates(keys, entries, start))
+        yielded += n_weights
+    return out
+
+
+def _safetensors_keys(path: str) -> list:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return list(handle.keys())  # sorted by name, as SafeTensorDict lists them
+
+
+def _source_kind(model) -> str:
+    if isinstance(model, nn.Module):
+        return "module"
+    if isinstance(model, Mapping):
+        return "state_dict"
+    if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
+        return "folder"
+    if isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"model: {os.fspath(model)!r} is not a folder (WeightWatcher reads a Hugging Face "
+                         "model folder of safetensors or pytorch_model*.bin files)")
+    raise TypeError(f"model must be a torch.nn.Module, a state_dict or a model folder, got {type(model).__name__}")
+
+
 class WeightWatcher:
     """spectral_ext's drop-in for weightwatcher.WeightWatcher (0.7.7) on
-    PyTorch models: analyze, describe, get_summary, get_details, get_ESD."""
+    PyTorch models, state_dicts and Hugging Face model folders: analyze,
+    describe, get_summary, get_details, get_ESD."""
 
-    def __init__(self, model: nn.Module | None = None, framework=None, base_model=None, log_level=None):
+    def __init__(self, model=None, framework=None, base_model=None, log_level=None):
         if base_model is not None:
             raise ValueError("base_model (delta analysis) is not reproduced by spectral_ext.compat.weightwatcher")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if model is not None:
+            _source_kind(model)
         self.model, self.details, self.figures = model, None, {}
 
     # -- layers ------------------------------------------------------------------------------
 
     def _model(self, model):
         model = model if model is not None else self.model
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if model is None:
+            raise TypeError("model: pass a torch.nn.Module, a state_dict or a model folder")
+        _source_kind(model)
         self.model = model
         return model
 
@@ -230,69 +453,95 @@ class WeightWatcher:
             raise ValueError("layers: names are either all to keep or all to skip ('-name')")
         return ids, types, names
 
-    def _layers(self, model, layers, min_evals, max_evals, max_N, start_ids=0):
+    @staticmethod
+    def _candidates(model, start_ids):
+        kind = _source_kind(model)
+        if kind == "module":
+            return _module_candidates(model, start_ids)
+        if kind == "state_dict":
+            state = model["state_dict"] if isinstance(model.get("state_dict"), Mapping) else model
+            entries = {e.source: e for e in weights.read_weights(dict(state), name="model")}
+            return _state_candidates(list(state), entries, start_ids or 1), []  # ids from 1 for a state_dict
+        return _folder_candidates(os.fspath(model), start_ids), []
+
+    def _layers(self, model, layers, min_evals, max_evals, max_N, start_ids=0, large_layers=False):
         ids, types, names = self._filters(layers)
-        kept, conv1d = [], []
-        for layer_id, (longname, module) in enumerate(model.named_modules(), start=start_ids):
-            kind = _layer_type(module)
-            if kind in ("unknown", "norm") or not isinstance(getattr(module, "weight", None), torch.Tensor):
-                continue
-            name = longname.split(".")[-1] if longname else type(module).__name__
+
+        def chosen(layer_id, name, kind):  # WWLayerIterator.apply_filters
             if types and kind not in types:
-                continue
+                return False
             if ids and ((min(ids) >= 0 and layer_id not in ids) or (min(ids) < 0 and -layer_id in ids)):
+                return False
+            return not (names and ((not names[0].startswith("-") and name not in names) or f"-{name}" in names))
+
+        candidates, conv1d = self._candidates(model, start_ids)
+        kept, large = [], []
+        for layer_id, name, longname, kind, shape, load in candidates:
+            if not chosen(layer_id, name, kind):
                 continue
-            if names and ((not names[0].startswith("-") and name not in names) or f"-{name}" in names):
-                continue
-            if kind == "conv1d":
-                conv1d.append(longname)
-                continue
-            layer = _Layer(layer_id, longname, module, kind)
+            layer = _Layer(layer_id, name, longname, kind, shape, load)
             count = layer.M * layer.rf
-            if (min_evals and count < min_evals) or (max_evals and count > max_evals) or layer.N > max_N:
+            if min_evals and count < min_evals:  # WWLayerIterator.layer_supported
                 continue
+            if (max_evals and count > max_evals) or (max_N is not None and layer.N > max_N):
+                large.append(layer)
+                if not large_layers:
+                    continue
             kept.append(layer)
+        conv1d = [longname for layer_id, name, longname in conv1d if chosen(layer_id, name, "conv1d")]
         if conv1d:
             warnings.warn(f"Conv1d layers {conv1d} are left out: WeightWatcher 0.7.7's SVD fails on their 3-d "
                           "weights", stacklevel=3)
+        if large and not large_layers:
+            listed = ", ".join(f"{l.layer_id} {l.longname} (N={l.N}, M*rf={l.M * l.rf})" for l in large)
+            warnings.warn(f"{len(large)} layer(s) left out, as WeightWatcher 0.7.7 leaves them out for their size "
+                          f"(N > max_N={max_N} or M*rf > max_evals={max_evals}): {listed}; large_layers=True "
+                          "analyses them too", LayersLeftOutWarning, stacklevel=3)
         return kept
 
     # -- public API ----------------------------------------------------------------------------
 
     def describe(self, model=None, layers=None, min_evals=DEFAULT_MIN_EVALS, max_evals=DEFAULT_MAX_EVALS,
-                 max_N=DEFAULT_MAX_N, pool=True, conv2d_norm=True, start_ids=0, **unsupported):
+                 max_N=DEFAULT_MAX_N, pool=True, conv2d_norm=True, start_ids=0, large_layers=False,
+                 **unsupported):
         """The layers analyze() would analyse, without spectra: layer_id,
-        name, M, N, Q, layer_type, longname, num_evals (M * rf), rf."""
+        name, M, N, Q, layer_type, longname, num_evals (M * rf), rf. A
+        folder's tensors are not read (their shapes are in the files'
+        headers)."""
         _check_unsupported(pool, unsupported)
+        _check_caps(min_evals, max_evals, max_N)
         rows = [{"layer_id": l.layer_id, "name": l.name, "longname": l.longname, "layer_type": l.kind, "N": l.N,
                  "M": l.M, "rf": l.rf, "Q": l.N / l.M if l.M > 0 else -1, "num_evals": l.M * l.rf}
-                for l in self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids)]
+                for l in self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids,
+                                      large_layers)]
         return _ordered(rows)
 
     def analyze(self, model=None, layers=None, min_evals=DEFAULT_MIN_EVALS, max_evals=DEFAULT_MAX_EVALS,
                 max_N=DEFAULT_MAX_N, plot=False, randomize=False, savefig="ww-img", mp_fit=False,
                 conv2d_norm=True, pool=True, tolerance=WEAK_RANK_LOSS_TOLERANCE, start_ids=0, min_size=None,
-                max_size=None, svd_method="fast", **unsupported) -> pd.DataFrame:
+                max_size=None, svd_method="fast", large_layers=False, **unsupported) -> pd.DataFrame:
         """WeightWatcher.analyze(): one row per analysed layer with
-        WeightWatcher 0.7.7's columns (module docstring), in its order."""
+        WeightWatcher 0.7.7's columns (module docstring), in its order.
+        large_layers=True: also the layers WeightWatcher leaves out for their
+        size (N > max_N, M*rf > max_evals), in their place in the order
+        (without it they are left out as there, with a LayersLeftOutWarning
+        naming them)."""
         _check_unsupported(pool, unsupported)
         if svd_method not in ("fast", "accurate"):
             raise ValueError(f"svd_method must be 'fast' or 'accurate', got {svd_method!r}")
-        if min_evals and max_evals and min_evals >= max_evals:
-            raise ValueError(f"min_evals ({min_evals}) must be below max_evals ({max_evals})")
+        _check_caps(min_evals, max_evals, max_N)
         model = self._model(model)
-        chosen = self._layers(model, layers, min_evals, max_evals, max_N, start_ids)
+        chosen = self._layers(model, layers, min_evals, max_evals, max_N, start_ids, large_layers)
         for layer in chosen:
             if conv2d_norm and layer.kind == "conv2d":
                 layer.norm = math.sqrt(1 / 2.0)
-        svs = _singular_values([layer.slices for layer in chosen], [layer.norm for layer in chosen])
+        svs = _layer_singular_values(chosen)
         evals = [np.sort((sv ** 2).reshape(-1)) for sv in svs]
         fits = {}
         for n in sorted({len(e) for e in evals}):
             same = [k for k, e in enumerate(evals) if len(e) == n]
             frame = spectra.fit_power_laws(np.stack([evals[k] for k in same]), convention="weightwatcher")
             fits.update({k: frame.iloc[j] for j, k in enumerate(same)})
-        random_svs = self._random_singular_values(chosen) if randomize else None
         rows = []
         for k, layer in enumerate(chosen):
             row = _esd_columns(layer, svs[k], evals[k], tolerance)
@@ -300,7 +549,7 @@ class WeightWatcher:
             if mp_fit:
                 row.update(_mp_columns(evals[k], layer, ""))
             if randomize:
-                row.update(_random_columns(evals[k], layer, *random_svs[k]))
+                row.update(_random_columns(evals[k], layer, *self._random_singular_values(layer)))
             row.update(_norm_columns(evals[k], row["alpha"], layer.N))
             rows.append(row)
             if plot:
@@ -326,7 +575,9 @@ class WeightWatcher:
             raise ValueError("random=True is not reproduced by get_ESD (use analyze(randomize=True))")
         if not isinstance(layer, (numbers.Integral, str)) or isinstance(layer, bool):
             raise TypeError(f"layer must be a layer id (int) or name (str), got {layer!r}")
-        found = self._layers(self._model(model), [layer], DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LayersLeftOutWarning)
+            found = self._layers(self._model(model), [layer], DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N)
         if not found:
             warnings.warn(f"no analysable layer {layer!r}", stacklevel=2)
             return []
@@ -336,34 +587,24 @@ class WeightWatcher:
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _random_singular_values(chosen):
-        """Shuffled copies of each scaled slice, drawn from numpy's global
-        generator in WeightWatcher's order (random_eigenvalues: the replicas
-        for rand_evals, then one more set for the distances, layer by
-        layer); singular values batched afterwards."""
-        draws, shapes = [], []
-        for layer in chosen:
-            n_comp = layer.M * layer.rf if layer.kind == "conv2d" else layer.M
-            replicas = 5 if n_comp < 100 else 1
-            flat = (layer.slices * layer.norm).reshape(len(layer.slices), -1).numpy()
-            for count in (replicas, 1):
-                for _ in range(count):
-                    for s in range(len(flat)):
-                        draws.append(flat[s][np.random.permutation(flat.shape[1])])
-                        shapes.append(tuple(layer.slices.shape[1:]))
-        matrices = [torch.from_numpy(d).reshape(1, *shape) for d, shape in zip(draws, shapes)]
-        svs = _singular_values(matrices)
-        out, at = [], 0
-        for layer in chosen:
-            n_comp = layer.M * layer.rf if layer.kind == "conv2d" else layer.M
-            replicas = 5 if n_comp < 100 else 1
-            size = len(layer.slices)
-            first = np.sort(np.concatenate([sv.reshape(-1) for sv in svs[at:at + replicas * size]]) ** 2)
-            at += replicas * size
-            second = np.sort(np.concatenate([sv.reshape(-1) for sv in svs[at:at + size]]) ** 2)
-            at += size
-            out.append((first, second))
-        return out
+    def _random_singular_values(layer):
+        """Shuffled copies of each scaled slice of one layer, drawn from
+        numpy's global generator in WeightWatcher's order (random_eigenvalues:
+        the replicas for rand_evals, then one more set for the distances),
+        their singular values batched; (rand_evals, rand_once) ascending."""
+        n_comp = layer.M * layer.rf if layer.kind == "conv2d" else layer.M
+        replicas = 5 if n_comp < 100 else 1
+        slices = layer.slices
+        flat = (slices * layer.norm).reshape(len(slices), -1).numpy()
+        shape = tuple(slices.shape[1:])
+        del slices
+        out = []
+        for count in (replicas, 1):
+            draws = [torch.from_numpy(flat[s][np.random.permutation(flat.shape[1])]).reshape(1, *shape)
+                     for _ in range(count) for s in range(len(flat))]
+            svs = _singular_values(draws)
+            out.append(np.sort(np.concatenate([sv.reshape(-1) for sv in svs]) ** 2))
+        return tuple(out)
 
     @staticmethod
     def _plot(layer, evals, fit, savefig):
@@ -393,6 +634,14 @@ def _check_unsupported(pool, unsupported):
         if value != _UNSUPPORTED[key]:
             raise ValueError(f"{key}={value!r} is not reproduced by spectral_ext.compat.weightwatcher "
                              f"(only {key}={_UNSUPPORTED[key]!r})")
+
+
+def _check_caps(min_evals, max_evals, max_N):
+    """WeightWatcher.valid_params' checks of the size caps (there an Exception)."""
+    if min_evals and max_evals and min_evals >= max_evals:
+        raise ValueError(f"min_evals ({min_evals}) must be below max_evals ({max_evals})")
+    if max_N is not None and (max_N < (max_evals or 0) or max_N < (min_evals or 0)):
+        raise ValueError(f"max_N ({max_N}) must be at least max_evals ({max_evals}) and min_evals ({min_evals})")
 
 
 def _ordered(rows) -> pd.DataFrame:
