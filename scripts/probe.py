@@ -263,11 +263,14 @@ def _restore_global_state(state):
 
 
 def _message_names(msg, names):
+    """Whether msg names one of the argument's names or words (at a word start) or says what was expected."""
+    import re
+
     low = msg.lower()
-    for n in names:
-        if n and n.lower() in low:
+    for n in tuple(names) + EXPECT_WORDS:
+        if n and re.search(r"(?<![a-z0-9_])" + re.escape(n.lower()), low):
             return True
-    return any(w in low for w in EXPECT_WORDS)
+    return False
 
 
 def run_case(case):
@@ -671,7 +674,7 @@ def _ref_numerical_rank(v, kw):
         return torch.zeros(W.shape[:-2], dtype=torch.float64)
     eps = kw.get("eps")
     eps = float(np.finfo(np.float32).eps) * k if eps is None else eps
-    return torch.from_numpy((s > eps * s[..., :1]).sum(-1).astype(np.float64))
+    return torch.from_numpy(np.asarray((s > eps * s[..., :1]).sum(-1), dtype=np.float64))
 
 
 def _ref_stable_rank(v, kw):
@@ -915,13 +918,14 @@ def _specs():
                                ref=_ref_numerical_rank, primary=("W",), complex_ok=True, exact=True),
         "stable_rank": dict(fn=lambda: se().rank.stable_rank, args=lambda: {"W": _lowrank_int()},
                             ref=_ref_stable_rank, primary=("W",), complex_ok=True),
-        "cka": dict(fn=lambda: se().cka, args=lambda: dict(zip("XY", _cka_pair())), ref=_ref_cka, primary=("X",)),
+        "cka": dict(fn=lambda: se().cka, args=lambda: dict(zip("XY", _cka_pair())), ref=_ref_cka, primary=("X",),
+                    words=("representation",)),
         "procrustes": dict(fn=lambda: se().procrustes,
                            args=lambda: {"X": torch.randn(10, 4), "Y": torch.randn(10, 4)},
-                           ref=_ref_procrustes, primary=("X",)),
+                           ref=_ref_procrustes, primary=("X",), words=("representation",)),
         "procrustes_distance": dict(fn=lambda: se().procrustes_distance,
                                     args=lambda: {"X": torch.randn(10, 4), "Y": torch.randn(10, 4)},
-                                    ref=_ref_procrustes_distance, primary=("X",)),
+                                    ref=_ref_procrustes_distance, primary=("X",), words=("representation",)),
         "fit_power_law": dict(fn=lambda: se().spectra.fit_power_law, args=lambda: {"eigenvalues": _pareto()},
                               check=_check_fit_power_law, primary=("eigenvalues",)),
         "fit_power_laws": dict(fn=lambda: se().fit_power_laws, args=lambda: {"eigenvalues": _pareto(40, 3)},
@@ -1066,7 +1070,8 @@ def _tensor_cases(cases):
                     return fn, tuple(v[k] for k in spec["_keys"]), {}
                 expect = EXPECT.get(kind, "any")
                 cases.append(Case(fname, f"{arg}: {kind}", make, expect,
-                                  _lazy_check(spec, fname, kind), names=(arg, "dtype", "tensor", "shape")))
+                                  _lazy_check(spec, fname, kind),
+                                  names=(arg, "dtype", "tensor", "shape") + spec.get("words", ())))
 
 
 case_check_base = [None]  # the base values of the case being run (for the meta check)
@@ -1186,8 +1191,9 @@ def _numeric_cases(cases):
                     label = inspect.getsource(value).split("lambda v:")[1].split(", \"")[0].strip()[:60]
                 except Exception:  # noqa: BLE001
                     pass
-            extra = {"kernel": "rbf"} if fname == "cka" and arg in ("bandwidth", "gamma") else {}
-            cases.append(Case(fname, f"{arg}={label}" + (" (kernel='rbf')" if extra else ""),
+            extra = ({"kernel": "rbf" if arg == "bandwidth" else "laplace"}
+                     if fname == "cka" and arg in ("bandwidth", "gamma") else {})
+            cases.append(Case(fname, f"{arg}={label}" + (f" (kernel={extra['kernel']!r})" if extra else ""),
                               _with(fname, **{arg: value}, **extra), expect,
                               _with_check(fname) if expect not in ("invalid", "unchecked") else None,
                               names=(arg, "dtype", "shape")))
@@ -1424,6 +1430,53 @@ def _check_layer_spectra(res, args, kwargs):
     return None
 
 
+def _check_every_weight(res, args, kwargs):
+    """layer_spectra's contract: every weight (a parameter of 2 or more dimensions) has a row."""
+    layers = [str(x) for x in res["layer"]]
+    missing = []
+    for name, p in args[0].named_parameters():
+        if p.dim() < 2:
+            continue
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        module = module.split(".parametrizations.")[0]
+        if not any(x == module or x.startswith(module + ".") or x.startswith(module + "[") or x == name
+                   or x.startswith(name) for x in layers):
+            missing.append(f"{name} {tuple(p.shape)}")
+    return f"weights without a row: {missing} (rows: {layers})" if missing else None
+
+
+def _check_layer_spectra_all(res, args, kwargs):
+    return _check_layer_spectra(res, args, kwargs) or _check_every_weight(res, args, kwargs)
+
+
+def _cov_check(layer):
+    """activation_covariance's cov_a of `layer` against the inputs captured by a hook (eval mode)."""
+    def check(res, args, kwargs):
+        m = copy.deepcopy(args[0]).eval()
+        seen = []
+        h = dict(m.named_modules())[layer].register_forward_pre_hook(
+            lambda mod, inp: seen.append(inp[0].detach().double().clone()))
+        with torch.no_grad():
+            m(kwargs["data"].clone())
+        h.remove()
+        a = seen[0].movedim(1, -1) if seen[0].dim() > 2 else seen[0]  # channels over samples and positions
+        a = a.reshape(-1, a.shape[-1])
+        return _close(res[layer].cov_a(), a.T @ a / a.shape[0], 1e-5, f"cov_a of {layer}")
+    return check
+
+
+def _rank_rows_check(rows):
+    """{layer: expected rank} of jacobian_partial_rank / perturbed_pca_dimension frames."""
+    def check(res, args, kwargs):
+        col = "rank" if "rank" in res.columns else "pca_dimension"
+        for layer, want in rows.items():
+            got = res.loc[res["layer"] == layer, col].tolist()
+            if not got or any(int(g) != want for g in got):
+                return f"{col} of {layer!r}: {got}, expected {want}"
+        return None
+    return check
+
+
 def _check_symmetry(res, args, kwargs):
     new, _ = res
     old = copy.deepcopy(args[0]).eval()
@@ -1449,14 +1502,15 @@ def _model_funcs():
     return {
         "discover": (lambda m, x, L: (se().discover, (m, x), {}), None),
         "svr": (lambda m, x, L: (se().svr, (m, x), {"progress": False}), None),
-        "layer_spectra": (lambda m, x, L: (se().spectra.layer_spectra, (m,), {}), _check_layer_spectra),
-        "alpha_hat": (lambda m, x, L: (se().alpha_hat, (m,), {}), None),
+        "layer_spectra": (lambda m, x, L: (se().spectra.layer_spectra, (m,), {}), _check_layer_spectra_all),
+        "alpha_hat": (lambda m, x, L: (se().alpha_hat, (m,), {"min_tail": 3}), None),
         "apply_symmetry": (lambda m, x, L: (se().apply_symmetry, (m,), {"example_input": x, "progress": False,
                                                                          "generator": 0}), _check_symmetry),
         "activation_covariance": (lambda m, x, L: (se().activation_covariance, (m,),
-                                                   {"data": x, "progress": False}), None),
+                                                   {"layers": [L], "data": x, "progress": False}), None),
         "signals": (lambda m, x, L: (se().signals, (m, L, x), {"progress": False}), None),
-        "similarity_matrix": (lambda m, x, L: (se().similarity_matrix, (m, m), {"data": x, "progress": False}),
+        "similarity_matrix": (lambda m, x, L: (se().similarity_matrix, (m, m), {"layers": [L], "data": x,
+                                                                                 "progress": False}),
                               _check_similarity_diag),
         "jacobian_partial_rank": (lambda m, x, L: (se().jacobian_partial_rank, (m, x[:1]), {"progress": False}),
                                   None),
@@ -1498,7 +1552,15 @@ def _model_cases(cases):
                 return call(mk(), xk(), layer)
             expect = "valid" if supported or kind in ("LayerNorm",) and fname in (
                 "layer_spectra", "alpha_hat") else "any"
-            cases.append(Case(fname, f"model: {kind}", make, expect, check, names=MODEL_WORDS))
+            ck = check
+            flat = kind in ("Linear", "LayerNorm", "spectral_norm Linear")
+            if fname == "activation_covariance" and kind not in ("BatchNorm",):
+                ck = _cov_check(layer)
+            elif fname == "jacobian_partial_rank" and flat:
+                ck = _rank_rows_check({"0": 6})
+            elif fname == "perturbed_pca_dimension" and (flat or kind == "relu_ first"):
+                ck = _rank_rows_check({"input": 6} if kind == "relu_ first" else {"input": 6, "0": 6})
+            cases.append(Case(fname, f"model: {kind}", make, expect, ck, names=MODEL_WORDS))
     # bad models, inputs and data, on the Linear model
     mk, xk, layer, _ = MODELS["Linear"]
     bad_models = {"model=None": lambda: None, "model='abc'": lambda: "abc", "model=[Linear model]": lambda: [mk()],
@@ -1527,6 +1589,8 @@ def _model_cases(cases):
             ex = expect_input.get(desc, "any")
             if role == "example_input" and desc == "None" and fname != "apply_symmetry":
                 ex = "valid"  # a made-up input
+            if role == "example_input" and desc in ("empty (0, 6)", "with NaN"):
+                ex = "any"  # only traced: the graph must be the right one
 
             def make(call=call, bi=bi, fname=fname):
                 torch.manual_seed(2)
@@ -1792,7 +1856,7 @@ def _misc_cases(cases):
     for desc, kw, ex in (("valid", {}, "valid"), ("ks=[-1]", {"ks": [-1]}, "invalid"), ("ks=[0]", {"ks": [0]}, "any"),
                          ("ks=[100]", {"ks": [100]}, "any"), ("ks=[]", {"ks": []}, "any"),
                          ("ks=[NaN]", {"ks": [NAN]}, "invalid"),
-                         ("basis='bogus'", {"basis": "bogus"}, "invalid"), ("basis='weight'", {"basis": "weight"}, "valid"),
+                         ("basis='bogus'", {"basis": "bogus"}, "invalid"), ("basis='weight'", {"basis": "weight", "ks": [1, 2]}, "valid"),
                          ("max_copies=0", {"max_copies": 0}, "invalid"), ("layer='nope'", {"layer": "nope"}, "invalid"),
                          ("covariance of the wrong size", {"covariance": torch.eye(3)}, "invalid")):
         add("clip", desc, lambda kw=kw: cl(**kw), ex, None,
@@ -1816,7 +1880,7 @@ def _misc_cases(cases):
                                                                        "scale": v}), (NAN, 0.0)),
             ("perturbed_pca_dimension", lambda v: ((mk(), xk()[:2]), {"progress": False, "n_perturbations": 8,
                                                                        "batch_size": v}), (0,)),
-            ("activation_covariance", lambda v: ((mk(),), {"data": xk(), "progress": False, "batch_size": v}),
+            ("activation_covariance", lambda v: ((mk(),), {"layers": ["0"], "data": xk(), "progress": False, "batch_size": v}),
              (0, NAN)),
             ("activation_covariance", lambda v: ((mk(),), {"data": xk(), "progress": False, "layers": v}),
              (["nope"],)),
@@ -1835,7 +1899,7 @@ def _misc_cases(cases):
                                                       {"w": torch.randint(0, 3, (4, 3))})),
             ("alpha_hat", lambda v: ((mk(),), {"convention": v}), ("bogus",)),
             ("alpha_hat", lambda v: ((mk(),), {"min_tail": v}), (-1, 0)),
-            ("similarity_matrix", lambda v: ((mk(), mk()), {"data": xk(), "progress": False, "measure": v}),
+            ("similarity_matrix", lambda v: ((mk(), mk()), {"layers": ["0"], "data": xk(), "progress": False, "measure": v}),
              ("bogus",)),
             ("similarity_matrix", lambda v: ((mk(), mk()), {"data": xk(), "progress": False, "layers": v}),
              (["nope"],)),
