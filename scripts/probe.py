@@ -1312,6 +1312,72 @@ def _scale_cases(cases):
             return _close(res, ref(args), _rtol_of(args))
         cases.append(Case(fname, f"property: {fname} variant {len([c for c in cases if c.fn == fname])}", make,
                           "valid", check))
+    # gradients through the operators against autograd through the references (float64)
+    from spectral_ext import reference as R  # noqa: F401 (imported in the workers too)
+
+    def grad_case(fname, call, ref_call, makers, documented, mask=None, desc=None):
+        def make():
+            torch.manual_seed(4)
+            inputs = [m() for m in makers]
+
+            def run():
+                outs = []
+                for f in (call, ref_call):
+                    xs = [x.detach().clone().requires_grad_(x.is_floating_point() and (mask is None or mask[i]))
+                          for i, x in enumerate(inputs)]
+                    y = f(*xs)
+                    if not y.requires_grad:
+                        outs.append((y, None))
+                        continue
+                    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+                    grads = torch.autograd.grad((y * w).sum(), [x for x in xs if x.requires_grad],
+                                                allow_unused=True)
+                    outs.append((y, grads))
+                return outs
+            return run, (), {}
+
+        def check(res, args, kwargs):
+            (y, g), (y0, g0) = res
+            bad = _close(y.detach(), y0.detach(), 1e-9, "value")
+            if bad:
+                return bad
+            if g is None:
+                return "the result does not require grad although the inputs do (silently detached)" \
+                    if documented else None
+            for i, (a, b) in enumerate(zip(g, g0)):
+                if (a is None) != (b is None):
+                    return f"gradient {i}: {a is None and 'None' or 'a tensor'}, reference " \
+                           f"{b is None and 'None' or 'a tensor'}"
+                if a is not None:
+                    bad = _close(a, b, 1e-8, f"gradient {i}")
+                    if bad:
+                        return bad
+            return None
+        cases.append(Case(fname, desc or "requires_grad inputs: value and gradient against the reference", make,
+                          "valid" if documented else "any", check, names=("grad", "detach", "differentia")))
+
+    d64 = dict(dtype=torch.float64)
+    grad_case("conv_adjacency", lambda U, V: se().conv_adjacency(U, V),
+              lambda U, V: R.conv_adjacency(U[None], V[None])[0],
+              [lambda: torch.randn(4, 3, **d64), lambda: torch.randn(4, 2, 5, **d64)], True)
+    grad_case("sinkhorn", lambda P: se().sinkhorn(P, 8), lambda P: R.sinkhorn(P, 8),
+              [lambda: torch.rand(5, 4, **d64) + 0.1], True)
+    grad_case("signal_projection", lambda x, V, s: se().signal_projection(x, V, s),
+              lambda x, V, s: R.signal_projection(x, V, s),
+              [lambda: torch.randn(2, 3, 6, 6, **d64), lambda: torch.randn(27, 4, **d64),
+               lambda: torch.rand(4, **d64) + 0.5], True, (True, False, False), "x requires grad: value and "
+              "gradient against the reference")
+    grad_case("signal_projection", lambda x, V, s: se().signal_projection(x, V, s),
+              lambda x, V, s: R.signal_projection(x, V, s),
+              [lambda: torch.randn(2, 3, 6, 6, **d64), lambda: torch.randn(27, 4, **d64),
+               lambda: torch.rand(4, **d64) + 0.5], False, (False, True, False), "V requires grad (documented: x only)")
+    grad_case("max_kernel_gram", lambda X, Y: se().max_kernel_gram(X, Y), lambda X, Y: R.max_kernel_gram(X, Y),
+              [lambda: torch.randn(4, 3, 2, **d64), lambda: torch.randn(5, 3, 2, **d64)], False)
+    grad_case("sinkhorn", lambda P, a, b: se().sinkhorn(P, 8, a, b), lambda P, a, b: R.sinkhorn_scaling(
+        P[None], a[None], b[None], 8)[0][0],
+        [lambda: torch.rand(5, 4, **d64) + 0.1, lambda: torch.full((5,), 0.8, **d64), lambda: torch.ones(4, **d64)],
+        True)
+
     cases.append(Case("linear_sum_assignment", "batched (3, 4, 6) against scipy",
                       lambda: (se().linear_sum_assignment, (torch.rand(3, 4, 6, dtype=torch.float64),), {}),
                       "valid", _check_lsa))
