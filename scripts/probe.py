@@ -1181,16 +1181,23 @@ NUMERIC = [
 ]
 
 
+def _lambda_body(fn):
+    """The source text of a one-line lambda's body (its code positions), or 'a tensor'."""
+    import inspect
+    try:
+        lines, _ = inspect.findsource(fn)
+        pos = [p for p in fn.__code__.co_positions() if p[0] is not None and p[0] == p[1] and p[2] is not None]
+        line = pos[-1][0]
+        pos = [p for p in pos if p[0] == line and p[3] > p[2] and "lambda" not in lines[line - 1][p[2]:p[3]]]
+        return lines[line - 1][min(p[2] for p in pos):max(p[3] for p in pos)].strip()[:70]
+    except Exception:  # noqa: BLE001
+        return "a tensor"
+
+
 def _numeric_cases(cases):
     for fname, arg, values in NUMERIC:
         for value, expect in values:
-            label = "a tensor" if callable(value) else repr(value)
-            if callable(value):
-                import inspect
-                try:
-                    label = inspect.getsource(value).split("lambda v:")[1].split(", \"")[0].strip()[:60]
-                except Exception:  # noqa: BLE001
-                    pass
+            label = _lambda_body(value) if callable(value) else repr(value)
             extra = ({"kernel": "rbf" if arg == "bandwidth" else "laplace"}
                      if fname == "cka" and arg in ("bandwidth", "gamma") else {})
             cases.append(Case(fname, f"{arg}={label}" + (f" (kernel={extra['kernel']!r})" if extra else ""),
