@@ -498,7 +498,10 @@ def main(argv=None):
     parser.add_argument("--only", default=None, help="run the cases whose function or description has this")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--selftest", action="store_true", help="add a hanging and a crashing case")
     args = parser.parse_args(argv)
+    if args.selftest:
+        os.environ["PROBE_SELFTEST"] = "1"  # the spawned workers build the same list
     cases = build_cases()
     indices = [i for i, c in enumerate(cases)
                if args.only is None or args.only in c.fn or args.only in c.desc]
@@ -2081,6 +2084,12 @@ def build_cases():
         _scale_cases(cases)
         _model_cases(cases)
         _misc_cases(cases)
+        if os.environ.get("PROBE_SELFTEST"):  # the machinery itself: a hang and a crash
+            import signal
+            cases.append(Case("selftest", "sleeps past its timeout", lambda: (time.sleep, (30,), {}), "valid",
+                              timeout=3))
+            cases.append(Case("selftest", "kills its worker", lambda: (os.kill, (os.getpid(), signal.SIGSEGV), {}),
+                              "valid"))
         _CASES = cases
     return _CASES
 
