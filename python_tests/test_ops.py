@@ -274,7 +274,7 @@ def test_build_info_reports_kernels():
 
 def test_missing_extension_says_how_to_build():
     code = "import sys; sys.modules['spectral_ext._C'] = None; import spectral_ext"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "pip install --no-build-isolation -e ." in result.stderr
 
@@ -480,7 +480,8 @@ def test_backward_peak_memory_stays_bounded():
     # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed and keeps later ones in its
     # heap, so the resident peak measured the allocator's history (44-208 MiB for one sinkhorn), not live memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _BACKWARD_PEAK], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", _BACKWARD_PEAK], capture_output=True, text=True, check=True, env=env,
+                         timeout=300)
     peaks = {name: int(v) / 2**20 for name, v in (line.split() for line in out.stdout.strip().splitlines())}
     print(peaks)
     # Keeping every iterate would cost 100 matrices of 2 MiB (200 MiB); a few remain.

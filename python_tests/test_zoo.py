@@ -358,7 +358,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(zoo_dir, tmp_pat
             zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), progress=False)
     assert not (out / "chunks").exists() and (out / ".lock").exists()  # nothing written, the holder's lock kept
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
+    gone.wait(timeout=60)
     (out / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "since": "then"}))
     tables = zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), progress=False)
     assert len(tables["models"]) == 44 and not (out / ".lock").exists()  # taken over, then released
@@ -380,7 +380,7 @@ def test_a_real_concurrent_writer_is_refused(zoo_dir, tmp_path):
             zoo.analyze(zoo_dir, arch=ARCH, out=out, metrics=("rank",), progress=False)
     finally:
         first.kill()
-        first.wait()
+        first.wait(timeout=300)
 
 
 def _unwritable(tmp_path):
