@@ -349,3 +349,35 @@ def test_two_torchrun_agents_give_the_tables_of_one_process(tmp_path):
         b = pd.read_csv(double / f"{table}.csv")
         pd.testing.assert_frame_equal(a, b)
     assert len(pd.read_csv(single / "models.csv")) == 4
+
+
+_PEAK = """
+import resource, sys
+from spectral_ext import spectra, zoo
+spectra.WEIGHT_MEMORY = 16 << 20  # the float64 bytes of one batched Gram call
+zoo.analyze(sys.argv[1], metrics=("rank",), progress=False)  # warm: imports and first allocations
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tables = zoo.analyze(sys.argv[2], metrics=("rank",), progress=False, chunk_size=2)
+assert (tables.models["error"] == "").all() and len(tables.layers) == 64, tables.models
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_a_chunk_of_members_holds_the_memory_budget_not_a_model_in_float64(tmp_path):
+    """Two members of 32 float32 weights of 512 x 512 (32 MiB each on disk, 64 MiB each in float64), their
+    64 weights of one shape batched across members within a 16 MiB budget: the peak is about twice the
+    budget (spectra.weight_metrics' stack and its scaled copy), below one model in float64 (measured:
+    +38 MiB; a 32 MiB budget gives +86 MiB; the default 256 MiB holds all 128 MiB of these two members
+    at once, +248 MiB: the budget bounds the peak, the members' count does not)."""
+    generator = torch.Generator().manual_seed(0)
+    for i in range(2):
+        hf_folder(tmp_path / "big" / f"m{i}", {f"layers.{k}.weight": torch.randn(512, 512, generator=generator)
+                                              for k in range(32)})
+    hf_folder(tmp_path / "warm" / "w", {"layers.0.weight": torch.randn(512, 512, generator=generator)})
+    result = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "warm"), str(tmp_path / "big")],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1",
+                                 "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak = int(result.stdout.strip())
+    assert peak < 64 << 20, f"peak {peak / 2 ** 20:.0f} MiB: a model is 64 MiB in float64"

@@ -6,6 +6,8 @@
     spectral-ext demo       the main job (see README)
     spectral-ext svr MODEL_OR_CHECKPOINT --arch ... [--plot out.png]
     spectral-ext zoo DIR --arch ... --metrics rank,alpha,svr [--pairs cka --probe x.pt] --out results/
+    spectral-ext zoo DIR --metrics rank,alpha --out results/   no --arch: Hugging Face model folders, LoRA
+                            adapters, safetensors and torch state_dicts read as their weights alone
     spectral-ext make-zoo OUT --n 1000   a trained Small-CNN-Zoo on digits; then `spectral-ext zoo OUT`
 
 Exit codes: 0 success, 1 a check failed, 2 bad command line, 3 bad input
@@ -339,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     svr.add_argument("--allow-pickle", action="store_true", help="allow whole pickled modules (trusted files only)")
     svr.set_defaults(run=_svr)
     zoo = sub.add_parser("zoo", help="analyse a folder of checkpoints (resumable, torchrun-aware)")
-    zoo.add_argument("source", help="a folder of checkpoints")
-    zoo.add_argument("--arch", help="'package.module:function' or a torchvision model name")
+    zoo.add_argument("source", help="a folder of checkpoints: .safetensors, .pt, .pth, .bin files, Hugging Face "
+                     "model folders (config.json with model.safetensors, shards and their index, or "
+                     "pytorch_model.bin) and PEFT LoRA adapter folders, each folder one member")
+    zoo.add_argument("--arch", help="'package.module:function' or a torchvision model name; without it the "
+                     "checkpoints are read as their weights alone: rank and alpha only (svr and --pairs need it)")
     zoo.add_argument("--metrics", default=["rank", "alpha"], type=_names("--metrics"),
                      help="comma-separated: rank, alpha, svr; none for pair measures only")
     zoo.add_argument("--pairs", default=[], type=_names("--pairs"), help="comma-separated: cka, grelu_cka, "

@@ -147,8 +147,8 @@ def weight_model_metrics(members, metrics=("rank", "alpha"), convention: str = "
         entries_of[str(name)] = [e for e in entries if e.kind != "vector"]
     flat = [e for entries in entries_of.values() for e in entries]
     fit = "alpha" in metrics
-    values = spectra.weight_metrics(flat, convention, min_tail, fit=fit, progress=progress,
-                                    **({"memory": memory} if memory is not None else {})) \
+    memory = memory if memory is not None else spectra.WEIGHT_MEMORY  # read now: a run may lower the budget
+    values = spectra.weight_metrics(flat, convention, min_tail, fit=fit, memory=memory, progress=progress) \
         if flat else pd.DataFrame(columns=["note"])
     counts = [len(entries) for entries in entries_of.values()]
     layers = pd.DataFrame({"model": np.repeat(list(entries_of), counts).astype(object),
