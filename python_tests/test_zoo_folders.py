@@ -241,7 +241,8 @@ def test_bad_members_are_rows_naming_the_file_and_the_tensor(bad_zoo):
     quantised = _member_rows(tables, "quantised").set_index("layer")
     assert quantised.loc["model.layers.0.mlp.up_proj", "note"].startswith("int8: quantised")
     assert quantised.loc["model.layers.1.mlp.up_proj", "note"].startswith("float8_e4m3fn: quantised")
-    assert quantised.loc["model.layers.0.mlp.up_proj", "source"] == "quantised.safetensors:model.layers.0.mlp.up_proj.weight"
+    assert quantised.loc["model.layers.0.mlp.up_proj", "source"] == \
+        "quantised.safetensors:model.layers.0.mlp.up_proj.weight"
     assert quantised["alpha"].notna().sum() > 10  # the other tensors are analysed
     good = _member_rows(tables, "good")
     torch.testing.assert_close(torch.tensor(good[NUMBERS].to_numpy(float)),

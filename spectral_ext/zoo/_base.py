@@ -40,10 +40,12 @@ def _empty() -> pd.DataFrame:
 
 @dataclasses.dataclass(eq=False)  # DataFrames have no single truth value
 class ZooTables(collections.abc.Mapping):
-    """The tables of a zoo run (zoo.analyze, zoo.model_metrics): models (one
-    row per member: architecture, n_layers, error, alpha_hat, n_alpha_layers),
-    layers (member x linear map: seed 001 and 003 metrics), edges (member x
-    SVR edge, seed 000) and pairs (model_a, model_b, layer, measure, value).
+    """The tables of a zoo run (zoo.analyze, zoo.model_metrics,
+    zoo.weight_model_metrics): models (one row per member: architecture,
+    n_layers, error, alpha_hat, n_alpha_layers), layers (member x linear map,
+    or member x weight tensor without an architecture, with its source
+    file:tensor and a note: seed 001 and 003 metrics), edges (member x SVR
+    edge, seed 000) and pairs (model_a, model_b, layer, measure, value).
     Also a read-only mapping {table name: DataFrame}, as earlier versions
     returned."""
 

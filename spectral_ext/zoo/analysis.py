@@ -117,9 +117,10 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
     if weights_only and (dataflow or pairs):
         if not allow_pickle:  # state_dicts and model folders: nothing can run without the architecture
             needs = [*dataflow, *(["the pair measures"] if pairs else [])]
-            raise ZooError(f"{' and '.join(needs)} need{'s' * (needs == dataflow and len(needs) == 1)} the models' dataflow, which "
-                           "state_dicts and model folders do not give: pass arch (without it only "
-                           f"{' and '.join(WEIGHT_METRICS)} are computed, from the weights)", argument="arch")
+            verb = "needs" if needs == dataflow and len(needs) == 1 else "need"
+            raise ZooError(f"{' and '.join(needs)} {verb} the models' dataflow, which state_dicts and model folders "
+                           f"do not give: pass arch (without it only {' and '.join(WEIGHT_METRICS)} are computed, "
+                           "from the weights)", argument="arch")
         weights_only = False  # trusted files may hold whole pickled modules, which run as they are
     metadata = check_metadata(metadata)
     run = _WeightMembers(members, allow_pickle, workers, progress) if weights_only else \
