@@ -205,7 +205,64 @@ CASES = [
     ("classification_dimension center string", lambda: se.classification_dimension(nn.Linear(5, 3), (F, L),
                                                                                   center="no"),
      TypeError, "center"),
+    # --- issue 27: the probe's findings (scripts/probe.py) ---
+    ("weight_singular_values complex", lambda: se.weight_singular_values(torch.complex(W5, W5)), TypeError,
+     "weights"),
+    ("weight_singular_values list", lambda: se.weight_singular_values(W5.tolist()), TypeError, "weights"),
+    ("weight_singular_values 1-d", lambda: se.weight_singular_values(torch.randn(5)), ValueError, "weights"),
+    ("weight_singular_values empty", lambda: se.weight_singular_values(torch.randn(0, 4, 3)), ValueError, "weights"),
+    ("weight_singular_values meta", lambda: se.weight_singular_values(W5.to("meta")), ValueError, "weights"),
+    ("fit_power_law string", lambda: se.fit_power_law("abc"), TypeError, "eigenvalues"),
+    ("fit_power_law None", lambda: se.fit_power_law(None), TypeError, "eigenvalues"),
+    ("cka rbf bandwidth negative", lambda: se.cka(F, F[:, :3], kernel="rbf", bandwidth=-1.0), ValueError,
+     "bandwidth"),
+    ("cka rbf bandwidth zero", lambda: se.cka(F, F[:, :3], kernel="rbf", bandwidth=0.0), ValueError, "bandwidth"),
+    ("cka rbf bandwidth NaN", lambda: se.cka(F, F[:, :3], kernel="rbf", bandwidth=NAN), ValueError, "bandwidth"),
+    ("cka laplace gamma negative", lambda: se.cka(F, F[:, :3], kernel="laplace", gamma=-1.0), ValueError, "gamma"),
+    ("cka laplace gamma NaN", lambda: se.cka(F, F[:, :3], kernel="laplace", gamma=NAN), ValueError, "gamma"),
+    ("cka rbf given gamma", lambda: se.cka(F, F[:, :3], kernel="rbf", gamma=1.0), ValueError, "gamma"),
+    ("discover empty example_input", lambda: se.discover(mlp(), torch.randn(0, 5)), ValueError, "example_input"),
+    ("discover two inputs for one", lambda: se.discover(mlp(), (F, F)), ValueError, "example_input"),
+    ("svr empty example_input", lambda: se.svr(mlp(), torch.randn(0, 5)), ValueError, "example_input"),
+    ("apply_symmetry None", lambda: se.apply_symmetry(None, example_input=F), TypeError, "model"),
+    ("semantic_hierarchy string", lambda: se.semantic_hierarchy("abc"), TypeError, "h"),
+    ("svr_many None", lambda: se.svr_many(None, F), TypeError, "models"),
+    ("spectral_activations svr None", lambda: se.spectral_activations(mlp(), None, F), TypeError, "svr"),
+    ("sobel_similarity string", lambda: se.sobel_similarity("abc", IMAGE), TypeError, "spectral_images"),
+    ("activation_covariance data too wide", lambda: se.activation_covariance(mlp(), ["0"], torch.randn(8, 7),
+                                                                             progress=False), ValueError, "data"),
+    ("activation_covariance integer data", lambda: se.activation_covariance(mlp(), ["0"], F.long(),
+                                                                            progress=False), ValueError, "data"),
+    ("numerical_rank meta", lambda: se.numerical_rank(torch.randn(6, 5, device="meta")), ValueError, "W"),
+    ("hypergraph meta labels", lambda: se.hypergraph(F, L.to("meta")), ValueError, "labels"),
+    ("intertwiner_group of a Linear", lambda: se.intertwiner_group(nn.Linear(3, 3)), ValueError, "activation"),
+    ("independence_deficit overflowing logits", lambda: se.independence_deficit((F.double() * 1e300, L)),
+     ValueError, "logits"),
+    ("signal_projection V requiring grad", lambda: se.signal_projection(
+        IMAGE, torch.ones(4, 1, dtype=torch.float64, requires_grad=True), S1, padding=0), ValueError, "V"),
 ]
+
+W5 = torch.randn(2, 4, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+
+
+def test_a_list_of_eigenvalues_is_read_in_float64():
+    """torch.as_tensor reads a list of floats in float32: the fit of the list must be the tensor's."""
+    x = se.spectra.sample_power_law(2.5, 1.0, 500, torch.Generator().manual_seed(0))
+    assert se.fit_power_law(x.tolist()) == se.fit_power_law(x)
+    assert se.fit_power_laws(torch.stack([x, x]).tolist()).equals(se.fit_power_laws(torch.stack([x, x])))
+
+
+def test_every_weight_of_a_module_has_a_row():
+    """layer_spectra of an LSTM classifier: the LSTM's matrices have rows saying why they have no numbers."""
+    class LSTMNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 3)
+
+    frame = se.layer_spectra(LSTMNet())
+    assert frame["layer"].tolist() == ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "fc"]
+    assert frame.loc[:1, "note"].str.contains("LSTM parameter").all()
+    assert len(se.layer_spectra(nn.LSTM(6, 8), vectors=True)) == 4
 
 
 def _scaled(model, factor):

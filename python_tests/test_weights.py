@@ -22,6 +22,10 @@ def _svd(matrix):
     return torch.linalg.svdvals(matrix.double())
 
 
+def _maps(source):
+    return [e for e in weights.read_weights(source) if e.kind != "vector"]
+
+
 def _row(frame, layer):
     rows = frame[frame["layer"] == layer]
     assert len(rows) == 1, f"{layer} has {len(rows)} rows"
@@ -35,7 +39,7 @@ def _row(frame, layer):
 def test_a_grouped_conv_is_its_blocks_and_equals_the_dense_block_diagonal_map(groups):
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, groups=groups)
-    entry, = weights.read_weights(conv)
+    entry, = _maps(conv)
     assert entry.groups == groups and entry.shape == (16, 8 * 9)
     blocks = entry.blocks()
     assert blocks.shape == (groups, 16 // groups, 8 // groups * 9)
@@ -58,7 +62,7 @@ def test_a_depthwise_conv_is_never_expanded():
     """A 1,152-channel 5x5 depthwise conv expanded densely is a 1152 x 28,800 float64 matrix (265 MB);
     its blocks are 1152 rows of 25."""
     conv = nn.Conv2d(1152, 1152, 5, groups=1152, bias=False)
-    entry, = weights.read_weights(conv)
+    entry, = _maps(conv)
     assert entry.blocks().shape == (1152, 1, 25)
     row = spectra.layer_spectra(conv).iloc[0]
     norms = conv.weight.detach().double().reshape(1152, -1).norm(dim=1)
@@ -70,7 +74,7 @@ def test_a_depthwise_conv_is_never_expanded():
 def test_a_conv_transpose_reads_output_channels_as_rows(groups):
     torch.manual_seed(1)
     conv = nn.ConvTranspose2d(4, 6, 3, groups=groups)
-    entry, = weights.read_weights(conv)
+    entry, = _maps(conv)
     assert entry.kind == "conv_transpose2d" and entry.shape == (6, 4 * 9)
     w = conv.weight.detach().double()  # (in, out/g, kh, kw)
     per_in, per_out = 4 // groups, 6 // groups
@@ -81,7 +85,7 @@ def test_a_conv_transpose_reads_output_channels_as_rows(groups):
 def test_attention_conv1d_embeddings_and_tied_heads():
     torch.manual_seed(2)
     attention = nn.MultiheadAttention(16, 4)
-    q, k, v, out = weights.read_weights(attention)
+    q, k, v, out = _maps(attention)
     packed = attention.in_proj_weight.detach().double()
     for entry, part in zip((q, k, v), range(3)):
         assert entry.kind == "linear" and entry.shape == (16, 16)

@@ -12,9 +12,10 @@ FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def tensor(name: str, value, *, ndims: Sequence[int], shape: str, finite: bool = True,
-           dtypes=FLOAT_DTYPES) -> torch.Tensor:
+           dtypes=FLOAT_DTYPES, data: bool = False) -> torch.Tensor:
     """Check that `value` is a tensor of one of `ndims` dimensions, a float dtype
-    and (unless `finite=False`) free of NaN and infinity."""
+    and (unless `finite=False`) free of NaN and infinity. data=True: a meta
+    tensor (shapes only) is refused, for functions whose result is a value."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}")
     if value.dim() not in ndims:
@@ -22,6 +23,8 @@ def tensor(name: str, value, *, ndims: Sequence[int], shape: str, finite: bool =
     if value.dtype not in dtypes:
         names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must be {names}, got {str(value.dtype).replace('torch.', '')}")
+    if data and value.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shapes only): this function needs its values")
     # Data-dependent checks cannot run while torch.compile traces with fake tensors,
     # nor on meta tensors (shapes only; the fake kernels answer for them).
     if finite and not data_free(value) and not all_finite(value):

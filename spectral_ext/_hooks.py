@@ -56,6 +56,17 @@ def models_in_eval_mode(function):
     return wrapper
 
 
+def forward(model: nn.Module, x, name: str = "model", data: str = "data"):
+    """model(x), with a model that cannot take the inputs (a shape or dtype
+    mismatch inside it) reported as a ValueError naming both arguments."""
+    try:
+        return model(x)
+    except (RuntimeError, TypeError) as error:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        dtype = f" ({str(x.dtype).replace('torch.', '')})" if isinstance(x, torch.Tensor) else ""
+        raise ValueError(f"{name} does not accept {data}'s inputs of shape {shape}{dtype}: {error}") from error
+
+
 def check_model(name: str, model) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")

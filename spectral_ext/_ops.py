@@ -335,6 +335,9 @@ def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=
     _checks.tensor("V", V, ndims=(2,), shape="(C*kh*kw, r)", finite=False)
     _checks.tensor("s", s, ndims=(1,), shape="(r,)", finite=False)
     _checks.same_device_dtype(x=x, V=V, s=s)
+    if torch.is_grad_enabled() and (V.requires_grad or s.requires_grad):  # refused now, not at backward
+        raise ValueError("signal_projection differentiates with respect to x only: V and s must not require "
+                         "grad (detach them)")
     if s.shape[0] != V.shape[1]:
         raise ValueError(f"s must have r = V.shape[1] = {V.shape[1]} entries, got {s.shape[0]}")
     if reduce not in (None, "mean"):

@@ -25,7 +25,7 @@ from . import _checks, _moments
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
 from ._data import check_labels, first_batch, recompute_batchnorm
-from ._hooks import capturing, check_layers, check_model, evaluating, models_in_eval_mode, replacing
+from ._hooks import capturing, check_layers, check_model, evaluating, forward, models_in_eval_mode, replacing
 from .layers import discover
 
 
@@ -208,9 +208,9 @@ def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Mo
         cap_b = stack.enter_context(capturing(other, other_layers, inputs=True))[0] if other is not None else cap_a
         for x, _ in tqdm(_batches(data, batch_size), desc="activation covariance", disable=not progress,
                          leave=False):
-            model(x)
+            forward(model, x)
             if other is not None:
-                other(x)
+                forward(other, x, "other")
             for a_name, b_name in zip(layers, other_layers):
                 accumulators[a_name].update(cap_a[a_name], cap_b[b_name])
     results = {}
@@ -320,8 +320,8 @@ def weight_spectra(model: nn.Module, other: nn.Module | None = None, example_inp
 def stability(E1: torch.Tensor, E2: torch.Tensor, alignment: torch.Tensor | None = None) -> torch.Tensor:
     """|E1 A E2^T|: cosines between eigenvectors (rows) of two networks, after
     the alignment A (identity when None), as in seed 002's stability plots."""
-    _checks.tensor("E1", E1, ndims=(2,), shape="(k1, C_a)")
-    _checks.tensor("E2", E2, ndims=(2,), shape="(k2, C_b)")
+    _checks.tensor("E1", E1, ndims=(2,), shape="(k1, C_a)", data=True)
+    _checks.tensor("E2", E2, ndims=(2,), shape="(k2, C_b)", data=True)
     width = E1.shape[1] if alignment is None else (_checks.tensor("alignment", alignment, ndims=(2,),
                                                                    shape="(C_a, C_b)").shape)
     if alignment is not None and width[0] != E1.shape[1]:
@@ -345,7 +345,7 @@ def align(cross_cov: torch.Tensor, cov_a: torch.Tensor | None = None, cov_b: tor
     r^2 = tr Sigma / (sqrt(E|a|^2) sqrt(E|b|^2)) is the explained fraction
     (needs cov_a = E[a a^T], cov_b = E[b b^T]). Returns (A (C_a, C_b), r2 or
     None)."""
-    _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)")
+    _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)", data=True)
     if (cov_a is None) != (cov_b is None):
         raise ValueError("cov_a and cov_b go together: pass both for r2, or neither")
     U, S, Vh = torch.linalg.svd(cross_cov.double(), full_matrices=False)
@@ -360,10 +360,10 @@ def alignment_r2(A: torch.Tensor, cross_cov: torch.Tensor, cov_a: torch.Tensor, 
     test set) on (possibly held-out) covariances:
     tr(A^T E[a b^T]) / sqrt(tr E[a a^T] tr E[b b^T]); equals tr Sigma / ... on
     the data A was fitted on, lies in [-1, 1] and in [0, 1] there."""
-    _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)")
+    _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)", data=True)
     C_a, C_b = cross_cov.shape
     for name, value, shape in (("A", A, (C_a, C_b)), ("cov_a", cov_a, (C_a, C_a)), ("cov_b", cov_b, (C_b, C_b))):
-        _checks.tensor(name, value, ndims=(2,), shape=str(shape))
+        _checks.tensor(name, value, ndims=(2,), shape=str(shape), data=True)
         if tuple(value.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} to match cross_cov {(C_a, C_b)}, "
                              f"got {tuple(value.shape)}")

@@ -412,6 +412,10 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
         empty = [name for name, m in maps.items() if m.module.weight.numel() == 0]
         if empty:
             raise ValueError(f"model has linear maps with a zero-size weight (no spectrum to analyse): {empty}")
+        if example_input is not None:
+            given = example_input if isinstance(example_input, tuple) else (example_input,)
+            if any(isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] == 0) for a in given):
+                raise ValueError("example_input holds no sample: its tensors need a batch axis of at least one")
         candidates = ([example_input] if example_input is not None
                       else _default_input(next(iter(maps.values())), model))
         with torch.no_grad():
@@ -423,8 +427,12 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
                               stacklevel=2)
                 return _discover_with_hooks(model, maps, candidates)
             errors = []
+            inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
             for candidate in candidates:
                 args = candidate if isinstance(candidate, tuple) else (candidate,)
+                if len(args) > inputs:  # torch.fx would ignore the extra ones
+                    raise ValueError(f"example_input holds {len(args)} inputs but the model's forward takes "
+                                     f"{inputs}")
                 flow = _Flow(gm, maps)
                 try:
                     flow.run(*[a[:1].clone() if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args])

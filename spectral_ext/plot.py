@@ -281,9 +281,13 @@ def esd(eigenvalues, ax=None, fit: dict | None = None, label: str | None = None)
 
     import torch
 
-    fig, ax = _axes(ax, (5, 4))
-    eig = np.asarray(torch.as_tensor(eigenvalues).double().cpu())
+    from .spectra import _real_values
+
+    eig = np.asarray(_real_values(eigenvalues).detach().double().cpu()).reshape(-1)
     eig = eig[eig > 0]
+    if eig.size == 0 or not np.isfinite(eig).all():
+        raise ValueError("eigenvalues must hold finite values, some of them positive")
+    fig, ax = _axes(ax, (5, 4))
     bins = np.logspace(math.log10(eig.min()), math.log10(eig.max()), 40)
     ax.hist(eig, bins=bins, density=True, alpha=0.6, label=label or "ESD")
     if fit and np.isfinite(fit["alpha"]):

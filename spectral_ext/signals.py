@@ -272,6 +272,8 @@ def hypergraph(vectors: torch.Tensor, labels: torch.Tensor, q: float = 0.85, p: 
                         f"got {getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.shape != (vectors.shape[0],):
         raise ValueError(f"labels must have shape ({vectors.shape[0]},) to match vectors, got {tuple(labels.shape)}")
+    if _checks.data_free(vectors, labels):
+        raise ValueError("vectors and labels must hold data (not meta tensors)")
     if labels.numel() and int(labels.min()) < 0:
         raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
     q = _checks.number("q", q, low=0, high=1, low_open=True, high_open=True)
@@ -309,6 +311,8 @@ def semantic_hierarchy(h: Hypergraph) -> nx.DiGraph:
     18), reduced to its Hasse diagram (transitive reduction). Node
     attributes: classes (sorted tuple), members (singular vectors), size,
     label ("v<first> (<count>)" as in Fig. 6)."""
+    if not isinstance(h, Hypergraph):
+        raise TypeError(f"h must be a Hypergraph (spectral_ext.hypergraph(...)), got {type(h).__name__}")
     groups = h.equivalence_classes()
     keys = sorted(groups, key=lambda s: (-len(s), sorted(map(str, s))))
     order = nx.DiGraph()

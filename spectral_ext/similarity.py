@@ -235,7 +235,7 @@ def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.
     channel normalisation): X is scaled by a power of two first where its
     magnitude would overflow or underflow. A linear Gram that overflows
     X's dtype is refused (ValueError): it has no finite value."""
-    _check_kernel(kernel)
+    _check_kernel(kernel, bandwidth, gamma)
     if kernel in ("linear", "rbf"):
         F = X.reshape(X.shape[0], -1)
         if kernel == "linear":
@@ -307,9 +307,15 @@ def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = True) -> torch.Tenso
     return (Uk @ Ul.T) * _hsic_scale(n, unbiased)
 
 
-def _check_kernel(kernel):
+def _check_kernel(kernel, bandwidth=0.5, gamma=None):
+    """The kernel's name and its options: bandwidth (rbf) and gamma (laplace) positive and finite."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    _checks.number("bandwidth", bandwidth, low=0, low_open=True)
+    if gamma is not None:
+        if kernel != "laplace":
+            raise ValueError(f"gamma is the laplace kernel's option; kernel={kernel!r} does not use it")
+        _checks.number("gamma", gamma, low=0, low_open=True)
 
 
 def _syrk(F: torch.Tensor, outer: bool):
@@ -538,7 +544,7 @@ class MinibatchCKA:
 
     def __init__(self, kernel: str = "linear", unbiased: bool = True, bandwidth: float = 0.5,
                  gamma: float | None = None):
-        _check_kernel(kernel)
+        _check_kernel(kernel, bandwidth, gamma)
         self.kernel, self.unbiased, self.bandwidth, self.gamma = kernel, unbiased, bandwidth, gamma
         self.xy = self.xx = self.yy = None
         self.varied_x = self.varied_y = None
@@ -1059,7 +1065,7 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     with tqdm(total=len(involved), desc=f"pairwise {measure}", unit="model", disable=not progress,
               leave=False, mininterval=0, miniters=1) as bar:
         if measure == "cka":
-            _check_kernel(kernel)
+            _check_kernel(kernel, bandwidth, gamma)
             index = {n: i for i, n in enumerate(involved)}
             wanted = [(index[a], index[b]) for a, b in pairs]
             matrix = _pairwise_cka([reps[n] for n in involved], involved, kernel, unbiased, bandwidth, gamma, bar,

@@ -16,7 +16,7 @@ import math
 import sys
 import types
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +27,7 @@ from scipy import stats
 from torch import nn
 
 from . import _checks, _ops
-from ._hooks import capturing, evaluating, models_in_eval_mode
+from ._hooks import capturing, check_model, evaluating, models_in_eval_mode
 from ._linalg import batched_signed_svd, compute_dtype
 from .layers import Connection, ModelGraph, SpectralLayer, discover
 
@@ -503,7 +503,11 @@ def svr_many(models, example_input=None, p: float = 0.15, fold_batchnorm: bool =
     models: an iterable of nn.Modules with the same linear maps (models whose
     maps differ raise ValueError naming the map); the other arguments as in
     `svr`. Returns a list of SVR, one per model, in order."""
+    if isinstance(models, nn.Module) or not isinstance(models, Iterable):
+        raise TypeError(f"models must be an iterable of nn.Modules (a list), got {type(models).__name__}")
     models = list(models)
+    for i, m in enumerate(models):
+        check_model(f"models[{i}]", m)
     return _build_many(models, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
 
 
@@ -690,6 +694,9 @@ def spectral_activations(model: nn.Module, svr: SVR, data, layers=None, batch_si
 
     from ._data import batches
 
+    check_model("model", model)
+    if not isinstance(svr, SVR):
+        raise TypeError(f"svr must be the SVR of the model (spectral_ext.svr(model)), got {type(svr).__name__}")
     if svr.flattening != "svr":
         raise ValueError("spectral activations are defined for the SVR, not the co-SVR")
     names = svr.layers.names() if layers is None else ([layers] if isinstance(layers, str) else list(layers))
@@ -713,7 +720,12 @@ def sobel_similarity(spectral_images: torch.Tensor, images: torch.Tensor) -> tor
     of the greyscaled input, average-pooled to the spectral images' size
     (seed 000 section 5.1 and B.4). spectral_images (B, k, H', W'), images
     (B, C, H, W) -> (k,), one value per spectral neuron."""
-    if spectral_images.dim() != 4 or images.dim() != 4 or spectral_images.shape[0] != images.shape[0]:
+    _checks.tensor("spectral_images", spectral_images, ndims=(4,), shape="(B, k, H', W')")
+    _checks.tensor("images", images, ndims=(4,), shape="(B, C, H, W)",
+                   dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8))
+    if _checks.data_free(spectral_images, images):
+        raise ValueError("spectral_images and images must hold data (not meta tensors)")
+    if spectral_images.shape[0] != images.shape[0]:
         raise ValueError(f"spectral_images (B, k, H', W') and images (B, C, H, W) must share B, got "
                          f"{tuple(spectral_images.shape)} and {tuple(images.shape)}")
     dtype = spectral_images.dtype

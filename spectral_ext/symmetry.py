@@ -14,7 +14,7 @@ from torch import nn
 from . import _checks
 from ._data import accuracy as _accuracy
 from ._data import batches, copy_inputs
-from ._hooks import evaluating, models_in_eval_mode, module_order
+from ._hooks import check_model, evaluating, models_in_eval_mode, module_order
 from .layers import LINEAR_TYPES, discover, weight_of
 
 
@@ -149,7 +149,11 @@ def intertwiner_group(activation, degree: int | None = None, negative_slope: flo
         if name == "leaky_relu" and negative_slope == 1:
             kind, scales, description = _TABLE["identity"]
         return IntertwinerGroup(name, act, kind, scales, description)
-    return _numerical_group(act, n_probe, generator)
+    try:
+        return _numerical_group(act, n_probe, generator)
+    except (RuntimeError, TypeError) as error:  # not a function applied entry by entry
+        raise ValueError(f"activation must be an elementwise function of a tensor (torch.relu, nn.GELU(), ...); "
+                         f"applying it to probe values failed: {error}") from error
 
 
 def _resolve(activation, degree, negative_slope):
@@ -261,6 +265,7 @@ def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input
     check=True the new model is run on that input and must match the old
     one, else a ValueError says the transformation cannot be applied to
     this architecture. progress: a bar over the transformed maps."""
+    check_model("model", model)
     if group not in ("relu", "permutation"):
         raise ValueError(f"group must be 'relu' or 'permutation', got {group!r}")
     rtol, atol = _checks.number("rtol", rtol, low=0), _checks.number("atol", atol, low=0)

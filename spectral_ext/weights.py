@@ -95,8 +95,10 @@ class WeightTensor:
         size = torch.empty((), dtype=self.dtype).element_size() if self.dtype is not None else 4
         return self.shape[0] * self.shape[1] // self.groups * size
 
-    def blocks(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The weight as (groups, out/groups, in/groups * kernel) in `dtype`."""
+    def blocks(self, dtype: torch.dtype = torch.float64, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as (groups, out/groups, in/groups * kernel) in `dtype`;
+        with `out` (of that shape), converted straight into it (no copy in
+        `dtype` beside it)."""
         if self.load is None:
             raise WeightError(f"{self.source or self.layer} is not analysed: {self.note}")
         w = self.load()
@@ -104,6 +106,8 @@ class WeightTensor:
             raise WeightError(f"{self.source or self.layer} is {str(w.dtype).replace('torch.', '')}: quantised or "
                               "integer weights cannot be analysed as they are (dequantise them first)")
         rows, cols = self.block_shape
+        if out is not None:
+            return out.copy_(w.reshape(self.groups, rows, cols))
         return w.to(dtype).reshape(self.groups, rows, cols)
 
 
@@ -159,39 +163,62 @@ def _from_module(model: nn.Module) -> list[WeightTensor]:
     for layer, module in model.named_modules():
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             owner.setdefault(id(module.weight), layer)
-    seen = set()
+    claimed = set()  # ids of the parameters a layer kind has read
     for layer, module in model.named_modules():
         label = layer or "(model)"
-        if isinstance(module, nn.MultiheadAttention):
-            entries.extend(_attention_entries(label, module))
-            continue
-        weight = module._parameters.get("weight") if not _parametrized(module) else None
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-            if owner[id(module.weight)] != layer:  # T5's encoder and decoder embed_tokens are its `shared`
-                entries.append(WeightTensor(label, "embedding", tuple(int(d) for d in module.weight.shape),
-                                            source=f"{layer}.weight", dtype=module.weight.dtype,
-                                            tied_to=owner[id(module.weight)],
-                                            note=f"the same tensor as {owner[id(module.weight)]} (tied)"))
+        if isinstance(module, nn.utils.parametrize.ParametrizationList):
+            continue  # the original of a parametrized weight: read through its module
+        entries.extend(_layer_entries(layer, label, module, owner, claimed))
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in claimed:
                 continue
-            seen.add(id(module.weight))
-            entries.append(_entry(label, "embedding", module.weight, f"{layer}.weight"))
-        elif isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
-            transposed = _is_transformers_conv1d(module)
-            if weight is not None and id(weight) in owner and owner[id(weight)] != layer:
-                out, inp = weight.shape[::-1] if transposed else weight.shape
-                entries.append(WeightTensor(label, "embedding", (int(out), int(inp)), source=f"{layer}.weight",
-                                            dtype=weight.dtype, tied_to=owner[id(weight)],
-                                            note=f"the same tensor as {owner[id(weight)]} (a tied output head)"))
-                continue
-            if weight is not None and id(weight) in seen:
-                continue
-            if weight is not None:
-                seen.add(id(weight))
-            entries.append(_entry(label, "linear", None, f"{layer}.weight", module=module, transposed=transposed))
-        elif (kind := _conv_kind(module)) is not None:
-            entries.append(_entry(label, kind, None, f"{layer}.weight", module=module,
-                                  groups=module.groups, transpose_conv=kind.startswith("conv_transpose")))
+            claimed.add(id(parameter))
+            source = f"{layer}.{name}" if layer else name
+            shape = tuple(int(d) for d in parameter.shape)
+            if parameter.dim() < 2:
+                entries.append(WeightTensor(source, "vector", (shape[0] if shape else 1, 1), source=source,
+                                            dtype=parameter.dtype,
+                                            note="a vector (a bias or a norm's scale): no spectrum"))
+            else:
+                entries.append(WeightTensor(source, "other", (shape[0], math.prod(shape[1:])), source=source,
+                                            dtype=parameter.dtype,
+                                            note=f"a {type(module).__name__} parameter: not a layer kind with a "
+                                                 "spectrum convention (Linear, Conv, attention, embedding)"))
     return entries
+
+
+def _layer_entries(layer, label, module, owner, claimed) -> list[WeightTensor]:
+    """The entries of a module of a known layer kind (none for other modules); marks their weights claimed."""
+    if isinstance(module, nn.MultiheadAttention):
+        claimed.update(id(p) for p in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight,
+                                       module.v_proj_weight) if p is not None)
+        return _attention_entries(label, module)
+    weight = module._parameters.get("weight") if not _parametrized(module) else None
+    if weight is not None and id(weight) in claimed and not (id(weight) in owner and owner[id(weight)] != layer):
+        return []  # a weight shared with a layer already read
+    if weight is not None:
+        claimed.add(id(weight))
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        if owner[id(module.weight)] != layer:  # T5's encoder and decoder embed_tokens are its `shared`
+            return [WeightTensor(label, "embedding", tuple(int(d) for d in module.weight.shape),
+                                 source=f"{layer}.weight", dtype=module.weight.dtype, tied_to=owner[id(module.weight)],
+                                 note=f"the same tensor as {owner[id(module.weight)]} (tied)")]
+        return [_entry(label, "embedding", module.weight, f"{layer}.weight")]
+    if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
+        transposed = _is_transformers_conv1d(module)
+        if weight is not None and id(weight) in owner and owner[id(weight)] != layer:
+            out, inp = weight.shape[::-1] if transposed else weight.shape
+            return [WeightTensor(label, "embedding", (int(out), int(inp)), source=f"{layer}.weight",
+                                 dtype=weight.dtype, tied_to=owner[id(weight)],
+                                 note=f"the same tensor as {owner[id(weight)]} (a tied output head)")]
+        return [_entry(label, "linear", None, f"{layer}.weight", module=module, transposed=transposed)]
+    kind = _conv_kind(module)
+    if kind is not None:
+        return [_entry(label, kind, None, f"{layer}.weight", module=module, groups=module.groups,
+                       transpose_conv=kind.startswith("conv_transpose"))]
+    if weight is not None:
+        claimed.discard(id(weight))  # not a known kind: its parameters get rows of their own
+    return []
 
 
 def _attention_entries(layer: str, module: nn.MultiheadAttention) -> list[WeightTensor]:

@@ -276,6 +276,8 @@ def report(out, tables: dict[str, pd.DataFrame], metadata=None, progress: bool =
     from . import plot
 
     out = pathlib.Path(out)
+    if not hasattr(tables, "get"):
+        raise TypeError(f"tables must be a ZooTables or a dict {{name: DataFrame}}, got {type(tables).__name__}")
     out.mkdir(parents=True, exist_ok=True)
     models, layers, pairs = (tables.get(k, pd.DataFrame()) for k in ("models", "layers", "pairs"))
     errors = models[models["error"].fillna("").astype(str) != ""] if "error" in models else models.iloc[0:0]

@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from .. import _checks, _data
-from .._hooks import first_tensor
+from .._hooks import first_tensor, forward
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 OUTPUT = "output"
@@ -33,7 +33,7 @@ def _rank_of_singular_values(sigma: torch.Tensor, eps: float | None, count: int 
 def _outputs(model, x, captured, order, layers):
     captured.clear()
     order.clear()
-    out = first_tensor(model(_data.copy_inputs(x)))
+    out = first_tensor(forward(model, _data.copy_inputs(x)))
     missing = [name for name in layers if name not in captured]
     if missing:
         raise ValueError(f"layers {missing} did not run in the model's forward pass")

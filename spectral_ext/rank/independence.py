@@ -118,6 +118,9 @@ def independence_deficit(data, eta: float = 20.0, max_iter: int = 20000, tol: fl
         raise ValueError(f"class_names has {len(class_names)} names for {C} classes")
     Z = logits.double()
     G = Z.T @ Z / N
+    if not _checks.all_finite(G):
+        raise ValueError("data logits are finite but their second moments overflow float64 (values near 1e154 "
+                         "or beyond): rescale them")
     A, iterations, converged, violation = _lasso_all_classes(G, float(eta), max_iter, tol)
     if not converged:
         warnings.warn(f"the Lasso stopped after {iterations} iterations with KKT violation {violation:.3g}; "

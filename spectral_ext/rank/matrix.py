@@ -48,7 +48,7 @@ def numerical_rank(W: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     perturbations smaller than the gap between eps * ||W||_2 and the nearest
     sigma_i. W is divided by a power of two first where its magnitude is
     extreme (the rank is scale invariant)."""
-    _checks.tensor("W", W, ndims=range(2, 64), shape="(m, n) or (..., m, n)")
+    _checks.tensor("W", W, ndims=range(2, 64), shape="(m, n) or (..., m, n)", data=True)
     _check_eps(eps)
     return _rank_of_singular_values(torch.linalg.svdvals(_times_exp2(W, -_exponents(W))), eps)
 
@@ -61,7 +61,7 @@ def rank_of_singular_values(sigma: torch.Tensor, eps: float | None = None) -> to
     output), batched over the leading axes. Returns int64 counts of shape
     sigma.shape[:-1]; numerical_rank(W, eps) equals
     rank_of_singular_values(torch.linalg.svdvals(W), eps)."""
-    _checks.tensor("sigma", sigma, ndims=range(1, 64), shape="(..., k)")
+    _checks.tensor("sigma", sigma, ndims=range(1, 64), shape="(..., k)", data=True)
     _check_eps(eps)
     if sigma.numel() and bool((sigma[..., 1:] > sigma[..., :-1]).any()):
         raise ValueError("sigma must be in decreasing order (as torch.linalg.svdvals returns it)")
@@ -78,7 +78,7 @@ def stable_rank(W: torch.Tensor) -> torch.Tensor:
     0-d or one per matrix for batched input. Computed as sum (sigma_i /
     sigma_1)^2, W divided by a power of two first where its magnitude is
     extreme: no square overflows or underflows at any scale."""
-    _checks.tensor("W", W, ndims=range(2, 64), shape="(m, n) or (..., m, n)")
+    _checks.tensor("W", W, ndims=range(2, 64), shape="(m, n) or (..., m, n)", data=True)
     sigma = torch.linalg.svdvals(_times_exp2(W, -_exponents(W)))
     top = sigma[..., :1] if sigma.shape[-1] else sigma.new_zeros(*sigma.shape[:-1], 1)
     ratio = (sigma / top.clamp_min(torch.finfo(sigma.dtype).tiny)).square().sum(-1)
