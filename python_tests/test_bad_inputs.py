@@ -238,6 +238,9 @@ CASES = [
     ("intertwiner_group of a Linear", lambda: se.intertwiner_group(nn.Linear(3, 3)), ValueError, "activation"),
     ("independence_deficit overflowing logits", lambda: se.independence_deficit((F.double() * 1e300, L)),
      ValueError, "logits"),
+    ("pairwise_similarity meta features", lambda: se.pairwise_similarity({"a": F.to("meta"), "b": F}), ValueError,
+     "features"),
+    ("zoo.analyze None", lambda: se.zoo.analyze(None), ValueError, "source"),
     ("signal_projection V requiring grad", lambda: se.signal_projection(
         IMAGE, torch.ones(4, 1, dtype=torch.float64, requires_grad=True), S1, padding=0), ValueError, "V"),
 ]

@@ -1056,6 +1056,9 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     named = {n for p in pairs for n in p}  # a set: K x pairs membership tests would dominate a large zoo
     involved = [n for n in names if n in named]
     # every measure is scale invariant: representations too large or small for their squares scaled first
+    meta = [n for n in involved if isinstance(features[n], torch.Tensor) and _checks.data_free(features[n])]
+    if meta:
+        raise ValueError(f"features of {meta[:3]} are meta tensors (shapes only): the measures need values")
     reps = {n: _rescaled(as_channels(f"features[{n!r}]", features[n], feature_axis)) for n in involved}
     if len({R.shape[0] for R in reps.values()}) > 1:
         raise ValueError("every model's features must hold the same N probe samples")

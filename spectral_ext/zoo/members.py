@@ -139,6 +139,9 @@ def list_members(source) -> list[tuple[str, object]]:
         else:
             items = _folder_members(root)
     else:
+        if isinstance(source, nn.Module) or not isinstance(source, collections.abc.Iterable):
+            raise ZooError(f"source must be a folder, a file, a list of paths or modules, or a dict of modules, got "
+                           f"{type(source).__name__}", argument="source")
         items = []
         for k, item in enumerate(source):
             if isinstance(item, nn.Module):
