@@ -728,3 +728,30 @@ def test_callable_module_both_call_forms_pickling_and_help():
     assert "The module is callable" in text and "internal_dimensions(A: 'torch.Tensor', n: 'float')" in text
     with pytest.raises(AttributeError):
         se.svr.no_such_name
+
+
+@pytest.mark.parametrize("builder", ["svr", "co_svr"])
+def test_grouped_convolutions_are_decomposed_by_block_as_the_dense_map(builder, monkeypatch):
+    """Issue 24: the SVR of a grouped (and depthwise) convolution uses its diagonal blocks; the result equals
+    the dense block-diagonal map's (its U, S, V and every adjacency)."""
+    from torch import nn
+
+    from spectral_ext import layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4),
+                          nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 6, 1)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    build = getattr(se, builder)
+    blocked = build(model, x, progress=False)
+    flattening = "svr" if builder == "svr" else "co-svr"
+    monkeypatch.setattr(layers.LinearMap, "flattening", lambda self, kind, fold, dtype: (
+        self.matrix(fold, dtype) if kind == "svr" else self.co_matrix(fold, dtype)))
+    dense = build(model, x, progress=False)
+    assert blocked.flattening == flattening
+    for name in ("2", "4"):
+        for a, b in zip((blocked.layers[name].U, blocked.layers[name].S, blocked.layers[name].V),
+                        (dense.layers[name].U, dense.layers[name].S, dense.layers[name].V)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for e in range(len(dense.edges)):
+        torch.testing.assert_close(blocked.adjacency(e), dense.adjacency(e), rtol=1e-10, atol=1e-12)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -174,23 +175,51 @@ def signed_svd(W: torch.Tensor, top: int | None = None):
     return _sign_fix(*(t.to(W.dtype) for t in (U, S, V)))
 
 
+class BlockDiagonal(NamedTuple):
+    """A block-diagonal matrix given by its diagonal blocks (g, r, c) (a grouped convolution's flattening)."""
+    blocks: torch.Tensor
+
+
+def block_diagonal_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, top: int | None = None):
+    """The signed SVD of a block-diagonal matrix from its blocks' (U (g, r, m),
+    S (g, m), V (g, c, m)): U and V block-diagonal, singular values the union
+    of the blocks' in decreasing order (ties in block order). Each vector is
+    zero outside its block, so the blocks' signs are the project's sign."""
+    g, r, m = U.shape
+    order = torch.sort(S.reshape(-1), descending=True, stable=True).indices
+    if top is not None:
+        order = order[:top]
+    block, column = order // m, order % m
+    k = order.numel()
+    U_full = U.new_zeros(g, r, k)
+    V_full = V.new_zeros(g, V.shape[1], k)
+    j = torch.arange(k, device=U.device)
+    U_full[block, :, j] = U[block, :, column]
+    V_full[block, :, j] = V[block, :, column]
+    return U_full.reshape(g * r, k), S.reshape(-1)[order], V_full.reshape(-1, k)
+
+
 def batched_signed_svd(matrices: dict, top: int | None = None, progress: bool = False,
                        desc: str = "SVDs") -> dict:
     """signed_svd of many matrices, one batched call per distinct shape (and
     dtype/device): {key: W} -> {key: (U, S, V)}; `top` as in signed_svd; a
-    progress bar over the matrices when asked (it shows after 2 s)."""
+    progress bar over the matrices when asked (it shows after 2 s). A
+    BlockDiagonal value is decomposed block by block (block_diagonal_svd):
+    a depthwise convolution's SVD costs its blocks', not the dense map's."""
     from tqdm.auto import tqdm
 
     groups: dict = {}
     for key, W in matrices.items():
-        groups.setdefault((tuple(W.shape), W.dtype, W.device), []).append(key)
+        blocks = isinstance(W, BlockDiagonal)
+        W = W.blocks if blocks else W
+        groups.setdefault((blocks, tuple(W.shape), W.dtype, W.device), []).append(key)
     out = {}
     with tqdm(total=len(matrices), desc=desc, disable=not progress, delay=2, leave=False) as bar:
-        for keys in groups.values():
-            U, S, V = signed_svd(torch.stack([matrices[k] for k in keys]) if len(keys) > 1
-                                 else matrices[keys[0]].unsqueeze(0), top)
+        for (blocks, *_), keys in groups.items():
+            tensors = [matrices[k].blocks if blocks else matrices[k] for k in keys]
+            U, S, V = signed_svd(torch.stack(tensors) if len(keys) > 1 else tensors[0].unsqueeze(0), top)
             for i, k in enumerate(keys):
-                out[k] = (U[i], S[i], V[i])
+                out[k] = block_diagonal_svd(U[i], S[i], V[i], top) if blocks else (U[i], S[i], V[i])
             bar.update(len(keys))
     return out
 

@@ -123,6 +123,27 @@ class LinearMap:
         """The SVR flattening (out, in * K2) of seed 000 section 4.2."""
         return self.weight(fold_batchnorm, dtype).reshape(self.out_channels, -1)
 
+    def flattening(self, flattening: str = "svr", fold_batchnorm: bool = False, dtype: torch.dtype | None = None):
+        """matrix() ("svr") or co_matrix() ("co-svr"); for a grouped convolution a
+        _linalg.BlockDiagonal of its groups diagonal blocks instead (the dense
+        map is block-diagonal: its SVD is the blocks', never built densely)."""
+        groups = getattr(self.module, "groups", 1)
+        if groups == 1:
+            return self.matrix(fold_batchnorm, dtype) if flattening == "svr" else self.co_matrix(fold_batchnorm, dtype)
+        from ._linalg import BlockDiagonal
+
+        w = weight_of(self.module)  # stored (out, in / groups, *kernel)
+        w = w.to(dtype) if dtype is not None else w
+        scale = self.batchnorm_scale(w.dtype) if fold_batchnorm else None
+        if scale is not None:
+            w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        per_out = self.out_channels // groups
+        if flattening == "svr":
+            return BlockDiagonal(w.reshape(groups, per_out, -1))
+        # co-SVR rows (output channel, kernel position) of a group are contiguous, its columns its inputs
+        w = w.reshape(self.out_channels, w.shape[1], -1).permute(0, 2, 1)
+        return BlockDiagonal(w.reshape(groups, per_out * self.kernel_area, w.shape[2]))
+
     def co_matrix(self, fold_batchnorm: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The co-SVR flattening (out * K2, in) of seed 000 sections 4.4 and 5.2.1:
         rows are (output channel, kernel position), columns input channels."""

@@ -453,9 +453,8 @@ def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, gra
     for g in graphs:
         _check_weights(g)
     dtype = compute_dtype(dtype, [m.module.weight for g in graphs for m in g.maps.values()])
-    flatten = (lambda m: m.matrix(fold_batchnorm, dtype)) if flattening == "svr" else (
-        lambda m: m.co_matrix(fold_batchnorm, dtype))
-    svds = batched_signed_svd({(i, n): flatten(m) for i, g in enumerate(graphs) for n, m in g.maps.items()},
+    svds = batched_signed_svd({(i, n): m.flattening(flattening, fold_batchnorm, dtype)
+                               for i, g in enumerate(graphs) for n, m in g.maps.items()},
                               top=top, progress=progress, desc=f"{flattening.upper()}: SVDs of the linear maps")
     all_layers = [LayerList([SpectralLayer(n, g.maps[n].kind, *svds[(i, n)], module=g.maps[n].module)
                              for n in g.maps])
@@ -606,9 +605,9 @@ def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: boo
     graph = graph if graph is not None else discover(model, example_input)
     _check_weights(graph)
     dtype = compute_dtype(dtype, [m.module.weight for m in graph.maps.values()])
-    bar = batched_signed_svd({n: m.matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()},
+    bar = batched_signed_svd({n: m.flattening("svr", fold_batchnorm, dtype) for n, m in graph.maps.items()},
                              progress=progress, desc="kernel connections: SVR SVDs")
-    tilde = batched_signed_svd({n: m.co_matrix(fold_batchnorm, dtype) for n, m in graph.maps.items()},
+    tilde = batched_signed_svd({n: m.flattening("co-svr", fold_batchnorm, dtype) for n, m in graph.maps.items()},
                                progress=progress, desc="kernel connections: co-SVR SVDs")
     out, skipped = {}, []
     for c in graph.connections:
