@@ -133,12 +133,16 @@ def test_untraceable_conv_chain_keeps_its_null_dimension():
             return self.b(torch.relu(self.a(x)))
 
     model = Untraceable()
-    with pytest.warns(UserWarning, match="execution order"):
-        s = se.svr(model, torch.ones(1, 2, 7, 7), dtype=torch.float64)
-    traced = se.svr(nn.Sequential(model.a, nn.ReLU(), model.b), torch.ones(1, 2, 7, 7), dtype=torch.float64)
-    assert s.null_dimension(0) == traced.null_dimension(0) == 4
-    assert s.threshold(0) == pytest.approx(traced.threshold(0))
-    assert s.internal_dimensions(0) == traced.internal_dimensions(0)
+    x = torch.ones(1, 2, 7, 7)
+    eager = se.svr(model, x, dtype=torch.float64)  # fx fails: the eager tracer follows the forward
+    assert eager.graph.traced and eager.graph.tracer == "eager"
+    chained = se.svr(model, x, dtype=torch.float64, graph=se.discover(model, x, tracer="order"))
+    assert not chained.graph.traced and chained.graph.tracer == "order"
+    traced = se.svr(nn.Sequential(model.a, nn.ReLU(), model.b), x, dtype=torch.float64)
+    for s in (eager, chained):
+        assert s.null_dimension(0) == traced.null_dimension(0) == 4
+        assert s.threshold(0) == pytest.approx(traced.threshold(0))
+        assert s.internal_dimensions(0) == traced.internal_dimensions(0)
 
 
 def test_untraceable_model_order_comes_from_the_one_capture(monkeypatch):

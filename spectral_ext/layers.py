@@ -217,6 +217,7 @@ class ModelGraph:
     connections: list[Connection]
     traced: bool = True
     stopped_at: list[str] = field(default_factory=list)  # operations that ended a flow
+    tracer: str = "fx"  # "fx", "eager" (spectral_ext.dataflow), "order" (execution order) or "registration"
 
     def for_model(self, model: nn.Module) -> "ModelGraph":
         """The same graph over another model of this architecture (a zoo
@@ -262,7 +263,34 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
 
 # ---------------------------------------------------------------- discovery
 
+def _is_conv1d_transposed(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a Linear whose weight is stored
+    (in, out), applied as x @ weight + bias."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) \
+        and module.weight.dim() == 2 and getattr(module, "nf", module.weight.shape[1]) == module.weight.shape[1]
+
+
+def _is_map(module: nn.Module) -> bool:
+    """A linear map the methods analyse: Linear, Conv1d/2d/3d, or transformers' Conv1D."""
+    return isinstance(module, LINEAR_TYPES) or _is_conv1d_transposed(module)
+
+
+class TransposedLinearMap(LinearMap):
+    """A fully connected map whose module stores its weight transposed, (in,
+    out) (transformers' Conv1D): kind "linear", and weight(), matrix() and
+    flattening() give the (out, in) matrix as for nn.Linear (a transposed
+    view, copied only where a reshape needs it)."""
+
+    def weight(self, fold_batchnorm: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = weight_of(self.module).t()
+        w = w.to(dtype) if dtype is not None else w
+        scale = self.batchnorm_scale(w.dtype) if fold_batchnorm else None
+        return w * scale.unsqueeze(1) if scale is not None else w
+
+
 def _describe(name: str, module: nn.Module) -> LinearMap:
+    if _is_conv1d_transposed(module):
+        return TransposedLinearMap(name, module, "linear", module.weight.shape[0], module.weight.shape[1], ())
     if isinstance(module, nn.Linear):
         return LinearMap(name, module, "linear", module.in_features, module.out_features, ())
     kind = f"conv{len(module.kernel_size)}d"
@@ -365,41 +393,66 @@ class _Flow(torch.fx.Interpreter):
             owner = self.maps[self.direct[n.args[0]]]
             owner.batchnorm = module
             owner.batchnorm_name = n.target
-        if isinstance(module, _RESHAPE_MODULES) or (module is None and name in _RESHAPE_NAMES) or (
-                module is None and name in _CONCAT_NAMES):
+        rule = _rule(name, module)
+        if rule == "reshape":
             return {p: (self._apply(n, p, 0), self._apply(n, p, 1)) for p in producers}
-        if isinstance(module, _RESIZE_MODULES) or (module is None and (name in _RESIZE_NAMES or "pool" in name)):
-            return self._resize(n, producers, result)
-        if isinstance(module, _PASSTHROUGH_MODULES) or (module is None and name in _PASSTHROUGH_NAMES):
+        if rule == "resize":
             if not isinstance(result, torch.Tensor):
                 return {}
-            merged = {}
-            for a in inputs:
-                for p, (chan, pos) in self.flow[a].items():
-                    if p not in merged and isinstance(chan, torch.Tensor):
-                        if chan.shape != result.shape:
-                            chan, pos = chan.expand(result.shape).contiguous(), pos.expand(result.shape).contiguous()
-                        merged[p] = (chan, pos)
-            return merged
+            return _resize(lambda p, t: self._apply(n, p, 0, transform=t), producers, n.format_node(), self.stopped)
+        if rule == "pass":
+            if not isinstance(result, torch.Tensor):
+                return {}
+            return _merge([self.flow[a] for a in inputs], result.shape)
         self.stopped.append(f"{n.format_node()}")
         return {}
 
-    def _resize(self, n, producers, result):
-        """Pooling, resizing, spatial means: channels must survive unmixed."""
-        if not isinstance(result, torch.Tensor):
-            return {}
-        out = {}
-        for p in producers:
-            c = self._apply(n, p, 0, transform=lambda t: t.double())
-            neg = self._apply(n, p, 0, transform=lambda t: -t.double())
-            sq = self._apply(n, p, 0, transform=lambda t: t.double() ** 2)
-            constant = torch.allclose(c, -neg) and torch.allclose(sq, c * c)
-            if not constant:
-                self.stopped.append(f"{n.format_node()} (mixes channels)")
-                continue
-            chan = c.round().long()
-            out[p] = (chan, _renumber_positions(chan))
-        return out
+
+def _rule(name: str, module: nn.Module | None) -> str | None:
+    """How an operation moves the probes (both tracers): "reshape" (applied to
+    the probes as to the values: views, permutes, slices, concatenations),
+    "resize" (pooling, resizing, means: kept where each output reads one
+    channel), "pass" (elementwise: every operand's probes, broadcast) or None
+    (the flow ends)."""
+    if isinstance(module, _RESHAPE_MODULES) or (module is None and (name in _RESHAPE_NAMES or name in _CONCAT_NAMES)):
+        return "reshape"
+    if isinstance(module, _RESIZE_MODULES) or (module is None and (name in _RESIZE_NAMES or "pool" in name)):
+        return "resize"
+    if isinstance(module, _PASSTHROUGH_MODULES) or (module is None and name in _PASSTHROUGH_NAMES):
+        return "pass"
+    return None
+
+
+def _merge(flows: list[dict], shape) -> dict:
+    """An elementwise operation's probes: each producer's from the first operand
+    that carries it, broadcast to the result's shape."""
+    merged = {}
+    for flow in flows:
+        for p, (chan, pos) in flow.items():
+            if p not in merged and isinstance(chan, torch.Tensor):
+                if chan.shape != shape:
+                    chan, pos = chan.expand(shape).contiguous(), pos.expand(shape).contiguous()
+                merged[p] = (chan, pos)
+    return merged
+
+
+def _resize(apply, producers, label: str, stopped: list) -> dict:
+    """Pooling, resizing, spatial means: channels must survive unmixed.
+    apply(producer, transform) runs the operation on that producer's channel
+    probe (transformed to double, negated, squared): an output whose value is
+    the same channel for all three read one channel only."""
+    out = {}
+    for p in producers:
+        c = apply(p, lambda t: t.double())
+        neg = apply(p, lambda t: -t.double())
+        sq = apply(p, lambda t: t.double() ** 2)
+        constant = torch.allclose(c, -neg) and torch.allclose(sq, c * c)
+        if not constant:
+            stopped.append(f"{label} (mixes channels)")
+            continue
+        chan = c.round().long()
+        out[p] = (chan, _renumber_positions(chan))
+    return out
 
 
 def _default_input(first: LinearMap, model: nn.Module) -> list[torch.Tensor]:
@@ -412,41 +465,68 @@ def _default_input(first: LinearMap, model: nn.Module) -> list[torch.Tensor]:
             for size in (32, 224, 28, 8, 64)]
 
 
-def discover(model: nn.Module, example_input=None) -> ModelGraph:
+TRACERS = ("auto", "fx", "eager", "order")
+
+
+def discover(model: nn.Module, example_input=None, tracer: str = "auto") -> ModelGraph:
     """Every linear map of `model` and how they connect (seed 000 sections 2.2
     and 4.2: which output channel of a map each input row of the next reads).
 
-    model: an nn.Module; its Linear and Conv1d/2d/3d maps, in forward order.
-    example_input: a tensor or a tuple of positional inputs for one traced
-    forward pass (for a model whose first map is a Linear one is made up, for
-    a convolutional one a few common image sizes are tried).
-    Returns a ModelGraph (maps, connections)."""
+    model: an nn.Module; its Linear and Conv1d/2d/3d maps (and transformers'
+    Conv1D), in forward order.
+    example_input: a tensor, a tuple of positional inputs, or a dict of
+    keyword inputs (``{"input_ids": ...}``: the model is called as
+    ``model(**example_input)``) for one forward pass (for a model whose first
+    map is a Linear a tensor is made up, for a convolutional one a few common
+    image sizes are tried).
+    tracer: "auto" (torch.fx where it traces the model, else the eager tracer
+    of spectral_ext.dataflow: one recorded forward as the model runs, any
+    model that runs eagerly; dict inputs go to the eager tracer), "fx",
+    "eager", or "order" (no dataflow: the maps chained in the order they ran,
+    with a warning; traced=False).
+    Returns a ModelGraph (maps, connections; tracer says which one ran)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
     # eval mode before any weight is read: a parametrized weight (spectral_norm) read in train mode
     # advances its power-iteration buffers, and the model would not come back as it was
     restore = set_eval(model)
     try:
-        maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+        maps = {name: _describe(name, m) for name, m in model.named_modules() if _is_map(m)}
         if not maps:
             raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
         empty = [name for name, m in maps.items() if m.module.weight.numel() == 0]
         if empty:
             raise ValueError(f"model has linear maps with a zero-size weight (no spectrum to analyse): {empty}")
-        if example_input is not None:
+        if isinstance(example_input, dict):
+            tensors = [a for a in example_input.values() if isinstance(a, torch.Tensor)]
+            if not tensors:
+                raise ValueError("example_input is a dict without a tensor: nothing to run the model on")
+            if any(a.dim() > 0 and a.shape[0] == 0 for a in tensors):
+                raise ValueError("example_input holds no sample: its tensors need a batch axis of at least one")
+        elif example_input is not None:
             given = example_input if isinstance(example_input, tuple) else (example_input,)
             if any(isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] == 0) for a in given):
                 raise ValueError("example_input holds no sample: its tensors need a batch axis of at least one")
         candidates = ([example_input] if example_input is not None
                       else _default_input(next(iter(maps.values())), model))
         with torch.no_grad():
+            if tracer == "order":
+                return _discover_with_hooks(model, maps, candidates)
+            if tracer == "eager" or (tracer == "auto" and isinstance(example_input, dict)):
+                from .dataflow import discover_eager
+                return discover_eager(model, maps, candidates, example_input is None)
+            if isinstance(example_input, dict):
+                raise ValueError("tracer='fx' takes positional inputs (a tensor or a tuple), not a dict")
             try:
                 gm = torch.fx.symbolic_trace(model)
-            except Exception as error:  # fx cannot trace data-dependent control flow
-                warnings.warn(f"torch.fx could not trace the model ({type(error).__name__}: {error}); "
-                              "connecting its linear maps in execution order (forward hooks) instead",
-                              stacklevel=2)
-                return _discover_with_hooks(model, maps, candidates)
+            except Exception as error:  # fx cannot trace data-dependent control flow, transformers, ...
+                if tracer == "fx":
+                    raise ValueError(f"torch.fx could not trace the model ({type(error).__name__}: {error}); "
+                                     "tracer='auto' or 'eager' follows one eager forward pass instead") from error
+                from .dataflow import discover_eager
+                return discover_eager(model, maps, candidates, example_input is None)
             errors = []
             inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
             for candidate in candidates:
@@ -475,6 +555,14 @@ def discover(model: nn.Module, example_input=None) -> ModelGraph:
             raise ValueError(f"model did not run on example_input{hint}: {errors[-1]}")
     finally:
         restore()
+
+
+def _call(model: nn.Module, inputs):
+    """model run on a copy of the inputs: a dict as keyword arguments, a tuple as positional ones."""
+    inputs = copy_inputs(inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
 def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection | None:
@@ -528,9 +616,8 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
     with capturing(model, list(maps)) as (captured, order):
         errors = []
         for candidate in candidates:
-            args = copy_inputs(candidate if isinstance(candidate, tuple) else (candidate,))
             try:
-                model(*args)
+                _call(model, candidate)
                 break
             except Exception as error:
                 errors.append(f"{type(error).__name__}: {error}")
@@ -542,7 +629,7 @@ def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
     return _chain(maps, ran, warn=True)
 
 
-def _chain(maps: dict, order: list[str], warn: bool = False) -> ModelGraph:
+def _chain(maps: dict, order: list[str], warn: bool = False, tracer: str = "order") -> ModelGraph:
     """The maps `order` connected one after the other (no dataflow known): a
     conv feeding a Linear is read flattened channel-major (torch.flatten)."""
     connections = []
@@ -571,7 +658,7 @@ def _chain(maps: dict, order: list[str], warn: bool = False) -> ModelGraph:
                                       prev.out_channels, next_channels))
     ordered = {name: maps[name] for name in order}
     ordered.update({n: m for n, m in maps.items() if n not in ordered})
-    return ModelGraph(ordered, connections, traced=False)
+    return ModelGraph(ordered, connections, traced=False, tracer=tracer)
 
 
 def chain_graph(model: nn.Module) -> ModelGraph:
@@ -580,7 +667,7 @@ def chain_graph(model: nn.Module) -> ModelGraph:
     authors' convention (the code of seed 000: a list of weights taken as the
     dataflow, conv -> Linear flattened channel-major). Returns a ModelGraph;
     shapes that do not chain raise ValueError."""
-    maps = {name: _describe(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    maps = {name: _describe(name, m) for name, m in model.named_modules() if _is_map(m)}
     if not maps:
         raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
-    return _chain(maps, list(maps))
+    return _chain(maps, list(maps), tracer="registration")
