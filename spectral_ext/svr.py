@@ -168,7 +168,10 @@ class SVR:
         if self.flattening == "svr":
             k2 = c.kernel_area
         else:
-            k2 = self.graph.maps[c.previous].kernel_area * (c.kernel_area if c.kind == "conv_linear" else 1)
+            # a Linear reading a channel at several inputs (positions after a flatten, heads sharing a value
+            # head in grouped-query attention) sums them: its K2 counts too
+            k2 = self.graph.maps[c.previous].kernel_area * (c.kernel_area if self.graph.maps[c.next].kind == "linear"
+                                                            else 1)
         return adjacency_threshold(self.p, k2, c.null_dimension)
 
     def significant(self, e, top: int | None = None) -> torch.Tensor:
@@ -469,7 +472,7 @@ def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, gra
                 continue
             # co-SVR (section 4.4): next's co-V rows are its input channels, prev's co-U
             # rows are (output channel, kernel position); the roles of U and V swap.
-            if c.kind == "conv_linear" and c.kernel_area > 1:
+            if nxt.kind == "linear" and c.kernel_area > 1:  # conv -> flatten -> Linear, or a GQA value -> output
                 direct[(i, k)] = _co_conv_linear(prev, nxt, c)
                 continue
             k2_prev = prev.U.shape[0] // c.previous_channels
@@ -611,7 +614,7 @@ def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: boo
                                progress=progress, desc="kernel connections: co-SVR SVDs")
     out, skipped = {}, []
     for c in graph.connections:
-        if c.kind == "conv_linear" and c.kernel_area > 1:
+        if graph.maps[c.next].kind == "linear" and c.kernel_area > 1:  # also a channel read by several heads (GQA)
             skipped.append(f"{c.previous!r} -> {c.next!r}")
             continue
         inputs = c.rows[:, 0] // c.kernel_area if c.kind != "conv_linear" else c.rows[:, 0]
