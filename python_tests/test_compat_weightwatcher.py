@@ -108,8 +108,9 @@ def test_unreproduced_options_and_bad_input_say_so():
         se_ww.WeightWatcher(model=42)
     with pytest.raises(ValueError, match="'resnet' is not a folder"):
         se_ww.WeightWatcher(model="resnet")
-    with pytest.warns(UserWarning, match="Conv1d"):
-        se_ww.WeightWatcher(model=nn.Sequential(nn.Conv1d(4, 8, 3), nn.Linear(8, 12))).analyze()
+    with pytest.warns(UserWarning, match=r"\['0 \(conv1d, 3-d\)'\] are left out"):
+        got = se_ww.WeightWatcher(model=nn.Sequential(nn.Conv1d(4, 8, 3), nn.Linear(8, 12))).analyze()
+    assert got["name"].tolist() == ["1"]
 
 
 def test_plot_draws_one_esd_per_layer(tmp_path):

@@ -69,7 +69,8 @@ vectors, fix_fingers, fit other than "PL", xmax, deltas, detX/ERG,
 pl_package="powerlaw"; folders of WeightWatcher's .npy flat files or Keras
 .h5 files; a single checkpoint file as model (WeightWatcher takes folders).
 nn.Conv1d layers (3-d weights), on which WeightWatcher 0.7.7's SVD fails,
-are left out with a warning. plot=True draws one ESD figure per
+are left out with a warning (so is any other layer whose weight is no
+matrix: a "dense" layer's not 2-d, a "conv2d" one's not 4-d). plot=True draws one ESD figure per
 layer (spectral_ext.plot.esd) rather than WeightWatcher's five."""
 from __future__ import annotations
 
@@ -324,26 +325,25 @@ class LayersLeftOutWarning(UserWarning):
 
 def _module_candidates(model: nn.Module, start_ids: int):
     """(layer_id, name, longname, kind, shape, loader) of each weight layer of
-    a module in named_modules() order, ids from start_ids; Conv1d layers with a
-    3-d weight (WeightWatcher's SVD fails on them) are listed apart."""
-    out, conv1d = [], []
+    a module in named_modules() order, ids from start_ids; layers whose
+    weight is not a matrix (nn.Conv1d's 3-d weight; a Conv2d's must be 4-d),
+    on which WeightWatcher's SVD fails, are listed apart with their kind."""
+    out, odd = [], []
     for layer_id, (longname, module) in enumerate(model.named_modules(), start=start_ids):
         kind = _layer_type(module)
         weight = getattr(module, "weight", None)
         if kind in ("unknown", "norm") or not isinstance(weight, torch.Tensor):
             continue
         name = longname.split(".")[-1] if longname else type(module).__name__
-        if kind == "conv1d" and weight.dim() != 2:  # nn.Conv1d; transformers' Conv1D is 2-d (in, out)
-            conv1d.append((layer_id, name, longname))
-            continue
-        if kind == "conv2d" and weight.dim() != 4:
+        if weight.dim() != (4 if kind == "conv2d" else 2):  # nn.Conv1d; transformers' Conv1D is 2-d (in, out)
+            odd.append((layer_id, name, longname or name, kind, weight.dim()))
             continue
 
         def load(module=module):  # WeightWatcher reads weights through float32 on the CPU (_Layer.read)
             return module.weight.detach().cpu()
 
         out.append((layer_id, name, longname or name, kind, tuple(weight.shape), load))
-    return out, conv1d
+    return out, odd
 
 
 def _stored_kind(shape) -> str:
@@ -534,7 +534,7 @@ class WeightWatcher:
                 return False
             return not (names and ((not names[0].startswith("-") and name not in names) or f"-{name}" in names))
 
-        candidates, conv1d = self._candidates(model, start_ids)
+        candidates, odd = self._candidates(model, start_ids)
         kept, large = [], []
         for layer_id, name, longname, kind, shape, load in candidates:
             if not chosen(layer_id, name, kind):
@@ -548,10 +548,11 @@ class WeightWatcher:
                 if not large_layers:
                     continue
             kept.append(layer)
-        conv1d = [longname for layer_id, name, longname in conv1d if chosen(layer_id, name, "conv1d")]
-        if conv1d:
-            warnings.warn(f"Conv1d layers {conv1d} are left out: WeightWatcher 0.7.7's SVD fails on their 3-d "
-                          "weights", stacklevel=3)
+        odd = [f"{longname} ({kind}, {dims}-d)" for layer_id, name, longname, kind, dims in odd
+               if chosen(layer_id, name, kind)]
+        if odd:
+            warnings.warn(f"layers {odd} are left out: WeightWatcher 0.7.7's SVD fails on their weights (a Conv1d's "
+                          "is 3-d), which are no matrices", stacklevel=3)
         if large and not large_layers:
             listed = ", ".join(f"{l.layer_id} {l.longname} (N={l.N}, M*rf={l.M * l.rf})" for l in large)
             warnings.warn(f"{len(large)} layer(s) left out, as WeightWatcher 0.7.7 leaves them out for their size "
