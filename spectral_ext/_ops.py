@@ -569,32 +569,54 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
     return out
 
 
+def _scipy_cost_matrix(cost):
+    """A cost that is not a tensor, read as scipy reads it (PyArray_ContiguousFromAny
+    to float64): an array (np.matrix included; any object with __array__) is cast
+    under numpy's "safe" rule, so strings, objects, complex and float128 raise scipy's
+    TypeError; anything else (nested lists, scalars) is np.array(cost, dtype=float64),
+    which parses number strings and reads None as NaN, as scipy does."""
+    import numpy as np
+
+    if isinstance(cost, np.ndarray) or hasattr(cost, "__array__"):
+        array = np.asarray(cost)
+        if not np.can_cast(array.dtype, np.float64, casting="safe"):
+            raise TypeError(f"Cannot cast array data from {array.dtype!r} to dtype('float64') according to the "
+                            "rule 'safe'")
+    array = np.asarray(cost, dtype=np.float64)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"expected a matrix (2-D array), got a {array.ndim} array (spectral_ext also takes a "
+                         "batch of them, (B, n, m))")
+    return np.ascontiguousarray(array)
+
+
 def linear_sum_assignment(cost, maximize: bool = False):
     """Optimal assignments of a batch of problems: scipy.optimize.linear_sum_assignment
-    for each, solved in parallel across the batch on the CPU (the same shortest
-    augmenting path algorithm, Crouse 2016, started from Jonker-Volgenant's
-    initialisation; see csrc/cpu/linear_sum_assignment.cpp). Seed 004, appendix
-    D.2.1 (the Hungarian rounding of a stitching layer's P) and definition 5.2
-    (G_ReLU-Procrustes via the linear sum assignment problem).
+    for each, solved in parallel across the batch on the CPU, with scipy's answer, ties
+    included (its shortest augmenting path algorithm, Crouse 2016, with its order of
+    scanning and tie rule; square problems with a unique optimum take a faster start
+    from Jonker-Volgenant's initialisation, certified by the duals to give the same
+    optimum; see csrc/cpu/linear_sum_assignment.cpp). Seed 004, appendix D.2.1 (the
+    Hungarian rounding of a stitching layer's P) and definition 5.2 (G_ReLU-Procrustes
+    via the linear sum assignment problem).
 
-    cost: (B, n, m) or (n, m), float32 or float64; a numpy array is accepted too.
-    As in scipy, +inf entries are forbidden pairs (-inf with maximize=True) and NaN
-    or the other infinity is refused (ValueError), as is a problem with no finite
-    assignment ("the cost matrix is infeasible"). maximize: maximise the total instead.
+    cost: a tensor (B, n, m) or (n, m), float32 or float64; or, as in scipy, any
+    array-like (numpy array of any real dtype, np.matrix, nested lists), read as
+    scipy reads it (a string, object or complex array raises scipy's TypeError). As in
+    scipy, +inf entries are forbidden pairs (-inf with maximize=True); NaN or the other
+    infinity raises ValueError "... contains invalid numeric entries", a problem with
+    no finite assignment ValueError "... cost matrix is infeasible". maximize: maximise
+    the total instead (a bool; scipy takes any truthy object).
     Returns (rows, cols), int64 of shape (B, min(n, m)) with rows sorted in each
     problem, so cost[b, rows[b], cols[b]].sum() is the optimum; one (n, m) problem
-    gives scipy's pair of 1-D arrays (numpy in, numpy out). On ties the optimum
-    chosen may differ from scipy's; its cost does not. CUDA tensors are solved by
-    the CPU kernel (the algorithm is sequential) and the indices returned on the
-    input's device. Ctrl-C stops a long batch.
+    gives scipy's pair of 1-D arrays. A tensor in gives tensors out (on the input's
+    device: CUDA tensors are solved by the CPU kernel, the algorithm being sequential),
+    anything else numpy arrays. Ctrl-C stops a long batch.
     """
     import numpy as np
 
-    as_numpy = isinstance(cost, np.ndarray)
+    as_numpy = not isinstance(cost, torch.Tensor)
     if as_numpy:
-        if cost.dtype.kind not in "biuf":
-            raise TypeError(f"cost must be a numeric array, got dtype {cost.dtype}")
-        cost = torch.from_numpy(np.asarray(cost, dtype=np.float64))
+        cost = torch.from_numpy(_scipy_cost_matrix(cost))
     # Entries are checked by the kernel (or scipy), which allows +inf as scipy does,
     # while the problem is in cache: a separate pass over the batch cost more than
     # solving weight-matching problems.

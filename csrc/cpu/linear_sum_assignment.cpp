@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <limits>
 #include <numeric>
@@ -17,24 +18,44 @@ namespace {
 
 // The shortest augmenting path solver of scipy.optimize.linear_sum_assignment
 // (Crouse 2016, "On implementing 2D rectangular assignment algorithms", Alg. 4;
-// scipy/optimize/rectangular_lsap), in double precision like scipy, with the same
-// Dijkstra step and tie rule (the closest column, an unassigned one first), so the
-// same optimum. Hand-written because no library offers a batched, parallel
-// solver callable from C++. Square problems start from Jonker-Volgenant's
-// initialisation (1987: column reduction, reduction transfer, augmenting row
-// reduction), which leaves valid duals and few free rows (none, on weight-matching
-// costs), so the augmentations start from a valid partial solution. With ties the
-// chosen optimum can then differ from scipy's (same cost). +inf entries (forbidden
-// pairs) are allowed as in scipy; such a problem takes scipy's start (u = v = 0).
+// scipy/optimize/rectangular_lsap), in double precision like scipy. Hand-written
+// because no library offers a batched, parallel solver callable from C++.
+//
+// Two routes, one answer: scipy's own, ties included.
+// - scipy's algorithm exactly (solve_exact): u = v = 0, rows augmented in order,
+//   each Dijkstra step's reduced costs computed in scipy's order of operations
+//   ((minVal + c_ij) - u_i) - v_j, and its tie rule: scipy scans the unscanned
+//   columns in the order of a list that starts at nc-1, ..., 0 and loses each
+//   scanned column by a swap with its last entry, keeps the first minimum and lets a
+//   later equal unassigned column replace it. Here one contiguous vectorised pass
+//   over all columns ranks the candidates by (value, key), key = ~position for an
+//   unassigned column (the last in scipy's order wins) and position for an assigned
+//   one (the first wins), which picks the same column.
+// - square finite problems first take a faster route (solve_fast): Jonker-Volgenant's
+//   initialisation (1987: column reduction, reduction transfer, augmenting row
+//   reduction), which leaves valid duals and few free rows, then the augmentations.
+//   Its optimum is scipy's when the optimum is unique, which the duals certify: with
+//   reduced costs r_ij = c_ij - u_i - v_j >= 0, every other optimal (or within tol)
+//   assignment differs from this one by alternating cycles of edges with r_ij <= tol,
+//   i.e. by a cycle in the graph "row i -> the row holding column j" over such
+//   edges. No cycle (the common case: random, weight-matching costs): done. A cycle
+//   (ties: integer or constant costs): the problem is solved again by scipy's route.
+//   tol = 1e-9 max|c_ij| is far above the rounding of either route, so a near-tie that
+//   rounding could decide either way also goes to scipy's route.
+// +inf entries (forbidden pairs) are allowed as in scipy; such a problem takes scipy's route.
 struct Workspace {
   std::vector<double> u, v, spc, dist;
   std::vector<int64_t> path, col4row, row4col;
   std::vector<int64_t> SRlist, SClist, free_rows, next_rows, matches;
+  std::vector<int64_t> remaining, pos;              // scipy's scan order (solve_exact)
+  std::vector<int64_t> edge_start, edge_to, color;  // the tight graph (unique_optimum)
+  std::vector<std::pair<int64_t, int64_t>> dfs;
   void resize(int64_t nr, int64_t nc) {
     u.assign(nr, 0); v.assign(nc, 0); spc.assign(nc, 0); dist.assign(nc, 0);
     path.assign(nc, -1); col4row.assign(nr, -1); row4col.assign(nc, -1);
     SRlist.clear(); SClist.clear();
     SRlist.reserve(nr); SClist.reserve(nc);
+    remaining.resize(nc); pos.resize(nc);
   }
 };
 
@@ -82,78 +103,116 @@ SPECTRAL_EXT_ALWAYS_INLINE void two_smallest(const double* row, const double* v,
   *u1 = b[0]; *j1 = k[0]; *u2 = b[1]; *j2 = k[1];
 }
 
-// The closest column seen so far, an unassigned one first on ties, then the lowest index.
-struct Closest {
+// The smallest (value, key) so far.
+struct KeyedClosest {
   double lowest = kInf;
+  long key = std::numeric_limits<long>::max();
   int64_t arg = -1;
-  bool arg_taken = true;
-  SPECTRAL_EXT_ALWAYS_INLINE void consider(double value, int64_t col, bool taken) {
-    if (col < 0) return;
-    if (value < lowest || (value == lowest && ((arg_taken && !taken) || (arg_taken == taken && col < arg)))) {
-      lowest = value; arg = col; arg_taken = taken;
-    }
+  SPECTRAL_EXT_ALWAYS_INLINE void consider(double value, long k, int64_t col) {
+    if (value < lowest || (value == lowest && k < key)) { lowest = value; key = k; arg = col; }
   }
 };
 
-// One Dijkstra step over all columns, vectorised: spc_j = min(spc_j, base + c_ij - v_j)
-// (path_j = i where it improves), and the closest column not yet scanned, an
-// unassigned one first on ties (scipy's rule), returned in *best. Scanned columns
-// hold spc_j = -inf, which no candidate improves. scipy walks a list of the
-// unscanned columns instead; one contiguous pass over all of them is faster.
-SPECTRAL_EXT_ALWAYS_INLINE double scan(const double* row, const double* v, double* spc, int64_t* path,
-                                       const int64_t* row4col, int64_t nc, double base, int64_t i, int64_t* best) {
-  const Lanes vbase = Lanes{} + base, vinf = Lanes{} + kInf, vneg = Lanes{} - kInf;
+// One Dijkstra step over all columns: spc_j = min(spc_j, r) with r = ((minVal + c_ij)
+// - u_i) - v_j (scipy's order of operations, so scipy's rounding), path_j = i where it
+// improves; returns the smallest spc_j over unscanned columns (scanned ones hold
+// -inf) and, in *best, the column picked among those at that value: the smallest key.
+// Exact (scipy's pick): key = ~pos_j for an unassigned column, pos_j for an assigned
+// one, pos_j its place in scipy's list of unscanned columns. Otherwise: an unassigned
+// column first, then the lowest index. Two passes: the vectorised update and minimum,
+// then the columns at the minimum (GCC scalarised a one-pass argmin, which mixes
+// double comparisons with integer masks, to 3-5 ns a column; this is about 1.5).
+template <bool Exact>
+SPECTRAL_EXT_ALWAYS_INLINE double scan(const double* row, double ui, const double* v, double* spc, int64_t* path,
+                                       const int64_t* row4col, const int64_t* pos, int64_t nc, double minVal,
+                                       int64_t i, int64_t* best) {
+  const Lanes vmin = Lanes{} + minVal, vu = Lanes{} + ui, vinf = Lanes{} + kInf, vneg = Lanes{} - kInf;
   const LaneIdx vi = LaneIdx{} + i;
   Lanes low = vinf;
-  LaneIdx low_idx = LaneIdx{} - 1, low_taken = LaneIdx{} - 1;  // per lane: the best column and whether it is assigned
-  LaneIdx idx = lane_iota();
   int64_t j = 0;
-  for (; j + kLanes <= nc; j += kLanes, idx += kLanes) {
-    const Lanes r = vbase + load64(row + j) - load64(v + j);
+  for (; j + kLanes <= nc; j += kLanes) {
+    const Lanes r = ((vmin + load64(row + j)) - vu) - load64(v + j);
     Lanes d = load64(spc + j);
     const auto improves = r < d;
     d = improves ? r : d;
     store64(spc + j, d);
-    LaneIdx p, owner;
+    LaneIdx p;
     __builtin_memcpy(&p, path + j, sizeof(p));
     p = improves ? vi : p;
     __builtin_memcpy(path + j, &p, sizeof(p));
-    __builtin_memcpy(&owner, row4col + j, sizeof(owner));
     const Lanes open = d == vneg ? vinf : d;
-    const LaneIdx taken = owner != -1;  // -1 where assigned
-    const LaneIdx better = (open < low) | ((open == low) & ~taken & low_taken);
-    low = better ? open : low;
-    low_idx = better ? idx : low_idx;
-    low_taken = better ? taken : low_taken;
+    low = open < low ? open : low;
   }
-  Closest c;
-  for (int64_t l = 0; l < kLanes; ++l) c.consider(low[l], low_idx[l], low_taken[l] != 0);
+  double lowest = kInf;
+  for (int64_t l = 0; l < kLanes; ++l) lowest = low[l] < lowest ? low[l] : lowest;
   for (; j < nc; ++j) {
-    const double r = base + row[j] - v[j];
+    const double r = ((minVal + row[j]) - ui) - v[j];
     if (r < spc[j]) { spc[j] = r; path[j] = i; }
-    if (spc[j] != -kInf) c.consider(spc[j], j, row4col[j] != -1);
+    if (spc[j] != -kInf && spc[j] < lowest) lowest = spc[j];
   }
-  *best = c.lowest < kInf ? c.arg : -1;
-  return c.lowest;
+  KeyedClosest c;
+  for (j = 0; j < nc; ++j) {
+    if (spc[j] != lowest) continue;
+    const bool open = row4col[j] == -1;
+    c.consider(lowest, Exact ? (open ? ~pos[j] : pos[j]) : (open ? j - nc : j), j);
+  }
+  *best = c.arg;
+  return lowest;
 }
 
+// scipy's Dijkstra step as scipy writes it, over its list of unscanned columns
+// (scalar: cheaper than scan<true>'s passes over all columns once most are scanned).
+SPECTRAL_EXT_ALWAYS_INLINE double scan_list(const double* row, double ui, const double* v, double* spc,
+                                            int64_t* path, const int64_t* row4col, const int64_t* remaining,
+                                            int64_t num_remaining, double minVal, int64_t i, int64_t* best) {
+  double lowest = kInf;
+  int64_t index = -1;
+  for (int64_t it = 0; it < num_remaining; ++it) {
+    const int64_t j = remaining[it];
+    const double r = ((minVal + row[j]) - ui) - v[j];
+    if (r < spc[j]) { path[j] = i; spc[j] = r; }
+    if (spc[j] < lowest || (spc[j] == lowest && row4col[j] == -1)) { lowest = spc[j]; index = it; }
+  }
+  *best = index < 0 ? -1 : remaining[index];
+  return lowest;
+}
+
+// The vectorised pass over all columns is used while more than 1/kSparseScan of them are unscanned.
+constexpr int64_t kSparseScan = 3;
+
+// The shortest augmenting path from free row i (Crouse's Alg. 4). Exact: scipy's
+// scan order and tie rule; otherwise any optimum.
+template <bool Exact>
 SPECTRAL_EXT_ALWAYS_INLINE int64_t augmenting_path(int64_t nc, const double* cost, Workspace& w, int64_t i,
                                                    double* min_val) {
   double minVal = 0;
   std::fill(w.spc.begin(), w.spc.end(), kInf);
   w.SRlist.clear();
   w.SClist.clear();
+  int64_t num_remaining = nc;
+  if (Exact) {  // scipy fills its list in reverse order (scipy issue 11602: identity on constant costs)
+    for (int64_t it = 0; it < nc; ++it) { w.remaining[it] = nc - it - 1; w.pos[nc - it - 1] = it; }
+  }
   int64_t sink = -1;
   while (sink == -1) {
     w.SRlist.push_back(i);
     int64_t j = -1;
-    const double lowest = scan(cost + i * nc, w.v.data(), w.spc.data(), w.path.data(), w.row4col.data(), nc,
-                               minVal - w.u[i], i, &j);
-    if (lowest == kInf) return -1;  // cannot happen for finite costs
+    const double lowest =
+        Exact && num_remaining * kSparseScan < nc
+            ? scan_list(cost + i * nc, w.u[i], w.v.data(), w.spc.data(), w.path.data(), w.row4col.data(),
+                        w.remaining.data(), num_remaining, minVal, i, &j)
+            : scan<Exact>(cost + i * nc, w.u[i], w.v.data(), w.spc.data(), w.path.data(), w.row4col.data(),
+                          w.pos.data(), nc, minVal, i, &j);
+    if (lowest == kInf || j < 0) return -1;  // no finite path: the problem is infeasible
     minVal = lowest;
     w.dist[j] = lowest;
     w.spc[j] = -kInf;
     w.SClist.push_back(j);
+    if (Exact) {  // scipy's removal: the last entry of the list takes the scanned column's place
+      const int64_t at = w.pos[j], last = w.remaining[--num_remaining];
+      w.remaining[at] = last;
+      w.pos[last] = at;
+    }
     if (w.row4col[j] == -1) sink = j; else i = w.row4col[j];
   }
   *min_val = minVal;
@@ -267,23 +326,41 @@ SPECTRAL_EXT_ALWAYS_INLINE Status classify(const double* c, int64_t count, bool*
   return kSolved;
 }
 
-// cost: nr x nc, nr <= nc, row-major double. Fills col4row (the column of each row)
-// and *status. T is double (the template lets SPECTRAL_EXT_ISA_CLONES compile it per ISA).
-template <typename T>
-SPECTRAL_EXT_ALWAYS_INLINE void solve_impl(int64_t nr, int64_t nc, const T* cost, Workspace* ws,
-                                           InterruptPoll* poll, Status* status) {
-  Workspace& w = *ws;
-  bool has_inf = false;
-  *status = classify(cost, nr * nc, &has_inf);
-  if (*status != kSolved) return;
-  w.resize(nr, nc);
-  // Rectangular problems keep scipy's start (u = v = 0): JV's duals need a square one.
-  if (nr == nc && !has_inf) jv_initialise(nr, cost, w);
+// Integer costs spanning fewer than 4n values (counts, small integer weights) nearly
+// always have several optimal assignments: the fast route would run in vain before
+// scipy's (on 300 x 300 costs in 0..9 it cost 2.8x scipy's route alone). A guess that
+// only picks the route: the answer is scipy's either way.
+SPECTRAL_EXT_ALWAYS_INLINE bool likely_ties(int64_t n, const double* c) {
+  constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: (x + kRound) - kRound is x rounded, |x| < 2^51
+  Lanes lo = Lanes{} + kInf, hi = Lanes{} - kInf, off = Lanes{};
+  int64_t k = 0;
+  for (; k + kLanes <= n * n; k += kLanes) {
+    const Lanes x = load64(c + k);
+    lo = x < lo ? x : lo;
+    hi = x > hi ? x : hi;
+    const Lanes d = ((x + kRound) - kRound) - x;
+    off += d * d;
+  }
+  double low = kInf, high = -kInf, fraction = 0;
+  for (int64_t l = 0; l < kLanes; ++l) { low = std::min(low, lo[l]); high = std::max(high, hi[l]); fraction += off[l]; }
+  for (; k < n * n; ++k) {
+    low = std::min(low, c[k]);
+    high = std::max(high, c[k]);
+    const double d = ((c[k] + kRound) - kRound) - c[k];
+    fraction += d * d;
+  }
+  return fraction == 0 && high - low < 4.0 * static_cast<double>(n);
+}
+
+// Augment every free row in order (rows already assigned by an initialisation are skipped).
+template <bool Exact>
+SPECTRAL_EXT_ALWAYS_INLINE void augment_rows(int64_t nr, int64_t nc, const double* cost, Workspace& w,
+                                             InterruptPoll* poll, Status* status) {
   for (int64_t cur = 0; cur < nr; ++cur) {
     if (w.col4row[cur] != -1) continue;
     if (poll->interrupted()) return;
     double minVal = 0;
-    const int64_t sink = augmenting_path(nc, cost, w, cur, &minVal);
+    const int64_t sink = augmenting_path<Exact>(nc, cost, w, cur, &minVal);
     if (sink < 0) { *status = kInfeasible; return; }
     w.u[cur] += minVal;
     for (const int64_t i : w.SRlist)
@@ -296,6 +373,77 @@ SPECTRAL_EXT_ALWAYS_INLINE void solve_impl(int64_t nr, int64_t nc, const T* cost
       if (i == cur) break;
     }
   }
+}
+
+// True when the complete assignment in w (square, n x n, with feasible duals u, v)
+// is the only one within tol of the optimum: no cycle row i -> row4col[j] over the
+// edges (i, j), j != col4row[i], with reduced cost c_ij - u_i - v_j <= tol.
+SPECTRAL_EXT_ALWAYS_INLINE bool unique_optimum(int64_t n, const double* cost, Workspace& w) {
+  Lanes big = Lanes{};
+  int64_t k = 0;
+  for (; k + kLanes <= n * n; k += kLanes) {
+    const Lanes c = load64(cost + k);
+    const Lanes a = c < 0 ? -c : c;
+    big = a > big ? a : big;
+  }
+  double scale = 0;
+  for (int64_t l = 0; l < kLanes; ++l) scale = std::max(scale, big[l]);
+  for (; k < n * n; ++k) scale = std::max(scale, std::fabs(cost[k]));
+  const double tol = 1e-9 * scale;
+  w.edge_start.assign(n + 1, 0);
+  w.edge_to.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    const double* row = cost + i * n;
+    const double ui = w.u[i];
+    const int64_t x = w.col4row[i];
+    for (int64_t j = 0; j < n; ++j)
+      if (row[j] - ui - w.v[j] <= tol && j != x) w.edge_to.push_back(w.row4col[j]);
+    w.edge_start[i + 1] = static_cast<int64_t>(w.edge_to.size());
+  }
+  if (w.edge_to.empty()) return true;
+  // Iterative depth-first search: 0 unseen, 1 on the current path, 2 done.
+  w.color.assign(n, 0);
+  std::vector<std::pair<int64_t, int64_t>>& stack = w.dfs;
+  for (int64_t s = 0; s < n; ++s) {
+    if (w.color[s] != 0) continue;
+    w.color[s] = 1;
+    stack.assign(1, {s, w.edge_start[s]});
+    while (!stack.empty()) {
+      auto& [node, next] = stack.back();
+      if (next == w.edge_start[node + 1]) {
+        w.color[node] = 2;
+        stack.pop_back();
+        continue;
+      }
+      const int64_t t = w.edge_to[next++];
+      if (w.color[t] == 1) return false;
+      if (w.color[t] == 0) {
+        w.color[t] = 1;
+        stack.push_back({t, w.edge_start[t]});
+      }
+    }
+  }
+  return true;
+}
+
+// cost: nr x nc, nr <= nc, row-major double. Fills col4row (the column of each row)
+// and *status. T is double (the template lets SPECTRAL_EXT_ISA_CLONES compile it per ISA).
+template <typename T>
+SPECTRAL_EXT_ALWAYS_INLINE void solve_impl(int64_t nr, int64_t nc, const T* cost, Workspace* ws,
+                                           InterruptPoll* poll, Status* status) {
+  Workspace& w = *ws;
+  bool has_inf = false;
+  *status = classify(cost, nr * nc, &has_inf);
+  if (*status != kSolved) return;
+  if (nr == nc && !has_inf && !likely_ties(nr, cost)) {  // the fast route, kept when its optimum is the only one
+    w.resize(nr, nc);
+    jv_initialise(nr, cost, w);
+    augment_rows<false>(nr, nc, cost, w, poll, status);
+    if (*status != kSolved || poll->interrupted()) return;
+    if (unique_optimum(nr, cost, w)) return;
+  }
+  w.resize(nr, nc);  // scipy's route: u = v = 0, nothing assigned
+  augment_rows<true>(nr, nc, cost, w, poll, status);
 }
 SPECTRAL_EXT_ISA_CLONES(solve_one, solve_impl)
 
@@ -366,8 +514,9 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_cpu(const at::Tensor& c
   });
   poll.throw_if_interrupted();
   // ValueError in Python, as scipy raises for these.
-  TORCH_CHECK_VALUE(failure.load() != kInvalid, "linear_sum_assignment: cost contains NaN or ",
-                    maximize ? "+inf (maximize=True)" : "-inf", " entries");
+  TORCH_CHECK_VALUE(failure.load() != kInvalid,
+                    "linear_sum_assignment: cost matrix contains invalid numeric entries (NaN or ",
+                    maximize ? "+inf, with maximize=True)" : "-inf)");
   TORCH_CHECK_VALUE(failure.load() != kInfeasible, "linear_sum_assignment: the cost matrix is infeasible");
   return {rows, cols};
 }
