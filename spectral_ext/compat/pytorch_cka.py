@@ -625,7 +625,7 @@ def plot_cka_comparison(matrices, titles, layers=None, ncols: int = 2, figsize=N
     heatmap_kwargs.pop("text_color", None)
     fig, axes = plt.subplots(nrows, ncols, figsize=figsize or (5 * ncols, 4 * nrows),
                              constrained_layout=share_colorbar)
-    axes = np.atleast_2d(axes)
+    axes = np.asarray(axes).reshape(nrows, ncols)  # (pytorch-cka's atleast_2d fails for one column)
     if share_colorbar:
         values = np.concatenate([_to_numpy(m).flatten() for m in matrices])
         heatmap_kwargs["vmin"], heatmap_kwargs["vmax"] = float(np.nanmin(values)), float(np.nanmax(values))
