@@ -185,10 +185,13 @@ class _EagerFlow(TorchFunctionMode):
         self.handles.clear()
 
     # ---- probes of one activation
-    def _set(self, tensor, flow: dict):
+    def _set(self, tensor, flow: dict, check: bool = True):
+        """tensor's probes: `flow`, without the producers it no longer reaches
+        (check=False: all reach, as after an elementwise operation)."""
         if not isinstance(tensor, torch.Tensor):
             return
-        flow = {p: probes for p, probes in flow.items() if bool((probes[0] >= 0).any())}
+        if check:
+            flow = {p: probes for p, probes in flow.items() if bool((probes[0] >= 0).any())}
         if flow:
             self.flows[tensor] = flow
         else:
@@ -249,7 +252,7 @@ class _EagerFlow(TorchFunctionMode):
         if flows is None or out is None:
             return
         try:
-            self._set(out, _layers._merge(flows, out.shape))
+            self._set(out, _layers._merge(flows, out.shape), check=False)
         except RuntimeError as error:  # an output the inputs do not broadcast to
             self.flows.pop(out, None)
             if any(flows):
@@ -323,7 +326,7 @@ class _EagerFlow(TorchFunctionMode):
                                               name, self.stopped))
             return
         if rule == "pass" and isinstance(result, torch.Tensor):
-            self._set(result, _layers._merge(flows, result.shape))
+            self._set(result, _layers._merge(flows, result.shape), check=False)
             return
         self.stopped.append(f"{name} ({', '.join(producers[:4])}{', ...' if len(producers) > 4 else ''})")
         for r in (result,) if isinstance(result, torch.Tensor) else result:
@@ -455,14 +458,24 @@ def discover_eager(model: nn.Module, maps: dict, candidates: list, made_up: bool
         ordered = {name: maps[name] for name in order}
         ordered.update({name: m for name, m in maps.items() if name not in ordered})  # unused maps last
         connections, unread = [], []
+        # A residual stream hands the same probe tensors to every map that reads it (q, k, v, gate, up, the
+        # next layers'): the connection is worked out once per probes and shape of reader, then renamed.
+        known: dict = {}
         for name in order:
             incoming, shape = flow.inputs_of[name]
+            nxt = maps[name]
             for producer, (chan, pos) in incoming.items():
+                key = (producer, id(chan), id(pos), nxt.kind, nxt.in_channels, nxt.kernel_size, tuple(shape))
+                if key in known:
+                    if known[key] is not None:
+                        connections.append(_layers._replace(known[key], next=name))
+                    continue
                 try:
-                    connection = _layers._connect(maps[producer], maps[name], (chan.cpu(), pos.cpu()), shape)
-                except ValueError as error:
+                    connection = _layers._connect(maps[producer], nxt, (chan, pos), shape)
+                except ValueError as error:  # not cached: the next reader gets its own message
                     unread.append(str(error))
                     continue
+                known[key] = connection
                 if connection is not None:
                     connections.append(connection)
         if unread:

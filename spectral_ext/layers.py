@@ -266,8 +266,11 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
 def _is_conv1d_transposed(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2 and kin): a Linear whose weight is stored
     (in, out), applied as x @ weight + bias."""
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) \
-        and module.weight.dim() == 2 and getattr(module, "nf", module.weight.shape[1]) == module.weight.shape[1]
+    if type(module).__name__ != "Conv1D":
+        return False
+    weight = module._parameters.get("weight")  # not getattr: under torch.fx tracing that gives a Proxy
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and module.__dict__.get("nf", weight.shape[1]) \
+        == weight.shape[1]
 
 
 def _is_map(module: nn.Module) -> bool:
@@ -520,7 +523,7 @@ def discover(model: nn.Module, example_input=None, tracer: str = "auto") -> Mode
             if isinstance(example_input, dict):
                 raise ValueError("tracer='fx' takes positional inputs (a tensor or a tuple), not a dict")
             try:
-                gm = torch.fx.symbolic_trace(model)
+                gm = _fx_trace(model)
             except Exception as error:  # fx cannot trace data-dependent control flow, transformers, ...
                 if tracer == "fx":
                     raise ValueError(f"torch.fx could not trace the model ({type(error).__name__}: {error}); "
@@ -555,6 +558,21 @@ def discover(model: nn.Module, example_input=None, tracer: str = "auto") -> Mode
             raise ValueError(f"model did not run on example_input{hint}: {errors[-1]}")
     finally:
         restore()
+
+
+class _MapTracer(torch.fx.Tracer):
+    """torch.fx's tracer with transformers' Conv1D kept whole (a call_module
+    node, as nn.Linear is), so that it is seen as the map it is."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _is_conv1d_transposed(m) or super().is_leaf_module(m, qualname)
+
+
+def _fx_trace(model: nn.Module) -> torch.fx.GraphModule:
+    """torch.fx.symbolic_trace(model), with _MapTracer."""
+    tracer = _MapTracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def _call(model: nn.Module, inputs):

@@ -1,0 +1,285 @@
+"""The eager dataflow tracer (spectral_ext.dataflow, issue 25): transformers
+models that torch.fx cannot trace, followed through one recorded forward;
+the same graph as fx on torchvision CNNs when forced; dict inputs; its rules
+one by one on small models."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import spectral_ext as se
+from spectral_ext.layers import TransposedLinearMap
+
+from conftest import cheap_model
+
+transformers = pytest.importorskip("transformers")
+
+V = 64  # vocabulary
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=V)
+
+
+def build(family, attn=None, **changes):
+    if family == "gpt2":
+        kwargs = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=V, bos_token_id=0, eos_token_id=0)
+    else:
+        kwargs = dict(SMALL, num_key_value_heads=2) if family in ("llama", "qwen2") else dict(SMALL)
+    cfg = transformers.AutoConfig.for_model(family, **{**kwargs, **changes})
+    if attn is not None:
+        cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(cfg).eval()
+
+
+def tokens(batch=1, length=8):
+    return {"input_ids": torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(batch))}
+
+
+def gated_edges(layers=2):
+    """LLaMA and Qwen2: v -> o; gate -> down and up -> down (the product
+    act(gate) * up is elementwise); and every o and down writes the residual
+    stream, which every later q, k, v, gate and up reads through its RMSNorm:
+    o -> the same layer's gate and up, o and down -> the next layers' q, k, v,
+    gate and up. The embedding is no map: layer 0's q, k and v read the input."""
+    edges, stream = set(), []
+    for i in range(layers):
+        a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        edges |= {(s, a + r) for s in stream for r in ("q_proj", "k_proj", "v_proj")}
+        edges.add((a + "v_proj", a + "o_proj"))
+        stream.append(a + "o_proj")
+        edges |= {(s, m + r) for s in stream for r in ("gate_proj", "up_proj")}
+        edges |= {(m + "gate_proj", m + "down_proj"), (m + "up_proj", m + "down_proj")}
+        stream.append(m + "down_proj")
+    return edges
+
+
+def gpt2_edges(layers=2):
+    """GPT-2 (Conv1D maps): c_attn (q, k, v packed) -> attn.c_proj through its
+    value third; attn.c_proj and mlp.c_proj write the residual stream that
+    later c_attn and c_fc read; c_fc -> mlp.c_proj."""
+    edges, stream = set(), []
+    for i in range(layers):
+        a, m = f"h.{i}.attn.", f"h.{i}.mlp."
+        edges |= {(s, a + "c_attn") for s in stream}
+        edges.add((a + "c_attn", a + "c_proj"))
+        stream.append(a + "c_proj")
+        edges |= {(s, m + "c_fc") for s in stream}
+        edges.add((m + "c_fc", m + "c_proj"))
+        stream.append(m + "c_proj")
+    return edges
+
+
+def neox_edges(layers=2):
+    """GPT-NeoX, parallel residual x + attn(ln1(x)) + mlp(ln2(x)): both
+    branches read the stream as it was before the layer, so a layer's
+    attention.dense does not feed its own MLP; query_key_value -> dense
+    through the value channels of each head."""
+    edges, stream = set(), []
+    for i in range(layers):
+        a, m = f"layers.{i}.attention.", f"layers.{i}.mlp."
+        edges |= {(s, r) for s in stream for r in (a + "query_key_value", m + "dense_h_to_4h")}
+        edges |= {(a + "query_key_value", a + "dense"), (m + "dense_h_to_4h", m + "dense_4h_to_h")}
+        stream += [a + "dense", m + "dense_4h_to_h"]
+    return edges
+
+
+def bert_edges(layers=2):
+    """BERT (post-LayerNorm): value -> attention.output.dense; intermediate ->
+    output.dense; both output denses join the stream (through LayerNorm) that
+    later query, key, value and intermediate read, and the pooler's dense reads
+    (its first token)."""
+    edges, stream = set(), []
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        edges |= {(s, p + "attention.self." + r) for s in stream for r in ("query", "key", "value")}
+        edges.add((p + "attention.self.value", p + "attention.output.dense"))
+        stream.append(p + "attention.output.dense")
+        edges |= {(s, p + "intermediate.dense") for s in stream}
+        edges.add((p + "intermediate.dense", p + "output.dense"))
+        stream.append(p + "output.dense")
+    return edges | {(s, "pooler.dense") for s in stream}
+
+
+FAMILIES = {
+    "llama": (gated_edges, {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"}),
+    "qwen2": (gated_edges, {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"}),
+    "gpt_neox": (neox_edges, {"layers.0.attention.query_key_value", "layers.0.mlp.dense_h_to_4h"}),
+    "gpt2": (gpt2_edges, {"h.0.attn.c_attn"}),
+    "bert": (bert_edges, {f"encoder.layer.0.attention.self.{r}" for r in ("query", "key", "value")}),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The models, each built once on first use (the first also imports transformers' modelling code)."""
+    class Cache(dict):
+        def __missing__(self, family):
+            self[family] = build(family)
+            return self[family]
+    return Cache()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_transformers_families_have_their_stated_edges(models, family):
+    expected, reading_the_input = FAMILIES[family]
+    model = models[family]
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)  # the reason for the eager tracer
+    g = se.discover(model, tokens())
+    assert g.traced and g.tracer == "eager"
+    assert {(c.previous, c.next) for c in g.connections} == expected()
+    fed = {c.next for c in g.connections}
+    assert {n for n in g.maps if n not in fed} == reading_the_input
+    for c in g.connections:  # every edge reads real channels of its producer and real rows of its reader
+        assert 0 <= int(c.channels.min()) and int(c.channels.max()) < g.maps[c.previous].out_channels
+        assert int(c.rows.max()) < g.maps[c.next].in_channels and c.null_dimension > 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_svr_runs_on_transformers_with_thresholds_on_those_edges(models, family):
+    s = se.svr(models[family], tokens(), progress=False, dtype=torch.float64)
+    assert set(s.edges) == FAMILIES[family][0]()
+    for e in range(len(s.edges)):
+        A = s.adjacency(e)
+        assert torch.isfinite(A).all() and 0 < s.threshold(e) < 1
+        # a random network's coefficients average 1 / n (seed 000 section 2.4): the null dimension fits
+        assert float(A.mean()) * s.null_dimension(e) == pytest.approx(1, rel=0.35)
+        assert s.significant(e).shape == A.shape
+
+
+def test_grouped_query_attention_value_heads_reach_the_query_heads_that_share_them():
+    """4 query heads, 2 key/value heads of 8 dims: value channel (kv head j,
+    dim d) is read by o_proj's inputs of query heads 2j and 2j + 1 (two taps,
+    null dimension the 16 value channels); q and k end in the scores. The
+    eager attention (matmul, softmax, matmul, repeat_kv) and SDPA agree, with
+    a batch of three and an attention mask too."""
+    graphs = [se.discover(build("llama", attn), x) for attn in ("sdpa", "eager")
+              for x in (tokens(), {**tokens(3), "attention_mask": torch.ones(3, 8, dtype=torch.long)})]
+    c = graphs[0].connection("layers.0.self_attn.v_proj", "layers.0.self_attn.o_proj")
+    torch.testing.assert_close(c.channels, torch.arange(16))
+    head, dim = c.channels // 8, c.channels % 8
+    torch.testing.assert_close(c.rows, torch.stack([(2 * head) * 8 + dim, (2 * head + 1) * 8 + dim], 1))
+    assert c.kernel_area == 2 and c.null_dimension == 16
+    assert any("q_proj" in s and "k_proj" in s for s in graphs[0].stopped_at)
+    first = [(c.previous, c.next, c.rows.tolist()) for c in graphs[0].connections]
+    for g in graphs[1:]:
+        assert [(c.previous, c.next, c.rows.tolist()) for c in g.connections] == first
+
+
+def test_grouped_query_co_svr_sums_the_heads_like_the_svr():
+    """Between two Linears the co-SVR adjacency is the SVR's: the value ->
+    output edge, read at two inputs per channel, included (svr.py sums the
+    taps into a Linear in both)."""
+    model, x = build("llama"), tokens()
+    s, co = (f(model, x, progress=False, dtype=torch.float64) for f in (se.svr, se.co_svr))
+    for e in range(len(s.edges)):
+        torch.testing.assert_close(co.adjacency(e), s.adjacency(e))
+        assert co.threshold(e) == pytest.approx(s.threshold(e))
+
+
+def test_packed_qkv_connects_through_the_value_channels_only():
+    """GPT-NeoX packs each head's q, k, v (8 dims each) in query_key_value and
+    chunks them; GPT-2 splits c_attn's 96 outputs in thirds."""
+    g = se.discover(build("gpt_neox"), tokens())
+    c = g.connection("layers.0.attention.query_key_value", "layers.0.attention.dense")
+    expected = torch.cat([torch.arange(24 * h + 16, 24 * h + 24) for h in range(4)])
+    torch.testing.assert_close(c.channels, expected)
+    torch.testing.assert_close(c.rows[:, 0], torch.arange(32))
+    g = se.discover(build("gpt2"), tokens())
+    c = g.connection("h.0.attn.c_attn", "h.0.attn.c_proj")
+    torch.testing.assert_close(c.channels, torch.arange(64, 96))
+    assert c.null_dimension == 96
+
+
+def test_conv1d_is_a_linear_map_with_its_weight_transposed():
+    """transformers' Conv1D (weight stored (in, out)) is a "linear" map whose
+    matrix is the nn.Linear one: the SVR of a Conv1D chain equals that of the
+    same chain built from nn.Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(6, 4), nn.ReLU(), Conv1D(3, 6))
+    linear = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        for c, lin in ((conv[0], linear[0]), (conv[2], linear[2])):
+            lin.weight.copy_(c.weight.t())
+            lin.bias.copy_(c.bias)
+    x = torch.randn(1, 4)
+    a, b = se.svr(conv, x, dtype=torch.float64), se.svr(linear, x, dtype=torch.float64)
+    m = a.graph.maps["0"]
+    assert isinstance(m, TransposedLinearMap) and m.kind == "linear" and (m.in_channels, m.out_channels) == (4, 6)
+    torch.testing.assert_close(m.matrix(), conv[0].weight.t())
+    assert a.edges == b.edges == [("0", "2")]
+    torch.testing.assert_close(a.adjacency(0), b.adjacency(0))
+
+
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("vgg11", marks=pytest.mark.slow), "mobilenet_v3_small"])
+def test_forced_eager_tracer_gives_the_fx_graph_on_cnns(name):
+    pytest.importorskip("torchvision")
+    model, x = cheap_model(name), torch.zeros(1, 3, 32, 32)
+    fx, eager = se.discover(model, x), se.discover(model, x, tracer="eager")
+    assert (fx.tracer, eager.tracer) == ("fx", "eager")
+
+    def edges(g):
+        return [(c.previous, c.next, c.kind, c.channels.tolist(), c.rows.tolist(), c.null_dimension)
+                for c in g.connections]
+
+    assert edges(eager) == edges(fx) and list(eager.maps) == list(fx.maps)
+    assert [m.batchnorm_name for m in eager.maps.values()] == [m.batchnorm_name for m in fx.maps.values()]
+
+
+def test_rules_on_a_small_model():
+    """A functional call on a map's weight runs that map; constant padding
+    reads no channel; x[idx] = y moves y's channels; softmax over channels
+    ends the flow and is named; the model's hooks and mode are gone after."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d, self.e = (nn.Linear(4, 6), nn.Linear(8, 3), nn.Linear(6, 2),
+                                                      nn.Linear(6, 2), nn.Linear(6, 2))
+
+        def forward(self, x):
+            h = torch.relu(F.linear(x, self.a.weight, self.a.bias))  # self.a used functionally
+            z = h.new_zeros(h.shape)
+            z[:, 3:] = h[:, :3]
+            return self.b(F.pad(h, (1, 1))), self.c(z), self.d(h.softmax(-1)), self.e(h * 2 + 1)
+
+    model = Net()
+    g = se.discover(model, torch.randn(1, 4), tracer="eager")
+    assert {(c.previous, c.next) for c in g.connections} == {("a", "b"), ("a", "c"), ("a", "e")}
+    torch.testing.assert_close(g.connection("a", "b").rows[:, 0], torch.arange(1, 7))
+    c = g.connection("a", "c")
+    torch.testing.assert_close(c.channels, torch.arange(3))
+    torch.testing.assert_close(c.rows[:, 0], torch.arange(3, 6))
+    assert any(s.startswith("softmax") for s in g.stopped_at)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_dict_inputs_and_tracer_choices():
+    model = build("gpt2")
+    with pytest.raises(ValueError, match="tracer must be one of"):
+        se.discover(model, tokens(), tracer="jit")
+    with pytest.raises(ValueError, match="not a dict"):
+        se.discover(model, tokens(), tracer="fx")
+    with pytest.raises(ValueError, match="without a tensor"):
+        se.discover(model, {"input_ids": None})
+    with pytest.raises(ValueError, match="did not run"):
+        se.discover(model, {"input_ids": torch.rand(1, 8)})  # an embedding needs integer ids
+    with pytest.raises(ValueError, match="cannot pair 'h.0.attn.c_attn'"):
+        se.discover(model, tokens(), tracer="order")  # the maps chained as they ran: q, k, v packed in 96 outputs
+    order = se.discover(build("bert"), tokens(), tracer="order")  # chains, and connects key to value: no dataflow
+    assert not order.traced and order.tracer == "order" and len(order.connections) == len(order.maps) - 1
+    assert ("encoder.layer.0.attention.self.key", "encoder.layer.0.attention.self.value") in {
+        (c.previous, c.next) for c in order.connections}
+
+
+def test_discovery_on_the_meta_device():
+    """Probes are computed on the CPU from shapes alone, so a model built on the
+    meta device (no weights in memory) is traced too: the same graph."""
+    with torch.device("meta"):
+        meta = build("llama")
+    x = {"input_ids": tokens()["input_ids"].to("meta")}
+    g = se.discover(meta, x)
+    assert {(c.previous, c.next) for c in g.connections} == gated_edges()
+    real = se.discover(build("llama"), tokens())
+    assert [c.rows.tolist() for c in g.connections] == [c.rows.tolist() for c in real.connections]
