@@ -2,6 +2,8 @@
 measures: the real packages on small inputs give the same numbers (within
 their float32 rounding), and the float64 formulas they implement agree to
 rounding."""
+import contextlib
+import io
 import itertools
 import warnings
 
@@ -74,13 +76,9 @@ def test_torch_cka_drop_in_matches_the_package_and_the_formula(tmp_path):
     assert mine["CKA"].dtype == other["CKA"].dtype == torch.float32
     np.testing.assert_allclose(mine["CKA"].numpy(), other["CKA"].numpy(), atol=2e-4)
     np.testing.assert_allclose(mine["CKA"].numpy(), exact[:, ::-1], rtol=1e-6)  # columns in forward order
-    path = tmp_path / "cka.png"
-    import matplotlib
-    matplotlib.use("Agg")
-    ours.plot_results(save_path=str(path), title="a vs b")
-    assert path.stat().st_size > 10_000
-    # the hooks are gone and the models' modes restored
+    # the hooks are gone; the models stay in eval mode from construction on, as torch-cka leaves them
     assert not any(m._forward_hooks for m in ours.model1.modules())
+    assert not ours.model1.training and not theirs.model1.training
 
 
 def test_torch_cka_refuses_what_is_undefined_and_says_so():
@@ -90,10 +88,188 @@ def test_torch_cka_refuses_what_is_undefined_and_says_so():
         model[2].bias.fill_(-1.0)
     comparer = torch_cka.CKA(model, cnn(1), model1_name="a", model2_name="b", model1_layers=["3"],
                              model2_layers=["3"])
-    with pytest.raises(ValueError, match="undefined.*a layer '3' \\(constant\\)"):
+    with pytest.raises(ValueError, match="NANs.*undefined.*a layer '3' \\(constant\\)") as info:
         comparer.compare(loader(), loader())
+    assert isinstance(info.value, AssertionError)  # torch-cka's own type: its NaN assertion
+    unbiased = torch_cka.CKA(model, cnn(1), model1_name="a", model2_name="b", model1_layers=["3", "5"],
+                             model2_layers=["3"], estimator="unbiased")
+    with pytest.warns(RuntimeWarning, match="undefined.*a layer '3' \\(constant\\)"):
+        unbiased.compare(loader(), loader())
+    assert torch.isnan(unbiased.export()["CKA"]).all()  # layer 5 follows the constant one
     with pytest.raises(ValueError, match="call compare"):
         torch_cka.CKA(cnn(0), cnn(1), model1_name="a", model2_name="b").export()
+
+
+@contextlib.contextmanager
+def in_float64(*models):
+    """A package's own code run in float64: models, inputs, its accumulators."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    for m in models:
+        m.double()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+        for m in models:
+            m.float()
+
+
+def torch_cka_in_float64(model1, model2, layers1, layers2, data1, data2=None):
+    peer = pytest.importorskip("torch_cka")
+
+    def double(data):
+        return None if data is None else torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(data.dataset.tensors[0].double()), batch_size=data.batch_size)
+
+    with in_float64(model1, model2), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peer.CKA(model1, model2, model1_name="a", model2_name="b", model1_layers=layers1,
+                          model2_layers=layers2)
+        theirs.compare(double(data1), double(data2))
+    for m in (model1, model2):  # torch-cka leaves its hooks on the models
+        for module in m.modules():
+            module._forward_hooks.clear()
+    return theirs.export()["CKA"].numpy()
+
+
+class Branchy(nn.Module):
+    """Modules registered in another order than they run, an in-place ReLU
+    after the first conv (torch-cka saw its output after the ReLU) and a
+    residual sum written in place into a captured output."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.head = nn.Linear(4 * 36, 5)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.act(self.conv1(x))
+        y = self.conv2(x)
+        y += x
+        return self.head(y.flatten(1))
+
+
+def outputs_as_produced(model, layers, x):
+    saved = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: saved.__setitem__(n, o.clone()))
+               for n in layers]
+    model.double()(x.double())
+    model.float()
+    for handle in handles:
+        handle.remove()
+    return [saved[n].flatten(1) for n in layers]
+
+
+def nrk21_of_outputs(model1, model2, layers1, layers2, data1, data2):
+    """[NRK21] eq. 3 per batch, averaged, on each layer's output as produced."""
+    one = lambda n: torch.ones(n, 1, dtype=torch.float64)  # noqa: E731
+
+    def hsic(X, Y):
+        K, L = X @ X.T, Y @ Y.T
+        K, L = K - torch.diag(torch.diag(K)), L - torch.diag(torch.diag(L))
+        n, o = K.shape[0], one(K.shape[0])
+        value = torch.trace(K @ L) + (o.T @ K @ o * (o.T @ L @ o)).item() / ((n - 1) * (n - 2)) \
+            - (o.T @ K @ L @ o).item() * 2 / (n - 2)
+        return float(value) / (n * (n - 3))
+
+    xy, xx, yy = np.zeros((len(layers1), len(layers2))), np.zeros(len(layers1)), np.zeros(len(layers2))
+    with torch.no_grad():
+        for (x1,), (x2,) in zip(data1, data2):
+            f1, f2 = outputs_as_produced(model1, layers1, x1), outputs_as_produced(model2, layers2, x2)
+            for i, a in enumerate(f1):
+                xx[i] += hsic(a, a)
+                for j, b in enumerate(f2):
+                    xy[i, j] += hsic(a, b)
+            for j, b in enumerate(f2):
+                yy[j] += hsic(b, b)
+    return xy / np.sqrt(np.outer(xx, yy))
+
+
+def test_torch_cka_default_is_the_packages_estimator_in_float64_unbiased_the_corrected_one():
+    pytest.importorskip("torch_cka")
+    a, b = Branchy(0).eval(), Branchy(1).eval()
+    layers = ["head", "conv2", "conv1"]
+    theirs = torch_cka_in_float64(a, b, layers, layers, loader())
+    mine = torch_cka.CKA(a, b, model1_name="a", model2_name="b", model1_layers=layers, model2_layers=layers)
+    with pytest.warns(UserWarning, match="Dataloader for Model 2 is not given"):
+        mine.compare(loader())
+    exported = mine.export()
+    assert exported["model1_layers"] == ["head", "conv2", "conv1"]  # named_modules order, as torch-cka ...
+    np.testing.assert_allclose(exported["CKA"].numpy(), theirs, rtol=1e-5, atol=1e-6)  # ... rows as they ran
+    fixed = torch_cka.CKA(a, b, model1_name="a", model2_name="b", model1_layers=layers, model2_layers=layers,
+                          estimator="unbiased")
+    fixed.compare(loader(), loader())
+    exact = nrk21_of_outputs(a, b, layers, layers, loader(), loader())  # as produced, in the listed order
+    np.testing.assert_allclose(fixed.export()["CKA"].numpy(), exact, rtol=1e-5, atol=1e-7)
+    ran = [2, 1, 0]  # conv1, conv2, head: the rows of torch-cka's matrix
+    assert np.abs(exact[np.ix_(ran, ran)] - theirs).max() > 0.05  # conv1, conv2 seen after in-place changes
+    np.testing.assert_allclose(exact[0, 0], theirs[2, 2], rtol=1e-6)  # head is the same
+
+
+def test_torch_cka_one_model_on_two_dataloaders():
+    """torch-cka runs the model on dataloader2 after dataloader1 and reads
+    both sides' features afterwards: its matrix compares dataloader2 with
+    itself. The default reproduces it; "unbiased" compares the two."""
+    pytest.importorskip("torch_cka")
+    model = cnn(0).eval()
+    layers = ["1", "3", "5"]
+    theirs = torch_cka_in_float64(model, model, layers, layers, loader(seed=0), loader(seed=1))
+    np.testing.assert_allclose(np.diag(theirs), 1.0, rtol=1e-9)
+    mine = torch_cka.CKA(model, model, model1_name="a", model2_name="b", model1_layers=layers, model2_layers=layers)
+    mine.compare(loader(seed=0), loader(seed=1))
+    np.testing.assert_allclose(mine.export()["CKA"].numpy(), theirs, rtol=1e-5, atol=1e-6)
+    fixed = torch_cka.CKA(model, model, model1_name="a", model2_name="b", model1_layers=layers,
+                          model2_layers=layers, estimator="unbiased")
+    fixed.compare(loader(seed=0), loader(seed=1))
+    exact = nrk21_of_outputs(model, model, layers, layers, loader(seed=0), loader(seed=1))
+    np.testing.assert_allclose(fixed.export()["CKA"].numpy(), exact, rtol=1e-5, atol=1e-7)
+    assert np.diag(exact).max() < 0.9  # unrelated inputs
+
+
+def test_torch_cka_warnings_errors_and_figure_are_the_packages():
+    peer = pytest.importorskip("torch_cka")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    big = lambda: nn.Sequential(*[nn.Identity() for _ in range(150)])  # noqa: E731  151 modules with itself
+    caught, figures = [], []
+    for module in (peer, torch_cka):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            module.CKA(big(), big())
+            module.CKA(big(), big(), model1_name="x", model1_layers=["0"], model2_layers=["1"])
+            comparer = module.CKA(cnn(0).train(), cnn(1), model1_name="a", model2_name="b")
+            assert not comparer.model1.training  # eval from construction on
+            comparer.compare(loader())
+        caught.append([(w.category, str(w.message)) for w in seen])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 about torch-cka's tensor in imshow
+            comparer.plot_results(title="a against b")
+        buffer = io.BytesIO()
+        plt.gcf().savefig(buffer, format="png", dpi=40)
+        plt.close("all")
+        buffer.seek(0)
+        figures.append(plt.imread(buffer))
+    assert caught[0] == caught[1] and len(caught[0]) == 4
+    assert figures[0].shape == figures[1].shape and np.array_equal(*figures)
+    # errors of torch-cka's types: unequal paired batches (its assertion), batches of 3 (its division by zero)
+    uneven = torch_cka.CKA(cnn(0), cnn(1), model1_name="a", model2_name="b", model1_layers=["1"],
+                           model2_layers=["1"])
+    with pytest.raises(AssertionError, match="Feature shape mistach"):
+        uneven.compare(loader(n=40, batch=16), loader(n=40, batch=20))
+    with pytest.raises(ZeroDivisionError, match="batch size > 3"):
+        uneven.compare(loader(n=6, batch=3), loader(n=6, batch=3))
+    theirs = peer.CKA(cnn(0), cnn(1), model1_name="a", model2_name="b", model1_layers=["1"], model2_layers=["1"])
+    with pytest.raises(AssertionError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.compare(loader(n=40, batch=16), loader(n=40, batch=20))
+    with pytest.raises(ZeroDivisionError):
+        theirs.compare(loader(n=6, batch=3), loader(n=6, batch=3))
 
 
 def test_pytorch_cka_drop_in_matches_the_package():
