@@ -283,3 +283,24 @@ def test_discovery_on_the_meta_device():
     assert {(c.previous, c.next) for c in g.connections} == gated_edges()
     real = se.discover(build("llama"), tokens())
     assert [c.rows.tolist() for c in g.connections] == [c.rows.tolist() for c in real.connections]
+
+
+@pytest.mark.slow
+def test_qwen2_half_billion_shape_on_the_meta_device():
+    """Qwen2-0.5B's shape (24 layers, 896 wide, 14 query and 2 key/value heads,
+    4864-wide gated MLP) built on the meta device: every layer's edges, the
+    residual stream read by every later layer (2880 edges), in seconds."""
+    import time
+
+    cfg = transformers.AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                            num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                            tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = transformers.AutoModel.from_config(cfg).eval()
+    start = time.process_time()
+    g = se.discover(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")})
+    seconds = time.process_time() - start
+    assert {(c.previous, c.next) for c in g.connections} == gated_edges(24)
+    c = g.connection("layers.23.self_attn.v_proj", "layers.23.self_attn.o_proj")
+    assert c.kernel_area == 7 and c.null_dimension == 128  # 7 query heads per key/value head of 64 dims
+    assert seconds < 60

@@ -52,7 +52,8 @@ with its reason:
   every token) pass to the output, head by head (with enable_gqa, a k/v head
   repeated for its q heads); the query and key projections end in the scores
   (named in stopped_at) and do not reach the output projection.
-- Matrix products (matmul, @, bmm): the eager attention of transformers
+- Matrix products (matmul, @, bmm; baddbmm and addmm add their input as an
+  addition does): the eager attention of transformers
   computes softmax(q k^T) @ v. An operand whose probes are the same along the
   contracted axis (v's tokens) passes to the result: the product mixes its
   rows, not its channels; an operand whose contracted axis holds its channels
@@ -302,8 +303,8 @@ class _EagerFlow(TorchFunctionMode):
             return
         if name == "scaled_dot_product_attention":
             return self._attention(args, kwargs, result)
-        if name in ("matmul", "bmm", "rmatmul", "mm"):
-            return self._matmul(name, args, result)
+        if name in ("matmul", "bmm", "rmatmul", "mm", "baddbmm", "addbmm", "addmm"):
+            return self._matmul(name, args, kwargs, result)
         if name == "pad" and (args[2] if len(args) > 2 else kwargs.get("mode", "constant")) == "constant":
             # F.pad with a constant: the padding reads no channel (-1), the rest moves as the values do
             call = lambda *a, **k: func(*a, **{**k, "value": -1})  # noqa: E731
@@ -374,7 +375,14 @@ class _EagerFlow(TorchFunctionMode):
                                 f"{', '.join(dict.fromkeys(ended))})")
         self._set(result, out)
 
-    def _matmul(self, name, args, result):
+    def _matmul(self, name, args, kwargs, result):
+        """a @ b (b @ a for rmatmul); baddbmm, addbmm and addmm add an input
+        to the product (bloom's ALiBi bias, an unregistered linear's bias):
+        its probes pass as through an addition."""
+        added = None
+        if name in ("baddbmm", "addbmm", "addmm"):
+            added, args = (args[0] if args else kwargs.get("input")), tuple(args[1:])
+            args = args + tuple(kwargs[k] for k in ("batch1", "batch2", "mat1", "mat2") if k in kwargs)
         a, b = (args[1], args[0]) if name == "rmatmul" else (args[0], args[1])
         out, ended = {}, []
         if isinstance(b, torch.Tensor) and b.dim() >= 2:
@@ -390,6 +398,9 @@ class _EagerFlow(TorchFunctionMode):
         ended = [p for t in (a, b) for p in self._get(t) if p not in out]
         if ended:
             self.stopped.append(f"{name} (contracts the channels of {', '.join(dict.fromkeys(ended))})")
+        if isinstance(added, torch.Tensor):
+            out.update({p: probes for p, probes in _layers._merge([self._get(added)], result.shape).items()
+                        if p not in out})
         self._set(result, out)
 
     def _setitem(self, args, producers):

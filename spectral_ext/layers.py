@@ -10,8 +10,12 @@ output learns which of its inputs holds which channel and position, whatever
 the order; elementwise operations, activations, normalisation, dropout and
 residual additions pass probes through; pooling and resizing keep channels and
 renumber positions. Any other operation (a matmul, a softmax, an embedding)
-ends the flow. Where fx cannot trace the model, forward hooks give the maps in
-execution order, chained, and a warning says so.
+ends the flow. Where fx cannot trace the model (data-dependent control flow,
+every transformers model), the eager tracer of spectral_ext.dataflow follows
+one forward as it runs, with the same probes and rules and those of attention
+(value -> output projection, head by head), gated MLPs and RMSNorm;
+discover(tracer="eager") forces it, and tracer="order" chains the maps in the
+order they ran (no dataflow, traced=False).
 """
 from __future__ import annotations
 
