@@ -520,9 +520,10 @@ def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: b
     """The Singular Value Representation of `model` (seed 000).
 
     model: any nn.Module whose linear maps are Linear or Conv1d/2d/3d.
-    example_input: a tensor (or tuple of inputs) the model runs on, used to
-    trace its dataflow (made up for MLPs; a few image sizes are tried for
-    CNNs). p: significance level; p = 0.15 keeps what a random network
+    example_input: a tensor, a tuple of inputs, or a dict of keyword inputs
+    ({"input_ids": ...} for a transformers model) the model runs on, used to
+    trace its dataflow (layers.discover: torch.fx, else one eager forward;
+    made up for MLPs; a few image sizes are tried for CNNs). p: significance level; p = 0.15 keeps what a random network
     exceeds with probability 0.15 (sections 2.4, 4.3). fold_batchnorm: scale
     each conv by the BatchNorm that follows it (seed 000 B.3 ignores BN scales,
     the default). dtype: compute the SVDs in this dtype (torch.float64 for
