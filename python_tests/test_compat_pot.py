@@ -1,5 +1,7 @@
 """spectral_ext.compat.pot against the real POT 0.9.7 on small problems: the same
-plans, potentials, errors, iteration counts, costs and return types."""
+plans, potentials, errors, iteration counts, costs and return types; POT's reg = 0
+behaviour; the exact solver (emd, emd2: POT's optimum, its checks, warnings, log,
+gradients, and batches); the entropic barycenter."""
 import warnings
 
 import numpy as np
@@ -62,7 +64,9 @@ def test_sinkhorn_methods_sinkhorn2_and_torch_in_torch_out():
     got = pot.sinkhorn(at, bt, Mt, 0.2)
     assert isinstance(got, torch.Tensor)
     torch.testing.assert_close(got, ot.sinkhorn(at, bt, Mt, 0.2), rtol=1e-9, atol=1e-14)
-    with pytest.raises(ValueError, match="Unknown method"):
+    with pytest.raises(ValueError, match="Unknown method 'nope'"):  # POT's words
+        pot.sinkhorn(a, b, M, 0.2, method="nope")
+    with pytest.raises(NotImplementedError, match="'greenkhorn' of POT is not offered"):
         pot.sinkhorn(a, b, M, 0.2, method="greenkhorn")
 
 
@@ -71,7 +75,7 @@ def test_empty_marginals_are_uniform_and_warnings_match():
     np.testing.assert_allclose(pot.sinkhorn([], [], M, 0.3), ot.sinkhorn([], [], M, 0.3), rtol=1e-9)
     with pytest.warns(UserWarning, match="did not converge"):
         pot.sinkhorn_knopp([], [], M, 0.01, numItermax=3)
-    with pytest.raises(ValueError, match="several histograms"):
+    with pytest.raises(NotImplementedError, match="several histograms"):
         pot.sinkhorn(np.ones(6) / 6, np.ones((8, 2)) / 8, M, 0.3)
 
 
@@ -92,3 +96,248 @@ def test_solve_batch_matches_pot(method):
     torch.testing.assert_close((-M / 0.1 + u[:, :, None] + v[:, None, :]).exp(), want.plan, rtol=1e-8, atol=1e-12)
     with pytest.raises(ValueError, match="strictly positive reg"):
         pot.solve_batch(M, reg=None)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sinkhorn_log", "sinkhorn_stabilized"])
+@pytest.mark.parametrize("reg", [0, 0.0])
+def test_zero_reg_warns_and_returns_pots_plan(method, reg):
+    # POT does not refuse reg = 0: its kernel exp(M / -reg) is 0, inf or NaN (the sign of
+    # zero decides) and it warns; the plan holds the same non-finite values.
+    _, _, M = problem(7, 5, seed=3)
+    M[2, 1] = 0.0
+    a, b = np.full(7, 1 / 7), np.full(5, 1 / 5)
+    with pytest.warns(UserWarning) as want_warnings, np.errstate(all="ignore"):
+        want = ot.sinkhorn(a, b, M, reg, method=method, numItermax=30)
+    with pytest.warns(UserWarning) as got_warnings:
+        got = pot.sinkhorn(a, b, M, reg, method=method, numItermax=30)
+    user = lambda record: [str(w.message) for w in record if w.category is UserWarning]  # noqa: E731
+    assert user(got_warnings)[-1] == user(want_warnings)[-1]
+    if method == "sinkhorn_stabilized":  # POT's stabilised plan; the adapter's log keys are the log domain's
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
+    else:
+        np.testing.assert_array_equal(got, want)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        assert np.isnan(pot.sinkhorn2(a, b, M, reg, method=method)) and np.isnan(ot.sinkhorn2(a, b, M, reg,
+                                                                                               method=method))
+        _, glog = pot.sinkhorn(a, b, M, reg, method="sinkhorn", log=True)
+        _, wlog = ot.sinkhorn(a, b, M, reg, method="sinkhorn", log=True)
+    assert glog["niter"] == wlog["niter"] == 0 and glog["err"] == wlog["err"] == []
+
+
+# ---------------------------------------------------------------- exact OT
+
+def exact_problem(n, m, seed, kind="points"):
+    rng = np.random.default_rng(seed)
+    if kind == "points":
+        M = ((rng.standard_normal((n, 1, 3)) - rng.standard_normal((1, m, 3)) - 0.3) ** 2).sum(-1)
+    elif kind == "integers":  # many optimal plans
+        M = rng.integers(0, 4, (n, m)).astype(np.float64)
+    else:
+        M = rng.random((n, m))
+    a, b = rng.random(n) + 0.05, rng.random(m) + 0.05
+    return a / a.sum(), b / b.sum(), M
+
+
+def check_plan(G, a, b, M, cost):
+    assert (G >= 0).all()
+    np.testing.assert_allclose(G.sum(1), a, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(G.sum(0), b, rtol=0, atol=1e-13)
+    np.testing.assert_allclose((G * M).sum(), cost, rtol=1e-13)
+
+
+def check_duals(u, v, a, b, M, G, cost):
+    # feasible, tight where the plan moves mass, and the dual objective is the cost
+    assert (u[:, None] + v[None, :] - M).max() < 1e-12
+    assert np.abs((M - u[:, None] - v[None, :])[G > 0]).max() < 1e-12
+    np.testing.assert_allclose(a @ u + b @ v, cost, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["points", "integers", "uniform random"])
+@pytest.mark.parametrize("n,m", [(1, 1), (1, 6), (9, 1), (12, 12), (40, 25), (30, 70)])
+def test_emd_reaches_pots_optimum(kind, n, m):
+    a, b, M = exact_problem(n, m, seed=n * 7 + m, kind=kind)
+    if kind == "uniform random":
+        a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+    G, log = pot.emd(a, b, M, log=True)
+    want_G, want_log = ot.emd(a, b, M, log=True)
+    assert isinstance(G, np.ndarray) and G.shape == (n, m) and G.dtype == np.float64
+    np.testing.assert_allclose(log["cost"], want_log["cost"], rtol=1e-12)  # the plan may differ on ties
+    check_plan(G, a, b, M, log["cost"])
+    check_duals(log["u"], log["v"], a, b, M, G, log["cost"])
+    np.testing.assert_allclose(a @ log["u"], b @ log["v"], rtol=1e-9, atol=1e-14)  # centred, as POT's
+    assert set(log) == set(want_log) and log["warning"] is None and log["result_code"] == 1
+    assert isinstance(log["cost"], float) and isinstance(log["result_code"], int)
+    cost = pot.emd2(a, b, M)
+    assert isinstance(cost, float)
+    np.testing.assert_allclose(cost, ot.emd2(a, b, M), rtol=1e-12)
+
+
+def test_emd_with_zero_masses_matches_pot_and_its_dual_estimates():
+    a, b, M = exact_problem(20, 15, seed=1)
+    a[[3, 7]] = 0
+    b[[0, 14]] = 0
+    a, b = a / a.sum(), b / b.sum()
+    G, log = pot.emd(a, b, M, log=True)
+    want_G, want_log = ot.emd(a, b, M, log=True)
+    np.testing.assert_allclose(log["cost"], want_log["cost"], rtol=1e-12)
+    assert (G[[3, 7]] == 0).all() and (G[:, [0, 14]] == 0).all()
+    check_plan(G, a, b, M, log["cost"])
+    check_duals(log["u"], log["v"], a, b, M, G, log["cost"])  # zero-mass potentials made feasible, as POT does
+
+
+def test_emd_inputs_types_and_devices_follow_pot():
+    a, b, M = exact_problem(8, 6, seed=2)
+    for args in ((a.tolist(), b.tolist(), M.tolist()), ([], [], M), (a.astype(np.float32), b.astype(np.float32),
+                                                                     M.astype(np.float32))):
+        got, want = pot.emd(*args), ot.emd(*args)
+        assert type(got) is type(want) and got.dtype == want.dtype
+        np.testing.assert_allclose(pot.emd2(*args), ot.emd2(*args), rtol=1e-6)
+    for dtype in (torch.float32, torch.float64):
+        at, bt, Mt = (torch.tensor(x, dtype=dtype) for x in (a, b, M))
+        G, log = pot.emd(at, bt, Mt, log=True)
+        cost = pot.emd2(at, bt, Mt)
+        assert isinstance(G, torch.Tensor) and G.dtype == dtype and cost.dtype == dtype and cost.shape == ()
+        assert log["u"].dtype == dtype and isinstance(log["cost"], float)
+        torch.testing.assert_close(cost, ot.emd2(at, bt, Mt), rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=0)
+    G = pot.emd([], [], torch.from_numpy(M))  # empty marginals: uniform, in M's type
+    assert isinstance(G, torch.Tensor) and torch.allclose(G.sum(1), torch.full((8,), 1 / 8, dtype=G.dtype))
+
+
+def test_emd_checks_and_warnings_are_pots():
+    a, b, M = exact_problem(10, 10, seed=3)
+    with pytest.raises(AssertionError, match="Dimension mismatch"):
+        pot.emd(a[:9], b, M)
+    with pytest.raises(AssertionError, match="a and b vector must have the same sum"):
+        pot.emd2(a, 2 * b, M)
+    # without the check, b is rescaled to a's mass, as in POT
+    np.testing.assert_allclose(pot.emd2(a, 2 * b, M, check_marginals=False), ot.emd2(a, 2 * b, M,
+                                                                                      check_marginals=False),
+                               rtol=1e-12)
+    with pytest.warns(DeprecationWarning, match="numThreads"):
+        pot.emd(a, b, M, numThreads=2)
+    with pytest.warns(UserWarning, match="numItermax reached before optimality"):
+        G, log = pot.emd(a, b, M, numItermax=1, log=True)
+    assert log["result_code"] == 3 and "numItermax" in log["warning"]
+    check_plan(G, a, b, M, (G * M).sum())  # stopped early, yet a feasible plan (POT's start is not)
+    with pytest.warns(UserWarning, match="Input histogram consists of integer"):
+        G = pot.emd(np.ones(4, dtype=int), np.ones(4, dtype=int), M[:4, :4])
+    assert G.dtype == np.int64
+    with pytest.raises(NotImplementedError, match="sparse cost matrix"):
+        import scipy.sparse
+        pot.emd(a, b, scipy.sparse.coo_array(M))
+    with pytest.raises(ValueError, match="M contains NaN or infinite"):
+        pot.emd(a, b, np.where(M > 1, np.inf, M))
+
+
+def test_emd2_gradients_are_pots():
+    a, b, M = exact_problem(15, 12, seed=4)
+    grads = []
+    for lib in (pot, ot):
+        at, bt, Mt = (torch.tensor(x, requires_grad=True) for x in (a, b, M))
+        cost = 3.0 * lib.emd2(at, bt, Mt)
+        cost.backward()
+        grads.append((cost.detach(), at.grad, bt.grad, Mt.grad))
+    for got, want in zip(*grads):  # a unique optimum: the same plan and potentials
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_emd2_several_histograms_log_and_return_matrix():
+    a, _, M = exact_problem(30, 30, seed=5)
+    B = np.stack([exact_problem(30, 30, seed=s)[1] for s in (6, 7, 8)], 1)
+    got, want = pot.emd2(a, B, M), ot.emd2(a, B, M)
+    assert isinstance(got, list) and len(got) == 3
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    res = pot.emd2(a, B, M, log=True, return_matrix=True)
+    for k, (cost, log) in enumerate(res):
+        check_plan(log["G"], a, B[:, k], M, cost)
+        check_duals(log["u"], log["v"], a, B[:, k], M, log["G"], cost)
+        assert {"cost", "u", "v", "warning", "result_code", "G"} == set(log)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_emd_batches_over_a_leading_dimension(shared):
+    problems = [exact_problem(25, 18, seed=s) for s in range(6)]
+    M = np.stack([p[2] for p in problems])
+    a = problems[0][0] if shared else np.stack([p[0] for p in problems])
+    b = problems[0][1] if shared else np.stack([p[1] for p in problems])
+    G, log = pot.emd(a, b, M, log=True)
+    costs = pot.emd2(a, b, M)
+    assert G.shape == (6, 25, 18) and log["u"].shape == (6, 25) and costs.shape == (6,)
+    for k in range(6):
+        ak, bk = (a, b) if shared else (a[k], b[k])
+        want = ot.emd2(ak, bk, M[k])
+        np.testing.assert_allclose(log["cost"][k], want, rtol=1e-12)
+        np.testing.assert_allclose(costs[k], want, rtol=1e-12)
+        check_plan(G[k], ak, bk, M[k], want)
+        check_duals(log["u"][k], log["v"][k], ak, bk, M[k], G[k], want)
+    # torch: the batch of costs differentiates like POT's costs one by one
+    Mt = torch.tensor(M, requires_grad=True)
+    pot.emd2(torch.tensor(a), torch.tensor(b), Mt).sum().backward()
+    torch.testing.assert_close(Mt.grad, torch.from_numpy(G), rtol=0, atol=0)
+
+
+def test_emd_warm_start_from_a_nearby_problem():
+    a, b, M = exact_problem(60, 60, seed=9)
+    _, log = pot.emd(a, b, M, log=True)
+    M2 = M + 0.01 * np.random.default_rng(1).random(M.shape)
+    G, warm = pot.emd(a, b, M2, log=True, potentials_init=(log["u"], log["v"]))
+    np.testing.assert_allclose(warm["cost"], ot.emd2(a, b, M2), rtol=1e-12)
+    check_plan(G, a, b, M2, warm["cost"])
+    check_duals(warm["u"], warm["v"], a, b, M2, G, warm["cost"])
+    with pytest.warns(UserWarning, match="numItermax"):
+        _, partial = pot.emd(a, b, M2, numItermax=20, log=True)
+    G, resumed = pot.emd(a, b, M2, log=True, potentials_init=(partial["u"], partial["v"]))
+    np.testing.assert_allclose(resumed["cost"], warm["cost"], rtol=1e-12)
+
+
+def test_ctrl_c_stops_a_long_exact_batch():
+    from conftest import interrupted
+
+    line, returncode, waited = interrupted(
+        "from spectral_ext.compat import pot\ntorch.set_num_threads(1)\n"
+        "M = torch.rand(40, 700, 700, dtype=torch.float64)\na = torch.full((700,), 1 / 700, dtype=torch.float64)",
+        "pot.emd2(a, a, M)")
+    assert returncode == 0 and line == "interrupted"
+    assert waited < 5.0, f"took {waited:.1f} s to stop"
+
+
+# ---------------------------------------------------------------- entropic barycenter
+
+def histograms(dim, k, seed):
+    rng = np.random.default_rng(seed)
+    x = np.arange(dim, dtype=np.float64)
+    A = np.stack([np.exp(-((x - c) / (2 + 3 * rng.random())) ** 2) + 1e-3 for c in rng.uniform(5, dim - 5, k)], 1)
+    M = (x[:, None] - x[None, :]) ** 2
+    return A / A.sum(0), M / M.max()
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sinkhorn_log", "sinkhorn_stabilized"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_barycenter_matches_pot(method, weighted):
+    A, M = histograms(40, 3, seed=1)
+    weights = np.array([0.2, 0.5, 0.3]) if weighted else None
+    want, wlog = ot.bregman.barycenter(A, M, 0.01, weights, method=method, stopThr=1e-9, log=True)
+    got, glog = pot.bregman.barycenter(A, M, 0.01, weights, method=method, stopThr=1e-9, log=True)
+    assert isinstance(got, np.ndarray) and got.shape == (40,)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+    assert glog["niter"] == wlog["niter"] and len(glog["err"]) == len(wlog["err"])
+    np.testing.assert_allclose(glog["err"], wlog["err"], rtol=1e-6, atol=1e-14)
+    At, Mt = torch.from_numpy(A), torch.from_numpy(M)
+    got_t = pot.barycenter(At, Mt, 0.01, weights, method=method, stopThr=1e-9)
+    assert isinstance(got_t, torch.Tensor)
+    torch.testing.assert_close(got_t, torch.from_numpy(want), rtol=1e-10, atol=1e-14)
+
+
+def test_barycenter_warnings_and_errors_are_pots():
+    A, M = histograms(30, 2, seed=2)
+    with pytest.warns(UserWarning, match="Sinkhorn did not converge"):
+        pot.barycenter(A, M, 0.01, numItermax=3, stopThr=0)
+    with pytest.warns(UserWarning, match="Stabilized Sinkhorn did not converge"):
+        pot.barycenter(A, M, 0.01, method="sinkhorn_stabilized", numItermax=3, stopThr=0)
+    with pytest.raises(ValueError, match="Unknown method 'nope'"):
+        pot.barycenter(A, M, 0.01, method="nope")
+    with pytest.raises(AssertionError):
+        pot.barycenter(A, M, 0.01, weights=np.ones(3) / 3)

@@ -25,7 +25,8 @@ import torch
 from .. import _checks
 from .._ops import _sinkhorn
 
-__all__ = ["sinkhorn", "sinkhorn2", "sinkhorn_knopp", "sinkhorn_log", "solve_batch", "OTResult", "bregman", "batch"]
+__all__ = ["sinkhorn", "sinkhorn2", "sinkhorn_knopp", "sinkhorn_log", "solve_batch", "OTResult", "emd", "emd2",
+           "barycenter", "bregman", "lp", "batch"]
 
 
 def _to_torch(M, a, b):
@@ -46,16 +47,47 @@ def _to_torch(M, a, b):
 
     at, bt = marginal(a, n), marginal(b, m)
     if bt.dim() > Mt.dim() - 1:
-        raise ValueError(f"b of shape {tuple(bt.shape)} holds several histograms, which spectral_ext.compat.pot "
-                         "does not support: solve them one by one or as a batch (solve_batch)")
+        raise NotImplementedError(f"b of shape {tuple(bt.shape)} holds several histograms, which "
+                                  "spectral_ext.compat.pot does not support: solve them one by one or as a batch "
+                                  "(solve_batch)")
     back = (lambda t: t.detach().cpu().numpy()) if as_numpy else (lambda t: t)
     return Mt, at, bt, back
 
 
-def _solve(a, b, M, reg, numItermax, stopThr, log, warn, log_domain, warmstart):
+def _zero_reg(Mt, reg, numItermax, log, warn, method, back):
+    """POT at reg = 0, which it does not refuse: exp(M / -reg) is 0, inf or NaN (M / -0
+    follows reg's own sign of zero, as numpy and torch divide), its first round fails,
+    and POT warns and returns that kernel scaled by its start (Sinkhorn-Knopp, and the
+    stabilised method at iteration 0), or runs its rounds to a NaN plan and warns that
+    it did not converge (the log domain)."""
+    n, m = Mt.shape
+    nan_u, nan_v = Mt.new_full((n,), float("nan")), Mt.new_full((m,), float("nan"))
+    if method == "sinkhorn_log":
+        if warn:
+            warnings.warn("Sinkhorn did not converge. You might want to increase the number of iterations "
+                          "`numItermax` or the regularization parameter `reg`.")
+        plan = Mt.new_full((n, m), float("nan"))
+        checks = (numItermax - 1) // 10 + 1 if numItermax > 0 else 0
+        out = {"err": [back(Mt.new_tensor(float("nan"))) for _ in range(checks)], "niter": numItermax - 1,
+               "log_u": back(nan_u), "log_v": back(nan_v), "u": back(nan_u), "v": back(nan_v)}
+        return back(plan), (out if log else None)
+    if method == "sinkhorn":
+        warnings.warn("Warning: numerical errors at iteration 0")
+        plan = torch.exp(Mt / -reg) / (n * m)
+    else:
+        warnings.warn("Numerical errors at iteration 0")
+        plan = torch.exp(-Mt / reg) / (n * m)
+    out = {"err": [], "niter": 0, "u": back(Mt.new_full((n,), 1.0 / n)), "v": back(Mt.new_full((m,), 1.0 / m))}
+    return back(plan), (out if log else None)
+
+
+def _solve(a, b, M, reg, numItermax, stopThr, log, warn, log_domain, warmstart, method=None):
     if warmstart is not None:
-        raise ValueError("warmstart is not supported by spectral_ext.compat.pot")
+        raise NotImplementedError("warmstart is not supported by spectral_ext.compat.pot")
     Mt, at, bt, back = _to_torch(M, a, b)
+    if isinstance(reg, (int, float, np.number)) and not isinstance(reg, bool) and reg == 0:
+        return _zero_reg(Mt, reg, numItermax, log, warn,
+                         method or ("sinkhorn_log" if log_domain else "sinkhorn"), back)
     if not log_domain and Mt.numel() and Mt.device.type != "meta":
         K = torch.exp(Mt / -_checks.positive_float("reg", reg))
         if bool((K.amax(-1) == 0).any() | (K.amax(-2) == 0).any()):
@@ -101,12 +133,24 @@ def sinkhorn_log(a, b, M, reg, numItermax=1000, stopThr=1e-9, verbose=False, log
     return (plan, info) if log else plan
 
 
-_METHODS = {"sinkhorn": sinkhorn_knopp, "sinkhorn_log": sinkhorn_log, "sinkhorn_stabilized": sinkhorn_log}
+def _sinkhorn_stabilized(a, b, M, reg, numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
+                         warmstart=None, **kwargs):
+    """"sinkhorn_stabilized": the log domain (the same limit; POT's absorption schedule aside)."""
+    plan, info = _solve(a, b, M, reg, numItermax, stopThr, log, warn, True, warmstart, method="sinkhorn_stabilized")
+    return (plan, info) if log else plan
+
+
+_METHODS = {"sinkhorn": sinkhorn_knopp, "sinkhorn_log": sinkhorn_log, "sinkhorn_stabilized": _sinkhorn_stabilized}
+# POT's other methods of ot.sinkhorn: refused by name rather than called unknown
+_POT_ONLY_METHODS = ("greenkhorn", "sinkhorn_epsilon_scaling", "screenkhorn")
 
 
 def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
              warmstart=None, **kwargs):
     """POT's ``ot.sinkhorn``: the entropic transport plan."""
+    if method.lower() in _POT_ONLY_METHODS:
+        raise NotImplementedError(f"method {method!r} of POT is not offered by spectral_ext.compat.pot: use "
+                                  "'sinkhorn', 'sinkhorn_log' or 'sinkhorn_stabilized'")
     if method.lower() not in _METHODS:
         raise ValueError("Unknown method '%s'." % method)
     return _METHODS[method.lower()](a, b, M, reg, numItermax=numItermax, stopThr=stopThr, verbose=verbose,
@@ -119,7 +163,10 @@ def sinkhorn2(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ve
     res = sinkhorn(a, b, M, reg, method=method, numItermax=numItermax, stopThr=stopThr, log=log, warn=warn,
                    warmstart=warmstart)
     plan = res[0] if log else res
-    cost = (M * plan).sum() if isinstance(plan, torch.Tensor) else np.sum(np.asarray(M) * plan)
+    if isinstance(plan, torch.Tensor):
+        cost = (torch.as_tensor(M, dtype=plan.dtype, device=plan.device) * plan).sum()
+    else:
+        cost = np.sum(np.asarray(M) * plan)
     return (cost, res[1]) if log else cost
 
 
@@ -171,6 +218,363 @@ def solve_batch(M, reg=None, a=None, b=None, max_iter=1000, tol=1e-5, method="au
                     log={"n_iter": int(info["rounds"].max()) - 1})
 
 
+# ---------------------------------------------------------------- exact OT: ot.emd, ot.emd2
+
+_RESULT_MESSAGES = {0: "Problem infeasible. Check that a and b are in the simplex", 2: "Problem unbounded",
+                    3: "numItermax reached before optimality. Try to increase numItermax."}
+
+
+def _check_result(code):
+    """POT's check_result: None for an optimal solve, else the message it warns with."""
+    if code == 1:
+        return None
+    warnings.warn(_RESULT_MESSAGES[int(code)])
+    return _RESULT_MESSAGES[int(code)]
+
+
+def _is_sparse(M):
+    if isinstance(M, torch.Tensor):
+        return M.layout != torch.strided
+    return type(M).__module__.startswith("scipy.sparse")
+
+
+def _numpy64(x):
+    return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64)
+
+
+def _center(u, v, a, b):
+    """POT's center_ot_dual over the last axis: u + c, v - c with <a, u + c> = <b, v - c>."""
+    c = ((b * v).sum(-1) - (a * u).sum(-1)) / (a.sum(-1) + b.sum(-1))
+    return u + c[..., None], v - c[..., None]
+
+
+def _null_weights(u, v, a, b, M):
+    """POT's estimate_dual_null_weights: potentials of zero-mass rows and columns lowered
+    until no constraint u_i + v_j <= M_ij is violated, then centred."""
+    violation = u[..., :, None] + v[..., None, :] - M
+    u = u - (a == 0) * np.maximum(violation.max(-1), 0)
+    v = v - (b == 0) * np.maximum(violation.max(-2), 0)
+    return _center(u, v, a, b)
+
+
+def _emd(a, b, M, numItermax, center_dual, numThreads, check_marginals, potentials_init, several_b=False):
+    """The shared part of emd and emd2: POT's checks, warnings and conversions around one
+    call of the batched network simplex (csrc/cpu/network_simplex.cpp)."""
+    from .. import _ops  # noqa: F401  (loads the compiled operators)
+
+    if _is_sparse(M):
+        raise NotImplementedError("a sparse cost matrix M is not offered by spectral_ext.compat.pot: pass a dense "
+                                  "one (M.toarray(), M.to_dense())")
+    a = [] if a is None else a
+    b = [] if b is None else b
+    tensors = [x for x in (a, b, M) if isinstance(x, torch.Tensor)]
+    M_in = M if isinstance(M, torch.Tensor) else np.asarray(M)
+    if M_in.ndim not in (2, 3):
+        raise ValueError(f"M must be a (n, m) cost matrix or a batch of them (B, n, m), got shape "
+                         f"{tuple(M_in.shape)}")
+    n, m = M_in.shape[-2:]
+    batched = M_in.ndim == 3
+    B = M_in.shape[0] if batched else 1
+    empty_a, empty_b = len(a) == 0, len(b) == 0
+    type_as = a if not empty_a else b if not empty_b else M_in
+    if not isinstance(type_as, torch.Tensor):
+        type_as = np.asarray(type_as)
+    if tensors:
+        device = tensors[0].device
+        dtype = type_as.dtype if isinstance(type_as, torch.Tensor) else torch.from_numpy(
+            np.empty(0, dtype=type_as.dtype)).dtype
+        back = lambda x: torch.as_tensor(np.asarray(x), device=device).to(dtype)  # noqa: E731
+    else:
+        back = lambda x: np.asarray(x).astype(type_as.dtype)  # noqa: E731
+    Mn = _numpy64(M_in)
+    an = np.full(n, 1.0 / n) if empty_a else _numpy64(a)
+    bn = np.full(m, 1.0 / m) if empty_b else _numpy64(b)
+    assert an.shape[-1] == n and bn.shape[0 if several_b else -1] == m and an.ndim <= (2 if batched else 1) \
+        and bn.ndim <= 2, "Dimension mismatch, check dimensions of M with a and b"
+    if several_b:  # emd2's b (m, k): k problems on one M
+        bn = np.ascontiguousarray(bn.T)
+    if check_marginals:
+        np.testing.assert_almost_equal(an.sum(-1), bn.sum(-1), err_msg="a and b vector must have the same sum",
+                                       decimal=6)
+    bn = bn * (an.sum(-1, keepdims=True) / bn.sum(-1, keepdims=True))
+    if not np.isfinite(Mn).all():
+        raise ValueError("M contains NaN or infinite values: spectral_ext.compat.pot's exact solver takes finite "
+                         "costs (a large finite cost forbids a pair)")
+    if (an < 0).any() or (bn < 0).any() or not (np.isfinite(an).all() and np.isfinite(bn).all()):
+        raise ValueError("a and b must be finite and non-negative")
+    if numThreads == "max" or numThreads != 1:
+        warnings.warn("The 'numThreads' parameter is deprecated and will be removed in a future version. The "
+                      "network simplex solver no longer uses OpenMP, so this parameter is ignored.",
+                      DeprecationWarning, stacklevel=3)
+    if several_b:
+        B = bn.shape[0]
+    Mb = np.broadcast_to(Mn, (B, n, m))
+    ab, bb = np.broadcast_to(an, (B, n)), np.broadcast_to(bn, (B, m))
+    warm = ()
+    if potentials_init is not None:
+        u0, v0 = potentials_init
+        warm = (torch.from_numpy(np.ascontiguousarray(np.broadcast_to(_numpy64(u0), (B, n)))),
+                torch.from_numpy(np.ascontiguousarray(np.broadcast_to(_numpy64(v0), (B, m)))))
+    from .._ops import _interruptible
+
+    G, u, v, cost, code, _ = _interruptible(
+        torch.ops.spectral_ext.network_simplex, torch.from_numpy(np.ascontiguousarray(Mb)),
+        torch.from_numpy(np.ascontiguousarray(ab)), torch.from_numpy(np.ascontiguousarray(bb)),
+        int(numItermax), *warm)
+    G, u, v, cost, code = G.numpy(), u.numpy(), v.numpy(), cost.numpy(), code.numpy()
+    if center_dual:
+        u, v = _center(u, v, ab, bb)
+    zeros = (ab == 0).any(-1) | (bb == 0).any(-1)
+    if zeros.any():
+        uz, vz = _null_weights(u, v, ab, bb, Mb)
+        u, v = np.where(zeros[:, None], uz, u), np.where(zeros[:, None], vz, v)
+    messages = [_check_result(c) for c in code]
+    floating = type_as.is_floating_point() if isinstance(type_as, torch.Tensor) else \
+        np.issubdtype(type_as.dtype, np.floating)
+    if not floating:
+        warnings.warn("Input histogram consists of integer. The transport plan will be casted accordingly, possibly "
+                      "resulting in a loss of precision. If this behaviour is unwanted, please make sure your input "
+                      "histogram consists of floating point elements.", stacklevel=3)
+    return dict(G=G, u=u, v=v, cost=cost, code=code, messages=messages, back=back, batched=batched,
+                inputs=(a if not empty_a else None, b if not empty_b else None, M), tensors=bool(tensors))
+
+
+def _log(r, k, cost=None):
+    """POT's log dict of problem k, or of the whole batch when k is None (then cost and
+    result_code are arrays and warning a list, one entry per problem)."""
+    if k is None:
+        return {"cost": r["cost"].copy() if cost is None else cost, "u": r["back"](r["u"]), "v": r["back"](r["v"]),
+                "warning": r["messages"], "result_code": r["code"].astype(np.int64)}
+    return {"cost": float(r["cost"][k]) if cost is None else cost, "u": r["back"](r["u"][k]),
+            "v": r["back"](r["v"][k]), "warning": r["messages"][k], "result_code": int(r["code"][k])}
+
+
+def emd(a, b, M, numItermax=100000, log=False, center_dual=True, numThreads=1, check_marginals=True,
+        potentials_init=None):
+    """POT's ``ot.emd``: the optimal transport plan of the exact problem
+    min <M, G> s.t. G 1 = a, G^T 1 = b, G >= 0, by a network simplex in C++.
+
+    Same arguments and returns as POT 0.9.7 (numpy in, numpy out; torch in, torch out,
+    in the dtype of `a`; ``log=True`` adds POT's dict: cost, the dual potentials u and v,
+    centred when `center_dual`, warning, result_code), the same checks (AssertionError on a
+    dimension or mass mismatch), the same warnings (numItermax reached, integer
+    histograms, the deprecated numThreads). ``potentials_init=(u, v)`` warm-starts the
+    solver from dual potentials (e.g. those of an earlier, nearby problem).
+
+    Beyond POT: M of shape (B, n, m) solves B problems in one call, in parallel over
+    torch's threads (a (n,) or (B, n), b (m,) or (B, m)); the plan is then (B, n, m) and
+    log's cost, result_code and warning hold one entry per problem.
+
+    Differences: the cost is POT's optimum (to rounding); where several plans are
+    optimal the plan returned may be another one, and so may the potentials. The start
+    is a feasible basis (not POT's artificial one), so a run stopped by numItermax returns
+    another, feasible, plan. NaN or infinite costs and negative masses raise ValueError
+    (POT returns whatever its solver reaches); sparse M is not offered.
+    """
+    r = _emd(a, b, M, numItermax, center_dual, numThreads, check_marginals, potentials_init)
+    G = r["back"](r["G"] if r["batched"] else r["G"][0])
+    if not log:
+        return G
+    return G, _log(r, None if r["batched"] else 0)
+
+
+def _cost_with_gradients(r, k, value, a_in, b_in, M_in, b_column=None):
+    """emd2's value for torch inputs with POT's gradients: d/dM = G, d/da = u - mean(u),
+    d/db = v - mean(v). Built as value + terms that are exactly 0 in the forward pass."""
+    pick = (lambda x: x) if k is None else (lambda x: x[k])
+    total = value
+    if isinstance(M_in, torch.Tensor) and M_in.requires_grad:
+        G = torch.as_tensor(pick(r["G"]), device=M_in.device, dtype=M_in.dtype)
+        term = (G * M_in).sum((-2, -1))
+        total = total + (term - term.detach())
+    for x, pot in ((a_in, r["u"]), (b_in, r["v"])):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            if x is b_in and b_column is not None:
+                x = x[:, b_column]
+            g = pick(pot)
+            g = torch.as_tensor(g - g.mean(-1, keepdims=True), device=x.device, dtype=x.dtype)
+            term = (x * g).sum(-1)
+            total = total + (term - term.detach())
+    return total
+
+
+def emd2(a, b, M, processes=1, numItermax=100000, log=False, return_matrix=False, center_dual=True, numThreads=1,
+         check_marginals=True, potentials_init=None):
+    """POT's ``ot.emd2``: the optimal transport cost <M, G> of the exact problem (see
+    ``emd``), with POT's gradients for torch inputs (d/dM = G, d/da = u - mean(u),
+    d/db = v - mean(v)) and ``log``/``return_matrix`` giving [cost, dict]. b of shape
+    (m, k) gives a list of k costs, as in POT (solved as one batch here).
+
+    Beyond POT: M (B, n, m) gives the B costs as one array (numpy) or tensor (torch)."""
+    several = np.ndim(b) == 2 and np.ndim(M) == 2 and len(b) != 0
+    if several and processes > 1:
+        warnings.warn("The 'processes' parameter has been deprecated. Multiprocessing should be done outside of POT.")
+    r = _emd(a, b, M, numItermax, center_dual, numThreads, check_marginals, potentials_init, several_b=several)
+    a_in, b_in, M_in = r["inputs"]
+
+    def value(k):
+        cost = r["cost"] if k is None else r["cost"][k]
+        if not r["tensors"]:
+            return float(cost) if k is not None else np.asarray(cost).astype(r["back"](np.zeros(0)).dtype)
+        return _cost_with_gradients(r, k, r["back"](cost), a_in, b_in, M_in, b_column=k if several else None)
+
+    def result(k):
+        cost = value(k)
+        if not (log or return_matrix):
+            return cost
+        out = _log(r, k, cost=cost)
+        if return_matrix:
+            out["G"] = r["back"](r["G"] if k is None else r["G"][k])
+        return [cost, out]
+
+    if several:
+        return [result(k) for k in range(len(r["cost"]))]
+    return result(None if r["batched"] else 0)
+
+
+# ---------------------------------------------------------------- ot.bregman.barycenter
+
+def _geometric_bar(weights, alldistribT):
+    return torch.exp(torch.log(alldistribT) @ weights)
+
+
+def _barycenter_inputs(A, M, weights):
+    as_numpy = not isinstance(A, torch.Tensor) and not isinstance(M, torch.Tensor)
+    ref = A if isinstance(A, torch.Tensor) else M if isinstance(M, torch.Tensor) else None
+    if ref is None:
+        At, Mt = torch.from_numpy(np.asarray(A, dtype=np.float64)), torch.from_numpy(np.asarray(M, dtype=np.float64))
+    else:
+        dtype = ref.dtype if ref.is_floating_point() else torch.float64
+        At = torch.as_tensor(A, dtype=dtype, device=ref.device)
+        Mt = torch.as_tensor(M, dtype=dtype, device=ref.device)
+    if weights is None:
+        wt = At.new_ones(At.shape[1]) / At.shape[1]
+    else:
+        assert len(weights) == At.shape[1]
+        wt = torch.as_tensor(weights, dtype=At.dtype, device=At.device)
+    back = (lambda t: t.detach().cpu().numpy()) if as_numpy else (lambda t: t)
+    return At, Mt, wt, back
+
+
+def _not_converged(warn, message="Sinkhorn did not converge. You might want to increase the number of iterations "
+                                 "`numItermax` or the regularization parameter `reg`."):
+    if warn:
+        warnings.warn(message)
+
+
+def _barycenter_sinkhorn(A, M, reg, weights, numItermax, stopThr, log, warn):
+    A, M, w, back = _barycenter_inputs(A, M, weights)
+    errors = []
+    K = torch.exp(-M / reg)
+    UKv = K @ (A.T / K.sum(0)).T
+    u = (torch.exp(torch.log(UKv).mean(1)) / UKv.T).T
+    ii = -1
+    for ii in range(numItermax):
+        UKv = u * (K.T @ (A / (K @ u)))
+        u = (u.T * _geometric_bar(w, UKv)).T / UKv
+        if ii % 10 == 1:
+            err = torch.std(UKv, dim=1, unbiased=False).sum()
+            errors.append(err)
+            if err < stopThr:
+                break
+    else:
+        _not_converged(warn)
+    bar = back(_geometric_bar(w, UKv))
+    return (bar, {"err": [back(e) for e in errors], "niter": ii}) if log else bar
+
+
+def _barycenter_sinkhorn_log(A, M, reg, weights, numItermax, stopThr, log, warn):
+    """POT's _barycenter_sinkhorn_log with its loop over histograms done at once."""
+    A, M, w, back = _barycenter_inputs(A, M, weights)
+    dim, n_hists = A.shape
+    errors = []
+    M = -M / reg
+    logA = torch.log(A + 1e-16)
+    log_KU, G = A.new_zeros((2, dim, n_hists))
+    log_bar = A.new_zeros(dim)
+    ii = -1
+    for ii in range(numItermax):
+        f = logA - torch.logsumexp(M[:, :, None] + G[None, :, :], dim=1)
+        log_KU = torch.logsumexp(M[:, :, None] + f[:, None, :], dim=0)
+        log_bar = A.new_zeros(dim)
+        for k in range(n_hists):  # POT's order of summation
+            log_bar = log_bar + w[k] * log_KU[:, k]
+        if ii % 10 == 1:
+            err = torch.std(torch.exp(G + log_KU), dim=1, unbiased=False).sum()
+            errors.append(err)
+            if err < stopThr:
+                break
+        G = log_bar[:, None] - log_KU
+    else:
+        _not_converged(warn)
+    bar = back(torch.exp(log_bar))
+    return (bar, {"err": [back(e) for e in errors], "niter": ii}) if log else bar
+
+
+def _barycenter_stabilized(A, M, reg, weights, numItermax, stopThr, log, warn, tau=1e10):
+    A, M, w, back = _barycenter_inputs(A, M, weights)
+    dim, n_hists = A.shape
+    errors = []
+    u = A.new_ones((dim, n_hists)) / dim
+    v = A.new_ones((dim, n_hists)) / dim
+    K = torch.exp(-M / reg)
+    alpha, beta = A.new_zeros(dim), A.new_zeros(dim)
+    q = A.new_ones(dim) / dim
+    ii = -1
+    for ii in range(numItermax):
+        qprev = q
+        Kv = K @ v
+        u = A / Kv
+        Ktu = K.T @ u
+        q = _geometric_bar(w, Ktu)
+        v = q[:, None] / Ktu
+        absorbing = False
+        if bool((u > tau).any() | (v > tau).any()):
+            absorbing = True
+            alpha = alpha + reg * torch.log(torch.max(u, 1).values)
+            beta = beta + reg * torch.log(torch.max(v, 1).values)
+            K = torch.exp((alpha[:, None] + beta[None, :] - M) / reg)
+            v = torch.ones_like(v)
+        Kv = K @ v
+        if bool((Ktu == 0).any() | torch.isnan(u).any() | torch.isnan(v).any() | torch.isinf(u).any()
+                | torch.isinf(v).any()):
+            warnings.warn("Numerical errors at iteration %s" % ii)
+            q = qprev
+            break
+        if (ii % 10 == 0 and not absorbing) or ii == 0:
+            err = torch.abs(u * Kv - A).max()
+            errors.append(err)
+            if err < stopThr:
+                break
+    else:
+        _not_converged(warn, "Stabilized Sinkhorn did not converge.Try a larger entropy `reg`Or a larger absorption "
+                             "threshold `tau`.")
+    if not log:
+        return back(q)
+    return back(q), {"err": [back(e) for e in errors], "niter": ii, "logu": back(torch.log(u + 1e-16)),
+                     "logv": back(torch.log(v + 1e-16))}
+
+
+_BARYCENTER_METHODS = {"sinkhorn": _barycenter_sinkhorn, "sinkhorn_log": _barycenter_sinkhorn_log,
+                       "sinkhorn_stabilized": _barycenter_stabilized}
+
+
+def barycenter(A, M, reg, weights=None, method="sinkhorn", numItermax=10000, stopThr=1e-4, verbose=False, log=False,
+               warn=True, **kwargs):
+    """POT's ``ot.bregman.barycenter`` (also ``ot.barycenter``): the entropic Wasserstein
+    barycenter of the columns of A (dim, n_hists) for the cost M (dim, dim), by POT's
+    iterations ("sinkhorn", "sinkhorn_log", "sinkhorn_stabilized"), run in torch: the
+    same numbers (to rounding), stopping rule, warnings and log ("err", "niter"; "logu",
+    "logv" for the stabilised one). numpy in, numpy out; torch in, torch out. The log
+    domain treats all histograms at once (POT loops over them). ``verbose`` prints
+    nothing."""
+    name = method.lower()
+    if name not in _BARYCENTER_METHODS:
+        raise ValueError("Unknown method '%s'." % method)
+    extra = {"tau": kwargs["tau"]} if name == "sinkhorn_stabilized" and "tau" in kwargs else {}
+    return _BARYCENTER_METHODS[name](A, M, reg, weights, numItermax, stopThr, log, warn, **extra)
+
+
 class _Namespace:
     """POT's submodules by name (``ot.bregman.sinkhorn_log``, ``ot.batch.solve_batch``)."""
 
@@ -178,5 +582,7 @@ class _Namespace:
         self.__dict__.update(functions)
 
 
-bregman = _Namespace(sinkhorn=sinkhorn, sinkhorn2=sinkhorn2, sinkhorn_knopp=sinkhorn_knopp, sinkhorn_log=sinkhorn_log)
+bregman = _Namespace(sinkhorn=sinkhorn, sinkhorn2=sinkhorn2, sinkhorn_knopp=sinkhorn_knopp, sinkhorn_log=sinkhorn_log,
+                     barycenter=barycenter)
+lp = _Namespace(emd=emd, emd2=emd2)
 batch = _Namespace(solve_batch=solve_batch)
