@@ -271,7 +271,7 @@ def test_stitched_model_runs_other_from_phi_of_model_features():
     assert ran == []  # the forward pass stopped at the layer
     unused = nn.ModuleDict({"used": nn.Linear(5, 2), "spare": nn.Linear(5, 5)})
     unused.forward = lambda inputs: unused["used"](inputs)  # spare is registered but never called
-    with pytest.raises(ValueError, match="'spare' did not run in model_a's forward pass"):
+    with pytest.raises(ValueError, match="model_a's layer 'spare' did not run in its forward pass"):
         _hooks.layer_output(unused, "spare", x, name="model_a")
     with _hooks.replacing(g, "2", lambda module, args, out: out * 0):
         assert (g(x) == 0).all()

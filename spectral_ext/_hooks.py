@@ -3,11 +3,12 @@ place every method module gets its activations from."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
 
-from ._data import copy_inputs
+from ._data import call, check_keywords, copy_inputs, describe
 
 
 def set_eval(*models):
@@ -57,14 +58,16 @@ def models_in_eval_mode(function):
 
 
 def forward(model: nn.Module, x, name: str = "model", data: str = "data"):
-    """model(x), with a model that cannot take the inputs (a shape or dtype
-    mismatch inside it) reported as a ValueError naming both arguments."""
+    """model(x) (model(**x) for a dict of keyword inputs), with a model that
+    cannot take the inputs (a shape or dtype mismatch inside it) reported
+    as a ValueError naming both arguments; keyword inputs the model has no
+    parameter for, a TypeError naming `data` (_data.check_keywords)."""
+    check_keywords(model, x, name, data)
     try:
-        return model(x)
+        return call(model, x)
     except (RuntimeError, TypeError) as error:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         dtype = f" ({str(x.dtype).replace('torch.', '')})" if isinstance(x, torch.Tensor) else ""
-        raise ValueError(f"{name} does not accept {data}'s inputs of shape {shape}{dtype}: {error}") from error
+        raise ValueError(f"{name} does not accept {data}'s inputs of shape {describe(x)}{dtype}: {error}") from error
 
 
 def check_model(name: str, model) -> nn.Module:
@@ -77,8 +80,10 @@ def default_layers(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_children()]
 
 
-def check_layers(model: nn.Module, layers) -> list[str]:
-    check_model("model", model)
+def check_layers(model: nn.Module, layers, name: str = "model") -> list[str]:
+    """layers (None: the model's children) as a list of distinct submodule
+    names of model; errors name the model (`name`)."""
+    check_model(name, model)
     if layers is None:
         layers = default_layers(model)
     elif isinstance(layers, str):
@@ -87,40 +92,102 @@ def check_layers(model: nn.Module, layers) -> list[str]:
     modules = dict(model.named_modules())
     unknown = [name for name in layers if name not in modules or name == ""]
     if unknown:
-        raise ValueError(f"layers names no submodule of the model: {unknown}; "
+        raise ValueError(f"layers names no submodule of {'the model' if name == 'model' else name}: {unknown}; "
                          f"choose among {[n for n in modules if n][:20]}...")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers lists a module twice: {layers}")
     return layers
 
 
+def _is_model_output(output) -> bool:
+    """A Hugging Face ModelOutput (an ordered dict of named results with to_tuple), not a plain dict."""
+    return callable(getattr(output, "to_tuple", None)) and hasattr(output, "keys")
+
+
 def first_tensor(output):
+    """The hidden states of what a layer returns: a tensor; the first element
+    of a tuple or list (transformers layers return (hidden states, attention
+    weights, ...), nn.MultiheadAttention (output, weights), an LSTM (output,
+    (h, c))); a Hugging Face output's last_hidden_state, else its first
+    result. TypeError for anything else (a plain dict: which entry is
+    ambiguous)."""
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]  # e.g. nn.MultiheadAttention returns (output, weights)
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], (torch.Tensor, tuple, list)):
+        return first_tensor(output[0])
     if isinstance(getattr(output, "last_hidden_state", None), torch.Tensor):
         return output.last_hidden_state  # a Hugging Face model's output object
+    if _is_model_output(output):
+        values = output.to_tuple()
+        if values and isinstance(values[0], torch.Tensor):
+            return values[0]
     raise TypeError(f"a captured layer returned {type(output).__name__}, not a tensor")
 
 
+def with_first_tensor(output, value):
+    """`output` with the tensor first_tensor reads replaced by `value`, the
+    rest kept (the attention weights of a transformers layer's tuple, a
+    ModelOutput's other fields): what a layer must return when its hidden
+    states are swapped (stitching)."""
+    if isinstance(output, torch.Tensor):
+        return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], (torch.Tensor, tuple, list)):
+        return type(output)([with_first_tensor(output[0], value), *output[1:]])
+    if isinstance(getattr(output, "last_hidden_state", None), torch.Tensor) or _is_model_output(output):
+        key = "last_hidden_state" if isinstance(getattr(output, "last_hidden_state", None), torch.Tensor) \
+            else next(iter(output.keys()))
+        replaced = copy.copy(output)
+        if hasattr(replaced, "__setitem__"):
+            replaced[key] = value
+        else:
+            setattr(replaced, key, value)
+        return replaced
+    raise TypeError(f"a layer returned {type(output).__name__}, not a tensor")
+
+
+def _layer_tensor(output, layer: str, model_name: str, what: str = "returned"):
+    try:
+        return first_tensor(output)
+    except TypeError:
+        raise ValueError(f"{model_name}'s layer {layer!r} {what} {type(output).__name__}, not a tensor (nor a "
+                         "tuple or Hugging Face output holding one): choose a layer whose output holds the "
+                         "hidden states") from None
+
+
+def _first_input(args, kwargs):
+    """A layer's input: its first positional argument, else (transformers
+    layers called by keyword) the hidden_states keyword, else the first
+    tensor among the keywords."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
 @contextlib.contextmanager
-def capturing(model: nn.Module, layers: list[str], inputs: bool = False):
+def capturing(model: nn.Module, layers: list[str], inputs: bool = False, name: str = "model"):
     """Forward hooks that record each chosen module's output (its input with
     inputs=True; the last call when a module runs twice) and the order in
-    which the modules first ran. Yields (captured, order)."""
+    which the modules first ran. Yields (captured, order). Outputs are read
+    by first_tensor (tuples, Hugging Face outputs); inputs are the first
+    positional argument or the hidden_states keyword. A layer that gives
+    no tensor raises ValueError naming it and the model (`name`)."""
     captured: dict[str, torch.Tensor] = {}
     order: list[str] = []
     modules = dict(model.named_modules())
 
-    def hook_for(name):
-        def hook(module, args, output):
-            if name not in captured:
-                order.append(name)
-            captured[name] = first_tensor(args[0] if inputs else output)
+    def hook_for(layer):
+        def hook(module, args, kwargs, output):
+            if layer not in captured:
+                order.append(layer)
+            if inputs:
+                captured[layer] = _layer_tensor(_first_input(args, kwargs), layer, name, "received")
+            else:
+                captured[layer] = _layer_tensor(output, layer, name)
         return hook
 
-    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
+    handles = [modules[layer].register_forward_hook(hook_for(layer), with_kwargs=True) for layer in layers]
     try:
         yield captured, order
     finally:
@@ -128,15 +195,33 @@ def capturing(model: nn.Module, layers: list[str], inputs: bool = False):
             handle.remove()
 
 
+def missing_layers(wanted: dict, captured: dict) -> str | None:
+    """None when every layer ran, else one sentence naming each layer that
+    did not and its model once: wanted {model name: (layers, captured)}."""
+    parts = []
+    for name, layers in wanted.items():
+        missing = [layer for layer in layers if layer not in captured[name]]
+        if missing:
+            parts.append(f"{name}'s layer{'s' if len(missing) > 1 else ''} "
+                         + ", ".join(repr(layer) for layer in missing))
+    if not parts:
+        return None
+    return ("; ".join(parts) + " did not run in the forward pass (a submodule whose parent only reads its "
+            "weights, such as nn.MultiheadAttention's out_proj or torchvision Swin's attn.qkv, is never "
+            "called): choose modules that are called, e.g. their parent")
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted output exists."""
 
 
 def layer_output(model: nn.Module, layer: str, x, name: str = "model"):
-    """The output of `layer` (its first call) when `model` runs on x; the
-    forward pass stops there, so nothing after the layer runs (seed 004
-    section 4: a_{<=l} of a stitched model). Gradients flow as the caller's
-    grad mode says. A ValueError when the layer never ran."""
+    """The output of `layer` (its first call) when `model` runs on x (a dict
+    of keyword inputs runs as model(**x)); the forward pass stops there, so
+    nothing after the layer runs (seed 004 section 4: a_{<=l} of a stitched
+    model). Gradients flow as the caller's grad mode says. The output as the
+    layer returned it (first_tensor reads its hidden states). A ValueError
+    naming the layer and the model when the layer never ran."""
     captured = []
 
     def hook(module, args, output):
@@ -145,13 +230,15 @@ def layer_output(model: nn.Module, layer: str, x, name: str = "model"):
 
     handle = model.get_submodule(layer).register_forward_hook(hook)
     try:
-        model(copy_inputs(x))
+        call(model, copy_inputs(x))
     except _Stop:
         pass
     finally:
         handle.remove()
     if not captured:
-        raise ValueError(f"layer {layer!r} did not run in {name}'s forward pass")
+        raise ValueError(f"{name}'s layer {layer!r} did not run in its forward pass (a submodule whose parent "
+                         "only reads its weights, such as nn.MultiheadAttention's out_proj, is never called): "
+                         "choose a module that is called")
     return captured[0]
 
 
@@ -186,7 +273,7 @@ def module_order(model: nn.Module, x) -> list[str]:
                for name, module in model.named_modules() if name and _is_leaf(module)]
     try:
         with torch.no_grad():
-            model(copy_inputs(x))
+            call(model, copy_inputs(x))
     finally:
         for handle in handles:
             handle.remove()

@@ -24,19 +24,22 @@ from torch import nn
 from . import _checks, _moments
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
-from ._data import check_labels, first_batch, recompute_batchnorm
-from ._hooks import capturing, check_layers, check_model, evaluating, forward, models_in_eval_mode, replacing
+from ._data import check_labels, first_batch, recompute_batchnorm, sample_count
+from ._hooks import (capturing, check_layers, check_model, evaluating, forward, missing_layers, models_in_eval_mode,
+                     replacing)
 from .layers import discover
 
 
-def space_to_batch(x: torch.Tensor) -> torch.Tensor:
+def space_to_batch(x: torch.Tensor, feature_axis: int | None = None) -> torch.Tensor:
     """(B, C, *spatial) -> (B * prod(spatial), C); (B, d) unchanged; (B, T, d)
-    for Linear inputs -> (B T, d) (seed 002's space_to_batch)."""
+    for Linear inputs -> (B T, d) (seed 002's space_to_batch). feature_axis
+    (default: 1, the last axis for 3-D inputs): where the features are;
+    -1 for the (B, H, W, C) inputs of a Linear (torchvision Swin's MLP)."""
     if x.dim() == 2:
         return x
-    if x.dim() == 3:
-        return x.reshape(-1, x.shape[-1])
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+    if feature_axis is None:
+        feature_axis = -1 if x.dim() == 3 else 1
+    return x.movedim(feature_axis, -1).reshape(-1, x.shape[feature_axis])
 
 
 @dataclass
@@ -109,11 +112,11 @@ class _Accumulator:
         self.buffers = None  # (rows for a, rows for b): one copy of each batch, then one GEMM per fill
         self.filled = 0
 
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def update(self, a: torch.Tensor, b: torch.Tensor, axis_a: int | None = None, axis_b: int | None = None) -> None:
         same = a is b
-        a = space_to_batch(a)
+        a = space_to_batch(a, axis_a)
         a = a.to(self.dtype) if self.dtype is not None else a
-        b = a if same else space_to_batch(b).to(a.dtype)
+        b = a if same else space_to_batch(b, axis_b).to(a.dtype)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"the two representations hold {a.shape[0]} and {b.shape[0]} samples: "
                              "the models must see the same inputs and share the spatial layout")
@@ -162,13 +165,48 @@ class _Accumulator:
         return Covariance(m.count, m.a.sum, m.b.sum, m.a.second, m.b.second, m.ab)
 
 
+def _input_axis(module: nn.Module) -> int | None:
+    """The feature axis of a layer's input: the last for a Linear (and
+    transformers' Conv1D, a LayerNorm), 1 for a conv or BatchNorm; for a
+    container, that of its first such module (a transformers block starts
+    with a LayerNorm or a Linear); None (space_to_batch's default) when
+    nothing says."""
+    from .similarity import _module_axis
+
+    for m in module.modules():
+        axis = _module_axis(m)
+        if axis is not None and not isinstance(m, (nn.Embedding, nn.modules.pooling._AdaptiveAvgPoolNd,
+                                                   nn.modules.pooling._AdaptiveMaxPoolNd,
+                                                   nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                                                   nn.Upsample)):
+            return axis
+    return None
+
+
+def _check_samples(name: str, layer: str, a: torch.Tensor, x) -> None:
+    """A captured input holds the batch's samples on its first axis (or k
+    rows per sample: Swin's windows, which space_to_batch makes samples
+    anyway)."""
+    n = sample_count(x)
+    if a.dim() == 0 or a.shape[0] == 0 or a.shape[0] % n:
+        raise ValueError(f"{name}'s layer {layer!r} receives {tuple(a.shape)} for a batch of {n} samples: its "
+                         "first axis does not hold the samples (a position embedding, the same for every "
+                         "sample); choose another layer")
+
+
 def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Module | None = None,
                           other_layers=None, batch_size: int = 256, dtype=None,
                           progress: bool = True) -> Covariances:
     """Streaming (cross-)covariances of the inputs of `layers` (seed 002
     compute_activation_covariances), accumulated in float64
     in one pass over `data` (a tensor, an (x, y) pair, a DataLoader or an
-    iterable of batches). With `other`, the cross-covariance between
+    iterable of batches; or keyword inputs for a transformers model, a dict
+    of tensors batched along dim 0 such as {"input_ids": ...,
+    "attention_mask": ...}, or an iterable of such dicts, run as
+    model(**inputs), a "labels" entry left out). A layer's input is its
+    first positional argument or its hidden_states keyword; its features
+    are the last axis for a Linear (tokens (B, T, d) and (B, H, W, C) inputs
+    give d and C, the other axes samples), axis 1 for a conv. With `other`, the cross-covariance between
     model's and other's representations at `other_layers` (default the same
     names) on the same inputs. Each batch's products run in the
     activations' dtype (dtype=torch.float64 to run them in float64) and are
@@ -201,18 +239,30 @@ def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Mo
 
     accumulators = {n: _Accumulator(dtype) for n in layers}
     layers = check_layers(model, layers)
-    other_layers = check_layers(other, other_layers) if other is not None else layers
+    other_layers = check_layers(other, other_layers, "other") if other is not None else layers
+    axes_a = {n: _input_axis(model.get_submodule(n)) for n in layers}
+    axes_b = {n: _input_axis(other.get_submodule(n)) for n in other_layers} if other is not None else axes_a
     with contextlib.ExitStack() as stack, torch.no_grad():
         stack.enter_context(evaluating(model, other))
-        cap_a, _ = stack.enter_context(capturing(model, layers, inputs=True))
-        cap_b = stack.enter_context(capturing(other, other_layers, inputs=True))[0] if other is not None else cap_a
-        for x, _ in tqdm(_batches(data, batch_size), desc="activation covariance", disable=not progress,
-                         leave=False):
+        cap_a, _ = stack.enter_context(capturing(model, layers, inputs=True, name="model"))
+        cap_b = stack.enter_context(capturing(other, other_layers, inputs=True, name="other"))[0] \
+            if other is not None else cap_a
+        for x, _ in tqdm(_batches(data, batch_size, mappings=True), desc="activation covariance",
+                         disable=not progress, leave=False):
+            cap_a.clear()
+            cap_b.clear()
             forward(model, x)
             if other is not None:
                 forward(other, x, "other")
+            missing = missing_layers({"model": layers, **({"other": other_layers} if other is not None else {})},
+                                     {"model": cap_a, "other": cap_b})
+            if missing:
+                raise ValueError(missing)
             for a_name, b_name in zip(layers, other_layers):
-                accumulators[a_name].update(cap_a[a_name], cap_b[b_name])
+                _check_samples("model", a_name, cap_a[a_name], x)
+                if other is not None:
+                    _check_samples("other", b_name, cap_b[b_name], x)
+                accumulators[a_name].update(cap_a[a_name], cap_b[b_name], axes_a[a_name], axes_b[b_name])
     results = {}
     for a_name, b_name in zip(layers, other_layers):
         result = accumulators[a_name].result()

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from . import _checks, _moments, _ops
-from ._data import batches
-from ._hooks import capturing, check_layers, evaluating
+from ._data import batches, sample_count, to_device
+from ._hooks import capturing, check_layers, evaluating, first_tensor, forward, missing_layers
 from ._ops import linear_sum_assignment, max_kernel_gram
 
 KERNELS = ("linear", "rbf", "max", "laplace", "ortho")
@@ -50,32 +50,87 @@ _AXIS_1 = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.
 
 
 def _module_axis(module: nn.Module):
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm) and name.lower().endswith("2d"):
+        return 1  # torchvision's / timm's LayerNorm2d: channels-first in and out
     if isinstance(module, _LAST_AXIS):
         return -1
     if isinstance(module, _AXIS_1):
         return 1
+    if name == "Conv1D" and hasattr(module, "nf"):
+        return -1  # transformers' Conv1D (GPT-2): a Linear with its weight transposed
+    if name.endswith(("RMSNorm", "LayerNorm")) and not any(True for _ in module.children()):
+        return -1  # the norms of transformers models (LlamaRMSNorm, T5LayerNorm, ...): the last axis
     return None
+
+
+def _permutation(module: nn.Module):
+    """The dims of a module that only permutes its input's axes
+    (torchvision.ops.Permute: Swin's and ConvNeXt's (B, H, W, C) <-> (B, C,
+    H, W)), else None."""
+    dims = getattr(module, "dims", None)
+    if type(module).__name__ == "Permute" and isinstance(dims, (list, tuple)) and \
+            sorted(dims) == list(range(len(dims))):
+        return list(dims)
+    return None
+
+
+def _permuted(axis, dims):
+    """Where axis (1 or -1 of a len(dims)-D tensor) lands after permute(dims): -1 for the last axis."""
+    if axis is None:
+        return None
+    moved = list(dims).index(axis % len(dims))
+    return None if moved == 0 else (-1 if moved == len(dims) - 1 else moved)
+
+
+def _follow(axis, modules):
+    """axis after the modules (in order): a deciding module sets it, a Permute moves it."""
+    for module in modules:
+        dims = _permutation(module)
+        if dims is not None:
+            axis = _permuted(axis, dims)
+            continue
+        decided = _module_axis(module)
+        if decided is not None:
+            axis = decided
+    return axis
 
 
 def layer_feature_axis(model: nn.Module, layer: str) -> int | None:
     """The feature axis of `layer`'s output (the channels that seed 004
-    appendix D.7 transforms), read from the layer: -1 after a
-    Linear (or LayerNorm, attention, embedding), 1 after a conv (or
-    BatchNorm, pooling). A container answers for its last deciding leaf; an
-    elementwise module (ReLU, Dropout, ...) for the nearest deciding module
-    defined before it. None when nothing decides (the caller must say)."""
+    appendix D.7 transforms), read from the layer: -1 after a Linear (or
+    LayerNorm, RMSNorm, attention, embedding, transformers' Conv1D), 1 after
+    a conv (or BatchNorm, pooling, LayerNorm2d). A container answers for its
+    last deciding leaf; an elementwise module (ReLU, Dropout, ...) for the
+    nearest deciding module defined before it. A Permute module between
+    (torchvision's Swin and ConvNeXt: (B, H, W, C) <-> (B, C, H, W)) moves
+    the axis with it. None when nothing decides (the caller must say)."""
     modules = list(model.named_modules())
     names = [n for n, _ in modules]
     index = names.index(layer)
-    own = [_module_axis(m) for _, m in [modules[index]] + list(modules[index][1].named_modules())[1:]]
-    decided = [a for a in own if a is not None]
-    if decided:
-        return decided[-1] if _module_axis(modules[index][1]) is None else decided[0]
-    for _, module in reversed(modules[:index]):
-        axis = _module_axis(module)
-        if axis is not None:
-            return axis
+    module = modules[index][1]
+    if _module_axis(module) is not None:
+        return _module_axis(module)
+    own = list(module.modules())[1:]
+    deciding = [i for i, m in enumerate(own) if _module_axis(m) is not None]
+    if deciding:
+        return _follow(None, own[deciding[-1]:])
+    dims = _permutation(module)
+    for j in range(index - 1, -1, -1):
+        if _module_axis(modules[j][1]) is not None:
+            between = [m for _, m in modules[j:index]] + own + ([module] if dims is not None else [])
+            return _follow(None, between)
     return None
+
+
+def _layer_sample_axis(model: nn.Module, layer: str) -> int:
+    """The sample axis of `layer`'s output: 1 for a sequence-first module
+    (batch_first=False: nn.MultiheadAttention, nn.TransformerEncoderLayer,
+    nn.LSTM, ... give (T, B, C)), else 0."""
+    module = model.get_submodule(layer)
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        module = module.layers[0]
+    return 1 if getattr(module, "batch_first", None) is False else 0
 
 
 def _feature_axis_of(name: str, X: torch.Tensor, feature_axis) -> int:
@@ -658,7 +713,10 @@ def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool
     al., "ortho" the seed 004 authors' orthogonal CKA (linear CKA after
     each channel is centred and scaled to unit norm, their ortho_cka; the
     comparison of Fig. 2, 5, 11). unbiased: the HSIC_1 of [NRK21] (default)
-    or the biased estimator.
+    or the biased estimator. The biased CKA of a PSD kernel lies in [0, 1];
+    the unbiased one in [-1, 1] (an inner product of U-centred Grams): near
+    0 for unrelated features, where the estimator's noise may take it
+    slightly below 0.
 
     X, Y: (N, d), (N, C, H, W), or (N, tokens, features) with feature_axis
     saying which axis holds the features; the same N samples. batch_size:
@@ -848,11 +906,40 @@ def _layer_axes(model, layers, feature_axis, which):
     return {n: (feature_axis if feature_axis is not None else layer_feature_axis(model, n)) for n in layers}
 
 
-def _channels_of(name, layer, R, axis, check: bool = True):
+def _samples_first(name, layer, R, samples: int | None, sample_axis: int = 0):
+    """R with the batch's `samples` on axis 0: a sequence-first output (T, B,
+    C) moved; an output whose first axis holds k x samples rows (Swin's
+    window attention, (B windows, tokens, C), B outermost as its window
+    partition lays them out) read as (B, k, ...): the windows are positions.
+    ValueError naming the layer and the model for any other first axis (a
+    position embedding the same for every sample, (1, T, C))."""
+    if sample_axis and R.dim() > sample_axis:
+        R = R.movedim(sample_axis, 0)
+    if samples is None or R.dim() == 0 or R.shape[0] == samples:
+        return R, False
+    rows = R.shape[0]
+    if samples and rows > samples and rows % samples == 0 and R.dim() >= 2:
+        return R.reshape(samples, rows // samples, *R.shape[1:]), True
+    why = " (it does not depend on the sample: a position embedding or a constant)" if rows == 1 else ""
+    raise ValueError(f"{name}'s layer {layer!r} gives features {tuple(R.shape)} whose first axis holds {rows} "
+                     f"row{'s' if rows != 1 else ''} for a batch of {samples} samples{why}: they cannot be "
+                     "compared sample by sample; "
+                     "choose a layer whose output is (samples, ...)")
+
+
+def _channels_of(name, layer, R, axis, check: bool = True, samples: int | None = None, sample_axis: int = 0):
     """R laid out (N, C, S) as as_channels does; check=False only moves the
     axes (for MinibatchCKA.update, which checks the values itself: each
-    activation is read once for NaN, not twice)."""
-    if axis is None and R.dim() >= 3 and R.dim() != 4:
+    activation is read once for NaN, not twice). samples: the batch's
+    sample count, R's first axis checked against it (_samples_first:
+    windows folded into the samples are read as positions)."""
+    R, folded = _samples_first(name, layer, R, samples, sample_axis)
+    if folded:
+        if axis is None and R.dim() == 3:
+            axis = -1  # (B k, d) rows of features: the features stay last
+        elif axis is not None and axis > 0:
+            axis += 1  # the windows' axis sits before it now
+    if axis is None and R.dim() >= 3 and (R.dim() != 4 or folded):
         raise ValueError(f"{name}'s layer {layer!r} gives {R.dim()}-D features {tuple(R.shape)} and nothing in "
                          "the model says which axis holds the features: pass feature_axis=")
     if axis is not None and R.dim() == 2:
@@ -878,14 +965,30 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
 
     layers: module names present in both models, or a pair (layers_a,
     layers_b); data: an iterable of input batches (or (input, label)
-    tuples), a tensor or a DataLoader. The older order (model_a, model_b,
-    loader, layers) and keywords still work (read from the types,
-    _checks.layers_and_data). measure "cka" (minibatch CKA with `kernel`,
-    unbiased by default) or "procrustes" (exact over the whole data, with
-    `group` and `centered`; NaN for pairs whose position counts, or channel
-    counts for G_ReLU, differ). feature_axis: by default read from each
-    layer (a Linear: the last axis, a conv: axis 1); an int, or a pair for
-    the two models, overrides. Returns a tidy DataFrame with columns
+    tuples), a tensor or a DataLoader; or keyword inputs for a transformers
+    model, run as model(**inputs): a dict of tensors batched along dim 0
+    ({"input_ids": ..., "attention_mask": ...}, {"pixel_values": ...}), or
+    an iterable of such dicts (a DataLoader over a Hugging Face dataset); a
+    "labels" entry is not passed to the models (spectral_ext._data). The
+    older order (model_a, model_b, loader, layers) and keywords still work
+    (read from the types, _checks.layers_and_data). measure "cka" (minibatch
+    CKA with `kernel`, unbiased by default: its estimate may dip slightly
+    below 0 for unrelated layers) or "procrustes" (exact over the whole
+    data, with `group` and `centered`; NaN for pairs whose position counts,
+    or channel counts for G_ReLU, differ).
+
+    A layer's output is read as its hidden states: a tensor, the first
+    element of a tuple (transformers layers return (hidden states,
+    attention weights)) or a Hugging Face output's last_hidden_state.
+    Samples are its first axis (the second for a batch_first=False module);
+    an output with k x B rows for a batch of B samples (Swin's window
+    attention, (B windows, tokens, C)) is read as B samples whose windows
+    are positions. feature_axis: by default read from each layer (a Linear,
+    LayerNorm or attention: the last axis, so (B, T, C) tokens and (B, H,
+    W, C) hidden states give C; a conv: axis 1; a Permute module moves it);
+    an int, or a pair for the two models, overrides. Tokens and spatial
+    positions are positions alike (appendix D.7). Errors name the layer and
+    its model (`model` or `other`). Returns a tidy DataFrame with columns
     layer_a (model's layer), layer_b (other's), value (plot it with
     spectral_ext.plot.similarity_heatmap)."""
     layers, data, _ = _checks.layers_and_data(layers, data)
@@ -904,7 +1007,7 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
         layers_a, layers_b = list(layers[0]), list(layers[1])
     else:
         layers_a = layers_b = [layers] if isinstance(layers, str) else list(layers)
-    layers_a, layers_b = check_layers(model_a, layers_a), check_layers(model_b, layers_b)
+    layers_a, layers_b = check_layers(model_a, layers_a), check_layers(model_b, layers_b, "other")
     axes_a = _layer_axes(model_a, layers_a, feature_axis, "model_a")
     axes_b = _layer_axes(model_b, layers_b, feature_axis, "model_b")
     shared = model_a is model_b
@@ -919,49 +1022,57 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
         scales_a = {}
         scales_b = scales_a if same else {}
     seen = 0
+    sample_axes_a = {n: _layer_sample_axis(model_a, n) for n in layers_a}
+    sample_axes_b = {n: _layer_sample_axis(model_b, n) for n in layers_b}
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluating(model_a, model_b))
-        cap_a, _ = stack.enter_context(capturing(model_a, sorted(set(layers_a) | (set(layers_b) if shared else set()))))
-        cap_b = cap_a if shared else stack.enter_context(capturing(model_b, layers_b))[0]
+        cap_a, _ = stack.enter_context(capturing(
+            model_a, sorted(set(layers_a) | (set(layers_b) if shared else set())), name="model"))
+        cap_b = cap_a if shared else stack.enter_context(capturing(model_b, layers_b, name="other"))[0]
         stack.enter_context(torch.inference_mode())  # no autograd bookkeeping at all: ~10% off the forwards
-        for x, _ in tqdm(batches(data), desc="similarity matrix", disable=not progress, leave=False):
-            x = x.to(device) if device is not None else x
+        for x, _ in tqdm(batches(data, mappings=True), desc="similarity matrix", disable=not progress, leave=False):
+            x = to_device(x, device)
+            n = sample_count(x)
             cap_a.clear()
             cap_b.clear()
-            model_a(x)
+            forward(model_a, x, "model")
             if not shared:
-                model_b(x)
-            missing = [n for n in layers_a if n not in cap_a] + [n for n in layers_b if n not in cap_b]
+                forward(model_b, x, "other")
+            # model is other: each missing layer named once
+            wanted = {"model": list(dict.fromkeys(layers_a + layers_b))} if shared else \
+                {"model": layers_a, "other": layers_b}
+            missing = missing_layers(wanted, {"model": cap_a, "other": cap_b})
             if missing:
-                raise ValueError(f"layers {missing} did not run in the forward pass")
+                raise ValueError(missing)
             check = measure != "cka"
-            reps_a = [_channels_of("model", n, cap_a[n], axes_a[n], check) for n in layers_a]
-            reps_b = None if same else [_channels_of("other", n, cap_b[n], axes_b[n], check) for n in layers_b]
+            reps_a = [_channels_of("model", m, cap_a[m], axes_a[m], check, n, sample_axes_a[m]) for m in layers_a]
+            reps_b = None if same else [_channels_of("other", m, cap_b[m], axes_b[m], check, n, sample_axes_b[m])
+                                        for m in layers_b]
             if measure == "cka":
-                if x.shape[0] < 4:
+                if n < 4:
                     continue  # the unbiased estimator needs 4 samples; a tiny last batch adds nothing
                 try:
                     accumulator.update(reps_a, reps_b, feature_axis=1)
                 except ValueError:  # say which layer: the checks that name it
-                    for n in layers_a:
-                        _channels_of("model", n, cap_a[n], axes_a[n])
-                    for n in ([] if same else layers_b):
-                        _channels_of("other", n, cap_b[n], axes_b[n])
+                    for m in layers_a:
+                        _channels_of("model", m, cap_a[m], axes_a[m], True, n, sample_axes_a[m])
+                    for m in ([] if same else layers_b):
+                        _channels_of("other", m, cap_b[m], axes_b[m], True, n, sample_axes_b[m])
                     raise
             else:
                 reps_a = _at_common_scale(reps_a, layers_a, sums_a, scales_a, moments, (0, 1) if same else (0,))
                 reps_b = reps_a if same else _at_common_scale(reps_b, layers_b, sums_b, scales_b, moments, (1,))
-                for n, R in zip(layers_a, reps_a):
-                    sums_a[n].update(R)
+                for m, R in zip(layers_a, reps_a):
+                    sums_a[m].update(R)
                 if not same:
-                    for n, R in zip(layers_b, reps_b):
-                        sums_b[n].update(R)
+                    for m, R in zip(layers_b, reps_b):
+                        sums_b[m].update(R)
                 for i, a in enumerate(layers_a):
                     for j, b in enumerate(layers_b):
                         X, Y = reps_a[i], reps_b[j]
                         if X.shape[2] == Y.shape[2] and (group == "orthogonal" or X.shape[1] == Y.shape[1]):
                             moments[(a, b)].update(X, Y)
-            seen += x.shape[0]
+            seen += n
     if seen == 0:
         raise ValueError("data produced no usable batch")
     rows = []
@@ -1059,7 +1170,8 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     meta = [n for n in involved if isinstance(features[n], torch.Tensor) and _checks.data_free(features[n])]
     if meta:
         raise ValueError(f"features of {meta[:3]} are meta tensors (shapes only): the measures need values")
-    reps = {n: _rescaled(as_channels(f"features[{n!r}]", features[n], feature_axis)) for n in involved}
+    reps = {n: _rescaled(as_channels(f"features[{n!r}]", _hidden_states(n, features[n]), feature_axis))
+            for n in involved}
     if len({R.shape[0] for R in reps.values()}) > 1:
         raise ValueError("every model's features must hold the same N probe samples")
     budget = _budget(max_memory, reps[involved[0]].device) if involved else math.inf
@@ -1082,6 +1194,19 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
         else:
             raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
     return pd.DataFrame({"model_a": [a for a, _ in pairs], "model_b": [b for _, b in pairs], "value": values})
+
+
+def _hidden_states(name, value):
+    """A model's features as given, or the hidden states of a layer's or
+    model's output (a tuple's first element, a Hugging Face output's
+    last_hidden_state: first_tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return first_tensor(value)
+    except TypeError:
+        raise TypeError(f"features[{name!r}] must be a tensor (or a model output holding one), got "
+                        f"{type(value).__name__}") from None
 
 
 def _budget(max_memory, device) -> float:

@@ -4,7 +4,11 @@ full, reduced rank, in G_ReLU (P D over the Birkhoff polytope, D.2.1),
 SoftSort-parameterised (D.2.2) or l1-regularised (D.6). Only phi trains.
 The channel axis is axis 1 for conv features and the last axis for token
 features (N, tokens, features) after a Linear (issue 14.1: read from the
-layer, or `feature_axis=`)."""
+layer, or `feature_axis=`). Transformers models stitch too: keyword inputs
+(a dict {"input_ids": ..., "attention_mask": ...}, both models see the same
+batch, run as model(**inputs)), layers that return tuples or Hugging Face
+outputs (the hidden states, their first tensor, are mapped; the rest is
+kept), classifiers whose output holds .logits."""
 from __future__ import annotations
 
 import copy
@@ -17,8 +21,8 @@ from torch import nn
 
 from . import _checks
 from ._data import accuracy as _accuracy
-from ._data import batches, check_labels, recompute_batchnorm
-from ._hooks import layer_output, replacing
+from ._data import batches, call, check_keywords, check_labels, logits_of, recompute_batchnorm, sample_count
+from ._hooks import first_tensor, layer_output, replacing, with_first_tensor
 from ._ops import linear_sum_assignment, sinkhorn
 from .similarity import grelu_assignment, layer_feature_axis
 from .symmetry import ChannelMap
@@ -151,12 +155,21 @@ class StitchedModel(nn.Module):
             p.requires_grad_(False)
 
     def features_a(self, x):
-        """f_{<=l}(x): model_a's output at layer_a."""
-        return layer_output(self.model_a, self.layer_a, x, name="model_a")
+        """f_{<=l}(x): model_a's hidden states at layer_a (the first tensor of a tuple output)."""
+        return _hidden_states(layer_output(self.model_a, self.layer_a, x, name="model"), self.layer_a, "model")
 
-    def forward(self, x):
-        with replacing(self.model_b, self.layer_b, self.phi(self.features_a(x))):
-            return self.model_b(x)
+    def forward(self, x=None, **inputs):
+        """model_b's output (its logits, or its Hugging Face output) on x, a
+        tensor or a dict of keyword inputs (or the keywords themselves, as
+        the models take them: stitched(input_ids=...)), with layer_b's
+        hidden states replaced by phi of model_a's."""
+        if inputs:
+            if x is not None:
+                raise TypeError("StitchedModel takes its inputs as one tensor or dict, or as keywords, not both")
+            x = inputs
+        mapped = self.phi(self.features_a(x))
+        with replacing(self.model_b, self.layer_b, lambda module, args, output: with_first_tensor(output, mapped)):
+            return call(self.model_b, x)
 
     def __repr__(self) -> str:
         # one line: the default repr prints both whole models (issue 18)
@@ -210,7 +223,7 @@ class StitchResult:
 
 
 def _train_batches(data, batch_size, generator, classes=None):
-    for x, y in batches(data, batch_size, generator, name="data", labels=True):
+    for x, y in batches(data, batch_size, generator, name="data", labels=True, mappings=True):
         if classes is not None:
             check_labels(y, classes, "data")
         yield x, y
@@ -232,12 +245,21 @@ def _check_finite_model(name: str, model: nn.Module) -> None:
         raise ValueError(f"{name} has NaN or infinite weights in {bad[:5]}: it cannot be stitched")
 
 
+def _hidden_states(output, layer, name):
+    try:
+        return first_tensor(output)
+    except TypeError:
+        raise ValueError(f"{name}'s layer {layer!r} returned {type(output).__name__}, not a tensor (nor a tuple or "
+                         "Hugging Face output holding one): it cannot be stitched") from None
+
+
 def _channels_at(model, layer, x, name):
     """The layer's features on x, checked to have a channel axis (section 4's a_{<=l}(x))."""
     with torch.no_grad():
-        y = layer_output(model, layer, x, name=name)
-    if not isinstance(y, torch.Tensor) or y.dim() < 2:
-        raise ValueError(f"layer {layer!r} must output (N, C) or (N, C, H, W) features, got {type(y).__name__}")
+        y = _hidden_states(layer_output(model, layer, x, name=name), layer, name)
+    if y.dim() < 2 or y.shape[0] != sample_count(x):
+        raise ValueError(f"{name}'s layer {layer!r} must output (N, C), (N, C, H, W) or (N, tokens, C) features "
+                         f"for N = {sample_count(x)} samples, got {tuple(y.shape)}")
     return y
 
 
@@ -291,7 +313,11 @@ def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=
 
     other_layer: the layer of `other` (default the same name). data: the
     labelled training data, (x, y) tensors or a loader of (x, y) batches,
-    on which phi trains with SGD (lr, momentum; appendix D.2) on
+    or keyword inputs for transformers models (a dict of tensors batched
+    along dim 0, or a loader of such dicts, with the labels under the
+    "labels" key or as the pair (inputs, labels); both models see the same
+    dict batch, as model(**inputs), and must return logits (N, classes), a
+    tensor or a Hugging Face output's .logits), on which phi trains with SGD (lr, momentum; appendix D.2) on
     cross-entropy; test_data (the same forms): for the accuracies and the
     stitching penalty (equation 4.3). The contract's order stitch(model_a,
     model_b, layer, kind, train_data, test_data) still works, and so do the
@@ -343,13 +369,22 @@ def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=
     # None is torch's global RNG; batches() shuffles only when handed a generator, so hand it that one
     generator = _checks.generator(generator) or torch.default_generator
     a, b = copy.deepcopy(model).eval(), copy.deepcopy(other).eval()
-    first = next(iter(_train_batches(data, 1024, None)), None)
+    first = next(iter(batches(data, 1024, name="data", mappings=True)), None)
     if first is None:
         raise ValueError("data is empty: no batch to train phi on")
     x0 = first[0]
+    # keyword inputs the models cannot take are named before labels are asked for
+    check_keywords(a, x0, "model")
+    check_keywords(b, x0, "other")
+    if first[1] is None:
+        next(iter(_train_batches([first], 1024, None)))  # batches' error: data must carry labels
     ya, yb = _channels_at(a, layer, x0, "model"), _channels_at(b, other_layer, x0, "other")
     with torch.no_grad():
-        classes = b(x0).shape[-1]
+        out = logits_of(call(b, x0))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError(f"other must map inputs to logits (N, classes) (a tensor or a Hugging Face output's "
+                         f".logits), got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    classes = out.shape[-1]
     if ya.shape[1:] != yb.shape[1:]:
         raise ValueError(f"model's {layer!r} gives features {tuple(ya.shape[1:])} but other's {other_layer!r} "
                          f"expects {tuple(yb.shape[1:])}: the models cannot be stitched there")
@@ -382,7 +417,7 @@ def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=
         total = correct = count = 0
         for x, y in _train_batches(data, batch_size, generator, classes):
             optimizer.zero_grad()
-            logits = stitched(x)
+            logits = logits_of(stitched(x))
             loss = nn.functional.cross_entropy(logits, y)
             objective = loss
             if kind == "grelu" and alpha:
@@ -415,7 +450,7 @@ def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=
             # D.2.1: other's BatchNorm statistics must describe the features the rounded phi produces; a
             # copy, so that accuracy_b stays other's own
             stitched.model_b = copy.deepcopy(b)
-            recompute_batchnorm(stitched.model_b, stitched.forward, data, batch_size)
+            recompute_batchnorm(stitched.model_b, stitched.forward, data, batch_size, mappings=True)
     with torch.no_grad():
         matrix = phi.matrix().detach().clone()
     result = StitchResult(stitched, pd.DataFrame(rows), matrix, sparsity(matrix),
