@@ -289,3 +289,33 @@ def test_large_matrices_in_blocks_and_panels_equal_weightwatcher(folders, monkey
     for name in ("llama_bf16", "gpt2"):
         _, expected = real(folders[name])
         assert_same_frames(expected, se_ww.WeightWatcher(model=folders[name]).analyze())
+
+
+@pytest.mark.parametrize("kwargs", [dict(min_evals=100, max_evals=10), dict(max_evals=-5), dict(max_N=100),
+                                    dict(savefig=-1), dict(savefig=None), dict(pool=False, conv2d_fft=True),
+                                    dict(intra=True, conv2d_fft=True), dict(ww2x=True, conv2d_fft=True),
+                                    dict(start_ids=-1)])
+def test_invalid_params_raise_as_weightwatcher(kwargs):
+    """What WeightWatcher.valid_params refuses (a bare Exception, "Error,
+    params not valid") is refused here for the same reason, before any "not
+    reproduced" refusal: an InvalidParamsError, a ValueError (an Exception)
+    with the same opening words."""
+    model = models()["mlp"]
+    with pytest.raises(Exception, match="Error, params not valid"):
+        real(model, "describe", **kwargs)
+    with pytest.raises(se_ww.InvalidParamsError, match="Error, params not valid"):
+        se_ww.WeightWatcher(model=model).describe(**kwargs)
+    if "conv2d_fft" not in kwargs:
+        with pytest.raises(Exception, match="Error, params not valid"):
+            real(model, **kwargs)
+        with pytest.raises(se_ww.InvalidParamsError, match="Error, params not valid"):
+            se_ww.WeightWatcher(model=model).analyze(**kwargs)
+
+
+def test_describe_takes_savefig_as_weightwatcher(tmp_path):
+    model = models()["cnn"]
+    for savefig in (True, False, str(tmp_path / "figs")):
+        _, expected = real(model, "describe", savefig=savefig)
+        got = se_ww.WeightWatcher(model=model).describe(savefig=savefig)
+        assert list(got["layer_id"]) == list(expected["layer_id"])
+        assert list(got["num_evals"]) == list(expected["num_evals"])

@@ -564,13 +564,17 @@ class WeightWatcher:
 
     def describe(self, model=None, layers=None, min_evals=DEFAULT_MIN_EVALS, max_evals=DEFAULT_MAX_EVALS,
                  max_N=DEFAULT_MAX_N, pool=True, conv2d_norm=True, start_ids=0, large_layers=False,
-                 **unsupported):
+                 savefig="ww-img", **unsupported):
         """The layers analyze() would analyse, without spectra: layer_id,
         name, M, N, Q, layer_type, longname, num_evals (M * rf), rf. A
         folder's tensors are not read (their shapes are in the files'
-        headers)."""
+        headers). savefig is checked as WeightWatcher checks it (a bool or a
+        str) and otherwise unused, as there."""
+        if unsupported.pop("ww2x", False):  # WeightWatcher: "WW2X option deprecated, reverting to POOL=False"
+            pool = False
+        _check_params(dict(unsupported, min_evals=min_evals, max_evals=max_evals, max_N=max_N, pool=pool,
+                           start_ids=start_ids, savefig=savefig))
         _check_unsupported(pool, unsupported)
-        _check_caps(min_evals, max_evals, max_N)
         rows = [{"layer_id": l.layer_id, "name": l.name, "longname": l.longname, "layer_type": l.kind, "N": l.N,
                  "M": l.M, "rf": l.rf, "Q": l.N / l.M if l.M > 0 else -1, "num_evals": l.M * l.rf}
                 for l in self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids,
@@ -587,10 +591,13 @@ class WeightWatcher:
         size (N > max_N, M*rf > max_evals), in their place in the order
         (without it they are left out as there, with a LayersLeftOutWarning
         naming them)."""
+        if unsupported.pop("ww2x", False):  # WeightWatcher: "WW2X option deprecated, reverting to POOL=False"
+            pool = False
+        _check_params(dict(unsupported, min_evals=min_evals, max_evals=max_evals, max_N=max_N, pool=pool,
+                           start_ids=start_ids, savefig=savefig, randomize=randomize))
         _check_unsupported(pool, unsupported)
         if svd_method not in ("fast", "accurate"):
             raise ValueError(f"svd_method must be 'fast' or 'accurate', got {svd_method!r}")
-        _check_caps(min_evals, max_evals, max_N)
         model = self._model(model)
         chosen = self._layers(model, layers, min_evals, max_evals, max_N, start_ids, large_layers)
         for layer in chosen:
@@ -697,12 +704,54 @@ def _check_unsupported(pool, unsupported):
                              f"(only {key}={_UNSUPPORTED[key]!r})")
 
 
+class InvalidParamsError(ValueError):
+    """WeightWatcher.valid_params' refusal: there a bare Exception("Error,
+    params not valid: ..."); here a ValueError (an Exception, so
+    ``except Exception`` and ``assertRaises(Exception)`` catch it as there)
+    with the same opening words and the reason."""
+
+
+def _check_params(params: dict) -> None:
+    """WeightWatcher.valid_params, check by check, in its order: the size
+    caps, conv2d_fft with pool=False or intra, channels, mixed-sign
+    layer ids, savefig (a bool or a str), the fit type, start_ids < 0. Run
+    before any "not reproduced" refusal, so that what WeightWatcher refuses
+    is refused for its reason."""
+    reasons = []
+    min_evals, max_evals, max_N = params.get("min_evals"), params.get("max_evals"), params.get("max_N")
+    if min_evals and max_evals and min_evals >= max_evals:
+        reasons.append(f"min_evals {min_evals} > max_evals {max_evals}")
+    elif max_evals and max_evals < -1:
+        reasons.append(f"max_evals {max_evals} < -1")
+    if max_N is not None and max_N < (max_evals or 0):
+        reasons.append(f"max_N {max_N} < max_evals {max_evals}")
+    if max_N is not None and max_N < (min_evals or 0):
+        reasons.append(f"max_N {max_N} < min_evals {min_evals}")
+    if not params.get("pool", True) and params.get("conv2d_fft"):
+        reasons.append("can not specify conv2d_fft without pool=True")
+    if params.get("intra") and params.get("conv2d_fft"):
+        reasons.append("can not specify intra and conv2d_fft")
+    channels = params.get("channels")
+    if isinstance(channels, str) and channels.lower() not in ("first", "last"):
+        reasons.append(f"unknown channels {channels}")
+    savefig = params.get("savefig", "ww-img")
+    if not isinstance(savefig, (str, bool)):
+        reasons.append(f"savefig must be a bool or a str, got {savefig!r}")
+    fit = params.get("fit", "PL")
+    if fit not in ("PL", "TPL", "E_TPL", "power_law", "truncated_power_law"):
+        reasons.append(f"Unknown fit type {fit}")
+    if params.get("intra") and (params.get("randomize") or params.get("vectors")):
+        reasons.append("Can not set intra=True with randomize=True or vectors=True at this time")
+    start_ids = params.get("start_ids", 0)
+    if start_ids is not None and start_ids < 0:
+        reasons.append(f"start_ids {start_ids} < 0")
+    if reasons:
+        raise InvalidParamsError("Error, params not valid: " + "; ".join(reasons))
+
+
 def _check_caps(min_evals, max_evals, max_N):
     """WeightWatcher.valid_params' checks of the size caps (there an Exception)."""
-    if min_evals and max_evals and min_evals >= max_evals:
-        raise ValueError(f"min_evals ({min_evals}) must be below max_evals ({max_evals})")
-    if max_N is not None and (max_N < (max_evals or 0) or max_N < (min_evals or 0)):
-        raise ValueError(f"max_N ({max_N}) must be at least max_evals ({max_evals}) and min_evals ({min_evals})")
+    _check_params({"min_evals": min_evals, "max_evals": max_evals, "max_N": max_N})
 
 
 def _ordered(rows) -> pd.DataFrame:
