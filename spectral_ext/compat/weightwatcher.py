@@ -63,6 +63,13 @@ WW_powerlaw.py), read line by line:
   with numpy's global generator in WeightWatcher's order (np.random.seed(s)
   before either tool gives both the same numbers).
 
+What WeightWatcher.valid_params refuses (min_evals >= max_evals, max_N
+below either, savefig neither a bool nor a str, an unknown fit, conv2d_fft
+with pool=False or intra, start_ids < 0, ...) raises InvalidParamsError, a
+ValueError whose message opens as WeightWatcher's bare Exception's ("Error,
+params not valid"), before any of the refusals below; ww2x=True means
+pool=False, as there.
+
 Not reproduced (a ValueError names the argument): pool=False (the 0.2x slice
 iterator), glorot_fix, conv2d_fft, fft, intra, stacked, peft, base_model,
 vectors, fix_fingers, fit other than "PL", xmax, deltas, detX/ERG,
