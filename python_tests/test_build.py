@@ -124,7 +124,7 @@ def test_every_imported_package_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
     declared = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in requirements}
-    distribution = {"sklearn": "scikit-learn"}  # import name -> the name it is declared under
+    distribution = {"sklearn": "scikit-learn", "mpl_toolkits": "matplotlib"}  # import name -> its distribution
     imported = set()
     for path in (ROOT / "spectral_ext").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
