@@ -197,16 +197,17 @@ def capturing(model: nn.Module, layers: list[str], inputs: bool = False, name: s
 
 def missing_layers(wanted: dict, captured: dict) -> str | None:
     """None when every layer ran, else one sentence naming each layer that
-    did not and its model once: wanted {model name: (layers, captured)}."""
-    parts = []
+    did not once, with the models it did not run in: wanted {model name:
+    layers}, captured {model name: what capturing recorded}."""
+    where: dict[str, list[str]] = {}
     for name, layers in wanted.items():
-        missing = [layer for layer in layers if layer not in captured[name]]
-        if missing:
-            parts.append(f"{name}'s layer{'s' if len(missing) > 1 else ''} "
-                         + ", ".join(repr(layer) for layer in missing))
-    if not parts:
+        for layer in layers:
+            if layer not in captured[name]:
+                where.setdefault(layer, []).append(f"{name}'s")
+    if not where:
         return None
-    return ("; ".join(parts) + " did not run in the forward pass (a submodule whose parent only reads its "
+    parts = [f"{' and '.join(names)} layer {layer!r}" for layer, names in where.items()]
+    return ("; ".join(parts) + f" did not run in the forward pass (a submodule whose parent only reads its "
             "weights, such as nn.MultiheadAttention's out_proj or torchvision Swin's attn.qkv, is never "
             "called): choose modules that are called, e.g. their parent")
 

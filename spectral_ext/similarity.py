@@ -11,7 +11,11 @@ feature (channel) axis is axis 1 for 2-D and 4-D/5-D inputs (conv), and a
 the other axes are positions, summed over (appendix D.7), so the G_ReLU
 measures are invariant to permuting and positively scaling channels, not
 positions. similarity_matrix decides the axis from the layer that produced
-the features (a Linear: last axis; a conv: axis 1).
+the features (a Linear, LayerNorm or attention: last axis, so transformers'
+hidden states (B, T, C) and Swin's (B, H, W, C) give their C channels, the
+tokens and spatial positions alike as positions; a conv: axis 1), runs
+transformers models on keyword inputs ({"input_ids": ...}) and reads
+layers' tuples and Hugging Face outputs as their hidden states.
 
 Accuracy: features are centred before any product (float32 ones in two
 passes, the second removing the first mean's rounding; HSIC_1 and
@@ -1126,7 +1130,10 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     Procrustes measures of definition 5.2 / appendix D.7.1), each model's
     share computed once and the pairs as batched products.
 
-    features: {model name: (N, ...) features of the same N probe inputs};
+    features: {model name: (N, ...) features of the same N probe inputs}
+    (a layer's or model's output as it came does too: a tuple's first
+    element, a Hugging Face output's last_hidden_state; hidden states (N,
+    T, C) need feature_axis=-1);
     pairs: (a, b) names (default: every unordered pair; (a, a) is allowed).
     measure "cka" (`kernel`, `unbiased`, `bandwidth`, `gamma`): one centred
     Gram per model and the HSIC of every pair from one GEMM of the stacked
