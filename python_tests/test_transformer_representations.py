@@ -279,8 +279,9 @@ def test_pairwise_similarity_of_hidden_states():
 
 
 def test_stitching_two_berts_on_keyword_data():
-    """stitch between two BERT classifiers at a layer (a tensor output) and at
-    an attention (a tuple output), both models on the same dict batches,
+    """stitch between two BERT classifiers at a layer (a tensor output), at an
+    attention (a tuple output) and at the encoder (a Hugging Face output,
+    its last_hidden_state mapped), both models on the same dict batches,
     labels under "labels"; phi maps the 32 hidden channels (the last axis,
     not the 10 tokens). A BERT stitched to its own copy with phi at the
     identity keeps its accuracy (no penalty)."""
@@ -293,7 +294,7 @@ def test_stitching_two_berts_on_keyword_data():
     y = torch.arange(40) % 3
     train = {**{k: v[:32] for k, v in data.items()}, "labels": y[:32]}
     test = ({k: v[32:] for k, v in data.items()}, y[32:])
-    for layer in ("bert.encoder.layer.0", "bert.encoder.layer.0.attention"):
+    for layer in ("bert.encoder.layer.0", "bert.encoder.layer.0.attention", "bert.encoder"):
         result = se.stitch(a, b, layer, train, test, kind="affine", epochs=2, batch_size=16, lr=0.05,
                            progress=False, generator=0)
         assert result.matrix.shape == (32, 32) and len(result.curve) == 2
@@ -301,9 +302,10 @@ def test_stitching_two_berts_on_keyword_data():
         logits = result.model(**test[0]).logits  # the stitched model takes keywords as the models do
         assert logits.shape == (8, 3)
         torch.testing.assert_close(logits, result.model(test[0]).logits)
-    twin = se.stitch(b, copy.deepcopy(b), "bert.encoder.layer.1", train, test, kind="affine", epochs=1, lr=1e-9,
-                     progress=False, generator=0)
-    assert twin.accuracy == twin.accuracy_b and twin.penalty == 0.0
+    for layer in ("bert.encoder.layer.1.attention", "bert.encoder"):
+        twin = se.stitch(b, copy.deepcopy(b), layer, train, test, kind="affine", epochs=1, lr=1e-9,
+                         progress=False, generator=0)
+        assert twin.accuracy == twin.accuracy_b and twin.penalty == 0.0
     grelu = se.stitch(a, b, "bert.encoder.layer.0", train, test, kind="grelu", epochs=1, batch_size=16,
                       progress=False, generator=0)
     assert sorted(grelu.permutation.tolist()) == list(range(32))
