@@ -27,4 +27,11 @@ TORCH_LIBRARY(spectral_ext, m) {
   // cost (B, n, m) -> rows, cols (B, min(n, m)) int64: the optimal assignment of each
   // problem, scipy.optimize.linear_sum_assignment's answer (CPU kernel only)
   m.def("linear_sum_assignment(Tensor cost, bool maximize=False) -> (Tensor, Tensor)");
+  // Exact optimal transport of each problem by the network simplex (CPU kernel only):
+  // M (B, n, m), a (B, n), b (B, m) float64 with equal masses; max_iter <= 0: no limit;
+  // u0, v0: warm-start potentials -> plan (B, n, m), u (B, n), v (B, m), cost (B,),
+  // result (B,) int64 (1 optimal, 3 max_iter reached), pivots (B,) int64
+  m.def(
+      "network_simplex(Tensor M, Tensor a, Tensor b, int max_iter=100000, Tensor? u0=None, Tensor? v0=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

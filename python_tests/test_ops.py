@@ -266,10 +266,10 @@ def test_build_info_reports_kernels():
     info = se.build_info()
     assert info["built_with_torch"] == torch.__version__.split("+")[0]
     assert set(info["operators"]) == {"conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram",
-                                      "sinkhorn_scaling", "linear_sum_assignment"}
+                                      "sinkhorn_scaling", "linear_sum_assignment", "network_simplex"}
     for op in info["operators"]:
         assert "CPU" in info["operators"][op]
-        cuda = info["cuda_compiled"] and op not in ("sinkhorn_scaling", "linear_sum_assignment")
+        cuda = info["cuda_compiled"] and op not in ("sinkhorn_scaling", "linear_sum_assignment", "network_simplex")
         assert ("CUDA" in info["operators"][op]) == cuda
 
 
@@ -491,3 +491,40 @@ def test_backward_peak_memory_stays_bounded():
     assert peaks["max_kernel_gram"] < 120
     # (B, K2, N, M) in float64 is 128 MiB, built twice before.
     assert peaks["conv_adjacency"] < 110
+
+
+# ---------------------------------------------------------------- network_simplex (exact OT, CPU kernel)
+
+def _transport_problems(B, n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.rand(B, n, m, generator=g, dtype=torch.float64)
+    a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.1
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    return M, a, b
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 5), (4, 7, 7), (2, 12, 5), (3, 20, 30)])
+def test_network_simplex_matches_its_reference_linear_program(shape):
+    """The kernel's optimum is the linear program's (scipy HiGHS) to 1e-12; its plan is feasible and its
+    potentials are dual feasible with complementary slackness."""
+    M, a, b = _transport_problems(*shape, seed=sum(shape))
+    plan, u, v, cost, result, _ = torch.ops.spectral_ext.network_simplex(M, a, b)
+    ref_plan, _, _, ref_cost, _, _ = reference.network_simplex(M, a, b)
+    assert result.eq(1).all()
+    torch.testing.assert_close(cost, ref_cost, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cost, (plan * M).sum((1, 2)), rtol=1e-12, atol=1e-14)
+    assert (plan >= 0).all()
+    torch.testing.assert_close(plan.sum(2), a, rtol=0, atol=1e-13)
+    torch.testing.assert_close(plan.sum(1), b, rtol=0, atol=1e-13)
+    reduced = M - u[:, :, None] - v[:, None, :]
+    assert (reduced >= -1e-12).all() and (reduced[plan > 1e-14].abs() <= 1e-12).all()
+    torch.testing.assert_close((u * a).sum(1) + (v * b).sum(1), cost, rtol=1e-12, atol=1e-14)
+
+
+def test_network_simplex_opcheck():
+    M, a, b = _transport_problems(2, 4, 3, seed=0)
+    torch.library.opcheck(torch.ops.spectral_ext.network_simplex.default, (M, a, b),
+                          test_utils=("test_schema", "test_faketensor"))
+    out = torch.ops.spectral_ext.network_simplex(M.to("meta"), a.to("meta"), b.to("meta"))
+    assert [tuple(t.shape) for t in out] == [(2, 4, 3), (2, 4), (2, 3), (2,), (2,), (2,)]

@@ -12,8 +12,8 @@ from . import _checks, reference
 
 BACKENDS = ("native", "reference")
 OPERATORS = ("conv_adjacency", "signal_projection", "sinkhorn", "max_kernel_gram", "sinkhorn_scaling",
-             "linear_sum_assignment")
-CPU_ONLY = ("sinkhorn_scaling", "linear_sum_assignment")  # CUDA inputs: the twin, or the CPU kernel
+             "linear_sum_assignment", "network_simplex")
+CPU_ONLY = ("sinkhorn_scaling", "linear_sum_assignment", "network_simplex")  # CUDA: the twin, or the CPU kernel
 _backend = contextvars.ContextVar("spectral_ext_backend", default="native")
 MAX_ITERS = 10**12  # Sinkhorn rounds; beyond this a call would not end in a lifetime
 _CHUNK_ELEMENTS = 1 << 22  # the backward passes build temporaries of about this many elements
@@ -120,6 +120,13 @@ def _sinkhorn_scaling_fake(K, a, b, iters, stop_threshold=0.0, check_every=10, l
 @torch.library.register_fake("spectral_ext::max_kernel_gram")
 def _max_kernel_gram_fake(X, Y=None):
     return X.new_empty((X.shape[0], (X if Y is None else Y).shape[0]))
+
+
+@torch.library.register_fake("spectral_ext::network_simplex")
+def _network_simplex_fake(M, a, b, max_iter=100000, u0=None, v0=None):
+    B, n, m = M.shape
+    counts = M.new_empty(B, dtype=torch.int64)
+    return M.new_empty(B, n, m), M.new_empty(B, n), M.new_empty(B, m), M.new_empty(B), counts, counts.clone()
 
 
 @torch.library.register_fake("spectral_ext::linear_sum_assignment")

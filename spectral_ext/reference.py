@@ -56,6 +56,40 @@ def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Ten
     return torch.cat(parts) if parts else X.new_empty(0, Y.shape[0])
 
 
+def network_simplex(M: torch.Tensor, a: torch.Tensor, b: torch.Tensor, max_iter: int = 100000, u0=None, v0=None):
+    """M (B, n, m), a (B, n), b (B, m) -> plan (B, n, m), u (B, n), v (B, m), cost
+    (B,), result (B,) (1: optimal), pivots (B,) (0 here): the exact optimal
+    transport plan of each problem, min <plan, M> over plan >= 0 with row sums a
+    and column sums b, and its dual potentials (u_i + v_j <= M_ij, equal where
+    the plan is positive). The specification is the linear program itself,
+    solved by scipy's HiGHS; where several plans are optimal the plan may
+    differ from the kernel's, the cost may not. max_iter and the warm start
+    (u0, v0) only steer the kernel's simplex."""
+    import numpy as np
+    from scipy.optimize import linprog
+    from scipy.sparse import kron, eye, csr_matrix
+
+    B, n, m = M.shape
+    rows = kron(eye(n), csr_matrix(np.ones((1, m))))  # sum over j of plan[i, j]
+    columns = kron(csr_matrix(np.ones((1, n))), eye(m))  # sum over i of plan[i, j]
+    equality = csr_matrix(np.vstack([rows.toarray(), columns.toarray()]))
+    plans, us, vs, costs = [], [], [], []
+    for k in range(B):
+        c = M[k].detach().cpu().double().numpy().reshape(-1)
+        target = np.concatenate([a[k].detach().cpu().double().numpy(), b[k].detach().cpu().double().numpy()])
+        solved = linprog(c, A_eq=equality, b_eq=target, bounds=(0, None), method="highs")
+        if solved.status != 0:
+            raise ValueError(f"problem {k}: {solved.message}")
+        duals = solved.eqlin.marginals
+        plans.append(solved.x.reshape(n, m))
+        us.append(duals[:n])
+        vs.append(duals[n:])
+        costs.append(solved.fun)
+    as_tensor = lambda x: torch.as_tensor(np.array(x), dtype=torch.float64)
+    done = torch.ones(B, dtype=torch.int64)
+    return as_tensor(plans), as_tensor(us), as_tensor(vs), as_tensor(costs), done, torch.zeros(B, dtype=torch.int64)
+
+
 def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False):
     """cost (B, n, m) -> rows, cols (B, min(n, m)) int64: scipy's optimum for each
     problem (seed 004, appendix D.2.1: the Hungarian rounding via scipy). The

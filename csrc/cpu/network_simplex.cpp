@@ -481,12 +481,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // M (B, n, m), a (B, n), b (B, m) float64 with a_k.sum() == b_k.sum(); max_iter <= 0: no
 // limit; u0 (B, n), v0 (B, m): warm-start potentials -> plan (B, n, m), u (B, n), v (B, m),
 // cost (B,), result (B,) int64 (POT's codes: 1 optimal, 3 max_iter reached), pivots (B,) int64.
-TORCH_LIBRARY_FRAGMENT(spectral_ext, m) {
-  m.def(
-      "network_simplex(Tensor M, Tensor a, Tensor b, int max_iter=100000, Tensor? u0=None, Tensor? v0=None) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(spectral_ext, CPU, m) {
   m.impl("network_simplex", &network_simplex_cpu);
 }
