@@ -70,6 +70,35 @@ def interrupted(setup: str, call: str, delay: float = 1.0, timeout: float = 120.
             proc.wait(timeout=30)
 
 
+def unbiased_hsic(X, Y):
+    """Song et al.'s unbiased HSIC of features X, Y (N, d) in float64, written out with ones
+    vectors: the independent formula the CKA adapters are checked against."""
+    K, L = X @ X.T, Y @ Y.T
+    K, L = K - torch.diag(torch.diag(K)), L - torch.diag(torch.diag(L))
+    n, one = K.shape[0], torch.ones(K.shape[0], 1, dtype=torch.float64)
+    value = torch.trace(K @ L) + (one.T @ K @ one * (one.T @ L @ one)).item() / ((n - 1) * (n - 2)) \
+        - 2 / (n - 2) * (one.T @ K @ L @ one).item()
+    return float(value) / (n * (n - 3))
+
+
+def minibatch_cka(batches):
+    """[NRK21] eq. 3: unbiased HSIC summed over batches, then normalised. batches yields
+    (features of model 1's layers, features of model 2's layers) per batch -> (layers1, layers2)."""
+    import numpy as np
+
+    xy = xx = yy = None
+    for f1, f2 in batches:
+        if xy is None:
+            xy, xx, yy = np.zeros((len(f1), len(f2))), np.zeros(len(f1)), np.zeros(len(f2))
+        for i, a in enumerate(f1):
+            xx[i] += unbiased_hsic(a, a)
+            for j, b in enumerate(f2):
+                xy[i, j] += unbiased_hsic(a, b)
+        for j, b in enumerate(f2):
+            yy[j] += unbiased_hsic(b, b)
+    return xy / np.sqrt(np.outer(xx, yy))
+
+
 def cheap_model(name, **kwargs):
     """A torchvision model without its random initialisation (the values do
     not matter to the dataflow): built on the meta device, then zeroed. Its

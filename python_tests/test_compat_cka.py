@@ -31,29 +31,13 @@ def loader(n=64, batch=16, seed=0, dtype=torch.float32):
 def nrk21_minibatch_cka(model_a, model_b, layers_a, layers_b, data):
     """[NRK21] eq. 3 per batch, averaged, written with explicit ones vectors
     in float64 (the formula torch-cka and pytorch-cka implement)."""
-    def hsic(K, L):
-        n = K.shape[0]
-        K, L = K - torch.diag(torch.diag(K)), L - torch.diag(torch.diag(L))
-        one = torch.ones(n, 1, dtype=torch.float64)
-        value = torch.trace(K @ L) + (one.T @ K @ one @ one.T @ L @ one).item() / ((n - 1) * (n - 2)) \
-            - (one.T @ K @ L @ one).item() * 2 / (n - 2)
-        return float(value) / (n * (n - 3))
+    from conftest import minibatch_cka
 
     a, b = model_a.double().eval(), model_b.double().eval()
-    xy = np.zeros((len(layers_a), len(layers_b)))
-    xx, yy = np.zeros(len(layers_a)), np.zeros(len(layers_b))
-    for (x,) in data:
-        fa = [a[: int(n) + 1](x.double()).flatten(1) for n in layers_a]
-        fb = [b[: int(n) + 1](x.double()).flatten(1) for n in layers_b]
-        Ks, Ls = [f @ f.T for f in fa], [f @ f.T for f in fb]
-        for i, K in enumerate(Ks):
-            xx[i] += hsic(K, K)
-            for j, L in enumerate(Ls):
-                xy[i, j] += hsic(K, L)
-        for j, L in enumerate(Ls):
-            yy[j] += hsic(L, L)
+    result = minibatch_cka(([a[: int(n) + 1](x.double()).flatten(1) for n in layers_a],
+                            [b[: int(n) + 1](x.double()).flatten(1) for n in layers_b]) for (x,) in data)
     a.float(), b.float()
-    return xy / np.sqrt(np.outer(xx, yy))
+    return result
 
 
 def test_torch_cka_drop_in_matches_the_package_and_the_formula(tmp_path):
@@ -166,27 +150,11 @@ def outputs_as_produced(model, layers, x):
 
 def nrk21_of_outputs(model1, model2, layers1, layers2, data1, data2):
     """[NRK21] eq. 3 per batch, averaged, on each layer's output as produced."""
-    one = lambda n: torch.ones(n, 1, dtype=torch.float64)  # noqa: E731
+    from conftest import minibatch_cka
 
-    def hsic(X, Y):
-        K, L = X @ X.T, Y @ Y.T
-        K, L = K - torch.diag(torch.diag(K)), L - torch.diag(torch.diag(L))
-        n, o = K.shape[0], one(K.shape[0])
-        value = torch.trace(K @ L) + (o.T @ K @ o * (o.T @ L @ o)).item() / ((n - 1) * (n - 2)) \
-            - (o.T @ K @ L @ o).item() * 2 / (n - 2)
-        return float(value) / (n * (n - 3))
-
-    xy, xx, yy = np.zeros((len(layers1), len(layers2))), np.zeros(len(layers1)), np.zeros(len(layers2))
     with torch.no_grad():
-        for (x1,), (x2,) in zip(data1, data2):
-            f1, f2 = outputs_as_produced(model1, layers1, x1), outputs_as_produced(model2, layers2, x2)
-            for i, a in enumerate(f1):
-                xx[i] += hsic(a, a)
-                for j, b in enumerate(f2):
-                    xy[i, j] += hsic(a, b)
-            for j, b in enumerate(f2):
-                yy[j] += hsic(b, b)
-    return xy / np.sqrt(np.outer(xx, yy))
+        return minibatch_cka((outputs_as_produced(model1, layers1, x1), outputs_as_produced(model2, layers2, x2))
+                             for (x1,), (x2,) in zip(data1, data2))
 
 
 def test_torch_cka_default_is_the_packages_estimator_in_float64_unbiased_the_corrected_one():

@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import minibatch_cka
+
 from spectral_ext.compat import pytorch_cka as ours
 
 peer = pytest.importorskip("cka")
@@ -80,28 +82,8 @@ def outputs(model, layers, x):
     return [saved[n].flatten(1) for n in layers]
 
 
-def unbiased_hsic(X, Y):
-    """Song et al.'s unbiased HSIC written out with ones vectors."""
-    K, L = X @ X.T, Y @ Y.T
-    K, L = K - torch.diag(torch.diag(K)), L - torch.diag(torch.diag(L))
-    n, one = K.shape[0], torch.ones(K.shape[0], 1, dtype=torch.float64)
-    value = torch.trace(K @ L) + (one.T @ K @ one * (one.T @ L @ one)).item() / ((n - 1) * (n - 2)) \
-        - 2 / (n - 2) * (one.T @ K @ L @ one).item()
-    return float(value) / (n * (n - 3))
-
-
 def reference(model1, model2, layers1, layers2):
-    xy = np.zeros((len(layers1), len(layers2)))
-    xx, yy = np.zeros(len(layers1)), np.zeros(len(layers2))
-    for (x,) in loader():
-        f1, f2 = outputs(model1, layers1, x), outputs(model2, layers2, x)
-        for i, a in enumerate(f1):
-            xx[i] += unbiased_hsic(a, a)
-            for j, b in enumerate(f2):
-                xy[i, j] += unbiased_hsic(a, b)
-        for j, b in enumerate(f2):
-            yy[j] += unbiased_hsic(b, b)
-    return xy / np.sqrt(np.outer(xx, yy))
+    return minibatch_cka((outputs(model1, layers1, x), outputs(model2, layers2, x)) for (x,) in loader())
 
 
 # ---------------------------------------------------------------------------------------------
