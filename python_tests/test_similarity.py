@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import spectral_ext as se
-from spectral_ext import similarity as S
+from spectral_ext.similarity import _core as S
 from spectral_ext.symmetry import element_matrix
 
 

@@ -9,7 +9,7 @@ import torch
 
 import spectral_ext as se
 from spectral_ext import reference
-from spectral_ext import similarity as S
+from spectral_ext.similarity import _core as S
 
 F64 = dict(rtol=1e-11, atol=1e-11)
 

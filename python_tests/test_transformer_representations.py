@@ -13,7 +13,7 @@ from torch import nn
 
 import spectral_ext as se
 from spectral_ext import _data
-from spectral_ext import similarity as S
+from spectral_ext.similarity import _core as S
 
 transformers = pytest.importorskip("transformers")
 

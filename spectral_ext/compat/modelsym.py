@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .. import similarity as _similarity
+from ..similarity import _core as _similarity
 
 
 def _features(name: str, H, axis: int) -> torch.Tensor:

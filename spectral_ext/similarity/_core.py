@@ -37,10 +37,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import _checks, _moments, _ops
-from ._data import batches, sample_count, to_device
-from ._hooks import capturing, check_layers, evaluating, first_tensor, forward, missing_layers
-from ._ops import linear_sum_assignment, max_kernel_gram
+from .. import _checks, _moments, _ops
+from .._data import batches, sample_count, to_device
+from .._hooks import capturing, check_layers, evaluating, first_tensor, forward, missing_layers
+from .._ops import linear_sum_assignment, max_kernel_gram
 
 KERNELS = ("linear", "rbf", "max", "laplace", "ortho")
 GROUPS = ("orthogonal", "grelu")

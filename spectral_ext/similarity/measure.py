@@ -1,0 +1,223 @@
+"""The Measure protocol: every representational similarity (or distance) is
+three steps, in the pattern of netrep's partial_fit / finalize (Williams et
+al. 2021, docs/references.md [netrep]):
+
+1. ``reduce(X)``: per representation, once, a reduction that every pair it
+   takes part in reuses (a centred Gram, centred features, a whitened basis,
+   a k-NN graph, an RDM);
+2. ``pair(a, b)``: per pair, the cross term of two reductions and its finish
+   (a float);
+3. ``matrix(reduced)``: the K x K of K reductions; the default calls ``pair``
+   on every unordered pair, measures override it with batched products.
+
+A measure is a small object holding its options (``MEASURES[name](**options)``
+or ``measure(name, **options)``); ``compare(X, Y, measure)`` runs one pair and
+``measure_matrix(reps, measure)`` the K x K of a dict or list of
+representations. Representations are (N, ...) tensors or arrays of the same N
+inputs, flattened per input to (N, D) (a conv feature map (N, C, H, W) gives
+D = C*H*W; pool or select tokens first for another convention) and computed
+in float64. Inputs are checked once, here, at the edge; the measures' own
+code assumes (N, D) float64 finite matrices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import _checks
+
+#: name -> Measure subclass; filled by register() in the measure modules.
+MEASURES: dict[str, type["Measure"]] = {}
+
+
+def register(cls: type["Measure"]) -> type["Measure"]:
+    """Class decorator: make a measure reachable by its name (one name everywhere: API, zoo, CLI)."""
+    if cls.name in MEASURES and MEASURES[cls.name] is not cls:
+        raise RuntimeError(f"two measures named {cls.name!r}")
+    MEASURES[cls.name] = cls
+    return cls
+
+
+class Measure:
+    """One measure of the similarity (``kind = "similarity"``, larger = more
+    alike) or distance (``kind = "distance"``, 0 = alike) of two
+    representations of the same N inputs.
+
+    Class attributes, shown in the README's table: name, kind, invariances
+    (the transformations of one representation that leave the value
+    unchanged), reference (a key of docs/references.md), cost (of one pair,
+    for N inputs of D features).
+
+    Subclasses set ``min_samples`` (the smallest N the measure is defined
+    for) and implement reduce and pair; override matrix to batch the pairs.
+    """
+
+    name: str = ""
+    kind: str = "similarity"
+    invariances: str = ""
+    reference: str = ""
+    cost: str = ""
+    min_samples: int = 2
+
+    def reduce(self, X: torch.Tensor) -> Any:
+        """The per-representation reduction of X, (N, D) float64."""
+        raise NotImplementedError
+
+    def pair(self, a: Any, b: Any) -> float:
+        """The measure of two reduced representations."""
+        raise NotImplementedError
+
+    def matrix(self, reduced: list) -> torch.Tensor:
+        """The symmetric K x K float64 matrix of every pair of K reductions
+        (the diagonal: each with itself)."""
+        k = len(reduced)
+        out = torch.empty(k, k, dtype=torch.float64)
+        for i in range(k):
+            for j in range(i, k):
+                out[i, j] = out[j, i] = self.pair(reduced[i], reduced[j])
+        return out
+
+    def options(self) -> dict:
+        """The options this instance was built with (for tables and cache keys)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({args})"
+
+    def __call__(self, X, Y) -> float:
+        """compare(X, Y, self)."""
+        return compare(X, Y, self)
+
+
+def measure(name_or_measure: str | Measure, **options) -> Measure:
+    """The Measure named ``name_or_measure`` built with ``options`` (a Measure
+    is returned as given, and then options must be empty)."""
+    if isinstance(name_or_measure, Measure):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with a Measure object: build it with them instead")
+        return name_or_measure
+    _load_measures()
+    if not isinstance(name_or_measure, str) or name_or_measure not in MEASURES:
+        raise ValueError(f"measure must be one of {sorted(MEASURES)} or a Measure, got {name_or_measure!r}")
+    try:
+        return MEASURES[name_or_measure](**options)
+    except TypeError as error:
+        raise TypeError(f"measure {name_or_measure!r}: {error}") from None
+
+
+def _load_measures() -> None:
+    """Import the modules that register measures (lazily: importing the
+    package should not import scipy.stats and friends)."""
+    from . import baselines, cca, kernels, neighbours, rsa, shape  # noqa: F401  (each registers its measures)
+
+
+def representation(name: str, X, min_samples: int = 2) -> torch.Tensor:
+    """X as the (N, D) float64 CPU matrix the measures take, checked: a
+    tensor or array of at least two axes (N, ...) flattened per input, real,
+    finite, N >= min_samples, D >= 1. ``name`` names the argument in errors."""
+    if isinstance(X, np.ndarray):
+        X = torch.from_numpy(np.ascontiguousarray(X))
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or array of shape (N, ...), got {type(X).__name__}")
+    if _checks.data_free(X):
+        raise ValueError(f"{name} is a meta tensor (shape only): the measures need values")
+    if X.dim() < 2:
+        raise ValueError(f"{name} must have shape (N, D) or (N, ...), got shape {tuple(X.shape)}")
+    if X.is_complex() or not (X.is_floating_point() or X.dtype in (torch.int8, torch.int16, torch.int32,
+                                                                    torch.int64, torch.uint8)):
+        raise TypeError(f"{name} must be real numbers, got {X.dtype}")
+    X = X.detach().reshape(X.shape[0], -1).to("cpu", torch.float64)
+    if X.shape[0] < min_samples:
+        raise ValueError(f"{name} has {X.shape[0]} inputs; this measure needs N >= {min_samples}")
+    if X.shape[1] == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(X.shape)})")
+    if not torch.isfinite(X).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return X
+
+
+def compare(X, Y, measure: str | Measure = "cka", **options) -> float:
+    """The measure of two representations X and Y of the same N inputs
+    ((N, ...) tensors or arrays, flattened per input). measure: a name of
+    MEASURES (built with ``options``) or a Measure. Returns a float."""
+    m = globals()["measure"](measure, **options)
+    X = representation("X", X, m.min_samples)
+    Y = representation("Y", Y, m.min_samples)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X and Y must hold the same inputs: N = {X.shape[0]} and {Y.shape[0]}")
+    return float(m.pair(m.reduce(X), m.reduce(Y)))
+
+
+def _named(reps) -> dict:
+    if isinstance(reps, dict):
+        if not reps:
+            raise ValueError("reps must not be empty")
+        return reps
+    if isinstance(reps, (list, tuple)):
+        if not reps:
+            raise ValueError("reps must not be empty")
+        return dict(enumerate(reps))
+    raise TypeError(f"reps must be a dict {{name: (N, ...) tensor}} or a list of them, got {type(reps).__name__}")
+
+
+def reduce_all(reps, m: Measure, progress: bool = False, share: Callable | None = None) -> dict:
+    """Each representation of ``reps`` (dict or list) checked and reduced once
+    by measure m: {name: reduction}. share(name, compute) -> reduction may
+    keep reductions across calls (the zoo's cache)."""
+    from tqdm.auto import tqdm
+
+    reps = _named(reps)
+    sizes = set()
+    out = {}
+    for name in tqdm(reps, desc=f"reduce {m.name}", unit="rep", disable=not progress, leave=False):
+        def compute(name=name):
+            return m.reduce(representation(f"reps[{name!r}]", reps[name], m.min_samples))
+        X = reps[name]
+        sizes.add(int(X.shape[0]) if hasattr(X, "shape") and len(X.shape) else -1)
+        out[name] = share(name, compute) if share is not None else compute()
+    if len(sizes) > 1:
+        raise ValueError(f"every representation must hold the same N inputs, got N in {sorted(sizes)}")
+    return out
+
+
+def measure_matrix(reps, measure: str | Measure = "cka", progress: bool = False, **options) -> pd.DataFrame:
+    """The K x K matrix of one measure over K representations of the same N
+    inputs, each reduced once and the pairs batched where the measure can.
+    reps: {name: (N, ...)} or a list (named 0..K-1). Returns a square
+    DataFrame indexed and labelled by the names."""
+    m = globals()["measure"](measure, **options)
+    reduced = reduce_all(reps, m, progress)
+    values = m.matrix(list(reduced.values()))
+    if not torch.isfinite(values).all():
+        raise FloatingPointError(f"{m.name} gave a non-finite value; check the representations")
+    names = list(reduced)
+    return pd.DataFrame(values.numpy(), index=names, columns=names)
+
+
+def table() -> pd.DataFrame:
+    """The registered measures: name, kind, invariances, reference, cost (the README's table)."""
+    _load_measures()
+    rows = [{"name": c.name, "kind": c.kind, "invariances": c.invariances, "reference": c.reference,
+             "cost": c.cost} for c in MEASURES.values()]
+    return pd.DataFrame(rows).sort_values("name").reset_index(drop=True)
+
+
+def check_positive(name: str, value, integer: bool = False):
+    """value, checked > 0 (an int when integer), naming the option."""
+    if integer:
+        return _checks.positive_int(name, value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    """value, checked to be one of choices, naming the option."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
