@@ -11,9 +11,9 @@ baselines)."""
 from ._core import (GROUPS, KERNELS, CrossMoments, MinibatchCKA, as_channels, channel_normalize, cka,
                     grelu_assignment, hsic, kernel_matrix, layer_feature_axis, pairwise_similarity, procrustes,
                     procrustes_distance, similarity_matrix)
-from .measure import MEASURES, Measure, compare, measure, measure_matrix, table
+from .measure import MEASURES, Measure, compare, get_measure, measure_matrix, table
 
 __all__ = ["GROUPS", "KERNELS", "MEASURES", "CrossMoments", "Measure", "MinibatchCKA", "as_channels",
            "channel_normalize", "cka", "compare", "grelu_assignment", "hsic", "kernel_matrix",
-           "layer_feature_axis", "measure", "measure_matrix", "pairwise_similarity", "procrustes",
+           "get_measure", "layer_feature_axis", "measure_matrix", "pairwise_similarity", "procrustes",
            "procrustes_distance", "similarity_matrix", "table"]

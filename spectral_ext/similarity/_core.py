@@ -979,7 +979,11 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     CKA with `kernel`, unbiased by default: its estimate may dip slightly
     below 0 for unrelated layers) or "procrustes" (exact over the whole
     data, with `group` and `centered`; NaN for pairs whose position counts,
-    or channel counts for G_ReLU, differ).
+    or channel counts for G_ReLU, differ), both streamed over the batches;
+    or any other measure of similarity.MEASURES by name, spec string
+    ("svcca:variance=0.95") or Measure: each layer's activations over all
+    the data kept flattened (N, D) in float64, reduced once, and the pairs
+    from the measure's batched matrix.
 
     A layer's output is read as its hidden states: a tensor, the first
     element of a tuple (transformers layers return (hidden states,
@@ -999,9 +1003,19 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     if data is None:
         raise TypeError("similarity_matrix() needs data: an iterable of batches, a tensor or a DataLoader")
     model_a, model_b = model, other
-    if measure not in ("cka", "procrustes"):
-        raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
-    if measure == "cka":
+    from .measure import Measure, parse_spec
+
+    generic = None  # a Measure other than the streamed CKA and Procrustes
+    if not (isinstance(measure, str) and measure in ("cka", "procrustes")):
+        generic = parse_spec(measure)
+        if generic.name in ("cka", "procrustes"):
+            options = generic.options()
+            kernel, unbiased = options.get("kernel", kernel), options.get("unbiased", unbiased)
+            group, centered = options.get("group", group), options.get("centered", centered)
+            measure, generic = generic.name, None
+    if generic is not None:
+        pass
+    elif measure == "cka":
         _check_kernel(kernel)
     else:
         _check_group(group)
@@ -1018,7 +1032,10 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     same = shared and layers_a == layers_b and axes_a == axes_b
     from tqdm.auto import tqdm
 
-    accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" else None
+    accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" and generic is None else None
+    if generic is not None:  # each layer's flattened activations over all the data, then reduced once
+        kept_a = {n: [] for n in layers_a}
+        kept_b = kept_a if same else {n: [] for n in layers_b}
     if measure == "procrustes":  # float64 running sums: each layer's once, each pair's cross products
         sums_a = {n: _channel_sums() for n in layers_a}
         sums_b = sums_a if same else {n: _channel_sums() for n in layers_b}
@@ -1048,6 +1065,15 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
             missing = missing_layers(wanted, {"model": cap_a, "other": cap_b})
             if missing:
                 raise ValueError(missing)
+            if generic is not None:
+                for kept, cap, names, axes, name in ((kept_a, cap_a, layers_a, sample_axes_a, "model"),
+                                                     (None if same else kept_b, cap_b, layers_b, sample_axes_b,
+                                                      "other")):
+                    for m in names if kept is not None else ():
+                        R = _samples_first(name, m, first_tensor(cap[m]), n, axes[m])[0]
+                        kept[m].append(R.reshape(n, -1).to("cpu", torch.float64))
+                seen += n
+                continue
             check = measure != "cka"
             reps_a = [_channels_of("model", m, cap_a[m], axes_a[m], check, n, sample_axes_a[m]) for m in layers_a]
             reps_b = None if same else [_channels_of("other", m, cap_b[m], axes_b[m], check, n, sample_axes_b[m])
@@ -1079,6 +1105,8 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
             seen += n
     if seen == 0:
         raise ValueError("data produced no usable batch")
+    if generic is not None:
+        return _generic_matrix(generic, kept_a, kept_b, same)
     rows = []
     values = accumulator.value([f"model layer {n!r}" for n in layers_a],
                                [f"other layer {n!r}" for n in layers_b]) if measure == "cka" else None
@@ -1089,6 +1117,25 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
             else:  # NaN where the pair cannot be compared (channel or position counts differ)
                 value = moments[(a, b)].procrustes(group, centered)[0] if moments[(a, b)].count else float("nan")
             rows.append({"layer_a": a, "layer_b": b, "value": value})
+    return pd.DataFrame(rows)
+
+
+def _generic_matrix(m, kept_a, kept_b, same) -> pd.DataFrame:
+    """similarity_matrix's rows for a Measure: every layer's activations
+    (N, D) reduced once, the model x other block of one batched matrix."""
+    from .measure import representation
+
+    def reduced(kept, name):
+        return {layer: m.reduce(representation(f"{name}'s layer {layer!r}", torch.cat(parts), m.min_samples))
+                for layer, parts in kept.items()}
+
+    red_a = reduced(kept_a, "model")
+    red_b = red_a if same else reduced(kept_b, "other")
+    names_a, names_b = list(red_a), list(red_b)
+    values = m.matrix([red_a[n] for n in names_a] + ([] if same else [red_b[n] for n in names_b]))
+    offset = 0 if same else len(names_a)
+    rows = [{"layer_a": a, "layer_b": b, "value": float(values[i, offset + j])}
+            for i, a in enumerate(names_a) for j, b in enumerate(names_b)]
     return pd.DataFrame(rows)
 
 
@@ -1120,7 +1167,7 @@ def _at_common_scale(reps, layers, sums, scales, moments, sides) -> list:
 # Many models on one probe (zoos)
 
 
-def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel: str = "linear",
+def pairwise_similarity(features: dict, pairs=None, measure="cka", kernel: str = "linear",
                         group: str = "orthogonal", unbiased: bool = True, centered: bool = False,
                         feature_axis: int | None = None, chunk: int = 64, bandwidth: float = 0.5,
                         gamma: float | None = None, progress: bool = True, share=None,
@@ -1135,7 +1182,12 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     element, a Hugging Face output's last_hidden_state; hidden states (N,
     T, C) need feature_axis=-1);
     pairs: (a, b) names (default: every unordered pair; (a, a) is allowed).
-    measure "cka" (`kernel`, `unbiased`, `bandwidth`, `gamma`): one centred
+    measure: "cka", "procrustes", any other measure of similarity.MEASURES
+    as a name or spec string ("svcca:variance=0.95", "cka:kernel=max") or a
+    Measure object; the other measures take each representation flattened
+    to (N, D), reduce it once and batch the pairs with the measure's matrix
+    (their reductions planned within max_memory by Measure.footprint, in
+    blocks of models as below). measure "cka" (`kernel`, `unbiased`, `bandwidth`, `gamma`): one centred
     Gram per model and the HSIC of every pair from one GEMM of the stacked
     vectorised U-centred Grams, or, for linear kernels when it is cheaper,
     one centred feature matrix per model and every |X_i'X_j|^2 from one
@@ -1162,6 +1214,16 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     value (one row per pair, in the order of pairs)."""
     if not isinstance(features, dict) or not features:
         raise TypeError("features must be a non-empty dict {model name: (N, ...) tensor}")
+    from .measure import Measure, parse_spec
+
+    if isinstance(measure, str) and measure not in ("cka", "procrustes"):
+        measure = parse_spec(measure)
+    if isinstance(measure, Measure) and measure.name in ("cka", "procrustes"):
+        options = measure.options()  # the batched engines below take them as arguments
+        kernel, unbiased = options.get("kernel", kernel), options.get("unbiased", unbiased)
+        bandwidth, gamma = options.get("bandwidth", bandwidth), options.get("gamma", gamma)
+        group, centered = options.get("group", group), options.get("centered", centered)
+        measure = measure.name
     names = list(features)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else \
         [tuple(p) for p in pairs]
@@ -1173,6 +1235,9 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
     chunk = _checks.positive_int("chunk", chunk)
     named = {n for p in pairs for n in p}  # a set: K x pairs membership tests would dominate a large zoo
     involved = [n for n in names if n in named]
+    if isinstance(measure, Measure):
+        values = _pairwise_measure(measure, features, involved, pairs, progress, share, max_memory)
+        return pd.DataFrame({"model_a": [a for a, _ in pairs], "model_b": [b for _, b in pairs], "value": values})
     # every measure is scale invariant: representations too large or small for their squares scaled first
     meta = [n for n in involved if isinstance(features[n], torch.Tensor) and _checks.data_free(features[n])]
     if meta:
@@ -1201,6 +1266,54 @@ def pairwise_similarity(features: dict, pairs=None, measure: str = "cka", kernel
         else:
             raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
     return pd.DataFrame({"model_a": [a for a, _ in pairs], "model_b": [b for _, b in pairs], "value": values})
+
+
+def _pairwise_measure(m, features, involved, pairs, progress, share, max_memory) -> list[float]:
+    """pairwise_similarity for a Measure: each involved representation
+    reduced once per block (the measure's reduce), the pairs of a block pair
+    from one m.matrix of both blocks' reductions; blocks of models within
+    max_memory by the measures' footprint, as the CKA route."""
+    from tqdm.auto import tqdm
+
+    from .measure import representation
+
+    reps = {n: _hidden_states(n, features[n]) for n in involved}
+    shapes = {n: tuple(R.shape) for n, R in reps.items()}
+    if len({s[0] for s in shapes.values()}) > 1:
+        raise ValueError("every model's features must hold the same N probe samples")
+    if not involved:
+        return []
+    n = shapes[involved[0]][0]
+    sizes = [m.footprint(n, math.prod(shapes[k][1:])) for k in involved]
+    device = reps[involved[0]].device
+    blocks = _model_blocks(sizes, [0] * len(sizes), 0, _budget(max_memory, device), device, what=m.name, n=n)
+    index = {k: i for i, k in enumerate(involved)}
+    wanted = [(index[a], index[b]) for a, b in pairs]
+
+    def reduced(name):
+        def compute():
+            return m.reduce(representation(f"features[{name!r}]", reps[name], m.min_samples))
+        return share(name, ("measure", m.label), compute) if share is not None else compute()
+
+    values = [math.nan] * len(pairs)
+    with tqdm(total=len(involved), desc=f"pairwise {m.label}", unit="model", disable=not progress,
+              leave=False, mininterval=0, miniters=1) as bar:
+        def make(block):
+            return {i: reduced(involved[i]) for i in block}
+
+        def visit(p, q, positions, rows, columns):
+            order = list(rows) + [i for i in columns if i not in rows]
+            matrix = m.matrix([rows.get(i, columns.get(i)) for i in order])
+            where = {i: t for t, i in enumerate(order)}
+            for position in positions:
+                i, j = wanted[position]
+                values[position] = float(matrix[where[i], where[j]])
+
+        _sweep(blocks, _block_pairs(blocks, wanted, diagonal=False), make, visit, bar)
+    bad = [pairs[t] for t, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"{m.label} gave a non-finite value for pairs {bad[:3]}")
+    return values
 
 
 def _hidden_states(name, value):

@@ -11,7 +11,7 @@ al. 2021, docs/references.md [netrep]):
    on every unordered pair, measures override it with batched products.
 
 A measure is a small object holding its options (``MEASURES[name](**options)``
-or ``measure(name, **options)``); ``compare(X, Y, measure)`` runs one pair and
+or ``get_measure(name, **options)``); ``compare(X, Y, measure)`` runs one pair and
 ``measure_matrix(reps, measure)`` the K x K of a dict or list of
 representations. Representations are (N, ...) tensors or arrays of the same N
 inputs, flattened per input to (N, D) (a conv feature map (N, C, H, W) gives
@@ -81,9 +81,27 @@ class Measure:
                 out[i, j] = out[j, i] = self.pair(reduced[i], reduced[j])
         return out
 
+    def footprint(self, n: int, d: int) -> int:
+        """Bytes one reduction of an (N, D) representation keeps (the memory
+        planner of pairwise_similarity); measures whose reduction is N x N
+        (RDMs, similarity matrices) override it."""
+        return 8 * n * d
+
     def options(self) -> dict:
         """The options this instance was built with (for tables and cache keys)."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    @property
+    def label(self) -> str:
+        """The measure as a spec string, ``name`` or ``name:option=value:...``
+        with the options that differ from their defaults (the zoo's --pairs
+        and the `measure` column of pair tables; parse_spec reads it back)."""
+        import inspect
+
+        defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        changed = [f"{k}={v}" for k, v in self.options().items() if k in defaults and defaults[k] != v]
+        return ":".join([self.name, *changed])
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -94,7 +112,7 @@ class Measure:
         return compare(X, Y, self)
 
 
-def measure(name_or_measure: str | Measure, **options) -> Measure:
+def get_measure(name_or_measure: str | Measure, **options) -> Measure:
     """The Measure named ``name_or_measure`` built with ``options`` (a Measure
     is returned as given, and then options must be empty)."""
     if isinstance(name_or_measure, Measure):
@@ -108,6 +126,29 @@ def measure(name_or_measure: str | Measure, **options) -> Measure:
         return MEASURES[name_or_measure](**options)
     except TypeError as error:
         raise TypeError(f"measure {name_or_measure!r}: {error}") from None
+
+
+def parse_spec(spec: str) -> Measure:
+    """The Measure of a spec string ``name`` or ``name:option=value:...``
+    (values read as Python literals where they parse, else as strings):
+    "cka:kernel=max", "svcca:variance=0.95", "mutual_knn:k=5"."""
+    import ast
+
+    if isinstance(spec, Measure):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a measure spec must be a string 'name' or 'name:option=value', got {spec!r}")
+    name, *parts = spec.strip().split(":")
+    options = {}
+    for part in parts:
+        key, eq, text = part.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"measure spec {spec!r}: {part!r} is not option=value")
+        try:
+            options[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = text.strip()
+    return get_measure(name, **options)
 
 
 def _load_measures() -> None:
@@ -145,7 +186,7 @@ def compare(X, Y, measure: str | Measure = "cka", **options) -> float:
     """The measure of two representations X and Y of the same N inputs
     ((N, ...) tensors or arrays, flattened per input). measure: a name of
     MEASURES (built with ``options``) or a Measure. Returns a float."""
-    m = globals()["measure"](measure, **options)
+    m = get_measure(measure, **options)
     X = representation("X", X, m.min_samples)
     Y = representation("Y", Y, m.min_samples)
     if X.shape[0] != Y.shape[0]:
@@ -190,7 +231,7 @@ def measure_matrix(reps, measure: str | Measure = "cka", progress: bool = False,
     inputs, each reduced once and the pairs batched where the measure can.
     reps: {name: (N, ...)} or a list (named 0..K-1). Returns a square
     DataFrame indexed and labelled by the names."""
-    m = globals()["measure"](measure, **options)
+    m = get_measure(measure, **options)
     reduced = reduce_all(reps, m, progress)
     values = m.matrix(list(reduced.values()))
     if not torch.isfinite(values).all():
@@ -204,7 +245,8 @@ def table() -> pd.DataFrame:
     _load_measures()
     rows = [{"name": c.name, "kind": c.kind, "invariances": c.invariances, "reference": c.reference,
              "cost": c.cost} for c in MEASURES.values()]
-    return pd.DataFrame(rows).sort_values("name").reset_index(drop=True)
+    columns = ["name", "kind", "invariances", "reference", "cost"]
+    return pd.DataFrame(rows, columns=columns).sort_values("name").reset_index(drop=True)
 
 
 def check_positive(name: str, value, integer: bool = False):

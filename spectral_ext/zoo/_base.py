@@ -10,7 +10,9 @@ import pandas as pd
 TABLES = ("models", "layers", "edges", "pairs")
 METRICS = ("rank", "alpha", "svr")
 WEIGHT_METRICS = ("rank", "alpha")  # from the weights alone; svr and the pair measures run the models
-PAIR_MEASURES = ("cka", "grelu_cka", "procrustes", "grelu_procrustes", "stitching")
+# The pair measures: "stitching" and every similarity measure, by its spec ("cka", "cka:kernel=max",
+# "procrustes:group=grelu", "svcca:variance=0.95"; similarity.measure.parse_spec).
+PAIR_MEASURES = "stitching or a similarity measure (spectral_ext.similarity.MEASURES: name or 'name:option=value')"
 
 
 class ZooError(ValueError):
@@ -29,6 +31,23 @@ def _check_int(name: str, value, minimum: int, allow_none: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ZooError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
     return value
+
+
+def pair_measures(specs) -> tuple[str, ...]:
+    """The pair measures as their canonical labels ("cka:kernel=linear" ->
+    "cka"), each checked: "stitching" or a similarity measure's spec."""
+    from ..similarity.measure import parse_spec
+
+    labels = []
+    for spec in specs:
+        if spec == "stitching":
+            labels.append(spec)
+            continue
+        try:
+            labels.append(parse_spec(spec).label)
+        except (ValueError, TypeError) as error:
+            raise ZooError(f"pairs: {error}", argument="pairs") from None
+    return tuple(dict.fromkeys(labels))
 
 
 MIN_PROBE = 4  # CKA of fewer points is degenerate (2 centred points always score 1); stitching halves the probe

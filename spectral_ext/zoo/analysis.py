@@ -13,7 +13,8 @@ from torch import nn
 from .. import _checks
 from .._hooks import check_layers, evaluating
 from ..zoo_generator import manifest_defaults
-from ._base import METRICS, MIN_PROBE, PAIR_MEASURES, TABLES, WEIGHT_METRICS, ZooError, ZooTables, _check_int
+from ._base import (METRICS, MIN_PROBE, PAIR_MEASURES, TABLES, WEIGHT_METRICS, ZooError, ZooTables, _check_int,
+                    pair_measures)
 from .distributed import _agree, _barrier, _distributed
 from .members import (_collector_paused, _Lazy, _Members, _reason, _WeightMembers, all_finite_states, list_members,
                       relative_to_member, resolve_arch)
@@ -79,8 +80,8 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
     if not isinstance(trust_manifest, bool):
         raise ZooError(f"trust_manifest must be True or False, got {trust_manifest!r}", argument="trust_manifest")
     source, arch, metadata = manifest_defaults(source, arch, metadata, trust_manifest)  # a folder with zoo.json
-    metrics, pairs = tuple(metrics or ()), tuple(pairs or ())
-    unknown = [m for m in metrics if m not in METRICS] + [m for m in pairs if m not in PAIR_MEASURES]
+    metrics, pairs = tuple(metrics or ()), pair_measures(pairs or ())
+    unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ZooError(f"unknown metrics {unknown}; per model {METRICS}, per pair {PAIR_MEASURES}")
     if not metrics and not pairs:

@@ -13,7 +13,7 @@ from torch import nn
 from .. import spectra
 from .._data import copy_inputs
 from .._hooks import capturing, check_layers, evaluating, models_in_eval_mode
-from ._base import METRICS, PAIR_MEASURES, WEIGHT_METRICS, ZooError, ZooTables
+from ._base import METRICS, WEIGHT_METRICS, ZooError, ZooTables, pair_measures
 from .members import _collector_paused, _Members, all_finite_states, module_tensors
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +244,10 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
                  progress: bool = True, max_memory: int | None = None) -> pd.DataFrame:
     """For each (a, b) in pairs (None: all K(K-1)/2 unordered pairs of
     models, the zoo's K x K) and each layer, the chosen measures on the
-    probe (seed 004 section 5): "cka" (linear), "grelu_cka" (max kernel),
-    "procrustes" (orthogonal), "grelu_procrustes", and "stitching": the
+    probe: any similarity measure by its spec (similarity.MEASURES: "cka",
+    "cka:kernel=max" (G_ReLU-CKA, seed 004 section 5), "procrustes",
+    "procrustes:group=grelu", "svcca", "rsa", "mutual_knn:k=5", ...; the
+    `measure` column holds its canonical label) and "stitching": the
     stitching penalty (seed 004 equation 4.3) of a layer trained on the
     first half of a labelled probe ((x, y)) and measured on the second half
     (stitch_options go to stitching.stitch; default affine, 5 epochs, lr
@@ -269,9 +271,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
         raise ZooError("pair_metrics needs a probe: an input tensor or (inputs, labels)")
     if layers is None or isinstance(layers, str) or not len(layers):
         raise ZooError("layers must be a non-empty list of module names")
-    unknown = [m for m in measures if m not in PAIR_MEASURES]
-    if unknown:
-        raise ZooError(f"unknown pair measures {unknown}; choose among {PAIR_MEASURES}")
+    measures = pair_measures(measures)
     names = list(models)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else \
         [tuple(p) for p in pairs]
@@ -281,10 +281,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
     needed = sorted({n for pair in pairs for n in pair})
     cache = cache if cache is not None else ActivationCache()
     key = tuple(layers)
-    options_of = {"cka": {"kernel": "linear"}, "grelu_cka": {"kernel": "max"},
-                  "procrustes": {"measure": "procrustes", "group": "orthogonal"},
-                  "grelu_procrustes": {"measure": "procrustes", "group": "grelu"}}
-    batched_measures = [m for m in measures if m in options_of]
+    batched_measures = [m for m in measures if m != "stitching"]
     steps = len(needed) + len(layers) * len(batched_measures) + len(pairs) * ("stitching" in measures)
     with tqdm(total=steps, desc="pair metrics", disable=not progress, leave=False, mininterval=0,
               miniters=1) as bar:
@@ -298,7 +295,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
                 frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, progress=False,
                                             share=lambda n, options, compute, layer=layer:
                                             cache.get((n, key, layer) + options, compute),
-                                            max_memory=max_memory, **options_of[measure])
+                                            max_memory=max_memory, measure=measure)
                 batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
                 bar.update(1)
         options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
