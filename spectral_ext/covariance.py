@@ -9,7 +9,6 @@ are the feature axis, positions extra samples; token features (B, T, d)
 likewise take T as samples."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
@@ -25,8 +24,7 @@ from . import _checks, _moments
 from ._data import accuracy as _accuracy
 from ._data import batches as _batches
 from ._data import check_labels, first_batch, recompute_batchnorm, sample_count
-from ._hooks import (capturing, check_layers, check_model, evaluating, forward, missing_layers, models_in_eval_mode,
-                     replacing)
+from ._hooks import activation_stream, check_layers, check_model, evaluating, models_in_eval_mode, replacing
 from .layers import discover
 
 
@@ -159,10 +157,16 @@ class _Accumulator:
             self._flush()
         if self.moments is None or not self.moments.count:
             raise ValueError("the data produced no batch")
-        m = self.moments
+        m, kept = self.moments, {}
+
+        def normal(t):  # sums made under inference mode (the activation stream) become ordinary tensors, once
+            if id(t) not in kept:
+                kept[id(t)] = t.clone() if t.is_inference() else t
+            return kept[id(t)]
+
         if self.same:
-            return Covariance(m.count, m.sum, m.sum, m.second, m.second, m.second)
-        return Covariance(m.count, m.a.sum, m.b.sum, m.a.second, m.b.second, m.ab)
+            return Covariance(m.count, *map(normal, (m.sum, m.sum, m.second, m.second, m.second)))
+        return Covariance(m.count, *map(normal, (m.a.sum, m.b.sum, m.a.second, m.b.second, m.ab)))
 
 
 def _input_axis(module: nn.Module) -> int | None:
@@ -235,34 +239,19 @@ def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Mo
     _checks.positive_int("batch_size", batch_size)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
-    from tqdm.auto import tqdm
-
     accumulators = {n: _Accumulator(dtype) for n in layers}
     layers = check_layers(model, layers)
     other_layers = check_layers(other, other_layers, "other") if other is not None else layers
     axes_a = {n: _input_axis(model.get_submodule(n)) for n in layers}
     axes_b = {n: _input_axis(other.get_submodule(n)) for n in other_layers} if other is not None else axes_a
-    with contextlib.ExitStack() as stack, torch.no_grad():
-        stack.enter_context(evaluating(model, other))
-        cap_a, _ = stack.enter_context(capturing(model, layers, inputs=True, name="model"))
-        cap_b = stack.enter_context(capturing(other, other_layers, inputs=True, name="other"))[0] \
-            if other is not None else cap_a
-        for x, _ in tqdm(_batches(data, batch_size, mappings=True), desc="activation covariance",
-                         disable=not progress, leave=False):
-            cap_a.clear()
-            cap_b.clear()
-            forward(model, x)
+    for x, _, cap_a, cap_b in activation_stream(model, other, layers, other_layers, data, inputs=True,
+                                                batch_size=batch_size, desc="activation covariance",
+                                                progress=progress):
+        for a_name, b_name in zip(layers, other_layers):
+            _check_samples("model", a_name, cap_a[a_name], x)
             if other is not None:
-                forward(other, x, "other")
-            missing = missing_layers({"model": layers, **({"other": other_layers} if other is not None else {})},
-                                     {"model": cap_a, "other": cap_b})
-            if missing:
-                raise ValueError(missing)
-            for a_name, b_name in zip(layers, other_layers):
-                _check_samples("model", a_name, cap_a[a_name], x)
-                if other is not None:
-                    _check_samples("other", b_name, cap_b[b_name], x)
-                accumulators[a_name].update(cap_a[a_name], cap_b[b_name], axes_a[a_name], axes_b[b_name])
+                _check_samples("other", b_name, cap_b[b_name], x)
+            accumulators[a_name].update(cap_a[a_name], cap_b[b_name], axes_a[a_name], axes_b[b_name])
     results = {}
     for a_name, b_name in zip(layers, other_layers):
         result = accumulators[a_name].result()

@@ -29,7 +29,6 @@ input dtype (measured: 3e-7 relative on float32 ReLU features, see
 python_tests/test_similarity.py and test_similarity_speed.py)."""
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -38,8 +37,7 @@ import torch
 from torch import nn
 
 from .. import _checks, _moments, _ops
-from .._data import batches, sample_count, to_device
-from .._hooks import capturing, check_layers, evaluating, first_tensor, forward, missing_layers
+from .._hooks import activation_stream, check_layers, first_tensor
 from .._ops import linear_sum_assignment, max_kernel_gram
 
 KERNELS = ("linear", "rbf", "max", "laplace", "ortho")
@@ -1045,64 +1043,46 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     seen = 0
     sample_axes_a = {n: _layer_sample_axis(model_a, n) for n in layers_a}
     sample_axes_b = {n: _layer_sample_axis(model_b, n) for n in layers_b}
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(evaluating(model_a, model_b))
-        cap_a, _ = stack.enter_context(capturing(
-            model_a, sorted(set(layers_a) | (set(layers_b) if shared else set())), name="model"))
-        cap_b = cap_a if shared else stack.enter_context(capturing(model_b, layers_b, name="other"))[0]
-        stack.enter_context(torch.inference_mode())  # no autograd bookkeeping at all: ~10% off the forwards
-        for x, _ in tqdm(batches(data, mappings=True), desc="similarity matrix", disable=not progress, leave=False):
-            x = to_device(x, device)
-            n = sample_count(x)
-            cap_a.clear()
-            cap_b.clear()
-            forward(model_a, x, "model")
-            if not shared:
-                forward(model_b, x, "other")
-            # model is other: each missing layer named once
-            wanted = {"model": list(dict.fromkeys(layers_a + layers_b))} if shared else \
-                {"model": layers_a, "other": layers_b}
-            missing = missing_layers(wanted, {"model": cap_a, "other": cap_b})
-            if missing:
-                raise ValueError(missing)
-            if generic is not None:
-                for kept, cap, names, axes, name in ((kept_a, cap_a, layers_a, sample_axes_a, "model"),
-                                                     (None if same else kept_b, cap_b, layers_b, sample_axes_b,
-                                                      "other")):
-                    for m in names if kept is not None else ():
-                        R = _samples_first(name, m, first_tensor(cap[m]), n, axes[m])[0]
-                        kept[m].append(R.reshape(n, -1).to("cpu", torch.float64))
-                seen += n
-                continue
-            check = measure != "cka"
-            reps_a = [_channels_of("model", m, cap_a[m], axes_a[m], check, n, sample_axes_a[m]) for m in layers_a]
-            reps_b = None if same else [_channels_of("other", m, cap_b[m], axes_b[m], check, n, sample_axes_b[m])
-                                        for m in layers_b]
-            if measure == "cka":
-                if n < 4:
-                    continue  # the unbiased estimator needs 4 samples; a tiny last batch adds nothing
-                try:
-                    accumulator.update(reps_a, reps_b, feature_axis=1)
-                except ValueError:  # say which layer: the checks that name it
-                    for m in layers_a:
-                        _channels_of("model", m, cap_a[m], axes_a[m], True, n, sample_axes_a[m])
-                    for m in ([] if same else layers_b):
-                        _channels_of("other", m, cap_b[m], axes_b[m], True, n, sample_axes_b[m])
-                    raise
-            else:
-                reps_a = _at_common_scale(reps_a, layers_a, sums_a, scales_a, moments, (0, 1) if same else (0,))
-                reps_b = reps_a if same else _at_common_scale(reps_b, layers_b, sums_b, scales_b, moments, (1,))
-                for m, R in zip(layers_a, reps_a):
-                    sums_a[m].update(R)
-                if not same:
-                    for m, R in zip(layers_b, reps_b):
-                        sums_b[m].update(R)
-                for i, a in enumerate(layers_a):
-                    for j, b in enumerate(layers_b):
-                        X, Y = reps_a[i], reps_b[j]
-                        if X.shape[2] == Y.shape[2] and (group == "orthogonal" or X.shape[1] == Y.shape[1]):
-                            moments[(a, b)].update(X, Y)
+    for x, n, cap_a, cap_b in activation_stream(model_a, model_b, layers_a, layers_b, data, device=device,
+                                                desc="similarity matrix", progress=progress):
+        if generic is not None:
+            for kept, cap, names, axes, name in ((kept_a, cap_a, layers_a, sample_axes_a, "model"),
+                                                 (None if same else kept_b, cap_b, layers_b, sample_axes_b,
+                                                  "other")):
+                for m in names if kept is not None else ():
+                    R = _samples_first(name, m, first_tensor(cap[m]), n, axes[m])[0]
+                    kept[m].append(R.reshape(n, -1).to("cpu", torch.float64))
             seen += n
+            continue
+        check = measure != "cka"
+        reps_a = [_channels_of("model", m, cap_a[m], axes_a[m], check, n, sample_axes_a[m]) for m in layers_a]
+        reps_b = None if same else [_channels_of("other", m, cap_b[m], axes_b[m], check, n, sample_axes_b[m])
+                                    for m in layers_b]
+        if measure == "cka":
+            if n < 4:
+                continue  # the unbiased estimator needs 4 samples; a tiny last batch adds nothing
+            try:
+                accumulator.update(reps_a, reps_b, feature_axis=1)
+            except ValueError:  # say which layer: the checks that name it
+                for m in layers_a:
+                    _channels_of("model", m, cap_a[m], axes_a[m], True, n, sample_axes_a[m])
+                for m in ([] if same else layers_b):
+                    _channels_of("other", m, cap_b[m], axes_b[m], True, n, sample_axes_b[m])
+                raise
+        else:
+            reps_a = _at_common_scale(reps_a, layers_a, sums_a, scales_a, moments, (0, 1) if same else (0,))
+            reps_b = reps_a if same else _at_common_scale(reps_b, layers_b, sums_b, scales_b, moments, (1,))
+            for m, R in zip(layers_a, reps_a):
+                sums_a[m].update(R)
+            if not same:
+                for m, R in zip(layers_b, reps_b):
+                    sums_b[m].update(R)
+            for i, a in enumerate(layers_a):
+                for j, b in enumerate(layers_b):
+                    X, Y = reps_a[i], reps_b[j]
+                    if X.shape[2] == Y.shape[2] and (group == "orthogonal" or X.shape[1] == Y.shape[1]):
+                        moments[(a, b)].update(X, Y)
+        seen += n
     if seen == 0:
         raise ValueError("data produced no usable batch")
     if generic is not None:
