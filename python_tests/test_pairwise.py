@@ -127,7 +127,7 @@ def test_pair_metrics_is_the_k_by_k_with_each_model_run_once(capsys):
     for n, m in models.items():
         m.register_forward_hook(lambda module, inputs, output, n=n: forwards.__setitem__(n, forwards[n] + 1))
     x = torch.randn(32, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    measures = ("cka", "grelu_cka", "procrustes", "grelu_procrustes")
+    measures = ("cka", "cka:kernel=max", "procrustes", "procrustes:group=grelu")
     frame = zoo.pair_metrics(models, None, x, ["1", "3"], measures, progress=False)
     assert forwards == {n: 1 for n in models}
     assert len(frame) == 15 * 2 * len(measures) and list(frame.columns) == ["model_a", "model_b", "layer",
@@ -138,9 +138,9 @@ def test_pair_metrics_is_the_k_by_k_with_each_model_run_once(capsys):
     row = frame[(frame.model_a == "cnn1") & (frame.model_b == "cnn4") & (frame.layer == "3")].set_index("measure")
     X, Y = acts["cnn1"]["3"], acts["cnn4"]["3"]
     assert abs(row.loc["cka", "value"] - se.cka(X, Y)) <= 1e-10
-    assert abs(row.loc["grelu_cka", "value"] - se.cka(X, Y, "max")) <= 1e-10
+    assert abs(row.loc["cka:kernel=max", "value"] - se.cka(X, Y, "max")) <= 1e-10
     assert abs(row.loc["procrustes", "value"] - se.procrustes(X, Y)) <= 1e-10
-    assert abs(row.loc["grelu_procrustes", "value"] - se.procrustes(X, Y, "grelu")) <= 1e-10
+    assert abs(row.loc["procrustes:group=grelu", "value"] - se.procrustes(X, Y, "grelu")) <= 1e-10
     zoo.pair_metrics(models, None, x, ["1"], ("cka",), progress=True)
     err = capsys.readouterr().err
     assert "pair metrics" in err and "7/7" in err  # 6 forwards and one batched (layer, measure) step
@@ -310,8 +310,8 @@ def test_the_cache_keeps_the_grams_only_when_they_all_fit():
     x = torch.randn(24, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grams = lambda cache: [key for key in cache.entries if len(key) > 2]  # noqa: E731 (n, layers, layer, options)
     fits, tight = zoo.ActivationCache(), zoo.ActivationCache()
-    whole = zoo.pair_metrics(models, None, x, ["3"], ("grelu_cka",), cache=fits, progress=False)
-    blocked = zoo.pair_metrics(models, None, x, ["3"], ("grelu_cka",), cache=tight, progress=False,
+    whole = zoo.pair_metrics(models, None, x, ["3"], ("cka:kernel=max",), cache=fits, progress=False)
+    blocked = zoo.pair_metrics(models, None, x, ["3"], ("cka:kernel=max",), cache=tight, progress=False,
                                max_memory=30_000)
     assert len(grams(fits)) == 6 and grams(tight) == []
     np.testing.assert_allclose(blocked["value"], whole["value"], rtol=0, atol=1e-12)

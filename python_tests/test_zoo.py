@@ -54,7 +54,7 @@ def sort(frame, keys):
 
 
 def test_batched_zoo_equals_per_model_results(zoo_dir):
-    tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank", "alpha", "svr"), pairs=("cka", "grelu_procrustes"),
+    tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank", "alpha", "svr"), pairs=("cka", "procrustes:group=grelu"),
                          probe=probe(), max_pairs=5, progress=False)
     models = tables["models"].set_index("model")
     assert len(models) == 44

@@ -295,6 +295,16 @@ def _make_zoo(args) -> int:
     return 0
 
 
+def _measures(args) -> int:
+    import pandas as pd
+
+    from .similarity.measure import table
+
+    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+        print(table().to_string(index=False))
+    return 0
+
+
 def _svr(args) -> int:
     import matplotlib
 
@@ -340,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     svr.add_argument("--plot", help="save the SVR graph figure here")
     svr.add_argument("--allow-pickle", action="store_true", help="allow whole pickled modules (trusted files only)")
     svr.set_defaults(run=_svr)
+    sub.add_parser("measures", help="the representational similarity measures (names for --pairs)").set_defaults(
+        run=_measures)
     zoo = sub.add_parser("zoo", help="analyse a folder of checkpoints (resumable, torchrun-aware)")
     zoo.add_argument("source", help="a folder of checkpoints: .safetensors, .pt, .pth, .bin files, Hugging Face "
                      "model folders (config.json with model.safetensors, shards and their index, or "
@@ -348,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                      "checkpoints are read as their weights alone: rank and alpha only (svr and --pairs need it)")
     zoo.add_argument("--metrics", default=["rank", "alpha"], type=_names("--metrics"),
                      help="comma-separated: rank, alpha, svr; none for pair measures only")
-    zoo.add_argument("--pairs", default=[], type=_names("--pairs"), help="comma-separated: cka, grelu_cka, "
-                     "procrustes, grelu_procrustes, stitching (needs a labelled probe such as digits:256)")
+    zoo.add_argument("--pairs", default=[], type=_names("--pairs"), help="comma-separated pair measures: any "
+                     "similarity measure by name or spec (cka, cka:kernel=max, procrustes:group=grelu, svcca, "
+                     "rsa, mutual_knn:k=5; `spectral-ext measures` lists them) and stitching (needs a labelled "
+                     "probe such as digits:256)")
     zoo.add_argument("--probe", help="probe inputs: a tensor file, or digits[:N] as 'digits:256'")
     zoo.add_argument("--layers", type=_names("--layers"), help="comma-separated module names for the pair measures")
     zoo.add_argument("--max-pairs", type=_at_least(1), default=None)
