@@ -144,19 +144,33 @@ def rank_decay(frame, ax=None):
     return _finish(fig, ax, "layer", "numerical rank", yscale="log")
 
 
-def similarity_heatmap(frame, ax=None, title: str | None = None):
-    """Seed 004 Fig. 2/5: similarity of every layer pair as a heatmap, model
-    a's layers as rows, model b's as columns."""
+def similarity_heatmap(frame, ax=None, title: str | None = None, annotate: bool | None = None):
+    """A heatmap of pair values: a similarity_matrix frame (seed 004 Fig.
+    2/5: model a's layers as rows, model b's as columns) or a square
+    measure_matrix frame (K x K models). Similarities in [0, 1] on a fixed
+    0..1 scale, other values (distances) on their own range. annotate:
+    print the values in the cells (default: up to 12 x 12)."""
     fig, ax = _axes(ax, (6, 5))
-    table = frame.pivot(index="layer_a", columns="layer_b", values="value")
-    table = table.loc[list(dict.fromkeys(frame["layer_a"])), list(dict.fromkeys(frame["layer_b"]))]
-    image = ax.imshow(table.to_numpy(), cmap="magma", vmin=0, vmax=1, origin="lower")
+    if "layer_a" in getattr(frame, "columns", ()):
+        table = frame.pivot(index="layer_a", columns="layer_b", values="value")
+        table = table.loc[list(dict.fromkeys(frame["layer_a"])), list(dict.fromkeys(frame["layer_b"]))]
+        xlabel, ylabel = "model b", "model a"
+    else:
+        table, xlabel, ylabel = frame, "", ""
+    values = table.to_numpy(dtype=float)
+    unit = values.min() >= 0 and values.max() <= 1
+    image = ax.imshow(values, cmap="magma", vmin=0 if unit else None, vmax=1 if unit else None, origin="lower")
     ax.set_xticks(range(table.shape[1]))
     ax.set_xticklabels(table.columns, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(table.shape[0]))
     ax.set_yticklabels(table.index, fontsize=7)
-    ax.set_xlabel("model b")
-    ax.set_ylabel("model a")
+    if annotate or (annotate is None and max(values.shape) <= 12):
+        middle = (values.min() + values.max()) / 2
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="black" if v > middle else "white")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     fig.colorbar(image, ax=ax)
