@@ -154,21 +154,21 @@ def similarity_heatmap(frame, ax=None, title: str | None = None, annotate: bool 
     if "layer_a" in getattr(frame, "columns", ()):
         table = frame.pivot(index="layer_a", columns="layer_b", values="value")
         table = table.loc[list(dict.fromkeys(frame["layer_a"])), list(dict.fromkeys(frame["layer_b"]))]
-        xlabel, ylabel = "model b", "model a"
-    else:
-        table, xlabel, ylabel = frame, "", ""
+        xlabel, ylabel, origin = "model b", "model a", "lower"
+    else:  # a K x K matrix: the diagonal from the top left, as it prints
+        table, xlabel, ylabel, origin = frame, "", "", "upper"
     values = table.to_numpy(dtype=float)
     unit = values.min() >= 0 and values.max() <= 1
-    image = ax.imshow(values, cmap="magma", vmin=0 if unit else None, vmax=1 if unit else None, origin="lower")
+    image = ax.imshow(values, cmap="magma", vmin=0 if unit else None, vmax=1 if unit else None, origin=origin)
     ax.set_xticks(range(table.shape[1]))
     ax.set_xticklabels(table.columns, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(table.shape[0]))
     ax.set_yticklabels(table.index, fontsize=7)
     if annotate or (annotate is None and max(values.shape) <= 12):
-        middle = (values.min() + values.max()) / 2
         for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                    color="black" if v > middle else "white")
+            r, g, b, _ = image.cmap(image.norm(v))
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")  # legible on the cell
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
