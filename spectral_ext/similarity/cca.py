@@ -271,12 +271,16 @@ class PWCCA(Measure):
     pair), and matrix()[i, j] from the i-th representation (row i weights);
     symmetric=True averages both sides (repsim 0.1.5's M x M). In [0, 1],
     1 for identical inputs (the matrix diagonal is set to exactly 1).
-    Invariant to orthogonal maps, isotropic scaling and translation. Null
-    directions dropped at relative tolerance `rtol`. [morcos2018]"""
+    Invariant to translation and isotropic scaling, to permuting and
+    flipping the sign of the weighting side's neurons (not to its other
+    orthogonal maps: the weights are l1 sums over neurons) and to any
+    invertible linear map of the other side (symmetric=True: permutations,
+    sign flips, scaling of either). Null directions dropped at relative
+    tolerance `rtol`. [morcos2018]"""
 
     name = "pwcca"
     kind = "similarity"
-    invariances = "orthogonal maps, isotropic scaling, translation"
+    invariances = "permutations and sign flips of neurons, isotropic scaling, translation"
     reference = "morcos2018"
     cost = "O(N D^2 + D^3)"
     min_samples = 2

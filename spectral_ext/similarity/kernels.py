@@ -260,7 +260,7 @@ class CKA(_Kernel):
             reps = [_core._rescaled(X).reshape(X.shape[0], -1, 1) for X, _ in reduced]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                out = _core._pairwise_cka(reps, list(range(len(reps))), self.kernel, self.unbiased,
+                out = _core._pairwise_cka(reps, list(range(len(reps))), self.kernel, self._estimator == "song",
                                           self.bandwidth, self.gamma, None)
         else:
             h = _hsic_matrix(reduced, self._estimator)
