@@ -141,6 +141,13 @@ def test_pair_metrics_is_the_k_by_k_with_each_model_run_once(capsys):
     assert abs(row.loc["cka:kernel=max", "value"] - se.cka(X, Y, "max")) <= 1e-10
     assert abs(row.loc["procrustes", "value"] - se.procrustes(X, Y)) <= 1e-10
     assert abs(row.loc["procrustes:group=grelu", "value"] - se.procrustes(X, Y, "grelu")) <= 1e-10
+    others = ("svcca:variance=0.95", "rsa", "mutual_knn:k=5", "shape_metric:alpha=0.5")
+    frame = zoo.pair_metrics(models, [("cnn1", "cnn4")], x, ["3"], others, progress=False).set_index("measure")
+    for spec in others:  # any measure by its spec, on the activations flattened per input
+        name, *options = spec.split(":")
+        options = dict(o.split("=") for o in options)
+        options = {k: (int(v) if v.isdigit() else float(v)) for k, v in options.items()}
+        assert abs(frame.loc[spec, "value"] - se.similarity.compare(X, Y, name, **options)) <= 1e-10, spec
     zoo.pair_metrics(models, None, x, ["1"], ("cka",), progress=True)
     err = capsys.readouterr().err
     assert "pair metrics" in err and "7/7" in err  # 6 forwards and one batched (layer, measure) step
@@ -169,7 +176,7 @@ def test_pairwise_similarity_progress_bar(capsys):
     (lambda f: zoo.pair_metrics({"a": cnn()}, None, None, ["1"]), zoo.ZooError, "needs a probe"),
     (lambda f: zoo.pair_metrics({"a": cnn()}, None, torch.randn(8, 1, 8, 8), []), zoo.ZooError, "layers"),
     (lambda f: zoo.pair_metrics({"a": cnn()}, None, torch.randn(8, 1, 8, 8), ["1"], ("l2",)), zoo.ZooError,
-     "unknown pair measures"),
+     "measure must be one of"),
 ])
 def test_bad_input_is_refused_naming_the_argument(call, error, match):
     with warnings.catch_warnings():

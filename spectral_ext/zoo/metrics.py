@@ -232,11 +232,27 @@ class ActivationCache:
             return self.entries[name]
         value = compute()
         self.entries[name] = value
-        self.size += sum(t.numel() * t.element_size() for t in value.values())
+        self.size += _nbytes(value)
         while self.size > self.max_bytes and len(self.entries) > 1:
             _, old = self.entries.popitem(last=False)
-            self.size -= sum(t.numel() * t.element_size() for t in old.values())
+            self.size -= _nbytes(old)
         return value
+
+
+def _nbytes(value) -> int:
+    """The bytes of the tensors in a cached value: activations {layer: tensor}, a Gram, or a measure's
+    reduction (a tensor, or an object, tuple or dict holding tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(map(_nbytes, value.values()))
+    if isinstance(value, (tuple, list)):
+        return sum(map(_nbytes, value))
+    if hasattr(value, "__dict__"):
+        return _nbytes(vars(value))
+    if hasattr(value, "__slots__"):
+        return sum(_nbytes(getattr(value, k, None)) for k in value.__slots__)
+    return 0
 
 
 def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=None, measures=("cka",),
