@@ -44,19 +44,29 @@ def _check_k(k: int, n: int) -> None:
                          f"got N = {n}")
 
 
-def knn_indices(X: torch.Tensor, k: int, metric: str = "cosine") -> torch.Tensor:
+def _gram(Z: torch.Tensor) -> torch.Tensor:
+    """Z Z^T, symmetric: numpy's matmul of an array with its own transpose is
+    one BLAS syrk (half the products of a general matrix product)."""
+    Zn = Z.numpy()
+    return torch.from_numpy(Zn @ Zn.T)
+
+
+def knn_indices(X: torch.Tensor, k: int, metric: str = "cosine", with_values: bool = False):
     """The (N, k) int64 indices of each row's k nearest other rows of X (N, D):
     by cosine similarity or by Euclidean distance; the row itself excluded;
-    exact ties broken towards the lower index."""
+    exact ties broken towards the lower index. with_values: also the (N, k)
+    similarities (minus squared distances) at those neighbours."""
     n = X.shape[0]
     _check_k(k, n)
-    Z = _normalised(X) if metric == "cosine" else X
+    Z = _normalised(X) if metric == "cosine" else X.contiguous()
     sq = (X * X).sum(1) if metric == "euclidean" else None
     out = torch.empty(n, k, dtype=torch.int64)
-    rows = max(1, _BLOCK // n)
+    out_vals = torch.empty(n, k, dtype=torch.float64)
+    whole = n * n <= 4 * _BLOCK  # the N x N at once (one syrk), else blocks of rows
+    rows = n if whole else max(1, _BLOCK // n)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        S = Z[start:stop] @ Z.T
+        S = _gram(Z) if whole else Z[start:stop] @ Z.T
         if metric == "euclidean":  # minus the squared distance: larger = nearer
             S = (2.0 * S - sq[start:stop, None] - sq[None, :]).clamp_(max=0.0)
         r = torch.arange(stop - start)
@@ -64,9 +74,10 @@ def knn_indices(X: torch.Tensor, k: int, metric: str = "cosine") -> torch.Tensor
         vals, idx = S.topk(k + 1, dim=1)
         tied = (vals[:, k - 1] == vals[:, k]).nonzero().flatten()
         if len(tied):  # a tie across the k-th place: the lower indices go in
-            idx[tied] = torch.sort(S[tied], dim=1, descending=True, stable=True).indices[:, :k + 1]
-        out[start:stop] = idx[:, :k]
-    return out
+            ranked = torch.sort(S[tied], dim=1, descending=True, stable=True)
+            idx[tied], vals[tied] = ranked.indices[:, :k + 1], ranked.values[:, :k + 1]
+        out[start:stop], out_vals[start:stop] = idx[:, :k], vals[:, :k]
+    return (out, out_vals) if with_values else out
 
 
 def _blocks(n: int, per_row: int):
@@ -194,7 +205,8 @@ class SecondOrderCosine(Measure):
         self.values = check_choice("values", values, ("similarities", "distances"))
 
     def reduce(self, X: torch.Tensor):
-        return _normalised(X), knn_indices(X, self.k, "cosine")
+        idx, sims = knn_indices(X, self.k, "cosine", with_values=True)
+        return _normalised(X), idx, sims
 
     def footprint(self, n: int, d: int) -> int:
         return 8 * n * (d + self.k)
@@ -203,27 +215,31 @@ class SecondOrderCosine(Measure):
         return float(self.matrix([a, b])[0, 1])
 
     def matrix(self, reduced: list) -> torch.Tensor:
-        Zs = [z for z, _ in reduced]
-        E = torch.stack([i for _, i in reduced], 1)  # (N, K, k)
+        Zs = [r[0] for r in reduced]
+        E = torch.stack([r[1] for r in reduced], 1)  # (N, K, k)
+        own_sims = torch.stack([r[2] for r in reduced], 1)  # (N, K, k): s_a at a's own neighbours
         n, K, k = E.shape
         d = max(z.shape[1] for z in Zs)
         # the similarities s_b(i, j) at every representation's neighbours j of i:
         # gathered rows (K k D per input) when that is cheaper than the N x N block
         gather = 8 * K * k < n
         total = torch.zeros(K, K, dtype=torch.float64)
-        per_row = max((K * k) ** 2 // 4, K * K * k * 2, K * k * d if gather else n)
+        # gathered blocks small enough to stay in cache (a fresh 100 MB block costs its page faults)
+        per_row = max((K * k) ** 2 // 4, K * K * k * 2, 16 * K * k * d if gather else n)
         for start, stop in _blocks(n, per_row):
             rows = stop - start
             Eb = E[start:stop].reshape(rows, K * k)
-            V = torch.empty(rows, K * k, K, dtype=torch.float64)
+            V = torch.empty(rows, K, k, K, dtype=torch.float64)
             for b, Z in enumerate(Zs):
-                if gather:
-                    V[:, :, b] = torch.bmm(Z[Eb.flatten()].view(rows, K * k, -1), Z[start:stop, :, None])[..., 0]
+                if gather:  # b's similarities at the other representations' neighbours; its own are known
+                    others = [a for a in range(K) if a != b]
+                    Eo = E[start:stop, others]
+                    V[:, others, :, b] = (Z[Eo] * Z[start:stop, None, None, :]).sum(-1)
+                    V[:, b, :, b] = own_sims[start:stop, b]
                 else:
-                    V[:, :, b] = (Z[start:stop] @ Z.T).gather(1, Eb)
+                    V[:, :, :, b] = (Z[start:stop] @ Z.T).gather(1, Eb).view(rows, K, k)
             if self.values == "distances":
                 V = (1.0 - V).clamp_(0.0, 2.0)
-            V = V.view(rows, K, k, K)
             inside = _membership(E[start:stop], K, k)  # (rows, K, k, K)
             own = torch.diagonal(V, dim1=1, dim2=3).permute(0, 2, 1)  # own[i, a, p] = V[i, a, p, a]
             # the union counted from both sides: each common neighbour at half weight per side
