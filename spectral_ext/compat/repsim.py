@@ -27,6 +27,7 @@ may weigh them otherwise (the canonical directions are not unique there).
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -99,8 +100,8 @@ def _run(m, mats, func_name) -> np.ndarray:
     try:
         return m.matrix(reduced).numpy()
     except ValueError as error:  # name the representation as repsim's users know it
-        raise ValueError(f"{func_name}(): {str(error).replace('the representation at position ', 'mats[')}") \
-            from None
+        raise ValueError(f"{func_name}(): " + re.sub(r"the representation at position (\d+)", r"mats[\1]",
+                                                     str(error))) from None
 
 
 def cca(mats: Sequence, summary_type: Optional[str] = None) -> np.ndarray:
