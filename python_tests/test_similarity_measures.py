@@ -175,3 +175,21 @@ def test_measure_table_lists_every_registered_measure():
     assert set(table.name) == set(M.MEASURES)
     assert table.kind.isin(["similarity", "distance"]).all()
     assert (table.invariances.str.len() > 0).all() and (table.reference.str.len() > 0).all()
+
+
+def test_the_readme_table_lists_the_measures_as_they_are():
+    """README.md's table is what scripts/readme_measures.py writes from table(), and every reference key
+    it cites is a heading of docs/references.md."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("readme_measures", root / "scripts" / "readme_measures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = (root / "README.md").read_text()
+    assert script.written(readme) == readme, "run scripts/readme_measures.py"
+    headings = {line[4:].split()[0] for line in (root / "docs" / "references.md").read_text().splitlines()
+                if line.startswith("### ")}
+    missing = set(M.table().reference) - headings
+    assert not missing, f"reference keys without a heading in docs/references.md: {missing}"
