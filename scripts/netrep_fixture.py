@@ -25,8 +25,8 @@ OUT = os.path.join(ROOT, "python_tests", "data", "netrep_values.json")
 
 #: (seed, N, Dx, Dy): equal widths, zero padding, fewer inputs than features
 PAIRS = [(0, 30, 5, 5), (1, 40, 6, 4), (2, 8, 12, 12), (3, 25, 3, 7)]
-#: pairwise_distances: 4 networks of these widths, N_TRAIN train and N_TEST test inputs
-NET_SEED, NET_WIDTHS, N_TRAIN, N_TEST = 7, (6, 6, 5, 6), 50, 20
+#: pairwise_distances: 4 networks of these widths (pairs padded to 4 and 6 columns), N_TRAIN train and N_TEST test
+NET_SEED, NET_WIDTHS, N_TRAIN, N_TEST = 7, (6, 4, 3, 6), 50, 20
 ALPHAS = (0.0, 0.5, 1.0)
 METHODS = ("angular", "euclidean")
 

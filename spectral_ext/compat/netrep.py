@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..similarity.shape import (_finish, check_alpha, check_flag, cross_blocks, nuclear_norms, whitening)
+from ..similarity.shape import _finish, assignment_values, check_alpha, cross_blocks, nuclear_norms, whitening
 
 _SCORES = ("euclidean", "angular")
 
@@ -276,18 +276,18 @@ def _batched(metric, traindata, testdata, verbose):
             U, S, Vh = torch.linalg.svd(M)
             inner = S.sum(-1)
     else:
-        from .._ops import linear_sum_assignment
-
-        _, cols = linear_sum_assignment(M, maximize=True)
-        inner = M.gather(2, cols[:, :, None])[..., 0].sum(-1)
+        sizes = torch.maximum(torch.tensor(widths)[i], torch.tensor(widths)[j])
+    if test is not None:
+        Ct, _, _ = cross_blocks(te)
+    if not linear:
+        inner, *rest = assignment_values(M, sizes, *([Ct] if test is not None else []))
     vals = _finish(metric.score_method, inner * s2, sq[i] * scales[:, 0] ** 2, sq[j] * scales[:, 1] ** 2)
     D_train[i, j] = D_train[j, i] = vals.numpy()
     if test is not None:
-        Ct, _, _ = cross_blocks(te)
         if linear:  # tr(U^T Ct V): the test cross-covariance in the train fit's alignment
             inner_t = (U * (Ct @ Vh.mT)).sum((-2, -1))
         else:
-            inner_t = Ct.gather(2, cols[:, :, None])[..., 0].sum(-1)
+            inner_t = rest[0]
         sqt = torch.stack([(X * X).sum() for X in te])
         vals = _finish(metric.score_method, inner_t * s2, sqt[i] * scales[:, 0] ** 2, sqt[j] * scales[:, 1] ** 2)
         D_test[i, j] = D_test[j, i] = vals.numpy()

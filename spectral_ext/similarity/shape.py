@@ -152,6 +152,24 @@ def nuclear_norms(M: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def assignment_values(M: torch.Tensor, sizes: torch.Tensor | None = None, *others: torch.Tensor):
+    """The optimal assignment's total of each block of M (B, P, P), maximised,
+    with the block cut to its own size (netrep pads a pair to max(Dx, Dy):
+    a larger zero padding would let a feature go unmatched), and the same
+    assignment's totals in each of ``others`` (B, P, P) (test data)."""
+    from .._ops import linear_sum_assignment
+
+    B, P, _ = M.shape
+    sizes = torch.full((B,), P) if sizes is None else sizes
+    outs = [M.new_zeros(B) for _ in range(1 + len(others))]
+    for p in sizes.unique().tolist():
+        idx = (sizes == p).nonzero().flatten()
+        _, cols = linear_sum_assignment(M[idx, :p, :p].contiguous(), maximize=True)
+        for out, A in zip(outs, (M,) + others):
+            out[idx] = A[idx, :p, :p].gather(2, cols[:, :, None])[..., 0].sum(-1)
+    return outs
+
+
 def _finish(distance: str, inner: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
     """angular: arccos(inner / (|X| |Y|)); euclidean: sqrt(|X|^2 + |Y|^2 - 2 inner)
     (sx, sy: squared norms)."""
@@ -190,7 +208,8 @@ class _Aligned(Measure):
                              "its angular distance to anything is undefined")
         return Aligned(X, sq, X.shape[1], white)
 
-    def _values(self, M: torch.Tensor) -> torch.Tensor:  # (B, P, P) -> the optimal alignments' inner products
+    def _values(self, M: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, P, P) -> the optimal alignments' inner products (zero padding changes no nuclear norm)."""
         return nuclear_norms(M)
 
     def _check_pad(self, a: Aligned, b: Aligned) -> None:
@@ -223,7 +242,8 @@ class _Aligned(Measure):
         if K < 2:
             return out
         M, i, j = cross_blocks([r.X for r in reduced])
-        inner = self._values(M)
+        widths = torch.tensor([r.D for r in reduced])
+        inner = self._values(M, torch.maximum(widths[i], widths[j]))
         s = torch.tensor([self._scales(reduced[a], reduced[b]) for a, b in zip(i.tolist(), j.tolist())],
                          dtype=torch.float64)
         sq = torch.tensor([r.sq for r in reduced], dtype=torch.float64)
@@ -251,12 +271,15 @@ class ShapeMetric(_Aligned):
     netrep's convention; the padding adds clipped eigenvalues to the
     preserved variance, as netrep does). alpha = 1: Procrustes; alpha = 0:
     the mean canonical correlation's angle (any invertible linear map).
-    Invariances: orthogonal transforms, translation (center_columns), at
-    alpha = 0 any invertible linear map; isotropic scaling for the angular
-    distance."""
+    Invariances: orthogonal transforms, translation (center_columns); the
+    angular distance also isotropic scaling at alpha = 0 or 1 (between them
+    the weights alpha + (1 - alpha) lam^-1/2 mix scales: netrep's partial
+    whitening depends on the scale and on N) and, at alpha = 0, any
+    invertible linear map (the Euclidean distance keeps ||Xc||, so it
+    changes with the map)."""
     name = "shape_metric"
-    invariances = ("orthogonal transforms; translation (center_columns); any invertible linear map at alpha=0; "
-                   "isotropic scaling (angular)")
+    invariances = ("orthogonal transforms; translation (center_columns); angular only: isotropic scaling at "
+                   "alpha=0 or 1, any invertible linear map at alpha=0")
     reference = "williams2021"
     cost = "O(N D^2 + D^3)"
 
@@ -280,7 +303,8 @@ class PermutationMetric(_Aligned):
     alpha), the features of Y matched to those of X by the assignment that
     maximises t = sum_k (Xc^T Yc)[k, pi(k)] (linear_sum_assignment); angular:
     arccos(t / (||Xc|| ||Yc||)); euclidean: sqrt(||Xc||^2 + ||Yc||^2 - 2 t).
-    Different D: zero-padded to the larger (zero_pad). Invariances:
+    Different D: zero-padded to the larger (zero_pad), so every feature of
+    the narrower representation is matched. Invariances:
     permutations of the features, translation (center_columns), isotropic
     scaling for the angular distance; not rotations."""
     name = "permutation_metric"
@@ -296,11 +320,8 @@ class PermutationMetric(_Aligned):
     def reduce(self, X: torch.Tensor) -> Aligned:
         return self._aligned(_center(X, self.center_columns))
 
-    def _values(self, M: torch.Tensor) -> torch.Tensor:
-        from .._ops import linear_sum_assignment
-
-        _, cols = linear_sum_assignment(M, maximize=True)
-        return M.gather(2, cols[:, :, None])[..., 0].sum(-1)
+    def _values(self, M: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        return assignment_values(M, sizes)[0]
 
 
 @register
