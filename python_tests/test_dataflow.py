@@ -2,6 +2,8 @@
 models that torch.fx cannot trace, followed through one recorded forward;
 the same graph as fx on torchvision CNNs when forced; dict inputs; its rules
 one by one on small models."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,20 +20,45 @@ V = 64  # vocabulary
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=V)
 
 
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+              patch_size=4)
+
+
 def build(family, attn=None, **changes):
+    """A small model of `family` with random weights (seed 0); T5 as its
+    encoder alone and CLIP as its vision tower, the classes a user would
+    take for hidden states."""
     if family == "gpt2":
         kwargs = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=V, bos_token_id=0, eos_token_id=0)
+    elif family == "t5":
+        kwargs = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=V)
+    elif family in ("vit", "clip_vision_model"):
+        kwargs = dict(VISION)
+    elif family == "swin":  # two stages of two blocks: the second block of stage 0 shifts its windows
+        kwargs = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=2)
     else:
-        kwargs = dict(SMALL, num_key_value_heads=2) if family in ("llama", "qwen2") else dict(SMALL)
+        kwargs = dict(SMALL, num_key_value_heads=2) if family in ("llama", "qwen2", "mistral") else dict(SMALL)
     cfg = transformers.AutoConfig.for_model(family, **{**kwargs, **changes})
     if attn is not None:
         cfg._attn_implementation = attn
     torch.manual_seed(0)
+    if family == "t5":
+        return transformers.T5EncoderModel(cfg).eval()
+    if family == "clip_vision_model":
+        return transformers.CLIPVisionModel(cfg).eval()
     return transformers.AutoModel.from_config(cfg).eval()
 
 
 def tokens(batch=1, length=8):
     return {"input_ids": torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(batch))}
+
+
+def inputs(family, batch=1):
+    """Token ids, or pixel values for the vision families."""
+    if family not in ("vit", "swin", "clip_vision_model"):
+        return tokens(batch)
+    size = 32 if family == "swin" else 16
+    return {"pixel_values": torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))}
 
 
 def gated_edges(layers=2):
@@ -99,12 +126,89 @@ def bert_edges(layers=2):
     return edges | {(s, "pooler.dense") for s in stream}
 
 
+def prenorm_edges(blocks, stream, qkv=("q_proj", "k_proj", "v_proj"), o="o_proj", mlp=("fc1", "fc2")):
+    """Pre-norm blocks x + attn(norm(x)), then x + mlp(norm(x)), each block
+    given as (attention prefix, MLP prefix): v -> o, mlp[0] -> mlp[1], and
+    the residual stream (the maps in `stream`, then each block's o and
+    mlp[1]) read by every later q, k, v and mlp[0]. Returns the edges and the
+    stream after the blocks."""
+    edges, stream = set(), list(stream)
+    for a, m in blocks:
+        edges |= {(s, a + r) for s in stream for r in qkv}
+        edges.add((a + qkv[2], a + o))
+        stream.append(a + o)
+        edges |= {(s, m + mlp[0]) for s in stream}
+        edges.add((m + mlp[0], m + mlp[1]))
+        stream.append(m + mlp[1])
+    return edges, stream
+
+
+def t5_edges(layers=2):
+    """T5's encoder: pre-norm (T5LayerNorm, an RMSNorm) blocks, a ReLU MLP
+    wi -> wo. The relative position bias is added to the scores: it holds no
+    channel of any map and changes no edge. The embedding is no map."""
+    blocks = [(f"encoder.block.{i}.layer.0.SelfAttention.", f"encoder.block.{i}.layer.1.DenseReluDense.")
+              for i in range(layers)]
+    return prenorm_edges(blocks, [], ("q", "k", "v"), "o", ("wi", "wo"))[0]
+
+
+def vit_edges(layers=2):
+    """ViT: the patch embedding (a stride-4 conv, flattened into tokens, the
+    class token and position embeddings no map's) starts the residual stream,
+    which every block reads. The pooler's dense reads the class token, a
+    parameter that no patch reaches but through the attention (v -> o): the
+    stream less the patch embedding."""
+    blocks = [(f"layers.{i}.attention.", f"layers.{i}.mlp.") for i in range(layers)]
+    edges, stream = prenorm_edges(blocks, ["embeddings.patch_embeddings.projection"])
+    return edges | {(s, "pooler.dense") for s in stream[1:]}
+
+
+def clip_edges(layers=2):
+    """CLIP's vision tower: as ViT (its pre-LayerNorm taken whole), without
+    a pooler map (post_layernorm of the class token)."""
+    blocks = [(f"encoder.layers.{i}.self_attn.", f"encoder.layers.{i}.mlp.") for i in range(layers)]
+    return prenorm_edges(blocks, ["embeddings.patch_embedding"], o="out_proj")[0]
+
+
+def swin_edges(depths=(2, 2)):
+    """Swin: within a stage, pre-norm blocks on windows (the window
+    partition, the shift by torch.roll and its reversal move tokens, never
+    channels); at a stage's end the patch merging reads the 2 x 2
+    neighbouring tokens' channels concatenated (a linear map with K2 = 4
+    taps per channel of every map of the stage's stream), and its output
+    starts the next stage's stream."""
+    edges, stream = set(), ["embeddings.patch_embeddings.projection"]
+    for s, depth in enumerate(depths):
+        blocks = [(f"encoder.layers.{s}.blocks.{b}.attention.", f"encoder.layers.{s}.blocks.{b}.mlp.")
+                  for b in range(depth)]
+        new, stream = prenorm_edges(blocks, stream)
+        edges |= new
+        if s < len(depths) - 1:
+            merge = f"encoder.layers.{s}.downsample.reduction"
+            edges |= {(p, merge) for p in stream}
+            stream = [merge]
+    return edges
+
+
+# family: (its edges, the maps that read the input, the outputs: maps with no outgoing edge other than the
+# queries and keys, which end in the attention scores)
 FAMILIES = {
-    "llama": (gated_edges, {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"}),
-    "qwen2": (gated_edges, {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"}),
-    "gpt_neox": (neox_edges, {"layers.0.attention.query_key_value", "layers.0.mlp.dense_h_to_4h"}),
-    "gpt2": (gpt2_edges, {"h.0.attn.c_attn"}),
-    "bert": (bert_edges, {f"encoder.layer.0.attention.self.{r}" for r in ("query", "key", "value")}),
+    "llama": (gated_edges, {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"},
+              {"layers.1.mlp.down_proj"}),
+    "qwen2": (gated_edges, {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"},
+              {"layers.1.mlp.down_proj"}),
+    "mistral": (gated_edges, {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj",
+                              "layers.0.self_attn.v_proj"}, {"layers.1.mlp.down_proj"}),
+    "gpt_neox": (neox_edges, {"layers.0.attention.query_key_value", "layers.0.mlp.dense_h_to_4h"},
+                 {"layers.1.attention.dense", "layers.1.mlp.dense_4h_to_h"}),
+    "gpt2": (gpt2_edges, {"h.0.attn.c_attn"}, {"h.1.mlp.c_proj"}),
+    "bert": (bert_edges, {f"encoder.layer.0.attention.self.{r}" for r in ("query", "key", "value")},
+             {"pooler.dense"}),
+    "t5": (t5_edges, {f"encoder.block.0.layer.0.SelfAttention.{r}" for r in "qkv"},
+           {"encoder.block.1.layer.1.DenseReluDense.wo"}),
+    "vit": (vit_edges, {"embeddings.patch_embeddings.projection"}, {"pooler.dense"}),
+    "clip_vision_model": (clip_edges, {"embeddings.patch_embedding"}, {"encoder.layers.1.mlp.fc2"}),
+    "swin": (swin_edges, {"embeddings.patch_embeddings.projection"}, {"encoder.layers.1.blocks.1.mlp.fc2"}),
 }
 
 
@@ -120,15 +224,23 @@ def models():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_transformers_families_have_their_stated_edges(models, family):
-    expected, reading_the_input = FAMILIES[family]
+    """The stated edges; every map the forward runs has an incoming edge but
+    those reading the input, and an outgoing one but the outputs and the
+    queries and keys (named in stopped_at as ending in the scores)."""
+    expected, reading_the_input, outputs = FAMILIES[family]
     model = models[family]
     with pytest.raises(Exception):
         torch.fx.symbolic_trace(model)  # the reason for the eager tracer
-    g = se.discover(model, tokens())
+    g = se.discover(model, inputs(family))
     assert g.traced and g.tracer == "eager"
     assert {(c.previous, c.next) for c in g.connections} == expected()
-    fed = {c.next for c in g.connections}
+    run = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))} | set(g.maps)
+    assert set(g.maps) == run  # every linear map of the model is one the forward ran
+    fed, feeding = {c.next for c in g.connections}, {c.previous for c in g.connections}
     assert {n for n in g.maps if n not in fed} == reading_the_input
+    scores = {n for s in g.stopped_at for names in re.findall(r"end in the scores: (.*)\)$", s)
+              for n in names.split(", ")}
+    assert {n for n in g.maps if n not in feeding} - scores == outputs  # packed q, k, v feed on: no exception
     for c in g.connections:  # every edge reads real channels of its producer and real rows of its reader
         assert 0 <= int(c.channels.min()) and int(c.channels.max()) < g.maps[c.previous].out_channels
         assert int(c.rows.max()) < g.maps[c.next].in_channels and c.null_dimension > 0
@@ -136,7 +248,7 @@ def test_transformers_families_have_their_stated_edges(models, family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_svr_runs_on_transformers_with_thresholds_on_those_edges(models, family):
-    s = se.svr(models[family], tokens(), progress=False, dtype=torch.float64)
+    s = se.svr(models[family], inputs(family), progress=False, dtype=torch.float64)
     assert set(s.edges) == FAMILIES[family][0]()
     for e in range(len(s.edges)):
         A = s.adjacency(e)
@@ -144,6 +256,25 @@ def test_svr_runs_on_transformers_with_thresholds_on_those_edges(models, family)
         # a random network's coefficients average 1 / n (seed 000 section 2.4): the null dimension fits
         assert float(A.mean()) * s.null_dimension(e) == pytest.approx(1, rel=0.35)
         assert s.significant(e).shape == A.shape
+
+
+def test_swin_patch_merging_reads_four_neighbours_and_its_shifted_windows_move_tokens_only(models):
+    """Swin's patch merging concatenates the channels of each 2 x 2
+    neighbourhood (x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]):
+    producer channel c is read at inputs c, C + c, 2C + c and 3C + c of the
+    reduction (K2 = 4, null dimension C). Block 1 shifts its windows by
+    torch.roll, which moves tokens: its value channels reach its output
+    projection one to one, as in block 0."""
+    model = models["swin"]
+    assert model.encoder.layers[0].blocks[1].shift_size == 1  # the shift runs
+    g = se.discover(model, inputs("swin"))
+    c = g.connection("encoder.layers.0.blocks.1.mlp.fc2", "encoder.layers.0.downsample.reduction")
+    torch.testing.assert_close(c.channels, torch.arange(16))
+    torch.testing.assert_close(c.rows, torch.arange(16)[:, None] + torch.tensor([0, 16, 32, 48]))
+    assert c.kernel_area == 4 and c.null_dimension == 16
+    for b in ("encoder.layers.0.blocks.0.attention.", "encoder.layers.0.blocks.1.attention."):
+        c = g.connection(b + "v_proj", b + "o_proj")
+        torch.testing.assert_close(c.rows[:, 0], torch.arange(16))
 
 
 def test_grouped_query_attention_value_heads_reach_the_query_heads_that_share_them():

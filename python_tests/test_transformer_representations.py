@@ -24,7 +24,7 @@ VOCAB = 100
 def modeling_modules():
     """transformers imports each architecture's modules on first use (seconds, once per process): here,
     not inside the first test's timing."""
-    for kind in ("bert", "llama", "gpt2", "vit", "swin"):
+    for kind in ("bert", "llama", "gpt2", "vit", "swin", "mistral", "t5", "clip"):
         build(kind, 0)
 
 
@@ -43,8 +43,18 @@ def build(kind: str, seed: int, **extra):
                                               num_attention_heads=2, intermediate_size=64, **extra),
         "swin": lambda: transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
                                                 num_heads=[2, 2], window_size=2, **extra),
+        "mistral": lambda: transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=2, num_key_value_heads=1,
+                                                      intermediate_size=64, max_position_embeddings=32, **extra),
+        "t5": lambda: transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                            num_heads=2, **extra),
+        "clip": lambda: transformers.CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32,
+                                                      num_hidden_layers=2, num_attention_heads=2,
+                                                      intermediate_size=64, **extra),
     }
     torch.manual_seed(seed)
+    if kind == "t5":  # the encoder alone (T5Model wants decoder inputs too)
+        return transformers.T5EncoderModel(configs[kind]())
     return transformers.AutoModel.from_config(configs[kind]())
 
 
@@ -67,6 +77,11 @@ ARCHITECTURES = {
     "llama": (["embed_tokens", "layers.0", "layers.0.self_attn", "layers.1.mlp.gate_proj", "norm"], token_inputs),
     "gpt2": (["wte", "h.0", "h.0.attn", "h.1.mlp.c_fc", "ln_f"], token_inputs),
     "vit": (["embeddings", "layers.0", "layers.0.attention", "layers.1.mlp", "layernorm", "pooler"], image_inputs),
+    "mistral": (["embed_tokens", "layers.0", "layers.0.self_attn", "layers.1.mlp.up_proj", "norm"], token_inputs),
+    "t5": (["encoder.embed_tokens", "encoder.block.0", "encoder.block.0.layer.0.SelfAttention", "encoder.block.1.layer.1",
+            "encoder.final_layer_norm"], token_inputs),
+    "clip": (["embeddings", "pre_layrnorm", "encoder.layers.0", "encoder.layers.0.self_attn",
+              "encoder.layers.1.mlp.fc1", "post_layernorm"], image_inputs),
     # Swin's window attention gives (B windows, tokens, C): read as B samples whose windows are positions
     "swin": (["embeddings", "encoder.layers.0", "encoder.layers.0.blocks.0.attention", "encoder.layers.1",
               "layernorm", "pooler"], lambda: image_inputs(size=32)),
