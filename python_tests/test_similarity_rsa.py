@@ -115,6 +115,11 @@ def test_average_ranks_match_rankdata():
     V[2, :] = 3.0  # all tied
     V[3, :5] = [-0.0, 0.0, -1e-300, 1e-300, 0.0]  # signed zeros tie, tiny values do not
     np.testing.assert_array_equal(_average_ranks(torch.from_numpy(V)).numpy(), scipy.stats.rankdata(V, axis=1))
+    # the sort goes by float32 keys first: values equal in float32 but not in float64, and extremes
+    W = np.stack([1 + rng.integers(0, 40, 300) * 1e-12,
+                  np.round(rng.standard_normal(300), 2) * 10.0 ** rng.integers(-320, 300, 300),
+                  np.r_[rng.standard_normal(292), np.inf, -np.inf, 1e308, -1e308, 0.0, -0.0, 5e-324, -5e-324]])
+    np.testing.assert_array_equal(_average_ranks(torch.from_numpy(W)).numpy(), scipy.stats.rankdata(W, axis=1))
 
 
 # ---------------------------------------------------------------------------------------------
