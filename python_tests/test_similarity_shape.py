@@ -271,3 +271,18 @@ def test_edge_cases_raise_clearly():
     # a constant representation has a Euclidean distance: its norm
     assert compare(np.ones((10, 3)), X, "shape_metric", distance="euclidean") == pytest.approx(
         np.linalg.norm(X - X.mean(0)), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nearly_aligned_pairs_are_accurate(name):
+    """A rotated (or permuted) and translated copy: distance 0 up to the arccos / square-root cancellation of
+    one rounding (sqrt(2 eps) ~ 2e-8 relative), in the pair and in the batched K x K (the SVD route)."""
+    X = reps(16, n=50, d=8, k=1)[0]
+    T = np.eye(8)[rng(1).permutation(8)] if name == "permutation_metric" else orthogonal(8, 2)
+    R = [X, X @ T + 1.0, X[:, ::-1] @ T.T if name != "permutation_metric" else X[:, ::-1]]
+    for dist in ("angular", "euclidean"):
+        D = measure_matrix(R, name, distance=dist).values
+        scale = 1.0 if dist == "angular" else np.linalg.norm(X - X.mean(0)) / (
+            np.sqrt(50) if name == "bures_distance" else 1.0)
+        assert np.abs(D).max() <= 5e-8 * scale
+        assert compare(R[0], R[1], name, distance=dist) <= 5e-8 * scale

@@ -175,16 +175,25 @@ class LinearMetric(_Metric):
         Xc = X - mx
         _, white = whitening(Xc, float(self.alpha))
         Z = white.Z(X.shape[1], X.shape[1])
-        return mx.numpy(), (Xc @ Z).numpy(), Z.numpy()
+        return mx.numpy(), (Xc if white.exact else Xc @ Z).numpy(), Z.numpy()
 
     def finalize_fit(self, cache_X, cache_Y):
         """Fits Wx_, Wy_ (and keeps mx_, my_) from two partial_fit caches."""
         self.mx_, Xw, Zx = cache_X
         self.my_, Yw, Zy = cache_Y
-        U, _, Vt = np.linalg.svd(Xw.T @ Yw)
+        U, S, Vt = np.linalg.svd(Xw.T @ Yw)
         self.Wx_ = Zx @ U
         self.Wy_ = Zy @ Vt.T
+        # the training distance, for fit_score (score(X, Y) of the same data, without the transforms)
+        sx, sy = np.sum(Xw * Xw), np.sum(Yw * Yw)
+        self._fit_distance = float(_finish(self.score_method, torch.tensor(S.sum()), torch.tensor(sx),
+                                           torch.tensor(sy)))
         return self
+
+    def fit_score(self, X, Y) -> float:
+        """fit(X, Y) then score(X, Y): the distance from the fit's singular values (the same number
+        as scoring the transformed X and Y, without computing them)."""
+        return self.fit(X, Y)._fit_distance
 
     def _transform_X(self, X):
         return self._transform(X, self._fitted("Wx_"), self.mx_)
@@ -271,7 +280,7 @@ def _batched(metric, traindata, testdata, verbose):
     sq = torch.stack([(X * X).sum() for X in tr])
     if linear:
         if test is None:
-            inner = nuclear_norms(M)
+            inner = nuclear_norms(M, (sq[i] * sq[j]).sqrt())
         else:
             U, S, Vh = torch.linalg.svd(M)
             inner = S.sum(-1)

@@ -10,12 +10,12 @@ has the same core: the optimal alignment of X (N, Dx) and Y (N, Dy) by an
 orthogonal map has the value ||X^T Y||_* (the nuclear norm: the sum of the
 singular values of the cross-covariance), by a permutation the optimal
 assignment of X^T Y. The reductions are the centred, (partially) whitened
-representations; the K x K stacks them, computes the upper blocks of their
-Gram matrix in a few large products (half the flops of one full product),
+representations; the K x K stacks them, computes the upper triangle of their
+Gram matrix in one BLAS syrk (half the flops of one full product),
 and takes the singular values of all K (K - 1) / 2 cross blocks in one
 batched call (eigvalsh of the blocks' Gram, with a fall-back to svdvals for
-the blocks whose smallest singular value is too small for that route to be
-accurate to ~1e-13), or solves all their assignments in one batched
+the blocks whose small singular values that route cannot give to ~1e-13:
+rank-deficient or zero-padded blocks), or solves all their assignments in one batched
 linear_sum_assignment.
 """
 from __future__ import annotations
@@ -31,10 +31,13 @@ from .measure import Measure, check_choice, register
 #: netrep's whiten: eigenvalues of Xc^T Xc (not divided by N) are raised to
 #: this floor before the whitening weights (alpha + (1 - alpha) lam^-1/2).
 EIGVAL_TOL = 1e-7
-#: eigvalsh of M^T M gives the singular values of M to ~eps * s_max / (2 * s_min);
-#: blocks with s_min / s_max below sqrt of this are redone by svdvals.
-_EIG_RATIO = 1e-6
-#: leaf width of the recursive symmetric Gram (columns)
+#: eigvalsh of M^T M gives the singular values of M to ~eps * s_max^2 / (2 * s_i): blocks whose
+#: nuclear norm could be off by more than this (relative, a bound ~1e3 above the errors measured)
+#: are redone by svdvals (rank-deficient and zero-padded blocks)
+_EIG_TOL = 1e-10
+#: pairs with 1 - cos below this take the SVD route (see nuclear_norms)
+_NEAR = 1e-4
+#: stacked widths above which the Gram is one BLAS syrk (below, one matmul)
 _LEAF = 256
 
 
@@ -108,45 +111,47 @@ def whitening(Xc: torch.Tensor, alpha: float) -> tuple[torch.Tensor, Whitening]:
     return (Xc @ V) * d, Whitening(V, d, float(lam.sum()), float(_variance(lam, alpha)), alpha, False)
 
 
-def _sym_gram_into(St: torch.Tensor, out: torch.Tensor, lo: int, hi: int, unit: int) -> None:
-    """out[lo:hi, lo:hi] upper blocks (of width unit) = St[lo:hi] St[lo:hi]^T, by halves."""
-    width = hi - lo
-    if width <= max(unit, _LEAF) or width // unit < 2:
-        out[lo:hi, lo:hi] = St[lo:hi] @ St[lo:hi].T
-        return
-    mid = lo + (width // unit // 2) * unit
-    out[lo:mid, mid:hi] = St[lo:mid] @ St[mid:hi].T
-    _sym_gram_into(St, out, lo, mid, unit)
-    _sym_gram_into(St, out, mid, hi, unit)
-
-
 def cross_blocks(mats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cross products mats[i]^T mats[j] (i < j) of K (N, D_i) matrices,
     zero-padded to P = max D_i: (B, P, P) with B = K (K - 1) / 2, and the
-    pairs' indices (i, j). The Gram of the stacked matrices is computed by
-    halves (about half the flops of one full product)."""
+    pairs' indices (i, j): the upper triangle of the Gram of the stacked
+    matrices, by one BLAS syrk (half the flops of a full product)."""
     K = len(mats)
     P = max(m.shape[1] for m in mats)
     N = mats[0].shape[0]
     St = torch.zeros(K * P, N, dtype=torch.float64)
     for k, m in enumerate(mats):
         St[k * P:k * P + m.shape[1]] = m.T
-    G = torch.empty(K * P, K * P, dtype=torch.float64)
-    _sym_gram_into(St, G, 0, K * P, P)
+    if K * P > _LEAF:  # BLAS syrk: one triangle, half the flops (torch has none); scipy's OpenBLAS
+        from scipy.linalg import blas
+
+        G = torch.from_numpy(blas.dsyrk(1.0, St.numpy().T, trans=1))  # St read in Fortran order is St^T
+    else:
+        G = St @ St.T
     i, j = torch.triu_indices(K, K, 1)
     return G.view(K, P, K, P)[i, :, j, :], i, j
 
 
-def nuclear_norms(M: torch.Tensor) -> torch.Tensor:
+def nuclear_norms(M: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of the singular values of each (P, P) block of M (B, P, P):
     eigvalsh of M^T M (faster than an SVD), and svdvals for the blocks where
     that route would lose accuracy (a small singular value: rank-deficient or
-    zero-padded blocks)."""
+    zero-padded blocks) or where its ~1e-14 matters: norms (B,) = ||X|| ||Y||
+    of each block's pair, and a nuclear norm within 1e-4 of it (nearly
+    aligned representations, whose distance sqrt(2 (1 - cos)) magnifies the
+    error to ~1e-7) is redone."""
     if M.shape[0] == 0:
         return M.new_zeros(0)
     lam = torch.linalg.eigvalsh(M.mT @ M)
-    out = lam.clamp(min=0).sqrt().sum(-1)
-    poor = ~(lam[:, 0] > _EIG_RATIO * lam[:, -1])
+    s = lam.clamp(min=0).sqrt()
+    out = s.sum(-1)
+    # an eigenvalue's error is about P eps lam_max (conservative), a singular value's then
+    # min(that / (2 s), its square root); redo the blocks where the sum could be off by > _EIG_TOL
+    dl = M.shape[-1] * torch.finfo(M.dtype).eps * lam[:, -1:].clamp(min=0)
+    err = torch.minimum(dl / (2 * s), dl.sqrt()).sum(-1)
+    poor = ~(err <= _EIG_TOL * out)
+    if norms is not None:
+        poor |= out > (1 - _NEAR) * norms
     if poor.any():
         out[poor] = torch.linalg.svdvals(M[poor]).sum(-1)
     return out
@@ -208,9 +213,10 @@ class _Aligned(Measure):
                              "its angular distance to anything is undefined")
         return Aligned(X, sq, X.shape[1], white)
 
-    def _values(self, M: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    def _values(self, M: torch.Tensor, sizes: torch.Tensor | None = None,
+                norms: torch.Tensor | None = None) -> torch.Tensor:
         """(B, P, P) -> the optimal alignments' inner products (zero padding changes no nuclear norm)."""
-        return nuclear_norms(M)
+        return nuclear_norms(M, norms)
 
     def _check_pad(self, a: Aligned, b: Aligned) -> None:
         if a.D != b.D and not self.zero_pad:
@@ -229,7 +235,8 @@ class _Aligned(Measure):
         C = torch.zeros(P, P, dtype=torch.float64)
         C[:a.D, :b.D] = a.X.T @ b.X
         sa, sb = self._scales(a, b)
-        inner = self._values(C[None])[0] * (sa * sb)
+        inner = self._values(C[None], None, torch.tensor([math.sqrt(a.sq * b.sq)], dtype=torch.float64))[0]
+        inner = inner * (sa * sb)
         def t(v):
             return torch.tensor(v, dtype=torch.float64)
         return float(_finish(self.distance, inner, t(a.sq * sa * sa), t(b.sq * sb * sb)))
@@ -243,10 +250,10 @@ class _Aligned(Measure):
             return out
         M, i, j = cross_blocks([r.X for r in reduced])
         widths = torch.tensor([r.D for r in reduced])
-        inner = self._values(M, torch.maximum(widths[i], widths[j]))
+        sq = torch.tensor([r.sq for r in reduced], dtype=torch.float64)
+        inner = self._values(M, torch.maximum(widths[i], widths[j]), (sq[i] * sq[j]).sqrt())
         s = torch.tensor([self._scales(reduced[a], reduced[b]) for a, b in zip(i.tolist(), j.tolist())],
                          dtype=torch.float64)
-        sq = torch.tensor([r.sq for r in reduced], dtype=torch.float64)
         vals = _finish(self.distance, inner * s[:, 0] * s[:, 1], sq[i] * s[:, 0] ** 2, sq[j] * s[:, 1] ** 2)
         out[i, j] = vals
         out[j, i] = vals
@@ -320,7 +327,8 @@ class PermutationMetric(_Aligned):
     def reduce(self, X: torch.Tensor) -> Aligned:
         return self._aligned(_center(X, self.center_columns))
 
-    def _values(self, M: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    def _values(self, M: torch.Tensor, sizes: torch.Tensor | None = None,
+                norms: torch.Tensor | None = None) -> torch.Tensor:
         return assignment_values(M, sizes)[0]
 
 
