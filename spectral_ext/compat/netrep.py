@@ -173,7 +173,7 @@ class LinearMetric(_Metric):
         X = torch.from_numpy(np.ascontiguousarray(_array(X)))
         mx = X.mean(0) if self.center_columns else torch.zeros(X.shape[1], dtype=torch.float64)
         Xc = X - mx
-        _, white = whitening(Xc, float(self.alpha))
+        _, white = whitening(Xc, float(self.alpha), project=False)
         Z = white.Z(X.shape[1], X.shape[1])
         return mx.numpy(), (Xc if white.exact else Xc @ Z).numpy(), Z.numpy()
 

@@ -83,9 +83,9 @@ class Whitening:
         if self.exact:
             return 1.0
         extra = P - D
-        tol = torch.tensor(EIGVAL_TOL, dtype=torch.float64)
-        return math.sqrt((self.lam_sum + extra * EIGVAL_TOL) / (self.var + extra * float(_variance(tol[None],
-                                                                                                    self.alpha))))
+        a, t = self.alpha, EIGVAL_TOL
+        var_tol = a * a * t + 2 * a * (1 - a) * math.sqrt(t) + (1 - a) ** 2  # _variance of one clipped eigenvalue
+        return math.sqrt((self.lam_sum + extra * t) / (self.var + extra * var_tol))
 
     def Z(self, D: int, P: int) -> torch.Tensor:
         """netrep's (P, P) whitening matrix: X_padded @ Z is the whitened X."""
@@ -99,16 +99,18 @@ class Whitening:
         return out
 
 
-def whitening(Xc: torch.Tensor, alpha: float) -> tuple[torch.Tensor, Whitening]:
+def whitening(Xc: torch.Tensor, alpha: float, project: bool = True) -> tuple[torch.Tensor | None, Whitening]:
     """Xc (N, D) centred (or not) -> (Xc V diag(d), the Whitening): the
     whitened representation in the eigenbasis of Xc^T Xc, unscaled (a
-    rotation of netrep's X Z, which changes no distance)."""
+    rotation of netrep's X Z, which changes no distance); None in its place
+    without project."""
     if alpha > 1 - EIGVAL_TOL:
         return Xc, Whitening(None, None, 0.0, 0.0, alpha, True)
     lam, V = torch.linalg.eigh(Xc.T @ Xc)
     lam = lam.clamp(min=EIGVAL_TOL)
     d = alpha + (1 - alpha) * lam.rsqrt()
-    return (Xc @ V) * d, Whitening(V, d, float(lam.sum()), float(_variance(lam, alpha)), alpha, False)
+    white = Whitening(V, d, float(lam.sum()), float(_variance(lam, alpha)), alpha, False)
+    return ((Xc @ V) * d if project else None), white
 
 
 def cross_blocks(mats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
