@@ -65,6 +65,10 @@ with its reason:
   first operand's labels. A rotation mixes channels i and i + d/2 within a
   head, but only queries and keys are rotated, and they end in the attention
   scores, so no connection depends on it.
+- F.multi_head_attention_forward (nn.MultiheadAttention): its out_proj,
+  called there by weight, is the map whose output the call returns; q, k and
+  v come from in_proj_weight, which is no map: out_proj has no incoming
+  edge.
 - Embeddings (F.embedding of token ids) are no linear map: their output
   carries no probes, and the maps that read it read the model's input.
 - x[index] = y writes y's probes into x's; x.copy_(y) gives x y's probes;
@@ -73,8 +77,15 @@ with its reason:
 - Fresh tensors made from an activation (x.new_zeros, zeros_like) and
   results that are not floating point (comparisons, argmax, masks) carry no
   probes, silently: they hold no features.
+- torch.einsum (MaxViT's attention, "BGHIJ,BGHJD->BGHID"): as a matrix
+  product. An operand whose probes are the same along every index it sums
+  over (v's tokens J, weighed by attention) passes them to the result,
+  moved to the output's indices and broadcast over the others' (I): the
+  sum mixes positions, not channels. An operand that sums over differing
+  probes (q and k over D) ends there, named. Both tracers apply this
+  rule (einsum_probes), so torch.fx and the eager tracer agree.
 - Anything else (softmax over channels, a matmul that contracts channels,
-  einsum, sum over channels, custom kernels) ends the flow and is named in
+  sum over channels, custom kernels) ends the flow and is named in
   ModelGraph.stopped_at; so is a connection whose probes cannot be read
   (layers._connect's errors), with a warning.
 """
@@ -274,6 +285,8 @@ class _EagerFlow(TorchFunctionMode):
         return result
 
     def _step(self, func, args, kwargs, result):
+        if _op_name(func) == "multi_head_attention_forward" and self._multi_head_attention(args, kwargs, result):
+            return  # its result, (output, None without weights), is no tensor or tuple of tensors
         if not (result is None or isinstance(result, torch.Tensor) or (
                 isinstance(result, (tuple, list)) and result and all(isinstance(r, torch.Tensor) for r in result))):
             return  # x.size(), x.dim(), x.item(), ...: numbers, no features flow on
@@ -305,6 +318,14 @@ class _EagerFlow(TorchFunctionMode):
             return self._attention(args, kwargs, result)
         if name in ("matmul", "bmm", "rmatmul", "mm", "baddbmm", "addbmm", "addmm"):
             return self._matmul(name, args, kwargs, result)
+        if name == "einsum" and isinstance(result, torch.Tensor) and args and isinstance(args[0], str):
+            operands = list(args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:])
+            out, ended = einsum_probes(args[0], [self._get(t) for t in operands],
+                                       [getattr(t, "shape", None) for t in operands], result.shape)
+            if ended:
+                self.stopped.append(f"einsum (sums over the channels of {', '.join(ended)})")
+            self._set(result, out)
+            return
         if name == "pad" and (args[2] if len(args) > 2 else kwargs.get("mode", "constant")) == "constant":
             # F.pad with a constant: the padding reads no channel (-1), the rest moves as the values do
             call = lambda *a, **k: func(*a, **{**k, "value": -1})  # noqa: E731
@@ -357,6 +378,19 @@ class _EagerFlow(TorchFunctionMode):
             return False
         self._read(owner, x)
         self._produce(owner, result)
+        return True
+
+    def _multi_head_attention(self, args, kwargs, result) -> bool:
+        """F.multi_head_attention_forward (nn.MultiheadAttention, torchvision's
+        ViT): its out_proj runs inside, on the weight passed as out_proj_weight:
+        its output is the call's first result. What out_proj reads, the value
+        rows of in_proj_weight, is no map (left without an incoming edge)."""
+        w = args[11] if len(args) > 11 else kwargs.get("out_proj_weight")
+        owner = self.weights.get(id(w)) if isinstance(w, torch.Tensor) else None
+        if owner is None or not isinstance(result, (tuple, list)) or not isinstance(result[0], torch.Tensor):
+            return False
+        self.inputs_of.setdefault(owner, ({}, torch.Size((*result[0].shape[:-1], w.shape[1]))))
+        self._produce(owner, result[0])
         return True
 
     def _attention(self, args, kwargs, result):
@@ -418,6 +452,39 @@ class _EagerFlow(TorchFunctionMode):
             q[index] = py[1] if py is not None else -1
             out[p] = (c, q)
         self._set(x, out)
+
+
+def einsum_probes(equation: str, flows: list, shapes: list, result_shape) -> tuple[dict, list]:
+    """The probes of torch.einsum(equation, *operands) (see the module's
+    docstring): flows[i] is operand i's {producer: probes} and shapes[i] its
+    shape. Returns the result's probes and the producers that end there."""
+    lhs, _, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not rhs:  # implicit output: the indices that occur once, sorted
+        rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    out, ended = {}, []
+    for term, flow, shape in zip(terms, flows, shapes):
+        for p, (chan, pos) in flow.items():
+            if p in out:
+                continue
+            got = None
+            if "." not in term and len(set(term)) == len(term) == chan.dim():  # no ellipsis, no diagonal
+                summed = [i for i, c in enumerate(term) if c not in rhs]
+                first = tuple(slice(0, 1) if i in summed else slice(None) for i in range(chan.dim()))
+                c, q = chan[first], pos[first]
+                if bool((chan == c).all()) and bool((pos == q).all()):
+                    kept = [ch for ch in term if ch in rhs]
+                    c = c.reshape([chan.shape[i] for i, ch in enumerate(term) if ch in rhs])
+                    q = q.reshape(c.shape)
+                    order = [kept.index(ch) for ch in rhs if ch in kept]
+                    view = [chan.shape[term.index(ch)] if ch in kept else 1 for ch in rhs]
+                    c, q = c.permute(order).reshape(view), q.permute(order).reshape(view)
+                    got = c.expand(result_shape).contiguous(), q.expand(result_shape).contiguous()
+            if got is None:
+                ended.append(p)
+            else:
+                out[p] = got
+    return out, [p for p in dict.fromkeys(ended) if p not in out]
 
 
 def _prefixes(name: str):

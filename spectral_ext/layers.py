@@ -400,6 +400,15 @@ class _Flow(torch.fx.Interpreter):
             owner = self.maps[self.direct[n.args[0]]]
             owner.batchnorm = module
             owner.batchnorm_name = n.target
+        if name == "einsum" and isinstance(result, torch.Tensor) and n.args and isinstance(n.args[0], str):
+            from .dataflow import einsum_probes  # the eager tracer's rule: both tracers give one graph
+
+            operands = list(n.args[1]) if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+            out, ended = einsum_probes(n.args[0], [self.flow.get(a, {}) for a in operands],
+                                       [getattr(self.env.get(a), "shape", None) for a in operands], result.shape)
+            if ended:
+                self.stopped.append(f"einsum (sums over the channels of {', '.join(ended)})")
+            return out
         rule = _rule(name, module)
         if rule == "reshape":
             return {p: (self._apply(n, p, 0), self._apply(n, p, 1)) for p in producers}
@@ -447,12 +456,22 @@ def _resize(apply, producers, label: str, stopped: list) -> dict:
     """Pooling, resizing, spatial means: channels must survive unmixed.
     apply(producer, transform) runs the operation on that producer's channel
     probe (transformed to double, negated, squared): an output whose value is
-    the same channel for all three read one channel only."""
+    the same channel for all three read one channel only.
+    An average over a zero-padded window (AvgPool2d(3, padding=1), whose
+    count_include_pad divides by 9 at the border too) scales each output by
+    the share w of its window inside the input: every result is divided by w,
+    the operation's result on ones, before the comparison, so such a pool
+    passes its channels as any pooling does (Inception v3's branch_pool,
+    MaxViT's shortcuts)."""
     out = {}
     for p in producers:
-        c = apply(p, lambda t: t.double())
-        neg = apply(p, lambda t: -t.double())
-        sq = apply(p, lambda t: t.double() ** 2)
+        w = apply(p, lambda t: torch.ones(t.shape, dtype=torch.double))
+        if not bool((w > 0).all()):
+            stopped.append(f"{label} (an output reads no input)")
+            continue
+        c = apply(p, lambda t: t.double()) / w
+        neg = apply(p, lambda t: -t.double()) / w
+        sq = apply(p, lambda t: t.double() ** 2) / w
         constant = torch.allclose(c, -neg) and torch.allclose(sq, c * c)
         if not constant:
             stopped.append(f"{label} (mixes channels)")
@@ -488,7 +507,9 @@ def discover(model: nn.Module, example_input=None, tracer: str = "auto") -> Mode
     image sizes are tried).
     tracer: "auto" (torch.fx where it traces the model, else the eager tracer
     of spectral_ext.dataflow: one recorded forward as the model runs, any
-    model that runs eagerly; dict inputs go to the eager tracer), "fx",
+    model that runs eagerly; dict inputs go to the eager tracer, and so does
+    a model whose maps fx does not all see run while the eager tracer sees
+    more), "fx",
     "eager", or "order" (no dataflow: the maps chained in the order they ran,
     with a warning; traced=False).
     Returns a ModelGraph (maps, connections; tracer says which one ran)."""
@@ -548,6 +569,16 @@ def discover(model: nn.Module, example_input=None, tracer: str = "auto") -> Mode
                     errors.append(f"{type(error).__name__}: {error}")
                     continue
                 order = [name for name in maps if name in flow.inputs_of]
+                if tracer == "auto" and len(order) < len(maps):
+                    # maps fx never saw run: their weights are used inside a function fx keeps whole
+                    # (torchvision's Swin wraps shifted_window_attention, which calls F.linear on attn.qkv's
+                    # weight). The eager tracer sees such calls: its graph, where it runs more of the maps.
+                    from .dataflow import discover_eager, trace
+                    try:
+                        if len(trace(model, maps, candidate).inputs_of) > len(order):
+                            return discover_eager(model, maps, [candidate], example_input is None)
+                    except Exception:  # the model ran under fx: keep its graph
+                        pass
                 ordered = {name: maps[name] for name in order}
                 ordered.update({name: m for name, m in maps.items() if name not in ordered})  # unused maps last
                 connections = []
