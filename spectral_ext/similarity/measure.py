@@ -182,16 +182,25 @@ def representation(name: str, X, min_samples: int = 2) -> torch.Tensor:
     return X
 
 
+def reduced(m: Measure, name: str, X):
+    """m's reduction of representation X, checked at the edge (representation)
+    and with any ValueError from the measure naming the representation."""
+    X = representation(name, X, m.min_samples)
+    try:
+        return m.reduce(X)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
 def compare(X, Y, measure: str | Measure = "cka", **options) -> float:
     """The measure of two representations X and Y of the same N inputs
     ((N, ...) tensors or arrays, flattened per input). measure: a name of
     MEASURES (built with ``options``) or a Measure. Returns a float."""
     m = get_measure(measure, **options)
-    X = representation("X", X, m.min_samples)
-    Y = representation("Y", Y, m.min_samples)
+    X, Y = representation("X", X, m.min_samples), representation("Y", Y, m.min_samples)
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X and Y must hold the same inputs: N = {X.shape[0]} and {Y.shape[0]}")
-    return float(m.pair(m.reduce(X), m.reduce(Y)))
+    return float(m.pair(reduced(m, "X", X), reduced(m, "Y", Y)))
 
 
 def _named(reps) -> dict:
@@ -217,7 +226,7 @@ def reduce_all(reps, m: Measure, progress: bool = False, share: Callable | None 
     out = {}
     for name in tqdm(reps, desc=f"reduce {m.name}", unit="rep", disable=not progress, leave=False):
         def compute(name=name):
-            return m.reduce(representation(f"reps[{name!r}]", reps[name], m.min_samples))
+            return reduced(m, f"reps[{name!r}]", reps[name])
         X = reps[name]
         sizes.add(int(X.shape[0]) if hasattr(X, "shape") and len(X.shape) else -1)
         out[name] = share(name, compute) if share is not None else compute()
