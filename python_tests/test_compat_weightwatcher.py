@@ -92,8 +92,8 @@ def test_describe_and_get_esd_equal_weightwatcher(name):
 def test_unreproduced_options_and_bad_input_say_so():
     model = models()["mlp"]
     watcher = se_ww.WeightWatcher(model=model)
-    with pytest.raises(ValueError, match="pool=False"):
-        watcher.analyze(pool=False)
+    with pytest.raises(ValueError, match="intra"):
+        watcher.analyze(intra=True)
     with pytest.raises(ValueError, match="glorot_fix"):
         watcher.analyze(glorot_fix=True)
     with pytest.raises(TypeError, match="unexpected argument 'nope'"):
@@ -319,3 +319,31 @@ def test_describe_takes_savefig_as_weightwatcher(tmp_path):
         got = se_ww.WeightWatcher(model=model).describe(savefig=savefig)
         assert list(got["layer_id"]) == list(expected["layer_id"])
         assert list(got["num_evals"]) == list(expected["num_evals"])
+
+
+# -- pool=False (WeightWatcher's 0.2x slice iterator) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cnn", "kernels", "mlp"])
+@pytest.mark.parametrize("kwargs", [{"pool": False}, {"ww2x": True, "min_evals": 1},
+                                    {"pool": False, "conv2d_norm": False, "min_evals": 2, "layers": [-1]}])
+def test_pool_false_equals_weightwatcher_slice_by_slice(name, kwargs):
+    """A row per kh*kw slice (slice_id), each slice scaled by sqrt(rf / 2), sizes checked on M alone."""
+    model = models()[name]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, expected = real(model, **kwargs)
+    got = se_ww.WeightWatcher(model=model).analyze(**kwargs)
+    assert "slice_id" in got.columns and len(got) >= 2
+    assert_same_frames(expected, got)
+    assert_same_frames(real(model, "describe", **kwargs)[1], se_ww.WeightWatcher(model=model).describe(**kwargs))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_pool_false_with_mp_fit_and_randomize_equals_weightwatcher():
+    model = models()["kernels"]
+    np.random.seed(5)
+    _, expected = real(model, pool=False, min_evals=4, mp_fit=True, randomize=True)
+    np.random.seed(5)
+    got = se_ww.WeightWatcher(model=model).analyze(pool=False, min_evals=4, mp_fit=True, randomize=True)
+    assert got["slice_id"].max() == 24  # the 5 x 5 kernel's last slice
+    assert_same_frames(expected, got)

@@ -70,8 +70,12 @@ ValueError whose message opens as WeightWatcher's bare Exception's ("Error,
 params not valid"), before any of the refusals below; ww2x=True means
 pool=False, as there.
 
-Not reproduced (a ValueError names the argument): pool=False (the 0.2x slice
-iterator), glorot_fix, conv2d_fft, fft, intra, stacked, peft, base_model,
+pool=False (or ww2x=True): WeightWatcher's WW2xSliceIterator, a row per
+kh*kw slice of a Conv2d (slice_id; 0 for a matrix), each slice scaled by
+sqrt(rf / 2) (conv2d_count / 2 there), layers kept by M alone against
+min_evals / max_evals; the slices' spectra are computed in one batch per layer.
+
+Not reproduced (a ValueError names the argument): glorot_fix, conv2d_fft, fft, intra, stacked, peft, base_model,
 vectors, fix_fingers, fit other than "PL", xmax, deltas, detX/ERG,
 pl_package="powerlaw"; folders of WeightWatcher's .npy flat files or Keras
 .h5 files; a single checkpoint file as model (WeightWatcher takes folders).
@@ -81,6 +85,7 @@ matrix: a "dense" layer's not 2-d, a "conv2d" one's not 4-d). plot=True draws on
 layer (spectral_ext.plot.esd) rather than WeightWatcher's five."""
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import math
@@ -151,6 +156,14 @@ class _Layer:
             self.rf = 1
         self.N, self.M = int(N), int(M)
         self.norm = 1.0
+        self.slice_id = None  # pool=False: the one kh*kw slice this row stands for
+
+    def slice_copy(self, slice_id: int) -> "_Layer":
+        """The layer as WeightWatcher's WW2xSliceIterator yields it for pool=False:
+        the same N, M and rf, one slice (slice_id; 0 for a matrix)."""
+        twin = copy.copy(self)
+        twin.slice_id = slice_id
+        return twin
 
     @property
     def slice_numel(self) -> int:
@@ -177,8 +190,10 @@ class _Layer:
         if self.kind == "conv2d":
             out, cin, kh, kw = self.shape
             slices = w.reshape(self.shape).permute(2, 3, 0, 1).reshape(self.rf, out, cin)
-            return slices.mT if self.transpose else slices  # the N x M orientation its shuffles use
-        return w.reshape(self.shape)[None]
+            slices = slices.mT if self.transpose else slices  # the N x M orientation its shuffles use
+        else:
+            slices = w.reshape(self.shape)[None]
+        return slices if self.slice_id is None else slices[self.slice_id:self.slice_id + 1]
 
 
 def _matrix_rank(sv: np.ndarray, N: int) -> int:
@@ -531,7 +546,7 @@ class WeightWatcher:
             return _state_candidates(list(state), entries, start_ids or 1), []  # ids from 1 for a state_dict
         return _folder_candidates(os.fspath(model), start_ids), []
 
-    def _layers(self, model, layers, min_evals, max_evals, max_N, start_ids=0, large_layers=False):
+    def _layers(self, model, layers, min_evals, max_evals, max_N, start_ids=0, large_layers=False, pool=True):
         ids, types, names = self._filters(layers)
 
         def chosen(layer_id, name, kind):  # WWLayerIterator.apply_filters
@@ -547,7 +562,7 @@ class WeightWatcher:
             if not chosen(layer_id, name, kind):
                 continue
             layer = _Layer(layer_id, name, longname, kind, shape, load)
-            count = layer.M * layer.rf
+            count = layer.M * layer.rf if pool else layer.M  # pool=False: each slice's M eigenvalues
             if min_evals and count < min_evals:  # WWLayerIterator.layer_supported
                 continue
             if (max_evals and count > max_evals) or (max_N is not None and layer.N > max_N):
@@ -582,10 +597,16 @@ class WeightWatcher:
         _check_params(dict(unsupported, min_evals=min_evals, max_evals=max_evals, max_N=max_N, pool=pool,
                            start_ids=start_ids, savefig=savefig))
         _check_unsupported(pool, unsupported)
-        rows = [{"layer_id": l.layer_id, "name": l.name, "longname": l.longname, "layer_type": l.kind, "N": l.N,
-                 "M": l.M, "rf": l.rf, "Q": l.N / l.M if l.M > 0 else -1, "num_evals": l.M * l.rf}
-                for l in self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids,
-                                      large_layers)]
+        rows = []
+        for l in self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids, large_layers,
+                              pool):
+            row = {"layer_id": l.layer_id, "name": l.name, "longname": l.longname, "layer_type": l.kind, "N": l.N,
+                   "M": l.M, "rf": l.rf, "Q": l.N / l.M if l.M > 0 else -1,
+                   "num_evals": l.M * l.rf if pool else l.M}
+            if pool:
+                rows.append(row)
+            else:  # WW2xSliceIterator: a row per kh*kw slice of a Conv2d, slice_id 0 for a matrix
+                rows.extend(dict(row, slice_id=s) for s in range(l.rf if l.kind == "conv2d" else 1))
         return _ordered(rows)
 
     def analyze(self, model=None, layers=None, min_evals=DEFAULT_MIN_EVALS, max_evals=DEFAULT_MAX_EVALS,
@@ -606,11 +627,14 @@ class WeightWatcher:
         if svd_method not in ("fast", "accurate"):
             raise ValueError(f"svd_method must be 'fast' or 'accurate', got {svd_method!r}")
         model = self._model(model)
-        chosen = self._layers(model, layers, min_evals, max_evals, max_N, start_ids, large_layers)
+        chosen = self._layers(model, layers, min_evals, max_evals, max_N, start_ids, large_layers, pool)
         for layer in chosen:
-            if conv2d_norm and layer.kind == "conv2d":
-                layer.norm = math.sqrt(1 / 2.0)
+            if conv2d_norm and layer.kind == "conv2d":  # sqrt(conv2d_count / 2): count = rf for a slice
+                layer.norm = math.sqrt((1 if pool else layer.rf) / 2.0)
         svs = _layer_singular_values(chosen)
+        if not pool:  # WW2xSliceIterator: each slice its own row (its singular values from the layer's batch)
+            chosen, svs = zip(*[(layer.slice_copy(s), sv[s:s + 1]) for layer, sv in zip(chosen, svs)
+                                for s in range(len(sv))]) if chosen else ((), ())
         evals = [np.sort((sv ** 2).reshape(-1)) for sv in svs]
         fits = {}
         for n in sorted({len(e) for e in evals}):
@@ -626,9 +650,12 @@ class WeightWatcher:
             if randomize:
                 row.update(_random_columns(evals[k], layer, *self._random_singular_values(layer)))
             row.update(_norm_columns(evals[k], row["alpha"], layer.N))
+            if not pool:
+                row["slice_id"] = layer.slice_id
             rows.append(row)
             if plot:
-                self.figures[layer.layer_id] = self._plot(layer, evals[k], fits[k], savefig)
+                plot_id = layer.layer_id if pool else f"{layer.layer_id}:{layer.slice_id}"
+                self.figures[plot_id] = self._plot(layer, evals[k], fits[k], savefig, plot_id)
         self.details = _ordered(rows)
         return self.details
 
@@ -682,7 +709,7 @@ class WeightWatcher:
         return tuple(out)
 
     @staticmethod
-    def _plot(layer, evals, fit, savefig):
+    def _plot(layer, evals, fit, savefig, plot_id):
         """The layer's ESD above 1e-5 on log-log axes with its power-law fit
         (kept in self.figures by layer id), saved as
         <savefig>/ww.layer<id>.esd.png when savefig is a folder or True."""
@@ -696,13 +723,11 @@ class WeightWatcher:
         if savefig:
             folder = savefig if isinstance(savefig, str) else "ww-img"
             os.makedirs(folder, exist_ok=True)
-            fig.savefig(os.path.join(folder, f"ww.layer{layer.layer_id}.esd.png"), dpi=100)
+            fig.savefig(os.path.join(folder, f"ww.layer{plot_id}.esd.png"), dpi=100)
         return fig
 
 
 def _check_unsupported(pool, unsupported):
-    if pool is not True:
-        raise ValueError("pool=False (WeightWatcher's 0.2x slice iterator) is not reproduced; use pool=True")
     for key, value in unsupported.items():
         if key not in _UNSUPPORTED:
             raise TypeError(f"unexpected argument {key!r}")
