@@ -13,7 +13,7 @@ from torch import nn
 
 import spectral_ext as se
 from spectral_ext import _data
-from spectral_ext.similarity import _core as S
+from spectral_ext import similarity as S
 
 transformers = pytest.importorskip("transformers")
 
@@ -493,3 +493,27 @@ def test_svr_figure_of_the_pretrained_minilm(minilm_and_ids, tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(ax.figure)
+
+
+def test_zoo_pair_metrics_on_keyword_probes():
+    """The zoo's pair measures take a dict probe (a "labels" entry, or an
+    (inputs, labels) pair, kept from the model): two BERTs' CKA per layer is
+    similarity_matrix's, the (N, tokens, features) hidden states read with
+    their features last."""
+    from spectral_ext import zoo
+
+    models = {"a": build("bert", 0), "b": build("bert", 1)}
+    layers = ["embeddings", "encoder.layer.0", "encoder.layer.1.intermediate"]
+    probe = token_inputs(n=32)
+    labels = torch.arange(32) % 2
+    frames = [zoo.pair_metrics(models, [("a", "b")], probe=p, layers=layers, measures=("cka",), progress=False)
+              for p in (probe, {**probe, "labels": labels}, (probe, labels))]
+    expected = matrix(se.similarity_matrix(models["a"], models["b"], layers, probe, progress=False),
+                      layers).diagonal()
+    for frame in frames:
+        assert list(frame["layer"]) == layers
+        torch.testing.assert_close(torch.tensor(frame["value"].values), expected, atol=1e-6, rtol=0)  # float32 runs
+    assert float(expected.min()) > 0.05 and float(expected.max()) < 0.95  # two initialisations, not one
+    with pytest.raises(zoo.ZooError, match="keyword input"):
+        zoo.pair_metrics(models, probe={"input_ids": probe["input_ids"], "attention_mask": torch.ones(3, 10)},
+                         layers=layers, progress=False)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import spectra
-from .._data import copy_inputs
+from .._data import copy_inputs, sample_count
 from .._hooks import capturing, check_layers, evaluating, models_in_eval_mode
 from ._base import METRICS, WEIGHT_METRICS, ZooError, ZooTables, pair_measures
 from .members import _collector_paused, _Members, all_finite_states, module_tensors
@@ -201,19 +201,46 @@ def _arch_id(graph) -> str:
 
 
 def _activations(model, probe, layers):
+    """The layers' outputs on the probe (a dict: keyword inputs). Hidden
+    states (N, tokens, features), and those whose features the model puts
+    elsewhere than axis 1 (Swin's (B, H, W, C)), are laid out as
+    similarity_matrix reads them, (N, C, positions, 1): the measures take
+    axis 1 of a 4-D tensor as its channels, where a 3-D one is ambiguous."""
+    from ..similarity._layout import _channels_of, _layer_sample_axis, layer_feature_axis
+
     layers = check_layers(model, layers)
     with capturing(model, layers) as (captured, _), torch.no_grad(), evaluating(model):
-        model(copy_inputs(probe))
-        return {n: captured[n].detach().double() for n in layers}
+        inputs = copy_inputs(probe)
+        model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        out = {}
+        for n in layers:
+            R, axis = captured[n].detach().double(), layer_feature_axis(model, n)
+            if R.dim() == 3 or (R.dim() > 3 and axis is not None and axis % R.dim() != 1):
+                R = _channels_of("model", n, R, axis, False, sample_count(inputs),
+                                 _layer_sample_axis(model, n)).unsqueeze(-1)
+            out[n] = R
+        return out
+
+
+def _is_keywords(value) -> bool:
+    """A dict of keyword inputs ({"input_ids": ..., "attention_mask": ...}) with one batch axis."""
+    tensors = [v for v in value.values() if isinstance(v, torch.Tensor)] if isinstance(value, dict) else []
+    return bool(tensors) and all(t.dim() and t.shape[0] == tensors[0].shape[0] for t in tensors)
 
 
 def probe_parts(probe):
-    """(inputs, labels or None) of a probe given as a tensor or an (x, y) pair."""
+    """(inputs, labels or None) of a probe given as a tensor, a dict of
+    keyword inputs (a "labels" entry taken out as the labels, never passed to
+    the model), or an (x, y) pair of either and a label tensor."""
     if isinstance(probe, torch.Tensor):
         return probe, None
-    if isinstance(probe, (tuple, list)) and len(probe) == 2 and all(isinstance(t, torch.Tensor) for t in probe):
+    if _is_keywords(probe):
+        return {k: v for k, v in probe.items() if k != "labels"}, probe.get("labels")
+    if isinstance(probe, (tuple, list)) and len(probe) == 2 and isinstance(probe[1], torch.Tensor) and (
+            isinstance(probe[0], torch.Tensor) or _is_keywords(probe[0])):
         return probe[0], probe[1]
-    raise ZooError("probe must be an input tensor or an (inputs, labels) pair of tensors")
+    raise ZooError("probe must be an input tensor, a dict of keyword input tensors with one batch axis "
+                   "({'input_ids': ...}), or an (inputs, labels) pair of them")
 
 
 class ActivationCache:
@@ -317,7 +344,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
         options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
         if "seed" not in options:  # its former name
             options.setdefault("generator", 0)  # a zoo run's penalties repeat
-        half = x.shape[0] // 2
+        half = sample_count(x) // 2
         rows = []
         for a, b in pairs:
             for layer in acts[a]:
