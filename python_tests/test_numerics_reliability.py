@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import spectral_ext as se
-from spectral_ext.similarity import _core as S
+from spectral_ext import similarity as S
 from spectral_ext import spectra as Sp
 from spectral_ext.rank import matrix as RM
 

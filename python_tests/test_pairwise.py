@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import spectral_ext as se
-from spectral_ext.similarity import _core as S
+from spectral_ext import similarity as S
+from spectral_ext.similarity import _pairwise
 from spectral_ext import zoo
 
 
@@ -48,31 +49,31 @@ def test_batched_cka_equals_pair_by_pair(route, kernel, unbiased):
     n, shape = ROUTES[route]
     feats = zoo_features(n=n, shape=shape)
     names = list(feats)
-    frame = S.pairwise_similarity(feats, all_ordered(names), kernel=kernel, unbiased=unbiased, progress=False)
+    frame = _pairwise.pairwise_similarity(feats, all_ordered(names), kernel=kernel, unbiased=unbiased, progress=False)
     M = matrix(frame, names)
     for a, b in itertools.combinations(range(len(names)), 2):
         expected = se.cka(feats[names[a]], feats[names[b]], kernel, unbiased=unbiased)
         assert abs(M[a, b] - expected) <= 1e-10
     np.testing.assert_allclose(M, M.T, rtol=0, atol=1e-14)
     np.testing.assert_allclose(np.diag(M), 1.0, rtol=0, atol=1e-12)
-    default = S.pairwise_similarity(feats, kernel=kernel, unbiased=unbiased, progress=False)
+    default = _pairwise.pairwise_similarity(feats, kernel=kernel, unbiased=unbiased, progress=False)
     assert len(default) == len(names) * (len(names) - 1) // 2
     assert list(default["model_a"] + default["model_b"])[:2] == ["m0m1", "m0m2"]
 
 
 def test_both_cka_routes_agree_and_are_chosen_by_cost(monkeypatch):
     calls = []
-    original = S._pairwise_hsic_features
-    monkeypatch.setattr(S, "_pairwise_hsic_features", lambda *a: calls.append(1) or original(*a))
+    original = _pairwise._pairwise_hsic_features
+    monkeypatch.setattr(_pairwise, "_pairwise_hsic_features", lambda *a: calls.append(1) or original(*a))
     small = zoo_features(n=60, shape=(4,))
     wide = zoo_features(n=10, shape=(40,))
-    S.pairwise_similarity(small, progress=False)
+    _pairwise.pairwise_similarity(small, progress=False)
     assert calls == [1]
-    S.pairwise_similarity(wide, progress=False)
+    _pairwise.pairwise_similarity(wide, progress=False)
     assert calls == [1]  # D = 40 against N = 10: the Gram route
     by_features = original([S.as_channels("X", R) for R in wide.values()], "linear", True,
                            type("Bar", (), {"update": lambda self, k: None})())
-    frame = S.pairwise_similarity(wide, all_ordered(list(wide)), progress=False)
+    frame = _pairwise.pairwise_similarity(wide, all_ordered(list(wide)), progress=False)
     cka = by_features / torch.outer(by_features.diagonal(), by_features.diagonal()).sqrt()
     np.testing.assert_allclose(matrix(frame, list(wide)), cka.numpy(), rtol=0, atol=1e-12)
 
@@ -83,7 +84,7 @@ def test_both_cka_routes_agree_and_are_chosen_by_cost(monkeypatch):
 def test_batched_procrustes_equals_pair_by_pair(group, centered, shape):
     feats = zoo_features(k=6, n=30, shape=shape)
     names = list(feats)
-    frame = S.pairwise_similarity(feats, all_ordered(names), "procrustes", group=group, centered=centered,
+    frame = _pairwise.pairwise_similarity(feats, all_ordered(names), "procrustes", group=group, centered=centered,
                                   chunk=7, progress=False)
     M = matrix(frame, names)
     for a, b in itertools.combinations(range(len(names)), 2):
@@ -91,7 +92,7 @@ def test_batched_procrustes_equals_pair_by_pair(group, centered, shape):
         assert abs(M[a, b] - expected) <= 1e-10
     np.testing.assert_allclose(M, M.T, rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.diag(M), 1.0, rtol=0, atol=1e-6)  # sqrt of a rounding-level gap
-    few = S.pairwise_similarity(feats, [("m3", "m1"), ("m0", "m2"), ("m5", "m4")], "procrustes", group=group,
+    few = _pairwise.pairwise_similarity(feats, [("m3", "m1"), ("m0", "m2"), ("m5", "m4")], "procrustes", group=group,
                                 centered=centered, progress=False)  # 3 of 36 blocks: a product per pair instead
     np.testing.assert_allclose(few["value"], [M[3, 1], M[0, 2], M[5, 4]], rtol=0, atol=1e-10)
 
@@ -99,18 +100,18 @@ def test_batched_procrustes_equals_pair_by_pair(group, centered, shape):
 def test_orthogonal_procrustes_with_different_channel_counts():
     feats = zoo_features(k=3, n=30, shape=(6,))
     feats["wide"] = torch.cat([feats["m0"], feats["m1"][:, :3]], 1)
-    frame = S.pairwise_similarity(feats, measure="procrustes", progress=False)
+    frame = _pairwise.pairwise_similarity(feats, measure="procrustes", progress=False)
     for a, b, value in frame.itertuples(index=False):
         assert abs(value - se.procrustes(feats[a], feats[b])) <= 1e-10
     with pytest.raises(ValueError, match="equal channel counts"):
-        S.pairwise_similarity(feats, measure="procrustes", group="grelu", progress=False)
+        _pairwise.pairwise_similarity(feats, measure="procrustes", group="grelu", progress=False)
 
 
 def test_a_constant_model_is_nan_with_a_warning_naming_it():
     feats = zoo_features(k=3)
     feats["flat"] = torch.ones(40, 6, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match=r"features\['flat'\] \(constant\)"):
-        frame = S.pairwise_similarity(feats, progress=False)
+        frame = _pairwise.pairwise_similarity(feats, progress=False)
     flat = frame["model_a"].eq("flat") | frame["model_b"].eq("flat")
     assert frame.loc[flat, "value"].isna().all() and frame.loc[~flat, "value"].notna().all()
 
@@ -154,25 +155,25 @@ def test_pair_metrics_is_the_k_by_k_with_each_model_run_once(capsys):
 
 
 def test_pairwise_similarity_progress_bar(capsys):
-    S.pairwise_similarity(zoo_features(k=4), progress=True)
+    _pairwise.pairwise_similarity(zoo_features(k=4), progress=True)
     err = capsys.readouterr().err
     assert "pairwise cka" in err and "4/4" in err
-    S.pairwise_similarity(zoo_features(k=4), progress=False)
+    _pairwise.pairwise_similarity(zoo_features(k=4), progress=False)
     assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("call,error,match", [
-    (lambda f: S.pairwise_similarity({}), TypeError, "features must be a non-empty dict"),
-    (lambda f: S.pairwise_similarity(f, [("m0", "zz")]), ValueError, "without features.*zz"),
-    (lambda f: S.pairwise_similarity(f, [("m0", "m1", "m2")]), ValueError, "pairs must be"),
-    (lambda f: S.pairwise_similarity(f, measure="l2"), ValueError, "measure must be"),
-    (lambda f: S.pairwise_similarity(f, kernel="cosine"), ValueError, "kernel must be"),
-    (lambda f: S.pairwise_similarity(f, measure="procrustes", group="affine"), ValueError, "group must be"),
-    (lambda f: S.pairwise_similarity(f, measure="procrustes", centered=1), TypeError, "centered"),
-    (lambda f: S.pairwise_similarity(f, chunk=0), ValueError, "chunk"),
-    (lambda f: S.pairwise_similarity(dict(f, short=f["m0"][:10])), ValueError, "same N probe samples"),
-    (lambda f: S.pairwise_similarity({k: v[:3] for k, v in f.items()}), ValueError, "at least 4 samples"),
-    (lambda f: S.pairwise_similarity(dict(f, bad=f["m0"].clone().fill_(float("nan")))), ValueError, "bad"),
+    (lambda f: _pairwise.pairwise_similarity({}), TypeError, "features must be a non-empty dict"),
+    (lambda f: _pairwise.pairwise_similarity(f, [("m0", "zz")]), ValueError, "without features.*zz"),
+    (lambda f: _pairwise.pairwise_similarity(f, [("m0", "m1", "m2")]), ValueError, "pairs must be"),
+    (lambda f: _pairwise.pairwise_similarity(f, measure="l2"), ValueError, "measure must be"),
+    (lambda f: _pairwise.pairwise_similarity(f, kernel="cosine"), ValueError, "kernel must be"),
+    (lambda f: _pairwise.pairwise_similarity(f, measure="procrustes", group="affine"), ValueError, "group must be"),
+    (lambda f: _pairwise.pairwise_similarity(f, measure="procrustes", centered=1), TypeError, "centered"),
+    (lambda f: _pairwise.pairwise_similarity(f, chunk=0), ValueError, "chunk"),
+    (lambda f: _pairwise.pairwise_similarity(dict(f, short=f["m0"][:10])), ValueError, "same N probe samples"),
+    (lambda f: _pairwise.pairwise_similarity({k: v[:3] for k, v in f.items()}), ValueError, "at least 4 samples"),
+    (lambda f: _pairwise.pairwise_similarity(dict(f, bad=f["m0"].clone().fill_(float("nan")))), ValueError, "bad"),
     (lambda f: zoo.pair_metrics({"a": cnn()}, None, None, ["1"]), zoo.ZooError, "needs a probe"),
     (lambda f: zoo.pair_metrics({"a": cnn()}, None, torch.randn(8, 1, 8, 8), []), zoo.ZooError, "layers"),
     (lambda f: zoo.pair_metrics({"a": cnn()}, None, torch.randn(8, 1, 8, 8), ["1"], ("l2",)), zoo.ZooError,
@@ -189,7 +190,7 @@ def test_inputs_are_left_as_they_were():
     feats = zoo_features(k=3, shape=(6, 2, 2))
     before = {n: t.clone() for n, t in feats.items()}
     for measure in ("cka", "procrustes"):
-        S.pairwise_similarity(feats, measure=measure, progress=False)
+        _pairwise.pairwise_similarity(feats, measure=measure, progress=False)
     assert all(torch.equal(before[n], feats[n]) for n in feats)
 
 
@@ -199,10 +200,10 @@ def test_analyze_batches_the_pairs_of_each_chunk(monkeypatch):
     run (kept in the cache across chunks), the same values as pair_metrics."""
     torch.manual_seed(0)
     models = {f"cnn{i}": cnn() for i in range(5)}
-    calls, original = [], S.pairwise_similarity
-    monkeypatch.setattr(S, "pairwise_similarity", lambda *a, **k: calls.append(1) or original(*a, **k))
-    grams, gram = [], S._gram
-    monkeypatch.setattr(S, "_gram", lambda *a: grams.append(1) or gram(*a))
+    calls, original = [], _pairwise.pairwise_similarity
+    monkeypatch.setattr(_pairwise, "pairwise_similarity", lambda *a, **k: calls.append(1) or original(*a, **k))
+    grams, gram = [], _pairwise._gram
+    monkeypatch.setattr(_pairwise, "_gram", lambda *a: grams.append(1) or gram(*a))
     x = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     tables = zoo.analyze(models, metrics=(), pairs=("cka", "procrustes"), probe=x, layers=["1", "3"],
                          chunk_size=3, progress=False)
@@ -221,8 +222,8 @@ def test_analyze_batches_the_pairs_of_each_chunk(monkeypatch):
 
 def blocks_of(monkeypatch):
     """The model blocks each call plans (a spy on _model_blocks)."""
-    planned, original = [], S._model_blocks
-    monkeypatch.setattr(S, "_model_blocks", lambda *a, **k: planned.append(original(*a, **k)) or planned[-1])
+    planned, original = [], _pairwise._model_blocks
+    monkeypatch.setattr(_pairwise, "_model_blocks", lambda *a, **k: planned.append(original(*a, **k)) or planned[-1])
     return planned
 
 
@@ -239,7 +240,7 @@ def held_peak(monkeypatch):
         weakref.finalize(tensor, lambda: state.__setitem__("live", state["live"] - size))
         return tensor
 
-    monkeypatch.setattr(S, "_held", held)
+    monkeypatch.setattr(_pairwise, "_held", held)
     return state
 
 
@@ -255,8 +256,8 @@ def test_a_small_max_memory_gives_the_unblocked_numbers(monkeypatch, route, kern
     names = list(feats)
     planned = blocks_of(monkeypatch)
     for pairs in (all_ordered(names), SOME_PAIRS, None):
-        whole = S.pairwise_similarity(feats, pairs, kernel=kernel, progress=False)
-        blocked = S.pairwise_similarity(feats, pairs, kernel=kernel, progress=False, max_memory=budget)
+        whole = _pairwise.pairwise_similarity(feats, pairs, kernel=kernel, progress=False)
+        blocked = _pairwise.pairwise_similarity(feats, pairs, kernel=kernel, progress=False, max_memory=budget)
         assert len(planned[-2]) == 1 and len(planned[-1]) >= 3  # unblocked, then several blocks
         assert list(blocked["model_a"]) == list(whole["model_a"]) and list(blocked["model_b"]) == list(whole["model_b"])
         np.testing.assert_allclose(blocked["value"], whole["value"], rtol=0, atol=1e-12)
@@ -270,8 +271,8 @@ def test_a_small_max_memory_gives_the_unblocked_procrustes(monkeypatch, group, s
     planned = blocks_of(monkeypatch)
     budget = 40_000 if shape == (6,) else 100_000
     for pairs in (all_ordered(names), SOME_PAIRS, None):
-        whole = S.pairwise_similarity(feats, pairs, "procrustes", group=group, chunk=5, progress=False)
-        blocked = S.pairwise_similarity(feats, pairs, "procrustes", group=group, chunk=5, progress=False,
+        whole = _pairwise.pairwise_similarity(feats, pairs, "procrustes", group=group, chunk=5, progress=False)
+        blocked = _pairwise.pairwise_similarity(feats, pairs, "procrustes", group=group, chunk=5, progress=False,
                                         max_memory=budget)
         assert len(planned[-2]) == 1 and len(planned[-1]) >= 3
         np.testing.assert_allclose(blocked["value"], whole["value"], rtol=0, atol=1e-12)
@@ -283,9 +284,9 @@ def test_a_blocked_run_keeps_its_tensors_within_max_memory(monkeypatch, measure,
     n, shape = ROUTES[route]
     feats = zoo_features(k=8, n=n, shape=shape)
     peak, planned = held_peak(monkeypatch), blocks_of(monkeypatch)
-    S.pairwise_similarity(feats, measure=measure, progress=False)
+    _pairwise.pairwise_similarity(feats, measure=measure, progress=False)
     unblocked, peak["peak"] = peak["peak"], 0
-    S.pairwise_similarity(feats, measure=measure, progress=False, max_memory=budget)
+    _pairwise.pairwise_similarity(feats, measure=measure, progress=False, max_memory=budget)
     assert len(planned[-1]) >= 3
     assert 0 < peak["peak"] <= budget and peak["peak"] < unblocked  # the blocks, not all models, at once
 
@@ -296,16 +297,16 @@ def test_max_memory_below_one_block_is_refused_before_any_work(monkeypatch, meas
     feats = zoo_features(k=4, n=n, shape=shape)
     peak = held_peak(monkeypatch)
     with pytest.raises(ValueError, match=r"max_memory allows .*reduce the probe size \(N = \d+ samples\)"):
-        S.pairwise_similarity(feats, measure=measure, progress=False, max_memory=1000)
+        _pairwise.pairwise_similarity(feats, measure=measure, progress=False, max_memory=1000)
     assert peak["peak"] == 0  # nothing was allocated
     for bad in (0, -5, "1G", True):
         with pytest.raises(ValueError, match="max_memory must be a positive number of bytes"):
-            S.pairwise_similarity(feats, measure=measure, progress=False, max_memory=bad)
+            _pairwise.pairwise_similarity(feats, measure=measure, progress=False, max_memory=bad)
 
 
 @pytest.mark.parametrize("measure", ["cka", "procrustes"])
 def test_a_blocked_run_counts_each_model_once_on_its_bar(capsys, measure):
-    S.pairwise_similarity(zoo_features(k=7, n=10, shape=(5, 3, 3)), measure=measure, progress=True,
+    _pairwise.pairwise_similarity(zoo_features(k=7, n=10, shape=(5, 3, 3)), measure=measure, progress=True,
                           max_memory=40_000 if measure == "cka" else 150_000)
     err = capsys.readouterr().err
     assert f"pairwise {measure}" in err and "7/7" in err and "8/7" not in err
@@ -331,23 +332,23 @@ def test_a_max_memory_above_the_free_memory_is_refused(monkeypatch, measure):
     feats = zoo_features(k=4, n=10, shape=(5, 3, 3))
     monkeypatch.setattr(_checks, "free_memory", lambda device: 4096)
     with pytest.raises(ValueError, match=r"GiB are free on cpu: reduce the probe size \(N = 10"):
-        S.pairwise_similarity(feats, measure=measure, progress=False, max_memory=2 ** 30)
+        _pairwise.pairwise_similarity(feats, measure=measure, progress=False, max_memory=2 ** 30)
     with pytest.raises(ValueError, match="max_memory allows 2.0 KiB"):  # the default: half the free memory
-        S.pairwise_similarity(feats, measure=measure, progress=False)
+        _pairwise.pairwise_similarity(feats, measure=measure, progress=False)
 
 
 @pytest.mark.parametrize("measure", ["cka", "procrustes"])
 def test_no_pairs_is_an_empty_table(measure):
-    frame = S.pairwise_similarity(zoo_features(k=3), [], measure=measure, progress=False)
+    frame = _pairwise.pairwise_similarity(zoo_features(k=3), [], measure=measure, progress=False)
     assert len(frame) == 0 and list(frame.columns) == ["model_a", "model_b", "value"]
 
 
 def test_a_rows_last_column_block_is_kept_as_the_next_row_block(monkeypatch):
     feats = zoo_features(k=7, n=10, shape=(5, 3, 3))
     planned = blocks_of(monkeypatch)
-    grams, gram = [], S._gram
-    monkeypatch.setattr(S, "_gram", lambda *a: grams.append(1) or gram(*a))
-    S.pairwise_similarity(feats, progress=False, max_memory=9_000)
+    grams, gram = [], _pairwise._gram
+    monkeypatch.setattr(_pairwise, "_gram", lambda *a: grams.append(1) or gram(*a))
+    _pairwise.pairwise_similarity(feats, progress=False, max_memory=9_000)
     blocks = planned[-1]
     naive = sum(len(block) * (1 + p) for p, block in enumerate(blocks))  # each row once, each later block per row
     assert len(blocks) >= 3 and len(grams) == naive - sum(len(block) for block in blocks[1:])

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import spectral_ext as se
-from spectral_ext.similarity import _core as S
+from spectral_ext import similarity as S
+from spectral_ext.similarity import _hsic
 from spectral_ext.symmetry import element_matrix
 
 
@@ -297,13 +298,13 @@ def test_feature_and_gram_routes_agree_with_the_u_statistic_formula():
             K, L = (X @ X.T)[None], (Y @ Y.T)[None]
             expected = float(S.hsic(K, L, unbiased) / (S.hsic(K, K, unbiased) * S.hsic(L, L, unbiased)).sqrt())
             for route in ("features", "grams"):
-                a = S._Batch([X[:, :, None]], "linear", 0.5, None, unbiased, route)
-                b = S._Batch([Y[:, :, None]], "linear", 0.5, None, unbiased, route)
+                a = _hsic._Batch([X[:, :, None]], "linear", 0.5, None, unbiased, route)
+                b = _hsic._Batch([Y[:, :, None]], "linear", 0.5, None, unbiased, route)
                 if route == "features":
-                    xy = S._hsic_features(a, b, unbiased, False)
-                    xx, yy = S._self_hsic_features(a, unbiased), S._self_hsic_features(b, unbiased)
+                    xy = _hsic._hsic_features(a, b, unbiased, False)
+                    xx, yy = _hsic._self_hsic_features(a, unbiased), _hsic._self_hsic_features(b, unbiased)
                 else:
-                    scale = S._hsic_scale(n, unbiased)
+                    scale = _hsic._hsic_scale(n, unbiased)
                     xy, xx, yy = a.grams @ b.grams.T * scale, a.grams.square().sum(-1) * scale, \
                         b.grams.square().sum(-1) * scale
                 assert float(xy[0, 0] / (xx[0] * yy[0]).sqrt()) == pytest.approx(expected, rel=1e-10)

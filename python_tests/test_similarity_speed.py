@@ -9,7 +9,8 @@ import torch
 
 import spectral_ext as se
 from spectral_ext import reference
-from spectral_ext.similarity import _core as S
+from spectral_ext import similarity as S
+from spectral_ext.similarity import _hsic, _layout
 
 F64 = dict(rtol=1e-11, atol=1e-11)
 
@@ -71,8 +72,8 @@ def test_max_kernel_gram_opcheck():
 def test_rbf_lower_is_the_kernel_matrix_triangle(n, d):
     R = rand(n, d, 1).relu() + 3.0
     K = S.kernel_matrix(R, "rbf", bandwidth=0.7)
-    torch.testing.assert_close(S._rbf_lower(R, 0.7), K.tril(-1), rtol=1e-12, atol=1e-14)
-    diag, rows, total = S._lower_terms(S._rbf_lower(R, 0.7))
+    torch.testing.assert_close(_hsic._rbf_lower(R, 0.7), K.tril(-1), rtol=1e-12, atol=1e-14)
+    diag, rows, total = _hsic._lower_terms(_hsic._rbf_lower(R, 0.7))
     torch.testing.assert_close(rows, K.sum(1), rtol=1e-12, atol=0)
     torch.testing.assert_close(diag, K.diagonal(), rtol=0, atol=0)
 
@@ -95,15 +96,15 @@ def test_direct_route_matches_hsic_of_explicit_grams(kernel, unbiased):
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
 def test_blocked_inner_product(n):
     K, L = rand(n, n), rand(n, n, seed=1)
-    assert float(S._inner(K, L)) == pytest.approx(float((K * L).sum()), rel=1e-12)
-    assert float(S._inner(K.float(), L.float())) == pytest.approx(float((K.float().double() * L.float()).sum()),
+    assert float(_hsic._inner(K, L)) == pytest.approx(float((K * L).sum()), rel=1e-12)
+    assert float(_hsic._inner(K.float(), L.float())) == pytest.approx(float((K.float().double() * L.float()).sum()),
                                                                    rel=1e-5, abs=1e-3)
 
 
 def test_median_of_the_lower_triangle_is_that_of_the_upper():
     A = rand(41, 41).abs()
     A = A + A.T
-    torch.testing.assert_close(S._median_offdiagonal(A.tril(-1), "x", lower=True), S._median_offdiagonal(A, "x"))
+    torch.testing.assert_close(_hsic._median_offdiagonal(A.tril(-1), "x", lower=True), _hsic._median_offdiagonal(A, "x"))
 
 
 @pytest.mark.parametrize("kernel", ["rbf", "max"])
@@ -133,7 +134,7 @@ def test_direct_orthogonal_procrustes_matches_the_moments(shape):
     Y = X * 0.5 + rand(*shape, seed=1)
     axis = -1 if len(shape) == 3 else None
     moments = S.CrossMoments()
-    moments.update(*S._pair(X, Y, axis))
+    moments.update(*_layout._pair(X, Y, axis))
     similarity, distance = moments.procrustes("orthogonal", centered=False)
     assert se.procrustes(X, Y, feature_axis=axis) == pytest.approx(similarity, rel=1e-12)
     assert se.procrustes_distance(X, Y, feature_axis=axis) == pytest.approx(distance, rel=1e-10)

@@ -175,7 +175,7 @@ def _input_axis(module: nn.Module) -> int | None:
     container, that of its first such module (a transformers block starts
     with a LayerNorm or a Linear); None (space_to_batch's default) when
     nothing says."""
-    from .similarity._core import _module_axis
+    from .similarity._layout import _module_axis
 
     for m in module.modules():
         axis = _module_axis(m)

@@ -27,7 +27,10 @@ import math
 
 import torch
 
-from ..similarity import _core as _similarity
+from .._ops import max_kernel_gram
+from ..similarity._hsic import hsic
+from ..similarity._layout import as_channels, channel_normalize
+from ..similarity._procrustes import CrossMoments, _assignment, _rounded_gap, procrustes
 
 
 def _features(name: str, H, axis: int) -> torch.Tensor:
@@ -35,7 +38,7 @@ def _features(name: str, H, axis: int) -> torch.Tensor:
         H = torch.cat(list(H), dim=0)
     if not isinstance(H, torch.Tensor) or H.dim() < 2:
         raise TypeError(f"{name} must hold feature tensors (N, C, ...), got {type(H).__name__}")
-    return _similarity.as_channels(name, H.detach().to(torch.float64).movedim(axis, 1), 1)
+    return as_channels(name, H.detach().to(torch.float64).movedim(axis, 1), 1)
 
 
 def _check_lists(features1, features2):
@@ -45,9 +48,9 @@ def _check_lists(features1, features2):
 
 
 def _kernel(H: torch.Tensor, centered: bool, estimator: str) -> torch.Tensor:
-    Hn = _similarity.channel_normalize(H, centered=centered)
+    Hn = channel_normalize(H, centered=centered)
     if estimator == "max":
-        return _similarity.max_kernel_gram(Hn.contiguous())
+        return max_kernel_gram(Hn.contiguous())
     if estimator == "median":
         # torch.median takes the lower of the two middle values, as their code does
         per_channel = torch.einsum("ics,jcs->ijc", Hn, Hn)
@@ -67,8 +70,8 @@ def _cka_all(features1, features2, centered, estimator, dims):
     if Ks.shape[-1] != Ls.shape[-1]:
         raise ValueError(f"features1 and features2 must hold the same samples, got {Ks.shape[-1]} and "
                          f"{Ls.shape[-1]}")
-    xy = _similarity.hsic(Ks, Ls)
-    xx, yy = torch.diagonal(_similarity.hsic(Ks, Ks)), torch.diagonal(_similarity.hsic(Ls, Ls))
+    xy = hsic(Ks, Ls)
+    xx, yy = torch.diagonal(hsic(Ks, Ks)), torch.diagonal(hsic(Ls, Ls))
     bad = [f"features1[{i}]" for i in range(len(xx)) if not xx[i] > 0] + \
         [f"features2[{j}]" for j in range(len(yy)) if not yy[j] > 0]
     if bad:
@@ -114,7 +117,7 @@ def _raw(name, H, axis):
         H = torch.cat(list(H), dim=0)
     if not isinstance(H, torch.Tensor) or H.dim() < 2:
         raise TypeError(f"{name} must hold feature tensors (N, C, ...), got {type(H).__name__}")
-    _similarity.as_channels(name, H.movedim(axis, 1), 1)  # validation only
+    as_channels(name, H.movedim(axis, 1), 1)  # validation only
     return H.detach().to(torch.float64).movedim(axis, 1)
 
 
@@ -133,19 +136,19 @@ def _procrustes_all(features1, features2, diagonly, dims, pair):
 
 
 def _wreath_pair(X, Y):
-    moments = _similarity.CrossMoments()
+    moments = CrossMoments()
     moments.update(X, Y)
     nx, ny = moments.a.norms2(False), moments.b.norms2(False)
     safe = lambda n: torch.where(n > 0, n.sqrt(), torch.ones_like(n))  # a zero channel stays zero
     normalised = moments.cross(False) / torch.outer(safe(nx), safe(ny))
-    rows, cols = _similarity._assignment(normalised)
+    rows, cols = _assignment(normalised)
     sq_x, sq_y = float((nx > 0).sum()), float((ny > 0).sum())  # |X~|^2: one per non-zero channel
     gap = sq_x + sq_y - 2.0 * float(normalised[rows, cols].sum())
-    return 1.0 - math.sqrt(_similarity._rounded_gap(gap, sq_x + sq_y) / (4 * X.shape[1]))
+    return 1.0 - math.sqrt(_rounded_gap(gap, sq_x + sq_y) / (4 * X.shape[1]))
 
 
 def _ortho_pair(X, Y):
-    return _similarity.procrustes(X, Y, "orthogonal", centered=False, feature_axis=1)
+    return procrustes(X, Y, "orthogonal", centered=False, feature_axis=1)
 
 
 def wreath_procrustes(features1, features2, diagonly: bool = True, dims=(1, 1), device=torch.device("cpu"),

@@ -2,15 +2,18 @@
 reduce each representation once, a cross term per pair, a finish), reachable
 by one name everywhere (MEASURES, the zoo's --pairs, the compat adapters).
 
-Modules: _core (CKA with its kernels and Procrustes, the layer-by-layer
-similarity matrix of two models and the zoo's batched pairwise engine),
-cca (the CCA family and linear regression), shape (the generalised shape
-metrics, the permutation metric, the Bures distance), rsa (RDMs and their
-comparison), neighbours (k-NN measures) and baselines (ReSi's cheap
-baselines)."""
-from ._core import (GROUPS, KERNELS, CrossMoments, MinibatchCKA, as_channels, channel_normalize, cka,
-                    grelu_assignment, hsic, kernel_matrix, layer_feature_axis, pairwise_similarity, procrustes,
-                    procrustes_distance, similarity_matrix)
+Modules: _layout (feature axes and layouts), _hsic (CKA: kernels, HSIC,
+MinibatchCKA), _procrustes (the Procrustes measures), _matrix (the
+layer-by-layer similarity matrix of two models), _pairwise (the zoo's
+batched pairwise engine and its memory planner), cca (the CCA family and
+linear regression), shape (the generalised shape metrics, the permutation
+metric, the Bures distance), rsa (RDMs and their comparison), neighbours
+(k-NN measures) and baselines (ReSi's cheap baselines)."""
+from ._hsic import KERNELS, MinibatchCKA, cka, hsic, kernel_matrix
+from ._layout import as_channels, channel_normalize, layer_feature_axis
+from ._matrix import similarity_matrix
+from ._pairwise import pairwise_similarity
+from ._procrustes import GROUPS, CrossMoments, grelu_assignment, procrustes, procrustes_distance
 from .measure import MEASURES, Measure, compare, get_measure, measure_matrix, table
 
 __all__ = ["GROUPS", "KERNELS", "MEASURES", "CrossMoments", "Measure", "MinibatchCKA", "as_channels",

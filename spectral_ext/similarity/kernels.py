@@ -3,7 +3,7 @@ procrustes (docs/references.md [kornblith2019], [gretton2005], [song2012],
 [nguyen2021], [lange2023]), on spectral_ext.similarity._core's kernels,
 estimators and batched engines.
 
-Kernels: those of _core.kernel_matrix ("linear", "rbf", "max", "laplace",
+Kernels: those of _hsic.kernel_matrix ("linear", "rbf", "max", "laplace",
 "ortho") and repsim 0.1.5's RBF variants: "rbf_mean" (sigma = bandwidth x
 the root mean squared distance between inputs) and "rbf_dualmed" (sigma_ij
 = bandwidth x sqrt(m_i m_j), m_i the median distance of input i to the
@@ -23,10 +23,10 @@ import warnings
 import numpy as np
 import torch
 
-from . import _core
+from . import _hsic, _layout, _pairwise, _procrustes
 from .measure import Measure, check_choice, check_positive, register
 
-KERNELS = _core.KERNELS + ("rbf_mean", "rbf_dualmed")
+KERNELS = _hsic.KERNELS + ("rbf_mean", "rbf_dualmed")
 ESTIMATORS = ("gretton", "song", "lange")
 
 
@@ -55,11 +55,11 @@ def _median(values: np.ndarray, median: str, what: str) -> float:
 def _gram(X: torch.Tensor, kernel: str, bandwidth: float, gamma, median: str) -> torch.Tensor:
     """The (N, N) float64 kernel matrix of X (N, D)."""
     n = X.shape[0]
-    if kernel in _core.KERNELS and not (kernel == "rbf" and median == "midpoint"):
+    if kernel in _hsic.KERNELS and not (kernel == "rbf" and median == "midpoint"):
         R = X.reshape(n, -1, 1)
-        return (_core._gram(R, kernel, bandwidth, gamma) if kernel == "linear"
-                else _core.kernel_matrix(R, kernel, bandwidth, gamma)).to(torch.float64)
-    sq = _core._squared_distances(_core._rescaled(X))  # shift and (median bandwidth) scale invariant
+        return (_hsic._gram(R, kernel, bandwidth, gamma) if kernel == "linear"
+                else _hsic.kernel_matrix(R, kernel, bandwidth, gamma)).to(torch.float64)
+    sq = _hsic._squared_distances(_layout._rescaled(X))  # shift and (median bandwidth) scale invariant
     A = sq.numpy()
     upper = np.triu_indices(n, 1)
     if kernel == "rbf":
@@ -105,7 +105,7 @@ def _centred_gram(K: torch.Tensor, estimator: str) -> torch.Tensor:
     """The matrix whose inner products give the estimator (a float64 copy):
     HKH (gretton), U-centred (song), HKH with a zero diagonal (lange)."""
     K = K.to(torch.float64, copy=True)[None]
-    _core._centre_gram_(K, estimator == "song")
+    _hsic._centre_gram_(K, estimator == "song")
     if estimator == "lange":
         K.diagonal(dim1=-2, dim2=-1).zero_()
     return K[0]
@@ -185,11 +185,11 @@ class _Kernel(Measure):
         return 8 * n * (d if self.kernel in ("linear", "ortho") and d < n else n)
 
     def _reduce(self, X: torch.Tensor) -> _Reduced:
-        constant = _core._constant(X)
+        constant = _hsic._constant(X)
         n, d = X.shape
         if self.kernel in ("linear", "ortho") and d < n:
             R = X.reshape(n, d, 1)
-            return _Reduced(F=_core._centred_features(R, self.kernel)[0].reshape(n, d), constant=constant)
+            return _Reduced(F=_hsic._centred_features(R, self.kernel)[0].reshape(n, d), constant=constant)
         return _Reduced(K=_gram(X, self.kernel, self.bandwidth, self.gamma, self.median), constant=constant)
 
 
@@ -240,12 +240,12 @@ class CKA(_Kernel):
 
     @property
     def _core_route(self) -> bool:
-        return self.kernel in _core.KERNELS and self._estimator != "lange" and \
+        return self.kernel in _hsic.KERNELS and self._estimator != "lange" and \
             not (self.kernel == "rbf" and self.median == "midpoint")
 
     def reduce(self, X: torch.Tensor):
         if self._core_route:
-            return X, _core._constant(X)
+            return X, _hsic._constant(X)
         return self._reduce(X)
 
     def pair(self, a, b) -> float:
@@ -257,10 +257,10 @@ class CKA(_Kernel):
             if c:
                 raise ValueError(f"{_who(None, i)} is constant: HSIC(K, K) is 0 and CKA is undefined")
         if self._core_route:
-            reps = [_core._rescaled(X).reshape(X.shape[0], -1, 1) for X, _ in reduced]
+            reps = [_layout._rescaled(X).reshape(X.shape[0], -1, 1) for X, _ in reduced]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                out = _core._pairwise_cka(reps, list(range(len(reps))), self.kernel, self._estimator == "song",
+                out = _pairwise._pairwise_cka(reps, list(range(len(reps))), self.kernel, self._estimator == "song",
                                           self.bandwidth, self.gamma, None)
         else:
             h = _hsic_matrix(reduced, self._estimator)
@@ -328,7 +328,7 @@ class Procrustes(Measure):
     min_samples = 1
 
     def __init__(self, group: str = "orthogonal", centered: bool = False):
-        self.group = check_choice("group", group, _core.GROUPS)
+        self.group = check_choice("group", group, _procrustes.GROUPS)
         if not isinstance(centered, bool):
             raise TypeError(f"centered must be True or False, got {centered!r}")
         self.centered = centered
@@ -337,15 +337,15 @@ class Procrustes(Measure):
         return X
 
     def pair(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return _core.procrustes(a, b, group=self.group, centered=self.centered)
+        return _procrustes.procrustes(a, b, group=self.group, centered=self.centered)
 
     def matrix(self, reduced: list) -> torch.Tensor:
         k = len(reduced)
         if k == 1:
             return torch.tensor([[self.pair(reduced[0], reduced[0])]], dtype=torch.float64)
-        reps = {i: _core._rescaled(X).reshape(X.shape[0], -1, 1) for i, X in enumerate(reduced)}
+        reps = {i: _layout._rescaled(X).reshape(X.shape[0], -1, 1) for i, X in enumerate(reduced)}
         pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-        values = _core._pairwise_procrustes(reps, pairs, self.group, self.centered, 64)
+        values = _pairwise._pairwise_procrustes(reps, pairs, self.group, self.centered, 64)
         out = torch.eye(k, dtype=torch.float64)
         for (i, j), v in zip(pairs, values):
             out[i, j] = out[j, i] = v

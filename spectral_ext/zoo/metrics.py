@@ -306,7 +306,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
     value."""
     from tqdm.auto import tqdm
 
-    from ..similarity._core import pairwise_similarity
+    from ..similarity._pairwise import pairwise_similarity
 
     if not isinstance(models, dict):
         raise ZooError(f"models must be a dict {{name: model}}, got {type(models).__name__}")

@@ -1,0 +1,547 @@
+"""CKA (seed 004 section 5 and appendix D.7): the linear, RBF, max
+(G_ReLU-CKA, definition 5.3) and Laplace l1 (equation 5.6) kernels, the
+seed 004 authors' "orthogonal CKA" (linear CKA on channel-normalised
+features), Gram centring, the HSIC estimators and MinibatchCKA.
+
+Accuracy: features are centred before any product (float32 ones in two
+passes, the second removing the first mean's rounding; HSIC_1 and
+the biased HSIC are invariant to shifting linear features, so this loses
+nothing and removes the cancellation that makes float32 CKA packages err by
+100%+ on ReLU features); every sum that cancels (the estimator's
+corrections, Gram centring, the sums over a Gram's rows) runs in float64;
+the matrix products of the centred features, kernel values and the sums
+within one row (torch's cascade sums, tested to 1e-5 on CKA ~0.01) run in the
+input dtype (measured: 3e-7 relative on float32 ReLU features, see
+python_tests/test_similarity.py and test_similarity_speed.py)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import _checks, _ops
+from .._ops import max_kernel_gram
+from ._layout import _exponent, _pair, _rescaled, _scaled, as_channels, channel_normalize
+
+KERNELS = ("linear", "rbf", "max", "laplace", "ortho")
+
+def _median_offdiagonal(D: torch.Tensor, what: str, lower: bool = False) -> torch.Tensor:
+    """The median of D[i, j] over the pairs i < j of a symmetric (N, N)
+    matrix (torch.median's lower middle value for an even count); on the
+    CPU by numpy's selection, O(N^2) instead of a sort. lower: D holds the
+    pairs in its strict lower triangle (i > j) only."""
+    n = D.shape[0]
+    if n < 2:
+        median = D.new_tensor(0.0)
+    elif D.device.type == "cpu":
+        import numpy as np
+
+        A = D.detach().numpy()
+        values = np.concatenate([A[i, :i] for i in range(1, n)] if lower else [A[i, i + 1:] for i in range(n - 1)])
+        k = (values.size - 1) // 2
+        values.partition(k)  # in place: values is a fresh array
+        median = D.new_tensor(float(values[k]))
+    else:
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=D.device), diagonal=1)
+        median = D[upper.T if lower else upper].median()
+    if not median > 0:
+        raise ValueError(f"the median {what} between samples is 0 (most samples are identical): the kernel's "
+                         "bandwidth is 0 and the measure is undefined; pass bandwidth/gamma or distinct samples")
+    return median
+
+
+def _squared_distances(F: torch.Tensor) -> torch.Tensor:
+    """|f_i - f_j|^2 ((N, N), F's dtype) from one Gram product of the centred
+    features: distances are shift invariant and centring keeps the product's
+    cancellation small (kernel values need no float64; the HSIC sums that
+    cancel run in float64 afterwards)."""
+    F = F - F.mean(0, keepdim=True)  # any shift near the mean does
+    rows = F.square().sum(1)
+    sq = torch.addmm(rows[:, None] + rows[None, :], F, F.T, alpha=-2.0).clamp_min_(0)
+    sq.diagonal().zero_()
+    return sq
+
+
+def _rbf_lower(R: torch.Tensor, bandwidth: float):
+    """The RBF Gram of kernel_matrix as its strict lower triangle (zeros
+    above; the diagonal is 1) from one syrk triangle, never mirrored (a
+    transposed pass costs as much as the half matmul saves); None where
+    syrk cannot run (see _syrk)."""
+    F = _rescaled(R.reshape(R.shape[0], -1))  # the kernel is scale invariant (median bandwidth)
+    F = F - F.mean(0, keepdim=True)  # distances are shift invariant
+    G = _syrk(F.contiguous(), outer=True)
+    if G is None:
+        return None
+    rows = torch.linalg.vecdot(F, F)
+    # in place on G.T (the C-ordered lower triangle): no fresh N x N tensor
+    sq = G.T.mul_(-2.0).add_(rows[:, None]).add_(rows[None, :]).clamp_min_(0)
+    scale = bandwidth ** 2 * _median_offdiagonal(sq, "squared distance", lower=True)
+    return sq.mul_(-0.5 / float(scale)).exp_().tril_(-1)
+
+
+def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.5, gamma: float | None = None):
+    """The (N, N) Gram matrix of features X (N, C, S) for a CKA kernel.
+
+    linear: <x_i, x_j> of the flattened features. rbf: exp(-|x_i - x_j|^2 /
+    (2 s^2)) with s = bandwidth x the median distance (Kornblith et al.).
+    max: max_c sum_s x~[i, c, s] x~[j, c, s] on channel-normalised features
+    (definition 5.3 with appendix D.7.2; the max_kernel_gram operator, never
+    the (N, N, C) tensor). laplace: exp(-gamma |x~_i - x~_j|_1) on
+    channel-normalised features (equation 5.6), gamma = 1 / the median l1
+    distance by default. ortho: linear on channel-normalised features (the
+    seed 004 authors' orthogonal CKA).
+
+    Every kernel but linear is scale invariant (the median bandwidth, the
+    channel normalisation): X is scaled by a power of two first where its
+    magnitude would overflow or underflow. A linear Gram that overflows
+    X's dtype is refused (ValueError): it has no finite value."""
+    _check_kernel(kernel, bandwidth, gamma)
+    if kernel in ("linear", "rbf"):
+        F = X.reshape(X.shape[0], -1)
+        if kernel == "linear":
+            K = F @ F.T
+            if not _checks.data_free(K) and not _checks.all_finite(K):
+                _checks.tensor("X", X, ndims=(X.dim(),), shape="(N, C, S)")
+                raise ValueError(f"the linear Gram of X overflows {str(K.dtype).replace('torch.', '')} (max |X| = "
+                                 f"{float(X.abs().max()):.3g}): rescale X (cka is scale invariant and rescales "
+                                 "itself)")
+            return K
+        sq = _squared_distances(_rescaled(F))
+        scale = bandwidth ** 2 * _median_offdiagonal(sq, "squared distance")
+        return sq.div_(-2 * scale).exp_()
+    Xn = channel_normalize(X)
+    if kernel == "max":
+        return _max_gram(Xn.contiguous())
+    F = Xn.reshape(Xn.shape[0], -1)
+    if kernel == "ortho":
+        return F @ F.T
+    l1 = torch.cdist(F, F, p=1)
+    c = 1.0 / float(_median_offdiagonal(l1, "l1 distance")) if gamma is None else gamma
+    return torch.exp(-c * l1)
+
+
+def _max_gram(Xn: torch.Tensor) -> torch.Tensor:
+    """max_kernel_gram of channel-normalised features without its output
+    check (a float64 pass over N x N): finite inputs of unit channel norm
+    give |K| <= 1 (Cauchy-Schwarz), nothing can overflow."""
+    return torch.ops.spectral_ext.max_kernel_gram(Xn) if _ops._native() else max_kernel_gram(Xn)
+
+
+def _centre_gram_(K: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """In place on float64 K (a, n, n): the U-centred matrix (Szekely and
+    Rizzo 2014: zero diagonal, then rows and columns centred with 1/(n-2)
+    and the total with 1/((n-1)(n-2)), diagonal zero again) so that
+    <U(K), U(L)> / (n(n-3)) is Song et al.'s HSIC_1 [NRK21, eq. 3]; biased:
+    H K H, so <HKH, HLH> / (n-1)^2 = tr(KHLH) / (n-1)^2."""
+    n = K.shape[-1]
+    if unbiased:
+        K.diagonal(dim1=-2, dim2=-1).zero_()
+        rows = K.sum(-1)
+        total = rows.sum(-1)
+        K.sub_(rows[:, :, None] / (n - 2)).sub_(rows[:, None, :] / (n - 2))
+        K.add_((total / ((n - 1) * (n - 2)))[:, None, None])
+        K.diagonal(dim1=-2, dim2=-1).zero_()
+    else:
+        K.sub_(K.mean(-1, keepdim=True)).sub_(K.mean(-2, keepdim=True))
+    return K
+
+
+def _hsic_scale(n: int, unbiased: bool) -> float:
+    return 1.0 / (n * (n - 3)) if unbiased else 1.0 / (n - 1) ** 2
+
+
+def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """HSIC of every pair of Gram matrices: K (a, n, n), L (b, n, n) -> (a, b),
+    the HSIC_1 of seed 004 equation 5.4 (definition 5.3).
+
+    unbiased=True: the estimator of Song et al. used by Nguyen et al. [NRK21,
+    eq. 3], HSIC_1 = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2)
+    1'K~L~1] / (n(n-3)) with K~, L~ the matrices with zeroed diagonals
+    (needs n >= 4), computed as the inner product of U-centred matrices.
+    unbiased=False: tr(K H L H) / (n-1)^2. Computed in float64."""
+    n = K.shape[-1]
+    if unbiased and n < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
+    Uk = _centre_gram_(K.to(torch.float64, copy=True), unbiased).reshape(K.shape[0], -1)
+    Ul = _centre_gram_(L.to(torch.float64, copy=True), unbiased).reshape(L.shape[0], -1)
+    return (Uk @ Ul.T) * _hsic_scale(n, unbiased)
+
+
+def _check_kernel(kernel, bandwidth=0.5, gamma=None):
+    """The kernel's name and its options: bandwidth (rbf) and gamma (laplace) positive and finite."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    _checks.number("bandwidth", bandwidth, low=0, low_open=True)
+    if gamma is not None:
+        if kernel != "laplace":
+            raise ValueError(f"gamma is the laplace kernel's option; kernel={kernel!r} does not use it")
+        _checks.number("gamma", gamma, low=0, low_open=True)
+
+
+def _syrk(F: torch.Tensor, outer: bool):
+    """One triangle of F F' (outer) or F'F (the other triangle zero) by BLAS
+    syrk, half the flops of a matmul (torch has no syrk); None where scipy's
+    BLAS cannot take F (not a contiguous float32/64 CPU tensor)."""
+    if F.device.type != "cpu" or not F.is_contiguous() or F.dtype not in (torch.float32, torch.float64) \
+            or F.requires_grad:
+        return None
+    from scipy.linalg import blas
+
+    syrk = blas.ssyrk if F.dtype == torch.float32 else blas.dsyrk
+    # F's memory read in Fortran order is F' (d, n): trans=0 gives F'F, trans=1 gives F F'
+    return torch.from_numpy(syrk(1.0, F.detach().numpy().T, trans=1 if outer else 0))
+
+
+def _squared_norm64(A: torch.Tensor) -> torch.Tensor:
+    """|A|_F^2 in float64 (one dot product of the float64 values, no squared copy)."""
+    flat = A.to(torch.float64).reshape(-1)
+    return torch.dot(flat, flat)
+
+
+def _frobenius2_of_gram(F: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """|F'F|_F^2 = |F F'|_F^2 in float64 through the smaller of the two
+    products (F: (n, d), centred): with F = [A_1 ... A_k] in column blocks
+    (row blocks for F F'), sum over i <= j of (2 if i < j) |A_i'A_j|^2, the
+    10 of 16 block products of one triangle as MKL matmuls (measured 25%
+    faster than scipy's OpenBLAS syrk, which computes the triangle whole)."""
+    n, d = F.shape
+    parts = (F if d <= n else F.T).chunk(blocks if min(n, d) >= 64 * blocks else 1, dim=1)
+    total = torch.zeros((), dtype=torch.float64, device=F.device)
+    for i, A in enumerate(parts):
+        for j in range(i, len(parts)):
+            total += (2.0 if j > i else 1.0) * _squared_norm64(A.T @ parts[j])
+    return total
+
+
+def _constant(X: torch.Tensor) -> bool:
+    """Every feature takes one value over the samples (exact, no tolerance)."""
+    flat = X.reshape(X.shape[0], -1)
+    return torch.equal(flat, flat[:1].expand_as(flat))  # stops at the first difference
+
+
+def _gram(R, kernel, bandwidth, gamma):
+    if kernel == "linear":
+        # centring first removes the cancellation of a float32 Gram; HSIC is shift invariant, so the shift need
+        # not be the exact mean and a float32 mean does
+        F = R.reshape(R.shape[0], -1)
+        return _centred_gram(F)
+    return kernel_matrix(R, kernel, bandwidth, gamma)
+
+
+def _centred_gram(F: torch.Tensor) -> torch.Tensor:
+    F = F - F.mean(0, keepdim=True)
+    return F @ F.T
+
+
+def _centred_features(R: torch.Tensor, kernel: str, out: torch.Tensor | None = None):
+    """The linear route's share of one representation (N, C, S): its
+    flattened features centred over the samples (channel-normalised first
+    for "ortho"; float32 in two passes, the second taking out what the first
+    mean's rounding left), written into `out` when given, and the float64
+    squared row norms (sums of squares: no cancellation)."""
+    F = (channel_normalize(R) if kernel == "ortho" else R).reshape(R.shape[0], -1)
+    Fc = F - F.mean(0, keepdim=True)
+    if F.dtype != torch.float64:
+        Fc -= Fc.mean(0, keepdim=True)
+    if out is not None:
+        Fc = out.copy_(Fc)
+    return Fc, torch.linalg.vecdot(Fc, Fc).to(torch.float64)
+
+
+class _Batch:
+    """One batch's representations reduced to what HSIC needs: centred
+    features (feature route, linear kernels) or U-centred Grams (Gram
+    route), each computed once and shared by every pair."""
+
+    def __init__(self, reps, kernel, bandwidth, gamma, unbiased, route):
+        self.n = reps[0].shape[0]
+        self.constant = [_constant(R) for R in reps]
+        self.route = route
+        if route == "features":
+            self.features, self.norms = [], []
+            for R in reps:
+                Fc, norms = _centred_features(R, kernel)
+                self.features.append(Fc)
+                self.norms.append(norms)
+        elif route == "direct":  # one pair of large Grams: kept in their dtype
+            lower = [_rbf_lower(R, bandwidth) for R in reps] if kernel == "rbf" else [None]
+            self.lower = all(K is not None for K in lower)
+            if self.lower:
+                self.grams = lower
+                self.terms = [_lower_terms(K) for K in lower]
+            else:
+                self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
+                self.terms = [_gram_terms(K) for K in self.grams]
+        else:
+            grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
+            stacked = torch.empty((len(grams), self.n, self.n), dtype=torch.float64, device=grams[0].device)
+            for i, K in enumerate(grams):
+                stacked[i].copy_(K)  # one float64 copy per Gram, no intermediate
+                grams[i] = None
+            self.grams = _centre_gram_(stacked, unbiased).reshape(len(reps), -1)
+
+
+def _gram_terms(K: torch.Tensor):
+    """What HSIC needs from one Gram matrix without a float64 copy: its
+    diagonal, row sums and total (each row summed in K's dtype, torch's
+    pairwise sum, the rows in float64: 9x faster than a float64 sum)."""
+    diag = K.diagonal().to(torch.float64)
+    rows = K.sum(1).to(torch.float64)
+    return diag, rows, rows.sum()
+
+
+def _lower_terms(K: torch.Tensor):
+    """_gram_terms of the symmetric Gram whose strict lower triangle K holds,
+    with unit diagonal (RBF)."""
+    diag = torch.ones(K.shape[0], dtype=torch.float64, device=K.device)
+    rows = (K.sum(1) + K.sum(0)).to(torch.float64) + diag
+    return diag, rows, rows.sum()
+
+
+def _inners(pairs, rows: int = 64) -> list:
+    """[sum A * B for (A, B) in pairs] (matrices of one shape): row dot
+    products in the matrices' dtype (cascade sums), summed in float64, in
+    one pass over blocks of `rows` rows: each block is read from memory
+    once and its products are taken in L2 through one buffer (no N x N
+    product tensor, no float64 copy)."""
+    first = pairs[0][0]
+    n = first.shape[0]
+    buffer = torch.empty((min(rows, n), first.shape[1]), dtype=first.dtype, device=first.device)
+    totals = [torch.zeros((), dtype=torch.float64, device=first.device) for _ in pairs]
+    for start in range(0, n, rows):
+        part = buffer[:min(rows, n - start)]
+        for total, (A, B) in zip(totals, pairs):
+            torch.mul(A[start:start + rows], B[start:start + rows], out=part)
+            total += part.sum(1).sum(dtype=torch.float64)
+    return totals
+
+
+def _inner(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """sum K * L (see _inners)."""
+    return _inners([(K, L)])[0]
+
+
+def _hsic_direct(K, L, tk, tl, unbiased: bool, lower: bool = False, inner=None) -> torch.Tensor:
+    """HSIC of one pair of (N, N) Gram matrices from eq. 3 of [NRK21]
+    (unbiased) or tr(KHLH) / (n-1)^2, the sums over rows in float64 (no
+    centred copies). lower: K and L hold strict lower triangles (_rbf_lower).
+    inner: sum K * L when the caller has it (_inners)."""
+    n = K.shape[0]
+    (dk, rk, sk), (dl, rl, sl) = tk, tl
+    inner = _inner(K, L) if inner is None else inner
+    full = 2.0 * inner + dk @ dl if lower else inner
+    if not unbiased:
+        return (full - 2.0 / n * (rk @ rl) + sk * sl / n ** 2) / (n - 1) ** 2
+    rk, rl = rk - dk, rl - dl  # K~ 1, L~ 1
+    trace = full - dk @ dl
+    return (trace + (sk - dk.sum()) * (sl - dl.sum()) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rk @ rl)) \
+        / (n * (n - 3))
+
+
+def _hsic_features(a: _Batch, b: _Batch, unbiased: bool, same: bool) -> torch.Tensor:
+    """(len(a), len(b)) HSICs from centred features (N D D' per pair, no
+    N x N matrix): tr(K~L~) = |X'Y|^2 - kx.ky, 1'K~1 = -sum kx and
+    K~1 = -kx because X'1 = 0 (kx the squared row norms)."""
+    n = a.n
+    out = torch.empty(len(a.features), len(b.features), dtype=torch.float64, device=a.features[0].device)
+    for i, X in enumerate(a.features):
+        for j, Y in enumerate(b.features):
+            if same and j < i:
+                out[i, j] = out[j, i]
+                continue
+            trace = _frobenius2_of_gram(X) if same and i == j else _squared_norm64(X.T @ Y)
+            if unbiased:
+                kx, ky = a.norms[i], b.norms[j]
+                dot = kx @ ky
+                out[i, j] = (trace - dot * (1 + 2.0 / (n - 2)) + kx.sum() * ky.sum() / ((n - 1) * (n - 2))) \
+                    / (n * (n - 3))
+            else:
+                out[i, j] = trace / (n - 1) ** 2
+    return out
+
+
+def _self_hsic_features(a: _Batch, unbiased: bool) -> torch.Tensor:
+    n = a.n
+    values = []
+    for X, k in zip(a.features, a.norms):
+        trace = _frobenius2_of_gram(X)
+        if unbiased:
+            values.append((trace - k @ k * (1 + 2.0 / (n - 2)) + k.sum() ** 2 / ((n - 1) * (n - 2))) / (n * (n - 3)))
+        else:
+            values.append(trace / (n - 1) ** 2)
+    return torch.stack(values)
+
+
+def _route(kernel, n, dims_a, dims_b) -> str:
+    """The cheaper exact route for linear kernels: Gram matrices cost
+    n^2 (sum of dims) plus n^2 per pair, centred features n D D' per pair
+    and n D min(n, D) per self term."""
+    if kernel not in ("linear", "ortho"):
+        return "grams"
+    grams = n * n * (sum(dims_a) + sum(dims_b) + len(dims_a) * len(dims_b))
+    features = n * sum(dims_a) * sum(dims_b) + sum(n * d * min(n, d) for d in list(dims_a) + list(dims_b))
+    return "features" if features < grams else "grams"
+
+
+class MinibatchCKA:
+    """CKA accumulated over minibatches (Nguyen et al. [NRK21], the
+    minibatch CKA behind seed 004 Fig. 2, 5, 9, with the kernels of section
+    5 and appendix D.7): the mean of the per-batch unbiased HSICs, so the
+    dataset never needs to fit in memory. Each representation of a batch is
+    reduced once (centred features or one U-centred Gram, in float64), every
+    pair is an inner product of those. CKA is scale invariant and so is this:
+    a representation too large or too small for its squares is scaled by a
+    power of two first (the linear kernel's sums kept at the largest scale
+    seen). The channel normalisation of the max,
+    Laplace and ortho kernels uses each batch's statistics (it keeps their
+    invariance).
+
+    update(Xs, Ys) takes lists of representations of the same batch (or single
+    tensors), each (N, C, S) or laid out as feature_axis says; value()
+    returns the (len(Xs), len(Ys)) CKA matrix, a float64 tensor (1 x 1 for
+    single tensors). Pass Ys=None to compare Xs with themselves (each
+    reduced once)."""
+
+    def __init__(self, kernel: str = "linear", unbiased: bool = True, bandwidth: float = 0.5,
+                 gamma: float | None = None):
+        _check_kernel(kernel, bandwidth, gamma)
+        self.kernel, self.unbiased, self.bandwidth, self.gamma = kernel, unbiased, bandwidth, gamma
+        self.xy = self.xx = self.yy = None
+        self.varied_x = self.varied_y = None
+        self.batches = 0
+
+    def _reps(self, reps, name, feature_axis):
+        reps = [reps] if isinstance(reps, torch.Tensor) else list(reps)
+        if not reps:
+            raise ValueError(f"{name} lists no representation")
+        return [as_channels(name, R, feature_axis) for R in reps]
+
+    def update(self, Xs, Ys=None, feature_axis: int | None = None) -> None:
+        same = Ys is None
+        Xs = self._reps(Xs, "X", feature_axis)
+        Ys = Xs if same else self._reps(Ys, "Y", feature_axis)
+        n = {R.shape[0] for R in Xs + Ys}
+        if len(n) != 1:
+            raise ValueError(f"every representation of a batch must hold the same samples, got sizes {sorted(n)}")
+        n = n.pop()
+        if self.unbiased and n < 4:
+            raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
+        # the other kernels' Grams are scale invariant and rescale inside (kernel_matrix, channel_normalize)
+        exps_a = [_exponent(R) if self.kernel == "linear" else 0 for R in Xs]
+        exps_b = exps_a if same else [_exponent(R) if self.kernel == "linear" else 0 for R in Ys]
+        Xs = [_scaled(R, e) for R, e in zip(Xs, exps_a)]
+        Ys = Xs if same else [_scaled(R, e) for R, e in zip(Ys, exps_b)]
+        dims_a = [R.shape[1] * R.shape[2] for R in Xs]
+        dims_b = [] if same else [R.shape[1] * R.shape[2] for R in Ys]
+        route = _route(self.kernel, n, dims_a, dims_b)
+        if route == "grams" and len(Xs) == 1 and len(Ys) == 1:
+            route = "direct"
+        a = _Batch(Xs, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
+        b = a if same else _Batch(Ys, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
+        if route == "features":
+            xy = _hsic_features(a, b, self.unbiased, same)
+            xx = torch.diagonal(xy).clone() if same else _self_hsic_features(a, self.unbiased)
+            yy = xx if same else _self_hsic_features(b, self.unbiased)
+        elif route == "direct":
+            K, L, lower, ta, tb = a.grams[0], b.grams[0], a.lower, a.terms[0], b.terms[0]
+            kk, kl, ll = _inners([(K, K)]) * 3 if same else _inners([(K, K), (K, L), (L, L)])  # one pass
+            xx = _hsic_direct(K, K, ta, ta, self.unbiased, lower, kk).reshape(1)
+            yy = xx if same else _hsic_direct(L, L, tb, tb, self.unbiased, lower, ll).reshape(1)
+            xy = xx.reshape(1, 1) if same else _hsic_direct(K, L, ta, tb, self.unbiased, lower, kl).reshape(1, 1)
+        else:
+            scale = _hsic_scale(n, self.unbiased)
+            xy = (a.grams @ b.grams.T) * scale
+            xx = a.grams.square().sum(-1) * scale
+            yy = xx if same else b.grams.square().sum(-1) * scale
+        # a constant representation has HSIC exactly 0 (not rounding noise) in this batch
+        ca = torch.tensor(a.constant, device=xy.device)
+        cb = torch.tensor(b.constant, device=xy.device)
+        xy = xy.masked_fill(ca[:, None] | cb[None, :], 0.0)
+        xx, yy = xx.masked_fill(ca, 0.0), yy.masked_fill(cb, 0.0)
+        ea = torch.tensor(exps_a, dtype=torch.float64, device=xy.device)
+        eb = torch.tensor(exps_b, dtype=torch.float64, device=xy.device)
+        if self.xy is None:
+            self.xy, self.xx, self.yy = xy, xx, yy
+            self.varied_x, self.varied_y = ~ca, ~cb
+            self.ex, self.ey = ea, eb
+        else:
+            if self.xy.shape != xy.shape:
+                raise ValueError(f"this batch has {tuple(xy.shape)} representation pairs, earlier ones "
+                                 f"{tuple(self.xy.shape)}")
+            if self.kernel == "linear":
+                # the sums are kept over 2^(2 ex + 2 ey) (xy) and 2^(4 ex), 2^(4 ey): each representation at the
+                # largest scale seen, so that no term overflows (the smaller ones underflow, negligible)
+                ex, ey = torch.maximum(self.ex, ea), torch.maximum(self.ey, eb)
+                self.xy = self.xy * torch.exp2(2 * (self.ex - ex)[:, None] + 2 * (self.ey - ey)[None, :])
+                self.xx, self.yy = self.xx * torch.exp2(4 * (self.ex - ex)), self.yy * torch.exp2(4 * (self.ey - ey))
+                xy = xy * torch.exp2(2 * (ea - ex)[:, None] + 2 * (eb - ey)[None, :])
+                xx, yy = xx * torch.exp2(4 * (ea - ex)), yy * torch.exp2(4 * (eb - ey))
+                self.ex, self.ey = ex, ey
+            self.xy, self.xx, self.yy = self.xy + xy, self.xx + xx, self.yy + yy
+            self.varied_x, self.varied_y = self.varied_x | ~ca, self.varied_y | ~cb
+        self.batches += 1
+
+    def value(self, names_x=None, names_y=None, undefined: str = "warn") -> torch.Tensor:
+        """The (len(Xs), len(Ys)) CKA matrix, float64. Where a representation
+        is constant (or its HSIC estimate is not positive) CKA is undefined:
+        undefined="warn" puts NaN there and warns, naming them; "raise"
+        raises ValueError instead."""
+        if undefined not in ("warn", "raise"):
+            raise ValueError(f"undefined must be 'warn' or 'raise', got {undefined!r}")
+        if self.xy is None:
+            raise ValueError("no batch was added: call update() first")
+        bad_x = ~self.varied_x | (self.xx <= 0)
+        bad_y = ~self.varied_y | (self.yy <= 0)
+        denominator = (self.xx.clamp_min(0)[:, None] * self.yy.clamp_min(0)[None, :]).sqrt()
+        cka = self.xy / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        cka = cka.masked_fill(bad_x[:, None] | bad_y[None, :], float("nan"))
+        if bool(bad_x.any()) or bool(bad_y.any()):
+            def why(bad, varied, names):
+                names = names if names is not None else [f"#{i}" for i in range(len(bad))]
+                return [f"{names[i]} ({'constant' if not varied[i] else 'HSIC estimate <= 0: too few samples'})"
+                        for i in range(len(bad)) if bad[i]]
+            message = ("CKA is undefined for representations "
+                       f"{', '.join(why(bad_x, self.varied_x, names_x) + why(bad_y, self.varied_y, names_y))}")
+            if undefined == "raise":
+                raise ValueError(message + ": HSIC(K, K) is 0, there is nothing to align")
+            warnings.warn(message + "; their entries are NaN", RuntimeWarning, stacklevel=2)
+        return cka
+
+
+def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool = True,
+        batch_size: int | None = None, bandwidth: float = 0.5, gamma: float | None = None,
+        feature_axis: int | None = None) -> float:
+    """Centered kernel alignment HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
+    (seed 004 equation 5.4). kernel="max" is G_ReLU-CKA (definition 5.3,
+    appendix D.7.2), "laplace" the PSD G_ReLU-invariant kernel of equation
+    5.6, "linear" and "rbf" the orthogonally invariant CKA of Kornblith et
+    al., "ortho" the seed 004 authors' orthogonal CKA (linear CKA after
+    each channel is centred and scaled to unit norm, their ortho_cka; the
+    comparison of Fig. 2, 5, 11). unbiased: the HSIC_1 of [NRK21] (default)
+    or the biased estimator. The biased CKA of a PSD kernel lies in [0, 1];
+    the unbiased one in [-1, 1] (an inner product of U-centred Grams): near
+    0 for unrelated features, where the estimator's noise may take it
+    slightly below 0.
+
+    X, Y: (N, d), (N, C, H, W), or (N, tokens, features) with feature_axis
+    saying which axis holds the features; the same N samples. batch_size:
+    minibatch CKA over consecutive rows (see MinibatchCKA). Linear kernels
+    take the cheaper exact route (centred D x D' products when N is large,
+    Gram matrices otherwise). The max kernel is not PSD (example E.44), so
+    its CKA is the paper's "rule-bending" instance (remark 5.5). Constant
+    features (or, for RBF/Laplace, mostly identical samples) make CKA
+    undefined: ValueError. Every kernel's CKA is scale invariant, at any
+    scale: features whose squares would overflow or underflow are divided
+    by a power of two first."""
+    X, Y = _pair(X, Y, feature_axis)
+    _check_kernel(kernel)
+    if not isinstance(unbiased, bool):
+        raise TypeError(f"unbiased must be True or False, got {unbiased!r}")
+    N = X.shape[0]
+    step = N if batch_size is None else _checks.positive_int("batch_size", batch_size)
+    accumulator = MinibatchCKA(kernel, unbiased, bandwidth, gamma)
+    for start in range(0, N, step):
+        if N - start < (4 if unbiased else 2) and start > 0:
+            break  # a ragged last batch too small for the estimator adds nothing
+        accumulator.update(X[start:start + step], Y[start:start + step], feature_axis=1)
+    return float(accumulator.value(undefined="raise")[0, 0])
