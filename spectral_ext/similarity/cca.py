@@ -95,10 +95,19 @@ def _block_sums(values: torch.Tensor, rows: list, cols: list) -> torch.Tensor:
     return torch.zeros(len(rows), len(cols), dtype=values.dtype).index_add_(1, owner_c, partial)
 
 
+def _upper_gram(S: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of S'S (the lower one unspecified) by BLAS syrk: half a matmul's flops."""
+    from ._hsic import _syrk
+
+    G = _syrk(S.contiguous(), outer=False)
+    return S.T @ S if G is None else G
+
+
 def _cross(reduced) -> tuple[torch.Tensor, list]:
-    """Every Q_i' Q_j as blocks of one product of the stacked bases (R x R, R = sum of ranks)."""
-    S = torch.cat([a.Q for a in reduced], 1)
-    return S.T @ S, _offsets(reduced)
+    """Every Q_i' Q_j, i < j, as blocks of the upper triangle of one product of
+    the stacked bases (R x R, R = sum of ranks; the blocks at or below the
+    diagonal are not to be read)."""
+    return _upper_gram(torch.cat([a.Q for a in reduced], 1)), _offsets(reduced)
 
 
 def _pair_groups(reduced, pairs):

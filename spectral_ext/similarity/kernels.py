@@ -302,9 +302,12 @@ class DotProduct(Measure):
 
     def matrix(self, reduced: list) -> torch.Tensor:
         k = len(reduced)
+        from .cca import _upper_gram
+
         S = torch.cat(reduced, 1)
         owner = torch.repeat_interleave(torch.arange(k), torch.tensor([F.shape[1] for F in reduced]))
-        T = (S.T @ S).square_()
+        T = _upper_gram(S).triu_()
+        T = (T + T.triu(1).T).square_()  # syrk's triangle mirrored
         rows = torch.zeros(k, T.shape[1], dtype=torch.float64).index_add_(0, owner, T)
         return torch.zeros(k, k, dtype=torch.float64).index_add_(1, owner, rows)
 
