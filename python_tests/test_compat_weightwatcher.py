@@ -347,3 +347,67 @@ def test_pool_false_with_mp_fit_and_randomize_equals_weightwatcher():
     got = se_ww.WeightWatcher(model=model).analyze(pool=False, min_evals=4, mp_fit=True, randomize=True)
     assert got["slice_id"].max() == 24  # the 5 x 5 kernel's last slice
     assert_same_frames(expected, got)
+
+
+# -- fit="TPL" / "E_TPL" and pl_package="powerlaw" ---------------------------------------------------------------
+
+
+@pytest.fixture
+def ww_powerlaw_1x(monkeypatch):
+    """WeightWatcher 0.7.7 passes powerlaw.Fit a distribution= keyword that powerlaw 1.x took unused and
+    powerlaw 2.0 refuses (every TPL fit of the real package then fails): drop it, as the adapter does."""
+    import powerlaw
+    from weightwatcher import WW_powerlaw
+
+    class Fit(powerlaw.Fit):
+        def __init__(self, *args, distribution=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(WW_powerlaw, "powerlaw", type("powerlaw", (), {"Fit": Fit}))
+
+
+def tpl_model():
+    torch.manual_seed(1)  # fits away from the TPL's alpha = 0 bound, where powerlaw's optimiser magnifies 1e-15
+    return nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 16), nn.Conv2d(12, 10, 2))
+
+
+def test_truncated_power_law_analysis_equals_weightwatcher(ww_powerlaw_1x):
+    model = tpl_model()
+    for kwargs in ({"fit": "TPL", "pl_package": "powerlaw", "xmax": "force"}, {"pl_package": "powerlaw"}):
+        _, expected = real(model, **kwargs)
+        got = se_ww.WeightWatcher(model=model).analyze(**kwargs)
+        assert ("Lambda" in got.columns) == (kwargs.get("fit") == "TPL")
+        assert (got["status"] == "success").all()
+        assert_same_frames(expected, got)
+
+
+@pytest.mark.parametrize("kwargs", [{"fit_type": "truncated_power_law", "xmax": "force"},
+                                    {"fit_type": "truncated_power_law", "fix_fingers": "xmin_peak"}])
+def test_truncated_power_law_fit_equals_weightwatchers_on_the_same_eigenvalues(ww_powerlaw_1x, kwargs):
+    """TPL (xmax='force') and E_TPL (fix_fingers='xmin_peak') fits of one ESD, given the same eigenvalues, to the
+    last bit, on ESDs whose alpha sits at the fit's bound (where a 1e-15 change of the spectrum moves Lambda)."""
+    watcher, _ = real(models()["mlp"], "describe")
+    for layer in (1, 3):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            evals = watcher.get_ESD(layer=layer)
+            alpha, Lambda, xmin, xmax, D, sigma, spikes, _, _, status, _ = watcher.fit_powerlaw(
+                evals, plot=False, pl_package="powerlaw", xmax=kwargs.get("xmax"),
+                fix_fingers=kwargs.get("fix_fingers", False), fit_type=kwargs["fit_type"])
+        got = se_ww._powerlaw_package_fit(evals, kwargs["fit_type"], kwargs.get("xmax"),
+                                          kwargs.get("fix_fingers", False), None)
+        assert status == got["status"] == "success"
+        assert (got["alpha"], got["Lambda"], got["xmin"], got["xmax"], got["ks"]) == (alpha, Lambda, xmin, xmax, D)
+        assert np.isnan(got["sigma"]) and np.isnan(sigma) or got["sigma"] == sigma
+
+
+@pytest.mark.parametrize("kwargs", [dict(fit="TPL"), dict(fit="E_TPL"), dict(xmax="force"), dict(pl_package="nope"),
+                                    dict(fit="E_TPL", pl_package="powerlaw", fix_fingers="clip_xmax"),
+                                    dict(fix_fingers="nope"), dict(xmax="big")])
+def test_fit_params_weightwatcher_refuses_are_refused(kwargs):
+    """pl_package='ww' fits power laws only, without xmax='force'; unknown packages, finger fixes and xmax."""
+    model = models()["mlp"]
+    with pytest.raises(Exception, match="Error, params not valid"):
+        real(model, **kwargs)
+    with pytest.raises(se_ww.InvalidParamsError, match="Error, params not valid"):
+        se_ww.WeightWatcher(model=model).analyze(**kwargs)

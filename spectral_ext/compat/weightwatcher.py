@@ -75,9 +75,17 @@ kh*kw slice of a Conv2d (slice_id; 0 for a matrix), each slice scaled by
 sqrt(rf / 2) (conv2d_count / 2 there), layers kept by M alone against
 min_evals / max_evals; the slices' spectra are computed in one batch per layer.
 
+pl_package="powerlaw" (fit="PL", "TPL" or "E_TPL", xmax=None or "force",
+fix_fingers="xmin_peak"): WeightWatcher.fit_powerlaw's calls of the powerlaw
+package, layer by layer (a Lambda column for TPL fits), on spectral_ext's
+spectrum; the same eigenvalues give the same fit to the last bit, but where a
+TPL fit's alpha sits at its bound (0) powerlaw's optimiser turns the spectra's
+1e-15 differences into Lambda and D differences up to 1e-2. WeightWatcher 0.7.7
+also passes powerlaw.Fit distribution=, which powerlaw 2.0 refuses (there
+every such fit fails); the adapter leaves it out, as powerlaw 1.x ignored it.
+
 Not reproduced (a ValueError names the argument): glorot_fix, conv2d_fft, fft, intra, stacked, peft, base_model,
-vectors, fix_fingers, fit other than "PL", xmax, deltas, detX/ERG,
-pl_package="powerlaw"; folders of WeightWatcher's .npy flat files or Keras
+vectors, fix_fingers="clip_xmax", an int xmax, deltas, detX/ERG; folders of WeightWatcher's .npy flat files or Keras
 .h5 files; a single checkpoint file as model (WeightWatcher takes folders).
 nn.Conv1d layers (3-d weights), on which WeightWatcher 0.7.7's SVD fails,
 are left out with a warning (so is any other layer whose weight is no
@@ -107,6 +115,7 @@ __version__ = "0.7.7"  # the WeightWatcher release whose conventions this reprod
 DEFAULT_MIN_EVALS = 8
 DEFAULT_MAX_EVALS = 15000
 DEFAULT_MAX_N = 50000
+DEFAULT_MAX_FINGERS, DEFAULT_FINGER_THRESH = 10, 1.0
 WEAK_RANK_LOSS_TOLERANCE = 1e-6
 EPSILON = 1e-10  # RMT_Util.matrix_entropy's guard
 OVER_TRAINED_THRESH, UNDER_TRAINED_THRESH = 2.0, 6.0
@@ -612,7 +621,9 @@ class WeightWatcher:
     def analyze(self, model=None, layers=None, min_evals=DEFAULT_MIN_EVALS, max_evals=DEFAULT_MAX_EVALS,
                 max_N=DEFAULT_MAX_N, plot=False, randomize=False, savefig="ww-img", mp_fit=False,
                 conv2d_norm=True, pool=True, tolerance=WEAK_RANK_LOSS_TOLERANCE, start_ids=0, min_size=None,
-                max_size=None, svd_method="fast", large_layers=False, **unsupported) -> pd.DataFrame:
+                max_size=None, svd_method="fast", large_layers=False, fit="PL", pl_package="ww", xmax=None,
+                fix_fingers=False, xmin_max=None, max_fingers=DEFAULT_MAX_FINGERS,
+                finger_thresh=DEFAULT_FINGER_THRESH, **unsupported) -> pd.DataFrame:
         """WeightWatcher.analyze(): one row per analysed layer with
         WeightWatcher 0.7.7's columns (module docstring), in its order.
         large_layers=True: also the layers WeightWatcher leaves out for their
@@ -622,8 +633,10 @@ class WeightWatcher:
         if unsupported.pop("ww2x", False):  # WeightWatcher: "WW2X option deprecated, reverting to POOL=False"
             pool = False
         _check_params(dict(unsupported, min_evals=min_evals, max_evals=max_evals, max_N=max_N, pool=pool,
-                           start_ids=start_ids, savefig=savefig, randomize=randomize))
+                           start_ids=start_ids, savefig=savefig, randomize=randomize, fit=fit,
+                           pl_package=pl_package, xmax=xmax, fix_fingers=fix_fingers, max_fingers=max_fingers))
         _check_unsupported(pool, unsupported)
+        fit_type, fix_fingers = _fit_options(fit, pl_package, xmax, fix_fingers)
         if svd_method not in ("fast", "accurate"):
             raise ValueError(f"svd_method must be 'fast' or 'accurate', got {svd_method!r}")
         model = self._model(model)
@@ -637,14 +650,19 @@ class WeightWatcher:
                                 for s in range(len(sv))]) if chosen else ((), ())
         evals = [np.sort((sv ** 2).reshape(-1)) for sv in svs]
         fits = {}
-        for n in sorted({len(e) for e in evals}):
-            same = [k for k, e in enumerate(evals) if len(e) == n]
-            frame = spectra.fit_power_laws(np.stack([evals[k] for k in same]), convention="weightwatcher")
-            fits.update({k: frame.iloc[j] for j, k in enumerate(same)})
+        if pl_package == "ww":  # WWFit, batched over the layers of one ESD size
+            for n in sorted({len(e) for e in evals}):
+                same = [k for k, e in enumerate(evals) if len(e) == n]
+                frame = spectra.fit_power_laws(np.stack([evals[k] for k in same]), convention="weightwatcher")
+                fits.update({k: frame.iloc[j] for j, k in enumerate(same)})
+        else:  # the powerlaw package, layer by layer, called as WeightWatcher calls it
+            fits = {k: _powerlaw_package_fit(e, fit_type, xmax, fix_fingers, xmin_max) for k, e in enumerate(evals)}
         rows = []
         for k, layer in enumerate(chosen):
             row = _esd_columns(layer, svs[k], evals[k], tolerance)
             row.update(_fit_columns(evals[k], fits[k]))
+            if fit_type == "truncated_power_law":
+                row["Lambda"] = fits[k]["Lambda"]
             if mp_fit:
                 row.update(_mp_columns(evals[k], layer, ""))
             if randomize:
@@ -718,7 +736,7 @@ class WeightWatcher:
         positive = evals[evals > spectra.WW_EVALS_THRESH]
         if not len(positive):
             return None
-        fig = plot.esd(positive, fit=fit.to_dict() if fit["status"] == "success" else None,
+        fig = plot.esd(positive, fit=dict(fit) if fit["status"] == "success" else None,
                        label=f"layer {layer.layer_id} ({layer.longname})")
         if savefig:
             folder = savefig if isinstance(savefig, str) else "ww-img"
@@ -769,14 +787,37 @@ def _check_params(params: dict) -> None:
     savefig = params.get("savefig", "ww-img")
     if not isinstance(savefig, (str, bool)):
         reasons.append(f"savefig must be a bool or a str, got {savefig!r}")
+    fix_fingers, xmax = params.get("fix_fingers", False), params.get("xmax")
+    if fix_fingers:
+        if fix_fingers not in ("xmin_peak", "clip_xmax"):
+            reasons.append(f"Unknown how to fix fingers {fix_fingers}")
+        elif xmax is not None and xmax is not False and isinstance(xmax, int):
+            reasons.append(f"Can not set fix fingers, with xmax ={xmax}")
+        max_fingers = params.get("max_fingers")
+        if max_fingers is not None and max_fingers < 1:
+            reasons.append(f"Can not set max fingers < 1, max_fingers={max_fingers}")
     fit = params.get("fit", "PL")
     if fit not in ("PL", "TPL", "E_TPL", "power_law", "truncated_power_law"):
         reasons.append(f"Unknown fit type {fit}")
+    if fit == "E_TPL" and fix_fingers == "clip_xmax":
+        reasons.append("E-TPL and fix_fingers =clip_xmax can not both be explicitly set")
     if params.get("intra") and (params.get("randomize") or params.get("vectors")):
         reasons.append("Can not set intra=True with randomize=True or vectors=True at this time")
     start_ids = params.get("start_ids", 0)
     if start_ids is not None and start_ids < 0:
         reasons.append(f"start_ids {start_ids} < 0")
+    pl_package = params.get("pl_package", "ww")
+    if pl_package not in ("powerlaw", "ww"):
+        reasons.append(f"Powerlaw Package not valid={pl_package}")
+    if not isinstance(xmax, int) and xmax not in (False, None, "force"):
+        reasons.append(f"xmax must be None or 'force', xmax={xmax}")
+    elif isinstance(xmax, int) and xmax == 0:
+        reasons.append("xmax can not be 0")
+    if pl_package == "ww":
+        if xmax == "force":
+            reasons.append("xmax=force not available if using pl_package=ww")
+        if fit not in ("PL", "power_law"):
+            reasons.append(f"pl_package=ww only supports PowerLaw fits, but fit={fit}")
     if reasons:
         raise InvalidParamsError("Error, params not valid: " + "; ".join(reasons))
 
@@ -804,10 +845,68 @@ def _esd_columns(layer, sv, evals, tolerance) -> dict:
             "weak_rank_loss": int(np.sum(evals < tolerance)), "lambda_max": float(np.max(evals))}
 
 
+def _fit_options(fit, pl_package, xmax, fix_fingers):
+    """WeightWatcher.normalize_params' fit type (TPL and E_TPL are
+    "truncated_power_law", E_TPL with fix_fingers="xmin_peak"), after
+    _check_params; what is not reproduced is refused by name."""
+    fit_type = {"PL": "power_law", "TPL": "truncated_power_law", "E_TPL": "truncated_power_law"}.get(fit, fit)
+    if fit == "E_TPL":
+        fix_fingers = "xmin_peak"
+    if fix_fingers == "clip_xmax":
+        raise ValueError("fix_fingers='clip_xmax' is not reproduced by spectral_ext.compat.weightwatcher "
+                         "(fix_fingers='xmin_peak' and fit='E_TPL' with pl_package='powerlaw' are)")
+    if fix_fingers and pl_package != "powerlaw":
+        raise ValueError("fix_fingers with pl_package='ww' is not reproduced by spectral_ext.compat.weightwatcher "
+                         "(use pl_package='powerlaw')")
+    if xmax not in (None, False, "force"):
+        raise ValueError(f"xmax={xmax!r} is not reproduced by spectral_ext.compat.weightwatcher "
+                         "(only None or 'force')")
+    return fit_type, fix_fingers
+
+
+def _powerlaw_package_fit(evals, fit_type, xmax, fix_fingers, xmin_max) -> dict:
+    """WeightWatcher.fit_powerlaw through the powerlaw package (WW_powerlaw.pl_fit
+    with pl_package="powerlaw"): powerlaw.Fit on the eigenvalues above 1e-5 with
+    distribution = xmin_distribution = the fit type; xmax="force" is the
+    largest eigenvalue; fix_fingers="xmin_peak" searches xmin over
+    (log10(0.95 peak), 1.5 peak) (those units, as there), the peak being the
+    left edge of the fullest of 100 log10-spaced bins; TPL: alpha and Lambda
+    of fit.truncated_power_law. Failures read -1 as there."""
+    import contextlib
+    import io
+
+    import powerlaw
+
+    xmax = float(np.max(evals)) if xmax == "force" else None
+    out = {"status": "failed", "alpha": -1, "Lambda": -1, "xmin": -1, "xmax": xmax, "ks": -1, "sigma": -1}
+    try:
+        nz = evals[evals > spectra.WW_EVALS_THRESH]
+        xmin = None
+        if fix_fingers == "xmin_peak":
+            counts, edges = np.histogram(np.log10(nz), bins=100)
+            peak = 10 ** edges[np.argmax(counts)]
+            xmin = (np.log10(0.95 * peak), 1.5 * peak if xmin_max is None else xmin_max)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            # WeightWatcher also passes distribution=fit_type, which powerlaw 1.x took and left unused
+            # and powerlaw 2.0 refuses (a TypeError: every such fit fails there); it is left out here
+            fit = powerlaw.Fit(nz, xmin=xmin, xmax=xmax, verbose=False, xmin_distribution=fit_type)
+            if fit.alpha is None or np.isnan(fit.alpha):
+                return out
+            out.update(status="success", alpha=fit.alpha, xmin=fit.xmin, xmax=fit.xmax, ks=fit.D, sigma=fit.sigma)
+            if fit_type == "truncated_power_law":
+                out.update(alpha=fit.truncated_power_law.alpha, Lambda=fit.truncated_power_law.Lambda)
+    except Exception:  # WeightWatcher logs any exception of the fit and reports it failed
+        out.update(status="failed", alpha=-1, Lambda=-1, xmin=-1, ks=-1, sigma=-1, xmax=xmax)
+    return out
+
+
 def _fit_columns(evals, fit) -> dict:
     """apply_powerlaw's columns; a failed fit reads -1 as in WeightWatcher."""
     if fit["status"] != "success":
-        alpha, xmin, xmax, D, sigma, spikes, status = -1, -1, None, -1, -1, -1, "failed"
+        xmax = fit["xmax"] if isinstance(fit, dict) else None  # the powerlaw path keeps "force"'s xmax
+        alpha, xmin, D, sigma, spikes, status = -1, -1, -1, -1, -1, "failed"
     else:
         alpha, xmin, xmax, D, sigma = fit["alpha"], fit["xmin"], fit["xmax"], fit["ks"], fit["sigma"]
         spikes, status = int(np.sum(evals >= xmin)), "success"
