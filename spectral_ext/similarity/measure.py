@@ -53,7 +53,8 @@ class Measure:
     for N inputs of D features).
 
     Subclasses set ``min_samples`` (the smallest N the measure is defined
-    for) and implement reduce and pair; override matrix to batch the pairs.
+    for) and ``symmetric`` (whether pair(a, b) == pair(b, a)) and implement
+    reduce and pair; override matrix to batch the pairs.
     """
 
     name: str = ""
@@ -62,6 +63,7 @@ class Measure:
     reference: str = ""
     cost: str = ""
     min_samples: int = 2
+    symmetric: bool = True
 
     def reduce(self, X: torch.Tensor) -> Any:
         """The per-representation reduction of X, (N, D) float64."""
@@ -72,13 +74,17 @@ class Measure:
         raise NotImplementedError
 
     def matrix(self, reduced: list) -> torch.Tensor:
-        """The symmetric K x K float64 matrix of every pair of K reductions
-        (the diagonal: each with itself)."""
+        """The K x K float64 matrix of every ordered pair of K reductions,
+        entry [i, j] = pair(reduced[i], reduced[j]) (the diagonal: each with
+        itself); symmetric unless the measure is not (``symmetric = False``:
+        PWCCA's weights and linear regression's predictor come from row i)."""
         k = len(reduced)
         out = torch.empty(k, k, dtype=torch.float64)
         for i in range(k):
-            for j in range(i, k):
-                out[i, j] = out[j, i] = self.pair(reduced[i], reduced[j])
+            for j in range(i if self.symmetric else 0, k):
+                out[i, j] = self.pair(reduced[i], reduced[j])
+                if self.symmetric:
+                    out[j, i] = out[i, j]
         return out
 
     def footprint(self, n: int, d: int) -> int:
