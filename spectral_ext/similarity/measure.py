@@ -183,15 +183,18 @@ def representation(name: str, X, min_samples: int = 2) -> torch.Tensor:
         raise ValueError(f"{name} has {X.shape[0]} inputs; this measure needs N >= {min_samples}")
     if X.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(X.shape)})")
-    if not torch.isfinite(X).all():
+    # one sum first: finite unless a value is NaN/inf or the sum overflows (then the full check decides)
+    if not torch.isfinite(X.sum()) and not torch.isfinite(X).all():
         raise ValueError(f"{name} holds NaN or infinite values")
     return X
 
 
-def reduced(m: Measure, name: str, X):
-    """m's reduction of representation X, checked at the edge (representation)
-    and with any ValueError from the measure naming the representation."""
-    X = representation(name, X, m.min_samples)
+def reduced(m: Measure, name: str, X, checked: bool = False):
+    """m's reduction of representation X, checked at the edge (representation;
+    checked=True: X already is one) and with any ValueError from the measure
+    naming the representation."""
+    if not checked:
+        X = representation(name, X, m.min_samples)
     try:
         return m.reduce(X)
     except ValueError as error:
@@ -206,7 +209,7 @@ def compare(X, Y, measure: str | Measure = "cka", **options) -> float:
     X, Y = representation("X", X, m.min_samples), representation("Y", Y, m.min_samples)
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X and Y must hold the same inputs: N = {X.shape[0]} and {Y.shape[0]}")
-    return float(m.pair(reduced(m, "X", X), reduced(m, "Y", Y)))
+    return float(m.pair(reduced(m, "X", X, checked=True), reduced(m, "Y", Y, checked=True)))
 
 
 def _named(reps) -> dict:
