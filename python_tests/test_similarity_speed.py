@@ -73,7 +73,7 @@ def test_rbf_lower_is_the_kernel_matrix_triangle(n, d):
     R = rand(n, d, 1).relu() + 3.0
     K = S.kernel_matrix(R, "rbf", bandwidth=0.7)
     torch.testing.assert_close(_hsic._rbf_lower(R, 0.7), K.tril(-1), rtol=1e-12, atol=1e-14)
-    diag, rows, total = _hsic._lower_terms(_hsic._rbf_lower(R, 0.7))
+    diag, rows, total = _hsic._gram_terms(_hsic._rbf_lower(R, 0.7), lower=True)
     torch.testing.assert_close(rows, K.sum(1), rtol=1e-12, atol=0)
     torch.testing.assert_close(diag, K.diagonal(), rtol=0, atol=0)
 
@@ -96,9 +96,9 @@ def test_direct_route_matches_hsic_of_explicit_grams(kernel, unbiased):
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
 def test_blocked_inner_product(n):
     K, L = rand(n, n), rand(n, n, seed=1)
-    assert float(_hsic._inner(K, L)) == pytest.approx(float((K * L).sum()), rel=1e-12)
-    assert float(_hsic._inner(K.float(), L.float())) == pytest.approx(float((K.float().double() * L.float()).sum()),
-                                                                   rel=1e-5, abs=1e-3)
+    assert float(_hsic._inners([(K, L)])[0]) == pytest.approx(float((K * L).sum()), rel=1e-12)
+    expected = float((K.float().double() * L.float()).sum())
+    assert float(_hsic._inners([(K.float(), L.float())])[0]) == pytest.approx(expected, rel=1e-5, abs=1e-3)
 
 
 def test_median_of_the_lower_triangle_is_that_of_the_upper():

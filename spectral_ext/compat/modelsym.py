@@ -28,7 +28,7 @@ import math
 import torch
 
 from .._ops import max_kernel_gram
-from ..similarity._hsic import hsic
+from ..similarity._hsic import _cka_from_hsic, hsic
 from ..similarity._layout import as_channels, channel_normalize
 from ..similarity._procrustes import CrossMoments, _assignment, _rounded_gap, procrustes
 
@@ -70,13 +70,12 @@ def _cka_all(features1, features2, centered, estimator, dims):
     if Ks.shape[-1] != Ls.shape[-1]:
         raise ValueError(f"features1 and features2 must hold the same samples, got {Ks.shape[-1]} and "
                          f"{Ls.shape[-1]}")
-    xy = hsic(Ks, Ls)
-    xx, yy = torch.diagonal(hsic(Ks, Ks)), torch.diagonal(hsic(Ls, Ls))
-    bad = [f"features1[{i}]" for i in range(len(xx)) if not xx[i] > 0] + \
-        [f"features2[{j}]" for j in range(len(yy)) if not yy[j] > 0]
+    cka, bad_x, bad_y = _cka_from_hsic(hsic(Ks, Ls), torch.diagonal(hsic(Ks, Ks)), torch.diagonal(hsic(Ls, Ls)))
+    bad = [f"features1[{i}]" for i in range(len(bad_x)) if bad_x[i]] + \
+        [f"features2[{j}]" for j in range(len(bad_y)) if bad_y[j]]
     if bad:
         raise ValueError(f"CKA is undefined for {bad}: constant features (HSIC(K, K) is not positive)")
-    return (xy / (xx[:, None] * yy[None, :]).sqrt()).to(torch.float32)
+    return cka.to(torch.float32)
 
 
 def wreath_cka(features1, features2, centered: bool = True, estimator: str = "max", dims=(1, 1),

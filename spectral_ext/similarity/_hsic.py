@@ -111,20 +111,15 @@ def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.
         return sq.div_(-2 * scale).exp_()
     Xn = channel_normalize(X)
     if kernel == "max":
-        return _max_gram(Xn.contiguous())
+        # no output check: unit channels give |K| <= 1 (Cauchy-Schwarz), nothing can overflow
+        Xn = Xn.contiguous()
+        return torch.ops.spectral_ext.max_kernel_gram(Xn) if _ops._native() else max_kernel_gram(Xn)
     F = Xn.reshape(Xn.shape[0], -1)
     if kernel == "ortho":
         return F @ F.T
     l1 = torch.cdist(F, F, p=1)
     c = 1.0 / float(_median_offdiagonal(l1, "l1 distance")) if gamma is None else gamma
     return torch.exp(-c * l1)
-
-
-def _max_gram(Xn: torch.Tensor) -> torch.Tensor:
-    """max_kernel_gram of channel-normalised features without its output
-    check (a float64 pass over N x N): finite inputs of unit channel norm
-    give |K| <= 1 (Cauchy-Schwarz), nothing can overflow."""
-    return torch.ops.spectral_ext.max_kernel_gram(Xn) if _ops._native() else max_kernel_gram(Xn)
 
 
 def _centre_gram_(K: torch.Tensor, unbiased: bool) -> torch.Tensor:
@@ -220,17 +215,15 @@ def _constant(X: torch.Tensor) -> bool:
 
 
 def _gram(R, kernel, bandwidth, gamma):
+    """kernel_matrix, the linear one of centred features: HSIC's Gram."""
     if kernel == "linear":
         # centring first removes the cancellation of a float32 Gram; HSIC is shift invariant, so the shift need
         # not be the exact mean and a float32 mean does
         F = R.reshape(R.shape[0], -1)
-        return _centred_gram(F)
+        copied = F.untyped_storage().data_ptr() != R.untyped_storage().data_ptr()  # reshape copied R's layout
+        F = F.sub_(F.mean(0, keepdim=True)) if copied else F - F.mean(0, keepdim=True)  # one copy, not two
+        return F @ F.T
     return kernel_matrix(R, kernel, bandwidth, gamma)
-
-
-def _centred_gram(F: torch.Tensor) -> torch.Tensor:
-    F = F - F.mean(0, keepdim=True)
-    return F @ F.T
 
 
 def _centred_features(R: torch.Tensor, kernel: str, out: torch.Tensor | None = None):
@@ -268,7 +261,7 @@ class _Batch:
             self.lower = all(K is not None for K in lower)
             if self.lower:
                 self.grams = lower
-                self.terms = [_lower_terms(K) for K in lower]
+                self.terms = [_gram_terms(K, lower=True) for K in lower]
             else:
                 self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
                 self.terms = [_gram_terms(K) for K in self.grams]
@@ -281,20 +274,18 @@ class _Batch:
             self.grams = _centre_gram_(stacked, unbiased).reshape(len(reps), -1)
 
 
-def _gram_terms(K: torch.Tensor):
+def _gram_terms(K: torch.Tensor, lower: bool = False):
     """What HSIC needs from one Gram matrix without a float64 copy: its
     diagonal, row sums and total (each row summed in K's dtype, torch's
-    pairwise sum, the rows in float64: 9x faster than a float64 sum)."""
-    diag = K.diagonal().to(torch.float64)
-    rows = K.sum(1).to(torch.float64)
-    return diag, rows, rows.sum()
-
-
-def _lower_terms(K: torch.Tensor):
-    """_gram_terms of the symmetric Gram whose strict lower triangle K holds,
-    with unit diagonal (RBF)."""
-    diag = torch.ones(K.shape[0], dtype=torch.float64, device=K.device)
-    rows = (K.sum(1) + K.sum(0)).to(torch.float64) + diag
+    pairwise sum, the rows in float64: 9x faster than a float64 sum).
+    lower: K holds the strict lower triangle of a symmetric Gram with unit
+    diagonal (RBF, _rbf_lower)."""
+    if lower:
+        diag = torch.ones(K.shape[0], dtype=torch.float64, device=K.device)
+        rows = (K.sum(1) + K.sum(0)).to(torch.float64) + diag
+    else:
+        diag = K.diagonal().to(torch.float64)
+        rows = K.sum(1).to(torch.float64)
     return diag, rows, rows.sum()
 
 
@@ -316,19 +307,12 @@ def _inners(pairs, rows: int = 64) -> list:
     return totals
 
 
-def _inner(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """sum K * L (see _inners)."""
-    return _inners([(K, L)])[0]
-
-
-def _hsic_direct(K, L, tk, tl, unbiased: bool, lower: bool = False, inner=None) -> torch.Tensor:
-    """HSIC of one pair of (N, N) Gram matrices from eq. 3 of [NRK21]
+def _hsic_direct(n: int, tk, tl, inner, unbiased: bool, lower: bool = False) -> torch.Tensor:
+    """HSIC of one pair of (n, n) Gram matrices K, L from eq. 3 of [NRK21]
     (unbiased) or tr(KHLH) / (n-1)^2, the sums over rows in float64 (no
-    centred copies). lower: K and L hold strict lower triangles (_rbf_lower).
-    inner: sum K * L when the caller has it (_inners)."""
-    n = K.shape[0]
+    centred copies): tk, tl their _gram_terms, inner = sum K * L (_inners).
+    lower: K and L hold strict lower triangles (_rbf_lower)."""
     (dk, rk, sk), (dl, rl, sl) = tk, tl
-    inner = _inner(K, L) if inner is None else inner
     full = 2.0 * inner + dk @ dl if lower else inner
     if not unbiased:
         return (full - 2.0 / n * (rk @ rl) + sk * sl / n ** 2) / (n - 1) ** 2
@@ -338,38 +322,36 @@ def _hsic_direct(K, L, tk, tl, unbiased: bool, lower: bool = False, inner=None) 
         / (n * (n - 3))
 
 
-def _hsic_features(a: _Batch, b: _Batch, unbiased: bool, same: bool) -> torch.Tensor:
-    """(len(a), len(b)) HSICs from centred features (N D D' per pair, no
-    N x N matrix): tr(K~L~) = |X'Y|^2 - kx.ky, 1'K~1 = -sum kx and
-    K~1 = -kx because X'1 = 0 (kx the squared row norms)."""
-    n = a.n
+def _feature_hsic(trace: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, n: int, unbiased: bool):
+    """(a, b) HSICs of linear kernels from centred features X_i, Y_j (no
+    N x N matrix): trace[i, j] = |X_i'Y_j|^2 = tr(K_i L_j), kx (a, n), ky
+    (b, n) the float64 squared row norms (the Grams' diagonals). Unbiased
+    ([NRK21] eq. 3): tr(K~L~) = |X'Y|^2 - kx.ky, 1'K~1 = -sum kx and
+    K~1 = -kx because X'1 = 0; biased: tr(KHLH) = |X'Y|^2."""
+    if not unbiased:
+        return trace / (n - 1) ** 2
+    sx, sy = kx.sum(1), ky.sum(1)
+    return (trace - (kx @ ky.T) * (1 + 2.0 / (n - 2)) + torch.outer(sx, sy) / ((n - 1) * (n - 2))) / (n * (n - 3))
+
+
+def _feature_traces(a: _Batch, b: _Batch, same: bool) -> torch.Tensor:
+    """(len(a), len(b)) |X_i'Y_j|^2 in float64, N D D' per pair (a self
+    term through the smaller product; when same, the upper triangle mirrored)."""
     out = torch.empty(len(a.features), len(b.features), dtype=torch.float64, device=a.features[0].device)
     for i, X in enumerate(a.features):
         for j, Y in enumerate(b.features):
             if same and j < i:
                 out[i, j] = out[j, i]
-                continue
-            trace = _frobenius2_of_gram(X) if same and i == j else _squared_norm64(X.T @ Y)
-            if unbiased:
-                kx, ky = a.norms[i], b.norms[j]
-                dot = kx @ ky
-                out[i, j] = (trace - dot * (1 + 2.0 / (n - 2)) + kx.sum() * ky.sum() / ((n - 1) * (n - 2))) \
-                    / (n * (n - 3))
             else:
-                out[i, j] = trace / (n - 1) ** 2
+                out[i, j] = _frobenius2_of_gram(X) if same and i == j else _squared_norm64(X.T @ Y)
     return out
 
 
-def _self_hsic_features(a: _Batch, unbiased: bool) -> torch.Tensor:
-    n = a.n
-    values = []
-    for X, k in zip(a.features, a.norms):
-        trace = _frobenius2_of_gram(X)
-        if unbiased:
-            values.append((trace - k @ k * (1 + 2.0 / (n - 2)) + k.sum() ** 2 / ((n - 1) * (n - 2))) / (n * (n - 3)))
-        else:
-            values.append(trace / (n - 1) ** 2)
-    return torch.stack(values)
+def _self_feature_hsic(a: _Batch, unbiased: bool) -> torch.Tensor:
+    """(len(a),) HSIC(K_i, K_i) of _feature_hsic."""
+    rows = torch.stack(a.norms)
+    traces = torch.diag(torch.stack([_frobenius2_of_gram(X) for X in a.features]))
+    return _feature_hsic(traces, rows, rows, a.n, unbiased).diagonal()
 
 
 def _route(kernel, n, dims_a, dims_b) -> str:
@@ -381,6 +363,25 @@ def _route(kernel, n, dims_a, dims_b) -> str:
     grams = n * n * (sum(dims_a) + sum(dims_b) + len(dims_a) * len(dims_b))
     features = n * sum(dims_a) * sum(dims_b) + sum(n * d * min(n, d) for d in list(dims_a) + list(dims_b))
     return "features" if features < grams else "grams"
+
+
+def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor):
+    """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) (seed 004 equation
+    5.4) of the (a, b) cross HSICs xy and the self terms xx (a,), yy (b,):
+    NaN in the rows and columns whose self term is not positive (a constant
+    representation, or an unbiased estimate <= 0 from too few samples),
+    where CKA is undefined. Returns (cka, bad_x, bad_y)."""
+    bad_x, bad_y = ~(xx > 0), ~(yy > 0)
+    denominator = (xx.clamp_min(0)[:, None] * yy.clamp_min(0)[None, :]).sqrt()
+    cka = xy / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return cka.masked_fill(bad_x[:, None] | bad_y[None, :], float("nan")), bad_x, bad_y
+
+
+def _undefined(names, bad, constant) -> list[str]:
+    """The names (default #i) of the representations whose CKA is undefined, saying why."""
+    names = names if names is not None else [f"#{i}" for i in range(len(bad))]
+    return [f"{names[i]} ({'constant' if constant[i] else 'HSIC estimate <= 0: too few samples'})"
+            for i in range(len(bad)) if bad[i]]
 
 
 class MinibatchCKA:
@@ -417,9 +418,14 @@ class MinibatchCKA:
         return [as_channels(name, R, feature_axis) for R in reps]
 
     def update(self, Xs, Ys=None, feature_axis: int | None = None) -> None:
-        same = Ys is None
         Xs = self._reps(Xs, "X", feature_axis)
-        Ys = Xs if same else self._reps(Ys, "Y", feature_axis)
+        self._add(Xs, None if Ys is None else self._reps(Ys, "Y", feature_axis))
+
+    def _add(self, Xs: list, Ys: list | None = None) -> None:
+        """update() of representations already checked and laid out (N, C, S)
+        (cka and similarity_matrix check theirs at the edge, naming them)."""
+        same = Ys is None
+        Ys = Xs if same else Ys
         n = {R.shape[0] for R in Xs + Ys}
         if len(n) != 1:
             raise ValueError(f"every representation of a batch must hold the same samples, got sizes {sorted(n)}")
@@ -439,15 +445,16 @@ class MinibatchCKA:
         a = _Batch(Xs, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
         b = a if same else _Batch(Ys, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
         if route == "features":
-            xy = _hsic_features(a, b, self.unbiased, same)
-            xx = torch.diagonal(xy).clone() if same else _self_hsic_features(a, self.unbiased)
-            yy = xx if same else _self_hsic_features(b, self.unbiased)
+            xy = _feature_hsic(_feature_traces(a, b, same), torch.stack(a.norms), torch.stack(b.norms), n,
+                               self.unbiased)
+            xx = torch.diagonal(xy).clone() if same else _self_feature_hsic(a, self.unbiased)
+            yy = xx if same else _self_feature_hsic(b, self.unbiased)
         elif route == "direct":
             K, L, lower, ta, tb = a.grams[0], b.grams[0], a.lower, a.terms[0], b.terms[0]
             kk, kl, ll = _inners([(K, K)]) * 3 if same else _inners([(K, K), (K, L), (L, L)])  # one pass
-            xx = _hsic_direct(K, K, ta, ta, self.unbiased, lower, kk).reshape(1)
-            yy = xx if same else _hsic_direct(L, L, tb, tb, self.unbiased, lower, ll).reshape(1)
-            xy = xx.reshape(1, 1) if same else _hsic_direct(K, L, ta, tb, self.unbiased, lower, kl).reshape(1, 1)
+            xx = _hsic_direct(n, ta, ta, kk, self.unbiased, lower).reshape(1)
+            yy = xx if same else _hsic_direct(n, tb, tb, ll, self.unbiased, lower).reshape(1)
+            xy = xx.reshape(1, 1) if same else _hsic_direct(n, ta, tb, kl, self.unbiased, lower).reshape(1, 1)
         else:
             scale = _hsic_scale(n, self.unbiased)
             xy = (a.grams @ b.grams.T) * scale
@@ -490,18 +497,11 @@ class MinibatchCKA:
             raise ValueError(f"undefined must be 'warn' or 'raise', got {undefined!r}")
         if self.xy is None:
             raise ValueError("no batch was added: call update() first")
-        bad_x = ~self.varied_x | (self.xx <= 0)
-        bad_y = ~self.varied_y | (self.yy <= 0)
-        denominator = (self.xx.clamp_min(0)[:, None] * self.yy.clamp_min(0)[None, :]).sqrt()
-        cka = self.xy / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        cka = cka.masked_fill(bad_x[:, None] | bad_y[None, :], float("nan"))
+        # a representation constant in every batch has HSIC exactly 0: bad, and named constant
+        cka, bad_x, bad_y = _cka_from_hsic(self.xy, self.xx, self.yy)
         if bool(bad_x.any()) or bool(bad_y.any()):
-            def why(bad, varied, names):
-                names = names if names is not None else [f"#{i}" for i in range(len(bad))]
-                return [f"{names[i]} ({'constant' if not varied[i] else 'HSIC estimate <= 0: too few samples'})"
-                        for i in range(len(bad)) if bad[i]]
-            message = ("CKA is undefined for representations "
-                       f"{', '.join(why(bad_x, self.varied_x, names_x) + why(bad_y, self.varied_y, names_y))}")
+            why = _undefined(names_x, bad_x, ~self.varied_x) + _undefined(names_y, bad_y, ~self.varied_y)
+            message = f"CKA is undefined for representations {', '.join(why)}"
             if undefined == "raise":
                 raise ValueError(message + ": HSIC(K, K) is 0, there is nothing to align")
             warnings.warn(message + "; their entries are NaN", RuntimeWarning, stacklevel=2)
@@ -534,14 +534,13 @@ def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool
     scale: features whose squares would overflow or underflow are divided
     by a power of two first."""
     X, Y = _pair(X, Y, feature_axis)
-    _check_kernel(kernel)
     if not isinstance(unbiased, bool):
         raise TypeError(f"unbiased must be True or False, got {unbiased!r}")
     N = X.shape[0]
     step = N if batch_size is None else _checks.positive_int("batch_size", batch_size)
-    accumulator = MinibatchCKA(kernel, unbiased, bandwidth, gamma)
+    accumulator = MinibatchCKA(kernel, unbiased, bandwidth, gamma)  # checks the kernel and its options
     for start in range(0, N, step):
         if N - start < (4 if unbiased else 2) and start > 0:
             break  # a ragged last batch too small for the estimator adds nothing
-        accumulator.update(X[start:start + step], Y[start:start + step], feature_axis=1)
+        accumulator._add([X[start:start + step]], [Y[start:start + step]])
     return float(accumulator.value(undefined="raise")[0, 0])

@@ -221,11 +221,12 @@ def _samples_first(name, layer, R, samples: int | None, sample_axis: int = 0):
 
 
 def _channels_of(name, layer, R, axis, check: bool = True, samples: int | None = None, sample_axis: int = 0):
-    """R laid out (N, C, S) as as_channels does; check=False only moves the
-    axes (for MinibatchCKA.update, which checks the values itself: each
-    activation is read once for NaN, not twice). samples: the batch's
-    sample count, R's first axis checked against it (_samples_first:
-    windows folded into the samples are read as positions)."""
+    """R laid out (N, C, S) by as_channels, its errors naming the layer and
+    its model (similarity_matrix's only check: the measures take R as it
+    is); check=False only moves the axes (the zoo's probe activations,
+    checked by the measures). samples: the batch's sample count, R's first
+    axis checked against it (_samples_first: windows folded into the
+    samples are read as positions)."""
     R, folded = _samples_first(name, layer, R, samples, sample_axis)
     if folded:
         if axis is None and R.dim() == 3:

@@ -119,21 +119,13 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
                     kept[m].append(R.reshape(n, -1).to("cpu", torch.float64))
             seen += n
             continue
-        check = measure != "cka"
-        reps_a = [_channels_of("model", m, cap_a[m], axes_a[m], check, n, sample_axes_a[m]) for m in layers_a]
-        reps_b = None if same else [_channels_of("other", m, cap_b[m], axes_b[m], check, n, sample_axes_b[m])
+        reps_a = [_channels_of("model", m, cap_a[m], axes_a[m], True, n, sample_axes_a[m]) for m in layers_a]
+        reps_b = None if same else [_channels_of("other", m, cap_b[m], axes_b[m], True, n, sample_axes_b[m])
                                     for m in layers_b]
         if measure == "cka":
             if n < 4:
                 continue  # the unbiased estimator needs 4 samples; a tiny last batch adds nothing
-            try:
-                accumulator.update(reps_a, reps_b, feature_axis=1)
-            except ValueError:  # say which layer: the checks that name it
-                for m in layers_a:
-                    _channels_of("model", m, cap_a[m], axes_a[m], True, n, sample_axes_a[m])
-                for m in ([] if same else layers_b):
-                    _channels_of("other", m, cap_b[m], axes_b[m], True, n, sample_axes_b[m])
-                raise
+            accumulator._add(reps_a, reps_b)  # checked above, naming the layer
         else:
             reps_a = _at_common_scale(reps_a, layers_a, sums_a, scales_a, moments, (0, 1) if same else (0,))
             reps_b = reps_a if same else _at_common_scale(reps_b, layers_b, sums_b, scales_b, moments, (1,))

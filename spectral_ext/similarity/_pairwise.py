@@ -12,9 +12,10 @@ import torch
 
 from .. import _checks
 from .._hooks import first_tensor
-from ._hsic import _centre_gram_, _centred_features, _check_kernel, _constant, _gram, _hsic_scale
+from ._hsic import (_centre_gram_, _centred_features, _check_kernel, _cka_from_hsic, _constant, _feature_hsic, _gram,
+                    _hsic_scale, _undefined)
 from ._layout import _rescaled, as_channels
-from ._procrustes import _assignment, _check_group, _procrustes_measure
+from ._procrustes import _aligned, _check_group
 
 def pairwise_similarity(features: dict, pairs=None, measure="cka", kernel: str = "linear",
                         group: str = "orthogonal", unbiased: bool = True, centered: bool = False,
@@ -188,11 +189,6 @@ def _budget(max_memory, device) -> float:
     return max_memory
 
 
-def _held(tensor: torch.Tensor) -> torch.Tensor:
-    """Every large tensor the pairwise routes allocate passes here (the tests count them against max_memory)."""
-    return tensor
-
-
 def _model_blocks(linear, square, fixed, budget, device, single=None, what="", n=0) -> list[list[int]]:
     """Consecutive blocks of model indices whose cost, sum(linear) +
     sum(square)^2 bytes over the block, lets `fixed` plus two blocks fit in
@@ -297,10 +293,10 @@ def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar, share=No
         options = (kernel, unbiased, bandwidth, gamma)
 
         def grams(block):  # (len(block), N N): one float64 copy of each model's U-centred Gram
-            stacked = _held(torch.empty((len(block), n * n), dtype=torch.float64, device=device))
+            stacked = torch.empty((len(block), n * n), dtype=torch.float64, device=device)
             for row, i in enumerate(block):
                 def centred(R=reps[i]):  # centred in place in its float64 copy
-                    K = _held(torch.empty((n, n), dtype=torch.float64, device=R.device))
+                    K = torch.empty((n, n), dtype=torch.float64, device=R.device)
                     K.copy_(_gram(R, kernel, bandwidth, gamma))
                     _centre_gram_(K[None], unbiased)
                     return {"gram": K}
@@ -320,14 +316,9 @@ def _pairwise_cka(reps, names, kernel, unbiased, bandwidth, gamma, bar, share=No
     constant = torch.tensor([_constant(R) for R in reps], device=hsic_matrix.device)
     hsic_matrix = hsic_matrix.masked_fill(constant[:, None] | constant[None, :], 0.0)
     self_terms = hsic_matrix.diagonal().clone()
-    bad = self_terms <= 0
-    scale = self_terms.clamp_min(0).sqrt()
-    denominator = torch.outer(scale, scale)
-    matrix = hsic_matrix / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    matrix = matrix.masked_fill(bad[:, None] | bad[None, :], float("nan"))
+    matrix, bad, _ = _cka_from_hsic(hsic_matrix, self_terms, self_terms)
     if bool(bad.any()):
-        which = [f"features[{names[i]!r}] ({'constant' if constant[i] else 'HSIC estimate <= 0'})"
-                 for i in range(k) if bad[i]]
+        which = _undefined([f"features[{name!r}]" for name in names], bad, constant)
         warnings.warn(f"CKA is undefined for {', '.join(which)}; their entries are NaN", RuntimeWarning,
                       stacklevel=3)
     return matrix
@@ -342,8 +333,8 @@ class _Centred:
         self.starts = [0]
         for i in block:
             self.starts.append(self.starts[-1] + reps[i].shape[1] * reps[i].shape[2])
-        self.stacked = _held(torch.empty((n, self.starts[-1]), dtype=reps[block[0]].dtype,
-                                         device=reps[block[0]].device))
+        self.stacked = torch.empty((n, self.starts[-1]), dtype=reps[block[0]].dtype,
+                                   device=reps[block[0]].device)
         self.norms = []
         for row, i in enumerate(block):
             part = self.stacked[:, self.starts[row]:self.starts[row + 1]]
@@ -384,11 +375,7 @@ def _pairwise_hsic_features(reps, kernel, unbiased, bar, blocks=None, block_pair
         trace[J[0]:J[-1] + 1, I[0]:I[-1] + 1] = block.T
 
     _sweep(blocks, block_pairs, lambda block: _Centred(reps, block, kernel), visit, bar)
-    if not unbiased:
-        return trace / (n - 1) ** 2
-    sums = rows.sum(1)
-    return (trace - (rows @ rows.T) * (1 + 2.0 / (n - 2)) + torch.outer(sums, sums) / ((n - 1) * (n - 2))) \
-        / (n * (n - 3))
+    return _feature_hsic(trace, rows, rows, n, unbiased)
 
 
 def _normalised_positions(name, R, group, centered) -> torch.Tensor:
@@ -402,11 +389,11 @@ def _normalised_positions(name, R, group, centered) -> torch.Tensor:
         total = norms.square().sum().sqrt()
         if total == 0:
             raise ValueError(f"{name} is zero (constant, when centred): Procrustes is undefined")
-        return _held(F / total)
+        return F / total
     if bool((norms == 0).any()):
         raise ValueError(f"a channel of {name} is zero (constant, when centred): D_X^-1 of "
                          "definition 5.2 does not exist and the measure is undefined")
-    return _held(F / norms)
+    return F / norms
 
 
 def _pairwise_procrustes(reps, pairs, group, centered, chunk, bar=None, budget=math.inf):
@@ -459,9 +446,9 @@ def _procrustes_block(rows: dict, columns: dict, part, group, chunk) -> list[flo
             total += F.shape[1]
     gram = None
     if len(rows) * len(columns) <= (4 if same else 2) * len(part):
-        left = _held(torch.cat(list(rows.values()), 1))
-        right = left if same else _held(torch.cat(list(columns.values()), 1))
-        gram = _held(torch.empty((left.shape[1], right.shape[1]), dtype=left.dtype, device=left.device))
+        left = torch.cat(list(rows.values()), 1)
+        right = left if same else torch.cat(list(columns.values()), 1)
+        gram = torch.empty((left.shape[1], right.shape[1]), dtype=left.dtype, device=left.device)
         if same:  # its upper half computed, the lower half its transpose
             for start, stop in offsets[0].values():
                 gram[start:stop, start:] = left[:, start:stop].T @ left[:, start:]
@@ -487,10 +474,5 @@ def _procrustes_block(rows: dict, columns: dict, part, group, chunk) -> list[flo
         groups = [torch.stack([cross(a, b) for a, b in piece])] if len(shapes) == 1 else \
             [cross(a, b)[None] for a, b in piece]  # mixed channel counts: one problem at a time
         for crosses in groups:
-            if group == "orthogonal":
-                values.extend(_procrustes_measure(v, 1.0)[0] for v in torch.linalg.svdvals(crosses).sum(-1).tolist())
-            else:
-                picked, cols = _assignment(crosses)
-                best = crosses[torch.arange(crosses.shape[0], device=crosses.device)[:, None], picked, cols].sum(-1)
-                values.extend(_procrustes_measure(v, crosses.shape[-1])[0] for v in best.tolist())
+            values.extend(similarity for similarity, _ in _aligned(crosses, group))
     return values

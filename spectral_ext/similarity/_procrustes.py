@@ -45,13 +45,27 @@ def _procrustes_measure(score: float, size: float) -> tuple[float, float]:
     return 1.0 - distance / (2.0 * math.sqrt(size)), distance
 
 
+def _aligned(crosses: torch.Tensor, group: str) -> list[tuple[float, float]]:
+    """(similarity, distance) of each cross product X~'Y~ in crosses (B,
+    C_x, C_y) of normalised representations (unit Frobenius norm for
+    "orthogonal", unit channels for "grelu"): the best alignment <X~, Y~ Q>
+    is the nuclear norm (D.7.1, [DDS21a]) or the optimal assignment's sum
+    (definition 5.2, solved as on D.2), every problem of the batch at once."""
+    if group == "orthogonal":
+        return [_procrustes_measure(v, 1.0) for v in torch.linalg.svdvals(crosses).sum(-1).tolist()]
+    picked, cols = _assignment(crosses)
+    best = crosses[torch.arange(crosses.shape[0], device=crosses.device)[:, None], picked, cols].sum(-1)
+    return [_procrustes_measure(v, crosses.shape[-1]) for v in best.tolist()]  # |X~|^2 = |Y~|^2 = d
+
+
 def _procrustes_from(cross, nx, ny, group):
+    """(similarity, distance) from X'Y and the channels' squared norms."""
     if group == "orthogonal":
         # D.7.1 / [DDS21a]: unit Frobenius norm; min_Q |X - Y Q|^2 = 2 - 2 |X'Y|_*
         scale = math.sqrt(float(nx.sum()) * float(ny.sum()))
         if scale == 0:
             raise ValueError("X or Y is zero (constant, when centred): the Procrustes measure is undefined")
-        return _procrustes_measure(float(torch.linalg.svdvals(cross / scale).sum()), 1.0)
+        return _aligned((cross / scale)[None], group)[0]
     if group == "grelu":
         if cross.shape[0] != cross.shape[1]:
             raise ValueError(f"G_ReLU-Procrustes needs equal channel counts, got {cross.shape[0]} and "
@@ -59,9 +73,7 @@ def _procrustes_from(cross, nx, ny, group):
         if bool((nx == 0).any()) or bool((ny == 0).any()):
             raise ValueError("a channel of X or Y is zero (constant, when centred): D_X^{-1} of definition 5.2 "
                              "does not exist and the measure is undefined")
-        normalised = cross / torch.outer(nx.sqrt(), ny.sqrt())
-        rows, cols = _assignment(normalised)
-        return _procrustes_measure(float(normalised[rows, cols].sum()), cross.shape[0])  # |X~|^2 = |Y~|^2 = d
+        return _aligned((cross / torch.outer(nx.sqrt(), ny.sqrt()))[None], group)[0]
     raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
 
 
