@@ -193,3 +193,26 @@ def test_the_readme_table_lists_the_measures_as_they_are():
                 if line.startswith("### ")}
     missing = set(M.table().reference) - headings
     assert not missing, f"reference keys without a heading in docs/references.md: {missing}"
+
+
+@pytest.mark.parametrize("spec", ["cka", "cka:kernel=rbf:bandwidth=0.3", "cka:kernel=rbf_mean",
+                                  "cka:estimator=lange", "cka:unbiased=False", "procrustes:group=grelu"])
+def test_cka_and_procrustes_specs_keep_every_option_on_every_route(spec):
+    """pairwise_similarity hands a cka / procrustes spec to its batched engine only where that engine
+    computes the measure as defined; repsim's options (rbf_mean, lange) go through the measure itself:
+    either way the values are the measure's own."""
+    R = {k: v.relu() for k, v in reps(k=4, n=30).items()}
+    m = M.parse_spec(spec)
+    frame = se.pairwise_similarity(R, measure=spec, progress=False)
+    for a, b, value in frame.itertuples(index=False):
+        assert abs(value - M.compare(R[a], R[b], m)) < 1e-10, (spec, a, b)
+
+
+def test_similarity_matrix_streams_cka_with_the_specs_bandwidth():
+    a, b = mlp(0), mlp(1)
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(4))
+    spec = "cka:kernel=rbf:bandwidth=0.3"
+    frame = se.similarity_matrix(a, b, ["2"], x, measure=spec, progress=False)
+    X, Y = activations(a, x, ["2"])["2"], activations(b, x, ["2"])["2"]
+    assert abs(frame.value.item() - M.compare(X, Y, spec.split(":")[0], kernel="rbf", bandwidth=0.3)) < 1e-6
+    assert abs(frame.value.item() - M.compare(X, Y, "cka", kernel="rbf")) > 1e-4  # the bandwidth matters here

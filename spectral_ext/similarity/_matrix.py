@@ -68,16 +68,18 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     if data is None:
         raise TypeError("similarity_matrix() needs data: an iterable of batches, a tensor or a DataLoader")
     model_a, model_b = model, other
-    from .measure import parse_spec
+    from .measure import engine_options, parse_spec
 
     generic = None  # a Measure other than the streamed CKA and Procrustes
+    bandwidth, gamma = 0.5, None
     if not (isinstance(measure, str) and measure in ("cka", "procrustes")):
         generic = parse_spec(measure)
-        if generic.name in ("cka", "procrustes"):
-            options = generic.options()
-            kernel, unbiased = options.get("kernel", kernel), options.get("unbiased", unbiased)
-            group, centered = options.get("group", group), options.get("centered", centered)
-            measure, generic = generic.name, None
+        engine = engine_options(generic)
+        if engine is not None:  # streamed below, with the measure's options
+            measure, generic = engine.pop("measure"), None
+            kernel, unbiased = engine.get("kernel", kernel), engine.get("unbiased", unbiased)
+            bandwidth, gamma = engine.get("bandwidth", bandwidth), engine.get("gamma", gamma)
+            group, centered = engine.get("group", group), engine.get("centered", centered)
     if generic is not None:
         pass
     elif measure == "cka":
@@ -95,7 +97,7 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     axes_b = _layer_axes(model_b, layers_b, feature_axis, "model_b")
     shared = model_a is model_b
     same = shared and layers_a == layers_b and axes_a == axes_b
-    accumulator = MinibatchCKA(kernel, unbiased) if measure == "cka" and generic is None else None
+    accumulator = MinibatchCKA(kernel, unbiased, bandwidth, gamma) if measure == "cka" and generic is None else None
     if generic is not None:  # each layer's flattened activations over all the data, then reduced once
         kept_a = {n: [] for n in layers_a}
         kept_b = kept_a if same else {n: [] for n in layers_b}

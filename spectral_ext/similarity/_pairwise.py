@@ -64,16 +64,16 @@ def pairwise_similarity(features: dict, pairs=None, measure="cka", kernel: str =
     value (one row per pair, in the order of pairs)."""
     if not isinstance(features, dict) or not features:
         raise TypeError("features must be a non-empty dict {model name: (N, ...) tensor}")
-    from .measure import Measure, parse_spec
+    from .measure import Measure, engine_options, parse_spec
 
     if isinstance(measure, str) and measure not in ("cka", "procrustes"):
         measure = parse_spec(measure)
-    if isinstance(measure, Measure) and measure.name in ("cka", "procrustes"):
-        options = measure.options()  # the batched engines below take them as arguments
-        kernel, unbiased = options.get("kernel", kernel), options.get("unbiased", unbiased)
-        bandwidth, gamma = options.get("bandwidth", bandwidth), options.get("gamma", gamma)
-        group, centered = options.get("group", group), options.get("centered", centered)
-        measure = measure.name
+    engine = engine_options(measure) if isinstance(measure, Measure) else None
+    if engine is not None:  # the batched engines below compute it: their arguments from its options
+        measure = engine.pop("measure")
+        kernel, unbiased = engine.get("kernel", kernel), engine.get("unbiased", unbiased)
+        bandwidth, gamma = engine.get("bandwidth", bandwidth), engine.get("gamma", gamma)
+        group, centered = engine.get("group", group), engine.get("centered", centered)
     names = list(features)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else \
         [tuple(p) for p in pairs]

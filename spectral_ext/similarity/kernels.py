@@ -1,6 +1,6 @@
 """The kernel and alignment measures as Measures: cka, hsic, dot_product and
 procrustes (docs/references.md [kornblith2019], [gretton2005], [song2012],
-[nguyen2021], [lange2023]), on spectral_ext.similarity._core's kernels,
+[nguyen2021], [lange2023]), on the kernels,
 estimators and batched engines.
 
 Kernels: those of _hsic.kernel_matrix ("linear", "rbf", "max", "laplace",
@@ -231,7 +231,7 @@ class CKA(_Kernel):
     Invariant to orthogonal maps, isotropic scaling and translation (linear
     and rbf kernels; max/laplace/ortho: permutations and positive scaling
     of single features). A constant representation: ValueError naming it.
-    The K x K runs spectral_ext.similarity's batched CKA engine for _core's
+    The K x K runs spectral_ext.similarity's batched CKA engine for its own
     kernels and estimators. [kornblith2019]"""
 
     name = "cka"

@@ -157,6 +157,19 @@ def parse_spec(spec: str) -> Measure:
     return get_measure(name, **options)
 
 
+def engine_options(m: Measure) -> dict | None:
+    """The arguments of the batched CKA / Procrustes engines (pairwise_similarity,
+    similarity_matrix) when they compute measure m exactly as it is defined;
+    None for any other measure or option (repsim's RBF variants, the "lange"
+    estimator, the midpoint median: those run through m.matrix)."""
+    if m.name == "procrustes":
+        return {"measure": "procrustes", "group": m.group, "centered": m.centered}
+    if m.name == "cka" and m._core_route:
+        return {"measure": "cka", "kernel": m.kernel, "unbiased": m._estimator == "song",
+                "bandwidth": m.bandwidth, "gamma": m.gamma}
+    return None
+
+
 def _load_measures() -> None:
     """Import the modules that register measures (lazily: importing the
     package should not import scipy.stats and friends)."""
