@@ -411,3 +411,82 @@ def test_fit_params_weightwatcher_refuses_are_refused(kwargs):
         real(model, **kwargs)
     with pytest.raises(se_ww.InvalidParamsError, match="Error, params not valid"):
         se_ww.WeightWatcher(model=model).analyze(**kwargs)
+
+
+# -- SVDSmoothing, SVDSharpness, distances -----------------------------------------------------------------------
+
+
+def real_transform(model, transform, **kwargs):
+    """WeightWatcher changes the model it is given in place: hand it a copy."""
+    import copy
+    model = copy.deepcopy(model)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        getattr(ww.WeightWatcher(model=model), transform)(model=model, **kwargs)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("name", ["cnn", "kernels"])
+@pytest.mark.parametrize("transform, kwargs, atol", [
+    ("SVDSmoothing", {"method": "svd", "percent": -0.3}, 1e-5),  # top singular values dropped: exact SVDs both
+    ("SVDSmoothing", {"method": "rmt"}, 1e-5),
+    ("SVDSharpness", {}, 1e-5),
+    # kept top k: WeightWatcher's randomized float32 TruncatedSVD against the exact truncation
+    ("SVDSmoothing", {}, 2e-2), ("SVDSmoothing", {"method": "svd", "percent": 0.3}, 2e-2),
+    ("SVDSmoothing", {"method": "alpha_min"}, 2e-2)])
+def test_svd_smoothing_and_sharpness_equal_weightwatcher_on_a_copy(name, transform, kwargs, atol):
+    model = models()[name]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    np.random.seed(0)
+    expected = real_transform(model, transform, **kwargs)
+    np.random.seed(0)
+    watcher = se_ww.WeightWatcher(model=model)
+    got = getattr(watcher, transform)(**kwargs)
+    assert got is not model and watcher.model is got  # the watcher follows the changed copy, as WeightWatcher's
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    state = got.state_dict()
+    assert list(state) == list(expected)
+    for key in expected:
+        assert state[key].dtype == before[key].dtype  # WeightWatcher's float64 for some Linear layers: kept float32
+        np.testing.assert_allclose(state[key].numpy(), expected[key].numpy(), rtol=0, atol=atol, err_msg=key)
+    changed = [k for k in expected if (before[k] - expected[k]).abs().max() > 1e-3]
+    assert changed == [k for k in expected if (before[k] - state[k]).abs().max() > 1e-3]
+    if transform == "SVDSmoothing" and "rmt" not in str(kwargs):
+        assert len(changed) >= 2
+
+
+def test_svd_smoothing_keeps_and_drops_the_rank_weightwatcher_keeps():
+    model = models()["mlp"]
+    smoothed = se_ww.WeightWatcher().SVDSmoothing(model=model, method="svd", percent=0.2, layers=[1])
+    assert torch.linalg.matrix_rank(smoothed[0].weight.detach().double(), atol=1e-5) == 6  # int(0.2 * 30)
+    sharp = se_ww.WeightWatcher().SVDSmoothing(model=model, method="svd", percent=-0.2, layers=[1])
+    assert torch.linalg.matrix_rank(sharp[0].weight.detach().double(), atol=1e-5) == 24
+    with pytest.raises(ValueError, match="only pooling"):
+        se_ww.WeightWatcher(model=model).SVDSmoothing(pool=False)
+    with pytest.raises(ValueError, match="pool=True"):
+        se_ww.WeightWatcher(model=model).SVDSharpness(pool=False)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("kwargs", [{}, {"method": "euclidean"}, {"method": "CKA"}, {"method": "cka", "pool": False},
+                                    {"pool": False, "layers": [-1]}])
+def test_distances_equal_weightwatcher(name, kwargs):
+    a, b = models()[name], models()[name]
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dW, db, expected = ww.WeightWatcher().distances(a, b, **kwargs)
+    got_dW, got_db, got = se_ww.WeightWatcher().distances(a, b, **kwargs)
+    assert (got_dW, got_db) == pytest.approx((dW, db), rel=1e-6) and dW > 0
+    assert list(got.columns) == list(expected.columns) and list(got.index) == list(expected.index)
+    assert got.dtypes.tolist() == expected.dtypes.tolist()
+    for column in expected.columns:
+        a_, b_ = expected[column].to_numpy(), got[column].to_numpy()
+        if a_.dtype.kind in "fi":
+            np.testing.assert_allclose(b_, a_, rtol=1e-6, err_msg=column)
+        else:
+            assert [str(v) for v in b_] == [str(v) for v in a_], column
+    with pytest.raises(Exception, match="method not valid"):
+        se_ww.WeightWatcher().distances(a, b, method="nope")

@@ -84,6 +84,15 @@ TPL fit's alpha sits at its bound (0) powerlaw's optimiser turns the spectra's
 also passes powerlaw.Fit distribution=, which powerlaw 2.0 refuses (there
 every such fit fails); the adapter leaves it out, as powerlaw 1.x ignored it.
 
+distances(model_1, model_2, method="raw"|"euclidean"|"cka", layers, start_ids,
+pool): WeightWatcher's frame and means, float32 norms as there.
+SVDSmoothing (method "detX", "svd", "alpha_min", "rmt", "auto") and
+SVDSharpness: a changed deep copy is returned and watched (self.model); the
+model given is never changed (WeightWatcher changes it in place). Dropping
+the top singular values agrees with WeightWatcher to float32 rounding; keeping
+the top k is the exact truncation, where WeightWatcher's randomized float32
+TruncatedSVD is off by up to 1e-2 on random weights.
+
 Not reproduced (a ValueError names the argument): glorot_fix, conv2d_fft, fft, intra, stacked, peft, base_model,
 vectors, fix_fingers="clip_xmax", an int xmax, deltas, detX/ERG; folders of WeightWatcher's .npy flat files or Keras
 .h5 files; a single checkpoint file as model (WeightWatcher takes folders).
@@ -508,7 +517,8 @@ def _source_kind(model) -> str:
 class WeightWatcher:
     """spectral_ext's drop-in for weightwatcher.WeightWatcher (0.7.7) on
     PyTorch models, state_dicts and Hugging Face model folders: analyze,
-    describe, get_summary, get_details, get_ESD."""
+    describe, get_summary, get_details, get_ESD; distances, SVDSmoothing and
+    SVDSharpness on PyTorch modules."""
 
     def __init__(self, model=None, framework=None, base_model=None, log_level=None):
         if base_model is not None:
@@ -704,6 +714,159 @@ class WeightWatcher:
         sv = _singular_values([found[0].slices])[0]
         return np.sort((sv ** 2).reshape(-1))
 
+    # -- SVD smoothing and sharpness ---------------------------------------------------------------
+
+    def SVDSmoothing(self, model=None, percent=0.8, pool=True, layers=None, method="detX", fit="PL", plot=False,
+                     start_ids=0, svd_method="fast"):
+        """WeightWatcher.SVDSmoothing on a copy: each chosen layer's weight
+        replaced by its rank-k truncation (U_k S_k V_k^T of a float64 SVD;
+        for a Conv2d each kh*kw slice W[:, :, i, j] at rank ceil(k / rf)),
+        k from `method` on the layer's unscaled pooled ESD: "detX" (the
+        default: the detX = 1 tail), "svd" (int(percent * M * rf); a
+        negative k drops the top -k instead), "alpha_min" (the power-law
+        tail's size), "rmt" (the MP fit's spikes), "auto" (spikes when
+        alpha > 6, else detX). WeightWatcher changes the model in place and
+        returns it; the adapter returns the changed copy and watches it from
+        then on (self.model), the model given untouched. Weights come back
+        float32, as there. WeightWatcher computes the truncation with
+        sklearn's randomized TruncatedSVD in float32, so it agrees with the
+        exact truncation only to about 1e-5."""
+        if not pool:
+            raise ValueError("only pooling (not ww2x) is supported yet for SVDSmoothness, ending")
+        _check_params({"pool": pool, "start_ids": start_ids, "fit": fit, "layers": layers})
+        if svd_method not in ("fast", "accurate"):
+            raise ValueError(f"svd_method must be 'fast' or 'accurate', got {svd_method!r}")
+
+        def count(layer, evals, slices):
+            if method in ("alpha_min", "auto"):
+                fit_row = spectra.fit_power_laws(evals[None], convention="weightwatcher").iloc[0]
+                spikes = _fit_columns(evals, fit_row)
+                if method == "alpha_min":
+                    return spikes["num_pl_spikes"]
+                if spikes["alpha"] > 6:
+                    return _mp_columns(evals, layer, "")["num_spikes"]
+                return _detX_num(evals)
+            if method == "detX":
+                return _detX_num(evals)
+            if method == "rmt":
+                return _mp_columns(evals, layer, "")["num_spikes"]
+            return int(percent * layer.M * layer.rf)  # "svd" and unknown methods (logged there) use percent
+
+        return self._transform(model, layers, start_ids, count)
+
+    def SVDSharpness(self, model=None, pool=True, layers=None, plot=False, start_ids=0):
+        """WeightWatcher.SVDSharpness on a copy: per layer, its slices
+        shuffled with numpy's global generator (np.random.permutation, in
+        WeightWatcher's order), the MP fit of the shuffled ESD counts k
+        spikes, and the top k singular values of the original weight are
+        zeroed (per slice ceil(-k / rf) for a Conv2d, so none below rf
+        spikes). Returns the copy (WeightWatcher returns its `model`
+        argument, None when the model was given to the constructor) and
+        watches it from then on."""
+        if not pool:
+            raise ValueError("omly pool=True, (not ww2x) is supported yet for SVDSharpness, ending")
+        _check_params({"pool": pool, "start_ids": start_ids, "layers": layers})
+
+        def count(layer, evals, slices):
+            flat = slices.reshape(len(slices), -1).numpy()
+            shuffled = [torch.from_numpy(f[np.random.permutation(len(f))]).reshape(slices.shape[1:])[None]
+                        for f in flat]
+            rand = np.sort(np.concatenate([sv.reshape(-1) for sv in _singular_values(shuffled)]) ** 2)
+            return -_mp_columns(rand, layer, "")["num_spikes"]
+
+        return self._transform(model, layers, start_ids, count)
+
+    def _transform(self, model, layers, start_ids, count):
+        """apply_svd_smoothing over WeightWatcher's default layer choice, on a deep copy of the model."""
+        model = self._model(model)
+        if not isinstance(model, nn.Module):
+            raise TypeError("SVDSmoothing / SVDSharpness take a torch.nn.Module (a copy is changed and returned)")
+        out = copy.deepcopy(model)
+        modules = dict(out.named_modules())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LayersLeftOutWarning)
+            chosen = self._layers(out, layers, DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N, start_ids)
+        for layer in chosen:
+            slices = layer.slices
+            evals = np.sort((_singular_values([slices])[0] ** 2).reshape(-1))
+            k = int(count(layer, evals, slices))
+            module = modules[layer.longname if layer.longname in modules else ""]
+            W = module.weight.detach().cpu().float().to(torch.float64)
+            if layer.kind == "conv2d":
+                k = int(np.ceil(k / layer.rf))
+                new = _truncate(W.permute(2, 3, 0, 1), k).permute(2, 3, 0, 1)
+            else:
+                new = _truncate(W, k)
+            with torch.no_grad():
+                module.weight.data = new.float().contiguous()
+        self.model = out
+        return out
+
+    # -- distances -----------------------------------------------------------------------------------
+
+    def distances(self, model_1, model_2, method="raw", layers=None, start_ids=0, pool=True, channels=None):
+        """WeightWatcher.distances: (mean delta_W, mean delta_b, a frame
+        indexed by layer_id) over the layers its default iterator keeps
+        (pool=False: a row per Conv2d slice, with slice_id). "raw": the
+        Frobenius norm of the difference of the weights as stored (a Conv2d's
+        4-d tensor; M, N its smallest and largest dimensions) and of a
+        Linear's biases (b_shape, delta_b; "unknown" and 0 otherwise);
+        "euclidean" / "cka": the mean over the N x M slices of ||W1 - W2|| or
+        ||W1^T W2|| / sqrt(||W1^T W1|| ||W2 W2^T||) (uncentred, as there).
+        Norms in float32 of float32 weights, as there."""
+        _check_params({"pool": pool, "start_ids": start_ids, "channels": channels, "layers": layers})
+        if channels is not None:
+            raise ValueError("channels is not reproduced by spectral_ext.compat.weightwatcher")
+        method = "raw" if method is None else method.lower()
+        if method not in ("raw", "euclidean", "cka"):
+            raise ValueError(f"Error, method not valid: \n {method}")
+        iters = []
+        for model in (model_1, model_2):
+            if not isinstance(model, nn.Module):
+                raise TypeError("distances takes two torch.nn.Module models")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LayersLeftOutWarning)
+                chosen = self._layers(model, layers, DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N, start_ids,
+                                      pool=pool)
+            modules = dict(model.named_modules())
+            if not pool:
+                chosen = [l.slice_copy(s) for l in chosen for s in range(l.rf if l.kind == "conv2d" else 1)]
+            iters.append([(l, modules[l.longname if l.longname in modules else ""]) for l in chosen])
+        rows, data = [], {}
+        for (l1, m1), (l2, m2) in zip(*iters):  # a dict carried from row to row, as there
+            data.update(layer_id=l1.layer_id, name=l1.name, longname=l1.longname, method=method)
+            if not pool:
+                data["slice_id"] = l1.slice_id
+            if method == "raw":
+                W1, W2 = (m.weight.detach().cpu().float() for m in (m1, m2))
+                data.update(M=min(W1.shape), N=max(W1.shape), delta_W=_norm32(W1 - W2))
+                b1, b2 = (m.bias.detach().cpu().float() if l.kind == "dense" and getattr(m, "bias", None)
+                          is not None else None for l, m in ((l1, m1), (l2, m2)))
+                if b1 is not None and b2 is not None and len(b1) == len(b2):
+                    data.update(b_shape=len(b1), delta_b=_norm32(b1 - b2))  # (n,) read by pandas as n there
+                else:
+                    data.update(b_shape="unknown", delta_b=0)
+            else:
+                S1, S2 = (l.read().float() for l in (l1, l2))  # the N x M slices, float32
+                data.update(M=min(S1.shape[1:]), N=max(S1.shape[1:]), b_shape="unknown", delta_b=0.0)
+                def norms(x):  # every slice's Frobenius norm, float32, in one call
+                    return torch.linalg.vector_norm(x.reshape(len(x), -1), dim=1).numpy()
+
+                if method == "euclidean":
+                    per_slice = norms(S1 - S2)
+                else:
+                    norm = np.sqrt(norms(S1.mT @ S1) * norms(S2 @ S2.mT))
+                    per_slice = norms(S1.mT @ S2) / np.where(norm < 0.000001, norm + 0.000001, norm)
+                total = 0.0
+                for value in per_slice:  # summed in order, in float32, as there
+                    total += value
+                data["delta_W"] = total / float(len(S1))
+            rows.append(dict(data))
+        frame = pd.DataFrame.from_records(rows)
+        lead = ["method", "layer_id", "name", "delta_W", "delta_b", "M", "N", "b_shape"]
+        frame = frame[lead + [c for c in frame.columns if c not in lead]].set_index("layer_id")
+        return np.mean(frame["delta_W"].to_numpy()), np.mean(frame["delta_b"].to_numpy()), frame
+
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
@@ -843,6 +1006,42 @@ def _esd_columns(layer, sv, evals, tolerance) -> dict:
             "sv_min": float(max(0.0, sv.min(axis=1).max())),
             "rank_loss": int(sum(len(s) - _matrix_rank(s, layer.N) for s in sv)),
             "weak_rank_loss": int(np.sum(evals < tolerance)), "lambda_max": float(np.max(evals))}
+
+
+def _truncate(W: torch.Tensor, k: int) -> torch.Tensor:
+    """apply_svd_smoothing on (..., r, c) float64 matrices: k > 0 keeps the
+    top k singular triplets (smooth_W), k < 0 zeroes the top -k (smooth_W_alt),
+    k = 0 leaves W as it is."""
+    if k == 0:
+        return W
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    S = S.clone()
+    if k > 0:
+        S[..., k:] = 0
+    else:
+        S[..., :-k] = 0
+    return (U * S[..., None, :]) @ Vh
+
+
+def _norm32(x: torch.Tensor) -> float:
+    """np.linalg.norm of a float32 array: sqrt of the float32 dot of its entries."""
+    x = x.reshape(-1)
+    return np.sqrt(np.float32(torch.dot(x, x)))  # a float32, as numpy's
+
+
+def _detX_num(evals) -> int:
+    """RMT_Util.detX_constraint on the ESD rescaled to mean 1: the smallest
+    tail whose product of eigenvalues reaches 1 (its size; 0 for fewer than
+    2 eigenvalues or a flat ESD)."""
+    if evals is None or len(evals) < 2 or not evals[0] < evals[-1]:
+        return 0
+    scale = np.sqrt(len(evals)) / np.sqrt(np.sum(evals))  # rescale_eigenvalues, rounding included
+    evals = (scale * scale) * evals
+    num = len(evals)
+    for idx in range(len(evals) - 1, 0, -1):
+        if np.prod(evals[idx:]) < 1.0:
+            return len(evals) - idx
+    return num
 
 
 def _fit_options(fit, pl_package, xmax, fix_fingers):
