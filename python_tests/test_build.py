@@ -3,6 +3,7 @@ toolkits in a temporary folder, and what build_info() reports."""
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -114,6 +115,20 @@ def test_the_command_is_declared_and_runs():
     if installed.exists():  # after `make setup`
         result = subprocess.run([str(installed), "info"], capture_output=True, text=True, cwd="/", timeout=300)
         assert result.returncode == 0 and "build_reason" in result.stdout
+
+
+def test_the_test_extra_installs_every_peer_the_compat_tests_compare_against():
+    """pip install -e ".[test]" (the README's route) gets the peers at their pinned versions, so a compat
+    test imports its peer (no importorskip: a missing peer fails the suite)."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = [line.strip() for line in (ROOT / "benchmarks" / "peers" / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert set(pins) <= set(extras["test"]) and set(pins) <= set(extras["bench"])
+    skipped = [path.name for path in (ROOT / "python_tests").glob("test_compat_*.py")
+               if re.search(r"importorskip\((\"|')(weightwatcher|ot|cka|torch_cka|rsatoolbox|repsim)",
+                            path.read_text())]
+    assert not skipped, f"compat tests that skip when their peer is missing: {skipped}"
 
 
 def test_every_imported_package_is_declared():

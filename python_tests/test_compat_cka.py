@@ -41,7 +41,7 @@ def nrk21_minibatch_cka(model_a, model_b, layers_a, layers_b, data):
 
 
 def test_torch_cka_drop_in_matches_the_package_and_the_formula(tmp_path):
-    peer = pytest.importorskip("torch_cka")
+    import torch_cka as peer
     layers = ["1", "3", "5"]
     with torch.no_grad():
         exact = nrk21_minibatch_cka(cnn(0), cnn(1), layers, ["3", "1"], loader())
@@ -100,7 +100,7 @@ def in_float64(*models):
 
 
 def torch_cka_in_float64(model1, model2, layers1, layers2, data1, data2=None):
-    peer = pytest.importorskip("torch_cka")
+    import torch_cka as peer
 
     def double(data):
         return None if data is None else torch.utils.data.DataLoader(
@@ -158,7 +158,6 @@ def nrk21_of_outputs(model1, model2, layers1, layers2, data1, data2):
 
 
 def test_torch_cka_default_is_the_packages_estimator_in_float64_unbiased_the_corrected_one():
-    pytest.importorskip("torch_cka")
     a, b = Branchy(0).eval(), Branchy(1).eval()
     layers = ["head", "conv2", "conv1"]
     theirs = torch_cka_in_float64(a, b, layers, layers, loader())
@@ -182,7 +181,6 @@ def test_torch_cka_one_model_on_two_dataloaders():
     """torch-cka runs the model on dataloader2 after dataloader1 and reads
     both sides' features afterwards: its matrix compares dataloader2 with
     itself. The default reproduces it; "unbiased" compares the two."""
-    pytest.importorskip("torch_cka")
     model = cnn(0).eval()
     layers = ["1", "3", "5"]
     theirs = torch_cka_in_float64(model, model, layers, layers, loader(seed=0), loader(seed=1))
@@ -199,7 +197,7 @@ def test_torch_cka_one_model_on_two_dataloaders():
 
 
 def test_torch_cka_warnings_errors_and_figure_are_the_packages():
-    peer = pytest.importorskip("torch_cka")
+    import torch_cka as peer
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -241,7 +239,7 @@ def test_torch_cka_warnings_errors_and_figure_are_the_packages():
 
 
 def test_pytorch_cka_drop_in_matches_the_package():
-    peer = pytest.importorskip("cka")
+    import cka as peer
     layers = ["1", 3, "5"]  # names and indices into named_modules, as pytorch-cka resolves them
     mine = pytorch_cka.compute_cka(cnn(0), cnn(1), loader(), loader(batch=32), layers=layers, progress=False)
     theirs = peer.compute_cka(cnn(0), cnn(1), loader(), loader(batch=32), layers=layers, progress=False,
@@ -258,7 +256,7 @@ def test_pytorch_cka_drop_in_matches_the_package():
 
 
 def test_pytorch_cka_feature_and_gram_entry_points_match_in_float64():
-    peer = pytest.importorskip("cka")
+    import cka as peer
     g = torch.Generator().manual_seed(0)
     X = torch.randn(3, 50, 7, dtype=torch.float64, generator=g).relu()
     Y = torch.randn(2, 50, 9, dtype=torch.float64, generator=g) + X[:2, :, :1]

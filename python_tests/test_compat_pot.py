@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-ot = pytest.importorskip("ot")
+import ot  # noqa: E402  (the peer: a test requirement, never skipped)
 from spectral_ext.compat import pot  # noqa: E402
 
 
