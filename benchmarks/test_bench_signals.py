@@ -10,7 +10,7 @@ import spectral_ext
 
 from conftest import timed
 
-signals_module = spectral_ext.signals  # the module (callable as the signals function)
+signals_module = spectral_ext.receptive_fields
 N, BATCH = 10000, 500
 
 

@@ -11,7 +11,7 @@ import torch
 import spectral_ext as se
 from spectral_ext import datasets, reference
 from spectral_ext._linalg import batched_signed_svd
-from spectral_ext.svr import _stack_by_shape
+from spectral_ext.spectral_neurons import _stack_by_shape
 
 from conftest import timed
 

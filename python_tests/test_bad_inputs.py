@@ -11,7 +11,7 @@ from torch import nn
 import spectral_ext as se
 
 rank = importlib.import_module("spectral_ext.rank")
-signals_module = importlib.import_module("spectral_ext.signals")
+signals_module = importlib.import_module("spectral_ext.receptive_fields")
 covariance = importlib.import_module("spectral_ext.covariance")
 symmetry = importlib.import_module("spectral_ext.symmetry")
 
@@ -227,7 +227,7 @@ CASES = [
     ("apply_symmetry None", lambda: se.apply_symmetry(None, example_input=F), TypeError, "model"),
     ("semantic_hierarchy string", lambda: se.semantic_hierarchy("abc"), TypeError, "h"),
     ("svr_many None", lambda: se.svr_many(None, F), TypeError, "models"),
-    ("spectral_activations svr None", lambda: se.spectral_activations(mlp(), None, F), TypeError, "svr"),
+    ("spectral_activations svr None", lambda: se.spectral_activations(mlp(), None, None, F), TypeError, "svr"),
     ("sobel_similarity string", lambda: se.sobel_similarity("abc", IMAGE), TypeError, "spectral_images"),
     ("activation_covariance data too wide", lambda: se.activation_covariance(mlp(), ["0"], torch.randn(8, 7),
                                                                              progress=False), ValueError, "data"),

@@ -13,10 +13,10 @@ from torch import nn
 
 import spectral_ext
 
-# spectral_ext re-exports functions named like some modules (signals, svr): import the modules themselves
 covariance, layers, rank, signals, similarity, spectra, stitching, svr, symmetry, zoo = (
     importlib.import_module(f"spectral_ext.{name}") for name in
-    ("covariance", "layers", "rank", "signals", "similarity", "spectra", "stitching", "svr", "symmetry", "zoo"))
+    ("covariance", "layers", "rank", "receptive_fields", "similarity", "spectra", "stitching", "spectral_neurons",
+     "symmetry", "zoo"))
 
 MODEL_ARGUMENTS = {"model", "model_a", "model_b", "reference", "models", "classifier", "model_or_frame"}
 MODULES = (covariance, layers, rank, signals, similarity, spectra, stitching, svr, symmetry, zoo)
@@ -140,7 +140,7 @@ CASES = {
     "svr_many": lambda m: svr.svr_many([m, m], EXAMPLE),
     "co_svr": lambda m: svr.co_svr(nn.Sequential(*list(m)[:8]), EXAMPLE),
     "kernel_connections": lambda m: svr.kernel_connections(nn.Sequential(*list(m)[:8]), EXAMPLE),
-    "spectral_activations": lambda m: svr.spectral_activations(m, _svr_of(m), X[:4]),
+    "spectral_activations": lambda m: svr.spectral_activations(m, _svr_of(m), None, X[:4]),
     "apply_symmetry": lambda m: symmetry.apply_symmetry(m, example_input=EXAMPLE,
                                                         generator=0, progress=False)[0],
     "rotation_penalty": lambda m: symmetry.rotation_penalty(m, "9", (X, Y), (X, Y), epochs=1, generator=0,

@@ -13,7 +13,7 @@ from torch import nn
 import spectral_ext as se
 from spectral_ext import datasets, spectra as Sp
 
-G = se.signals  # the module, callable as the signals function (DESIGN contract)
+G = se.receptive_fields  # the module; se.signals is its function
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2), ((2, 1), (0, 1), (1, 2))])
@@ -40,20 +40,18 @@ def test_linear_signals_and_streaming_match():
     torch.testing.assert_close(se.signals(model, "0", x), (model[0].weight @ x.T).T @ basis.U)
     loader = [(x[i:i + 7], torch.zeros(len(x[i:i + 7]), dtype=torch.long)) for i in range(0, 50, 7)]
     result = G.signal_vectors(model, ["0", "2"], loader, progress=False)
-    vectors, labels = result  # unpacks as the (vectors, labels) pair it was
+    vectors, labels = result.vectors, result.labels
     torch.testing.assert_close(vectors["0"], se.signals(model, "0", x))
     assert vectors["2"].shape == (50, 3) and labels.shape == (50,)
     frame = result.to_frame()
     assert list(frame.columns) == ["layer", "sample", "index", "signal", "label"] and len(frame) == 50 * (4 + 3)
     row = frame[(frame["layer"] == "2") & (frame["sample"] == 7) & (frame["index"] == 1)]
     assert float(row["signal"].iloc[0]) == pytest.approx(float(vectors["2"][7, 1]))
-    # The order before issue 17, (model, data, layers), is recognised by type, with a FutureWarning.
-    for old in (lambda: G.signal_vectors(model, loader, ["0", "2"], progress=False),
-                lambda: G.signal_vectors(model, loader, layers=["0", "2"], progress=False)):
-        with pytest.warns(FutureWarning, match=r"now signal_vectors\(model, layers, data\)"):
-            torch.testing.assert_close(old().vectors["2"], vectors["2"])
-    with pytest.warns(FutureWarning, match="'x' is now called 'data'"):
-        torch.testing.assert_close(se.signals(model, "0", x=x, progress=False), vectors["0"])
+    # Keywords name the same call; x= (the name before issue 17) is refused since issue 29.
+    torch.testing.assert_close(G.signal_vectors(model, layers=["0", "2"], data=loader, progress=False).vectors["2"],
+                               vectors["2"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'x'"):
+        se.signals(model, "0", x=x, progress=False)
     with pytest.raises(TypeError, match="needs data"):
         G.signal_vectors(model, ["0"])
 
@@ -110,7 +108,8 @@ def test_trained_hypergraph_differs_from_initialisation_and_exemplars():
     trained = datasets.train(copy.deepcopy(init), x_train, y_train, epochs=5)
     incidences = []
     for model in (init, trained):
-        vectors, labels = G.signal_vectors(model, ["8"], (x_test, y_test), progress=False)
+        result = G.signal_vectors(model, ["8"], (x_test, y_test), progress=False)
+        vectors, labels = result.vectors, result.labels
         h = G.hypergraph(vectors["8"], labels, q=0.95, p=0.75, layer="8")
         incidences.append(h.to_frame()[["class", "node"]].apply(tuple, axis=1).tolist())
     assert set(incidences[0]) != set(incidences[1])
@@ -126,8 +125,6 @@ def test_feature_visualization_is_deterministic_and_raises_the_signal():
     a = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=30, generator=5)
     b = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=30, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.shape == (1, 8, 8) and 0 <= float(a.min()) and float(a.max()) <= 1
-    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
-        assert torch.equal(G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=30, seed=5), a)
     torch.manual_seed(3)  # generator=None draws from torch's global generator
     c = G.feature_visualization(model, "2", [0, 3], (1, 8, 8), steps=2, progress=False)
     torch.manual_seed(3)
@@ -176,31 +173,21 @@ def test_plots():
     matplotlib.pyplot.close("all")
 
 
-def test_callable_module_both_call_forms_pickling_and_help():
-    """spectral_ext.signals is the module and, called, the function (issue 17 item 3)."""
-    import importlib
+def test_function_and_module_have_different_names_pickling_and_help():
+    """spectral_ext.signals is the function; its module is spectral_ext.receptive_fields (issue 29)."""
     import inspect
     import pickle
     import pydoc
 
-    import spectral_ext.signals as module
-    from spectral_ext.signals import signals as function
-
-    assert module is se.signals is importlib.import_module("spectral_ext.signals") and inspect.ismodule(module)
-    assert inspect.isfunction(function) and function.__module__ == "spectral_ext.signals"
+    assert inspect.isfunction(se.signals) and se.signals is G.signals and se.signals.__module__ == G.__name__
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
     x = torch.randn(9, 5)
-    torch.testing.assert_close(se.signals(model, "0", x, progress=False), function(model, "0", x, progress=False))
-    assert callable(se.signals.hypergraph) and se.signals.SignalVectors is module.SignalVectors
     assert list(inspect.signature(se.signals).parameters)[:4] == ["model", "layer", "data", "reduce"]
-    result = se.signals.signal_vectors(model, ["0"], (x, torch.arange(9) % 2), progress=False)
+    result = G.signal_vectors(model, ["0"], (x, torch.arange(9) % 2), progress=False)
     back = pickle.loads(pickle.dumps(result))
-    assert type(back) is module.SignalVectors and torch.equal(back.vectors["0"], result.vectors["0"])
-    text = pydoc.render_doc(se.signals, renderer=pydoc.plaintext)
-    assert "The module is callable" in text and "signal_vectors(model: 'nn.Module', layers=None, data=None" in text
-    with pytest.raises(AttributeError):
-        se.signals.no_such_name
+    assert type(back) is G.SignalVectors and torch.equal(back.vectors["0"], result.vectors["0"])
+    assert "Signals s_i" in pydoc.render_doc(se.signals, renderer=pydoc.plaintext)
 
 
 def test_one_spectral_layer_record_for_svr_and_signals():
@@ -211,7 +198,7 @@ def test_one_spectral_layer_record_for_svr_and_signals():
     x = torch.randn(1, 2, 6, 6)
     basis = G.layer_bases(model, ["0"], x)["0"]
     layer = se.svr(model, x, dtype=torch.float64).layers["0"]
-    assert type(basis) is type(layer) is SpectralLayer is G.LayerBasis is se.svr.SpectralLayer
+    assert type(basis) is type(layer) is SpectralLayer is se.spectral_neurons.SpectralLayer
     assert basis.module is layer.module is model[0] and basis.kind == layer.kind == "conv2d"
     torch.testing.assert_close(basis.S, layer.S)
     with pytest.raises(dataclasses.FrozenInstanceError):

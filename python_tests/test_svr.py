@@ -12,7 +12,7 @@ from torch import nn
 
 import spectral_ext as se
 from spectral_ext import datasets
-from spectral_ext.svr import internal_dimensions, r_squared_std, squared_overlap_moments
+from spectral_ext.spectral_neurons import internal_dimensions, r_squared_std, squared_overlap_moments
 
 
 def np_right_left(W):
@@ -313,7 +313,7 @@ def test_co_svr_and_kernel_connections():
     s, c = se.svr(mlp, dtype=torch.float64), se.co_svr(mlp, dtype=torch.float64)
     torch.testing.assert_close(c.adjacency(0), s.adjacency(0))  # no kernels: the two coincide
     kc = se.kernel_connections(mlp, dtype=torch.float64)
-    torch.testing.assert_close(kc[("0", "2")].square(), s.adjacency(0))
+    torch.testing.assert_close(kc.matrices[("0", "2")].square(), s.adjacency(0))
     cnn = seeded(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3)))
     x = torch.randn(1, 2, 7, 7)
     c = se.co_svr(cnn, x, dtype=torch.float64)
@@ -325,11 +325,11 @@ def test_co_svr_and_kernel_connections():
     np.testing.assert_allclose(c.adjacency(0).numpy(), A, atol=1e-12)
     assert c.threshold(0) == pytest.approx(stats.chi2.isf(0.15, 9) / (4 * 9))
     connections = se.kernel_connections(cnn, x, dtype=torch.float64)
-    kc = connections[("0", "2")]
+    kc = connections.matrices[("0", "2")]
     Ubar = np_right_left(W0.reshape(4, -1))[0]
     np.testing.assert_allclose(kc.numpy(), np.abs(V2.T @ Ubar), atol=1e-12)
     frame = connections.to_frame()
-    assert list(connections) == [("0", "2")] and len(frame) == kc.numel()
+    assert list(connections.matrices) == [("0", "2")] and len(frame) == kc.numel()
     row = frame[(frame["next_index"] == 2) & (frame["previous_index"] == 1)]
     assert float(row["value"].iloc[0]) == pytest.approx(float(kc[2, 1]))
 
@@ -342,32 +342,33 @@ def test_spectral_activations_and_sobel(monkeypatch):
     import spectral_ext._hooks as hooks
 
     calls = []  # the activations come through the one capture of _hooks
-    monkeypatch.setattr(se.svr, "capturing", lambda *a, **k: calls.append(a[1]) or hooks.capturing(*a, **k))
-    acts = se.spectral_activations(model, s, x)
+    monkeypatch.setattr(se.spectral_neurons, "capturing", lambda *a, **k: calls.append(a[1]) or hooks.capturing(*a, **k))
+    result = se.spectral_activations(model, s, None, x)
+    acts = result.activations
     assert calls == [["0", "2", "4"]] and not any(m._forward_hooks for m in model.modules())
-    assert isinstance(acts, se.svr.SpectralActivations) and list(acts) == ["0", "2", "4"] and len(acts) == 3
+    assert isinstance(result, se.spectral_neurons.SpectralActivations) and list(acts) == ["0", "2", "4"]
     hidden = torch.relu(model[0](x))
     V = s.layers["2"].V
     expected = torch.nn.functional.conv2d(hidden, V.T.reshape(-1, 4, 3, 3), stride=2)
     torch.testing.assert_close(acts["2"], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(acts["4"], model[3](model[2](hidden)) @ s.layers["4"].V, rtol=1e-4, atol=1e-5)
     assert acts["0"].shape == (2, 4, 8, 8)
-    # Any form of data: batches of a loader give the same, concatenated; `x=` is the old keyword.
+    # Any form of data: batches of a loader give the same, concatenated.
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(2)), batch_size=1)
-    torch.testing.assert_close(se.spectral_activations(model, s, loader, ["2"], progress=False)["2"], acts["2"])
-    with pytest.warns(FutureWarning, match="'x' is now called 'data'"):
-        torch.testing.assert_close(se.spectral_activations(model, s, x=x, layers="4")["4"], acts["4"])
-    frame = acts.to_frame()
+    torch.testing.assert_close(se.spectral_activations(model, s, ["2"], loader, progress=False).activations["2"],
+                               acts["2"])
+    torch.testing.assert_close(se.spectral_activations(model, s, layers="4", data=x).activations["4"], acts["4"])
+    frame = result.to_frame()
     assert list(frame.columns) == ["layer", "index", "mean_abs"] and len(frame) == 4 + 6 + 5
     row = frame[(frame["layer"] == "2") & (frame["index"] == 3)]
     assert float(row["mean_abs"].iloc[0]) == pytest.approx(float(acts["2"][:, 3].abs().mean()), rel=1e-6)
     import matplotlib
     matplotlib.use("Agg")
-    axes = [a for a in acts.plot("2", sample=1).axes if a.images]
+    axes = [a for a in result.plot("2", sample=1).axes if a.images]
     assert len(axes) == 6
     np.testing.assert_allclose(np.asarray(axes[5].images[0].get_array()), acts["2"][1, 5].double().numpy())
     with pytest.raises(ValueError, match="conv2d"):
-        acts.plot("4")
+        result.plot("4")
     matplotlib.pyplot.close("all")
     # A spectral image equal to the edge map of the input scores 1; its negative scores 1 too (|.|).
     images = torch.rand(3, 3, 16, 16, dtype=torch.float64)
@@ -497,7 +498,7 @@ def test_co_svr_and_kernel_connections_across_conv_flatten_linear():
     assert c.threshold(1) == pytest.approx(stats.chi2.isf(0.15, 36) / (4 * 36), rel=1e-12)
     with pytest.warns(UserWarning, match="skip the conv -> flatten -> Linear edge.*'2' -> '4'"):
         kc = se.kernel_connections(model, x, dtype=torch.float64)
-    assert list(kc) == [("0", "2")]
+    assert list(kc.matrices) == [("0", "2")]
 
 
 # ---------------------------------------------------------------- speed paths, truncation, seed 000 extras
@@ -681,7 +682,7 @@ def test_compress_reuses_the_svds_it_holds(monkeypatch, fold_batchnorm):
     calls = []
     for owner, name in [(torch.linalg, "svd"), (torch.linalg, "svdvals"), (torch.linalg, "eigh"), (torch, "svd"),
                         (torch.linalg, "eigvalsh"), (linalg, "signed_svd"), (linalg, "batched_signed_svd"),
-                        (se.svr, "batched_signed_svd")]:
+                        (se.spectral_neurons, "batched_signed_svd")]:
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     s = se.svr(model, torch.randn(1, 2, 7, 7), dtype=torch.float64, fold_batchnorm=fold_batchnorm)
@@ -702,31 +703,25 @@ def test_compress_reuses_the_svds_it_holds(monkeypatch, fold_batchnorm):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_callable_module_both_call_forms_pickling_and_help():
-    """spectral_ext.svr is the module and, called, the function (issue 17 item 3)."""
+def test_function_and_module_have_different_names_pickling_and_help():
+    """spectral_ext.svr is the function; its module is spectral_ext.spectral_neurons (issue 29)."""
     import importlib
     import inspect
     import pickle
     import pydoc
 
-    import spectral_ext.svr as module
-    from spectral_ext.svr import svr as function
-
-    assert module is se.svr is importlib.import_module("spectral_ext.svr") and inspect.ismodule(module)
-    assert inspect.isfunction(function) and function.__module__ == "spectral_ext.svr"
-    assert se.svr.internal_dimensions is internal_dimensions and se.svr.SVR is se.SVR
+    module = importlib.import_module("spectral_ext.spectral_neurons")
+    assert inspect.isfunction(se.svr) and se.svr is module.svr and se.svr.__module__ == module.__name__
+    assert module.internal_dimensions is internal_dimensions and module.SVR is se.SVR
     model = seeded(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)))
-    s = se.svr(model, None, 0.2, False, dtype=torch.float64)  # the DESIGN contract, positionally
+    s = se.svr(model, None, 0.2, False, dtype=torch.float64)
     assert isinstance(s, module.SVR) and s.p == 0.2
-    torch.testing.assert_close(function(model, p=0.2, dtype=torch.float64).adjacency(0), s.adjacency(0))
     assert list(inspect.signature(se.svr).parameters)[:4] == ["model", "example_input", "p", "fold_batchnorm"]
     back = pickle.loads(pickle.dumps(s))
     assert type(back) is se.SVR and back.edges == s.edges and torch.equal(back.adjacency(0), s.adjacency(0))
     assert back.internal_dimensions(0) == s.internal_dimensions(0)
-    text = pydoc.render_doc(se.svr, renderer=pydoc.plaintext)
-    assert "The module is callable" in text and "internal_dimensions(A: 'torch.Tensor', n: 'float')" in text
-    with pytest.raises(AttributeError):
-        se.svr.no_such_name
+    assert "function svr in module spectral_ext.spectral_neurons" in pydoc.render_doc(se.svr, renderer=pydoc.plaintext)
+    assert not hasattr(se.svr, "internal_dimensions")
 
 
 @pytest.mark.parametrize("builder", ["svr", "co_svr"])

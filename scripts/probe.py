@@ -1843,17 +1843,17 @@ def _misc_cases(cases):
         m, x = L[0](), L[1]()
         sv = se().svr(m, x, progress=False)
         if which == "valid":
-            return se().spectral_activations, (m, sv, x), {"progress": False}
+            return se().spectral_activations, (m, sv, None, x), {"progress": False}
         if which == "svr=None":
-            return se().spectral_activations, (m, None, x), {"progress": False}
+            return se().spectral_activations, (m, None, None, x), {"progress": False}
         if which == "svr of another architecture":
-            return se().spectral_activations, (m, se().svr(C[0](), C[1](), progress=False), x), {"progress": False}
+            return se().spectral_activations, (m, se().svr(C[0](), C[1](), progress=False), None, x), {"progress": False}
         if which == "layers=['nope']":
-            return se().spectral_activations, (m, sv, x), {"progress": False, "layers": ["nope"]}
+            return se().spectral_activations, (m, sv, ["nope"], x), {"progress": False}
         if which == "data with NaN":
-            return se().spectral_activations, (m, sv, x.index_fill(0, torch.tensor([0]), NAN)), {"progress": False}
+            return se().spectral_activations, (m, sv, None, x.index_fill(0, torch.tensor([0]), NAN)), {"progress": False}
         if which == "batch_size=0":
-            return se().spectral_activations, (m, sv, x), {"progress": False, "batch_size": 0}
+            return se().spectral_activations, (m, sv, None, x), {"progress": False, "batch_size": 0}
     for which, ex in (("valid", "valid"), ("svr=None", "invalid"), ("svr of another architecture", "invalid"),
                       ("layers=['nope']", "invalid"), ("data with NaN", "invalid"), ("batch_size=0", "invalid")):
         add("spectral_activations", which, lambda which=which: sa(which), ex, None,

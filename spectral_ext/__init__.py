@@ -26,19 +26,20 @@ _EXPORTS = {
     "layers": ("ModelGraph", "chain_graph", "discover"),
     "rank": ("classification_dimension", "independence_deficit", "jacobian_partial_rank", "numerical_rank",
              "perturbed_pca_dimension", "stable_rank"),
-    "signals": ("hypergraph", "semantic_hierarchy"),
+    "receptive_fields": ("hypergraph", "semantic_hierarchy", "signals"),
     "spectra": ("alpha_hat", "fit_power_law", "fit_power_laws", "layer_spectra", "weight_singular_values"),
     "similarity": ("cka", "pairwise_similarity", "procrustes", "procrustes_distance", "similarity_matrix"),
     "stitching": ("stitch", "stitching_penalty"),
     "symmetry": ("apply_symmetry", "intertwiner_group"),
     "zoo_generator": ("make_digits_zoo",),
-    "svr": ("SVR", "co_svr", "kernel_connections", "sobel_similarity", "spectral_activations", "svr_many"),
+    "spectral_neurons": ("SVR", "co_svr", "kernel_connections", "sobel_similarity", "spectral_activations", "svr",
+                         "svr_many"),
 }
 _DEFINED_IN = {name: module for module, names in _EXPORTS.items() for name in names}
-# svr and signals are callable modules: spectral_ext.svr(model, ...) calls svr.svr.
-_MODULES = ("compat", "covariance", "datasets", "encoders", "layers", "plot", "rank", "reference", "signals",
-            "similarity", "spectra", "stitching", "svr", "symmetry", "training", "zoo", "zoo_generator",
-            "zoo_report")
+# A module and a function never share a name: spectral_ext.svr is a function, its module spectral_neurons.
+_MODULES = ("compat", "covariance", "datasets", "encoders", "layers", "plot", "rank", "receptive_fields",
+            "reference", "similarity", "spectra", "spectral_neurons", "stitching", "symmetry", "training", "zoo",
+            "zoo_generator", "zoo_report")
 
 
 def __getattr__(name: str):

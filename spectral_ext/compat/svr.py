@@ -23,7 +23,7 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-from ..svr import co_svr as _co_svr, svr as _svr
+from ..spectral_neurons import co_svr as _co_svr, svr as _svr
 from ..layers import chain_graph
 
 
@@ -50,7 +50,7 @@ class SVR:
     (i, K, K, m) for a conv in the SVR, U (o, K, K, m) and V (i, m) in the
     co-SVR, V (i, z, 1, m) for a Linear after a conv), adjacency (list of
     (n_next, m_prev) tensors), arch, convolutional, method, max_dim_svd,
-    verbose; `svr` is the spectral_ext.svr.SVR behind them."""
+    verbose; `svr` is the spectral_ext.SVR behind them."""
 
     def __init__(self, weights, method: str = "svr", max_dim_svd: int = 128, verbose: bool = True):
         if method not in ("svr", "cosvr"):
@@ -104,7 +104,7 @@ class SVR:
         return self.svr.color_intensity(layer, normalize=True).cpu().to(self.S[layer].dtype)
 
     def pathmetric(self, sing_scale: bool = True, sing_threshold: float = 0) -> float:
-        """The weighted sum of all input-to-output paths (spectral_ext.svr.SVR.path_metric)."""
+        """The weighted sum of all input-to-output paths (spectral_ext.SVR.path_metric)."""
         return self.svr.path_metric(sing_scale, sing_threshold)
 
     def adjacency_filters(self, layer: int) -> torch.Tensor:

@@ -93,7 +93,7 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
             summary["n_alpha_layers"] = (~np.isnan(alphas)).sum(1)  # how many layers alpha_hat used (notes say why)
         model_parts.append(summary)
         if "svr" in metrics:
-            from ..svr import svr_many
+            from ..spectral_neurons import svr_many
 
             results = svr_many([models[n] for n in members], example_input, graph=first)
             for n, result in zip(members, results):

@@ -10,19 +10,13 @@ least p of its images (section 5); classes are the hyperedges of a
 hypergraph on the singular vectors, whose equivalence classes are ordered by
 inclusion of their class sets (section 5.2).
 
-The module is callable: ``spectral_ext.signals(model, layer, data,
-reduce="mean")`` calls the function `signals` below, and
-``spectral_ext.signals.hypergraph``, ``spectral_ext.signals.signal_vectors``
-reach the module's contents."""
+``spectral_ext.signals`` is the function `signals` below; this module is
+``spectral_ext.receptive_fields`` (a module and a function never share a
+name)."""
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import numbers
-import sys
-import types
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -39,8 +33,6 @@ from ._hooks import capturing, evaluating, set_eval
 from ._linalg import signed_svd
 from ._ops import signal_projection
 from .layers import SpectralLayer, discover
-
-LayerBasis = SpectralLayer  # the name this record had here before it was shared with svr.py
 
 
 def layer_bases(model: nn.Module, layers=None, example_input=None) -> dict[str, SpectralLayer]:
@@ -98,7 +90,6 @@ def _stream(model, bases, data, reduce, batch_size, progress, consume, name="dat
             consume({name: _project(bases[name], captured[name], reduce) for name in bases}, y)
 
 
-@_checks.renamed(x="data")
 def signals(model: nn.Module, layer: str, data, reduce: str | None = "mean", batch_size: int = 256,
             progress: bool = True) -> torch.Tensor:
     """Signals s_i <v_i, receptive field> of the input of `layer` (seed 001
@@ -107,7 +98,7 @@ def signals(model: nn.Module, layer: str, data, reduce: str | None = "mean", bat
     averaged over the receptive fields (reduce="mean": the signal vector
     sigma_L(X), (N, r)). Linear layers give the plain projection (N, r).
 
-    layer: a qualified module name; data (formerly `x`): a tensor of inputs,
+    layer: a qualified module name; data: a tensor of inputs,
     an (x, y) pair, a DataLoader or an iterable of batches (streamed batch by
     batch; only the signals are kept); progress: a bar over the batches.
     Conv signals come from the signal_projection operator, never from the
@@ -135,15 +126,11 @@ def _example(data, name="data"):
 @dataclass(frozen=True, eq=False)
 class SignalVectors:
     """Signal vectors sigma_L(X) (seed 001 section 4.3) of every sample, per
-    layer: vectors {layer: (N, r)}, labels (N,) or None. Unpacks as the pair
-    `vectors, labels = signal_vectors(...)`; `.to_frame()` is one row per
+    layer: vectors {layer: (N, r)}, labels (N,) or None; `.to_frame()` is one row per
     (layer, sample, index) with its signal (and label)."""
 
     vectors: dict
     labels: torch.Tensor | None
-
-    def __iter__(self):  # the (vectors, labels) pair signal_vectors returned before issue 17
-        return iter((self.vectors, self.labels))
 
     def to_frame(self) -> pd.DataFrame:
         frames = []
@@ -157,26 +144,6 @@ class SignalVectors:
         return pd.concat(frames, ignore_index=True)
 
 
-def _layers_before_data(function):
-    """(model, layers, data) is issue 17's order; (model, data, layers), the
-    order before it, is recognised by type (data are not layer names) and
-    taken with a FutureWarning."""
-    @functools.wraps(function)
-    def inner(model, *args, **kwargs):
-        if args and not (args[0] is None or _checks.layer_names(args[0])):
-            warnings.warn(f"{function.__name__}(model, data, layers) is now {function.__name__}(model, layers, "
-                          "data)", FutureWarning, stacklevel=2)
-            if len(args) >= 2:
-                args = (args[1], args[0], *args[2:])
-            else:
-                if "data" in kwargs:
-                    raise TypeError(f"{function.__name__}() got data twice (positionally and as data=)")
-                args, kwargs = (), {**kwargs, "data": args[0]}
-        return function(model, *args, **kwargs)
-    return inner
-
-
-@_layers_before_data
 def signal_vectors(model: nn.Module, layers=None, data=None, batch_size: int = 256,
                    progress: bool = True) -> SignalVectors:
     """Signal vectors sigma_L(X) (seed 001 section 4.3, equation 16 averaged
@@ -185,7 +152,7 @@ def signal_vectors(model: nn.Module, layers=None, data=None, batch_size: int = 2
 
     layers: a qualified module name or a list (default all Linear and Conv2d
     maps); data: any form spectral_ext._data.batches accepts (labels kept
-    when it carries them); the old order (model, data, layers) still works.
+    when it carries them).
     Returns SignalVectors (vectors {layer: (N, r)}, labels (N,) or None)."""
     if data is None:
         raise TypeError("signal_vectors() needs data: a tensor, an (x, y) pair, a DataLoader or batches")
@@ -405,7 +372,6 @@ def _robust_transform(image: torch.Tensor, generator: torch.Generator, jitter: i
     return image
 
 
-@_checks.renamed(seed="generator")
 def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=None, steps: int = 256,
                           lr: float = 0.05, parameterization: str = "fourier", jitter: int = 1,
                           scale: float = 0.05, rotate: float = 5.0, generator=None,
@@ -416,7 +382,7 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
     scale and rotation each step) and a decorrelated Fourier
     ("fourier") or plain ("pixel") parameterisation squashed to [0, 1].
 
-    shape: (C, H, W); generator (formerly `seed`): None (torch's global RNG),
+    shape: (C, H, W); generator: None (torch's global RNG),
     an int seed or a torch.Generator, drawing the start and the transforms
     (generator=0 repeats a result); progress: a bar over the steps.
     Returns the image (C, H, W)."""
@@ -471,14 +437,3 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
         restore()
     return render().detach()
 
-
-class _CallableModule(types.ModuleType):
-    """spectral_ext.signals is this module and, called, the signals function
-    (the DESIGN contract `spectral_ext.signals(model, layer, x, reduce="mean")`)."""
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        return signals(*args, **kwargs)
-
-
-__signature__ = inspect.signature(signals)  # inspect.signature(spectral_ext.signals): the function's
-sys.modules[__name__].__class__ = _CallableModule

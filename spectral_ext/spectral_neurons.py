@@ -3,20 +3,15 @@ linear map, their adjacency across layers, significance thresholds, internal
 dimensions, colour intensities, co-SVR, kernel connections, spectral
 activations, the Sobel edge measure and SVD compression.
 
-The module is callable: ``spectral_ext.svr(model, example_input=None,
-p=0.15, fold_batchnorm=False)`` calls the function `svr` below, and
-``spectral_ext.svr.internal_dimensions``, ``spectral_ext.svr.SVR`` reach the
-module's contents."""
+``spectral_ext.svr`` is the function `svr` below; this module is
+``spectral_ext.spectral_neurons`` (a module and a function never share a
+name)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
-import inspect
 import math
-import sys
-import types
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -564,27 +559,10 @@ def _matrix_frame(A: torch.Tensor, value: str, **columns) -> pd.DataFrame:
                          "previous_index": prev.reshape(-1).numpy(), value: A.reshape(-1).numpy()})
 
 
-class _ReadAsDict(Mapping):
-    """A results dataclass read like the dict its first field holds (as the
-    function returned before issue 17 made results dataclasses)."""
-
-    def _dict(self) -> dict:
-        return getattr(self, dataclasses.fields(self)[0].name)
-
-    def __getitem__(self, key):
-        return self._dict()[key]
-
-    def __iter__(self):
-        return iter(self._dict())
-
-    def __len__(self) -> int:
-        return len(self._dict())
-
-
 @dataclass(frozen=True, eq=False)
-class KernelConnections(_ReadAsDict):
-    """|V~_{i+1}^T U-bar_i| per edge (seed 000 section 5.2.1), read like a
-    dict {(previous, next): (k~_next, k_previous) tensor}; `.to_frame()` is
+class KernelConnections:
+    """|V~_{i+1}^T U-bar_i| per edge (seed 000 section 5.2.1): `matrices`
+    {(previous, next): (k~_next, k_previous) tensor}; `.to_frame()` is
     one row per entry (previous, next, next_index, previous_index, value)."""
 
     matrices: dict
@@ -601,8 +579,8 @@ def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: boo
                        progress: bool = True) -> KernelConnections:
     """|V~_{i+1}^T U-bar_i| for every edge (seed 000 section 5.2.1): how the SVR
     spectral neurons of a map reach the co-SVR spectral neurons of the next.
-    Arguments as in `svr`. Returns KernelConnections, a mapping
-    {(previous, next): (k~_next, k_previous) tensor}. A conv -> flatten ->
+    Arguments as in `svr`. Returns KernelConnections (`.matrices`
+    {(previous, next): (k~_next, k_previous) tensor}, `.to_frame()`). A conv -> flatten ->
     Linear edge has no such matrix (the Linear's inputs are (channel,
     position) pairs, section 5.2.1 treats conv -> conv): it is left out, with
     a warning naming it, and the other edges are returned."""
@@ -629,9 +607,9 @@ def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: boo
 
 
 @dataclass(frozen=True, eq=False)
-class SpectralActivations(_ReadAsDict):
+class SpectralActivations:
     """Spectral activations Y = V^T psi(X) per map (seed 000 sections 2.2 and
-    4.1), read like a dict {layer: tensor}: (N, ..., k) for a Linear, the
+    4.1): `activations` {layer: tensor}, (N, ..., k) for a Linear, the
     spectral images (N, k, *spatial) for a conv. `.to_frame()`: per layer and
     spectral neuron the mean |Y| over samples and positions; `.plot(layer)`:
     one sample's spectral images (a conv2d map)."""
@@ -651,7 +629,7 @@ class SpectralActivations(_ReadAsDict):
         from .plot import signal_heatmaps
 
         if layer not in self.activations:
-            raise KeyError(f"layer {layer!r} has no spectral activations here; choose among {list(self)}")
+            raise KeyError(f"layer {layer!r} has no spectral activations here; choose among {list(self.activations)}")
         Y = self.activations[layer]
         if Y.dim() != 4:
             raise ValueError(f"layer {layer!r}: spectral images need a conv2d map, got activations {tuple(Y.shape)}")
@@ -679,20 +657,26 @@ def _spectral_images(inp: torch.Tensor, layer: SpectralLayer, module: nn.Module)
     return conv(inp, filters, None, module.stride, padding, module.dilation)
 
 
-@_checks.renamed(x="data")
-def spectral_activations(model: nn.Module, svr: SVR, data, layers=None, batch_size: int = 256,
+def spectral_activations(model: nn.Module, svr: SVR, layers, data, batch_size: int = 256,
                          progress: bool = True) -> SpectralActivations:
     """Spectral activations Y = V^T psi(X) of each map's input (seed 000
     sections 2.2 and 4.1): for a Linear, its input projected on V (..., k);
     for a conv, the input convolved with the k spectral filters (B, k, H', W'),
     the "spectral images".
 
-    model: the model `svr` was built from (or one of its architecture); svr:
-    its SVR; data: inputs in any form spectral_ext._data.batches accepts (a
-    tensor, an (inputs, labels) pair, a DataLoader, an iterable of batches),
-    streamed, the results concatenated over samples; layers: map names
-    (default all); progress: a bar over the batches. Returns
-    SpectralActivations ({layer: tensor})."""
+    Args:
+        model: the model `svr` was built from (or one of its architecture).
+        svr: its SVR.
+        layers: a map name or a list of them; None for all.
+        data: inputs in any form spectral_ext._data.batches accepts (a tensor,
+            an (inputs, labels) pair, a DataLoader, an iterable of batches),
+            streamed, the results concatenated over samples.
+        batch_size: the batch size for a tensor.
+        progress: a bar over the batches.
+
+    Returns:
+        SpectralActivations (`.activations` {layer: tensor}, `.to_frame()`,
+        `.plot(layer)`)."""
     from tqdm.auto import tqdm
 
     from ._data import batches
@@ -742,14 +726,3 @@ def sobel_similarity(spectral_images: torch.Tensor, images: torch.Tensor) -> tor
     cos = F.cosine_similarity(spectral, edges.unsqueeze(1).expand_as(spectral), dim=-1, eps=1e-12)
     return cos.mean(0)
 
-
-class _CallableModule(types.ModuleType):
-    """spectral_ext.svr is this module and, called, the svr function (the
-    DESIGN contract `spectral_ext.svr(model, example_input=None, ...)`)."""
-
-    def __call__(self, *args, **kwargs) -> SVR:
-        return svr(*args, **kwargs)
-
-
-__signature__ = inspect.signature(svr)  # inspect.signature(spectral_ext.svr): the function's
-sys.modules[__name__].__class__ = _CallableModule
