@@ -528,3 +528,27 @@ def test_network_simplex_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
     out = torch.ops.spectral_ext.network_simplex(M.to("meta"), a.to("meta"), b.to("meta"))
     assert [tuple(t.shape) for t in out] == [(2, 4, 3), (2, 4), (2, 3), (2,), (2,), (2,)]
+
+
+# ---------------------------------------------------------------- layout of spectral_ext/_ops/
+
+def test_one_module_per_operator_and_no_module_shadows_a_function():
+    """Each schema of csrc/ops.cpp has its module _ops/<op>_op.py, which registers its fake kernel;
+    importing every module leaves the package's names the functions (a module named like a function
+    would replace it as the package attribute)."""
+    import importlib
+    import pathlib
+    import re
+    import types
+
+    from spectral_ext import _ops
+
+    schemas = re.findall(r'm\.def\(\s*"(\w+)\(', (pathlib.Path(__file__).parents[1] / "csrc" / "ops.cpp").read_text())
+    assert sorted(schemas) == sorted(_ops.OPERATORS)
+    for op in schemas:
+        module = importlib.import_module(f"spectral_ext._ops.{op}_op")
+        assert f'register_fake("spectral_ext::{op}")' in pathlib.Path(module.__file__).read_text()
+    for name in _ops.__all__:
+        assert not isinstance(getattr(_ops, name), types.ModuleType), name
+    from spectral_ext._ops import sinkhorn
+    assert sinkhorn is se.sinkhorn and callable(sinkhorn)
