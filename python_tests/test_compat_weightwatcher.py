@@ -16,9 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+import weightwatcher as ww  # the peer: a test requirement, never skipped
 from spectral_ext.compat import weightwatcher as se_ww
-
-ww = pytest.importorskip("weightwatcher")
 
 
 def models():
