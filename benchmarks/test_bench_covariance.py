@@ -37,7 +37,7 @@ def test_covariance_throughput(benchmark, device, impl, features):
     model = nn.Sequential(nn.Linear(64, features), nn.ReLU(), nn.Linear(features, 10)).to(device).eval()
     x = torch.randn(N, 64, device=device)
     if impl == "native":
-        fn = lambda: se.activation_covariance(model, ["2"], x, batch_size=BATCH, progress=False)["2"].cov_a()
+        fn = lambda: se.activation_covariance(model, None, ["2"], x, batch_size=BATCH, progress=False)["2"].cov_a()
     else:
         fn = lambda: seed_loop(model, x, "2")
     benchmark.group = f"activation covariance, {features} features, {N} samples [{device}]"

@@ -25,7 +25,7 @@ def test_streaming_covariance_equals_the_batch_computation(split):
     for p in other.parameters():
         p.data.normal_()
     x = torch.randn(40, 2, 6, 6, dtype=torch.float64)
-    cov = se.activation_covariance(model, x, ["2", "4"], other=other, batch_size=split, progress=False)
+    cov = se.activation_covariance(model, other, ["2", "4"], x, batch_size=split, progress=False)
     with torch.no_grad():
         a2, b2 = model[:2](x), other[:2](x)  # inputs of "2": channels, positions as samples
         b4 = other[:4](x)
@@ -44,35 +44,21 @@ def test_streaming_covariance_equals_the_batch_computation(split):
     assert frame["other_trace"].iloc[1] == pytest.approx(float((b4 * b4).sum()) / 40)
 
 
-def test_activation_covariance_takes_the_new_and_the_contract_order():
-    """Issue 17: (model, [other], layers, data) and the DESIGN contract
-    (model, data, layers, other=None) give the same sums."""
+def test_activation_covariance_takes_one_order():
+    """(model, other, layers, data), positionally or by keyword; the former
+    orders (model, data, layers, other) and (model, layers, data) are refused
+    since issue 29 (no order read from the types)."""
     model, other = conv_model(), conv_model()
     x = torch.randn(10, 2, 6, 6, dtype=torch.float64)
-    reference = se.activation_covariance(model, x, ["2"], other=other, progress=False)["2"]  # the contract
-    for result in (se.activation_covariance(model, other, ["2"], x, progress=False),
-                   se.activation_covariance(model, ["2"], x, other=other, progress=False),
-                   se.activation_covariance(model, x, ["2"], other, progress=False),
-                   se.activation_covariance(model, layers="2", data=x, other=other, progress=False)):
-        assert torch.equal(result["2"].cross(), reference.cross()) and result["2"].count == reference.count
+    reference = se.activation_covariance(model, other, ["2"], x, progress=False)["2"]
+    result = se.activation_covariance(model, layers="2", data=x, other=other, progress=False)
+    assert torch.equal(result["2"].cross(), reference.cross()) and result["2"].count == reference.count
     with pytest.raises(TypeError, match="needs data"):
-        se.activation_covariance(model, ["2"], progress=False)
+        se.activation_covariance(model, None, ["2"], progress=False)
     with pytest.raises(TypeError, match="layers must be a module name"):
-        se.activation_covariance(model, x, 3, progress=False)
-
-
-def test_layers_and_data_reads_the_order_from_the_types():
-    from spectral_ext import _checks
-
-    model, x = conv_model(), torch.randn(4, 2, 6, 6)
-    assert _checks.layers_and_data(["2"], x) == (["2"], x, None)
-    assert _checks.layers_and_data(x, "2") == ("2", x, None)  # the older (data, layers)
-    assert _checks.layers_and_data(x, ["2"], model) == (["2"], x, model)
-    assert _checks.layers_and_data(model, ["2"], x) == (["2"], x, model)  # other first, positionally
-    assert _checks.layers_and_data([], ["2"]) == (["2"], [], None)  # empty data, not empty layers
-    pair = (["1"], ["2"])
-    assert _checks.layers_and_data([x], pair) == (pair, [x], None)  # a pair of layer lists
-    assert _checks.layers_and_data(x, 3) == (x, 3, None)  # neither fits: left for the caller to refuse
+        se.activation_covariance(model, None, 3, x, progress=False)
+    with pytest.raises(TypeError, match="other must be"):
+        se.activation_covariance(model, x, ["2"], progress=False)
 
 
 def test_wide_batches_are_buffered_into_the_same_float64_sums():
@@ -89,7 +75,7 @@ def test_wide_batches_are_buffered_into_the_same_float64_sums():
     pair = se.activation_covariance(a, b, ["2"], x, batch_size=3, progress=False)["2"]
     np.testing.assert_allclose(pair.cross().numpy(), A.T @ B / 25, rtol=1e-12)
     np.testing.assert_allclose(pair.cov_b(center=True).numpy(), np.cov(B.T, bias=True), rtol=1e-10, atol=1e-14)
-    one = se.activation_covariance(a, ["2"], x, batch_size=3, progress=False)["2"]
+    one = se.activation_covariance(a, None, ["2"], x, batch_size=3, progress=False)["2"]
     np.testing.assert_allclose(one.cov_a().numpy(), A.T @ A / 25, rtol=1e-12)
     assert one.ab is one.aa is one.bb and one.count == pair.count == 25  # one matrix for one model
 
@@ -110,12 +96,11 @@ def test_alignment_recovers_a_known_rotation():
     a, b, Q = rotated_pair()
     x = torch.randn(300, 6, dtype=torch.float64)
     torch.testing.assert_close(a(x), b(x))
-    cov = se.activation_covariance(a, x, ["3"], other=b, progress=False)["3"]
+    cov = se.activation_covariance(a, b, ["3"], x, progress=False)["3"]
     A, r2 = se.align(cov.cross(), cov.cov_a(), cov.cov_b())
     torch.testing.assert_close(A, Q.T)  # a = A b
     assert r2 == pytest.approx(1.0, abs=1e-10)
-    held_out = se.activation_covariance(a, torch.randn(100, 6, dtype=torch.float64), ["3"], other=b,
-                                        progress=False)["3"]
+    held_out = se.activation_covariance(a, b, ["3"], torch.randn(100, 6, dtype=torch.float64), progress=False)["3"]
     assert C.alignment_r2(A, held_out.cross(), held_out.cov_a(), held_out.cov_b()) == pytest.approx(1.0)
 
 
@@ -124,7 +109,7 @@ def test_r2_lies_in_the_unit_interval_for_unrelated_networks():
     torch.manual_seed(5)
     c = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.Linear(5, 3)).double()
     x = torch.randn(300, 6, dtype=torch.float64)
-    cov = se.activation_covariance(a, x, ["3"], other=c, progress=False)["3"]
+    cov = se.activation_covariance(a, c, ["3"], x, progress=False)["3"]
     _, r2 = se.align(cov.cross(), cov.cov_a(), cov.cov_b())
     assert 0 <= r2 < 1
     _, none = se.align(cov.cross())
@@ -146,9 +131,6 @@ def test_marchenko_pastur(trained_digits_mlp):
     learned = spectra.groupby("layer", sort=False)["n_learned"].first()
     assert (learned >= 3).all(), learned  # measured 7-11 per layer
     assert C.weight_spectra(init, init).groupby("layer")["n_learned"].first().max() <= 1
-    with pytest.warns(FutureWarning, match="'init_model' is now called 'other'"):
-        old = C.weight_spectra(trained, init_model=init, progress=False)
-    assert old.equals(spectra)
     import matplotlib
     matplotlib.use("Agg")
     from spectral_ext import plot
@@ -197,7 +179,7 @@ def test_clipping_shares_the_prefix_and_matches_explicit_projections(trained_mlp
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("maximum rank k", "accuracy")
     full = datasets.accuracy(model, test)
     assert df["accuracy"].iloc[-1] == pytest.approx(full)
-    cov = se.activation_covariance(model, test[0], ["3"], progress=False)["3"].cov_a()
+    cov = se.activation_covariance(model, None, ["3"], test[0], progress=False)["3"].cov_a()
     rows = C.activation_spectrum(cov)[1]
     projected = copy.deepcopy(model)
     P = (rows[:5].T @ rows[:5]).float()
@@ -226,7 +208,7 @@ def test_clipping_token_features_of_a_linear():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.Flatten(), nn.Linear(5 * 6, 3))
     x, y = torch.randn(20, 5, 4), torch.randint(0, 3, (20,))
     df = C.clip(model, "2", (x, y), [2, 6], progress=False)
-    cov = se.activation_covariance(model, x, ["2"], progress=False)["2"].cov_a()  # tokens as samples
+    cov = se.activation_covariance(model, None, ["2"], x, progress=False)["2"].cov_a()  # tokens as samples
     rows = C.activation_spectrum(cov)[1][:2].float()
     with torch.no_grad():
         h = model[1](model[0](x)) @ rows.T @ rows
@@ -271,15 +253,9 @@ def test_rainbow_network_recovers_most_of_the_accuracy(trained_mlp):
     frame = result.to_frame()
     assert list(frame.columns) == ["layer", "r2"] and frame["layer"].tolist() == ["3", "5", "7"]
     assert frame["r2"].tolist() == list(result.r2.values())
-    with pytest.warns(FutureWarning) as record:  # the old keywords, mapped
-        old = se.rainbow(reference=model, train_data=train, seed=0, progress=False)
-    assert sorted(str(w.message).split("'")[1] for w in record) == ["reference", "seed", "train_data"]
-    torch.testing.assert_close(old.model[1].weight, result.model[1].weight)  # seed=0 is generator=0
+    old = se.rainbow(model=model, data=train, generator=0, progress=False)
+    torch.testing.assert_close(old.model[1].weight, result.model[1].weight)
     assert old.generated_accuracy is None
-    with pytest.warns(FutureWarning, match="result.r2"):  # the old dict access, mapped
-        assert old["r2"] == old.r2
-    with pytest.raises(KeyError):
-        old["accuracy"]
     import matplotlib
     matplotlib.use("Agg")
     ax = result.plot().axes[0]
@@ -299,4 +275,4 @@ def test_rainbow_cnn_with_biases_and_errors():
         se.rainbow(torchvision.models.resnet18(num_classes=10), (torch.randn(4, 3, 32, 32), torch.zeros(4).long()),
                    progress=False)
     with pytest.raises(ValueError, match="names no submodule"):
-        se.activation_covariance(cnn, x_test, ["nope"], progress=False)
+        se.activation_covariance(cnn, None, ["nope"], x_test, progress=False)

@@ -14,9 +14,6 @@ def test_digits_split_is_fixed_by_default_and_follows_the_generator():
     seeded = datasets.digits(generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(u, v) for u, v in zip(seeded, datasets.digits(generator=3)))
     assert not torch.equal(seeded[1], a[1])
-    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
-        old = datasets.digits(seed=3)
-    assert all(torch.equal(u, v) for u, v in zip(seeded, old))
     with pytest.raises(ValueError, match="test_fraction"):
         datasets.digits(test_fraction=1.0)
     with pytest.raises(TypeError, match="generator"):
@@ -40,8 +37,6 @@ def test_train_is_deterministic_in_every_call_shape():
     assert not reference.training  # given back in eval mode, ready to measure
     assert _same_weights(reference, _trained(generator=0))
     assert _same_weights(reference, _trained(generator=torch.Generator().manual_seed(0)))
-    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
-        assert _same_weights(reference, _trained(seed=0))
     torch.manual_seed(0)  # the former train(model, x, y) shape
     former = training.train(datasets.digits_mlp(width=16), x[:200], y[:200], epochs=2, progress=False)
     assert _same_weights(reference, former)

@@ -110,7 +110,7 @@ def _features_and_classifier(model):
 # name -> call(model) for every public function taking a model; functions of two models get the
 # same model twice (the harder case: both roles on one module)
 CASES = {
-    "activation_covariance": lambda m: covariance.activation_covariance(m, ["4", "9"], X, progress=False),
+    "activation_covariance": lambda m: covariance.activation_covariance(m, None, ["4", "9"], X, progress=False),
     "clip": lambda m: covariance.clip(m, "9", (X, Y), ks=[1, 4], progress=False),
     "rainbow": lambda m: covariance.rainbow(m, (X, Y), (X, Y), example_input=EXAMPLE, generator=0, progress=False),
     "weight_spectra": lambda m: covariance.weight_spectra(m, m, EXAMPLE),

@@ -539,38 +539,27 @@ def test_data_in_any_form_and_the_former_keywords():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(3)), batch_size=2)
     assert se.jacobian_partial_rank(model, loader, patch, progress=False).equals(expected)
     assert se.jacobian_partial_rank(model, data=x, patch=patch, progress=False).equals(expected)
-    with pytest.warns(FutureWarning, match="'x' is now called 'data'"):
-        assert se.jacobian_partial_rank(model, x=x, patch=patch, progress=False).equals(expected)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'x'"):  # the name before issue 17
+        se.jacobian_partial_rank(model, x=x, patch=patch, progress=False)
     pca = se.perturbed_pca_dimension(model, (x[:1], torch.zeros(1)), n_perturbations=20, generator=3,
                                      progress=False)
-    with pytest.warns(FutureWarning, match="'x' is now called 'data'"):
-        old = se.perturbed_pca_dimension(model, x=x[:1], n_perturbations=20,
-                                         generator=torch.Generator().manual_seed(3), progress=False)
+    old = se.perturbed_pca_dimension(model, data=x[:1], n_perturbations=20,
+                                     generator=torch.Generator().manual_seed(3), progress=False)
     assert pca.equals(old)
     with pytest.raises(TypeError, match="data must be a tensor"):
         se.jacobian_partial_rank(model, "images", patch, progress=False)
 
 
-def test_former_call_shapes_of_the_feature_methods_still_work():
-    """(features, labels, classifier) and (logits, labels) became (classifier,
-    data) and (data): the old positional shapes give the same result, with a
-    FutureWarning; data may also be a loader of (features, labels) batches."""
+def test_the_feature_methods_take_the_classifier_then_the_data():
+    """(classifier, data) and (data): a loader of (features, labels) batches
+    gives what the pair gives; the former (features, labels, classifier)
+    shape is refused since issue 29."""
     F, labels, head = classification_problem(d=12, N=200)
     new = se.classification_dimension(head, (F, labels), ratio=0.9)
-    with pytest.warns(FutureWarning, match=r"now takes \(classifier, \(features, labels\)"):
-        old = se.classification_dimension(F, labels, head, ratio=0.9)
-    with pytest.warns(FutureWarning):
-        keyword = se.classification_dimension(F, labels, classifier=head, ratio=0.9)
-    assert old.dimension == keyword.dimension == new.dimension
-    assert old.evaluations.equals(new.evaluations)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(F, labels), batch_size=64)
     assert se.classification_dimension(head, loader, ratio=0.9).evaluations.equals(new.evaluations)
-    with pytest.warns(FutureWarning):
-        curve = R.projection_accuracy(F, labels, head, [1, 4])
-    assert curve.equals(R.projection_accuracy(head, (F, labels), [1, 4]))
+    with pytest.raises(TypeError):
+        se.classification_dimension(F, labels, head, ratio=0.9)
     Z, z_labels = deficit_logits(N=200, C=8)
-    with pytest.warns(FutureWarning, match=r"now takes \(\(logits, labels\)"):
-        old = se.independence_deficit(Z, z_labels, eta=0.01)
-    assert torch.equal(old.coefficients, se.independence_deficit((Z, z_labels), eta=0.01).coefficients)
     with pytest.raises(ValueError, match="data must carry labels"):
         se.independence_deficit(Z)

@@ -175,7 +175,9 @@ def test_stitch_errors(digits_pair):
     with pytest.raises(ValueError, match="kind must be one of"):
         se.stitch(model, model, "4", data=train, kind="magic", progress=False)
     with pytest.raises(ValueError, match="data is required"):
-        se.stitch(model, model, "4", "grelu")  # the DESIGN contract's positional kind
+        se.stitch(model, model, "4", kind="grelu")
+    with pytest.raises(TypeError, match="data must be"):  # no positional kind since issue 29
+        se.stitch(model, model, "4", "grelu", progress=False)
     with pytest.raises(ValueError, match="^data yields no sample"):
         se.stitch(model, model, "4", data=[], progress=False)
     with pytest.raises(ValueError, match="init must be one of"):
@@ -187,30 +189,27 @@ def test_stitch_errors(digits_pair):
         se.stitch(model, broken, "4", data=train, progress=False)
 
 
-def test_contract_order_old_keywords_and_generator_give_one_result():
-    """Issue 17: stitch(model, other, layer, data, test_data, generator=) is
-    the API; DESIGN's positional stitch(model_a, model_b, layer, kind,
-    train_data, test_data) and the old keywords (FutureWarning) give the same
-    phi for the same generator; another generator gives another phi."""
+def test_one_order_keywords_and_generator_give_one_result():
+    """stitch(model, other, layer, data, test_data, generator=) is the API:
+    keywords give the same phi for the same generator, another generator
+    another phi; the former positional kind and keywords are refused (issue 29)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     x = torch.randn(64, 6)
     y = torch.randint(0, 3, (64,))
     options = {"epochs": 2, "lr": 0.05, "batch_size": 16, "progress": False}
     new = se.stitch(model, model, "1", (x, y), (x, y), kind="lowrank", rank=4, generator=3, **options)
-    contract = se.stitch(model, model, "1", "lowrank", (x, y), (x, y), rank=4, generator=3, **options)
-    with pytest.warns(FutureWarning, match="'train_data' is now called 'data'"):
-        old = se.stitch(model_a=model, model_b=model, layer="1", kind="lowrank", train_data=(x, y),
-                        test_data=(x, y), layer_b="1", rank=4, seed=3, **options)
+    keywords = se.stitch(model=model, other=model, layer="1", kind="lowrank", data=(x, y), test_data=(x, y),
+                         other_layer="1", rank=4, generator=3, **options)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'train_data'"):
+        se.stitch(model, model, "1", train_data=(x, y), kind="lowrank", **options)
     again = se.stitch(model, model, "1", (x, y), kind="lowrank", rank=4, generator=torch.Generator().manual_seed(3),
                       **options)
-    for result in (contract, old, again):
+    for result in (keywords, again):
         torch.testing.assert_close(result.matrix, new.matrix, rtol=0, atol=0)
-    assert contract.penalty == old.penalty == new.penalty
+    assert keywords.penalty == new.penalty
     other = se.stitch(model, model, "1", (x, y), kind="lowrank", rank=4, generator=4, **options)
     assert not torch.allclose(other.matrix, new.matrix)
-    with pytest.raises(TypeError, match="multiple values for argument 'kind'"):
-        se.stitch(model, model, "1", "grelu", (x, y), kind="affine")
     with pytest.raises(TypeError, match="generator must be"):
         se.stitch(model, model, "1", (x, y), generator=0.5, **options)
 

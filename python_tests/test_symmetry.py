@@ -169,8 +169,7 @@ def test_rotation_penalty_mechanics(digits_mlp16):
 def test_rotation_penalty_is_a_dataclass_for_every_form_of_data(digits_mlp16):
     """Issue 17: a RotationPenalty with to_frame(); data and test_data in any
     form _data.batches takes (a list of batches gives what the tensors
-    give); the old keywords train_data= and seed= still work, with a
-    FutureWarning."""
+    give)."""
     model, (x, y), test = digits_mlp16
     result = Y.rotation_penalty(model, "3", (x, y), test, epochs=1, generator=0, progress=False)
     assert isinstance(result, Y.RotationPenalty)
@@ -181,9 +180,6 @@ def test_rotation_penalty_is_a_dataclass_for_every_form_of_data(digits_mlp16):
     half = len(y) // 2
     loader = [(x[:half], y[:half]), (x[half:], y[half:])]
     assert Y.rotation_penalty(model, "3", loader, [test], epochs=1, generator=0, progress=False) == result
-    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
-        old = Y.rotation_penalty(model, "3", train_data=(x, y), test_data=test, epochs=1, seed=0, progress=False)
-    assert old == result
     with pytest.raises(TypeError, match="^data must yield"):
         Y.rotation_penalty(model, "3", [{"x": x}], test, progress=False)
 

@@ -347,7 +347,7 @@ def test_layers_that_never_run_are_named_once_with_their_model():
     with pytest.raises(ValueError, match=f"other's layer '{out_proj}' did not run"):
         se.similarity_matrix(vit, other, (["encoder"], [out_proj]), x, progress=False)
     with pytest.raises(ValueError, match=f"model's layer '{out_proj}' did not run"):
-        se.activation_covariance(vit, [out_proj], x, progress=False)
+        se.activation_covariance(vit, None, [out_proj], x, progress=False)
     swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2])
     with pytest.raises(ValueError, match="model's layer 'features.1.0.attn.qkv' did not run"):
         se.similarity_matrix(swin, swin, ["features.1.0.attn.qkv"], torch.randn(4, 3, 16, 16), progress=False)
@@ -373,7 +373,7 @@ def test_errors_name_the_layer_and_the_model():
         se.similarity_matrix(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), model, ["1"], torch.randn(8, 4),
                              progress=False)
     mlp = nn.Sequential(nn.Linear(4, 4))
-    for call in (lambda: se.activation_covariance(mlp, ["0"], {"input_ids": torch.ones(8, 4)}, progress=False),
+    for call in (lambda: se.activation_covariance(mlp, None, ["0"], {"input_ids": torch.ones(8, 4)}, progress=False),
                  lambda: se.similarity_matrix(mlp, mlp, ["0"], {"input_ids": torch.ones(8, 4)}, progress=False),
                  lambda: se.stitch(mlp, mlp, "0", {"input_ids": torch.ones(8, 4)}, progress=False)):
         with pytest.raises(TypeError, match=r"data gives keyword inputs \['input_ids'\] .* takes no 'input_ids'"):
@@ -389,7 +389,7 @@ def test_activation_covariance_on_keyword_inputs_and_b_h_w_c_linear_inputs():
     a, b = build("bert", 0).double().eval(), build("bert", 1).double().eval()
     data = token_inputs(n=12)
     layer = "encoder.layer.1.intermediate.dense"
-    covs = se.activation_covariance(a, [layer, "encoder.layer.0"], data, other=b, progress=False)
+    covs = se.activation_covariance(a, b, [layer, "encoder.layer.0"], data, progress=False)
     inputs = {}
     hooks = [m.get_submodule(layer).register_forward_hook(lambda mod, i, o, k=k: inputs.__setitem__(k, i[0]))
              for k, m in (("a", a), ("b", b))]
@@ -404,7 +404,7 @@ def test_activation_covariance_on_keyword_inputs_and_b_h_w_c_linear_inputs():
     assert covs["encoder.layer.0"].aa.shape == (32, 32)  # a block's hidden_states input: the 32 channels
     torch.manual_seed(0)
     swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2])
-    cov = se.activation_covariance(swin, ["features.1.0.mlp.0"], torch.randn(4, 3, 16, 16), progress=False)
+    cov = se.activation_covariance(swin, None, ["features.1.0.mlp.0"], torch.randn(4, 3, 16, 16), progress=False)
     frame = cov.to_frame().iloc[0]
     assert frame.n_features == 16 and frame.n_samples == 4 * 4 * 4
 

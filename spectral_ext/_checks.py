@@ -232,30 +232,3 @@ def renamed(**old_to_new: str):
             return function(*args, **kwargs)
         return inner
     return wrap
-
-
-def layer_names(value) -> bool:
-    """True for what the API takes as `layers`: a str, or a non-empty list or
-    tuple of str (or of such lists: a pair (layers_a, layers_b))."""
-    if isinstance(value, str):
-        return True
-    if not isinstance(value, (list, tuple)) or not value:
-        return False
-    return all(isinstance(v, str) for v in value) or all(
-        isinstance(v, (list, tuple)) and v and all(isinstance(u, str) for u in v) for v in value)
-
-
-def layers_and_data(layers, data, other=None):
-    """(layers, data, other) of a call in the API's order (model, [other],
-    layers, data) or in an older one such as (model, data, layers, other)
-    (issue 17), told apart by type: layer names are a str or a sequence of
-    str, and a torch.nn.Module among the three is `other`. Values that fit
-    neither order stay where they are, for the caller's checks to name."""
-    values = [layers, data, other]
-    modules = [i for i, v in enumerate(values) if isinstance(v, torch.nn.Module)]
-    if len(modules) == 1 and modules[0] != 2:  # other given positionally before layers and data
-        rest = [v for i, v in enumerate(values) if i != modules[0]]
-        layers, data, other = rest[0], rest[1], values[modules[0]]
-    if layer_names(data) and not layer_names(layers):
-        layers, data = data, layers
-    return layers, data, other

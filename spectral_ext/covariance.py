@@ -198,7 +198,7 @@ def _check_samples(name: str, layer: str, a: torch.Tensor, x) -> None:
                          "sample); choose another layer")
 
 
-def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Module | None = None,
+def activation_covariance(model: nn.Module, other: nn.Module | None = None, layers=None, data=None,
                           other_layers=None, batch_size: int = 256, dtype=None,
                           progress: bool = True) -> Covariances:
     """Streaming (cross-)covariances of the inputs of `layers` (seed 002
@@ -214,19 +214,17 @@ def activation_covariance(model: nn.Module, layers=None, data=None, other: nn.Mo
     model's and other's representations at `other_layers` (default the same
     names) on the same inputs. Each batch's products run in the
     activations' dtype (dtype=torch.float64 to run them in float64) and are
-    summed in float64.
+    summed in float64. One model: (model, None, layers, data).
 
-    Call as (model, layers, data), (model, other, layers, data) or the older
-    (model, data, layers, other=None): the order is read from the types
-    (_checks.layers_and_data). Returns Covariances, a mapping {layer:
+    Returns Covariances, a mapping {layer:
     Covariance} (call .cross(), .cov_a(), .cov_b(); center=True for centred
     covariances) with .to_frame()."""
-    layers, data, other = _checks.layers_and_data(layers, data, other)
+    check_model("model", model)
+    if other is not None and not isinstance(other, nn.Module):
+        raise TypeError(f"other must be a torch.nn.Module or None (the order is (model, other, layers, data)), "
+                        f"got {type(other).__name__}")
     if data is None:
         raise TypeError("activation_covariance() needs data: a tensor, an (x, y) pair or a DataLoader")
-    check_model("model", model)
-    if other is not None:
-        check_model("other", other)
     if layers is None or not isinstance(layers, (str, list, tuple)):
         raise TypeError(f"layers must be a module name or a list of them, got {type(layers).__name__}")
     layers = [layers] if isinstance(layers, str) else list(layers)
@@ -307,14 +305,13 @@ def marchenko_pastur_density(x, n: int, d: int, variance: float) -> np.ndarray:
     return density
 
 
-@_checks.renamed(init_model="other")
 @models_in_eval_mode
 def weight_spectra(model: nn.Module, other: nn.Module | None = None, example_input=None,
                    variance="init", progress: bool = True) -> pd.DataFrame:
     """Seed 002's weight-covariance analysis (its weight-spectrum cells:
     eigenvalues against initialisation) with the Marchenko-Pastur law, for every linear map: one
     row per (layer, rank) with eigenvalue (s^2 / n), init_eigenvalue (same
-    layer of `other`, the model at initialisation; formerly init_model), and
+    layer of `other`, the model at initialisation), and
     per layer the Marchenko-Pastur upper edge for its aspect ratio and
     n_learned, the count of eigenvalues above it (the "learned" components).
     variance: "init" (the entry variance of other's layer, or PyTorch's
@@ -455,7 +452,7 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
         rows, kind = basis.double(), "activation"
     elif basis == "activation":
         if covariance is None:
-            covariance = activation_covariance(model, [layer], data, batch_size=batch_size,
+            covariance = activation_covariance(model, None, [layer], data, batch_size=batch_size,
                                                progress=progress)[layer].cov_a()
         rows, kind = activation_spectrum(covariance)[1], "activation"
     elif basis == "weight":
@@ -582,16 +579,7 @@ class Rainbow:
 
         return plot.rainbow(self, ax=ax)
 
-    def __getitem__(self, key: str):
-        # rainbow returned a dict before issue 17: result["r2"] keeps working, with a warning
-        if key not in ("model", "r2", "reference_accuracy", "generated_accuracy"):
-            raise KeyError(key)
-        warnings.warn(f"rainbow() returns a Rainbow: use result.{key} instead of result[{key!r}]", FutureWarning,
-                      stacklevel=2)
-        return getattr(self, key)
 
-
-@_checks.renamed(reference="model", train_data="data", seed="generator")
 @models_in_eval_mode
 def rainbow(model: nn.Module, data, test_data=None, example_input=None, generator=None,
             batch_size: int = 256, progress: bool = True) -> Rainbow:
@@ -601,10 +589,9 @@ def rainbow(model: nn.Module, data, test_data=None, example_input=None, generato
     realigned to the generated inputs with the cross-covariance alignment
     of the previous layer, BatchNorm statistics recomputed; the trained
     classifier (the last map) is kept and realigned. model: the trained
-    reference (formerly `reference`); data: (x, y) tensors or a loader, used
-    for the alignments (formerly `train_data`); test_data: for the
-    accuracies; generator: the draws' randomness (None: torch's global
-    generator, an int seeds one; formerly `seed`).
+    reference; data: (x, y) tensors or a loader, used for the alignments;
+    test_data: for the accuracies; generator: the draws' randomness (None:
+    torch's global generator, an int seeds one).
 
     Returns a Rainbow (model, r2 per aligned layer, reference_accuracy,
     generated_accuracy; .to_frame(), .plot())."""
@@ -649,7 +636,7 @@ def rainbow(model: nn.Module, data, test_data=None, example_input=None, generato
         recompute_batchnorm(generated, generated, data, batch_size, name="data")
         if j < len(names) - 1:
             following = names[j + 1]
-            cov = activation_covariance(reference, [following], data, other=generated, batch_size=batch_size,
+            cov = activation_covariance(reference, generated, [following], data, batch_size=batch_size,
                                         progress=False)[following]
             alignment, r2[following] = align(cov.cross(), cov.cov_a(), cov.cov_b())
     result = Rainbow(generated, r2)

@@ -16,7 +16,6 @@ from .training import train  # noqa: F401
 __all__ = ["BertEncoder", "accuracy", "digits", "digits_cnn", "digits_mlp", "minilm", "train"]
 
 
-@_checks.renamed(seed="generator")
 def digits(generator=0, test_fraction: float = 0.2):
     """scikit-learn's 1797 8x8 digits as tensors: (x_train, y_train, x_test,
     y_test), x of shape (N, 1, 8, 8) scaled to [0, 1] (small real data
@@ -26,7 +25,7 @@ def digits(generator=0, test_fraction: float = 0.2):
     generator: the random split (an int seed, a torch.Generator, or None for
     torch's global RNG). It defaults to 0, not None, so that every call gives
     the same split and a model trained on one call's x_train is never tested
-    on its own training images from another call (seed= is its former name).
+    on its own training images from another call.
     test_fraction: the share of the test split, in (0, 1)."""
     from sklearn.datasets import load_digits
 

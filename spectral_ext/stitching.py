@@ -12,7 +12,6 @@ kept), classifiers whose output holds .logits."""
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -282,26 +281,6 @@ def _stitch_axis(model, layer, y, feature_axis) -> int:
     return axis % y.dim()
 
 
-def _contract_positions(function):
-    """DESIGN.md's positional form stitch(model_a, model_b, layer, kind,
-    train_data, test_data) keeps working: a str where data goes is the kind."""
-    @functools.wraps(function)
-    def inner(*args, **kwargs):
-        if len(args) > 3 and isinstance(args[3], str):
-            if len(args) > 6:
-                raise TypeError("stitch() takes kind, data and test_data after layer positionally; pass the rest "
-                                "by keyword")
-            for name, value in zip(("kind", "data", "test_data"), args[3:]):
-                if name in kwargs:
-                    raise TypeError(f"stitch() got multiple values for argument {name!r}")
-                kwargs[name] = value
-            args = args[:3]
-        return function(*args, **kwargs)
-    return inner
-
-
-@_checks.renamed(model_a="model", model_b="other", train_data="data", layer_b="other_layer", seed="generator")
-@_contract_positions
 def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=None, *, kind: str = "affine",
            other_layer: str | None = None, epochs: int = 20, lr: float = 1e-3, momentum: float = 0.9,
            batch_size: int = 32, rank: int | None = None, alpha: float = 0.1, head_start: int | None = None,
@@ -319,9 +298,7 @@ def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=
     dict batch, as model(**inputs), and must return logits (N, classes), a
     tensor or a Hugging Face output's .logits), on which phi trains with SGD (lr, momentum; appendix D.2) on
     cross-entropy; test_data (the same forms): for the accuracies and the
-    stitching penalty (equation 4.3). The contract's order stitch(model_a,
-    model_b, layer, kind, train_data, test_data) still works, and so do the
-    old keywords model_a, model_b, train_data, layer_b and seed.
+    stitching penalty (equation 4.3).
 
     kind: "affine" (all channel maps, bias optional), "lowrank" (rank r),
     "grelu" (P D: projected gradient with ReLU + Sinkhorn T = 16 after every

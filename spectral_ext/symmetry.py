@@ -476,7 +476,6 @@ class RotationPenalty:
         return pd.DataFrame([asdict(self)])
 
 
-@_checks.renamed(train_data="data", seed="generator")
 def rotation_penalty(model: nn.Module, layer: str, data, test_data, transform: str = "grelu",
                      epochs: int = 5, lr: float = 1e-3, batch_size: int = 64, generator=None,
                      progress: bool = True) -> RotationPenalty:
@@ -528,7 +527,6 @@ def rotation_penalty(model: nn.Module, layer: str, data, test_data, transform: s
     return RotationPenalty(transform, layer, before, after, before - after)
 
 
-@_checks.renamed(train_data="data")
 def rotation_penalties(model: nn.Module, layers, data, test_data, trials: int = 3, generator=None,
                        progress: bool = True, **kwargs) -> pd.DataFrame:
     """Seed 004 Fig. 4 (section 3.3): rotation_penalty for every layer, both

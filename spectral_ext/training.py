@@ -9,7 +9,6 @@ from . import _checks
 from ._data import batches
 
 
-@_checks.renamed(seed="generator")
 def train(model: nn.Module, data, y: torch.Tensor | None = None, epochs: int = 30, lr: float = 3e-3,
           batch_size: int = 64, generator=0, progress: bool = True, parameters=None) -> nn.Module:
     """Train model in place with Adam on cross-entropy and return it, in eval
@@ -20,8 +19,7 @@ def train(model: nn.Module, data, y: torch.Tensor | None = None, epochs: int = 3
     reshuffled every epoch), or a tensor of inputs with its labels as y
     (the former call shape train(model, x, y)). generator: the shuffling
     (an int seed, a torch.Generator, or None for torch's global RNG); 0 by
-    default so that a demo trains the same way every run (seed= is its
-    former name). progress: a bar over the epochs (tqdm). parameters: what
+    default so that a demo trains the same way every run. progress: a bar over the epochs (tqdm). parameters: what
     to train (default all of the model's)."""
     from tqdm.auto import tqdm
 

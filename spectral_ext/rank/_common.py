@@ -4,9 +4,6 @@ sub-network outputs, and the (features, labels) data of sections 3.3
 and 5."""
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 
 from .. import _checks, _data
@@ -79,27 +76,3 @@ def _features_labels(data, name: str):
     features, labels = _data.gather(data, labels=True)
     _check_features_labels(features, labels, name)
     return features, labels
-
-
-def _former_pair(classifier_first: bool):
-    """Decorator: accept the former call shapes f(features, labels,
-    classifier, ...) (classifier_first) and f(logits, labels, ...), which
-    now take the pair as one data argument (issue 17: the model first, then
-    data), with a FutureWarning."""
-    def wrap(function):
-        @functools.wraps(function)
-        def inner(*args, **kwargs):
-            if len(args) >= 2 and isinstance(args[0], torch.Tensor) and isinstance(args[1], torch.Tensor):
-                pair, rest = (args[0], args[1]), args[2:]
-                new = "(classifier, (features, labels), ...)" if classifier_first else "((logits, labels), ...)"
-                warnings.warn(f"{function.__name__}() now takes {new}: pass the tensors as one data pair",
-                              FutureWarning, stacklevel=2)
-                if not classifier_first:
-                    args = (pair,) + rest
-                elif rest:
-                    args = (rest[0], pair) + rest[1:]
-                else:
-                    args = (kwargs.pop("classifier", None), pair)
-            return function(*args, **kwargs)
-        return inner
-    return wrap

@@ -10,7 +10,7 @@ import torch
 
 from .. import _checks
 from .._data import accuracy
-from ._common import _features_labels, _former_pair
+from ._common import _features_labels
 
 
 @dataclass
@@ -71,7 +71,6 @@ def _classifier_accuracy(classifier, features, labels) -> float:
                     model_name="classifier")
 
 
-@_former_pair(classifier_first=True)
 def classification_dimension(classifier, data, ratio: float = 0.95, center: bool = False) -> ClassificationDimension:
     """ClsDim (seed 003 section 3.3, equation 6, Algorithm A3): the smallest k
     such that projecting the final features onto the top-k eigenvectors of
@@ -80,8 +79,7 @@ def classification_dimension(classifier, data, ratio: float = 0.95, center: bool
     classifier: a callable (the final nn.Linear, say) from (N, d) features
     to logits; an nn.Module runs in eval mode and is given back as it came.
     data: the final features (N, d) with their labels (N,), as a pair of
-    tensors or any form _data.batches takes (the former call shape
-    (features, labels, classifier) still works, with a FutureWarning).
+    tensors or any form _data.batches takes.
     center=False
     projects onto the linear span of the eigenvectors as equation 6 says;
     center=True projects the centred features and adds the mean back.
@@ -129,7 +127,6 @@ def _geometric(limit: int) -> list[int]:
     return out
 
 
-@_former_pair(classifier_first=True)
 def projection_accuracy(classifier, data, ks, center: bool = False) -> pd.DataFrame:
     """Accuracy after projecting onto the top-k eigenvectors, for each k in ks
     (seed 003 section 3.3, equation 6; the curves of Fig. 2).

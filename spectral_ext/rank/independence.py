@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from .. import _checks
-from ._common import _features_labels, _former_pair
+from ._common import _features_labels
 
 @dataclass
 class IndependenceDeficit:
@@ -81,7 +81,6 @@ def _lasso_all_classes(G: torch.Tensor, eta: float, max_iter: int, tol: float):
     return A, iteration, bool(violation.max() <= threshold), float(violation.max())
 
 
-@_former_pair(classifier_first=False)
 def independence_deficit(data, eta: float = 20.0, max_iter: int = 20000, tol: float = 1e-8,
                          class_names=None) -> IndependenceDeficit:
     """Independence deficit (seed 003 section 5, equations 11-12, Algorithm
@@ -95,8 +94,7 @@ def independence_deficit(data, eta: float = 20.0, max_iter: int = 20000, tol: fl
     Lipschitz constant), so coefficients are exact zeros off the support.
 
     data: the logits (N, C) with their labels (N,), as a pair of tensors or
-    any form _data.batches takes (the former call shape (logits, labels)
-    still works, with a FutureWarning). eta, max_iter, tol: the penalty and
+    any form _data.batches takes. eta, max_iter, tol: the penalty and
     the solver's limits; class_names: one name per class for the frame.
 
     Returns an IndependenceDeficit (.to_frame()) whose frame has, per class:

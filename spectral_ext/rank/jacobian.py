@@ -71,7 +71,6 @@ def _jacobian_peak_bytes(K: int, sizes: list[int], itemsize: int, chunk: int, ac
     return K * total * itemsize + 2 * min(chunk, K) * (activations + total) * itemsize + factor
 
 
-@_checks.renamed(x="data")
 def jacobian_partial_rank(model: nn.Module, data, patch=None, layers=None, eps: float | None = None,
                           mode: str = "auto", chunk_size: int | None = 64, progress: bool = True,
                           at: str = "patch", rank_of: str = "gram") -> pd.DataFrame:
@@ -92,7 +91,7 @@ def jacobian_partial_rank(model: nn.Module, data, patch=None, layers=None, eps: 
     model: run in eval mode and given back unchanged. data: one input, (C,
     H, W) or (d,) or with a batch axis of 1, or several (N, ...) measured
     one at a time, as a tensor or in any form _data.batches takes (labels
-    unused; x= is its former name). patch: (row_slice, col_slice) over the spatial axes, all
+    unused). patch: (row_slice, col_slice) over the spatial axes, all
     channels (a slice for flat inputs, None for the whole input; the paper
     uses the central 16 x 16 x 3 patch), or a list of them (appendix D).
     layers: qualified module names (default: the model's top-level

@@ -30,7 +30,6 @@ def pca_dimension(features: torch.Tensor, eps: float | None = None) -> int:
     return int(_rank_of_singular_values(pca_eigenvalues(features), eps))
 
 
-@_checks.renamed(x="data")
 def perturbed_pca_dimension(model: nn.Module, data, layers=None, n_perturbations: int = 1000,
                             scale: float = 1e-3, eps: float | None = None, batch_size: int = 250,
                             generator: torch.Generator | None = None, progress: bool = True) -> pd.DataFrame:
@@ -39,7 +38,7 @@ def perturbed_pca_dimension(model: nn.Module, data, layers=None, n_perturbations
     n_perturbations Gaussian e, for the input and every chosen layer.
 
     data: (N, ...) samples, a tensor or any form _data.batches takes (labels
-    unused; x= is its former name), each perturbed separately and sent
+    unused), each perturbed separately and sent
     through the model in batches of batch_size. generator: the Gaussian
     perturbations (an int seed, a torch.Generator, None for torch's global
     RNG). eps: eigenvalues count when above

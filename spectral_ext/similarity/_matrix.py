@@ -20,7 +20,6 @@ def _layer_axes(model, layers, feature_axis, which):
     return {n: (feature_axis if feature_axis is not None else layer_feature_axis(model, n)) for n in layers}
 
 
-@_checks.renamed(model_a="model", model_b="other", loader="data")
 def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None, measure: str = "cka",
                       kernel: str = "linear", group: str = "orthogonal", unbiased: bool = True,
                       device=None, progress: bool = True, centered: bool = False,
@@ -38,9 +37,7 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     model, run as model(**inputs): a dict of tensors batched along dim 0
     ({"input_ids": ..., "attention_mask": ...}, {"pixel_values": ...}), or
     an iterable of such dicts (a DataLoader over a Hugging Face dataset); a
-    "labels" entry is not passed to the models (spectral_ext._data). The
-    older order (model_a, model_b, loader, layers) and keywords still work
-    (read from the types, _checks.layers_and_data). measure "cka" (minibatch
+    "labels" entry is not passed to the models (spectral_ext._data). measure "cka" (minibatch
     CKA with `kernel`, unbiased by default: its estimate may dip slightly
     below 0 for unrelated layers) or "procrustes" (exact over the whole
     data, with `group` and `centered`; NaN for pairs whose position counts,
@@ -64,7 +61,6 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     its model (`model` or `other`). Returns a tidy DataFrame with columns
     layer_a (model's layer), layer_b (other's), value (plot it with
     spectral_ext.plot.similarity_heatmap)."""
-    layers, data, _ = _checks.layers_and_data(layers, data)
     if data is None:
         raise TypeError("similarity_matrix() needs data: an iterable of batches, a tensor or a DataLoader")
     model_a, model_b = model, other
