@@ -5,7 +5,8 @@ optimiser per model), per model-epoch, one epoch on the full training set."""
 import pytest
 import torch
 
-from spectral_ext import datasets, zoo_generator as zg
+from spectral_ext import datasets
+from spectral_ext.zoo import generator as zg
 
 MODELS = 32
 

@@ -9,14 +9,23 @@ import pandas as pd
 import pytest
 import torch
 
-from spectral_ext import datasets, zoo, zoo_generator as zg
+import spectral_ext
+from spectral_ext import datasets, zoo
+from spectral_ext.zoo import generator as zg
 
 
 @pytest.fixture(scope="module")
 def small_zoo(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_zoo")
-    table = zg.make_digits_zoo(out, n=10, epochs=2, checkpoints=(0, 2), group_size=5, progress=False)
-    return out, table
+    result = zg.make_digits_zoo(out, n=10, epochs=2, checkpoints=(0, 2), group_size=5, progress=False)
+    assert isinstance(result, zoo.DigitsZoo) and result.folder == out
+    assert result.manifest == json.loads((out / "zoo.json").read_text())
+    assert result.to_frame() is result.table
+    return out, result.to_frame()
+
+
+def test_the_generator_is_reached_from_the_package():
+    assert spectral_ext.make_digits_zoo is zoo.make_digits_zoo is zg.make_digits_zoo
 
 
 def test_hyperparameter_draws_follow_the_zoo():
@@ -118,11 +127,16 @@ def test_checkpoints_and_metadata_agree(small_zoo):
 def test_manifest_makes_the_zoo_self_describing(small_zoo, tmp_path):
     out, table = small_zoo
     manifest = json.loads((out / "zoo.json").read_text())
-    assert manifest["arch"] == "spectral_ext.zoo_generator:small_cnn" and manifest["complete"]
+    assert manifest["arch"] == "spectral_ext.zoo.generator:small_cnn" and manifest["complete"]
     assert (out / manifest["metadata"]).exists() and (out / manifest["checkpoints"]).is_dir()
     tables = zoo.analyze(out, metrics=("rank", "alpha"), progress=False)  # no arch, no metadata
     assert sorted(tables["models"]["model"].map(lambda n: n.rsplit("/", 1)[-1].split(".")[0])) == sorted(table["model"])
     assert (tables["models"]["error"].fillna("") == "").all()
+    # a zoo made before 0.2.0 names the factory by its former module: read as the same function
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "zoo.json").write_text(json.dumps(dict(manifest, arch="spectral_ext.zoo_generator:small_cnn")))
+    assert zoo.read_manifest(tmp_path / "old")["arch"] == "spectral_ext.zoo.generator:small_cnn"
+    assert zoo.manifest_defaults(tmp_path / "old")[1] is zg.small_cnn
     (tmp_path / "zoo.json").write_text("{not json")
     with pytest.raises(zoo.ZooError, match="not valid JSON"):
         zoo.analyze(tmp_path, progress=False)
@@ -167,7 +181,7 @@ def test_an_interrupted_run_resumes_to_the_same_zoo(tmp_path, monkeypatch):
     monkeypatch.setattr(zg, "train_population", counting)
     resumed = zg.make_digits_zoo(out, **settings)
     assert sorted(trained) == sorted(zg.draw_hyperparameters(i)["seed"] for i in range(2, 6))  # group 0 not redone
-    pd.testing.assert_frame_equal(resumed, reference)  # the same draws, the same training
+    pd.testing.assert_frame_equal(resumed.to_frame(), reference.to_frame())  # the same draws, the same training
     from safetensors.torch import load_file
 
     for name in ("m00003_e001", "m00005_e000"):

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from spectral_ext import plot, zoo_report
+from spectral_ext import plot
+from spectral_ext.zoo import report as zoo_report
 from spectral_ext.cli import main
 
 

@@ -2025,7 +2025,7 @@ def _misc_cases(cases):
             ("n", "epochs", "checkpoints", "group_size", "batch_size", "threads", "seed", "out", "directory"),
             timeout=90)
 
-    # ModelGraph / SVR constructors, zoo, zoo_report, plot, reference
+    # ModelGraph / SVR constructors, zoo, zoo.report, plot, reference
     add("ModelGraph", "maps=None, connections=None", lambda: (se().ModelGraph, (None, None), {}), "any", None,
         ("maps", "connections"))
     add("ModelGraph", "maps='abc', connections=[]", lambda: (se().ModelGraph, ("abc", []), {}), "any", None,
@@ -2036,10 +2036,14 @@ def _misc_cases(cases):
         "invalid", None, ("source", "nonexistent", "No such", "not found", "exist"))
     add("zoo.analyze", "source=None", lambda: (se().zoo.analyze, (None,), {"progress": False}), "invalid", None,
         ("source",))
-    add("zoo_report.report", "no tables, a new folder", lambda: _in_tmp(se().zoo_report.report, {},
-                                                                          progress=False), "any", None,
-        ("out", "tables"))
-    add("zoo_report.report", "tables=None", lambda: _in_tmp(se().zoo_report.report, None, progress=False),
+    def zoo_report():  # a submodule the zoo package loads on first use
+        import spectral_ext.zoo.report
+
+        return spectral_ext.zoo.report.report
+
+    add("zoo.report.report", "no tables, a new folder", lambda: _in_tmp(zoo_report(), {}, progress=False), "any",
+        None, ("out", "tables"))
+    add("zoo.report.report", "tables=None", lambda: _in_tmp(zoo_report(), None, progress=False),
         "invalid", None, ("tables",))
     add("plot.esd", "eigenvalues=None", lambda: (se().plot.esd, (None,), {}), "invalid", None, ("eigenvalues",))
     add("plot.esd", "eigenvalues='abc'", lambda: (se().plot.esd, ("abc",), {}), "invalid", None, ("eigenvalues",))

@@ -31,15 +31,14 @@ _EXPORTS = {
     "similarity": ("cka", "pairwise_similarity", "procrustes", "procrustes_distance", "similarity_matrix"),
     "stitching": ("stitch", "stitching_penalty"),
     "symmetry": ("apply_symmetry", "intertwiner_group"),
-    "zoo_generator": ("make_digits_zoo",),
+    "zoo.generator": ("make_digits_zoo",),
     "spectral_neurons": ("SVR", "co_svr", "kernel_connections", "sobel_similarity", "spectral_activations", "svr",
                          "svr_many"),
 }
 _DEFINED_IN = {name: module for module, names in _EXPORTS.items() for name in names}
 # A module and a function never share a name: spectral_ext.svr is a function, its module spectral_neurons.
 _MODULES = ("compat", "covariance", "datasets", "encoders", "layers", "plot", "rank", "receptive_fields",
-            "reference", "similarity", "spectra", "spectral_neurons", "stitching", "symmetry", "training", "zoo",
-            "zoo_generator", "zoo_report")
+            "reference", "similarity", "spectra", "spectral_neurons", "stitching", "symmetry", "training", "zoo")
 
 
 def __getattr__(name: str):
@@ -105,5 +104,5 @@ __all__ = [
     "procrustes_distance", "rainbow",
     "reference", "semantic_hierarchy", "signal_projection", "signals",
     "similarity_matrix", "sinkhorn", "sobel_similarity", "spectral_activations", "stable_rank", "stitch",
-    "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo", "zoo_report",
+    "stitching_penalty", "SVR", "svr", "svr_many", "use_backend", "zoo",
 ]

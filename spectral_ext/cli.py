@@ -230,7 +230,7 @@ def _at_least(minimum: int):
 def _zoo(args) -> int:
     """Every argument is checked (zoo.analyze checks the rest) before any work."""
     from spectral_ext import zoo
-    from spectral_ext.zoo_generator import read_manifest
+    from spectral_ext.zoo.manifest import read_manifest
 
     if args.out is None:
         try:
@@ -274,7 +274,7 @@ def _zoo(args) -> int:
 
 
 def _make_zoo(args) -> int:
-    from spectral_ext.zoo_generator import make_digits_zoo
+    from spectral_ext.zoo.generator import make_digits_zoo
 
     try:
         checkpoints = [int(c) for c in args.checkpoints.split(",") if c.strip()]
@@ -285,7 +285,7 @@ def _make_zoo(args) -> int:
     try:
         table = make_digits_zoo(args.out, n=args.n, epochs=args.epochs, checkpoints=checkpoints, seed=args.seed,
                                 group_size=args.group_size, batch_size=args.batch_size, progress=not args.quiet,
-                                threads=args.threads)
+                                threads=args.threads).to_frame()
     except ValueError as error:
         print(f"spectral-ext make-zoo: {error}", file=sys.stderr)
         return 2

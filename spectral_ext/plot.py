@@ -361,7 +361,7 @@ def rainbow(result, ax=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model zoo report (zoo_report.py)
+# Model zoo report (zoo/report.py)
 
 
 def natural_key(name) -> tuple:

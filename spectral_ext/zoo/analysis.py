@@ -12,10 +12,10 @@ from torch import nn
 
 from .. import _checks
 from .._hooks import check_layers, evaluating
-from ..zoo_generator import manifest_defaults
 from ._base import (METRICS, MIN_PROBE, PAIR_MEASURES, TABLES, WEIGHT_METRICS, ZooError, ZooTables, _check_int,
                     pair_measures)
 from .distributed import _agree, _barrier, _distributed
+from .manifest import manifest_defaults
 from .members import (_collector_paused, _Lazy, _Members, _reason, _WeightMembers, all_finite_states, list_members,
                       relative_to_member, resolve_arch)
 from .metrics import ActivationCache, model_metrics, pair_metrics, probe_parts, weight_model_metrics
@@ -403,11 +403,11 @@ def _process_pairs(batch, run: _Members, probe, layers, measures, stitch_options
 
 
 def write_report(out: pathlib.Path, tables, metadata=None, progress: bool = True) -> pathlib.Path:
-    """report.md with figures (spectral_ext.zoo_report.report): members and
+    """report.md with figures (spectral_ext.zoo.report.report): members and
     errors, per-layer distributions, and with metadata (model and
     test_accuracy or accuracy) each metric against accuracy and the accuracy
     prediction from weights."""
-    from ..zoo_report import report
+    from .report import report
 
     return report(out, tables, metadata, progress)
 

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import _checks
-from .plot import natural_key
+from .. import _checks
+from ..plot import natural_key
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
 LAYER_METRICS = ("numerical_rank", "stable_rank", "alpha", "spectral_norm")
@@ -273,7 +273,7 @@ def report(out, tables: dict[str, pd.DataFrame], metadata=None, progress: bool =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import plot
+    from .. import plot
 
     out = pathlib.Path(out)
     if not hasattr(tables, "get"):
@@ -312,7 +312,7 @@ def report(out, tables: dict[str, pd.DataFrame], metadata=None, progress: bool =
 
 
 def _accuracy_sections(out, tables, metadata, save, progress) -> list[str]:
-    from . import plot
+    from .. import plot
 
     meta, folder = load_metadata(metadata)
     spectral = spectral_features(tables)
@@ -364,7 +364,7 @@ def _accuracy_sections(out, tables, metadata, save, progress) -> list[str]:
 
 
 def _prediction_section(joined, spectral, folder, save, progress, has_epochs) -> list[str]:
-    from . import plot
+    from .. import plot
 
     rows = joined[joined["epoch"] > 0] if has_epochs else joined  # initialisations: chance accuracy, trivially told
     groups = rows["run"] if has_epochs else rows["_key"]

@@ -20,6 +20,7 @@ Folder layout (OUT):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,8 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-MANIFEST = "zoo.json"
-FORMAT = "spectral_ext.zoo/1"
+from .manifest import FORMAT, MANIFEST, write_manifest
+
+ARCH = "spectral_ext.zoo.generator:small_cnn"  # the factory its manifest names
 ACTIVATIONS = ("relu", "tanh")
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 INITS = ("normal", "truncated_normal", "glorot_uniform", "he_normal", "orthogonal")
@@ -277,6 +279,22 @@ def train_population(hyper: list[dict], x_train, y_train, x_test, y_test, epochs
 # The zoo folder
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # DataFrames have no single truth value
+class DigitsZoo:
+    """A trained digits zoo (make_digits_zoo): its folder, the manifest it
+    wrote there (zoo.json) and its metadata table, one row per checkpoint
+    (model, run, index, hyperparameters, epoch, train/test accuracy and
+    loss, checkpoint path relative to the folder)."""
+
+    folder: pathlib.Path
+    manifest: dict
+    table: pd.DataFrame
+
+    def to_frame(self) -> pd.DataFrame:
+        """The metadata table, one row per checkpoint."""
+        return self.table
+
+
 def _settings(n, epochs, checkpoints, seed, group_size, batch_size) -> dict:
     return {"n": n, "epochs": epochs, "checkpoints": sorted(set(checkpoints)), "seed": seed,
             "group_size": group_size, "batch_size": batch_size, "dataset": "sklearn.datasets.load_digits",
@@ -285,9 +303,9 @@ def _settings(n, epochs, checkpoints, seed, group_size, batch_size) -> dict:
 
 def make_digits_zoo(out, n: int = 1000, epochs: int = 12, checkpoints=(0, 1, 4, 12), seed: int = 0,
                     group_size: int = 250, batch_size: int = 32, progress: bool = True,
-                    threads: int | None = None) -> pd.DataFrame:
+                    threads: int | None = None) -> DigitsZoo:
     """Train `n` Small-CNN-Zoo networks on scikit-learn's digits into the
-    folder `out` and return the metadata table (one row per checkpoint).
+    folder `out`.
 
     Hyperparameters per model as Unterthiner et al. 2020 section 3 draw them
     (see RANGES, OPTIMIZERS, INITS, ACTIVATIONS); checkpoints at the epochs
@@ -296,17 +314,35 @@ def make_digits_zoo(out, n: int = 1000, epochs: int = 12, checkpoints=(0, 1, 4, 
     train/test accuracy and loss, checkpoint path. `group_size` models
     train at once; a killed run resumes at the first unfinished group (the
     same settings are required). zoo.json names the factory
-    (spectral_ext.zoo_generator:small_cnn) so `spectral-ext zoo OUT` needs no
-    other argument. threads: torch's intra-op threads while training (None
-    keeps the current setting; on a busy machine 1 is several times faster
-    than 2 for these small grouped convolutions).
+    (spectral_ext.zoo.generator:small_cnn) so `spectral-ext zoo OUT` needs no
+    other argument.
 
     seed stays an int, not a generator= (the API's form of randomness
     elsewhere): each model's seed is a recorded hyperparameter of the Small
     CNN Zoo (its metadata's `seed` column, drawn from (seed, index) by
     draw_hyperparameters), and a resumed run must draw the same ones, which
-    a generator's state cannot promise across processes."""
-    from . import datasets
+    a generator's state cannot promise across processes.
+
+    Args:
+        out: the zoo folder (created; a folder holding an unfinished run of
+            the same settings is resumed).
+        n: how many models.
+        epochs: how many epochs each model trains.
+        checkpoints: the epochs saved (0 is the initialisation).
+        seed: the int every model's hyperparameters are drawn from.
+        group_size: how many models train at once (and are committed
+            together).
+        batch_size: the minibatch size.
+        progress: a progress bar over the model-epochs.
+        threads: torch's intra-op threads while training (None keeps the
+            current setting; on a busy machine 1 is several times faster
+            than 2 for these small grouped convolutions).
+
+    Returns:
+        A DigitsZoo: the folder, its manifest and the metadata table
+        (`.to_frame()`, one row per checkpoint).
+    """
+    from .. import datasets
 
     for name, value, low in (("n", n, 1), ("epochs", epochs, 0), ("group_size", group_size, 1),
                              ("batch_size", batch_size, 1), ("threads", threads, 1)):
@@ -345,8 +381,7 @@ def make_digits_zoo(out, n: int = 1000, epochs: int = 12, checkpoints=(0, 1, 4, 
                       ignore_index=True).sort_values(["index", "epoch"]).reset_index(drop=True)
     table.to_parquet(out / "metadata.parquet", index=False)
     table.to_csv(out / "metadata.csv", index=False)
-    _write_manifest(out, settings, complete=True)
-    return table
+    return DigitsZoo(out, _write_manifest(out, settings, complete=True), table)
 
 
 def _train_groups(out, groups, todo, seed, epochs, checkpoints, batch_size, progress, data):
@@ -379,75 +414,9 @@ def _train_groups(out, groups, todo, seed, epochs, checkpoints, batch_size, prog
             os.replace(part.with_suffix(".tmp"), part)  # the group is done only once this file exists
 
 
-def _write_manifest(out: pathlib.Path, settings: dict, complete: bool = False):
-    manifest = {"format": FORMAT, "arch": "spectral_ext.zoo_generator:small_cnn", "arch_kwargs": {},
-                "checkpoints": "checkpoints", "metadata": "metadata.parquet", "accuracy": "test_accuracy",
-                "complete": complete, "generator": settings}
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
-
-
-def read_manifest(folder) -> dict | None:
-    """The manifest of a zoo folder (zoo.json), or None when it has none:
-    {"arch": "module:function" or a torchvision name, "arch_kwargs": {...},
-    "checkpoints": a folder relative to it, "metadata": a table relative to
-    it, ...}. A user's own zoo can carry the same file. Reading it imports
-    and runs nothing (see manifest_defaults)."""
-    path = pathlib.Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from error
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("arch"), str):
-        raise ValueError(f"{path} must be a JSON object with at least 'arch' ('package.module:function')")
-    if not isinstance(manifest.get("arch_kwargs") or {}, dict):
-        raise ValueError(f"{path}: arch_kwargs must be a JSON object of keyword arguments, got "
-                         f"{manifest['arch_kwargs']!r}")
+def _write_manifest(out: pathlib.Path, settings: dict, complete: bool = False) -> dict:
+    manifest = {"format": FORMAT, "arch": ARCH, "arch_kwargs": {}, "checkpoints": "checkpoints",
+                "metadata": "metadata.parquet", "accuracy": "test_accuracy", "complete": complete,
+                "generator": settings}
+    write_manifest(out, manifest)
     return manifest
-
-
-# Factories of this package a manifest may name without trust: importing them runs no code from the zoo's author.
-TRUSTED_ARCHS = frozenset({"spectral_ext.zoo_generator:small_cnn", "spectral_ext.datasets:digits_cnn",
-                           "spectral_ext.datasets:digits_mlp"})
-
-
-def manifest_defaults(source, arch=None, metadata=None, trust_manifest: bool = False):
-    """(source, arch, metadata) for zoo.analyze: a folder holding zoo.json
-    gives its checkpoints folder, its factory (with arch_kwargs) where arch
-    is None and its metadata table where metadata is None; anything else is
-    returned unchanged.
-
-    A manifest comes with the folder, from whoever made it: its arch is used
-    when it is a torchvision model name or one of TRUSTED_ARCHS; any other
-    'module:function' would import and call code it names (os:abort kills
-    the run), so it needs trust_manifest=True (--trust-manifest) or the
-    architecture given as arch (--arch), else a ZooError saying so."""
-    import functools
-
-    if not isinstance(source, (str, os.PathLike)) or not pathlib.Path(source).is_dir():
-        return source, arch, metadata
-    from .zoo import ZooError
-
-    root = pathlib.Path(source)
-    try:
-        manifest = read_manifest(root)
-    except ValueError as error:
-        raise ZooError(str(error)) from error
-    if manifest is None:
-        return source, arch, metadata
-    if arch is None:
-        from .zoo import resolve_arch
-
-        named = manifest["arch"]
-        if ":" in named and named not in TRUSTED_ARCHS and not trust_manifest:
-            raise ZooError(f"{root / MANIFEST} names the architecture {named!r}, code it would import and run: "
-                           f"give it as arch (--arch {named}) or trust the manifest (trust_manifest=True, "
-                           "--trust-manifest) if you trust this folder")
-        factory, kwargs = resolve_arch(named), manifest.get("arch_kwargs") or {}
-        arch = functools.partial(factory, **kwargs) if kwargs else factory
-    if metadata is None and manifest.get("metadata"):
-        metadata = root / manifest["metadata"]
-    return root / manifest.get("checkpoints", "."), arch, metadata
