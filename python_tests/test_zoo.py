@@ -712,3 +712,74 @@ def test_alpha_hats_are_alpha_hat_of_each_row():
             want = (sum(terms) / len(terms) if convention == "weightwatcher" else sum(terms)) if terms else math.nan
             assert (math.isnan(rows[r]) and math.isnan(want)) or rows[r] == pytest.approx(want, rel=1e-14)
             assert spectra.alpha_hat_of(alpha[r], lambda_max[r], convention) == rows[r] or math.isnan(want)
+
+
+def _binding_spies(monkeypatch):
+    """Counters of the bindings (a checkpoint's state bound to the trace, a
+    module bound by ModelGraph.for_model) and of the SVR's weight checks."""
+    from spectral_ext import layers
+
+    svr_module = sys.modules[se.svr_many.__module__]
+    counts = {"state": 0, "module": 0, "svr_check": 0}
+
+    def spy(owner, name, key):
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            counts[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+    spy(zoo.members._Architecture, "bind", "state")
+    spy(layers.ModelGraph, "for_model", "module")
+    spy(svr_module, "_check_weights", "svr_check")
+    return counts
+
+
+def _edge_numbers(results):
+    return [(r.internal_dimensions(k), int(r.significant(k).sum()), float(r.threshold(k)))
+            for r in results for k in range(len(r.edges))]
+
+
+def test_each_member_is_bound_and_checked_once_for_the_svr(zoo_dir, monkeypatch):
+    """A zoo run binds and checks each member once (zoo.members); svr_many
+    takes those graphs (graphs=) rather than binding and checking each again,
+    with the numbers of binding them itself (graph=)."""
+    names = [f"cnn_{i:02d}" for i in range(40)]
+    models = [zoo.load_member(zoo_dir / f"{n}{'.safetensors' if int(n[-2:]) % 2 else '.pt'}", datasets.digits_cnn)
+              for n in names]
+    rebound = se.svr_many(models, graph=se.discover(models[0]), progress=False)  # binds and checks each itself
+    counts = _binding_spies(monkeypatch)
+    tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("svr",), progress=False)
+    assert counts == {"state": 40, "module": 0, "svr_check": 0}  # the 40 good members, once each
+    edges = tables["edges"].set_index("model")
+    assert [(tuple(r[["d_out", "d_in"]]), r["n_significant"], r["threshold"]) for n in names
+            for _, r in edges.loc[[n]].iterrows()] == _edge_numbers(rebound)
+    # members in memory: the first is the trace, every other bound once; the SVR binds none again
+    counts.update(state=0, module=0, svr_check=0)
+    in_memory = zoo.model_metrics(dict(zip(names[:6], models[:6])), metrics=("svr",))
+    assert counts == {"state": 0, "module": 5, "svr_check": 0}
+    assert [(tuple(r[["d_out", "d_in"]]), r["n_significant"], r["threshold"]) for _, r in in_memory.edges.iterrows()] \
+        == _edge_numbers(rebound[:6])
+
+
+def test_svr_many_takes_bound_graphs():
+    torch.manual_seed(0)
+    models = [datasets.digits_cnn() for _ in range(3)]
+    graph = se.discover(models[0])
+    graphs = [graph] + [graph.for_model(m) for m in models[1:]]
+    bound = se.svr_many(models, graphs=graphs, progress=False)
+    rebound = se.svr_many(models, graph=graph, progress=False)
+    assert all(r.graph is g for r, g in zip(bound, graphs))  # used as given
+    for a, b in zip(bound, rebound):
+        assert all(torch.equal(a.layers[n].S, b.layers[n].S) for n in graph.maps)
+        assert all(torch.equal(a.adjacency(k), b.adjacency(k)) for k in range(len(a.edges)))
+    with pytest.raises(ValueError, match="not both"):
+        se.svr_many(models, graph=graph, graphs=graphs)
+    with pytest.raises(ValueError, match="one ModelGraph per model: 3 models, 2 graphs"):
+        se.svr_many(models, graphs=graphs[:2])
+    with pytest.raises(TypeError, match=r"graphs\[1\] must be a ModelGraph"):
+        se.svr_many(models, graphs=[graph, "x", graph])
+    with pytest.raises(ValueError, match=r"graphs\[1\] has other maps"):
+        se.svr_many(models[:2], graphs=[graph, se.discover(datasets.digits_mlp())])

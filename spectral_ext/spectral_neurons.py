@@ -438,18 +438,22 @@ def _co_conv_linear(prev: SpectralLayer, nxt: SpectralLayer, c: Connection) -> t
 
 
 def _build_many(models, example_input, p, fold_batchnorm, dtype, flattening, graph=None, top=None,
-                progress=True) -> list[SVR]:
+                progress=True, bound=None) -> list[SVR]:
     """SVRs of models sharing one architecture: one trace, then one batched
     SVD per distinct matrix shape and one batched adjacency call per distinct
-    edge shape across all models."""
+    edge shape across all models. bound: the models' graphs, bound and
+    checked by the caller (svr_many's graphs)."""
     p = _checks.number("p", p, low=0, high=1, low_open=True, high_open=True)
     top = _check_top(top)
     if not models:
         raise ValueError("models is empty: nothing to analyse")
-    first = graph if graph is not None else discover(models[0], example_input)
-    graphs = [first if i == 0 and graph is None else first.for_model(m) for i, m in enumerate(models)]
-    for g in graphs:
-        _check_weights(g)
+    if bound is not None:
+        first, graphs = bound[0], list(bound)
+    else:
+        first = graph if graph is not None else discover(models[0], example_input)
+        graphs = [first if i == 0 and graph is None else first.for_model(m) for i, m in enumerate(models)]
+        for g in graphs:
+            _check_weights(g)
     dtype = compute_dtype(dtype, [m.module.weight for g in graphs for m in g.maps.values()])
     svds = batched_signed_svd({(i, n): m.flattening(flattening, fold_batchnorm, dtype)
                                for i, g in enumerate(graphs) for n, m in g.maps.items()},
@@ -492,20 +496,53 @@ def _build(model, example_input, p, fold_batchnorm, dtype, flattening, graph=Non
 @models_in_eval_mode
 def svr_many(models, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
              dtype: torch.dtype | None = None, graph: ModelGraph | None = None, top: int | None = None,
-             progress: bool = True) -> list[SVR]:
+             progress: bool = True, graphs: list[ModelGraph] | None = None) -> list[SVR]:
     """The SVRs (seed 000 sections 2-4) of many models of one architecture (a
     model zoo) in one go: the dataflow is traced once on the first model, and
     every SVD and adjacency runs batched across models.
 
-    models: an iterable of nn.Modules with the same linear maps (models whose
-    maps differ raise ValueError naming the map); the other arguments as in
-    `svr`. Returns a list of SVR, one per model, in order."""
+    Args:
+        models: an iterable of nn.Modules with the same linear maps (models
+            whose maps differ raise ValueError naming the map).
+        example_input, p, fold_batchnorm, dtype, top, progress: as in `svr`.
+        graph: a ModelGraph of the architecture (layers.discover), bound to
+            each model here (ModelGraph.for_model) and its weights checked.
+        graphs: instead of graph, each model's own ModelGraph, already bound
+            and its weights checked (a zoo run binds and checks every member
+            once: zoo.members), one per model in order: they are used as
+            given, their maps' names and shapes checked against the first.
+
+    Returns:
+        A list of SVR, one per model, in order.
+    """
     if isinstance(models, nn.Module) or not isinstance(models, Iterable):
         raise TypeError(f"models must be an iterable of nn.Modules (a list), got {type(models).__name__}")
     models = list(models)
     for i, m in enumerate(models):
         check_model(f"models[{i}]", m)
-    return _build_many(models, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
+    if graphs is not None:
+        graphs = _check_bound(graphs, len(models), graph)
+    return _build_many(models, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress, graphs)
+
+
+def _check_bound(graphs, count: int, graph) -> list[ModelGraph]:
+    """svr_many's graphs, as a list: one ModelGraph per model, the same maps and shapes as the first."""
+    if graph is not None:
+        raise ValueError("give graph (bound here) or graphs (bound by the caller), not both")
+    if isinstance(graphs, ModelGraph) or not isinstance(graphs, Iterable):
+        raise TypeError(f"graphs must be a list of ModelGraphs, one per model, got {type(graphs).__name__}")
+    graphs = list(graphs)
+    if len(graphs) != count:
+        raise ValueError(f"graphs must hold one ModelGraph per model: {count} models, {len(graphs)} graphs")
+    shapes = None
+    for i, g in enumerate(graphs):
+        if not isinstance(g, ModelGraph):
+            raise TypeError(f"graphs[{i}] must be a ModelGraph, got {type(g).__name__}")
+        these = [(name, tuple(m.module.weight.shape)) for name, m in g.maps.items()]
+        shapes = these if shapes is None else shapes
+        if these != shapes:
+            raise ValueError(f"graphs[{i}] has other maps than graphs[0]: {these} against {shapes}")
+    return graphs
 
 
 @models_in_eval_mode

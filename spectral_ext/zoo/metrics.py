@@ -95,7 +95,8 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
         if "svr" in metrics:
             from ..spectral_neurons import svr_many
 
-            results = svr_many([models[n] for n in members], example_input, graph=first)
+            # the members' graphs as bound and checked above: svr_many binds and checks none again
+            results = svr_many([models[n] for n in members], example_input, graphs=[graphs[n] for n in members])
             for n, result in zip(members, results):
                 for k, (a, b) in enumerate(result.edges):
                     d_out, d_in = result.internal_dimensions(k)
