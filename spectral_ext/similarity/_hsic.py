@@ -15,13 +15,14 @@ input dtype (measured: 3e-7 relative on float32 ReLU features, see
 python_tests/test_similarity.py and test_similarity_speed.py)."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
 from .. import _checks, _ops
 from .._ops import max_kernel_gram
-from ._layout import _exponent, _pair, _rescaled, _scaled, as_channels, channel_normalize
+from ._layout import _SAFE_EXPONENT, _exponent, _pair, _rescaled, _scaled, as_channels, channel_normalize
 
 KERNELS = ("linear", "rbf", "max", "laplace", "ortho")
 
@@ -211,7 +212,7 @@ def _frobenius2_of_gram(F: torch.Tensor, blocks: int = 4) -> torch.Tensor:
 def _constant(X: torch.Tensor) -> bool:
     """Every feature takes one value over the samples (exact, no tolerance)."""
     flat = X.reshape(X.shape[0], -1)
-    return torch.equal(flat, flat[:1].expand_as(flat))  # stops at the first difference
+    return torch.equal(flat[1:], flat[:-1])  # each sample equals the next; stops at the first difference
 
 
 def _gram(R, kernel, bandwidth, gamma):
@@ -241,15 +242,112 @@ def _centred_features(R: torch.Tensor, kernel: str, out: torch.Tensor | None = N
     return Fc, torch.linalg.vecdot(Fc, Fc).to(torch.float64)
 
 
+def _buffer(workspace, key, shape, dtype, device) -> torch.Tensor:
+    """An uninitialised tensor for `key`, reused from `workspace` (a dict,
+    or None for a fresh one) when the last one has this shape, dtype, device
+    and inference mode (an inference tensor cannot be written outside
+    torch.inference_mode): no allocation, so no fresh pages to fault in, per
+    batch. Buffers over _WORKSPACE_BYTES are never kept."""
+    buffer = None if workspace is None else workspace.get(key)
+    if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device \
+            or buffer.is_inference() != torch.is_inference_mode_enabled():
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        if workspace is not None:
+            workspace.pop(key, None)
+            if buffer.numel() * buffer.element_size() <= _WORKSPACE_BYTES:
+                workspace[key] = buffer
+    return buffer
+
+
+_WORKSPACE_BYTES = 1 << 28
+
+
+_STACK_BYTES = 1 << 20
+
+
+def _exponent_of(largest: float, dtype: torch.dtype) -> int:
+    """_exponent from a representation's largest magnitude."""
+    if not 0 < largest < math.inf:
+        return 0
+    e = math.frexp(largest)[1]
+    return 0 if abs(e) <= _SAFE_EXPONENT.get(dtype, 16) else e
+
+
+def _linear_grams_into(out, reps, index, exps, scale, workspace, key):
+    """The linear Grams of _gram of reps[i] (i in index, one shape and
+    out's dtype) into out[i], a chunk of them at a time stacked into one
+    reused (m, n, d) buffer: one copy, one max (scale: _exponent, written to
+    exps, the chunk scaled in place), one mean and one in-place centring, one
+    batched product written into out (no fresh N x N or N x d tensor per
+    representation: a fresh one is an mmap whose pages fault in on every
+    batch)."""
+    n, d = reps[index[0]].shape[0], reps[index[0]].shape[1] * reps[index[0]].shape[2]
+    size = max(1, min(len(index), _STACK_BYTES // max(1, n * d * out.element_size())))
+    buffer = _buffer(workspace, f"{key}features{n}x{d}", (size, n, d), out.dtype, out.device)
+    for start in range(0, len(index), size):
+        part = index[start:start + size]
+        F = buffer[:len(part)]
+        torch.stack([reps[i].reshape(n, d) for i in part], out=F)
+        if scale and not _checks.data_free(F):
+            flat = F.reshape(len(part), -1)
+            for j, (high, low) in enumerate(torch.stack((flat.amax(1), flat.amin(1)), 1).tolist()):
+                e = exps[part[j]] = _exponent_of(max(-low, high), out.dtype)
+                if e:  # _scaled, in place
+                    half = -e // 2
+                    F[j].mul_(2.0 ** half).mul_(2.0 ** (-e - half))
+        F.sub_(F.mean(1, keepdim=True))  # a float32 mean does: see _gram
+        if part == list(range(part[0], part[0] + len(part))):
+            torch.bmm(F, F.transpose(1, 2), out=out[part[0]:part[0] + len(part)])
+        else:
+            out[part] = torch.bmm(F, F.transpose(1, 2))
+
+
+def _stacked_grams(reps, kernel, bandwidth, gamma, workspace=None, key="", scale=False):
+    """(Grams, exponents): the (K, n, n) Grams of _gram in one tensor of the
+    representations' common dtype (a reused buffer, _linear_grams_into for
+    the linear kernel) and, scale: each representation's _exponent, the
+    Gram being that of the representation scaled by it (_scaled); a fresh
+    torch.stack where autograd records the operations."""
+    exps = [0] * len(reps)
+    if torch.is_grad_enabled() and any(R.requires_grad for R in reps):
+        if scale:
+            exps = [_exponent(R) for R in reps]
+        return torch.stack([_gram(_scaled(R, e), kernel, bandwidth, gamma) for R, e in zip(reps, exps)]), exps
+    n = reps[0].shape[0]
+    dtype = reps[0].dtype
+    for R in reps[1:]:
+        dtype = torch.promote_types(dtype, R.dtype)
+    out = _buffer(workspace, key + "grams", (len(reps), n, n), dtype, reps[0].device)
+    groups = {}
+    for i, R in enumerate(reps):
+        if kernel == "linear" and R.dtype == dtype:
+            groups.setdefault(R.shape, []).append(i)
+        else:
+            e = exps[i] = _exponent(R) if scale else 0
+            out[i].copy_(_gram(_scaled(R, e), kernel, bandwidth, gamma))
+    for index in groups.values():
+        _linear_grams_into(out, reps, index, exps, scale, workspace, key)
+    return out, exps
+
+
 class _Batch:
     """One batch's representations reduced to what HSIC needs: centred
-    features (feature route, linear kernels) or U-centred Grams (Gram
-    route), each computed once and shared by every pair."""
+    features (feature route, linear kernels) or Grams (Gram route), each
+    computed once and shared by every pair.
 
-    def __init__(self, reps, kernel, bandwidth, gamma, unbiased, route):
+    Gram route: the Grams K_i stacked in float64 (K, n^2), with zeroed
+    diagonals (K~_i) for the unbiased HSIC, their float64 row sums (K, n)
+    and totals (K,): Song et al.'s HSIC_1 (and the biased HSIC) of a pair
+    is <K~, L~> plus corrections from these (_gram_hsic, as _hsic_direct
+    for one pair), so the U-centred (or H K H) matrices are never formed."""
+
+    def __init__(self, reps, kernel, bandwidth, gamma, unbiased, route, workspace=None, key="", scale=False):
+        """scale (Gram route): each representation scaled by its _exponent
+        first, the exponents in self.exps (else the caller has scaled them)."""
         self.n = reps[0].shape[0]
         self.constant = [_constant(R) for R in reps]
         self.route = route
+        self.exps = [0] * len(reps)
         if route == "features":
             self.features, self.norms = [], []
             for R in reps:
@@ -266,12 +364,61 @@ class _Batch:
                 self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
                 self.terms = [_gram_terms(K) for K in self.grams]
         else:
-            grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
-            stacked = torch.empty((len(grams), self.n, self.n), dtype=torch.float64, device=grams[0].device)
-            for i, K in enumerate(grams):
-                stacked[i].copy_(K)  # one float64 copy per Gram, no intermediate
-                grams[i] = None
-            self.grams = _centre_gram_(stacked, unbiased).reshape(len(reps), -1)
+            stacked, self.exps = _stacked_grams(reps, kernel, bandwidth, gamma, workspace, key, scale)
+            if stacked.dtype not in (torch.float32, torch.float64) or stacked.requires_grad:
+                stacked = stacked.to(torch.float64)  # a copy: the in-place writes below leave autograd's graph
+            self.diag = stacked.diagonal(dim1=-2, dim2=-1).to(torch.float64, copy=True)
+            if unbiased:
+                stacked.diagonal(dim1=-2, dim2=-1).zero_()
+            # K~ 1 (unbiased), K 1 (biased): each row summed in the Grams' dtype (as _gram_terms), then float64
+            self.rows = stacked.sum(-1).to(torch.float64)
+            self.totals = self.rows.sum(-1)
+            self.grams = stacked
+
+
+def _gram_inners(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """(<A_i, B_j>) (a, b) of stacked Grams A (a, n, n), B (b, n, n) in
+    float64: float64 Grams by one product; float32 ones as _inners sums them
+    (the products and the sums within one row in float32, the rows summed in
+    float64), every pair by one batched product over the rows, (n, a, n) x
+    (n, n, b): one pass over the float32 Grams, no float64 copy."""
+    if A.dtype != B.dtype:
+        A, B = A.to(torch.float64), B.to(torch.float64)
+    if A.dtype == torch.float64:
+        return A.reshape(A.shape[0], -1) @ B.reshape(B.shape[0], -1).T
+    return torch.bmm(A.transpose(0, 1), B.permute(1, 2, 0)).sum(0, dtype=torch.float64)
+
+
+def _gram_selves(A: torch.Tensor) -> torch.Tensor:
+    """(<A_i, A_i>) (a,) in float64, summed as _gram_inners sums them."""
+    if A.dtype == torch.float64:
+        flat = A.reshape(A.shape[0], -1)
+        return torch.linalg.vecdot(flat, flat)
+    return torch.linalg.vecdot(A, A).sum(-1, dtype=torch.float64)
+
+
+def _gram_hsic(a: _Batch, b: _Batch, same: bool, unbiased: bool):
+    """(xy, xx, yy): the HSICs of every pair of the Gram route's batches a
+    and b and their self terms, from one product of the stacked Grams
+    (_gram_inners): unbiased, [NRK21] eq. 3 (<K~, L~> + 1'K~1 1'L~1 /
+    ((n-1)(n-2)) - 2/(n-2) 1'K~L~1) / (n(n-3)); biased, tr(KHLH) = <K, L>
+    - 2/n 1'KL1 + 1'K1 1'L1 / n^2, over (n-1)^2; all in float64."""
+    n = a.n
+    if unbiased:
+        totals, rows, scale = 1.0 / ((n - 1) * (n - 2)), -2.0 / (n - 2), 1.0 / (n * (n - 3))
+    else:
+        totals, rows, scale = 1.0 / n ** 2, -2.0 / n, 1.0 / (n - 1) ** 2
+    xy = torch.addmm(_gram_inners(a.grams, b.grams), a.rows, b.rows.T, alpha=rows)
+    xy = xy.addr_(a.totals, b.totals, alpha=totals).mul_(scale)
+    if same:
+        xx = xy.diagonal().clone()
+        return xy, xx, xx
+
+    def selves(batch):
+        terms = torch.linalg.vecdot(batch.rows, batch.rows).mul_(rows).add_(_gram_selves(batch.grams))
+        return terms.addcmul_(batch.totals, batch.totals, value=totals).mul_(scale)
+
+    return xy, selves(a), selves(b)
 
 
 def _gram_terms(K: torch.Tensor, lower: bool = False):
@@ -410,6 +557,7 @@ class MinibatchCKA:
         self.xy = self.xx = self.yy = None
         self.varied_x = self.varied_y = None
         self.batches = 0
+        self._workspace = {}  # buffers reused by the batches of one shape (_buffer)
 
     def _reps(self, reps, name, feature_axis):
         reps = [reps] if isinstance(reps, torch.Tensor) else list(reps)
@@ -432,18 +580,24 @@ class MinibatchCKA:
         n = n.pop()
         if self.unbiased and n < 4:
             raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
-        # the other kernels' Grams are scale invariant and rescale inside (kernel_matrix, channel_normalize)
-        exps_a = [_exponent(R) if self.kernel == "linear" else 0 for R in Xs]
-        exps_b = exps_a if same else [_exponent(R) if self.kernel == "linear" else 0 for R in Ys]
-        Xs = [_scaled(R, e) for R, e in zip(Xs, exps_a)]
-        Ys = Xs if same else [_scaled(R, e) for R, e in zip(Ys, exps_b)]
         dims_a = [R.shape[1] * R.shape[2] for R in Xs]
         dims_b = [] if same else [R.shape[1] * R.shape[2] for R in Ys]
         route = _route(self.kernel, n, dims_a, dims_b)
         if route == "grams" and len(Xs) == 1 and len(Ys) == 1:
             route = "direct"
-        a = _Batch(Xs, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
-        b = a if same else _Batch(Ys, self.kernel, self.bandwidth, self.gamma, self.unbiased, route)
+        # the other kernels' Grams are scale invariant and rescale inside (kernel_matrix, channel_normalize); the
+        # Gram route scales the linear ones as it stacks them
+        scale = self.kernel == "linear"
+        if route != "grams" and scale:
+            exps_a = [_exponent(R) for R in Xs]
+            exps_b = exps_a if same else [_exponent(R) for R in Ys]
+            Xs = [_scaled(R, e) for R, e in zip(Xs, exps_a)]
+            Ys = Xs if same else [_scaled(R, e) for R, e in zip(Ys, exps_b)]
+        options = (self.kernel, self.bandwidth, self.gamma, self.unbiased, route, self._workspace)
+        a = _Batch(Xs, *options, "a", scale and route == "grams")
+        b = a if same else _Batch(Ys, *options, "b", scale and route == "grams")
+        if route == "grams" or not scale:
+            exps_a, exps_b = a.exps, b.exps
         if route == "features":
             xy = _feature_hsic(_feature_traces(a, b, same), torch.stack(a.norms), torch.stack(b.norms), n,
                                self.unbiased)
@@ -456,36 +610,47 @@ class MinibatchCKA:
             yy = xx if same else _hsic_direct(n, tb, tb, ll, self.unbiased, lower).reshape(1)
             xy = xx.reshape(1, 1) if same else _hsic_direct(n, ta, tb, kl, self.unbiased, lower).reshape(1, 1)
         else:
-            scale = _hsic_scale(n, self.unbiased)
-            xy = (a.grams @ b.grams.T) * scale
-            xx = a.grams.square().sum(-1) * scale
-            yy = xx if same else b.grams.square().sum(-1) * scale
+            xy, xx, yy = _gram_hsic(a, b, same, self.unbiased)
         # a constant representation has HSIC exactly 0 (not rounding noise) in this batch
-        ca = torch.tensor(a.constant, device=xy.device)
-        cb = torch.tensor(b.constant, device=xy.device)
-        xy = xy.masked_fill(ca[:, None] | cb[None, :], 0.0)
-        xx, yy = xx.masked_fill(ca, 0.0), yy.masked_fill(cb, 0.0)
-        ea = torch.tensor(exps_a, dtype=torch.float64, device=xy.device)
-        eb = torch.tensor(exps_b, dtype=torch.float64, device=xy.device)
+        if any(a.constant) or any(b.constant):
+            ca = torch.tensor(a.constant, device=xy.device)
+            cb = torch.tensor(b.constant, device=xy.device)
+            xy = xy.masked_fill(ca[:, None] | cb[None, :], 0.0)
+            xx, yy = xx.masked_fill(ca, 0.0), yy.masked_fill(cb, 0.0)
         if self.xy is None:
             self.xy, self.xx, self.yy = xy, xx, yy
-            self.varied_x, self.varied_y = ~ca, ~cb
-            self.ex, self.ey = ea, eb
+            self._varied = ([not c for c in a.constant], [not c for c in b.constant])
+            self.varied_x = torch.tensor(self._varied[0], device=xy.device)
+            self.varied_y = torch.tensor(self._varied[1], device=xy.device)
+            self._exps = (list(exps_a), list(exps_b))
+            self.ex = torch.tensor(exps_a, dtype=torch.float64, device=xy.device)
+            self.ey = torch.tensor(exps_b, dtype=torch.float64, device=xy.device)
         else:
             if self.xy.shape != xy.shape:
                 raise ValueError(f"this batch has {tuple(xy.shape)} representation pairs, earlier ones "
                                  f"{tuple(self.xy.shape)}")
-            if self.kernel == "linear":
+            if self.kernel == "linear" and (list(exps_a) != self._exps[0] or list(exps_b) != self._exps[1]):
                 # the sums are kept over 2^(2 ex + 2 ey) (xy) and 2^(4 ex), 2^(4 ey): each representation at the
-                # largest scale seen, so that no term overflows (the smaller ones underflow, negligible)
+                # largest scale seen, so that no term overflows (the smaller ones underflow, negligible); the same
+                # exponents as the sums' scale each batch leave them as they are (factors of exactly 1)
+                ea = torch.tensor(exps_a, dtype=torch.float64, device=xy.device)
+                eb = torch.tensor(exps_b, dtype=torch.float64, device=xy.device)
                 ex, ey = torch.maximum(self.ex, ea), torch.maximum(self.ey, eb)
                 self.xy = self.xy * torch.exp2(2 * (self.ex - ex)[:, None] + 2 * (self.ey - ey)[None, :])
                 self.xx, self.yy = self.xx * torch.exp2(4 * (self.ex - ex)), self.yy * torch.exp2(4 * (self.ey - ey))
                 xy = xy * torch.exp2(2 * (ea - ex)[:, None] + 2 * (eb - ey)[None, :])
                 xx, yy = xx * torch.exp2(4 * (ea - ex)), yy * torch.exp2(4 * (eb - ey))
                 self.ex, self.ey = ex, ey
+                self._exps = ([max(u, v) for u, v in zip(self._exps[0], exps_a)],
+                              [max(u, v) for u, v in zip(self._exps[1], exps_b)])
             self.xy, self.xx, self.yy = self.xy + xy, self.xx + xx, self.yy + yy
-            self.varied_x, self.varied_y = self.varied_x | ~ca, self.varied_y | ~cb
+            varied = ([v or not c for v, c in zip(self._varied[0], a.constant)],
+                      [v or not c for v, c in zip(self._varied[1], b.constant)])
+            if varied[0] != self._varied[0]:
+                self.varied_x = torch.tensor(varied[0], device=xy.device)
+            if varied[1] != self._varied[1]:
+                self.varied_y = torch.tensor(varied[1], device=xy.device)
+            self._varied = varied
         self.batches += 1
 
     def value(self, names_x=None, names_y=None, undefined: str = "warn") -> torch.Tensor:
