@@ -1,6 +1,6 @@
 // The one place where every operator schema is declared. Kernels register per
 // device in cpu/<op>.cpp and cuda/<op>.cu; fake kernels and autograd are
-// registered from Python (spectral_ext/_ops.py); the plain-PyTorch definitions
+// registered from Python (spectral_ext/_ops/<op>_op.py); the plain-PyTorch definitions
 // live in spectral_ext/reference.py.
 #include <torch/library.h>
 
