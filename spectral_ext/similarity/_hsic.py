@@ -22,7 +22,7 @@ import torch
 
 from .. import _checks, _ops
 from .._ops import max_kernel_gram
-from ._layout import _SAFE_EXPONENT, _exponent, _pair, _rescaled, _scaled, as_channels, channel_normalize
+from ._layout import _SAFE_EXPONENT, _exponent, _feature_axis_of, _pair, _rescaled, _scaled, channel_normalize
 
 KERNELS = ("linear", "rbf", "max", "laplace", "ortho")
 
@@ -248,14 +248,16 @@ def _buffer(workspace, key, shape, dtype, device) -> torch.Tensor:
     and inference mode (an inference tensor cannot be written outside
     torch.inference_mode): no allocation, so no fresh pages to fault in, per
     batch. Buffers over _WORKSPACE_BYTES are never kept."""
-    buffer = None if workspace is None else workspace.get(key)
-    if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device \
-            or buffer.is_inference() != torch.is_inference_mode_enabled():
-        buffer = torch.empty(shape, dtype=dtype, device=device)
-        if workspace is not None:
-            workspace.pop(key, None)
-            if buffer.numel() * buffer.element_size() <= _WORKSPACE_BYTES:
-                workspace[key] = buffer
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    spec = (tuple(shape), dtype, device, torch.is_inference_mode_enabled())
+    kept = workspace.get(key)
+    if kept is not None and kept[0] == spec:
+        return kept[1]
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    workspace.pop(key, None)
+    if buffer.numel() * buffer.element_size() <= _WORKSPACE_BYTES:
+        workspace[key] = (spec, buffer)
     return buffer
 
 
@@ -273,7 +275,7 @@ def _exponent_of(largest: float, dtype: torch.dtype) -> int:
     return 0 if abs(e) <= _SAFE_EXPONENT.get(dtype, 16) else e
 
 
-def _linear_grams_into(out, reps, index, exps, scale, workspace, key):
+def _linear_grams_into(out, reps, index, exps, constant, scale, workspace, key, check=None):
     """The linear Grams of _gram of reps[i] (i in index, one shape and
     out's dtype) into out[i], a chunk of them at a time stacked into one
     reused (m, n, d) buffer: one copy, one max (scale: _exponent, written to
@@ -286,15 +288,29 @@ def _linear_grams_into(out, reps, index, exps, scale, workspace, key):
     buffer = _buffer(workspace, f"{key}features{n}x{d}", (size, n, d), out.dtype, out.device)
     for start in range(0, len(index), size):
         part = index[start:start + size]
-        F = buffer[:len(part)]
-        torch.stack([reps[i].reshape(n, d) for i in part], out=F)
-        if scale and not _checks.data_free(F):
+        F = buffer if len(part) == size else buffer[:len(part)]
+        torch.stack([reps[i] for i in part], out=F.view(len(part), *reps[part[0]].shape))
+        if n > 1 and not _checks.data_free(F):
             flat = F.reshape(len(part), -1)
-            for j, (high, low) in enumerate(torch.stack((flat.amax(1), flat.amin(1)), 1).tolist()):
-                e = exps[part[j]] = _exponent_of(max(-low, high), out.dtype)
-                if e:  # _scaled, in place
-                    half = -e // 2
-                    F[j].mul_(2.0 ** half).mul_(2.0 ** (-e - half))
+            # a representation whose first two samples differ is not constant (most are: one comparison for all)
+            stats = torch.stack((flat.amax(1), flat.amin(1), (F[:, 0] != F[:, 1]).any(1).to(F.dtype)), 1)
+            for j, (high, low, differ) in enumerate(stats.tolist()):
+                if check is not None and not (math.isfinite(high) and math.isfinite(low)):  # NaN propagates
+                    raise ValueError(f"{check} contains NaN or infinite values")
+                exps[part[j]] = _exponent_of(max(-low, high), out.dtype) if scale else 0
+                constant[part[j]] = False if differ else None  # None: _constant decides
+        else:
+            if check is not None:
+                for i in part:
+                    if not _checks.data_free(reps[i]) and not _checks.all_finite(reps[i]):
+                        raise ValueError(f"{check} contains NaN or infinite values")
+            if scale:
+                for i in part:
+                    exps[i] = _exponent(reps[i])
+        for j, e in enumerate(exps[i] for i in part):
+            if e:  # _scaled, in place
+                half = -e // 2
+                F[j].mul_(2.0 ** half).mul_(2.0 ** (-e - half))
         F.sub_(F.mean(1, keepdim=True))  # a float32 mean does: see _gram
         if part == list(range(part[0], part[0] + len(part))):
             torch.bmm(F, F.transpose(1, 2), out=out[part[0]:part[0] + len(part)])
@@ -302,17 +318,24 @@ def _linear_grams_into(out, reps, index, exps, scale, workspace, key):
             out[part] = torch.bmm(F, F.transpose(1, 2))
 
 
-def _stacked_grams(reps, kernel, bandwidth, gamma, workspace=None, key="", scale=False):
-    """(Grams, exponents): the (K, n, n) Grams of _gram in one tensor of the
+def _stacked_grams(reps, kernel, bandwidth, gamma, workspace=None, key="", scale=False, check=None):
+    """(Grams, exponents, constant): the (K, n, n) Grams of _gram in one tensor of the
     representations' common dtype (a reused buffer, _linear_grams_into for
     the linear kernel) and, scale: each representation's _exponent, the
     Gram being that of the representation scaled by it (_scaled); a fresh
-    torch.stack where autograd records the operations."""
-    exps = [0] * len(reps)
+    torch.stack where autograd records the operations. constant[i]: False
+    where R_i is known not to be constant, else None (_constant decides)."""
+    exps, constant = [0] * len(reps), [None] * len(reps)
+    if check is not None and not all(kernel == "linear" and R.dtype == reps[0].dtype for R in reps):
+        for R in reps:  # the maxima of _linear_grams_into test them otherwise
+            if not _checks.data_free(R) and not _checks.all_finite(R):
+                raise ValueError(f"{check} contains NaN or infinite values")
+        check = None
     if torch.is_grad_enabled() and any(R.requires_grad for R in reps):
         if scale:
             exps = [_exponent(R) for R in reps]
-        return torch.stack([_gram(_scaled(R, e), kernel, bandwidth, gamma) for R, e in zip(reps, exps)]), exps
+        return torch.stack([_gram(_scaled(R, e), kernel, bandwidth, gamma) for R, e in zip(reps, exps)]), exps, \
+            constant
     n = reps[0].shape[0]
     dtype = reps[0].dtype
     for R in reps[1:]:
@@ -326,8 +349,8 @@ def _stacked_grams(reps, kernel, bandwidth, gamma, workspace=None, key="", scale
             e = exps[i] = _exponent(R) if scale else 0
             out[i].copy_(_gram(_scaled(R, e), kernel, bandwidth, gamma))
     for index in groups.values():
-        _linear_grams_into(out, reps, index, exps, scale, workspace, key)
-    return out, exps
+        _linear_grams_into(out, reps, index, exps, constant, scale, workspace, key, check)
+    return out, exps, constant
 
 
 class _Batch:
@@ -341,11 +364,14 @@ class _Batch:
     is <K~, L~> plus corrections from these (_gram_hsic, as _hsic_direct
     for one pair), so the U-centred (or H K H) matrices are never formed."""
 
-    def __init__(self, reps, kernel, bandwidth, gamma, unbiased, route, workspace=None, key="", scale=False):
+    def __init__(self, reps, kernel, bandwidth, gamma, unbiased, route, workspace=None, key="", scale=False,
+                 check=None):
         """scale (Gram route): each representation scaled by its _exponent
-        first, the exponents in self.exps (else the caller has scaled them)."""
+        first, the exponents in self.exps (else the caller has scaled them);
+        check (Gram route): the representations' name, their finiteness not
+        yet checked (ValueError)."""
         self.n = reps[0].shape[0]
-        self.constant = [_constant(R) for R in reps]
+        self.constant = [_constant(R) for R in reps] if route != "grams" else None
         self.route = route
         self.exps = [0] * len(reps)
         if route == "features":
@@ -364,7 +390,9 @@ class _Batch:
                 self.grams = [_gram(R, kernel, bandwidth, gamma) for R in reps]
                 self.terms = [_gram_terms(K) for K in self.grams]
         else:
-            stacked, self.exps = _stacked_grams(reps, kernel, bandwidth, gamma, workspace, key, scale)
+            stacked, self.exps, constant = _stacked_grams(reps, kernel, bandwidth, gamma, workspace, key, scale,
+                                                          check)
+            self.constant = [_constant(R) if c is None else c for R, c in zip(reps, constant)]
             if stacked.dtype not in (torch.float32, torch.float64) or stacked.requires_grad:
                 stacked = stacked.to(torch.float64)  # a copy: the in-place writes below leave autograd's graph
             self.diag = stacked.diagonal(dim1=-2, dim2=-1).to(torch.float64, copy=True)
@@ -560,18 +588,31 @@ class MinibatchCKA:
         self._workspace = {}  # buffers reused by the batches of one shape (_buffer)
 
     def _reps(self, reps, name, feature_axis):
+        """as_channels of each representation, all but its finiteness test
+        (_add runs it: on the Gram route of the linear kernel from the
+        maxima it takes anyway, one pass fewer per representation)."""
         reps = [reps] if isinstance(reps, torch.Tensor) else list(reps)
         if not reps:
             raise ValueError(f"{name} lists no representation")
-        return [as_channels(name, R, feature_axis) for R in reps]
+        out = []
+        for R in reps:
+            _checks.tensor(name, R, ndims=range(2, 7), shape="(N, d), (N, C, H, W) or (N, tokens, features)",
+                           finite=False)
+            axis = _feature_axis_of(name, R, feature_axis)
+            R = R.movedim(axis, 1) if axis != 1 else R
+            if R.shape[1] == 0 or R.shape[0] == 0:
+                raise ValueError(f"{name} has no samples or no features (shape {tuple(R.shape)})")
+            out.append(R if R.dim() == 3 else R.reshape(R.shape[0], R.shape[1], -1))
+        return out
 
     def update(self, Xs, Ys=None, feature_axis: int | None = None) -> None:
         Xs = self._reps(Xs, "X", feature_axis)
-        self._add(Xs, None if Ys is None else self._reps(Ys, "Y", feature_axis))
+        self._add(Xs, None if Ys is None else self._reps(Ys, "Y", feature_axis), check=("X", "Y"))
 
-    def _add(self, Xs: list, Ys: list | None = None) -> None:
+    def _add(self, Xs: list, Ys: list | None = None, check=None) -> None:
         """update() of representations already checked and laid out (N, C, S)
-        (cka and similarity_matrix check theirs at the edge, naming them)."""
+        (cka and similarity_matrix check theirs at the edge, naming them);
+        check: the names of Xs and Ys, whose finiteness is not checked yet."""
         same = Ys is None
         Ys = Xs if same else Ys
         n = {R.shape[0] for R in Xs + Ys}
@@ -588,14 +629,20 @@ class MinibatchCKA:
         # the other kernels' Grams are scale invariant and rescale inside (kernel_matrix, channel_normalize); the
         # Gram route scales the linear ones as it stacks them
         scale = self.kernel == "linear"
+        if check is not None and not (route == "grams" and scale):
+            for name, reps in zip(check, (Xs, Ys)):
+                for R in reps:
+                    if not _checks.data_free(R) and not _checks.all_finite(R):
+                        raise ValueError(f"{name} contains NaN or infinite values")
+            check = None
         if route != "grams" and scale:
             exps_a = [_exponent(R) for R in Xs]
             exps_b = exps_a if same else [_exponent(R) for R in Ys]
             Xs = [_scaled(R, e) for R, e in zip(Xs, exps_a)]
             Ys = Xs if same else [_scaled(R, e) for R, e in zip(Ys, exps_b)]
         options = (self.kernel, self.bandwidth, self.gamma, self.unbiased, route, self._workspace)
-        a = _Batch(Xs, *options, "a", scale and route == "grams")
-        b = a if same else _Batch(Ys, *options, "b", scale and route == "grams")
+        a = _Batch(Xs, *options, "a", scale and route == "grams", check and check[0])
+        b = a if same else _Batch(Ys, *options, "b", scale and route == "grams", check and check[1])
         if route == "grams" or not scale:
             exps_a, exps_b = a.exps, b.exps
         if route == "features":
