@@ -112,9 +112,9 @@ def test_stitching_penalties_between_zoo_members(zoo_dir):
     probe = (x_test[:200], y_test[:200])
     models = {n: zoo.load_member(zoo_dir / f"{n}.pt", datasets.digits_cnn) for n in ("cnn_00", "cnn_02")}
     frame = zoo.pair_metrics(models, [("cnn_00", "cnn_02")], probe, ["3"], ("stitching",),
-                             {"epochs": 2, "seed": 1})
-    result = se.stitch(models["cnn_00"], models["cnn_02"], "3", train_data=(probe[0][:100], probe[1][:100]),
-                       test_data=(probe[0][100:], probe[1][100:]), kind="affine", epochs=2, lr=0.01, seed=1,
+                             {"epochs": 2, "generator": 1})
+    result = se.stitch(models["cnn_00"], models["cnn_02"], "3", data=(probe[0][:100], probe[1][:100]),
+                       test_data=(probe[0][100:], probe[1][100:]), kind="affine", epochs=2, lr=0.01, generator=1,
                        progress=False)
     assert frame["value"].iloc[0] == pytest.approx(result.penalty)
     with pytest.raises(zoo.ZooError, match="labelled probe"):

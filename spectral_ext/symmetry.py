@@ -487,8 +487,7 @@ def rotation_penalty(model: nn.Module, layer: str, data, test_data, transform: s
     including it, fine-tune the later ones with Adam on the labelled `data`
     and measure the accuracy on `test_data` (both any form
     spectral_ext._data.batches takes). generator draws A and the batches
-    (None: torch's global RNG, an int: a seed). Returns a RotationPenalty
-    (the old keywords train_data= and seed= still work)."""
+    (None: torch's global RNG, an int: a seed). Returns a RotationPenalty."""
     if transform not in ("grelu", "orthogonal"):
         raise ValueError(f"transform must be 'grelu' or 'orthogonal', got {transform!r}")
     epochs = _checks.positive_int("epochs", epochs)

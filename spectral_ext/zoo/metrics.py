@@ -343,8 +343,7 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
                 batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
                 bar.update(1)
         options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
-        if "seed" not in options:  # its former name
-            options.setdefault("generator", 0)  # a zoo run's penalties repeat
+        options.setdefault("generator", 0)  # a zoo run's penalties repeat
         half = sample_count(x) // 2
         rows = []
         for a, b in pairs:
