@@ -2,8 +2,7 @@
 danmlr/svr, not on PyPI: set SVR_AUTHORS_CODE to the folder holding their
 svr.py, else these skip). One thread per side, interleaved repeats, medians,
 the ratio, and the adjacencies asserted equal. Their svr.py needs
-np.ascontiguousarray around the arrays scipy's svds returns today
-(../shared/PEERS.md); plotly, used only by their plots, is stubbed when absent.
+np.ascontiguousarray around the arrays scipy's svds returns today; plotly, used only by their plots, is stubbed when absent.
 
 BENCH_SVR_VGG11=1 adds torchvision's VGG11 (minutes per side on 2 cores)."""
 import importlib.util

@@ -1,5 +1,5 @@
 """The seed 004 authors' dissimilarity measures (pnnl/modelsym, not on PyPI;
-their conventions in ../shared/PEERS.md): `wreath_cka`, `wreath_procrustes`,
+their conventions read in the authors' code): `wreath_cka`, `wreath_procrustes`,
 `ortho_cka`, `ortho_procrustes`, with their call shapes (lists of
 whole-dataset features per layer, `dims` naming each side's channel axis)
 and normalisations, computed by spectral_ext in float64.

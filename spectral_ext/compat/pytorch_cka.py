@@ -1,5 +1,5 @@
 """pytorch-cka 1.1.3's public entry points (PyPI `pytorch-cka`, imported as
-`cka`; ../shared/PEERS.md), computed by spectral_ext: change `from cka
+`cka`), computed by spectral_ext: change `from cka
 import ...` (or `cka.cka`, `cka.hsic`, `cka.viz`) to
 `from spectral_ext.compat.pytorch_cka import ...`.
 

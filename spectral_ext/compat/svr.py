@@ -1,6 +1,6 @@
 """The SVR authors' call shape (github danmlr/svr, the code of seed 000; not on
 PyPI), computed by spectral_ext.svr: ``SVR(weights, method, max_dim_svd,
-verbose)`` with their attributes and methods (../shared/PEERS.md).
+verbose)`` with their attributes and methods.
 
 Their conventions are kept where they define the numbers: `weights` is a list
 of tensors in forward order (1-D ones dropped, 4-D convolutions, 2-D fully

@@ -1,4 +1,4 @@
-"""torch-cka 0.21's `CKA` (PyPI `torch-cka`, ../shared/PEERS.md), computed by
+"""torch-cka 0.21's `CKA` (PyPI `torch-cka`), computed by
 spectral_ext: change `from torch_cka import CKA` to
 `from spectral_ext.compat.torch_cka import CKA`.
 
