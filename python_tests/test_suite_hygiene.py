@@ -60,3 +60,14 @@ def test_ctrl_c_tests_pass_from_a_background_job():
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "('interrupted', 0)"
+
+
+def test_docs_resolve_inside_the_repository():
+    """A user of the repository has no ../shared: no path into it in the package, tests, benchmarks or
+    README; papers are cited through docs/references.md."""
+    root = TESTS.parent
+    files = [root / "README.md", *root.joinpath("spectral_ext").rglob("*.py"), *TESTS.glob("*.py"),
+             *root.joinpath("benchmarks").rglob("*.py"), *root.joinpath("scripts").glob("*.py")]
+    marker = "../" + "shared"  # split so that this file does not match itself
+    found = [str(path.relative_to(root)) for path in files if marker in path.read_text()]
+    assert not found, f"paths into {marker}: {found}"
