@@ -63,8 +63,8 @@ def test_ctrl_c_tests_pass_from_a_background_job():
 
 
 def test_docs_resolve_inside_the_repository():
-    """A user of the repository has no ../shared: no path into it in the package, tests, benchmarks or
-    README; papers are cited through docs/references.md."""
+    """A user of the repository has no shared folder beside it: no path into one in the package, tests,
+    benchmarks or README; papers are cited through docs/references.md."""
     root = TESTS.parent
     files = [root / "README.md", *root.joinpath("spectral_ext").rglob("*.py"), *TESTS.glob("*.py"),
              *root.joinpath("benchmarks").rglob("*.py"), *root.joinpath("scripts").glob("*.py")]
