@@ -76,7 +76,9 @@ def test_linear_cka_vs_pytorch_cka(n):
     report(f"linear CKA N={n} D=512 float32", medians, cpu=cpu)
     exact = float(peer.cka_from_features(X.double(), Y.double()))  # the peer's formula in float64
     assert values["spectral_ext"] == pytest.approx(exact, rel=1e-5)
-    assert values[PEER] == pytest.approx(exact, rel=1e-2)
+    # the peer's float32 value drifts with N (6% off at N = 10,000): reported, not asserted
+    print(f"relative error against its float64 formula: spectral_ext {abs(values['spectral_ext'] / exact - 1):.1e}, "
+          f"{PEER} {abs(values[PEER] / exact - 1):.1e}")
 
 
 def test_rbf_and_max_cka_vs_pytorch_cka():
