@@ -45,7 +45,7 @@ def test_resnet18_partial_rank_per_image(benchmark, device, impl):
     c = size // 2
     patch = (slice(c - 8, c + 8), slice(c - 8, c + 8))
     if impl == "native":
-        fn = lambda: se.jacobian_partial_rank(model, x, patch, layers=BLOCKS, progress=False)["rank"].tolist()
+        fn = lambda: se.jacobian_partial_rank(model, BLOCKS, x, patch, progress=False).to_frame()["rank"].tolist()
     else:
         fn = lambda: separate_jacobians(model, x, patch, BLOCKS)
     benchmark.group = f"resnet18 partial Jacobian rank, 16x16x3 patch, 8 blocks + logits, {size}x{size} [{device}]"

@@ -117,10 +117,10 @@ CASES = {
     "discover": lambda m: layers.discover(m, EXAMPLE),
     "chain_graph": lambda m: layers.chain_graph(m),
     "layer_feature_axis": lambda m: similarity.layer_feature_axis(m, "4"),
-    "jacobian_partial_rank": lambda m: rank.jacobian_partial_rank(m, X[:2], (slice(1, 4), slice(1, 4)),
-                                                                   layers=["4", "9"], progress=False),
+    "jacobian_partial_rank": lambda m: rank.jacobian_partial_rank(m, ["4", "9"], X[:2], (slice(1, 4), slice(1, 4)),
+                                                                   progress=False),
     "perturbed_pca_dimension": lambda m: rank.perturbed_pca_dimension(
-        m, X[:2], layers=["4"], n_perturbations=30, generator=torch.Generator().manual_seed(0), progress=False),
+        m, ["4"], X[:2], n_perturbations=30, generator=torch.Generator().manual_seed(0), progress=False),
     "classification_dimension": lambda m: rank.classification_dimension(
         nn.Sequential(m[10], nn.Dropout(0.5), m[11]), _features_and_classifier(m)),
     "projection_accuracy": lambda m: rank.projection_accuracy(

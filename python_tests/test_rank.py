@@ -126,8 +126,8 @@ def test_partial_rank_equals_the_rank_of_the_explicit_jacobian(mode, at, rank_of
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     patches = [(slice(2, 6), slice(2, 6)), (slice(0, 3), slice(1, 8))]
     options = {} if at == "patch" and rank_of == "gram" else {"at": at, "rank_of": rank_of}  # A1 by default
-    df = se.jacobian_partial_rank(model, x, patches, layers=["0", "1", "2", "4"], mode=mode, progress=False,
-                                  chunk_size=7 if mode == "forward" else 256, **options)
+    df = se.jacobian_partial_rank(model, ["0", "1", "2", "4"], x, patches, mode=mode, progress=False,
+                                  chunk_size=7 if mode == "forward" else 256, **options).to_frame()
     assert list(df.columns[:6]) == ["sample", "patch", "layer", "rank", "n_features", "n_patch_entries"]
     assert list(df["layer"][:5]) == ["0", "1", "2", "4", "output"] and len(df) == 2 * 2 * 5
     for n in range(2):
@@ -147,8 +147,8 @@ def test_algorithm_a1_evaluates_at_the_zero_padded_patch():
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 0, -10, 0], [0, 1.0, 0, -10]]))
     x = torch.ones(1, 4, dtype=torch.float64)
-    a1 = se.jacobian_partial_rank(model, x, slice(0, 2), progress=False)
-    image = se.jacobian_partial_rank(model, x, slice(0, 2), at="image", progress=False)
+    a1 = se.jacobian_partial_rank(model, None, x, slice(0, 2), progress=False).to_frame()
+    image = se.jacobian_partial_rank(model, None, x, slice(0, 2), at="image", progress=False).to_frame()
     assert a1["rank"].tolist()[-1] == 2 and image["rank"].tolist()[-1] == 0
 
 
@@ -159,8 +159,8 @@ def test_algorithm_a1_thresholds_the_eigenvalues_of_jtj():
     with torch.no_grad():
         model[0].weight.copy_(torch.diag(torch.tensor([1.0, 1e-4])))
     x = torch.randn(1, 2, dtype=torch.float64)
-    assert se.jacobian_partial_rank(model, x, progress=False)["rank"].tolist() == [1, 1]
-    assert se.jacobian_partial_rank(model, x, rank_of="jacobian", progress=False)["rank"].tolist() == [2, 2]
+    assert se.jacobian_partial_rank(model, None, x, progress=False).to_frame()["rank"].tolist() == [1, 1]
+    assert se.jacobian_partial_rank(model, None, x, rank_of="jacobian", progress=False).to_frame()["rank"].tolist() == [2, 2]
     J = model[0].weight.detach()
     assert int(torch.linalg.matrix_rank(J.T @ J, hermitian=True, rtol=R.FLOAT32_EPS * 2)) == 1
 
@@ -172,9 +172,9 @@ def test_heavy_paths_refuse_before_running_out_of_memory():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     x = torch.randn(1, 3, 224, 224)
     with pytest.raises(ValueError, match="needs about .* GiB .* free .* smaller patch"):
-        se.jacobian_partial_rank(model, x, None, progress=False)
+        se.jacobian_partial_rank(model, None, x, None, progress=False)
     with pytest.raises(ValueError, match="needs about .* GiB .* free .*n_perturbations"):
-        se.perturbed_pca_dimension(model, x, n_perturbations=50000, progress=False)
+        se.perturbed_pca_dimension(model, None, x, n_perturbations=50000, progress=False)
     # the estimate is an upper bound of what a small run really needs
     small = pca_module._pca_peak_bytes(100, [3 * 8 * 8, 8 * 6 * 6], 4, 250, 2 * 8 * 6 * 6)
     assert small >= 100 * (3 * 8 * 8 + 8 * 6 * 6) * 4
@@ -185,10 +185,10 @@ def test_memory_check_compares_with_the_free_memory(monkeypatch):
 
     monkeypatch.setattr(_checks, "free_memory", lambda device: 10_000)
     with pytest.raises(ValueError, match="smaller patch"):
-        se.jacobian_partial_rank(small_cnn(), torch.randn(1, 3, 8, 8, dtype=torch.float64), None, progress=False)
+        se.jacobian_partial_rank(small_cnn(), None, torch.randn(1, 3, 8, 8, dtype=torch.float64), None, progress=False)
     monkeypatch.setattr(_checks, "free_memory", lambda device: None)  # unknown: no refusal
-    assert len(se.jacobian_partial_rank(small_cnn(), torch.randn(1, 3, 8, 8, dtype=torch.float64),
-                                        (slice(0, 2), slice(0, 2)), progress=False)) == 6
+    assert len(se.jacobian_partial_rank(small_cnn(), None, torch.randn(1, 3, 8, 8, dtype=torch.float64),
+                                        (slice(0, 2), slice(0, 2)), progress=False).to_frame()) == 6
 
 
 def test_partial_rank_does_not_increase_along_a_chain_and_sees_bottlenecks():
@@ -202,7 +202,7 @@ def test_partial_rank_does_not_increase_along_a_chain_and_sees_bottlenecks():
     model = nn.Sequential(*layers).double()
     x = torch.randn(3, 12, dtype=torch.float64)
     for patch in (None, slice(0, 5), slice(4, 12)):
-        df = se.jacobian_partial_rank(model, x, patch, progress=False)
+        df = se.jacobian_partial_rank(model, None, x, patch, progress=False).to_frame()
         for _, part in df.groupby("sample"):
             ranks = part["rank"].to_numpy()
             assert (np.diff(ranks) <= 0).all(), ranks
@@ -215,18 +215,18 @@ def test_partial_rank_with_a_low_rank_map_and_a_tolerance():
     model = nn.Sequential(nn.Linear(16, 20, bias=False)).double()
     with torch.no_grad():
         model[0].weight.copy_(U)
-    df = se.jacobian_partial_rank(model, torch.randn(1, 16, dtype=torch.float64), None, progress=False)
+    df = se.jacobian_partial_rank(model, None, torch.randn(1, 16, dtype=torch.float64), None, progress=False).to_frame()
     assert df["rank"].tolist() == [2, 2]
-    assert se.jacobian_partial_rank(model, torch.randn(1, 16, dtype=torch.float64), None, eps=2.0,
-                                    progress=False)["rank"].tolist() == [0, 0]
+    assert se.jacobian_partial_rank(model, None, torch.randn(1, 16, dtype=torch.float64), None, eps=2.0,
+                                    progress=False).to_frame()["rank"].tolist() == [0, 0]
 
 
 def test_partial_rank_accepts_an_unbatched_image():
     model = small_cnn()
     x = torch.randn(3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     patch = (slice(2, 6), slice(2, 6))
-    unbatched = se.jacobian_partial_rank(model, x, patch, progress=False)
-    batched = se.jacobian_partial_rank(model, x[None], patch, progress=False)
+    unbatched = se.jacobian_partial_rank(model, None, x, patch, progress=False).to_frame()
+    batched = se.jacobian_partial_rank(model, None, x[None], patch, progress=False).to_frame()
     assert unbatched.equals(batched) and unbatched["layer"].iloc[-1] == "output"
 
 
@@ -234,15 +234,15 @@ def test_partial_rank_errors():
     model = small_cnn()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="layers names no submodule"):
-        se.jacobian_partial_rank(model, x, None, layers=["nope"])
+        se.jacobian_partial_rank(model, ["nope"], x, None)
     with pytest.raises(TypeError, match=r"patch must be \(row_slice, col_slice\)"):
-        se.jacobian_partial_rank(model, x, slice(0, 2))
+        se.jacobian_partial_rank(model, None, x, slice(0, 2))
     with pytest.raises(ValueError, match="non-empty contiguous"):
-        se.jacobian_partial_rank(model, x, (slice(4, 2), slice(0, 2)))
+        se.jacobian_partial_rank(model, None, x, (slice(4, 2), slice(0, 2)))
     with pytest.raises(ValueError, match="mode must be"):
-        se.jacobian_partial_rank(model, x, None, mode="sideways")
+        se.jacobian_partial_rank(model, None, x, None, mode="sideways")
     with pytest.raises(ValueError, match="data contains NaN"):
-        se.jacobian_partial_rank(model, torch.full_like(x, float("nan")), None)
+        se.jacobian_partial_rank(model, None, torch.full_like(x, float("nan")), None)
 
 
 # --- perturbed PCA dimension (appendix E) ---------------------------------------------------------
@@ -255,14 +255,15 @@ def test_perturbed_pca_dimension_of_a_linear_map_is_its_rank():
         model[0].weight.copy_(0.05 * W)  # tanh stays near its linear range: no saturation
         model[0].bias.zero_()
     x = 0.1 * torch.randn(2, 9, dtype=torch.float64, generator=g)
-    df = se.perturbed_pca_dimension(model, x, n_perturbations=100, batch_size=30, generator=g, progress=False)
+    df = se.perturbed_pca_dimension(model, None, x, n_perturbations=100, batch_size=30, generator=g,
+                                    progress=False).to_frame()
     assert list(df.columns) == ["sample", "layer", "pca_dimension", "delta_dimension"]
     for _, part in df.groupby("sample"):
         assert part["layer"].tolist() == ["input", "0", "1", "2", "output"]
         # a small neighbourhood is mapped linearly: rank 4 survives tanh and the last layer
         assert part["pca_dimension"].tolist() == [9, 4, 4, 4, 4]
         assert part["delta_dimension"].tolist() == [0, -5, -5, -5, -5]
-    fewer = se.perturbed_pca_dimension(model, x[:1], n_perturbations=5, generator=g, progress=False)
+    fewer = se.perturbed_pca_dimension(model, None, x[:1], n_perturbations=5, generator=g, progress=False).to_frame()
     assert fewer["pca_dimension"].iloc[0] == 4  # 5 centred samples span at most 4 dimensions
 
 
@@ -476,8 +477,9 @@ def test_rank_decay_figure_draws_both_curves_on_a_log_axis(agg):
 def test_partial_rank_figure_draws_the_mean_rank_per_patch(agg):
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     patches = [(slice(0, 4), slice(0, 4)), (slice(4, 8), slice(4, 8))]
-    frame = se.jacobian_partial_rank(small_cnn(), x, patches, progress=False)
-    ax = agg.partial_rank(frame).axes[0]
+    result = se.jacobian_partial_rank(small_cnn(), None, x, patches, progress=False)
+    frame = result.to_frame()
+    ax = agg.partial_rank(result).axes[0]
     lines = ax.get_lines()
     assert [line.get_label() for line in lines] == ["patch [0:4, 0:4]", "patch [4:8, 4:8]"]
     for line, label in zip(lines, ["[0:4, 0:4]", "[4:8, 4:8]"]):
@@ -535,19 +537,26 @@ def test_data_in_any_form_and_the_former_keywords():
     model = small_cnn()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     patch = (slice(2, 6), slice(2, 6))
-    expected = se.jacobian_partial_rank(model, x, patch, progress=False)
+    expected = se.jacobian_partial_rank(model, None, x, patch, progress=False).to_frame()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(3)), batch_size=2)
-    assert se.jacobian_partial_rank(model, loader, patch, progress=False).equals(expected)
-    assert se.jacobian_partial_rank(model, data=x, patch=patch, progress=False).equals(expected)
+    assert se.jacobian_partial_rank(model, None, loader, patch, progress=False).to_frame().equals(expected)
+    assert se.jacobian_partial_rank(model, data=x, patch=patch, progress=False).to_frame().equals(expected)
     with pytest.raises(TypeError, match="unexpected keyword argument 'x'"):  # the name before issue 17
         se.jacobian_partial_rank(model, x=x, patch=patch, progress=False)
-    pca = se.perturbed_pca_dimension(model, (x[:1], torch.zeros(1)), n_perturbations=20, generator=3,
+    with pytest.raises(TypeError, match="needs data"):  # the order before issue 29: (model, data, ...)
+        se.jacobian_partial_rank(model, x)
+    with pytest.raises(TypeError, match="needs data"):
+        se.perturbed_pca_dimension(model, x)
+    result = se.jacobian_partial_rank(model, None, x, patch, progress=False)
+    assert result.layers[-1] == "output" and result.at == "patch" and result.rank_of == "gram"
+    assert result.to_frame() is not result.table and result.to_frame().equals(result.table)
+    pca = se.perturbed_pca_dimension(model, None, (x[:1], torch.zeros(1)), n_perturbations=20, generator=3,
                                      progress=False)
     old = se.perturbed_pca_dimension(model, data=x[:1], n_perturbations=20,
                                      generator=torch.Generator().manual_seed(3), progress=False)
-    assert pca.equals(old)
+    assert pca.to_frame().equals(old.to_frame())
     with pytest.raises(TypeError, match="data must be a tensor"):
-        se.jacobian_partial_rank(model, "images", patch, progress=False)
+        se.jacobian_partial_rank(model, None, "images", patch, progress=False)
 
 
 def test_the_feature_methods_take_the_classifier_then_the_data():

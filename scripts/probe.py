@@ -1544,6 +1544,7 @@ def _cov_check(layer):
 def _rank_rows_check(rows):
     """{layer: expected rank} of jacobian_partial_rank / perturbed_pca_dimension frames."""
     def check(res, args, kwargs):
+        res = res.to_frame()
         col = "rank" if "rank" in res.columns else "pca_dimension"
         for layer, want in rows.items():
             got = res.loc[res["layer"] == layer, col].tolist()
@@ -1564,6 +1565,7 @@ def _check_symmetry(res, args, kwargs):
 
 
 def _check_similarity_diag(res, args, kwargs):
+    res = res.to_frame()
     same = res[res["layer_a"] == res["layer_b"]]
     vals = same["value"].to_numpy(dtype=float)
     import numpy as np
@@ -1588,9 +1590,9 @@ def _model_funcs():
         "similarity_matrix": (lambda m, x, L: (se().similarity_matrix, (m, m), {"layers": [L], "data": x,
                                                                                  "progress": False}),
                               _check_similarity_diag),
-        "jacobian_partial_rank": (lambda m, x, L: (se().jacobian_partial_rank, (m, x[:1]), {"progress": False}),
+        "jacobian_partial_rank": (lambda m, x, L: (se().jacobian_partial_rank, (m, None, x[:1]), {"progress": False}),
                                   None),
-        "perturbed_pca_dimension": (lambda m, x, L: (se().perturbed_pca_dimension, (m, x[:2]),
+        "perturbed_pca_dimension": (lambda m, x, L: (se().perturbed_pca_dimension, (m, None, x[:2]),
                                                      {"n_perturbations": 16, "progress": False, "generator": 0}),
                                     None),
     }
@@ -1674,7 +1676,7 @@ def _model_cases(cases):
                 if fname in ("jacobian_partial_rank", "perturbed_pca_dimension"):
                     bad = bi(x)
                     fn, args, kw = call(mk(), x, layer)
-                    return fn, (args[0], bad), kw
+                    return fn, (args[0], None, bad), kw
                 if fname == "apply_symmetry":
                     fn, args, kw = call(mk(), x, layer)
                     return fn, args, dict(kw, example_input=bi(x))
@@ -1944,17 +1946,17 @@ def _misc_cases(cases):
             ("svr", lambda v: ((mk(), xk()), {"progress": False, "p": v}), (-1.0, NAN, 0.0)),
             ("svr", lambda v: ((mk(), xk()), {"progress": False, "top": v}), (0, -1)),
             ("svr", lambda v: ((mk(), xk()), {"progress": False, "dtype": v}), ("float64", torch.int64)),
-            ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "eps": v}), (-1.0, NAN)),
-            ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "chunk_size": v}), (0,)),
-            ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "mode": v}), ("bogus",)),
-            ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "at": v}), ("bogus",)),
-            ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "rank_of": v}), ("bogus",)),
-            ("jacobian_partial_rank", lambda v: ((mk(), xk()[:1]), {"progress": False, "layers": v}), (["nope"],)),
-            ("perturbed_pca_dimension", lambda v: ((mk(), xk()[:2]), {"progress": False, "n_perturbations": v}),
+            ("jacobian_partial_rank", lambda v: ((mk(),), {"data": xk()[:1], "progress": False, "eps": v}), (-1.0, NAN)),
+            ("jacobian_partial_rank", lambda v: ((mk(),), {"data": xk()[:1], "progress": False, "chunk_size": v}), (0,)),
+            ("jacobian_partial_rank", lambda v: ((mk(),), {"data": xk()[:1], "progress": False, "mode": v}), ("bogus",)),
+            ("jacobian_partial_rank", lambda v: ((mk(),), {"data": xk()[:1], "progress": False, "at": v}), ("bogus",)),
+            ("jacobian_partial_rank", lambda v: ((mk(),), {"data": xk()[:1], "progress": False, "rank_of": v}), ("bogus",)),
+            ("jacobian_partial_rank", lambda v: ((mk(),), {"data": xk()[:1], "progress": False, "layers": v}), (["nope"],)),
+            ("perturbed_pca_dimension", lambda v: ((mk(),), {"data": xk()[:2], "progress": False, "n_perturbations": v}),
              (0, 1)),
-            ("perturbed_pca_dimension", lambda v: ((mk(), xk()[:2]), {"progress": False, "n_perturbations": 8,
+            ("perturbed_pca_dimension", lambda v: ((mk(),), {"data": xk()[:2], "progress": False, "n_perturbations": 8,
                                                                        "scale": v}), (NAN, 0.0)),
-            ("perturbed_pca_dimension", lambda v: ((mk(), xk()[:2]), {"progress": False, "n_perturbations": 8,
+            ("perturbed_pca_dimension", lambda v: ((mk(),), {"data": xk()[:2], "progress": False, "n_perturbations": 8,
                                                                        "batch_size": v}), (0,)),
             ("activation_covariance", lambda v: ((mk(),), {"layers": ["0"], "data": xk(), "progress": False, "batch_size": v}),
              (0, NAN)),

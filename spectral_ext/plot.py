@@ -111,7 +111,8 @@ def adjacency_heatmap(svr, e, ax=None, title: str | None = None):
 def partial_rank(frame, ax=None):
     """Seed 003 Fig. 1 (a-c): partial rank of the Jacobian per layer, one line
     per patch (appendix D), averaged over samples. frame:
-    jacobian_partial_rank's DataFrame. Returns the figure."""
+    jacobian_partial_rank's JacobianPartialRank or its frame. Returns the figure."""
+    frame = frame.to_frame() if hasattr(frame, "to_frame") else frame
     fig, ax = _axes(ax, (max(6, 0.45 * frame["layer"].nunique()), 4))
     for patch, part in frame.groupby("patch", sort=False):
         mean = part.groupby("layer", sort=False)["rank"].mean()
@@ -339,7 +340,8 @@ def stability(matrix, ax=None, top: int = 50):
 
 def clipping(frame, ax=None, label: str | None = None):
     """Seed 002: accuracy after clipping to the top-k principal components,
-    against k (covariance.clip's frame)."""
+    against k (covariance.clip's Clipping or its frame)."""
+    frame = frame.to_frame() if hasattr(frame, "to_frame") else frame
     fig, ax = _axes(ax, (5, 4))
     ax.plot(frame["k"], frame["accuracy"], marker="o", ms=3, color="tab:red", label=label or "clipped")
     return _finish(fig, ax, "maximum rank k", "accuracy")

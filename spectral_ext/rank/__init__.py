@@ -13,11 +13,12 @@ from ._common import FLOAT32_EPS, OUTPUT, _rank_of_singular_values  # noqa: F401
 from .classification import ClassificationDimension, classification_dimension, projection_accuracy
 from .experiments import default_components, mlp_rank_decay, structural_impetus, theorem5_slopes
 from .independence import IndependenceDeficit, independence_deficit, lasso_kkt_violation
-from .jacobian import jacobian_partial_rank
+from .jacobian import JacobianPartialRank, jacobian_partial_rank
 from .matrix import numerical_rank, rank_of_singular_values, singular_values_of_rows, stable_rank
-from .pca import pca_dimension, pca_eigenvalues, perturbed_pca_dimension
+from .pca import PerturbedPCADimension, pca_dimension, pca_eigenvalues, perturbed_pca_dimension
 
-__all__ = ["FLOAT32_EPS", "OUTPUT", "ClassificationDimension", "IndependenceDeficit", "classification_dimension",
+__all__ = ["FLOAT32_EPS", "OUTPUT", "ClassificationDimension", "IndependenceDeficit", "JacobianPartialRank",
+           "PerturbedPCADimension", "classification_dimension",
            "default_components", "independence_deficit", "jacobian_partial_rank", "lasso_kkt_violation",
            "mlp_rank_decay", "numerical_rank", "pca_dimension", "pca_eigenvalues", "perturbed_pca_dimension",
            "projection_accuracy", "rank_of_singular_values", "singular_values_of_rows", "stable_rank",

@@ -2,6 +2,8 @@
 Algorithm A1, appendix D)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pandas as pd
 import torch
 from torch import nn
@@ -71,9 +73,37 @@ def _jacobian_peak_bytes(K: int, sizes: list[int], itemsize: int, chunk: int, ac
     return K * total * itemsize + 2 * min(chunk, K) * (activations + total) * itemsize + factor
 
 
-def jacobian_partial_rank(model: nn.Module, data, patch=None, layers=None, eps: float | None = None,
+@dataclass(frozen=True, eq=False)  # DataFrames have no single truth value
+class JacobianPartialRank:
+    """Result of jacobian_partial_rank (seed 003 section 3.2): the partial
+    rank of every chosen sub-network for every sample and patch.
+
+    layers: the rows' layers in forward order, the model output (OUTPUT)
+    last; at, rank_of, eps: the options it was computed with; table: one row
+    per (sample, patch, layer), columns sample, patch, layer, rank,
+    n_features, n_patch_entries."""
+
+    layers: tuple[str, ...]
+    at: str
+    rank_of: str
+    eps: float | None
+    table: pd.DataFrame = field(repr=False)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table: columns sample, patch, layer, rank, n_features (the
+        output's size), n_patch_entries (K); rows in forward order."""
+        return self.table.copy()
+
+    def plot(self, ax=None):
+        """Seed 003 Fig. 1 (a-c) (plot.partial_rank)."""
+        from ..plot import partial_rank
+
+        return partial_rank(self, ax=ax)
+
+
+def jacobian_partial_rank(model: nn.Module, layers=None, data=None, patch=None, eps: float | None = None,
                           mode: str = "auto", chunk_size: int | None = 64, progress: bool = True,
-                          at: str = "patch", rank_of: str = "gram") -> pd.DataFrame:
+                          at: str = "patch", rank_of: str = "gram") -> JacobianPartialRank:
     """Numerical rank of the Jacobian of each chosen sub-network with respect
     to a patch of the input (seed 003 section 3.2, equation 5, Algorithm A1).
 
@@ -88,14 +118,17 @@ def jacobian_partial_rank(model: nn.Module, data, patch=None, layers=None, eps: 
     "jacobian" thresholds the singular values of J instead (equation 4,
     eps x the number of singular values).
 
-    model: run in eval mode and given back unchanged. data: one input, (C,
-    H, W) or (d,) or with a batch axis of 1, or several (N, ...) measured
-    one at a time, as a tensor or in any form _data.batches takes (labels
-    unused). patch: (row_slice, col_slice) over the spatial axes, all
-    channels (a slice for flat inputs, None for the whole input; the paper
-    uses the central 16 x 16 x 3 patch), or a list of them (appendix D).
-    layers: qualified module names (default: the model's top-level
-    children); the model output is always the last row.
+    Args:
+        model: run in eval mode and given back unchanged.
+        layers: qualified module names (None: the model's top-level
+            children); the model output is always the last row.
+        data: one input, (C, H, W) or (d,) or with a batch axis of 1, or
+            several (N, ...) measured one at a time, as a tensor or in any
+            form _data.batches takes (labels unused).
+        patch: (row_slice, col_slice) over the spatial axes, all channels
+            (a slice for flat inputs, None for the whole input; the paper
+            uses the central 16 x 16 x 3 patch), or a list of them
+            (appendix D).
 
     One pass gives every layer: the Jacobian columns for the K patch entries
     come from K forward-mode products (torch.func.jvp under vmap, chunk_size
@@ -105,9 +138,13 @@ def jacobian_partial_rank(model: nn.Module, data, patch=None, layers=None, eps: 
     factorisation) is estimated first; when it exceeds the free memory a
     ValueError asks for a smaller patch or fewer layers.
 
-    Returns a DataFrame with columns sample, patch, layer, rank, n_features
-    (the output's size), n_patch_entries (K); rows in forward order, model output last.
-    Lemma 2: along a chain of layers the partial rank does not increase."""
+    Returns:
+        A JacobianPartialRank; .to_frame() has columns sample, patch, layer,
+        rank, n_features (the output's size), n_patch_entries (K), rows in
+        forward order, model output last. Lemma 2: along a chain of layers
+        the partial rank does not increase."""
+    if data is None:
+        raise TypeError("jacobian_partial_rank() needs data: a tensor, a DataLoader or an iterable of batches")
     x = _data.gather(data)[0]
     _checks.tensor("data", x, ndims=range(1, 6), shape="(N, C, H, W), (C, H, W), (N, d) or (d,)")
     first_patch = patch[0] if isinstance(patch, list) and patch else patch
@@ -161,7 +198,7 @@ def jacobian_partial_rank(model: nn.Module, data, patch=None, layers=None, eps: 
                     rank = _rank_of_singular_values(sigma, eps)
                 rows.append({"sample": n, "patch": _patch_label(patches[j]), "layer": name,
                              "rank": int(rank), "n_features": size, "n_patch_entries": K})
-    return pd.DataFrame(rows)
+    return JacobianPartialRank(tuple(names), at, rank_of, eps, pd.DataFrame(rows))
 
 
 def _patch_label(patch) -> str:

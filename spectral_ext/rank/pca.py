@@ -3,6 +3,8 @@ Algorithm A2): the PCA dimension of features and the perturbed PCA
 dimension of every layer around a sample."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pandas as pd
 import torch
 from torch import nn
@@ -30,29 +32,64 @@ def pca_dimension(features: torch.Tensor, eps: float | None = None) -> int:
     return int(_rank_of_singular_values(pca_eigenvalues(features), eps))
 
 
-def perturbed_pca_dimension(model: nn.Module, data, layers=None, n_perturbations: int = 1000,
+@dataclass(frozen=True, eq=False)  # DataFrames have no single truth value
+class PerturbedPCADimension:
+    """Result of perturbed_pca_dimension (seed 003 appendix E): the PCA
+    dimension of each sample's perturbations at the input and every chosen
+    layer.
+
+    layers: the rows' layers, "input" first, then the layers in forward
+    order, the model output (OUTPUT) last; n_perturbations, scale, eps: the
+    options it was computed with (eps None: float32 eps x n_perturbations);
+    table: one row per (sample, layer), columns sample, layer,
+    pca_dimension, delta_dimension."""
+
+    layers: tuple[str, ...]
+    n_perturbations: int
+    scale: float
+    eps: float | None
+    table: pd.DataFrame = field(repr=False)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table: columns sample, layer, pca_dimension, delta_dimension;
+        average over samples with .groupby("layer", sort=False).mean()."""
+        return self.table.copy()
+
+
+def perturbed_pca_dimension(model: nn.Module, layers=None, data=None, n_perturbations: int = 1000,
                             scale: float = 1e-3, eps: float | None = None, batch_size: int = 250,
-                            generator: torch.Generator | None = None, progress: bool = True) -> pd.DataFrame:
+                            generator: torch.Generator | None = None,
+                            progress: bool = True) -> PerturbedPCADimension:
     """Perturbed PCA dimension (seed 003 appendix E, equation A103, Algorithm
     A2): for each sample x_i, the PCA dimension of {F_k(x_i + scale * e)} over
     n_perturbations Gaussian e, for the input and every chosen layer.
 
-    data: (N, ...) samples, a tensor or any form _data.batches takes (labels
-    unused), each perturbed separately and sent
-    through the model in batches of batch_size. generator: the Gaussian
-    perturbations (an int seed, a torch.Generator, None for torch's global
-    RNG). eps: eigenvalues count when above
-    eps x the largest; default the appendix's float32 eps x n_perturbations
-    (1.19e-7 x 50,000 there, with scale = 1e-3). Returns a DataFrame with
-    columns sample, layer ("input" first, then the layers in forward order,
-    the model output last), pca_dimension and delta_dimension (the layer's
-    dimension minus the input's: the Delta Dimension of Fig. A6, negative
-    where dimensions are lost); average over samples with
-    df.groupby("layer", sort=False).mean(). The model runs in eval mode and
-    is given back unchanged. The features of all n_perturbations are kept
-    for the PCA: the peak memory is estimated from one forward pass first,
-    and a ValueError asks for fewer n_perturbations or layers when it
-    exceeds the free memory."""
+    The model runs in eval mode and is given back unchanged. The features of
+    all n_perturbations are kept for the PCA: the peak memory is estimated
+    from one forward pass first, and a ValueError asks for fewer
+    n_perturbations or layers when it exceeds the free memory.
+
+    Args:
+        model: the network.
+        layers: qualified module names (None: the model's top-level
+            children); the model output is always the last row.
+        data: (N, ...) samples, a tensor or any form _data.batches takes
+            (labels unused), each perturbed separately and sent through the
+            model in batches of batch_size.
+        generator: the Gaussian perturbations (an int seed, a
+            torch.Generator, None for torch's global RNG).
+        eps: eigenvalues count when above eps x the largest; default the
+            appendix's float32 eps x n_perturbations (1.19e-7 x 50,000
+            there, with scale = 1e-3).
+
+    Returns:
+        A PerturbedPCADimension; .to_frame() has columns sample, layer
+        ("input" first, then the layers in forward order, the model output
+        last), pca_dimension and delta_dimension (the layer's dimension
+        minus the input's: the Delta Dimension of Fig. A6, negative where
+        dimensions are lost)."""
+    if data is None:
+        raise TypeError("perturbed_pca_dimension() needs data: a tensor, a DataLoader or an iterable of batches")
     x = _data.gather(data)[0]
     _checks.tensor("data", x, ndims=range(2, 6), shape="(N, ...)")
     n_perturbations = _checks.positive_int("n_perturbations", n_perturbations)
@@ -95,7 +132,7 @@ def perturbed_pca_dimension(model: nn.Module, data, layers=None, n_perturbations
                 for name in names:
                     rows.append({"sample": n, "layer": name, "pca_dimension": dims[name],
                                  "delta_dimension": dims[name] - dims["input"]})
-    return pd.DataFrame(rows)
+    return PerturbedPCADimension(tuple(names), n_perturbations, scale, eps, pd.DataFrame(rows))
 
 
 def _pca_peak_bytes(n: int, sizes: list[int], itemsize: int, batch_size: int, activations: int) -> int:
