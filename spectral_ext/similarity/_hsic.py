@@ -438,7 +438,8 @@ def _gram_hsic(a: _Batch, b: _Batch, same: bool, unbiased: bool):
         totals, rows, scale = 1.0 / n ** 2, -2.0 / n, 1.0 / (n - 1) ** 2
     xy = torch.addmm(_gram_inners(a.grams, b.grams), a.rows, b.rows.T, alpha=rows)
     xy = xy.addr_(a.totals, b.totals, alpha=totals).mul_(scale)
-    if same:
+    if same:  # one list with itself: symmetric by definition, though float32 row products round per side
+        xy = (xy + xy.T).mul_(0.5)
         xx = xy.diagonal().clone()
         return xy, xx, xx
 
