@@ -251,7 +251,8 @@ def test_a_list_of_eigenvalues_is_read_in_float64():
     """torch.as_tensor reads a list of floats in float32: the fit of the list must be the tensor's."""
     x = se.spectra.sample_power_law(2.5, 1.0, 500, torch.Generator().manual_seed(0))
     assert se.fit_power_law(x.tolist()) == se.fit_power_law(x)
-    assert se.fit_power_laws(torch.stack([x, x]).tolist()).equals(se.fit_power_laws(torch.stack([x, x])))
+    assert se.fit_power_laws(torch.stack([x, x]).tolist()).to_frame().equals(
+        se.fit_power_laws(torch.stack([x, x])).to_frame())
 
 
 def test_every_weight_of_a_module_has_a_row():
@@ -261,10 +262,10 @@ def test_every_weight_of_a_module_has_a_row():
             super().__init__()
             self.lstm, self.fc = nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 3)
 
-    frame = se.layer_spectra(LSTMNet())
+    frame = se.layer_spectra(LSTMNet()).to_frame()
     assert frame["layer"].tolist() == ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "fc"]
     assert frame.loc[:1, "note"].str.contains("LSTM parameter").all()
-    assert len(se.layer_spectra(nn.LSTM(6, 8), vectors=True)) == 4
+    assert len(se.layer_spectra(nn.LSTM(6, 8), vectors=True).to_frame()) == 4
 
 
 def _scaled(model, factor):

@@ -268,7 +268,7 @@ def test_fit_power_law_at_a_given_xmin_is_the_mle_at_that_xmin():
         assert fit.sigma == pytest.approx((alpha - 1) / math.sqrt(n_tail), rel=1e-12)
     # the batched fit, each row at the same given xmin
     rows = torch.stack([x, 3 * x, x.flip(0)])
-    frame = Sp.fit_power_laws(rows, xmin=1.0)
+    frame = Sp.fit_power_laws(rows, xmin=1.0).to_frame()
     for r in range(3):
         alpha, ks, n_tail = _mle_at(rows[r].tolist(), 1.0)
         assert frame["alpha"][r] == pytest.approx(alpha, rel=1e-12) and frame["ks"][r] == pytest.approx(ks, rel=1e-9)

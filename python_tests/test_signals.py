@@ -216,9 +216,9 @@ def test_power_law_fit_recovers_a_known_exponent(alpha):
     for seed in range(5):
         x = Sp.sample_power_law(alpha, 1.0, 5000, torch.Generator().manual_seed(seed))
         fit = Sp.fit_power_law(x)
-        assert abs(fit["alpha"] - alpha) < 0.1 and fit["ks"] < 0.05
+        assert abs(fit.alpha - alpha) < 0.1 and fit.ks < 0.05
     fixed = Sp.fit_power_law(x, xmin=1.0)  # the MLE by hand at the given xmin (every sample is >= 1)
-    assert fixed["alpha"] == pytest.approx(1 + 5000 / float(torch.log(x / 1.0).sum()), rel=1e-9)
+    assert fixed.alpha == pytest.approx(1 + 5000 / float(torch.log(x / 1.0).sum()), rel=1e-9)
 
 
 def test_toeplitz_singular_values_by_fft_equal_the_explicit_matrix():
@@ -233,7 +233,7 @@ def test_toeplitz_singular_values_by_fft_equal_the_explicit_matrix():
 def test_layer_spectra_and_alpha_hat():
     torch.manual_seed(0)
     model = datasets.digits_cnn()
-    df = Sp.layer_spectra(model, toeplitz_m=8)
+    df = Sp.layer_spectra(model, toeplitz_m=8).to_frame()
     assert df["layer"].tolist() == ["0", "2", "5", "8", "10"]
     row = df.iloc[1]
     W1 = model[2].weight.detach().double().reshape(32, -1)

@@ -1,8 +1,9 @@
 """Weight-space spectra (seed 001 sections 3-4): the vectorised KS scan against a
-plain loop over xmin, WeightWatcher's conventions by name, one spectrum per
-weight and alpha-hat's account of the layers it used."""
+plain loop over xmin, WeightWatcher's conventions (an object passed in, or by
+name), one spectrum per weight and alpha-hat's account of the layers it used."""
 import io
 import contextlib
+import dataclasses
 import math
 import warnings
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from spectral_ext import spectra as Sp
+from spectral_ext.compat.weightwatcher import WEIGHTWATCHER
 
 
 def loop_fit(x, min_tail=10, weightwatcher=False):
@@ -56,21 +58,23 @@ def spectra_cases():
 def test_vectorised_scan_equals_a_loop_over_xmin(weightwatcher):
     for n, x in spectra_cases():
         expected = loop_fit(x, weightwatcher=weightwatcher)
-        fit = Sp.fit_power_law(torch.tensor(x), convention="weightwatcher" if weightwatcher else "seed001")
+        fit = Sp.fit_power_law(torch.tensor(x), convention=WEIGHTWATCHER if weightwatcher else Sp.SEED001)
         assert expected is not None
-        assert fit["alpha"] == pytest.approx(expected[0], rel=1e-9), n
-        assert fit["xmin"] == expected[1] and fit["ks"] == pytest.approx(expected[2], rel=1e-9, abs=1e-12)
-        assert fit["sigma"] == pytest.approx((fit["alpha"] - 1) / math.sqrt(fit["n_tail"]))
+        assert fit.alpha == pytest.approx(expected[0], rel=1e-9), n
+        assert fit.xmin == expected[1] and fit.ks == pytest.approx(expected[2], rel=1e-9, abs=1e-12)
+        assert fit.sigma == pytest.approx((fit.alpha - 1) / math.sqrt(fit.n_tail))
 
 
 def test_batched_fits_equal_single_fits_and_too_short_rows_say_so():
     rng = np.random.default_rng(1)
     batch = np.sort(rng.pareto(2.0, (7, 40)) + 1, axis=1)
     batch[3, :35] = 0.0  # 5 positive values: below min_tail
-    frame = Sp.fit_power_laws(torch.tensor(batch))
+    fits = Sp.fit_power_laws(torch.tensor(batch))
+    assert isinstance(fits, Sp.PowerLawFits) and fits.convention is Sp.SEED001
+    frame = fits.to_frame()
     for r in range(7):
         single = Sp.fit_power_law(torch.tensor(batch[r]))
-        assert frame.iloc[r]["xmin"] == single["xmin"] or np.isnan(single["xmin"])
+        assert frame.iloc[r]["xmin"] == single.xmin or np.isnan(single.xmin)
     assert np.isnan(frame.iloc[3]["alpha"]) and frame.iloc[3]["status"] == "too few eigenvalues"
     assert frame.iloc[3]["n"] == 5 and (frame.drop(index=3)["status"] == "success").all()
 
@@ -81,8 +85,27 @@ def test_weightwatcher_convention_equals_the_real_wwfit():
         with contextlib.redirect_stdout(io.StringIO()):
             real = WW_powerlaw.WWFit(np.sort(x[x > 1e-5]))
         fit = Sp.fit_power_law(torch.tensor(x), convention="weightwatcher")
-        assert [fit["alpha"], fit["xmin"], fit["ks"], fit["sigma"]] == pytest.approx(
+        assert [fit.alpha, fit.xmin, fit.ks, fit.sigma] == pytest.approx(
             [real.alpha, real.xmin, real.D, real.sigma], rel=1e-9)
+
+
+def test_conventions_are_objects_passed_in_or_named():
+    """One resolution: a PowerLawConvention is itself, the names are SEED001 and the adapter's WEIGHTWATCHER;
+    a changed copy is a convention of its own, taken by every entry point."""
+    assert Sp.power_law_convention("seed001") is Sp.SEED001
+    assert Sp.power_law_convention(Sp.SEED001) is Sp.SEED001
+    assert Sp.power_law_convention("weightwatcher") is WEIGHTWATCHER and WEIGHTWATCHER.name == "weightwatcher"
+    for bad in ("ww", None, 3):
+        with pytest.raises(ValueError, match="convention must be a PowerLawConvention"):
+            Sp.power_law_convention(bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Sp.SEED001.evals_thresh = 1.0
+    x = Sp.sample_power_law(2.5, 1.0, 300, generator=torch.Generator().manual_seed(2)).double()
+    assert Sp.fit_power_law(x, convention=WEIGHTWATCHER) == Sp.fit_power_law(x, convention="weightwatcher")
+    strict = dataclasses.replace(Sp.SEED001, name="strict", evals_thresh=2.0)
+    assert Sp.fit_power_law(x, convention=strict) == Sp.fit_power_law(x[x > 2.0])
+    frame = Sp.layer_spectra(small_cnn(), convention=strict).to_frame()
+    assert frame.attrs["convention"] == "strict"
 
 
 def small_cnn():
@@ -93,14 +116,16 @@ def small_cnn():
 
 def test_one_spectrum_per_weight_by_an_independent_route():
     model = small_cnn()
-    frame = Sp.layer_spectra(model, torch.zeros(1, 1, 8, 8))
+    frame = Sp.layer_spectra(model, torch.zeros(1, 1, 8, 8)).to_frame()
     W = model[2].weight.detach().double()
     sigma = torch.linalg.svdvals(W.reshape(6, -1))
     row = frame.set_index("layer").loc["2"]
     assert row["lambda_max"] == pytest.approx(float(sigma[0] ** 2), rel=1e-10)
     assert row["stable_rank"] == pytest.approx(float((sigma ** 2).sum() / sigma[0] ** 2), rel=1e-10)
     assert row["n_eigenvalues"] == 6 and "too few eigenvalues (6 < min_tail 10)" == row["note"]
-    ww = Sp.layer_spectra(model, torch.zeros(1, 1, 8, 8), convention="weightwatcher").set_index("layer")
+    result = Sp.layer_spectra(model, torch.zeros(1, 1, 8, 8), convention="weightwatcher")
+    assert isinstance(result, Sp.LayerSpectra) and result.convention is WEIGHTWATCHER
+    ww = result.to_frame().set_index("layer")
     slices = W.permute(2, 3, 0, 1).reshape(9, 6, 4)
     pooled = torch.linalg.svdvals(slices).square().reshape(-1).sort(descending=True).values / 2
     assert ww.loc["2", "n_eigenvalues"] == 36
@@ -112,7 +137,8 @@ def test_one_spectrum_per_weight_by_an_independent_route():
 def test_alpha_hat_names_the_layers_it_leaves_out_and_reuses_the_frame(monkeypatch):
     model = small_cnn()
     x = torch.zeros(1, 1, 8, 8)
-    frame = Sp.layer_spectra(model, x)
+    result = Sp.layer_spectra(model, x)
+    frame = result.to_frame()
     with pytest.warns(UserWarning, match=r"used 2 of 4 layers; left out: 0 \(too few eigenvalues \(4 < min_tail 10\)\)"):
         value = Sp.alpha_hat(model, x)
     used = frame.dropna(subset=["alpha"])
@@ -120,6 +146,8 @@ def test_alpha_hat_names_the_layers_it_leaves_out_and_reuses_the_frame(monkeypat
     monkeypatch.setattr(Sp, "weight_singular_values", lambda *a, **k: pytest.fail("recomputed a spectrum"))
     with pytest.warns(UserWarning):
         assert Sp.alpha_hat(frame) == value
+    with pytest.warns(UserWarning):
+        assert Sp.alpha_hat(result) == value
     monkeypatch.undo()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -149,24 +177,25 @@ def test_bad_arguments_name_themselves():
         Sp.fit_power_law(torch.tensor([1.0, float("nan")]))
     for convention, status in (("seed001", "too few eigenvalues"), ("weightwatcher", "failed")):
         empty = Sp.fit_power_law(torch.zeros(0, dtype=torch.float64), convention=convention)
-        assert np.isnan(empty["alpha"]) and empty["status"] == status and empty["n"] == 0
+        assert np.isnan(empty.alpha) and empty.status == status and empty.n == 0
     with pytest.raises(ValueError, match="eigenvalues must be 1-d"):
         Sp.fit_power_law(torch.ones(2, 3))
     with pytest.raises(ValueError, match="layer_spectra columns"):
         Sp.alpha_hat(__import__("pandas").DataFrame({"a": [1]}))
 
 
-def test_power_law_fit_is_a_dataclass_read_as_its_dict():
+def test_power_law_fit_is_a_dataclass_not_a_dict():
     x = Sp.sample_power_law(2.5, 1.0, 400, generator=torch.Generator().manual_seed(0)).double()
     fit = Sp.fit_power_law(x)
-    assert isinstance(fit, Sp.PowerLawFit) and fit["alpha"] == fit.alpha and set(dict(fit)) == {
+    fields = dataclasses.asdict(fit)
+    assert isinstance(fit, Sp.PowerLawFit) and set(fields) == {
         "alpha", "xmin", "xmax", "ks", "sigma", "n_tail", "n", "status"}
     frame = fit.to_frame()
-    assert list(frame.columns) == list(dict(fit)) and frame["alpha"].iloc[0] == fit.alpha
-    assert dict(fit) == Sp.fit_power_laws(x[None]).iloc[0].to_dict()  # the batched route, row for row
+    assert list(frame.columns) == list(fields) and frame["alpha"].iloc[0] == fit.alpha
+    assert fields == Sp.fit_power_laws(x[None]).to_frame().iloc[0].to_dict()  # the batched route, row for row
     assert isinstance(fit.n_tail, int) and fit.status == "success"
-    with pytest.raises(KeyError):
-        fit["beta"]
+    with pytest.raises(TypeError):
+        fit["alpha"]  # no longer read as a dict (0.2.0)
 
 
 def test_a_flat_spectrum_has_no_power_law_and_says_so():
@@ -184,14 +213,14 @@ def test_a_flat_spectrum_has_no_power_law_and_says_so():
     model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48))
     with torch.no_grad():
         model[0].weight.copy_(W)
-    frame = Sp.layer_spectra(model, torch.randn(2, 256))
+    frame = Sp.layer_spectra(model, torch.randn(2, 256)).to_frame()
     assert math.isnan(frame["alpha"].iloc[0]) and frame["note"].iloc[0].startswith("flat spectrum")
     assert frame["alpha"].iloc[1] > 1 and frame["note"].iloc[1] == ""
     with pytest.warns(UserWarning, match="left out: 0 \\(flat spectrum"):
         assert Sp.alpha_hat(frame) == pytest.approx(frame["alpha"].iloc[1] * math.log(frame["lambda_max"].iloc[1]))
 
 
-def test_a_flat_top_cluster_is_never_xmin_and_the_tail_below_it_is_fitted(monkeypatch):
+def test_a_flat_top_cluster_is_never_xmin_and_the_tail_below_it_is_fitted():
     """A power-law sample topped by 60 values equal to 1e-7 relative, spread as a power law of huge alpha
     (exponential quantiles in log): the cluster alone is the tail of least KS distance (alpha ~1e7); the fit
     takes a spanning tail instead, exactly the best of the exhaustive scan without the cluster's candidates."""
@@ -199,9 +228,8 @@ def test_a_flat_top_cluster_is_never_xmin_and_the_tail_below_it_is_fitted(monkey
     top = float(x.max()) * 2
     spread = -torch.log(1 - (torch.arange(60, dtype=torch.float64) + 0.5) / 60)
     clustered = torch.cat([x, top * (1 + 1e-7 * spread)])
-    monkeypatch.setattr(Sp, "FLAT_TAIL_RTOL", 0.0)
-    assert Sp.fit_power_law(clustered).alpha > 1e6  # without the rule the cluster is the tail
-    monkeypatch.undo()
+    without = dataclasses.replace(Sp.SEED001, flat_tail_rtol=None)
+    assert Sp.fit_power_law(clustered, convention=without).alpha > 1e6  # without the rule the cluster is the tail
     fit = Sp.fit_power_law(clustered)
     assert fit.status == "success" and fit.xmin < top and fit.n_tail > 60 and 1 < fit.alpha < 10
     # the same candidates scanned exhaustively, those inside the cluster left out

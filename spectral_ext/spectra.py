@@ -6,16 +6,17 @@ the capacity metric alpha-hat (equation 12).
 
 One spectrum per weight serves every metric (ESD, numerical and stable rank,
 lambda_max, alpha): float64 Gram matrices of the smaller side and eigvalsh,
-batched over weights of one shape (_linalg.gram_singular_values). Seed 001's
-conventions are the default; WeightWatcher 0.7.7's (convention=
-"weightwatcher") are offered by name, see weight_singular_values and
-fit_power_law."""
+batched over weights of one shape (_linalg.gram_singular_values). How a
+weight becomes a spectrum and how its tail is fitted is a PowerLawConvention:
+seed 001's (SEED001) is the default; WeightWatcher 0.7.7's
+(compat.weightwatcher.WEIGHTWATCHER) is passed in, or named
+(convention="weightwatcher", power_law_convention)."""
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable
 from numbers import Real
 
 import numpy as np
@@ -74,11 +75,7 @@ def circular_conv_matrix(weight: torch.Tensor, m: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Power-law fits of ESD tails, vectorised over every candidate xmin and batched over spectra
 
-CONVENTIONS = ("seed001", "weightwatcher")
-# WeightWatcher 0.7.7's constants (constants.py EVALS_THRESH, WW_powerlaw.py SMALL_N_CUTOFF and k_min).
-WW_EVALS_THRESH = 1e-5
-WW_SMALL_N = 20
-WW_SMALL_N_MIN_TAIL = 8
+CONVENTIONS = ("seed001", "weightwatcher")  # the conventions known by name (power_law_convention)
 # A tail spanning less than this (xmax < (1 + FLAT_TAIL_RTOL) xmin) has an MLE alpha above 1 / ln(1.001) + 1 = 1,001:
 # such a number describes the rounding of a flat spectrum (an orthogonal initialisation: every eigenvalue 1 to
 # float32 precision), not a power law, so seed 001's fit does not take such a tail as xmin.
@@ -87,10 +84,82 @@ _FULL_SCAN_ELEMENTS = 1 << 17  # (rows x tail pairs) per block of the exhaustive
 _EXHAUSTIVE_N = 384  # longer spectra are scanned one at a time with lower bounds first
 
 
-def _check_convention(convention) -> str:
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    return convention
+@dataclasses.dataclass(frozen=True)
+class PowerLawConvention:
+    """How a weight becomes a spectrum and how a power law is fitted to the
+    tail of its ESD: every rule in which seed 001 and WeightWatcher differ.
+    The fit itself is one (the continuous MLE alpha = 1 + n / sum ln(x_i /
+    xmin) of Clauset, Shalizi and Newman 2009, xmin chosen by the KS
+    distance: fit_power_laws), read through these fields. SEED001 is the
+    default; compat.weightwatcher.WEIGHTWATCHER is WeightWatcher 0.7.7's.
+
+    Weights to matrices: kernel_slices (a Conv2d as its kh*kw slices
+    W[:, :, i, j], pooled, each multiplied by slice_scale) or the unfolding
+    W1 = weight.reshape(out, in*k*k); grouped_blocks (a grouped convolution
+    as the diagonal blocks of its block-diagonal W1, or its weight as
+    stored); kinds (the weights.WeightTensor kinds analysed, None: every
+    kind). ESD: eigenvalues above evals_thresh are fitted. xmin scan:
+    fixed_xmin (whether xmin= may be given), xmin_tail (the shortest tail an
+    xmin may have, None: the caller's min_tail), distinct_xmin (ties tried
+    once), finite_alpha (a tail of equal values is no candidate),
+    flat_tail_rtol (tails spanning less are never xmin, None: no such rule).
+    Small samples: below small_n values the bias-corrected alpha = 1 + (n -
+    1) / sum ln(x_i / xmin) over tails of at least small_n_min_tail;
+    fallback (WWFit's: where no candidate qualifies, the first one refused,
+    KS 1; below small_n the whole sample). two_sided_ks: the KS distance of
+    Clauset et al. or its lower side only. failed_status: the status of a
+    failed fit (None: why it failed). alpha-hat: alpha_hat_log of lambda_max
+    times alpha, the mean over layers (alpha_hat_mean) or the sum. name:
+    the convention's name in tables (attrs["convention"]); title: whose it
+    is, in notes."""
+
+    name: str
+    title: str
+    kernel_slices: bool = False
+    slice_scale: float = 1.0
+    grouped_blocks: bool = True
+    kinds: tuple[str, ...] | None = None
+    evals_thresh: float = 0.0
+    fixed_xmin: bool = True
+    xmin_tail: int | None = None
+    distinct_xmin: bool = True
+    finite_alpha: bool = True
+    flat_tail_rtol: float | None = FLAT_TAIL_RTOL
+    small_n: int = 0
+    small_n_min_tail: int = 0
+    fallback: bool = False
+    two_sided_ks: bool = True
+    failed_status: str | None = None
+    alpha_hat_log: Callable = np.log
+    alpha_hat_mean: bool = False
+
+    def analyses(self, kind: str) -> bool:
+        """Whether weights of this kind (weights.WeightTensor.kind, layers.LinearMap.kind) are analysed."""
+        return self.kinds is None or kind in self.kinds
+
+
+SEED001 = PowerLawConvention("seed001", "seed 001")  # the ESD of W1 W1^T, section 4
+
+
+def power_law_convention(convention) -> PowerLawConvention:
+    """The PowerLawConvention a `convention=` argument stands for: the one
+    place where a name becomes a convention.
+
+    Args:
+        convention: a PowerLawConvention, or one of the names CONVENTIONS:
+            "seed001" (SEED001) or "weightwatcher"
+            (compat.weightwatcher.WEIGHTWATCHER).
+
+    Returns:
+        The PowerLawConvention."""
+    if isinstance(convention, PowerLawConvention):
+        return convention
+    if isinstance(convention, str) and convention == "seed001":
+        return SEED001
+    if isinstance(convention, str) and convention == "weightwatcher":
+        from .compat.weightwatcher import WEIGHTWATCHER  # deferred: the adapter builds on this module
+        return WEIGHTWATCHER
+    raise ValueError(f"convention must be a PowerLawConvention or one of {CONVENTIONS}, got {convention!r}")
 
 
 def _deviation(ratio, alpha, offset, n_i, two_sided):
@@ -228,22 +297,31 @@ def _sorted_rows(eigenvalues, name="eigenvalues"):
 
 
 def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
-                   convention: str = "seed001") -> pd.DataFrame:
-    """fit_power_law (the ESD power law of seed 001 section 4) of each row of a batch (rows, n) of spectra, vectorised
-    over rows and candidate xmin (or at the given xmin: see fit_power_law): one DataFrame row per spectrum with
-    the columns of PowerLawFit."""
-    _check_convention(convention)
+                   convention: PowerLawConvention | str = "seed001") -> PowerLawFits:
+    """fit_power_law (the ESD power law of seed 001 section 4) of each row of
+    a batch (rows, n) of spectra, vectorised over rows and candidate xmin (or
+    at the given xmin: see fit_power_law).
+
+    Args:
+        eigenvalues: a batch (rows, n) of real spectra (or one 1-d spectrum).
+        xmin: None (scan) or a positive finite xmin for every row.
+        min_tail: the shortest tail (where the convention uses it).
+        convention: a PowerLawConvention or its name (power_law_convention).
+
+    Returns:
+        A PowerLawFits: one fit per row; `.to_frame()` one DataFrame row per
+        spectrum with the columns of PowerLawFit."""
+    conv = power_law_convention(convention)
     _checks.positive_int("min_tail", min_tail)
     if xmin is not None:
-        if convention == "weightwatcher":
-            raise ValueError("xmin cannot be given with convention='weightwatcher' (WWFit always scans)")
+        if not conv.fixed_xmin:
+            raise ValueError(f"xmin cannot be given with convention={conv.name!r} ({conv.title}'s fit always scans)")
         if isinstance(xmin, bool) or not isinstance(xmin, Real) or not 0 < xmin < math.inf:
             raise ValueError(f"xmin must be a positive finite number or None, got {xmin!r}")
-        return _fit_at(_sorted_rows(eigenvalues), float(xmin), min_tail)
+        return _fit_at(_sorted_rows(eigenvalues), float(xmin), min_tail, conv)
     x = _sorted_rows(eigenvalues)
     rows, n = x.shape
-    weightwatcher = convention == "weightwatcher"
-    usable = x > (WW_EVALS_THRESH if weightwatcher else 0.0)
+    usable = x > conv.evals_thresh
     start = n - usable.sum(1)  # usable values are a suffix of each sorted row
     count = n - start
     idx = np.arange(n)[None, :]
@@ -252,46 +330,48 @@ def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
     suffix = np.cumsum(logs[:, ::-1], axis=1)[:, ::-1]  # sum of ln x_j over j >= i
     denominator = suffix - n_i * logs
     in_data = idx >= start[:, None]
+    shortest = min_tail if conv.xmin_tail is None else conv.xmin_tail
+    flat = np.zeros(rows, dtype=bool)
     with np.errstate(divide="ignore", invalid="ignore"):
-        if weightwatcher:
-            small = (count < WW_SMALL_N)[:, None]
-            eligible = ~small | ((n_i >= WW_SMALL_N_MIN_TAIL) & (denominator > 1e-12))
-            alphas = np.where(small, np.where(eligible, 1 + (n_i - 1) / denominator, 0.0), 1 + n_i / denominator)
-            valid = in_data & (idx <= n - 2) & eligible & (alphas > 1)
-        else:
-            alphas = 1 + n_i / denominator
+        alphas = 1 + n_i / denominator
+        valid = in_data & (n_i >= shortest)
+        if conv.small_n:  # few values: the bias-corrected MLE over tails of at least small_n_min_tail
+            small = (count < conv.small_n)[:, None]
+            eligible = ~small | ((n_i >= conv.small_n_min_tail) & (denominator > 1e-12))
+            alphas = np.where(small, np.where(eligible, 1 + (n_i - 1) / denominator, 0.0), alphas)
+            valid &= eligible
+        if conv.distinct_xmin:
             distinct = np.ones_like(usable)
             distinct[:, 1:] = x[:, 1:] != x[:, :-1]
-            if xmin is None:
-                valid = in_data & (n_i >= min_tail) & (distinct | (idx == start[:, None]))
-            else:
-                first = np.maximum(start, np.sum(x < xmin, axis=1))  # the first usable value >= xmin
-                valid = idx == first[:, None]
-            valid &= np.isfinite(alphas) & (alphas > 1) & (count >= min_tail)[:, None]
-            spans = x[:, -1:] >= x * (1 + FLAT_TAIL_RTOL)
+            valid &= distinct | (idx == start[:, None])
+        valid &= alphas > 1
+        if conv.finite_alpha:
+            valid &= np.isfinite(alphas)
+        if conv.flat_tail_rtol is not None:
+            spans = x[:, -1:] >= x * (1 + conv.flat_tail_rtol)
             flat = valid.any(1) & ~(valid & spans).any(1)
             valid &= spans
-    best, dist = _best_candidates(x, logs, valid, alphas, two_sided=not weightwatcher)
+    best, dist = _best_candidates(x, logs, valid, alphas, conv.two_sided_ks)
     chosen, ks = best.copy(), dist.copy()
     sigma_alpha = np.full(rows, np.nan)
     sigma_alpha[best >= 0] = alphas[best >= 0, best[best >= 0]]
-    # WeightWatcher's fallbacks, row by row (few rows): WWFit takes the first minimum of its distances, 1
-    # where no fit was made; the small-N fallback fits the whole sample when no tail of 8 or more qualifies
-    for r in np.flatnonzero((count <= 1) | (best < 0) | ~(dist < 1)) if weightwatcher else ():
+    # WWFit's fallbacks, row by row (few rows): it takes the first minimum of its distances, 1 where no fit was
+    # made; below small_n the whole sample is fitted when no tail of small_n_min_tail or more qualifies
+    for r in np.flatnonzero((count <= 1) | (best < 0) | ~(dist < 1)) if conv.fallback else ():
         if count[r] <= 1:
             chosen[r] = -1
             continue
-        invalid = np.flatnonzero(in_data[r] & (idx[0] <= n - 2) & ~valid[r])
+        invalid = np.flatnonzero(in_data[r] & (n_i[0] >= shortest) & ~valid[r])
         i = int(invalid[0]) if len(invalid) else int(chosen[r])
         sigma_alpha[r], ks[r] = alphas[r, i], 1.0
-        if count[r] < WW_SMALL_N and not valid[r].any():
+        if count[r] < conv.small_n and not valid[r].any():
             i = int(start[r])
             sigma_alpha[r] = alphas[r, i]  # WWFit's sigma was computed before this refit
             if denominator[r, i] > 1e-12:
                 alphas[r, i] = 1 + (count[r] - 1) / denominator[r, i]
                 with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                     ks[r] = _deviation(x[r, i:] / x[r, i], alphas[r, i], np.arange(count[r]), float(count[r]),
-                                       False).max()
+                                       conv.two_sided_ks).max()
         chosen[r] = i
     fitted = chosen >= 0
     at = np.maximum(chosen, 0)
@@ -300,53 +380,55 @@ def fit_power_laws(eigenvalues, xmin: float | None = None, min_tail: int = 10,
     with np.errstate(divide="ignore", invalid="ignore"):
         sigma = (sigma_alpha - 1) / np.sqrt(n_tail)
     nan = np.nan
-    failed = "failed" if weightwatcher else np.where(flat, "flat spectrum", "too few eigenvalues")
-    return pd.DataFrame({
-        "alpha": np.where(fitted, alphas[picked] if n else nan, nan),
-        "xmin": np.where(fitted, x[picked] if n else nan, nan),
-        "xmax": np.where(fitted, x[:, -1] if n else nan, nan),
-        "ks": np.where(fitted, ks, nan), "sigma": np.where(fitted, sigma, nan),
-        "n_tail": n_tail.astype(np.int64), "n": count.astype(np.int64),
-        "status": np.where(fitted, "success", failed).astype(object)})
+    failed = np.where(flat, "flat spectrum", "too few eigenvalues") if conv.failed_status is None \
+        else conv.failed_status
+    return PowerLawFits(
+        alpha=np.where(fitted, alphas[picked] if n else nan, nan),
+        xmin=np.where(fitted, x[picked] if n else nan, nan),
+        xmax=np.where(fitted, x[:, -1] if n else nan, nan),
+        ks=np.where(fitted, ks, nan), sigma=np.where(fitted, sigma, nan),
+        n_tail=n_tail.astype(np.int64), n=count.astype(np.int64),
+        status=np.where(fitted, "success", failed).astype(object), convention=conv)
 
 
-def _fit_at(x: np.ndarray, xmin: float, min_tail: int) -> pd.DataFrame:
+def _fit_at(x: np.ndarray, xmin: float, min_tail: int, conv: PowerLawConvention) -> PowerLawFits:
     """fit_power_laws at a given xmin, for sorted rows x: the continuous MLE
     alpha = 1 + n / sum ln(x_i / xmin) over the n values x_i >= xmin (the
-    given xmin itself, not the nearest value above it) and the two-sided KS
-    distance of that fit on them. Fails (alpha NaN) with fewer than min_tail
-    positive values, no value >= xmin or a tail spanning less than
-    FLAT_TAIL_RTOL ("flat spectrum")."""
+    given xmin itself, not the nearest value above it) and the KS distance of
+    that fit on them. Fails (alpha NaN) with fewer than min_tail values above
+    the convention's evals_thresh, no value >= xmin or a tail spanning less
+    than its flat_tail_rtol ("flat spectrum")."""
     rows, n = x.shape
     tail = x >= xmin
     first = n - tail.sum(1)  # the tail is a suffix of each sorted row
     n_tail = n - first
-    count = (x > 0).sum(1)
+    count = (x > conv.evals_thresh).sum(1)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         logs = np.where(tail, np.log(np.where(tail, x, 1.0)) - math.log(xmin), 0.0)  # no x / xmin overflow
         alpha = 1 + n_tail / logs.sum(1)
         offset = np.arange(n)[None, :] - first[:, None]
-        d = _deviation(np.where(tail, x, xmin) / xmin, alpha[:, None], offset, np.maximum(n_tail, 1)[:, None], True)
+        d = _deviation(np.where(tail, x, xmin) / xmin, alpha[:, None], offset, np.maximum(n_tail, 1)[:, None],
+                       conv.two_sided_ks)
         ks = np.where(tail, d, 0.0).max(1) if n else np.zeros(rows)
         sigma = (alpha - 1) / np.sqrt(n_tail)
-    spans = (x[:, -1] if n else np.zeros(rows)) >= xmin * (1 + FLAT_TAIL_RTOL)
+    spans = (x[:, -1] if n else np.zeros(rows)) >= xmin * (1 + (conv.flat_tail_rtol or 0.0))
     enough = (count >= min_tail) & (n_tail > 0)
     fitted = enough & spans & np.isfinite(alpha) & (alpha > 1)
     nan = np.nan
-    return pd.DataFrame({
-        "alpha": np.where(fitted, alpha, nan), "xmin": np.where(fitted, xmin, nan),
-        "xmax": np.where(fitted, x[:, -1] if n else nan, nan), "ks": np.where(fitted, ks, nan),
-        "sigma": np.where(fitted, sigma, nan), "n_tail": np.where(fitted, n_tail, 0).astype(np.int64),
-        "n": count.astype(np.int64),
-        "status": np.where(fitted, "success", np.where(enough, "flat spectrum", "too few eigenvalues")).astype(object)})
+    failed = np.where(enough, "flat spectrum", "too few eigenvalues") if conv.failed_status is None \
+        else conv.failed_status
+    return PowerLawFits(
+        alpha=np.where(fitted, alpha, nan), xmin=np.where(fitted, xmin, nan),
+        xmax=np.where(fitted, x[:, -1] if n else nan, nan), ks=np.where(fitted, ks, nan),
+        sigma=np.where(fitted, sigma, nan), n_tail=np.where(fitted, n_tail, 0).astype(np.int64),
+        n=count.astype(np.int64), status=np.where(fitted, "success", failed).astype(object), convention=conv)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PowerLawFit(Mapping):
+@dataclasses.dataclass(frozen=True)
+class PowerLawFit:
     """fit_power_law's result: alpha, xmin, xmax, ks (the Kolmogorov-Smirnov
     distance of the tail), sigma (alpha's standard error), n_tail, n (values
-    used), status. Also read as the dict it used to be (`fit["alpha"]`,
-    `dict(fit)`); `.to_frame()` is one row with these columns."""
+    used), status. `.to_frame()` is one row with these columns."""
     alpha: float
     xmin: float
     xmax: float
@@ -356,80 +438,107 @@ class PowerLawFit(Mapping):
     n: int
     status: str
 
-    def __getitem__(self, key):
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
+    def to_frame(self) -> pd.DataFrame:
+        """One row with the fields as columns."""
+        return pd.DataFrame([dataclasses.asdict(self)])
 
-    def __iter__(self):
-        return iter(self.__dataclass_fields__)
 
-    def __len__(self) -> int:
-        return len(self.__dataclass_fields__)
+_FIT_COLUMNS = tuple(f.name for f in dataclasses.fields(PowerLawFit))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays have no single truth value
+class PowerLawFits:
+    """fit_power_laws' result: one fit per spectrum of a batch, the fields of
+    PowerLawFit as arrays (alpha, xmin, xmax, ks, sigma, n_tail, n, status),
+    and the PowerLawConvention they follow. `.to_frame()` is one row per
+    spectrum with PowerLawFit's columns."""
+    alpha: np.ndarray
+    xmin: np.ndarray
+    xmax: np.ndarray
+    ks: np.ndarray
+    sigma: np.ndarray
+    n_tail: np.ndarray
+    n: np.ndarray
+    status: np.ndarray
+    convention: PowerLawConvention = SEED001
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([dict(self)])
+        """One row per spectrum, PowerLawFit's columns."""
+        return pd.DataFrame({column: getattr(self, column) for column in _FIT_COLUMNS})
 
 
 def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10,
-                  convention: str = "seed001") -> PowerLawFit:
+                  convention: PowerLawConvention | str = "seed001") -> PowerLawFit:
     """Maximum-likelihood power law p(x) ~ x^-alpha for x >= xmin (Clauset,
     Shalizi and Newman 2009, section 3; as seed 001 section 4 and Martin and
-    Mahoney fit ESD tails): alpha = 1 + n / sum ln(x_i / xmin) over the n
-    values x_i >= xmin, with xmin chosen among the data to minimise the
-    Kolmogorov-Smirnov distance between the tail and the fit, or the given
-    xmin itself (a positive finite number; the fit and its KS distance are
-    those at exactly that xmin); sigma = (alpha - 1) / sqrt(n_tail) is the
-    MLE's standard error. eigenvalues must be real (complex ones are refused:
-    their imaginary parts would be dropped).
+    Mahoney fit ESD tails).
 
-    convention="seed001" (default): positive values, distinct xmin with
-    tails of at least min_tail, the two-sided KS distance; alpha is NaN
-    (status "too few eigenvalues") with fewer than min_tail values, and
-    (status "flat spectrum") where every such tail spans less than
-    FLAT_TAIL_RTOL = 0.1% (an orthogonal initialisation, whose MLE alpha
-    would be ~1e6: rounding, not a power law; such tails are never xmin).
-    convention="weightwatcher": WeightWatcher 0.7.7's WWFit: values above
-    1e-5, every point but the last tried as xmin, the one-sided distance;
-    below 20 values the bias-corrected alpha = 1 + (n - 1) / sum ln(x_i /
-    xmin) over tails of at least 8 (min_tail and xmin are not used).
+    alpha = 1 + n / sum ln(x_i / xmin) over the n values x_i >= xmin, with
+    xmin chosen among the data to minimise the Kolmogorov-Smirnov distance
+    between the tail and the fit, or the given xmin itself (a positive
+    finite number; the fit and its KS distance are those at exactly that
+    xmin); sigma = (alpha - 1) / sqrt(n_tail) is the MLE's standard error.
+    eigenvalues must be real (complex ones are refused: their imaginary
+    parts would be dropped).
+
+    SEED001 (the default): positive values, distinct xmin with tails of at
+    least min_tail, the two-sided KS distance; alpha is NaN (status "too few
+    eigenvalues") with fewer than min_tail values, and (status "flat
+    spectrum") where every such tail spans less than FLAT_TAIL_RTOL = 0.1%
+    (an orthogonal initialisation, whose MLE alpha would be ~1e6: rounding,
+    not a power law; such tails are never xmin).
+    compat.weightwatcher.WEIGHTWATCHER: WeightWatcher 0.7.7's WWFit: values
+    above 1e-5, every point but the last tried as xmin, the one-sided
+    distance; below 20 values the bias-corrected alpha = 1 + (n - 1) / sum
+    ln(x_i / xmin) over tails of at least 8 (min_tail and xmin are not used).
 
     The scan over xmin is vectorised (numpy over every candidate at once;
     long spectra scan candidates in order of a lower bound of their
-    distance, with the same result). Returns a PowerLawFit (alpha, xmin,
-    xmax, ks, sigma, n_tail, n, status), readable as a dict."""
-    if convention == "weightwatcher" and xmin is not None:
-        raise ValueError("xmin cannot be given with convention='weightwatcher' (WWFit always scans)")
+    distance, with the same result).
+
+    Args:
+        eigenvalues: one real spectrum (1-d).
+        xmin: None (scan) or a positive finite xmin.
+        min_tail: the shortest tail (where the convention uses it).
+        convention: a PowerLawConvention or its name (power_law_convention).
+
+    Returns:
+        A PowerLawFit (alpha, xmin, xmax, ks, sigma, n_tail, n, status)."""
+    conv = power_law_convention(convention)
+    if xmin is not None and not conv.fixed_xmin:
+        raise ValueError(f"xmin cannot be given with convention={conv.name!r} ({conv.title}'s fit always scans)")
     eig = _real_values(eigenvalues)
     if eig.dim() != 1:
         raise ValueError(f"eigenvalues must be 1-d, got shape {tuple(eig.shape)}")
-    row = fit_power_laws(eig, xmin=xmin, min_tail=min_tail, convention=convention).iloc[0]
-    return PowerLawFit(**{f: (int(row[f]) if f in ("n_tail", "n") else row[f] if f == "status" else float(row[f]))
-                          for f in PowerLawFit.__dataclass_fields__})
+    fits = fit_power_laws(eig, xmin=xmin, min_tail=min_tail, convention=conv)
+    return PowerLawFit(**{f: (int(getattr(fits, f)[0]) if f in ("n_tail", "n") else getattr(fits, f)[0]
+                              if f == "status" else float(getattr(fits, f)[0])) for f in _FIT_COLUMNS})
 
 
 # ---------------------------------------------------------------------------------------------
 # One spectrum per weight, shared by every metric
 
 
-def weight_singular_values(weights: torch.Tensor, convention: str = "seed001", groups: int = 1,
+def weight_singular_values(weights: torch.Tensor, convention: PowerLawConvention | str = "seed001", groups: int = 1,
                            dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Singular values (float64, decreasing) of a batch of weights of one
-    shape (B, out, in, *kernel) as (B, slices, k): seed 001 (default): one
-    slice, the unfolding W1 = weight.reshape(out, in*k*k) (section 3.1), or
+    shape (B, out, in, *kernel) as (B, slices, k), as the convention (a
+    PowerLawConvention or its name) makes weights into matrices: SEED001 (the
+    default): one slice, the unfolding W1 = weight.reshape(out, in*k*k) (section 3.1), or
     for a convolution of `groups` groups (weight (B, out, in/groups, *k)) its
     groups diagonal blocks (out/groups, in/groups*k), whose singular values
     are those of the block-diagonal W1 (never built);
-    "weightwatcher": a Conv2d is its kh*kw slices W[:, :, i, j] (out x in)
-    scaled by WeightWatcher 0.7.7's conv2d_norm sqrt(conv2d_count / 2) =
-    sqrt(1/2) when pooling, a Linear its weight as it is. Computed as the
+    with kernel_slices (WEIGHTWATCHER) a Conv2d is its kh*kw slices
+    W[:, :, i, j] (out x in) times slice_scale (WeightWatcher 0.7.7's
+    conv2d_norm sqrt(conv2d_count / 2) = sqrt(1/2) when pooling), a Linear
+    its weight as it is. Computed as the
     Gram matrix of the smaller side in float64 and eigvalsh, one batched
     call (_linalg.gram_singular_values); a weight whose magnitude is
     extreme (its squares would overflow or underflow float64) is divided by
     a power of two first and its values multiplied back. dtype=torch.float32:
     the Gram matrices and their eigenvalues in float32 (see weight_metrics
     for its error)."""
-    _check_convention(convention)
+    conv = power_law_convention(convention)
     _checks.tensor("weights", weights, ndims=(3, 4, 5, 6), shape="(B, out, in, *kernel)",
                    dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
     if weights.numel() == 0:
@@ -439,8 +548,8 @@ def weight_singular_values(weights: torch.Tensor, convention: str = "seed001", g
     W = weights.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
     e = _exponents(W.reshape(W.shape[0], 1, -1))  # (B, 1): one power of two per weight
     W = _times_exp2(W.reshape(W.shape[0], 1, -1), -e).reshape(W.shape)
-    if convention == "weightwatcher" and W.dim() == 5:
-        slices = W.flatten(3).permute(0, 3, 1, 2) * math.sqrt(0.5)
+    if conv.kernel_slices and W.dim() == 5:
+        slices = W.flatten(3).permute(0, 3, 1, 2) * conv.slice_scale
     else:
         slices = W.reshape(W.shape[0], groups, W.shape[1] // groups, -1)
     return _times_exp2(gram_singular_values(slices, dtype), e)
@@ -450,19 +559,23 @@ def _too_few(n: int, min_tail: int) -> str:
     return f"too few eigenvalues ({n} < min_tail {min_tail})"
 
 
-def _fit_note(status: str, n: int, min_tail: int, convention: str) -> str:
+def _fit_note(status: str, n: int, min_tail: int, conv: PowerLawConvention) -> str:
     if status == "success":
         return ""
-    if convention == "weightwatcher":
-        return f"power-law fit failed ({n} eigenvalues above 1e-5)"
+    if conv.failed_status is not None:
+        return f"power-law fit {status} ({n} eigenvalues above {conv.evals_thresh:.0e})".replace("e-0", "e-")
     if status == "flat spectrum":
         return (f"flat spectrum: every tail of {min_tail} or more of the {n} eigenvalues spans less than "
-                f"{FLAT_TAIL_RTOL:.1%} (no power law)")
+                f"{conv.flat_tail_rtol:.1%} (no power law)")
     return _too_few(n, min_tail)
 
 
-def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10, convention: str = "seed001",
-                     fit: bool = True) -> pd.DataFrame:
+def _not_analysed(kind: str, conv: PowerLawConvention) -> str:
+    return f"a {kind} is not analysed by {conv.title}'s convention"
+
+
+def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10,
+                     convention: PowerLawConvention | str = "seed001", fit: bool = True) -> pd.DataFrame:
     """Per spectrum of a batch (B, slices, k) of weight_singular_values: the
     metrics every table reports, from that one spectrum: n_eigenvalues,
     numerical_rank (seed 003 equation 4 on the pooled singular values, the
@@ -482,15 +595,16 @@ def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10, conventi
         "stable_rank": torch.where(top > 0, stable, torch.zeros_like(top)).numpy(),
         "spectral_norm": top.numpy(), "lambda_max": eig[:, 0].numpy()})
     if fit:
-        fits = fit_power_laws(eig, min_tail=min_tail, convention=convention)
+        conv = power_law_convention(convention)
+        fits = fit_power_laws(eig, min_tail=min_tail, convention=conv)
         for column in ("alpha", "xmin", "ks", "n_tail"):
-            frame[column] = fits[column].to_numpy()
-        frame["note"] = [_fit_note(status, n, min_tail, convention) for status, n in zip(fits["status"], fits["n"])]
+            frame[column] = getattr(fits, column)
+        frame["note"] = [_fit_note(status, n, min_tail, conv) for status, n in zip(fits.status, fits.n)]
     return frame
 
 
-def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 10, fit: bool = True,
-                dtype: torch.dtype = torch.float64) -> pd.DataFrame:
+def map_metrics(maps, names=None, convention: PowerLawConvention | str = "seed001", min_tail: int = 10,
+                fit: bool = True, dtype: torch.dtype = torch.float64) -> pd.DataFrame:
     """The spectral metrics of each linear map (layers.LinearMap, groups
     expanded) from its one spectrum (seed 001 sections 3.1 and 4, seed 003
     equation 4): spectrum_metrics' columns, batched over the maps whose
@@ -501,7 +615,7 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
     analyse (Conv1d/Conv3d under WeightWatcher's) gets a note only (and
     alpha NaN with fit). names: for errors; a NaN or infinite weight raises
     ValueError naming its map."""
-    _check_convention(convention)
+    conv = power_law_convention(convention)
     _checks.positive_int("min_tail", min_tail)
     maps = list(maps)
     names = list(names) if names is not None else [f"map {i}" for i in range(len(maps))]
@@ -509,7 +623,7 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
     for i, linear_map in enumerate(maps):  # the stored weight: no per-map copy before the stack
         module = linear_map.module
         weights.append(weight_of(module))
-        analysed = convention == "seed001" or linear_map.kind in ("linear", "conv2d")
+        analysed = conv.analyses(linear_map.kind)
         groups.setdefault((tuple(weights[i].shape), getattr(module, "groups", 1), analysed), []).append(i)
     parts = []
     for (shape, n_groups, analysed), index in groups.items():
@@ -519,15 +633,14 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
             raise ValueError(f"the weight of {names[bad]} contains NaN or infinite values")
         if not analysed:
             frame = pd.DataFrame(dict({"alpha": float("nan")} if fit else {},
-                                      note=[f"a {maps[i].kind} is not analysed by WeightWatcher's convention"
-                                            for i in index]))
+                                      note=[_not_analysed(maps[i].kind, conv) for i in index]))
         else:
             # a lone weight is paired with itself: batched matmuls (B >= 2) round differently from one matmul,
             # and one model's lone layer shape must give a zoo's batch of that layer's numbers (to rounding:
             # some BLAS builds round a batched product by its position in the batch)
             sigma = weight_singular_values(stack if len(index) > 1 else stack.expand(2, *stack.shape[1:]),
-                                           convention, groups=n_groups if convention == "seed001" else 1)
-            frame = spectrum_metrics(sigma[:len(index)], min_tail, convention, fit=fit)
+                                           conv, groups=n_groups if conv.grouped_blocks else 1)
+            frame = spectrum_metrics(sigma[:len(index)], min_tail, conv, fit=fit)
         frame.index = index
         parts.append(frame)
     if len(parts) == 1:
@@ -538,7 +651,7 @@ def map_metrics(maps, names=None, convention: str = "seed001", min_tail: int = 1
 WEIGHT_MEMORY = 1 << 28  # bytes of float64 weights stacked into one batched Gram call (256 MiB)
 
 
-def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit: bool = True,
+def weight_metrics(entries, convention: PowerLawConvention | str = "seed001", min_tail: int = 10, fit: bool = True,
                    memory: int = WEIGHT_MEMORY, progress: bool = False,
                    dtype: torch.dtype = torch.float64) -> pd.DataFrame:
     """map_metrics' columns for weights.WeightTensor entries, one row each in
@@ -572,14 +685,14 @@ def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit
 
     from . import weights
 
-    _check_convention(convention)
+    conv = power_law_convention(convention)
     _checks.positive_int("min_tail", min_tail)
     entries = list(entries)
     groups: dict = {}
     for i, entry in enumerate(entries):
         if entry.analysed:
-            analysed = convention == "seed001" or entry.kind in ("linear", "conv2d")
-            key = (entry.block_shape, entry.groups, entry.kernel if convention != "seed001" else (), analysed)
+            analysed = conv.analyses(entry.kind)
+            key = (entry.block_shape, entry.groups, entry.kernel if conv.kernel_slices else (), analysed)
             groups.setdefault(key, []).append(i)
     parts, since_trim = [], 0
     bar = tqdm(total=sum(e.nbytes for e in entries if e.analysed), unit="B", unit_scale=True, desc="weights",
@@ -587,8 +700,7 @@ def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit
     for (block_shape, n_groups, kernel, analysed), index in groups.items():
         if not analysed:
             frame = pd.DataFrame(dict({"alpha": float("nan")} if fit else {},
-                                      note=[f"a {entries[i].kind} is not analysed by WeightWatcher's convention"
-                                            for i in index]))
+                                      note=[_not_analysed(entries[i].kind, conv) for i in index]))
             frame.index = index
             parts.append(frame)
             continue
@@ -600,14 +712,14 @@ def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit
             for k, i in enumerate(chunk):  # each converted into its place: no second copy of the batch
                 _loaded_blocks(entries[i], stack[k])
             bar.update(sum(entries[i].nbytes for i in chunk))
-            # the stored layout (B, out, in/groups, *kernel): blocks for seed 001, kernel slices for WeightWatcher
+            # the stored layout (B, out, in/groups, *kernel): blocks (W1), or kernel slices with kernel_slices
             stack = stack.reshape(len(chunk), n_groups * block_shape[0], -1, *(kernel if len(kernel) == 2 else ()))
             # a lone weight paired with itself, as map_metrics does: one model's table equals a zoo's
             small = len(chunk) == 1 and per_entry <= 1 << 23
-            sigma = weight_singular_values(stack.expand(2, *stack.shape[1:]) if small else stack, convention,
-                                           groups=n_groups if convention == "seed001" else 1,
+            sigma = weight_singular_values(stack.expand(2, *stack.shape[1:]) if small else stack, conv,
+                                           groups=n_groups if conv.grouped_blocks else 1,
                                            dtype=dtype)[:len(chunk)]
-            frame = spectrum_metrics(sigma, min_tail, convention, fit=fit)
+            frame = spectrum_metrics(sigma, min_tail, conv, fit=fit)
             frame.index = chunk
             parts.append(frame)
             del stack, sigma
@@ -626,7 +738,7 @@ def weight_metrics(entries, convention: str = "seed001", min_tail: int = 10, fit
     for column in ("n_eigenvalues", "numerical_rank", "n_tail"):
         if column in frame:
             frame[column] = frame[column].fillna(0).astype(int)
-    frame.attrs["convention"] = convention
+    frame.attrs["convention"] = conv.name
     return frame
 
 
@@ -637,10 +749,26 @@ def _loaded_blocks(entry, out: torch.Tensor) -> torch.Tensor:
     return blocks
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # DataFrames have no single truth value
+class LayerSpectra:
+    """layer_spectra's result: its table, one row per weight (layer, kind,
+    shape, rank, groups, the metrics of its one spectrum, note; with
+    toeplitz_m alpha_w2, lambda_max_w2, n_w2), and the PowerLawConvention it
+    follows. `.to_frame()` is the table (attrs["convention"] the
+    convention's name)."""
+
+    table: pd.DataFrame
+    convention: PowerLawConvention = SEED001
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table, one row per weight."""
+        return self.table
+
+
 @models_in_eval_mode
 def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
-                  min_tail: int = 10, convention: str = "seed001", vectors: bool = False,
-                  progress: bool = False, dtype: torch.dtype = torch.float64) -> pd.DataFrame:
+                  min_tail: int = 10, convention: PowerLawConvention | str = "seed001", vectors: bool = False,
+                  progress: bool = False, dtype: torch.dtype = torch.float64) -> LayerSpectra:
     """One row per weight of the model, seed 001 sections 3-4, from the
     weights alone (no input, no forward: weights.read_weights): layer (the
     module's qualified name), kind, shape (of W1), rank (min of the shape),
@@ -663,14 +791,18 @@ def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
     dtype: torch.float64 (default) or torch.float32, the opt-in fast route
     whose error weight_metrics states.
 
-    convention: "seed001" (default: the ESD of W1 W1^T, section 4) or
+    convention: a PowerLawConvention or its name: SEED001 / "seed001"
+    (default: the ESD of W1 W1^T, section 4) or WEIGHTWATCHER /
     "weightwatcher" (pooled, scaled kh*kw slices of a Conv2d and WWFit's
     rules, see weight_singular_values and fit_power_law; only Linear and
     Conv2d are analysed there). The frame's attrs["convention"] records the
-    convention."""
+    convention's name.
+
+    Returns:
+        A LayerSpectra; `.to_frame()` the table described above."""
     from . import weights
 
-    _check_convention(convention)
+    conv = power_law_convention(convention)
     _checks.positive_int("min_tail", min_tail)
     if toeplitz_m is not None:
         _checks.int_pair("toeplitz_m", toeplitz_m)
@@ -680,7 +812,7 @@ def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
                          "tensor of two or more dimensions)")
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32 (the opt-in fast route), got {dtype!r}")
-    frame = weight_metrics(entries, convention, min_tail, progress=progress, dtype=dtype)
+    frame = weight_metrics(entries, conv, min_tail, progress=progress, dtype=dtype)
     if toeplitz_m is not None:
         columns = {"alpha_w2": [], "lambda_max_w2": [], "n_w2": []}
         for entry in entries:
@@ -695,40 +827,43 @@ def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
                 columns[column].append(value)
         for column, values in columns.items():
             frame[column] = values
-    return frame
+    return LayerSpectra(frame, conv)
 
 
-def alpha_hat_of(alpha, lambda_max, convention: str = "seed001") -> float:
+def alpha_hat_of(alpha, lambda_max, convention: PowerLawConvention | str = "seed001") -> float:
     """alpha-hat from per-layer alpha and lambda_max (layers whose alpha is
-    NaN left out; NaN when none is left): seed 001 equation 12's sum of
-    alpha ln(lambda_max), or with convention="weightwatcher" the mean of
-    WeightWatcher's alpha_weighted = alpha log10(lambda_max). The one rule
-    behind alpha_hat and zoo.model_metrics' alpha_hat column (alpha_hats)."""
+    NaN left out; NaN when none is left): SEED001's seed 001 equation 12, the
+    sum of alpha ln(lambda_max), or WEIGHTWATCHER's mean of WeightWatcher's
+    alpha_weighted = alpha log10(lambda_max) (the convention's alpha_hat_log
+    and alpha_hat_mean). The one rule behind alpha_hat and zoo.model_metrics'
+    alpha_hat column (alpha_hats)."""
     alpha = np.asarray(alpha, dtype=np.float64)
     return float(alpha_hats(alpha[None], np.asarray(lambda_max, dtype=np.float64)[None], convention)[0])
 
 
-def alpha_hats(alpha: np.ndarray, lambda_max: np.ndarray, convention: str = "seed001") -> np.ndarray:
+def alpha_hats(alpha: np.ndarray, lambda_max: np.ndarray,
+               convention: PowerLawConvention | str = "seed001") -> np.ndarray:
     """alpha_hat_of for each row of (models, layers) arrays at once."""
+    conv = power_law_convention(convention)
     usable = ~np.isnan(alpha)
-    log = np.log10 if _check_convention(convention) == "weightwatcher" else np.log
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(usable, alpha * log(np.where(usable, lambda_max, 1.0)), 0.0)
+        terms = np.where(usable, alpha * conv.alpha_hat_log(np.where(usable, lambda_max, 1.0)), 0.0)
         total = terms.sum(1)
-        return np.where(usable.any(1), total / usable.sum(1) if convention == "weightwatcher" else total, np.nan)
+        return np.where(usable.any(1), total / usable.sum(1) if conv.alpha_hat_mean else total, np.nan)
 
 
 @models_in_eval_mode
-def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention: str | None = None,
-              embeddings: bool = False) -> float:
+def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10,
+              convention: PowerLawConvention | str | None = None, embeddings: bool = False) -> float:
     """Capacity metric alpha-hat = sum over layers of alpha_L * ln(lambda_max_L)
     (seed 001 equation 12, Martin and Mahoney). Takes a model or the
     layer_spectra frame it is given (no spectrum is recomputed then).
 
     Layers without a fit (fewer than min_tail eigenvalues, see the frame's
     note column) are left out, and a warning names them: the result says
-    which layers it used. convention: "seed001" (the default, or the
-    frame's attrs) or "weightwatcher": WeightWatcher's get_summary()
+    which layers it used. convention: a PowerLawConvention or its name,
+    SEED001 / "seed001" (the default, or the result's or frame's) or
+    WEIGHTWATCHER / "weightwatcher": WeightWatcher's get_summary()
     alpha_weighted, the mean of alpha * log10(lambda_max) over its layers
     (DeepDataProfiler averages too; the paper sums). The sum runs over the
     maps between representations (Linear, Conv, ConvTranspose, attention
@@ -736,18 +871,24 @@ def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention
     included) only with embeddings=True: seed 001 sums over the network's
     layers, and a lookup table's spectrum describes its vocabulary, not a
     layer's map. model_or_frame: anything layer_spectra takes (a module, a
-    state_dict, a checkpoint path) or its frame. Returns a float."""
-    if isinstance(model_or_frame, pd.DataFrame):
+    state_dict, a checkpoint path), its LayerSpectra or their frame.
+
+    Returns:
+        alpha-hat, a float."""
+    if isinstance(model_or_frame, LayerSpectra):
+        conv = power_law_convention(model_or_frame.convention if convention is None else convention)
+        frame = model_or_frame.to_frame()
+    elif isinstance(model_or_frame, pd.DataFrame):
         frame = model_or_frame
-        convention = _check_convention(convention or frame.attrs.get("convention", "seed001"))
+        conv = power_law_convention(convention or frame.attrs.get("convention", "seed001"))
         if "layer" not in frame and "name" in frame:  # a frame of the versions that named the column "name"
             frame = frame.rename(columns={"name": "layer"})
         missing = [c for c in ("layer", "alpha", "lambda_max") if c not in frame]
         if missing:
             raise ValueError(f"model_or_frame is a DataFrame without the layer_spectra columns {missing}")
     else:
-        convention = _check_convention(convention or "seed001")
-        frame = layer_spectra(model_or_frame, min_tail=min_tail, convention=convention)
+        conv = power_law_convention(convention or "seed001")
+        frame = layer_spectra(model_or_frame, min_tail=min_tail, convention=conv).to_frame()
     if not embeddings and "kind" in frame:  # lookup tables, not maps between representations
         frame = frame[frame["kind"] != "embedding"]
     usable = frame["alpha"].notna()
@@ -758,7 +899,7 @@ def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10, convention
         notes = left["note"] if "note" in left else ["no fit"] * len(left)
         warnings.warn(f"alpha_hat used {int(usable.sum())} of {len(frame)} layers; left out: "
                       + "; ".join(f"{n} ({why})" for n, why in zip(left["layer"], notes)), stacklevel=2)
-    return alpha_hat_of(frame["alpha"], frame["lambda_max"], convention)
+    return alpha_hat_of(frame["alpha"], frame["lambda_max"], conv)
 
 
 def sample_power_law(alpha: float, xmin: float, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -84,7 +84,7 @@ with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             parts.append(part)
         frame = pd.concat(parts, ignore_index=True)
     elif side == "layer_spectra":
-        frame = spectra.layer_spectra(source)
+        frame = spectra.layer_spectra(source).to_frame()
     else:
         code = cli.main(["zoo", source, "--metrics", "alpha", "--quiet", "--no-report", "--out", out + ".zoo"])
         assert code == 0, code

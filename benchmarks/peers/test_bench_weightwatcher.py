@@ -123,10 +123,11 @@ def test_layer_spectra_of_grouped_convolutions_vs_weightwatcher(benchmark, arch)
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None)
     benchmark.group = f"layer_spectra vs WeightWatcher.analyze() on {arch}"
-    got, expected = interleaved(benchmark, lambda: spectra.layer_spectra(model),
+    got, expected = interleaved(benchmark, lambda: spectra.layer_spectra(model).to_frame(),
                                 quiet(lambda: ww.WeightWatcher(model=model).analyze()))
     assert len(got) >= len(expected)
-    ours = np.sort(spectra.layer_spectra(model, convention="weightwatcher")["lambda_max"].dropna().to_numpy())
+    frame = spectra.layer_spectra(model, convention="weightwatcher").to_frame()
+    ours = np.sort(frame["lambda_max"].dropna().to_numpy())
     for value in expected["lambda_max"].astype(float):
         nearest = ours[np.clip(np.searchsorted(ours, value), 0, len(ours) - 1)]
         assert abs(nearest - value) <= 1e-8 * value or np.isclose(ours, value, rtol=1e-8).any()

@@ -45,8 +45,8 @@ WW_powerlaw.py), read line by line:
   route), small slices batched by shape across layers, every larger layer
   read, computed and freed in turn.
 - the power-law fit is WWFit (spectra.fit_power_law(convention=
-  "weightwatcher")): eigenvalues above 1e-5, every point but the last as
-  xmin, one-sided KS distance D, sigma = (alpha - 1) / sqrt(n_tail); below
+  WEIGHTWATCHER), the convention object below): eigenvalues above 1e-5,
+  every point but the last as xmin, one-sided KS distance D, sigma = (alpha - 1) / sqrt(n_tail); below
   20 eigenvalues the bias-corrected alpha over tails of at least 8.
 - columns: has_esd, num_evals, sv_max, sv_min (WeightWatcher's running
   maximum of each slice's smallest singular value), rank_loss (per slice,
@@ -120,6 +120,20 @@ from .. import spectra, weights
 from .._linalg import _eigvalsh, _matmul, gram_singular_values
 
 __version__ = "0.7.7"  # the WeightWatcher release whose conventions this reproduces
+
+# WeightWatcher 0.7.7's constants (constants.py EVALS_THRESH, WW_powerlaw.py SMALL_N_CUTOFF and k_min).
+EVALS_THRESH = 1e-5
+SMALL_N = 20
+SMALL_N_MIN_TAIL = 8
+# WeightWatcher's spectra and WWFit as a spectra.PowerLawConvention (convention="weightwatcher" names it): a
+# Conv2d as its kh*kw slices scaled by conv2d_norm sqrt(conv2d_count / 2) = sqrt(1/2) when pooling, only Linear
+# and Conv2d analysed; eigenvalues above EVALS_THRESH, every point but the last as xmin, the one-sided KS distance,
+# the bias-corrected alpha below SMALL_N values and WWFit's fallbacks; alpha-hat the mean alpha_weighted.
+WEIGHTWATCHER = spectra.PowerLawConvention(
+    "weightwatcher", "WeightWatcher", kernel_slices=True, slice_scale=math.sqrt(0.5), grouped_blocks=False,
+    kinds=("linear", "conv2d"), evals_thresh=EVALS_THRESH, fixed_xmin=False, xmin_tail=2, distinct_xmin=False,
+    finite_alpha=False, flat_tail_rtol=None, small_n=SMALL_N, small_n_min_tail=SMALL_N_MIN_TAIL, fallback=True,
+    two_sided_ks=False, failed_status="failed", alpha_hat_log=np.log10, alpha_hat_mean=True)
 
 DEFAULT_MIN_EVALS = 8
 DEFAULT_MAX_EVALS = 15000
@@ -663,7 +677,8 @@ class WeightWatcher:
         if pl_package == "ww":  # WWFit, batched over the layers of one ESD size
             for n in sorted({len(e) for e in evals}):
                 same = [k for k, e in enumerate(evals) if len(e) == n]
-                frame = spectra.fit_power_laws(np.stack([evals[k] for k in same]), convention="weightwatcher")
+                frame = spectra.fit_power_laws(np.stack([evals[k] for k in same]),
+                                               convention=WEIGHTWATCHER).to_frame()
                 fits.update({k: frame.iloc[j] for j, k in enumerate(same)})
         else:  # the powerlaw package, layer by layer, called as WeightWatcher calls it
             fits = {k: _powerlaw_package_fit(e, fit_type, xmax, fix_fingers, xmin_max) for k, e in enumerate(evals)}
@@ -739,7 +754,7 @@ class WeightWatcher:
 
         def count(layer, evals, slices):
             if method in ("alpha_min", "auto"):
-                fit_row = spectra.fit_power_laws(evals[None], convention="weightwatcher").iloc[0]
+                fit_row = spectra.fit_power_laws(evals[None], convention=WEIGHTWATCHER).to_frame().iloc[0]
                 spikes = _fit_columns(evals, fit_row)
                 if method == "alpha_min":
                     return spikes["num_pl_spikes"]
@@ -896,7 +911,7 @@ class WeightWatcher:
         <savefig>/ww.layer<id>.esd.png when savefig is a folder or True."""
         from .. import plot
 
-        positive = evals[evals > spectra.WW_EVALS_THRESH]
+        positive = evals[evals > EVALS_THRESH]
         if not len(positive):
             return None
         fig = plot.esd(positive, fit=dict(fit) if fit["status"] == "success" else None,
@@ -1079,7 +1094,7 @@ def _powerlaw_package_fit(evals, fit_type, xmax, fix_fingers, xmin_max) -> dict:
     xmax = float(np.max(evals)) if xmax == "force" else None
     out = {"status": "failed", "alpha": -1, "Lambda": -1, "xmin": -1, "xmax": xmax, "ks": -1, "sigma": -1}
     try:
-        nz = evals[evals > spectra.WW_EVALS_THRESH]
+        nz = evals[evals > EVALS_THRESH]
         xmin = None
         if fix_fingers == "xmin_peak":
             counts, edges = np.histogram(np.log10(nz), bins=100)

@@ -26,7 +26,7 @@ def _signature(graph) -> tuple:
 
 @models_in_eval_mode
 def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), example_input=None,
-                  dtype=torch.float64, convention: str = "seed001", min_tail: int = 10,
+                  dtype=torch.float64, convention: spectra.PowerLawConvention | str = "seed001", min_tail: int = 10,
                   graphs=None) -> ZooTables:
     """Per-model metrics for {name: model}, batched per architecture.
 
@@ -34,7 +34,8 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
     stable_rank, spectral_norm, lambda_max; "alpha": the power-law alpha of the
     ESD per layer (seed 001; a note says why a fit is missing) and alpha_hat
     per model (spectra.alpha_hat's rule: seed 001's sum, or WeightWatcher's
-    mean alpha_weighted with convention="weightwatcher"); "svr": per edge the
+    mean alpha_weighted with convention="weightwatcher"; convention: a
+    spectra.PowerLawConvention or its name); "svr": per edge the
     internal dimensions and significant-edge count of the SVR (seed 000), via
     svr_many. Every layer's spectrum is computed once for all of these, one
     batched call per layer over the models of a group, and the power-law
@@ -46,7 +47,7 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ZooError(f"unknown metrics {unknown}; choose among {METRICS}")
-    spectra._check_convention(convention)
+    convention = spectra.power_law_convention(convention)
     if graphs is None:  # one dataflow trace per architecture (same class and parameter shapes)
         members = _Members(models.items(), None, False, example_input)
         # one finiteness check for them all; one per member (naming it) only when it fails
@@ -110,8 +111,9 @@ RANK_COLUMNS = ("numerical_rank", "stable_rank", "spectral_norm", "lambda_max")
 ALPHA_COLUMNS = ("alpha", "xmin", "ks", "n_tail")
 
 
-def weight_model_metrics(members, metrics=("rank", "alpha"), convention: str = "seed001", min_tail: int = 10,
-                         memory: int | None = None, progress: bool = False, embeddings: bool = False) -> ZooTables:
+def weight_model_metrics(members, metrics=("rank", "alpha"), convention: spectra.PowerLawConvention | str = "seed001",
+                         min_tail: int = 10, memory: int | None = None, progress: bool = False,
+                         embeddings: bool = False) -> ZooTables:
     """Per-model metrics of {name: source} from the weights alone: no
     architecture, no forward (the zoo's route without arch). source: anything
     weights.read_weights takes (a checkpoint file, a Hugging Face model or
@@ -141,7 +143,7 @@ def weight_model_metrics(members, metrics=("rank", "alpha"), convention: str = "
     if dataflow:
         raise ZooError(f"the metrics {dataflow} run the models: pass arch to build them (from the weights alone: "
                        f"{list(WEIGHT_METRICS)})", argument="arch")
-    spectra._check_convention(convention)
+    convention = spectra.power_law_convention(convention)
     entries_of = {}
     for name, source in members.items():
         entries = list(source) if isinstance(source, (list, tuple)) else weights.read_weights(source, name=str(name))
