@@ -377,8 +377,9 @@ TORCHVISION = {
     "wide_resnet": (lambda: cheap_model("wide_resnet50_2"), 32),
 }
 # fx keeps a function whole that calls maps by their weights: Swin's shifted_window_attention (F.linear on
-# attn.qkv and attn.proj), ViT's F.multi_head_attention_forward (out_proj); the eager tracer sees those calls
-FX_SEES_FEWER = {"swin", "vit"}
+# attn.qkv and attn.proj); the eager tracer sees those calls. (ViT's nn.MultiheadAttention, a leaf for fx,
+# has its rule in both tracers.)
+FX_SEES_FEWER = {"swin"}
 SLOW_TORCHVISION = {"densenet", "efficientnet_v2", "googlenet", "vit", "resnext", "wide_resnet", "convnext",
                     "shufflenet_v2", "efficientnet", "inception_v3", "alexnet"}
 
@@ -390,8 +391,9 @@ def test_forced_eager_tracer_gives_the_fx_graph_on_every_torchvision_family(fami
     rows, the maps' order, their BatchNorms) on every family fx follows
     whole; where fx misses maps (FX_SEES_FEWER) "auto" takes the eager graph,
     which holds fx's edges and more. Either way every map the forward runs
-    has an incoming edge but the stem (and ViT's out_proj, whose input comes
-    from in_proj_weight, no map) and an outgoing one but the classifier."""
+    has an incoming edge but the stem (ViT's out_proj too: it reads the
+    value rows of its attention's in_proj_weight, a map) and an outgoing one
+    but the classifier."""
     pytest.importorskip("torchvision")
     build, size = TORCHVISION[family]
     model, x = build(), torch.zeros(1, 3, size, size)
@@ -413,10 +415,180 @@ def test_forced_eager_tracer_gives_the_fx_graph_on_every_torchvision_family(fami
         assert [m.batchnorm_name for m in eager.maps.values()] == [m.batchnorm_name for m in fx.maps.values()]
     fed, feeding = {c.next for c in eager.connections}, {c.previous for c in eager.connections}
     stem, classifier = next(iter(eager.maps)), list(eager.maps)[-1]
-    no_map_input = {n for n in eager.maps if n.endswith("self_attention.out_proj")}
-    assert len(no_map_input) == (12 if family == "vit" else 0)
-    assert {n for n in eager.maps if n not in fed} == {stem} | no_map_input
+    assert {n for n in eager.maps if n not in fed} == {stem}
     assert {n for n in eager.maps if n not in feeding} == {classifier}
+
+
+def small_vit():
+    """torchvision's VisionTransformer, two blocks 32 wide (its head, zero
+    at initialisation, drawn at random: an SVD needs a spectrum)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight)
+    return model
+
+
+def torchvision_vit_edges(layers=2):
+    """torchvision's ViT: pre-norm blocks whose attention is an
+    nn.MultiheadAttention, its q, k, v packed in in_proj_weight (one map):
+    conv_proj (the patches as tokens) and each block's out_proj and mlp.3
+    write the stream that every later in_proj and mlp.0 reads through its
+    LayerNorm; in_proj -> out_proj through its value rows. The head reads the
+    class token, which no patch reaches but through an attention: the stream
+    less conv_proj."""
+    blocks = [(f"encoder.layers.encoder_layer_{i}.self_attention.", f"encoder.layers.encoder_layer_{i}.mlp.")
+              for i in range(layers)]
+    edges, stream = prenorm_edges(blocks, ["conv_proj"], ("in_proj_weight",) * 3, "out_proj", ("0", "3"))
+    return edges | {(s, "heads.head") for s in stream[1:]}
+
+
+def torch_encoder(norm_first=False, batch_first=True):
+    """torch's own nn.TransformerEncoder (two layers, 16 wide, 2 heads)
+    between a Linear that embeds the tokens and one that reads them."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=batch_first, norm_first=norm_first)
+    return nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                         nn.Linear(16, 3)).eval()
+
+
+def torch_encoder_edges(layers=2):
+    """nn.TransformerEncoder, post-norm (norm(x + block(x))) or pre-norm:
+    either way every block reads the stream written by the embedding and the
+    earlier out_proj and linear2 (through the LayerNorms), in_proj -> out_proj
+    through its value rows, linear1 -> linear2, and the last Linear reads
+    the stream."""
+    blocks = [(f"1.layers.{i}.self_attn.", f"1.layers.{i}.") for i in range(layers)]
+    edges, stream = prenorm_edges(blocks, ["0"], ("in_proj_weight",) * 3, "out_proj", ("linear1", "linear2"))
+    return edges | {(s, "2") for s in stream}
+
+
+ATTENTION_MODELS = {  # a builder, an input, the edges, the maps reading the input, the outputs
+    "torchvision_vit": (small_vit, lambda: torch.randn(1, 3, 16, 16), torchvision_vit_edges, {"conv_proj"},
+                        {"heads.head"}),
+    "torch_encoder": (torch_encoder, lambda: torch.randn(2, 5, 8), torch_encoder_edges, {"0"}, {"2"}),
+    "torch_encoder_norm_first": (lambda: torch_encoder(norm_first=True, batch_first=False),
+                                 lambda: torch.randn(5, 2, 8), torch_encoder_edges, {"0"}, {"2"}),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_MODELS))
+def test_multihead_attention_in_proj_is_a_map_on_the_value_path(name):
+    """nn.MultiheadAttention's in_proj_weight is the map
+    "<attention>.in_proj_weight": the stated edges; every map has an incoming
+    edge but those reading the input and an outgoing one but the outputs and
+    the q and k rows (named in stopped_at); out_proj reads the value rows
+    (2E + c -> input c, one to one: each head's values to the same head's
+    inputs); the same graph from torch.fx where it traces the model
+    (torchvision's ViT: the attention is an fx leaf), and "auto" takes the
+    eager tracer on nn.TransformerEncoder, whose forward fx cannot follow."""
+    pytest.importorskip("torchvision")
+    build_model, example, expected, reading_the_input, outputs = ATTENTION_MODELS[name]
+    model, x = build_model(), example()
+    g = se.discover(model, x)
+    assert g.tracer == ("fx" if name == "torchvision_vit" else "eager")
+    assert {(c.previous, c.next) for c in g.connections} == expected()
+    run = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    projections = {n + ".in_proj_weight" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    assert set(g.maps) == run | projections and len(projections) == 2
+    fed, feeding = {c.next for c in g.connections}, {c.previous for c in g.connections}
+    assert {n for n in g.maps if n not in fed} == reading_the_input
+    scores = {n for s in g.stopped_at for names in re.findall(r"end in the scores: (.*)\)$", s)
+              for n in names.split(", ")}
+    assert scores == projections
+    assert {n for n in g.maps if n not in feeding} == outputs  # the packed projections feed on: no exception
+    for p in projections:
+        m = g.maps[p]
+        assert (m.kind, m.in_channels, m.out_channels) == ("linear", m.out_channels // 3, m.out_channels)
+        assert m.module.weight is m.module.attention.in_proj_weight
+        torch.testing.assert_close(m.matrix(), m.module.attention.in_proj_weight.detach())
+        e = m.in_channels
+        c = g.connection(p, p.replace("in_proj_weight", "out_proj"))
+        torch.testing.assert_close(c.channels, torch.arange(2 * e, 3 * e))
+        torch.testing.assert_close(c.rows, torch.arange(e)[:, None])
+        assert c.kind == "fc" and c.null_dimension == 3 * e
+    eager = se.discover(model, x, tracer="eager")
+
+    def edges(graph):
+        return [(c.previous, c.next, c.kind, c.channels.tolist(), c.rows.tolist(), c.null_dimension)
+                for c in graph.connections]
+
+    assert edges(eager) == edges(g) and list(eager.maps) == list(g.maps)
+    if name == "torchvision_vit":
+        fx = se.discover(model, x, tracer="fx")
+        assert edges(fx) == edges(eager) and list(fx.maps) == list(eager.maps)
+    else:  # the encoder is an fx leaf whose maps fx never sees run: the flow ends there, named
+        fx = se.discover(model, x, tracer="fx")
+        assert not fx.connections and any("target=1]" in s for s in fx.stopped_at)
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_MODELS))
+def test_svr_runs_on_multihead_attention_with_thresholds_on_those_edges(name):
+    """The SVR and co-SVR read in_proj_weight as the map's matrix (3E, E): the
+    thresholds of every edge, in_proj -> out_proj included; a zoo member's
+    graph (for_model) binds its own attention's parameter; compress
+    truncates in_proj_weight in the copy."""
+    pytest.importorskip("torchvision")
+    build_model, example, expected, _, _ = ATTENTION_MODELS[name]
+    model, x = build_model(), example()
+    s = se.svr(model, x, progress=False, dtype=torch.float64)
+    assert set(s.edges) == expected()
+    for e in range(len(s.edges)):
+        A = s.adjacency(e)
+        assert torch.isfinite(A).all() and 0 < s.threshold(e) < 1
+        assert float(A.mean()) * s.null_dimension(e) == pytest.approx(1, rel=0.35)
+    co = se.co_svr(model, x, progress=False, dtype=torch.float64)
+    assert set(co.edges) == expected()
+    p = next(n for n in s.graph.maps if n.endswith("in_proj_weight"))
+    other = build_model()
+    bound = s.graph.for_model(other).maps[p]
+    assert bound.module.weight is se.layers._submodule(other, p.rpartition(".")[0]).in_proj_weight
+    assert se.layers.weight_of(bound.module).shape == s.graph.maps[p].module.weight.shape
+    small = s.compress({p: 2})
+    assert int(torch.linalg.matrix_rank(se.layers._submodule(small, p.rpartition(".")[0]).in_proj_weight)) == 2
+    assert se.layers._submodule(model, p.rpartition(".")[0]).in_proj_weight.detach().abs().sum() > 0  # untouched
+
+
+def test_multihead_attention_with_its_own_q_k_v_weights_and_cross_attention():
+    """An attention with kdim = vdim = 8 != E = 16 keeps q_proj_weight,
+    k_proj_weight and v_proj_weight apart (one map each, named as
+    weights.py's rows): q reads the queries' producer, k and v the memory's
+    (cross-attention); v -> out_proj one to one; q and k end in the scores.
+    The attention weights it returns (need_weights) carry no channel. fx and
+    the eager tracer agree."""
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv = nn.Linear(4, 16), nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x, memory):
+            q = self.q(x)
+            h, weights = self.attn(q, self.kv(memory), self.kv(memory))
+            return self.head(q + h), weights
+
+    torch.manual_seed(0)
+    model = Cross().eval()
+    x = (torch.randn(1, 5, 4), torch.randn(1, 7, 4))
+    graphs = [se.discover(model, x, tracer=t) for t in ("fx", "eager")]
+    for g in graphs:
+        assert list(g.maps) == ["q", "kv", "attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight",
+                                "attn.out_proj", "head"]
+        assert {(c.previous, c.next) for c in g.connections} == {
+            ("q", "attn.q_proj_weight"), ("kv", "attn.k_proj_weight"), ("kv", "attn.v_proj_weight"),
+            ("attn.v_proj_weight", "attn.out_proj"), ("q", "head"), ("attn.out_proj", "head")}
+        torch.testing.assert_close(g.connection("attn.v_proj_weight", "attn.out_proj").channels, torch.arange(16))
+        assert any(s.endswith("end in the scores: attn.q_proj_weight, attn.k_proj_weight)") for s in g.stopped_at)
+        m = g.maps["attn.v_proj_weight"]
+        assert (m.in_channels, m.out_channels) == (8, 16) and m.module.weight is model.attn.v_proj_weight
+        torch.testing.assert_close(m.module.bias, model.attn.in_proj_bias[32:])
+    assert [(c.previous, c.next, c.rows.tolist()) for c in graphs[0].connections] == \
+        [(c.previous, c.next, c.rows.tolist()) for c in graphs[1].connections]
+    s = se.svr(model, x, progress=False, dtype=torch.float64)
+    assert all(0 < s.threshold(e) < 1 for e in range(len(s.edges)))
 
 
 def test_rules_on_a_small_model():

@@ -73,12 +73,22 @@ def test_shufflenet_channel_shuffle_is_traced_exactly():
 
 
 def test_vit_class_token_concatenated_on_the_token_axis():
+    """The patches (conv_proj's channels) reach every block's inputs but the
+    class token's row; the attention's packed in_proj_weight is a map, read
+    by torch.fx too (the attention is an fx leaf with its rule): its value
+    rows feed out_proj, its queries and keys end in the scores."""
     kwargs, x = example("vit_b_16")
     g = se.discover(cheap_model("vit_b_16", **kwargs), x)
-    c = g.connection("conv_proj", "encoder.layers.encoder_layer_0.mlp.0")
-    assert c.kind == "conv_linear" and c.kernel_area == 1
-    torch.testing.assert_close(c.channels, torch.arange(768))
-    assert any("self_attention" in s for s in g.stopped_at)
+    assert g.tracer == "fx"
+    attention = "encoder.layers.encoder_layer_0.self_attention."
+    for reader in ("encoder.layers.encoder_layer_0.mlp.0", attention + "in_proj_weight"):
+        c = g.connection("conv_proj", reader)
+        assert c.kind == "conv_linear" and c.kernel_area == 1
+        torch.testing.assert_close(c.channels, torch.arange(768))
+    torch.testing.assert_close(g.connection(attention + "in_proj_weight", attention + "out_proj").channels,
+                               torch.arange(1536, 2304))
+    assert f"multi_head_attention_forward (queries and keys end in the scores: {attention}in_proj_weight)" \
+        in g.stopped_at
 
 
 def test_fc_grouping_against_per_channel_masks_and_linear_time():

@@ -65,10 +65,20 @@ with its reason:
   first operand's labels. A rotation mixes channels i and i + d/2 within a
   head, but only queries and keys are rotated, and they end in the attention
   scores, so no connection depends on it.
-- F.multi_head_attention_forward (nn.MultiheadAttention): its out_proj,
-  called there by weight, is the map whose output the call returns; q, k and
-  v come from in_proj_weight, which is no map: out_proj has no incoming
-  edge.
+- F.multi_head_attention_forward (nn.MultiheadAttention, torchvision's ViT,
+  nn.TransformerEncoderLayer): q, k and v are packed in in_proj_weight (3E,
+  E), no module, so its input projection is a map of its own
+  (layers.InProjection, "<attention>.in_proj_weight"; with kdim or vdim not
+  E, q_proj_weight, k_proj_weight and v_proj_weight, one map each). The
+  projection reads query, key and value; the attention, as for
+  scaled_dot_product_attention, weighs tokens, not channels, so out_proj's
+  input channel (head h, dim d) reads the value row (h, d) only: rows 2E +
+  h * E / heads + d of the packed projection, one to one, as pooling passes
+  channels through. Its q and k rows end in the scores (named in
+  stopped_at); a static_k or static_v given in place of a projection is no
+  map's. The call's first result is out_proj's output. torch.fx keeps the
+  attention whole, as one module: layers._Flow applies the same rule
+  (multi_head_attention_flow), so both tracers give one graph.
 - Embeddings (F.embedding of token ids) are no linear map: their output
   carries no probes, and the maps that read it read the model's input.
 - x[index] = y writes y's probes into x's; x.copy_(y) gives x y's probes;
@@ -175,7 +185,7 @@ class _EagerFlow(TorchFunctionMode):
         self.depth = 0  # > 0 inside a module taken whole (a map, a normalisation): its inner calls are not followed
         self.pending: list = []
         self.weights = {id(m.module.weight): name for name, m in maps.items()
-                        if not nn.utils.parametrize.is_parametrized(m.module, "weight")}
+                        if not nn.utils.parametrize.is_parametrized(*_layers._weight_owner(m.module))}
         self.handles = []
         self.names = {}  # BatchNorm -> its qualified name
         module_of = {m.module: name for name, m in maps.items()}
@@ -215,12 +225,14 @@ class _EagerFlow(TorchFunctionMode):
 
     # ---- maps
     def _read(self, name: str, x: torch.Tensor):
-        flow = dict(self._get(x))
+        self._read_flow(name, dict(self._get(x)), x.shape)
+
+    def _read_flow(self, name: str, flow: dict, shape):
         if name not in self.inputs_of:
-            self.inputs_of[name] = (flow, x.shape)
+            self.inputs_of[name] = (flow, shape)
             return
-        seen, shape = self.inputs_of[name]
-        if shape == x.shape:  # a map run twice: producers it reads on a later call join
+        seen, first = self.inputs_of[name]
+        if first == shape:  # a map run twice: producers it reads on a later call join
             seen.update({p: probes for p, probes in flow.items() if p not in seen})
 
     def _produce(self, name: str, out):
@@ -381,15 +393,32 @@ class _EagerFlow(TorchFunctionMode):
         return True
 
     def _multi_head_attention(self, args, kwargs, result) -> bool:
-        """F.multi_head_attention_forward (nn.MultiheadAttention, torchvision's
-        ViT): its out_proj runs inside, on the weight passed as out_proj_weight:
-        its output is the call's first result. What out_proj reads, the value
-        rows of in_proj_weight, is no map (left without an incoming edge)."""
-        w = args[11] if len(args) > 11 else kwargs.get("out_proj_weight")
+        """F.multi_head_attention_forward (nn.MultiheadAttention): its input
+        projection and out_proj run inside, on the weights passed, by
+        multi_head_attention_flow's rule."""
+        def arg(i, key):
+            return args[i] if len(args) > i else kwargs.get(key)
+
+        w = arg(11, "out_proj_weight")
         owner = self.weights.get(id(w)) if isinstance(w, torch.Tensor) else None
         if owner is None or not isinstance(result, (tuple, list)) or not isinstance(result[0], torch.Tensor):
             return False
-        self.inputs_of.setdefault(owner, ({}, torch.Size((*result[0].shape[:-1], w.shape[1]))))
+        if arg(17, "use_separate_proj_weight"):
+            weights = [arg(18, "q_proj_weight"), arg(19, "k_proj_weight"), arg(20, "v_proj_weight")]
+        else:
+            weights = [arg(5, "in_proj_weight")] * 3
+        names = [self.weights.get(id(t)) if isinstance(t, torch.Tensor) else None for t in weights]
+        for i, static in ((1, arg(21, "static_k")), (2, arg(22, "static_v"))):
+            if static is not None:  # keys or values given, not projected
+                names[i] = None
+        inputs = [arg(i, key) for i, key in enumerate(("query", "key", "value"))]
+        flows = [(dict(self._get(t)), t.shape) if isinstance(t, torch.Tensor) else ({}, None) for t in inputs]
+        reads, read_by_out, stop = multi_head_attention_flow(names, flows, w.shape[1], result[0].shape)
+        for name, (flow, shape) in reads.items():
+            self._read_flow(name, flow, shape)
+        self._read_flow(owner, read_by_out, result[0].shape)
+        if stop:
+            self.stopped.append(stop)
         self._produce(owner, result[0])
         return True
 
@@ -452,6 +481,34 @@ class _EagerFlow(TorchFunctionMode):
             q[index] = py[1] if py is not None else -1
             out[p] = (c, q)
         self._set(x, out)
+
+
+def multi_head_attention_flow(names: list, flows: list, embed_dim: int, out_shape) -> tuple[dict, dict, str | None]:
+    """The rule of F.multi_head_attention_forward (see the module's
+    docstring), for both tracers. names: the maps projecting q, k and v (one
+    name thrice when packed in in_proj_weight; None for a part that no map
+    projects); flows: (probes, shape) of query, key and value; out_shape: the
+    attention's output, which out_proj reads. Returns what each projection
+    reads ({map: (probes, shape)}: a packed one reads query, key and value,
+    their producers joined), what out_proj reads ({value map: probes}) and
+    the stopped_at entry of the q and k rows (None without)."""
+    reads: dict = {}
+    for name, (flow, shape) in zip(names, flows):
+        if name is None or shape is None:
+            continue
+        seen = reads.setdefault(name, ({}, shape))[0]
+        seen.update({p: probes for p, probes in flow.items() if p not in seen})
+    read_by_out = {}
+    if names[2] is not None:
+        # value row (h, d) of the projection -> out_proj input (h, d): the heads' weighted sums of tokens
+        first = 2 * embed_dim if names[2] == names[0] else 0  # packed: the value rows are the last third
+        shape = (*out_shape[:-1], embed_dim)
+        read_by_out[names[2]] = ((first + torch.arange(embed_dim)).expand(shape).contiguous(),
+                                 torch.zeros(shape, dtype=torch.long))
+    ended = [n for n in dict.fromkeys(names[:2]) if n is not None]
+    stop = f"multi_head_attention_forward (queries and keys end in the scores: {', '.join(ended)})" if ended \
+        else None
+    return reads, read_by_out, stop
 
 
 def einsum_probes(equation: str, flows: list, shapes: list, result_shape) -> tuple[dict, list]:

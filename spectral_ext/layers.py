@@ -61,17 +61,104 @@ _RESIZE_NAMES = {"interpolate", "upsample", "mean", "amax", "amin"}
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
-    """module.weight, detached. A parametrized weight (spectral_norm) is read with
-    its parametrizations in eval mode: read in train mode, spectral_norm runs a
-    power iteration and changes its buffers, and the model would not come back
-    as it was given."""
-    if not nn.utils.parametrize.is_parametrized(module, "weight"):
-        return module.weight.detach()
-    restore = set_eval(module.parametrizations["weight"])
+    """module.weight, detached (an InProjection's: its attention's
+    in_proj_weight or q/k/v_proj_weight). A parametrized weight (spectral_norm)
+    is read with its parametrizations in eval mode: read in train mode,
+    spectral_norm runs a power iteration and changes its buffers, and the
+    model would not come back as it was given."""
+    owner, parameter = _weight_owner(module)
+    if not nn.utils.parametrize.is_parametrized(owner, parameter):
+        return getattr(owner, parameter).detach()
+    restore = set_eval(owner.parametrizations[parameter])
     try:
-        return module.weight.detach()
+        return getattr(owner, parameter).detach()
     finally:
         restore()
+
+
+def _weight_owner(module: nn.Module) -> tuple[nn.Module, str]:
+    """The module that holds a map's weight, and the parameter's name."""
+    if isinstance(module, InProjection):
+        return module.attention, module.parameter
+    return module, "weight"
+
+
+class InProjection(nn.Module):
+    """The input projection of an nn.MultiheadAttention as a map: q, k and v
+    stacked in in_proj_weight (3E, E), bias in_proj_bias, used inside
+    F.multi_head_attention_forward and so no module of its own (map
+    "<attention>.in_proj_weight", whose thirds are weights.py's
+    "<attention>.in_proj_weight[q]", "[k]", "[v]"). Where the attention keeps
+    them apart (kdim or vdim not E: _qkv_same_embed_dim is False), each of
+    q_proj_weight, k_proj_weight, v_proj_weight is a map of its own
+    ("<attention>.v_proj_weight"), since they read inputs of other widths.
+    A view of the attention's parameters (weight and bias are them, or slices
+    of in_proj_bias), not registered in the model."""
+
+    def __init__(self, attention: nn.MultiheadAttention, parameter: str):
+        super().__init__()
+        self.__dict__["attention"] = attention  # not a submodule: the map belongs to the attention
+        self.parameter = parameter
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.attention, self.parameter)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = self.attention.in_proj_bias
+        if bias is None or self.parameter == "in_proj_weight":
+            return bias
+        e, part = self.attention.embed_dim, "qkv".index(self.parameter[0])
+        return bias[part * e:(part + 1) * e]
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.parameter}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _projections(name: str, attention: nn.MultiheadAttention) -> list[str]:
+    """The parameters of an attention's input projection that are maps, with their map names: [q, k, v]
+    (one name thrice when packed in in_proj_weight)."""
+    prefix = f"{name}." if name else ""
+    if attention._qkv_same_embed_dim:
+        return [f"{prefix}in_proj_weight"] * 3
+    return [f"{prefix}{part}_proj_weight" for part in "qkv"]
+
+
+def _maps_of(model: nn.Module) -> dict[str, "LinearMap"]:
+    """Every linear map of the model, in registration order: its Linear, ConvNd
+    and Conv1D modules, and each nn.MultiheadAttention's input projection
+    (InProjection) before its out_proj."""
+    maps = {}
+    for name, module in model.named_modules():
+        if _is_map(module):
+            maps[name] = _describe(name, module)
+        elif isinstance(module, nn.MultiheadAttention):
+            for full in dict.fromkeys(_projections(name, module)):
+                maps[full] = _describe(full, InProjection(module, full.rpartition(".")[2]))
+    return maps
+
+
+def _map_module(model: nn.Module, name: str, like: nn.Module) -> nn.Module | None:
+    """The module of map `name` in `model` (an InProjection of its attention where `like` is one), None
+    when absent."""
+    if not isinstance(like, InProjection):
+        return _submodule(model, name)
+    attention = _submodule(model, name.rpartition(".")[0])
+    if not isinstance(attention, nn.MultiheadAttention) or getattr(attention, like.parameter, None) is None:
+        return None
+    return InProjection(attention, like.parameter)
 
 
 @dataclass
@@ -230,7 +317,7 @@ class ModelGraph:
         zoo member is on the path of every zoo run)."""
         maps = {}
         for name, m in self.maps.items():
-            other = _submodule(model, name)
+            other = _map_module(model, name, m.module)
             if other is None or type(other) is not type(m.module) or weight_of(other).shape != m.module.weight.shape \
                     or getattr(other, "groups", 1) != getattr(m.module, "groups", 1):
                 found = "missing" if other is None else f"{type(other).__name__} {tuple(other.weight.shape)}"
@@ -298,7 +385,7 @@ class TransposedLinearMap(LinearMap):
 def _describe(name: str, module: nn.Module) -> LinearMap:
     if _is_conv1d_transposed(module):
         return TransposedLinearMap(name, module, "linear", module.weight.shape[0], module.weight.shape[1], ())
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, InProjection)):
         return LinearMap(name, module, "linear", module.in_features, module.out_features, ())
     kind = f"conv{len(module.kernel_size)}d"
     return LinearMap(name, module, kind, module.in_channels, module.out_channels, tuple(module.kernel_size))
@@ -388,6 +475,8 @@ class _Flow(torch.fx.Interpreter):
             self.inputs_of[n.target] = (self.flow.get(source, {}), self.env[source].shape)
             self.direct[n] = n.target
             return {n.target: _canonical(result, self.maps[n.target].kind)}
+        if isinstance(module, nn.MultiheadAttention) and f"{n.target}.out_proj" in self.maps:
+            return self._multi_head_attention(n, module, result)  # its maps run inside, whatever it reads
         inputs = self._flows_in(n)
         if not inputs:
             return {}
@@ -422,6 +511,32 @@ class _Flow(torch.fx.Interpreter):
             return _merge([self.flow[a] for a in inputs], result.shape)
         self.stopped.append(f"{n.format_node()}")
         return {}
+
+    def _multi_head_attention(self, n, module: nn.MultiheadAttention, result):
+        """An nn.MultiheadAttention (a leaf for torch.fx) by the eager tracer's
+        rule (dataflow.multi_head_attention_flow): its input projection reads
+        query, key and value, out_proj reads the value rows head by head, and
+        its output is out_proj's."""
+        from .dataflow import multi_head_attention_flow
+
+        nodes = [n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(("query", "key", "value"))]
+        names = [p if p in self.maps else None for p in _projections(n.target, module)]
+        flows = [(self.flow.get(a, {}), self.env[a].shape) if isinstance(a, torch.fx.Node) else ({}, None)
+                 for a in nodes]
+        out = result[0] if isinstance(result, (tuple, list)) else result
+        reads, read_by_out, stop = multi_head_attention_flow(names, flows, module.embed_dim, out.shape)
+        for name, (flow, shape) in reads.items():
+            self.inputs_of[name] = (flow, shape)
+        out_proj = f"{n.target}.out_proj"
+        self.inputs_of[out_proj] = (read_by_out, out.shape)
+        if stop:
+            self.stopped.append(stop)
+        chan, pos = _canonical(out, "linear")
+        if not isinstance(result, (tuple, list)):
+            return {out_proj: (chan, pos)}
+        # the attention weights (a tensor with need_weights) hold no channel: -1
+        rest = [torch.full(r.shape, -1, dtype=torch.long) if isinstance(r, torch.Tensor) else r for r in result[1:]]
+        return {out_proj: ((chan, *rest), (pos, *rest))}
 
 
 def _rule(name: str, module: nn.Module | None) -> str | None:
@@ -499,7 +614,8 @@ def discover(model: nn.Module, example_input=None, tracer: str = "auto") -> Mode
     and 4.2: which output channel of a map each input row of the next reads).
 
     model: an nn.Module; its Linear and Conv1d/2d/3d maps (and transformers'
-    Conv1D), in forward order.
+    Conv1D, and each nn.MultiheadAttention's input projection: the map
+    "<attention>.in_proj_weight", an InProjection), in forward order.
     example_input: a tensor, a tuple of positional inputs, or a dict of
     keyword inputs (``{"input_ids": ...}``: the model is called as
     ``model(**example_input)``) for one forward pass (for a model whose first
@@ -521,7 +637,7 @@ def discover(model: nn.Module, example_input=None, tracer: str = "auto") -> Mode
     # advances its power-iteration buffers, and the model would not come back as it was
     restore = set_eval(model)
     try:
-        maps = {name: _describe(name, m) for name, m in model.named_modules() if _is_map(m)}
+        maps = _maps_of(model)
         if not maps:
             raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
         empty = [name for name, m in maps.items() if m.module.weight.numel() == 0]
@@ -665,8 +781,10 @@ def _connect(prev: LinearMap, nxt: LinearMap, probes, input_shape) -> Connection
 
 
 def _discover_with_hooks(model, maps, candidates) -> ModelGraph:
-    """The maps in the order they first ran (a plain capture: only `order` is used)."""
-    with capturing(model, list(maps)) as (captured, order):
+    """The maps in the order they first ran (a plain capture: only `order` is used). An InProjection is
+    no module the model calls: it is listed with the maps that did not run."""
+    with capturing(model, [n for n, m in maps.items() if not isinstance(m.module, InProjection)]) as (
+            captured, order):
         errors = []
         for candidate in candidates:
             try:
@@ -720,7 +838,7 @@ def chain_graph(model: nn.Module) -> ModelGraph:
     authors' convention (the code of seed 000: a list of weights taken as the
     dataflow, conv -> Linear flattened channel-major). Returns a ModelGraph;
     shapes that do not chain raise ValueError."""
-    maps = {name: _describe(name, m) for name, m in model.named_modules() if _is_map(m)}
+    maps = _maps_of(model)
     if not maps:
         raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
     return _chain(maps, list(maps), tracer="registration")

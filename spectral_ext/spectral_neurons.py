@@ -377,9 +377,9 @@ class SVR:
         the truncated map (a channel with gamma = 0 keeps its weights)."""
         frame = self.compression_frame(ranks)
         model = copy.deepcopy(self.model)
-        modules = dict(model.named_modules())
+        copied = self.graph.for_model(model).maps  # a map's module in the copy (an attention's in_proj is none)
         for name, k in zip(frame["layer"], frame["rank"]):
-            module, layer, lmap = modules[name], self.layers[name], self.graph.maps[name]
+            module, layer, lmap = copied[name].module, self.layers[name], self.graph.maps[name]
             W = module.weight.detach()
             k = min(int(k), layer.rank)
             low = (layer.U[:, :k].double() * layer.S[:k].double()) @ layer.V[:, :k].double().T
