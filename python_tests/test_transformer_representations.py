@@ -102,12 +102,12 @@ def test_cka_matrix_of_two_initialisations_on_keyword_inputs(kind):
     layers, inputs = ARCHITECTURES[kind]
     a, b = build(kind, 0), build(kind, 1)
     data = inputs()
-    cross = se.similarity_matrix(a, b, layers, data, progress=False)
-    assert list(cross.columns) == ["layer_a", "layer_b", "value"] and len(cross) == len(layers) ** 2
+    cross = se.similarity_matrix(a, b, layers, data, progress=False).to_frame()
+    assert list(cross.columns) == ["layer_a", "layer_b", "measure", "value"] and len(cross) == len(layers) ** 2
     M = matrix(cross, layers)
     # measured on 64 samples: minima -0.03 (Swin) to 0.20 (BERT), maxima 0.23 to 0.45
     assert bool(torch.isfinite(M).all()) and float(M.min()) > -0.1 and float(M.max()) <= 1 + 1e-9
-    own = matrix(se.similarity_matrix(a, a, layers, data, progress=False), layers)
+    own = matrix(se.similarity_matrix(a, a, layers, data, progress=False).to_frame(), layers)
     torch.testing.assert_close(own.diagonal(), torch.ones(len(layers), dtype=own.dtype), atol=1e-6, rtol=0)
     torch.testing.assert_close(own, own.T, atol=1e-9, rtol=0)
     assert float((own - M).abs().max()) > 0.05  # another initialisation is another representation
@@ -125,7 +125,7 @@ def test_every_form_of_keyword_data_gives_one_matrix():
     labels = torch.arange(24) % 3
 
     def run(d):
-        return matrix(se.similarity_matrix(a, b, layers, d, progress=False), layers)
+        return matrix(se.similarity_matrix(a, b, layers, d, progress=False).to_frame(), layers)
 
     whole = run(data)
     for same in ([data], (data, labels), {**data, "labels": labels}, [({**data, "labels": labels})]):
@@ -205,7 +205,7 @@ def test_swin_hidden_states_in_b_h_w_c_give_the_cka_of_their_b_c_h_w_permutation
             ("cka", {"kernel": "ortho"}, lambda X, Y: se.cka(X, Y, "ortho", feature_axis=1)),
             ("cka", {"kernel": "max"}, lambda X, Y: se.cka(X, Y, "max", feature_axis=1)),
             ("procrustes", {"group": "grelu"}, lambda X, Y: se.procrustes(X, Y, "grelu", feature_axis=1))):
-        df = se.similarity_matrix(a, b, layers, x, measure=measure, progress=False, **options)
+        df = se.similarity_matrix(a, b, layers, x, measure=measure, progress=False, **options).to_frame()
         for n in layers:
             got = float(df[(df.layer_a == n) & (df.layer_b == n)].value.iloc[0])
             assert got == pytest.approx(reference(channels_first(n, "a"), channels_first(n, "b")), abs=1e-9), \
@@ -237,7 +237,7 @@ def test_layouts_are_read_from_the_layers_that_make_them():
     model = SequenceFirst()
     x = torch.randn(12, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     model.double()
-    df = se.similarity_matrix(model, model, ["attention"], x, kernel="ortho", progress=False)
+    df = se.similarity_matrix(model, model, ["attention"], x, kernel="ortho", progress=False).to_frame()
     with torch.no_grad():
         out = model(x)
     assert float(df.value.iloc[0]) == pytest.approx(1.0)
@@ -245,7 +245,7 @@ def test_layouts_are_read_from_the_layers_that_make_them():
     with torch.no_grad():
         twin.inp.weight.mul_(-1)
         expected_out = twin(x)
-    df = se.similarity_matrix(model, twin, ["attention"], x, kernel="ortho", progress=False)
+    df = se.similarity_matrix(model, twin, ["attention"], x, kernel="ortho", progress=False).to_frame()
     assert float(df.value.iloc[0]) == pytest.approx(se.cka(out, expected_out, "ortho", feature_axis=-1), abs=1e-10)
 
 
@@ -264,7 +264,7 @@ def test_swin_window_attention_is_read_as_samples_with_windows_as_positions():
         hook.remove()
     assert tuple(captured["a"].shape) == (8 * 16, 4, 16)  # 16 windows of 2 x 2 tokens per image
     X, Y = (captured[k].reshape(8, 16 * 4, 16) for k in "ab")
-    df = se.similarity_matrix(a, b, [layer], x, kernel="ortho", progress=False)
+    df = se.similarity_matrix(a, b, [layer], x, kernel="ortho", progress=False).to_frame()
     assert float(df.value.iloc[0]) == pytest.approx(se.cka(X, Y, "ortho", feature_axis=-1), abs=1e-10)
 
 
@@ -276,16 +276,16 @@ def test_pairwise_similarity_of_hidden_states():
     data = token_inputs(n=12)
     with torch.no_grad():
         outputs = {name: m(**data) for name, m in models.items()}
-    df = se.pairwise_similarity(outputs, kernel="ortho", feature_axis=-1, progress=False)
+    df = se.pairwise_similarity(outputs, kernel="ortho", feature_axis=-1, progress=False).to_frame()
     states = {name: out.last_hidden_state for name, out in outputs.items()}
-    tensors = se.pairwise_similarity(states, kernel="ortho", feature_axis=-1, progress=False)
+    tensors = se.pairwise_similarity(states, kernel="ortho", feature_axis=-1, progress=False).to_frame()
     assert df["value"].tolist() == pytest.approx(tensors["value"].tolist(), abs=1e-12)
     assert len(df) == 3
     for _, row in df.iterrows():
         expected = se.cka(states[row.model_a], states[row.model_b], "ortho", feature_axis=-1)
         assert row.value == pytest.approx(expected, abs=1e-10)
     one = se.similarity_matrix(models["seed 0"], models["seed 1"], ["encoder"], data, kernel="ortho",
-                               progress=False)
+                               progress=False).to_frame()
     assert float(one.value.iloc[0]) == pytest.approx(df.value.iloc[0], abs=1e-10)
     with pytest.raises(ValueError, match=r"features\['seed 0'\] is 3-D"):
         se.pairwise_similarity(outputs, kernel="ortho", progress=False)
@@ -374,7 +374,7 @@ def test_errors_name_the_layer_and_the_model():
                              progress=False)
     mlp = nn.Sequential(nn.Linear(4, 4))
     for call in (lambda: se.activation_covariance(mlp, None, ["0"], {"input_ids": torch.ones(8, 4)}, progress=False),
-                 lambda: se.similarity_matrix(mlp, mlp, ["0"], {"input_ids": torch.ones(8, 4)}, progress=False),
+                 lambda: se.similarity_matrix(mlp, mlp, ["0"], {"input_ids": torch.ones(8, 4)}, progress=False).to_frame(),
                  lambda: se.stitch(mlp, mlp, "0", {"input_ids": torch.ones(8, 4)}, progress=False)):
         with pytest.raises(TypeError, match=r"data gives keyword inputs \['input_ids'\] .* takes no 'input_ids'"):
             call()
@@ -459,10 +459,10 @@ def test_pretrained_minilm_against_a_random_copy_of_its_architecture(minilm_and_
     torch.manual_seed(0)
     random = encoders.BertEncoder(**config).eval()
     data = {"input_ids": ids}
-    cross = matrix(se.similarity_matrix(model, random, LAYERS, data, progress=False), LAYERS)
+    cross = matrix(se.similarity_matrix(model, random, LAYERS, data, progress=False).to_frame(), LAYERS)
     assert cross.shape == (7, 7) and float(cross.min()) > 0 and float(cross.max()) < 1
-    own = matrix(se.similarity_matrix(model, model, LAYERS, data, progress=False), LAYERS)
-    chance = matrix(se.similarity_matrix(random, random, LAYERS, data, progress=False), LAYERS)
+    own = matrix(se.similarity_matrix(model, model, LAYERS, data, progress=False).to_frame(), LAYERS)
+    chance = matrix(se.similarity_matrix(random, random, LAYERS, data, progress=False).to_frame(), LAYERS)
     torch.testing.assert_close(own.diagonal(), torch.ones(7, dtype=own.dtype), atol=1e-9, rtol=0)
     # measured: 0.76 (embeddings) down to 0.34 (layer 5) against the random copy's last layer
     assert cross[0, -1] > 0.6 and cross[-1, -1] < 0.5 and bool((cross[1:, -1] <= cross[:-1, -1] + 0.02).all())
@@ -508,7 +508,7 @@ def test_zoo_pair_metrics_on_keyword_probes():
     labels = torch.arange(32) % 2
     frames = [zoo.pair_metrics(models, [("a", "b")], probe=p, layers=layers, measures=("cka",), progress=False)
               for p in (probe, {**probe, "labels": labels}, (probe, labels))]
-    expected = matrix(se.similarity_matrix(models["a"], models["b"], layers, probe, progress=False),
+    expected = matrix(se.similarity_matrix(models["a"], models["b"], layers, probe, progress=False).to_frame(),
                       layers).diagonal()
     for frame in frames:
         assert list(frame["layer"]) == layers
@@ -517,3 +517,25 @@ def test_zoo_pair_metrics_on_keyword_probes():
     with pytest.raises(zoo.ZooError, match="keyword input"):
         zoo.pair_metrics(models, probe={"input_ids": probe["input_ids"], "attention_mask": torch.ones(3, 10)},
                          layers=layers, progress=False)
+
+
+def test_zoo_stitching_on_a_keyword_probe():
+    """The zoo's stitching measure on a dict probe: the probe's halves are cut entry by entry, the penalty
+    is stitch's on the same halves."""
+    from spectral_ext import zoo
+
+    config = build("bert", 0, num_labels=2).config
+    models = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        models[name] = transformers.BertForSequenceClassification(config)
+    probe = token_inputs(n=16)
+    labels = torch.arange(16) % 2
+    frame = zoo.pair_metrics(models, [("a", "b")], probe={**probe, "labels": labels}, layers=["bert.encoder.layer.0"],
+                             measures=("stitching",), stitch_options={"epochs": 1}, progress=False)
+    half = {k: v[:8] for k, v in probe.items()}
+    rest = {k: v[8:] for k, v in probe.items()}
+    direct = se.stitch(models["a"], models["b"], "bert.encoder.layer.0", data={**half, "labels": labels[:8]},
+                       test_data={**rest, "labels": labels[8:]}, kind="affine", epochs=1, lr=0.01, generator=0,
+                       progress=False).penalty
+    assert frame["measure"].tolist() == ["stitching"] and abs(frame["value"].item() - direct) < 1e-9

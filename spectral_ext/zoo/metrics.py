@@ -231,7 +231,7 @@ def _is_keywords(value) -> bool:
     return bool(tensors) and all(t.dim() and t.shape[0] == tensors[0].shape[0] for t in tensors)
 
 
-def probe_parts(probe):
+def probe_parts(probe) -> tuple:
     """(inputs, labels or None) of a probe given as a tensor, a dict of
     keyword inputs (a "labels" entry taken out as the labels, never passed to
     the model), or an (x, y) pair of either and a label tensor."""
@@ -244,6 +244,14 @@ def probe_parts(probe):
         return probe[0], probe[1]
     raise ZooError("probe must be an input tensor, a dict of keyword input tensors with one batch axis "
                    "({'input_ids': ...}), or an (inputs, labels) pair of them")
+
+
+def _labelled(x, y, rows: slice):
+    """The probe's rows as stitch's labelled data: (inputs, labels), or keyword inputs with their
+    labels under "labels"."""
+    if isinstance(x, dict):
+        return {**{k: v[rows] for k, v in x.items()}, "labels": y[rows]}
+    return x[rows], y[rows]
 
 
 class ActivationCache:
@@ -338,11 +346,11 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
         batched = {}
         for layer in (acts[needed[0]] if needed else {}):
             for measure in batched_measures:
-                frame = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, progress=False,
-                                            share=lambda n, options, compute, layer=layer:
-                                            cache.get((n, key, layer) + options, compute),
-                                            max_memory=max_memory, measure=measure)
-                batched.update({(a, b, layer, measure): v for a, b, v in frame.itertuples(index=False)})
+                result = pairwise_similarity({n: acts[n][layer] for n in needed}, pairs, progress=False,
+                                             share=lambda n, options, compute, layer=layer:
+                                             cache.get((n, key, layer) + options, compute),
+                                             max_memory=max_memory, measure=measure)
+                batched.update({(a, b, layer, measure): v for (a, b), v in zip(result.pairs, result.values)})
                 bar.update(1)
         options = {"kind": "affine", "epochs": 5, "lr": 0.01, **(stitch_options or {})}
         options.setdefault("generator", 0)  # a zoo run's penalties repeat
@@ -354,8 +362,8 @@ def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=No
                     if measure == "stitching":
                         from ..stitching import stitch
 
-                        value = stitch(models[a], models[b], layer, data=(x[:half], y[:half]),
-                                       test_data=(x[half:], y[half:]),
+                        value = stitch(models[a], models[b], layer, data=_labelled(x, y, slice(None, half)),
+                                       test_data=_labelled(x, y, slice(half, None)),
                                        progress=False, **options).penalty
                     else:
                         value = batched[(a, b, layer, measure)]
