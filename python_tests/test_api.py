@@ -1,6 +1,4 @@
-"""The API's shared conventions: randomness as generator=, renamed keywords."""
-import warnings
-
+"""The API's shared conventions: randomness as generator=, public names."""
 import pytest
 import torch
 
@@ -16,21 +14,6 @@ def test_generator_forms():
     for bad in (True, 1.5, "7"):
         with pytest.raises(TypeError, match="generator must be"):
             _checks.generator(bad)
-
-
-def test_renamed_keyword_maps_warns_and_refuses_both():
-    @_checks.renamed(model_b="other")
-    def measure(model, other=None):
-        return other
-
-    assert measure(1, other=2) == 2
-    with pytest.warns(FutureWarning, match="'model_b' is now called 'other'"):
-        assert measure(1, model_b=3) == 3
-    with pytest.raises(TypeError, match="pass 'other'"):
-        measure(1, model_b=3, other=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert measure(1, 5) == 5  # positional calls are untouched
 
 
 def test_public_names_resolve_and_methods_load_on_first_use():

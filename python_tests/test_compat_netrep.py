@@ -81,7 +81,7 @@ def test_pairwise_distances_match_netrep(row):
     np.testing.assert_allclose(D_train, row["train"], rtol=0, atol=1e-8)
     np.testing.assert_allclose(D_test, row["test"], rtol=0, atol=1e-8)
     assert isinstance(cn.pairwise_distances(metric, train, verbose=False), np.ndarray)
-    M = measure_matrix(train, name, distance=row["score_method"], **opts).values
+    M = measure_matrix(train, name, distance=row["score_method"], **opts).matrix.values
     np.testing.assert_allclose(M, row["train"], rtol=0, atol=1e-8)
     # the method form: (D_train, D_test), D_test inf off the diagonal without test data
     A, B = metric.pairwise_distances(train, verbose=False)

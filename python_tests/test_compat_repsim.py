@@ -75,7 +75,7 @@ def test_linear_regression_measure_against_repsim_core():
     from spectral_ext.similarity.measure import measure_matrix
 
     mats = inputs("related", seed=4)
-    close(measure_matrix(mats, "linear_regression", symmetric=True, centered=False).values,
+    close(measure_matrix(mats, "linear_regression", symmetric=True, centered=False).matrix.values,
           repsim._repsim.cpp_linreg(mats))
 
 

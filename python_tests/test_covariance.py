@@ -169,11 +169,13 @@ def trained_mlp(trained_digits_mlp):
 
 def test_clipping_shares_the_prefix_and_matches_explicit_projections(trained_mlp):
     model, _, test = trained_mlp
-    df = C.clip(model, "3", test, [1, 5, 64], progress=False)
+    result = C.clip(model, "3", test, [1, 5, 64], progress=False)
+    df = result.to_frame()
     import matplotlib
     matplotlib.use("Agg")
     from spectral_ext import plot
-    ax = plot.clipping(df).axes[0]
+    ax = plot.clipping(result).axes[0]
+    assert (result.layer, result.basis, result.ks) == ("3", "activation", (1, 5, 64))
     (line,) = ax.get_lines()
     assert list(line.get_xdata()) == [1, 5, 64] and list(line.get_ydata()) == df["accuracy"].tolist()
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("maximum rank k", "accuracy")
@@ -186,7 +188,7 @@ def test_clipping_shares_the_prefix_and_matches_explicit_projections(trained_mlp
     projected[3] = nn.Sequential(C_Projection(P), projected[3])
     assert df["accuracy"].iloc[1] == pytest.approx(datasets.accuracy(projected, test))
     # weight clipping is the seed's W @ projector
-    weights = C.clip(model, "3", test, [5], basis="weight", progress=False)
+    weights = C.clip(model, "3", test, [5], basis="weight", progress=False).to_frame()
     _, vh = C.weight_spectrum(model[3].weight)
     clipped = copy.deepcopy(model)
     with torch.no_grad():
@@ -207,7 +209,7 @@ def test_clipping_token_features_of_a_linear():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.Flatten(), nn.Linear(5 * 6, 3))
     x, y = torch.randn(20, 5, 4), torch.randint(0, 3, (20,))
-    df = C.clip(model, "2", (x, y), [2, 6], progress=False)
+    df = C.clip(model, "2", (x, y), [2, 6], progress=False).to_frame()
     cov = se.activation_covariance(model, None, ["2"], x, progress=False)["2"].cov_a()  # tokens as samples
     rows = C.activation_spectrum(cov)[1][:2].float()
     with torch.no_grad():
@@ -221,7 +223,7 @@ def test_clipping_conv_and_residual_fallback():
     x = torch.randn(30, 2, 6, 6)
     y = torch.randint(0, 5, (30,))
     cnn = conv_model().float()
-    df = C.clip(cnn, "2", (x, y), [1, 4], progress=False)
+    df = C.clip(cnn, "2", (x, y), [1, 4], progress=False).to_frame()
     assert df["accuracy"].iloc[-1] == pytest.approx(float((cnn(x).argmax(1) == y).double().mean()))
 
     class Residual(nn.Module):
@@ -236,7 +238,7 @@ def test_clipping_conv_and_residual_fallback():
     model = Residual()
     v = torch.randn(30, 4)
     with pytest.warns(RuntimeWarning, match="one k at a time"):
-        df = C.clip(model, "b", (v, y), [1, 4], progress=False)
+        df = C.clip(model, "b", (v, y), [1, 4], progress=False).to_frame()
     assert df["accuracy"].iloc[-1] == pytest.approx(float((model(v).argmax(1) == y).double().mean()))
 
 

@@ -87,10 +87,10 @@ def test_pairwise_similarity_is_scale_invariant_at_extreme_scales(measure, optio
     for dtype, scales, rel in ((torch.float64, F64_SCALES, 1e-10), (torch.float32, F32_SCALES, 2e-5)):
         x, y = X.to(dtype), Y.to(dtype)
         expected = S.pairwise_similarity({"a": x, "b": y, "c": x + y}, measure=measure, progress=False,
-                                         **options)["value"].to_numpy()
+                                         **options).to_frame()["value"].to_numpy()
         for s in scales:
             got = S.pairwise_similarity({"a": x * s, "b": y, "c": (x + y) * s}, measure=measure, progress=False,
-                                        **options)["value"].to_numpy()
+                                        **options).to_frame()["value"].to_numpy()
             np.testing.assert_allclose(got, expected, rtol=rel)
 
 
@@ -119,7 +119,7 @@ def test_similarity_matrix_is_scale_invariant_at_extreme_scales(measure, options
     def values(scales, same=False):
         other = _model(scales)
         return S.similarity_matrix(other if same else _model([1.0]), other, layers=["1", "2"], data=data,
-                                   measure=measure, progress=False, **options)["value"].to_numpy()
+                                   measure=measure, progress=False, **options).to_frame()["value"].to_numpy()
 
     expected = values([1.0])
     for s in F64_SCALES:

@@ -52,14 +52,14 @@ def test_batched_cka_equals_pair_by_pair(route, kernel, unbiased):
     n, shape = ROUTES[route]
     feats = zoo_features(n=n, shape=shape)
     names = list(feats)
-    frame = _pairwise.pairwise_similarity(feats, all_ordered(names), kernel=kernel, unbiased=unbiased, progress=False)
+    frame = _pairwise.pairwise_similarity(feats, all_ordered(names), kernel=kernel, unbiased=unbiased, progress=False).to_frame()
     M = matrix(frame, names)
     for a, b in itertools.combinations(range(len(names)), 2):
         expected = se.cka(feats[names[a]], feats[names[b]], kernel, unbiased=unbiased)
         assert abs(M[a, b] - expected) <= 1e-10
     np.testing.assert_allclose(M, M.T, rtol=0, atol=1e-14)
     np.testing.assert_allclose(np.diag(M), 1.0, rtol=0, atol=1e-12)
-    default = _pairwise.pairwise_similarity(feats, kernel=kernel, unbiased=unbiased, progress=False)
+    default = _pairwise.pairwise_similarity(feats, kernel=kernel, unbiased=unbiased, progress=False).to_frame()
     assert len(default) == len(names) * (len(names) - 1) // 2
     assert list(default["model_a"] + default["model_b"])[:2] == ["m0m1", "m0m2"]
 
@@ -76,7 +76,7 @@ def test_both_cka_routes_agree_and_are_chosen_by_cost(monkeypatch):
     assert calls == [1]  # D = 40 against N = 10: the Gram route
     by_features = original([S.as_channels("X", R) for R in wide.values()], "linear", True,
                            type("Bar", (), {"update": lambda self, k: None})())
-    frame = _pairwise.pairwise_similarity(wide, all_ordered(list(wide)), progress=False)
+    frame = _pairwise.pairwise_similarity(wide, all_ordered(list(wide)), progress=False).to_frame()
     cka = by_features / torch.outer(by_features.diagonal(), by_features.diagonal()).sqrt()
     np.testing.assert_allclose(matrix(frame, list(wide)), cka.numpy(), rtol=0, atol=1e-12)
 
@@ -88,7 +88,7 @@ def test_batched_procrustes_equals_pair_by_pair(group, centered, shape):
     feats = zoo_features(k=6, n=30, shape=shape)
     names = list(feats)
     frame = _pairwise.pairwise_similarity(feats, all_ordered(names), "procrustes", group=group, centered=centered,
-                                  chunk=7, progress=False)
+                                  chunk=7, progress=False).to_frame()
     M = matrix(frame, names)
     for a, b in itertools.combinations(range(len(names)), 2):
         expected = se.procrustes(feats[names[a]], feats[names[b]], group, centered=centered)
@@ -96,15 +96,15 @@ def test_batched_procrustes_equals_pair_by_pair(group, centered, shape):
     np.testing.assert_allclose(M, M.T, rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.diag(M), 1.0, rtol=0, atol=1e-6)  # sqrt of a rounding-level gap
     few = _pairwise.pairwise_similarity(feats, [("m3", "m1"), ("m0", "m2"), ("m5", "m4")], "procrustes", group=group,
-                                centered=centered, progress=False)  # 3 of 36 blocks: a product per pair instead
+                                centered=centered, progress=False).to_frame()  # 3 of 36 blocks: a product per pair instead
     np.testing.assert_allclose(few["value"], [M[3, 1], M[0, 2], M[5, 4]], rtol=0, atol=1e-10)
 
 
 def test_orthogonal_procrustes_with_different_channel_counts():
     feats = zoo_features(k=3, n=30, shape=(6,))
     feats["wide"] = torch.cat([feats["m0"], feats["m1"][:, :3]], 1)
-    frame = _pairwise.pairwise_similarity(feats, measure="procrustes", progress=False)
-    for a, b, value in frame.itertuples(index=False):
+    frame = _pairwise.pairwise_similarity(feats, measure="procrustes", progress=False).to_frame()
+    for a, b, _, value in frame.itertuples(index=False):
         assert abs(value - se.procrustes(feats[a], feats[b])) <= 1e-10
     with pytest.raises(ValueError, match="equal channel counts"):
         _pairwise.pairwise_similarity(feats, measure="procrustes", group="grelu", progress=False)
@@ -114,7 +114,7 @@ def test_a_constant_model_is_nan_with_a_warning_naming_it():
     feats = zoo_features(k=3)
     feats["flat"] = torch.ones(40, 6, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match=r"features\['flat'\] \(constant\)"):
-        frame = _pairwise.pairwise_similarity(feats, progress=False)
+        frame = _pairwise.pairwise_similarity(feats, progress=False).to_frame()
     flat = frame["model_a"].eq("flat") | frame["model_b"].eq("flat")
     assert frame.loc[flat, "value"].isna().all() and frame.loc[~flat, "value"].notna().all()
 
@@ -166,17 +166,17 @@ def test_pairwise_similarity_progress_bar(capsys):
 
 
 @pytest.mark.parametrize("call,error,match", [
-    (lambda f: _pairwise.pairwise_similarity({}), TypeError, "features must be a non-empty dict"),
-    (lambda f: _pairwise.pairwise_similarity(f, [("m0", "zz")]), ValueError, "without features.*zz"),
-    (lambda f: _pairwise.pairwise_similarity(f, [("m0", "m1", "m2")]), ValueError, "pairs must be"),
-    (lambda f: _pairwise.pairwise_similarity(f, measure="l2"), ValueError, "measure must be"),
-    (lambda f: _pairwise.pairwise_similarity(f, kernel="cosine"), ValueError, "kernel must be"),
-    (lambda f: _pairwise.pairwise_similarity(f, measure="procrustes", group="affine"), ValueError, "group must be"),
-    (lambda f: _pairwise.pairwise_similarity(f, measure="procrustes", centered=1), TypeError, "centered"),
-    (lambda f: _pairwise.pairwise_similarity(f, chunk=0), ValueError, "chunk"),
-    (lambda f: _pairwise.pairwise_similarity(dict(f, short=f["m0"][:10])), ValueError, "same N probe samples"),
-    (lambda f: _pairwise.pairwise_similarity({k: v[:3] for k, v in f.items()}), ValueError, "at least 4 samples"),
-    (lambda f: _pairwise.pairwise_similarity(dict(f, bad=f["m0"].clone().fill_(float("nan")))), ValueError, "bad"),
+    (lambda f: _pairwise.pairwise_similarity({}).to_frame(), TypeError, "features must be a non-empty dict"),
+    (lambda f: _pairwise.pairwise_similarity(f, [("m0", "zz")]).to_frame(), ValueError, "without features.*zz"),
+    (lambda f: _pairwise.pairwise_similarity(f, [("m0", "m1", "m2")]).to_frame(), ValueError, "pairs must be"),
+    (lambda f: _pairwise.pairwise_similarity(f, measure="l2").to_frame(), ValueError, "measure must be"),
+    (lambda f: _pairwise.pairwise_similarity(f, kernel="cosine").to_frame(), ValueError, "kernel must be"),
+    (lambda f: _pairwise.pairwise_similarity(f, measure="procrustes", group="affine").to_frame(), ValueError, "group must be"),
+    (lambda f: _pairwise.pairwise_similarity(f, measure="procrustes", centered=1).to_frame(), TypeError, "centered"),
+    (lambda f: _pairwise.pairwise_similarity(f, chunk=0).to_frame(), ValueError, "chunk"),
+    (lambda f: _pairwise.pairwise_similarity(dict(f, short=f["m0"][:10])).to_frame(), ValueError, "same N probe samples"),
+    (lambda f: _pairwise.pairwise_similarity({k: v[:3] for k, v in f.items()}).to_frame(), ValueError, "at least 4 samples"),
+    (lambda f: _pairwise.pairwise_similarity(dict(f, bad=f["m0"].clone().fill_(float("nan")))).to_frame(), ValueError, "bad"),
     (lambda f: zoo.pair_metrics({"a": cnn()}, None, None, ["1"]), zoo.ZooError, "needs a probe"),
     (lambda f: zoo.pair_metrics({"a": cnn()}, None, torch.randn(8, 1, 8, 8), []), zoo.ZooError, "layers"),
     (lambda f: zoo.pair_metrics({"a": cnn()}, None, torch.randn(8, 1, 8, 8), ["1"], ("l2",)), zoo.ZooError,
@@ -275,8 +275,8 @@ def test_a_small_max_memory_gives_the_unblocked_numbers(monkeypatch, route, kern
     names = list(feats)
     planned = blocks_of(monkeypatch)
     for pairs in (all_ordered(names), SOME_PAIRS, None):
-        whole = _pairwise.pairwise_similarity(feats, pairs, kernel=kernel, progress=False)
-        blocked = _pairwise.pairwise_similarity(feats, pairs, kernel=kernel, progress=False, max_memory=budget)
+        whole = _pairwise.pairwise_similarity(feats, pairs, kernel=kernel, progress=False).to_frame()
+        blocked = _pairwise.pairwise_similarity(feats, pairs, kernel=kernel, progress=False, max_memory=budget).to_frame()
         assert len(planned[-2]) == 1 and len(planned[-1]) >= 3  # unblocked, then several blocks
         assert list(blocked["model_a"]) == list(whole["model_a"]) and list(blocked["model_b"]) == list(whole["model_b"])
         np.testing.assert_allclose(blocked["value"], whole["value"], rtol=0, atol=1e-12)
@@ -290,9 +290,9 @@ def test_a_small_max_memory_gives_the_unblocked_procrustes(monkeypatch, group, s
     planned = blocks_of(monkeypatch)
     budget = 40_000 if shape == (6,) else 100_000
     for pairs in (all_ordered(names), SOME_PAIRS, None):
-        whole = _pairwise.pairwise_similarity(feats, pairs, "procrustes", group=group, chunk=5, progress=False)
+        whole = _pairwise.pairwise_similarity(feats, pairs, "procrustes", group=group, chunk=5, progress=False).to_frame()
         blocked = _pairwise.pairwise_similarity(feats, pairs, "procrustes", group=group, chunk=5, progress=False,
-                                        max_memory=budget)
+                                        max_memory=budget).to_frame()
         assert len(planned[-2]) == 1 and len(planned[-1]) >= 3
         np.testing.assert_allclose(blocked["value"], whole["value"], rtol=0, atol=1e-12)
 
@@ -359,8 +359,8 @@ def test_a_max_memory_above_the_free_memory_is_refused(monkeypatch, measure):
 
 @pytest.mark.parametrize("measure", ["cka", "procrustes"])
 def test_no_pairs_is_an_empty_table(measure):
-    frame = _pairwise.pairwise_similarity(zoo_features(k=3), [], measure=measure, progress=False)
-    assert len(frame) == 0 and list(frame.columns) == ["model_a", "model_b", "value"]
+    frame = _pairwise.pairwise_similarity(zoo_features(k=3), [], measure=measure, progress=False).to_frame()
+    assert len(frame) == 0 and list(frame.columns) == ["model_a", "model_b", "measure", "value"]
 
 
 def test_a_rows_last_column_block_is_kept_as_the_next_row_block(monkeypatch):

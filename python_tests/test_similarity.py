@@ -195,17 +195,18 @@ def test_similarity_matrix_of_a_model_and_its_grelu_twin():
     twin, _ = se.apply_symmetry(model, example_input=x[:4], generator=torch.Generator().manual_seed(1))
     loader = list(x.split(16))
     layers = ["1", "3"]
-    df = se.similarity_matrix(model, twin, layers, loader, kernel="max", progress=False)
-    assert list(df.columns) == ["layer_a", "layer_b", "value"] and len(df) == 4
+    df = se.similarity_matrix(model, twin, layers, loader, kernel="max", progress=False).to_frame()
+    assert list(df.columns) == ["layer_a", "layer_b", "measure", "value"] and len(df) == 4
+    assert set(df["measure"]) == {"cka:kernel=max"}
     diagonal = df[df["layer_a"] == df["layer_b"]]["value"]
     assert np.allclose(diagonal, 1.0, atol=1e-9)  # G_ReLU-CKA sees through the symmetry
-    linear = se.similarity_matrix(model, twin, layers, loader, kernel="linear", progress=False)
+    linear = se.similarity_matrix(model, twin, layers, loader, kernel="linear", progress=False).to_frame()
     assert (linear[linear["layer_a"] == linear["layer_b"]]["value"] < 0.999).any()  # the scaling is not orthogonal
-    proc = se.similarity_matrix(model, twin, layers, loader, measure="procrustes", group="grelu", progress=False)
+    proc = se.similarity_matrix(model, twin, layers, loader, measure="procrustes", group="grelu", progress=False).to_frame()
     assert np.allclose(proc[proc["layer_a"] == proc["layer_b"]]["value"], 1.0)
     assert proc.query("layer_a == '3' and layer_b == '1'")["value"].isna().all()  # 8 vs 6 channels
     # one pass over the batches gives the whole-data Procrustes
-    orth = se.similarity_matrix(model, twin, layers, loader, measure="procrustes", progress=False)
+    orth = se.similarity_matrix(model, twin, layers, loader, measure="procrustes", progress=False).to_frame()
     with torch.no_grad():
         whole = se.procrustes(model[:2](x), twin[:4](x), "orthogonal")
     assert float(orth.query("layer_a == '1' and layer_b == '3'")["value"].iloc[0]) == pytest.approx(whole, abs=1e-10)
@@ -226,11 +227,11 @@ def test_similarity_matrix_takes_the_new_and_the_old_order():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU()).double()
     other = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU()).double()
     x = torch.randn(32, 4, dtype=torch.float64)
-    new = se.similarity_matrix(model, other, ["1", "3"], x, progress=False)
-    assert new.equals(se.similarity_matrix(model=model, other=other, layers=["1", "3"], data=x, progress=False))
+    new = se.similarity_matrix(model, other, ["1", "3"], x, progress=False).to_frame()
+    assert new.equals(se.similarity_matrix(model=model, other=other, layers=["1", "3"], data=x, progress=False).to_frame())
     with pytest.raises(TypeError, match="unexpected keyword argument 'model_a'"):  # the names before issue 17
         se.similarity_matrix(model_a=model, model_b=other, loader=x, layers=["1", "3"], progress=False)
-    pair = se.similarity_matrix(model, other, (["1"], ["1", "3"]), x, progress=False)
+    pair = se.similarity_matrix(model, other, (["1"], ["1", "3"]), x, progress=False).to_frame()
     assert pair["layer_b"].tolist() == ["1", "3"] and pair["value"].iloc[0] == pytest.approx(new["value"].iloc[0])
     with pytest.raises(TypeError, match="needs data"):
         se.similarity_matrix(model, other, ["1"], progress=False)
@@ -394,12 +395,12 @@ def test_similarity_matrix_reads_token_features_on_the_last_axis():
         twin[4].load_state_dict(model[4].state_dict())
     x = torch.randn(64, 6, 5, dtype=torch.float64, generator=g)
     torch.testing.assert_close(twin(x), model(x))
-    df = se.similarity_matrix(model, twin, ["1"], list(x.split(16)), kernel="max", progress=False)
+    df = se.similarity_matrix(model, twin, ["1"], list(x.split(16)), kernel="max", progress=False).to_frame()
     assert float(df["value"].iloc[0]) == pytest.approx(1.0, abs=1e-9)
     proc = se.similarity_matrix(model, twin, ["1"], list(x.split(16)), measure="procrustes", group="grelu",
-                                progress=False)
+                                progress=False).to_frame()
     assert float(proc["value"].iloc[0]) == 1.0
-    wrong = se.similarity_matrix(model, twin, ["1"], list(x.split(16)), kernel="max", feature_axis=1, progress=False)
+    wrong = se.similarity_matrix(model, twin, ["1"], list(x.split(16)), kernel="max", feature_axis=1, progress=False).to_frame()
     assert float(wrong["value"].iloc[0]) < 0.95
 
 
@@ -434,13 +435,13 @@ def test_similarity_matrix_names_an_undefined_layer_and_restores_the_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(48, 4, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="undefined.*model layer '4' \\(constant\\)"):
-        first = se.similarity_matrix(model, model, ["1", "4"], list(x.split(16)), progress=False)
+        first = se.similarity_matrix(model, model, ["1", "4"], list(x.split(16)), progress=False).to_frame()
     assert first.query("layer_a == '4' or layer_b == '4'")["value"].isna().all()
     assert first.query("layer_a == '1' and layer_b == '1'")["value"].iloc[0] == pytest.approx(1.0)
     assert model.training and model[2].training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm untouched
     with pytest.warns(RuntimeWarning):
-        second = se.similarity_matrix(model, model, ["1", "4"], list(x.split(16)), progress=False)
+        second = se.similarity_matrix(model, model, ["1", "4"], list(x.split(16)), progress=False).to_frame()
     assert first["value"].equals(second["value"])  # eval mode: no dropout, the same numbers twice
 
 
@@ -454,11 +455,11 @@ def test_a_shared_model_runs_once_and_matches_two_copies():
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
     for measure in ("cka", "procrustes"):
         calls.clear()
-        one = se.similarity_matrix(model, model, ["1", "3"], list(x.split(10)), measure=measure, progress=False)
+        one = se.similarity_matrix(model, model, ["1", "3"], list(x.split(10)), measure=measure, progress=False).to_frame()
         shared_calls = len(calls)
         calls.clear()
         two = se.similarity_matrix(model, copy.deepcopy(model), ["1", "3"], list(x.split(10)), measure=measure,
-                                   progress=False)
+                                   progress=False).to_frame()
         assert 2 * shared_calls == len(calls) >= 2  # the copy carries the hook: two models, twice the forwards
         np.testing.assert_allclose(one["value"], two["value"], rtol=1e-12, equal_nan=True)
 
@@ -469,15 +470,15 @@ def test_pairwise_similarity_matches_the_pair_functions():
     X, g = features(n=50, c=6)
     feats = {"a": X, "b": grelu_copy(X, g).relu(), "c": torch.randn(X.shape, dtype=torch.float64, generator=g).relu()}
     for kernel in ("linear", "max"):
-        frame = S.pairwise_similarity(feats, kernel=kernel)
+        frame = S.pairwise_similarity(feats, kernel=kernel).to_frame()
         assert list(frame["model_a"] + frame["model_b"]) == ["ab", "ac", "bc"]
-        for a, b, value in frame.itertuples(index=False):
+        for a, b, _, value in frame.itertuples(index=False):
             assert value == pytest.approx(se.cka(feats[a], feats[b], kernel), rel=1e-9)
     for group in S.GROUPS:
         for centered in (False, True):
             frame = S.pairwise_similarity(feats, [("c", "a"), ("b", "a")], "procrustes", group=group,
-                                          centered=centered)
-            for a, b, value in frame.itertuples(index=False):
+                                          centered=centered).to_frame()
+            for a, b, _, value in frame.itertuples(index=False):
                 assert value == pytest.approx(se.procrustes(feats[a], feats[b], group, centered=centered), abs=1e-12)
     with pytest.raises(ValueError, match="without features"):
         S.pairwise_similarity(feats, [("a", "z")])
@@ -494,7 +495,7 @@ def test_similarity_matrix_names_the_layer_whose_activations_are_not_finite():
     for measure in ("cka", "procrustes"):
         with pytest.raises(ValueError, match="other's layer '2'.*(NaN|finite)"):
             se.similarity_matrix(model, other, ["1", "2"], x, measure=measure, progress=False)
-    assert se.similarity_matrix(model, other, ["1"], x, progress=False)["value"].notna().all()
+    assert se.similarity_matrix(model, other, ["1"], x, progress=False).to_frame()["value"].notna().all()
 
 
 def test_similarity_matrix_runs_the_models_without_autograd_bookkeeping():
@@ -504,7 +505,7 @@ def test_similarity_matrix_runs_the_models_without_autograd_bookkeeping():
     modes = []
     handle = model.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
     try:
-        frame = se.similarity_matrix(model, model, ["1", "2"], torch.randn(16, 4), progress=False)
+        frame = se.similarity_matrix(model, model, ["1", "2"], torch.randn(16, 4), progress=False).to_frame()
     finally:
         handle.remove()
     assert modes == [True] and frame["value"].notna().all()

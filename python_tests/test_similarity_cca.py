@@ -146,7 +146,7 @@ def spec(s):
 def test_matrix_matches_pairs(name, opts):
     reps = [rand(60, d) for d in (4, 6, 6, 9)]
     reps.append(related(reps[0], 6, noise=0.2))
-    M = measure_matrix(reps, name, **opts).values
+    M = measure_matrix(reps, name, **opts).matrix.values
     for i in range(len(reps)):
         for j in range(len(reps)):
             if i != j:
@@ -160,7 +160,7 @@ def test_matrix_matches_pairs(name, opts):
 def test_asymmetric_matrices_row_is_first_argument():
     reps = [rand(60, 4), rand(60, 7)]
     for name in ("pwcca", "linear_regression"):
-        M = measure_matrix(reps, name).values
+        M = measure_matrix(reps, name).matrix.values
         assert M[0, 1] == pytest.approx(compare(reps[0], reps[1], name), rel=1e-10)
         assert M[1, 0] == pytest.approx(compare(reps[1], reps[0], name), rel=1e-10)
         assert abs(M[0, 1] - M[1, 0]) > 1e-4

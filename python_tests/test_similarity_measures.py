@@ -54,12 +54,12 @@ def test_compare_and_the_matrix_agree_with_the_formula():
     X, Y = R["m0"], R["m3"]
     assert abs(M.compare(X, Y, m) - hand(X.numpy(), Y.numpy())) < 1e-12
     assert abs(m(X.numpy(), Y.numpy()) - hand(X.numpy(), Y.numpy())) < 1e-12  # arrays too
-    frame = M.measure_matrix(R, m)
+    frame = M.measure_matrix(R, m).matrix
     assert list(frame.index) == list(R) and list(frame.columns) == list(R)
     for a in R:
         for b in R:
             assert abs(frame.loc[a, b] - hand(R[a].numpy(), R[b].numpy())) < 1e-12
-    listed = M.measure_matrix(list(R.values()), m)
+    listed = M.measure_matrix(list(R.values()), m).matrix
     assert list(listed.index) == list(range(5))
     np.testing.assert_allclose(listed.to_numpy(), frame.to_numpy(), rtol=0, atol=0)
 
@@ -116,7 +116,7 @@ def test_pairwise_similarity_runs_any_measure_in_blocks_with_the_same_numbers(ma
     the same values as the pair loop, pairs in the order given."""
     R = reps(k=6)
     pairs = [("m5", "m0"), ("m1", "m1"), ("m2", "m4"), ("m3", "m5"), ("m0", "m1")]
-    frame = se.pairwise_similarity(R, pairs, measure=BiasedLinearCKA(), progress=False, max_memory=max_memory)
+    frame = se.pairwise_similarity(R, pairs, measure=BiasedLinearCKA(), progress=False, max_memory=max_memory).to_frame()
     assert list(zip(frame.model_a, frame.model_b)) == pairs
     for (a, b), value in zip(pairs, frame.value):
         assert abs(value - hand(R[a].numpy(), R[b].numpy())) < 1e-12
@@ -158,13 +158,13 @@ def test_similarity_matrix_runs_any_measure_over_batches():
     x = torch.randn(48, 5, generator=torch.Generator().manual_seed(3))
     layers = ["0", "2", "4"]
     batches = [x[:20], x[20:40], x[40:]]  # uneven batches: the activations are joined
-    frame = se.similarity_matrix(a, b, layers, batches, measure=BiasedLinearCKA(), progress=False)
+    frame = se.similarity_matrix(a, b, layers, batches, measure=BiasedLinearCKA(), progress=False).to_frame()
     acts_a, acts_b = activations(a, x, layers), activations(b, x, layers)
     assert len(frame) == 9
     for row in frame.itertuples():
         assert abs(row.value - hand(acts_a[row.layer_a].double().numpy(), acts_b[row.layer_b].double().numpy())) \
             < 1e-10
-    same = se.similarity_matrix(a, a, layers, x, measure=BiasedLinearCKA(), progress=False)
+    same = se.similarity_matrix(a, a, layers, x, measure=BiasedLinearCKA(), progress=False).to_frame()
     assert np.allclose(same.pivot(index="layer_a", columns="layer_b", values="value").to_numpy().diagonal(), 1)
     assert a.training and b.training  # given back as they came
 
@@ -203,8 +203,8 @@ def test_cka_and_procrustes_specs_keep_every_option_on_every_route(spec):
     either way the values are the measure's own."""
     R = {k: v.relu() for k, v in reps(k=4, n=30).items()}
     m = M.parse_spec(spec)
-    frame = se.pairwise_similarity(R, measure=spec, progress=False)
-    for a, b, value in frame.itertuples(index=False):
+    frame = se.pairwise_similarity(R, measure=spec, progress=False).to_frame()
+    for a, b, _, value in frame.itertuples(index=False):
         assert abs(value - M.compare(R[a], R[b], m)) < 1e-10, (spec, a, b)
 
 
@@ -212,7 +212,7 @@ def test_similarity_matrix_streams_cka_with_the_specs_bandwidth():
     a, b = mlp(0), mlp(1)
     x = torch.randn(40, 5, generator=torch.Generator().manual_seed(4))
     spec = "cka:kernel=rbf:bandwidth=0.3"
-    frame = se.similarity_matrix(a, b, ["2"], x, measure=spec, progress=False)
+    frame = se.similarity_matrix(a, b, ["2"], x, measure=spec, progress=False).to_frame()
     X, Y = activations(a, x, ["2"])["2"], activations(b, x, ["2"])["2"]
     assert abs(frame.value.item() - M.compare(X, Y, spec.split(":")[0], kernel="rbf", bandwidth=0.3)) < 1e-6
     assert abs(frame.value.item() - M.compare(X, Y, "cka", kernel="rbf")) > 1e-4  # the bandwidth matters here

@@ -167,7 +167,7 @@ def test_matrix_equals_pairs(name, opts, monkeypatch):
     reps = {f"r{i}": np.hstack([base, s * g.standard_normal((70, 1 + i))]) for i, s in enumerate([0.1, 0.5, 1, 2, 4])}
     reps["low"] = base[:, :2] @ g.standard_normal((2, 8))
     opts = {"k": 5, **opts} if name in KNN else opts
-    M = measure_matrix(reps, name, **opts)
+    M = measure_matrix(reps, name, **opts).matrix
     names = list(reps)
     for a in names:
         for b in names:
@@ -175,7 +175,7 @@ def test_matrix_equals_pairs(name, opts, monkeypatch):
     np.testing.assert_allclose(M.values, M.values.T, atol=0)
     # row blocks of a few inputs give the same numbers
     monkeypatch.setattr(neighbours, "_BLOCK", 1000)
-    np.testing.assert_allclose(measure_matrix(reps, name, **opts).values, M.values, atol=1e-12)
+    np.testing.assert_allclose(measure_matrix(reps, name, **opts).matrix.values, M.values, atol=1e-12)
 
 
 def test_second_order_gather_and_product_routes_agree():
@@ -324,7 +324,7 @@ def test_degenerate_baselines():
     assert compare(centred, X, "magnitude_difference") == pytest.approx(np.linalg.norm(X.mean(0)), abs=1e-12)
     const = np.ones((20, 4))
     assert compare(const, const, "eigenspace_overlap") == pytest.approx(0.25, abs=1e-12)  # rank 1 of 4
-    M = measure_matrix([zero, X, const], "eigenspace_overlap")
+    M = measure_matrix([zero, X, const], "eigenspace_overlap").matrix
     assert np.isfinite(M.values).all() and M.values[0].max() == 0.0
 
 

@@ -163,7 +163,7 @@ def test_rsa_matrix_matches_rsatoolbox(rdm_metric, how):
     rng = np.random.default_rng(2)
     Xs = [rng.standard_normal((25, d)) for d in (4, 6, 9)]
     Xs.append(Xs[0] @ rng.standard_normal((4, 5)))
-    ours = measure_matrix(Xs, "rsa", rdm_metric=rdm_metric, compare=how).to_numpy()
+    ours = measure_matrix(Xs, "rsa", rdm_metric=rdm_metric, compare=how).matrix.to_numpy()
     rdms = rsatoolbox.rdm.calc_rdm([rsatoolbox.data.Dataset(X) for X in Xs], method=rdm_metric)
     theirs = rsatoolbox.rdm.compare(rdms, rdms, method=RSATOOLBOX_COMPARE[how])
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
@@ -191,7 +191,7 @@ def test_rsa_properties(how):
         # so does a reordering of one representation's features
         q = np.random.default_rng(1).permutation(X.shape[1])
         assert compare(X[:, q], Y, "rsa", **kw) == pytest.approx(xy, abs=1e-12)
-    M = measure_matrix([X, Y, X + 1], "rsa", rdm_metric="euclidean", compare=how).to_numpy()
+    M = measure_matrix([X, Y, X + 1], "rsa", rdm_metric="euclidean", compare=how).matrix.to_numpy()
     np.testing.assert_allclose(M, M.T, atol=0)
     np.testing.assert_allclose(np.diag(M), 1, atol=1e-12)
 
@@ -294,7 +294,7 @@ def test_rsm_norm_difference_matrix_matches_pairs(rsm):
     X, Y = reps(10)
     near = X + 1e-9 * rng.standard_normal(X.shape)  # beyond the Gram expansion's resolution
     Xs = {"X": X, "Y": Y, "X again": X.copy(), "near": near}
-    M = measure_matrix(Xs, "rsm_norm_difference", rsm=rsm)
+    M = measure_matrix(Xs, "rsm_norm_difference", rsm=rsm).matrix
     names = list(Xs)
     for i, j in itertools.product(range(4), repeat=2):
         want = compare(Xs[names[i]], Xs[names[j]], "rsm_norm_difference", rsm=rsm)

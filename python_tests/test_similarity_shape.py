@@ -182,7 +182,7 @@ def all_triples_hold(D, slack=1e-10):
                                        ("bures_distance", {}), ("bures_distance", {"distance": "angular"})])
 def test_metric_axioms_and_matrix_equals_pairs(name, opts):
     R = reps(8, n=30, d=5, k=7)
-    D = measure_matrix(R, name, **opts).values
+    D = measure_matrix(R, name, **opts).matrix.values
     assert (np.diag(D) == 0).all() and (D >= 0).all()
     np.testing.assert_array_equal(D, D.T)
     assert all_triples_hold(D)
@@ -199,7 +199,7 @@ def test_triangle_inequality_on_random_triples():
         A = r.randn(20, 6)
         R = [A @ r.randn(6, w) + s * r.randn(20, w) for w, s in zip(r.randint(2, 6, 3), 2 * r.rand(3) ** 2)]
         for alpha in (0.0, 1.0):
-            D = measure_matrix(R, "shape_metric", alpha=alpha).values
+            D = measure_matrix(R, "shape_metric", alpha=alpha).matrix.values
             assert all_triples_hold(D), (t, alpha, D)
 
 
@@ -208,7 +208,7 @@ def test_triangle_inequality_on_random_triples():
                                        ("bures_distance", {})])
 def test_mixed_widths_matrix_equals_pairs(name, opts):
     R = reps(10, n=25, widths=[4, 6, 3, 6, 5])
-    D = measure_matrix(R, name, **opts).values
+    D = measure_matrix(R, name, **opts).matrix.values
     for i, j in itertools.combinations(range(5), 2):
         assert D[i, j] == pytest.approx(compare(R[i], R[j], name, **opts), abs=1e-11)
 
@@ -242,7 +242,7 @@ def test_rank_deficient_covariance_alpha_zero_is_regularised():
     a = compare(Xd, Y, "shape_metric", alpha=0)
     assert np.isfinite(a)
     assert a == pytest.approx(compare(X, Y, "shape_metric", alpha=0), abs=1e-9)
-    D = measure_matrix([Xd, Y, X], "shape_metric", alpha=0).values
+    D = measure_matrix([Xd, Y, X], "shape_metric", alpha=0).matrix.values
     assert np.isfinite(D).all()
 
 
@@ -281,7 +281,7 @@ def test_nearly_aligned_pairs_are_accurate(name):
     T = np.eye(8)[rng(1).permutation(8)] if name == "permutation_metric" else orthogonal(8, 2)
     R = [X, X @ T + 1.0, X[:, ::-1] @ T.T if name != "permutation_metric" else X[:, ::-1]]
     for dist in ("angular", "euclidean"):
-        D = measure_matrix(R, name, distance=dist).values
+        D = measure_matrix(R, name, distance=dist).matrix.values
         scale = 1.0 if dist == "angular" else np.linalg.norm(X - X.mean(0)) / (
             np.sqrt(50) if name == "bures_distance" else 1.0)
         assert np.abs(D).max() <= 5e-8 * scale

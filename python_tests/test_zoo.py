@@ -592,7 +592,7 @@ def test_zoo_tables_are_a_dataclass_a_frame_a_figure_and_a_mapping(zoo_dir):
         tables.plot("nope")
 
 
-def test_pairs_are_sampled_with_a_generator_and_seed_is_its_old_name(zoo_dir, tmp_path):
+def test_pairs_are_sampled_with_a_generator_and_seed_is_refused(zoo_dir, tmp_path):
     def sampled(**options):
         tables = zoo.analyze(zoo_dir, arch=ARCH, metrics=("rank",), pairs=("cka",), probe=probe(), max_pairs=3,
                              layers=["10"], progress=False, report=False, **options)
@@ -600,8 +600,8 @@ def test_pairs_are_sampled_with_a_generator_and_seed_is_its_old_name(zoo_dir, tm
 
     first = sampled(generator=3)
     assert len(first) == 3 and sampled(generator=3) == first
-    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
-        assert sampled(seed=3) == first
+    with pytest.raises(TypeError, match="unexpected keyword argument 'seed'"):  # its name before issue 17
+        sampled(seed=3)
     assert sampled(generator=torch.Generator().manual_seed(5)) == sampled(generator=torch.Generator().manual_seed(5))
     with pytest.raises(zoo.ZooError, match="generator must be a torch.Generator, an int seed or None"):
         sampled(generator="x")

@@ -180,16 +180,15 @@ def test_zoo_figures_draw_their_data():
     matplotlib.pyplot.close("all")
 
 
-def test_predict_accuracy_takes_a_generator_and_seed_is_its_old_name():
+def test_predict_accuracy_takes_a_generator_and_refuses_seed():
     rng = np.random.default_rng(0)
     features = pd.DataFrame({"f": rng.normal(size=40)})
     y = features["f"].to_numpy() * 0.1 + rng.normal(size=40) * 0.01
     groups = np.repeat(np.arange(10), 4)
     first = zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator=3)[0]
     pd.testing.assert_frame_equal(first, zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator=3)[0])
-    with pytest.warns(FutureWarning, match="'seed' is now called 'generator'"):
-        old = zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, seed=3)[0]
-    pd.testing.assert_frame_equal(first, old)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'seed'"):  # its name before issue 17
+        zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, seed=3)
     with pytest.raises(TypeError, match="generator must be"):
         zoo_report.predict_accuracy(features, y, groups, {"f": ["f"]}, generator="x")
 

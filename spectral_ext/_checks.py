@@ -210,25 +210,3 @@ def generator(value, name: str = "generator") -> torch.Generator | None:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be a torch.Generator, an int seed or None, got {type(value).__name__}")
     return torch.Generator().manual_seed(int(value))
-
-
-def renamed(**old_to_new: str):
-    """Decorator: accept a keyword argument under its former name, with a
-    FutureWarning, so that code written for the older API keeps running.
-    `@renamed(model_b="other", seed="generator")`."""
-    import functools
-    import warnings
-
-    def wrap(function):
-        @functools.wraps(function)
-        def inner(*args, **kwargs):
-            for old, new in old_to_new.items():
-                if old in kwargs:
-                    if new in kwargs:
-                        raise TypeError(f"{function.__name__}() got {old!r} and its new name {new!r}; pass {new!r}")
-                    warnings.warn(f"{function.__name__}(): the argument {old!r} is now called {new!r}",
-                                  FutureWarning, stacklevel=2)
-                    kwargs[new] = kwargs.pop(old)
-            return function(*args, **kwargs)
-        return inner
-    return wrap

@@ -266,14 +266,14 @@ def activation_covariance(model: nn.Module, other: nn.Module | None = None, laye
 # Spectra and the Marchenko-Pastur law
 
 
-def activation_spectrum(cov: torch.Tensor):
+def activation_spectrum(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (decreasing) and eigenvectors (rows) of a covariance
     (seed 002, the activation-spectrum cells)."""
     values, vectors = torch.linalg.eigh(cov.double())
     return values.flip(0), vectors.flip(1).T
 
 
-def weight_spectrum(weight: torch.Tensor):
+def weight_spectrum(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues s^2 / n (decreasing) and eigenvectors (rows, input space)
     of the weight covariance W^T W / n, W = weight.reshape(n, -1), from the
     SVD (seed 002's route when n << d)."""
@@ -375,7 +375,8 @@ def stability(E1: torch.Tensor, E2: torch.Tensor, alignment: torch.Tensor | None
 # Alignment
 
 
-def align(cross_cov: torch.Tensor, cov_a: torch.Tensor | None = None, cov_b: torch.Tensor | None = None):
+def align(cross_cov: torch.Tensor, cov_a: torch.Tensor | None = None,
+          cov_b: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None]:
     """The orthogonal alignment of seed 002: with E[a b^T] = U Sigma V^T,
     A = U V^T minimises E|A^T a - b|^2 (equivalently a ~ A b), and
     r^2 = tr Sigma / (sqrt(E|a|^2) sqrt(E|b|^2)) is the explained fraction
@@ -416,8 +417,32 @@ def alignment_r2(A: torch.Tensor, cross_cov: torch.Tensor, cov_a: torch.Tensor, 
 # Clipping
 
 
+@dataclass(frozen=True)
+class Clipping:
+    """Result of clip (seed 002 clipping): the accuracy after projecting the
+    representation at `layer` onto its top-k principal components.
+
+    layer: the clipped layer; basis: "activation", "weight" or "given" (a
+    tensor of rows); ks: the k evaluated, in order; accuracies: one per k."""
+
+    layer: str
+    basis: str
+    ks: tuple[int, ...]
+    accuracies: tuple[float, ...]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per k: columns k, accuracy."""
+        return pd.DataFrame({"k": list(self.ks), "accuracy": list(self.accuracies)})
+
+    def plot(self, ax=None, label: str | None = None):
+        """Accuracy against k (plot.clipping)."""
+        from .plot import clipping
+
+        return clipping(self, ax=ax, label=label)
+
+
 def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance: torch.Tensor | None = None,
-         batch_size: int = 256, max_copies: int = 32, progress: bool = True) -> pd.DataFrame:
+         batch_size: int = 256, max_copies: int = 32, progress: bool = True) -> Clipping:
     """Accuracy after projecting the representation at `layer` onto its top-k
     principal components, for every k in ks (seed 002 clipping).
 
@@ -433,8 +458,11 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
     through the prefix once and the layer's hook hands the rest of the
     network up to max_copies stacked copies (one per k). Models whose later
     layers also read earlier tensors (residual connections across the
-    layer) are evaluated one k at a time instead, with a warning. Returns a
-    DataFrame with columns k, accuracy."""
+    layer) are evaluated one k at a time instead, with a warning.
+
+    Returns:
+        A Clipping (layer, basis, ks, accuracies; .plot() draws it);
+        .to_frame() has columns k, accuracy."""
     check_model("model", model)
     modules = dict(model.named_modules())
     if not isinstance(layer, str) or layer not in modules or layer == "":
@@ -472,7 +500,7 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
                           "evaluating one k at a time", RuntimeWarning, stacklevel=2)
             accuracies = [_clip_shared(model, layer, kind, projectors[i:i + 1], data, batch_size, 1, progress)[0]
                           for i in range(len(ks))]
-    return pd.DataFrame({"k": ks, "accuracy": accuracies})
+    return Clipping(layer, "given" if isinstance(basis, torch.Tensor) else basis, tuple(ks), tuple(accuracies))
 
 
 def _clip_shared(model, layer, kind, projectors, data, batch_size, max_copies, progress=False):

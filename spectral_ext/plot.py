@@ -146,12 +146,23 @@ def rank_decay(frame, ax=None):
 
 
 def similarity_heatmap(frame, ax=None, title: str | None = None, annotate: bool | None = None):
-    """A heatmap of pair values: a similarity_matrix frame (seed 004 Fig.
-    2/5: model a's layers as rows, model b's as columns) or a square
-    measure_matrix frame (K x K models). Similarities in [0, 1] on a fixed
-    0..1 scale, other values (distances) on their own range. annotate:
-    print the values in the cells (default: up to 12 x 12)."""
+    """A heatmap of pair values: a similarity_matrix result or its frame
+    (seed 004 Fig. 2/5: model a's layers as rows, model b's as columns), a
+    measure_matrix result or its square .matrix (K x K models), or a
+    pairwise_similarity result (its pairs; cells not computed left blank).
+    Similarities in [0, 1] on a fixed 0..1 scale, other values (distances)
+    on their own range. annotate: print the values in the cells (default:
+    up to 12 x 12)."""
     fig, ax = _axes(ax, (6, 5))
+    if hasattr(frame, "layers_a"):  # a SimilarityMatrix
+        frame = frame.to_frame()
+    elif hasattr(frame, "pairs"):  # a PairwiseSimilarity: its pairs as a model x model table
+        tidy = frame.to_frame()
+        names = list(dict.fromkeys([*tidy["model_a"], *tidy["model_b"]]))
+        frame = tidy.pivot(index="model_a", columns="model_b", values="value").reindex(index=names,
+                                                                                       columns=names)
+    elif hasattr(frame, "matrix"):  # a MeasureMatrix
+        frame = frame.matrix
     if "layer_a" in getattr(frame, "columns", ()):
         table = frame.pivot(index="layer_a", columns="layer_b", values="value")
         table = table.loc[list(dict.fromkeys(frame["layer_a"])), list(dict.fromkeys(frame["layer_b"]))]

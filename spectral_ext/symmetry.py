@@ -242,7 +242,7 @@ def symmetry_classes(graph) -> list[list[str]]:
 @models_in_eval_mode
 def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input: torch.Tensor | None = None,
                    group: str = "relu", generator=None, check: bool = True,
-                   rtol: float = 1e-4, atol: float = 1e-5, progress: bool = True):
+                   rtol: float = 1e-4, atol: float = 1e-5, progress: bool = True) -> tuple[nn.Module, dict]:
     """Seed 004 section 3.2, Proposition 3.4, applied to every hidden layer
     of a model: a new model computing the same function whose hidden
     features are transformed by group elements, A = P D with P a permutation and D positive ("relu":

@@ -115,7 +115,7 @@ def test_resnet18_layer_by_layer_vs_pytorch_cka(count):
     layers = RESNET_LAYERS[count]
 
     def ours():
-        frame = se.similarity_matrix(a, b, layers, loader, progress=False)
+        frame = se.similarity_matrix(a, b, layers, loader, progress=False).to_frame()
         return frame["value"].to_numpy().reshape(count, count)
 
     def theirs():

@@ -166,7 +166,7 @@ def test_zoo_k_by_k_procrustes_vs_a_numpy_loop():
         return out
 
     def batched():
-        return se.pairwise_similarity(acts, measure="procrustes", progress=False)["value"].tolist()
+        return se.pairwise_similarity(acts, measure="procrustes", progress=False).to_frame()["value"].tolist()
 
     values = {}
     medians = interleaved({"ours": lambda: values.__setitem__("ours", batched()),

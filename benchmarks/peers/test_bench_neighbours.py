@@ -156,7 +156,7 @@ def reference_loop(fn, reps):
 def test_kxk_against_reference_loop(name, opts, ref, takes_torch, target, _):
     reps = representations()
     theirs_in = reps if takes_torch else [r.numpy() for r in reps]
-    ours = measure_matrix(reps, name, **opts).values
+    ours = measure_matrix(reps, name, **opts).matrix.values
     theirs = reference_loop(ref, theirs_in)
     off = ~np.eye(K, dtype=bool)
     diff = float(np.abs(ours - theirs)[off].max())

@@ -82,7 +82,7 @@ def test_kxk_32_networks(kind, alpha):
     values = {
         "netrep pairwise_distances": lambda: pairwise_distances(peer, reps, verbose=False),
         "netrep fit_score loop": lambda: loop(peer, reps),
-        "spectral_ext measure_matrix": lambda: measure_matrix(reps, name, **opts).values,
+        "spectral_ext measure_matrix": lambda: measure_matrix(reps, name, **opts).matrix.values,
         "spectral_ext compat pairwise_distances": lambda: cn.pairwise_distances(ours, reps, verbose=False),
     }
     ref = values["netrep pairwise_distances"]()

@@ -35,7 +35,7 @@ def test_rsa_kxk_vs_rsatoolbox():
     reps = [torch.randn(1000, 64, generator=g, dtype=torch.float64) for _ in range(32)]
     datasets = [rsatoolbox.data.Dataset(r.numpy()) for r in reps]
     for metric in ("euclidean", "correlation"):
-        ours = measure_matrix(reps, "rsa", rdm_metric=metric, compare="spearman").to_numpy()
+        ours = measure_matrix(reps, "rsa", rdm_metric=metric, compare="spearman").matrix.to_numpy()
         theirs = rsatoolbox_kxk(datasets, rsr, metric)
         diff = np.abs(ours - theirs).max()
         assert diff < 1e-10
@@ -43,7 +43,7 @@ def test_rsa_kxk_vs_rsatoolbox():
         med = interleaved({
             f"rsatoolbox {RSATOOLBOX}": lambda: rsatoolbox_kxk(datasets, rsr, metric),
             "spectral_ext measure_matrix": lambda: measure_matrix(reps, "rsa", rdm_metric=metric,
-                                                                  compare="spearman"),
+                                                                  compare="spearman").matrix,
             "spectral_ext.compat.rsatoolbox": lambda: rsatoolbox_kxk(datasets, srt, metric),
         }, repeats=3)
         base = f"rsatoolbox {RSATOOLBOX}"

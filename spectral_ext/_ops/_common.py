@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator
 
 import torch
 
@@ -20,7 +21,7 @@ _CHUNK_ELEMENTS = 1 << 22  # the backward passes build temporaries of about this
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[None]:
     """Run the operators on `name`: "native" (the compiled kernels, default) or
     "reference" (the plain-PyTorch twins in spectral_ext.reference)::
 

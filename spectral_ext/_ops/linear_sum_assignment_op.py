@@ -8,7 +8,7 @@ from .. import _checks, reference
 from ._common import _interruptible, _native
 
 
-def linear_sum_assignment(cost, maximize: bool = False):
+def linear_sum_assignment(cost, maximize: bool = False) -> tuple:
     """Optimal assignments of a batch of problems: scipy.optimize.linear_sum_assignment
     for each, solved in parallel across the batch on the CPU, with scipy's answer, ties
     included (its shortest augmenting path algorithm, Crouse 2016, with its order of

@@ -14,7 +14,7 @@ MAX_ITERS = 10**12  # Sinkhorn rounds; beyond this a call would not end in a lif
 
 def sinkhorn(P: torch.Tensor, iters: int = 16, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
              reg: float | None = None, stop_threshold: float | None = None, check_every: int = 10,
-             log_domain: bool = False, return_log: bool = False):
+             log_domain: bool = False, return_log: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict]:
     """Sinkhorn normalisation (seed 004 appendix D.2.1): `iters` rounds of
     dividing each column by its sum, then each row by its sum; with marginals,
     Sinkhorn-Knopp scaling to row sums `a` and column sums `b` (Cuturi 2013, POT's

@@ -80,7 +80,8 @@ def _rbf_lower(R: torch.Tensor, bandwidth: float):
     return sq.mul_(-0.5 / float(scale)).exp_().tril_(-1)
 
 
-def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.5, gamma: float | None = None):
+def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.5,
+                  gamma: float | None = None) -> torch.Tensor:
     """The (N, N) Gram matrix of features X (N, C, S) for a CKA kernel.
 
     linear: <x_i, x_j> of the flattened features. rbf: exp(-|x_i - x_j|^2 /

@@ -4,6 +4,8 @@ transformers models on keyword inputs ({"input_ids": ...}) and reads
 layers' tuples and Hugging Face outputs as their hidden states."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pandas as pd
 import torch
 from torch import nn
@@ -20,10 +22,47 @@ def _layer_axes(model, layers, feature_axis, which):
     return {n: (feature_axis if feature_axis is not None else layer_feature_axis(model, n)) for n in layers}
 
 
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value
+class SimilarityMatrix:
+    """Result of similarity_matrix: one measure of every layer of `model`
+    with every layer of `other`.
+
+    measure: the measure's label (a spec string: "cka", "cka:kernel=max",
+    "procrustes:group=grelu"); layers_a: model's layers (the rows);
+    layers_b: other's (the columns); values: the (len(layers_a),
+    len(layers_b)) float64 matrix, NaN where a pair cannot be compared."""
+
+    measure: str
+    layers_a: tuple[str, ...]
+    layers_b: tuple[str, ...]
+    values: torch.Tensor = field(repr=False)
+
+    @property
+    def matrix(self) -> pd.DataFrame:
+        """The values as a DataFrame, model's layers as rows, other's as columns."""
+        return pd.DataFrame(self.values.numpy(), index=pd.Index(list(self.layers_a), name="layer_a"),
+                            columns=pd.Index(list(self.layers_b), name="layer_b"))
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows, one per pair in the order of the layers: layer_a
+        (model's layer), layer_b (other's), measure, value (a pair table,
+        README "Conventions")."""
+        a, b = self.layers_a, self.layers_b
+        return pd.DataFrame({"layer_a": [x for x in a for _ in b], "layer_b": [y for _ in a for y in b],
+                             "measure": [self.measure] * (len(a) * len(b)),
+                             "value": self.values.reshape(-1).tolist()})
+
+    def plot(self, ax=None, title: str | None = None, annotate: bool | None = None):
+        """Seed 004 Fig. 2/5: the matrix as a heatmap (plot.similarity_heatmap)."""
+        from ..plot import similarity_heatmap
+
+        return similarity_heatmap(self, ax=ax, title=title, annotate=annotate)
+
+
 def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None, measure: str = "cka",
                       kernel: str = "linear", group: str = "orthogonal", unbiased: bool = True,
                       device=None, progress: bool = True, centered: bool = False,
-                      feature_axis: int | tuple | None = None) -> pd.DataFrame:
+                      feature_axis: int | tuple | None = None) -> SimilarityMatrix:
     """Similarity of every layer of `model` with every layer of `other`
     (seed 004 section 5, Fig. 2, 5, 9): the models run in eval mode (and are
     given back as they came), each activation is captured once per batch by
@@ -58,18 +97,23 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     W, C) hidden states give C; a conv: axis 1; a Permute module moves it);
     an int, or a pair for the two models, overrides. Tokens and spatial
     positions are positions alike (appendix D.7). Errors name the layer and
-    its model (`model` or `other`). Returns a tidy DataFrame with columns
-    layer_a (model's layer), layer_b (other's), value (plot it with
-    spectral_ext.plot.similarity_heatmap)."""
+    its model (`model` or `other`).
+
+    Returns:
+        A SimilarityMatrix (its measure's label, the layers, the values;
+        .plot() draws it); .to_frame() has columns layer_a (model's layer),
+        layer_b (other's), measure, value."""
     if data is None:
         raise TypeError("similarity_matrix() needs data: an iterable of batches, a tensor or a DataLoader")
     model_a, model_b = model, other
-    from .measure import engine_options, parse_spec
+    from .measure import engine_label, engine_options, parse_spec
 
     generic = None  # a Measure other than the streamed CKA and Procrustes
+    label = None  # the label of a Measure or spec given
     bandwidth, gamma = 0.5, None
     if not (isinstance(measure, str) and measure in ("cka", "procrustes")):
         generic = parse_spec(measure)
+        label = generic.label
         engine = engine_options(generic)
         if engine is not None:  # streamed below, with the measure's options
             measure, generic = engine.pop("measure"), None
@@ -141,23 +185,22 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
     if seen == 0:
         raise ValueError("data produced no usable batch")
     if generic is not None:
-        return _generic_matrix(generic, kept_a, kept_b, same)
-    rows = []
-    values = accumulator.value([f"model layer {n!r}" for n in layers_a],
-                               [f"other layer {n!r}" for n in layers_b]) if measure == "cka" else None
-    for i, a in enumerate(layers_a):
-        for j, b in enumerate(layers_b):
-            if measure == "cka":
-                value = float(values[i, j])
-            else:  # NaN where the pair cannot be compared (channel or position counts differ)
-                value = moments[(a, b)].procrustes(group, centered)[0] if moments[(a, b)].count else float("nan")
-            rows.append({"layer_a": a, "layer_b": b, "value": value})
-    return pd.DataFrame(rows)
+        return SimilarityMatrix(label, *_generic_matrix(generic, kept_a, kept_b, same))
+    if label is None:
+        label = engine_label(measure, kernel, unbiased, bandwidth, gamma, group, centered)
+    if measure == "cka":
+        values = accumulator.value([f"model layer {n!r}" for n in layers_a],
+                                   [f"other layer {n!r}" for n in layers_b]).to("cpu", torch.float64)
+    else:  # NaN where the pair cannot be compared (channel or position counts differ)
+        values = torch.tensor([[moments[(a, b)].procrustes(group, centered)[0] if moments[(a, b)].count
+                                else float("nan") for b in layers_b] for a in layers_a], dtype=torch.float64)
+    return SimilarityMatrix(label, tuple(layers_a), tuple(layers_b), values)
 
 
-def _generic_matrix(m, kept_a, kept_b, same) -> pd.DataFrame:
-    """similarity_matrix's rows for a Measure: every layer's activations
-    (N, D) reduced once, the model x other block of one batched matrix."""
+def _generic_matrix(m, kept_a, kept_b, same) -> tuple:
+    """similarity_matrix's layers and values for a Measure: every layer's
+    activations (N, D) reduced once, the model x other block of one batched
+    matrix. Returns (layers_a, layers_b, values)."""
     from .measure import representation
 
     def reduced(kept, name):
@@ -169,9 +212,8 @@ def _generic_matrix(m, kept_a, kept_b, same) -> pd.DataFrame:
     names_a, names_b = list(red_a), list(red_b)
     values = m.matrix([red_a[n] for n in names_a] + ([] if same else [red_b[n] for n in names_b]))
     offset = 0 if same else len(names_a)
-    rows = [{"layer_a": a, "layer_b": b, "value": float(values[i, offset + j])}
-            for i, a in enumerate(names_a) for j, b in enumerate(names_b)]
-    return pd.DataFrame(rows)
+    block = values[:len(names_a), offset:offset + len(names_b)].to(torch.float64)
+    return tuple(names_a), tuple(names_b), block.contiguous()
 
 
 def _at_common_scale(reps, layers, sums, scales, moments, sides) -> list:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -17,11 +18,30 @@ from ._hsic import (_centre_gram_, _centred_features, _check_kernel, _cka_from_h
 from ._layout import _rescaled, as_channels
 from ._procrustes import _aligned, _check_group
 
+@dataclass(frozen=True)
+class PairwiseSimilarity:
+    """Result of pairwise_similarity: one measure over pairs of models.
+
+    measure: the measure's label (a spec string: "cka", "cka:kernel=max",
+    "svcca:variance=0.95"); pairs: the (model_a, model_b) name pairs, in the
+    order asked; values: one float per pair, in the same order."""
+
+    measure: str
+    pairs: tuple[tuple, ...]
+    values: tuple[float, ...]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per pair: model_a, model_b, measure, value (a pair table,
+        README "Conventions")."""
+        return pd.DataFrame({"model_a": [a for a, _ in self.pairs], "model_b": [b for _, b in self.pairs],
+                             "measure": [self.measure] * len(self.pairs), "value": list(self.values)})
+
+
 def pairwise_similarity(features: dict, pairs=None, measure="cka", kernel: str = "linear",
                         group: str = "orthogonal", unbiased: bool = True, centered: bool = False,
                         feature_axis: int | None = None, chunk: int = 64, bandwidth: float = 0.5,
                         gamma: float | None = None, progress: bool = True, share=None,
-                        max_memory: int | None = None) -> pd.DataFrame:
+                        max_memory: int | None = None) -> PairwiseSimilarity:
     """The similarity of many models' representations of one probe (seed 004
     section 5: the CKA of equation 5.4 with the kernels of cka, the
     Procrustes measures of definition 5.2 / appendix D.7.1), each model's
@@ -60,14 +80,19 @@ def pairwise_similarity(features: dict, pairs=None, measure="cka", kernel: str =
     its pair chunks); used only when every Gram fits twice (the cache's copy
     and the stacked one), otherwise the Grams are recomputed per block and
     share is not called. Features whose squares would overflow or underflow
-    are divided by a power of two first (every measure is scale invariant). Returns a DataFrame with columns model_a, model_b,
-    value (one row per pair, in the order of pairs)."""
+    are divided by a power of two first (every measure is scale invariant).
+
+    Returns:
+        A PairwiseSimilarity (the measure's label, the pairs, their values);
+        .to_frame() has columns model_a, model_b, measure, value (one row
+        per pair, in the order of pairs)."""
     if not isinstance(features, dict) or not features:
         raise TypeError("features must be a non-empty dict {model name: (N, ...) tensor}")
-    from .measure import Measure, engine_options, parse_spec
+    from .measure import Measure, engine_label, engine_options, parse_spec
 
     if isinstance(measure, str) and measure not in ("cka", "procrustes"):
         measure = parse_spec(measure)
+    label = measure.label if isinstance(measure, Measure) else None  # a string: from the options below
     engine = engine_options(measure) if isinstance(measure, Measure) else None
     if engine is not None:  # the batched engines below compute it: their arguments from its options
         measure = engine.pop("measure")
@@ -87,7 +112,7 @@ def pairwise_similarity(features: dict, pairs=None, measure="cka", kernel: str =
     involved = [n for n in names if n in named]
     if isinstance(measure, Measure):
         values = _pairwise_measure(measure, features, involved, pairs, progress, share, max_memory)
-        return pd.DataFrame({"model_a": [a for a, _ in pairs], "model_b": [b for _, b in pairs], "value": values})
+        return PairwiseSimilarity(label, tuple(pairs), tuple(values))
     # every measure is scale invariant: representations too large or small for their squares scaled first
     meta = [n for n in involved if isinstance(features[n], torch.Tensor) and _checks.data_free(features[n])]
     if meta:
@@ -115,7 +140,9 @@ def pairwise_similarity(features: dict, pairs=None, measure="cka", kernel: str =
             values = _pairwise_procrustes(reps, pairs, group, centered, chunk, bar, budget)
         else:
             raise ValueError(f"measure must be 'cka' or 'procrustes', got {measure!r}")
-    return pd.DataFrame({"model_a": [a for a, _ in pairs], "model_b": [b for _, b in pairs], "value": values})
+    if label is None:
+        label = engine_label(measure, kernel, unbiased, bandwidth, gamma, group, centered)
+    return PairwiseSimilarity(label, tuple(pairs), tuple(values))
 
 
 def _pairwise_measure(m, features, involved, pairs, progress, share, max_memory) -> list[float]:

@@ -83,7 +83,8 @@ def _assignment(score: torch.Tensor):
     return linear_sum_assignment(score.detach().to(torch.float64), maximize=True)
 
 
-def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False, feature_axis: int | None = None):
+def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False,
+                     feature_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The G_ReLU-Procrustes alignment of definition 5.2: the permutation
     `perm` and scales `scale` >= 0 with Y[:, i] ~ scale[i] X[:, perm[i]]
     (the least-squares scale of the matched channels). Used to start G_ReLU

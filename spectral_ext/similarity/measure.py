@@ -22,6 +22,7 @@ code assumes (N, D) float64 finite matrices.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -170,6 +171,16 @@ def engine_options(m: Measure) -> dict | None:
     return None
 
 
+def engine_label(measure: str, kernel: str = "linear", unbiased: bool = True, bandwidth: float = 0.5,
+                 gamma: float | None = None, group: str = "orthogonal", centered: bool = False) -> str:
+    """The label of what the batched CKA ("cka") or Procrustes
+    ("procrustes") engine computes with these options: the label of the
+    Measure it equals ("cka", "cka:kernel=max", "procrustes:group=grelu")."""
+    if measure == "cka":
+        return get_measure("cka", kernel=kernel, unbiased=bool(unbiased), bandwidth=bandwidth, gamma=gamma).label
+    return get_measure("procrustes", group=group, centered=bool(centered)).label
+
+
 def _load_measures() -> None:
     """Import the modules that register measures (lazily: importing the
     package should not import scipy.stats and friends)."""
@@ -257,18 +268,61 @@ def reduce_all(reps, m: Measure, progress: bool = False, share: Callable | None 
     return out
 
 
-def measure_matrix(reps, measure: str | Measure = "cka", progress: bool = False, **options) -> pd.DataFrame:
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value
+class MeasureMatrix:
+    """Result of measure_matrix: one measure over every ordered pair of K
+    representations.
+
+    measure: the measure's label (a spec string: "cka", "svcca:variance=0.95");
+    kind: "similarity" (larger = more alike) or "distance" (0 = alike);
+    names: the representations' names, in order; values: the (K, K) float64
+    matrix, [i, j] the measure of names[i] against names[j]."""
+
+    measure: str
+    kind: str
+    names: tuple
+    values: torch.Tensor = field(repr=False)
+
+    @property
+    def matrix(self) -> pd.DataFrame:
+        """The square DataFrame, indexed and labelled by the names."""
+        names = list(self.names)
+        return pd.DataFrame(self.values.numpy(), index=names, columns=names)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows, one per ordered pair (the diagonal included): rep_a,
+        rep_b, measure, value (a pair table, README "Conventions")."""
+        k = len(self.names)
+        return pd.DataFrame({"rep_a": [a for a in self.names for _ in range(k)],
+                             "rep_b": [b for _ in range(k) for b in self.names],
+                             "measure": [self.measure] * (k * k), "value": self.values.reshape(-1).tolist()})
+
+    def plot(self, ax=None, title: str | None = None, annotate: bool | None = None):
+        """The matrix as a heatmap (plot.similarity_heatmap)."""
+        from ..plot import similarity_heatmap
+
+        return similarity_heatmap(self, ax=ax, title=title, annotate=annotate)
+
+
+def measure_matrix(reps, measure: str | Measure = "cka", progress: bool = False, **options) -> MeasureMatrix:
     """The K x K matrix of one measure over K representations of the same N
     inputs, each reduced once and the pairs batched where the measure can.
-    reps: {name: (N, ...)} or a list (named 0..K-1). Returns a square
-    DataFrame indexed and labelled by the names."""
+
+    Args:
+        reps: {name: (N, ...)} or a list (named 0..K-1).
+        measure: a name of MEASURES (built with ``options``) or a Measure.
+        progress: a progress bar over the reductions.
+
+    Returns:
+        A MeasureMatrix; .matrix is the square DataFrame indexed and
+        labelled by the names, .to_frame() its tidy rows rep_a, rep_b,
+        measure, value."""
     m = get_measure(measure, **options)
     reduced = reduce_all(reps, m, progress)
     values = m.matrix(list(reduced.values()))
     if not torch.isfinite(values).all():
         raise FloatingPointError(f"{m.name} gave a non-finite value; check the representations")
-    names = list(reduced)
-    return pd.DataFrame(values.numpy(), index=names, columns=names)
+    return MeasureMatrix(m.label, m.kind, tuple(reduced), values)
 
 
 def table() -> pd.DataFrame:

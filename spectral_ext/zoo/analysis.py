@@ -22,7 +22,6 @@ from .metrics import ActivationCache, model_metrics, pair_metrics, probe_parts, 
 from .storage import (_commit_chunk, _finished, _Lock, _merge, _read, _reconcile_options, _run_options, _stored_options,
                       _verify_chunks, check_metadata, check_out)
 
-@_checks.renamed(seed="generator")
 def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), probe=None, layers=None,
             max_pairs: int | None = None, generator=None, fmt: str = "csv", allow_pickle: bool = False,
             chunk_size: int | None = None, example_input=None, metadata=None, stitch_options: dict | None = None,

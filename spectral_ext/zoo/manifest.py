@@ -68,7 +68,7 @@ def write_manifest(folder, manifest: dict) -> None:
     os.replace(tmp, folder / MANIFEST)
 
 
-def manifest_defaults(source, arch=None, metadata=None, trust_manifest: bool = False):
+def manifest_defaults(source, arch=None, metadata=None, trust_manifest: bool = False) -> tuple:
     """What a zoo folder's manifest gives zoo.analyze where its caller gave
     nothing.
 

@@ -264,7 +264,7 @@ def _read_small_safetensors(path: pathlib.Path) -> _State | None:
     return state
 
 
-def read_checkpoint(source, allow_pickle: bool = False):
+def read_checkpoint(source, allow_pickle: bool = False) -> dict | nn.Module:
     """The state_dict (or, with allow_pickle, the module) a checkpoint
     holds: safetensors files memory-mapped (read whole when small), torch
     files with torch.load(mmap=True), a Hugging Face model folder's files
@@ -413,7 +413,7 @@ def _matching_dtypes(state: dict[str, torch.Tensor], dtypes: dict[str, torch.dty
     return state if cast is None else cast
 
 
-def check_finite(state: dict[str, torch.Tensor]):
+def check_finite(state: dict[str, torch.Tensor]) -> None:
     """ValueError naming the first floating tensor (weights and buffers such
     as BatchNorm's running_var) that holds a NaN or an infinity."""
     if not all_finite_states([state]):

@@ -191,7 +191,6 @@ def epoch_correlations(frame: pd.DataFrame, metrics, accuracy: str = "_accuracy"
 # Accuracy prediction
 
 
-@_checks.renamed(seed="generator")
 def predict_accuracy(features: pd.DataFrame, accuracy, groups, feature_sets: dict[str, list[str]],
                      n_splits: int = 5, generator=None) -> tuple[pd.DataFrame, dict, dict]:
     """Cross-validated accuracy prediction from each feature set (Unterthiner
