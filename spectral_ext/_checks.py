@@ -116,7 +116,7 @@ def free_memory(device) -> int | None:
 
 def memory(needed: int, device, what: str, advice: str) -> None:
     """Refuse, before any work, a computation whose estimated peak `needed`
-    (bytes) exceeds the free memory of `device` (issue 18: better a
+    (bytes) exceeds the free memory of `device` (better a
     ValueError naming what to reduce than the process killed after minutes)."""
     free = free_memory(device)
     needed = needed * 5 // 4  # slack: the estimates came within 25% of the measured peak (benchmarks/RESULTS.md)
@@ -127,8 +127,8 @@ def memory(needed: int, device, what: str, advice: str) -> None:
 
 def finite(output: torch.Tensor | None = None, **inputs: torch.Tensor) -> None:
     """NaN and infinity in the inputs refused by name, and an output that overflowed
-    from finite inputs refused too (issue 14.5), with one host synchronisation for
-    all of them (issue 15): a finite sum of every sum means all is finite; only a
+    from finite inputs refused too, with one host synchronisation for
+    all of them: a finite sum of every sum means all is finite; only a
     failure (or a sum that overflowed) looks closer."""
     tensors = [t for t in (*inputs.values(), output) if t is not None and t.numel()]
     if not tensors or data_free(*tensors):

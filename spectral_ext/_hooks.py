@@ -31,7 +31,7 @@ def set_eval(*models):
 def evaluating(*models):
     """Run the models in eval mode (BatchNorm on its running statistics, no
     dropout) and give each back as it came: the .training flag of every
-    submodule is restored on exit, errors included (issue 14.2). None
+    submodule is restored on exit, errors included. None
     entries are skipped. The one place every analysis sets a model's mode."""
     restore = set_eval(*models)
     try:

@@ -318,6 +318,7 @@ def esd(eigenvalues, ax=None, fit=None, label: str | None = None):
     fig, ax = _axes(ax, (5, 4))
     bins = np.logspace(math.log10(eig.min()), math.log10(eig.max()), 40)
     ax.hist(eig, bins=bins, density=True, alpha=0.6, label=label or "ESD")
+    fit = dataclasses.asdict(fit) if dataclasses.is_dataclass(fit) else fit
     if fit and np.isfinite(fit["alpha"]):
         xs = np.logspace(math.log10(fit["xmin"]), math.log10(eig.max()), 50)
         share = fit["n_tail"] / len(eig)
@@ -329,7 +330,6 @@ def esd(eigenvalues, ax=None, fit=None, label: str | None = None):
 def weight_spectra(frame, layer: str, ax=None):
     """Seed 002 spectra (covariance.weight_spectra's frame): trained and initial eigenvalues against rank on a log
     scale, with the Marchenko-Pastur upper edge."""
-    fit = dataclasses.asdict(fit) if dataclasses.is_dataclass(fit) else fit
     fig, ax = _axes(ax, (5, 4))
     part = frame[frame["layer"] == layer]
     ax.plot(part["rank"], part["eigenvalue"], label="trained")

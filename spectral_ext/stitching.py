@@ -3,7 +3,7 @@ a_{<=l} with phi a channel map (a 1x1 convolution on conv features) that is
 full, reduced rank, in G_ReLU (P D over the Birkhoff polytope, D.2.1),
 SoftSort-parameterised (D.2.2) or l1-regularised (D.6). Only phi trains.
 The channel axis is axis 1 for conv features and the last axis for token
-features (N, tokens, features) after a Linear (issue 14.1: read from the
+features (N, tokens, features) after a Linear (read from the
 layer, or `feature_axis=`). Transformers models stitch too: keyword inputs
 (a dict {"input_ids": ..., "attention_mask": ...}, both models see the same
 batch, run as model(**inputs)), layers that return tuples or Hugging Face
@@ -171,7 +171,7 @@ class StitchedModel(nn.Module):
             return call(self.model_b, x)
 
     def __repr__(self) -> str:
-        # one line: the default repr prints both whole models (issue 18)
+        # one line: the default repr prints both whole models
         a, b = self._names
         return f"StitchedModel({a}[..{self.layer_a!r}] -> {self.phi!r} -> {b}[{self.layer_b!r}..])"
 

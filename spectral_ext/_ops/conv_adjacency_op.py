@@ -68,7 +68,7 @@ def _conv_adjacency_setup(ctx, inputs, output):
 
 def _conv_adjacency_backward(ctx, grad):
     # da/dU and da/dV through inner[b, z, n, m] = sum_k U V, built for a chunk of
-    # taps at a time and weighted in place: (B, K2, N, M) never exists (issue 14.17).
+    # taps at a time and weighted in place: (B, K2, N, M) never exists.
     U, V = ctx.saved_tensors
     K2 = V.shape[2]
     step = max(1, _CHUNK_ELEMENTS // max(1, grad.numel()))

@@ -73,7 +73,7 @@ def _max_kernel_gram_setup(ctx, inputs, output):
 def _max_kernel_gram_backward(ctx, grad):
     # The max passes the gradient to the winning channel (the first on ties). The
     # winners are recomputed for a chunk of rows at a time, so only a
-    # (rows, N', C) slice of the products exists, never (N, N', C) (issue 14.17).
+    # (rows, N', C) slice of the products exists, never (N, N', C).
     X, Y = ctx.saved_tensors
     N, C = X.shape[:2]
     step = max(1, _CHUNK_ELEMENTS // max(1, Y.shape[0] * C))

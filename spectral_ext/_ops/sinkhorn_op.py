@@ -103,7 +103,7 @@ def _sinkhorn(P, iters=16, a=None, b=None, *, reg=None, stop_threshold=None, che
 
 
 def _sinkhorn_validate(P, a, b, *, cost: bool, cuda_paper: bool) -> bool:
-    """Every check of sinkhorn's inputs in one host synchronisation (issue 15).
+    """Every check of sinkhorn's inputs in one host synchronisation.
     Returns whether a CUDA input is too badly scaled for the CUDA kernel."""
     if not P.numel() or _checks.data_free(P):
         return False
@@ -158,7 +158,7 @@ def _sinkhorn_backward(ctx, grad):
     # after a round, so their gradient is zero), then runs back through each step,
     # rebuilding its iterate Z: for Z = A / s with s the sums of A along d,
     # dA = (dZ - sum_d(dZ * Z)) / s. Memory: a few matrices whatever `iters` is,
-    # not two per round (issue 14.17).
+    # not two per round.
     (P,) = ctx.saved_tensors
     if ctx.iters == 0:
         return grad, None

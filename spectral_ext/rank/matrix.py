@@ -11,7 +11,7 @@ from ._common import _check_eps, _rank_of_singular_values
 
 # Matrices whose largest magnitude lies within 2^-E .. 2^E (E by the dtype their squares are formed in) are used as
 # they are; others are divided by a power of two first (exact), so that no square or Gram entry overflows or
-# underflows (issue 27: the stable rank of a float64 matrix at 1e200 was NaN).
+# underflows (the stable rank of a float64 matrix at 1e200 was NaN).
 _SAFE_EXPONENT = {torch.float32: 16, torch.float64: 128}
 
 

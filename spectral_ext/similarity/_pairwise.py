@@ -1,6 +1,6 @@
 """The similarity of many models' representations of one probe (zoos):
 pairwise_similarity, its memory planner (blocks of models within
-max_memory, issue 13), the block sweep, and the batched CKA, Procrustes and
+max_memory), the block sweep, and the batched CKA, Procrustes and
 generic-measure engines."""
 from __future__ import annotations
 

@@ -235,7 +235,7 @@ def _read_small_safetensors(path: pathlib.Path) -> _State | None:
     misaligned or inconsistent layout, a short read), which safetensors then
     reads or rejects with its reason. Hand-written, with the parsed header
     cached: safetensors' load(bytes) cost 10x the read itself for a 20 KB
-    checkpoint (issue 16)."""
+    checkpoint."""
     if sys.byteorder != "little":
         return None
     with open(path, "rb") as f:
