@@ -36,31 +36,40 @@ def _times_exp2(M: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def numerical_rank(W: torch.Tensor, eps: float | None = None) -> torch.Tensor:
-    """Rank_eps(W) = #{i : sigma_i > eps * ||W||_2} (seed 003 section 3.1,
-    equation 4).
+    """Rank_eps(W) = #{i : sigma_i > eps * ||W||_2} (seed 003 section 3.1, equation 4).
 
-    W: a matrix (m, n) or a batch (..., m, n). eps: the relative tolerance;
-    by default the paper's choice (section 4.3) eps = float32 machine epsilon
-    x the number of singular values, whatever W's dtype. Returns a 0-d int64
-    tensor, or one per matrix for batched input. For the singular values
-    too, take sigma = torch.linalg.svdvals(W) and rank_of_singular_values(
-    sigma, eps): one SVD for both. Theorem 1: the result is stable under
-    perturbations smaller than the gap between eps * ||W||_2 and the nearest
-    sigma_i. W is divided by a power of two first where its magnitude is
-    extreme (the rank is scale invariant)."""
+    For the singular values too, take sigma = torch.linalg.svdvals(W) and rank_of_singular_values(sigma, eps): one
+    SVD for both. Theorem 1: the result is stable under perturbations smaller than the gap between eps * ||W||_2 and
+    the nearest sigma_i. W is divided by a power of two first where its magnitude is extreme (the rank is scale
+    invariant).
+
+    Args:
+        W: a matrix (m, n) or a batch (..., m, n).
+        eps: the relative tolerance; by default (None) the paper's choice (section 4.3) eps = float32 machine
+            epsilon x the number of singular values, whatever W's dtype.
+
+    Returns:
+        A 0-d int64 tensor, or one per matrix for batched input.
+    """
     _checks.tensor("W", W, ndims=range(2, 64), shape="(m, n) or (..., m, n)", data=True)
     _check_eps(eps)
     return _rank_of_singular_values(torch.linalg.svdvals(_times_exp2(W, -_exponents(W))), eps)
 
 
 def rank_of_singular_values(sigma: torch.Tensor, eps: float | None = None) -> torch.Tensor:
-    """Equation 4 of seed 003 section 3.1 on singular values already computed:
-    #{i : sigma_i > eps * sigma_1}, with numerical_rank's default eps.
+    """Equation 4 of seed 003 section 3.1 on singular values already computed: #{i : sigma_i > eps * sigma_1}.
 
-    sigma: (..., k) singular values in decreasing order (torch.linalg.svdvals'
-    output), batched over the leading axes. Returns int64 counts of shape
-    sigma.shape[:-1]; numerical_rank(W, eps) equals
-    rank_of_singular_values(torch.linalg.svdvals(W), eps)."""
+    numerical_rank(W, eps) equals rank_of_singular_values(torch.linalg.svdvals(W), eps). A ValueError is raised when
+    sigma is not in decreasing order or has negative entries.
+
+    Args:
+        sigma: (..., k) singular values in decreasing order (torch.linalg.svdvals' output), batched over the leading
+            axes.
+        eps: the relative tolerance, with numerical_rank's default (None: float32 machine epsilon x k).
+
+    Returns:
+        int64 counts of shape sigma.shape[:-1].
+    """
     _checks.tensor("sigma", sigma, ndims=range(1, 64), shape="(..., k)", data=True)
     _check_eps(eps)
     if sigma.numel() and bool((sigma[..., 1:] > sigma[..., :-1]).any()):
@@ -71,13 +80,17 @@ def rank_of_singular_values(sigma: torch.Tensor, eps: float | None = None) -> to
 
 
 def stable_rank(W: torch.Tensor) -> torch.Tensor:
-    """||W||_F^2 / ||W||_2^2 (0 for a zero matrix): a smooth companion of the
-    numerical rank of seed 003 section 3.1, at most the rank of W.
+    """||W||_F^2 / ||W||_2^2 (0 for a zero matrix): a smooth companion of the numerical rank of seed 003 section 3.1.
 
-    W: a matrix (m, n) or a batch (..., m, n). Returns a tensor of W's dtype,
-    0-d or one per matrix for batched input. Computed as sum (sigma_i /
-    sigma_1)^2, W divided by a power of two first where its magnitude is
-    extreme: no square overflows or underflows at any scale."""
+    It is at most the rank of W. Computed as sum (sigma_i / sigma_1)^2, W divided by a power of two first where its
+    magnitude is extreme: no square overflows or underflows at any scale.
+
+    Args:
+        W: a matrix (m, n) or a batch (..., m, n).
+
+    Returns:
+        A tensor of W's dtype, 0-d or one per matrix for batched input.
+    """
     _checks.tensor("W", W, ndims=range(2, 64), shape="(m, n) or (..., m, n)", data=True)
     sigma = torch.linalg.svdvals(_times_exp2(W, -_exponents(W)))
     top = sigma[..., :1] if sigma.shape[-1] else sigma.new_zeros(*sigma.shape[:-1], 1)
@@ -86,12 +99,18 @@ def stable_rank(W: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values_of_rows(M: torch.Tensor) -> torch.Tensor:
-    """Singular values of M (r, c) in float64, decreasing, for the ranks of
-    seed 003 sections 3.2 and 4.3 (Jacobians and features, often far longer
-    on one side): a direct SVD when M is nearly square, the smaller Gram
-    matrix (_linalg.gram_singular_values) otherwise; M divided by a power
-    of two first where its magnitude is extreme (the Gram's squares would
-    overflow or underflow), the values multiplied back."""
+    """Singular values of M in float64, decreasing, for the ranks of seed 003 sections 3.2 and 4.3.
+
+    Meant for Jacobians and features, often far longer on one side: a direct SVD when M is nearly square, the smaller
+    Gram matrix (_linalg.gram_singular_values) otherwise; M divided by a power of two first where its magnitude is
+    extreme (the Gram's squares would overflow or underflow), the values multiplied back.
+
+    Args:
+        M: a matrix (r, c), any floating dtype (converted to float64).
+
+    Returns:
+        A float64 tensor of the singular values of M, in decreasing order.
+    """
     M = M.double()
     e = _exponents(M)
     M = _times_exp2(M, -e)
