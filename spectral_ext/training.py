@@ -11,16 +11,27 @@ from ._data import batches
 
 def train(model: nn.Module, data, y: torch.Tensor | None = None, epochs: int = 30, lr: float = 3e-3,
           batch_size: int = 64, generator=0, progress: bool = True, parameters=None) -> nn.Module:
-    """Train model in place with Adam on cross-entropy and return it, in eval
-    mode (the trained networks of seed 000 section 5 and seed 004
-    appendix D.2, here the small reference models).
+    """Train model in place with Adam on cross-entropy.
 
-    data: labelled data in any form _data.batches takes ((x, y) tensors are
-    reshuffled every epoch), or a tensor of inputs with its labels as y
-    (the former call shape train(model, x, y)). generator: the shuffling
-    (an int seed, a torch.Generator, or None for torch's global RNG); 0 by
-    default so that a demo trains the same way every run. progress: a bar over the epochs (tqdm). parameters: what
-    to train (default all of the model's)."""
+    The trained networks of seed 000 section 5 and seed 004 appendix D.2, here the small reference models.
+    The model is left in eval mode.
+
+    Args:
+        model: the nn.Module to train, in place.
+        data: labelled data in any form _data.batches takes ((x, y) tensors are reshuffled every epoch), or
+            a tensor of inputs with its labels as y.
+        y: the labels when data is a tensor of inputs (the call train(model, x, y)); None otherwise.
+        epochs: the passes over the data, a non-negative int (default 30).
+        lr: Adam's learning rate, positive (default 3e-3).
+        batch_size: the rows per step when data is tensors (default 64).
+        generator: the shuffling (an int seed, a torch.Generator, or None for torch's global RNG); 0 by
+            default so that a demo trains the same way every run.
+        progress: a bar over the epochs (tqdm) (default True).
+        parameters: what to train (default all of the model's).
+
+    Returns:
+        The same model, trained and in eval mode.
+    """
     from tqdm.auto import tqdm
 
     if y is not None:
