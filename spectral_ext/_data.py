@@ -250,13 +250,25 @@ def first_batch(data, batch_size: int = 2, name: str = "data", labels: bool = Fa
 
 @torch.no_grad()
 def accuracy(model, data, batch_size: int = 1024, name: str = "data", model_name: str = "model") -> float:
-    """Top-1 accuracy of model over labelled data (any form batches takes,
-    keyword inputs included: a dict runs as model(**inputs)): the one
-    accuracy of the package (the metric of seed 003 section 3.3 and of every
-    accuracy column). model: an nn.Module, run in eval mode and given back
-    as it came, or any callable from inputs to logits (N, classes), such as
-    a classifier on features; a Hugging Face output's .logits are read.
-    model_name names it in errors."""
+    """Top-1 accuracy of model over labelled data.
+
+    The one accuracy of the package (the metric of seed 003 section 3.3 and of every accuracy column).
+    Raises TypeError for a model that is not callable or a tensor passed as batch_size (pass the labelled
+    data as one argument, accuracy(model, (x, y))), and ValueError for inputs the model does not accept or
+    outputs that are not logits (N, classes).
+
+    Args:
+        model: an nn.Module, run in eval mode and given back as it came, or any callable from inputs to
+            logits (N, classes), such as a classifier on features; a Hugging Face output's .logits are read.
+        data: labelled data in any form batches takes, keyword inputs included (a dict runs as
+            model(**inputs)).
+        batch_size: the rows per forward pass when data is tensors (default 1024).
+        name: what data is called in errors (default "data").
+        model_name: what model is called in errors (default "model").
+
+    Returns:
+        The fraction of samples whose argmax logit equals the label, a float in [0, 1].
+    """
     from torch import nn
 
     from ._hooks import evaluating
