@@ -29,10 +29,18 @@ from .layers import discover
 
 
 def space_to_batch(x: torch.Tensor, feature_axis: int | None = None) -> torch.Tensor:
-    """(B, C, *spatial) -> (B * prod(spatial), C); (B, d) unchanged; (B, T, d)
-    for Linear inputs -> (B T, d) (seed 002's space_to_batch). feature_axis
-    (default: 1, the last axis for 3-D inputs): where the features are;
-    -1 for the (B, H, W, C) inputs of a Linear (torchvision Swin's MLP)."""
+    """Flattens the spatial or token axes of a representation into samples (seed 002's space_to_batch).
+
+    (B, C, *spatial) -> (B * prod(spatial), C); (B, d) unchanged; (B, T, d) for Linear inputs -> (B T, d).
+
+    Args:
+        x: the representation, (B, d), (B, T, d) or (B, C, *spatial).
+        feature_axis: where the features are (default None: 1, the last axis for 3-D inputs); -1 for the
+            (B, H, W, C) inputs of a Linear (torchvision Swin's MLP).
+
+    Returns:
+        A 2-D tensor (samples, features); x itself when it is already 2-D.
+    """
     if x.dim() == 2:
         return x
     if feature_axis is None:
@@ -201,24 +209,32 @@ def _check_samples(name: str, layer: str, a: torch.Tensor, x) -> None:
 def activation_covariance(model: nn.Module, other: nn.Module | None = None, layers=None, data=None,
                           other_layers=None, batch_size: int = 256, dtype=None,
                           progress: bool = True) -> Covariances:
-    """Streaming (cross-)covariances of the inputs of `layers` (seed 002
-    compute_activation_covariances), accumulated in float64
-    in one pass over `data` (a tensor, an (x, y) pair, a DataLoader or an
-    iterable of batches; or keyword inputs for a transformers model, a dict
-    of tensors batched along dim 0 such as {"input_ids": ...,
-    "attention_mask": ...}, or an iterable of such dicts, run as
-    model(**inputs), a "labels" entry left out). A layer's input is its
-    first positional argument or its hidden_states keyword; its features
-    are the last axis for a Linear (tokens (B, T, d) and (B, H, W, C) inputs
-    give d and C, the other axes samples), axis 1 for a conv. With `other`, the cross-covariance between
-    model's and other's representations at `other_layers` (default the same
-    names) on the same inputs. Each batch's products run in the
-    activations' dtype (dtype=torch.float64 to run them in float64) and are
-    summed in float64. One model: (model, None, layers, data).
+    """Streaming (cross-)covariances of the inputs of `layers` (seed 002 compute_activation_covariances).
 
-    Returns Covariances, a mapping {layer:
-    Covariance} (call .cross(), .cov_a(), .cov_b(); center=True for centred
-    covariances) with .to_frame()."""
+    The covariances are accumulated in float64 in one pass over `data`. A layer's input is its first positional
+    argument or its hidden_states keyword; its features are the last axis for a Linear (tokens (B, T, d) and
+    (B, H, W, C) inputs give d and C, the other axes samples), axis 1 for a conv. With `other`, the
+    cross-covariance between model's and other's representations on the same inputs. Each batch's products run
+    in the activations' dtype and are summed in float64. One model: (model, None, layers, data).
+
+    Args:
+        model: the network (a torch.nn.Module).
+        other: a second network for cross-covariances, or None (default) for one model.
+        layers: a module name or a list of them, whose inputs are the representations.
+        data: a tensor, an (x, y) pair, a DataLoader or an iterable of batches; or keyword inputs for a
+            transformers model, a dict of tensors batched along dim 0 such as {"input_ids": ...,
+            "attention_mask": ...}, or an iterable of such dicts, run as model(**inputs), a "labels" entry
+            left out.
+        other_layers: other's layers paired with `layers` (default None: the same names).
+        batch_size: rows per batch for tensor data (a loader keeps its own batches; default 256).
+        dtype: the dtype the products run in (default None: the activations' own; torch.float64 to run them
+            in float64).
+        progress: show a progress bar (default True).
+
+    Returns:
+        Covariances, a mapping {layer: Covariance} (call .cross(), .cov_a(), .cov_b(); center=True for centred
+        covariances) with .to_frame().
+    """
     check_model("model", model)
     if other is not None and not isinstance(other, nn.Module):
         raise TypeError(f"other must be a torch.nn.Module or None (the order is (model, other, layers, data)), "
@@ -267,26 +283,48 @@ def activation_covariance(model: nn.Module, other: nn.Module | None = None, laye
 
 
 def activation_spectrum(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (decreasing) and eigenvectors (rows) of a covariance
-    (seed 002, the activation-spectrum cells)."""
+    """Eigenvalues (decreasing) and eigenvectors (rows) of a covariance (seed 002, the activation-spectrum cells).
+
+    Args:
+        cov: a symmetric (d, d) covariance; computed in float64.
+
+    Returns:
+        (eigenvalues (d,), eigenvectors (d, d) as rows), both in decreasing order of eigenvalue.
+    """
     values, vectors = torch.linalg.eigh(cov.double())
     return values.flip(0), vectors.flip(1).T
 
 
 def weight_spectrum(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues s^2 / n (decreasing) and eigenvectors (rows, input space)
-    of the weight covariance W^T W / n, W = weight.reshape(n, -1), from the
-    SVD (seed 002's route when n << d)."""
+    """Eigenvalues and eigenvectors of the weight covariance W^T W / n.
+
+    W = weight.reshape(n, -1); computed from the SVD (seed 002's route when n << d).
+
+    Args:
+        weight: a layer's weight, (n, ...) with n output units; detached and computed in float64.
+
+    Returns:
+        (eigenvalues s^2 / n (decreasing), eigenvectors (rows, input space)), min(n, d) of each.
+    """
     W = weight.detach().reshape(weight.shape[0], -1).double()
     _, s, vh = torch.linalg.svd(W, full_matrices=False)
     return s.square() / W.shape[0], vh
 
 
 def marchenko_pastur_edges(n: int, d: int, variance: float) -> tuple[float, float]:
-    """Support [lambda_-, lambda_+] of the Marchenko-Pastur law that seed 002
-    compares trained spectra with: the eigenvalues of W^T W / n for an n x d
-    matrix of i.i.d. entries of the given variance: variance (1 -+
-    sqrt(d / n))^2 (lambda_- = 0 when d > n, plus the zero eigenvalues)."""
+    """Support [lambda_-, lambda_+] of the Marchenko-Pastur law that seed 002 compares trained spectra with.
+
+    The law of the eigenvalues of W^T W / n for an n x d matrix of i.i.d. entries of the given variance:
+    variance (1 -+ sqrt(d / n))^2 (lambda_- = 0 when d > n, plus the zero eigenvalues).
+
+    Args:
+        n: rows of the matrix (a positive int).
+        d: columns of the matrix (a positive int).
+        variance: the entries' variance (positive).
+
+    Returns:
+        (lambda_-, lambda_+) as floats.
+    """
     n, d = _checks.integer("n", n, low=1), _checks.integer("d", d, low=1)
     variance = _checks.number("variance", variance, low=0, low_open=True)
     ratio = d / n
@@ -294,8 +332,19 @@ def marchenko_pastur_edges(n: int, d: int, variance: float) -> tuple[float, floa
 
 
 def marchenko_pastur_density(x, n: int, d: int, variance: float) -> np.ndarray:
-    """Density of the non-zero part of the Marchenko-Pastur law for W^T W / n
-    (seed 002's reference spectrum; it integrates to min(1, n / d))."""
+    """Density of the non-zero part of the Marchenko-Pastur law for W^T W / n (seed 002's reference spectrum).
+
+    It integrates to min(1, n / d).
+
+    Args:
+        x: the points to evaluate at (array-like).
+        n: rows of the matrix.
+        d: columns of the matrix.
+        variance: the entries' variance.
+
+    Returns:
+        A float64 numpy array of x's shape, zero outside the support.
+    """
     x = np.asarray(x, dtype=np.float64)
     lo, hi = marchenko_pastur_edges(n, d, variance)
     ratio = d / n
@@ -308,15 +357,24 @@ def marchenko_pastur_density(x, n: int, d: int, variance: float) -> np.ndarray:
 @models_in_eval_mode
 def weight_spectra(model: nn.Module, other: nn.Module | None = None, example_input=None,
                    variance="init", progress: bool = True) -> pd.DataFrame:
-    """Seed 002's weight-covariance analysis (its weight-spectrum cells:
-    eigenvalues against initialisation) with the Marchenko-Pastur law, for every linear map: one
-    row per (layer, rank) with eigenvalue (s^2 / n), init_eigenvalue (same
-    layer of `other`, the model at initialisation), and
-    per layer the Marchenko-Pastur upper edge for its aspect ratio and
-    n_learned, the count of eigenvalues above it (the "learned" components).
-    variance: "init" (the entry variance of other's layer, or PyTorch's
-    default 1 / (3 fan_in) without one), "empirical" (of the layer itself) or
-    a number. Returns a DataFrame (plot.weight_spectra draws one layer)."""
+    """Seed 002's weight-covariance analysis with the Marchenko-Pastur law, for every linear map.
+
+    Its weight-spectrum cells: eigenvalues against initialisation, and per layer the Marchenko-Pastur upper
+    edge for its aspect ratio and the count of eigenvalues above it (the "learned" components).
+
+    Args:
+        model: the trained network.
+        other: the same model at initialisation, or None (default).
+        example_input: an input for discovering the linear maps (layers.discover).
+        variance: "init" (default: the entry variance of other's layer, or PyTorch's default 1 / (3 fan_in)
+            without one), "empirical" (of the layer itself) or a number.
+        progress: show a progress bar (default True).
+
+    Returns:
+        A DataFrame, one row per (layer, rank) with columns layer, rank, eigenvalue (s^2 / n), init_eigenvalue
+        (same layer of `other`, NaN without one), mp_upper_edge, n_learned, n, d (plot.weight_spectra draws one
+        layer).
+    """
     if other is not None:
         check_model("other", other)
     if not (isinstance(variance, str) and variance in ("init", "empirical")):
@@ -354,8 +412,16 @@ def weight_spectra(model: nn.Module, other: nn.Module | None = None, example_inp
 
 
 def stability(E1: torch.Tensor, E2: torch.Tensor, alignment: torch.Tensor | None = None) -> torch.Tensor:
-    """|E1 A E2^T|: cosines between eigenvectors (rows) of two networks, after
-    the alignment A (identity when None), as in seed 002's stability plots."""
+    """|E1 A E2^T|: cosines between eigenvectors (rows) of two networks, as in seed 002's stability plots.
+
+    Args:
+        E1: eigenvectors of the first network as rows, (k1, C_a).
+        E2: eigenvectors of the second network as rows, (k2, C_b).
+        alignment: the alignment A (C_a, C_b), or None (default: the identity).
+
+    Returns:
+        A float64 tensor (k1, k2) of absolute cosines.
+    """
     _checks.tensor("E1", E1, ndims=(2,), shape="(k1, C_a)", data=True)
     _checks.tensor("E2", E2, ndims=(2,), shape="(k2, C_b)", data=True)
     width = E1.shape[1] if alignment is None else (_checks.tensor("alignment", alignment, ndims=(2,),
@@ -377,11 +443,19 @@ def stability(E1: torch.Tensor, E2: torch.Tensor, alignment: torch.Tensor | None
 
 def align(cross_cov: torch.Tensor, cov_a: torch.Tensor | None = None,
           cov_b: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None]:
-    """The orthogonal alignment of seed 002: with E[a b^T] = U Sigma V^T,
-    A = U V^T minimises E|A^T a - b|^2 (equivalently a ~ A b), and
-    r^2 = tr Sigma / (sqrt(E|a|^2) sqrt(E|b|^2)) is the explained fraction
-    (needs cov_a = E[a a^T], cov_b = E[b b^T]). Returns (A (C_a, C_b), r2 or
-    None)."""
+    """The orthogonal alignment of seed 002.
+
+    With E[a b^T] = U Sigma V^T, A = U V^T minimises E|A^T a - b|^2 (equivalently a ~ A b), and
+    r^2 = tr Sigma / (sqrt(E|a|^2) sqrt(E|b|^2)) is the explained fraction.
+
+    Args:
+        cross_cov: the cross-covariance E[a b^T], (C_a, C_b).
+        cov_a: E[a a^T], (C_a, C_a), or None (default); needed for r2, with cov_b.
+        cov_b: E[b b^T], (C_b, C_b), or None (default); needed for r2, with cov_a.
+
+    Returns:
+        (A (C_a, C_b), r2 or None).
+    """
     _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)", data=True)
     if (cov_a is None) != (cov_b is None):
         raise ValueError("cov_a and cov_b go together: pass both for r2, or neither")
@@ -393,10 +467,20 @@ def align(cross_cov: torch.Tensor, cov_a: torch.Tensor | None = None,
 
 
 def alignment_r2(A: torch.Tensor, cross_cov: torch.Tensor, cov_a: torch.Tensor, cov_b: torch.Tensor) -> float:
-    """r^2 of an alignment A (seed 002, the explained fraction; its note: on a
-    test set) on (possibly held-out) covariances:
-    tr(A^T E[a b^T]) / sqrt(tr E[a a^T] tr E[b b^T]); equals tr Sigma / ... on
-    the data A was fitted on, lies in [-1, 1] and in [0, 1] there."""
+    """r^2 of an alignment A on (possibly held-out) covariances (seed 002, the explained fraction).
+
+    tr(A^T E[a b^T]) / sqrt(tr E[a a^T] tr E[b b^T]) (the seed's note: on a test set); equals tr Sigma / ... on
+    the data A was fitted on, lies in [-1, 1] and in [0, 1] there.
+
+    Args:
+        A: the alignment, (C_a, C_b).
+        cross_cov: E[a b^T], (C_a, C_b).
+        cov_a: E[a a^T], (C_a, C_a).
+        cov_b: E[b b^T], (C_b, C_b).
+
+    Returns:
+        r^2 as a float.
+    """
     _checks.tensor("cross_cov", cross_cov, ndims=(2,), shape="(C_a, C_b)", data=True)
     C_a, C_b = cross_cov.shape
     for name, value, shape in (("A", A, (C_a, C_b)), ("cov_a", cov_a, (C_a, C_a)), ("cov_b", cov_b, (C_b, C_b))):
@@ -459,6 +543,18 @@ def clip(model: nn.Module, layer: str, data, ks, basis="activation", covariance:
     network up to max_copies stacked copies (one per k). Models whose later
     layers also read earlier tensors (residual connections across the
     layer) are evaluated one k at a time instead, with a warning.
+
+    Args:
+        model: the classifier.
+        layer: the qualified name of the clipped module.
+        data: (x, y) tensors, a DataLoader or an iterable of labelled batches, for the accuracy (and the
+            covariance when not given).
+        ks: the numbers of principal components to keep (non-negative ints).
+        basis: "activation" (default), "weight" or a (d, d) tensor of rows.
+        covariance: the layer input's (d, d) activation covariance, or None (default: computed from data).
+        batch_size: rows per batch for tensor data (a loader keeps its own batches; default 256).
+        max_copies: the most copies of the rest of the network run together (default 32).
+        progress: show a progress bar (default True).
 
     Returns:
         A Clipping (layer, basis, ks, accuracies; .plot() draws it);
@@ -611,18 +707,25 @@ class Rainbow:
 @models_in_eval_mode
 def rainbow(model: nn.Module, data, test_data=None, example_input=None, generator=None,
             batch_size: int = 256, progress: bool = True) -> Rainbow:
-    """A generated network (seed 002 generate_network): layer by layer, each hidden
-    map's neurons are drawn from N(0, W^T W / n), the trained weight
-    covariance (with the bias as an extra input column when present),
-    realigned to the generated inputs with the cross-covariance alignment
-    of the previous layer, BatchNorm statistics recomputed; the trained
-    classifier (the last map) is kept and realigned. model: the trained
-    reference; data: (x, y) tensors or a loader, used for the alignments;
-    test_data: for the accuracies; generator: the draws' randomness (None:
-    torch's global generator, an int seeds one).
+    """A generated network (seed 002 generate_network).
 
-    Returns a Rainbow (model, r2 per aligned layer, reference_accuracy,
-    generated_accuracy; .to_frame(), .plot())."""
+    Layer by layer, each hidden map's neurons are drawn from N(0, W^T W / n), the trained weight covariance
+    (with the bias as an extra input column when present), realigned to the generated inputs with the
+    cross-covariance alignment of the previous layer, BatchNorm statistics recomputed; the trained classifier
+    (the last map) is kept and realigned. The maps must form a chain (no residual or branching architectures).
+
+    Args:
+        model: the trained reference.
+        data: (x, y) tensors or a loader, used for the alignments.
+        test_data: for the accuracies, or None (default).
+        example_input: an input for discovering the linear maps (default None: data's first batch).
+        generator: the draws' randomness (None: torch's global generator, an int seeds one).
+        batch_size: rows per batch for tensor data (a loader keeps its own batches; default 256).
+        progress: show a progress bar (default True).
+
+    Returns:
+        A Rainbow (model, r2 per aligned layer, reference_accuracy, generated_accuracy; .to_frame(), .plot()).
+    """
     reference = model
     check_model("model", reference)
     g = _checks.generator(generator)
