@@ -72,25 +72,24 @@ def _classifier_accuracy(classifier, features, labels) -> float:
 
 
 def classification_dimension(classifier, data, ratio: float = 0.95, center: bool = False) -> ClassificationDimension:
-    """ClsDim (seed 003 section 3.3, equation 6, Algorithm A3): the smallest k
-    such that projecting the final features onto the top-k eigenvectors of
-    their covariance keeps ratio x the full accuracy (95% in section 4.3).
+    """ClsDim (seed 003 section 3.3, equation 6, Algorithm A3): the smallest k keeping ratio x the full accuracy.
 
-    classifier: a callable (the final nn.Linear, say) from (N, d) features
-    to logits; an nn.Module runs in eval mode and is given back as it came.
-    data: the final features (N, d) with their labels (N,), as a pair of
-    tensors or any form _data.batches takes.
-    center=False
-    projects onto the linear span of the eigenvectors as equation 6 says;
-    center=True projects the centred features and adds the mean back.
+    k is the smallest such that projecting the final features onto the top-k eigenvectors of their covariance keeps
+    ratio x the full accuracy (95% in section 4.3). It is found by bisection (O(log d) evaluations, accuracy being
+    monotone in k in practice), then verified: a coarse geometric sweep below k looks for a smaller k that also reaches
+    the target, and if one does (accuracy not monotone) the search goes on below it, with a warning.
 
-    k is found by bisection (O(log d) evaluations, accuracy being monotone in
-    k in practice), then verified: a coarse geometric sweep below k looks for
-    a smaller k that also reaches the target, and if one does (accuracy not
-    monotone) the search goes on below it, with a warning.
+    Args:
+        classifier: a callable (the final nn.Linear, say) from (N, d) features to logits; an nn.Module runs in eval
+            mode and is given back as it came.
+        data: the final features (N, d) with their labels (N,), as a pair of tensors or any form _data.batches takes.
+        ratio: the fraction of the full accuracy to keep, in (0, 1] (default 0.95).
+        center: False (default) projects onto the linear span of the eigenvectors as equation 6 says; True projects
+            the centred features and adds the mean back.
 
-    Returns a ClassificationDimension (.to_frame(): every k evaluated;
-    .plot(): Fig. 2)."""
+    Returns:
+        A ClassificationDimension (.to_frame(): every k evaluated; .plot(): Fig. 2).
+    """
     features, labels = _features_labels(data, "data features")
     ratio = _checks.number("ratio", ratio, low=0, high=1, low_open=True)
     if not isinstance(center, bool):
@@ -128,12 +127,19 @@ def _geometric(limit: int) -> list[int]:
 
 
 def projection_accuracy(classifier, data, ks, center: bool = False) -> pd.DataFrame:
-    """Accuracy after projecting onto the top-k eigenvectors, for each k in ks
-    (seed 003 section 3.3, equation 6; the curves of Fig. 2).
+    """Accuracy after projecting onto the top-k eigenvectors, for each k in ks (seed 003 section 3.3, equation 6).
 
-    classifier, data and center as in classification_dimension; ks: the k
-    to evaluate, each in [1, d]. Returns a DataFrame with columns k,
-    fraction, accuracy."""
+    These are the curves of Fig. 2.
+
+    Args:
+        classifier: as in classification_dimension.
+        data: as in classification_dimension.
+        ks: the k to evaluate, each in [1, d].
+        center: as in classification_dimension (default False).
+
+    Returns:
+        A DataFrame with columns k, fraction, accuracy.
+    """
     features, labels = _features_labels(data, "data features")
     projector = _Projector(features, labels, classifier, center)
     d = features.shape[1]
