@@ -76,10 +76,14 @@ _BUILD_REASONS = {
 def build_info() -> dict:
     """What was compiled in and where each operator can run.
 
-    Keys: cuda_compiled (bool), build_reason (why setup.py compiled the CUDA
-    kernels or not, in words), built_with_torch (the version the extension was
-    compiled against), torch_version (the one running now), cuda_available,
-    operators ({name: ["CPU", "CUDA", ...]} from the dispatcher's registrations).
+    Args:
+        None.
+
+    Returns:
+        A dict with the keys cuda_compiled (bool), build_reason (why setup.py compiled the CUDA kernels or
+        not, in words), built_with_torch (the version the extension was compiled against), torch_version
+        (the one running now), cuda_available (bool), operators ({name: ["CPU", "CUDA", ...]} from the
+        dispatcher's registrations).
     """
     info = dict(_C.compiled_info())
     token = info.get("build_reason")
