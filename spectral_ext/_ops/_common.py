@@ -22,11 +22,19 @@ _CHUNK_ELEMENTS = 1 << 22  # the backward passes build temporaries of about this
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the operators on `name`: "native" (the compiled kernels, default) or
-    "reference" (the plain-PyTorch twins in spectral_ext.reference)::
+    """Run the operators on the backend `name` inside a with block.
+
+    "native" runs the compiled kernels (the default), "reference" the plain-PyTorch twins in
+    spectral_ext.reference::
 
         with spectral_ext.use_backend("reference"):
             a = spectral_ext.conv_adjacency(U, V)
+
+    Args:
+        name: "native" or "reference" (any other name raises ValueError).
+
+    Returns:
+        A context manager; the previous backend is restored on leaving it.
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -38,6 +46,14 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def current_backend() -> str:
+    """The backend the operators run on now.
+
+    Args:
+        None.
+
+    Returns:
+        "native" (the compiled kernels) or "reference" (the plain-PyTorch twins), as set by use_backend.
+    """
     return _backend.get()
 
 
