@@ -11,13 +11,17 @@ from ._common import _CHUNK_ELEMENTS, _finite, _gib, _native, _refuse_unallocata
 def conv_adjacency(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """Squared-overlap adjacency of spectral neurons (seed 000 sections 2.3, 4.2).
 
-    U: (B, c, M) or (c, M), V: (B, c, K2, N) or (c, K2, N). Returns (B, N, M)
-    (or (N, M)) with a[n, m] = sum_z (sum_k U[k, m] V[k, z, n])^2. K2 = 1 is
-    the fully connected case, K2 = kernel area the conv case, K2 = H*W the
-    conv -> flatten -> Linear case. Refused up front (ValueError naming U
-    and V and the size) when the result and the intermediates of the route
-    would not fit in the device's free memory (expanded inputs can ask for
-    terabytes).
+    a[n, m] = sum_z (sum_k U[k, m] V[k, z, n])^2. K2 = 1 is the fully connected case, K2 = kernel area
+    the conv case, K2 = H*W the conv -> flatten -> Linear case. Refused up front (ValueError naming U and
+    V and the size) when the result and the intermediates of the route would not fit in the device's
+    free memory (expanded inputs can ask for terabytes).
+
+    Args:
+        U: (B, c, M) or (c, M).
+        V: (B, c, K2, N) or (c, K2, N).
+
+    Returns:
+        The adjacency, a tensor (B, N, M) (or (N, M) for unbatched inputs).
     """
     _checks.tensor("U", U, ndims=(2, 3), shape="(B, c, M) or (c, M)", finite=False)
     _checks.tensor("V", V, ndims=(3, 4), shape="(B, c, K2, N) or (c, K2, N)", finite=False)
