@@ -9,27 +9,28 @@ from ._common import _interruptible, _native
 
 
 def linear_sum_assignment(cost, maximize: bool = False) -> tuple:
-    """Optimal assignments of a batch of problems: scipy.optimize.linear_sum_assignment
-    for each, solved in parallel across the batch on the CPU, with scipy's answer, ties
-    included (its shortest augmenting path algorithm, Crouse 2016, with its order of
-    scanning and tie rule; square problems with a unique optimum take a faster start
-    from Jonker-Volgenant's initialisation, certified by the duals to give the same
-    optimum; see csrc/cpu/linear_sum_assignment.cpp). Seed 004, appendix D.2.1 (the
-    Hungarian rounding of a stitching layer's P) and definition 5.2 (G_ReLU-Procrustes
-    via the linear sum assignment problem).
+    """Optimal assignments of a batch of problems: scipy.optimize.linear_sum_assignment for each.
 
-    cost: a tensor (B, n, m) or (n, m), float32 or float64; or, as in scipy, any
-    array-like (numpy array of any real dtype, np.matrix, nested lists), read as
-    scipy reads it (a string, object or complex array raises scipy's TypeError). As in
-    scipy, +inf entries are forbidden pairs (-inf with maximize=True); NaN or the other
-    infinity raises ValueError "... contains invalid numeric entries", a problem with
-    no finite assignment ValueError "... cost matrix is infeasible". maximize: maximise
-    the total instead (a bool; scipy takes any truthy object).
-    Returns (rows, cols), int64 of shape (B, min(n, m)) with rows sorted in each
-    problem, so cost[b, rows[b], cols[b]].sum() is the optimum; one (n, m) problem
-    gives scipy's pair of 1-D arrays. A tensor in gives tensors out (on the input's
-    device: CUDA tensors are solved by the CPU kernel, the algorithm being sequential),
-    anything else numpy arrays. Ctrl-C stops a long batch.
+    Solved in parallel across the batch on the CPU, with scipy's answer, ties included (its shortest
+    augmenting path algorithm, Crouse 2016, with its order of scanning and tie rule; square problems with
+    a unique optimum take a faster start from Jonker-Volgenant's initialisation, certified by the duals
+    to give the same optimum; see csrc/cpu/linear_sum_assignment.cpp). Seed 004, appendix D.2.1 (the
+    Hungarian rounding of a stitching layer's P) and definition 5.2 (G_ReLU-Procrustes via the linear sum
+    assignment problem). As in scipy, +inf entries are forbidden pairs (-inf with maximize=True); NaN or
+    the other infinity raises ValueError "... contains invalid numeric entries", a problem with no finite
+    assignment ValueError "... cost matrix is infeasible". Ctrl-C stops a long batch.
+
+    Args:
+        cost: a tensor (B, n, m) or (n, m), float32 or float64; or, as in scipy, any array-like (numpy
+            array of any real dtype, np.matrix, nested lists), read as scipy reads it (a string, object
+            or complex array raises scipy's TypeError).
+        maximize: maximise the total instead (a bool; scipy takes any truthy object) (default False).
+
+    Returns:
+        (rows, cols), int64 of shape (B, min(n, m)) with rows sorted in each problem, so
+        cost[b, rows[b], cols[b]].sum() is the optimum; one (n, m) problem gives scipy's pair of 1-D
+        arrays. A tensor in gives tensors out (on the input's device: CUDA tensors are solved by the CPU
+        kernel, the algorithm being sequential), anything else numpy arrays.
     """
     import numpy as np
 
