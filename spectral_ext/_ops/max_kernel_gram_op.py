@@ -9,18 +9,22 @@ from ._common import _CHUNK_ELEMENTS, _finite, _gib, _native, _refuse_unallocata
 
 
 def max_kernel_gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
-    """Gram matrix of the max kernel behind G_ReLU-CKA (seed 004 definition 5.3):
-    K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s].
+    """Gram matrix of the max kernel behind G_ReLU-CKA (seed 004 definition 5.3).
 
-    X: (N, C, S), Y: (N', C, S) (Y=None: the self Gram of X, computed
-    symmetric). C is the channel axis the max runs over, S the spatial axis
-    summed over (S = 1 for fully connected features). Returns (N, N').
+    K[i, j] = max_c sum_s X[i, c, s] Y[j, c, s]: C is the channel axis the max runs over, S the spatial
+    axis summed over (S = 1 for fully connected features).
 
-    Memory: the result and, on the CPU, a copy of X (and Y) packed into
-    64-row tiles where both have 32 rows or more; a side with fewer is read
-    in place (any strides: an expanded input is never copied), so the peak
-    is about the inputs' size. Refused up front (ValueError naming X and the
-    size) when that would not fit in the device's free memory.
+    Memory: the result and, on the CPU, a copy of X (and Y) packed into 64-row tiles where both have 32
+    rows or more; a side with fewer is read in place (any strides: an expanded input is never copied), so
+    the peak is about the inputs' size. Refused up front (ValueError naming X and the size) when that
+    would not fit in the device's free memory.
+
+    Args:
+        X: (N, C, S).
+        Y: (N', C, S), or None for the self Gram of X, computed symmetric (default None).
+
+    Returns:
+        K, a tensor (N, N').
     """
     _checks.tensor("X", X, ndims=(3,), shape="(N, C, S)", finite=False)
     if Y is not None:
