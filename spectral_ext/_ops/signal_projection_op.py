@@ -14,11 +14,21 @@ def signal_projection(x: torch.Tensor, V: torch.Tensor, s: torch.Tensor, stride=
                       dilation=1, reduce: str | None = None, kernel_size=None) -> torch.Tensor:
     """Receptive-field signals s_i <v_i, field> (seed 001 section 4.3).
 
-    x: (B, C, H, W) or (C, H, W); V: (C*kh*kw, r) right singular vectors of
-    the unfolded weight (columns, in `weight.reshape(out, -1)` order); s: (r,).
-    Returns (B, r, H', W') per position, or (B, r) with reduce="mean"
-    (unbatched x drops B). The kernel is square unless `kernel_size` says
-    otherwise. Differentiable with respect to x.
+    Differentiable with respect to x.
+
+    Args:
+        x: (B, C, H, W) or (C, H, W).
+        V: (C*kh*kw, r) right singular vectors of the unfolded weight (columns, in
+            `weight.reshape(out, -1)` order).
+        s: (r,) the singular values.
+        stride: the convolution's stride, an int or a pair (default 1).
+        padding: the convolution's padding, an int or a pair (default 0).
+        dilation: the convolution's dilation, an int or a pair (default 1).
+        reduce: None for the signals per position, or "mean" (default None).
+        kernel_size: the kernel's (kh, kw); None for a square kernel (default None).
+
+    Returns:
+        A tensor (B, r, H', W') per position, or (B, r) with reduce="mean" (unbatched x drops B).
     """
     _checks.tensor("x", x, ndims=(3, 4), shape="(B, C, H, W) or (C, H, W)", finite=False)
     _checks.tensor("V", V, ndims=(2,), shape="(C*kh*kw, r)", finite=False)
