@@ -15,35 +15,43 @@ MAX_ITERS = 10**12  # Sinkhorn rounds; beyond this a call would not end in a lif
 def sinkhorn(P: torch.Tensor, iters: int = 16, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
              reg: float | None = None, stop_threshold: float | None = None, check_every: int = 10,
              log_domain: bool = False, return_log: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict]:
-    """Sinkhorn normalisation (seed 004 appendix D.2.1): `iters` rounds of
-    dividing each column by its sum, then each row by its sum; with marginals,
+    """Sinkhorn normalisation (seed 004 appendix D.2.1), or Sinkhorn-Knopp scaling to given marginals.
+
+    `iters` rounds of dividing each column by its sum, then each row by its sum; with marginals,
     Sinkhorn-Knopp scaling to row sums `a` and column sums `b` (Cuturi 2013, POT's
     ``ot.sinkhorn(a, b, M, reg)``): v = b / (K^T u), then u = a / (K v).
 
-    P: (B, n, m) or (n, m). Without `reg` it is the non-negative kernel itself,
-    every row and column with a positive sum; with `reg` > 0 it is a cost matrix
-    M and the kernel is exp(-M / reg) (the entropic problem); where that kernel
-    would underflow (or overflow) in P's dtype, -M / reg < ln(smallest normal),
-    it runs in the log domain by itself (the same plan, which the plain kernel
-    would have turned into NaN), and a reg so small that the costs' spread over
-    reg exceeds 1 / eps of the dtype (or M / reg overflows) is refused: not even
-    the log domain resolves the plan there. a: (n,) or (B, n),
-    b: (m,) or (B, m), positive (default: ones, the paper's doubly stochastic
-    target; POT's default is uniform 1/n, 1/m). stop_threshold: stop a problem
-    after round 0, check_every, ... (POT's schedule) once ||plan^T 1 - b||_2 is
-    below it; `iters` is then the maximum. log_domain: keep the potentials in the
-    log domain, for badly scaled problems (small reg), at about the plain cost.
-    return_log: also return a dict with log_u, log_v (the potentials, from
-    u = 0), rounds (done per problem) and err (the errors checked, (B, checks),
-    NaN after a stop).
+    Without `reg`, P is the non-negative kernel itself, every row and column with a positive sum; with
+    `reg` > 0 it is a cost matrix M and the kernel is exp(-M / reg) (the entropic problem); where that
+    kernel would underflow (or overflow) in P's dtype, -M / reg < ln(smallest normal), it runs in the log
+    domain by itself (the same plan, which the plain kernel would have turned into NaN), and a reg so
+    small that the costs' spread over reg exceeds 1 / eps of the dtype (or M / reg overflows) is refused:
+    not even the log domain resolves the plan there.
 
-    The paper's form (no a, b, reg, stop_threshold, log_domain) is differentiable
-    and has CPU and CUDA kernels. The other forms run a CPU kernel; CUDA tensors,
-    and inputs that need a gradient, go to the plain-PyTorch twin
-    (reference.sinkhorn_scaling). Every positive finite input gives the
-    explicit normalisation's answer (no overflow from tiny or huge entries); on
-    CUDA the paper's form checks for such inputs and then runs the twin. Ctrl-C
-    stops a long CPU run; iters above 1e12 are refused.
+    The paper's form (no a, b, reg, stop_threshold, log_domain) is differentiable and has CPU and CUDA
+    kernels. The other forms run a CPU kernel; CUDA tensors, and inputs that need a gradient, go to the
+    plain-PyTorch twin (reference.sinkhorn_scaling). Every positive finite input gives the explicit
+    normalisation's answer (no overflow from tiny or huge entries); on CUDA the paper's form checks for
+    such inputs and then runs the twin. Ctrl-C stops a long CPU run; iters above 1e12 are refused.
+
+    Args:
+        P: (B, n, m) or (n, m): the kernel, or the cost matrix M with `reg`.
+        iters: the number of rounds; the maximum with stop_threshold (default 16).
+        a: (n,) or (B, n) row sums, positive (default: ones, the paper's doubly stochastic target; POT's
+            default is uniform 1/n).
+        b: (m,) or (B, m) column sums, positive (default: ones; POT's default is uniform 1/m).
+        reg: the entropic regularisation; None: P is the kernel (default None).
+        stop_threshold: stop a problem after round 0, check_every, ... (POT's schedule) once
+            ||plan^T 1 - b||_2 is below it (default None: run all `iters` rounds).
+        check_every: the rounds between checks of stop_threshold (default 10).
+        log_domain: keep the potentials in the log domain, for badly scaled problems (small reg), at about
+            the plain cost (default False).
+        return_log: also return the log dict (default False).
+
+    Returns:
+        The plan, a tensor shaped like P; with return_log=True, (plan, log), log a dict with log_u, log_v
+        (the potentials, from u = 0), rounds (done per problem) and err (the errors checked,
+        (B, checks), NaN after a stop).
     """
     return _sinkhorn(P, iters, a, b, reg=reg, stop_threshold=stop_threshold, check_every=check_every,
                      log_domain=log_domain, return_log=return_log)
