@@ -36,11 +36,19 @@ class IndependenceDeficit:
 
 
 def lasso_kkt_violation(G: torch.Tensor, A: torch.Tensor, eta: float) -> torch.Tensor:
-    """Largest violation, per class, of the optimality conditions of the
-    Lasso of seed 003 equation 11,
-    min_a a^T G a - 2 b^T a + eta |a|_1 with b = G[:, i] and a_i = 0:
-    gradient g = 2 (G a - b); |g_j + eta sign(a_j)| = 0 where a_j != 0 and
-    |g_j| <= eta where a_j = 0."""
+    """Largest violation, per class, of the optimality conditions of the Lasso of seed 003 equation 11.
+
+    The Lasso is min_a a^T G a - 2 b^T a + eta |a|_1 with b = G[:, i] and a_i = 0; with gradient g = 2 (G a - b) the
+    conditions are |g_j + eta sign(a_j)| = 0 where a_j != 0 and |g_j| <= eta where a_j = 0.
+
+    Args:
+        G: the (C, C) second-moment matrix of the logits.
+        A: the (C, C) coefficients, column i those of class i (A[i, i] ignored).
+        eta: the L1 penalty.
+
+    Returns:
+        A tensor of shape (C,): the largest violation for each class (0 at the optimum).
+    """
     C = G.shape[0]
     grad = 2 * (G @ A - G)
     off = ~torch.eye(C, dtype=torch.bool, device=G.device)
@@ -83,26 +91,27 @@ def _lasso_all_classes(G: torch.Tensor, eta: float, max_iter: int, tol: float):
 
 def independence_deficit(data, eta: float = 20.0, max_iter: int = 20000, tol: float = 1e-8,
                          class_names=None) -> IndependenceDeficit:
-    """Independence deficit (seed 003 section 5, equations 11-12, Algorithm
-    A4), for every class at once.
+    """Independence deficit (seed 003 section 5, equations 11-12, Algorithm A4), for every class at once.
 
-    For each class i, the Lasso A* = argmin_A E[(logit_i - sum_j A_j
-    logit_j)^2] + eta |A|_1 with A_i = 0 (equation 11, the expectation being
-    the mean over the N samples; section 5 uses eta = 20 on ImageNet logits,
-    so scale eta with your logits' variance). Solved exactly (proximal
-    gradient with a KKT convergence test, tol relative to the gradient's
-    Lipschitz constant), so coefficients are exact zeros off the support.
+    For each class i, the Lasso A* = argmin_A E[(logit_i - sum_j A_j logit_j)^2] + eta |A|_1 with A_i = 0 (equation
+    11, the expectation being the mean over the N samples; section 5 uses eta = 20 on ImageNet logits, so scale eta
+    with your logits' variance). Solved exactly (proximal gradient with a KKT convergence test, tol relative to the
+    gradient's Lipschitz constant), so coefficients are exact zeros off the support. A RuntimeWarning is given when the
+    solver stops before converging.
 
-    data: the logits (N, C) with their labels (N,), as a pair of tensors or
-    any form _data.batches takes. eta, max_iter, tol: the penalty and
-    the solver's limits; class_names: one name per class for the frame.
+    Args:
+        data: the logits (N, C) with their labels (N,), as a pair of tensors or any form _data.batches takes.
+        eta: the L1 penalty (default 20.0).
+        max_iter: the solver's iteration limit (default 20000).
+        tol: the solver's KKT tolerance, relative to the gradient's Lipschitz constant (default 1e-8).
+        class_names: one name per class for the frame (default None: the class indices).
 
-    Returns an IndependenceDeficit (.to_frame()) whose frame has, per class:
-    support and coefficients (decreasing |A|), n_support, r2 (of the
-    reconstruction), accuracy and positive_accuracy of the model when
-    logit_i is replaced by its reconstruction (equation 12), and the
-    original accuracy and positive_accuracy (on samples of class i) as in
-    Fig. 4 and appendix F."""
+    Returns:
+        An IndependenceDeficit (.to_frame()) whose frame has, per class: support and coefficients (decreasing |A|),
+        n_support, r2 (of the reconstruction), accuracy and positive_accuracy of the model when logit_i is replaced by
+        its reconstruction (equation 12), and the original accuracy and positive_accuracy (on samples of class i) as in
+        Fig. 4 and appendix F.
+    """
     logits, labels = _features_labels(data, "data logits")
     eta = _checks.number("eta", eta, low=0)
     max_iter = _checks.positive_int("max_iter", max_iter)
