@@ -15,18 +15,32 @@ from ._common import FLOAT32_EPS, OUTPUT, _check_eps, _forward_elements, _output
 from .matrix import singular_values_of_rows
 
 def pca_eigenvalues(features: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of the sample covariance of features (n, d), decreasing, in
-    float64 through the smaller Gram matrix of the centred features (the
-    PCA spectrum of seed 003 section 4.3 and appendix E)."""
+    """Eigenvalues of the sample covariance of features, decreasing, in float64.
+
+    Computed through the smaller Gram matrix of the centred features (the PCA spectrum of seed 003 section 4.3 and
+    appendix E).
+
+    Args:
+        features: (n, d) samples; further axes are flattened into d.
+
+    Returns:
+        A float64 tensor of the covariance eigenvalues, in decreasing order.
+    """
     X = features.reshape(features.shape[0], -1).double()
     X = X - X.mean(0, keepdim=True)
     return singular_values_of_rows(X).square() / max(X.shape[0] - 1, 1)
 
 
 def pca_dimension(features: torch.Tensor, eps: float | None = None) -> int:
-    """#{PCA eigenvalues > eps * largest} (seed 003 section 4.3, equation 4
-    on the PCA spectrum); by default eps = float32 eps x N with N the number
-    of PCA eigenvalues. features: (n, ...) samples. Returns an int."""
+    """#{PCA eigenvalues > eps * largest} (seed 003 section 4.3, equation 4 on the PCA spectrum).
+
+    Args:
+        features: (n, ...) samples.
+        eps: the relative tolerance; by default (None) eps = float32 eps x N with N the number of PCA eigenvalues.
+
+    Returns:
+        An int.
+    """
     _checks.tensor("features", features, ndims=range(2, 8), shape="(n, ...)")
     _check_eps(eps)
     return int(_rank_of_singular_values(pca_eigenvalues(features), eps))
@@ -60,14 +74,12 @@ def perturbed_pca_dimension(model: nn.Module, layers=None, data=None, n_perturba
                             scale: float = 1e-3, eps: float | None = None, batch_size: int = 250,
                             generator: torch.Generator | None = None,
                             progress: bool = True) -> PerturbedPCADimension:
-    """Perturbed PCA dimension (seed 003 appendix E, equation A103, Algorithm
-    A2): for each sample x_i, the PCA dimension of {F_k(x_i + scale * e)} over
-    n_perturbations Gaussian e, for the input and every chosen layer.
+    """Perturbed PCA dimension (seed 003 appendix E, equation A103, Algorithm A2).
 
-    The model runs in eval mode and is given back unchanged. The features of
-    all n_perturbations are kept for the PCA: the peak memory is estimated
-    from one forward pass first, and a ValueError asks for fewer
-    n_perturbations or layers when it exceeds the free memory.
+    For each sample x_i, the PCA dimension of {F_k(x_i + scale * e)} over n_perturbations Gaussian e, for the input
+    and every chosen layer. The model runs in eval mode and is given back unchanged. The features of all
+    n_perturbations are kept for the PCA: the peak memory is estimated from one forward pass first, and a ValueError
+    asks for fewer n_perturbations or layers when it exceeds the free memory.
 
     Args:
         model: the network.
@@ -76,18 +88,23 @@ def perturbed_pca_dimension(model: nn.Module, layers=None, data=None, n_perturba
         data: (N, ...) samples, a tensor or any form _data.batches takes
             (labels unused), each perturbed separately and sent through the
             model in batches of batch_size.
-        generator: the Gaussian perturbations (an int seed, a
-            torch.Generator, None for torch's global RNG).
+        n_perturbations: the number of Gaussian perturbations per sample (default 1000).
+        scale: the size of the perturbations, positive (default 1e-3).
         eps: eigenvalues count when above eps x the largest; default the
             appendix's float32 eps x n_perturbations (1.19e-7 x 50,000
             there, with scale = 1e-3).
+        batch_size: perturbed inputs per forward pass (default 250).
+        generator: the Gaussian perturbations (an int seed, a
+            torch.Generator, None for torch's global RNG).
+        progress: show a progress bar (default True).
 
     Returns:
         A PerturbedPCADimension; .to_frame() has columns sample, layer
         ("input" first, then the layers in forward order, the model output
         last), pca_dimension and delta_dimension (the layer's dimension
         minus the input's: the Delta Dimension of Fig. A6, negative where
-        dimensions are lost)."""
+        dimensions are lost).
+    """
     if data is None:
         raise TypeError("perturbed_pca_dimension() needs data: a tensor, a DataLoader or an iterable of batches")
     x = _data.gather(data)[0]
