@@ -135,7 +135,15 @@ class SoftSortStitch(ChannelMap):
 
 
 def sparsity(matrix: torch.Tensor, tau: float = 1e-3) -> float:
-    """Seed 004 appendix D.1: the fraction of entries with |W_ij| <= tau."""
+    """Seed 004 appendix D.1: the fraction of entries with |W_ij| <= tau.
+
+    Args:
+        matrix: the matrix W (any shape).
+        tau: the magnitude threshold (default 1e-3).
+
+    Returns:
+        A float in [0, 1].
+    """
     return float((matrix.abs() <= tau).double().mean())
 
 
@@ -230,7 +238,15 @@ def _train_batches(data, batch_size, generator, classes=None):
 
 def stitching_penalty(accuracy_a: float, accuracy_b: float, accuracy_stitched: float) -> float:
     """Seed 004 equation 4.3: (Acc(f) + Acc(f~)) / 2 - Acc(S(f, f~, l, phi)).
-    Each accuracy is a fraction in [0, 1]."""
+
+    Args:
+        accuracy_a: Acc(f), the first model's accuracy, a fraction in [0, 1].
+        accuracy_b: Acc(f~), the second model's accuracy, a fraction in [0, 1].
+        accuracy_stitched: Acc(S(f, f~, l, phi)), the stitched model's accuracy, a fraction in [0, 1].
+
+    Returns:
+        The stitching penalty, a float.
+    """
     accuracy_a, accuracy_b, accuracy_stitched = (
         _checks.number(name, value, low=0, high=1) for name, value in
         (("accuracy_a", accuracy_a), ("accuracy_b", accuracy_b), ("accuracy_stitched", accuracy_stitched)))
@@ -287,41 +303,52 @@ def stitch(model: nn.Module, other: nn.Module, layer: str, data=None, test_data=
            l1: float = 0.01, tau: float | None = None, bias: bool = False, generator=None, progress: bool = True,
            init: str = "procrustes", feature_axis: int | None = None,
            recalibrate: bool | None = None) -> StitchResult:
-    """Train a stitching layer phi from `model`'s `layer` to `other`'s
-    (seed 004 section 4, appendix D.2).
+    """Train a stitching layer phi from `model`'s `layer` to `other`'s (seed 004 section 4, appendix D.2).
 
-    other_layer: the layer of `other` (default the same name). data: the
-    labelled training data, (x, y) tensors or a loader of (x, y) batches,
-    or keyword inputs for transformers models (a dict of tensors batched
-    along dim 0, or a loader of such dicts, with the labels under the
-    "labels" key or as the pair (inputs, labels); both models see the same
-    dict batch, as model(**inputs), and must return logits (N, classes), a
-    tensor or a Hugging Face output's .logits), on which phi trains with SGD (lr, momentum; appendix D.2) on
-    cross-entropy; test_data (the same forms): for the accuracies and the
-    stitching penalty (equation 4.3).
+    phi trains with SGD (lr, momentum; appendix D.2) on cross-entropy over the training data; the test data gives the
+    accuracies and the stitching penalty (equation 4.3).
 
-    kind: "affine" (all channel maps, bias optional), "lowrank" (rank r),
-    "grelu" (P D: projected gradient with ReLU + Sinkhorn T = 16 after every
-    step, the -alpha |P|_2 regulariser, D fixed at its start for the first
-    head_start epochs (default half), Hungarian rounding, then a
-    no-gradient pass to recalibrate BatchNorm statistics, D.2.1; init=
-    "procrustes" (default) starts P D at the G_ReLU-Procrustes alignment of
-    the two layers' activations on the first 1,024 training inputs
-    (definition 5.2: the matched permutation and least-squares scales), so
-    an exact twin (Theorem 4.2) is found whatever its scales; "uniform" is
-    the paper's start, P near 1/C and D = 1; recalibrate: recompute
-    other's BatchNorm statistics after rounding, by default only when the
-    rounding changed phi's output on the first training inputs by more than
-    5% (relative norm), since otherwise the
-    rounded phi is the trained one and the frozen statistics are as right as
-    before, e.g. for an exact twin whose statistics do not describe the
-    data), "softsort"
-    (D.2.2, tau = 1/C by default) or "l1" (full with l1 * |W|_1, D.6).
-    feature_axis: the channel axis of the layer's output, by default read
-    from the layer (a Linear: the last axis, e.g. transformer tokens
-    (N, T, F), seed 004 D.4; a conv: axis 1). generator: phi's start and
-    the order of the training batches (None: torch's global RNG, an int: a
-    seed). Returns a StitchResult."""
+    Args:
+        model: f, the network whose `layer` output feeds phi.
+        other: f~, the network that continues from phi's output.
+        layer: the qualified name of the layer of `model`.
+        data: the labelled training data (required), (x, y) tensors or a loader of (x, y) batches, or keyword inputs
+            for transformers models (a dict of tensors batched along dim 0, or a loader of such dicts, with the labels
+            under the "labels" key or as the pair (inputs, labels); both models see the same dict batch, as
+            model(**inputs), and must return logits (N, classes), a tensor or a Hugging Face output's .logits).
+        test_data: the same forms, for the accuracies and the stitching penalty (default None: none measured).
+        kind: "affine" (default; all channel maps, bias optional), "lowrank" (rank r), "grelu" (P D: projected
+            gradient with ReLU + Sinkhorn T = 16 after every step, the -alpha |P|_2 regulariser, D fixed at its start
+            for the first head_start epochs (default half), Hungarian rounding, then a no-gradient pass to recalibrate
+            BatchNorm statistics, D.2.1), "softsort" (D.2.2, tau = 1/C by default) or "l1" (full with l1 * |W|_1,
+            D.6).
+        other_layer: the layer of `other` (default None: the same name).
+        epochs: training epochs (default 20).
+        lr: the SGD learning rate (default 1e-3).
+        momentum: the SGD momentum, in [0, 1) (default 0.9).
+        batch_size: training batch size (default 32).
+        rank: the rank r of kind="lowrank", required there, in [1, channels] (default None).
+        alpha: the weight of the -alpha |P|_2 regulariser of kind="grelu" (default 0.1).
+        head_start: for kind="grelu", the epochs with D held fixed at its start (default None: half of epochs).
+        l1: the weight of the l1 * |W|_1 penalty of kind="l1" (default 0.01).
+        tau: the temperature of kind="softsort" (default None: 1/C).
+        bias: whether an affine phi has a bias (default False).
+        generator: phi's start and the order of the training batches (None: torch's global RNG, an int: a seed).
+        progress: show a progress bar (default True).
+        init: for kind="grelu": "procrustes" (default) starts P D at the G_ReLU-Procrustes alignment of the two
+            layers' activations on the first 1,024 training inputs (definition 5.2: the matched permutation and
+            least-squares scales), so an exact twin (Theorem 4.2) is found whatever its scales; "uniform" is the
+            paper's start, P near 1/C and D = 1.
+        feature_axis: the channel axis of the layer's output, by default (None) read from the layer (a Linear: the
+            last axis, e.g. transformer tokens (N, T, F), seed 004 D.4; a conv: axis 1).
+        recalibrate: for kind="grelu", recompute other's BatchNorm statistics after rounding; by default (None) only
+            when the rounding changed phi's output on the first training inputs by more than 5% (relative norm), since
+            otherwise the rounded phi is the trained one and the frozen statistics are as right as before, e.g. for an
+            exact twin whose statistics do not describe the data.
+
+    Returns:
+        A StitchResult.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if data is None:
