@@ -34,11 +34,21 @@ def _wrap(text: str, width: int = 60) -> str:
 
 
 def svr_graph(svr, ax=None, top: int | None = 64, max_edges: int = 20000, title: str | None = None):
-    """Seed 000 Fig. 2/5: one column per linear map (forward order), spectral
-    neurons by singular-value rank (rank 1 on top), significant edges drawn in
-    grey scale by coefficient, neurons coloured by their intensity (colour
-    bar). `title` names the figure (say "trained" or "at initialisation");
-    the default says what is drawn."""
+    """Seed 000 Fig. 2/5: the SVR as a graph of spectral neurons.
+
+    One column per linear map (forward order), spectral neurons by singular-value rank (rank 1 on top),
+    significant edges drawn in grey scale by coefficient, neurons coloured by their intensity (colour bar).
+
+    Args:
+        svr: an SVR (spectral_ext.svr's result).
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+        top: the spectral neurons shown per map, and among which edges are drawn (default 64; None: all).
+        max_edges: the most edges drawn, the strongest kept when there are more (default 20000).
+        title: names the figure (say "trained" or "at initialisation"); the default (None) says what is drawn.
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     from matplotlib.collections import LineCollection
 
     fig, ax = _axes(ax, (max(6, 1.0 * len(svr.layers) + 3), 6))
@@ -85,9 +95,20 @@ def svr_graph(svr, ax=None, top: int | None = 64, max_edges: int = 20000, title:
 
 
 def adjacency_heatmap(svr, e, ax=None, title: str | None = None):
-    """Seed 000 Fig. 3/7: one adjacency matrix, rows the next map's spectral
-    neurons, columns the previous map's, with the internal dimensions
-    (d_out, d_in) marked by the block they bound, drawn inside the axes."""
+    """Seed 000 Fig. 3/7: one adjacency matrix as a heatmap.
+
+    Rows are the next map's spectral neurons, columns the previous map's, with the internal dimensions
+    (d_out, d_in) marked by the block they bound, drawn inside the axes.
+
+    Args:
+        svr: an SVR (spectral_ext.svr's result).
+        e: the edge, an index into svr.edges or an (a, b) pair of layer names.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+        title: the figure's title (default None: "adjacency a -> b").
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     from matplotlib.patches import Rectangle
 
     fig, ax = _axes(ax, (6.5, 5.5))
@@ -109,9 +130,17 @@ def adjacency_heatmap(svr, e, ax=None, title: str | None = None):
 
 
 def partial_rank(frame, ax=None):
-    """Seed 003 Fig. 1 (a-c): partial rank of the Jacobian per layer, one line
-    per patch (appendix D), averaged over samples. frame:
-    jacobian_partial_rank's JacobianPartialRank or its frame. Returns the figure."""
+    """Seed 003 Fig. 1 (a-c): partial rank of the Jacobian per layer.
+
+    One line per patch (appendix D), averaged over samples.
+
+    Args:
+        frame: jacobian_partial_rank's JacobianPartialRank or its frame.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     frame = frame.to_frame() if hasattr(frame, "to_frame") else frame
     fig, ax = _axes(ax, (max(6, 0.45 * frame["layer"].nunique()), 4))
     for patch, part in frame.groupby("patch", sort=False):
@@ -123,9 +152,17 @@ def partial_rank(frame, ax=None):
 
 
 def classification_dimension(result, ax=None):
-    """Seed 003 Fig. 2 (section 3.3): accuracy against the fraction of
-    eigenvectors kept, with the target and the classification dimension
-    marked. result: a ClassificationDimension. Returns the figure."""
+    """Seed 003 Fig. 2 (section 3.3): accuracy against the fraction of eigenvectors kept.
+
+    The target and the classification dimension are marked.
+
+    Args:
+        result: a ClassificationDimension.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (5, 4))
     ev = result.evaluations
     ax.plot(ev["fraction"], ev["accuracy"], marker="o", ms=3)
@@ -136,9 +173,17 @@ def classification_dimension(result, ax=None):
 
 
 def rank_decay(frame, ax=None):
-    """Seed 003 Fig. 1 (d-f): Jacobian rank and feature dimension of the
-    Gaussian MLP against depth, on a log scale (Theorem 5's exponential law).
-    frame: rank.mlp_rank_decay's DataFrame. Returns the figure."""
+    """Seed 003 Fig. 1 (d-f): Jacobian rank and feature dimension of the Gaussian MLP against depth.
+
+    On a log scale (Theorem 5's exponential law).
+
+    Args:
+        frame: rank.mlp_rank_decay's DataFrame.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (5, 4))
     ax.plot(frame["layer"], frame["jacobian_rank"], label="rank of the Jacobian")
     ax.plot(frame["layer"], frame["feature_dimension"], label="feature dimension")
@@ -146,13 +191,21 @@ def rank_decay(frame, ax=None):
 
 
 def similarity_heatmap(frame, ax=None, title: str | None = None, annotate: bool | None = None):
-    """A heatmap of pair values: a similarity_matrix result or its frame
-    (seed 004 Fig. 2/5: model a's layers as rows, model b's as columns), a
-    measure_matrix result or its square .matrix (K x K models), or a
-    pairwise_similarity result (its pairs; cells not computed left blank).
-    Similarities in [0, 1] on a fixed 0..1 scale, other values (distances)
-    on their own range. annotate: print the values in the cells (default:
-    up to 12 x 12)."""
+    """A heatmap of pair values.
+
+    Similarities in [0, 1] are drawn on a fixed 0..1 scale, other values (distances) on their own range.
+
+    Args:
+        frame: a similarity_matrix result or its frame (seed 004 Fig. 2/5: model a's layers as rows, model b's
+            as columns), a measure_matrix result or its square .matrix (K x K models), or a pairwise_similarity
+            result (its pairs; cells not computed left blank).
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+        title: the figure's title (default None: none).
+        annotate: print the values in the cells (default None: up to 12 x 12).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (6, 5))
     if hasattr(frame, "layers_a"):  # a SimilarityMatrix
         frame = frame.to_frame()
@@ -206,26 +259,52 @@ def _penalties_by_layer(frame, by: str, labels: dict, ax, ylabel: str):
 
 
 def rotation_penalties(frame, ax=None):
-    """Seed 004 Fig. 4 (section 3.3): the rotation penalty per layer, one line
-    per transform (G_ReLU, orthogonal), the mean over trials with error bars
-    of one standard deviation. frame: symmetry.rotation_penalties' table."""
+    """Seed 004 Fig. 4 (section 3.3): the rotation penalty per layer.
+
+    One line per transform (G_ReLU, orthogonal), the mean over trials with error bars of one standard deviation.
+
+    Args:
+        frame: symmetry.rotation_penalties' table.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     return _penalties_by_layer(frame, "transform", {"grelu": "A in G_ReLU", "orthogonal": "A orthogonal"}, ax,
                                "rotation penalty (accuracy before - after)")
 
 
 def stitching_penalties(frame, ax=None):
-    """Seed 004 Fig. 1/6/7 (equation 4.3): the stitching penalty per layer,
-    one line per kind of stitching layer, the mean over model pairs with
-    error bars of one standard deviation. frame: StitchResult.to_frame()
-    rows concatenated (columns layer, kind, penalty)."""
+    """Seed 004 Fig. 1/6/7 (equation 4.3): the stitching penalty per layer.
+
+    One line per kind of stitching layer, the mean over model pairs with error bars of one standard deviation;
+    rows without a penalty are left out.
+
+    Args:
+        frame: StitchResult.to_frame() rows concatenated (columns layer, kind, penalty).
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     labels = {"affine": "full", "lowrank": "reduced rank", "grelu": "G_ReLU", "softsort": "G_ReLU (SoftSort)",
               "l1": "l1-regularised"}
     return _penalties_by_layer(frame.dropna(subset=["penalty"]), "kind", labels, ax, "stitching penalty")
 
 def signal_heatmaps(maps, singular_values=None, nodes=None, ncols: int = 8):
-    """Seed 001 Fig. 5: per-position signals of one image (r, H, W), one small
-    heatmap per singular vector, red = positive, blue = negative, on one
-    symmetric colour scale."""
+    """Seed 001 Fig. 5: per-position signals of one image, one small heatmap per singular vector.
+
+    Red is positive, blue negative, on one symmetric colour scale.
+
+    Args:
+        maps: the signals (r, H, W), a tensor or an array.
+        singular_values: the singular values, shown in the titles (default None: not shown).
+        nodes: the singular vectors to show, indices into maps (default None: all).
+        ncols: the heatmaps per row (default 8).
+
+    Returns:
+        The matplotlib Figure.
+    """
     import matplotlib.pyplot as plt
 
     maps = np.asarray(maps.detach().double().cpu() if hasattr(maps, "detach") else maps)
@@ -245,8 +324,17 @@ def signal_heatmaps(maps, singular_values=None, nodes=None, ncols: int = 8):
 
 
 def hypergraph(h, ax=None):
-    """Seed 001 Fig. 6/7: the hypergraph as an incidence matrix, classes as
-    rows, equivalence classes of singular vectors as columns."""
+    """Seed 001 Fig. 6/7: the hypergraph as an incidence matrix.
+
+    Classes as rows, equivalence classes of singular vectors as columns (largest first).
+
+    Args:
+        h: a Hypergraph (spectral_ext.hypergraph's result).
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (max(4, 0.6 * len(h.nodes)), max(3, 0.35 * len(h.classes))))
     groups = h.equivalence_classes()
     keys = sorted(groups, key=lambda s: (-len(s), groups[s][0]))
@@ -262,8 +350,17 @@ def hypergraph(h, ax=None):
 
 
 def semantic_hierarchy(graph, ax=None):
-    """Seed 001 Fig. 6/7 right: the Hasse diagram of equivalence classes, more
-    general (more classes) on top."""
+    """Seed 001 Fig. 6/7 right: the Hasse diagram of equivalence classes.
+
+    More general classes (more classes) on top.
+
+    Args:
+        graph: the networkx DiGraph of semantic_hierarchy (node attributes classes and label).
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     import networkx as nx
 
     fig, ax = _axes(ax, (6, 5))
@@ -283,7 +380,16 @@ def semantic_hierarchy(graph, ax=None):
 
 
 def image_grid(images, titles=None, ncols: int = 8):
-    """Exemplary images (seed 001 section 6) in a grid; images (N, C, H, W)."""
+    """Exemplary images (seed 001 section 6) in a grid.
+
+    Args:
+        images: the images (N, C, H, W), a tensor or an array.
+        titles: one title per image (default None: none).
+        ncols: the images per row (default 8).
+
+    Returns:
+        The matplotlib Figure.
+    """
     import matplotlib.pyplot as plt
 
     images = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images)
@@ -301,9 +407,20 @@ def image_grid(images, titles=None, ncols: int = 8):
 
 
 def esd(eigenvalues, ax=None, fit=None, label: str | None = None):
-    """Seed 001 Fig. 3: histogram of an ESD on log-log axes with the fitted
-    power-law tail (fit: spectra.fit_power_law's PowerLawFit, or a mapping
-    with its alpha, xmin and n_tail)."""
+    """Seed 001 Fig. 3: histogram of an ESD on log-log axes with the fitted power-law tail.
+
+    Only the positive eigenvalues are drawn; a ValueError is raised when none are, or when any is not finite.
+
+    Args:
+        eigenvalues: the eigenvalues of W W^T, a tensor (any shape).
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+        fit: spectra.fit_power_law's PowerLawFit, or a mapping with its alpha, xmin and n_tail (default None:
+            no tail drawn).
+        label: the histogram's legend entry (default None: "ESD").
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     import dataclasses
     import math
 
@@ -328,8 +445,18 @@ def esd(eigenvalues, ax=None, fit=None, label: str | None = None):
 
 
 def weight_spectra(frame, layer: str, ax=None):
-    """Seed 002 spectra (covariance.weight_spectra's frame): trained and initial eigenvalues against rank on a log
-    scale, with the Marchenko-Pastur upper edge."""
+    """Seed 002 spectra: trained and initial eigenvalues against rank on a log scale.
+
+    With the Marchenko-Pastur upper edge, and the count of eigenvalues above it in the legend.
+
+    Args:
+        frame: covariance.weight_spectra's frame.
+        layer: the layer to draw, a value of the frame's layer column.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (5, 4))
     part = frame[frame["layer"] == layer]
     ax.plot(part["rank"], part["eigenvalue"], label="trained")
@@ -342,7 +469,16 @@ def weight_spectra(frame, layer: str, ax=None):
 
 
 def stability(matrix, ax=None, top: int = 50):
-    """The eigenvector-stability matrix |E1 A E2^T| (top-left block)."""
+    """The eigenvector-stability matrix |E1 A E2^T| (top-left block).
+
+    Args:
+        matrix: covariance.stability's result, a tensor (k1, k2) with values in [0, 1].
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+        top: the leading ranks shown of each network (default 50).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (5, 4))
     image = ax.imshow(matrix[:top, :top].T.cpu().numpy(), cmap="cividis", vmin=0, vmax=1)
     ax.set_xlabel("rank (network 1)")
@@ -353,8 +489,16 @@ def stability(matrix, ax=None, top: int = 50):
 
 
 def clipping(frame, ax=None, label: str | None = None):
-    """Seed 002: accuracy after clipping to the top-k principal components,
-    against k (covariance.clip's Clipping or its frame)."""
+    """Seed 002: accuracy after clipping to the top-k principal components, against k.
+
+    Args:
+        frame: covariance.clip's Clipping or its frame.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+        label: the line's legend entry (default None: "clipped").
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     frame = frame.to_frame() if hasattr(frame, "to_frame") else frame
     fig, ax = _axes(ax, (5, 4))
     ax.plot(frame["k"], frame["accuracy"], marker="o", ms=3, color="tab:red", label=label or "clipped")
@@ -362,9 +506,17 @@ def clipping(frame, ax=None, label: str | None = None):
 
 
 def rainbow(result, ax=None):
-    """Seed 002 generate_network: the explained fraction r^2 of each aligned
-    layer of a generated network (covariance.rainbow's Rainbow), its test
-    accuracy against the reference's in the title when measured."""
+    """Seed 002 generate_network: the explained fraction r^2 of each aligned layer of a generated network.
+
+    Its test accuracy against the reference's goes in the title when measured.
+
+    Args:
+        result: covariance.rainbow's Rainbow.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (5, 4))
     frame = result.to_frame()
     ax.bar(range(len(frame)), frame["r2"], color="tab:purple")
@@ -381,8 +533,16 @@ def rainbow(result, ax=None):
 
 
 def natural_key(name) -> tuple:
-    """Sort key reading runs of digits as numbers: layers 0, 2, 5, 8, 10
-    (not 0, 10, 2, ...), features[2] before features[10]."""
+    """Sort key reading runs of digits as numbers.
+
+    Layers sort 0, 2, 5, 8, 10 (not 0, 10, 2, ...), and features[2] before features[10].
+
+    Args:
+        name: the name to sort (anything; its str is used).
+
+    Returns:
+        A tuple of (0, number, "") for runs of digits and (1, 0, text) for the rest, comparable across names.
+    """
     import re
 
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
@@ -390,8 +550,20 @@ def natural_key(name) -> tuple:
 
 
 def zoo_histograms(layers, column: str, ax=None, bins: int = 20):
-    """The distribution of one per-layer metric across a zoo, one histogram
-    per layer, layers in numeric order."""
+    """The distribution of one per-layer metric across a zoo, one histogram per layer.
+
+    Layers in numeric order. Values spanning decades get log bins; otherwise, when a few far outliers would
+    stretch it, the central 98% sets the range, and how many fall outside is in the title.
+
+    Args:
+        layers: the zoo's per-layer table (columns model, layer and the metric).
+        column: the metric, a column of layers.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+        bins: the number of bins (default 20).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (6, 3.8))
     names = sorted(layers["layer"].astype(str).unique(), key=natural_key)
     values = layers[column].astype(float)
@@ -424,8 +596,23 @@ def zoo_histograms(layers, column: str, ax=None, bins: int = 20):
 
 def metric_vs_accuracy(x, y, xlabel: str, ylabel: str = "test accuracy", spearman: float | None = None,
                        kendall: float | None = None, color=None, color_label: str | None = None, ax=None):
-    """One metric against accuracy across a zoo, the rank correlations in
-    the title; points coloured by `color` (e.g. the epoch) when given."""
+    """One metric against accuracy across a zoo, the rank correlations in the title.
+
+    Args:
+        x: the metric, one value per model.
+        y: the accuracy, one value per model.
+        xlabel: the metric's name, on the x axis and in the title.
+        ylabel: the accuracy's name (default "test accuracy").
+        spearman: the Spearman correlation for the title (default None: no correlations shown; not finite: the
+            title says the metric is constant).
+        kendall: the Kendall correlation for the title, shown with spearman.
+        color: values that colour the points (e.g. the epoch), with a colour bar (default None: one colour).
+        color_label: the colour bar's label.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (5, 4))
     points = ax.scatter(x, y, s=9, c=color, cmap="viridis" if color is not None else None, alpha=0.8)
     if color is not None:
@@ -439,9 +626,22 @@ def metric_vs_accuracy(x, y, xlabel: str, ylabel: str = "test accuracy", spearma
 
 def epoch_trajectories(frame, metric: str, accuracy: str = "test_accuracy", runs=None, ax=None,
                        median_spearman: float | None = None):
-    """A metric against accuracy across the checkpoints of a few models
-    (frame: rows run, epoch, metric, accuracy), each model a line in epoch
-    order, its last checkpoint marked and labelled with the epoch."""
+    """A metric against accuracy across the checkpoints of a few models.
+
+    Each model is a line in epoch order, its last checkpoint marked and labelled with the epoch.
+
+    Args:
+        frame: rows run, epoch, metric, accuracy.
+        metric: the metric's column.
+        accuracy: the accuracy's column (default "test_accuracy").
+        runs: the models to draw, values of the run column (default None: the first six).
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+        median_spearman: the median Spearman correlation over all models' epochs, for the title (default None:
+            not shown).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (5.5, 4))
     runs = list(runs if runs is not None else frame["run"].unique()[:6])
     for run in runs:
@@ -456,7 +656,19 @@ def epoch_trajectories(frame, metric: str, accuracy: str = "test_accuracy", runs
 
 
 def prediction_scatter(actual, predicted, label: str, r2: float, tau: float, ax=None):
-    """Held-out predicted accuracy against the true one, with the diagonal."""
+    """Held-out predicted accuracy against the true one, with the diagonal.
+
+    Args:
+        actual: the true test accuracies.
+        predicted: the cross-validated predictions, one per actual.
+        label: what the accuracy was predicted from, for the title.
+        r2: the held-out R^2, for the title.
+        tau: the held-out Kendall tau, for the title.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     fig, ax = _axes(ax, (4.5, 4))
     ax.scatter(actual, predicted, s=8, alpha=0.7)
     low, high = float(min(np.min(actual), np.min(predicted))), float(max(np.max(actual), np.max(predicted)))
@@ -467,7 +679,18 @@ def prediction_scatter(actual, predicted, label: str, r2: float, tau: float, ax=
 
 def feature_importances(importances, ax=None, top: int = 15, title: str = "feature importances",
                         xlabel: str = "importance (held-out R^2 lost when shuffled)"):
-    """Horizontal bars of the `top` largest importances (a pandas Series)."""
+    """Horizontal bars of the `top` largest importances.
+
+    Args:
+        importances: a pandas Series, importance by feature name.
+        ax: a matplotlib Axes to draw on (default None: a new figure).
+        top: the number of bars (default 15).
+        title: the figure's title (default "feature importances").
+        xlabel: the x axis label (default "importance (held-out R^2 lost when shuffled)").
+
+    Returns:
+        The matplotlib Figure (ax's figure when ax is given).
+    """
     series = importances.sort_values(ascending=False).head(top)[::-1]
     fig, ax = _axes(ax, (6, 0.3 * len(series) + 1.2))
     ax.barh(range(len(series)), series.to_numpy(), color="tab:blue")
