@@ -32,26 +32,39 @@ from .rank import _rank_of_singular_values
 from .rank.matrix import _exponents, _times_exp2
 
 def esd(W: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of the unnormalised Gram matrix W1 W1^T (seed 001 section 4), in
-    decreasing order: the squared singular values of W1, where W is a
-    Linear weight or a conv weight (out, in, *kernel) unfolded row-major
-    (float64 Gram route, weight_singular_values)."""
+    """Eigenvalues of the unnormalised Gram matrix W1 W1^T (seed 001 section 4), in decreasing order.
+
+    The squared singular values of W1, W unfolded row-major (float64 Gram route, weight_singular_values).
+
+    Args:
+        W: a Linear weight (out, in) or a conv weight (out, in, *kernel).
+
+    Returns:
+        A float64 tensor of the min(out, in * kernel) eigenvalues, decreasing.
+    """
     _checks.tensor("W", W, ndims=range(2, 6), shape="(out, in) or (out, in, *kernel)")
     return weight_singular_values(W[None])[0, 0].square()
 
 
 def toeplitz_singular_values(weight: torch.Tensor, m: int | tuple[int, int]) -> torch.Tensor:
-    """Singular values of a 2-d convolution as a linear operator on (in, m, m)
-    inputs: the Toeplitz matrization W2 of seed 001 section 3.2, with circular
-    padding and stride 1, by Sedghi, Gupta and Long's theorem: they are the
-    union over the m^2 frequencies (u, v) of the singular values of the
-    (out, in) matrix of the kernel's 2-d DFT at (u, v). Costs m^2 small SVDs
-    instead of one (out m^2, in m^2) matrix.
+    """Singular values of a 2-d convolution as a linear operator on (in, m, m) inputs.
 
-    With zero padding W2 is a Toeplitz (not circulant) operator: its
-    singular values differ from these by boundary effects that shrink as m
-    grows relative to the kernel (build W2 explicitly on a small m to see
-    them). Returns all out x ... values, decreasing."""
+    The Toeplitz matrization W2 of seed 001 section 3.2, with circular padding and stride 1, by Sedghi, Gupta
+    and Long's theorem: they are the union over the m^2 frequencies (u, v) of the singular values of the
+    (out, in) matrix of the kernel's 2-d DFT at (u, v). Costs m^2 small SVDs instead of one (out m^2, in m^2)
+    matrix.
+
+    With zero padding W2 is a Toeplitz (not circulant) operator: its singular values differ from these by
+    boundary effects that shrink as m grows relative to the kernel (build W2 explicitly on a small m to see
+    them).
+
+    Args:
+        weight: a Conv2d weight (out, in, kh, kw).
+        m: the input size, an int (m x m) or a pair (mh, mw), at least the kernel size.
+
+    Returns:
+        A float64 tensor of all out x ... values (min(out, in) per frequency), decreasing.
+    """
     _checks.tensor("weight", weight, ndims=(4,), shape="(out, in, kh, kw)")
     mh, mw = _checks.int_pair("m", m)
     if mh < weight.shape[2] or mw < weight.shape[3]:
@@ -62,9 +75,17 @@ def toeplitz_singular_values(weight: torch.Tensor, m: int | tuple[int, int]) -> 
 
 
 def circular_conv_matrix(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """W2 of seed 001 section 3.2 built explicitly for a circular-padded stride-1 convolution on
-    (in, m, m) inputs (for checks on small sizes): column j is the flattened
-    response to the j-th basis input."""
+    """W2 of seed 001 section 3.2 built explicitly for a circular-padded stride-1 convolution on (in, m, m) inputs.
+
+    For checks on small sizes: column j is the flattened response to the j-th basis input.
+
+    Args:
+        weight: a Conv2d weight (out, in, kh, kw).
+        m: the input size (m x m).
+
+    Returns:
+        The matrix (out m^2, in m^2), in weight's dtype.
+    """
     out, c, kh, kw = weight.shape
     basis = torch.eye(c * m * m, dtype=weight.dtype).reshape(-1, c, m, m)
     padded = nn.functional.pad(basis, (0, kw - 1, 0, kh - 1), mode="circular")
@@ -521,23 +542,28 @@ def fit_power_law(eigenvalues, xmin: float | None = None, min_tail: int = 10,
 
 def weight_singular_values(weights: torch.Tensor, convention: PowerLawConvention | str = "seed001", groups: int = 1,
                            dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Singular values (float64, decreasing) of a batch of weights of one
-    shape (B, out, in, *kernel) as (B, slices, k), as the convention (a
-    PowerLawConvention or its name) makes weights into matrices: SEED001 (the
-    default): one slice, the unfolding W1 = weight.reshape(out, in*k*k) (section 3.1), or
-    for a convolution of `groups` groups (weight (B, out, in/groups, *k)) its
-    groups diagonal blocks (out/groups, in/groups*k), whose singular values
-    are those of the block-diagonal W1 (never built);
-    with kernel_slices (WEIGHTWATCHER) a Conv2d is its kh*kw slices
-    W[:, :, i, j] (out x in) times slice_scale (WeightWatcher 0.7.7's
-    conv2d_norm sqrt(conv2d_count / 2) = sqrt(1/2) when pooling), a Linear
-    its weight as it is. Computed as the
-    Gram matrix of the smaller side in float64 and eigvalsh, one batched
-    call (_linalg.gram_singular_values); a weight whose magnitude is
-    extreme (its squares would overflow or underflow float64) is divided by
-    a power of two first and its values multiplied back. dtype=torch.float32:
-    the Gram matrices and their eigenvalues in float32 (see weight_metrics
-    for its error)."""
+    """Singular values (float64, decreasing) of a batch of weights of one shape, as the convention makes them
+    into matrices.
+
+    SEED001 (the default): one slice, the unfolding W1 = weight.reshape(out, in*k*k) (section 3.1), or for a
+    convolution of `groups` groups (weight (B, out, in/groups, *k)) its groups diagonal blocks (out/groups,
+    in/groups*k), whose singular values are those of the block-diagonal W1 (never built); with kernel_slices
+    (WEIGHTWATCHER) a Conv2d is its kh*kw slices W[:, :, i, j] (out x in) times slice_scale (WeightWatcher
+    0.7.7's conv2d_norm sqrt(conv2d_count / 2) = sqrt(1/2) when pooling), a Linear its weight as it is.
+    Computed as the Gram matrix of the smaller side in float64 and eigvalsh, one batched call
+    (_linalg.gram_singular_values); a weight whose magnitude is extreme (its squares would overflow or
+    underflow float64) is divided by a power of two first and its values multiplied back.
+
+    Args:
+        weights: a batch of weights of one shape, (B, out, in, *kernel), holding data.
+        convention: a PowerLawConvention or its name (default "seed001").
+        groups: the convolution's groups (default 1).
+        dtype: torch.float64 (default) or torch.float32: the Gram matrices and their eigenvalues in float32
+            (see weight_metrics for its error).
+
+    Returns:
+        The singular values as (B, slices, k), decreasing along the last axis.
+    """
     conv = power_law_convention(convention)
     _checks.tensor("weights", weights, ndims=(3, 4, 5, 6), shape="(B, out, in, *kernel)",
                    dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
@@ -576,14 +602,23 @@ def _not_analysed(kind: str, conv: PowerLawConvention) -> str:
 
 def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10,
                      convention: PowerLawConvention | str = "seed001", fit: bool = True) -> pd.DataFrame:
-    """Per spectrum of a batch (B, slices, k) of weight_singular_values: the
-    metrics every table reports, from that one spectrum: n_eigenvalues,
-    numerical_rank (seed 003 equation 4 on the pooled singular values, the
-    float32 tolerance), stable_rank (sum of eigenvalues over the largest),
-    spectral_norm, lambda_max (largest Gram eigenvalue), and with fit the
-    power-law alpha, xmin, ks, n_tail of the pooled ESD (fit_power_laws,
-    fitted together for the whole batch) and a note saying why a fit is
-    missing."""
+    """The metrics every table reports, per spectrum of a batch of weight_singular_values.
+
+    Each row from that one spectrum (its slices pooled); the power laws are fitted together for the whole
+    batch (fit_power_laws).
+
+    Args:
+        singular_values: a batch (B, slices, k) of weight_singular_values.
+        min_tail: the fewest eigenvalues a power-law tail may have (default 10).
+        convention: a PowerLawConvention or its name (default "seed001").
+        fit: also fit the power laws (default True).
+
+    Returns:
+        A DataFrame, one row per spectrum: n_eigenvalues, numerical_rank (seed 003 equation 4 on the pooled
+        singular values, the float32 tolerance), stable_rank (sum of eigenvalues over the largest),
+        spectral_norm, lambda_max (largest Gram eigenvalue), and with fit the power-law alpha, xmin, ks, n_tail
+        of the pooled ESD and a note saying why a fit is missing.
+    """
     sigma = singular_values.detach().cpu().flatten(1).sort(dim=1, descending=True).values
     eig = sigma.square()
     top = sigma[:, 0]
@@ -605,16 +640,25 @@ def spectrum_metrics(singular_values: torch.Tensor, min_tail: int = 10,
 
 def map_metrics(maps, names=None, convention: PowerLawConvention | str = "seed001", min_tail: int = 10,
                 fit: bool = True, dtype: torch.dtype = torch.float64) -> pd.DataFrame:
-    """The spectral metrics of each linear map (layers.LinearMap, groups
-    expanded) from its one spectrum (seed 001 sections 3.1 and 4, seed 003
-    equation 4): spectrum_metrics' columns, batched over the maps whose
-    weights share a shape (one Gram eigvalsh call and one set of power-law
-    fits per shape), one row per map in the order given. The one per-layer
-    computation behind layer_spectra (the maps of one model) and
-    zoo.model_metrics (a layer of many models). A map the convention does not
-    analyse (Conv1d/Conv3d under WeightWatcher's) gets a note only (and
-    alpha NaN with fit). names: for errors; a NaN or infinite weight raises
-    ValueError naming its map."""
+    """The spectral metrics of each linear map from its one spectrum (seed 001 sections 3.1 and 4, seed 003
+    equation 4).
+
+    Batched over the maps whose weights share a shape (one Gram eigvalsh call and one set of power-law fits per
+    shape). The one per-layer computation behind layer_spectra (the maps of one model) and zoo.model_metrics
+    (a layer of many models). A map the convention does not analyse (Conv1d/Conv3d under WeightWatcher's) gets
+    a note only (and alpha NaN with fit). A NaN or infinite weight raises ValueError naming its map.
+
+    Args:
+        maps: layers.LinearMap objects (groups expanded), an iterable.
+        names: the maps' names, for errors (default None: "map 0", "map 1", ...).
+        convention: a PowerLawConvention or its name (default "seed001").
+        min_tail: the fewest eigenvalues a power-law tail may have (default 10).
+        fit: also fit the power laws (default True).
+        dtype: the dtype the weights are stacked in (default torch.float64).
+
+    Returns:
+        A DataFrame with spectrum_metrics' columns, one row per map in the order given.
+    """
     conv = power_law_convention(convention)
     _checks.positive_int("min_tail", min_tail)
     maps = list(maps)
@@ -654,13 +698,10 @@ WEIGHT_MEMORY = 1 << 28  # bytes of float64 weights stacked into one batched Gra
 def weight_metrics(entries, convention: PowerLawConvention | str = "seed001", min_tail: int = 10, fit: bool = True,
                    memory: int = WEIGHT_MEMORY, progress: bool = False,
                    dtype: torch.dtype = torch.float64) -> pd.DataFrame:
-    """map_metrics' columns for weights.WeightTensor entries, one row each in
-    the order given: layer, kind, shape (the unfolded (out, in * kernel)),
-    rank, groups, then the metrics of the entry's one spectrum, and a note
-    saying why a row has no numbers (a vector, a tied head, a quantised
-    tensor, too few eigenvalues). A grouped convolution's spectrum is the
-    union of its diagonal blocks' (seed 001's W1 of a grouped convolution is
-    block-diagonal), computed per block.
+    """map_metrics' columns for weights.WeightTensor entries, one row each in the order given.
+
+    A grouped convolution's spectrum is the union of its diagonal blocks' (seed 001's W1 of a grouped
+    convolution is block-diagonal), computed per block.
 
     Entries whose blocks share a shape are batched into one Gram eigvalsh
     call of at most `memory` bytes of float64 (at least one entry): loaded one
@@ -670,8 +711,7 @@ def weight_metrics(entries, convention: PowerLawConvention | str = "seed001", mi
     it in the Gram products), never the whole model. Measured: 16 float32
     tensors of 1024 x 2048 from one file with memory=16 MiB, +37 MiB; 64 of
     512 x 512 with memory 4, 16 and 64 MiB, +15, +37 and +133 MiB.
-    progress: a bar over the bytes read. A NaN or infinite weight raises
-    ValueError naming its tensor.
+    A NaN or infinite weight raises ValueError naming its tensor.
 
     dtype=torch.float32: the opt-in fast route, Gram matrices and their
     eigenvalues in float32 (fits and ranks still in float64). Measured
@@ -680,7 +720,22 @@ def weight_metrics(entries, convention: PowerLawConvention | str = "seed001", mi
     relative, lambda_max and stable_rank within 1e-6, numerical rank within
     1 (MiniLM), the same layers fitted; 1.2-1.4x faster on one thread.
     Small eigenvalues (below about 1e-7 lambda_max) are not resolved: keep
-    float64 for ranks of ill-conditioned weights."""
+    float64 for ranks of ill-conditioned weights.
+
+    Args:
+        entries: weights.WeightTensor entries (weights.read_weights), an iterable.
+        convention: a PowerLawConvention or its name (default "seed001").
+        min_tail: the fewest eigenvalues a power-law tail may have (default 10).
+        fit: also fit the power laws (default True).
+        memory: bytes of float64 per batched Gram call (default WEIGHT_MEMORY, 256 MiB).
+        progress: a bar over the bytes read (default False).
+        dtype: torch.float64 (default) or torch.float32, the fast route above.
+
+    Returns:
+        A DataFrame, one row per entry: layer, kind, shape (the unfolded (out, in * kernel)), rank, groups, then
+        the metrics of the entry's one spectrum, and a note saying why a row has no numbers (a vector, a tied
+        head, a quantised tensor, too few eigenvalues); attrs["convention"] the convention's name.
+    """
     from tqdm.auto import tqdm
 
     from . import weights
@@ -769,37 +824,37 @@ class LayerSpectra:
 def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
                   min_tail: int = 10, convention: PowerLawConvention | str = "seed001", vectors: bool = False,
                   progress: bool = False, dtype: torch.dtype = torch.float64) -> LayerSpectra:
-    """One row per weight of the model, seed 001 sections 3-4, from the
-    weights alone (no input, no forward: weights.read_weights): layer (the
-    module's qualified name), kind, shape (of W1), rank (min of the shape),
-    groups, then the metrics of its one spectrum (n_eigenvalues,
-    numerical_rank, stable_rank, spectral_norm, lambda_max, alpha, xmin, ks,
-    n_tail) and a note: every weight has a row, the note says why alpha is
-    NaN (too few eigenvalues for min_tail, a tied head, a quantised tensor,
-    a kind the convention does not analyse). With toeplitz_m, the same fit
-    for the circular Toeplitz matrization W2 of the ungrouped 2-d
-    convolutions on m x m inputs (columns alpha_w2, lambda_max_w2, n_w2).
+    """Spectral metrics of every weight of the model, seed 001 sections 3-4, from the weights alone.
 
-    model: an nn.Module (kinds from the module types: Linear, Conv1d/2d/3d,
-    ConvTranspose, MultiheadAttention's q, k, v, transformers' Conv1D,
-    Embedding), a mapping of name -> tensor, or a path to a checkpoint file or
-    a Hugging Face folder (see spectral_ext.weights for the kinds and their
-    reasons). Rows follow the module's registration order (a file's: its
-    tensor names in natural order). example_input: not used (weights need no
-    forward; kept for the call shape). vectors: also a row for each 1-d tensor
-    (biases, norm scales), with its note. progress: a bar over the bytes read.
-    dtype: torch.float64 (default) or torch.float32, the opt-in fast route
-    whose error weight_metrics states.
+    No input, no forward (weights.read_weights): every weight has a row, the note says why alpha is NaN (too
+    few eigenvalues for min_tail, a tied head, a quantised tensor, a kind the convention does not analyse).
+    Rows follow the module's registration order (a file's: its tensor names in natural order). With
+    toeplitz_m, the same fit for the circular Toeplitz matrization W2 of the ungrouped 2-d convolutions on
+    m x m inputs.
 
-    convention: a PowerLawConvention or its name: SEED001 / "seed001"
-    (default: the ESD of W1 W1^T, section 4) or WEIGHTWATCHER /
-    "weightwatcher" (pooled, scaled kh*kw slices of a Conv2d and WWFit's
-    rules, see weight_singular_values and fit_power_law; only Linear and
-    Conv2d are analysed there). The frame's attrs["convention"] records the
-    convention's name.
+    Args:
+        model: an nn.Module (kinds from the module types: Linear, Conv1d/2d/3d, ConvTranspose,
+            MultiheadAttention's q, k, v, transformers' Conv1D, Embedding), a mapping of name -> tensor, or a
+            path to a checkpoint file or a Hugging Face folder (see spectral_ext.weights for the kinds and their
+            reasons).
+        example_input: not used (weights need no forward; kept for the call shape).
+        toeplitz_m: the input size m (or (mh, mw)) for the W2 columns, or None (default).
+        min_tail: the fewest eigenvalues a power-law tail may have (default 10).
+        convention: a PowerLawConvention or its name: SEED001 / "seed001" (default: the ESD of W1 W1^T,
+            section 4) or WEIGHTWATCHER / "weightwatcher" (pooled, scaled kh*kw slices of a Conv2d and WWFit's
+            rules, see weight_singular_values and fit_power_law; only Linear and Conv2d are analysed there).
+        vectors: also a row for each 1-d tensor (biases, norm scales), with its note (default False).
+        progress: a bar over the bytes read (default False).
+        dtype: torch.float64 (default) or torch.float32, the opt-in fast route whose error weight_metrics
+            states.
 
     Returns:
-        A LayerSpectra; `.to_frame()` the table described above."""
+        A LayerSpectra; `.to_frame()` is its table, one row per weight: layer (the module's qualified name),
+        kind, shape (of W1), rank (min of the shape), groups, then the metrics of its one spectrum
+        (n_eigenvalues, numerical_rank, stable_rank, spectral_norm, lambda_max, alpha, xmin, ks, n_tail) and a
+        note; with toeplitz_m also alpha_w2, lambda_max_w2, n_w2. Its attrs["convention"] records the
+        convention's name.
+    """
     from . import weights
 
     conv = power_law_convention(convention)
@@ -831,19 +886,37 @@ def layer_spectra(model, example_input=None, toeplitz_m: int | None = None,
 
 
 def alpha_hat_of(alpha, lambda_max, convention: PowerLawConvention | str = "seed001") -> float:
-    """alpha-hat from per-layer alpha and lambda_max (layers whose alpha is
-    NaN left out; NaN when none is left): SEED001's seed 001 equation 12, the
-    sum of alpha ln(lambda_max), or WEIGHTWATCHER's mean of WeightWatcher's
-    alpha_weighted = alpha log10(lambda_max) (the convention's alpha_hat_log
-    and alpha_hat_mean). The one rule behind alpha_hat and zoo.model_metrics'
-    alpha_hat column (alpha_hats)."""
+    """alpha-hat from per-layer alpha and lambda_max.
+
+    SEED001's seed 001 equation 12, the sum of alpha ln(lambda_max), or WEIGHTWATCHER's mean of WeightWatcher's
+    alpha_weighted = alpha log10(lambda_max) (the convention's alpha_hat_log and alpha_hat_mean). Layers whose
+    alpha is NaN are left out. The one rule behind alpha_hat and zoo.model_metrics' alpha_hat column
+    (alpha_hats).
+
+    Args:
+        alpha: per-layer power-law exponents (array-like).
+        lambda_max: per-layer largest eigenvalues (array-like, alpha's length).
+        convention: a PowerLawConvention or its name (default "seed001").
+
+    Returns:
+        alpha-hat, a float; NaN when no layer is left.
+    """
     alpha = np.asarray(alpha, dtype=np.float64)
     return float(alpha_hats(alpha[None], np.asarray(lambda_max, dtype=np.float64)[None], convention)[0])
 
 
 def alpha_hats(alpha: np.ndarray, lambda_max: np.ndarray,
                convention: PowerLawConvention | str = "seed001") -> np.ndarray:
-    """alpha_hat_of for each row of (models, layers) arrays at once."""
+    """alpha_hat_of for each row of (models, layers) arrays at once.
+
+    Args:
+        alpha: the exponents, (models, layers); NaN for layers without a fit.
+        lambda_max: the largest eigenvalues, (models, layers).
+        convention: a PowerLawConvention or its name (default "seed001").
+
+    Returns:
+        A float array (models,) of alpha-hats, NaN for a row without a usable layer.
+    """
     conv = power_law_convention(convention)
     usable = ~np.isnan(alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -855,26 +928,29 @@ def alpha_hats(alpha: np.ndarray, lambda_max: np.ndarray,
 @models_in_eval_mode
 def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10,
               convention: PowerLawConvention | str | None = None, embeddings: bool = False) -> float:
-    """Capacity metric alpha-hat = sum over layers of alpha_L * ln(lambda_max_L)
-    (seed 001 equation 12, Martin and Mahoney). Takes a model or the
-    layer_spectra frame it is given (no spectrum is recomputed then).
+    """Capacity metric alpha-hat = sum over layers of alpha_L * ln(lambda_max_L) (seed 001 equation 12, Martin
+    and Mahoney).
 
-    Layers without a fit (fewer than min_tail eigenvalues, see the frame's
-    note column) are left out, and a warning names them: the result says
-    which layers it used. convention: a PowerLawConvention or its name,
-    SEED001 / "seed001" (the default, or the result's or frame's) or
-    WEIGHTWATCHER / "weightwatcher": WeightWatcher's get_summary()
-    alpha_weighted, the mean of alpha * log10(lambda_max) over its layers
-    (DeepDataProfiler averages too; the paper sums). The sum runs over the
-    maps between representations (Linear, Conv, ConvTranspose, attention
-    projections, LoRA updates); embeddings (kind "embedding", tied heads
-    included) only with embeddings=True: seed 001 sums over the network's
-    layers, and a lookup table's spectrum describes its vocabulary, not a
-    layer's map. model_or_frame: anything layer_spectra takes (a module, a
-    state_dict, a checkpoint path), its LayerSpectra or their frame.
+    Takes a model or the layer_spectra frame it is given (no spectrum is recomputed then). Layers without a
+    fit (fewer than min_tail eigenvalues, see the frame's note column) are left out, and a warning names them:
+    the result says which layers it used. The sum runs over the maps between representations (Linear, Conv,
+    ConvTranspose, attention projections, LoRA updates); embeddings (kind "embedding", tied heads included)
+    only with embeddings=True: seed 001 sums over the network's layers, and a lookup table's spectrum
+    describes its vocabulary, not a layer's map.
+
+    Args:
+        model_or_frame: anything layer_spectra takes (a module, a state_dict, a checkpoint path), its
+            LayerSpectra or their frame.
+        example_input: not used (kept for the call shape).
+        min_tail: the fewest eigenvalues a power-law tail may have, when spectra are computed (default 10).
+        convention: a PowerLawConvention or its name, SEED001 / "seed001" (the default, or the result's or
+            frame's) or WEIGHTWATCHER / "weightwatcher": WeightWatcher's get_summary() alpha_weighted, the mean
+            of alpha * log10(lambda_max) over its layers (DeepDataProfiler averages too; the paper sums).
+        embeddings: include the embeddings (default False).
 
     Returns:
-        alpha-hat, a float."""
+        alpha-hat, a float.
+    """
     if isinstance(model_or_frame, LayerSpectra):
         conv = power_law_convention(model_or_frame.convention if convention is None else convention)
         frame = model_or_frame.to_frame()
@@ -903,7 +979,18 @@ def alpha_hat(model_or_frame, example_input=None, min_tail: int = 10,
 
 
 def sample_power_law(alpha: float, xmin: float, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n samples of p(x) ~ x^-alpha on [xmin, inf) by inverting the CDF (the
-    power law of seed 001 section 4, for checks of the fit)."""
+    """n samples of p(x) ~ x^-alpha on [xmin, inf) by inverting the CDF.
+
+    The power law of seed 001 section 4, for checks of the fit.
+
+    Args:
+        alpha: the exponent (above 1).
+        xmin: the lower bound of the support (positive).
+        n: the number of samples.
+        generator: the draws' randomness (default None: torch's global generator).
+
+    Returns:
+        A float64 tensor (n,).
+    """
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     return xmin * (1 - u) ** (-1 / (alpha - 1))
