@@ -82,21 +82,28 @@ def _rbf_lower(R: torch.Tensor, bandwidth: float):
 
 def kernel_matrix(X: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.5,
                   gamma: float | None = None) -> torch.Tensor:
-    """The (N, N) Gram matrix of features X (N, C, S) for a CKA kernel.
+    """The (N, N) Gram matrix of features X for a CKA kernel.
 
-    linear: <x_i, x_j> of the flattened features. rbf: exp(-|x_i - x_j|^2 /
-    (2 s^2)) with s = bandwidth x the median distance (Kornblith et al.).
-    max: max_c sum_s x~[i, c, s] x~[j, c, s] on channel-normalised features
-    (definition 5.3 with appendix D.7.2; the max_kernel_gram operator, never
-    the (N, N, C) tensor). laplace: exp(-gamma |x~_i - x~_j|_1) on
-    channel-normalised features (equation 5.6), gamma = 1 / the median l1
-    distance by default. ortho: linear on channel-normalised features (the
-    seed 004 authors' orthogonal CKA).
+    linear: <x_i, x_j> of the flattened features. rbf: exp(-|x_i - x_j|^2 / (2 s^2)) with
+    s = bandwidth x the median distance (Kornblith et al.). max: max_c sum_s x~[i, c, s] x~[j, c, s] on
+    channel-normalised features (definition 5.3 with appendix D.7.2; the max_kernel_gram operator, never
+    the (N, N, C) tensor). laplace: exp(-gamma |x~_i - x~_j|_1) on channel-normalised features
+    (equation 5.6), gamma = 1 / the median l1 distance by default. ortho: linear on channel-normalised
+    features (the seed 004 authors' orthogonal CKA).
 
-    Every kernel but linear is scale invariant (the median bandwidth, the
-    channel normalisation): X is scaled by a power of two first where its
-    magnitude would overflow or underflow. A linear Gram that overflows
-    X's dtype is refused (ValueError): it has no finite value."""
+    Every kernel but linear is scale invariant (the median bandwidth, the channel normalisation): X is
+    scaled by a power of two first where its magnitude would overflow or underflow. A linear Gram that
+    overflows X's dtype is refused (ValueError): it has no finite value.
+
+    Args:
+        X: features (N, C, S).
+        kernel: "linear", "rbf", "max", "laplace" or "ortho" (default "linear").
+        bandwidth: the rbf kernel's s as a multiple of the median distance (default 0.5).
+        gamma: the laplace kernel's gamma; None for 1 / the median l1 distance (default None).
+
+    Returns:
+        The Gram matrix, a tensor (N, N).
+    """
     _check_kernel(kernel, bandwidth, gamma)
     if kernel in ("linear", "rbf"):
         F = X.reshape(X.shape[0], -1)
@@ -148,14 +155,21 @@ def _hsic_scale(n: int, unbiased: bool) -> float:
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """HSIC of every pair of Gram matrices: K (a, n, n), L (b, n, n) -> (a, b),
-    the HSIC_1 of seed 004 equation 5.4 (definition 5.3).
+    """HSIC of every pair of Gram matrices, the HSIC_1 of seed 004 equation 5.4 (definition 5.3).
 
-    unbiased=True: the estimator of Song et al. used by Nguyen et al. [NRK21,
-    eq. 3], HSIC_1 = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2)
-    1'K~L~1] / (n(n-3)) with K~, L~ the matrices with zeroed diagonals
-    (needs n >= 4), computed as the inner product of U-centred matrices.
-    unbiased=False: tr(K H L H) / (n-1)^2. Computed in float64."""
+    unbiased=True: the estimator of Song et al. used by Nguyen et al. [NRK21, eq. 3],
+    HSIC_1 = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)) with K~, L~ the
+    matrices with zeroed diagonals (needs n >= 4), computed as the inner product of U-centred matrices.
+    unbiased=False: tr(K H L H) / (n-1)^2. Computed in float64.
+
+    Args:
+        K: Gram matrices (a, n, n).
+        L: Gram matrices (b, n, n) of the same n samples.
+        unbiased: the unbiased HSIC_1 estimator (True) or the biased one (False) (default True).
+
+    Returns:
+        A float64 tensor (a, b), the HSIC of K[i] and L[j] at [i, j].
+    """
     n = K.shape[-1]
     if unbiased and n < 4:
         raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
@@ -725,28 +739,37 @@ class MinibatchCKA:
 def cka(X: torch.Tensor, Y: torch.Tensor, kernel: str = "linear", unbiased: bool = True,
         batch_size: int | None = None, bandwidth: float = 0.5, gamma: float | None = None,
         feature_axis: int | None = None) -> float:
-    """Centered kernel alignment HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
-    (seed 004 equation 5.4). kernel="max" is G_ReLU-CKA (definition 5.3,
-    appendix D.7.2), "laplace" the PSD G_ReLU-invariant kernel of equation
-    5.6, "linear" and "rbf" the orthogonally invariant CKA of Kornblith et
-    al., "ortho" the seed 004 authors' orthogonal CKA (linear CKA after
-    each channel is centred and scaled to unit norm, their ortho_cka; the
-    comparison of Fig. 2, 5, 11). unbiased: the HSIC_1 of [NRK21] (default)
-    or the biased estimator. The biased CKA of a PSD kernel lies in [0, 1];
-    the unbiased one in [-1, 1] (an inner product of U-centred Grams): near
-    0 for unrelated features, where the estimator's noise may take it
-    slightly below 0.
+    """Centred kernel alignment HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) (seed 004 equation 5.4).
 
-    X, Y: (N, d), (N, C, H, W), or (N, tokens, features) with feature_axis
-    saying which axis holds the features; the same N samples. batch_size:
-    minibatch CKA over consecutive rows (see MinibatchCKA). Linear kernels
-    take the cheaper exact route (centred D x D' products when N is large,
-    Gram matrices otherwise). The max kernel is not PSD (example E.44), so
-    its CKA is the paper's "rule-bending" instance (remark 5.5). Constant
-    features (or, for RBF/Laplace, mostly identical samples) make CKA
-    undefined: ValueError. Every kernel's CKA is scale invariant, at any
-    scale: features whose squares would overflow or underflow are divided
-    by a power of two first."""
+    kernel="max" is G_ReLU-CKA (definition 5.3, appendix D.7.2), "laplace" the PSD G_ReLU-invariant
+    kernel of equation 5.6, "linear" and "rbf" the orthogonally invariant CKA of Kornblith et al.,
+    "ortho" the seed 004 authors' orthogonal CKA (linear CKA after each channel is centred and scaled to
+    unit norm, their ortho_cka; the comparison of Fig. 2, 5, 11). The biased CKA of a PSD kernel lies in
+    [0, 1]; the unbiased one in [-1, 1] (an inner product of U-centred Grams): near 0 for unrelated
+    features, where the estimator's noise may take it slightly below 0.
+
+    Linear kernels take the cheaper exact route (centred D x D' products when N is large, Gram matrices
+    otherwise). The max kernel is not PSD (example E.44), so its CKA is the paper's "rule-bending"
+    instance (remark 5.5). Constant features (or, for RBF/Laplace, mostly identical samples) make CKA
+    undefined: ValueError. Every kernel's CKA is scale invariant, at any scale: features whose squares
+    would overflow or underflow are divided by a power of two first.
+
+    Args:
+        X: (N, d), (N, C, H, W), or (N, tokens, features) with feature_axis saying which axis holds the
+            features.
+        Y: the same N samples, in one of X's layouts.
+        kernel: "linear", "rbf", "max", "laplace" or "ortho" (default "linear"); see kernel_matrix.
+        unbiased: the HSIC_1 of [NRK21] (default True) or the biased estimator (False).
+        batch_size: minibatch CKA over consecutive rows of this many samples (see MinibatchCKA); None for
+            all N at once (default None).
+        bandwidth: the rbf kernel's multiple of the median distance (default 0.5).
+        gamma: the laplace kernel's gamma; None for 1 / the median l1 distance (default None).
+        feature_axis: the axis of X and Y that holds the features (default None: axis 1; a 3-D input must
+            say).
+
+    Returns:
+        The CKA, a float.
+    """
     X, Y = _pair(X, Y, feature_axis)
     if not isinstance(unbiased, bool):
         raise TypeError(f"unbiased must be True or False, got {unbiased!r}")
