@@ -85,10 +85,21 @@ def _assignment(score: torch.Tensor):
 
 def grelu_assignment(X: torch.Tensor, Y: torch.Tensor, centered: bool = False,
                      feature_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The G_ReLU-Procrustes alignment of definition 5.2: the permutation
-    `perm` and scales `scale` >= 0 with Y[:, i] ~ scale[i] X[:, perm[i]]
-    (the least-squares scale of the matched channels). Used to start G_ReLU
-    stitching (seed 004 D.2.1) where Theorem 4.2 says an exact twin exists."""
+    """The G_ReLU-Procrustes alignment of definition 5.2: a channel permutation and non-negative scales.
+
+    Y[:, i] ~ scale[i] X[:, perm[i]], with the least-squares scale of the matched channels (a zero
+    channel of X keeps scale 1). Used to start G_ReLU stitching (seed 004 D.2.1) where Theorem 4.2 says
+    an exact twin exists.
+
+    Args:
+        X: (N, d), (N, C, H, W), or (N, tokens, features) with feature_axis.
+        Y: the same N samples with as many channels as X.
+        centered: subtract each channel's mean first (default False).
+        feature_axis: the axis that holds the channels (default None: axis 1; a 3-D input must say).
+
+    Returns:
+        (perm, scale): perm an int64 tensor (C,) of X's channel for each of Y's, scale a tensor (C,) >= 0.
+    """
     X, Y = _pair(X, Y, feature_axis)
     ex, ey = _exponent(X), _exponent(Y)  # the sums of squares in a safe range; the scales corrected below
     moments = CrossMoments()
@@ -147,24 +158,30 @@ def _orthogonal_procrustes(X, Y) -> tuple[float, float]:
 
 def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", return_distance: bool = False,
                centered: bool = False, feature_axis: int | None = None) -> float:
-    """Procrustes similarity in [0, 1] (1 = aligned) of representations X, Y
-    (seed 004 definition 5.2 and appendix D.7.1): (N, d), (N, C, H, W), or
-    (N, tokens, features) with feature_axis; channels transformed, positions
-    not.
+    """Procrustes similarity in [0, 1] (1 = aligned) of representations X, Y.
 
-    group="grelu": definition 5.2, 1 - delta / (2 sqrt(d)) with delta =
-    min over permutations P of |X~ - Y~ P|, X~ = X D_X^{-1} the
-    channel-normalised X (norms over samples and positions), solved as a
-    linear sum assignment on (D.2). group="orthogonal": X, Y scaled to unit
-    Frobenius norm and delta = min over orthogonal Q = sqrt(2 - 2 |X'Y|_*)
-    (appendix D.7.1, [DDS21a]), so 1 - delta / 2. Neither centres (the
-    definitions and the authors' code); centered=True subtracts each
-    channel's mean first. Both are clamped so that perfect alignment gives
-    exactly 1 (the seed code returns NaN there). Returns a float; delta
-    itself is procrustes_distance (return_distance=True, which returned a
-    tuple, is refused: one return type per function). Both measures are
-    scale invariant, at any scale: X or Y whose squares would overflow or
-    underflow is divided by a power of two first."""
+    Seed 004 definition 5.2 and appendix D.7.1; channels transformed, positions not. group="grelu":
+    definition 5.2, 1 - delta / (2 sqrt(d)) with delta = min over permutations P of |X~ - Y~ P|,
+    X~ = X D_X^{-1} the channel-normalised X (norms over samples and positions), solved as a linear sum
+    assignment on (D.2). group="orthogonal": X, Y scaled to unit Frobenius norm and
+    delta = min over orthogonal Q = sqrt(2 - 2 |X'Y|_*) (appendix D.7.1, [DDS21a]), so 1 - delta / 2.
+    Neither centres (the definitions and the authors' code); centered=True subtracts each channel's mean
+    first. Both are clamped so that perfect alignment gives exactly 1 (the seed code returns NaN there).
+    Both measures are scale invariant, at any scale: X or Y whose squares would overflow or underflow is
+    divided by a power of two first.
+
+    Args:
+        X: (N, d), (N, C, H, W), or (N, tokens, features) with feature_axis.
+        Y: the same N samples, in one of X's layouts.
+        group: "orthogonal" or "grelu" (default "orthogonal").
+        return_distance: must stay False: True (a tuple) is refused, one return type per function; delta
+            itself is procrustes_distance.
+        centered: subtract each channel's mean first (default False).
+        feature_axis: the axis that holds the channels (default None: axis 1; a 3-D input must say).
+
+    Returns:
+        The similarity, a float in [0, 1].
+    """
     if return_distance is not False:
         raise TypeError("procrustes(return_distance=True) is gone: procrustes returns the similarity (a float); "
                         "call procrustes_distance(X, Y, ...) for delta")
@@ -173,10 +190,21 @@ def procrustes(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", retu
 
 def procrustes_distance(X: torch.Tensor, Y: torch.Tensor, group: str = "orthogonal", centered: bool = False,
                         feature_axis: int | None = None) -> float:
-    """The Procrustes distance delta of seed 004 definition 5.2 (group="grelu",
-    in [0, 2 sqrt(d)]) or appendix D.7.1 (group="orthogonal", in [0, 2]),
-    the quantity procrustes turns into a similarity; same arguments.
-    Returns a float."""
+    """The Procrustes distance delta that procrustes turns into a similarity.
+
+    Seed 004 definition 5.2 (group="grelu", in [0, 2 sqrt(d)]) or appendix D.7.1 (group="orthogonal",
+    in [0, 2]).
+
+    Args:
+        X: (N, d), (N, C, H, W), or (N, tokens, features) with feature_axis.
+        Y: the same N samples, in one of X's layouts.
+        group: "orthogonal" or "grelu" (default "orthogonal").
+        centered: subtract each channel's mean first (default False).
+        feature_axis: the axis that holds the channels (default None: axis 1; a 3-D input must say).
+
+    Returns:
+        delta, a float.
+    """
     return _procrustes_pair(X, Y, group, centered, feature_axis)[1]
 
 
