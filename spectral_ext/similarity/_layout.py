@@ -76,14 +76,21 @@ def _follow(axis, modules):
 
 
 def layer_feature_axis(model: nn.Module, layer: str) -> int | None:
-    """The feature axis of `layer`'s output (the channels that seed 004
-    appendix D.7 transforms), read from the layer: -1 after a Linear (or
-    LayerNorm, RMSNorm, attention, embedding, transformers' Conv1D), 1 after
-    a conv (or BatchNorm, pooling, LayerNorm2d). A container answers for its
-    last deciding leaf; an elementwise module (ReLU, Dropout, ...) for the
-    nearest deciding module defined before it. A Permute module between
-    (torchvision's Swin and ConvNeXt: (B, H, W, C) <-> (B, C, H, W)) moves
-    the axis with it. None when nothing decides (the caller must say)."""
+    """The feature axis of `layer`'s output (the channels that seed 004 appendix D.7 transforms).
+
+    Read from the layer: -1 after a Linear (or LayerNorm, RMSNorm, attention, embedding, transformers'
+    Conv1D), 1 after a conv (or BatchNorm, pooling, LayerNorm2d). A container answers for its last
+    deciding leaf; an elementwise module (ReLU, Dropout, ...) for the nearest deciding module defined
+    before it. A Permute module between (torchvision's Swin and ConvNeXt: (B, H, W, C) <-> (B, C, H, W))
+    moves the axis with it.
+
+    Args:
+        model: the network holding the layer.
+        layer: the layer's qualified module name.
+
+    Returns:
+        -1 or 1, or None when nothing decides (the caller must say).
+    """
     modules = list(model.named_modules())
     names = [n for n, _ in modules]
     index = names.index(layer)
@@ -129,9 +136,18 @@ def _feature_axis_of(name: str, X: torch.Tensor, feature_axis) -> int:
 
 
 def as_channels(name: str, X: torch.Tensor, feature_axis: int | None = None) -> torch.Tensor:
-    """(N, d) -> (N, d, 1); (N, C, *spatial) -> (N, C, S) with C on
-    `feature_axis` (default: axis 1; a 3-D input must say): the layout of
-    seed 004 appendix D.7 (positions summed over)."""
+    """Features in the layout of seed 004 appendix D.7 (positions summed over): (N, channels, positions).
+
+    (N, d) -> (N, d, 1); (N, C, *spatial) -> (N, C, S). Empty inputs raise ValueError.
+
+    Args:
+        name: the argument's name, for error messages.
+        X: (N, d) or (N, C, *spatial) features, 2 to 6 dimensions.
+        feature_axis: the axis holding C (default None: axis 1; a 3-D input must say).
+
+    Returns:
+        A tensor (N, C, S), a view of X where possible.
+    """
     _checks.tensor(name, X, ndims=range(2, 7), shape="(N, d), (N, C, H, W) or (N, tokens, features)")
     axis = _feature_axis_of(name, X, feature_axis)
     X = X.movedim(axis, 1)
@@ -182,13 +198,21 @@ def _rescaled(R: torch.Tensor) -> torch.Tensor:
 
 
 def channel_normalize(X: torch.Tensor, centered: bool = True) -> torch.Tensor:
-    """Seed 004 appendix D.7.2 / definition 5.3: subtract each channel's mean over
-    samples and positions (centered=True), divide by its norm over samples
-    and positions (X D_X^{-1}). X: (N, C, S). A constant channel stays zero.
-    The sums run in X's dtype (torch's cascade sums: 1e-7 relative in
-    float32, as the float64 sums were once rounded back; 10x faster). X is
-    scaled by a power of two first where its magnitude would overflow or
-    underflow the squares (the result is scale invariant)."""
+    """Seed 004 appendix D.7.2 / definition 5.3: each channel centred and scaled to unit norm (X D_X^{-1}).
+
+    Subtracts each channel's mean over samples and positions (centered=True), then divides by its norm
+    over samples and positions. A constant channel stays zero. The sums run in X's dtype (torch's cascade
+    sums: 1e-7 relative in float32, as float64 sums rounded back would give; 10x faster). X is scaled by
+    a power of two first where its magnitude would overflow or underflow the squares (the result is scale
+    invariant).
+
+    Args:
+        X: (N, C, S).
+        centered: subtract each channel's mean first (default True).
+
+    Returns:
+        A tensor (N, C, S) of X's dtype.
+    """
     X = _rescaled(X)
     zero = None
     if centered:
