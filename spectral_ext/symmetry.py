@@ -19,13 +19,31 @@ from .layers import LINEAR_TYPES, discover, weight_of
 
 
 def sigma_of_matrix(activation: Callable, A: torch.Tensor) -> torch.Tensor:
-    """sigma(A): the activation applied to every entry of A (seed 004 section 3.1)."""
+    """sigma(A): the activation applied to every entry of A (seed 004 section 3.1).
+
+    Args:
+        activation: an elementwise callable on tensors.
+        A: a matrix (or any tensor).
+
+    Returns:
+        A tensor of A's shape holding sigma(A_ij).
+    """
     return activation(A)
 
 
 def phi(activation: Callable, A: torch.Tensor) -> torch.Tensor:
-    """phi_sigma(A) = sigma(A) sigma(I)^-1 (seed 004 section 3.1, Lemma 3.1): the matrix with
-    sigma_n o A = phi_sigma(A) o sigma_n for A in the intertwiner group."""
+    """phi_sigma(A) = sigma(A) sigma(I)^-1 (seed 004 section 3.1, Lemma 3.1).
+
+    The matrix with sigma_n o A = phi_sigma(A) o sigma_n for A in the intertwiner group. A ValueError is raised when A
+    is not square.
+
+    Args:
+        activation: an elementwise callable on tensors (sigma).
+        A: a square matrix (n, n).
+
+    Returns:
+        The (n, n) matrix phi_sigma(A), of A's dtype and device.
+    """
     _checks.tensor("A", A, ndims=(2,), shape="(n, n)")
     if A.shape[0] != A.shape[1]:
         raise ValueError(f"A must be square, got {tuple(A.shape)}")
@@ -102,8 +120,17 @@ class IntertwinerGroup:
 
 
 def element_matrix(perm: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The matrix A with (A y)_i = scale[perm[i]] y[perm[i]]: P D with
-    P[i, perm[i]] = 1 and D = diag(scale) (seed 004 section 3.1's generalized permutations)."""
+    """The matrix A with (A y)_i = scale[perm[i]] y[perm[i]]: P D with P[i, perm[i]] = 1 and D = diag(scale).
+
+    These are seed 004 section 3.1's generalised permutations.
+
+    Args:
+        perm: a permutation of 0..n-1, an integer tensor (n,).
+        scale: the diagonal of D, a tensor (n,).
+
+    Returns:
+        The (n, n) matrix A, of scale's dtype and device.
+    """
     n = perm.numel()
     A = torch.zeros(n, n, dtype=scale.dtype, device=scale.device)
     A[torch.arange(n), perm] = scale[perm]
@@ -127,19 +154,26 @@ def _rbf(x):
 
 def intertwiner_group(activation, degree: int | None = None, negative_slope: float = 0.01,
                       n_probe: int = 4, generator=None) -> IntertwinerGroup:
-    """The intertwiner group of an elementwise activation (seed 004 section
-    3.1, Definition 3.2, Table 1).
+    """The intertwiner group of an elementwise activation (seed 004 section 3.1, Definition 3.2, Table 1).
 
-    activation: "identity", "sigmoid", "relu", "leaky_relu" (negative_slope;
-    slope 1 is the identity), "rbf", "polynomial" (degree d >= 2), "gelu"
-    (appendix E.2.1), the matching torch.nn modules, or any elementwise
-    callable, for which the group is computed numerically by the procedure of
-    appendix E.2: Lemma E.7's condition that sigma(I) be invertible, then the
-    n = 1 case (which scalars a have sigma(a x) = b sigma(x) for all x; by
-    Theorem E.14 the group is then the generalized permutations with those
-    scales). generator: accepted for the API's one form of randomness (None,
-    an int seed or a torch.Generator); the procedure itself draws nothing.
-    Returns an IntertwinerGroup."""
+    For an arbitrary elementwise callable the group is computed numerically by the procedure of appendix E.2: Lemma
+    E.7's condition that sigma(I) be invertible, then the n = 1 case (which scalars a have sigma(a x) = b sigma(x) for
+    all x; by Theorem E.14 the group is then the generalised permutations with those scales).
+
+    Args:
+        activation: "identity", "sigmoid", "relu", "leaky_relu" (negative_slope; slope 1 is the identity), "rbf",
+            "polynomial" (degree d >= 2), "gelu" (appendix E.2.1), the matching torch.nn modules, or any elementwise
+            callable.
+        degree: the degree d >= 2 of "polynomial" (default None).
+        negative_slope: the slope of "leaky_relu" (default 0.01).
+        n_probe: the size n of the sigma(I) whose invertibility (Lemma E.7) is checked for a numerically computed
+            group (default 4).
+        generator: accepted for the API's one form of randomness (None, an int seed or a torch.Generator); the
+            procedure itself draws nothing.
+
+    Returns:
+        An IntertwinerGroup.
+    """
     negative_slope = _checks.number("negative_slope", negative_slope)
     generator = _checks.generator(generator)
     n_probe = _checks.positive_int("n_probe", n_probe)
@@ -223,9 +257,16 @@ def _numerical_group(act, n_probe, generator) -> IntertwinerGroup:
 
 
 def symmetry_classes(graph) -> list[list[str]]:
-    """Producers whose outputs must share one group element: those read by a
-    common consumer (residual streams and concatenation-free joins, seed 004
-    Remark 3.6 / appendix E.9.2). Each class and the list are in forward order."""
+    """Producers whose outputs must share one group element: those read by a common consumer.
+
+    These are residual streams and concatenation-free joins (seed 004 Remark 3.6 / appendix E.9.2).
+
+    Args:
+        graph: a ModelGraph (from spectral_ext.layers.discover): its maps and connections.
+
+    Returns:
+        A list of classes, each a list of producer (map) names; each class and the list are in forward order.
+    """
     from networkx.utils import UnionFind
 
     classes = UnionFind()
@@ -243,28 +284,32 @@ def symmetry_classes(graph) -> list[list[str]]:
 def apply_symmetry(model: nn.Module, elements: dict | None = None, example_input: torch.Tensor | None = None,
                    group: str = "relu", generator=None, check: bool = True,
                    rtol: float = 1e-4, atol: float = 1e-5, progress: bool = True) -> tuple[nn.Module, dict]:
-    """Seed 004 section 3.2, Proposition 3.4, applied to every hidden layer
-    of a model: a new model computing the same function whose hidden
-    features are transformed by group elements, A = P D with P a permutation and D positive ("relu":
-    G_ReLU, Table 1) or D = 1 ("permutation": any elementwise activation).
+    """Seed 004 section 3.2, Proposition 3.4, applied to every hidden layer of a model.
 
-    A producer (Linear/Conv) followed by BatchNorm gets the appendix E.9.1
-    action: its rows and the BatchNorm statistics are permuted and the
-    scaling goes to the BatchNorm gain and bias (scaling the conv would be
-    normalised away). Consumers get W phi(A)^-1 = W D^-1 P^T on their input
-    columns, including conv -> flatten -> Linear. Producers read by one
-    consumer (a residual stream) share one element (Remark 3.6); the
-    model's final maps are left alone.
+    The result is a new model computing the same function whose hidden features are transformed by group elements,
+    A = P D with P a permutation and D positive ("relu": G_ReLU, Table 1) or D = 1 ("permutation": any elementwise
+    activation). A producer (Linear/Conv) followed by BatchNorm gets the appendix E.9.1 action: its rows and the
+    BatchNorm statistics are permuted and the scaling goes to the BatchNorm gain and bias (scaling the conv would be
+    normalised away). Consumers get W phi(A)^-1 = W D^-1 P^T on their input columns, including conv -> flatten ->
+    Linear. Producers read by one consumer (a residual stream) share one element (Remark 3.6); the model's final maps
+    are left alone.
 
-    elements: optional {producer name: (perm, scale)} to impose, with
-    (A y)_i = scale[perm[i]] y[perm[i]]; unnamed classes get random elements
-    (lognormal scales) drawn from generator (None: torch's global RNG, an
-    int: a seed). Returns (new_model, elements) where elements maps
-    every transformed producer to its (perm, scale). example_input traces
-    the dataflow (default: the layer discovery's own made-up input). With
-    check=True the new model is run on that input and must match the old
-    one, else a ValueError says the transformation cannot be applied to
-    this architecture. progress: a bar over the transformed maps."""
+    Args:
+        model: the network; it is not changed.
+        elements: optional {producer name: (perm, scale)} to impose, with (A y)_i = scale[perm[i]] y[perm[i]];
+            unnamed classes get random elements (lognormal scales) drawn from generator.
+        example_input: traces the dataflow (default None: the layer discovery's own made-up input).
+        group: "relu" (default) or "permutation".
+        generator: the random elements (None: torch's global RNG, an int: a seed).
+        check: with True (default) the new model is run on example_input and must match the old one, else a
+            ValueError says the transformation cannot be applied to this architecture.
+        rtol: the relative tolerance of that check (default 1e-4).
+        atol: the absolute tolerance of that check (default 1e-5).
+        progress: a bar over the transformed maps (default True).
+
+    Returns:
+        (new_model, elements) where elements maps every transformed producer to its (perm, scale).
+    """
     check_model("model", model)
     if group not in ("relu", "permutation"):
         raise ValueError(f"group must be 'relu' or 'permutation', got {group!r}")
@@ -481,13 +526,26 @@ def rotation_penalty(model: nn.Module, layer: str, data, test_data, transform: s
                      progress: bool = True) -> RotationPenalty:
     """Seed 004 section 3.3's sanity test for intertwiners.
 
-    At the pre-activation `layer` (a Linear or Conv) apply A, a random
-    G_ReLU element (lognormal scales) or a random orthogonal matrix (Q of a
-    Gaussian's QR), as a fixed channel map; freeze every module up to and
-    including it, fine-tune the later ones with Adam on the labelled `data`
-    and measure the accuracy on `test_data` (both any form
-    spectral_ext._data.batches takes). generator draws A and the batches
-    (None: torch's global RNG, an int: a seed). Returns a RotationPenalty."""
+    At the pre-activation `layer` (a Linear or Conv) apply A, a random G_ReLU element (lognormal scales) or a random
+    orthogonal matrix (Q of a Gaussian's QR), as a fixed channel map; freeze every module up to and including it,
+    fine-tune the later ones with Adam on the labelled `data` and measure the accuracy on `test_data`. The model
+    itself is not changed (a copy is fine-tuned).
+
+    Args:
+        model: the trained network.
+        layer: the qualified name of a Linear or Conv module of the model.
+        data: labelled training data, any form spectral_ext._data.batches takes.
+        test_data: labelled test data, any form spectral_ext._data.batches takes.
+        transform: "grelu" (default) or "orthogonal".
+        epochs: fine-tuning epochs (default 5).
+        lr: the Adam learning rate (default 1e-3).
+        batch_size: the fine-tuning batch size (default 64).
+        generator: draws A and the batches (None: torch's global RNG, an int: a seed).
+        progress: show a progress bar (default True).
+
+    Returns:
+        A RotationPenalty.
+    """
     if transform not in ("grelu", "orthogonal"):
         raise ValueError(f"transform must be 'grelu' or 'orthogonal', got {transform!r}")
     epochs = _checks.positive_int("epochs", epochs)
@@ -528,11 +586,24 @@ def rotation_penalty(model: nn.Module, layer: str, data, test_data, transform: s
 
 def rotation_penalties(model: nn.Module, layers, data, test_data, trials: int = 3, generator=None,
                        progress: bool = True, **kwargs) -> pd.DataFrame:
-    """Seed 004 Fig. 4 (section 3.3): rotation_penalty for every layer, both
-    transforms, `trials` runs each drawing from one generator. Returns a
-    DataFrame, one row per run: trial, then RotationPenalty's fields
-    (transform, layer, accuracy_before, accuracy_after, penalty); draw it
-    with spectral_ext.plot.rotation_penalties."""
+    """Seed 004 Fig. 4 (section 3.3): rotation_penalty for every layer, both transforms, `trials` runs each.
+
+    All runs draw from one generator; draw the result with spectral_ext.plot.rotation_penalties.
+
+    Args:
+        model: the trained network.
+        layers: a layer name or a list of them (Linear or Conv modules).
+        data: labelled training data, as in rotation_penalty.
+        test_data: labelled test data, as in rotation_penalty.
+        trials: runs per layer and transform (default 3).
+        generator: draws every run (None: torch's global RNG, an int: a seed).
+        progress: a bar over the runs (default True).
+        **kwargs: passed to rotation_penalty (epochs, lr, batch_size).
+
+    Returns:
+        A DataFrame, one row per run: trial, then RotationPenalty's fields (transform, layer, accuracy_before,
+        accuracy_after, penalty).
+    """
     trials = _checks.positive_int("trials", trials)
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not layers:
