@@ -61,10 +61,17 @@ class LayerList:
 # ---------------------------------------------------------------- seed 000 appendix A
 
 def squared_overlap_moments(n: int) -> dict:
-    """Moments of <X, Y>^2 for X, Y uniform on the unit sphere of R^n (seed 000
-    section 2.4 and Proposition A.1): mean 1/n, fourth moment of <X, Y>
-    3 / (n^2 + 2n), hence Var(<X, Y>^2) = 3 / (n^2 + 2n) - 1 / n^2, against
-    2 / n^2 for the 1/n chi2(1) model."""
+    """Moments of <X, Y>^2 for X, Y uniform on the unit sphere of R^n (seed 000 section 2.4 and Proposition A.1).
+
+    Mean 1/n, fourth moment of <X, Y> 3 / (n^2 + 2n), hence Var(<X, Y>^2) = 3 / (n^2 + 2n) - 1 / n^2, against 2 / n^2
+    for the 1/n chi2(1) model.
+
+    Args:
+        n: the dimension, at least 1.
+
+    Returns:
+        A dict with keys "mean" (1/n), "fourth_moment", "variance" and "chi2_model_variance" (2 / n^2), floats.
+    """
     if n < 1:
         raise ValueError(f"n must be a positive dimension, got {n}")
     fourth = 3.0 / (n * n + 2.0 * n)
@@ -73,8 +80,17 @@ def squared_overlap_moments(n: int) -> dict:
 
 
 def r_squared_std(c: int, kernel_area: int) -> float:
-    """std(r_1^2) = (1/K^2) sqrt((2K^2 - 2) / (c K^2 + 2)) of Proposition A.2
-    (seed 000): the spread of the share of norm one kernel position takes."""
+    """std(r_1^2) = (1/K^2) sqrt((2K^2 - 2) / (c K^2 + 2)) of Proposition A.2 (seed 000).
+
+    The spread of the share of norm one kernel position takes.
+
+    Args:
+        c: the number of channels c, positive.
+        kernel_area: K^2, the number of kernel positions, positive.
+
+    Returns:
+        The standard deviation, a float.
+    """
     if c < 1 or kernel_area < 1:
         raise ValueError(f"c and kernel_area must be positive, got {c} and {kernel_area}")
     k2 = float(kernel_area)
@@ -82,18 +98,34 @@ def r_squared_std(c: int, kernel_area: int) -> float:
 
 
 def adjacency_threshold(p: float, kernel_area: int, n: float) -> float:
-    """The coefficient a random network exceeds with probability p: the upper
-    p-quantile of chi2(K^2) / (n K^2) (seed 000 sections 2.4 and 4.3; K^2 = 1
-    for fully connected layers, where it is chi2(1) / n)."""
+    """The coefficient a random network exceeds with probability p: the upper p-quantile of chi2(K^2) / (n K^2).
+
+    Seed 000 sections 2.4 and 4.3; K^2 = 1 for fully connected layers, where it is chi2(1) / n.
+
+    Args:
+        p: the significance level, in (0, 1).
+        kernel_area: K^2, the number of kernel positions (1 for fully connected layers).
+        n: the dimension n, so that 1/n is a random coefficient's mean.
+
+    Returns:
+        The threshold, a float.
+    """
     p = _checks.number("p", p, low=0, high=1, low_open=True, high_open=True)
     return float(stats.chi2.isf(p, kernel_area) / (n * kernel_area))
 
 
 def internal_dimensions(A: torch.Tensor, n: float) -> tuple[int, int]:
-    """Internal dimensions (d_out, d_in) of an adjacency matrix A (rows: the
-    next map's spectral neurons, columns: the previous map's), as 1-based
-    counts: argmax over (i, j) of B_ij - ij/n, B_ij = sum_{k<=i, l<=j} A_kl
-    (seed 000 section 3.2; n makes 1/n a random coefficient's mean)."""
+    """Internal dimensions (d_out, d_in) of an adjacency matrix A, as 1-based counts (seed 000 section 3.2).
+
+    The argmax over (i, j) of B_ij - ij/n, B_ij = sum_{k<=i, l<=j} A_kl.
+
+    Args:
+        A: the adjacency matrix (rows: the next map's spectral neurons, columns: the previous map's).
+        n: makes 1/n a random coefficient's mean.
+
+    Returns:
+        (d_out, d_in), a pair of ints.
+    """
     A = A.double()
     B = A.cumsum(0).cumsum(1)
     i = torch.arange(1, A.shape[0] + 1, dtype=A.dtype, device=A.device)
@@ -551,24 +583,26 @@ def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: b
         progress: bool = True) -> SVR:
     """The Singular Value Representation of `model` (seed 000).
 
-    model: any nn.Module whose linear maps are Linear or Conv1d/2d/3d.
-    example_input: a tensor, a tuple of inputs, or a dict of keyword inputs
-    ({"input_ids": ...} for a transformers model) the model runs on, used to
-    trace its dataflow (layers.discover: torch.fx, else one eager forward;
-    made up for MLPs; a few image sizes are tried for CNNs). p: significance level; p = 0.15 keeps what a random network
-    exceeds with probability 0.15 (sections 2.4, 4.3). fold_batchnorm: scale
-    each conv by the BatchNorm that follows it (seed 000 B.3 ignores BN scales,
-    the default). dtype: compute the SVDs in this dtype (torch.float64 for
-    LAPACK reference-quality numbers; float32 weights go through the float64
-    Gram matrix, see spectral_ext._linalg.signed_svd; float16/bfloat16
-    weights are computed in float32, with a warning). graph: a ModelGraph from
-    spectral_ext.layers.discover to skip tracing (zoos of one architecture).
-    top: keep only the `top` leading spectral neurons of each map (the SVR
-    authors' max_dim_svd): exact leading singular triplets from a partial
-    eigensolver, so each adjacency is the top-left block of the full one
-    (thresholds and null dimensions are those of the full maps); None, the
-    default, keeps all. progress: a progress bar over the SVDs (it appears
-    after 2 s). Returns an SVR.
+    Args:
+        model: any nn.Module whose linear maps are Linear or Conv1d/2d/3d.
+        example_input: a tensor, a tuple of inputs, or a dict of keyword inputs ({"input_ids": ...} for a transformers
+            model) the model runs on, used to trace its dataflow (layers.discover: torch.fx, else one eager forward;
+            made up for MLPs; a few image sizes are tried for CNNs).
+        p: significance level; p = 0.15 (default) keeps what a random network exceeds with probability 0.15 (sections
+            2.4, 4.3).
+        fold_batchnorm: scale each conv by the BatchNorm that follows it (default False: seed 000 B.3 ignores BN
+            scales).
+        dtype: compute the SVDs in this dtype (torch.float64 for LAPACK reference-quality numbers; float32 weights go
+            through the float64 Gram matrix, see spectral_ext._linalg.signed_svd; float16/bfloat16 weights are
+            computed in float32, with a warning).
+        graph: a ModelGraph from spectral_ext.layers.discover to skip tracing (zoos of one architecture).
+        top: keep only the `top` leading spectral neurons of each map (the SVR authors' max_dim_svd): exact leading
+            singular triplets from a partial eigensolver, so each adjacency is the top-left block of the full one
+            (thresholds and null dimensions are those of the full maps); None, the default, keeps all.
+        progress: a progress bar over the SVDs (it appears after 2 s; default True).
+
+    Returns:
+        An SVR.
     """
     return _build(model, example_input, p, fold_batchnorm, dtype, "svr", graph, top, progress)
 
@@ -577,13 +611,26 @@ def svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: b
 def co_svr(model: nn.Module, example_input=None, p: float = 0.15, fold_batchnorm: bool = False,
            dtype: torch.dtype | None = None, graph: ModelGraph | None = None, top: int | None = None,
            progress: bool = True) -> SVR:
-    """The co-SVR (seed 000 section 4.4): each conv flattened as (out * K^2, in),
-    i.e. the SVR seen by the gradient in back-propagation. Adjacency between
-    consecutive maps: a[n, m] = sum_z (sum_k v~_{k,n} u~_{k,z,m})^2, with the
-    chi2(K^2) / (c K^2) threshold of the previous map's kernel. Across conv ->
-    flatten -> Linear the Linear's inputs are (channel, position) pairs and
-    the positions are summed too (see _co_conv_linear). Arguments as in `svr`;
-    returns an SVR whose flattening is "co-svr"."""
+    """The co-SVR (seed 000 section 4.4): each conv flattened as (out * K^2, in), the SVR seen by back-propagation.
+
+    That is, the SVR seen by the gradient in back-propagation. Adjacency between consecutive maps: a[n, m] = sum_z
+    (sum_k v~_{k,n} u~_{k,z,m})^2, with the chi2(K^2) / (c K^2) threshold of the previous map's kernel. Across conv ->
+    flatten -> Linear the Linear's inputs are (channel, position) pairs and the positions are summed too (see
+    _co_conv_linear).
+
+    Args:
+        model: as in `svr`.
+        example_input: as in `svr`.
+        p: as in `svr` (default 0.15).
+        fold_batchnorm: as in `svr` (default False).
+        dtype: as in `svr`.
+        graph: as in `svr`.
+        top: as in `svr` (default None: all).
+        progress: as in `svr` (default True).
+
+    Returns:
+        An SVR whose flattening is "co-svr".
+    """
     return _build(model, example_input, p, fold_batchnorm, dtype, "co-svr", graph, top, progress)
 
 
@@ -614,13 +661,23 @@ class KernelConnections:
 def kernel_connections(model: nn.Module, example_input=None, fold_batchnorm: bool = False,
                        dtype: torch.dtype | None = None, graph: ModelGraph | None = None,
                        progress: bool = True) -> KernelConnections:
-    """|V~_{i+1}^T U-bar_i| for every edge (seed 000 section 5.2.1): how the SVR
-    spectral neurons of a map reach the co-SVR spectral neurons of the next.
-    Arguments as in `svr`. Returns KernelConnections (`.matrices`
-    {(previous, next): (k~_next, k_previous) tensor}, `.to_frame()`). A conv -> flatten ->
-    Linear edge has no such matrix (the Linear's inputs are (channel,
-    position) pairs, section 5.2.1 treats conv -> conv): it is left out, with
-    a warning naming it, and the other edges are returned."""
+    """|V~_{i+1}^T U-bar_i| for every edge (seed 000 section 5.2.1).
+
+    How the SVR spectral neurons of a map reach the co-SVR spectral neurons of the next. A conv -> flatten -> Linear
+    edge has no such matrix (the Linear's inputs are (channel, position) pairs, section 5.2.1 treats conv -> conv): it
+    is left out, with a warning naming it, and the other edges are returned.
+
+    Args:
+        model: as in `svr`.
+        example_input: as in `svr`.
+        fold_batchnorm: as in `svr` (default False).
+        dtype: as in `svr`.
+        graph: as in `svr`.
+        progress: as in `svr` (default True).
+
+    Returns:
+        KernelConnections (`.matrices` {(previous, next): (k~_next, k_previous) tensor}, `.to_frame()`).
+    """
     graph = graph if graph is not None else discover(model, example_input)
     _check_weights(graph)
     dtype = compute_dtype(dtype, [m.module.weight for m in graph.maps.values()])
@@ -740,10 +797,17 @@ def spectral_activations(model: nn.Module, svr: SVR, layers, data, batch_size: i
 
 
 def sobel_similarity(spectral_images: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity between |spectral image| and the Sobel edge map
-    of the greyscaled input, average-pooled to the spectral images' size
-    (seed 000 section 5.1 and B.4). spectral_images (B, k, H', W'), images
-    (B, C, H, W) -> (k,), one value per spectral neuron."""
+    """Mean cosine similarity between |spectral image| and the Sobel edge map of the greyscaled input.
+
+    The input is average-pooled to the spectral images' size (seed 000 section 5.1 and B.4).
+
+    Args:
+        spectral_images: (B, k, H', W').
+        images: (B, C, H, W), the inputs (floating or uint8).
+
+    Returns:
+        A tensor (k,), one value per spectral neuron.
+    """
     _checks.tensor("spectral_images", spectral_images, ndims=(4,), shape="(B, k, H', W')")
     _checks.tensor("images", images, ndims=(4,), shape="(B, C, H, W)",
                    dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8))
