@@ -120,8 +120,17 @@ class Measure:
 
 
 def get_measure(name_or_measure: str | Measure, **options) -> Measure:
-    """The Measure named ``name_or_measure`` built with ``options`` (a Measure
-    is returned as given, and then options must be empty)."""
+    """The Measure named ``name_or_measure``, built with ``options``.
+
+    Args:
+        name_or_measure: a name of MEASURES (any other name raises ValueError), or a Measure, returned
+            as given.
+        **options: the measure's options; must be empty with a Measure (TypeError), and options the
+            measure does not take raise TypeError naming it.
+
+    Returns:
+        A Measure.
+    """
     if isinstance(name_or_measure, Measure):
         if options:
             raise TypeError(f"options {sorted(options)} given with a Measure object: build it with them instead")
@@ -226,9 +235,17 @@ def reduced(m: Measure, name: str, X, checked: bool = False):
 
 
 def compare(X, Y, measure: str | Measure = "cka", **options) -> float:
-    """The measure of two representations X and Y of the same N inputs
-    ((N, ...) tensors or arrays, flattened per input). measure: a name of
-    MEASURES (built with ``options``) or a Measure. Returns a float."""
+    """The measure of two representations X and Y of the same N inputs.
+
+    Args:
+        X: (N, ...) tensor or array, flattened per input.
+        Y: (N, ...) tensor or array of the same N inputs.
+        measure: a name of MEASURES (built with ``options``) or a Measure (default "cka").
+        **options: the measure's options, when measure is a name.
+
+    Returns:
+        The measure's value, a float.
+    """
     m = get_measure(measure, **options)
     X, Y = representation("X", X, m.min_samples), representation("Y", Y, m.min_samples)
     if X.shape[0] != Y.shape[0]:
@@ -305,18 +322,21 @@ class MeasureMatrix:
 
 
 def measure_matrix(reps, measure: str | Measure = "cka", progress: bool = False, **options) -> MeasureMatrix:
-    """The K x K matrix of one measure over K representations of the same N
-    inputs, each reduced once and the pairs batched where the measure can.
+    """The K x K matrix of one measure over K representations of the same N inputs.
+
+    Each representation is reduced once and the pairs batched where the measure can. A non-finite value
+    raises FloatingPointError.
 
     Args:
         reps: {name: (N, ...)} or a list (named 0..K-1).
-        measure: a name of MEASURES (built with ``options``) or a Measure.
-        progress: a progress bar over the reductions.
+        measure: a name of MEASURES (built with ``options``) or a Measure (default "cka").
+        progress: a progress bar over the reductions (default False).
+        **options: the measure's options, when measure is a name.
 
     Returns:
-        A MeasureMatrix; .matrix is the square DataFrame indexed and
-        labelled by the names, .to_frame() its tidy rows rep_a, rep_b,
-        measure, value."""
+        A MeasureMatrix; .matrix is the square DataFrame indexed and labelled by the names, .to_frame()
+        its tidy rows rep_a, rep_b, measure, value.
+    """
     m = get_measure(measure, **options)
     reduced = reduce_all(reps, m, progress)
     values = m.matrix(list(reduced.values()))
@@ -326,7 +346,15 @@ def measure_matrix(reps, measure: str | Measure = "cka", progress: bool = False,
 
 
 def table() -> pd.DataFrame:
-    """The registered measures: name, kind, invariances, reference, cost (the README's table)."""
+    """The registered measures (the README's table).
+
+    Args:
+        None.
+
+    Returns:
+        A DataFrame with columns name, kind, invariances, reference, cost, one row per measure, sorted by
+        name.
+    """
     _load_measures()
     rows = [{"name": c.name, "kind": c.kind, "invariances": c.invariances, "reference": c.reference,
              "cost": c.cost} for c in MEASURES.values()]
