@@ -63,46 +63,50 @@ def similarity_matrix(model: nn.Module, other: nn.Module, layers=None, data=None
                       kernel: str = "linear", group: str = "orthogonal", unbiased: bool = True,
                       device=None, progress: bool = True, centered: bool = False,
                       feature_axis: int | tuple | None = None) -> SimilarityMatrix:
-    """Similarity of every layer of `model` with every layer of `other`
-    (seed 004 section 5, Fig. 2, 5, 9): the models run in eval mode (and are
-    given back as they came), each activation is captured once per batch by
-    forward hooks (one forward when other is model), reduced once (a
-    U-centred Gram or centred features) and every pair is accumulated from
-    those in the same pass.
+    """Similarity of every layer of `model` with every layer of `other` (seed 004 section 5, Fig. 2, 5, 9).
 
-    layers: module names present in both models, or a pair (layers_a,
-    layers_b); data: an iterable of input batches (or (input, label)
-    tuples), a tensor or a DataLoader; or keyword inputs for a transformers
-    model, run as model(**inputs): a dict of tensors batched along dim 0
-    ({"input_ids": ..., "attention_mask": ...}, {"pixel_values": ...}), or
-    an iterable of such dicts (a DataLoader over a Hugging Face dataset); a
-    "labels" entry is not passed to the models (spectral_ext._data). measure "cka" (minibatch
-    CKA with `kernel`, unbiased by default: its estimate may dip slightly
-    below 0 for unrelated layers) or "procrustes" (exact over the whole
-    data, with `group` and `centered`; NaN for pairs whose position counts,
-    or channel counts for G_ReLU, differ), both streamed over the batches;
-    or any other measure of similarity.MEASURES by name, spec string
-    ("svcca:variance=0.95") or Measure: each layer's activations over all
-    the data kept flattened (N, D) in float64, reduced once, and the pairs
-    from the measure's batched matrix.
+    The models run in eval mode (and are given back as they came), each activation is captured once per
+    batch by forward hooks (one forward when other is model), reduced once (a U-centred Gram or centred
+    features) and every pair is accumulated from those in the same pass.
 
-    A layer's output is read as its hidden states: a tensor, the first
-    element of a tuple (transformers layers return (hidden states,
-    attention weights)) or a Hugging Face output's last_hidden_state.
-    Samples are its first axis (the second for a batch_first=False module);
-    an output with k x B rows for a batch of B samples (Swin's window
-    attention, (B windows, tokens, C)) is read as B samples whose windows
-    are positions. feature_axis: by default read from each layer (a Linear,
-    LayerNorm or attention: the last axis, so (B, T, C) tokens and (B, H,
-    W, C) hidden states give C; a conv: axis 1; a Permute module moves it);
-    an int, or a pair for the two models, overrides. Tokens and spatial
-    positions are positions alike (appendix D.7). Errors name the layer and
-    its model (`model` or `other`).
+    measure "cka" (minibatch CKA with `kernel`, unbiased by default: its estimate may dip slightly below
+    0 for unrelated layers) or "procrustes" (exact over the whole data, with `group` and `centered`; NaN
+    for pairs whose position counts, or channel counts for G_ReLU, differ), both streamed over the
+    batches; or any other measure of similarity.MEASURES by name, spec string ("svcca:variance=0.95") or
+    Measure: each layer's activations over all the data kept flattened (N, D) in float64, reduced once,
+    and the pairs from the measure's batched matrix.
+
+    A layer's output is read as its hidden states: a tensor, the first element of a tuple (transformers
+    layers return (hidden states, attention weights)) or a Hugging Face output's last_hidden_state.
+    Samples are its first axis (the second for a batch_first=False module); an output with k x B rows
+    for a batch of B samples (Swin's window attention, (B windows, tokens, C)) is read as B samples whose
+    windows are positions. Tokens and spatial positions are positions alike (appendix D.7). Errors name
+    the layer and its model (`model` or `other`).
+
+    Args:
+        model: the first network.
+        other: the second network (may be `model` itself).
+        layers: module names present in both models, or a pair (layers_a, layers_b) (required).
+        data: an iterable of input batches (or (input, label) tuples), a tensor or a DataLoader; or
+            keyword inputs for a transformers model, run as model(**inputs): a dict of tensors batched
+            along dim 0 ({"input_ids": ..., "attention_mask": ...}, {"pixel_values": ...}), or an iterable
+            of such dicts (a DataLoader over a Hugging Face dataset); a "labels" entry is not passed to
+            the models (spectral_ext._data).
+        measure: "cka", "procrustes", or another measure as above (default "cka").
+        kernel: the CKA kernel (default "linear").
+        group: the Procrustes group, "orthogonal" or "grelu" (default "orthogonal").
+        unbiased: the unbiased CKA estimator (default True).
+        device: the device each batch is moved to (default None: left where it is).
+        progress: a progress bar over the batches (default True).
+        centered: Procrustes subtracts each channel's mean first (default False).
+        feature_axis: by default read from each layer (a Linear, LayerNorm or attention: the last axis,
+            so (B, T, C) tokens and (B, H, W, C) hidden states give C; a conv: axis 1; a Permute module
+            moves it); an int, or a pair for the two models, overrides.
 
     Returns:
-        A SimilarityMatrix (its measure's label, the layers, the values;
-        .plot() draws it); .to_frame() has columns layer_a (model's layer),
-        layer_b (other's), measure, value."""
+        A SimilarityMatrix (its measure's label, the layers, the values; .plot() draws it); .to_frame()
+        has columns layer_a (model's layer), layer_b (other's), measure, value.
+    """
     if data is None:
         raise TypeError("similarity_matrix() needs data: an iterable of batches, a tensor or a DataLoader")
     model_a, model_b = model, other
