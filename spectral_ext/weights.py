@@ -112,13 +112,20 @@ class WeightTensor:
 
 
 def read_weights(source, *, name: str = "model") -> list[WeightTensor]:
-    """The weight tensors of `source` (an nn.Module, a mapping name -> tensor,
-    or a path to a file or a folder) as WeightTensors, in the module's
-    registration order (a module) or the checkpoint's order (the index's
-    order for sharded folders). Every tensor of two or more dimensions gets
-    an entry; one that cannot be analysed carries a note saying why. Raises
-    WeightError (a ValueError) naming `name` for a source that is none of
-    these, and naming the file for an unreadable one."""
+    """The weight tensors of `source` as WeightTensors.
+
+    In the module's registration order (a module) or the checkpoint's order (the index's order for sharded
+    folders). Every tensor of two or more dimensions gets an entry; one that cannot be analysed carries a note
+    saying why. Raises WeightError (a ValueError) naming `name` for a source that is none of these, and naming
+    the file for an unreadable one.
+
+    Args:
+        source: an nn.Module, a mapping name -> tensor, or a path to a file or a folder.
+        name: the argument's name in error messages (default "model").
+
+    Returns:
+        A list of WeightTensor, one per tensor of two or more dimensions.
+    """
     if isinstance(source, nn.Module):
         return _from_module(source)
     if isinstance(source, Mapping):
@@ -315,7 +322,15 @@ def _from_tensors(items: Iterable[tuple[str, torch.Tensor | Callable]], where: s
 
 
 def read_path(path, name: str = "model") -> list[WeightTensor]:
-    """read_weights of a checkpoint file or folder (see the module docstring)."""
+    """read_weights of a checkpoint file or folder (see the module docstring).
+
+    Args:
+        path: a checkpoint file or a Hugging Face folder (str or os.PathLike).
+        name: the argument's name in error messages (default "model").
+
+    Returns:
+        A list of WeightTensor in the checkpoint's order.
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         return _read_folder(path)
@@ -325,8 +340,16 @@ def read_path(path, name: str = "model") -> list[WeightTensor]:
 
 
 def checkpoint_files(folder: str) -> list[str] | None:
-    """The weight files of a Hugging Face folder in their order (the index's
-    order for shards), or None when the folder holds no known layout."""
+    """The weight files of a Hugging Face folder in their order (the index's order for shards).
+
+    An unreadable shard index raises WeightError.
+
+    Args:
+        folder: the folder's path.
+
+    Returns:
+        A list of file paths (joined with folder), or None when the folder holds no known layout.
+    """
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(folder, index_name)
         if os.path.exists(index_path):
@@ -420,7 +443,14 @@ def _read_safetensors(path: str) -> list[WeightTensor]:
 
 
 def natural_key(name: str):
-    """Sort key reading the numbers in a name as numbers."""
+    """Sort key reading the numbers in a name as numbers.
+
+    Args:
+        name: the string to sort, such as a tensor name ("layers.10.weight").
+
+    Returns:
+        A list of tuples, one per run of digits or non-digits, that compare in natural order.
+    """
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
@@ -470,11 +500,18 @@ def _pattern_value(pattern: dict, layer: str, default):
 
 
 def release_freed_memory() -> None:
-    """Give freed heap memory back to the system (glibc's malloc_trim). Reading
-    a model tensor by tensor frees a float64 copy per tensor; glibc keeps such
-    freed blocks in its heap and the process's resident memory would creep up
-    towards the whole model's (measured: +230 MB for 16 tensors of 16 MB read
-    one at a time, +54 MB with a trim between them)."""
+    """Give freed heap memory back to the system (glibc's malloc_trim).
+
+    Reading a model tensor by tensor frees a float64 copy per tensor; glibc keeps such freed blocks in its heap
+    and the process's resident memory would creep up towards the whole model's (measured: +230 MB for 16
+    tensors of 16 MB read one at a time, +54 MB with a trim between them). Does nothing without glibc.
+
+    Args:
+        None.
+
+    Returns:
+        None.
+    """
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:
         try:
