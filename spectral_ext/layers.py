@@ -61,11 +61,18 @@ _RESIZE_NAMES = {"interpolate", "upsample", "mean", "amax", "amin"}
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
-    """module.weight, detached (an InProjection's: its attention's
-    in_proj_weight or q/k/v_proj_weight). A parametrized weight (spectral_norm)
-    is read with its parametrizations in eval mode: read in train mode,
-    spectral_norm runs a power iteration and changes its buffers, and the
-    model would not come back as it was given."""
+    """module.weight, detached.
+
+    A parametrized weight (spectral_norm) is read with its parametrizations in eval mode: read in train mode,
+    spectral_norm runs a power iteration and changes its buffers, and the model would not come back as it was
+    given.
+
+    Args:
+        module: a module with a weight, or an InProjection.
+
+    Returns:
+        The detached weight tensor (an InProjection's: its attention's in_proj_weight or q/k/v_proj_weight).
+    """
     owner, parameter = _weight_owner(module)
     if not nn.utils.parametrize.is_parametrized(owner, parameter):
         return getattr(owner, parameter).detach()
@@ -610,25 +617,27 @@ TRACERS = ("auto", "fx", "eager", "order")
 
 
 def discover(model: nn.Module, example_input=None, tracer: str = "auto") -> ModelGraph:
-    """Every linear map of `model` and how they connect (seed 000 sections 2.2
-    and 4.2: which output channel of a map each input row of the next reads).
+    """Every linear map of `model` and how they connect (seed 000 sections 2.2 and 4.2).
 
-    model: an nn.Module; its Linear and Conv1d/2d/3d maps (and transformers'
-    Conv1D, and each nn.MultiheadAttention's input projection: the map
-    "<attention>.in_proj_weight", an InProjection), in forward order.
-    example_input: a tensor, a tuple of positional inputs, or a dict of
-    keyword inputs (``{"input_ids": ...}``: the model is called as
-    ``model(**example_input)``) for one forward pass (for a model whose first
-    map is a Linear a tensor is made up, for a convolutional one a few common
-    image sizes are tried).
-    tracer: "auto" (torch.fx where it traces the model, else the eager tracer
-    of spectral_ext.dataflow: one recorded forward as the model runs, any
-    model that runs eagerly; dict inputs go to the eager tracer, and so does
-    a model whose maps fx does not all see run while the eager tracer sees
-    more), "fx",
-    "eager", or "order" (no dataflow: the maps chained in the order they ran,
-    with a warning; traced=False).
-    Returns a ModelGraph (maps, connections; tracer says which one ran)."""
+    Which output channel of a map each input row of the next reads, from one forward pass.
+
+    Args:
+        model: an nn.Module; its Linear and Conv1d/2d/3d maps (and transformers' Conv1D, and each
+            nn.MultiheadAttention's input projection: the map "<attention>.in_proj_weight", an InProjection), in
+            forward order.
+        example_input: a tensor, a tuple of positional inputs, or a dict of keyword inputs
+            (``{"input_ids": ...}``: the model is called as ``model(**example_input)``) for one forward pass
+            (default None: for a model whose first map is a Linear a tensor is made up, for a convolutional one
+            a few common image sizes are tried).
+        tracer: "auto" (default: torch.fx where it traces the model, else the eager tracer of
+            spectral_ext.dataflow: one recorded forward as the model runs, any model that runs eagerly; dict
+            inputs go to the eager tracer, and so does a model whose maps fx does not all see run while the
+            eager tracer sees more), "fx", "eager", or "order" (no dataflow: the maps chained in the order they
+            ran, with a warning; traced=False).
+
+    Returns:
+        A ModelGraph (maps, connections; tracer says which one ran).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if tracer not in TRACERS:
@@ -833,11 +842,17 @@ def _chain(maps: dict, order: list[str], warn: bool = False, tracer: str = "orde
 
 
 def chain_graph(model: nn.Module) -> ModelGraph:
-    """The graph of a model whose linear maps run one after the other in
-    registration order (nn.Sequential-like), without tracing it: the SVR
-    authors' convention (the code of seed 000: a list of weights taken as the
-    dataflow, conv -> Linear flattened channel-major). Returns a ModelGraph;
-    shapes that do not chain raise ValueError."""
+    """The graph of a model whose linear maps run one after the other in registration order, without tracing it.
+
+    For nn.Sequential-like models: the SVR authors' convention (the code of seed 000: a list of weights taken as
+    the dataflow, conv -> Linear flattened channel-major). Shapes that do not chain raise ValueError.
+
+    Args:
+        model: an nn.Module with Linear or Conv1d/2d/3d maps.
+
+    Returns:
+        A ModelGraph (maps, connections; tracer "registration").
+    """
     maps = _maps_of(model)
     if not maps:
         raise ValueError("model has no linear maps (nn.Linear or nn.Conv1d/2d/3d) to analyse")
