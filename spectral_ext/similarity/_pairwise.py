@@ -42,50 +42,53 @@ def pairwise_similarity(features: dict, pairs=None, measure="cka", kernel: str =
                         feature_axis: int | None = None, chunk: int = 64, bandwidth: float = 0.5,
                         gamma: float | None = None, progress: bool = True, share=None,
                         max_memory: int | None = None) -> PairwiseSimilarity:
-    """The similarity of many models' representations of one probe (seed 004
-    section 5: the CKA of equation 5.4 with the kernels of cka, the
-    Procrustes measures of definition 5.2 / appendix D.7.1), each model's
-    share computed once and the pairs as batched products.
+    """The similarity of many models' representations of one probe, each model's share computed once.
 
-    features: {model name: (N, ...) features of the same N probe inputs}
-    (a layer's or model's output as it came does too: a tuple's first
-    element, a Hugging Face output's last_hidden_state; hidden states (N,
-    T, C) need feature_axis=-1);
-    pairs: (a, b) names (default: every unordered pair; (a, a) is allowed).
-    measure: "cka", "procrustes", any other measure of similarity.MEASURES
-    as a name or spec string ("svcca:variance=0.95", "cka:kernel=max") or a
-    Measure object; the other measures take each representation flattened
-    to (N, D), reduce it once and batch the pairs with the measure's matrix
-    (their reductions planned within max_memory by Measure.footprint, in
-    blocks of models as below). measure "cka" (`kernel`, `unbiased`, `bandwidth`, `gamma`): one centred
-    Gram per model and the HSIC of every pair from one GEMM of the stacked
-    vectorised U-centred Grams, or, for linear kernels when it is cheaper,
-    one centred feature matrix per model and every |X_i'X_j|^2 from one
-    product per model with the stacked features. measure "procrustes"
-    (`group`, `centered`): each model's normalised features once, every
-    pair's X_i'X_j a block of one product of the stacked features, the
-    nuclear norms (orthogonal) or the assignments (G_ReLU) batched, `chunk`
-    pairs at a time.
+    Seed 004 section 5: the CKA of equation 5.4 with the kernels of cka, the Procrustes measures of
+    definition 5.2 / appendix D.7.1; the pairs as batched products. measure "cka" (`kernel`, `unbiased`,
+    `bandwidth`, `gamma`): one centred Gram per model and the HSIC of every pair from one GEMM of the
+    stacked vectorised U-centred Grams, or, for linear kernels when it is cheaper, one centred feature
+    matrix per model and every |X_i'X_j|^2 from one product per model with the stacked features. measure
+    "procrustes" (`group`, `centered`): each model's normalised features once, every pair's X_i'X_j a
+    block of one product of the stacked features, the nuclear norms (orthogonal) or the assignments
+    (G_ReLU) batched, `chunk` pairs at a time. The other measures take each representation flattened to
+    (N, D), reduce it once and batch the pairs with the measure's matrix (their reductions planned within
+    max_memory by Measure.footprint, in blocks of models as below).
 
-    max_memory: bytes the Grams, stacked features and Gram blocks may take
-    at once (default: half of _checks.free_memory of the features' device;
-    issue 13). When every model's share fits, each is made once, as above; else
-    the models go in blocks, each block pair (I, J >= I) that holds a pair
-    has its blocks' Grams / features made for it (block J remade once per
-    row block I), with the same numbers; where even one block cannot fit, a
-    ValueError naming the probe size comes before any work.
-    share: None, or share(name, options, compute) -> dict that keeps a
-    model's U-centred Gram across calls (compute() makes it; zoo.pair_metrics
-    passes its ActivationCache, so a zoo run reduces each model once, whatever
-    its pair chunks); used only when every Gram fits twice (the cache's copy
-    and the stacked one), otherwise the Grams are recomputed per block and
-    share is not called. Features whose squares would overflow or underflow
-    are divided by a power of two first (every measure is scale invariant).
+    Memory: when every model's share fits in max_memory, each is made once, as above; else the models go
+    in blocks, each block pair (I, J >= I) that holds a pair has its blocks' Grams / features made for it
+    (block J remade once per row block I), with the same numbers; where even one block cannot fit, a
+    ValueError naming the probe size comes before any work. Features whose squares would overflow or
+    underflow are divided by a power of two first (every measure is scale invariant).
+
+    Args:
+        features: {model name: (N, ...) features of the same N probe inputs} (a layer's or model's output
+            as it came does too: a tuple's first element, a Hugging Face output's last_hidden_state;
+            hidden states (N, T, C) need feature_axis=-1).
+        pairs: (a, b) names (default None: every unordered pair; (a, a) is allowed).
+        measure: "cka", "procrustes", any other measure of similarity.MEASURES as a name or spec string
+            ("svcca:variance=0.95", "cka:kernel=max") or a Measure object (default "cka").
+        kernel: the CKA kernel, as in cka (default "linear").
+        group: the Procrustes group, "orthogonal" or "grelu" (default "orthogonal").
+        unbiased: the unbiased CKA estimator (default True).
+        centered: Procrustes subtracts each channel's mean first (default False).
+        feature_axis: the axis of the features that holds the channels (default None: axis 1).
+        chunk: Procrustes pairs per batch (default 64).
+        bandwidth: the rbf kernel's multiple of the median distance (default 0.5).
+        gamma: the laplace kernel's gamma; None for 1 / the median l1 distance (default None).
+        progress: a progress bar over the models (default True).
+        share: None, or share(name, options, compute) -> dict that keeps a model's U-centred Gram across
+            calls (compute() makes it; zoo.pair_metrics passes its ActivationCache, so a zoo run reduces
+            each model once, whatever its pair chunks); used only when every Gram fits twice (the cache's
+            copy and the stacked one), otherwise the Grams are recomputed per block and share is not
+            called (default None).
+        max_memory: bytes the Grams, stacked features and Gram blocks may take at once (default None:
+            half of _checks.free_memory of the features' device).
 
     Returns:
-        A PairwiseSimilarity (the measure's label, the pairs, their values);
-        .to_frame() has columns model_a, model_b, measure, value (one row
-        per pair, in the order of pairs)."""
+        A PairwiseSimilarity (the measure's label, the pairs, their values); .to_frame() has columns
+        model_a, model_b, measure, value (one row per pair, in the order of pairs).
+    """
     if not isinstance(features, dict) or not features:
         raise TypeError("features must be a non-empty dict {model name: (N, ...) tensor}")
     from .measure import Measure, engine_label, engine_options, parse_spec
