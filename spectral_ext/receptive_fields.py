@@ -36,12 +36,18 @@ from .layers import SpectralLayer, discover
 
 
 def layer_bases(model: nn.Module, layers=None, example_input=None) -> dict[str, SpectralLayer]:
-    """The SVD W1 = U S V^T of seed 001 section 4.3 (W1 = weight.reshape(out,
-    -1), float64) of each chosen Linear or Conv2d map.
+    """The SVD W1 = U S V^T of seed 001 section 4.3 of each chosen Linear or Conv2d map.
 
-    layers: a qualified module name or a list of them (default all);
-    example_input: an input to trace the model with (see layers.discover).
-    Returns {layer: SpectralLayer}, in the order asked."""
+    W1 = weight.reshape(out, -1), in float64.
+
+    Args:
+        model: the network.
+        layers: a qualified module name or a list of them (default None: all).
+        example_input: an input to trace the model with (see layers.discover).
+
+    Returns:
+        {layer: SpectralLayer}, in the order asked.
+    """
     graph = discover(model, example_input)
     names = list(graph.maps) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     unknown = [n for n in names if n not in graph.maps]
@@ -92,17 +98,25 @@ def _stream(model, bases, data, reduce, batch_size, progress, consume, name="dat
 
 def signals(model: nn.Module, layer: str, data, reduce: str | None = "mean", batch_size: int = 256,
             progress: bool = True) -> torch.Tensor:
-    """Signals s_i <v_i, receptive field> of the input of `layer` (seed 001
-    section 4.3, equation 16) for every right singular vector v_i: per
-    position (reduce=None: (N, r, H', W'), the heatmaps of Fig. 5) or
-    averaged over the receptive fields (reduce="mean": the signal vector
-    sigma_L(X), (N, r)). Linear layers give the plain projection (N, r).
+    """Signals s_i <v_i, receptive field> of the input of `layer` (seed 001 section 4.3, equation 16).
 
-    layer: a qualified module name; data: a tensor of inputs,
-    an (x, y) pair, a DataLoader or an iterable of batches (streamed batch by
-    batch; only the signals are kept); progress: a bar over the batches.
-    Conv signals come from the signal_projection operator, never from the
-    unfolded receptive-field matrix. Returns a tensor (the DESIGN contract)."""
+    One signal for every right singular vector v_i: per position (reduce=None: (N, r, H', W'), the heatmaps of Fig. 5)
+    or averaged over the receptive fields (reduce="mean": the signal vector sigma_L(X), (N, r)). Linear layers give the
+    plain projection (N, r). Conv signals come from the signal_projection operator, never from the unfolded
+    receptive-field matrix.
+
+    Args:
+        model: the network.
+        layer: a qualified module name.
+        data: a tensor of inputs, an (x, y) pair, a DataLoader or an iterable of batches (streamed batch by batch;
+            only the signals are kept).
+        reduce: "mean" (default) or None, as above.
+        batch_size: the batch size when data is given as tensors (default 256).
+        progress: a bar over the batches (default True).
+
+    Returns:
+        A tensor (the DESIGN contract): (N, r) or, for reduce=None on a conv layer, (N, r, H', W').
+    """
     if reduce not in (None, "mean"):
         raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
     bases = layer_bases(model, [layer], _example(data))
@@ -146,14 +160,20 @@ class SignalVectors:
 
 def signal_vectors(model: nn.Module, layers=None, data=None, batch_size: int = 256,
                    progress: bool = True) -> SignalVectors:
-    """Signal vectors sigma_L(X) (seed 001 section 4.3, equation 16 averaged
-    over receptive fields) of every sample for several layers in one pass
-    over the data, the input of the hypergraphs of section 5.1.
+    """Signal vectors sigma_L(X) of every sample for several layers in one pass over the data.
 
-    layers: a qualified module name or a list (default all Linear and Conv2d
-    maps); data: any form spectral_ext._data.batches accepts (labels kept
-    when it carries them).
-    Returns SignalVectors (vectors {layer: (N, r)}, labels (N,) or None)."""
+    Seed 001 section 4.3, equation 16 averaged over receptive fields: the input of the hypergraphs of section 5.1.
+
+    Args:
+        model: the network.
+        layers: a qualified module name or a list (default None: all Linear and Conv2d maps).
+        data: any form spectral_ext._data.batches accepts (labels kept when it carries them).
+        batch_size: the batch size when data is given as tensors (default 256).
+        progress: a bar over the batches (default True).
+
+    Returns:
+        SignalVectors (vectors {layer: (N, r)}, labels (N,) or None).
+    """
     if data is None:
         raise TypeError("signal_vectors() needs data: a tensor, an (x, y) pair, a DataLoader or batches")
     bases = layer_bases(model, layers, _example(data))
@@ -226,11 +246,20 @@ def hypergraph(vectors: torch.Tensor, labels: torch.Tensor, q: float = 0.85, p: 
                threshold: float | None = None, class_names=None, layer: str = "") -> Hypergraph:
     """The hypergraph of seed 001 section 5.1 from signal vectors (N, r) and labels.
 
-    q: the threshold is the q-quantile of all signals in `vectors` (the
-    representative sample; seed: 0.85 for conv2, 0.95 for fc1) unless an
-    absolute `threshold` is given. p: a node belongs to class c's hyperedge
-    when significant for at least p of the class's images (0.75 in the
-    seed; percentages accepted)."""
+    Args:
+        vectors: the signal vectors (N, r) of the representative sample.
+        labels: the class of each sample (N,).
+        q: the threshold is the q-quantile of all signals in `vectors` (seed: 0.85 for conv2, 0.95 for fc1) unless
+            an absolute `threshold` is given (default 0.85).
+        p: a node belongs to class c's hyperedge when significant for at least p of the class's images (0.75 in the
+            seed, the default; percentages accepted).
+        threshold: an absolute signal threshold, used instead of the q-quantile (default None).
+        class_names: names indexed by the labels, used for the hyperedges (default None: the labels).
+        layer: the layer name recorded in the result (default "").
+
+    Returns:
+        A Hypergraph.
+    """
     _checks.tensor("vectors", vectors, ndims=(2,), shape="(N, r)")
     if vectors.shape[0] == 0:
         raise ValueError("vectors holds no sample")
@@ -265,19 +294,36 @@ def hypergraph(vectors: torch.Tensor, labels: torch.Tensor, q: float = 0.85, p: 
 
 
 def hypergraph_family(vectors: torch.Tensor, labels: torch.Tensor, qs, ps, layer: str = "") -> dict:
-    """Hypergraphs (seed 001 section 5.1) for every (q, p) in qs x ps from one
-    set of signal vectors (N, r) and labels: the pass over the data is
-    shared, each member costs a quantile and a count. Returns {(q, p):
-    Hypergraph}."""
+    """Hypergraphs (seed 001 section 5.1) for every (q, p) in qs x ps from one set of signal vectors and labels.
+
+    The pass over the data is shared, each member costs a quantile and a count.
+
+    Args:
+        vectors: the signal vectors (N, r).
+        labels: the class of each sample (N,).
+        qs: the quantiles q, as in hypergraph.
+        ps: the class fractions p, as in hypergraph.
+        layer: the layer name recorded in each result (default "").
+
+    Returns:
+        {(q, p): Hypergraph}.
+    """
     return {(q, p): hypergraph(vectors, labels, q, p, layer=layer) for q in qs for p in ps}
 
 
 def semantic_hierarchy(h: Hypergraph) -> nx.DiGraph:
-    """Seed 001 section 5.2 as a DiGraph: one node per equivalence class, an edge A -> B
-    when A's class set strictly contains B's (A is more general, equation
-    18), reduced to its Hasse diagram (transitive reduction). Node
-    attributes: classes (sorted tuple), members (singular vectors), size,
-    label ("v<first> (<count>)" as in Fig. 6)."""
+    """Seed 001 section 5.2 as a DiGraph: one node per equivalence class of the hypergraph.
+
+    An edge A -> B when A's class set strictly contains B's (A is more general, equation 18), reduced to its Hasse
+    diagram (transitive reduction).
+
+    Args:
+        h: a Hypergraph.
+
+    Returns:
+        A networkx DiGraph; node attributes: classes (sorted tuple), members (singular vectors), size, label
+        ("v<first> (<count>)" as in Fig. 6).
+    """
     if not isinstance(h, Hypergraph):
         raise TypeError(f"h must be a Hypergraph (spectral_ext.hypergraph(...)), got {type(h).__name__}")
     groups = h.equivalence_classes()
@@ -306,13 +352,23 @@ def _label(members: list[int]) -> str:
 
 def exemplary_images(model: nn.Module, layer: str, data, targets, k: int = 8, batch_size: int = 256,
                      progress: bool = True) -> pd.DataFrame:
-    """The dataset images whose signal vectors most strongly activate each
-    target (seed 001 section 6): a target is a singular-vector index or a
-    list of them (an equivalence class; its score is the sum of their
-    signals). Streams the data (any form spectral_ext._data.batches
-    accepts) keeping a running top-k per target; progress: a bar over the
-    batches. Returns a DataFrame with columns target, rank, index (position
-    in the data stream), score."""
+    """The dataset images whose signal vectors most strongly activate each target (seed 001 section 6).
+
+    Streams the data keeping a running top-k per target.
+
+    Args:
+        model: the network.
+        layer: a qualified module name.
+        data: any form spectral_ext._data.batches accepts.
+        targets: the targets; a target is a singular-vector index or a list of them (an equivalence class; its score
+            is the sum of their signals).
+        k: images kept per target (default 8).
+        batch_size: the batch size when data is given as tensors (default 256).
+        progress: a bar over the batches (default True).
+
+    Returns:
+        A DataFrame with columns target, rank, index (position in the data stream), score.
+    """
     k = _checks.positive_int("k", k)
     if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
         raise TypeError(f"targets must be a list of singular-vector indices or lists of them, got {targets!r}")
@@ -376,16 +432,32 @@ def feature_visualization(model: nn.Module, layer: str, nodes, shape, weights=No
                           lr: float = 0.05, parameterization: str = "fourier", jitter: int = 1,
                           scale: float = 0.05, rotate: float = 5.0, generator=None,
                           progress: bool = True) -> torch.Tensor:
-    """An input maximising sum_i w_i sum_j s_i v_i^T Psi(T_L)[j] (seed 001
-    equations 19-20) over the singular vectors `nodes` of `layer`, with the
-    transformation-robustness regularisers of Olah et al. (random jitter,
-    scale and rotation each step) and a decorrelated Fourier
-    ("fourier") or plain ("pixel") parameterisation squashed to [0, 1].
+    """An input maximising sum_i w_i sum_j s_i v_i^T Psi(T_L)[j] (seed 001 equations 19-20).
 
-    shape: (C, H, W); generator: None (torch's global RNG),
-    an int seed or a torch.Generator, drawing the start and the transforms
-    (generator=0 repeats a result); progress: a bar over the steps.
-    Returns the image (C, H, W)."""
+    The maximum is over the singular vectors `nodes` of `layer`, with the transformation-robustness regularisers of
+    Olah et al. (random jitter, scale and rotation each step) and a decorrelated Fourier ("fourier") or plain
+    ("pixel") parameterisation squashed to [0, 1], optimised with Adam. The model runs in eval mode with its
+    parameters frozen and is given back as it came.
+
+    Args:
+        model: the network.
+        layer: a qualified module name.
+        nodes: a singular-vector index or a list of them.
+        shape: the image shape (C, H, W).
+        weights: the w_i, one per node (default None: all 1).
+        steps: optimisation steps (default 256; 0 gives the initial image).
+        lr: the Adam learning rate (default 0.05).
+        parameterization: "fourier" (default) or "pixel".
+        jitter: the largest random shift, in pixels (default 1).
+        scale: the largest random relative rescaling, in [0, 1) (default 0.05).
+        rotate: the largest random rotation, in degrees (default 5.0).
+        generator: None (torch's global RNG), an int seed or a torch.Generator, drawing the start and the transforms
+            (generator=0 repeats a result).
+        progress: a bar over the steps (default True).
+
+    Returns:
+        The image (C, H, W).
+    """
     if parameterization not in ("fourier", "pixel"):
         raise ValueError(f"parameterization must be 'fourier' or 'pixel', got {parameterization!r}")
     nodes = _checks.integers("nodes", [nodes] if isinstance(nodes, numbers.Integral) else nodes, low=0)
