@@ -27,10 +27,18 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
 
 def resolve_arch(arch) -> Callable[[], nn.Module] | None:
-    """An architecture factory from "package.module:function", a torchvision
-    model name, or a callable; None when checkpoints hold whole modules.
-    ZooError (argument "arch") naming it when it cannot be imported or is not
-    callable; build_model checks what calling it gives."""
+    """An architecture factory from "package.module:function", a torchvision model name, or a callable.
+
+    Raises ZooError (argument "arch") naming it when it cannot be imported or is not callable;
+    build_model checks what calling it gives.
+
+    Args:
+        arch: "package.module:function", a torchvision model name, a callable, or None.
+
+    Returns:
+        The factory (a callable returning an nn.Module), or None when checkpoints hold whole modules
+        (arch None).
+    """
     if arch is None or callable(arch):
         return arch
     if not isinstance(arch, str) or not arch:
@@ -94,11 +102,16 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # a PEFT ada
 
 
 def model_folder(path) -> str | None:
-    """What a folder holds as one model: "lora" for a PEFT LoRA adapter
-    (adapter_config.json with adapter_model.safetensors or .bin),
-    "huggingface" for a model in the Hugging Face layout (config.json with
-    model.safetensors, pytorch_model.bin or a shard index; a shard index
-    alone too: its shards are one model), else None."""
+    """What a folder holds as one model.
+
+    Args:
+        path: a folder (str or path-like).
+
+    Returns:
+        "lora" for a PEFT LoRA adapter (adapter_config.json with adapter_model.safetensors or .bin),
+        "huggingface" for a model in the Hugging Face layout (config.json with model.safetensors,
+        pytorch_model.bin or a shard index; a shard index alone too: its shards are one model), else None.
+    """
     path = pathlib.Path(path)
     if not path.is_dir():
         return None
@@ -111,19 +124,23 @@ def model_folder(path) -> str | None:
 
 
 def list_members(source) -> list[tuple[str, object]]:
-    """(name, path or module) for a folder of checkpoints (searched
-    recursively, hidden entries skipped), a list of paths, or a list/dict of
-    nn.Modules; sorted by name for a deterministic order.
+    """The members of a zoo: (name, path or module) pairs, sorted by name for a deterministic order.
 
-    A checkpoint file is named by its path relative to the folder without
-    the suffix ("cnn_00", "seed_1/epoch_3"); where two files would share a
-    name (a.pt and a.safetensors) both are kept, each named with its suffix
-    ("a.pt", "a.safetensors"). A sub-folder holding a model in the Hugging
-    Face layout or a PEFT LoRA adapter (see model_folder) is one member named
-    by its relative path ("llama_a", "adapters/run_1"), its files (shards,
-    and whatever else it holds) not members of their own; a source that is
-    such a folder is the one member, named by the folder. Names are strings,
-    never missing values: a member may be called "NA" or "None"."""
+    A checkpoint file is named by its path relative to the folder without the suffix ("cnn_00",
+    "seed_1/epoch_3"); where two files would share a name (a.pt and a.safetensors) both are kept, each
+    named with its suffix ("a.pt", "a.safetensors"). A sub-folder holding a model in the Hugging Face
+    layout or a PEFT LoRA adapter (see model_folder) is one member named by its relative path
+    ("llama_a", "adapters/run_1"), its files (shards, and whatever else it holds) not members of their
+    own; a source that is such a folder is the one member, named by the folder.
+
+    Args:
+        source: a folder of checkpoints (searched recursively, hidden entries skipped), a list of paths,
+            or a list/dict of nn.Modules.
+
+    Returns:
+        A list of (name, path or module); names are strings, never missing values: a member may be called
+        "NA" or "None".
+    """
     if isinstance(source, dict):
         items = [(str(k), v) for k, v in source.items()]
     elif isinstance(source, (str, os.PathLike)):
@@ -265,10 +282,20 @@ def _read_small_safetensors(path: pathlib.Path) -> _State | None:
 
 
 def read_checkpoint(source, allow_pickle: bool = False) -> dict | nn.Module:
-    """The state_dict (or, with allow_pickle, the module) a checkpoint
-    holds: safetensors files memory-mapped (read whole when small), torch
-    files with torch.load(mmap=True), a Hugging Face model folder's files
-    (its shards together). Raises ValueError with the reason."""
+    """The state_dict (or, with allow_pickle, the module) a checkpoint holds.
+
+    Safetensors files are memory-mapped (read whole when small), torch files read with
+    torch.load(mmap=True), a Hugging Face model folder's files together (its shards). Raises ValueError
+    with the reason.
+
+    Args:
+        source: a checkpoint file or a Hugging Face model folder (str or path-like).
+        allow_pickle: allow a torch file to hold a whole pickled module (trusted files only) (default
+            False).
+
+    Returns:
+        A dict {name: tensor}, or an nn.Module with allow_pickle.
+    """
     path = pathlib.Path(source)
     if path.is_dir():
         return _read_folder_checkpoint(path, allow_pickle)
@@ -414,8 +441,17 @@ def _matching_dtypes(state: dict[str, torch.Tensor], dtypes: dict[str, torch.dty
 
 
 def check_finite(state: dict[str, torch.Tensor]) -> None:
-    """ValueError naming the first floating tensor (weights and buffers such
-    as BatchNorm's running_var) that holds a NaN or an infinity."""
+    """Check that no floating tensor of a state holds a NaN or an infinity.
+
+    Raises ValueError naming the first floating tensor (weights and buffers such as BatchNorm's
+    running_var) that does.
+
+    Args:
+        state: a state_dict {name: tensor}.
+
+    Returns:
+        None.
+    """
     if not all_finite_states([state]):
         bad = next(k for k, v in state.items()
                    if (v.is_floating_point() or v.is_complex()) and not _checks.all_finite(v.detach()))
@@ -423,10 +459,22 @@ def check_finite(state: dict[str, torch.Tensor]) -> None:
 
 
 def load_member(source, factory, allow_pickle: bool = False) -> nn.Module:
-    """A model from a path (state_dict in .pt/.pth/.bin, or .safetensors) or a
-    module, in eval mode. Raises ValueError with the reason for anything
-    unusable (unreadable, not matching the architecture, a NaN or infinity
-    in any floating tensor, buffers included)."""
+    """A model from a path or a module, in eval mode.
+
+    Raises ValueError with the reason for anything unusable (unreadable, not matching the architecture, a
+    NaN or infinity in any floating tensor, buffers included).
+
+    Args:
+        source: a checkpoint path (state_dict in .pt/.pth/.bin, or .safetensors, or a Hugging Face
+            folder) or an nn.Module.
+        factory: the architecture factory (resolve_arch) a state_dict is loaded into; None when the
+            checkpoints hold whole modules.
+        allow_pickle: allow a torch file to hold a whole pickled module (trusted files only) (default
+            False).
+
+    Returns:
+        The nn.Module, in eval mode.
+    """
     if isinstance(source, nn.Module):
         model = source
     else:
@@ -614,13 +662,20 @@ class _Members:
 
 
 def read_member_weights(source, allow_pickle: bool = False) -> list:
-    """The weight tensors of a member for the weights route (no
-    architecture): weights.read_path of a checkpoint file or a Hugging Face
-    or LoRA folder, every tensor of two or more dimensions (vectors have no
-    spectrum). With allow_pickle a torch file may hold a whole pickled module
-    (trusted files only), read as that module. ValueError (weights.WeightError
-    naming the file and the tensor) for anything unreadable or without a
-    weight to analyse."""
+    """The weight tensors of a member for the weights route (no architecture).
+
+    weights.read_path of a checkpoint file or a Hugging Face or LoRA folder, every tensor of two or more
+    dimensions (vectors have no spectrum). ValueError (weights.WeightError naming the file and the
+    tensor) for anything unreadable or without a weight to analyse.
+
+    Args:
+        source: a checkpoint file or a Hugging Face or LoRA folder (str or path-like).
+        allow_pickle: a torch file may hold a whole pickled module (trusted files only), read as that
+            module (default False).
+
+    Returns:
+        A list of weights.WeightTensor, one per tensor of two or more dimensions.
+    """
     from .. import weights
 
     path = pathlib.Path(source)
