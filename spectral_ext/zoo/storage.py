@@ -347,8 +347,16 @@ def _alive(pid) -> bool:
 
 
 def check_out(out) -> pathlib.Path:
-    """The results folder, created; ZooError if it is empty, a file, or not
-    writable."""
+    """The results folder, created.
+
+    Raises ZooError if out is an empty name, an existing file, or not writable.
+
+    Args:
+        out: the folder's path (str or path-like).
+
+    Returns:
+        The folder as a pathlib.Path.
+    """
     if not isinstance(out, (str, os.PathLike)) or str(out).strip() == "":
         raise ZooError(f"out must name a results folder, got {out!r}")
     path = pathlib.Path(out)
@@ -364,7 +372,16 @@ def check_out(out) -> pathlib.Path:
 
 
 def check_metadata(metadata) -> pathlib.Path | None:
-    """The metadata table's path, checked readable with a model column (CSV or Parquet)."""
+    """The metadata table's path, checked readable with a model column (CSV or Parquet).
+
+    Raises ZooError for a missing or unreadable file or one without a 'model' column.
+
+    Args:
+        metadata: the table's path (str or path-like), or None.
+
+    Returns:
+        The path as a pathlib.Path, or None when metadata is None.
+    """
     if metadata is None:
         return None
     path = pathlib.Path(metadata)
