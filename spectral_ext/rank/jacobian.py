@@ -129,6 +129,14 @@ def jacobian_partial_rank(model: nn.Module, layers=None, data=None, patch=None, 
             (a slice for flat inputs, None for the whole input; the paper
             uses the central 16 x 16 x 3 patch), or a list of them
             (appendix D).
+        eps: the relative rank threshold (None: float32 eps x K, or x the
+            number of singular values with rank_of="jacobian").
+        mode: "auto", "forward" (jvp) or "reverse" (vjp), as below.
+        chunk_size: Jacobian columns (forward) or output rows (reverse) per
+            batched product (default 64).
+        progress: a tqdm bar, one step per chunk.
+        at: "patch" (Algorithm A1: at the zero-padded patch) or "image".
+        rank_of: "gram" (the rank of J^T J, Algorithm A1) or "jacobian".
 
     One pass gives every layer: the Jacobian columns for the K patch entries
     come from K forward-mode products (torch.func.jvp under vmap, chunk_size
