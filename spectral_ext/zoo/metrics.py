@@ -30,20 +30,29 @@ def model_metrics(models: dict[str, nn.Module], metrics=("rank", "alpha"), examp
                   graphs=None) -> ZooTables:
     """Per-model metrics for {name: model}, batched per architecture.
 
-    "rank": per layer numerical_rank (seed 003 equation 4, float32 tolerance),
-    stable_rank, spectral_norm, lambda_max; "alpha": the power-law alpha of the
-    ESD per layer (seed 001; a note says why a fit is missing) and alpha_hat
-    per model (spectra.alpha_hat's rule: seed 001's sum, or WeightWatcher's
-    mean alpha_weighted with convention="weightwatcher"; convention: a
-    spectra.PowerLawConvention or its name); "svr": per edge the
-    internal dimensions and significant-edge count of the SVR (seed 000), via
-    svr_many. Every layer's spectrum is computed once for all of these, one
-    batched call per layer over the models of a group, and the power-law
-    fits of a layer run together over the group (spectra.map_metrics, the
-    computation spectra.layer_spectra makes for one model).
-    graphs: each member's ModelGraph, when the caller traced
-    them (a zoo run traces each architecture once; models is then only
-    looked up for the SVR). Returns ZooTables (models, layers, edges; no pairs)."""
+    "rank": per layer numerical_rank (seed 003 equation 4, float32 tolerance), stable_rank, spectral_norm,
+    lambda_max; "alpha": the power-law alpha of the ESD per layer (seed 001; a note says why a fit is
+    missing) and alpha_hat per model (spectra.alpha_hat's rule: seed 001's sum, or WeightWatcher's mean
+    alpha_weighted with convention="weightwatcher"); "svr": per edge the internal dimensions and
+    significant-edge count of the SVR (seed 000), via svr_many. Every layer's spectrum is computed once
+    for all of these, one batched call per layer over the models of a group, and the power-law fits of a
+    layer run together over the group (spectra.map_metrics, the computation spectra.layer_spectra makes
+    for one model).
+
+    Args:
+        models: {name: nn.Module}.
+        metrics: among "rank", "alpha", "svr" (default ("rank", "alpha")).
+        example_input: an input for tracing each architecture's dataflow, as layers.discover takes
+            (default None: made up there).
+        dtype: the dtype the weights are stacked in for the spectra (default torch.float64).
+        convention: a spectra.PowerLawConvention or its name (default "seed001").
+        min_tail: the fewest eigenvalues a power-law tail may have (default 10).
+        graphs: each member's ModelGraph, when the caller traced them (a zoo run traces each architecture
+            once; models is then only looked up for the SVR) (default None: traced here).
+
+    Returns:
+        ZooTables (models, layers, edges; no pairs).
+    """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ZooError(f"unknown metrics {unknown}; choose among {METRICS}")
@@ -114,29 +123,34 @@ ALPHA_COLUMNS = ("alpha", "xmin", "ks", "n_tail")
 def weight_model_metrics(members, metrics=("rank", "alpha"), convention: spectra.PowerLawConvention | str = "seed001",
                          min_tail: int = 10, memory: int | None = None, progress: bool = False,
                          embeddings: bool = False) -> ZooTables:
-    """Per-model metrics of {name: source} from the weights alone: no
-    architecture, no forward (the zoo's route without arch). source: anything
-    weights.read_weights takes (a checkpoint file, a Hugging Face model or
-    PEFT LoRA folder, a state_dict, a module) or its list of WeightTensor
-    entries. Every weight of two or more dimensions is a row; the members'
-    weights go through one spectra.weight_metrics call, which batches the
-    weights of one shape across members into Gram eigvalsh calls of at most
-    `memory` bytes of float64 (default spectra.WEIGHT_MEMORY), reading one
-    tensor at a time: the peak is about that budget and a few copies of the
-    largest weight, never a whole model. progress: its bar over the bytes
-    read.
+    """Per-model metrics of {name: source} from the weights alone: no architecture, no forward.
 
-    Tables with model_metrics' columns where they apply: layers (model,
-    layer, kind, rows, columns, source (file:tensor), numerical_rank,
-    stable_rank, spectral_norm, lambda_max, with "alpha" alpha, xmin, ks,
-    n_tail; and a note: a quantised or integer tensor, a tied head, a fit
-    with too few eigenvalues), the numbers of spectra.layer_spectra of each
-    member; models (model, architecture: a hash of the layers' names, kinds
-    and shapes, n_layers, error, with "alpha" alpha_hat by spectra.alpha_hat's
-    rule, embeddings left out unless embeddings=True, and n_alpha_layers, the
-    layers it used). metrics: among WEIGHT_METRICS; others need the models'
-    dataflow (ZooError, argument "arch"). Raises ValueError naming the file
-    and tensor for a NaN or infinite weight or an unreadable one."""
+    The zoo's route without arch. Every weight of two or more dimensions is a row; the members' weights go
+    through one spectra.weight_metrics call, which batches the weights of one shape across members into
+    Gram eigvalsh calls of at most `memory` bytes of float64, reading one tensor at a time: the peak is
+    about that budget and a few copies of the largest weight, never a whole model. Raises ValueError
+    naming the file and tensor for a NaN or infinite weight or an unreadable one.
+
+    Args:
+        members: {name: source}, source anything weights.read_weights takes (a checkpoint file, a Hugging
+            Face model or PEFT LoRA folder, a state_dict, a module) or its list of WeightTensor entries.
+        metrics: among WEIGHT_METRICS; others need the models' dataflow (ZooError, argument "arch")
+            (default ("rank", "alpha")).
+        convention: a spectra.PowerLawConvention or its name, for alpha_hat (default "seed001").
+        min_tail: the fewest eigenvalues a power-law tail may have (default 10).
+        memory: bytes of float64 per batched eigvalsh call (default None: spectra.WEIGHT_MEMORY).
+        progress: a bar over the bytes read (default False).
+        embeddings: count the embeddings in alpha_hat (default False: left out).
+
+    Returns:
+        ZooTables with model_metrics' columns where they apply: layers (model, layer, kind, rows, columns,
+        source (file:tensor), numerical_rank, stable_rank, spectral_norm, lambda_max, with "alpha" alpha,
+        xmin, ks, n_tail; and a note: a quantised or integer tensor, a tied head, a fit with too few
+        eigenvalues), the numbers of spectra.layer_spectra of each member; models (model, architecture: a
+        hash of the layers' names, kinds and shapes, n_layers, error, with "alpha" alpha_hat by
+        spectra.alpha_hat's rule, embeddings left out unless embeddings=True, and n_alpha_layers, the
+        layers it used).
+    """
     from .. import weights
 
     dataflow = [m for m in metrics if m not in WEIGHT_METRICS]
@@ -232,9 +246,17 @@ def _is_keywords(value) -> bool:
 
 
 def probe_parts(probe) -> tuple:
-    """(inputs, labels or None) of a probe given as a tensor, a dict of
-    keyword inputs (a "labels" entry taken out as the labels, never passed to
-    the model), or an (x, y) pair of either and a label tensor."""
+    """Split a probe into its inputs and labels.
+
+    Anything else raises ZooError.
+
+    Args:
+        probe: a tensor, a dict of keyword inputs (a "labels" entry taken out as the labels, never passed
+            to the model), or an (x, y) pair of either and a label tensor.
+
+    Returns:
+        (inputs, labels or None).
+    """
     if isinstance(probe, torch.Tensor):
         return probe, None
     if _is_keywords(probe):
@@ -296,25 +318,32 @@ def _nbytes(value) -> int:
 def pair_metrics(models: dict[str, nn.Module], pairs=None, probe=None, layers=None, measures=("cka",),
                  stitch_options: dict | None = None, cache: ActivationCache | None = None,
                  progress: bool = True, max_memory: int | None = None) -> pd.DataFrame:
-    """For each (a, b) in pairs (None: all K(K-1)/2 unordered pairs of
-    models, the zoo's K x K) and each layer, the chosen measures on the
-    probe: any similarity measure by its spec (similarity.MEASURES: "cka",
-    "cka:kernel=max" (G_ReLU-CKA, seed 004 section 5), "procrustes",
-    "procrustes:group=grelu", "svcca", "rsa", "mutual_knn:k=5", ...; the
-    `measure` column holds its canonical label) and "stitching": the
-    stitching penalty (seed 004 equation 4.3) of a layer trained on the
-    first half of a labelled probe ((x, y)) and measured on the second half
-    (stitch_options go to stitching.stitch; default affine, 5 epochs, lr
-    0.01). Each model runs on the probe once (once per run with a shared
-    cache; models then need only be present for what the cache lacks); per
-    layer and measure each model's centred Gram (kept in the cache too) or
-    normalised features is computed once and all pairs come from batched products
-    (similarity.pairwise_similarity), within max_memory bytes (its default:
-    half the free memory) in blocks of models when they do not all fit; the
-    cache keeps the Grams only when all of them fit (otherwise each block's
-    are recomputed). progress: a tqdm bar over the forwards and the batched
-    (layer, measure) steps. Returns rows model_a, model_b, layer, measure,
-    value."""
+    """For each pair of models and each layer, the chosen measures on the probe.
+
+    Any similarity measure by its spec (similarity.MEASURES: "cka", "cka:kernel=max" (G_ReLU-CKA, seed
+    004 section 5), "procrustes", "procrustes:group=grelu", "svcca", "rsa", "mutual_knn:k=5", ...; the
+    `measure` column holds its canonical label) and "stitching": the stitching penalty (seed 004 equation
+    4.3) of a layer trained on the first half of a labelled probe ((x, y)) and measured on the second
+    half. Each model runs on the probe once (once per run with a shared cache; models then need only be
+    present for what the cache lacks); per layer and measure each model's centred Gram (kept in the cache
+    too) or normalised features is computed once and all pairs come from batched products
+    (similarity.pairwise_similarity), within max_memory bytes in blocks of models when they do not all
+    fit; the cache keeps the Grams only when all of them fit (otherwise each block's are recomputed).
+
+    Args:
+        models: {name: nn.Module}.
+        pairs: (a, b) names (default None: all K(K-1)/2 unordered pairs of models, the zoo's K x K).
+        probe: an input tensor, a dict of keyword inputs, or (inputs, labels) (see probe_parts); required.
+        layers: a non-empty list of module names.
+        measures: measure specs and "stitching" (default ("cka",)).
+        stitch_options: options for stitching.stitch (default None: affine, 5 epochs, lr 0.01).
+        cache: an ActivationCache shared across calls (default None).
+        progress: a tqdm bar over the forwards and the batched (layer, measure) steps (default True).
+        max_memory: bytes for the batched products (default None: half the free memory).
+
+    Returns:
+        A DataFrame with rows model_a, model_b, layer, measure, value.
+    """
     from tqdm.auto import tqdm
 
     from ..similarity._pairwise import pairwise_similarity
