@@ -27,53 +27,64 @@ def analyze(source, arch=None, out=None, metrics=("rank", "alpha"), pairs=(), pr
             chunk_size: int | None = None, example_input=None, metadata=None, stitch_options: dict | None = None,
             progress: bool = True, report: bool = True, workers: int | None = None,
             trust_manifest: bool = False) -> ZooTables:
-    """Analyse a zoo: every member's per-model metrics (batched per
-    architecture: seed 003 ranks, seed 001 alpha and alpha-hat, seed 000
-    SVR edges) and, with `pairs` measures and a `probe` (an input tensor, or
-    (inputs, labels) for the stitching penalty; seed 004), the pairwise
-    measures on all pairs or max_pairs sampled with `generator` (None:
-    torch's global RNG, or the recorded seed when resuming a run; an int
-    seed; a torch.Generator; `seed=` is its former name).
+    """Analyse a zoo: every member's per-model metrics and, with pair measures and a probe, the pairwise ones.
 
-    source: a folder (members named by relative path, see list_members: a
-    checkpoint file, or a Hugging Face model folder or PEFT LoRA adapter
-    folder as one member) or a list of checkpoints, or models. arch: the
-    factory for state_dict checkpoints (called once here: one that raises or
-    gives no nn.Module is a ZooError). Without arch (and none in zoo.json),
-    checkpoints are read as their weights alone (weights.read_weights, one
-    tensor at a time; float32, float16 and bfloat16) and only the weight
-    metrics WEIGHT_METRICS (rank, alpha) are computed
-    (metrics.weight_model_metrics: every tensor of two or more dimensions
-    is a layers row, embeddings and LoRA updates included, quantised
-    tensors a row with a note; the numbers of spectra.layer_spectra of each
-    member); svr and pair measures run the models and are then a ZooError
-    (argument "arch"), unless allow_pickle (whole pickled modules run as
-    they are). A folder's zoo.json may name the factory: a torchvision name
-    or one of this package's is used as it is, another 'module:function' is
-    imported and run only with trust_manifest=True (a folder from elsewhere
-    must not run code), else ZooError. out: the results folder (resumable;
-    None keeps everything in memory). A checkpoint that cannot be read, does
-    not match the architecture (keys, shapes, integer weights) or holds a
-    NaN or infinity in any floating tensor (BatchNorm buffers too) becomes a
-    row of the models table with its error naming the file, as does a member
-    whose analysis fails, and the run goes on.
+    The per-model metrics are batched per architecture (seed 003 ranks, seed 001 alpha and alpha-hat,
+    seed 000 SVR edges); with `pairs` measures and a `probe` (seed 004) the pairwise measures run on all
+    pairs or max_pairs sampled with `generator`. Without arch (and none in zoo.json), checkpoints are read
+    as their weights alone (weights.read_weights, one tensor at a time; float32, float16 and bfloat16) and
+    only the weight metrics WEIGHT_METRICS (rank, alpha) are computed (metrics.weight_model_metrics: every
+    tensor of two or more dimensions is a layers row, embeddings and LoRA updates included, quantised
+    tensors a row with a note; the numbers of spectra.layer_spectra of each member); svr and pair
+    measures run the models and are then a ZooError (argument "arch"), unless allow_pickle (whole pickled
+    modules run as they are). A folder's zoo.json may name the factory: a torchvision name or one of this
+    package's is used as it is, another 'module:function' is imported and run only with
+    trust_manifest=True (a folder from elsewhere must not run code), else ZooError. A checkpoint that
+    cannot be read, does not match the architecture (keys, shapes, integer weights) or holds a NaN or
+    infinity in any floating tensor (BatchNorm buffers too) becomes a row of the models table with its
+    error naming the file, as does a member whose analysis fails, and the run goes on.
 
-    Every argument is checked before any work. Each architecture is traced
-    once per run; checkpoints are read in `workers` threads (memory-mapped
-    when large), one chunk ahead of the analysis. chunk_size: members (default
-    256, fewer for checkpoints over 2 MiB: two chunks within 1 GiB) or pairs
-    (default 16) per committed chunk. The options that decide
-    the numbers are stored in <out>/options.json: resuming with others is
-    refused (adding pair measures to a run without any computes them). Each
-    chunk records its tables' row counts and checksums; on resuming, a chunk
-    that fails them is set aside and redone, with a warning. A lock on
-    <out>/.lock (its file names the pid and host) refuses a second writer.
-    The probe is run through the architecture once before any work: inputs
-    it cannot take are a ZooError. Under torchrun every rank takes
-    members[rank::world] and pairs[rank::world];
-    rank 0 merges and writes report.md (report=False skips it; with
-    metadata, a table with a model column, the metrics are plotted against
-    accuracy). Returns the merged tables (ZooTables)."""
+    Every argument is checked before any work. Each architecture is traced once per run; checkpoints are
+    read in `workers` threads (memory-mapped when large), one chunk ahead of the analysis. The options
+    that decide the numbers are stored in <out>/options.json: resuming with others is refused (adding pair
+    measures to a run without any computes them). Each chunk records its tables' row counts and
+    checksums; on resuming, a chunk that fails them is set aside and redone, with a warning. A lock on
+    <out>/.lock (its file names the pid and host) refuses a second writer. The probe is run through the
+    architecture once before any work: inputs it cannot take are a ZooError. Under torchrun every rank
+    takes members[rank::world] and pairs[rank::world]; rank 0 merges and writes report.md.
+
+    Args:
+        source: a folder (members named by relative path, see list_members: a checkpoint file, or a
+            Hugging Face model folder or PEFT LoRA adapter folder as one member) or a list of
+            checkpoints, or models.
+        arch: the factory for state_dict checkpoints, as resolve_arch takes (called once here: one that
+            raises or gives no nn.Module is a ZooError) (default None).
+        out: the results folder (resumable; default None keeps everything in memory).
+        metrics: per-model metrics among "rank", "alpha", "svr" (default ("rank", "alpha")).
+        pairs: pair measures, as pair_metrics takes (default (): none).
+        probe: an input tensor, or (inputs, labels) for the stitching penalty (see probe_parts); needed
+            with pairs.
+        layers: module names the pair measures compare (default None: the outputs of every linear map of
+            the first member); only with pairs.
+        max_pairs: the number of pairs sampled (default None: all pairs); only with pairs.
+        generator: the pair sample's randomness: None (torch's global RNG, or the recorded seed when
+            resuming a run), an int seed, or a torch.Generator.
+        fmt: the tables' format, "csv" or "parquet" (default "csv").
+        allow_pickle: torch files may hold whole pickled modules (trusted files only) (default False).
+        chunk_size: members (default 256, fewer for checkpoints over 2 MiB: two chunks within 1 GiB) or
+            pairs (default 16) per committed chunk.
+        example_input: a tensor or a tuple of inputs for tracing each architecture (default None).
+        metadata: a table with a model column (CSV or Parquet); the report then plots the metrics against
+            accuracy (default None).
+        stitch_options: options for stitching.stitch, as pair_metrics takes (default None).
+        progress: progress bars (default True).
+        report: write report.md (default True; False skips it).
+        workers: the threads that read checkpoints (default None: min(8, 2 x the CPU count)).
+        trust_manifest: import and run a 'module:function' factory named by zoo.json (default False).
+
+    Returns:
+        The merged tables (ZooTables).
+    """
     if fmt not in ("csv", "parquet"):
         raise ZooError(f"fmt must be 'csv' or 'parquet', got {fmt!r}")
     if not isinstance(trust_manifest, bool):
@@ -402,10 +413,20 @@ def _process_pairs(batch, run: _Members, probe, layers, measures, stitch_options
 
 
 def write_report(out: pathlib.Path, tables, metadata=None, progress: bool = True) -> pathlib.Path:
-    """report.md with figures (spectral_ext.zoo.report.report): members and
-    errors, per-layer distributions, and with metadata (model and
-    test_accuracy or accuracy) each metric against accuracy and the accuracy
-    prediction from weights."""
+    """Write report.md with figures (spectral_ext.zoo.report.report).
+
+    Members and errors, per-layer distributions, and with metadata (model and test_accuracy or accuracy)
+    each metric against accuracy and the accuracy prediction from weights.
+
+    Args:
+        out: the results folder.
+        tables: a ZooTables or {name: DataFrame}.
+        metadata: the metadata table (default None).
+        progress: a tqdm bar over the weight statistics (default True).
+
+    Returns:
+        The path of report.md.
+    """
     from .report import report
 
     return report(out, tables, metadata, progress)
