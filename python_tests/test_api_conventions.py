@@ -178,3 +178,36 @@ def test_every_pair_table_names_its_sides_then_measure_and_value():
         assert columns[-2:] == ["measure", "value"], (name, columns)
         assert set(columns[2:-2]) <= {"layer"}, (name, columns)
         assert frame["measure"].map(type).eq(str).all() and len(frame), name
+
+
+# The docstring format (Google style): a summary line, prose, "Args:" naming every parameter, "Returns:".
+DOC_MODULES = ("plot", "layers", "weights", "datasets", "training", "encoders")
+
+
+def _documented() -> dict[str, types.FunctionType]:
+    found = dict(FUNCTIONS)
+    for module_name in DOC_MODULES:
+        module = importlib.import_module(f"spectral_ext.{module_name}")
+        for name, value in vars(module).items():
+            if not name.startswith("_") and inspect.isfunction(value) and value.__module__ == module.__name__:
+                found.setdefault(f"{module_name}.{name}", value)
+    return found
+
+
+DOCUMENTED = _documented()
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_docstrings_state_args_and_returns(name):
+    function = DOCUMENTED[name]
+    doc = inspect.getdoc(function) or ""
+    assert doc and doc.splitlines()[0].strip(), f"{name}: no summary line"
+    parameters = [p for p in inspect.signature(function).parameters if p != "self"]
+    if parameters:
+        assert "Args:" in doc, f"{name}: no Args: section"
+        args = doc.split("Args:", 1)[1].split("Returns:", 1)[0]
+        missing = [p for p in parameters if not any(line.strip().lstrip("*").startswith(p + ":") or
+                                                    line.strip().lstrip("*").startswith(p + " ")
+                                                    for line in args.splitlines())]
+        assert not missing, f"{name}: Args: does not name {missing}"
+    assert "Returns:" in doc, f"{name}: no Returns: section"

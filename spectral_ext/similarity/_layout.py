@@ -167,7 +167,7 @@ def _pair(X, Y, feature_axis=None):
 
 # Largest magnitudes 2^-e .. 2^e (e by dtype) are used as they are: their squares, Grams and the float64 fourth
 # powers of the HSICs stay far from overflow and underflow. Outside, a representation is scaled by a power of two
-# first (exact, and every measure here is scale invariant; issue 27: CKA at 1e150 was 5.7e300).
+# first (exact, and every measure here is scale invariant: CKA at 1e150 was 5.7e300 without it).
 _SAFE_EXPONENT = {torch.float32: 16, torch.float64: 128}
 
 
