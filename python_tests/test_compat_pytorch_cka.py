@@ -167,7 +167,7 @@ def test_features_and_grams_entry_points_give_the_packages_numbers_in_its_dtypes
 # Errors, warnings, output
 
 
-def same_error(call):
+def assert_same_error(call):
     """The exception type and message of call(module) for both modules."""
     caught = []
     for module in (peer, ours):
@@ -202,7 +202,7 @@ SQUARE, WIDE = torch.randn(2, 6, 6, generator=G), torch.randn(2, 6, 5, generator
     lambda m: m.CKA(Net(0), Net(1), device="cpu")._extract_input(3.0),
 ], ids=lambda c: "")
 def test_the_same_exception_types_and_messages(call):
-    same_error(call)
+    assert_same_error(call)
 
 
 def test_the_same_warning_for_a_model_of_more_than_150_layers():
@@ -328,7 +328,7 @@ def pixels(fig):
     return plt.imread(buffer)
 
 
-def same_figure(draw):
+def assert_same_figure(draw):
     """The same pixels and the same warnings (matplotlib's, about the layout)."""
     images, messages = [], []
     for module in (peer, ours):
@@ -355,7 +355,7 @@ MATRIX[2, 1] = float("nan")
 def test_heatmaps_are_the_packages(draw):
     import matplotlib
     matplotlib.use("Agg")
-    same_figure(draw)
+    assert_same_figure(draw)
 
 
 @pytest.mark.parametrize("draw", [
@@ -371,7 +371,7 @@ def test_heatmaps_are_the_packages(draw):
 def test_trend_figures_are_the_packages(draw):
     import matplotlib
     matplotlib.use("Agg")
-    same_figure(draw)
+    assert_same_figure(draw)
 
 
 def test_save_figure_clears_the_legend_and_closes(tmp_path):

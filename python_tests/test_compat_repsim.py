@@ -32,7 +32,7 @@ def inputs(kind, seed=0):
 KINDS = ["gaussian", "related", "relu", "deficient", "wide"]
 
 
-def close(a, b, rtol=1e-8):
+def assert_close(a, b, rtol=1e-8):
     assert isinstance(a, np.ndarray) and a.dtype == np.float64 and a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
 
@@ -41,15 +41,15 @@ def close(a, b, rtol=1e-8):
 @pytest.mark.parametrize("summary", [None, "yanai", "pillai", " Pillai "])
 def test_cca_and_svcca(kind, summary):
     mats = inputs(kind)
-    close(ours.cca(mats, summary), repsim.cca(mats, summary))
-    close(ours.svcca(mats, summary), repsim.svcca(mats, summary))
+    assert_close(ours.cca(mats, summary), repsim.cca(mats, summary))
+    assert_close(ours.svcca(mats, summary), repsim.svcca(mats, summary))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_pwcca_and_dot_product(kind):
     mats = inputs(kind, seed=1)
-    close(ours.pwcca(mats), repsim.pwcca(mats))
-    close(ours.dot_product(mats), repsim.dot_product(mats))
+    assert_close(ours.pwcca(mats), repsim.pwcca(mats))
+    assert_close(ours.dot_product(mats), repsim.dot_product(mats))
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "related", "relu", "wide"])
@@ -57,17 +57,17 @@ def test_pwcca_and_dot_product(kind):
 @pytest.mark.parametrize("estimator", [None, "gretton", "song", "lange"])
 def test_cka_and_hsic(kind, kernel, estimator):
     mats = inputs(kind, seed=2)
-    close(ours.cka(mats, kernel, estimator), repsim.cka(mats, kernel, estimator))
-    close(ours.hsic(mats, kernel, estimator), repsim.hsic(mats, kernel, estimator))
+    assert_close(ours.cka(mats, kernel, estimator), repsim.cka(mats, kernel, estimator))
+    assert_close(ours.hsic(mats, kernel, estimator), repsim.hsic(mats, kernel, estimator))
 
 
 def test_small_n_falls_back_to_gretton_and_tuples_tensors_lists():
     mats = [np.random.default_rng(3).standard_normal((3, 4)) for _ in range(2)]
-    close(ours.hsic(mats, "linear", "song"), repsim.hsic(mats, "linear", "song"))
+    assert_close(ours.hsic(mats, "linear", "song"), repsim.hsic(mats, "linear", "song"))
     mats = inputs("gaussian")
-    close(ours.cka(tuple(mats), "linear"), repsim.cka(tuple(mats), "linear"))
-    close(ours.cca([torch.from_numpy(m) for m in mats]), repsim.cca(mats))
-    close(ours.dot_product([m.tolist() for m in mats]), repsim.dot_product([m.tolist() for m in mats]))
+    assert_close(ours.cka(tuple(mats), "linear"), repsim.cka(tuple(mats), "linear"))
+    assert_close(ours.cca([torch.from_numpy(m) for m in mats]), repsim.cca(mats))
+    assert_close(ours.dot_product([m.tolist() for m in mats]), repsim.dot_product([m.tolist() for m in mats]))
 
 
 def test_linear_regression_measure_against_repsim_core():
@@ -75,7 +75,7 @@ def test_linear_regression_measure_against_repsim_core():
     from spectral_ext.similarity.measure import measure_matrix
 
     mats = inputs("related", seed=4)
-    close(measure_matrix(mats, "linear_regression", symmetric=True, centered=False).matrix.values,
+    assert_close(measure_matrix(mats, "linear_regression", symmetric=True, centered=False).matrix.values,
           repsim._repsim.cpp_linreg(mats))
 
 
@@ -86,7 +86,7 @@ def test_exports():
     assert ours.__version__ == repsim.__version__
 
 
-def same_error(call, *args):
+def assert_same_error(call, *args):
     with pytest.raises(Exception) as theirs:
         call(repsim, *args)
     with pytest.raises(type(theirs.value)):
@@ -107,17 +107,17 @@ BAD = [
 @pytest.mark.parametrize("mats", BAD, ids=range(len(BAD)))
 @pytest.mark.parametrize("fn", ["cca", "svcca", "pwcca", "dot_product", "cka", "hsic"])
 def test_bad_mats(fn, mats):
-    same_error(lambda mod, m: getattr(mod, fn)(m), mats)
+    assert_same_error(lambda mod, m: getattr(mod, fn)(m), mats)
 
 
 def test_bad_options():
     mats = inputs("gaussian")
     for fn in ("cca", "svcca"):
-        same_error(lambda mod: getattr(mod, fn)(mats, "mean"))
-        same_error(lambda mod: getattr(mod, fn)(mats, 3))  # repsim calls .strip(): AttributeError
+        assert_same_error(lambda mod: getattr(mod, fn)(mats, "mean"))
+        assert_same_error(lambda mod: getattr(mod, fn)(mats, 3))  # repsim calls .strip(): AttributeError
     for fn in ("cka", "hsic"):
-        same_error(lambda mod: getattr(mod, fn)(mats, kernel_type="poly"))
-        same_error(lambda mod: getattr(mod, fn)(mats, estimator="biased"))
+        assert_same_error(lambda mod: getattr(mod, fn)(mats, kernel_type="poly"))
+        assert_same_error(lambda mod: getattr(mod, fn)(mats, estimator="biased"))
 
 
 def test_degenerate_inputs_refused_where_repsim_returns_placeholders():

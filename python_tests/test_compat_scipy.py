@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment as scipy_lsa
 from spectral_ext import linear_sum_assignment as lsa
 
 
-def same_answer(cost, maximize=False):
+def assert_same_answer(cost, maximize=False):
     got, want = lsa(cost, maximize=maximize), scipy_lsa(cost, maximize=maximize)
     assert all(isinstance(x, np.ndarray) and x.dtype == np.int64 for x in got)
     np.testing.assert_array_equal(got[0], want[0])
@@ -41,7 +41,7 @@ class ArrayLike:
 ])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_array_likes_are_read_as_scipy_reads_them(cost, maximize):
-    same_answer(cost, maximize)
+    assert_same_answer(cost, maximize)
 
 
 @pytest.mark.parametrize("cost", [
@@ -107,7 +107,7 @@ def test_constant_costs_give_scipys_assignment(shape, value):
     # Every assignment is optimal: scipy's list of unscanned columns decides (the identity
     # when square); the wide and tall ones pin the scan order and the transposition.
     for maximize in (False, True):
-        same_answer(np.full(shape, value), maximize)
+        assert_same_answer(np.full(shape, value), maximize)
 
 
 def tied_costs(kind, B, n, m, seed):
@@ -140,7 +140,7 @@ def test_ties_break_as_scipy_breaks_them(kind, n, m):
             want = scipy_lsa(signed[b], maximize=maximize)
             np.testing.assert_array_equal(rows[b].numpy(), want[0])
             np.testing.assert_array_equal(cols[b].numpy(), want[1])
-        same_answer(signed[0], maximize)  # and the numpy route
+        assert_same_answer(signed[0], maximize)  # and the numpy route
 
 
 def test_near_ties_and_large_offsets_break_as_scipy_does():
