@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -97,6 +98,22 @@ def minibatch_cka(batches):
         for j, b in enumerate(f2):
             yy[j] += unbiased_hsic(b, b)
     return xy / np.sqrt(np.outer(xx, yy))
+
+
+@contextlib.contextmanager
+def in_float64(*models):
+    """A package's own code run in float64: models, inputs and its accumulators (tensors of the default
+    dtype), for the compat tests that compare against a peer's formula in float64."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    for m in models:
+        m.double()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+        for m in models:
+            m.float()
 
 
 def cheap_model(name, **kwargs):

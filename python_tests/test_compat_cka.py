@@ -2,7 +2,6 @@
 measures: the real packages on small inputs give the same numbers (within
 their float32 rounding), and the float64 formulas they implement agree to
 rounding."""
-import contextlib
 import io
 import itertools
 import warnings
@@ -10,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import in_float64
 from torch import nn
 
 import spectral_ext as se
@@ -84,19 +84,6 @@ def test_torch_cka_refuses_what_is_undefined_and_says_so():
         torch_cka.CKA(cnn(0), cnn(1), model1_name="a", model2_name="b").export()
 
 
-@contextlib.contextmanager
-def in_float64(*models):
-    """A package's own code run in float64: models, inputs, its accumulators."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    for m in models:
-        m.double()
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-        for m in models:
-            m.float()
 
 
 def torch_cka_in_float64(model1, model2, layers1, layers2, data1, data2=None):

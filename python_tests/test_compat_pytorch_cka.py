@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import in_float64
 from torch import nn
 
 from conftest import minibatch_cka
@@ -46,20 +47,6 @@ def loader(n=48, batch=12, seed=0, dtype=torch.float32, form="tuple"):
     return torch.utils.data.DataLoader([{"pixel_values": row} for row in x], batch_size=batch)  # dict batches
 
 
-@contextlib.contextmanager
-def in_float64(*models):
-    """pytorch-cka's own code run in float64: models, inputs and its
-    accumulators (torch.zeros of the default dtype)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    for m in models:
-        m.double()
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-        for m in models:
-            m.float()
 
 
 def peer64(model1, model2, layers, model2_layers=None, seed=0):
