@@ -86,7 +86,7 @@ RATIOS = [
     ("repsim 0.1.5", "cka (rbf), one pair", 25, "~25x"),
     ("repsim 0.1.5", "hsic, one pair", 16, "~16x"),
     ("repsim 0.1.5", "dot_product, one pair", 1.7, "1.7x"),
-    ("rsatoolbox 0.3.2", "RDMs + spearman, K x K", 7.47, "7.47x"),
+    ("rsatoolbox 0.3.2", "RDMs + spearman, K x K", 7.85, "7.85x"),
     ("rsatoolbox 0.3.2", "the same through compat", 4.07, "4.07x"),
     ("rsatoolbox 0.3.2", "RDMs + spearman, one pair", 2.24, "2.24x"),
     ("netrep 0186b8a", "shape metric alpha=1, K x K", 3.4, "3.4x"),
