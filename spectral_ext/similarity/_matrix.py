@@ -205,11 +205,10 @@ def _generic_matrix(m, kept_a, kept_b, same) -> tuple:
     """similarity_matrix's layers and values for a Measure: every layer's
     activations (N, D) reduced once, the model x other block of one batched
     matrix. Returns (layers_a, layers_b, values)."""
-    from .measure import representation
+    from .measure import reduced as reduce_one
 
     def reduced(kept, name):
-        return {layer: m.reduce(representation(f"{name}'s layer {layer!r}", torch.cat(parts), m.min_samples))
-                for layer, parts in kept.items()}
+        return {layer: reduce_one(m, f"{name}'s layer {layer!r}", torch.cat(parts)) for layer, parts in kept.items()}
 
     red_a = reduced(kept_a, "model")
     red_b = red_a if same else reduced(kept_b, "other")

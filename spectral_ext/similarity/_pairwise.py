@@ -155,7 +155,7 @@ def _pairwise_measure(m, features, involved, pairs, progress, share, max_memory)
     max_memory by the measures' footprint, as the CKA route."""
     from tqdm.auto import tqdm
 
-    from .measure import representation
+    from .measure import reduced as reduce_one
 
     reps = {n: _hidden_states(n, features[n]) for n in involved}
     shapes = {n: tuple(R.shape) for n, R in reps.items()}
@@ -172,7 +172,7 @@ def _pairwise_measure(m, features, involved, pairs, progress, share, max_memory)
 
     def reduced(name):
         def compute():
-            return m.reduce(representation(f"features[{name!r}]", reps[name], m.min_samples))
+            return reduce_one(m, f"features[{name!r}]", reps[name])
         return share(name, ("measure", m.label), compute) if share is not None else compute()
 
     values = [math.nan] * len(pairs)
