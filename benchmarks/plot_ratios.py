@@ -105,7 +105,7 @@ RATIOS = [
     ("ReSi f9403bd", "concentricity_difference, K x K", 62, "62x"),
     ("ReSi f9403bd", "concentricity_difference, one pair", 0.85, "0.85x"),
     ("ReSi f9403bd", "magnitude_difference, K x K", 4.4, "4.4x"),
-    ("ReSi f9403bd", "magnitude_difference, one pair", 0.07, "0.07x"),
+    ("ReSi f9403bd", "magnitude_difference, one pair", 0.40, "0.40x"),
 ]
 
 
