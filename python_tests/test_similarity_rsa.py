@@ -13,7 +13,7 @@ from scipy.spatial.distance import pdist, squareform
 
 from spectral_ext.similarity import compare, measure_matrix
 from spectral_ext.similarity.measure import get_measure as measure
-from spectral_ext.similarity.rsa import _average_ranks, rdm
+from spectral_ext.similarity.rsa import _average_ranks, _sort, rdm
 
 RDM_METRICS = ["euclidean", "correlation", "cosine"]
 COMPARES = ["spearman", "pearson", "kendall_tau_a", "cosine"]
@@ -115,11 +115,27 @@ def test_average_ranks_match_rankdata():
     V[2, :] = 3.0  # all tied
     V[3, :5] = [-0.0, 0.0, -1e-300, 1e-300, 0.0]  # signed zeros tie, tiny values do not
     np.testing.assert_array_equal(_average_ranks(torch.from_numpy(V)).numpy(), scipy.stats.rankdata(V, axis=1))
-    # the sort goes by float32 keys first: values equal in float32 but not in float64, and extremes
+    # extremes, and values equal in float32 but not in float64
     W = np.stack([1 + rng.integers(0, 40, 300) * 1e-12,
                   np.round(rng.standard_normal(300), 2) * 10.0 ** rng.integers(-320, 300, 300),
                   np.r_[rng.standard_normal(292), np.inf, -np.inf, 1e308, -1e308, 0.0, -0.0, 5e-324, -5e-324]])
     np.testing.assert_array_equal(_average_ranks(torch.from_numpy(W)).numpy(), scipy.stats.rankdata(W, axis=1))
+
+
+def test_average_ranks_through_the_shared_31_bit_keys():
+    """The sort goes by a 31-bit key first; values sharing one (here 1e-13 apart in a range of 1, or
+    tied exactly) are sorted again by the full key, in the same call, whichever order they came in."""
+    rng = np.random.default_rng(2)
+    v = 100 + rng.random(20_000)
+    v[:50] = v[50:100] + 1e-13  # distinct in float64, one 31-bit key
+    v[100:110] = v[110:120]  # exact ties
+    v[120:125] = v[125:130] - 1e-13
+    for w in (v, v[::-1].copy(), rng.permutation(v)):
+        keys, order = _sort(torch.from_numpy(w))
+        runs = int((np.diff(np.sort(w)) < 1e-9).sum())
+        assert 0 < runs < w.size // 64  # the re-sort of shared keys, not the fallback, is exercised
+        assert np.all(np.diff(w[order.numpy()]) >= 0)
+        np.testing.assert_array_equal(_average_ranks(torch.from_numpy(w[None])).numpy()[0], scipy.stats.rankdata(w))
 
 
 # ---------------------------------------------------------------------------------------------
