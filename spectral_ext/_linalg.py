@@ -30,6 +30,13 @@ def _eigh(G: torch.Tensor):
 
 def _eigvalsh(G: torch.Tensor) -> torch.Tensor:
     """torch.linalg.eigvalsh, or numpy's where that is faster (_numpy_eig)."""
+    # LAPACK's two-stage values-only solvers (?syevd/?syev/?syevr_2stage, exported by numpy's and scipy's
+    # bundled OpenBLAS 0.3.31, not by scipy.linalg.lapack or torch's MKL) were probed through ctypes on the AMD
+    # EPYC (float64, one thread, CPU time, medians): slower than numpy's syevd where our Grams are, 15.3 / 52.7 /
+    # 157 ms against 11.6 / 41.7 / 135 ms at n = 512 / 896 / 1376 (the matrix sits in L3, so dsytrd's BLAS-2
+    # half is not memory-bound), even at 2048 (506 / 521 ms), faster only from about 3072 (1.64 / 2.24 s; 4096:
+    # 3.89 / 6.02 s), eigenvalues equal to 1.2e-14 lambda_max; scipy's ev/evd/evr/evx drivers are numpy's
+    # times (to 2%). So syevd stays.
     if _numpy_eig(G):
         with _openblas_threads():
             return torch.from_numpy(np.linalg.eigvalsh(G.numpy()))
