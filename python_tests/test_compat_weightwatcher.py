@@ -91,8 +91,8 @@ def test_describe_and_get_esd_equal_weightwatcher(name):
 def test_unreproduced_options_and_bad_input_say_so():
     model = models()["mlp"]
     watcher = se_ww.WeightWatcher(model=model)
-    with pytest.raises(ValueError, match="intra"):
-        watcher.analyze(intra=True)
+    with pytest.raises(ValueError, match="stacked"):
+        watcher.analyze(stacked=True)
     with pytest.raises(ValueError, match="glorot_fix"):
         watcher.analyze(glorot_fix=True)
     with pytest.raises(TypeError, match="unexpected argument 'nope'"):

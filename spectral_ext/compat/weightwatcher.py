@@ -93,9 +93,31 @@ the top singular values agrees with WeightWatcher to float32 rounding; keeping
 the top k is the exact truncation, where WeightWatcher's randomized float32
 TruncatedSVD is off by up to 1e-2 on random weights.
 
-Not reproduced (a ValueError names the argument): glorot_fix, conv2d_fft, fft, intra, stacked, peft, base_model,
-vectors, fix_fingers="clip_xmax", an int xmax, deltas, detX/ERG; folders of WeightWatcher's .npy flat files or Keras
-.h5 files; a single checkpoint file as model (WeightWatcher takes folders).
+intra=True (WeightWatcher's WWIntraLayerIterator): consecutive kept layers
+paired (W0, W1: their first matrices, a Conv2d's first kh*kw slice, aligned
+on a shared dimension as its align_mats does; pairs that do not chain give
+no row), X = W0 W1 / (||W0|| ||W1||) in float32 as there, or with sparsify
+(its default) W0 S W1 / (||W0|| ||W1|| + sqrt(||S||)) with S drawn by
+np.random.randint(2) from numpy's global generator in its order; the row is
+the later layer's (id, longname, type, rf), named "<id0> X <id1> ", N and M
+of X, X scaled by sqrt(1/2) after a Conv2d, an Xflag column; its ESD is X's
+singular values themselves (not squared, as its combined_eigenvalues does),
+the later layer's num_components of them (the largest: ARPACK there). With
+randomize, vectors or conv2d_fft it is refused as there, and so is
+describe(intra=True) (WeightWatcher's describe keeps DEFAULT_PARAMS'
+randomize=True). peft=True (WWPeftLayerIterator) on a module laid out as
+PEFT lays it out or an adapter folder: each "dense" layer named lora_A and
+the lora_B after it become one row, BA = np.dot(B, A) in float32, unscaled
+(WeightWatcher ignores lora_alpha / r), named lora_BA, its ESD the r largest
+squared singular values (r = min(A.shape)); the other layers give no row.
+peft="with_base" keeps the other layers' rows and adds W + BA (W the last
+non-LoRA layer's matrix, named lora_W_plus_AB, r values too) before BA's
+row; a peft column. LoRA layers go through analyze's filters and size tests
+first, as there (r < min_evals leaves both out).
+
+Not reproduced (a ValueError names the argument): glorot_fix, conv2d_fft, fft, stacked, base_model, vectors,
+fix_fingers="clip_xmax", an int xmax, deltas, detX/ERG, randomize with peft; folders of WeightWatcher's .npy flat
+files or Keras .h5 files; a single checkpoint file as model (WeightWatcher takes folders).
 nn.Conv1d layers (3-d weights), on which WeightWatcher 0.7.7's SVD fails,
 are left out with a warning (so is any other layer whose weight is no
 matrix: a "dense" layer's not 2-d, a "conv2d" one's not 4-d). plot=True draws one ESD figure per
@@ -145,10 +167,9 @@ OVER_TRAINED_THRESH, UNDER_TRAINED_THRESH = 2.0, 6.0
 LAYER_TYPES = ("dense", "conv1d", "conv2d", "embedding", "norm")
 SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
                    "mp_softrank")
-_UNSUPPORTED = {"glorot_fix": False, "conv2d_fft": False, "fft": False, "intra": False, "stacked": False,
-                "peft": False, "base_model": None, "vectors": False, "fix_fingers": False, "xmax": None,
-                "deltas": False, "detX": False, "ERG": False, "pl_package": "ww", "fit": "PL", "ww2x": False,
-                "channels": None, "inverse": False}
+_UNSUPPORTED = {"glorot_fix": False, "conv2d_fft": False, "fft": False, "stacked": False, "base_model": None,
+                "vectors": False, "fix_fingers": False, "xmax": None, "deltas": False, "detX": False, "ERG": False,
+                "pl_package": "ww", "fit": "PL", "ww2x": False, "channels": None, "inverse": False}
 
 
 def _layer_type(module: nn.Module) -> str:
@@ -515,6 +536,178 @@ def _safetensors_keys(path: str) -> list:
         return list(handle.keys())  # sorted by name, as SafeTensorDict lists them
 
 
+# -- intra=True and peft=True: WeightWatcher's WWIntraLayerIterator and WWPeftLayerIterator ---------------------
+
+
+def _wmat(layer: _Layer) -> np.ndarray:
+    """The layer's first weight matrix as WeightWatcher 0.7.7's iterators hold
+    it (WWLayer.Wmats[0]): the float32 numpy copy torch_T_to_np makes of the
+    weight, a Conv2d's first kh*kw slice W[:, :, 0, 0], transposed when
+    out < in (conv2D_Wmats); the same array layout, so that numpy's float32
+    products give WeightWatcher's bits."""
+    w = layer._load().to("cpu").float().numpy().reshape(layer.shape)
+    if layer.kind == "conv2d":
+        w = w[:, :, 0, 0]
+        if w.shape[0] < w.shape[1]:
+            w = w.T
+    return w
+
+
+def _wmat_shape(layer: _Layer) -> tuple:
+    """_wmat's shape without reading the weight."""
+    if layer.kind == "conv2d":
+        out, cin = layer.shape[:2]
+        return (cin, out) if out < cin else (out, cin)
+    return tuple(layer.shape)
+
+
+def _align_mats(W0: np.ndarray, W1: np.ndarray):
+    """WWIntraLayerIterator's align_mats: when the four dimensions repeat, the
+    largest repeated one is the shared one, and W0 (W1) is transposed unless
+    its columns (rows) are it; otherwise both unchanged."""
+    shapes = [W0.shape[0], W0.shape[1], W1.shape[0], W1.shape[1]]
+    for x in np.unique(shapes):
+        shapes.remove(x)
+    if shapes:
+        shared = np.max(shapes)
+        if not shared:
+            return W0, W1
+        if W0.shape[1] != shared:
+            W0 = np.transpose(W0)
+        if W1.shape[0] != shared:
+            W1 = np.transpose(W1)
+    return W0, W1
+
+
+def _n_comp(layer: _Layer) -> int:
+    """WWLayer.num_components: M, or M * rf for a Conv2d."""
+    return layer.M * layer.rf if layer.kind == "conv2d" else layer.M
+
+
+def _top_singular_values(X: np.ndarray, n_comp: int, rowspace: np.ndarray | None = None) -> np.ndarray:
+    """combined_eigenvalues' singular values of one float64 matrix, ascending:
+    all of them through WeightWatcher's own call (scipy.linalg.svd, values
+    only: the same bits, which its MP fit's brute-force search needs, as it
+    can turn a 1e-14 difference into another grid point), or the n_comp
+    largest when n_comp < min(X.shape) (ARPACK's svds there, started from a
+    fresh random vector per call, so that WeightWatcher itself differs from
+    run to run in singular values at rounding level): the full SVD's largest
+    here, or, for a LoRA product X = B A given A's rows as `rowspace`, the
+    singular values of X Q, Q an orthonormal basis of A's rows (X's rank-r
+    part exactly, its float32 rounding to second order: 1e-14 relative)."""
+    from scipy import linalg
+
+    X = np.asarray(X, dtype=np.float64)
+    if rowspace is not None and n_comp < min(X.shape):
+        Q = torch.linalg.qr(torch.from_numpy(np.asarray(rowspace, dtype=np.float64)).mT).Q
+        sv = torch.linalg.svdvals(torch.from_numpy(X) @ Q).numpy()
+    else:
+        sv = linalg.svd(X, compute_uv=False)
+    return np.sort(sv)[-n_comp:]
+
+
+def _renamed(layer: _Layer, old: str, new: str, N: int, M: int) -> _Layer:
+    twin = copy.copy(layer)
+    twin.name, twin.longname = layer.name.replace(old, new), layer.longname.replace(old, new)
+    twin.N, twin.M, twin.norm = int(N), int(M), 1.0
+    return twin
+
+
+def _intra_layers(chosen, sparsify: bool, conv2d_norm: bool):
+    """WWIntraLayerIterator (intra=True): each layer kept (by analyze's
+    filters and size tests) with the one before it, W0 and W1 their first
+    weight matrices (_wmat) aligned by _align_mats; a pair whose W0 columns
+    are not W1's rows is skipped (and the pair after starts from W1). X =
+    W0 W1 / (||W0|| ||W1||) in float32 (numpy, as there); with sparsify (its
+    default) X = W0 S W1 / (||W0|| ||W1|| + sqrt(||S||)), S a 0/1 matrix of
+    np.random.randint(2) (numpy's global generator, in its order). X is the
+    later layer's row: its id, longname, type and rf, named "<id0> X <id1> "
+    (trailing space), N and M of X, scaled by sqrt(1/2) (conv2d_norm) when
+    that layer is a Conv2d. Yields (layer, X float64, n_comp)."""
+    prev = prev_W = None
+    for layer in chosen:
+        W = _wmat(layer)
+        if prev is None:
+            prev, prev_W = layer, W
+            continue
+        W0, W1 = _align_mats(prev_W, W)
+        name = f"{prev.layer_id} X {layer.layer_id} "
+        prev, prev_W = layer, W
+        if W0.shape[1] != W1.shape[0]:
+            continue
+        norm12 = np.linalg.norm(W0) * np.linalg.norm(W1)
+        if sparsify:
+            M = np.min(W1.shape[0])
+            S = np.random.randint(2, size=M * M).reshape((M, M))
+            norm12 = norm12 + np.sqrt(np.linalg.norm(S))
+            X = np.dot(np.dot(W0, S), W1) / norm12
+        else:
+            X = np.dot(W0, W1) / norm12
+        if conv2d_norm and layer.kind == "conv2d":
+            X = X * np.sqrt(1 / 2.0)  # apply_normalize_Wmats with conv2d_count = 1
+        twin = _renamed(layer, "", "", max(X.shape), min(X.shape))
+        twin.name = name
+        yield twin, X.astype(float), _n_comp(layer)
+
+
+def _peft_layers(chosen, with_base: bool, compute: bool = True):
+    """WWPeftLayerIterator (peft=True, or "with_base"): among the layers kept,
+    a "dense" one whose longname holds "lora_A" is A, the next one holding
+    "lora_B" is B; A becomes the row of BA = np.dot(B, A) in float32 (A
+    transposed when taller than wide, B when its columns are not A's rows;
+    no lora_alpha / r scaling, as there), named with "lora_BA" for "lora_A",
+    its singular values the r = min(A.shape) largest (num_components). With
+    "with_base", the other layers keep their rows (in order) and B becomes
+    the row of W + BA (BA^T when A was transposed; W the last non-LoRA
+    layer's first matrix), named "lora_W_plus_AB", also r singular values,
+    given before BA's row. Other "lora_" layers are left out. Yields
+    ("layer", layer) for a layer analysed as it is, ("matrix", layer, X,
+    n_comp, rowspace) for BA and W + BA (X None when compute is False)."""
+    last = None  # the last non-LoRA layer (with_base)
+    stack, A_layer = [], None
+    for layer in chosen:
+        if layer.kind == "dense" and "lora_" in layer.longname:
+            if "lora_A" in layer.longname:
+                A_layer = layer
+                stack.append(("layer", layer))
+            elif "lora_B" in layer.longname:
+                if A_layer is None or ("layer", A_layer) not in stack:
+                    raise ValueError(f"peft: {layer.longname} (a lora_B layer) follows no lora_A layer of its own")
+                a_shape, b_shape = _wmat_shape(A_layer), _wmat_shape(layer)
+                transpose = a_shape[0] > a_shape[1]
+                a_shape = a_shape[::-1] if transpose else a_shape
+                b_t = b_shape[1] != a_shape[0]
+                b_shape = b_shape[::-1] if b_t else b_shape
+                if b_shape[1] != a_shape[0]:
+                    raise ValueError(f"peft: LoRA matrices {A_layer.longname} and {layer.longname} can not be "
+                                     f"aligned: B {b_shape} x A {a_shape} (WeightWatcher's np.dot fails too)")
+                rank = min(a_shape)
+                ba_shape = (b_shape[0], a_shape[1])
+                A = B = BA = None
+                if compute:
+                    A, B = _wmat(A_layer), _wmat(layer)
+                    A, B = (A.T if transpose else A), (B.T if b_t else B)
+                    BA = np.dot(B, A)
+                ba = _renamed(A_layer, "lora_A", "lora_BA", max(ba_shape), min(ba_shape))
+                stack[stack.index(("layer", A_layer))] = ("matrix", ba, BA, rank, A)
+                if with_base and last is not None:
+                    w_shape = np.broadcast_shapes(_wmat_shape(last), ba_shape[::-1] if transpose else ba_shape)
+                    W = None
+                    if compute:
+                        W = _wmat(last) + (BA.T if transpose else BA)
+                    stack.append(("matrix", _renamed(layer, "lora_B", "lora_W_plus_AB", max(w_shape),
+                                                     min(w_shape)), W, rank, None))
+                while stack:
+                    item = stack.pop()
+                    yield item if item[0] == "layer" else item[:2] + (
+                        None if item[2] is None else item[2].astype(float),) + item[3:]
+                A_layer = None
+        else:
+            last = layer
+            if with_base:
+                yield ("layer", layer)
+
+
 def _source_kind(model) -> str:
     if isinstance(model, nn.Module):
         return "module"
@@ -619,24 +812,33 @@ class WeightWatcher:
 
     def describe(self, model=None, layers=None, min_evals=DEFAULT_MIN_EVALS, max_evals=DEFAULT_MAX_EVALS,
                  max_N=DEFAULT_MAX_N, pool=True, conv2d_norm=True, start_ids=0, large_layers=False,
-                 savefig="ww-img", **unsupported):
+                 savefig="ww-img", intra=False, peft=False, **unsupported):
         """The layers analyze() would analyse, without spectra: layer_id,
         name, M, N, Q, layer_type, longname, num_evals (M * rf), rf. A
         folder's tensors are not read (their shapes are in the files'
         headers). savefig is checked as WeightWatcher checks it (a bool or a
-        str) and otherwise unused, as there."""
+        str) and otherwise unused, as there. peft: the rows analyze(peft=...)
+        gives (the BA and W + BA layers, a peft column), read from the
+        shapes alone. intra=True is refused as WeightWatcher 0.7.7's
+        describe refuses it (its default params have randomize and vectors
+        set, which valid_params refuses with intra)."""
         if unsupported.pop("ww2x", False):  # WeightWatcher: "WW2X option deprecated, reverting to POOL=False"
             pool = False
         _check_params(dict(unsupported, min_evals=min_evals, max_evals=max_evals, max_N=max_N, pool=pool,
-                           start_ids=start_ids, savefig=savefig))
+                           start_ids=start_ids, savefig=savefig, intra=intra, randomize=True, vectors=True))
         _check_unsupported(pool, unsupported)
+        with_base = _peft_mode(peft)
+        chosen = self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids, large_layers, pool)
+        if peft:
+            items = [(item[1], {"peft": item[0] == "matrix"}) for item in _peft_layers(chosen, with_base, False)]
+        else:
+            items = [(l, {}) for l in chosen]
         rows = []
-        for l in self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids, large_layers,
-                              pool):
+        for l, extra in items:
             row = {"layer_id": l.layer_id, "name": l.name, "longname": l.longname, "layer_type": l.kind, "N": l.N,
                    "M": l.M, "rf": l.rf, "Q": l.N / l.M if l.M > 0 else -1,
-                   "num_evals": l.M * l.rf if pool else l.M}
-            if pool:
+                   "num_evals": l.M * l.rf if pool else l.M, **extra}
+            if pool or peft:
                 rows.append(row)
             else:  # WW2xSliceIterator: a row per kh*kw slice of a Conv2d, slice_id 0 for a matrix
                 rows.extend(dict(row, slice_id=s) for s in range(l.rf if l.kind == "conv2d" else 1))
@@ -647,32 +849,57 @@ class WeightWatcher:
                 conv2d_norm=True, pool=True, tolerance=WEAK_RANK_LOSS_TOLERANCE, start_ids=0, min_size=None,
                 max_size=None, svd_method="fast", large_layers=False, fit="PL", pl_package="ww", xmax=None,
                 fix_fingers=False, xmin_max=None, max_fingers=DEFAULT_MAX_FINGERS,
-                finger_thresh=DEFAULT_FINGER_THRESH, **unsupported) -> pd.DataFrame:
+                finger_thresh=DEFAULT_FINGER_THRESH, intra=False, sparsify=True, peft=False,
+                **unsupported) -> pd.DataFrame:
         """WeightWatcher.analyze(): one row per analysed layer with
         WeightWatcher 0.7.7's columns (module docstring), in its order.
         large_layers=True: also the layers WeightWatcher leaves out for their
         size (N > max_N, M*rf > max_evals), in their place in the order
         (without it they are left out as there, with a LayersLeftOutWarning
-        naming them)."""
+        naming them).
+
+        intra=True (WWIntraLayerIterator, _intra_layers): a row per pair of
+        consecutive kept layers whose matrices chain, the ESD being the
+        singular values (not their squares) of their normalised product,
+        sparsified by a random 0/1 matrix unless sparsify=False; an Xflag
+        column. WeightWatcher refuses it with randomize, vectors or
+        conv2d_fft, and so does this.
+
+        peft=True (WWPeftLayerIterator, _peft_layers): a row per LoRA pair
+        (lora_A, lora_B layers of a module or of an adapter folder's
+        adapter_model.safetensors), the ESD being the r largest squared
+        singular values of BA; peft="with_base" also the other layers and
+        W + BA; a peft column. randomize with peft is not reproduced."""
         if unsupported.pop("ww2x", False):  # WeightWatcher: "WW2X option deprecated, reverting to POOL=False"
             pool = False
         _check_params(dict(unsupported, min_evals=min_evals, max_evals=max_evals, max_N=max_N, pool=pool,
                            start_ids=start_ids, savefig=savefig, randomize=randomize, fit=fit,
-                           pl_package=pl_package, xmax=xmax, fix_fingers=fix_fingers, max_fingers=max_fingers))
+                           pl_package=pl_package, xmax=xmax, fix_fingers=fix_fingers, max_fingers=max_fingers,
+                           intra=intra))
         _check_unsupported(pool, unsupported)
         fit_type, fix_fingers = _fit_options(fit, pl_package, xmax, fix_fingers)
         if svd_method not in ("fast", "accurate"):
             raise ValueError(f"svd_method must be 'fast' or 'accurate', got {svd_method!r}")
+        if not isinstance(sparsify, (bool, np.bool_)):
+            raise TypeError(f"sparsify must be a bool, got {sparsify!r}")
+        with_base = _peft_mode(peft)
+        if peft and not intra and randomize:
+            raise ValueError("randomize=True with peft is not reproduced by spectral_ext.compat.weightwatcher")
         model = self._model(model)
         chosen = self._layers(model, layers, min_evals, max_evals, max_N, start_ids, large_layers, pool)
-        for layer in chosen:
-            if conv2d_norm and layer.kind == "conv2d":  # sqrt(conv2d_count / 2): count = rf for a slice
-                layer.norm = math.sqrt((1 if pool else layer.rf) / 2.0)
-        svs = _layer_singular_values(chosen)
-        if not pool:  # WW2xSliceIterator: each slice its own row (its singular values from the layer's batch)
-            chosen, svs = zip(*[(layer.slice_copy(s), sv[s:s + 1]) for layer, sv in zip(chosen, svs)
-                                for s in range(len(sv))]) if chosen else ((), ())
-        evals = [np.sort((sv ** 2).reshape(-1)) for sv in svs]
+        if intra or peft:  # WeightWatcher's intra / peft iterators: no slices, conv2d_count = 1 (sqrt(1/2))
+            entries = self._iterated_spectra(chosen, intra, sparsify, conv2d_norm, with_base)
+        else:
+            for layer in chosen:
+                if conv2d_norm and layer.kind == "conv2d":  # sqrt(conv2d_count / 2): count = rf for a slice
+                    layer.norm = math.sqrt((1 if pool else layer.rf) / 2.0)
+            svs = _layer_singular_values(chosen)
+            if not pool:  # WW2xSliceIterator: each slice its own row (its singular values from the layer's batch)
+                chosen, svs = zip(*[(layer.slice_copy(s), sv[s:s + 1]) for layer, sv in zip(chosen, svs)
+                                    for s in range(len(sv))]) if chosen else ((), ())
+            entries = [(layer, sv, np.sort((sv ** 2).reshape(-1)),
+                        {} if pool else {"slice_id": layer.slice_id}) for layer, sv in zip(chosen, svs)]
+        evals = [e[2] for e in entries]
         fits = {}
         if pl_package == "ww":  # WWFit, batched over the layers of one ESD size
             for n in sorted({len(e) for e in evals}):
@@ -683,8 +910,8 @@ class WeightWatcher:
         else:  # the powerlaw package, layer by layer, called as WeightWatcher calls it
             fits = {k: _powerlaw_package_fit(e, fit_type, xmax, fix_fingers, xmin_max) for k, e in enumerate(evals)}
         rows = []
-        for k, layer in enumerate(chosen):
-            row = _esd_columns(layer, svs[k], evals[k], tolerance)
+        for k, (layer, sv, _, extra) in enumerate(entries):
+            row = _esd_columns(layer, sv, evals[k], tolerance)
             row.update(_fit_columns(evals[k], fits[k]))
             if fit_type == "truncated_power_law":
                 row["Lambda"] = fits[k]["Lambda"]
@@ -693,14 +920,42 @@ class WeightWatcher:
             if randomize:
                 row.update(_random_columns(evals[k], layer, *self._random_singular_values(layer)))
             row.update(_norm_columns(evals[k], row["alpha"], layer.N))
-            if not pool:
-                row["slice_id"] = layer.slice_id
+            row.update(extra)
             rows.append(row)
             if plot:
-                plot_id = layer.layer_id if pool else f"{layer.layer_id}:{layer.slice_id}"
+                plot_id = f"{layer.layer_id}:{layer.slice_id}" if "slice_id" in extra else layer.layer_id
                 self.figures[plot_id] = self._plot(layer, evals[k], fits[k], savefig, plot_id)
         self.details = _ordered(rows)
         return self.details
+
+    @staticmethod
+    def _iterated_spectra(chosen, intra, sparsify, conv2d_norm, with_base):
+        """(layer, sv (1, k) or (rf, k), evals ascending, extra columns) per
+        row of WeightWatcher's intra or peft iterator, in its order. intra:
+        the ESD is the singular values of X themselves (combined_eigenvalues'
+        INTRA branch), sv their square roots. peft: the layers analysed as
+        they are go through _layer_singular_values in one batch."""
+        if intra:
+            out = []
+            for layer, X, n_comp in _intra_layers(chosen, sparsify, conv2d_norm):
+                s = _top_singular_values(X, n_comp)
+                out.append((layer, np.sqrt(s)[None], s, {"Xflag": True}))
+            return out
+        items = list(_peft_layers(chosen, with_base))
+        plain = [item[1] for item in items if item[0] == "layer"]
+        for layer in plain:
+            layer.norm = math.sqrt(0.5) if conv2d_norm and layer.kind == "conv2d" else 1.0
+        plain_svs = iter(_layer_singular_values(plain))
+        out = []
+        for item in items:
+            if item[0] == "layer":
+                sv = next(plain_svs)
+                out.append((item[1], sv, np.sort((sv ** 2).reshape(-1)), {"peft": False}))
+            else:
+                _, layer, X, n_comp, rowspace = item
+                s = _top_singular_values(X, n_comp, rowspace)
+                out.append((layer, s[None], s ** 2, {"peft": True}))
+        return out
 
     def get_details(self):
         return self.details
@@ -921,6 +1176,16 @@ class WeightWatcher:
             os.makedirs(folder, exist_ok=True)
             fig.savefig(os.path.join(folder, f"ww.layer{plot_id}.esd.png"), dpi=100)
         return fig
+
+
+def _peft_mode(peft) -> bool:
+    """WeightWatcher's peft argument: False (or None) off; "with_base"
+    (PEFT_WITH_BASE) the LoRA products and the other layers; True or any
+    other string (its DEFAULT_PEFT comment names "peft") the LoRA products
+    only. Returns whether the base layers are kept."""
+    if not isinstance(peft, (bool, np.bool_, str)) and peft is not None:
+        raise TypeError(f"peft must be True, False or 'with_base', got {peft!r}")
+    return peft == "with_base"
 
 
 def _check_unsupported(pool, unsupported):
