@@ -113,10 +113,15 @@ squared singular values (r = min(A.shape)); the other layers give no row.
 peft="with_base" keeps the other layers' rows and adds W + BA (W the last
 non-LoRA layer's matrix, named lora_W_plus_AB, r values too) before BA's
 row; a peft column. LoRA layers go through analyze's filters and size tests
-first, as there (r < min_evals leaves both out).
+first, as there (r < min_evals leaves both out). base_model (to the
+constructor, or to analyze / describe with the model, as set_model_ takes
+it; WWDeltaLayerIterator): the model's kept layers in order, each less (in
+float32) the base's next kept layer when its name is held in that layer's
+name; describe gives the model's rows.
 
-Not reproduced (a ValueError names the argument): glorot_fix, conv2d_fft, fft, stacked, base_model, vectors,
-fix_fingers="clip_xmax", an int xmax, deltas, detX/ERG, randomize with peft; folders of WeightWatcher's .npy flat
+Not reproduced (a ValueError names the argument): glorot_fix, conv2d_fft, fft, stacked, vectors,
+fix_fingers="clip_xmax", an int xmax, deltas, detX/ERG, randomize with peft, base_model with pool=False, intra or
+peft, or with layers of other shapes; folders of WeightWatcher's .npy flat
 files or Keras .h5 files; a single checkpoint file as model (WeightWatcher takes folders).
 nn.Conv1d layers (3-d weights), on which WeightWatcher 0.7.7's SVD fails,
 are left out with a warning (so is any other layer whose weight is no
@@ -125,6 +130,7 @@ layer (spectral_ext.plot.esd) rather than WeightWatcher's five."""
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import json
 import math
@@ -167,9 +173,9 @@ OVER_TRAINED_THRESH, UNDER_TRAINED_THRESH = 2.0, 6.0
 LAYER_TYPES = ("dense", "conv1d", "conv2d", "embedding", "norm")
 SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
                    "mp_softrank")
-_UNSUPPORTED = {"glorot_fix": False, "conv2d_fft": False, "fft": False, "stacked": False, "base_model": None,
-                "vectors": False, "fix_fingers": False, "xmax": None, "deltas": False, "detX": False, "ERG": False,
-                "pl_package": "ww", "fit": "PL", "ww2x": False, "channels": None, "inverse": False}
+_UNSUPPORTED = {"glorot_fix": False, "conv2d_fft": False, "fft": False, "stacked": False, "vectors": False,
+                "fix_fingers": False, "xmax": None, "deltas": False, "detX": False, "ERG": False, "pl_package": "ww",
+                "fit": "PL", "ww2x": False, "channels": None, "inverse": False}
 
 
 def _layer_type(module: nn.Module) -> str:
@@ -728,11 +734,28 @@ class WeightWatcher:
     SVDSharpness on PyTorch modules."""
 
     def __init__(self, model=None, framework=None, base_model=None, log_level=None):
-        if base_model is not None:
-            raise ValueError("base_model (delta analysis) is not reproduced by spectral_ext.compat.weightwatcher")
         if model is not None:
             _source_kind(model)
-        self.model, self.details, self.figures = model, None, {}
+        if base_model is not None:
+            _source_kind(base_model)
+        self.model, self.base_model, self.details, self.figures = model, base_model, None, {}
+
+    def _base(self, model, base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers):
+        """WeightWatcher.set_model_'s base model (analyze's base_model is
+        taken only when a model is given too and none was set before) and its
+        layers as WWDeltaLayerIterator's right-hand iterator keeps them (the
+        same filters and size tests); None without one."""
+        if model is not None and self.base_model is None:
+            self.base_model = base_model
+        if self.base_model is None:
+            return None
+        kinds = (_source_kind(self._model(model)), _source_kind(self.base_model))
+        if kinds[0] != kinds[1]:
+            raise ValueError(f"base_model: a {kinds[1]} for a {kinds[0]} model (WeightWatcher stops on frameworks "
+                             "that differ)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LayersLeftOutWarning)
+            return self._layers(self.base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers)
 
     # -- layers ------------------------------------------------------------------------------
 
@@ -812,7 +835,7 @@ class WeightWatcher:
 
     def describe(self, model=None, layers=None, min_evals=DEFAULT_MIN_EVALS, max_evals=DEFAULT_MAX_EVALS,
                  max_N=DEFAULT_MAX_N, pool=True, conv2d_norm=True, start_ids=0, large_layers=False,
-                 savefig="ww-img", intra=False, peft=False, **unsupported):
+                 savefig="ww-img", intra=False, peft=False, base_model=None, **unsupported):
         """The layers analyze() would analyse, without spectra: layer_id,
         name, M, N, Q, layer_type, longname, num_evals (M * rf), rf. A
         folder's tensors are not read (their shapes are in the files'
@@ -821,13 +844,16 @@ class WeightWatcher:
         gives (the BA and W + BA layers, a peft column), read from the
         shapes alone. intra=True is refused as WeightWatcher 0.7.7's
         describe refuses it (its default params have randomize and vectors
-        set, which valid_params refuses with intra)."""
+        set, which valid_params refuses with intra). base_model: the model's
+        rows (a delta has the model's shapes)."""
         if unsupported.pop("ww2x", False):  # WeightWatcher: "WW2X option deprecated, reverting to POOL=False"
             pool = False
         _check_params(dict(unsupported, min_evals=min_evals, max_evals=max_evals, max_N=max_N, pool=pool,
                            start_ids=start_ids, savefig=savefig, intra=intra, randomize=True, vectors=True))
         _check_unsupported(pool, unsupported)
         with_base = _peft_mode(peft)
+        base = self._base(model, base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers)
+        _check_base(base, pool, intra, peft)
         chosen = self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids, large_layers, pool)
         if peft:
             items = [(item[1], {"peft": item[0] == "matrix"}) for item in _peft_layers(chosen, with_base, False)]
@@ -849,7 +875,7 @@ class WeightWatcher:
                 conv2d_norm=True, pool=True, tolerance=WEAK_RANK_LOSS_TOLERANCE, start_ids=0, min_size=None,
                 max_size=None, svd_method="fast", large_layers=False, fit="PL", pl_package="ww", xmax=None,
                 fix_fingers=False, xmin_max=None, max_fingers=DEFAULT_MAX_FINGERS,
-                finger_thresh=DEFAULT_FINGER_THRESH, intra=False, sparsify=True, peft=False,
+                finger_thresh=DEFAULT_FINGER_THRESH, intra=False, sparsify=True, peft=False, base_model=None,
                 **unsupported) -> pd.DataFrame:
         """WeightWatcher.analyze(): one row per analysed layer with
         WeightWatcher 0.7.7's columns (module docstring), in its order.
@@ -869,7 +895,12 @@ class WeightWatcher:
         (lora_A, lora_B layers of a module or of an adapter folder's
         adapter_model.safetensors), the ESD being the r largest squared
         singular values of BA; peft="with_base" also the other layers and
-        W + BA; a peft column. randomize with peft is not reproduced."""
+        W + BA; a peft column. randomize with peft is not reproduced.
+
+        base_model (here or given to the constructor: WWDeltaLayerIterator,
+        _delta_layers): each layer's weight less the base model's layer
+        paired with it, with pool=True and neither intra nor peft (which
+        WeightWatcher's delta iterator ignores, half-way)."""
         if unsupported.pop("ww2x", False):  # WeightWatcher: "WW2X option deprecated, reverting to POOL=False"
             pool = False
         _check_params(dict(unsupported, min_evals=min_evals, max_evals=max_evals, max_N=max_N, pool=pool,
@@ -885,8 +916,12 @@ class WeightWatcher:
         with_base = _peft_mode(peft)
         if peft and not intra and randomize:
             raise ValueError("randomize=True with peft is not reproduced by spectral_ext.compat.weightwatcher")
+        base = self._base(model, base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers)
+        _check_base(base, pool, intra, peft)
         model = self._model(model)
         chosen = self._layers(model, layers, min_evals, max_evals, max_N, start_ids, large_layers, pool)
+        if base is not None:
+            chosen = _delta_layers(chosen, base)
         if intra or peft:  # WeightWatcher's intra / peft iterators: no slices, conv2d_count = 1 (sqrt(1/2))
             entries = self._iterated_spectra(chosen, intra, sparsify, conv2d_norm, with_base)
         else:
@@ -1186,6 +1221,48 @@ def _peft_mode(peft) -> bool:
     if not isinstance(peft, (bool, np.bool_, str)) and peft is not None:
         raise TypeError(f"peft must be True, False or 'with_base', got {peft!r}")
     return peft == "with_base"
+
+
+def _check_base(base, pool, intra, peft) -> None:
+    """With a base model WeightWatcher builds its delta iterator from plain
+    WWLayerIterators whatever pool, intra and peft say (intra still turns the
+    ESD into singular values): those mixtures are refused by name."""
+    if base is None:
+        return
+    for name, value, plain in (("pool", pool, True), ("intra", intra, False), ("peft", peft, False)):
+        if value != plain:
+            raise ValueError(f"base_model with {name}={value!r} is not reproduced by "
+                             f"spectral_ext.compat.weightwatcher (only {name}={plain!r})")
+
+
+def _delta_load(load, shape: tuple, base: _Layer) -> torch.Tensor:
+    """WWDeltaLayerIterator's W_model - W_base in float32 (the base's
+    transpose when that is its shape); `load` reads the model's weight."""
+    w = load().to("cpu").float().reshape(shape)
+    b = base._load().to("cpu").float().reshape(base.shape)
+    return w - (b.mT if b.shape != w.shape else b)
+
+
+def _delta_layers(chosen, base):
+    """WWDeltaLayerIterator.ww_layer_iter_: the model's layers in order,
+    each paired with the base's next kept layer when its name is contained
+    in that layer's name (then the base moves on; otherwise the layer is
+    analysed as it is). A pair whose shapes differ, which WeightWatcher
+    replaces by zeros (dense) or pairs slice by slice (conv2d), is
+    refused."""
+    out, right = [], iter(base)
+    other = next(right, None)
+    for layer in chosen:
+        if other is not None and layer.name in other.name:
+            if other.shape != layer.shape and not (layer.kind != "conv2d" and other.shape[::-1] == layer.shape):
+                raise ValueError(f"base_model: layer {layer.longname} {layer.shape} and the base's {other.longname} "
+                                 f"{other.shape} differ in shape (WeightWatcher analyses zeros or part of the "
+                                 "slices there: not reproduced)")
+            layer = copy.copy(layer)
+            layer._load = functools.partial(_delta_load, layer._load, layer.shape, other)
+            other = next(right, None)
+        out.append(layer)
+    return out
 
 
 def _check_unsupported(pool, unsupported):

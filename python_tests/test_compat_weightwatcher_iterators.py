@@ -1,9 +1,10 @@
-"""spectral_ext.compat.weightwatcher's intra=True and peft=True against the
-real WeightWatcher 0.7.7, column by column: intra-layer products of
-consecutive layers (MLPs, a bottleneck where WeightWatcher takes a truncated
-SVD, a CNN; sparsified with numpy's global generator or not), LoRA products
-BA (and W + BA with peft="with_base") of a module laid out as PEFT lays it
-out and of an adapter folder (fp32 and bf16), and the refusals of both."""
+"""spectral_ext.compat.weightwatcher's other layer iterators against the
+real WeightWatcher 0.7.7, column by column: intra=True (products of
+consecutive layers: MLPs, a bottleneck where WeightWatcher takes a truncated
+SVD, a CNN; sparsified with numpy's global generator or not), peft=True (LoRA
+products BA, and W + BA with peft="with_base", of a module laid out as PEFT
+lays it out and of an adapter folder, fp32 and bf16) and base_model (the
+layers' differences from a base model), and the refusals of each."""
 import contextlib
 import io
 import json
@@ -222,3 +223,77 @@ def test_peft_bad_input_names_the_argument():
     orphan.add_module("x_lora_B", nn.Linear(16, 16))  # a lora_B with no lora_A (WeightWatcher: UnboundLocalError)
     with pytest.raises(ValueError, match="peft: x_lora_B .* follows no lora_A"):
         se_ww.WeightWatcher(model=orphan).analyze(peft=True)
+
+
+# -- base_model ------------------------------------------------------------------------------------------------
+
+
+def base_pair(name):
+    """A model and its base (the same layers, perturbed)."""
+    torch.manual_seed(0)
+    model = {"mlp": lambda: nn.Sequential(nn.Linear(30, 50), nn.ReLU(), nn.Linear(50, 25), nn.Linear(25, 12)),
+             "cnn": lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, (3, 5)), nn.Flatten(),
+                                          nn.Linear(32 * 4, 64), nn.Linear(64, 10))}[name]
+    left, right = model(), model()
+    with torch.no_grad():
+        for p, q in zip(left.parameters(), right.parameters()):
+            q.copy_(p + 0.1 * torch.randn_like(p))
+    return left, right
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("kwargs", [{}, {"mp_fit": True}, {"layers": [1, 2, 3]}, {"min_evals": 20}])
+def test_base_model_equals_weightwatcher(name, kwargs):
+    """WWDeltaLayerIterator: each layer's W - W_base (float32), given to the
+    constructor or to analyze with the model; describe gives the model's rows."""
+    model, base = base_pair(name)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ww.WeightWatcher(model=model, base_model=base).analyze(**kwargs)
+        given_later = ww.WeightWatcher().analyze(model=model, base_model=base, **kwargs)
+        described = ww.WeightWatcher(model=model, base_model=base).describe()
+    got = se_ww.WeightWatcher(model=model, base_model=base).analyze(**kwargs)
+    assert_same_frames(expected, got)
+    assert_same_frames(given_later, se_ww.WeightWatcher().analyze(model=model, base_model=base, **kwargs))
+    assert_same_frames(described, se_ww.WeightWatcher(model=model, base_model=base).describe())
+    plain = se_ww.WeightWatcher(model=model).analyze(**kwargs)
+    assert not np.allclose(plain["lambda_max"], got["lambda_max"])
+
+
+def test_base_model_pairs_by_name_as_weightwatcher():
+    """A layer whose name no base layer holds (next in order) is analysed as it is."""
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(enc=nn.Linear(30, 50), dec=nn.Linear(50, 25)))
+    base = nn.Sequential(OrderedDict(dec=nn.Linear(50, 25)))
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ww.WeightWatcher(model=model, base_model=base).analyze()
+    got = se_ww.WeightWatcher(model=model, base_model=base).analyze()
+    assert_same_frames(expected, got)
+    assert got["lambda_max"].iloc[0] == se_ww.WeightWatcher(model=model).analyze()["lambda_max"].iloc[0]
+
+
+def test_base_model_state_dicts_equal_weightwatcher():
+    model, base = base_pair("mlp")
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ww.WeightWatcher(model=model.state_dict(), base_model=base.state_dict()).analyze()
+    assert_same_frames(expected, se_ww.WeightWatcher(model=model.state_dict(),
+                                                     base_model=base.state_dict()).analyze())
+
+
+def test_base_model_refusals_name_the_argument():
+    model, base = base_pair("mlp")
+    watcher = se_ww.WeightWatcher(model=model, base_model=base)
+    for kwargs in (dict(pool=False), dict(intra=True), dict(peft=True)):
+        with pytest.raises(ValueError, match=f"base_model with {next(iter(kwargs))}="):
+            watcher.analyze(**kwargs)
+    with pytest.raises(ValueError, match="base_model: a state_dict for a module model"):
+        se_ww.WeightWatcher(model=model, base_model=base.state_dict()).analyze()
+    other = nn.Sequential(nn.Linear(30, 50), nn.ReLU(), nn.Linear(50, 20), nn.Linear(20, 12))
+    with pytest.raises(ValueError, match="base_model: layer 2 .* differ in shape"):
+        se_ww.WeightWatcher(model=model, base_model=other).analyze()
+    with pytest.raises(TypeError, match="model must be"):
+        se_ww.WeightWatcher(model=model, base_model=42)
