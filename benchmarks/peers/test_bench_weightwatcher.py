@@ -131,3 +131,36 @@ def test_layer_spectra_of_grouped_convolutions_vs_weightwatcher(benchmark, arch)
     for value in expected["lambda_max"].astype(float):
         nearest = ours[np.clip(np.searchsorted(ours, value), 0, len(ours) - 1)]
         assert abs(nearest - value) <= 1e-8 * value or np.isclose(ours, value, rtol=1e-8).any()
+
+
+@pytest.mark.parametrize("method", ["raw", "euclidean", "cka"])
+def test_distances_vs_weightwatcher(benchmark, method):
+    """distances(m1, m2, method) on two ResNet-18 initialisations (seeds 0 and 1): CPU-time medians
+    (time.process_time, one thread, interleaved) in extra_info besides the wall medians; euclidean and
+    cka run WeightWatcher's float32 numpy operations on its slices (the same numbers: 1e-6 asserted, 0
+    measured on an AMD EPYC with numpy's OpenBLAS)."""
+    torch.manual_seed(0)
+    m1 = torchvision.models.resnet18(weights=None)
+    torch.manual_seed(1)
+    m2 = torchvision.models.resnet18(weights=None)
+    cpu = {"spectral_ext": [], "weightwatcher": []}
+
+    def timed(side, fn):
+        def run():
+            start = time.process_time()
+            out = fn()
+            cpu[side].append(time.process_time() - start)
+            return out
+        return run
+
+    benchmark.group = f"WeightWatcher.distances(method={method!r}) on two ResNet-18"
+    got, expected = interleaved(
+        benchmark, timed("spectral_ext", lambda: se_ww.WeightWatcher().distances(m1, m2, method=method)),
+        timed("weightwatcher", quiet(lambda: ww.WeightWatcher().distances(m1, m2, method=method))))
+    medians = {k: statistics.median(v) for k, v in cpu.items()}
+    benchmark.extra_info.update({f"{k}_cpu_median_s": v for k, v in medians.items()})
+    benchmark.extra_info["cpu_speedup"] = medians["weightwatcher"] / medians["spectral_ext"]
+    print(f"CPU: weightwatcher {medians['weightwatcher'] * 1e3:.1f} ms, spectral_ext "
+          f"{medians['spectral_ext'] * 1e3:.1f} ms, {benchmark.extra_info['cpu_speedup']:.2f}x")
+    assert got[0] == pytest.approx(expected[0], rel=1e-6)
+    np.testing.assert_allclose(got[2]["delta_W"].astype(float), expected[2]["delta_W"].astype(float), rtol=1e-6)

@@ -236,6 +236,12 @@ class _Layer:
         """A 2-d weight as stored (its dtype, its layout), read now."""
         return self._load().reshape(self.shape)
 
+    def read_float32(self) -> np.ndarray:
+        """The weight as WeightWatcher's torch_T_to_np gives it: a float32
+        numpy array in its stored shape and layout (a view of a float32
+        module's weight)."""
+        return self._load().to("cpu").float().numpy().reshape(self.shape)
+
     def read(self, scratch: "_Scratch | None" = None) -> torch.Tensor:
         """The (rf, rows, cols) float64 stack WeightWatcher's SVDs see (its
         N x M orientation for a Conv2d's slices, the weight as stored
@@ -551,12 +557,7 @@ def _wmat(layer: _Layer) -> np.ndarray:
     weight, a Conv2d's first kh*kw slice W[:, :, 0, 0], transposed when
     out < in (conv2D_Wmats); the same array layout, so that numpy's float32
     products give WeightWatcher's bits."""
-    w = layer._load().to("cpu").float().numpy().reshape(layer.shape)
-    if layer.kind == "conv2d":
-        w = w[:, :, 0, 0]
-        if w.shape[0] < w.shape[1]:
-            w = w.T
-    return w
+    return _wmats(layer.read_float32(), layer)[0]
 
 
 def _wmat_shape(layer: _Layer) -> tuple:
@@ -1137,7 +1138,7 @@ class WeightWatcher:
             if not pool:
                 chosen = [l.slice_copy(s) for l in chosen for s in range(l.rf if l.kind == "conv2d" else 1)]
             iters.append([(l, modules[l.longname if l.longname in modules else ""]) for l in chosen])
-        rows, data = [], {}
+        rows, data, per_layer = [], {}, [None, None, None]
         for (l1, m1), (l2, m2) in zip(*iters):  # a dict carried from row to row, as there
             data.update(layer_id=l1.layer_id, name=l1.name, longname=l1.longname, method=method)
             if not pool:
@@ -1152,20 +1153,25 @@ class WeightWatcher:
                 else:
                     data.update(b_shape="unknown", delta_b=0)
             else:
-                S1, S2 = (l.read().float() for l in (l1, l2))  # the N x M slices, float32
-                data.update(M=min(S1.shape[1:]), N=max(S1.shape[1:]), b_shape="unknown", delta_b=0.0)
-                def norms(x):  # every slice's Frobenius norm, float32, in one call
-                    return torch.linalg.vector_norm(x.reshape(len(x), -1), dim=1).numpy()
-
-                if method == "euclidean":
-                    per_slice = norms(S1 - S2)
-                else:
-                    norm = np.sqrt(norms(S1.mT @ S1) * norms(S2 @ S2.mT))
-                    per_slice = norms(S1.mT @ S2) / np.where(norm < 0.000001, norm + 0.000001, norm)
+                # WeightWatcher's own float32 numpy operations on its Wmats (the same bits), every slice of a
+                # layer at once (pool=False's rows take theirs in turn): the euclidean difference taken once per
+                # layer (elementwise, so each slice's is the same), each slice's norm summing its entries in the
+                # order WeightWatcher's W1 - W2 lays them out; cka's products on slices laid out contiguously
+                if per_layer[0] != l1.layer_id:
+                    (w1, full1), (w2, full2) = ((l.read_float32(), copy.copy(l)) for l in (l1, l2))
+                    full1.slice_id = full2.slice_id = None
+                    if method == "euclidean":
+                        values = [np.linalg.norm(D) for D in _wmats(w1 - w2, full1)]
+                    else:
+                        values = [_cka32(W1, W2) for W1, W2 in zip(_wmats(w1, full1, True), _wmats(w2, full2, True))]
+                    per_layer[:] = [l1.layer_id, values, _wmats(w1, full1)[0].shape]
+                _, values, shape = per_layer
+                per_slice = values if l1.slice_id is None else values[l1.slice_id:l1.slice_id + 1]
+                data.update(M=np.min(shape), N=np.max(shape), b_shape="unknown", delta_b=0.0)
                 total = 0.0
                 for value in per_slice:  # summed in order, in float32, as there
                     total += value
-                data["delta_W"] = total / float(len(S1))
+                data["delta_W"] = total / float(len(per_slice))
             rows.append(dict(data))
         frame = pd.DataFrame.from_records(rows)
         lead = ["method", "layer_id", "name", "delta_W", "delta_b", "M", "N", "b_shape"]
@@ -1381,9 +1387,37 @@ def _truncate(W: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _norm32(x: torch.Tensor) -> float:
-    """np.linalg.norm of a float32 array: sqrt of the float32 dot of its entries."""
-    x = x.reshape(-1)
-    return np.sqrt(np.float32(torch.dot(x, x)))  # a float32, as numpy's
+    """np.linalg.norm of a float32 array (a float32: sqrt of BLAS's dot of its
+    entries in memory order), computed by numpy itself on the contiguous
+    difference, so that WeightWatcher's raw distances come out to the bit."""
+    return np.linalg.norm(x.contiguous().numpy())
+
+
+def _wmats(w: np.ndarray, layer: "_Layer", contiguous: bool = False) -> list:
+    """WWLayer.Wmats of a weight `w` given as its float32 numpy array (the
+    shape torch gives it): the matrix, or a Conv2d's kh*kw slices
+    w[:, :, i, j] in (i, j) order, each transposed when out < in
+    (conv2D_Wmats), as views; the one slice of a pool=False row."""
+    if layer.kind != "conv2d":
+        mats = [w.reshape(layer.shape)]
+    else:
+        w = w.reshape(layer.shape)
+        if contiguous:  # each slice one C-contiguous block: BLAS reads it in place, no copy per product
+            w = np.ascontiguousarray(w.transpose(2, 3, 0, 1)).transpose(2, 3, 0, 1)
+        mats = [w[:, :, i, j] for i in range(w.shape[2]) for j in range(w.shape[3])]
+        mats = [m.T if m.shape[0] < m.shape[1] else m for m in mats]
+    return mats if layer.slice_id is None else mats[layer.slice_id:layer.slice_id + 1]
+
+
+def _cka32(W1: np.ndarray, W2: np.ndarray):
+    """WeightWatcher.matrix_distance's uncentred "cka" of two float32
+    matrices, its operations in its order (np.dot, np.linalg.norm): the
+    same float32 value."""
+    dist = np.linalg.norm(np.dot(W1.T, W2))
+    norm = np.sqrt(np.linalg.norm(np.dot(W1.T, W1)) * np.linalg.norm(np.dot(W2, W2.T)))
+    if norm < 0.000001:
+        norm = norm + 0.000001
+    return dist / norm
 
 
 def _detX_num(evals) -> int:
