@@ -31,7 +31,10 @@ choice is written here):
   the tensor it shares, not analysed twice). Summaries leave embeddings out by
   default: they are lookup tables, not maps between representations.
 - "lora": a PEFT LoRA adapter's update (lora_alpha / r) B A per target module
-  (lora_alpha / sqrt(r) with use_rslora), as WeightWatcher's peft option.
+  (lora_alpha / sqrt(r) with use_rslora), the update PEFT adds to the weight.
+  WeightWatcher's peft option analyses B A unscaled (compat.weightwatcher
+  reproduces that): the same alpha and ranks, lambda_max and norms apart by
+  the scale.
 - bare tensors (a mapping or a file) take their kind from name and shape: 2-D
   "linear" ("embedding" when the name says so: embed, wte, wpe, shared), 3-5-D
   conv1d/2d/3d (a state_dict does not record groups: a grouped weight is read
