@@ -280,11 +280,10 @@ def test_folder_tensors_are_read_one_at_a_time(folders, monkeypatch):
     assert len(loads) == len(rows) == len(set(loads)) and peak[0] == 1
 
 
-def test_large_matrices_in_blocks_and_panels_equal_weightwatcher(folders, monkeypatch):
-    """The Gram of a matrix summed over blocks of its longer side (as for a 151,936 x 896 embedding) and built in
-    row panels: the same numbers at any block and panel size."""
+def test_large_matrices_in_blocks_equal_weightwatcher(folders, monkeypatch):
+    """The Gram of a matrix summed over blocks of its longer side (as for a 151,936 x 896 embedding): the same
+    numbers at any block size."""
     monkeypatch.setattr(se_ww, "_BLOCK", 1000)  # a few rows per block, the last block short
-    monkeypatch.setattr(se_ww, "_PANEL", 24)
     for name in ("llama_bf16", "gpt2"):
         _, expected = real(folders[name])
         assert_same_frames(expected, se_ww.WeightWatcher(model=folders[name]).analyze())
