@@ -310,6 +310,45 @@ def test_feature_and_gram_routes_agree_with_the_u_statistic_formula():
             assert se.cka(X, Y, unbiased=unbiased) == pytest.approx(expected, rel=1e-10)
 
 
+def test_minibatch_cka_triangle_route_matches_the_stacked_gram_route(monkeypatch):
+    """MinibatchCKA's lower-triangle route (_triangle_hsic: the Grams' block
+    lower triangle, all pairs in one batched product) gives the HSIC sums of
+    the stacked-Gram route it replaced: both estimators, float32 and float64,
+    two blocks (n divisible by 4) and one, same-shaped and mixed layers, a
+    layer constant in one batch and one constant in all, and features too
+    large for unscaled float32 squares (handed to the scaling route)."""
+    g = torch.Generator().manual_seed(11)
+    cases = [(64, [96] * 6, torch.float32), (30, [70, 50, 70, 50], torch.float32), (40, [90] * 4, torch.float64)]
+    for n, dims, dtype in cases:
+        for unbiased, same in itertools.product((True, False), (True, False)):
+            batches = []
+            for b in range(3):
+                reps = [(torch.randn(n, d, generator=g, dtype=dtype) * 2).relu() + 1 for d in dims]
+                if b == 1:
+                    reps[1] = torch.full_like(reps[1], 3.0)
+                reps[-1] = torch.full_like(reps[-1], 1.5)
+                if b == 2:
+                    reps[0] = reps[0] * 1e20  # float32 squares overflow: the scaling route, same CKA
+                k = len(reps) // 2
+                batches.append((reps, None) if same else (reps[:k], reps[k:]))
+            fast, slow = S.MinibatchCKA(unbiased=unbiased), S.MinibatchCKA(unbiased=unbiased)
+            for Xs, Ys in batches:
+                fast.update(Xs, Ys)
+            with monkeypatch.context() as m:
+                m.setattr(_hsic, "_triangle_hsic", lambda *args: None)
+                for Xs, Ys in batches:
+                    slow.update(Xs, Ys)
+            assert fast.varied_x.tolist() == slow.varied_x.tolist()
+            assert fast.varied_y.tolist() == slow.varied_y.tolist()
+            with pytest.warns(RuntimeWarning, match="constant"):
+                a, b = fast.value(), slow.value()
+            assert torch.equal(a.isnan(), b.isnan())
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            np.testing.assert_allclose(a.nan_to_num().numpy(), b.nan_to_num().numpy(), rtol=0, atol=tol)
+            if same:
+                assert torch.equal(a.nan_to_num(), a.nan_to_num().T)
+
+
 def test_float32_features_keep_float64_accuracy_where_the_peers_lose_it():
     """ReLU features with a large mean and a CKA of ~0.01: the uncentred
     float32 Gram formula the CKA packages use is off by percent, the float64

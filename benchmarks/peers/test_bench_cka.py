@@ -138,6 +138,35 @@ def test_resnet18_layer_by_layer_vs_pytorch_cka(count):
           f"pytorch-cka {worst(values['pytorch-cka 1.1.3']):.1e}")
 
 
+@pytest.mark.parametrize("batch", [64, 256])
+def test_cka_heavy_mlp_vs_pytorch_cka(batch):
+    """Issue 30's CKA-heavy case: two MLPs of 8 layers (4 x Linear(256, 256)
+    + ReLU, every layer against every layer), 20 batches; CPU time, the drop-in
+    compat.pytorch_cka against pytorch-cka itself."""
+    from torch import nn
+
+    from spectral_ext.compat import pytorch_cka as drop_in
+
+    torch.manual_seed(0)
+
+    def mlp():
+        return nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(256, 256), nn.ReLU())])
+
+    a, b = mlp(), mlp()
+    layers = [str(i) for i in range(8)]
+    data = [torch.randn(batch, 256, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+
+    def run(module, first=a, second=b, batches=data):
+        with module.CKA(first, second, layers=layers, model2_layers=layers, device="cpu") as c:
+            return c._compare(batches, progress=False)
+
+    cpu = {}
+    medians, values = interleaved({"spectral_ext": lambda: run(drop_in), PEER: lambda: run(peer)}, REPEATS, cpu)
+    report(f"CKA-heavy MLP, 8 x 8 layers of 256, 20 batches of {batch}", medians, cpu=cpu)
+    exact = run(peer, a.double(), b.double(), [x.double() for x in data])  # the peer's formula in float64
+    np.testing.assert_allclose(values["spectral_ext"].numpy(), exact.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_orthogonal_procrustes_vs_numpy():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(10000, 512, dtype=torch.float64, generator=g)

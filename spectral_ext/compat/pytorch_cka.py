@@ -334,7 +334,7 @@ class CKA:
             raise ValueError(f"{model_name} layers {missing} produced no tensor in the forward pass (they did not "
                              "run, or returned something other than a tensor, a tuple or an output with "
                              "last_hidden_state)")
-        return [(store[n] if store[n].dim() > 1 else store[n][:, None])[:, :, None] for n in names]
+        return [store[n] if store[n].dim() > 1 else store[n][:, None] for n in names]
 
     def _compare(self, dataloader, progress: bool = True, verbose: bool = False) -> torch.Tensor:
         """The (len(layers), len(model2_layers)) CKA matrix over the batches

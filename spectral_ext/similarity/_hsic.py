@@ -368,6 +368,127 @@ def _stacked_grams(reps, kernel, bandwidth, gamma, workspace=None, key="", scale
     return out, exps, constant
 
 
+# HSIC(K_i, K_i) below which (or not finite) the triangle route hands a batch to _stacked_grams' Gram route, which
+# finds NaN and infinite features and scales the representations by powers of two: above it no float32 (float64)
+# Gram entry or product of two entries that matters underflows, and any that overflowed made H infinite or NaN.
+# Powers of two scale exactly, so the two routes give the same numbers.
+_TRIANGLE_SMALLEST = {torch.float32: 2.0 ** -90, torch.float64: 2.0 ** -900}
+
+
+def _triangle_cuts(n: int) -> list:
+    """The row blocks of _triangle_hsic: two halves for n >= 32 divisible
+    by 4 (the lower triangle's 3 of 4 blocks, measured 10-25% faster than
+    the whole Gram), else the whole Gram."""
+    return [0, n // 2, n] if n >= 32 and n % 4 == 0 else [0, n]
+
+
+def _triangle_weights(cuts, workspace, device) -> torch.Tensor:
+    """Float64 weights of the n-long chunks of _triangle_hsic's blocks: 1
+    for the diagonal blocks' chunks, 2 for those below the diagonal."""
+    n = cuts[-1]
+    key = ("triangle_weights", tuple(cuts), device)
+    weights = None if workspace is None else workspace.get(key)
+    if weights is None:
+        values = []
+        for low, high in zip(cuts, cuts[1:]):
+            width = high - low
+            values += [1.0] * (width * width // n) + [2.0] * ((n - high) * width // n)
+        weights = torch.tensor(values, dtype=torch.float64, device=device)
+        if workspace is not None:
+            workspace[key] = weights
+    return weights
+
+
+def _triangle_hsic(reps, unbiased: bool, workspace=None):
+    """(H, constant) for the linear kernel's Gram route, or None: H (K, K)
+    float64, the HSIC of every pair of reps (each (n, C, S) or (n, d); one
+    dtype, float32 or float64; n >= 4) as _gram_hsic gives it for a list
+    with itself (0 for a constant representation); constant[i]: R_i is
+    constant.
+
+    The features are stacked a chunk of same-shaped representations at a
+    time into a reused buffer and centred (a float32 mean does, see _gram);
+    of each Gram only the block lower triangle is formed (_triangle_cuts:
+    with halves, F F_1' and F_2 F_2', 3/4 of the products), into reused
+    (K, rows, width) blocks. Song et al.'s HSIC_1 is <K~, L~> from the
+    blocks (products in the Grams' dtype summed over chunks of n, as
+    _gram_inners sums rows; the chunks summed in float64, those below the
+    diagonal twice) with the corrections of the float64 row sums and
+    totals (each row summed in the Grams' dtype); biased: tr(KHLH) from
+    <K, L>, the row sums and totals. All pairs take one batched product.
+
+    None (the caller takes the Gram route of _stacked_grams) where some
+    HSIC(K_i, K_i) of a representation that varies is not finite or below
+    _TRIANGLE_SMALLEST: NaN or infinite features, or ones whose squares
+    overflow or underflow."""
+    K, n, dtype, device = len(reps), reps[0].shape[0], reps[0].dtype, reps[0].device
+    cuts = _triangle_cuts(n)
+    spans = list(zip(cuts, cuts[1:]))
+    blocks = [_buffer(workspace, f"triangle{j}", (K, n - low, high - low), dtype, device)
+              for j, (low, high) in enumerate(spans)]
+    groups = {}
+    for i, R in enumerate(reps):
+        groups.setdefault(R.shape, []).append(i)
+    order = [i for index in groups.values() for i in index]  # the representations' places in the blocks
+    differ = []
+    start = 0
+    for shape, index in groups.items():
+        d = math.prod(shape[1:])
+        size = max(1, min(len(index), _STACK_BYTES // max(1, n * d * blocks[0].element_size())))
+        buffer = _buffer(workspace, f"triangle_features{n}x{d}", (size, n, d), dtype, device)
+        for first in range(0, len(index), size):
+            part = index[first:first + size]
+            F = buffer if len(part) == size else buffer[:len(part)]
+            torch.stack([reps[i] for i in part], out=F.view(len(part), *shape))
+            differ.append((F[:, 0] != F[:, 1]).any(1))  # a representation whose first two samples differ varies
+            F.sub_(F.sum(1, keepdim=True), alpha=1.0 / n)  # centred (any shift near the mean does, see _gram)
+            for (low, high), block in zip(spans, blocks):
+                torch.bmm(F[:, low:], F[:, low:high].transpose(1, 2), out=block[start:start + len(part)])
+            start += len(part)
+    constant = [False] * K
+    for position, varies in enumerate((differ[0] if len(differ) == 1 else torch.cat(differ)).tolist()):
+        if not varies and _constant(reps[order[position]]):
+            constant[order[position]] = True
+            for block in blocks:  # its HSICs are exactly 0
+                block[position].zero_()
+    if unbiased:
+        for (low, high), block in zip(spans, blocks):
+            block[:, :high - low].diagonal(dim1=1, dim2=2).zero_()
+    # K~ 1 (unbiased), K 1 (biased): each row summed in the Grams' dtype (the rows of the blocks above the diagonal
+    # are the columns of those below it), then float64
+    rows = blocks[0].sum(-1)
+    if len(blocks) > 1:
+        h = cuts[1]
+        rows.add_(torch.cat((blocks[0][:, h:].sum(1), blocks[1].sum(-1)), 1))
+    rows = rows.to(torch.float64)
+    totals = rows.sum(-1)
+    # <K_i, K_j> of every pair: the blocks' n-long chunks (c, K, n), one batched product in the Grams' dtype, the
+    # chunks summed in float64 with their weights
+    if len(blocks) == 1:
+        chunks = blocks[0].view(K, -1, n).transpose(0, 1)
+    else:
+        chunks = _buffer(workspace, "triangle_chunks", (sum(b[0].numel() for b in blocks) // n, K, n), dtype, device)
+        torch.cat([block.view(K, -1, n).transpose(0, 1) for block in blocks], 0, out=chunks)
+    products = torch.bmm(chunks, chunks.transpose(1, 2))
+    inner = _triangle_weights(cuts, workspace, device) @ products.view(products.shape[0], -1).to(torch.float64)
+    if unbiased:
+        t, r, scale = 1.0 / ((n - 1) * (n - 2)), -2.0 / (n - 2), 1.0 / (n * (n - 3))
+    else:
+        t, r, scale = 1.0 / n ** 2, -2.0 / n, 1.0 / (n - 1) ** 2
+    half = 0.5 * scale
+    H = torch.addmm(inner.view(K, K), rows, rows.T, beta=half, alpha=r * half).addr_(totals, totals, alpha=t * half)
+    H = H + H.T  # symmetric by definition, though float32 products may round per side
+    smallest = _TRIANGLE_SMALLEST[dtype]
+    if not all(smallest <= v < math.inf for v, i in zip(H.diagonal().tolist(), order) if not constant[i]):
+        return None
+    if order != list(range(K)):
+        back = [0] * K
+        for position, i in enumerate(order):
+            back[i] = position
+        H = H[back][:, back]
+    return H, constant
+
+
 class _Batch:
     """One batch's representations reduced to what HSIC needs: centred
     features (feature route, linear kernels) or Grams (Gram route), each
@@ -604,14 +725,20 @@ class MinibatchCKA:
         self._workspace = {}  # buffers reused by the batches of one shape (_buffer)
 
     def _reps(self, reps, name, feature_axis):
-        """as_channels of each representation, all but its finiteness test
-        (_add runs it: on the Gram route of the linear kernel from the
-        maxima it takes anyway, one pass fewer per representation)."""
+        """as_channels of each representation ((N, d) ones left 2-D, as _add
+        takes them), all but its finiteness test (_add runs it: on the Gram
+        route of the linear kernel from what it computes anyway, one pass
+        fewer per representation)."""
         reps = [reps] if isinstance(reps, torch.Tensor) else list(reps)
         if not reps:
             raise ValueError(f"{name} lists no representation")
         out = []
+        flat = feature_axis is None or (type(feature_axis) is int and feature_axis in (1, -1))
         for R in reps:
+            if flat and isinstance(R, torch.Tensor) and R.dim() == 2 and R.dtype in _checks.FLOAT_DTYPES \
+                    and R.shape[0] and R.shape[1]:
+                out.append(R)  # (N, d): as _add takes it
+                continue
             _checks.tensor(name, R, ndims=range(2, 7), shape="(N, d), (N, C, H, W) or (N, tokens, features)",
                            finite=False)
             axis = _feature_axis_of(name, R, feature_axis)
@@ -627,21 +754,29 @@ class MinibatchCKA:
 
     def _add(self, Xs: list, Ys: list | None = None, check=None) -> None:
         """update() of representations already checked and laid out (N, C, S)
-        (cka and similarity_matrix check theirs at the edge, naming them);
-        check: the names of Xs and Ys, whose finiteness is not checked yet."""
+        or (N, d) (cka and similarity_matrix check theirs at the edge, naming
+        them); check: the names of Xs and Ys, whose finiteness is not
+        checked yet."""
         same = Ys is None
         Ys = Xs if same else Ys
-        n = {R.shape[0] for R in Xs + Ys}
+        reps = Xs if same else Xs + Ys
+        shapes = [R.shape for R in reps]
+        n = {shape[0] for shape in shapes}
         if len(n) != 1:
             raise ValueError(f"every representation of a batch must hold the same samples, got sizes {sorted(n)}")
         n = n.pop()
         if self.unbiased and n < 4:
             raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
-        dims_a = [R.shape[1] * R.shape[2] for R in Xs]
-        dims_b = [] if same else [R.shape[1] * R.shape[2] for R in Ys]
+        dims = [shape.numel() // n if n else math.prod(shape[1:]) for shape in shapes]
+        dims_a, dims_b = dims[:len(Xs)], [] if same else dims[len(Xs):]
         route = _route(self.kernel, n, dims_a, dims_b)
         if route == "grams" and len(Xs) == 1 and len(Ys) == 1:
             route = "direct"
+        if route == "grams" and self._triangle_route(reps, n, dims) \
+                and self._add_triangle(reps, len(Xs), same):
+            return
+        Xs = [R if R.dim() == 3 else R.reshape(R.shape[0], R.shape[1], -1) for R in Xs]
+        Ys = Xs if same else [R if R.dim() == 3 else R.reshape(R.shape[0], R.shape[1], -1) for R in Ys]
         # the other kernels' Grams are scale invariant and rescale inside (kernel_matrix, channel_normalize); the
         # Gram route scales the linear ones as it stacks them
         scale = self.kernel == "linear"
@@ -674,15 +809,45 @@ class MinibatchCKA:
             xy = xx.reshape(1, 1) if same else _hsic_direct(n, ta, tb, kl, self.unbiased, lower).reshape(1, 1)
         else:
             xy, xx, yy = _gram_hsic(a, b, same, self.unbiased)
+        self._accumulate(xy, xx, yy, exps_a, exps_b, a.constant, b.constant)
+
+    def _triangle_route(self, reps, n, dims) -> bool:
+        """Whether _triangle_hsic takes a batch of the Gram route: the linear
+        kernel, n >= 4, one float dtype, features, and no autograd graph."""
+        first = reps[0]
+        return self.kernel == "linear" and n >= 4 and first.dtype in _checks.FLOAT_DTYPES \
+            and all(R.dtype is first.dtype for R in reps) and min(dims) > 0 and not _checks.data_free(first) \
+            and not (torch.is_grad_enabled() and any(R.requires_grad for R in reps))
+
+    def _add_triangle(self, reps, a: int, same: bool) -> bool:
+        """A batch's representations (Xs + Ys, Xs the first a) added through
+        _triangle_hsic; False (nothing added) where it hands them back."""
+        result = _triangle_hsic(reps, self.unbiased, self._workspace)
+        if result is None:
+            return False
+        H, constant = result
+        if same:
+            xx = H.diagonal().clone()
+            self._accumulate(H, xx, xx, [0] * a, [0] * a, constant, constant)
+        else:
+            diagonal = H.diagonal()
+            self._accumulate(H[:a, a:].contiguous(), diagonal[:a].clone(), diagonal[a:].clone(), [0] * a,
+                             [0] * (len(constant) - a), constant[:a], constant[a:])
+        return True
+
+    def _accumulate(self, xy, xx, yy, exps_a, exps_b, constant_a, constant_b) -> None:
+        """One batch's HSICs added to the sums: xy (a, b), xx (a,), yy (b,)
+        float64 of the representations scaled by 2^-exps_a, 2^-exps_b
+        (_scaled); constant_a, constant_b: which are constant in this batch."""
         # a constant representation has HSIC exactly 0 (not rounding noise) in this batch
-        if any(a.constant) or any(b.constant):
-            ca = torch.tensor(a.constant, device=xy.device)
-            cb = torch.tensor(b.constant, device=xy.device)
+        if any(constant_a) or any(constant_b):
+            ca = torch.tensor(constant_a, device=xy.device)
+            cb = torch.tensor(constant_b, device=xy.device)
             xy = xy.masked_fill(ca[:, None] | cb[None, :], 0.0)
             xx, yy = xx.masked_fill(ca, 0.0), yy.masked_fill(cb, 0.0)
         if self.xy is None:
             self.xy, self.xx, self.yy = xy, xx, yy
-            self._varied = ([not c for c in a.constant], [not c for c in b.constant])
+            self._varied = ([not c for c in constant_a], [not c for c in constant_b])
             self.varied_x = torch.tensor(self._varied[0], device=xy.device)
             self.varied_y = torch.tensor(self._varied[1], device=xy.device)
             self._exps = (list(exps_a), list(exps_b))
@@ -707,8 +872,8 @@ class MinibatchCKA:
                 self._exps = ([max(u, v) for u, v in zip(self._exps[0], exps_a)],
                               [max(u, v) for u, v in zip(self._exps[1], exps_b)])
             self.xy, self.xx, self.yy = self.xy + xy, self.xx + xx, self.yy + yy
-            varied = ([v or not c for v, c in zip(self._varied[0], a.constant)],
-                      [v or not c for v, c in zip(self._varied[1], b.constant)])
+            varied = ([v or not c for v, c in zip(self._varied[0], constant_a)],
+                      [v or not c for v, c in zip(self._varied[1], constant_b)])
             if varied[0] != self._varied[0]:
                 self.varied_x = torch.tensor(varied[0], device=xy.device)
             if varied[1] != self._varied[1]:
