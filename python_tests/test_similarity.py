@@ -1,5 +1,6 @@
 """Dissimilarity measures (seed 004 section 5, appendix D.7, E.8)."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -318,6 +319,14 @@ def test_minibatch_cka_triangle_route_matches_the_stacked_gram_route(monkeypatch
     layer constant in one batch and one constant in all, and features too
     large for unscaled float32 squares (handed to the scaling route)."""
     g = torch.Generator().manual_seed(11)
+    taken, triangle = [], _hsic._triangle_hsic
+
+    def spy(*args):
+        result = triangle(*args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(_hsic, "_triangle_hsic", spy)
     cases = [(64, [96] * 6, torch.float32), (30, [70, 50, 70, 50], torch.float32), (40, [90] * 4, torch.float64)]
     for n, dims, dtype in cases:
         for unbiased, same in itertools.product((True, False), (True, False)):
@@ -332,8 +341,11 @@ def test_minibatch_cka_triangle_route_matches_the_stacked_gram_route(monkeypatch
                 k = len(reps) // 2
                 batches.append((reps, None) if same else (reps[:k], reps[k:]))
             fast, slow = S.MinibatchCKA(unbiased=unbiased), S.MinibatchCKA(unbiased=unbiased)
+            taken.clear()
             for Xs, Ys in batches:
                 fast.update(Xs, Ys)
+            # the route ran on every batch; float32 squares of 1e20 features overflow: handed back
+            assert taken == [True, True, dtype == torch.float64]
             with monkeypatch.context() as m:
                 m.setattr(_hsic, "_triangle_hsic", lambda *args: None)
                 for Xs, Ys in batches:
@@ -347,6 +359,16 @@ def test_minibatch_cka_triangle_route_matches_the_stacked_gram_route(monkeypatch
             np.testing.assert_allclose(a.nan_to_num().numpy(), b.nan_to_num().numpy(), rtol=0, atol=tol)
             if same:
                 assert torch.equal(a.nan_to_num(), a.nan_to_num().T)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+def test_minibatch_cka_refuses_a_representation_infinite_everywhere(value):
+    """An all-inf layer is "constant" to an exact comparison; the triangle route hands it to the Gram route,
+    which refuses it by name (it gave NaN rows with a "constant" warning)."""
+    g = torch.Generator().manual_seed(3)
+    reps = [torch.randn(64, 200, generator=g), torch.full((64, 200), value), torch.randn(64, 200, generator=g)]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        S.MinibatchCKA().update(reps)
 
 
 def test_float32_features_keep_float64_accuracy_where_the_peers_lose_it():

@@ -122,6 +122,11 @@ def test_average_ranks_match_rankdata():
     np.testing.assert_array_equal(_average_ranks(torch.from_numpy(W)).numpy(), scipy.stats.rankdata(W, axis=1))
 
 
+def test_average_ranks_of_empty_and_single_vectors():
+    for V in (np.zeros((2, 0)), np.array([[2.5], [-1.0]])):
+        np.testing.assert_array_equal(_average_ranks(torch.from_numpy(V)).numpy(), scipy.stats.rankdata(V, axis=1))
+
+
 def test_average_ranks_through_the_shared_31_bit_keys():
     """The sort goes by a 31-bit key first; values sharing one (here 1e-13 apart in a range of 1, or
     tied exactly) are sorted again by the full key, in the same call, whichever order they came in."""

@@ -448,6 +448,8 @@ def _triangle_hsic(reps, unbiased: bool, workspace=None):
     constant = [False] * K
     for position, varies in enumerate((differ[0] if len(differ) == 1 else torch.cat(differ)).tolist()):
         if not varies and _constant(reps[order[position]]):
+            if not bool(torch.isfinite(reps[order[position]][0]).all()):
+                return None  # inf everywhere is "constant" to torch.equal: the Gram route refuses it by name
             constant[order[position]] = True
             for block in blocks:  # its HSICs are exactly 0
                 block[position].zero_()

@@ -102,6 +102,8 @@ def _sort(v: torch.Tensor):
     are sorted again by the full key: 6.6 ms against 8.4 ms for the int64
     sort (a float32 key crowded more values into shared keys on RDMs)."""
     key = (v + 0.0).view(torch.int64)  # + 0.0 makes -0.0 into +0.0 (equal floats, equal keys)
+    if key.numel() < 2:  # aminmax refuses an empty vector
+        return key, torch.arange(key.numel())
     lo, hi = (int(x) for x in torch.aminmax(key))
     if lo < 0:  # negative floats: flip their magnitude bits so the int64 order is the float order
         key = torch.where(key < 0, key ^ 0x7FFFFFFFFFFFFFFF, key)
