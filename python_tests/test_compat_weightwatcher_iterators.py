@@ -284,6 +284,50 @@ def test_base_model_state_dicts_equal_weightwatcher():
                                                      base_model=base.state_dict()).analyze())
 
 
+@pytest.fixture(scope="module")
+def base_folders(tmp_path_factory):
+    """A fine-tuned model as two shards with an index (the layers in their natural order) and its base as one
+    model.safetensors (read in sorted key order: layer 10 before layer 2), 12 layers of 32 x 24."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("base_folders")
+    g = torch.Generator().manual_seed(0)
+    keys = [f"model.layers.{i}.mlp.weight" for i in range(12)]
+    base = {k: torch.randn(32, 24, generator=g) for k in keys}
+    model = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    (root / "model").mkdir(), (root / "base").mkdir(), (root / "short").mkdir()
+    weight_map = {}
+    for shard, part in enumerate((keys[:6], keys[6:])):
+        file = f"model-0000{shard + 1}-of-00002.safetensors"
+        save_file({k: model[k] for k in part}, str(root / "model" / file))
+        weight_map.update({k: file for k in part})
+    (root / "model" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file(base, str(root / "base" / "model.safetensors"))
+    save_file({k: base[k] for k in keys[:-1]}, str(root / "short" / "model.safetensors"))
+    return {name: str(root / name) for name in ("model", "base", "short")}
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(layers=[3, 4]), dict(layers=["model.layers.3.mlp"])])
+def test_base_model_folders_pair_as_weightwatcher(base_folders, kwargs):
+    """WWDeltaLayerIterator reads a base folder by the model's kept layer names, in the model's order, numbered
+    afresh: every layer a difference whatever the base's file order; with ids as filters the renumbered base
+    layers are filtered again and the model's layers stay unpaired (raw weights), as there."""
+    model, base = base_folders["model"], base_folders["base"]
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ww.WeightWatcher(model=model, base_model=base).analyze(**kwargs)
+    got = se_ww.WeightWatcher(model=model, base_model=base).analyze(**kwargs)
+    assert_same_frames(expected, got)
+    differences = got["lambda_max"] < 5  # a 32 x 24 difference of 0.1 noise against a raw Gaussian weight's ~90
+    assert differences.all() if "layers" not in kwargs or isinstance(kwargs["layers"][0], str) \
+        else not differences.any()
+
+
+def test_base_model_folder_missing_a_layer_names_it(base_folders):
+    with pytest.raises(ValueError, match="base_model: the folder .* has no tensor model.layers.11.mlp.weight"):
+        se_ww.WeightWatcher(model=base_folders["model"], base_model=base_folders["short"]).analyze()
+
+
 def test_base_model_refusals_name_the_argument():
     model, base = base_pair("mlp")
     watcher = se_ww.WeightWatcher(model=model, base_model=base)

@@ -311,7 +311,8 @@ def _matrix_singular_values(w: torch.Tensor, scratch: _Scratch) -> np.ndarray:
     the longer side converted to float64 (through float32 as
     torch_T_to_np) _BLOCK entries at a time, so that a 151,936 x 896 bf16
     embedding costs 64 MiB beyond itself, never its float64 copy. Each
-    block's Gram is one A A^T, which _matmul hands to numpy, whose BLAS
+    block's Gram is one A A^T, which _matmul hands to numpy where OpenBLAS
+    is the faster BLAS (non-Intel CPUs; torch's product elsewhere), whose
     syrk computes one triangle (half the flops) and mirrors it: 77 ms
     against 94 ms for row panels of a 4864 x 896 layer, one thread, and the
     Qwen2-0.5B-shaped folder 11% faster."""
@@ -507,24 +508,33 @@ def _keyed(path: str) -> dict:
     return {entry.source[len(path) + 1:]: entry for entry in weights.read_path(path)}
 
 
-def _folder_candidates(folder: str, start_id: int):
+def _folder_candidates(folder: str, start_id: int, layer_map: list | None = None):
     """PyStateDictDir's layers of a Hugging Face folder, in its order and
     with its ids: safetensors with a layer map or shard index: the map's keys
     (looked up over every *model*safetensors file); safetensors without one and
     pytorch_model*.bin: file by file in sorted order, each file's keys in
     their order (safetensors: sorted), each file's ids starting where
     WeightWatcher starts them (the previous file's start plus every layer
-    yielded so far)."""
+    yielded so far). layer_map (a base model's folder: the model's kept
+    layer names, as WWDeltaLayerIterator hands them over) replaces the
+    folder's own map for safetensors, numbered from start_id; a name the
+    folder lacks raises (WeightWatcher fails with a KeyError there)."""
     fmt, fileglob = _model_file_format(folder)
     if fmt is None:
         raise ValueError(f"model folder {folder}: no model*.safetensors, adapter_model*.safetensors, "
                          "pytorch_model*.bin or adapter_model*.bin (WeightWatcher's folder formats)")
-    layer_map = _layer_map(fileglob) if fmt == "safetensors" else []
+    given = bool(layer_map)
+    layer_map = (layer_map if given else _layer_map(fileglob)) if fmt == "safetensors" else []
     if layer_map:
         entries: dict = {}
         for path in sorted(glob.glob(f"{folder}/*model*safetensors")):
             for key, entry in _keyed(path).items():
                 entries.setdefault(key, entry)
+        if given:
+            missing = [name for name in layer_map if f"{name}.weight" not in entries and name not in entries]
+            if missing:
+                raise ValueError(f"base_model: the folder {folder} has no tensor {missing[0]}.weight (of "
+                                 f"{len(missing)} layer(s) of the model missing there: {missing[:5]})")
         return _state_candidates(layer_map, entries, start_id)
     out, start, yielded = [], start_id, 0
     for path in sorted(glob.glob(fileglob)):
@@ -742,7 +752,12 @@ class WeightWatcher:
         """WeightWatcher.set_model_'s base model (analyze's base_model is
         taken only when a model is given too and none was set before) and its
         layers as WWDeltaLayerIterator's right-hand iterator keeps them (the
-        same filters and size tests); None without one."""
+        same filters and size tests); None without one. A folder base is
+        read by the model's kept layer names in the model's order (its
+        layer_map), numbered afresh from start_ids, and filtered again, as
+        there: so layer ids in `layers` select other base layers, and the
+        model's layers left unpaired are analysed as they are (WeightWatcher
+        0.7.7's behaviour; filter by name to pair them)."""
         if model is not None and self.base_model is None:
             self.base_model = base_model
         if self.base_model is None:
@@ -753,7 +768,12 @@ class WeightWatcher:
                              "that differ)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LayersLeftOutWarning)
-            return self._layers(self.base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers)
+            names = None
+            if kinds[0] == "folder":  # WWDeltaLayerIterator's layer_map: only PyStateDictDir reads it
+                names = [layer.name for layer in self._layers(self._model(model), layers, min_evals, max_evals,
+                                                              max_N, start_ids, large_layers)]
+            return self._layers(self.base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers,
+                                layer_map=names)
 
     # -- layers ------------------------------------------------------------------------------
 
@@ -783,7 +803,7 @@ class WeightWatcher:
         return ids, types, names
 
     @staticmethod
-    def _candidates(model, start_ids):
+    def _candidates(model, start_ids, layer_map=None):
         kind = _source_kind(model)
         if kind == "module":
             return _module_candidates(model, start_ids)
@@ -791,9 +811,10 @@ class WeightWatcher:
             state = model["state_dict"] if isinstance(model.get("state_dict"), Mapping) else model
             entries = {e.source: e for e in weights.read_weights(dict(state), name="model")}
             return _state_candidates(list(state), entries, start_ids or 1), []  # ids from 1 for a state_dict
-        return _folder_candidates(os.fspath(model), start_ids), []
+        return _folder_candidates(os.fspath(model), start_ids, layer_map), []
 
-    def _layers(self, model, layers, min_evals, max_evals, max_N, start_ids=0, large_layers=False, pool=True):
+    def _layers(self, model, layers, min_evals, max_evals, max_N, start_ids=0, large_layers=False, pool=True,
+                layer_map=None):
         ids, types, names = self._filters(layers)
 
         def chosen(layer_id, name, kind):  # WWLayerIterator.apply_filters
@@ -803,7 +824,7 @@ class WeightWatcher:
                 return False
             return not (names and ((not names[0].startswith("-") and name not in names) or f"-{name}" in names))
 
-        candidates, odd = self._candidates(model, start_ids)
+        candidates, odd = self._candidates(model, start_ids, layer_map)
         kept, large = [], []
         for layer_id, name, longname, kind, shape, load in candidates:
             if not chosen(layer_id, name, kind):
