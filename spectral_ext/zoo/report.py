@@ -210,11 +210,8 @@ def predict_accuracy(features: pd.DataFrame, accuracy, groups, feature_sets: dic
     of the out-of-fold predictions, predictions {set: array}, importances
     {set: Series}: the permutation importance of each feature on the held-out
     folds, the mean drop in R^2 when it is shuffled)."""
-    from scipy import stats
-    from sklearn.ensemble import HistGradientBoostingRegressor
-    from sklearn.inspection import permutation_importance
-    from sklearn.metrics import r2_score
     from sklearn.model_selection import GroupKFold
+    from threadpoolctl import threadpool_limits
 
     y = np.asarray(accuracy, dtype=float)
     groups = np.asarray(groups)
@@ -224,6 +221,19 @@ def predict_accuracy(features: pd.DataFrame, accuracy, groups, feature_sets: dic
     splits = list(GroupKFold(n_splits=folds).split(features, y, groups))
     seed = generator if isinstance(generator, int) and not isinstance(generator, bool) else \
         int(torch.randint(0, 2**31 - 1, (), generator=_checks.generator(generator)))  # scikit-learn takes an int
+
+    # One OpenMP thread for scikit-learn: on a zoo's few hundred rows every tree's parallel region costs more
+    # than it saves, and on a loaded machine its threads wait on each other (a 400-checkpoint report took
+    # 7 min on 2 busy cores, 17 s with one thread).
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return _predict_accuracy(features, y, groups, feature_sets, splits, folds, seed)
+
+
+def _predict_accuracy(features, y, groups, feature_sets, splits, folds, seed):
+    from scipy import stats
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.inspection import permutation_importance
+    from sklearn.metrics import r2_score
 
     rows, predictions, importances = [], {}, {}
     for name, columns in {"constant (mean accuracy)": [], **feature_sets}.items():
