@@ -748,16 +748,16 @@ class WeightWatcher:
             _source_kind(base_model)
         self.model, self.base_model, self.details, self.figures = model, base_model, None, {}
 
-    def _base(self, model, base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers):
+    def _base(self, model, base_model, chosen, layers, min_evals, max_evals, max_N, start_ids, large_layers):
         """WeightWatcher.set_model_'s base model (analyze's base_model is
         taken only when a model is given too and none was set before) and its
         layers as WWDeltaLayerIterator's right-hand iterator keeps them (the
-        same filters and size tests); None without one. A folder base is
-        read by the model's kept layer names in the model's order (its
-        layer_map), numbered afresh from start_ids, and filtered again, as
-        there: so layer ids in `layers` select other base layers, and the
-        model's layers left unpaired are analysed as they are (WeightWatcher
-        0.7.7's behaviour; filter by name to pair them)."""
+        same filters and size tests); None without one. chosen: the model's
+        kept layers. A folder base is read by their names in the model's
+        order (its layer_map), numbered afresh from start_ids, and filtered
+        again, as there: so layer ids in `layers` select other base layers,
+        and the model's layers left unpaired are analysed as they are
+        (WeightWatcher 0.7.7's behaviour; filter by name to pair them)."""
         if model is not None and self.base_model is None:
             self.base_model = base_model
         if self.base_model is None:
@@ -768,10 +768,8 @@ class WeightWatcher:
                              "that differ)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LayersLeftOutWarning)
-            names = None
-            if kinds[0] == "folder":  # WWDeltaLayerIterator's layer_map: only PyStateDictDir reads it
-                names = [layer.name for layer in self._layers(self._model(model), layers, min_evals, max_evals,
-                                                              max_N, start_ids, large_layers)]
+            # WWDeltaLayerIterator's layer_map: only PyStateDictDir (a folder) reads it
+            names = [layer.name for layer in chosen] if kinds[0] == "folder" else None
             return self._layers(self.base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers,
                                 layer_map=names)
 
@@ -871,9 +869,9 @@ class WeightWatcher:
                            start_ids=start_ids, savefig=savefig, intra=intra, randomize=True, vectors=True))
         _check_unsupported(pool, unsupported)
         with_base = _peft_mode(peft)
-        base = self._base(model, base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers)
-        _check_base(base, pool, intra, peft)
         chosen = self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids, large_layers, pool)
+        base = self._base(model, base_model, chosen, layers, min_evals, max_evals, max_N, start_ids, large_layers)
+        _check_base(base, pool, intra, peft)
         if peft:
             items = [(item[1], {"peft": item[0] == "matrix"}) for item in _peft_layers(chosen, with_base, False)]
         else:
@@ -935,10 +933,9 @@ class WeightWatcher:
         with_base = _peft_mode(peft)
         if peft and not intra and randomize:
             raise ValueError("randomize=True with peft is not reproduced by spectral_ext.compat.weightwatcher")
-        base = self._base(model, base_model, layers, min_evals, max_evals, max_N, start_ids, large_layers)
+        chosen = self._layers(self._model(model), layers, min_evals, max_evals, max_N, start_ids, large_layers, pool)
+        base = self._base(model, base_model, chosen, layers, min_evals, max_evals, max_N, start_ids, large_layers)
         _check_base(base, pool, intra, peft)
-        model = self._model(model)
-        chosen = self._layers(model, layers, min_evals, max_evals, max_N, start_ids, large_layers, pool)
         if base is not None:
             chosen = _delta_layers(chosen, base)
         if intra or peft:  # WeightWatcher's intra / peft iterators: no slices, conv2d_count = 1 (sqrt(1/2))

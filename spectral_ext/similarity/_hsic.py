@@ -150,8 +150,18 @@ def _centre_gram_(K: torch.Tensor, unbiased: bool) -> torch.Tensor:
     return K
 
 
+def _hsic_coefficients(n: int, unbiased: bool) -> tuple[float, float, float]:
+    """(totals, rows, scale) of HSIC from <K, L>, the row sums and totals:
+    unbiased, [NRK21] eq. 3, (<K~, L~> + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2)
+    1'K~L~1) / (n(n-3)); biased, tr(KHLH) = <K, L> - 2/n 1'KL1 + 1'K1 1'L1 /
+    n^2, over (n-1)^2."""
+    if unbiased:
+        return 1.0 / ((n - 1) * (n - 2)), -2.0 / (n - 2), 1.0 / (n * (n - 3))
+    return 1.0 / n ** 2, -2.0 / n, 1.0 / (n - 1) ** 2
+
+
 def _hsic_scale(n: int, unbiased: bool) -> float:
-    return 1.0 / (n * (n - 3)) if unbiased else 1.0 / (n - 1) ** 2
+    return _hsic_coefficients(n, unbiased)[2]
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -473,10 +483,7 @@ def _triangle_hsic(reps, unbiased: bool, workspace=None):
         torch.cat([block.view(K, -1, n).transpose(0, 1) for block in blocks], 0, out=chunks)
     products = torch.bmm(chunks, chunks.transpose(1, 2))
     inner = _triangle_weights(cuts, workspace, device) @ products.view(products.shape[0], -1).to(torch.float64)
-    if unbiased:
-        t, r, scale = 1.0 / ((n - 1) * (n - 2)), -2.0 / (n - 2), 1.0 / (n * (n - 3))
-    else:
-        t, r, scale = 1.0 / n ** 2, -2.0 / n, 1.0 / (n - 1) ** 2
+    t, r, scale = _hsic_coefficients(n, unbiased)
     half = 0.5 * scale
     H = torch.addmm(inner.view(K, K), rows, rows.T, beta=half, alpha=r * half).addr_(totals, totals, alpha=t * half)
     H = H + H.T  # symmetric by definition, though float32 products may round per side
@@ -484,9 +491,7 @@ def _triangle_hsic(reps, unbiased: bool, workspace=None):
     if not all(smallest <= v < math.inf for v, i in zip(H.diagonal().tolist(), order) if not constant[i]):
         return None
     if order != list(range(K)):
-        back = [0] * K
-        for position, i in enumerate(order):
-            back[i] = position
+        back = sorted(range(K), key=order.__getitem__)  # each representation's position in the blocks
         H = H[back][:, back]
     return H, constant
 
@@ -569,11 +574,7 @@ def _gram_hsic(a: _Batch, b: _Batch, same: bool, unbiased: bool):
     (_gram_inners): unbiased, [NRK21] eq. 3 (<K~, L~> + 1'K~1 1'L~1 /
     ((n-1)(n-2)) - 2/(n-2) 1'K~L~1) / (n(n-3)); biased, tr(KHLH) = <K, L>
     - 2/n 1'KL1 + 1'K1 1'L1 / n^2, over (n-1)^2; all in float64."""
-    n = a.n
-    if unbiased:
-        totals, rows, scale = 1.0 / ((n - 1) * (n - 2)), -2.0 / (n - 2), 1.0 / (n * (n - 3))
-    else:
-        totals, rows, scale = 1.0 / n ** 2, -2.0 / n, 1.0 / (n - 1) ** 2
+    totals, rows, scale = _hsic_coefficients(a.n, unbiased)
     xy = torch.addmm(_gram_inners(a.grams, b.grams), a.rows, b.rows.T, alpha=rows)
     xy = xy.addr_(a.totals, b.totals, alpha=totals).mul_(scale)
     if same:  # one list with itself: symmetric by definition, though float32 row products round per side
