@@ -415,13 +415,13 @@ def test_fit_params_weightwatcher_refuses_are_refused(kwargs):
 
 
 def real_transform(model, transform, **kwargs):
-    """WeightWatcher changes the model it is given in place: hand it a copy."""
+    """WeightWatcher changes the model (a module or a state_dict) it is given in place: hand it a copy."""
     import copy
     model = copy.deepcopy(model)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         getattr(ww.WeightWatcher(model=model), transform)(model=model, **kwargs)
-    return model.state_dict()
+    return model.state_dict() if isinstance(model, nn.Module) else model
 
 
 @pytest.mark.parametrize("name", ["cnn", "kernels"])
@@ -432,17 +432,19 @@ def real_transform(model, transform, **kwargs):
     # kept top k: WeightWatcher's randomized float32 TruncatedSVD against the exact truncation
     ("SVDSmoothing", {}, 2e-2), ("SVDSmoothing", {"method": "svd", "percent": 0.3}, 2e-2),
     ("SVDSmoothing", {"method": "alpha_min"}, 2e-2)])
-def test_svd_smoothing_and_sharpness_equal_weightwatcher_on_a_copy(name, transform, kwargs, atol):
+@pytest.mark.parametrize("source", ["module", "state_dict"])
+def test_svd_smoothing_and_sharpness_equal_weightwatcher_on_a_copy(name, transform, kwargs, atol, source):
     model = models()[name]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model = model if source == "module" else model.state_dict()
+    before = {k: v.clone() for k, v in (model.state_dict() if source == "module" else model).items()}
     np.random.seed(0)
     expected = real_transform(model, transform, **kwargs)
     np.random.seed(0)
     watcher = se_ww.WeightWatcher(model=model)
     got = getattr(watcher, transform)(**kwargs)
     assert got is not model and watcher.model is got  # the watcher follows the changed copy, as WeightWatcher's
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    state = got.state_dict()
+    assert all(torch.equal(before[k], v) for k, v in (model.state_dict() if source == "module" else model).items())
+    state = got.state_dict() if source == "module" else got
     assert list(state) == list(expected)
     for key in expected:
         assert state[key].dtype == before[key].dtype  # WeightWatcher's float64 for some Linear layers: kept float32
@@ -451,6 +453,26 @@ def test_svd_smoothing_and_sharpness_equal_weightwatcher_on_a_copy(name, transfo
     assert changed == [k for k in expected if (before[k] - state[k]).abs().max() > 1e-3]
     if transform == "SVDSmoothing" and "rmt" not in str(kwargs):
         assert len(changed) >= 2
+
+
+def test_svd_smoothing_on_checkpoints_and_folders(tmp_path):
+    """A {"state_dict": ...} checkpoint: SVDSmoothing returns (and watches) the inner state_dict as
+    WeightWatcher's set_model_ unwraps it, SVDSharpness the whole copy; bf16 weights and the biases
+    of changed Linear layers come back float32 (WeightWatcher's replace_layer_weights); a folder is refused."""
+    state = {k: v.to(torch.bfloat16) for k, v in models()["mlp"].state_dict().items()}
+    checkpoint = {"state_dict": state, "epoch": 3}
+    watcher = se_ww.WeightWatcher()
+    smoothed = watcher.SVDSmoothing(model=checkpoint, method="svd", percent=0.2, layers=[1])
+    assert watcher.model is smoothed and smoothed is not state and list(smoothed) == list(state)
+    assert smoothed["0.weight"].dtype == smoothed["0.bias"].dtype == torch.float32
+    assert smoothed["2.weight"].dtype == torch.bfloat16  # layers left alone keep theirs
+    assert torch.linalg.matrix_rank(smoothed["0.weight"].double(), atol=1e-4) == 6  # int(0.2 * 30)
+    assert all(v.dtype == torch.bfloat16 for v in state.values())  # the checkpoint given is untouched
+    sharp = se_ww.WeightWatcher().SVDSharpness(model=checkpoint)
+    assert set(sharp) == {"state_dict", "epoch"} and sharp["state_dict"] is not state
+    torch.save(models()["mlp"].state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(TypeError, match="state_dict"):
+        se_ww.WeightWatcher().SVDSmoothing(model=str(tmp_path))
 
 
 def test_svd_smoothing_keeps_and_drops_the_rank_weightwatcher_keeps():

@@ -87,8 +87,10 @@ every such fit fails); the adapter leaves it out, as powerlaw 1.x ignored it.
 distances(model_1, model_2, method="raw"|"euclidean"|"cka", layers, start_ids,
 pool): WeightWatcher's frame and means, float32 norms as there.
 SVDSmoothing (method "detX", "svd", "alpha_min", "rmt", "auto") and
-SVDSharpness: a changed deep copy is returned and watched (self.model); the
-model given is never changed (WeightWatcher changes it in place). Dropping
+SVDSharpness, on a module or a state_dict: a changed deep copy is returned
+and watched (self.model); the model given is never changed (WeightWatcher
+changes it in place). A model folder is refused (WeightWatcher logs an error
+per layer and leaves it as it is). Dropping
 the top singular values agrees with WeightWatcher to float32 rounding; keeping
 the top k is the exact truncation, where WeightWatcher's randomized float32
 TruncatedSVD is off by up to 1e-2 on random weights.
@@ -738,8 +740,8 @@ def _source_kind(model) -> str:
 class WeightWatcher:
     """spectral_ext's drop-in for weightwatcher.WeightWatcher (0.7.7) on
     PyTorch models, state_dicts and Hugging Face model folders: analyze,
-    describe, get_summary, get_details, get_ESD; distances, SVDSmoothing and
-    SVDSharpness on PyTorch modules."""
+    describe, get_summary, get_details, get_ESD; SVDSmoothing and SVDSharpness
+    on modules and state_dicts; distances on modules."""
 
     def __init__(self, model=None, framework=None, base_model=None, log_level=None):
         if model is not None:
@@ -1046,10 +1048,13 @@ class WeightWatcher:
         default: the detX = 1 tail), "svd" (int(percent * M * rf); a
         negative k drops the top -k instead), "alpha_min" (the power-law
         tail's size), "rmt" (the MP fit's spikes), "auto" (spikes when
-        alpha > 6, else detX). WeightWatcher changes the model in place and
-        returns it; the adapter returns the changed copy and watches it from
-        then on (self.model), the model given untouched. Weights come back
-        float32, as there. WeightWatcher computes the truncation with
+        alpha > 6, else detX). The model is a torch.nn.Module or a
+        state_dict (WeightWatcher's PyStateDictLayer: ids from 1, 2-d weights
+        dense, 4-d conv2d, a {"state_dict": ...} checkpoint unwrapped).
+        WeightWatcher changes the model in place and returns it; the adapter
+        returns the changed copy and watches it from then on (self.model),
+        the model given untouched. Weights (and the biases of changed
+        non-Conv2d layers) come back float32, as there. WeightWatcher computes the truncation with
         sklearn's randomized TruncatedSVD in float32, so it agrees with the
         exact truncation only to about 1e-5."""
         if not pool:
@@ -1073,7 +1078,7 @@ class WeightWatcher:
                 return _mp_columns(evals, layer, "")["num_spikes"]
             return int(percent * layer.M * layer.rf)  # "svd" and unknown methods (logged there) use percent
 
-        return self._transform(model, layers, start_ids, count)
+        return self._transform(model, layers, start_ids, count)[1]
 
     def SVDSharpness(self, model=None, pool=True, layers=None, plot=False, start_ids=0):
         """WeightWatcher.SVDSharpness on a copy: per layer, its slices
@@ -1081,9 +1086,9 @@ class WeightWatcher:
         WeightWatcher's order), the MP fit of the shuffled ESD counts k
         spikes, and the top k singular values of the original weight are
         zeroed (per slice ceil(-k / rf) for a Conv2d, so none below rf
-        spikes). Returns the copy (WeightWatcher returns its `model`
-        argument, None when the model was given to the constructor) and
-        watches it from then on."""
+        spikes). A torch.nn.Module or a state_dict, as SVDSmoothing. Returns
+        the copy (WeightWatcher returns its `model` argument, None when the
+        model was given to the constructor) and watches it from then on."""
         if not pool:
             raise ValueError("omly pool=True, (not ww2x) is supported yet for SVDSharpness, ending")
         _check_params({"pool": pool, "start_ids": start_ids, "layers": layers})
@@ -1095,33 +1100,62 @@ class WeightWatcher:
             rand = np.sort(np.concatenate([sv.reshape(-1) for sv in _singular_values(shuffled)]) ** 2)
             return -_mp_columns(rand, layer, "")["num_spikes"]
 
-        return self._transform(model, layers, start_ids, count)
+        return self._transform(model, layers, start_ids, count)[0]
 
     def _transform(self, model, layers, start_ids, count):
-        """apply_svd_smoothing over WeightWatcher's default layer choice, on a deep copy of the model."""
+        """apply_svd_smoothing over WeightWatcher's default layer choice, on a deep copy of the model
+        (a module or a state_dict). Returns (the copy, the copy's watched part: the module, or the
+        state_dict inside a {"state_dict": ...} checkpoint, as WeightWatcher.set_model_ unwraps it)."""
         model = self._model(model)
-        if not isinstance(model, nn.Module):
-            raise TypeError("SVDSmoothing / SVDSharpness take a torch.nn.Module (a copy is changed and returned)")
+        kind = _source_kind(model)
+        if kind == "folder":
+            raise TypeError("SVDSmoothing / SVDSharpness take a torch.nn.Module or a state_dict (a copy is changed "
+                            "and returned); WeightWatcher's apply_svd_smoothing leaves a model folder unchanged")
         out = copy.deepcopy(model)
-        modules = dict(out.named_modules())
+        if kind == "module":
+            watched, modules = out, dict(out.named_modules())
+            tensors = {}
+            for name, module in modules.items():
+                for part in ("weight", "bias"):
+                    if isinstance(getattr(module, part, None), torch.Tensor):
+                        tensors[f"{name}.{part}" if name else part] = (module, part)
+
+            def read(key):
+                module, part = tensors[key]
+                return getattr(module, part).detach()
+
+            def write(key, value):
+                module, part = tensors[key]
+                getattr(module, part).data = value
+        else:
+            watched = out["state_dict"] if isinstance(out.get("state_dict"), Mapping) else out
+            tensors = watched
+
+            def read(key):
+                return torch.as_tensor(watched[key]).detach()
+
+            def write(key, value):  # PyStateDictLayer.replace_layer_weights: a new tensor under the key
+                watched[key] = value
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LayersLeftOutWarning)
-            chosen = self._layers(out, layers, DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N, start_ids)
+            chosen = self._layers(watched, layers, DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N, start_ids)
         for layer in chosen:
             slices = layer.slices
             evals = np.sort((_singular_values([slices])[0] ** 2).reshape(-1))
             k = int(count(layer, evals, slices))
-            module = modules[layer.longname if layer.longname in modules else ""]
-            W = module.weight.detach().cpu().float().to(torch.float64)
+            prefix = f"{layer.longname}." if kind == "state_dict" or layer.longname in modules else ""
+            W = read(prefix + "weight").cpu().float().to(torch.float64)
             if layer.kind == "conv2d":
                 k = int(np.ceil(k / layer.rf))
                 new = _truncate(W.permute(2, 3, 0, 1), k).permute(2, 3, 0, 1)
             else:
                 new = _truncate(W, k)
+                if prefix + "bias" in tensors:  # replace_layer_weights(W, B): the bias back as float32 too
+                    write(prefix + "bias", read(prefix + "bias").cpu().float().clone())
             with torch.no_grad():
-                module.weight.data = new.float().contiguous()
-        self.model = out
-        return out
+                write(prefix + "weight", new.float().contiguous())
+        self.model = watched
+        return out, watched
 
     # -- distances -----------------------------------------------------------------------------------
 
