@@ -341,3 +341,45 @@ def test_barycenter_warnings_and_errors_are_pots():
         pot.barycenter(A, M, 0.01, method="nope")
     with pytest.raises(AssertionError):
         pot.barycenter(A, M, 0.01, weights=np.ones(3) / 3)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sinkhorn_stabilized"])
+@pytest.mark.parametrize("dim,k,tau", [(40, 2, 1e10), (40, 3, 1e10), (800, 2, 1e10), (40, 3, 1e3)])
+def test_barycenter_layouts_and_absorptions_match_pot(method, dim, k, tau):
+    # 2 histograms below dim 800 run as columns, the rest as rows; tau = 1e3 absorbs often
+    A, M = histograms(dim, k, seed=dim + k)
+    kw = dict(method=method, stopThr=1e-9, numItermax=12 if dim > 100 else 400, log=True, warn=False)
+    if method == "sinkhorn_stabilized":
+        kw["tau"] = tau
+    want, wlog = ot.bregman.barycenter(A, M, 0.003, **kw)
+    got, glog = pot.barycenter(A, M, 0.003, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+    assert glog.keys() == wlog.keys() and glog["niter"] == wlog["niter"]
+    np.testing.assert_allclose(glog["err"], wlog["err"], rtol=1e-6, atol=1e-14)
+    for key in set(glog) & {"logu", "logv"}:
+        assert glog[key].shape == wlog[key].shape and glog[key].flags.c_contiguous
+        np.testing.assert_allclose(glog[key], wlog[key], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sinkhorn_stabilized"])
+def test_barycenter_torch_routes_match_pot(method):
+    # float64 CPU tensors without gradient run the numpy iteration; float32 and tensors that
+    # record a gradient run torch's (POT's gradient)
+    A, M = histograms(30, 3, seed=5)
+    At, Mt = torch.from_numpy(A), torch.from_numpy(M)
+    want, wlog = ot.bregman.barycenter(At, Mt, 0.01, method=method, stopThr=1e-9, log=True)
+    got, glog = pot.barycenter(At, Mt, 0.01, method=method, stopThr=1e-9, log=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert glog["niter"] == wlog["niter"] and all(isinstance(e, torch.Tensor) and e.dim() == 0 for e in glog["err"])
+    for key in set(glog) & {"logu", "logv"}:
+        torch.testing.assert_close(glog[key], wlog[key], rtol=1e-9, atol=1e-9)
+    f32 = pot.barycenter(At.float(), Mt.float(), 0.01, method=method, stopThr=1e-6)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32, ot.bregman.barycenter(At.float(), Mt.float(), 0.01, method=method, stopThr=1e-6),
+                               rtol=1e-4, atol=1e-6)
+    grads = []
+    for lib in (ot, pot):
+        Ag = At.clone().requires_grad_()
+        (lib.bregman.barycenter(Ag, Mt, 0.01, method=method, stopThr=1e-9) * torch.arange(30.0)).sum().backward()
+        grads.append(Ag.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-12)

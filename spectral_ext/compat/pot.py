@@ -448,7 +448,9 @@ def emd2(a, b, M, processes=1, numItermax=100000, log=False, return_matrix=False
 # ---------------------------------------------------------------- ot.bregman.barycenter
 # POT's three iterations, written once over two small backends: numpy for numpy inputs
 # (numpy's BLAS ran these thin products 5x faster than torch's on one thread here),
-# torch for tensors (any device).
+# torch for tensors (any device). "sinkhorn" and "sinkhorn_stabilized" run numpy arrays, and
+# float64 CPU tensors that record no gradient, through _sinkhorn_np and _stabilized_np:
+# preallocated iterates in the faster of two layouts, K @ v once an iteration.
 
 class _NumpyOps:
     exp, log, abs, isnan, isinf = np.exp, np.log, np.abs, np.isnan, np.isinf
@@ -521,8 +523,166 @@ def _not_converged(warn, message="Sinkhorn did not converge. You might want to i
         warnings.warn(message)
 
 
+class _Layout:
+    """The iterates of a numpy barycenter as (n_hists, dim) rows or (dim, n_hists) columns,
+    with K and a contiguous copy of K.T, and the products of both layouts."""
+
+    def __init__(self, K, n_hists, rows):
+        self.K, self.KT, self.rows = K, np.ascontiguousarray(K.T), rows
+        dim = K.shape[0]
+        self.shape = (n_hists, dim) if rows else (dim, n_hists)
+        self.hist_axis = 0 if rows else 1
+
+    def state(self, X):  # a (dim, n_hists) array in this layout (a copy)
+        return np.ascontiguousarray(X.T if self.rows else X)
+
+    def back(self, S):  # (dim, n_hists), C-contiguous
+        return np.ascontiguousarray(S.T) if self.rows else S
+
+    def K_dot(self, S, out):  # K @ s
+        return np.matmul(S, self.KT, out=out) if self.rows else np.matmul(self.K, S, out=out)
+
+    def KT_dot(self, S, out):  # K.T @ s
+        return np.matmul(S, self.K, out=out) if self.rows else np.matmul(self.KT, S, out=out)
+
+    def per_bin(self, x):  # a (dim,) vector broadcast against a state
+        return x[None, :] if self.rows else x[:, None]
+
+    def weighted(self, S, w, out=None):  # S @ w, over the histograms
+        return np.matmul(w, S, out=out) if self.rows else np.matmul(S, w, out=out)
+
+
+def _rows_layout(dim, n_hists):
+    # 1 OpenBLAS thread: rows @ K ran 1.2-2x faster than K @ columns from 3 histograms or dim 800; columns 5% faster below
+    return n_hists > 2 or dim >= 800
+
+
+def _sinkhorn_np(A, M, reg, w, numItermax, stopThr, log, warn, rows=None):
+    """POT's barycenter_sinkhorn in numpy, on preallocated arrays in the faster layout."""
+    dim, n_hists = A.shape
+    K = np.divide(M, -reg)  # = -M / reg, bit for bit
+    np.exp(K, out=K)
+    L = _Layout(K, n_hists, _rows_layout(dim, n_hists) if rows is None else rows)
+    At = L.state(A)
+    UKv = L.K_dot(At / L.per_bin(K.sum(0)), np.empty(L.shape))
+    logs = np.log(UKv)
+    u = L.per_bin(np.exp(np.mean(logs, axis=L.hist_axis))) / UKv
+    Ku, bar = np.empty(L.shape), np.empty(dim)
+    errors = []
+    ii = -1
+    for ii in range(numItermax):
+        L.K_dot(u, Ku)
+        np.divide(At, Ku, out=Ku)
+        L.KT_dot(Ku, UKv)
+        np.multiply(u, UKv, out=UKv)
+        np.log(UKv, out=logs)
+        np.exp(L.weighted(logs, w, out=bar), out=bar)
+        np.multiply(u, L.per_bin(bar), out=u)
+        np.divide(u, UKv, out=u)
+        if ii % 10 == 1:
+            err = np.std(UKv, axis=L.hist_axis).sum()
+            errors.append(err)
+            if err < stopThr:
+                break
+    else:
+        _not_converged(warn)
+    bar = np.exp(L.weighted(np.log(UKv), w))
+    return (bar, {"err": errors, "niter": ii}) if log else bar
+
+
+def _nonfinite(x):
+    """Whether x holds a NaN or an infinity (one reduction; the full check where it overflows)."""
+    s = np.add.reduce(x, axis=None)
+    return not np.isfinite(s) and bool(np.any(np.isnan(x)) or np.any(np.isinf(x)))
+
+
+def _any_above(x, tau):
+    """np.any(x > tau) by one max (the full check where the max is not <= tau: NaN)."""
+    return not np.max(x) <= tau and bool(np.any(x > tau))
+
+
+def _any_zero(x):
+    """np.any(x == 0) by one min (the full check where the min is not > 0)."""
+    return not np.min(x) > 0 and bool(np.any(x == 0.0))
+
+
+def _stabilized_np(A, M, reg, w, numItermax, stopThr, log, warn, tau=1e10, rows=None):
+    """POT's barycenter_stabilized in numpy, on preallocated arrays in the faster layout; K @ v once an
+    iteration (POT computes it twice on the same K and v: at the end of one iteration and the start of the next)."""
+    dim, n_hists = A.shape
+    K = np.divide(M, -reg)
+    np.exp(K, out=K)
+    L = _Layout(K, n_hists, _rows_layout(dim, n_hists) if rows is None else rows)
+    At = L.state(A)
+    u = np.full(L.shape, 1.0 / dim)
+    v = np.full(L.shape, 1.0 / dim)
+    alpha, beta = np.zeros(dim), np.zeros(dim)
+    q = np.full(dim, 1.0 / dim)
+    Kv = L.K_dot(v, np.empty(L.shape))
+    Ktu, logs = np.empty(L.shape), np.empty(L.shape)
+    errors = []
+    ii = -1
+    for ii in range(numItermax):
+        qprev = q
+        np.divide(At, Kv, out=u)
+        L.KT_dot(u, Ktu)
+        np.log(Ktu, out=logs)
+        q = np.exp(L.weighted(logs, w))
+        np.divide(L.per_bin(q), Ktu, out=v)
+        absorbing = False
+        if _any_above(u, tau) or _any_above(v, tau):
+            absorbing = True
+            alpha = alpha + reg * np.log(np.max(u, L.hist_axis))
+            beta = beta + reg * np.log(np.max(v, L.hist_axis))
+            K = np.exp((alpha[:, None] + beta[None, :] - M) / reg)
+            L = _Layout(K, n_hists, L.rows)
+            v.fill(1.0)
+        L.K_dot(v, Kv)
+        if _any_zero(Ktu) or _nonfinite(u) or _nonfinite(v):
+            warnings.warn("Numerical errors at iteration %s" % ii)
+            q = qprev
+            break
+        if (ii % 10 == 0 and not absorbing) or ii == 0:
+            err = np.max(np.abs(u * Kv - At))
+            errors.append(err)
+            if err < stopThr:
+                break
+    else:
+        _not_converged(warn, "Stabilized Sinkhorn did not converge.Try a larger entropy `reg`Or a larger absorption "
+                             "threshold `tau`.")
+    if not log:
+        return q
+    return q, {"err": errors, "niter": ii, "logu": L.back(np.log(u + 1e-16)), "logv": L.back(np.log(v + 1e-16))}
+
+
+def _numpy_route(X, A, M, w):
+    """Whether the numpy iteration runs these inputs: numpy ones, and float64 tensors on the CPU with no
+    gradient to record (numpy's BLAS ran these products 2-5x faster than torch's on one thread here)."""
+    return X is _NumpyOps or (A.device.type == "cpu" and A.dtype == torch.float64
+                              and not (A.requires_grad or M.requires_grad or w.requires_grad))
+
+
+def _run_numpy(fn, X, A, M, w, log, **kwargs):
+    """fn on numpy views of A, M, w; its results back as tensors where the inputs were tensors (POT's torch
+    log: 0-d tensors in "err", tensors "logu", "logv")."""
+    if X is _NumpyOps:
+        return fn(A, M, w=w, log=log, **kwargs)
+    out = fn(A.numpy(), M.numpy(), w=w.numpy(), log=log, **kwargs)
+    if not log:
+        return torch.from_numpy(out)
+    bar, info = out
+    info = dict(info, err=[torch.tensor(e) for e in info["err"]])
+    for key in ("logu", "logv"):
+        if key in info:
+            info[key] = torch.from_numpy(info[key])
+    return torch.from_numpy(bar), info
+
+
 def _barycenter_sinkhorn(A, M, reg, weights, numItermax, stopThr, log, warn):
     A, M, w, X, new = _barycenter_inputs(A, M, weights)
+    if _numpy_route(X, A, M, w):
+        return _run_numpy(_sinkhorn_np, X, A, M, w, log, reg=reg, numItermax=numItermax, stopThr=stopThr,
+                          warn=warn)
     errors = []
     K = X.exp(-M / reg)
     UKv = K @ (A.T / K.sum(0)).T
@@ -573,6 +733,9 @@ def _barycenter_sinkhorn_log(A, M, reg, weights, numItermax, stopThr, log, warn)
 
 def _barycenter_stabilized(A, M, reg, weights, numItermax, stopThr, log, warn, tau=1e10):
     A, M, w, X, new = _barycenter_inputs(A, M, weights)
+    if _numpy_route(X, A, M, w):
+        return _run_numpy(_stabilized_np, X, A, M, w, log, reg=reg, numItermax=numItermax, stopThr=stopThr,
+                          warn=warn, tau=tau)
     dim, n_hists = A.shape
     errors = []
     u = new(np.ones((dim, n_hists)) / dim)
@@ -580,10 +743,10 @@ def _barycenter_stabilized(A, M, reg, weights, numItermax, stopThr, log, warn, t
     K = X.exp(-M / reg)
     alpha, beta = new(np.zeros(dim)), new(np.zeros(dim))
     q = new(np.ones(dim) / dim)
+    Kv = K @ v  # once an iteration: POT's second product (end of one iteration) is its first of the next
     ii = -1
     for ii in range(numItermax):
         qprev = q
-        Kv = K @ v
         u = A / Kv
         Ktu = K.T @ u
         q = _geometric_bar(X, w, Ktu)
@@ -594,7 +757,7 @@ def _barycenter_stabilized(A, M, reg, weights, numItermax, stopThr, log, warn, t
             alpha = alpha + reg * X.log(X.maxval(u, 1))
             beta = beta + reg * X.log(X.maxval(v, 1))
             K = X.exp((alpha[:, None] + beta[None, :] - M) / reg)
-            v = v * 0 + 1
+            v = new(np.ones(tuple(v.shape)))
         Kv = K @ v
         if X.any(Ktu == 0.0) or X.any(X.isnan(u)) or X.any(X.isnan(v)) or X.any(X.isinf(u)) or X.any(X.isinf(v)):
             warnings.warn("Numerical errors at iteration %s" % ii)
@@ -624,7 +787,8 @@ def barycenter(A, M, reg, weights=None, method="sinkhorn", numItermax=10000, sto
     iterations ("sinkhorn", "sinkhorn_log", "sinkhorn_stabilized"): the same numbers (to
     rounding), stopping rule, warnings and log ("err", "niter"; "logu", "logv" for the
     stabilised one). numpy in, numpy out (computed in numpy); torch in, torch out (in
-    torch, on the inputs' device). ``verbose`` prints nothing."""
+    torch, on the inputs' device, with POT's gradients; float64 CPU tensors that record no
+    gradient are computed in numpy, whose BLAS was faster here). ``verbose`` prints nothing."""
     name = method.lower()
     if name not in _BARYCENTER_METHODS:
         raise ValueError("Unknown method '%s'." % method)
