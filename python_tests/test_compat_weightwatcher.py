@@ -46,8 +46,9 @@ def assert_same_frames(expected, got):
         a, b = expected[column].to_numpy(), got[column].to_numpy()
         if a.dtype.kind in "fiub" and b.dtype.kind in "fiub":
             np.testing.assert_allclose(b.astype(float), a.astype(float), rtol=1e-8, atol=1e-12, err_msg=column)
-        else:
-            assert [str(v) for v in b] == [str(v) for v in a], column
+        else:  # None (a failed fit's xmax) beside numbers: the numbers to the same tolerance
+            assert [str(v) if isinstance(v, (str, type(None))) else pytest.approx(v, rel=1e-8, abs=1e-12)
+                    for v in b] == [str(v) if isinstance(v, (str, type(None))) else v for v in a], column
 
 
 @pytest.mark.parametrize("name", ["cnn", "kernels", "mlp"])
@@ -397,6 +398,59 @@ def test_truncated_power_law_fit_equals_weightwatchers_on_the_same_eigenvalues(w
         assert status == got["status"] == "success"
         assert (got["alpha"], got["Lambda"], got["xmin"], got["xmax"], got["ks"]) == (alpha, Lambda, xmin, xmax, D)
         assert np.isnan(got["sigma"]) and np.isnan(sigma) or got["sigma"] == sigma
+
+
+def fingers_model():
+    """Linear layers whose top 1-4 singular values are scaled up 2-5x: tails with fingers."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(200, 300), nn.Linear(300, 150), nn.Linear(150, 120), nn.Linear(120, 400)]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            U, S, Vh = torch.linalg.svd(layer.weight, full_matrices=False)
+            S[:i + 1] *= 2.0 + i
+            layer.weight.copy_((U * S) @ Vh)
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("kwargs, fingers", [
+    (dict(), [0, 0, 0, 0]), (dict(finger_thresh=0.5), [4, 0, 0, 0]),
+    (dict(max_fingers=300), [31, None, None, None]),  # the ESD clipped below 2 eigenvalues: the fit fails there
+    (dict(pl_package="powerlaw", finger_thresh=0.5), None), (dict(pl_package="powerlaw", xmax="force"), None)])
+def test_fix_fingers_clip_xmax_equals_weightwatcher(ww_powerlaw_1x, kwargs, fingers):
+    model = fingers_model()
+    expected = real(model, fix_fingers="clip_xmax", **kwargs)[1]
+    got = se_ww.WeightWatcher(model=model).analyze(fix_fingers="clip_xmax", **kwargs)
+    assert {"num_fingers", "raw_alpha"} <= set(got.columns)
+    assert_same_frames(expected, got)
+    if fingers is not None:
+        assert got["num_fingers"].tolist() == [f or 0 for f in fingers]
+        assert (got["status"] == "failed").tolist() == [f is None for f in fingers]
+    # independently: the alpha kept is the fit of the ESD less its num_fingers + 1 largest eigenvalues
+    plain = se_ww.WeightWatcher(model=model).analyze(**{k: v for k, v in kwargs.items() if k in ("pl_package", "xmax")})
+    for row, whole in zip(got.itertuples(), plain.itertuples()):
+        if row.status == "success":
+            assert row.raw_alpha == whole.alpha
+        if row.num_fingers and kwargs.get("pl_package") != "powerlaw":
+            evals = np.sort(se_ww.WeightWatcher(model=model).get_ESD(layer=row.layer_id))
+            clipped = se_ww.spectra.fit_power_laws(evals[:-(row.num_fingers + 1)][None],
+                                                   convention=se_ww.WEIGHTWATCHER).to_frame().iloc[0]
+            assert row.alpha == clipped["alpha"] and row.alpha + kwargs["finger_thresh"] < row.raw_alpha \
+                if "finger_thresh" in kwargs else row.alpha + 1.0 < row.raw_alpha
+
+
+@pytest.mark.parametrize("name", ["cnn", "kernels", "mlp", "fingers"])
+def test_detX_columns_equal_weightwatcher(name):
+    model = fingers_model() if name == "fingers" else models()[name]
+    expected = real(model, detX=True)[1]
+    got = se_ww.WeightWatcher(model=model).analyze(detX=True)
+    assert_same_frames(expected, got)
+    for row in got.itertuples():  # independently: the tail's product reaches 1 at its size, not one eigenvalue less
+        evals = np.sort(se_ww.WeightWatcher(model=model).get_ESD(layer=row.layer_id))
+        evals = evals * (row.lambda_max / evals[-1])  # analyze's Conv2d ESDs are scaled by conv2d_norm's 1/2
+        rescaled = evals * len(evals) / evals.sum()
+        assert np.prod(rescaled[-row.detX_num:]) < 1.0 <= np.prod(rescaled[len(evals) - row.detX_num + 1:])
+        assert row.ERG_gap == row.detX_num - row.num_pl_spikes
+        np.testing.assert_allclose(row.detX_val, evals[-row.detX_num], rtol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [dict(fit="TPL"), dict(fit="E_TPL"), dict(xmax="force"), dict(pl_package="nope"),

@@ -75,6 +75,12 @@ kh*kw slice of a Conv2d (slice_id; 0 for a matrix), each slice scaled by
 sqrt(rf / 2) (conv2d_count / 2 there), layers kept by M alone against
 min_evals / max_evals; the slices' spectra are computed in one batch per layer.
 
+fix_fingers="clip_xmax" (fit="PL", either pl_package): RMT_Util.fit_clipped_powerlaw,
+power laws refitted with the largest 2, 3, ... eigenvalues left out until alpha
+drops by finger_thresh (num_fingers and raw_alpha columns, as there).
+detX=True: apply_detX's columns (detX_num, num_ERG_spikes, ERG_gap, detX_val,
+detX_val_unrescaled).
+
 pl_package="powerlaw" (fit="PL", "TPL" or "E_TPL", xmax=None or "force",
 fix_fingers="xmin_peak"): WeightWatcher.fit_powerlaw's calls of the powerlaw
 package, layer by layer (a Lambda column for TPL fits), on spectral_ext's
@@ -123,7 +129,7 @@ float32) the base's next kept layer when its name is held in that layer's
 name; describe gives the model's rows.
 
 Not reproduced (a ValueError names the argument): glorot_fix, conv2d_fft, fft, stacked, vectors,
-fix_fingers="clip_xmax", an int xmax, deltas, detX/ERG, randomize with peft, base_model with pool=False, intra or
+fix_fingers="clip_xmax" with fit="TPL", an int xmax, deltas, ERG, randomize with peft, base_model with pool=False, intra or
 peft, or with layers of other shapes; folders of WeightWatcher's .npy flat
 files or Keras .h5 files; a single checkpoint file as model (WeightWatcher takes folders).
 nn.Conv1d layers (3-d weights), on which WeightWatcher 0.7.7's SVD fails,
@@ -177,7 +183,7 @@ LAYER_TYPES = ("dense", "conv1d", "conv2d", "embedding", "norm")
 SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
                    "mp_softrank")
 _UNSUPPORTED = {"glorot_fix": False, "conv2d_fft": False, "fft": False, "stacked": False, "vectors": False,
-                "fix_fingers": False, "xmax": None, "deltas": False, "detX": False, "ERG": False, "pl_package": "ww",
+                "fix_fingers": False, "xmax": None, "deltas": False, "ERG": False, "pl_package": "ww",
                 "fit": "PL", "ww2x": False, "channels": None, "inverse": False}
 
 
@@ -896,7 +902,7 @@ class WeightWatcher:
                 max_size=None, svd_method="fast", large_layers=False, fit="PL", pl_package="ww", xmax=None,
                 fix_fingers=False, xmin_max=None, max_fingers=DEFAULT_MAX_FINGERS,
                 finger_thresh=DEFAULT_FINGER_THRESH, intra=False, sparsify=True, peft=False, base_model=None,
-                **unsupported) -> pd.DataFrame:
+                detX=False, **unsupported) -> pd.DataFrame:
         """WeightWatcher.analyze(): one row per analysed layer with
         WeightWatcher 0.7.7's columns (module docstring), in its order.
         large_layers=True: also the layers WeightWatcher leaves out for their
@@ -931,8 +937,6 @@ class WeightWatcher:
         fit_type, fix_fingers = _fit_options(fit, pl_package, xmax, fix_fingers)
         if svd_method not in ("fast", "accurate"):
             raise ValueError(f"svd_method must be 'fast' or 'accurate', got {svd_method!r}")
-        if truncation not in ("randomized", "exact"):
-            raise ValueError(f"truncation must be 'randomized' (WeightWatcher's) or 'exact', got {truncation!r}")
         if not isinstance(sparsify, (bool, np.bool_)):
             raise TypeError(f"sparsify must be a bool, got {sparsify!r}")
         with_base = _peft_mode(peft)
@@ -965,16 +969,25 @@ class WeightWatcher:
                 fits.update({k: frame.iloc[j] for j, k in enumerate(same)})
         else:  # the powerlaw package, layer by layer, called as WeightWatcher calls it
             fits = {k: _powerlaw_package_fit(e, fit_type, xmax, fix_fingers, xmin_max) for k, e in enumerate(evals)}
+        clipped = {}
+        if fix_fingers == "clip_xmax":
+            clipped = {k: _clip_fingers(e, fits[k], pl_package, xmax, max_fingers, finger_thresh)
+                       for k, e in enumerate(evals)}
+            fits = {k: c[0] for k, c in clipped.items()}
         rows = []
         for k, (layer, sv, _, extra) in enumerate(entries):
             row = _esd_columns(layer, sv, evals[k], tolerance)
             row.update(_fit_columns(evals[k], fits[k]))
+            if clipped:
+                row.update(num_fingers=clipped[k][1], raw_alpha=clipped[k][2])
             if fit_type == "truncated_power_law":
                 row["Lambda"] = fits[k]["Lambda"]
             if mp_fit:
                 row.update(_mp_columns(evals[k], layer, ""))
             if randomize:
                 row.update(_random_columns(evals[k], layer, *self._random_singular_values(layer)))
+            if detX:
+                row.update(_detX_columns(evals[k], row["num_pl_spikes"]))
             row.update(_norm_columns(evals[k], row["alpha"], layer.N))
             row.update(extra)
             rows.append(row)
@@ -1419,6 +1432,9 @@ def _ordered(rows) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(rows)
     if not len(frame):
         return frame
+    for column in frame.columns:  # WeightWatcher's rows keep None (a failed fit's xmax) beside numbers
+        if frame[column].dtype.kind == "f" and any(column in row and row[column] is None for row in rows):
+            frame[column] = pd.Series([row.get(column) for row in rows], index=frame.index, dtype=object)
     lead = ["layer_id", "name"]
     return frame[lead + sorted(c for c in frame.columns if c not in lead)]
 
@@ -1557,19 +1573,33 @@ def _cka32(W1: np.ndarray, W2: np.ndarray):
     return dist / norm
 
 
-def _detX_num(evals) -> int:
-    """RMT_Util.detX_constraint on the ESD rescaled to mean 1: the smallest
-    tail whose product of eigenvalues reaches 1 (its size; 0 for fewer than
-    2 eigenvalues or a flat ESD)."""
-    if evals is None or len(evals) < 2 or not evals[0] < evals[-1]:
-        return 0
-    scale = np.sqrt(len(evals)) / np.sqrt(np.sum(evals))  # rescale_eigenvalues, rounding included
-    evals = (scale * scale) * evals
-    num = len(evals)
+def _detX(evals):
+    """RMT_Util.detX_constraint on the ESD rescaled to mean 1 (rescale_eigenvalues,
+    rounding included): (num, idx, scale^2), num the size of the smallest tail
+    evals[idx:] whose product reaches 1 ((0, 0) for fewer than 2 eigenvalues or a
+    flat ESD; (len, 1) when none does, as its loop leaves it)."""
+    scale = np.sqrt(len(evals)) / np.sqrt(np.sum(evals))
+    if len(evals) < 2 or not evals[0] < evals[-1]:
+        return 0, 0, scale * scale
+    rescaled = (scale * scale) * evals
     for idx in range(len(evals) - 1, 0, -1):
-        if np.prod(evals[idx:]) < 1.0:
-            return len(evals) - idx
-    return num
+        if np.prod(rescaled[idx:]) < 1.0:
+            return len(evals) - idx, idx, scale * scale
+    return len(evals), 1, scale * scale
+
+
+def _detX_num(evals) -> int:
+    return 0 if evals is None else _detX(evals)[0]
+
+
+def _detX_columns(evals, num_pl_spikes) -> dict:
+    """apply_detX's columns (detX=True): the detX tail's size (also num_ERG_spikes),
+    its gap to the power-law tail, its smallest eigenvalue rescaled (named
+    detX_val_unrescaled there) and back at the ESD's scale (detX_val)."""
+    num, idx, scale2 = _detX(evals)
+    rescaled = scale2 * evals
+    return {"detX_num": num, "num_ERG_spikes": num, "ERG_gap": num - num_pl_spikes,
+            "detX_val": (rescaled / scale2)[idx], "detX_val_unrescaled": rescaled[idx]}
 
 
 def _fit_options(fit, pl_package, xmax, fix_fingers):
@@ -1579,10 +1609,10 @@ def _fit_options(fit, pl_package, xmax, fix_fingers):
     fit_type = {"PL": "power_law", "TPL": "truncated_power_law", "E_TPL": "truncated_power_law"}.get(fit, fit)
     if fit == "E_TPL":
         fix_fingers = "xmin_peak"
-    if fix_fingers == "clip_xmax":
-        raise ValueError("fix_fingers='clip_xmax' is not reproduced by spectral_ext.compat.weightwatcher "
-                         "(fix_fingers='xmin_peak' and fit='E_TPL' with pl_package='powerlaw' are)")
-    if fix_fingers and pl_package != "powerlaw":
+    if fix_fingers == "clip_xmax" and fit_type != "power_law":
+        raise ValueError("fix_fingers='clip_xmax' with fit='TPL' is not reproduced by "
+                         "spectral_ext.compat.weightwatcher (with fit='PL' it is)")
+    if fix_fingers == "xmin_peak" and pl_package != "powerlaw":
         raise ValueError("fix_fingers with pl_package='ww' is not reproduced by spectral_ext.compat.weightwatcher "
                          "(use pl_package='powerlaw')")
     if xmax not in (None, False, "force"):
@@ -1604,7 +1634,7 @@ def _powerlaw_package_fit(evals, fit_type, xmax, fix_fingers, xmin_max) -> dict:
 
     import powerlaw
 
-    xmax = float(np.max(evals)) if xmax == "force" else None
+    xmax = float(np.max(evals)) if xmax == "force" else None if xmax is None or xmax is False else float(xmax)
     out = {"status": "failed", "alpha": -1, "Lambda": -1, "xmin": -1, "xmax": xmax, "ks": -1, "sigma": -1}
     try:
         nz = evals[evals > EVALS_THRESH]
@@ -1627,6 +1657,37 @@ def _powerlaw_package_fit(evals, fit_type, xmax, fix_fingers, xmin_max) -> dict:
     except Exception:  # WeightWatcher logs any exception of the fit and reports it failed
         out.update(status="failed", alpha=-1, Lambda=-1, xmin=-1, ks=-1, sigma=-1, xmax=xmax)
     return out
+
+
+def _clip_fingers(evals, first, pl_package, xmax, max_fingers, finger_thresh):
+    """RMT_Util.fit_clipped_powerlaw (fix_fingers="clip_xmax"): power laws
+    fitted to the ESD above 1e-5 less its idx largest eigenvalues, idx = 2,
+    3, ... below max_fingers (10 unless it is at least half the ESD's size),
+    each with xmax the largest clipped one when xmax is set, until an alpha
+    falls more than finger_thresh below the whole ESD's (that fit is kept,
+    num_fingers = idx - 1) or to 2 or below (the whole ESD's fit is kept, 0
+    fingers). (fit, num_fingers, raw_alpha: the whole ESD's alpha). A fit
+    of fewer than 2 eigenvalues raises there, and the layer's fit fails."""
+    nz = evals[evals > EVALS_THRESH]
+    if max_fingers is None or max_fingers < 0 or max_fingers < len(evals) / 2:
+        max_fingers = DEFAULT_MAX_FINGERS
+    force = xmax is not None and xmax is not False
+    best, fingers = first, 0
+    for idx in range(2, max_fingers):
+        if len(nz) - idx < 2:
+            return {"status": "failed", "xmax": float(np.max(evals)) if xmax == "force" else None}, 0, -1
+        if pl_package == "ww":
+            fit = spectra.fit_power_laws(nz[:-idx][None], convention=WEIGHTWATCHER).to_frame().iloc[0]
+        else:
+            fit = _powerlaw_package_fit(nz[:-idx], "power_law", nz[-idx] if force else None, False, None)
+        alpha = fit["alpha"] if fit["status"] == "success" else np.nan  # a failed fit compares as WWFit's NaN
+        if alpha + finger_thresh < first["alpha"]:
+            best, fingers = fit, idx - 1
+            break
+        if alpha <= 2.0:  # its min_alpha
+            break
+    # (it then refits 3 more clipped ESDs only to log a warning)
+    return best, fingers, first["alpha"] if first["status"] == "success" else np.nan
 
 
 def _fit_columns(evals, fit) -> dict:
