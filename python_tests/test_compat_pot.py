@@ -435,3 +435,12 @@ def test_barycenter_torch_routes_match_pot(method):
         (lib.bregman.barycenter(Ag, Mt, 0.01, method=method, stopThr=1e-9) * torch.arange(30.0)).sum().backward()
         grads.append(Ag.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-12)
+    # reg as a tensor (with and without a gradient) takes torch's route, as POT's backend does
+    for wants_grad in (False, True):
+        regs = [torch.tensor(0.01, dtype=torch.float64, requires_grad=wants_grad) for _ in range(2)]
+        bars = [lib.bregman.barycenter(At, Mt, r, method=method, stopThr=1e-9) for lib, r in zip((ot, pot), regs)]
+        torch.testing.assert_close(bars[1], bars[0], rtol=1e-10, atol=1e-14)
+        if wants_grad:
+            for bar, r in zip(bars, regs):
+                (bar * torch.arange(30.0)).sum().backward()
+            torch.testing.assert_close(regs[1].grad, regs[0].grad, rtol=1e-8, atol=1e-12)

@@ -551,6 +551,21 @@ def test_svd_smoothing_truncation_exact_and_weightwatchers_estimator():
         se_ww.WeightWatcher().SVDSmoothing(model=model, truncation="lanczos")
 
 
+def test_svd_smoothing_of_zero_weights_equals_weightwatcher():
+    """A zeroed Linear and a Conv2d with a zeroed tap (pruned weights) smooth to what WeightWatcher gives."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(96, 96, 3), nn.Flatten(), nn.Linear(100, 200), nn.Linear(200, 100))
+    with torch.no_grad():
+        model[0].weight[:, :, 0, 0] = 0
+        model[3].weight.zero_()
+    for kwargs in (dict(method="svd", percent=0.2), {}):
+        expected = real_transform(model.state_dict(), "SVDSmoothing", **kwargs)
+        got = se_ww.WeightWatcher().SVDSmoothing(model=model.state_dict(), **kwargs)
+        for key in expected:
+            np.testing.assert_allclose(got[key].numpy(), expected[key].numpy(), rtol=0, atol=1e-5, err_msg=key)
+        assert (got["3.weight"] == 0).all() and (got["0.weight"][:, :, 0, 0] == 0).all()
+
+
 def test_randomized_truncation_is_sklearns_on_tall_wide_low_rank_and_small_matrices():
     """The G = X^T X route against sklearn's TruncatedSVD(n_iter=7, random_state=42) itself, in float64
     (WeightWatcher's _smooth_W_accurate), where its subspace is used (k + 10 < n) and where it spans all."""
@@ -568,11 +583,15 @@ def test_randomized_truncation_is_sklearns_on_tall_wide_low_rank_and_small_matri
     decaying = torch.randn(260, 120, generator=g, dtype=torch.float64) * torch.logspace(0, -6, 120,
                                                                                          dtype=torch.float64)
     for W, k in ((torch.randn(400, 90, generator=g, dtype=torch.float64), 20),
+                 (torch.randn(300, 300, generator=g, dtype=torch.float64), 5),  # sklearn's route (fewer flops)
+                 (torch.zeros(200, 120, dtype=torch.float64), 10), (low_rank[:, :120] * (torch.arange(120) < 9), 20),
                  (torch.randn(70, 250, generator=g, dtype=torch.float64), 35), (low_rank, 25), (low_rank, 60),
                  (decaying, 30), (torch.randn(12, 30, generator=g, dtype=torch.float64), 5)):
         # sklearn draws Omega in float64 for float64 input, ours rounded to float32 as for WeightWatcher's
         # float32 weights: the same estimator to 1e-6
-        got = se_ww._truncate(W, k).numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # zero pivots of a rank-deficient W: silent, as sklearn's lu
+            got = se_ww._truncate(W, k).numpy()
         want = sklearn_smooth(W.numpy(), k)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=f"{tuple(W.shape)} {k}")
     with pytest.raises(ValueError, match="n_components"):

@@ -151,7 +151,7 @@ def test_emd2_wide_range_costs_vs_pot(marginals):
         a = b = np.full(300, 1 / 300)
     with one_blas_thread():
         want, got = ot.emd2(a, b, M), pot.emd2(a, b, M)
-        assert got <= want
+        assert got <= want * (1 + 1e-12)  # the optimum or POT's early stop above it
         med = interleaved({"POT": lambda: ot.emd2(a, b, M), "compat": lambda: pot.emd2(a, b, M)}, 7)
     report(f"emd2 one 300x300, costs 1e-8..1e8, {marginals} marginals (POT {ot.__version__}: cost {want / got:.1f}x "
            f"ours, load {os.getloadavg()[0]:.1f})", med, "POT")
