@@ -408,6 +408,8 @@ def test_barycenter_layouts_and_absorptions_match_pot(method, dim, k, tau):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
     assert glog.keys() == wlog.keys() and glog["niter"] == wlog["niter"]
     np.testing.assert_allclose(glog["err"], wlog["err"], rtol=1e-6, atol=1e-14)
+    if method == "sinkhorn_stabilized" and tau < 1e10:  # absorptions happened: their iterations skip the check
+        assert len(glog["err"]) < glog["niter"] // 10 + 1
     for key in set(glog) & {"logu", "logv"}:
         assert glog[key].shape == wlog[key].shape and glog[key].flags.c_contiguous
         np.testing.assert_allclose(glog[key], wlog[key], rtol=1e-9, atol=1e-9)
