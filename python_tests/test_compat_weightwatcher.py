@@ -434,8 +434,21 @@ def test_fix_fingers_clip_xmax_equals_weightwatcher(ww_powerlaw_1x, kwargs, fing
             evals = np.sort(se_ww.WeightWatcher(model=model).get_ESD(layer=row.layer_id))
             clipped = se_ww.spectra.fit_power_laws(evals[:-(row.num_fingers + 1)][None],
                                                    convention=se_ww.WEIGHTWATCHER).to_frame().iloc[0]
-            assert row.alpha == clipped["alpha"] and row.alpha + kwargs["finger_thresh"] < row.raw_alpha \
-                if "finger_thresh" in kwargs else row.alpha + 1.0 < row.raw_alpha
+            assert row.alpha == clipped["alpha"]
+            assert row.alpha + kwargs.get("finger_thresh", 1.0) < row.raw_alpha
+
+
+@pytest.mark.parametrize("kwargs", [dict(min_evals=2), dict(min_evals=2, pl_package="powerlaw"),
+                                    dict(min_evals=2, max_fingers=2)])
+def test_fix_fingers_clip_xmax_fails_small_esds_as_weightwatcher(ww_powerlaw_1x, kwargs):
+    """ESDs of 3-11 eigenvalues: weightwatcher's 3 checking refits (or an unset loop variable when
+    max_fingers <= 2 is kept) fail the layer's fit there; so here."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(11, 33), nn.Linear(33, 11), nn.Linear(3, 9))
+    expected = real(model, fix_fingers="clip_xmax", **kwargs)[1]
+    got = se_ww.WeightWatcher(model=model).analyze(fix_fingers="clip_xmax", **kwargs)
+    assert_same_frames(expected, got)
+    assert (got["status"] == "failed").any()
 
 
 @pytest.mark.parametrize("name", ["cnn", "kernels", "mlp", "fingers"])

@@ -1687,28 +1687,44 @@ def _clip_fingers(evals, first, pl_package, xmax, max_fingers, finger_thresh):
     each with xmax the largest clipped one when xmax is set, until an alpha
     falls more than finger_thresh below the whole ESD's (that fit is kept,
     num_fingers = idx - 1) or to 2 or below (the whole ESD's fit is kept, 0
-    fingers). (fit, num_fingers, raw_alpha: the whole ESD's alpha). A fit
-    of fewer than 2 eigenvalues raises there, and the layer's fit fails."""
+    fingers); then up to 3 more clipped fits, which there only log a warning
+    but fail the layer when one cannot be fitted. (fit, num_fingers,
+    raw_alpha: the whole ESD's alpha). The layer's fit fails, as there, where
+    a fit gets fewer than 2 eigenvalues (WWFit) or none (powerlaw), where
+    the whole ESD's fit failed, or where no clipped fit runs (max_fingers
+    <= 2 kept: its loop variable is then unset)."""
+    failed = ({"status": "failed", "xmax": float(np.max(evals)) if xmax == "force" else None}, 0, -1)
     nz = evals[evals > EVALS_THRESH]
     if max_fingers is None or max_fingers < 0 or max_fingers < len(evals) / 2:
         max_fingers = DEFAULT_MAX_FINGERS
     force = xmax is not None and xmax is not False
+    fewest = 2 if pl_package == "ww" else 1
+
+    def alpha_of(data, top):  # top: xmax when it is set; a failed fit compares as WWFit's NaN
+        if pl_package == "ww":  # WWFit's xmax is the data's own largest value anyway
+            fit = spectra.fit_power_laws(data[None], convention=WEIGHTWATCHER).to_frame().iloc[0]
+        else:
+            fit = _powerlaw_package_fit(data, "power_law", top if force else None, False, None)
+        return fit, fit["alpha"] if fit["status"] == "success" else np.nan
+
+    if first["status"] != "success" or max_fingers <= 2:
+        return failed
     best, fingers = first, 0
     for idx in range(2, max_fingers):
-        if len(nz) - idx < 2:
-            return {"status": "failed", "xmax": float(np.max(evals)) if xmax == "force" else None}, 0, -1
-        if pl_package == "ww":
-            fit = spectra.fit_power_laws(nz[:-idx][None], convention=WEIGHTWATCHER).to_frame().iloc[0]
-        else:
-            fit = _powerlaw_package_fit(nz[:-idx], "power_law", nz[-idx] if force else None, False, None)
-        alpha = fit["alpha"] if fit["status"] == "success" else np.nan  # a failed fit compares as WWFit's NaN
-        if alpha + finger_thresh < first["alpha"]:
+        if len(nz) - idx < fewest:
+            return failed
+        fit, last = alpha_of(nz[:-idx], nz[-idx])  # xmax: the smallest eigenvalue clipped
+        if last + finger_thresh < first["alpha"]:
             best, fingers = fit, idx - 1
             break
-        if alpha <= 2.0:  # its min_alpha
+        if last <= 2.0:  # its min_alpha
             break
-    # (it then refits 3 more clipped ESDs only to log a warning)
-    return best, fingers, first["alpha"] if first["status"] == "success" else np.nan
+    for idy in range(idx + 1, idx + 4):  # its check of the next 3 clipped fits
+        if len(nz) - idy < fewest:
+            return failed
+        if abs(alpha_of(nz[:-idy], nz[-idy - 1])[1] - last) > finger_thresh:  # xmax: the data's largest
+            break
+    return best, fingers, first["alpha"]
 
 
 def _fit_columns(evals, fit) -> dict:
