@@ -560,7 +560,8 @@ class _Layout:
 
 
 def _rows_layout(dim, n_hists):
-    # 1 OpenBLAS thread: rows @ K ran 1.2-2x faster than K @ columns from 3 histograms or dim 800; columns 5% faster below
+    # 1 OpenBLAS thread: rows @ K ran 1.2-2x faster than K @ columns from 3 histograms or dim 800;
+    # columns 5% faster below
     return n_hists > 2 or dim >= 800
 
 
@@ -613,6 +614,25 @@ def _any_zero(x):
     return not np.min(x) > 0 and bool(np.any(x == 0.0))
 
 
+_STABILIZED_NOT_CONVERGED = ("Stabilized Sinkhorn did not converge.Try a larger entropy `reg`Or a larger absorption "
+                             "threshold `tau`.")  # POT's words, run together as there
+
+
+def _stabilized_end(ii, broken, absorbing, error, errors, stopThr, q, qprev):
+    """The end of one iteration of POT's barycenter_stabilized (both backends): (qprev, "numerical errors")
+    (warned) when `broken`, (q, "converged") when the error (computed on the first iteration and every 10th
+    one that did not absorb, appended to `errors`) is below stopThr, else (q, None)."""
+    if broken:
+        warnings.warn("Numerical errors at iteration %s" % ii)
+        return qprev, "numerical errors"
+    if (ii % 10 == 0 and not absorbing) or ii == 0:
+        err = error()
+        errors.append(err)
+        if err < stopThr:
+            return q, "converged"
+    return q, None
+
+
 def _stabilized_np(A, M, reg, w, numItermax, stopThr, log, warn, tau=1e10, rows=None):
     """POT's barycenter_stabilized in numpy, on preallocated arrays in the faster layout; K @ v once an
     iteration (POT computes it twice on the same K and v: at the end of one iteration and the start of the next)."""
@@ -645,21 +665,14 @@ def _stabilized_np(A, M, reg, w, numItermax, stopThr, log, warn, tau=1e10, rows=
             L = _Layout(K, n_hists, L.rows)
             v.fill(1.0)
         L.K_dot(v, Kv)
-        if _any_zero(Ktu) or _nonfinite(u) or _nonfinite(v):
-            warnings.warn("Numerical errors at iteration %s" % ii)
-            q = qprev
+        broken = _any_zero(Ktu) or _nonfinite(u) or _nonfinite(v)
+        q, end = _stabilized_end(ii, broken, absorbing, lambda: np.max(np.abs(u * Kv - At)), errors, stopThr, q, qprev)
+        if end:
             break
-        if (ii % 10 == 0 and not absorbing) or ii == 0:
-            err = np.max(np.abs(u * Kv - At))
-            errors.append(err)
-            if err < stopThr:
-                break
     else:
-        _not_converged(warn, "Stabilized Sinkhorn did not converge.Try a larger entropy `reg`Or a larger absorption "
-                             "threshold `tau`.")
-    if not log:
-        return q
-    return q, {"err": errors, "niter": ii, "logu": L.back(np.log(u + 1e-16)), "logv": L.back(np.log(v + 1e-16))}
+        _not_converged(warn, _STABILIZED_NOT_CONVERGED)
+    return (q, {"err": errors, "niter": ii, "logu": L.back(np.log(u + 1e-16)), "logv": L.back(np.log(v + 1e-16))}) \
+        if log else q
 
 
 def _numpy_route(X, A, M, w, *scalars):
@@ -768,21 +781,13 @@ def _barycenter_stabilized(A, M, reg, weights, numItermax, stopThr, log, warn, t
             K = X.exp((alpha[:, None] + beta[None, :] - M) / reg)
             v = new(np.ones(tuple(v.shape)))
         Kv = K @ v
-        if X.any(Ktu == 0.0) or X.any(X.isnan(u)) or X.any(X.isnan(v)) or X.any(X.isinf(u)) or X.any(X.isinf(v)):
-            warnings.warn("Numerical errors at iteration %s" % ii)
-            q = qprev
+        broken = X.any(Ktu == 0.0) or X.any(X.isnan(u)) or X.any(X.isnan(v)) or X.any(X.isinf(u)) or X.any(X.isinf(v))
+        q, end = _stabilized_end(ii, broken, absorbing, lambda: X.maxval(X.abs(u * Kv - A)), errors, stopThr, q, qprev)
+        if end:
             break
-        if (ii % 10 == 0 and not absorbing) or ii == 0:
-            err = X.maxval(X.abs(u * Kv - A))
-            errors.append(err)
-            if err < stopThr:
-                break
     else:
-        _not_converged(warn, "Stabilized Sinkhorn did not converge.Try a larger entropy `reg`Or a larger absorption "
-                             "threshold `tau`.")
-    if not log:
-        return q
-    return q, {"err": errors, "niter": ii, "logu": X.log(u + 1e-16), "logv": X.log(v + 1e-16)}
+        _not_converged(warn, _STABILIZED_NOT_CONVERGED)
+    return (q, {"err": errors, "niter": ii, "logu": X.log(u + 1e-16), "logv": X.log(v + 1e-16)}) if log else q
 
 
 _BARYCENTER_METHODS = {"sinkhorn": _barycenter_sinkhorn, "sinkhorn_log": _barycenter_sinkhorn_log,

@@ -129,8 +129,8 @@ float32) the base's next kept layer when its name is held in that layer's
 name; describe gives the model's rows.
 
 Not reproduced (a ValueError names the argument): glorot_fix, conv2d_fft, fft, stacked, vectors,
-fix_fingers="clip_xmax" with fit="TPL", an int xmax, deltas, ERG, randomize with peft, base_model with pool=False, intra or
-peft, or with layers of other shapes; folders of WeightWatcher's .npy flat
+fix_fingers="clip_xmax" with fit="TPL", an int xmax, deltas, ERG, randomize with peft, base_model
+with pool=False, intra or peft, or with layers of other shapes; folders of WeightWatcher's .npy flat
 files or Keras .h5 files; a single checkpoint file as model (WeightWatcher takes folders).
 nn.Conv1d layers (3-d weights), on which WeightWatcher 0.7.7's SVD fails,
 are left out with a warning (so is any other layer whose weight is no
