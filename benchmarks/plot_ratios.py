@@ -72,6 +72,8 @@ RATIOS = [
     ("POT 0.9.7.post1", "barycenter sinkhorn, 400x5 / 1000x10", 1.21, "1.10-1.32x"),
     ("POT 0.9.7.post1", "barycenter stabilized, 400x5 / 1000x10", 1.88, "1.57-2.18x"),
     ("POT 0.9.7.post1", "barycenter log, 200x5 / 400x5", 2.68, "2.51-2.84x"),
+    ("POT 0.9.7.post1", "convolutional barycenter 50^2 / 100^2", 4.9, "4.37-5.43x"),
+    ("POT 0.9.7.post1", "convolutional barycenter, log domain", 2.28, "2.00-2.55x"),
     ("scipy 1.17.1", "assignment 208 x 300x300, random", 4.7, "4.7x"),
     ("scipy 1.17.1", "assignment, weight matching", 2.2, "2.2x"),
     ("scipy 1.17.1", "assignment, integer costs 0-9", 2.1, "2.1x"),

@@ -446,3 +446,58 @@ def test_barycenter_torch_routes_match_pot(method):
             for bar, r in zip(bars, regs):
                 (bar * torch.arange(30.0)).sum().backward()
             torch.testing.assert_close(regs[1].grad, regs[0].grad, rtol=1e-8, atol=1e-12)
+
+
+def images(seed, size, k=2):
+    rng = np.random.default_rng(seed)
+    A = rng.random((k, size, size + 3)) + 0.01  # a non-square grid: the two blurs differ
+    return A / A.sum((1, 2), keepdims=True)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sinkhorn_log"])
+@pytest.mark.parametrize("weights", [None, np.array([0.7, 0.2, 0.1])])
+def test_convolutional_barycenter2d_matches_pot(method, weights):
+    A = images(4, 12, k=3)
+    kw = dict(method=method, numItermax=60, stopThr=1e-7, log=True, warn=False, weights=weights)
+    want, wlog = ot.bregman.convolutional_barycenter2d(A, 0.02, **kw)
+    got, glog = pot.convolutional_barycenter2d(A, 0.02, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert list(glog) == list(wlog) and glog["niter"] == wlog["niter"]
+    np.testing.assert_allclose(glog["err"], wlog["err"], rtol=1e-9, atol=1e-16)
+    for key in set(glog) - {"err", "niter"}:
+        np.testing.assert_allclose(glog[key], wlog[key], rtol=1e-11)
+    np.testing.assert_allclose(got.sum(), 1.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sinkhorn_log"])
+def test_convolutional_barycenter2d_torch_warnings_and_errors_are_pots(method):
+    A = images(5, 9)
+    for dtype in (torch.float32, torch.float64):
+        At = torch.from_numpy(A).to(dtype)
+        got = pot.convolutional_barycenter2d(At, 0.03, method=method, numItermax=40, warn=False)
+        want = ot.bregman.convolutional_barycenter2d(At, 0.03, method=method, numItermax=40, warn=False)
+        assert got.dtype == dtype and got.device == At.device
+        torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-9)
+    if method == "sinkhorn":
+        grads = []
+        for lib in (ot, pot):
+            Ag = torch.from_numpy(A).requires_grad_()
+            (lib.bregman.convolutional_barycenter2d(Ag, 0.03, method=method, numItermax=20, warn=False)
+             * torch.arange(9 * 12.0).view(9, 12)).sum().backward()
+            grads.append(Ag.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-12)
+    else:  # POT's log route writes into views in place and cannot be differentiated; this one can
+        with pytest.raises(RuntimeError):
+            ot.bregman.convolutional_barycenter2d(torch.from_numpy(A).requires_grad_(), 0.03, method=method)
+    tiny = torch.from_numpy(images(6, 3)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: pot.convolutional_barycenter2d(x, 0.05, method=method, numItermax=4,
+                                                                            warn=False), (tiny,))
+    caught = []
+    for lib in (ot, pot):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            lib.bregman.convolutional_barycenter2d(A, 0.03, method=method, numItermax=3)
+        caught.append([str(w.message) for w in seen])
+    assert caught[1] == caught[0] and "did not converge" in caught[0][0]
+    with pytest.raises(ValueError, match="Unknown method"):
+        pot.convolutional_barycenter2d(A, 0.03, method="greenkhorn")

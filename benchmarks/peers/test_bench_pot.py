@@ -110,6 +110,24 @@ def test_barycenter_vs_pot(method, dim, k, iters, faster):
         assert med["POT"] / med["compat"] > 1
 
 
+@pytest.mark.parametrize("method,size,iters", [("sinkhorn", 50, 200), ("sinkhorn", 100, 100),
+                                               ("sinkhorn_log", 30, 30), ("sinkhorn_log", 50, 20)])
+def test_convolutional_barycenter2d_vs_pot(method, size, iters):
+    rng = np.random.default_rng(0)
+    A = rng.random((2, size, size)) + 0.01
+    A /= A.sum((1, 2), keepdims=True)
+    kw = dict(method=method, numItermax=iters, stopThr=0.0, warn=False)
+    with one_blas_thread():
+        want = ot.bregman.convolutional_barycenter2d(A, 0.01, **kw)
+        got = pot.convolutional_barycenter2d(A, 0.01, **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15)
+        med = interleaved({"POT": lambda: ot.bregman.convolutional_barycenter2d(A, 0.01, **kw),
+                           "compat": lambda: pot.convolutional_barycenter2d(A, 0.01, **kw)}, 5)
+    report(f"convolutional_barycenter2d {method} 2 x {size}x{size}, {iters} iterations, reg 0.01 (POT {ot.__version__}, "
+           f"max rel diff {np.max(np.abs(got - want) / want):.1e}, load {os.getloadavg()[0]:.1f})", med, "POT")
+    assert med["POT"] / med["compat"] > 1
+
+
 def exact_problems(kind, B, n, seed=0):
     rng = np.random.default_rng(seed)
     if kind == "wide":  # costs spanning 1e-8..1e8
