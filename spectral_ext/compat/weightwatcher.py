@@ -1505,18 +1505,17 @@ def _randomized_truncation(W: torch.Tensor, k: int) -> torch.Tensor:
             warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
             return _permuted_unit_lower(*scipy.linalg.lu_factor(Y, check_finite=False))
 
-    omega = np.random.RandomState(42).normal(size=(n, min(p, n))).astype(np.float32).astype(np.float64)
     if p >= n:
         V = np.linalg.svd(X, full_matrices=False)[2][:k].T
     elif 32 * m * n * p + 4 * m * p * p < m * n * n + 16 * n * n * p:  # sklearn's route: 15 thin products
-        Q = omega
+        Q = _draws(n, p)
         for _ in range(7):
             Q = basis(X.T @ basis(X @ Q))
         Q = np.linalg.qr(X @ Q)[0]
         V = np.linalg.svd(Q.T @ X, full_matrices=False)[2][:k].T
     else:
         G = X.T @ X  # numpy's syrk
-        Q = omega
+        Q = _draws(n, p)
         for _ in range(7):
             Q = basis(G @ Q)
         T = G @ Q
@@ -1538,6 +1537,15 @@ def _randomized_truncation(W: torch.Tensor, k: int) -> torch.Tensor:
     out = (X @ V) @ V.T if 2 * k < n else X @ (V @ V.T)
     out = torch.from_numpy(out)
     return out.mT if wide else out
+
+
+@functools.lru_cache(maxsize=64)
+def _draws(n: int, p: int) -> np.ndarray:
+    """sklearn's Omega for TruncatedSVD(random_state=42) on float32 data: RandomState(42)'s n x p normal
+    draws rounded to float32; the same for every slice of a layer, so drawn once (read-only)."""
+    omega = np.random.RandomState(42).normal(size=(n, p)).astype(np.float32).astype(np.float64)
+    omega.flags.writeable = False
+    return omega
 
 
 @functools.lru_cache(maxsize=64)
